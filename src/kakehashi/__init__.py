@@ -1,0 +1,3 @@
+"""kakehashi: reach services behind NAT and firewalls."""
+
+__version__ = "0.1.0"
