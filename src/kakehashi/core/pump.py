@@ -1,0 +1,324 @@
+"""The byte pump: the only place in kakehashi that copies bytes between sockets.
+
+Legs (one direction each):
+
+* :func:`copy_raw` - plain stream to plain stream (gateway tunnels, local forwards);
+* :func:`raw_to_frames` - an application socket into DATA frames (agent side);
+* :func:`forward_frames` - frames from a kakehashi connection into a sink: a
+  :class:`RawSink` (agent side, back to the application) or a :class:`FramedSink`
+  (the relay, to the paired connection, payload unchanged).
+
+When both ends are plain sockets on Linux the payload moves with ``os.splice``
+through a pipe (kernel to kernel, Python never sees the bytes). Otherwise (TLS,
+end-to-end sealing, other platforms) a preallocated buffer is used. Memory is
+bounded: at most one pipe (<= 1 MiB, in the kernel) or one buffer per leg, and a
+slow reader stops the writer (backpressure through TCP), never a growing queue.
+Half-close is honoured: EOF one way does not end the other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from kakehashi.core import wire
+from kakehashi.core.stream import RECV_CHUNK, ConnClosed, Conn, FramedConn
+
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+PIPE_SIZE = 1 << 20
+SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
+_SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+
+#: Set KAKEHASHI_NO_SPLICE=1 to force the buffered path (benchmarks, debugging).
+SPLICE_ENABLED = SPLICE_AVAILABLE and os.environ.get("KAKEHASHI_NO_SPLICE") != "1"
+
+
+class Pipe:
+    """A kernel pipe used as the splice buffer of one leg."""
+
+    def __init__(self, size: int = PIPE_SIZE) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, F_SETPIPE_SZ, size)
+        except OSError:
+            pass  # unprivileged limit: keep the default size
+        self.size = fcntl.fcntl(self.w, F_GETPIPE_SZ)
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def can_splice(*conns: Conn) -> bool:
+    return SPLICE_ENABLED and all(c.plain for c in conns)
+
+
+async def splice_in(src: Conn, pipe: Pipe, n: int) -> int:
+    """Move up to ``n`` bytes from ``src`` into an empty pipe; 0 means EOF."""
+    while True:
+        try:
+            return os.splice(src.fileno(), pipe.w, n, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            await src.wait_readable()
+
+
+async def splice_out(pipe: Pipe, dst: Conn, n: int) -> None:
+    """Drain exactly ``n`` bytes from the pipe into ``dst``."""
+    while n:
+        try:
+            n -= os.splice(pipe.r, dst.fileno(), n, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            await dst.wait_writable()
+
+
+async def _send_header(dst: Conn, header: bytes) -> None:
+    """Send a frame header, hinting the kernel that the payload follows (MSG_MORE)."""
+    if dst.plain:
+        try:
+            sent = dst.sock.send(header, _MSG_MORE)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(header):
+            await dst.send_all(header[sent:])
+    else:
+        await dst.send_all(header)
+
+
+@dataclass
+class Transfer:
+    """Bytes moved by one leg (for logs, metrics and the session record)."""
+
+    bytes: int = 0
+
+
+async def copy_raw(src: Conn, dst: Conn, counter: Transfer | None = None) -> int:
+    """Copy ``src`` to ``dst`` until EOF, then half-close ``dst``."""
+    counter = counter or Transfer()
+    if can_splice(src, dst):
+        pipe = Pipe()
+        try:
+            while n := await splice_in(src, pipe, pipe.size):
+                await splice_out(pipe, dst, n)
+                counter.bytes += n
+        finally:
+            pipe.close()
+    else:
+        buf = bytearray(RECV_CHUNK)
+        view = memoryview(buf)
+        while n := await src.recv_into(view):
+            await dst.send_all(view[:n])
+            counter.bytes += n
+    await dst.shutdown_write()
+    return counter.bytes
+
+
+async def pump_raw(a: Conn, b: Conn) -> tuple[int, int]:
+    """Both directions between two plain streams until both have ended."""
+    ab, ba = Transfer(), Transfer()
+    tasks = [
+        asyncio.ensure_future(copy_raw(a, b, ab)),
+        asyncio.ensure_future(copy_raw(b, a, ba)),
+    ]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(*pending)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return ab.bytes, ba.bytes
+
+
+Sealer = Callable[[bytes], bytes]
+
+
+async def raw_to_frames(
+    src: Conn,
+    dst: FramedConn,
+    *,
+    seal: Sealer | None = None,
+    overhead: int = 0,
+    max_data: int = wire.DEFAULT_LIMITS.max_data,
+    counter: Transfer | None = None,
+) -> int:
+    """Read an application stream and send it as DATA frames, then an EOF frame."""
+    counter = counter or Transfer()
+    if seal is None and can_splice(src, dst.conn):
+        pipe = Pipe()
+        chunk = min(pipe.size, max_data)
+        try:
+            while n := await splice_in(src, pipe, chunk):
+                async with dst.write_lock:
+                    await _send_header(dst.conn, wire.encode_header(wire.FrameType.DATA, n))
+                    await splice_out(pipe, dst.conn, n)
+                    dst.bytes_out += n + wire.HEADER_SIZE
+                counter.bytes += n
+        finally:
+            pipe.close()
+    else:
+        buf = bytearray(min(RECV_CHUNK, max_data - overhead))
+        view = memoryview(buf)
+        while n := await src.recv_into(view):
+            payload = seal(bytes(view[:n])) if seal else view[:n]
+            await dst.send_frame(wire.FrameType.DATA, bytes(payload))
+            counter.bytes += n
+    await dst.send_frame(wire.FrameType.EOF)
+    return counter.bytes
+
+
+class FrameSink:
+    """Where :func:`forward_frames` puts DATA payloads and EOF marks."""
+
+    #: whether the sink can take a payload by splice from a plain source
+    splices: bool = False
+
+    async def data(self, src: FramedConn, length: int) -> None:
+        raise NotImplementedError
+
+    async def eof(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release kernel resources (pipes)."""
+
+
+class RawSink(FrameSink):
+    """Deliver payloads to an application socket (optionally opening sealed payloads)."""
+
+    def __init__(self, dst: Conn, *, open_: Sealer | None = None) -> None:
+        self.dst = dst
+        self.open = open_
+        self.splices = open_ is None and can_splice(dst)
+        self._pipe: Pipe | None = None
+        self.counter = Transfer()
+
+    async def data(self, src: FramedConn, length: int) -> None:
+        self.counter.bytes += length
+        if self.open is not None:
+            await self.dst.send_all(self.open(await src.read_payload(length)))
+            return
+        if src.buffered:
+            head = src.take_buffered_payload(length)
+            await self.dst.send_all(head)
+            length -= len(head)
+        if not length:
+            return
+        if self.splices and src.conn.plain:
+            pipe = self._pipe = self._pipe or Pipe()
+            while length:
+                n = await splice_in(src.conn, pipe, min(length, pipe.size))
+                if not n:
+                    raise ConnClosed("connection closed in the middle of a frame")
+                await splice_out(pipe, self.dst, n)
+                length -= n
+        else:
+            await self.dst.send_all(await src.read_payload(length))
+
+    async def eof(self) -> None:
+        await self.dst.shutdown_write()
+
+    def close(self) -> None:
+        if self._pipe:
+            self._pipe.close()
+            self._pipe = None
+
+
+class FramedSink(FrameSink):
+    """Forward frames unchanged to the paired connection (the relay's data path).
+
+    The payload is first pulled into the pipe *without* holding the peer's write
+    lock, so a sender that stalls mid-frame cannot block keepalive replies to the
+    peer; then header and payload go out under the lock as one frame.
+    """
+
+    def __init__(self, dst: FramedConn) -> None:
+        self.dst = dst
+        self.splices = can_splice(dst.conn)
+        self._pipe: Pipe | None = None
+
+    async def data(self, src: FramedConn, length: int) -> None:
+        header = wire.encode_header(wire.FrameType.DATA, length)
+        head = src.take_buffered_payload(length) if src.buffered else b""
+        rest = length - len(head)
+        if not (self.splices and src.conn.plain):
+            payload = head + (await src.read_payload(rest) if rest else b"")
+            await self.dst.send(header + payload)
+            return
+        pipe = self._pipe = self._pipe or Pipe()
+        if rest <= pipe.size:
+            got = 0
+            while got < rest:
+                n = await splice_in(src.conn, pipe, rest - got)
+                if not n:
+                    raise ConnClosed("connection closed in the middle of a frame")
+                got += n
+            src.last_rx = src.conn.loop.time()
+            async with self.dst.write_lock:
+                await _send_header(self.dst.conn, header + head)
+                await splice_out(pipe, self.dst.conn, rest)
+                self.dst.bytes_out += length + wire.HEADER_SIZE
+            return
+        async with self.dst.write_lock:  # larger than the pipe: stream it through
+            await _send_header(self.dst.conn, header + head)
+            while rest:
+                n = await splice_in(src.conn, pipe, min(rest, pipe.size))
+                if not n:
+                    raise ConnClosed("connection closed in the middle of a frame")
+                await splice_out(pipe, self.dst.conn, n)
+                rest -= n
+            self.dst.bytes_out += length + wire.HEADER_SIZE
+
+    async def eof(self) -> None:
+        await self.dst.send_frame(wire.FrameType.EOF)
+
+    def close(self) -> None:
+        if self._pipe:
+            self._pipe.close()
+            self._pipe = None
+
+
+ControlHandler = Callable[[bytes], Awaitable[bool]]
+SinkLookup = Callable[[], FrameSink | None]
+
+
+class UnexpectedData(wire.WireError):
+    def __init__(self) -> None:
+        super().__init__("unexpected-data", "data frame on a connection that is not paired")
+
+
+async def forward_frames(src: FramedConn, sink: SinkLookup, on_ctrl: ControlHandler) -> str:
+    """Read frames from ``src`` until EOF or until ``on_ctrl`` returns True.
+
+    ``sink`` is looked up per frame, so the control logic can pair or release the
+    connection between two frames (the relay's data path switches without a copy).
+    Returns ``"eof"`` or ``"stop"``.
+    """
+    while True:
+        current = sink()
+        exact = current is not None and current.splices and src.conn.plain
+        header = await src.read_header(exact=exact)
+        if header is None:
+            return "eof"
+        ftype, length = header
+        if ftype is wire.FrameType.CTRL:
+            payload = await src.read_payload(length)
+            if await on_ctrl(payload):
+                return "stop"
+        elif current is None:
+            raise UnexpectedData()
+        elif ftype is wire.FrameType.DATA:
+            await current.data(src, length)
+        else:
+            await current.eof()

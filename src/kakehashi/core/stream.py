@@ -1,0 +1,419 @@
+"""Connections as the pump sees them: a socket, optionally with TLS on top.
+
+kakehashi owns its sockets instead of using asyncio transports, because the byte
+pump must be able to ``os.splice`` between two plain sockets (kernel to kernel).
+TLS is done with ``ssl.SSLObject`` over memory BIOs on the same socket, which also
+makes a STARTTLS-style upgrade of a live connection straightforward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+
+from kakehashi.core import wire
+
+RECV_CHUNK = 256 * 1024
+
+
+class ConnClosed(Exception):
+    """The peer went away in the middle of something that needed more bytes."""
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Conn:
+    """A plain non-blocking stream socket driven by the running loop."""
+
+    plain = True
+
+    def __init__(self, sock: socket.socket) -> None:
+        _tune(sock)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self._closed = False
+        try:
+            self.peer = sock.getpeername()
+        except OSError:
+            self.peer = None
+        self.tls_version: str | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return not self.plain
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    async def recv_into(self, buf: memoryview | bytearray) -> int:
+        return await self.loop.sock_recv_into(self.sock, buf)
+
+    async def recv(self, n: int = RECV_CHUNK) -> bytes:
+        return await self.loop.sock_recv(self.sock, n)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def wait_readable(self) -> None:
+        await _wait_fd(self.loop, self.sock.fileno(), readable=True)
+
+    async def wait_writable(self) -> None:
+        await _wait_fd(self.loop, self.sock.fileno(), readable=False)
+
+    async def shutdown_write(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def abort(self) -> None:
+        """Close with RST so the peer learns at once (used on protocol violations)."""
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
+            self.close()
+
+
+async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, readable: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if readable:
+        loop.add_reader(fd, ready)
+    else:
+        loop.add_writer(fd, ready)
+    try:
+        await fut
+    finally:
+        if readable:
+            loop.remove_reader(fd)
+        else:
+            loop.remove_writer(fd)
+
+
+class TLSConn(Conn):
+    """TLS over a socket we keep owning (so STARTTLS reuses the same TCP connection)."""
+
+    plain = False
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        initial: bytes = b"",
+    ) -> None:
+        super().__init__(sock)
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(
+            self._in, self._out, server_side=server_side, server_hostname=server_hostname
+        )
+        if initial:
+            self._in.write(initial)
+        self._send_lock = asyncio.Lock()
+        self._eof = False
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        return self._obj
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self._obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise ConnClosed("connection closed during TLS handshake") from None
+        await self._flush()
+        self.tls_version = self._obj.version()
+
+    async def _fill(self) -> bool:
+        data = await self.loop.sock_recv(self.sock, RECV_CHUNK)
+        if not data:
+            self._in.write_eof()
+            self._eof = True
+            return False
+        self._in.write(data)
+        return True
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            while self._out.pending:
+                await self.loop.sock_sendall(self.sock, self._out.read())
+
+    async def recv_into(self, buf: memoryview | bytearray) -> int:
+        while True:
+            try:
+                return self._obj.read(len(buf), buf)
+            except ssl.SSLWantReadError:
+                if self._out.pending:
+                    await self._flush()
+                if self._eof or not await self._fill():
+                    return 0
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0
+
+    async def recv(self, n: int = RECV_CHUNK) -> bytes:
+        buf = bytearray(n)
+        got = await self.recv_into(buf)
+        return bytes(buf[:got])
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._obj.write(view[:RECV_CHUNK])
+            view = view[n:]
+            if self._out.pending >= RECV_CHUNK:
+                await self._flush()
+        await self._flush()
+
+    async def shutdown_write(self) -> None:
+        with contextlib.suppress(ssl.SSLError, OSError):
+            self._obj.unwrap()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self._flush()
+        await super().shutdown_write()
+
+
+async def start_tls(
+    conn: Conn,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+    initial: bytes = b"",
+    timeout: float = 15.0,
+) -> TLSConn:
+    """Upgrade a plain connection in place (the socket is reused, not reopened)."""
+    if not conn.plain:
+        raise ValueError("connection is already encrypted")
+    tls = TLSConn(
+        conn.sock, context, server_side=server_side, server_hostname=server_hostname,
+        initial=initial,
+    )
+    conn._closed = True  # ownership of the socket moved to ``tls``
+    try:
+        await asyncio.wait_for(tls.handshake(), timeout)
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+async def open_tcp(host: str, port: int, *, timeout: float = 10.0) -> Conn:
+    """Connect to host:port, trying each resolved address (happy path first)."""
+    loop = asyncio.get_running_loop()
+    infos = await asyncio.wait_for(
+        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
+    )
+    last: Exception | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            return Conn(sock)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            last = exc
+    raise ConnectionError(f"cannot connect to {host}:{port}: {last}") from last
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``host:port``, ``[v6]:port`` or ``host`` (with a default port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_s = text.split(":")
+    else:
+        host, port_s = text, ""
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"{text!r}: expected HOST:PORT")
+        return host or "127.0.0.1", default_port
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"{text!r}: port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port out of range")
+    return host or "0.0.0.0", port
+
+
+class Listener:
+    """A TCP accept loop handing each connection to ``handler`` in its own task."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handler: Callable[[Conn], Awaitable[None]],
+        *,
+        backlog: int = 4096,
+    ) -> None:
+        self.handler = handler
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+        self.sock = sock
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._accept_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def start(self) -> None:
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:  # EMFILE and friends: back off, keep serving
+                if self.sock.fileno() < 0:
+                    return
+                await asyncio.sleep(0.1 if exc.errno else 0)
+                continue
+            task = loop.create_task(self._run(Conn(client)))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, conn: Conn) -> None:
+        try:
+            await self.handler(conn)
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        if self._accept_task:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        self.sock.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class FramedConn:
+    """A connection carrying kakehashi frames.
+
+    Reads are buffered during the control phase; when the pump splices payloads the
+    header is read with exact-size receives so payload bytes stay in the kernel.
+    Writes of whole frames are serialised by ``write_lock`` because the pump and the
+    control logic both write to the same connection.
+    """
+
+    def __init__(self, conn: Conn, limits: wire.Limits = wire.DEFAULT_LIMITS) -> None:
+        self.conn = conn
+        self.limits = limits
+        self.write_lock = asyncio.Lock()
+        self._rbuf = bytearray()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last_rx = asyncio.get_running_loop().time()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._rbuf)
+
+    def take_buffer(self) -> bytes:
+        data = bytes(self._rbuf)
+        self._rbuf.clear()
+        return data
+
+    async def _fill(self, need: int, *, exact: bool) -> bool:
+        """Ensure ``need`` bytes are buffered; False on clean EOF before any of them."""
+        while len(self._rbuf) < need:
+            if exact and self.conn.plain:
+                chunk = await self.conn.recv(need - len(self._rbuf))
+            else:
+                chunk = await self.conn.recv(RECV_CHUNK)
+            if not chunk:
+                if self._rbuf:
+                    raise ConnClosed("connection closed in the middle of a frame")
+                return False
+            self._rbuf += chunk
+            self.last_rx = self.conn.loop.time()
+        return True
+
+    async def read_preamble(self) -> None:
+        if not await self._fill(len(wire.PREAMBLE), exact=True):
+            raise ConnClosed("connection closed before the preamble")
+        wire.check_preamble(bytes(self._rbuf[:4]))
+        del self._rbuf[:4]
+
+    async def read_header(self, *, exact: bool = False) -> tuple[wire.FrameType, int] | None:
+        """Read and validate one frame header; None on clean EOF between frames."""
+        if not await self._fill(wire.HEADER_SIZE, exact=exact):
+            return None
+        ftype, length = wire.decode_header(self._rbuf[: wire.HEADER_SIZE])
+        del self._rbuf[: wire.HEADER_SIZE]
+        self.limits.check(ftype, length)
+        self.bytes_in += wire.HEADER_SIZE + length
+        return wire.FrameType(ftype), length
+
+    async def read_payload(self, length: int) -> bytes:
+        if not await self._fill(length, exact=False) and length:
+            raise ConnClosed("connection closed in the middle of a frame")
+        data = bytes(self._rbuf[:length])
+        del self._rbuf[:length]
+        return data
+
+    def take_buffered_payload(self, length: int) -> bytes:
+        """Payload bytes already read into user space (before switching to splice)."""
+        data = bytes(self._rbuf[:length])
+        del self._rbuf[: len(data)]
+        return data
+
+    async def read_frame(self) -> wire.Frame | None:
+        header = await self.read_header()
+        if header is None:
+            return None
+        ftype, length = header
+        return wire.Frame(ftype, await self.read_payload(length))
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        async with self.write_lock:
+            await self.conn.send_all(data)
+            self.bytes_out += len(data)
+
+    async def send_frame(self, ftype: wire.FrameType, payload: bytes = b"") -> None:
+        await self.send(wire.encode_header(ftype, len(payload)) + payload)

@@ -1,0 +1,199 @@
+"""Control-frame codec, sans-IO.
+
+Every kakehashi stream protocol speaks the same framing so that one byte pump can
+forward it and one fuzz target covers it:
+
+* a 4-byte **preamble** ``b"KKH" + version`` opens the stream (the gateway's single
+  port recognises kakehashi traffic from these first bytes);
+* then **frames**: a 4-byte big-endian header ``type << 24 | length`` followed by
+  ``length`` payload bytes.
+
+Frame types:
+
+``CTRL``
+    a control message: msgpack, validated against the system's message schema
+    (a ``msgspec`` tagged union), at most ``Limits.max_ctrl`` bytes.
+``DATA``
+    opaque application bytes (the relay never looks inside), at most
+    ``Limits.max_data`` bytes. Keeping data framed after pairing is what lets the
+    end/release notifications of the relay protocol travel in-band, so a connection
+    returns to idle and is reused instead of reopened.
+``EOF``
+    the sender will send no more DATA in this session (half-close), no payload.
+
+Nothing here touches a socket: :class:`FrameDecoder` takes bytes and yields
+frames, :func:`encode_frame` makes bytes. Malformed input raises
+:class:`WireError` with a message meant for a human.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+MAGIC = b"KKH"
+VERSION = 1
+PREAMBLE = MAGIC + bytes([VERSION])
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+MAX_FRAME = (1 << 24) - 1
+
+
+class FrameType(enum.IntEnum):
+    CTRL = 1
+    DATA = 2
+    EOF = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits a receiver enforces; the sender must respect the peer's."""
+
+    max_ctrl: int = 64 * 1024
+    max_data: int = 1024 * 1024
+
+    def check(self, ftype: int, length: int) -> None:
+        if ftype == FrameType.CTRL:
+            if length > self.max_ctrl:
+                raise WireError(
+                    "too-large", f"control frame of {length} bytes exceeds {self.max_ctrl}"
+                )
+        elif ftype == FrameType.DATA:
+            if length > self.max_data:
+                raise WireError(
+                    "too-large", f"data frame of {length} bytes exceeds {self.max_data}"
+                )
+        elif ftype == FrameType.EOF:
+            if length:
+                raise WireError("bad-frame", "EOF frame must be empty")
+        else:
+            raise WireError("bad-frame", f"unknown frame type {ftype}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class WireError(Exception):
+    """A peer broke the framing or the schema. ``code`` is stable, the text is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def encode_header(ftype: FrameType, length: int) -> bytes:
+    if not 0 <= length <= MAX_FRAME:
+        raise ValueError(f"frame length {length} out of range")
+    return HEADER.pack((int(ftype) << 24) | length)
+
+
+def decode_header(header: bytes | bytearray | memoryview) -> tuple[int, int]:
+    (word,) = HEADER.unpack(header)
+    return word >> 24, word & MAX_FRAME
+
+
+def encode_frame(ftype: FrameType, payload: bytes = b"") -> bytes:
+    return encode_header(ftype, len(payload)) + payload
+
+
+def check_preamble(data: bytes) -> None:
+    """Validate a 4-byte preamble; raise WireError saying what was wrong."""
+    if data[:3] != MAGIC:
+        raise WireError("not-kakehashi", "peer does not speak the kakehashi protocol")
+    if data[3] != VERSION:
+        raise WireError(
+            "version", f"peer speaks protocol version {data[3]}, this side speaks {VERSION}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    payload: bytes
+
+
+class FrameDecoder:
+    """Incremental frame parser: ``feed()`` bytes, iterate ``frames()``.
+
+    ``expect_preamble`` makes the first four bytes a preamble check. The decoder holds
+    at most one partial frame, so its memory is bounded by the limits.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, *, expect_preamble: bool = False) -> None:
+        self.limits = limits
+        self._buf = bytearray()
+        self._need_preamble = expect_preamble
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def take_buffer(self) -> bytes:
+        """Hand over unparsed bytes (when the stream switches to another reader)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        buf = self._buf
+        if self._need_preamble:
+            if len(buf) < len(PREAMBLE):
+                if buf and not MAGIC.startswith(bytes(buf[:3])):
+                    check_preamble(bytes(buf).ljust(4, b"\0"))
+                return None
+            check_preamble(bytes(buf[:4]))
+            del buf[:4]
+            self._need_preamble = False
+        if len(buf) < HEADER_SIZE:
+            return None
+        ftype, length = decode_header(buf[:HEADER_SIZE])
+        self.limits.check(ftype, length)
+        end = HEADER_SIZE + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[HEADER_SIZE:end])
+        del buf[:end]
+        return Frame(FrameType(ftype), payload)
+
+    def frames(self) -> Iterator[Frame]:
+        while (frame := self.next_frame()) is not None:
+            yield frame
+
+
+M = TypeVar("M")
+
+
+class ControlCodec(Generic[M]):
+    """Encode/decode the control messages of one system.
+
+    ``schema`` is a ``msgspec`` tagged union of ``Struct`` types; decoding validates
+    types, required fields and string/list bounds declared with ``msgspec.Meta``.
+    """
+
+    def __init__(self, schema: Any, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(schema)
+
+    def encode(self, message: M) -> bytes:
+        body = self._encoder.encode(message)
+        if len(body) > self.limits.max_ctrl:
+            raise WireError("too-large", f"control message of {len(body)} bytes is too large")
+        return encode_header(FrameType.CTRL, len(body)) + body
+
+    def decode(self, payload: bytes) -> M:
+        try:
+            return self._decoder.decode(payload)
+        except msgspec.ValidationError as exc:
+            raise WireError("schema", f"invalid control message: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise WireError("decode", f"undecodable control message: {exc}") from None

@@ -1,0 +1,231 @@
+"""Control messages of the relay protocol (spec 000), one ``msgspec`` Struct each.
+
+Names follow the spec: login / positive and negative response (Fig. 2 steps 2-3),
+connection-hold command and reply (4-5), connection request (11), encryption
+instruction and acceptance (12-13), connection-request notification (14), reply
+(15-16), end notification (26-27), release notification (28), logout (6-7).
+Every string and list is bounded, so a hostile peer cannot make the decoder allocate
+without limit; the frame limit bounds the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from kakehashi.core.wire import ControlCodec
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+Service = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.@-]*$")]
+Text = Annotated[str, msgspec.Meta(max_length=512)]
+Secret = Annotated[str, msgspec.Meta(max_length=1024)]
+Names = Annotated[list[Name], msgspec.Meta(max_length=256)]
+ReqId = Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+
+Encryption = Literal["required", "optional", "off"]
+NotifyPolicy = Literal["all", "none", "only", "except"]
+InsecurePeer = Literal["refuse", "ask"]
+
+#: Ciphers an endpoint can run: relay-level TLS and end-to-end X25519 + ChaCha20-Poly1305.
+CIPHER_TLS = "tls"
+CIPHER_E2E = "e2e-x25519-chacha20poly1305"
+
+
+class Attrs(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """Attribute information (spec 000 section 4.3); ``None`` means "as registered"."""
+
+    encryption: Encryption | None = None
+    ciphers: Annotated[list[Text], msgspec.Meta(max_length=8)] = []
+    notify: NotifyPolicy | None = None
+    notify_users: Names | None = None
+    allowed_peers: Names | None = None
+    insecure_peer: InsecurePeer | None = None
+    services: Annotated[list[Service], msgspec.Meta(max_length=64)] = []
+    #: take the attributes of this user's first connection (spec 000 para 0043)
+    inherit: bool = False
+
+
+class Msg(msgspec.Struct, tag_field="t", omit_defaults=True, forbid_unknown_fields=True):
+    pass
+
+
+# -- terminal -> relay ------------------------------------------------------------
+class Login(Msg, tag="login"):
+    user: Name
+    password: Secret = ""
+    #: resumption token from an earlier positive response: spare connections
+    #: authenticate with it instead of paying the password hash again
+    token: Secret = ""
+    attrs: Attrs | None = None
+    agent: Text = ""
+
+
+class SetAttrs(Msg, tag="attrs"):
+    attrs: Attrs
+
+
+class Hold(Msg, tag="hold"):
+    seq: ReqId = 0
+
+
+class ConnectRequest(Msg, tag="connect"):
+    req: ReqId
+    target: Name
+    service: Service = ""
+    encrypt: bool = False
+    e2e: bool = False
+
+
+class EncryptAccept(Msg, tag="enc-ok"):
+    req: ReqId
+
+
+class EncryptRefuse(Msg, tag="enc-no"):
+    req: ReqId
+    reason: Text = ""
+
+
+class StartTLS(Msg, tag="starttls"):
+    pass
+
+
+class Accept(Msg, tag="accept"):
+    req: ReqId
+
+
+class Refuse(Msg, tag="refuse"):
+    req: ReqId
+    reason: Text = ""
+
+
+class End(Msg, tag="end"):
+    reason: Text = ""
+
+
+class Release(Msg, tag="release"):
+    pass
+
+
+class Logout(Msg, tag="logout"):
+    pass
+
+
+class Who(Msg, tag="who"):
+    pass
+
+
+class Subscribe(Msg, tag="subscribe"):
+    on: bool = True
+
+
+class Broadcast(Msg, tag="broadcast"):
+    targets: Names
+    body: Annotated[bytes, msgspec.Meta(max_length=16384)]
+
+
+# -- relay -> terminal ------------------------------------------------------------
+class LoginOk(Msg, tag="login-ok"):
+    conn_id: ReqId
+    token: Secret
+    encryption: Encryption
+    keepalive: float
+    dead_after: float
+    server: Text = ""
+
+
+class LoginFail(Msg, tag="login-fail"):
+    reason: Text
+
+
+class HoldAck(Msg, tag="hold-ack"):
+    seq: ReqId = 0
+
+
+class Error(Msg, tag="error"):
+    code: Text
+    message: Text
+    req: ReqId = 0
+
+
+class EncryptInstruct(Msg, tag="encrypt"):
+    """Step 12: the party you asked for requires encryption; accept or refuse."""
+
+    req: ReqId
+    reason: Text = ""
+
+
+class Notify(Msg, tag="notify"):
+    """Steps 14/32: a connection request from ``peer``, with the encryption instruction."""
+
+    req: ReqId
+    peer: Name
+    service: Service = ""
+    encrypt: bool = False
+    e2e: bool = False
+    peer_key: Secret = ""
+    #: the requester cannot encrypt and you require it: you are being asked (para 0037)
+    insecure: bool = False
+
+
+class Result(Msg, tag="result"):
+    """Steps 16/34: the target's reply, forwarded to the requester."""
+
+    req: ReqId
+    ok: bool
+    peer: Name
+    encrypt: bool = False
+    e2e: bool = False
+    peer_key: Secret = ""
+    code: Text = ""
+    message: Text = ""
+
+
+class Released(Msg, tag="released"):
+    """Both sides released: the connection is idle again (the optional reply of 0048)."""
+
+
+class TLSGo(Msg, tag="tls-go"):
+    pass
+
+
+class UserInfo(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    user: Name
+    encryption: Encryption
+    services: Annotated[list[Service], msgspec.Meta(max_length=64)] = []
+    connections: int = 0
+
+
+class WhoList(Msg, tag="who-list"):
+    users: Annotated[list[UserInfo], msgspec.Meta(max_length=100_000)]
+
+
+class Presence(Msg, tag="presence"):
+    user: Name
+    online: bool
+    encryption: Encryption = "optional"
+
+
+class Deliver(Msg, tag="deliver"):
+    sender: Name
+    body: Annotated[bytes, msgspec.Meta(max_length=16384)]
+
+
+class BroadcastResult(Msg, tag="broadcast-result"):
+    delivered: Names
+    missing: Names
+
+
+ToRelay = (
+    Login | SetAttrs | Hold | ConnectRequest | EncryptAccept | EncryptRefuse | StartTLS
+    | Accept | Refuse | End | Release | Logout | Who | Subscribe | Broadcast
+)
+ToTerminal = (
+    LoginOk | LoginFail | HoldAck | Error | EncryptInstruct | Notify | Result | End
+    | Released | TLSGo | WhoList | Presence | Deliver | BroadcastResult
+)
+
+#: codec the relay uses (decodes what terminals send)
+RELAY_CODEC: ControlCodec[ToRelay] = ControlCodec(ToRelay)
+#: codec terminals use (decodes what the relay sends)
+TERMINAL_CODEC: ControlCodec[ToTerminal] = ControlCodec(ToTerminal)
