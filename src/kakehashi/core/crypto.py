@@ -1,0 +1,462 @@
+"""Passwords, identity keys and end-to-end sealing.
+
+kakehashi relays traffic it should not be able to read, so peers that know
+each other's static X25519 keys agree on session keys end to end and seal
+their messages; the relay only ever sees ciphertext. The handshake is
+deliberately small and sans-IO (bytes in, bytes out) so any transport can
+carry it. Password hashing and challenge-response live here too so every
+system uses the same, reviewed primitives.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import struct
+import tempfile
+from contextlib import suppress
+from pathlib import Path
+from typing import Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "OVERHEAD",
+    "E2EError",
+    "E2EHandshake",
+    "E2ESession",
+    "check_response",
+    "generate_identity",
+    "hash_password",
+    "load_identity",
+    "load_or_create_identity",
+    "make_challenge",
+    "needs_rehash",
+    "parse_public_b64",
+    "public_b64",
+    "respond",
+    "save_identity",
+    "verify_password",
+]
+
+
+class E2EError(Exception):
+    """An end-to-end check failed: wrong peer key, tampering, replay, reorder."""
+
+
+# --------------------------------------------------------------------------
+# Passwords (scrypt)
+# --------------------------------------------------------------------------
+
+_SCRYPT_DEFAULT_N = 2**14
+_SCRYPT_MAX_N = 2**20
+_SCRYPT_MAX_R = 32
+_SCRYPT_MAX_P = 16
+# scrypt needs about 128 * n * r bytes; hashlib refuses more than INT_MAX, and
+# a stored string must not be able to make us allocate gigabytes.
+_SCRYPT_MAX_MEM = 2**30
+_SALT_LEN = 16
+_HASH_LEN = 32
+_ENCODED_RE = re.compile(
+    r"scrypt\$([0-9]{1,8})\$([0-9]{1,3})\$([0-9]{1,3})\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)"
+)
+
+
+def _check_scrypt_params(n: int, r: int, p: int) -> None:
+    if n < 2 or n & (n - 1) or n > _SCRYPT_MAX_N:
+        raise ValueError(f"scrypt n must be a power of two in [2, {_SCRYPT_MAX_N}]")
+    if not 1 <= r <= _SCRYPT_MAX_R or not 1 <= p <= _SCRYPT_MAX_P:
+        raise ValueError(f"scrypt needs 1 <= r <= {_SCRYPT_MAX_R} and 1 <= p <= {_SCRYPT_MAX_P}")
+    if 128 * n * r > _SCRYPT_MAX_MEM:
+        raise ValueError("scrypt parameters need more than 1 GiB of memory")
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    # OpenSSL needs 128*r*(n+2) for V plus 128*r*p for B; give it exactly that
+    # (plus slack) instead of its 32 MiB default, which would reject r=16.
+    maxmem = 128 * r * (n + 2 + p) + 2**20
+    return hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=dklen
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def hash_password(password: str, *, n: int = _SCRYPT_DEFAULT_N, r: int = 8, p: int = 1) -> str:
+    """Hash a password as ``scrypt$<n>$<r>$<p>$<salt_b64>$<hash_b64>``.
+
+    The string carries its own parameters, so they can be raised later
+    without invalidating stored hashes (see :func:`needs_rehash`).
+    """
+    _check_scrypt_params(n, r, p)
+    salt = os.urandom(_SALT_LEN)
+    digest = _scrypt(password, salt, n, r, p, _HASH_LEN)
+    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
+
+
+def _parse_encoded(encoded: str) -> tuple[int, int, int, bytes, bytes]:
+    """Split and validate a stored hash; ValueError on anything odd."""
+    m = _ENCODED_RE.fullmatch(encoded)
+    if m is None:
+        raise ValueError("not an scrypt password hash")
+    n, r, p = (int(m.group(i)) for i in (1, 2, 3))
+    _check_scrypt_params(n, r, p)
+    try:
+        salt = base64.b64decode(m.group(4), validate=True)
+        digest = base64.b64decode(m.group(5), validate=True)
+    except binascii.Error as exc:
+        raise ValueError("bad base64 in password hash") from exc
+    if not 8 <= len(salt) <= 64 or not 16 <= len(digest) <= 64:
+        raise ValueError("bad salt or hash length in password hash")
+    return n, r, p, salt, digest
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Check ``password`` against a string from :func:`hash_password`.
+
+    Never raises: a malformed or hostile string (absurd parameters included)
+    simply does not verify, so callers cannot turn bad data into a crash.
+    """
+    if not isinstance(password, str) or not isinstance(encoded, str):
+        return False
+    try:
+        n, r, p, salt, expected = _parse_encoded(encoded)
+        actual = _scrypt(password, salt, n, r, p, len(expected))
+    except (ValueError, TypeError, MemoryError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def needs_rehash(encoded: str, *, n: int = _SCRYPT_DEFAULT_N, r: int = 8, p: int = 1) -> bool:
+    """True when ``encoded`` is malformed or uses other parameters than given.
+
+    Call after a successful :func:`verify_password` and store a fresh hash
+    if this says so; that is how parameter upgrades roll out.
+    """
+    if not isinstance(encoded, str):
+        return True
+    try:
+        got = _parse_encoded(encoded)
+    except ValueError:
+        return True
+    return got[:3] != (n, r, p) or len(got[4]) != _HASH_LEN
+
+
+# --------------------------------------------------------------------------
+# Identity keys (X25519)
+# --------------------------------------------------------------------------
+
+KEY_LEN = 32
+
+
+def generate_identity() -> X25519PrivateKey:
+    """A new static X25519 identity key."""
+    return X25519PrivateKey.generate()
+
+
+def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
+    """Write a 0600 file atomically; with ``exclusive`` never replace one.
+
+    Returns False when ``exclusive`` and the file already existed. Linking the
+    finished temporary file into place makes "create if missing" race-free:
+    two processes may both generate a key, but only one wins and both then
+    load the winner's.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # file system without hard links
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def save_identity(key: X25519PrivateKey, path: str | os.PathLike[str]) -> None:
+    """Store ``key`` as base64 of its raw 32 bytes in a 0600 text file."""
+    _write_private(Path(path), (_b64(key.private_bytes_raw()) + "\n").encode("ascii"))
+
+
+def load_identity(path: str | os.PathLike[str]) -> X25519PrivateKey:
+    """Load a key written by :func:`save_identity`; ValueError if malformed."""
+    text = Path(path).read_text(encoding="ascii", errors="replace").strip()
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raw = b""
+    if len(raw) != KEY_LEN:
+        raise ValueError(f"{os.fspath(path)}: not a base64 X25519 private key (32 bytes)")
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def load_or_create_identity(path: str | os.PathLike[str]) -> X25519PrivateKey:
+    """Load the identity at ``path``, creating it on first use.
+
+    Safe when several processes start together: all end up with one key.
+    """
+    target = Path(path)
+    if not target.exists():
+        key = generate_identity()
+        _write_private(
+            target, (_b64(key.private_bytes_raw()) + "\n").encode("ascii"), exclusive=True
+        )
+    return load_identity(target)
+
+
+def public_b64(key: X25519PrivateKey | X25519PublicKey) -> str:
+    """Base64 of the raw 32-byte public key: the form users copy around."""
+    pub = key.public_key() if isinstance(key, X25519PrivateKey) else key
+    return _b64(pub.public_bytes_raw())
+
+
+def parse_public_b64(text: str) -> X25519PublicKey:
+    """Parse :func:`public_b64` output, with a message that says what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"X25519 public key must be a base64 string, not {type(text).__name__}")
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"X25519 public key is not valid base64: {text!r}") from exc
+    if len(raw) != KEY_LEN:
+        raise ValueError(f"X25519 public key must be 32 bytes, got {len(raw)}: {text!r}")
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+# --------------------------------------------------------------------------
+# End-to-end handshake and sessions
+# --------------------------------------------------------------------------
+
+OVERHEAD = 16
+E2E_VERSION = 1
+_PROTOCOL = b"kakehashi-e2e-v1"
+_NONCE_LEN = 16
+HELLO_LEN = 1 + KEY_LEN + _NONCE_LEN
+_MAX_COUNTER = 2**64 - 1  # reserved, never used as a nonce
+
+
+class E2ESession:
+    """Two directional ChaCha20-Poly1305 channels from one handshake.
+
+    Nonces are per-direction 64-bit counters that are never sent, so each
+    message costs exactly :data:`OVERHEAD` bytes and the receiver only
+    accepts the next message in order: a replayed, dropped-and-later-injected
+    or reordered message fails authentication. A failed :meth:`open` does
+    not advance the counter. Not thread-safe; use one session per connection.
+    """
+
+    def __init__(
+        self, send_key: bytes, recv_key: bytes, my_tag: bytes, peer_tag: bytes, hh: bytes
+    ) -> None:
+        self._send = ChaCha20Poly1305(send_key)
+        self._recv = ChaCha20Poly1305(recv_key)
+        self._send_n = 0
+        self._recv_n = 0
+        self._my_tag = my_tag
+        self._peer_tag = peer_tag
+        self.handshake_hash = hh
+        self.confirmed = False
+
+    @staticmethod
+    def _nonce(counter: int) -> bytes:
+        return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
+
+    def confirm_tag(self) -> bytes:
+        """Send this to the peer right after the handshake."""
+        return self._my_tag
+
+    def check_confirm(self, tag: bytes) -> None:
+        """Verify the peer's tag; E2EError if it does not hold its claimed key.
+
+        Only a peer that computed all four Diffie-Hellman values, i.e. owns
+        the static private key we expect, can produce this tag; a relay that
+        swapped keys in between cannot.
+        """
+        if not isinstance(tag, bytes | bytearray) or not hmac.compare_digest(
+            bytes(tag), self._peer_tag
+        ):
+            raise E2EError("key confirmation failed: peer does not hold the expected static key")
+        self.confirmed = True
+
+    def seal(self, plaintext: bytes, *, aad: bytes = b"") -> bytes:
+        """Encrypt and authenticate the next outgoing message."""
+        if self._send_n >= _MAX_COUNTER:
+            raise E2EError("send counter exhausted; start a new handshake")
+        out = self._send.encrypt(self._nonce(self._send_n), plaintext, aad)
+        self._send_n += 1
+        return out
+
+    def open(self, ciphertext: bytes, *, aad: bytes = b"") -> bytes:
+        """Decrypt the next incoming message; E2EError on any mismatch."""
+        if self._recv_n >= _MAX_COUNTER:
+            raise E2EError("receive counter exhausted; start a new handshake")
+        if len(ciphertext) < OVERHEAD:
+            raise E2EError("message too short")
+        try:
+            out = self._recv.decrypt(self._nonce(self._recv_n), ciphertext, aad)
+        except InvalidTag as exc:
+            raise E2EError(
+                "message failed authentication (tampered, replayed or reordered)"
+            ) from exc
+        self._recv_n += 1
+        return out
+
+
+class E2EHandshake:
+    """Mutually authenticated key agreement between two known static keys.
+
+    Each side sends one hello ``version(1) || ephemeral_pub(32) || nonce(16)``.
+    With ``i``/``r`` the initiator/responder, ``s``/``e`` static/ephemeral keys::
+
+        h   = SHA256("kakehashi-e2e-v1" || u32be(len(prologue)) || prologue
+                     || s_i.pub || s_r.pub || hello_i || hello_r)
+        ikm = DH(e_i, e_r) || DH(s_i, e_r) || DH(e_i, s_r) || DH(s_i, s_r)
+        k_ir || k_ri || k_c = HKDF-SHA256(ikm, salt=h, info="kakehashi-e2e-v1 keys", 96)
+        tag_i = HMAC(k_c, "initiator"),  tag_r = HMAC(k_c, "responder")
+
+    ``DH(e,e)`` gives forward secrecy; the mixed terms bind each static key to
+    the other side's fresh ephemeral, so only the real owners of ``s_i`` and
+    ``s_r`` reach the same keys (and compromise of one's own static key does
+    not let an attacker impersonate others to it). Each side sends its tag and
+    checks the peer's; role-specific tags stop a tag being reflected back. The
+    prologue binds any context both sides already agree on (e.g. a channel id).
+    """
+
+    def __init__(
+        self,
+        role: Literal["initiator", "responder"],
+        static: X25519PrivateKey,
+        peer_static: X25519PublicKey,
+        prologue: bytes = b"",
+    ) -> None:
+        if role not in ("initiator", "responder"):
+            raise ValueError(f"role must be 'initiator' or 'responder', not {role!r}")
+        if not isinstance(static, X25519PrivateKey) or not isinstance(peer_static, X25519PublicKey):
+            raise TypeError("static must be an X25519PrivateKey, peer_static an X25519PublicKey")
+        self.role = role
+        self._static = static
+        self._peer_static = peer_static
+        self._prologue = bytes(prologue)
+        self._ephemeral = X25519PrivateKey.generate()
+        self._hello = (
+            bytes([E2E_VERSION])
+            + self._ephemeral.public_key().public_bytes_raw()
+            + os.urandom(_NONCE_LEN)
+        )
+        self._peer_hello: bytes | None = None
+
+    def hello(self) -> bytes:
+        """This side's handshake message (the same bytes on every call)."""
+        return self._hello
+
+    def receive(self, peer_hello: bytes) -> None:
+        """Take the peer's hello; ValueError if it is malformed."""
+        if self._peer_hello is not None:
+            raise ValueError("peer hello already received")
+        if not isinstance(peer_hello, bytes | bytearray) or len(peer_hello) != HELLO_LEN:
+            raise ValueError(f"peer hello must be {HELLO_LEN} bytes")
+        if peer_hello[0] != E2E_VERSION:
+            raise ValueError(f"unsupported e2e version {peer_hello[0]} (expected {E2E_VERSION})")
+        if bytes(peer_hello) == self._hello:
+            raise ValueError("peer hello is our own hello reflected back")
+        self._peer_hello = bytes(peer_hello)
+
+    def finish(self) -> E2ESession:
+        """Derive the session; E2EError if a peer key is unusable (low order)."""
+        if self._peer_hello is None:
+            raise RuntimeError("finish() before receive()")
+        peer_eph = X25519PublicKey.from_public_bytes(self._peer_hello[1 : 1 + KEY_LEN])
+        me_pub = self._static.public_key().public_bytes_raw()
+        peer_pub = self._peer_static.public_bytes_raw()
+        initiator = self.role == "initiator"
+        try:
+            ee = self._ephemeral.exchange(peer_eph)
+            if initiator:
+                se = self._static.exchange(peer_eph)  # DH(s_i, e_r)
+                es = self._ephemeral.exchange(self._peer_static)  # DH(e_i, s_r)
+            else:
+                se = self._ephemeral.exchange(self._peer_static)  # DH(e_r, s_i)
+                es = self._static.exchange(peer_eph)  # DH(s_r, e_i)
+            ss = self._static.exchange(self._peer_static)
+        except ValueError as exc:  # all-zero shared secret from a low-order point
+            raise E2EError("peer key is invalid (low-order point)") from exc
+
+        s_i, s_r = (me_pub, peer_pub) if initiator else (peer_pub, me_pub)
+        h_i, h_r = (self._hello, self._peer_hello) if initiator else (self._peer_hello, self._hello)
+        th = hashlib.sha256(
+            _PROTOCOL
+            + struct.pack(">I", len(self._prologue))
+            + self._prologue
+            + s_i
+            + s_r
+            + h_i
+            + h_r
+        ).digest()
+        okm = HKDF(algorithm=hashes.SHA256(), length=96, salt=th, info=_PROTOCOL + b" keys").derive(
+            ee + se + es + ss
+        )
+        k_ir, k_ri, k_c = okm[:32], okm[32:64], okm[64:]
+        tag_i = hmac.new(k_c, b"initiator", hashlib.sha256).digest()
+        tag_r = hmac.new(k_c, b"responder", hashlib.sha256).digest()
+        if initiator:
+            return E2ESession(k_ir, k_ri, tag_i, tag_r, th)
+        return E2ESession(k_ri, k_ir, tag_r, tag_i, th)
+
+
+# --------------------------------------------------------------------------
+# Challenge-response
+# --------------------------------------------------------------------------
+
+_CHALLENGE_LEN = 32
+_CR_LABEL = b"kakehashi-challenge-v1"
+
+
+def make_challenge() -> bytes:
+    """32 fresh random bytes; never reuse one."""
+    return os.urandom(_CHALLENGE_LEN)
+
+
+def respond(secret: bytes, challenge: bytes, context: bytes) -> bytes:
+    """HMAC-SHA256 proof of ``secret`` for ``challenge`` in ``context``.
+
+    ``context`` should name the purpose and direction (e.g. b"relay:client")
+    so a response cannot be replayed into another protocol step or reflected
+    back at its sender. Fields are length-prefixed so they cannot run together.
+    """
+    if not secret:
+        raise ValueError("secret must not be empty")
+    if len(challenge) < 16:
+        raise ValueError("challenge must be at least 16 bytes")
+    msg = _CR_LABEL + struct.pack(">I", len(context)) + context + challenge
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def check_response(secret: bytes, challenge: bytes, context: bytes, response: bytes) -> bool:
+    """Constant-time check of a :func:`respond` answer."""
+    expected = respond(secret, challenge, context)
+    return isinstance(response, bytes | bytearray) and hmac.compare_digest(
+        expected, bytes(response)
+    )

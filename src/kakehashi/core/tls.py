@@ -1,0 +1,535 @@
+"""TLS contexts and a development certificate authority.
+
+Every kakehashi system speaks TLS, and most deployments start on a laptop or a
+lab box without a real PKI. So instead of teaching each system about
+certificates, this module keeps one development CA in the state directory
+(``state_dir()/ca/``), issues server certificates from it on demand
+(``state_dir()/certs/``), and builds ``ssl.SSLContext`` objects with the same
+safe defaults everywhere (TLS >= 1.2, verification on unless explicitly
+disabled, optional mutual TLS).
+
+Building contexts is not free (loading the system trust store takes tens of
+milliseconds), so contexts are cached in-process, keyed by their arguments and
+by the identity of the files they were built from: replacing a certificate on
+disk yields a fresh context on the next call. Cached contexts are shared, so
+treat them as read-only; pass ``cache=False`` for a private one you may
+change (for example to set ALPN protocols).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kakehashi.core.paths import state_dir
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
+
+__all__ = ["DevCA", "client_context", "default_names", "server_context"]
+
+StrPath = str | os.PathLike[str]
+
+CA_VALIDITY = timedelta(days=3650)
+# Certificates are backdated a little so a peer with a slightly slow clock
+# does not reject a certificate issued a second ago.
+_BACKDATE = timedelta(hours=1)
+# A reused certificate must still have this much life left (capped at a
+# quarter of the requested validity so short-lived certs are still reused).
+_RENEW_MARGIN = timedelta(days=30)
+_CACHE_LIMIT = 64
+
+
+def default_names() -> list[str]:
+    """Names a development server certificate covers when none are given.
+
+    Loopback in both address families plus the host name, so the same
+    certificate works for local tests and for peers on the LAN that use the
+    machine's name.
+    """
+    names = ["localhost", "127.0.0.1", "::1"]
+    host = socket.gethostname()
+    with suppress(ValueError):  # an odd host name must not break the default
+        if _general_name(host) not in map(_general_name, names):
+            names.append(host)
+    return names
+
+
+# --------------------------------------------------------------------------
+# Small file helpers
+# --------------------------------------------------------------------------
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` across processes.
+
+    The lock belongs to the open file, so the operating system drops it if the
+    process dies; no stale lock files to clean up by hand.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:  # pragma: no cover - Windows
+            msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` so readers see either the old file or the whole new one.
+
+    The temporary file is created 0600 by ``mkstemp`` and only then widened,
+    so private keys are never readable by others, not even briefly.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+FileSig = tuple[str, int, int, int] | None
+
+
+def _sig(path: StrPath | None) -> FileSig:
+    """Identify a file's current version (cheap ``stat``, no read)."""
+    if path is None:
+        return None
+    st = os.stat(path)
+    return (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# --------------------------------------------------------------------------
+# Certificate names
+# --------------------------------------------------------------------------
+
+_DNS_RE = re.compile(r"^(\*\.)?[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
+
+
+def _general_name(raw: str) -> x509.GeneralName:
+    """Turn ``"10.0.0.1"``, ``"[::1]"`` or ``"Host.Example"`` into a SAN entry.
+
+    IP literals become IP SANs because TLS clients match IP addresses only
+    against those, never against DNS names.
+    """
+    name = raw.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if not name:
+        raise ValueError("certificate names must not be empty")
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name.partition("%")[0]))
+    except ValueError:
+        pass
+    dns = name.rstrip(".").lower()
+    if not dns.isascii():
+        dns = dns.encode("idna").decode("ascii")
+    if len(dns) > 253 or not _DNS_RE.match(dns):
+        raise ValueError(f"not a valid DNS name or IP address: {raw!r}")
+    return x509.DNSName(dns)
+
+
+def _general_names(names: Iterable[str]) -> list[x509.GeneralName]:
+    """Parse and de-duplicate names, keeping the caller's order."""
+    out: list[x509.GeneralName] = []
+    for raw in names:
+        gn = _general_name(raw)
+        if gn not in out:
+            out.append(gn)
+    if not out:
+        raise ValueError("a certificate needs at least one name")
+    return out
+
+
+def _name_key(gn: x509.GeneralName) -> str:
+    kind = "ip" if isinstance(gn, x509.IPAddress) else "dns"
+    return f"{kind}:{gn.value}"
+
+
+def _slug(gns: Sequence[x509.GeneralName]) -> str:
+    """File stem for a name set: readable prefix, hash of the whole set.
+
+    The hash makes the stem depend on the set, not on order or duplicates, so
+    asking again for the same names finds the same files.
+    """
+    keys = sorted(map(_name_key, gns))
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    # Label from the set too (DNS names sort before IPs), not from the order.
+    first = next((k for k in keys if k.startswith("dns:")), keys[0]).partition(":")[2]
+    label = re.sub(r"[^A-Za-z0-9.-]+", "_", first).strip("._")[:40] or "cert"
+    return f"{label}-{digest[:12]}"
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _same_key(a: ec.EllipticCurvePublicKey, b: object) -> bool:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    return isinstance(b, ec.EllipticCurvePublicKey) and a.public_bytes(
+        serialization.Encoding.DER, fmt
+    ) == b.public_bytes(serialization.Encoding.DER, fmt)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+# --------------------------------------------------------------------------
+# Development CA
+# --------------------------------------------------------------------------
+
+
+class DevCA:
+    """The development CA in ``state_dir()/ca/``, created on first use.
+
+    Creation happens under a lock file and both files are written atomically
+    (key first, then certificate), so when several processes start at once
+    exactly one generates the CA and the others load that same CA. An existing
+    but broken CA is reported, never silently replaced: peers may already
+    trust it.
+    """
+
+    def __init__(self) -> None:
+        home = state_dir()
+        self._dir = home / "ca"
+        self._certs_dir = home / "certs"
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._issued: dict[str, tuple[FileSig, FileSig, datetime]] = {}
+        with _locked(self._dir / ".lock"):
+            if self.ca_path.exists():
+                self._cert, self._key = self._load()
+            else:
+                self._cert, self._key = self._create()
+
+    @property
+    def ca_path(self) -> Path:
+        """PEM certificate to hand to clients as their trust anchor."""
+        return self._dir / "ca.pem"
+
+    @property
+    def key_path(self) -> Path:
+        """PEM private key of the CA (mode 0600)."""
+        return self._dir / "ca.key"
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self._cert
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the CA certificate, hex; what a user compares by eye."""
+        return self._cert.fingerprint(hashes.SHA256()).hex()
+
+    def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        try:
+            cert = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(
+                f"development CA in {self._dir} is unreadable ({exc}); "
+                "remove that directory to create a new CA"
+            ) from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_key(
+            key.public_key(), cert.public_key()
+        ):
+            raise RuntimeError(
+                f"development CA in {self._dir}: ca.key does not match ca.pem; "
+                "remove that directory to create a new CA"
+            )
+        return cert, key
+
+    def _create(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kakehashi"),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME,
+                    f"kakehashi development CA {socket.gethostname()}"[:64],
+                ),
+            ]
+        )
+        public = key.public_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write_atomic(self.key_path, _key_pem(key), 0o600)
+        _write_atomic(self.ca_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return cert, key
+
+    def issue(self, names: list[str], *, days: int = 825) -> tuple[Path, Path]:
+        """Return ``(cert_path, key_path)`` of a server certificate for ``names``.
+
+        An existing certificate for exactly these names, issued by this CA and
+        not close to expiry, is reused, so repeated calls (and restarts) keep
+        the same certificate. The certificate is also valid for client auth,
+        so one identity serves both ends of a mutual-TLS link.
+        """
+        if days < 1:
+            raise ValueError("days must be at least 1")
+        gns = _general_names(names)
+        slug = _slug(gns)
+        cert_path = self._certs_dir / f"{slug}.pem"
+        key_path = self._certs_dir / f"{slug}.key"
+        now = datetime.now(UTC)
+        margin = min(_RENEW_MARGIN, timedelta(days=days) / 4)
+
+        memo = self._issued.get(slug)
+        if memo is not None and now < memo[2]:
+            with suppress(OSError):
+                if memo[:2] == (_sig(cert_path), _sig(key_path)):
+                    return cert_path, key_path
+
+        self._certs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _locked(self._certs_dir / ".lock"):
+            not_after = self._reusable(cert_path, key_path, gns)
+            if not_after is None or not_after - now <= margin:
+                not_after = self._write_leaf(cert_path, key_path, gns, days)
+            self._issued[slug] = (_sig(cert_path), _sig(key_path), not_after - margin)
+        return cert_path, key_path
+
+    def _reusable(
+        self, cert_path: Path, key_path: Path, gns: list[x509.GeneralName]
+    ) -> datetime | None:
+        """Expiry of the stored certificate if it fits the request, else None."""
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            cert.verify_directly_issued_by(self._cert)
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+            return None
+        if set(map(_name_key, san)) != set(map(_name_key, gns)):
+            return None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_key(
+            key.public_key(), cert.public_key()
+        ):
+            return None
+        return cert.not_valid_after_utc
+
+    def _write_leaf(
+        self, cert_path: Path, key_path: Path, gns: list[x509.GeneralName], days: int
+    ) -> datetime:
+        key = ec.generate_private_key(ec.SECP256R1())
+        public = key.public_key()
+        now = datetime.now(UTC)
+        not_after = min(now + timedelta(days=days), self._cert.not_valid_after_utc)
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kakehashi"),
+                x509.NameAttribute(NameOID.COMMON_NAME, str(gns[0].value)[:64]),
+            ]
+        )
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._cert.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(gns), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        _write_atomic(key_path, _key_pem(key), 0o600)
+        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return not_after
+
+
+# --------------------------------------------------------------------------
+# In-process caches
+# --------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
+_devcas: dict[Path, tuple[FileSig, DevCA]] = {}
+
+
+def _dev_ca() -> DevCA:
+    """The DevCA of the current state directory, loaded once per process.
+
+    Re-loaded only when ``ca.pem`` changes on disk (or ``KAKEHASHI_HOME``
+    points somewhere else), so a CA is never regenerated per call.
+    """
+    path = state_dir() / "ca" / "ca.pem"
+    with _lock:
+        hit = _devcas.get(path)
+    with suppress(OSError):
+        if hit is not None and hit[0] == _sig(path):
+            return hit[1]
+    ca = DevCA()
+    with _lock:
+        _devcas[path] = (_sig(path), ca)
+    return ca
+
+
+def _cached(key: tuple[object, ...], build: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    with _lock:
+        ctx = _contexts.get(key)
+    if ctx is not None:
+        return ctx
+    ctx = build()
+    with _lock:
+        if len(_contexts) >= _CACHE_LIMIT:
+            _contexts.clear()
+        return _contexts.setdefault(key, ctx)
+
+
+# --------------------------------------------------------------------------
+# Contexts
+# --------------------------------------------------------------------------
+
+
+def server_context(
+    cert: StrPath | None = None,
+    key: StrPath | None = None,
+    *,
+    names: list[str] | None = None,
+    client_ca: StrPath | None = None,
+    cache: bool = True,
+) -> ssl.SSLContext:
+    """A TLS >= 1.2 server context.
+
+    Without ``cert`` a certificate for ``names`` (default: :func:`default_names`)
+    is issued from the development CA, so a server runs securely with zero
+    configuration. ``key`` may be omitted when ``cert`` also holds the key.
+    With ``client_ca`` every client must present a certificate signed by it
+    (mutual TLS).
+    """
+    if cert is None:
+        if key is not None:
+            raise ValueError("key given without cert")
+        cert_path, key_path = _dev_ca().issue(names or default_names())
+    else:
+        cert_path, key_path = Path(cert), (Path(key) if key is not None else None)
+
+    def build() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert_path, key_path)
+        if client_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=client_ca)
+        return ctx
+
+    if not cache:
+        return build()
+    return _cached(("server", _sig(cert_path), _sig(key_path), _sig(client_ca)), build)
+
+
+def client_context(
+    ca: StrPath | None = None,
+    *,
+    verify: bool = True,
+    cert: StrPath | None = None,
+    key: StrPath | None = None,
+    cache: bool = True,
+) -> ssl.SSLContext:
+    """A TLS >= 1.2 client context that verifies the server and its host name.
+
+    Trust comes from ``ca`` alone when given; otherwise from the system store
+    plus the development CA if one exists (it is never created here, so a
+    client-only machine gets no CA it does not need). ``verify=False`` turns
+    all checking off and must be asked for explicitly. ``cert``/``key`` add a
+    client certificate for mutual TLS.
+    """
+    if key is not None and cert is None:
+        raise ValueError("key given without cert")
+    dev_pem = state_dir(create=False) / "ca" / "ca.pem"
+    extra: Path | None
+    if not verify:
+        extra, system = None, False
+    elif ca is not None:
+        extra, system = Path(ca), False
+    else:
+        extra, system = (dev_pem if dev_pem.is_file() else None), True
+
+    def build() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if verify:
+            if system:
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            if extra is not None:
+                ctx.load_verify_locations(cafile=extra)
+        else:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if cert is not None:
+            ctx.load_cert_chain(cert, key)
+        return ctx
+
+    if not cache:
+        return build()
+    return _cached(("client", verify, system, _sig(extra), _sig(cert), _sig(key)), build)

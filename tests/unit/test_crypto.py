@@ -1,0 +1,475 @@
+"""Passwords, identity keys, the E2E handshake/session and challenge-response."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kakehashi.core import crypto
+from kakehashi.core.crypto import (
+    OVERHEAD,
+    E2EError,
+    E2EHandshake,
+    E2ESession,
+    check_response,
+    generate_identity,
+    hash_password,
+    load_identity,
+    load_or_create_identity,
+    make_challenge,
+    needs_rehash,
+    parse_public_b64,
+    public_b64,
+    respond,
+    save_identity,
+    verify_password,
+)
+
+N = 2**10  # keep scrypt fast in tests
+
+
+# ----------------------------------------------------------------- passwords
+
+
+def test_password_roundtrip() -> None:
+    encoded = hash_password("correct horse", n=N)
+    assert encoded.startswith(f"scrypt${N}$8$1$")
+    assert verify_password("correct horse", encoded)
+    assert not verify_password("correct horsE", encoded)
+    assert not verify_password("", encoded)
+    assert hash_password("correct horse", n=N) != encoded  # random salt
+
+
+def test_password_params_honoured() -> None:
+    encoded = hash_password("pw", n=2**8, r=4, p=2)
+    _, n, r, p, _, _ = encoded.split("$")
+    assert (n, r, p) == ("256", "4", "2")
+    assert verify_password("pw", encoded)
+    # Changing a parameter in the string changes the derived hash.
+    assert not verify_password("pw", encoded.replace("scrypt$256$4$2$", "scrypt$512$4$2$"))
+    assert not verify_password("pw", encoded.replace("scrypt$256$4$2$", "scrypt$256$4$1$"))
+    assert not needs_rehash(encoded, n=2**8, r=4, p=2)
+    assert needs_rehash(encoded, n=2**14)
+    assert needs_rehash("garbage")
+
+
+def test_password_unicode() -> None:
+    encoded = hash_password("pässwörd 橋", n=N)
+    assert verify_password("pässwörd 橋", encoded)
+    assert not verify_password("passwort 橋", encoded)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "scrypt",
+        "bcrypt$1024$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "scrypt$1024$8$1$not base64!$AAAA",
+        "scrypt$1024$8$1$AAAAAAAAAAAAAAAAAAAAAA==",
+        "scrypt$1000$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "scrypt$-1024$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "scrypt$1024$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAA",
+        "scrypt$1024$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=$x",
+    ],
+)
+def test_password_malformed_is_false(bad: str) -> None:
+    assert verify_password("pw", bad) is False
+
+
+@pytest.mark.parametrize("params", ["2097152$8$1", "1024$33$1", "1024$8$17", "1024$0$1"])
+def test_password_absurd_params_rejected(params: str) -> None:
+    good = hash_password("pw", n=N)
+    _, _, _, _, salt, digest = good.split("$")
+    assert verify_password("pw", f"scrypt${params}${salt}${digest}") is False
+
+
+def test_password_non_str_is_false() -> None:
+    encoded = hash_password("pw", n=N)
+    assert verify_password(b"pw", encoded) is False  # type: ignore[arg-type]
+    assert verify_password("pw", None) is False  # type: ignore[arg-type]
+
+
+def test_hash_password_rejects_bad_params() -> None:
+    with pytest.raises(ValueError):
+        hash_password("pw", n=1000)
+    with pytest.raises(ValueError):
+        hash_password("pw", n=2**21)
+
+
+# ------------------------------------------------------------ identity keys
+
+
+def test_identity_save_load(tmp_path: Path) -> None:
+    key = generate_identity()
+    path = tmp_path / "keys" / "id.key"
+    save_identity(key, path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert public_b64(load_identity(path)) == public_b64(key)
+
+    path.write_text("not a key\n")
+    with pytest.raises(ValueError, match="X25519"):
+        load_identity(path)
+
+
+def test_load_or_create_identity(tmp_path: Path) -> None:
+    path = tmp_path / "id.key"
+    first = load_or_create_identity(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert public_b64(load_or_create_identity(path)) == public_b64(first)
+
+
+def test_public_b64_roundtrip() -> None:
+    key = generate_identity()
+    text = public_b64(key)
+    assert text == public_b64(key.public_key())
+    assert parse_public_b64(text).public_bytes_raw() == key.public_key().public_bytes_raw()
+    assert public_b64(parse_public_b64(f"  {text}\n")) == text
+
+
+@pytest.mark.parametrize("bad", ["", "!!!!", "AAAA", "A" * 44 + "A", "QUFB" * 12])
+def test_parse_public_b64_bad(bad: str) -> None:
+    with pytest.raises(ValueError, match="X25519 public key"):
+        parse_public_b64(bad)
+
+
+# -------------------------------------------------------------- E2E handshake
+
+
+def _pair(prologue: bytes = b"") -> tuple[E2ESession, E2ESession]:
+    si, sr = generate_identity(), generate_identity()
+    ini = E2EHandshake("initiator", si, sr.public_key(), prologue)
+    res = E2EHandshake("responder", sr, si.public_key(), prologue)
+    ini.receive(res.hello())
+    res.receive(ini.hello())
+    a, b = ini.finish(), res.finish()
+    b.check_confirm(a.confirm_tag())
+    a.check_confirm(b.confirm_tag())
+    return a, b
+
+
+def test_handshake_both_directions_many_messages() -> None:
+    a, b = _pair(b"channel-7")
+    assert a.confirmed and b.confirmed
+    assert a.handshake_hash == b.handshake_hash
+    for i in range(500):
+        msg = os.urandom(i % 97)
+        ct = a.seal(msg)
+        assert len(ct) == len(msg) + OVERHEAD
+        assert b.open(ct) == msg
+        back = b"reply %d" % i
+        assert a.open(b.seal(back)) == back
+
+
+def test_directions_use_different_keys() -> None:
+    a, b = _pair()
+    ct = a.seal(b"hello")
+    with pytest.raises(E2EError):
+        a.open(ct)  # own message reflected back
+    assert b.open(ct) == b"hello"
+
+
+def test_hello_format() -> None:
+    hs = E2EHandshake("initiator", generate_identity(), generate_identity().public_key())
+    hello = hs.hello()
+    assert len(hello) == 49 and hello[0] == 1
+    assert hs.hello() == hello
+
+
+def test_wrong_peer_static_fails_confirm() -> None:
+    si, sr, mallory = generate_identity(), generate_identity(), generate_identity()
+    ini = E2EHandshake("initiator", si, mallory.public_key())  # expects the wrong key
+    res = E2EHandshake("responder", sr, si.public_key())
+    ini.receive(res.hello())
+    res.receive(ini.hello())
+    a, b = ini.finish(), res.finish()
+    with pytest.raises(E2EError):
+        a.check_confirm(b.confirm_tag())
+    with pytest.raises(E2EError):
+        b.check_confirm(a.confirm_tag())
+    with pytest.raises(E2EError):
+        b.open(a.seal(b"x"))
+
+
+def test_relay_substituting_ephemerals_fails() -> None:
+    """A relay without the static keys runs its own handshakes with each side."""
+    si, sr, relay = generate_identity(), generate_identity(), generate_identity()
+    ini = E2EHandshake("initiator", si, sr.public_key())
+    res = E2EHandshake("responder", sr, si.public_key())
+    # The relay pretends to be each peer but only holds its own static key.
+    fake_r = E2EHandshake("responder", relay, si.public_key())
+    fake_i = E2EHandshake("initiator", relay, sr.public_key())
+    ini.receive(fake_r.hello())
+    fake_r.receive(ini.hello())
+    res.receive(fake_i.hello())
+    fake_i.receive(res.hello())
+    with pytest.raises(E2EError):
+        ini.finish().check_confirm(fake_r.finish().confirm_tag())
+    with pytest.raises(E2EError):
+        res.finish().check_confirm(fake_i.finish().confirm_tag())
+
+
+class _Impostor:
+    """Claims someone else's public key but can only compute DH with its own."""
+
+    def __init__(self, own: X25519PrivateKey, claimed: X25519PublicKey) -> None:
+        self._own, self._claimed = own, claimed
+
+    def public_key(self) -> X25519PublicKey:
+        return self._claimed
+
+    def exchange(self, peer: X25519PublicKey) -> bytes:
+        return self._own.exchange(peer)
+
+
+@pytest.mark.parametrize("impersonated", ["initiator", "responder"])
+def test_impostor_with_right_public_key_fails(impersonated: str) -> None:
+    """Knowing both public keys is not enough: the static DH terms must match."""
+    si, sr, relay = generate_identity(), generate_identity(), generate_identity()
+    if impersonated == "responder":
+        honest = E2EHandshake("initiator", si, sr.public_key())
+        fake = E2EHandshake("responder", relay, si.public_key())
+        fake._static = _Impostor(relay, sr.public_key())  # type: ignore[assignment]
+    else:
+        honest = E2EHandshake("responder", sr, si.public_key())
+        fake = E2EHandshake("initiator", relay, sr.public_key())
+        fake._static = _Impostor(relay, si.public_key())  # type: ignore[assignment]
+    honest.receive(fake.hello())
+    fake.receive(honest.hello())
+    good, evil = honest.finish(), fake.finish()
+    assert good.handshake_hash == evil.handshake_hash  # same transcript, different keys
+    with pytest.raises(E2EError):
+        good.check_confirm(evil.confirm_tag())
+    with pytest.raises(E2EError):
+        good.open(evil.seal(b"hi"))
+
+
+class _KciImpostor:
+    """Stole the victim's static key and poses as the victim's peer to it.
+
+    It can compute DH(peer, victim) via the victim's key (symmetry), but not
+    DH(peer_static, victim_ephemeral): that needs the real peer's key.
+    """
+
+    def __init__(self, victim: X25519PrivateKey, claimed: X25519PublicKey) -> None:
+        self._victim, self._claimed = victim, claimed
+        self._junk = generate_identity()
+
+    def public_key(self) -> X25519PublicKey:
+        return self._claimed
+
+    def exchange(self, peer: X25519PublicKey) -> bytes:
+        if peer.public_bytes_raw() == self._victim.public_key().public_bytes_raw():
+            return self._victim.exchange(self._claimed)
+        return self._junk.exchange(peer)
+
+
+@pytest.mark.parametrize("victim_role", ["initiator", "responder"])
+def test_key_compromise_impersonation_fails(victim_role: str) -> None:
+    """A stolen static key must not let the thief impersonate others to its owner."""
+    si, sr = generate_identity(), generate_identity()
+    if victim_role == "responder":
+        victim = E2EHandshake("responder", sr, si.public_key())
+        fake = E2EHandshake("initiator", generate_identity(), sr.public_key())
+        fake._static = _KciImpostor(sr, si.public_key())  # type: ignore[assignment]
+    else:
+        victim = E2EHandshake("initiator", si, sr.public_key())
+        fake = E2EHandshake("responder", generate_identity(), si.public_key())
+        fake._static = _KciImpostor(si, sr.public_key())  # type: ignore[assignment]
+    victim.receive(fake.hello())
+    fake.receive(victim.hello())
+    with pytest.raises(E2EError):
+        victim.finish().check_confirm(fake.finish().confirm_tag())
+
+
+def test_derivation_matches_documented_formula() -> None:
+    """Pin the key schedule in the E2EHandshake docstring (all four DH terms)."""
+    si, sr = generate_identity(), generate_identity()
+    ini = E2EHandshake("initiator", si, sr.public_key(), b"ctx")
+    res = E2EHandshake("responder", sr, si.public_key(), b"ctx")
+    ini.receive(res.hello())
+    res.receive(ini.hello())
+    a, b = ini.finish(), res.finish()
+
+    ei, er = ini._ephemeral, res._ephemeral
+    ikm = (
+        ei.exchange(er.public_key())
+        + si.exchange(er.public_key())
+        + ei.exchange(sr.public_key())
+        + si.exchange(sr.public_key())
+    )
+    h = hashlib.sha256(
+        b"kakehashi-e2e-v1"
+        + struct.pack(">I", 3)
+        + b"ctx"
+        + si.public_key().public_bytes_raw()
+        + sr.public_key().public_bytes_raw()
+        + ini.hello()
+        + res.hello()
+    ).digest()
+    okm = HKDF(hashes.SHA256(), 96, salt=h, info=b"kakehashi-e2e-v1 keys").derive(ikm)
+    k_ir, k_c = okm[:32], okm[64:]
+    assert a.handshake_hash == b.handshake_hash == h
+    assert a.confirm_tag() == hmac.new(k_c, b"initiator", hashlib.sha256).digest()
+    assert b.confirm_tag() == hmac.new(k_c, b"responder", hashlib.sha256).digest()
+    aead = ChaCha20Poly1305(k_ir)
+    for counter in range(3):  # nonce = 4 zero bytes || 64-bit little-endian counter
+        nonce = bytes(4) + counter.to_bytes(8, "little")
+        assert aead.decrypt(nonce, a.seal(b"x"), b"") == b"x"
+
+
+def test_prologue_mismatch_fails() -> None:
+    si, sr = generate_identity(), generate_identity()
+    ini = E2EHandshake("initiator", si, sr.public_key(), b"a")
+    res = E2EHandshake("responder", sr, si.public_key(), b"b")
+    ini.receive(res.hello())
+    res.receive(ini.hello())
+    with pytest.raises(E2EError):
+        res.finish().check_confirm(ini.finish().confirm_tag())
+
+
+def test_confirm_tag_not_reflectable() -> None:
+    a, _ = _pair()
+    with pytest.raises(E2EError):
+        a.check_confirm(a.confirm_tag())
+    with pytest.raises(E2EError):
+        a.check_confirm(b"\x00" * 32)
+
+
+@pytest.mark.parametrize(
+    "bad", [b"", b"\x01" + b"\x00" * 47, b"\x01" + b"\x00" * 49, b"\x02" + b"\x00" * 48]
+)
+def test_receive_validates(bad: bytes) -> None:
+    hs = E2EHandshake("responder", generate_identity(), generate_identity().public_key())
+    with pytest.raises(ValueError):
+        hs.receive(bad)
+
+
+def test_receive_rejects_reflection_and_twice() -> None:
+    hs = E2EHandshake("responder", generate_identity(), generate_identity().public_key())
+    with pytest.raises(ValueError):
+        hs.receive(hs.hello())
+    other = E2EHandshake("initiator", generate_identity(), generate_identity().public_key())
+    hs.receive(other.hello())
+    with pytest.raises(ValueError):
+        hs.receive(other.hello())
+
+
+def test_low_order_ephemeral_rejected() -> None:
+    hs = E2EHandshake("responder", generate_identity(), generate_identity().public_key())
+    hs.receive(b"\x01" + b"\x00" * 32 + os.urandom(16))  # the all-zero point
+    with pytest.raises(E2EError):
+        hs.finish()
+
+
+def test_bad_role() -> None:
+    with pytest.raises(ValueError):
+        E2EHandshake("observer", generate_identity(), generate_identity().public_key())  # type: ignore[arg-type]
+
+
+def test_finish_before_receive() -> None:
+    hs = E2EHandshake("initiator", generate_identity(), generate_identity().public_key())
+    with pytest.raises(RuntimeError):
+        hs.finish()
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_tampered_ciphertext_raises() -> None:
+    a, b = _pair()
+    ct = bytearray(a.seal(b"pay 10 to bob"))
+    ct[3] ^= 0x01
+    with pytest.raises(E2EError):
+        b.open(bytes(ct))
+    with pytest.raises(E2EError):
+        b.open(b"short")
+
+
+def test_replay_raises() -> None:
+    a, b = _pair()
+    ct = a.seal(b"once")
+    assert b.open(ct) == b"once"
+    with pytest.raises(E2EError):
+        b.open(ct)
+    assert b.open(a.seal(b"next")) == b"next"  # failed open does not desync
+
+
+def test_reorder_raises() -> None:
+    a, b = _pair()
+    first, second = a.seal(b"1"), a.seal(b"2")
+    with pytest.raises(E2EError):
+        b.open(second)
+    assert b.open(first) == b"1"
+    assert b.open(second) == b"2"
+
+
+def test_aad_bound() -> None:
+    a, b = _pair()
+    with pytest.raises(E2EError):
+        b.open(a.seal(b"x", aad=b"hdr1"), aad=b"hdr2")
+
+
+def test_counter_exhaustion() -> None:
+    a, b = _pair()
+    a._send_n = 2**64 - 2
+    a.seal(b"last")
+    with pytest.raises(E2EError):
+        a.seal(b"one too many")
+    b._recv_n = 2**64 - 1
+    with pytest.raises(E2EError):
+        b.open(b"\x00" * 32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2048), flip=st.data())
+def test_property_roundtrip_and_any_flip_detected(data: bytes, flip: st.DataObject) -> None:
+    a, b = _pair()
+    ct = a.seal(data)
+    assert len(ct) == len(data) + OVERHEAD
+    index = flip.draw(st.integers(0, len(ct) - 1))
+    mask = flip.draw(st.integers(1, 255))
+    bad = bytearray(ct)
+    bad[index] ^= mask
+    with pytest.raises(E2EError):
+        b.open(bytes(bad))
+    assert b.open(ct) == data
+
+
+# -------------------------------------------------------- challenge-response
+
+
+def test_challenge_response() -> None:
+    secret = os.urandom(32)
+    challenge = make_challenge()
+    assert len(challenge) == 32 and challenge != make_challenge()
+    resp = respond(secret, challenge, b"relay:client")
+    assert len(resp) == 32
+    assert check_response(secret, challenge, b"relay:client", resp)
+    assert not check_response(secret, challenge, b"relay:server", resp)
+    assert not check_response(secret, make_challenge(), b"relay:client", resp)
+    assert not check_response(os.urandom(32), challenge, b"relay:client", resp)
+    assert not check_response(secret, challenge, b"relay:client", resp[:-1])
+    # Length prefixing: moving bytes between context and challenge changes the MAC.
+    assert respond(secret, b"x" * 16, b"ab") != respond(secret, b"b" + b"x" * 16, b"a")
+    with pytest.raises(ValueError):
+        respond(b"", challenge, b"c")
+    with pytest.raises(ValueError):
+        respond(secret, b"short", b"c")
+
+
+def test_module_exports() -> None:
+    for name in crypto.__all__:
+        assert hasattr(crypto, name)
