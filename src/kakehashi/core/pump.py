@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kakehashi.core import wire
-from kakehashi.core.stream import RECV_CHUNK, ConnClosed, Conn, FramedConn
+from kakehashi.core.stream import RECV_CHUNK, Conn, ConnClosed, FramedConn
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
@@ -240,53 +240,94 @@ class FramedSink(FrameSink):
 
     The payload is first pulled into the pipe *without* holding the peer's write
     lock, so a sender that stalls mid-frame cannot block keepalive replies to the
-    peer; then header and payload go out under the lock as one frame.
+    peer; then header and payload go out under the lock as one frame. If the peer
+    connection is gone, payloads are read and dropped so the sender's stream stays
+    in step until it releases the connection.
     """
 
     def __init__(self, dst: FramedConn) -> None:
         self.dst = dst
         self.splices = can_splice(dst.conn)
         self._pipe: Pipe | None = None
+        self.dead = False
+
+    def _lost(self) -> None:
+        self.dead = True
+        self.close()
 
     async def data(self, src: FramedConn, length: int) -> None:
+        if self.dead or self.dst.conn.closed:
+            await discard_payload(src, length)
+            return
         header = wire.encode_header(wire.FrameType.DATA, length)
         head = src.take_buffered_payload(length) if src.buffered else b""
         rest = length - len(head)
         if not (self.splices and src.conn.plain):
             payload = head + (await src.read_payload(rest) if rest else b"")
-            await self.dst.send(header + payload)
+            try:
+                await self.dst.send(header + payload)
+            except (OSError, ConnClosed):
+                self._lost()
             return
         pipe = self._pipe = self._pipe or Pipe()
-        if rest <= pipe.size:
-            got = 0
-            while got < rest:
-                n = await splice_in(src.conn, pipe, rest - got)
-                if not n:
-                    raise ConnClosed("connection closed in the middle of a frame")
-                got += n
-            src.last_rx = src.conn.loop.time()
+        if rest > pipe.size:  # larger than the pipe (small pipes only): stream through
+            async with self.dst.write_lock:
+                await _send_header(self.dst.conn, header + head)
+                while rest:
+                    n = await splice_in(src.conn, pipe, min(rest, pipe.size))
+                    if not n:
+                        raise ConnClosed("connection closed in the middle of a frame")
+                    await splice_out(pipe, self.dst.conn, n)
+                    rest -= n
+                self.dst.bytes_out += length + wire.HEADER_SIZE
+            return
+        got = 0
+        while got < rest:
+            n = await splice_in(src.conn, pipe, rest - got)
+            if not n:
+                raise ConnClosed("connection closed in the middle of a frame")
+            got += n
+        src.stalled = True
+        try:
             async with self.dst.write_lock:
                 await _send_header(self.dst.conn, header + head)
                 await splice_out(pipe, self.dst.conn, rest)
                 self.dst.bytes_out += length + wire.HEADER_SIZE
-            return
-        async with self.dst.write_lock:  # larger than the pipe: stream it through
-            await _send_header(self.dst.conn, header + head)
-            while rest:
-                n = await splice_in(src.conn, pipe, min(rest, pipe.size))
-                if not n:
-                    raise ConnClosed("connection closed in the middle of a frame")
-                await splice_out(pipe, self.dst.conn, n)
-                rest -= n
-            self.dst.bytes_out += length + wire.HEADER_SIZE
+        except (OSError, ConnClosed):
+            self._lost()
+        finally:
+            src.stalled = False
+            src.last_rx = src.conn.loop.time()
 
     async def eof(self) -> None:
-        await self.dst.send_frame(wire.FrameType.EOF)
+        if self.dead or self.dst.conn.closed:
+            return
+        try:
+            await self.dst.send_frame(wire.FrameType.EOF)
+        except (OSError, ConnClosed):
+            self._lost()
 
     def close(self) -> None:
         if self._pipe:
             self._pipe.close()
             self._pipe = None
+
+
+class DiscardSink(FrameSink):
+    """Read and drop payloads (a terminal waiting for the relay's release reply)."""
+
+    async def data(self, src: FramedConn, length: int) -> None:
+        await discard_payload(src, length)
+
+    async def eof(self) -> None:
+        return None
+
+
+async def discard_payload(src: FramedConn, length: int) -> None:
+    while length:
+        chunk = min(length, RECV_CHUNK)
+        await src.read_payload(chunk)
+        length -= chunk
 
 
 ControlHandler = Callable[[bytes], Awaitable[bool]]
@@ -312,6 +353,7 @@ async def forward_frames(src: FramedConn, sink: SinkLookup, on_ctrl: ControlHand
         if header is None:
             return "eof"
         ftype, length = header
+        current = sink()  # the pairing may have changed while we waited
         if ftype is wire.FrameType.CTRL:
             payload = await src.read_payload(length)
             if await on_ctrl(payload):

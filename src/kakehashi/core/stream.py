@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
+import stat
 from collections.abc import Awaitable, Callable
 
 from kakehashi.core import wire
@@ -349,6 +351,9 @@ class FramedConn:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_rx = asyncio.get_running_loop().time()
+        #: True while the reader waits for the *peer* to take data (backpressure):
+        #: silence from this connection is then the relay's doing, not a dead peer
+        self.stalled = False
 
     @property
     def buffered(self) -> int:
@@ -417,3 +422,70 @@ class FramedConn:
 
     async def send_frame(self, ftype: wire.FrameType, payload: bytes = b"") -> None:
         await self.send(wire.encode_header(ftype, len(payload)) + payload)
+
+
+class FdConn(Conn):
+    """Standard input/output (or any two fds) as a connection, for ProxyCommand use.
+
+    Always takes the buffered path of the pump (stdin may be a tty, a pipe or a file).
+    """
+
+    plain = False
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.rfd, self.wfd = rfd, wfd
+        self._closed = False
+        self.peer = None
+        self.tls_version = None
+        self.sock = None  # type: ignore[assignment]
+        self._saved = {}
+        for fd in {rfd, wfd}:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._saved[fd] = os.get_blocking(fd)
+                os.set_blocking(fd, False)
+
+    @property
+    def encrypted(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.rfd
+
+    async def recv_into(self, buf: memoryview | bytearray) -> int:
+        while True:
+            try:
+                return os.readv(self.rfd, [buf])
+            except BlockingIOError:
+                await _wait_fd(self.loop, self.rfd, readable=True)
+
+    async def recv(self, n: int = RECV_CHUNK) -> bytes:
+        buf = bytearray(n)
+        got = await self.recv_into(buf)
+        return bytes(buf[:got])
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.wfd, view):]
+            except BlockingIOError:
+                await _wait_fd(self.loop, self.wfd, readable=False)
+
+    async def shutdown_write(self) -> None:
+        if self.wfd >= 0:
+            with contextlib.suppress(OSError):
+                os.set_blocking(self.wfd, self._saved.pop(self.wfd, True))
+                os.close(self.wfd)
+            self.wfd = -1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd, blocking in self._saved.items():
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, blocking)
+
+    def abort(self) -> None:
+        self.close()

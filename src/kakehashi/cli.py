@@ -1,0 +1,53 @@
+"""The ``kakehashi`` command: ``kakehashi <system> <role>``, plus ``demo``."""
+
+from __future__ import annotations
+
+import click
+
+from kakehashi import __version__, config
+from kakehashi.core.logs import setup_logging
+from kakehashi.relay.cli import relay
+
+
+class _Root(click.Group):
+    def invoke(self, ctx: click.Context):  # config file is read before subcommands parse
+        return super().invoke(ctx)
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"],
+                                          "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="kakehashi")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="KAKEHASHI_CONFIG",
+              help="TOML file with a table per command, e.g. [relay.agent].")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), envvar="KAKEHASHI_LOG")
+@click.option("--log-format", default="auto", show_default=True,
+              type=click.Choice(["auto", "text", "json"]))
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_level: str, log_format: str) -> None:
+    """kakehashi: reach services behind NAT and firewalls.
+
+    Start with 'kakehashi demo', then 'kakehashi relay --help'.
+    """
+    setup_logging(log_level, fmt=log_format)
+    if config_path:
+        data = config.load(config_path)
+        config.check_keys(main, data)
+        ctx.default_map = data
+
+
+main.add_command(relay)
+
+
+@main.command()
+@click.option("--bytes", "nbytes", default=8 * 1024 * 1024, show_default=True,
+              help="Bytes to send through the demo session.")
+@click.option("--tls", "tls_mode", type=click.Choice(["on", "off"]), default="on",
+              show_default=True)
+def demo(nbytes: int, tls_mode: str) -> None:
+    """Run a relay, two agents and a session between them on loopback, narrated."""
+    import sys
+
+    from kakehashi.demo import run_demo
+
+    sys.exit(run_demo(nbytes, tls_mode == "on"))

@@ -1,0 +1,54 @@
+"""Run a command's main coroutine: uvloop when installed, clean Ctrl-C and SIGTERM.
+
+On the first signal the main task is cancelled so every ``finally`` runs (logout,
+listeners closed); the process exits 130 (SIGINT) or 0 (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # non-Linux or uvloop not installed
+        return asyncio.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, int | None]) -> int:
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(main)
+    got: list[int] = []
+
+    def stop(signum: int) -> None:
+        got.append(signum)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop, sig)
+    try:
+        result = loop.run_until_complete(task)
+        return int(result or 0)
+    except asyncio.CancelledError:
+        if got:
+            print("stopped.", file=sys.stderr)
+            return 130 if got[0] == signal.SIGINT else 0
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            pending = asyncio.all_tasks(loop)
+            for t in pending:
+                t.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -1,0 +1,629 @@
+"""Terminal side of the relay: links, the spare-connection pool, and sessions.
+
+* :class:`RelayLink` - one logged-in connection to the relay, driving a
+  :class:`TerminalConn`; one reader task runs the core pump's ``forward_frames``
+  so control messages and session data share the connection (keepalives go on
+  during a session, and a released connection is reused, not reopened).
+* :class:`Terminal` - a user's pool: it keeps ``spares`` idle links (refilled when
+  one is paired, steps 17-21), reconnects with exponential backoff and jitter, and
+  offers :meth:`Terminal.connect` (request by user ID) and incoming-request dispatch.
+* :func:`run_session` - moves an application stream over a paired link (optionally
+  sealed end to end) and performs the end/release handshake (steps 26-28').
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from kakehashi.core import crypto, wire
+from kakehashi.core.pump import DiscardSink, FrameSink, RawSink, forward_frames, raw_to_frames
+from kakehashi.core.stream import Conn, ConnClosed, FramedConn, open_tcp, start_tls
+from kakehashi.relay import messages as m
+from kakehashi.relay import terminal as t
+
+log = logging.getLogger("kakehashi.relay.agent")
+
+
+class RelayError(Exception):
+    """A refusal or failure reported by the relay; ``code`` is stable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class TerminalConfig:
+    server: str
+    port: int
+    user: str
+    password: str
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    #: context used for a STARTTLS upgrade when ``tls`` is None
+    starttls: ssl.SSLContext | None = None
+    attrs: m.Attrs = field(default_factory=m.Attrs)
+    spares: int = 2
+    keepalive: float | None = None  # None: the relay's value
+    connect_timeout: float = 10.0
+    identity: crypto.X25519PrivateKey | None = None
+    peer_keys: dict[str, str] = field(default_factory=dict)
+    #: answer to "the peer cannot encrypt, connect anyway?" (para 0037)
+    insecure_ok: bool = False
+    agent_name: str = "kakehashi"
+
+    @property
+    def can_encrypt(self) -> bool:
+        return self.attrs.encryption != "off" and (self.tls or self.starttls) is not None
+
+
+class RelayLink:
+    """One connection to the relay (see module docstring)."""
+
+    def __init__(self, cfg: TerminalConfig, owner: Terminal | None = None) -> None:
+        self.cfg = cfg
+        self.owner = owner
+        self.t = t.TerminalConn()
+        self.framed: FramedConn | None = None
+        self.sink: FrameSink | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.keeper: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+        self.token = ""
+        self.keepalive = 15.0
+        self.dead_after = 45.0
+        self._waiter: asyncio.Future[object] | None = None
+        self._tls_ready: asyncio.Event | None = None
+        self._upgrade = False
+        self.session: Session | None = None
+        self.reserved = False
+
+    # -- setup --------------------------------------------------------------------
+    async def open(self, token: str = "") -> t.LoggedIn:
+        cfg = self.cfg
+        conn = await open_tcp(cfg.server, cfg.port, timeout=cfg.connect_timeout)
+        try:
+            if cfg.tls is not None:
+                conn = await start_tls(conn, cfg.tls, server_side=False,
+                                       server_hostname=cfg.server_hostname or cfg.server,
+                                       timeout=cfg.connect_timeout)
+            self.framed = framed = FramedConn(conn)
+            self.t.encrypted = conn.encrypted
+            await framed.send(wire.PREAMBLE)
+            await asyncio.wait_for(framed.read_preamble(), cfg.connect_timeout)
+            if not conn.encrypted and cfg.attrs.encryption == "required":
+                await self._starttls_inline()
+            await self._send(self.t.login(cfg.user, cfg.password, token, cfg.attrs,
+                                          cfg.agent_name))
+            while True:
+                frame = await asyncio.wait_for(framed.read_frame(), cfg.connect_timeout)
+                if frame is None:
+                    raise RelayError("closed", "the relay closed the connection during login")
+                if frame.type is not wire.FrameType.CTRL:
+                    raise RelayError("protocol", "unexpected data during login")
+                ev = self.t.receive(m.TERMINAL_CODEC.decode(frame.payload))
+                if isinstance(ev, t.LoginFailed):
+                    raise RelayError("login-failed", ev.reason)
+                if isinstance(ev, t.LoggedIn):
+                    break
+        except BaseException:
+            conn.close()
+            if self.framed:
+                self.framed.conn.close()
+            raise
+        self.token = ev.token
+        self.keepalive = cfg.keepalive or ev.keepalive
+        self.dead_after = max(ev.dead_after, self.keepalive * 3)
+        self.reader = asyncio.create_task(self._read_loop())
+        self.keeper = asyncio.create_task(self._keepalive())
+        return ev
+
+    async def _starttls_inline(self) -> None:
+        """Upgrade before login (a user whose encryption is pre-registered)."""
+        assert self.framed is not None
+        ctx = self.cfg.starttls
+        if ctx is None:
+            raise RelayError("no-tls", "encryption required but no TLS context configured")
+        await self._send(self.t.starttls())
+        frame = await asyncio.wait_for(self.framed.read_frame(), self.cfg.connect_timeout)
+        if frame is None or not isinstance(
+            self.t.receive(m.TERMINAL_CODEC.decode(frame.payload)), t.Other
+        ):
+            raise RelayError("protocol", "relay did not accept STARTTLS")
+        self.framed.conn = await start_tls(
+            self.framed.conn, ctx, server_side=False,
+            server_hostname=self.cfg.server_hostname or self.cfg.server)
+        self.t.tls_established()
+
+    async def starttls(self) -> None:
+        """STARTTLS on a live link (the reader performs the switch on TLSGo)."""
+        if self.t.encrypted:
+            return
+        if self.cfg.starttls is None:
+            raise RelayError("no-tls", "no TLS context for STARTTLS")
+        self._tls_ready = asyncio.Event()
+        await self._send(self.t.starttls())
+        await asyncio.wait_for(self._tls_ready.wait(), self.cfg.connect_timeout)
+        if not self.t.encrypted:
+            raise RelayError("tls-failed", "STARTTLS upgrade failed")
+
+    @property
+    def idle(self) -> bool:
+        return self.t.state is t.TState.IDLE and not self.reserved and not self.closed.is_set()
+
+    async def _send(self, msgs: list[m.Msg]) -> None:
+        assert self.framed is not None
+        for msg in msgs:
+            await self.framed.send(m.TERMINAL_CODEC.encode(msg))
+
+    async def send(self, msgs: list[m.Msg]) -> None:
+        await self._send(msgs)
+
+    # -- reading ------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        assert self.framed is not None
+        framed = self.framed
+        try:
+            while True:
+                why = await forward_frames(framed, lambda: self.sink, self._on_ctrl)
+                if why != "stop":
+                    break
+                self._upgrade = False
+                framed.conn = await start_tls(
+                    framed.conn, self.cfg.starttls, server_side=False,  # type: ignore[arg-type]
+                    server_hostname=self.cfg.server_hostname or self.cfg.server)
+                self.t.tls_established()
+                if self._tls_ready:
+                    self._tls_ready.set()
+        except (OSError, ConnClosed, wire.WireError, ssl.SSLError,
+                t.RemoteProtocolError) as exc:
+            log.debug("link %s lost: %s", self.t.conn_id, exc)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._shutdown()
+
+    async def _on_ctrl(self, payload: bytes) -> bool:
+        msg = m.TERMINAL_CODEC.decode(payload)
+        if isinstance(msg, m.Notify) and self.t.state is not t.TState.IDLE and not msg.insecure:
+            # a notification crossed our own request on this link: decline it
+            await self._send([m.Refuse(req=msg.req, reason="busy")])
+            return False
+        ev = self.t.receive(msg)
+        if isinstance(ev, t.Other) and isinstance(ev.msg, m.TLSGo):
+            self._upgrade = True
+            return True
+        await self._dispatch(ev)
+        return False
+
+    async def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, t.Connected | t.ConnectFailed | t.AskInsecure) or (
+            isinstance(ev, t.Other) and isinstance(ev.msg, m.WhoList | m.BroadcastResult)
+        ):
+            if self._waiter and not self._waiter.done():
+                self._waiter.set_result(ev)
+            return
+        if isinstance(ev, t.EncryptionInstructed):
+            asyncio.create_task(self._on_encrypt_instruction(ev))
+            return
+        if isinstance(ev, t.IncomingRequest):
+            if self.owner is None:
+                await self._send(self.t.refuse("not accepting connections"))
+            else:
+                self.owner.spawn(self.owner.on_incoming(self, ev))
+            return
+        if isinstance(ev, t.PeerEnded | t.ReleasedEvent):
+            if self.session is not None:
+                self.session.event(ev)
+            elif isinstance(ev, t.PeerEnded):
+                await self._send(self.t.end())
+            elif self.owner:
+                self.owner.changed()
+            return
+        if isinstance(ev, t.Other) and self.owner is not None:
+            self.owner.on_message(ev.msg)
+
+    async def _on_encrypt_instruction(self, ev: t.EncryptionInstructed) -> None:
+        """Step 13: accept (after STARTTLS if this link is plaintext) or refuse."""
+        try:
+            if not self.cfg.can_encrypt:
+                await self._send(self.t.refuse_encryption("this terminal cannot encrypt"))
+                return
+            await self.starttls()
+            await self._send(self.t.accept_encryption())
+        except (RelayError, OSError, TimeoutError, ConnClosed, t.LocalProtocolError) as exc:
+            log.warning("cannot follow the encryption instruction: %s", exc)
+            with contextlib.suppress(Exception):
+                await self._send(self.t.refuse_encryption(str(exc)))
+
+    async def _keepalive(self) -> None:
+        """Connection-hold command every interval; a silent relay is a dead relay."""
+        assert self.framed is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(self.keepalive)
+                if loop.time() - self.framed.last_rx > self.dead_after and not self.framed.stalled:
+                    log.warning("relay missed %d keepalives; dropping link",
+                                int(self.dead_after / self.keepalive))
+                    break
+                await asyncio.wait_for(self._send(self.t.hold()), self.dead_after)
+        except (OSError, ConnClosed, TimeoutError, ssl.SSLError):
+            pass
+        except asyncio.CancelledError:
+            return
+        self.close()
+
+    # -- requests -----------------------------------------------------------------
+    async def request(self, msgs: list[m.Msg], timeout: float) -> object:
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._send(msgs)
+        closed = asyncio.ensure_future(self.closed.wait())
+        try:
+            done, _ = await asyncio.wait({self._waiter, closed}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if self._waiter in done:
+            return self._waiter.result()
+        if self.closed.is_set():
+            raise RelayError("closed", "connection to the relay was lost")
+        raise RelayError("timeout", "the relay did not answer in time")
+
+    async def connect(self, target: str, service: str = "", *, encrypt: bool = False,
+                      e2e: bool = False, timeout: float = 30.0) -> t.Connected:
+        """Connection request by user ID (step 11); returns once paired (16)."""
+        ev = await self.request(self.t.connect(target, service, encrypt=encrypt, e2e=e2e),
+                                timeout)
+        if isinstance(ev, t.AskInsecure):
+            if not self.cfg.insecure_ok:
+                ev = await self.request(self.t.refuse("encryption required"), timeout)
+            else:
+                ev = await self.request(self.t.accept(), timeout)
+        if isinstance(ev, t.ConnectFailed):
+            raise RelayError(ev.code, ev.message)
+        assert isinstance(ev, t.Connected)
+        return ev
+
+    # -- teardown -----------------------------------------------------------------
+    def _shutdown(self) -> None:
+        if self.closed.is_set():
+            return
+        self.t.state = t.TState.CLOSED
+        self.closed.set()
+        if self.framed:
+            self.framed.conn.close()
+        if self.sink:
+            self.sink.close()
+        if self.keeper:
+            self.keeper.cancel()
+        if self.session is not None:
+            self.session.event(t.PeerEnded("connection to the relay lost"))
+        if self.owner:
+            self.owner.lost(self)
+
+    def close(self) -> None:
+        if self.reader and not self.reader.done():
+            self.reader.cancel()
+        else:
+            self._shutdown()
+
+    async def logout(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._send(self.t.logout()), 2)
+        self.close()
+
+
+class _NotifyingRawSink(RawSink):
+    def __init__(self, dst: Conn, session: Session, open_=None) -> None:
+        super().__init__(dst, open_=open_)
+        self.session = session
+
+    async def eof(self) -> None:
+        await super().eof()
+        self.session.got_eof.set()
+
+
+class _HandshakeSink(FrameSink):
+    """Collects the first DATA frames (the end-to-end handshake) before the app sees any."""
+
+    def __init__(self) -> None:
+        self.frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+    async def data(self, src: FramedConn, length: int) -> None:
+        if length > 1024:
+            raise wire.WireError("e2e", "oversized end-to-end handshake message")
+        await self.frames.put(await src.read_payload(length))
+
+    async def eof(self) -> None:
+        raise wire.WireError("e2e", "peer ended during the end-to-end handshake")
+
+
+class Session:
+    """A paired link carrying one application stream."""
+
+    def __init__(self, link: RelayLink) -> None:
+        self.link = link
+        self.got_eof = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.released = asyncio.Event()
+        self.peer_reason = ""
+
+    def event(self, ev: object) -> None:
+        if isinstance(ev, t.PeerEnded):
+            self.peer_reason = ev.reason
+            self.ended.set()
+        elif isinstance(ev, t.ReleasedEvent):
+            self.released.set()
+            self.ended.set()
+
+
+async def _e2e_handshake(link: RelayLink, info: t.Connected | t.IncomingRequest,
+                         initiator: bool) -> crypto.E2ESession:
+    cfg = link.cfg
+    peer = info.peer
+    if cfg.identity is None:
+        raise RelayError("e2e-unavailable", "no identity key configured for end-to-end mode")
+    pinned = cfg.peer_keys.get(peer)
+    key_text = pinned or info.peer_key
+    if pinned and info.peer_key and pinned != info.peer_key:
+        raise RelayError("e2e-key-mismatch",
+                         f"the relay presented a different key for {peer} than the pinned one")
+    if not key_text:
+        raise RelayError("e2e-unavailable", f"no public key known for {peer}")
+    hs_sink = _HandshakeSink()
+    link.sink = hs_sink
+    assert link.framed is not None
+    hs = crypto.E2EHandshake("initiator" if initiator else "responder", cfg.identity,
+                             crypto.parse_public_b64(key_text),
+                             prologue=b"kakehashi-relay-e2e")
+    await link.framed.send_frame(wire.FrameType.DATA, hs.hello())
+    hs.receive(await asyncio.wait_for(hs_sink.frames.get(), cfg.connect_timeout))
+    session = hs.finish()
+    await link.framed.send_frame(wire.FrameType.DATA, session.confirm_tag())
+    session.check_confirm(await asyncio.wait_for(hs_sink.frames.get(), cfg.connect_timeout))
+    return session
+
+
+async def run_session(link: RelayLink, app: Conn,
+                      info: t.Connected | t.IncomingRequest, *, initiator: bool) -> None:
+    """Carry ``app`` over the paired ``link`` until both ends are done, then release."""
+    assert link.framed is not None
+    session = Session(link)
+    link.session = session
+    up: asyncio.Task[int] | None = None
+    reason = ""
+    try:
+        seal = open_ = None
+        overhead = 0
+        if info.e2e:
+            e2e = await _e2e_handshake(link, info, initiator)
+            seal, open_, overhead = e2e.seal, e2e.open, crypto.OVERHEAD
+        link.sink = _NotifyingRawSink(app, session, open_)
+        up = asyncio.create_task(raw_to_frames(app, link.framed, seal=seal, overhead=overhead))
+        both_done = asyncio.ensure_future(_both(up, session.got_eof))
+        ended = asyncio.ensure_future(session.ended.wait())
+        await asyncio.wait({both_done, ended}, return_when=asyncio.FIRST_COMPLETED)
+        both_done.cancel()
+        ended.cancel()
+        if up.done() and up.exception() is not None:
+            reason = f"local stream error: {up.exception()}"
+    except (crypto.E2EError, RelayError, TimeoutError, ValueError, wire.WireError) as exc:
+        reason = f"end-to-end setup failed: {exc}"
+        log.warning("%s", reason)
+    finally:
+        if up is not None and not up.done():
+            up.cancel()
+            with contextlib.suppress(BaseException):
+                await up
+        if link.sink is not None:
+            link.sink.close()
+        link.sink = DiscardSink()
+        app.close()
+    if link.closed.is_set():
+        link.session = None
+        return
+    try:
+        await link.send(link.t.end(reason))
+        await asyncio.wait_for(session.released.wait(), link.dead_after)
+    except (OSError, ConnClosed, TimeoutError, t.LocalProtocolError):
+        link.close()
+    finally:
+        link.session = None
+        link.sink = None
+        if link.owner:
+            link.owner.changed()
+
+
+async def _both(up: asyncio.Task[int], got_eof: asyncio.Event) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.shield(up)
+    await got_eof.wait()
+
+
+IncomingHandler = Callable[["RelayLink", t.IncomingRequest], Awaitable[None]]
+
+
+class Terminal:
+    """A user's pool of relay links with spare connections (steps 17-21)."""
+
+    def __init__(self, cfg: TerminalConfig, *, accept: IncomingHandler | None = None,
+                 on_message: Callable[[m.Msg], None] | None = None) -> None:
+        self.cfg = cfg
+        self.links: set[RelayLink] = set()
+        self.token = ""
+        self._accept = accept
+        self._on_message = on_message
+        self._changed = asyncio.Event()
+        self._stop = False
+        self._tasks: set[asyncio.Task[object]] = set()
+        self.connected = asyncio.Event()
+        self.last_error: Exception | None = None
+
+    # -- pool ---------------------------------------------------------------------
+    def spawn(self, coro: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    def lost(self, link: RelayLink) -> None:
+        self.links.discard(link)
+        if not self.links:
+            self.connected.clear()
+        self._changed.set()
+
+    def on_message(self, msg: m.Msg) -> None:
+        if self._on_message:
+            self._on_message(msg)
+
+    async def on_incoming(self, link: RelayLink, ev: t.IncomingRequest) -> None:
+        self._changed.set()  # one fewer idle link: refill a spare
+        if self._accept is None:
+            await link.send(link.t.refuse("this terminal does not accept connections"))
+            return
+        await self._accept(link, ev)
+
+    def idle_links(self) -> list[RelayLink]:
+        return [link for link in self.links if link.idle]
+
+    async def open_link(self) -> RelayLink:
+        link = RelayLink(self.cfg, self)
+        await link.open(self.token)
+        self.token = link.token
+        self.links.add(link)
+        self.connected.set()
+        return link
+
+    async def maintain(self) -> None:
+        """Keep ``spares`` idle links open; reconnect with backoff and jitter."""
+        delay = 0.5
+        while not self._stop:
+            self._changed.clear()
+            missing = max(self.cfg.spares, 1) - len(self.idle_links())
+            extra = len(self.idle_links()) - 2 * max(self.cfg.spares, 1)
+            for link in self.idle_links()[:max(extra, 0)]:
+                link.close()  # trim idle links beyond twice the spare count
+            if missing > 0:
+                results = await asyncio.gather(
+                    *(self.open_link() for _ in range(missing)), return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    err = errors[0]
+                    self.last_error = err  # type: ignore[assignment]
+                    if isinstance(err, RelayError) and err.code == "login-failed":
+                        log.error("login refused: %s", err.message)
+                    else:
+                        log.warning("cannot reach relay %s:%d: %s (retrying in %.1fs)",
+                                    self.cfg.server, self.cfg.port, err, delay)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                    delay = min(delay * 2, 30.0)
+                    continue
+                if delay > 0.5:
+                    log.info("connected to relay %s:%d", self.cfg.server, self.cfg.port)
+                delay = 0.5
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 5.0)
+
+    async def acquire(self) -> RelayLink:
+        for link in self.idle_links():
+            link.reserved = True
+            self._changed.set()
+            return link
+        link = await self.open_link()
+        link.reserved = True
+        return link
+
+    async def connect(self, target: str, service: str = "", *, encrypt: bool = False,
+                      e2e: bool = False) -> tuple[RelayLink, t.Connected]:
+        link = await self.acquire()
+        try:
+            info = await link.connect(target, service, encrypt=encrypt, e2e=e2e)
+        except BaseException:
+            link.reserved = False
+            self._changed.set()
+            raise
+        link.reserved = False
+        return link, info
+
+    async def who(self) -> list[m.UserInfo]:
+        link = await self.acquire()
+        try:
+            ev = await link.request([m.Who()], 10)
+        finally:
+            link.reserved = False
+        assert isinstance(ev, t.Other) and isinstance(ev.msg, m.WhoList)
+        return ev.msg.users
+
+    async def broadcast(self, targets: list[str], body: bytes) -> m.BroadcastResult:
+        link = await self.acquire()
+        try:
+            ev = await link.request([m.Broadcast(targets=targets, body=body)], 10)
+        finally:
+            link.reserved = False
+        assert isinstance(ev, t.Other) and isinstance(ev.msg, m.BroadcastResult)
+        return ev.msg
+
+    async def subscribe(self) -> None:
+        link = await self.acquire()
+        link.reserved = False
+        await link.send([m.Subscribe(on=True)])
+
+    async def close(self, *, logout: bool = True) -> None:
+        self._stop = True
+        self._changed.set()
+        links = list(self.links)
+        if logout and links:
+            await links[0].logout()
+        for link in links:
+            link.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def service_acceptor(services: dict[str, tuple[str, int]],
+                     spawn: Callable[[Awaitable[object]], None]) -> IncomingHandler:
+    """The agent's answer to a connection-request notification (step 15).
+
+    Connects to the named local service first, so a dead service is a clear refusal
+    rather than a session that closes at once; upgrades to TLS if instructed.
+    """
+
+    async def accept(link: RelayLink, ev: t.IncomingRequest) -> None:
+        name = ev.service or (next(iter(services)) if len(services) == 1 else "")
+        target = services.get(name)
+        if target is None:
+            await link.send(link.t.refuse(
+                f"no service {ev.service!r}" if ev.service else "name a service"))
+            return
+        try:
+            app = await open_tcp(*target, timeout=5.0)
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            log.warning("service %s (%s:%d) unavailable: %s", name, *target, exc)
+            await link.send(link.t.refuse(f"service {name} unavailable"))
+            return
+        try:
+            if ev.encrypt and not link.t.encrypted:
+                await link.starttls()
+            await link.send(link.t.accept())
+        except (RelayError, OSError, TimeoutError, ConnClosed, t.LocalProtocolError) as exc:
+            app.close()
+            log.warning("cannot accept request from %s: %s", ev.peer, exc)
+            with contextlib.suppress(Exception):
+                await link.send(link.t.refuse(str(exc)))
+            return
+        log.info("session from %s to service %s (encrypted=%s, e2e=%s)", ev.peer, name,
+                 link.t.encrypted, ev.e2e)
+        await run_session(link, app, ev, initiator=False)
+
+    return accept

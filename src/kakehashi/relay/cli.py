@@ -1,0 +1,506 @@
+"""``kakehashi relay ...``: the relay server, its user registry, agents and clients."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from kakehashi.core import crypto, runner, tls
+from kakehashi.core.audit import AuditLog
+from kakehashi.core.store import open_store
+from kakehashi.core.stream import FdConn, Listener, parse_hostport
+from kakehashi.relay import messages as m
+from kakehashi.relay.agent import (
+    RelayError,
+    Terminal,
+    TerminalConfig,
+    run_session,
+    service_acceptor,
+)
+from kakehashi.relay.control import Settings, UserRecord
+from kakehashi.relay.server import RelayServer
+from kakehashi.relay.users import UserRegistry
+
+log = logging.getLogger("kakehashi.relay")
+DEFAULT_PORT = 7000
+
+
+def default_db() -> str:
+    from kakehashi.core.paths import state_dir
+
+    return str(state_dir() / "relay.db")
+
+
+@click.group()
+def relay() -> None:
+    """Rendezvous relay (spec 000): devices behind NAT log in and are reached by user ID."""
+
+
+# -- user registry ---------------------------------------------------------------
+db_option = click.option("--db", default=default_db, show_default="state dir relay.db",
+                         help="The relay's database (SQLite file).")
+
+
+def _read_password(password_stdin: bool, password_file: str | None, *, confirm: bool = False,
+                   prompt: str = "Password") -> str:
+    if password_stdin:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    elif password_file:
+        pw = Path(password_file).read_text().strip()
+    elif os.environ.get("KAKEHASHI_PASSWORD"):
+        pw = os.environ["KAKEHASHI_PASSWORD"]
+    elif sys.stdin.isatty():
+        pw = getpass.getpass(f"{prompt}: ")
+        if confirm and getpass.getpass("Again: ") != pw:
+            raise click.ClickException("passwords do not match")
+    else:
+        raise click.UsageError(
+            "no password: use --password-stdin, --password-file or KAKEHASHI_PASSWORD")
+    if not pw:
+        raise click.UsageError("empty password")
+    return pw
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v for item in values for v in item.split(",") if v]
+
+
+def user_attr_options(f):
+    f = click.option("--encryption", type=click.Choice(["required", "optional", "off"]),
+                     help="Pre-registered encryption attribute.")(f)
+    f = click.option("--notify", type=click.Choice(["all", "none", "only", "except"]),
+                     help="Who may see this user's presence.")(f)
+    f = click.option("--notify-users", multiple=True,
+                     help="Users for --notify only/except (comma-separated or repeated).")(f)
+    f = click.option("--allowed-peers", multiple=True,
+                     help="Only these users may connect to this one (default: anyone).")(f)
+    f = click.option("--insecure-peer", type=click.Choice(["refuse", "ask"]),
+                     help="When a peer cannot encrypt: refuse, or ask this user.")(f)
+    f = click.option("--pubkey", help="X25519 public key (base64) for end-to-end mode.")(f)
+    return f
+
+
+@relay.group()
+def user() -> None:
+    """Manage the users registered on a relay server."""
+
+
+@user.command("add")
+@click.argument("name")
+@db_option
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--kdf-n", type=int, default=2**14, hidden=True)
+@user_attr_options
+def user_add(name, db, password_stdin, password_file, kdf_n, **attrs) -> None:
+    """Register user NAME (password prompted, or --password-stdin)."""
+    _valid_name(name)
+    registry = UserRegistry(open_store(db), kdf_n=kdf_n)
+    pw = _read_password(password_stdin, password_file, confirm=True)
+    rec = _apply_attrs(UserRecord(name=name), attrs)
+    if not registry.add(rec, pw):
+        raise click.ClickException(f"user {name} already exists (use 'passwd' or 'set')")
+    click.echo(f"added user {name} (encryption {rec.encryption})")
+
+
+@user.command("set")
+@click.argument("name")
+@db_option
+@user_attr_options
+def user_set(name, db, **attrs) -> None:
+    """Change the registered attributes of user NAME."""
+    registry = UserRegistry(open_store(db))
+    rec = registry.get(name)
+    if rec is None:
+        raise click.ClickException(f"no user {name}")
+    registry.update(_apply_attrs(rec, attrs))
+    click.echo(f"updated user {name}")
+
+
+@user.command("list")
+@db_option
+def user_list(db) -> None:
+    """List registered users and their attributes."""
+    for rec in UserRegistry(open_store(db)).list():
+        peers = ",".join(rec.allowed_peers) if rec.allowed_peers is not None else "*"
+        click.echo(f"{rec.name}\tencryption={rec.encryption}\tnotify={rec.notify}"
+                   f"\tpeers={peers}\tinsecure-peer={rec.insecure_peer}"
+                   f"\te2e-key={'yes' if rec.pubkey else 'no'}")
+
+
+@user.command("remove")
+@click.argument("name")
+@db_option
+def user_remove(name, db) -> None:
+    """Remove user NAME."""
+    if not UserRegistry(open_store(db)).remove(name):
+        raise click.ClickException(f"no user {name}")
+    click.echo(f"removed user {name}")
+
+
+@user.command("passwd")
+@click.argument("name")
+@db_option
+@click.option("--password-stdin", is_flag=True)
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False))
+def user_passwd(name, db, password_stdin, password_file) -> None:
+    """Set a new password for user NAME."""
+    registry = UserRegistry(open_store(db))
+    if registry.get(name) is None:
+        raise click.ClickException(f"no user {name}")
+    registry.set_password(name, _read_password(password_stdin, password_file, confirm=True))
+    click.echo(f"password of {name} changed")
+
+
+def _valid_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+        raise click.BadParameter("user IDs are 1-64 of A-Z a-z 0-9 _ . @ -", param_hint="NAME")
+
+
+def _apply_attrs(rec: UserRecord, attrs: dict) -> UserRecord:
+    from dataclasses import replace
+
+    changes: dict = {}
+    for key in ("encryption", "notify", "insecure_peer"):
+        if attrs.get(key):
+            changes[key] = attrs[key]
+    if attrs.get("notify_users"):
+        changes["notify_users"] = tuple(_split(attrs["notify_users"]))
+    if attrs.get("allowed_peers"):
+        peers = _split(attrs["allowed_peers"])
+        changes["allowed_peers"] = None if peers == ["*"] else tuple(peers)
+    if attrs.get("pubkey"):
+        try:
+            crypto.parse_public_b64(attrs["pubkey"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--pubkey") from None
+        changes["pubkey"] = attrs["pubkey"]
+    return replace(rec, **changes)
+
+
+@relay.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+def keygen(path) -> None:
+    """Create (or show) an X25519 identity key at PATH; prints the public key."""
+    key = crypto.load_or_create_identity(path)
+    click.echo(crypto.public_b64(key))
+
+
+# -- server ----------------------------------------------------------------------
+def tls_option(f):
+    return click.option("--tls", "tls_mode", type=click.Choice(["on", "off"]), default="on",
+                        show_default=True,
+                        help="TLS on the relay connection; 'off' is an explicit opt-in to "
+                             "plaintext (STARTTLS stays available).")(f)
+
+
+@relay.command()
+@click.option("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", show_default=True,
+              help="HOST:PORT to listen on.")
+@db_option
+@tls_option
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False),
+              help="Server certificate (default: issued by the development CA).")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", "names", multiple=True,
+              help="Host names/IPs for the development certificate.")
+@click.option("--keepalive", type=float, default=15.0, show_default=True,
+              help="Keepalive interval announced to terminals (seconds).")
+@click.option("--dead-after", type=int, default=3, show_default=True,
+              help="Missed keepalives after which a connection is dead.")
+@click.option("--request-timeout", type=float, default=15.0, show_default=True)
+@click.option("--audit-log", type=click.Path(dir_okay=False),
+              help="Append allow/deny decisions as JSON lines to this file.")
+def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
+          audit_log) -> None:
+    """Run the relay server."""
+    host, port = parse_hostport(listen, DEFAULT_PORT)
+    registry = UserRegistry(open_store(db))
+    if not registry.list():
+        log.warning("no users registered in %s: add one with 'kakehashi relay user add'", db)
+    server_ctx = tls.server_context(cert, key, names=list(names) or None)
+    settings = Settings(keepalive=keepalive, dead_missed=dead_after,
+                        request_timeout=request_timeout)
+
+    async def main() -> None:
+        server = RelayServer(registry, host=host, port=port,
+                             tls=server_ctx if tls_mode == "on" else None,
+                             starttls=server_ctx, settings=settings,
+                             audit=AuditLog(audit_log, system="relay"))
+        addr = await server.start()
+        click.echo(f"relay listening on {addr[0]}:{addr[1]} "
+                   f"({'TLS' if tls_mode == 'on' else 'plaintext'})", err=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.close()
+
+    sys.exit(runner.run(main()))
+
+
+# -- terminals -------------------------------------------------------------------
+def terminal_options(f):
+    f = click.option("--server", required=True, help="Relay HOST:PORT.")(f)
+    f = click.option("--user", required=True, help="Your user ID on the relay.")(f)
+    f = click.option("--password-file", type=click.Path(exists=True, dir_okay=False))(f)
+    f = click.option("--password-stdin", is_flag=True)(f)
+    f = tls_option(f)
+    f = click.option("--ca", type=click.Path(exists=True, dir_okay=False),
+                     help="CA certificate to trust (default: system store + dev CA).")(f)
+    f = click.option("--encryption", type=click.Choice(["required", "optional", "off"]),
+                     help="Encryption attribute sent at login.")(f)
+    f = click.option("--insecure-peer", type=click.Choice(["refuse", "ask"]),
+                     help="If a peer cannot encrypt: refuse, or accept (ask = yes).")(f)
+    f = click.option("--keepalive", type=float, help="Keepalive interval (default: relay's).")(f)
+    f = click.option("--identity", type=click.Path(dir_okay=False),
+                     help="X25519 identity key file for end-to-end mode.")(f)
+    f = click.option("--peer-key", "peer_keys", multiple=True,
+                     help="Pin a peer's X25519 key: NAME=BASE64 (repeatable).")(f)
+    return f
+
+
+def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, encryption,
+                     insecure_peer, keepalive, identity, peer_keys, *, spares: int,
+                     services: list[str] | None = None,
+                     allowed_peers: list[str] | None = None) -> TerminalConfig:
+    host, port = parse_hostport(server, DEFAULT_PORT)
+    pw = _read_password(password_stdin, password_file)
+    ctx = tls.client_context(ca)
+    keys = {}
+    for item in peer_keys:
+        name, sep, key_b64 = item.partition("=")
+        if not sep:
+            raise click.BadParameter("expected NAME=BASE64", param_hint="--peer-key")
+        crypto.parse_public_b64(key_b64)
+        keys[name] = key_b64
+    attrs = m.Attrs(encryption=encryption, services=services or [],
+                    insecure_peer=insecure_peer, allowed_peers=allowed_peers)
+    return TerminalConfig(
+        server=host, port=port, user=user, password=pw,
+        tls=ctx if tls_mode == "on" else None, starttls=ctx, attrs=attrs, spares=spares,
+        keepalive=keepalive,
+        identity=crypto.load_identity(identity) if identity else None,
+        peer_keys=keys, insecure_ok=insecure_peer == "ask",
+    )
+
+
+@relay.command()
+@terminal_options
+@click.option("--expose", "exposes", multiple=True, required=True,
+              help="Service to offer: NAME=HOST:PORT (repeatable).")
+@click.option("--spares", type=int, default=2, show_default=True,
+              help="Idle logged-in connections kept ready.")
+@click.option("--allow", "allowed", multiple=True,
+              help="Only these users may connect (attribute sent at login).")
+def agent(exposes, spares, allowed, **opts) -> None:
+    """Log in and keep connections open so others can reach the exposed services."""
+    services: dict[str, tuple[str, int]] = {}
+    for item in exposes:
+        name, sep, target = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r}: expected NAME=HOST:PORT", param_hint="--expose")
+        services[name] = parse_hostport(target)
+    cfg = _terminal_config(**opts, spares=spares, services=list(services),
+                           allowed_peers=_split(allowed) or None)
+
+    async def main() -> None:
+        term: Terminal
+
+        def spawn(c):
+            term.spawn(c)
+
+        term = Terminal(cfg, accept=service_acceptor(services, spawn),
+                        on_message=_print_message)
+        maintainer = asyncio.create_task(term.maintain())
+        try:
+            await term.connected.wait()
+            click.echo(f"agent {cfg.user} online at {cfg.server}:{cfg.port}, exposing "
+                       + ", ".join(f"{k}={h}:{p}" for k, (h, p) in services.items()), err=True)
+            await maintainer
+        finally:
+            maintainer.cancel()
+            await term.close()
+
+    sys.exit(runner.run(main()))
+
+
+def _print_message(msg: m.Msg) -> None:
+    if isinstance(msg, m.Deliver):
+        click.echo(f"message from {msg.sender}: {msg.body.decode(errors='replace')}", err=True)
+    elif isinstance(msg, m.Presence):
+        click.echo(f"presence: {msg.user} {'online' if msg.online else 'offline'}", err=True)
+
+
+def _target(spec: str) -> tuple[str, str]:
+    name, _, service = spec.partition("/")
+    return name, service
+
+
+@relay.command("connect")
+@terminal_options
+@click.argument("target")
+@click.option("--listen", required=True, help="Local HOST:PORT to accept connections on.")
+@click.option("--spares", type=int, default=2, show_default=True)
+@click.option("--e2e", is_flag=True, help="End-to-end encryption with the target.")
+@click.option("--encrypt", is_flag=True, help="Require encryption for these sessions.")
+def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
+    """Forward a local port to TARGET[/SERVICE] through the relay."""
+    cfg = _terminal_config(**opts, spares=spares)
+    name, service = _target(target)
+    host, port = parse_hostport(listen)
+
+    async def main() -> int:
+        term = Terminal(cfg, on_message=_print_message)
+        maintainer = asyncio.create_task(term.maintain())
+
+        async def handle(conn) -> None:
+            try:
+                link, info = await term.connect(name, service, encrypt=encrypt, e2e=e2e)
+            except (RelayError, OSError) as exc:
+                log.error("cannot connect to %s: %s", target, exc)
+                return
+            await run_session(link, conn, info, initiator=True)
+
+        listener = Listener(host, port, handle)
+        listener.start()
+        try:
+            await term.connected.wait()
+            h, p = listener.address
+            click.echo(f"forwarding {h}:{p} -> {target} via {cfg.server}:{cfg.port}", err=True)
+            await maintainer
+        finally:
+            await listener.close()
+            maintainer.cancel()
+            await term.close()
+        return 0
+
+    sys.exit(runner.run(main()))
+
+
+@relay.command()
+@terminal_options
+@click.argument("target")
+@click.option("--e2e", is_flag=True, help="End-to-end encryption with the target.")
+@click.option("--encrypt", is_flag=True, help="Require encryption for this session.")
+def pipe(target, e2e, encrypt, **opts) -> None:
+    """Connect stdin/stdout to TARGET[/SERVICE] (for ssh -o ProxyCommand)."""
+    cfg = _terminal_config(**opts, spares=0)
+    name, service = _target(target)
+
+    async def main() -> int:
+        term = Terminal(cfg)
+        try:
+            link, info = await term.connect(name, service, encrypt=encrypt, e2e=e2e)
+        except (RelayError, OSError) as exc:
+            click.echo(f"kakehashi: cannot connect to {target}: {exc}", err=True)
+            return 1
+        try:
+            await run_session(link, FdConn(0, 1), info, initiator=True)
+        finally:
+            await term.close()
+        return 0
+
+    sys.exit(runner.run(main()))
+
+
+@relay.command()
+@terminal_options
+@click.option("--json", "as_json", is_flag=True)
+def who(as_json, **opts) -> None:
+    """List logged-in users visible to you (their notify policy decides)."""
+    cfg = _terminal_config(**opts, spares=0)
+
+    async def main() -> int:
+        term = Terminal(cfg)
+        try:
+            users = await term.who()
+        finally:
+            await term.close()
+        if as_json:
+            import json
+
+            click.echo(json.dumps([{"user": u.user, "encryption": u.encryption,
+                                    "services": u.services, "connections": u.connections}
+                                   for u in users]))
+        else:
+            for u in users:
+                click.echo(f"{u.user}\tencryption={u.encryption}\t"
+                           f"services={','.join(u.services) or '-'}\tconnections={u.connections}")
+        return 0
+
+    sys.exit(_run_client(main()))
+
+
+@relay.command()
+@terminal_options
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--message", "-m", required=True, help="Text to send.")
+def broadcast(targets, message, **opts) -> None:
+    """Send one message to several logged-in users at once."""
+    cfg = _terminal_config(**opts, spares=0)
+
+    async def main() -> int:
+        term = Terminal(cfg)
+        try:
+            res = await term.broadcast(_split(targets), message.encode())
+        finally:
+            await term.close()
+        click.echo(f"delivered: {', '.join(res.delivered) or '-'}")
+        if res.missing:
+            click.echo(f"not delivered (offline or not allowed): {', '.join(res.missing)}")
+        return 0 if not res.missing else 3
+
+    sys.exit(_run_client(main()))
+
+
+@relay.command()
+@terminal_options
+def watch(**opts) -> None:
+    """Print presence notices (logins/logouts) and messages as they arrive."""
+    cfg = _terminal_config(**opts, spares=1)
+
+    async def main() -> int:
+        term = Terminal(cfg, on_message=lambda msg: _print_watch(msg))
+        maintainer = asyncio.create_task(term.maintain())
+        try:
+            await term.connected.wait()
+            await term.subscribe()
+            click.echo("watching presence; Ctrl-C to stop", err=True)
+            await maintainer
+        finally:
+            await term.close()
+        return 0
+
+    sys.exit(runner.run(main()))
+
+
+def _print_watch(msg: m.Msg) -> None:
+    if isinstance(msg, m.Presence):
+        click.echo(f"{msg.user} {'online' if msg.online else 'offline'} "
+                   f"encryption={msg.encryption}", nl=True)
+        sys.stdout.flush()
+    elif isinstance(msg, m.Deliver):
+        click.echo(f"message from {msg.sender}: {msg.body.decode(errors='replace')}")
+        sys.stdout.flush()
+
+
+def _run_client(coro) -> int:
+    async def wrapped() -> int:
+        try:
+            return await coro
+        except RelayError as exc:
+            click.echo(f"kakehashi: {exc}", err=True)
+            return 1
+        except OSError as exc:
+            click.echo(f"kakehashi: {exc}", err=True)
+            return 1
+
+    return runner.run(wrapped())

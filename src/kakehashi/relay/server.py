@@ -1,0 +1,278 @@
+"""The relay server: a thin asyncio driver around :class:`ControlUnit`.
+
+Each accepted connection gets one reader task running the core pump's
+:func:`forward_frames`: control frames go to the control unit, data frames go to the
+paired connection (spliced when both hops are plain TCP). The control unit's
+actions are carried out here; sends to a connection go through a small per-link
+outbox so a slow peer never blocks another connection's reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kakehashi.core import wire
+from kakehashi.core.audit import AuditLog
+from kakehashi.core.pump import FramedSink, FrameSink, forward_frames
+from kakehashi.core.stream import Conn, ConnClosed, FramedConn, Listener, start_tls
+from kakehashi.relay import messages as m
+from kakehashi.relay.control import (
+    Audit,
+    Authenticate,
+    Close,
+    ControlUnit,
+    Pair,
+    Send,
+    Settings,
+    State,
+    Unpair,
+    UpgradeTLS,
+)
+from kakehashi.relay.users import UserRegistry
+
+log = logging.getLogger("kakehashi.relay.server")
+
+HANDSHAKE_TIMEOUT = 10.0
+LOGIN_TIMEOUT = 15.0
+OUTBOX_LIMIT = 1024
+SEND_TIMEOUT = 30.0
+
+
+class _Closing:
+    """Outbox marker: close the link once everything before it was sent."""
+
+    def __init__(self, reason: str, delay: float) -> None:
+        self.reason = reason
+        self.delay = delay
+
+
+@dataclass(eq=False)
+class Link:
+    """The server's view of one terminal connection."""
+
+    cid: int
+    framed: FramedConn
+    task: asyncio.Task[None] | None = None
+    sink: FrameSink | None = None
+    upgrade: bool = False
+    outbox: deque[object] = field(default_factory=deque)
+    flusher: asyncio.Task[None] | None = None
+    opened: float = 0.0
+    closed: bool = False
+
+
+class RelayServer:
+    def __init__(
+        self,
+        registry: UserRegistry,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 7000,
+        tls: ssl.SSLContext | None = None,
+        starttls: ssl.SSLContext | None = None,
+        settings: Settings | None = None,
+        audit: AuditLog | None = None,
+        limits: wire.Limits = wire.DEFAULT_LIMITS,
+    ) -> None:
+        self.registry = registry
+        self.host, self.port = host, port
+        self.tls = tls
+        self.starttls = starttls or tls
+        self.core = ControlUnit(settings)
+        self.settings = self.core.settings
+        self.audit = audit or AuditLog(system="relay")
+        self.limits = limits
+        self.links: dict[int, Link] = {}
+        self.listener: Listener | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> tuple[str, int]:
+        self._loop = asyncio.get_running_loop()
+        self.listener = Listener(self.host, self.port, self._handle)
+        self.listener.start()
+        self._watchdog = asyncio.create_task(self._watch())
+        addr = self.listener.address
+        log.info("relay listening on %s:%d (%s)", addr[0], addr[1],
+                 "TLS" if self.tls else "plaintext, STARTTLS available" if self.starttls
+                 else "plaintext")
+        return addr
+
+    async def close(self) -> None:
+        if self._watchdog:
+            self._watchdog.cancel()
+        if self.listener:
+            await self.listener.close()
+        for link in list(self.links.values()):
+            link.framed.conn.close()
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    # -- per connection -----------------------------------------------------------
+    async def _handle(self, conn: Conn) -> None:
+        addr = conn.peer[0] if conn.peer else "?"
+        try:
+            if self.tls is not None:
+                conn = await start_tls(conn, self.tls, server_side=True,
+                                       timeout=HANDSHAKE_TIMEOUT)
+            framed = FramedConn(conn, self.limits)
+            await asyncio.wait_for(framed.read_preamble(), HANDSHAKE_TIMEOUT)
+            await framed.send(wire.PREAMBLE)
+        except (OSError, ConnClosed, TimeoutError, ssl.SSLError, wire.WireError) as exc:
+            log.debug("handshake with %s failed: %s", addr, exc)
+            conn.close()
+            return
+        cid = self.core.connection_made(addr, encrypted=not conn.plain)
+        link = Link(cid, framed, task=asyncio.current_task(), opened=self.now())
+        self.links[cid] = link
+        try:
+            await self._read_loop(link)
+        except wire.WireError as exc:
+            log.info("conn %d from %s: %s", cid, addr, exc.message)
+            self.audit.record("protocol", False, conn=cid, addr=addr, why=exc.message)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(framed.send(m.RELAY_CODEC.encode(
+                    m.Error(code=exc.code, message=exc.message))), 2)
+        except (OSError, ConnClosed, ssl.SSLError) as exc:
+            log.debug("conn %d from %s lost: %s", cid, addr, exc)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            link.closed = True
+            self.links.pop(cid, None)
+            if link.sink:
+                link.sink.close()
+            framed.conn.close()
+            await self._apply(self.core.connection_lost(cid, self.now()))
+
+    async def _read_loop(self, link: Link) -> None:
+        framed = link.framed
+
+        async def on_ctrl(payload: bytes) -> bool:
+            msg = m.RELAY_CODEC.decode(payload)
+            await self._apply(self.core.receive(link.cid, msg, self.now()))
+            return link.upgrade
+
+        while True:
+            why = await forward_frames(framed, lambda: link.sink, on_ctrl)
+            if why != "stop":
+                return
+            # STARTTLS: TLSGo is out; nothing may follow the request in plaintext
+            link.upgrade = False
+            await self._drain(link)
+            if framed.buffered:
+                raise wire.WireError("protocol", "data after STARTTLS request")
+            if self.starttls is None:
+                raise wire.WireError("protocol", "STARTTLS is not available on this server")
+            framed.conn = await start_tls(framed.conn, self.starttls, server_side=True,
+                                          timeout=HANDSHAKE_TIMEOUT)
+            await self._apply(self.core.tls_established(link.cid))
+
+    # -- actions ------------------------------------------------------------------
+    async def _apply(self, actions: list[object]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._enqueue(action.conn, action.msg, action.delay)
+            elif isinstance(action, Close):
+                self._enqueue(action.conn, _Closing(action.reason, action.delay), 0.0)
+            elif isinstance(action, Audit):
+                self.audit.record(action.event, action.allow, **action.fields)
+            elif isinstance(action, Pair):
+                a, b = self.links.get(action.a), self.links.get(action.b)
+                if a and b:
+                    a.sink = FramedSink(b.framed)
+                    b.sink = FramedSink(a.framed)
+            elif isinstance(action, Unpair):
+                link = self.links.get(action.conn)
+                if link and link.sink:
+                    link.sink.close()
+                    link.sink = None
+            elif isinstance(action, UpgradeTLS):
+                link = self.links.get(action.conn)
+                if link:
+                    link.upgrade = True
+            elif isinstance(action, Authenticate):
+                asyncio.create_task(self._authenticate(action))
+
+    async def _authenticate(self, action: Authenticate) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            record = await loop.run_in_executor(
+                None, self.registry.verify, action.user, action.password
+            )
+        except Exception:  # a broken store must not take the server down
+            log.exception("user lookup failed")
+            record = None
+        await self._apply(self.core.authenticated(action.conn, record, self.now()))
+
+    def _enqueue(self, cid: int, item: object, delay: float) -> None:
+        link = self.links.get(cid)
+        if link is None or link.closed:
+            return
+        if len(link.outbox) >= OUTBOX_LIMIT:
+            log.warning("conn %d does not read its messages; closing it", cid)
+            link.framed.conn.abort()
+            if link.task:
+                link.task.cancel()
+            return
+        link.outbox.append((item, delay))
+        if link.flusher is None or link.flusher.done():
+            link.flusher = asyncio.create_task(self._flush(link))
+
+    async def _flush(self, link: Link) -> None:
+        while link.outbox and not link.closed:
+            item, delay = link.outbox.popleft()
+            if delay:
+                await asyncio.sleep(delay)
+            if isinstance(item, _Closing):
+                if item.delay:
+                    await asyncio.sleep(item.delay)
+                log.debug("closing conn %d: %s", link.cid, item.reason)
+                if link.task:
+                    link.task.cancel()
+                return
+            try:
+                await asyncio.wait_for(link.framed.send(m.RELAY_CODEC.encode(item)),
+                                       SEND_TIMEOUT)
+            except (OSError, ConnClosed, TimeoutError, ssl.SSLError):
+                if link.task:
+                    link.task.cancel()
+                return
+
+    async def _drain(self, link: Link) -> None:
+        while link.flusher is not None and not link.flusher.done():
+            await asyncio.shield(link.flusher)
+
+    # -- keepalive watchdog -------------------------------------------------------
+    async def _watch(self) -> None:
+        period = max(0.05, min(self.settings.keepalive / 3, 5.0))
+        while True:
+            await asyncio.sleep(period)
+            now = self.now()
+            loop_now = asyncio.get_running_loop().time()
+            await self._apply(self.core.tick(now))
+            for link in list(self.links.values()):
+                conn = self.core.conns.get(link.cid)
+                if conn is None:
+                    continue
+                if conn.state in (State.NEW, State.AUTH):
+                    if now - link.opened > LOGIN_TIMEOUT and link.task:
+                        log.info("conn %d did not log in in time", link.cid)
+                        link.task.cancel()
+                    continue
+                if loop_now - link.framed.last_rx > self.settings.dead_after \
+                        and not link.framed.stalled:
+                    log.info("conn %d (%s) missed its keepalives; closing", link.cid, conn.user)
+                    self.audit.record("keepalive", False, conn=link.cid, user=conn.user,
+                                      why="dead peer")
+                    link.framed.conn.abort()
+                    if link.task:
+                        link.task.cancel()

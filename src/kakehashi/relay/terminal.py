@@ -1,0 +1,271 @@
+"""The terminal's side of one relay connection, sans-IO (spec 000, section 4.5).
+
+A :class:`TerminalConn` tracks one connection of a terminal (agent or client):
+logged in or not, idle or bound to a peer, encrypted or not. Local calls
+(:meth:`connect`, :meth:`accept`, :meth:`end` ...) return the control messages to
+send; :meth:`receive` turns a message from the relay into an *event* for the
+application. Calls that make no sense in the current state raise
+:class:`LocalProtocolError`; messages from the relay that make no sense raise
+:class:`RemoteProtocolError` (the driver then closes the connection).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from kakehashi.relay import messages as m
+
+
+class LocalProtocolError(Exception):
+    pass
+
+
+class RemoteProtocolError(Exception):
+    pass
+
+
+class TState(enum.Enum):
+    NEW = "new"
+    LOGIN_SENT = "login-sent"
+    IDLE = "idle"
+    REQUESTING = "requesting"
+    NOTIFIED = "notified"
+    PAIRED = "paired"
+    RELEASING = "releasing"
+    CLOSED = "closed"
+
+
+# -- events for the application ---------------------------------------------------
+@dataclass(frozen=True)
+class LoggedIn:
+    conn_id: int
+    token: str
+    encryption: str
+    keepalive: float
+    dead_after: float
+
+
+@dataclass(frozen=True)
+class LoginFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class EncryptionInstructed:
+    """Step 12: the target requires encryption. Call accept_encryption/refuse_encryption
+    (after a STARTTLS upgrade if this connection is plaintext)."""
+
+    req: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    """Steps 14/32: somebody asks for this terminal; call accept() or refuse()."""
+
+    req: int
+    peer: str
+    service: str
+    encrypt: bool
+    e2e: bool
+    peer_key: str
+    insecure: bool
+
+
+@dataclass(frozen=True)
+class AskInsecure:
+    """Para 0037: the target cannot encrypt; do we connect anyway? accept()/refuse()."""
+
+    req: int
+    peer: str
+
+
+@dataclass(frozen=True)
+class Connected:
+    """Steps 16/34: the pairing is recorded; bytes may flow."""
+
+    peer: str
+    encrypt: bool
+    e2e: bool
+    peer_key: str
+    initiator: bool
+
+
+@dataclass(frozen=True)
+class ConnectFailed:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PeerEnded:
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReleasedEvent:
+    pass
+
+
+@dataclass(frozen=True)
+class Other:
+    """Who lists, presence notices, broadcast deliveries, keepalive replies, TLS go."""
+
+    msg: m.Msg
+
+
+class TerminalConn:
+    def __init__(self) -> None:
+        self.state = TState.NEW
+        self.encrypted = False
+        self.conn_id = 0
+        self.peer: str | None = None
+        self.encrypt_session = False
+        self.req: int | None = None
+        self._next_req = 1
+        self._sent_end = False
+        self._sent_release = False
+        self._hold_seq = 0
+        self.acked_seq = 0
+
+    # -- local calls --------------------------------------------------------------
+    def _expect(self, *states: TState) -> None:
+        if self.state not in states:
+            raise LocalProtocolError(f"not allowed in state {self.state.value}")
+
+    def login(self, user: str, password: str = "", token: str = "",
+              attrs: m.Attrs | None = None, agent: str = "") -> list[m.Msg]:
+        self._expect(TState.NEW)
+        self.state = TState.LOGIN_SENT
+        return [m.Login(user=user, password=password, token=token, attrs=attrs, agent=agent)]
+
+    def tls_established(self) -> None:
+        self.encrypted = True
+
+    def hold(self) -> list[m.Msg]:
+        if self.state in (TState.NEW, TState.CLOSED):
+            return []
+        self._hold_seq += 1
+        return [m.Hold(seq=self._hold_seq)]
+
+    def connect(self, target: str, service: str = "", *, encrypt: bool = False,
+                e2e: bool = False) -> list[m.Msg]:
+        self._expect(TState.IDLE)
+        self.state = TState.REQUESTING
+        self.req = self._next_req
+        self._next_req += 1
+        self.peer = target
+        return [m.ConnectRequest(req=self.req, target=target, service=service,
+                                 encrypt=encrypt, e2e=e2e)]
+
+    def accept_encryption(self) -> list[m.Msg]:
+        self._expect(TState.REQUESTING)
+        if not self.encrypted:
+            raise LocalProtocolError("upgrade to TLS (STARTTLS) before accepting encryption")
+        return [m.EncryptAccept(req=self.req or 0)]
+
+    def refuse_encryption(self, reason: str = "cannot encrypt") -> list[m.Msg]:
+        self._expect(TState.REQUESTING)
+        return [m.EncryptRefuse(req=self.req or 0, reason=reason)]
+
+    def accept(self) -> list[m.Msg]:
+        if self.state is TState.REQUESTING:  # answering AskInsecure
+            return [m.Accept(req=self.req or 0)]
+        self._expect(TState.NOTIFIED)
+        if self.encrypt_session and not self.encrypted:
+            raise LocalProtocolError("the relay instructed encryption: STARTTLS first")
+        self.state = TState.PAIRED
+        self._sent_end = self._sent_release = False
+        return [m.Accept(req=self.req or 0)]
+
+    def refuse(self, reason: str = "") -> list[m.Msg]:
+        if self.state is TState.REQUESTING:
+            return [m.Refuse(req=self.req or 0, reason=reason)]
+        self._expect(TState.NOTIFIED)
+        self.state = TState.IDLE
+        self.peer = None
+        return [m.Refuse(req=self.req or 0, reason=reason)]
+
+    def end(self, reason: str = "") -> list[m.Msg]:
+        """End notification (26/44) followed by this side's release (28/46)."""
+        self._expect(TState.PAIRED, TState.RELEASING)
+        out: list[m.Msg] = []
+        if not self._sent_end:
+            self._sent_end = True
+            out.append(m.End(reason=reason))
+        out += self.release()
+        return out
+
+    def release(self) -> list[m.Msg]:
+        self._expect(TState.PAIRED, TState.RELEASING)
+        if self._sent_release:
+            return []
+        self._sent_release = True
+        self.state = TState.RELEASING
+        return [m.Release()]
+
+    def logout(self) -> list[m.Msg]:
+        self.state = TState.CLOSED
+        return [m.Logout()]
+
+    def starttls(self) -> list[m.Msg]:
+        if self.encrypted:
+            raise LocalProtocolError("already encrypted")
+        return [m.StartTLS()]
+
+    # -- from the relay -----------------------------------------------------------
+    def receive(self, msg: m.Msg) -> object:
+        st = self.state
+        if isinstance(msg, m.LoginOk) and st is TState.LOGIN_SENT:
+            self.state = TState.IDLE
+            self.conn_id = msg.conn_id
+            return LoggedIn(msg.conn_id, msg.token, msg.encryption, msg.keepalive,
+                            msg.dead_after)
+        if isinstance(msg, m.LoginFail) and st is TState.LOGIN_SENT:
+            self.state = TState.CLOSED
+            return LoginFailed(msg.reason)
+        if isinstance(msg, m.HoldAck):
+            self.acked_seq = max(self.acked_seq, msg.seq)
+            return Other(msg)
+        if isinstance(msg, m.EncryptInstruct) and st is TState.REQUESTING:
+            return EncryptionInstructed(msg.req, msg.reason)
+        if isinstance(msg, m.Notify):
+            if st is TState.REQUESTING and msg.insecure:
+                return AskInsecure(msg.req, msg.peer)
+            if st is TState.IDLE:
+                self.state = TState.NOTIFIED
+                self.req = msg.req
+                self.peer = msg.peer
+                self.encrypt_session = msg.encrypt
+                return IncomingRequest(msg.req, msg.peer, msg.service, msg.encrypt, msg.e2e,
+                                       msg.peer_key, msg.insecure)
+        if isinstance(msg, m.Result) and st is TState.REQUESTING and msg.req == self.req:
+            if msg.ok:
+                self.state = TState.PAIRED
+                self.encrypt_session = msg.encrypt
+                self._sent_end = self._sent_release = False
+                return Connected(msg.peer, msg.encrypt, msg.e2e, msg.peer_key, True)
+            self.state = TState.IDLE
+            self.peer = None
+            return ConnectFailed(msg.code, msg.message)
+        if isinstance(msg, m.Error) and st is TState.REQUESTING and msg.req == self.req:
+            self.state = TState.IDLE
+            self.peer = None
+            return ConnectFailed(msg.code, msg.message)
+        if isinstance(msg, m.End):
+            if st in (TState.PAIRED, TState.RELEASING):
+                self._sent_end = True  # no need to echo the end notification
+                return PeerEnded(msg.reason)
+            if st is TState.NOTIFIED:  # the requester vanished before we accepted
+                return PeerEnded(msg.reason)
+            return Other(msg)
+        if isinstance(msg, m.Released) and st is TState.RELEASING:
+            self.state = TState.IDLE
+            self.peer = None
+            return ReleasedEvent()
+        if isinstance(msg, m.WhoList | m.Presence | m.Deliver | m.BroadcastResult | m.TLSGo):
+            return Other(msg)
+        if isinstance(msg, m.Error):
+            return Other(msg)
+        raise RemoteProtocolError(f"unexpected {type(msg).__name__} in state {st.value}")
