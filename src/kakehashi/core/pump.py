@@ -238,9 +238,7 @@ class RawSink(FrameSink):
 class FramedSink(FrameSink):
     """Forward frames unchanged to the paired connection (the relay's data path).
 
-    The payload is first pulled into the pipe *without* holding the peer's write
-    lock, so a sender that stalls mid-frame cannot block keepalive replies to the
-    peer; then header and payload go out under the lock as one frame. If the peer
+    Header and payload go out under the peer's write lock as one frame. If the peer
     connection is gone, payloads are read and dropped so the sender's stream stays
     in step until it releases the connection.
     """
@@ -270,34 +268,31 @@ class FramedSink(FrameSink):
                 self._lost()
             return
         pipe = self._pipe = self._pipe or Pipe()
-        if rest > pipe.size:  # larger than the pipe (small pipes only): stream through
-            async with self.dst.write_lock:
+        # A pipe holds a bounded number of *segments*, not bytes: a frame cannot be
+        # assumed to fit, so it streams through in pieces under the peer's lock.
+        async with self.dst.write_lock:
+            try:
                 await _send_header(self.dst.conn, header + head)
-                while rest:
-                    n = await splice_in(src.conn, pipe, min(rest, pipe.size))
-                    if not n:
-                        raise ConnClosed("connection closed in the middle of a frame")
+            except (OSError, ConnClosed):
+                self._lost()
+                await discard_payload(src, rest)
+                return
+            while rest:
+                n = await splice_in(src.conn, pipe, rest)
+                if not n:
+                    raise ConnClosed("connection closed in the middle of a frame")
+                rest -= n
+                src.stalled = True
+                try:
                     await splice_out(pipe, self.dst.conn, n)
-                    rest -= n
-                self.dst.bytes_out += length + wire.HEADER_SIZE
-            return
-        got = 0
-        while got < rest:
-            n = await splice_in(src.conn, pipe, rest - got)
-            if not n:
-                raise ConnClosed("connection closed in the middle of a frame")
-            got += n
-        src.stalled = True
-        try:
-            async with self.dst.write_lock:
-                await _send_header(self.dst.conn, header + head)
-                await splice_out(pipe, self.dst.conn, rest)
-                self.dst.bytes_out += length + wire.HEADER_SIZE
-        except (OSError, ConnClosed):
-            self._lost()
-        finally:
-            src.stalled = False
-            src.last_rx = src.conn.loop.time()
+                except (OSError, ConnClosed):
+                    self._lost()
+                    await discard_payload(src, rest)
+                    return
+                finally:
+                    src.stalled = False
+                    src.last_rx = src.conn.loop.time()
+            self.dst.bytes_out += length + wire.HEADER_SIZE
 
     async def eof(self) -> None:
         if self.dead or self.dst.conn.closed:

@@ -428,7 +428,8 @@ async def run_session(link: RelayLink, app: Conn,
         link.sink = DiscardSink()
         app.close()
     if link.closed.is_set():
-        link.session = None
+        if link.session is session:
+            link.session = None
         return
     try:
         await link.send(link.t.end(reason))
@@ -436,8 +437,9 @@ async def run_session(link: RelayLink, app: Conn,
     except (OSError, ConnClosed, TimeoutError, t.LocalProtocolError):
         link.close()
     finally:
-        link.session = None
-        link.sink = None
+        if link.session is session:  # a new session may already own the link
+            link.session = None
+            link.sink = None
         if link.owner:
             link.owner.changed()
 
@@ -466,6 +468,7 @@ class Terminal:
         self._tasks: set[asyncio.Task[object]] = set()
         self.connected = asyncio.Event()
         self.last_error: Exception | None = None
+        self.ever_connected = False
 
     # -- pool ---------------------------------------------------------------------
     def spawn(self, coro: Awaitable[object]) -> None:
@@ -502,6 +505,7 @@ class Terminal:
         self.token = link.token
         self.links.add(link)
         self.connected.set()
+        self.ever_connected = True
         return link
 
     async def maintain(self) -> None:
@@ -521,6 +525,8 @@ class Terminal:
                     err = errors[0]
                     self.last_error = err  # type: ignore[assignment]
                     if isinstance(err, RelayError) and err.code == "login-failed":
+                        if not self.ever_connected:
+                            raise err  # a wrong password will not fix itself: stop
                         log.error("login refused: %s", err.message)
                     else:
                         log.warning("cannot reach relay %s:%d: %s (retrying in %.1fs)",

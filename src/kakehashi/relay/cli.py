@@ -321,7 +321,7 @@ def agent(exposes, spares, allowed, **opts) -> None:
                         on_message=_print_message)
         maintainer = asyncio.create_task(term.maintain())
         try:
-            await term.connected.wait()
+            await _online(term, maintainer)
             click.echo(f"agent {cfg.user} online at {cfg.server}:{cfg.port}, exposing "
                        + ", ".join(f"{k}={h}:{p}" for k, (h, p) in services.items()), err=True)
             await maintainer
@@ -329,7 +329,7 @@ def agent(exposes, spares, allowed, **opts) -> None:
             maintainer.cancel()
             await term.close()
 
-    sys.exit(runner.run(main()))
+    sys.exit(_run_client(main()))
 
 
 def _print_message(msg: m.Msg) -> None:
@@ -372,7 +372,7 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
         listener = Listener(host, port, handle)
         listener.start()
         try:
-            await term.connected.wait()
+            await _online(term, maintainer)
             h, p = listener.address
             click.echo(f"forwarding {h}:{p} -> {target} via {cfg.server}:{cfg.port}", err=True)
             await maintainer
@@ -382,7 +382,7 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
             await term.close()
         return 0
 
-    sys.exit(runner.run(main()))
+    sys.exit(_run_client(main()))
 
 
 @relay.command()
@@ -471,7 +471,7 @@ def watch(**opts) -> None:
         term = Terminal(cfg, on_message=lambda msg: _print_watch(msg))
         maintainer = asyncio.create_task(term.maintain())
         try:
-            await term.connected.wait()
+            await _online(term, maintainer)
             await term.subscribe()
             click.echo("watching presence; Ctrl-C to stop", err=True)
             await maintainer
@@ -479,7 +479,7 @@ def watch(**opts) -> None:
             await term.close()
         return 0
 
-    sys.exit(runner.run(main()))
+    sys.exit(_run_client(main()))
 
 
 def _print_watch(msg: m.Msg) -> None:
@@ -490,6 +490,15 @@ def _print_watch(msg: m.Msg) -> None:
     elif isinstance(msg, m.Deliver):
         click.echo(f"message from {msg.sender}: {msg.body.decode(errors='replace')}")
         sys.stdout.flush()
+
+
+async def _online(term: Terminal, maintainer: asyncio.Task) -> None:
+    """Wait until the first link is up; a refused login ends the command."""
+    waiter = asyncio.ensure_future(term.connected.wait())
+    done, _ = await asyncio.wait({waiter, maintainer}, return_when=asyncio.FIRST_COMPLETED)
+    if maintainer in done:
+        waiter.cancel()
+        maintainer.result()  # raises the RelayError
 
 
 def _run_client(coro) -> int:

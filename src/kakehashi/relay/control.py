@@ -22,6 +22,7 @@ Encryption enforcement (the claims of spec 000):
 from __future__ import annotations
 
 import enum
+from collections import deque
 import hashlib
 import secrets
 from collections.abc import Iterable
@@ -124,6 +125,8 @@ class Pending:
     phase: str = "new"  # encrypt-wait | ask-wait | target-wait
     insecure: bool = False
     cancelled: bool = False
+    #: the requester itself asked for encryption (Fig. 4), not only the target
+    requester_requires: bool = False
 
 
 @dataclass
@@ -224,6 +227,8 @@ class ControlUnit:
         self.pending: dict[int, Pending] = {}
         self.throttle = LoginThrottle(self.settings)
         self._tokens: dict[str, tuple[str, float]] = {}  # hash -> (user, expiry or 0=live)
+        #: requests waiting for one of the target's connections to become idle
+        self.waiting: dict[str, deque[Pending]] = {}
         self._next_conn = 1
         self._next_req = 1
 
@@ -287,7 +292,11 @@ class ControlUnit:
         out: list[object] = []
         for p in list(self.pending.values()):
             if now >= p.deadline and not p.cancelled:
-                out += self._fail_request(p, "timeout", f"{p.target} did not answer in time")
+                if p.phase == "idle-wait":
+                    out += self._fail_request(
+                        p, "target-busy", f"{p.target} had no idle connection in time")
+                else:
+                    out += self._fail_request(p, "timeout", f"{p.target} did not answer in time")
         for tok, (_, expiry) in list(self._tokens.items()):
             if expiry and now > expiry:
                 del self._tokens[tok]
@@ -394,12 +403,13 @@ class ControlUnit:
         ]
         if first:
             out += self._presence(record, True, conn.attrs.encryption or "optional")
-        return out
+        return out + self._became_idle(conn)
 
     def _on_SetAttrs(self, conn: Connection, msg: m.SetAttrs, now: float) -> list[object]:
         session = self.sessions[conn.user]  # type: ignore[index]
+        is_base = session.base_attrs is conn.attrs
         conn.attrs = self._effective(session.record, msg.attrs)
-        if not msg.attrs.inherit and session.base_attrs is None:
+        if is_base or session.base_attrs is None:  # para 0029: sent after the positive reply
             session.base_attrs = conn.attrs
         return []
 
@@ -456,7 +466,8 @@ class ControlUnit:
         delivered, missing = [], []
         for target in dict.fromkeys(msg.targets):
             s = self.sessions.get(target)
-            if not s or not s.conns or not self._allows(s, conn.user or ""):
+            if (not s or not s.conns or not _visible(s.record, conn.user or "")
+                    or not self._allows(s, conn.user or "")):
                 missing.append(target)
                 continue
             dest = self._pick_conn(s, prefer_idle=True)
@@ -498,8 +509,6 @@ class ControlUnit:
             )
         if msg.encrypt and conn.attrs.encryption == "off":
             return refuse("bad-request", "you asked for encryption but your encryption is off")
-        if self._idle_conn(target, exclude=conn.id) is None:
-            return refuse("target-busy", f"{msg.target} has no idle connection right now")
         target_requires = self._user_encryption(target) == "required"
         requester_requires = conn.attrs.encryption == "required" or msg.encrypt
         p = Pending(
@@ -512,18 +521,20 @@ class ControlUnit:
             encrypt=target_requires or requester_requires,
             e2e=msg.e2e,
             deadline=now + self.settings.request_timeout,
+            requester_requires=requester_requires,
         )
         self._next_req += 1
         self.pending[p.id] = p
         conn.pending = p
         conn.state = State.REQUESTING
-        if target_requires and not conn.encrypted:
+        if p.encrypt and not conn.encrypted:
+            # both hops must be encrypted (para 0017): step 12 for Fig. 3, and for Fig. 4
+            # when the requester asked for encryption on a plaintext connection
             if conn.attrs.encryption != "off":
                 p.phase = "encrypt-wait"  # step 12: instruct the requester, wait for 13
-                return [
-                    Send(conn.id, m.EncryptInstruct(
-                        req=msg.req, reason=f"{msg.target} requires encrypted communication"))
-                ]
+                why = (f"{msg.target} requires encrypted communication" if target_requires
+                       else "you asked for encryption: upgrade this connection")
+                return [Send(conn.id, m.EncryptInstruct(req=msg.req, reason=why))]
             return self._requester_cannot_encrypt(p, target)
         if target_requires:  # requester already encrypted: instruction and acceptance implied
             pass
@@ -555,6 +566,9 @@ class ControlUnit:
         p = conn.pending
         if p is None or p.client_req != msg.req or p.phase != "encrypt-wait":
             return self._violation(conn, "encryption refusal without instruction")
+        if p.requester_requires:
+            return self._fail_request(
+                p, "encryption-required", "you asked for encryption but refused to encrypt")
         target = self.sessions.get(p.target)
         if target is None:
             return self._fail_request(p, "not-logged-in", f"{p.target} is not logged in")
@@ -563,9 +577,15 @@ class ControlUnit:
     def _notify_target(self, p: Pending) -> list[object]:
         target = self.sessions.get(p.target)
         req_conn = self.conns[p.requester_conn]
-        tconn_id = self._idle_conn(target, exclude=p.requester_conn) if target else None
-        if target is None or tconn_id is None:
-            return self._fail_request(p, "target-busy", f"{p.target} has no idle connection")
+        if target is None:
+            return self._fail_request(p, "not-logged-in", f"{p.target} is not logged in")
+        tconn_id = self._idle_conn(target, exclude=p.requester_conn)
+        if tconn_id is None:
+            # all of the target's connections are busy: its agent opens a spare at once
+            # (steps 17-21), so wait for one instead of refusing (bounded by the timeout)
+            p.phase = "idle-wait"
+            self.waiting.setdefault(p.target, deque()).append(p)
+            return []
         tconn = self.conns[tconn_id]
         if p.encrypt and not tconn.encrypted and tconn.attrs.encryption == "off":
             # Fig. 4 with a target that cannot encrypt: refuse or ask the requester.
@@ -577,6 +597,18 @@ class ControlUnit:
                 p, "peer-cannot-encrypt", f"{p.target} cannot use encrypted communication"
             )
         return self._send_notify(p, tconn)
+
+    def _became_idle(self, conn: Connection) -> list[object]:
+        """Hand a waiting request to a connection that just became idle."""
+        queue = self.waiting.get(conn.user or "")
+        while queue:
+            p = queue.popleft()
+            if self.pending.get(p.id) is p and p.phase == "idle-wait":
+                if not queue:
+                    del self.waiting[conn.user or ""]
+                return self._notify_target(p)
+        self.waiting.pop(conn.user or "", None)
+        return []
 
     def _send_notify(self, p: Pending, tconn: Connection) -> list[object]:
         requester = self.sessions[p.requester]
@@ -640,7 +672,8 @@ class ControlUnit:
             return self._violation(conn, "refuse without a pending notification")
         conn.state = State.IDLE
         conn.pending = None
-        return self._fail_request(p, "refused", msg.reason or f"{p.target} refused")
+        return self._fail_request(p, "refused", msg.reason or f"{p.target} refused") + \
+            self._became_idle(conn)
 
     def _fail_request(self, p: Pending, code: str, text: str) -> list[object]:
         self.pending.pop(p.id, None)
@@ -696,7 +729,7 @@ class ControlUnit:
         conn.state = State.IDLE
         conn.peer = None
         conn.released = False
-        return [Send(conn.id, m.Released())]
+        return [Send(conn.id, m.Released()), *self._became_idle(conn)]
 
     # -- helpers ------------------------------------------------------------------
     def _violation(self, conn: Connection, text: str) -> list[object]:

@@ -1,0 +1,273 @@
+"""End-to-end test framework: real ``kakehashi`` processes started through the CLI.
+
+Like frp's ``test/e2e``: the framework spawns processes, allocates ports, runs mock
+servers, and cleans up; the cases themselves stay a few lines long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PASSWORD = {"pi": "pi-secret", "laptop": "laptop-secret", "alice": "alice-secret",
+            "bob": "bob-secret", "carol": "carol-secret"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+@dataclass
+class Proc:
+    """A spawned kakehashi (or other) process with its combined output in a file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited ({self.popen.returncode}) before {text!r}:\n"
+                    + self.output()[-3000:])
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name}: {text!r} not seen in {timeout}s:\n"
+                             + self.output()[-3000:])
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+    def kill9(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class Env:
+    """A private kakehashi home (dev CA, database) and the processes of one test."""
+
+    root: Path
+    procs: list[Proc] = field(default_factory=list)
+    keepalive: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.home = self.root / "home"
+        self.db = str(self.root / "relay.db")
+        self.env = {**os.environ, "KAKEHASHI_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
+                    "KAKEHASHI_LOG": "info"}
+        self.env.pop("KAKEHASHI_PASSWORD", None)
+
+    # -- running the CLI ----------------------------------------------------------
+    def cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "kakehashi", "--log-format", "text", *args]
+
+    def run(self, *args: str, input: bytes | None = None, env: dict | None = None,
+            timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        res = subprocess.run(self.cmd(*args), input=input, capture_output=True,
+                             env={**self.env, **(env or {})}, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"kakehashi {' '.join(args)} -> {res.returncode}\n"
+                                 f"{res.stderr.decode(errors='replace')}")
+        return res
+
+    def spawn(self, name: str, *args: str, env: dict | None = None, raw: bool = False,
+              stdin=subprocess.DEVNULL) -> Proc:
+        log = self.root / f"{name}-{len(self.procs)}.log"
+        fh = open(log, "wb")  # noqa: SIM115
+        argv = list(args) if raw else self.cmd(*args)
+        popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=stdin,
+                                 env={**self.env, **(env or {})})
+        fh.close()
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(timeout=5)
+
+    # -- relay building blocks ----------------------------------------------------
+    def add_user(self, name: str, *attrs: str) -> None:
+        self.run("relay", "user", "add", name, "--db", self.db, "--password-stdin",
+                 "--kdf-n", "1024", *attrs, input=(PASSWORD[name] + "\n").encode())
+
+    def relay(self, *extra: str, port: int | None = None, tls: bool = True,
+              keepalive: float | None = None) -> tuple[Proc, int]:
+        port = port or free_port()
+        proc = self.spawn("relay", "relay", "serve", "--listen", f"127.0.0.1:{port}",
+                          "--db", self.db, "--tls", "on" if tls else "off",
+                          "--keepalive", str(keepalive or self.keepalive),
+                          "--audit-log", str(self.root / "audit.jsonl"), *extra)
+        proc.wait_for("relay listening on")
+        return proc, port
+
+    def client_args(self, user: str, port: int, tls: bool = True) -> list[str]:
+        return ["--server", f"127.0.0.1:{port}", "--user", user,
+                "--tls", "on" if tls else "off"]
+
+    def user_env(self, user: str) -> dict[str, str]:
+        return {"KAKEHASHI_PASSWORD": PASSWORD[user]}
+
+    def agent(self, user: str, port: int, *expose: str, tls: bool = True,
+              extra: tuple[str, ...] = (), wait: bool = True) -> Proc:
+        args = ["relay", "agent", *self.client_args(user, port, tls)]
+        for item in expose:
+            args += ["--expose", item]
+        proc = self.spawn(f"agent-{user}", *args, *extra, env=self.user_env(user))
+        if wait:
+            proc.wait_for(f"agent {user} online")
+        return proc
+
+    def forward(self, user: str, port: int, target: str, *extra: str,
+                tls: bool = True) -> tuple[Proc, int]:
+        local = free_port()
+        proc = self.spawn(f"connect-{user}", "relay", "connect",
+                          *self.client_args(user, port, tls), target,
+                          "--listen", f"127.0.0.1:{local}", *extra, env=self.user_env(user))
+        proc.wait_for("forwarding")
+        return proc, local
+
+    def pipe(self, user: str, port: int, target: str, data: bytes, *extra: str,
+             tls: bool = True, timeout: float = 60.0,
+             check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return self.run("relay", "pipe", *self.client_args(user, port, tls), target, *extra,
+                        input=data, env=self.user_env(user), timeout=timeout, check=check)
+
+    def audit(self) -> list[dict]:
+        import json
+
+        path = self.root / "audit.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+# -- mock servers -------------------------------------------------------------------
+class EchoServer:
+    """A threaded TCP echo server (the "application" behind an agent)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(1 << 18):
+                    conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def stream_through(port: int, total: int, *, chunk: int = 1 << 20,
+                   timeout: float = 120.0) -> tuple[str, str, int]:
+    """Send ``total`` random bytes to an echo path; return (sent sha, received sha, n)."""
+    sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
+    received = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        def reader() -> None:
+            nonlocal received
+            while data := sock.recv(1 << 20):
+                recv_hash.update(data)
+                received += len(data)
+
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        block = os.urandom(chunk)
+        left = total
+        i = 0
+        while left:
+            piece = block[: min(chunk, left)]
+            # vary the content so a misordered or repeated block changes the digest
+            piece = i.to_bytes(8, "big") + piece[8:] if len(piece) > 8 else piece
+            sock.sendall(piece)
+            sent_hash.update(piece)
+            left -= len(piece)
+            i += 1
+        sock.shutdown(socket.SHUT_WR)
+        th.join(timeout)
+    return sent_hash.hexdigest(), recv_hash.hexdigest(), received
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[EchoServer]:
+    srv = EchoServer()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def roundtrip(port: int, payload: bytes, timeout: float = 15.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
