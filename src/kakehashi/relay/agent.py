@@ -29,6 +29,9 @@ from kakehashi.relay import terminal as t
 
 log = logging.getLogger("kakehashi.relay.agent")
 
+#: idle links beyond twice the spare count are closed after resting this long
+TRIM_AFTER = 30.0
+
 
 class RelayError(Exception):
     """A refusal or failure reported by the relay; ``code`` is stable."""
@@ -84,6 +87,7 @@ class RelayLink:
         self._upgrade = False
         self.session: Session | None = None
         self.reserved = False
+        self.idle_since = 0.0
 
     # -- setup --------------------------------------------------------------------
     async def open(self, token: str = "") -> t.LoggedIn:
@@ -121,6 +125,7 @@ class RelayLink:
         self.token = ev.token
         self.keepalive = cfg.keepalive or ev.keepalive
         self.dead_after = max(ev.dead_after, self.keepalive * 3)
+        self.idle_since = asyncio.get_running_loop().time()
         self.reader = asyncio.create_task(self._read_loop())
         self.keeper = asyncio.create_task(self._keepalive())
         return ev
@@ -226,6 +231,8 @@ class RelayLink:
                 await self._send(self.t.end())
             elif self.owner:
                 self.owner.changed()
+            if isinstance(ev, t.ReleasedEvent):
+                self.idle_since = asyncio.get_running_loop().time()
             return
         if isinstance(ev, t.Other) and self.owner is not None:
             self.owner.on_message(ev.msg)
@@ -514,9 +521,7 @@ class Terminal:
         while not self._stop:
             self._changed.clear()
             missing = max(self.cfg.spares, 1) - len(self.idle_links())
-            extra = len(self.idle_links()) - 2 * max(self.cfg.spares, 1)
-            for link in self.idle_links()[:max(extra, 0)]:
-                link.close()  # trim idle links beyond twice the spare count
+            self._trim()
             if missing > 0:
                 results = await asyncio.gather(
                     *(self.open_link() for _ in range(missing)), return_exceptions=True)
@@ -540,6 +545,19 @@ class Terminal:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 5.0)
 
+    def _trim(self) -> None:
+        """Close idle links beyond twice the spare count once they have rested a while.
+
+        Only long-idle links are closed: a link that just became idle may be the one
+        the relay is handing a new request to at this very moment.
+        """
+        now = asyncio.get_running_loop().time()
+        idle = sorted(self.idle_links(), key=lambda link: link.idle_since)
+        extra = len(idle) - 2 * max(self.cfg.spares, 1)
+        for link in idle[:max(extra, 0)]:
+            if now - link.idle_since > TRIM_AFTER:
+                link.close()
+
     async def acquire(self) -> RelayLink:
         for link in self.idle_links():
             link.reserved = True
@@ -551,15 +569,24 @@ class Terminal:
 
     async def connect(self, target: str, service: str = "", *, encrypt: bool = False,
                       e2e: bool = False) -> tuple[RelayLink, t.Connected]:
-        link = await self.acquire()
-        try:
-            info = await link.connect(target, service, encrypt=encrypt, e2e=e2e)
-        except BaseException:
+        for attempt in range(3):
+            link = await self.acquire()
+            try:
+                info = await link.connect(target, service, encrypt=encrypt, e2e=e2e)
+            except RelayError as exc:
+                link.reserved = False
+                self._changed.set()
+                # the target's chosen connection vanished (it was closing): try again
+                if exc.code in ("target-lost", "closed") and attempt < 2:
+                    continue
+                raise
+            except BaseException:
+                link.reserved = False
+                self._changed.set()
+                raise
             link.reserved = False
-            self._changed.set()
-            raise
-        link.reserved = False
-        return link, info
+            return link, info
+        raise AssertionError("unreachable")
 
     async def who(self) -> list[m.UserInfo]:
         link = await self.acquire()

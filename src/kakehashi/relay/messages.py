@@ -16,8 +16,9 @@ import msgspec
 
 from kakehashi.core.wire import ControlCodec
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
-Service = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.@-]*$")]
+# ``\Z``, not ``$``: ``$`` also matches before a trailing newline ("alice\n")
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+\Z")]
+Service = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.@-]*\Z")]
 Text = Annotated[str, msgspec.Meta(max_length=512)]
 Secret = Annotated[str, msgspec.Meta(max_length=1024)]
 Names = Annotated[list[Name], msgspec.Meta(max_length=256)]
