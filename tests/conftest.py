@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.framework import Env, EchoServer
+from tests.e2e.framework import EchoServer, Env
 
 
 @pytest.fixture

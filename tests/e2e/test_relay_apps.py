@@ -36,9 +36,9 @@ def test_ssh_through_pipe_and_connect(env, tls):
     _, local = env.forward("laptop", port, "pi/ssh", tls=tls)
     blob = env.root / "blob"
     blob.write_bytes(bytes(range(256)) * 40000)  # 10 MB through scp over the forward
-    res = subprocess.run(
-        server.ssh_args("-p", str(local), f"{me}@127.0.0.1",
-                        "sha256sum"), stdin=open(blob, "rb"), capture_output=True, timeout=60)
+    with open(blob, "rb") as stdin:
+        res = subprocess.run(server.ssh_args("-p", str(local), f"{me}@127.0.0.1", "sha256sum"),
+                             stdin=stdin, capture_output=True, timeout=60)
     assert res.returncode == 0, res.stderr.decode()
     import hashlib
 
@@ -52,8 +52,9 @@ def test_iperf3_through_paired_session(env):
     _, port = env.relay(tls=False)
     iperf_port = free_port()
     # no port probe: iperf3 would count it as a client
-    env.spawn("iperf3-server", "iperf3", "-s", "--forceflush", "-p", str(iperf_port), raw=True).wait_for(
-        "Server listening")
+    server = env.spawn("iperf3-server", "iperf3", "-s", "--forceflush", "-p", str(iperf_port),
+                       raw=True)
+    server.wait_for("Server listening")
     env.agent("pi", port, f"iperf=127.0.0.1:{iperf_port}", tls=False)
     _, local = env.forward("laptop", port, "pi/iperf", tls=False)
     res = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(local), "-t", "2", "-J"],

@@ -88,6 +88,7 @@ class RelayLink:
         self.session: Session | None = None
         self.reserved = False
         self.idle_since = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- setup --------------------------------------------------------------------
     async def open(self, token: str = "") -> t.LoggedIn:
@@ -209,6 +210,8 @@ class RelayLink:
         return False
 
     async def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, t.Connected):
+            self.sink = EarlySink()  # the peer may speak first
         if isinstance(ev, t.Connected | t.ConnectFailed | t.AskInsecure) or (
             isinstance(ev, t.Other) and isinstance(ev.msg, m.WhoList | m.BroadcastResult)
         ):
@@ -216,7 +219,11 @@ class RelayLink:
                 self._waiter.set_result(ev)
             return
         if isinstance(ev, t.EncryptionInstructed):
-            asyncio.create_task(self._on_encrypt_instruction(ev))
+            if self.owner is not None:
+                self.owner.spawn(self._on_encrypt_instruction(ev))
+            else:
+                self._tasks.add(task := asyncio.create_task(self._on_encrypt_instruction(ev)))
+                task.add_done_callback(self._tasks.discard)
             return
         if isinstance(ev, t.IncomingRequest):
             if self.owner is None:
@@ -338,19 +345,36 @@ class _NotifyingRawSink(RawSink):
         self.session.got_eof.set()
 
 
-class _HandshakeSink(FrameSink):
-    """Collects the first DATA frames (the end-to-end handshake) before the app sees any."""
+class EarlySink(FrameSink):
+    """Holds the frames that arrive between pairing and the session taking over.
+
+    The peer may speak first (an SSH banner, the end-to-end hello) before this side
+    has set up its session; those bytes are kept here, bounded, not dropped.
+    """
+
+    LIMIT = 4 * 1024 * 1024
 
     def __init__(self) -> None:
-        self.frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+        self.items: list[bytes | None] = []  # None marks EOF
+        self.size = 0
+        self._arrived = asyncio.Event()
 
     async def data(self, src: FramedConn, length: int) -> None:
-        if length > 1024:
-            raise wire.WireError("e2e", "oversized end-to-end handshake message")
-        await self.frames.put(await src.read_payload(length))
+        self.size += length
+        if self.size > self.LIMIT:
+            raise wire.WireError("too-large", "peer sent too much before the session began")
+        self.items.append(await src.read_payload(length))
+        self._arrived.set()
 
     async def eof(self) -> None:
-        raise wire.WireError("e2e", "peer ended during the end-to-end handshake")
+        self.items.append(None)
+        self._arrived.set()
+
+    async def get(self, timeout: float) -> bytes | None:
+        while not self.items:
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        return self.items.pop(0)
 
 
 class Session:
@@ -385,23 +409,39 @@ async def _e2e_handshake(link: RelayLink, info: t.Connected | t.IncomingRequest,
                          f"the relay presented a different key for {peer} than the pinned one")
     if not key_text:
         raise RelayError("e2e-unavailable", f"no public key known for {peer}")
-    hs_sink = _HandshakeSink()
-    link.sink = hs_sink
+    early = _early(link)
     assert link.framed is not None
     hs = crypto.E2EHandshake("initiator" if initiator else "responder", cfg.identity,
                              crypto.parse_public_b64(key_text),
                              prologue=b"kakehashi-relay-e2e")
     await link.framed.send_frame(wire.FrameType.DATA, hs.hello())
-    hs.receive(await asyncio.wait_for(hs_sink.frames.get(), cfg.connect_timeout))
+    hs.receive(_handshake_item(await early.get(cfg.connect_timeout)))
     session = hs.finish()
     await link.framed.send_frame(wire.FrameType.DATA, session.confirm_tag())
-    session.check_confirm(await asyncio.wait_for(hs_sink.frames.get(), cfg.connect_timeout))
+    session.check_confirm(_handshake_item(await early.get(cfg.connect_timeout)))
     return session
 
 
+def _early(link: RelayLink) -> EarlySink:
+    if not isinstance(link.sink, EarlySink):
+        link.sink = EarlySink()
+    return link.sink
+
+
+def _handshake_item(item: bytes | None) -> bytes:
+    if item is None:
+        raise RelayError("e2e", "peer ended during the end-to-end handshake")
+    if len(item) > 1024:
+        raise RelayError("e2e", "oversized end-to-end handshake message")
+    return item
+
+
 async def run_session(link: RelayLink, app: Conn,
-                      info: t.Connected | t.IncomingRequest, *, initiator: bool) -> None:
-    """Carry ``app`` over the paired ``link`` until both ends are done, then release."""
+                      info: t.Connected | t.IncomingRequest, *, initiator: bool) -> str:
+    """Carry ``app`` over the paired ``link`` until both ends are done, then release.
+
+    Returns "" when the session ran, else why it did not (for the caller's exit code).
+    """
     assert link.framed is not None
     session = Session(link)
     link.session = session
@@ -413,7 +453,15 @@ async def run_session(link: RelayLink, app: Conn,
         if info.e2e:
             e2e = await _e2e_handshake(link, info, initiator)
             seal, open_, overhead = e2e.seal, e2e.open, crypto.OVERHEAD
-        link.sink = _NotifyingRawSink(app, session, open_)
+        early = _early(link)
+        while early.items:  # what the peer sent before we were ready, in order
+            item = early.items.pop(0)
+            if item is None:
+                await app.shutdown_write()
+                session.got_eof.set()
+            else:
+                await app.send_all(open_(item) if open_ else item)
+        link.sink = _NotifyingRawSink(app, session, open_)  # no await since the check
         up = asyncio.create_task(raw_to_frames(app, link.framed, seal=seal, overhead=overhead))
         both_done = asyncio.ensure_future(_both(up, session.got_eof))
         ended = asyncio.ensure_future(session.ended.wait())
@@ -422,7 +470,8 @@ async def run_session(link: RelayLink, app: Conn,
         ended.cancel()
         if up.done() and up.exception() is not None:
             reason = f"local stream error: {up.exception()}"
-    except (crypto.E2EError, RelayError, TimeoutError, ValueError, wire.WireError) as exc:
+    except (crypto.E2EError, RelayError, TimeoutError, ValueError, wire.WireError,
+            OSError, ConnClosed) as exc:
         reason = f"end-to-end setup failed: {exc}"
         log.warning("%s", reason)
     finally:
@@ -437,7 +486,7 @@ async def run_session(link: RelayLink, app: Conn,
     if link.closed.is_set():
         if link.session is session:
             link.session = None
-        return
+        return reason
     try:
         await link.send(link.t.end(reason))
         await asyncio.wait_for(session.released.wait(), link.dead_after)
@@ -449,6 +498,7 @@ async def run_session(link: RelayLink, app: Conn,
             link.sink = None
         if link.owner:
             link.owner.changed()
+    return reason
 
 
 async def _both(up: asyncio.Task[int], got_eof: asyncio.Event) -> None:
@@ -633,6 +683,10 @@ def service_acceptor(services: dict[str, tuple[str, int]],
     """
 
     async def accept(link: RelayLink, ev: t.IncomingRequest) -> None:
+        if ev.insecure and not link.cfg.insecure_ok:
+            log.warning("refusing %s: it cannot encrypt and encryption is required", ev.peer)
+            await link.send(link.t.refuse("encryption required; peer cannot encrypt"))
+            return
         name = ev.service or (next(iter(services)) if len(services) == 1 else "")
         target = services.get(name)
         if target is None:
@@ -648,9 +702,11 @@ def service_acceptor(services: dict[str, tuple[str, int]],
         try:
             if ev.encrypt and not link.t.encrypted:
                 await link.starttls()
+            link.sink = EarlySink()  # the requester may speak as soon as it is paired
             await link.send(link.t.accept())
         except (RelayError, OSError, TimeoutError, ConnClosed, t.LocalProtocolError) as exc:
             app.close()
+            link.sink = None
             log.warning("cannot accept request from %s: %s", ev.peer, exc)
             with contextlib.suppress(Exception):
                 await link.send(link.t.refuse(str(exc)))

@@ -403,9 +403,12 @@ def pipe(target, e2e, encrypt, **opts) -> None:
             click.echo(f"kakehashi: cannot connect to {target}: {exc}", err=True)
             return 1
         try:
-            await run_session(link, FdConn(0, 1), info, initiator=True)
+            why = await run_session(link, FdConn(0, 1), info, initiator=True)
         finally:
             await term.close()
+        if why.startswith("end-to-end"):
+            click.echo(f"kakehashi: {why}", err=True)
+            return 1
         return 0
 
     sys.exit(runner.run(main()))

@@ -22,9 +22,9 @@ Encryption enforcement (the claims of spec 000):
 from __future__ import annotations
 
 import enum
-from collections import deque
 import hashlib
 import secrets
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -388,7 +388,8 @@ class ControlUnit:
             session.token_hash = _hash_token(token)
             self._tokens[session.token_hash] = (record.name, 0.0)
         out: list[object] = [
-            Audit("login", True, {"user": record.name, "addr": conn.addr, "conn": conn.id}),
+            Audit("login", True, {"user": record.name, "addr": conn.addr, "conn": conn.id,
+                                  "encrypted": conn.encrypted}),
             Send(
                 conn.id,
                 m.LoginOk(
@@ -747,7 +748,8 @@ class ControlUnit:
         if session.conns:
             return []
         if session.token_hash in self._tokens:
-            self._tokens[session.token_hash] = (session.record.name, now + self.settings.token_grace)
+            expiry = now + self.settings.token_grace
+            self._tokens[session.token_hash] = (session.record.name, expiry)
         del self.sessions[session.record.name]
         return [Audit("offline", True, {"user": session.record.name})] + self._presence(
             session.record, False, session.record.encryption

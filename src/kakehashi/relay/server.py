@@ -92,6 +92,7 @@ class RelayServer:
         self.listener: Listener | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._auth_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -175,9 +176,14 @@ class RelayServer:
             framed.conn = await start_tls(framed.conn, self.starttls, server_side=True,
                                           timeout=HANDSHAKE_TIMEOUT)
             await self._apply(self.core.tls_established(link.cid))
+            conn = self.core.conns.get(link.cid)
+            self.audit.record("starttls", True, conn=link.cid,
+                              user=conn.user if conn else None,
+                              version=framed.conn.tls_version)
 
     # -- actions ------------------------------------------------------------------
     async def _apply(self, actions: list[object]) -> None:
+        paired: list[Link] = []
         for action in actions:
             if isinstance(action, Send):
                 self._enqueue(action.conn, action.msg, action.delay)
@@ -190,6 +196,7 @@ class RelayServer:
                 if a and b:
                     a.sink = FramedSink(b.framed)
                     b.sink = FramedSink(a.framed)
+                    paired.append(a)
             elif isinstance(action, Unpair):
                 link = self.links.get(action.conn)
                 if link and link.sink:
@@ -200,7 +207,13 @@ class RelayServer:
                 if link:
                     link.upgrade = True
             elif isinstance(action, Authenticate):
-                asyncio.create_task(self._authenticate(action))
+                task = asyncio.create_task(self._authenticate(action))
+                self._auth_tasks.add(task)
+                task.add_done_callback(self._auth_tasks.discard)
+        # The requester must see the positive result (step 16) before the target's
+        # first bytes, which this very reader forwards next: let the result go out.
+        for link in paired:
+            await self._drain(link)
 
     async def _authenticate(self, action: Authenticate) -> None:
         loop = asyncio.get_running_loop()
