@@ -31,9 +31,7 @@ def main(ctx: click.Context, config_path: str | None, log_level: str, log_format
     """
     setup_logging(log_level, fmt=log_format)
     if config_path:
-        data = config.load(config_path)
-        config.check_keys(main, data)
-        ctx.default_map = data
+        ctx.default_map = config.to_default_map(main, config.load(config_path))
 
 
 main.add_command(relay)

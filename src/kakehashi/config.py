@@ -43,20 +43,44 @@ def _normalise(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_keys(group: click.Group, data: dict[str, Any], where: str = "") -> None:
-    """Reject keys that name no command or option."""
+def _flag_names(cmd: click.Command) -> dict[str, str]:
+    """Config key -> parameter name: every long flag (without dashes) and the name."""
+    names: dict[str, str] = {}
+    for param in cmd.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        names[param.name] = param.name
+        for opt in param.opts + param.secondary_opts:
+            if opt.startswith("--"):
+                names[opt[2:].replace("-", "_")] = param.name
+    return names
+
+
+def to_default_map(group: click.Group, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Check a loaded file against the commands and turn it into click's default_map.
+
+    Keys that name no command or flag are rejected, so a typo is an error.
+    """
+    out: dict[str, Any] = {}
     for key, value in data.items():
         cmd = group.commands.get(key) or group.commands.get(key.replace("_", "-"))
         if cmd is None:
             raise ConfigError(f"config: unknown section [{where}{key}]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: [{where}{key}] must be a table")
         if isinstance(cmd, click.Group):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config: [{where}{key}] must be a table")
-            check_keys(cmd, value, f"{where}{key}.")
-        else:
-            names = {p.name for p in cmd.params}
-            for opt in value:
-                if opt not in names:
-                    raise ConfigError(
-                        f"config: unknown key {opt.replace('_', '-')!r} in [{where}{key}] "
-                        f"(known: {', '.join(sorted(n.replace('_', '-') for n in names))})")
+            out[cmd.name or key] = to_default_map(cmd, value, f"{where}{key}.")
+            continue
+        names = _flag_names(cmd)
+        table: dict[str, Any] = {}
+        for opt, val in value.items():
+            if opt not in names:
+                known = sorted({k.replace("_", "-") for k in names if names[k] != k or
+                                k.replace("_", "-") in {o[2:] for p in cmd.params
+                                                        for o in getattr(p, "opts", [])}})
+                raise ConfigError(
+                    f"config: unknown key {opt.replace('_', '-')!r} in [{where}{key}] "
+                    f"(known: {', '.join(known)})")
+            table[names[opt]] = val
+        out[cmd.name or key] = table
+    return out

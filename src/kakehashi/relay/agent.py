@@ -526,6 +526,8 @@ class Terminal:
         self.connected = asyncio.Event()
         self.last_error: Exception | None = None
         self.ever_connected = False
+        self._subscribed = False
+        self._sub_link: RelayLink | None = None
 
     # -- pool ---------------------------------------------------------------------
     def spawn(self, coro: Awaitable[object]) -> None:
@@ -592,6 +594,10 @@ class Terminal:
                 if delay > 0.5:
                     log.info("connected to relay %s:%d", self.cfg.server, self.cfg.port)
                 delay = 0.5
+            try:
+                await self._resubscribe()
+            except (RelayError, OSError, ConnClosed) as exc:
+                log.warning("cannot subscribe to presence notices: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 5.0)
 
@@ -657,11 +663,20 @@ class Terminal:
         return ev.msg
 
     async def subscribe(self) -> None:
+        """Ask for presence notices; kept up across reconnects by :meth:`maintain`."""
+        self._subscribed = True
+        await self._resubscribe()
+
+    async def _resubscribe(self) -> None:
+        if not self._subscribed or (self._sub_link and not self._sub_link.closed.is_set()):
+            return
         link = await self.acquire()
         link.reserved = False
+        self._sub_link = link
         await link.send([m.Subscribe(on=True)])
 
-    async def close(self, *, logout: bool = True) -> None:
+    async def close(self, *, logout: bool = False) -> None:
+        """Close every link; ``logout`` also ends the user's other connections (step 6)."""
         self._stop = True
         self._changed.set()
         links = list(self.links)

@@ -327,7 +327,7 @@ def agent(exposes, spares, allowed, **opts) -> None:
             await maintainer
         finally:
             maintainer.cancel()
-            await term.close()
+            await term.close(logout=True)  # the terminal stops using the relay (step 6)
 
     sys.exit(_run_client(main()))
 

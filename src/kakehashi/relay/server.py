@@ -276,6 +276,8 @@ class RelayServer:
                 conn = self.core.conns.get(link.cid)
                 if conn is None:
                     continue
+                if conn.state is State.CLOSED:
+                    continue  # already being closed (a slowed-down login refusal)
                 if conn.state in (State.NEW, State.AUTH):
                     if now - link.opened > LOGIN_TIMEOUT and link.task:
                         log.info("conn %d did not log in in time", link.cid)
