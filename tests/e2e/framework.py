@@ -94,7 +94,7 @@ class Env:
         self.home = self.root / "home"
         self.db = str(self.root / "relay.db")
         self.env = {**os.environ, "KAKEHASHI_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
-                    "KAKEHASHI_LOG": "info"}
+                    "KAKEHASHI_LOG": os.environ.get("KH_TEST_LOG", "info")}
         self.env.pop("KAKEHASHI_PASSWORD", None)
 
     # -- running the CLI ----------------------------------------------------------

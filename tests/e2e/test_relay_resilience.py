@@ -69,3 +69,23 @@ def test_ctrl_c_is_clean(env, echo):
     assert "Traceback" not in agent.output()
     time.sleep(0.3)
     assert any(a["event"] == "logout" and a["user"] == "pi" for a in env.audit())
+
+
+def test_agent_detects_a_frozen_relay(env, echo):
+    env.add_user("pi")
+    relay, port = env.relay(tls=False, keepalive=0.5)
+    agent = env.agent("pi", port, f"echo={echo.addr}", tls=False)
+    relay.popen.send_signal(signal.SIGSTOP)  # the relay stops answering, TCP stays up
+    try:
+        agent.wait_for("relay missed", timeout=10)
+    finally:
+        relay.popen.send_signal(signal.SIGCONT)
+    assert agent.alive  # it goes on trying to reconnect
+
+
+def test_tls_mismatch_says_what_to_do(env):
+    env.add_user("laptop")
+    _, port = env.relay(tls=True)
+    res = env.run("relay", "who", *env.client_args("laptop", port, tls=False),
+                  env=env.user_env("laptop"), check=False)
+    assert res.returncode == 1 and b"drop --tls off" in res.stderr

@@ -94,15 +94,31 @@ class RelayLink:
     async def open(self, token: str = "") -> t.LoggedIn:
         cfg = self.cfg
         conn = await open_tcp(cfg.server, cfg.port, timeout=cfg.connect_timeout)
+        where = f"{cfg.server}:{cfg.port}"
         try:
             if cfg.tls is not None:
-                conn = await start_tls(conn, cfg.tls, server_side=False,
-                                       server_hostname=cfg.server_hostname or cfg.server,
-                                       timeout=cfg.connect_timeout)
+                try:
+                    conn = await start_tls(conn, cfg.tls, server_side=False,
+                                           server_hostname=cfg.server_hostname or cfg.server,
+                                           timeout=cfg.connect_timeout)
+                except ssl.SSLCertVerificationError as exc:
+                    raise RelayError("tls", f"cannot verify the relay's certificate: "
+                                     f"{exc.verify_message}; pass --ca with the relay's CA "
+                                     "certificate") from None
+                except (ssl.SSLError, ConnectionError, ConnClosed) as exc:
+                    raise RelayError("tls", f"TLS handshake with {where} failed ({exc}); if "
+                                     "the relay runs with --tls off, use --tls off here too"
+                                     ) from None
             self.framed = framed = FramedConn(conn)
             self.t.encrypted = conn.encrypted
             await framed.send(wire.PREAMBLE)
-            await asyncio.wait_for(framed.read_preamble(), cfg.connect_timeout)
+            try:
+                await asyncio.wait_for(framed.read_preamble(), cfg.connect_timeout)
+            except (ConnClosed, ConnectionError) as exc:
+                hint = ("; the relay speaks TLS by default: drop --tls off"
+                        if cfg.tls is None else "")
+                raise RelayError("closed", f"{where} closed the connection ({exc}){hint}"
+                                 ) from None
             if not conn.encrypted and cfg.attrs.encryption == "required":
                 await self._starttls_inline()
             await self._send(self.t.login(cfg.user, cfg.password, token, cfg.attrs,
