@@ -216,11 +216,14 @@ def tls_option(f):
               help="Keepalive interval announced to terminals (seconds).")
 @click.option("--dead-after", type=int, default=3, show_default=True,
               help="Missed keepalives after which a connection is dead.")
-@click.option("--request-timeout", type=float, default=15.0, show_default=True)
+@click.option("--request-timeout", type=float, default=15.0, show_default=True,
+              help="Seconds a connection request may wait for the target's answer.")
+@click.option("--login-timeout", type=float, default=15.0, show_default=True,
+              help="Seconds a new connection has to log in before it is closed.")
 @click.option("--audit-log", type=click.Path(dir_okay=False),
               help="Append allow/deny decisions as JSON lines to this file.")
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
-          audit_log) -> None:
+          login_timeout, audit_log) -> None:
     """Run the relay server."""
     host, port = parse_hostport(listen, DEFAULT_PORT)
     registry = UserRegistry(open_store(db))
@@ -228,7 +231,7 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
         log.warning("no users registered in %s: add one with 'kakehashi relay user add'", db)
     server_ctx = tls.server_context(cert, key, names=list(names) or None)
     settings = Settings(keepalive=keepalive, dead_missed=dead_after,
-                        request_timeout=request_timeout)
+                        request_timeout=request_timeout, login_timeout=login_timeout)
 
     async def main() -> None:
         server = RelayServer(registry, host=host, port=port,

@@ -159,6 +159,7 @@ class Settings:
     keepalive: float = 15.0
     dead_missed: int = 3
     request_timeout: float = 15.0
+    login_timeout: float = 15.0
     token_grace: float = 300.0
     fail_window: float = 600.0
     fail_base_delay: float = 0.5

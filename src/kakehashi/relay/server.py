@@ -39,7 +39,6 @@ from kakehashi.relay.users import UserRegistry
 log = logging.getLogger("kakehashi.relay.server")
 
 HANDSHAKE_TIMEOUT = 10.0
-LOGIN_TIMEOUT = 15.0
 OUTBOX_LIMIT = 1024
 SEND_TIMEOUT = 30.0
 
@@ -125,7 +124,8 @@ class RelayServer:
                 conn = await start_tls(conn, self.tls, server_side=True,
                                        timeout=HANDSHAKE_TIMEOUT)
             framed = FramedConn(conn, self.limits)
-            await asyncio.wait_for(framed.read_preamble(), HANDSHAKE_TIMEOUT)
+            await asyncio.wait_for(framed.read_preamble(),
+                                   min(HANDSHAKE_TIMEOUT, self.settings.login_timeout))
             await framed.send(wire.PREAMBLE)
         except (OSError, ConnClosed, TimeoutError, ssl.SSLError, wire.WireError) as exc:
             log.debug("handshake with %s failed: %s", addr, exc)
@@ -279,7 +279,7 @@ class RelayServer:
                 if conn.state is State.CLOSED:
                     continue  # already being closed (a slowed-down login refusal)
                 if conn.state in (State.NEW, State.AUTH):
-                    if now - link.opened > LOGIN_TIMEOUT and link.task:
+                    if now - link.opened > self.settings.login_timeout and link.task:
                         log.info("conn %d did not log in in time", link.cid)
                         link.task.cancel()
                     continue

@@ -8,6 +8,7 @@ the embedded default (no setup); a Redis backend can implement the same
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 from kakehashi.core.store.sqlite import SQLiteStore
@@ -24,8 +25,9 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str | os.PathLike[str]) -> Store:
     """Open a store from a path or URL (``sqlite:///path`` or a plain path)."""
+    url = os.fspath(url)
     if url.startswith("sqlite://"):
         url = url[len("sqlite://"):]
     if "://" in url:
