@@ -17,8 +17,6 @@ import hmac
 import os
 import re
 import struct
-import tempfile
-from contextlib import suppress
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +25,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from kakehashi.core.paths import write_atomic
 
 __all__ = [
     "OVERHEAD",
@@ -165,35 +165,8 @@ def generate_identity() -> X25519PrivateKey:
 
 
 def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
-    """Write a 0600 file atomically; with ``exclusive`` never replace one.
-
-    Returns False when ``exclusive`` and the file already existed. Linking the
-    finished temporary file into place makes "create if missing" race-free:
-    two processes may both generate a key, but only one wins and both then
-    load the winner's.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if not exclusive:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:  # file system without hard links
-            if path.exists():
-                return False
-            os.replace(tmp, path)
-        return True
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
+    """A 0600 file written atomically (see :func:`kakehashi.core.paths.write_atomic`)."""
+    return write_atomic(path, data, 0o600, exclusive=exclusive)
 
 
 def save_identity(key: X25519PrivateKey, path: str | os.PathLike[str]) -> None:

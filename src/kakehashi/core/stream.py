@@ -65,6 +65,12 @@ class Conn:
     async def recv(self, n: int = RECV_CHUNK) -> bytes:
         return await self.loop.sock_recv(self.sock, n)
 
+    async def _recv_via_buffer(self, n: int = RECV_CHUNK) -> bytes:
+        """``recv`` for subclasses whose reads go through ``recv_into``."""
+        buf = bytearray(n)
+        got = await self.recv_into(buf)
+        return bytes(buf[:got])
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.loop.sock_sendall(self.sock, data)
 
@@ -181,10 +187,7 @@ class TLSConn(Conn):
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0
 
-    async def recv(self, n: int = RECV_CHUNK) -> bytes:
-        buf = bytearray(n)
-        got = await self.recv_into(buf)
-        return bytes(buf[:got])
+    recv = Conn._recv_via_buffer
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -459,10 +462,7 @@ class FdConn(Conn):
             except BlockingIOError:
                 await _wait_fd(self.loop, self.rfd, readable=True)
 
-    async def recv(self, n: int = RECV_CHUNK) -> bytes:
-        buf = bytearray(n)
-        got = await self.recv_into(buf)
-        return bytes(buf[:got])
+    recv = Conn._recv_via_buffer
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)

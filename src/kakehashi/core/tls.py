@@ -24,7 +24,6 @@ import os
 import re
 import socket
 import ssl
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -37,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kakehashi.core.paths import state_dir
+from kakehashi.core.paths import state_dir, write_atomic
 
 try:
     import fcntl
@@ -98,23 +97,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` so readers see either the old file or the whole new one.
-
-    The temporary file is created 0600 by ``mkstemp`` and only then widened,
-    so private keys are never readable by others, not even briefly.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data, mode)
 
 
 FileSig = tuple[str, int, int, int] | None
