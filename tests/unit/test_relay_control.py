@@ -467,7 +467,7 @@ def test_fig4_target_cannot_encrypt_requester_asked(r):
     assert (ask.insecure, ask.req, ask.peer) == (True, 9, "t11")
     assert not sent(acts, c1)
     note = one(r.recv(c2, m.Accept(req=9)), c1, m.Notify)
-    assert note.insecure and not note.encrypt and note.peer == "t21"
+    assert not note.insecure and not note.encrypt and note.peer == "t21"
     acts = r.recv(c1, m.Accept(req=note.req))
     assert Pair(c2, c1) in acts and not one(acts, c2, m.Result).encrypt
 
@@ -663,3 +663,50 @@ def test_spare_of_required_user_is_encrypted_too(r):
     cid = r.cu.connection_made("10.0.1.1", encrypted=False)
     acts = r.recv(cid, m.Login(user="t21", token=r.tokens["t21"]))
     assert one(acts, cid, m.LoginFail)
+
+
+# -- review fixes ----------------------------------------------------------------------
+def test_login_may_narrow_allowed_peers_but_never_widen(r):
+    r.login("t21", allowed_peers=("alice",), attrs=m.Attrs(allowed_peers=["alice", "bob"]))
+    alice = r.login("alice")
+    bob = r.login("bob")
+    assert one(r.recv(bob, m.ConnectRequest(req=1, target="t21")), bob, m.Error).code == \
+        "forbidden"
+    assert not sent(r.recv(alice, m.ConnectRequest(req=2, target="t21")), alice, m.Error)
+
+
+def test_notify_policy_given_at_login_hides_the_user(r):
+    r.login("shy", attrs=m.Attrs(notify="none"))
+    viewer = r.login("viewer")
+    who = one(r.recv(viewer, m.Who()), viewer, m.WhoList)
+    assert [u.user for u in who.users] == ["viewer"]
+
+
+def test_logout_revokes_the_token_even_after_a_reconnect_with_it(r):
+    first = r.login("t11")
+    token = r.tokens["t11"]
+    r.cu.connection_lost(first, r.now)  # network loss: the token has a grace period
+    cid = r.cu.connection_made("10.0.0.9", encrypted=False)
+    r.recv(cid, m.Login(user="t11", password="pw", token=token))
+    ok = one(r.cu.authenticated(cid, r.records["t11"], r.now), cid, m.LoginOk)
+    assert ok.token == token  # the terminal keeps its token
+    r.recv(cid, m.Logout())
+    r.cu.connection_lost(cid, r.now)
+    again = r.cu.connection_made("10.0.0.9", encrypted=False)
+    acts = r.recv(again, m.Login(user="t11", token=token))
+    assert one(acts, again, m.LoginFail)
+
+
+def test_starttls_while_the_password_is_checked_is_a_violation(r):
+    cid = r.cu.connection_made("10.0.0.1", encrypted=False)
+    r.recv(cid, m.Login(user="alice", password="pw"))
+    acts = r.recv(cid, m.StartTLS())
+    assert closes(acts) and not [a for a in acts if isinstance(a, m.TLSGo)]
+
+
+def test_pair_audit_records_the_tls_state_of_both_hops(r):
+    a = r.login("t11", encrypted=True)
+    b = r.login("t21", encrypted=False)
+    note = one(r.recv(a, m.ConnectRequest(req=1, target="t21")), b, m.Notify)
+    audit = [x for x in r.recv(b, m.Accept(req=note.req)) if getattr(x, "event", "") == "pair"]
+    assert audit[0].fields["hops_tls"] == [True, False]

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ F_GETPIPE_SZ = 1032
 PIPE_SIZE = 1 << 20
 SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
-_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 #: Set KAKEHASHI_NO_SPLICE=1 to force the buffered path (benchmarks, debugging).
 SPLICE_ENABLED = SPLICE_AVAILABLE and os.environ.get("KAKEHASHI_NO_SPLICE") != "1"
@@ -81,10 +79,14 @@ async def splice_out(pipe: Pipe, dst: Conn, n: int) -> None:
 
 
 async def _send_header(dst: Conn, header: bytes) -> None:
-    """Send a frame header, hinting the kernel that the payload follows (MSG_MORE)."""
+    """Send a frame header without a loop round trip when the socket has room.
+
+    No MSG_MORE here: a corked header followed by a splice can sit in the kernel for
+    the 200 ms cork timer, which is what a small interactive frame cannot afford.
+    """
     if dst.plain:
         try:
-            sent = dst.sock.send(header, _MSG_MORE)
+            sent = dst.sock.send(header)
         except BlockingIOError:
             sent = 0
         if sent < len(header):
@@ -206,6 +208,14 @@ class RawSink(FrameSink):
 
     async def data(self, src: FramedConn, length: int) -> None:
         self.counter.bytes += length
+        src.stalled = True  # a slow application is not a dead relay
+        try:
+            await self._deliver(src, length)
+        finally:
+            src.stalled = False
+            src.last_rx = src.conn.loop.time()
+
+    async def _deliver(self, src: FramedConn, length: int) -> None:
         if self.open is not None:
             await self.dst.send_all(self.open(await src.read_payload(length)))
             return
@@ -262,10 +272,14 @@ class FramedSink(FrameSink):
         rest = length - len(head)
         if not (self.splices and src.conn.plain):
             payload = head + (await src.read_payload(rest) if rest else b"")
+            src.stalled = True  # waiting on the peer now, not on the sender
             try:
                 await self.dst.send(header + payload)
             except (OSError, ConnClosed):
                 self._lost()
+            finally:
+                src.stalled = False
+                src.last_rx = src.conn.loop.time()
             return
         pipe = self._pipe = self._pipe or Pipe()
         # A pipe holds a bounded number of *segments*, not bytes: a frame cannot be

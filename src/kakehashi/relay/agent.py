@@ -141,6 +141,11 @@ class RelayLink:
             raise
         self.token = ev.token
         self.keepalive = cfg.keepalive or ev.keepalive
+        if self.keepalive >= ev.dead_after / 2:
+            log.warning("keepalive %.1fs is too long for this relay (it drops connections "
+                        "silent for %.0fs); using %.1fs", self.keepalive, ev.dead_after,
+                        ev.keepalive)
+            self.keepalive = ev.keepalive
         self.dead_after = max(ev.dead_after, self.keepalive * 3)
         self.idle_since = asyncio.get_running_loop().time()
         self.reader = asyncio.create_task(self._read_loop())
@@ -204,6 +209,8 @@ class RelayLink:
                 self.t.tls_established()
                 if self._tls_ready:
                     self._tls_ready.set()
+        except crypto.E2EError as exc:
+            log.warning("end-to-end check failed, dropping the session: %s", exc)
         except (OSError, ConnClosed, wire.WireError, ssl.SSLError,
                 t.RemoteProtocolError) as exc:
             log.debug("link %s lost: %s", self.t.conn_id, exc)

@@ -158,11 +158,22 @@ def user_passwd(name, db, password_stdin, password_file) -> None:
     click.echo(f"password of {name} changed")
 
 
-def _valid_name(name: str) -> None:
+def _valid_name(name: str, hint: str = "NAME", what: str = "user IDs") -> None:
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
-        raise click.BadParameter("user IDs are 1-64 of A-Z a-z 0-9 _ . @ -", param_hint="NAME")
+        raise click.BadParameter(f"{what} are 1-64 of A-Z a-z 0-9 _ . @ -", param_hint=hint)
+
+
+def _load_identity(path: str | None):
+    if not path:
+        return None
+    try:
+        return crypto.load_identity(path)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(
+            f"cannot load {path}: {exc} (create one with 'kakehashi relay keygen PATH')",
+            param_hint="--identity") from None
 
 
 def _apply_attrs(rec: UserRecord, attrs: dict) -> UserRecord:
@@ -225,7 +236,9 @@ def tls_option(f):
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
           login_timeout, audit_log) -> None:
     """Run the relay server."""
-    host, port = parse_hostport(listen, DEFAULT_PORT)
+    host, port = _hostport(listen, "--listen", DEFAULT_PORT)
+    if bool(cert) != bool(key):
+        raise click.UsageError("--cert and --key go together")
     registry = UserRegistry(open_store(db))
     if not registry.list():
         log.warning("no users registered in %s: add one with 'kakehashi relay user add'", db)
@@ -238,7 +251,10 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
                              tls=server_ctx if tls_mode == "on" else None,
                              starttls=server_ctx, settings=settings,
                              audit=AuditLog(audit_log, system="relay"))
-        addr = await server.start()
+        try:
+            addr = await server.start()
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {listen}: {exc.strerror}") from None
         click.echo(f"relay listening on {addr[0]}:{addr[1]} "
                    f"({'TLS' if tls_mode == 'on' else 'plaintext'})", err=True)
         try:
@@ -270,11 +286,21 @@ def terminal_options(f):
     return f
 
 
+def _hostport(text: str, hint: str, default: int | None = None) -> tuple[str, int]:
+    try:
+        return parse_hostport(text, default)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
 def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, encryption,
                      insecure_peer, keepalive, identity, peer_keys, *, spares: int,
                      services: list[str] | None = None,
                      allowed_peers: list[str] | None = None) -> TerminalConfig:
-    host, port = parse_hostport(server, DEFAULT_PORT)
+    _valid_name(user, "--user")
+    host, port = _hostport(server, "--server", DEFAULT_PORT)
+    if keepalive is not None and keepalive <= 0:
+        raise click.BadParameter("must be positive", param_hint="--keepalive")
     pw = _read_password(password_stdin, password_file)
     ctx = tls.client_context(ca)
     keys = {}
@@ -282,7 +308,10 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
         name, sep, key_b64 = item.partition("=")
         if not sep:
             raise click.BadParameter("expected NAME=BASE64", param_hint="--peer-key")
-        crypto.parse_public_b64(key_b64)
+        try:
+            crypto.parse_public_b64(key_b64)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--peer-key") from None
         keys[name] = key_b64
     attrs = m.Attrs(encryption=encryption, services=services or [],
                     insecure_peer=insecure_peer, allowed_peers=allowed_peers)
@@ -290,7 +319,7 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
         server=host, port=port, user=user, password=pw,
         tls=ctx if tls_mode == "on" else None, starttls=ctx, attrs=attrs, spares=spares,
         keepalive=keepalive,
-        identity=crypto.load_identity(identity) if identity else None,
+        identity=_load_identity(identity),
         peer_keys=keys, insecure_ok=insecure_peer == "ask",
     )
 
@@ -310,7 +339,8 @@ def agent(exposes, spares, allowed, **opts) -> None:
         name, sep, target = item.partition("=")
         if not sep or not name:
             raise click.BadParameter(f"{item!r}: expected NAME=HOST:PORT", param_hint="--expose")
-        services[name] = parse_hostport(target)
+        _valid_name(name, "--expose", "service names")
+        services[name] = _hostport(target, "--expose")
     cfg = _terminal_config(**opts, spares=spares, services=list(services),
                            allowed_peers=_split(allowed) or None)
 
@@ -344,6 +374,9 @@ def _print_message(msg: m.Msg) -> None:
 
 def _target(spec: str) -> tuple[str, str]:
     name, _, service = spec.partition("/")
+    _valid_name(name, "TARGET")
+    if service:
+        _valid_name(service, "TARGET", "service names")
     return name, service
 
 
@@ -358,7 +391,7 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
     """Forward a local port to TARGET[/SERVICE] through the relay."""
     cfg = _terminal_config(**opts, spares=spares)
     name, service = _target(target)
-    host, port = parse_hostport(listen)
+    host, port = _hostport(listen, "--listen")
 
     async def main() -> int:
         term = Terminal(cfg, on_message=_print_message)

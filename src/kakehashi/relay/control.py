@@ -124,6 +124,7 @@ class Pending:
     target_conn: int | None = None
     phase: str = "new"  # encrypt-wait | ask-wait | target-wait
     insecure: bool = False
+    insecure_ok: bool = False
     cancelled: bool = False
     #: the requester itself asked for encryption (Fig. 4), not only the target
     requester_requires: bool = False
@@ -205,17 +206,32 @@ def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _visible(record: UserRecord, viewer: str) -> bool:
-    """Whether ``viewer`` may learn of ``record``'s presence (its notify policy)."""
+def _visible(record: UserRecord, viewer: str, attrs: m.Attrs | None = None) -> bool:
+    """Whether ``viewer`` may learn of a user's presence (its notify policy).
+
+    The policy given at login (``attrs``) wins over the registered one.
+    """
     if viewer == record.name:
         return True
-    if record.notify == "all":
+    policy = (attrs.notify if attrs else None) or record.notify
+    users = attrs.notify_users if attrs and attrs.notify_users is not None \
+        else record.notify_users
+    if policy == "all":
         return True
-    if record.notify == "none":
+    if policy == "none":
         return False
-    if record.notify == "only":
-        return viewer in record.notify_users
-    return viewer not in record.notify_users
+    if policy == "only":
+        return viewer in users
+    return viewer not in users
+
+
+def _narrow(registered: tuple[str, ...] | None, given: list[str] | None) -> list[str] | None:
+    """Allowed peers: a login may narrow the registered list, never widen it."""
+    if given is None:
+        return list(registered) if registered is not None else None
+    if registered is None:
+        return list(given)
+    return [peer for peer in given if peer in registered]
 
 
 class ControlUnit:
@@ -320,10 +336,9 @@ class ControlUnit:
         if msg.token:
             entry = self._tokens.get(_hash_token(msg.token))
             session = self.sessions.get(msg.user)
-            if entry and entry[0] == msg.user and session is not None:
+            live = entry is not None and (not entry[1] or now <= entry[1])
+            if live and entry[0] == msg.user and session is not None:  # type: ignore[index]
                 return self._login_ok(conn, session.record, msg, now)
-            if entry and entry[0] == msg.user and entry[1] and now <= entry[1]:
-                pass  # token still valid but the session record is gone: verify password
             if not msg.password:
                 return self._login_failed(conn, msg.user, "resumption token expired", now)
         if not msg.password:
@@ -351,9 +366,7 @@ class ControlUnit:
             notify_users=attrs.notify_users
             if attrs.notify_users is not None
             else list(record.notify_users),
-            allowed_peers=attrs.allowed_peers
-            if attrs.allowed_peers is not None
-            else (list(record.allowed_peers) if record.allowed_peers is not None else None),
+            allowed_peers=_narrow(record.allowed_peers, attrs.allowed_peers),
             insecure_peer=attrs.insecure_peer or record.insecure_peer,
             services=attrs.services,
             inherit=attrs.inherit,
@@ -383,11 +396,15 @@ class ControlUnit:
         conn.user = record.name
         conn.state = State.IDLE
         session.conns.add(conn.id)
-        token = login.token if login.token and self._tokens.get(_hash_token(login.token)) else ""
+        entry = self._tokens.get(_hash_token(login.token)) if login.token else None
+        valid = entry is not None and entry[0] == record.name and (not entry[1] or now <= entry[1])
+        token = login.token if valid else ""  # a still-valid token is kept and live again
         if not token:
             token = secrets.token_urlsafe(24)
-            session.token_hash = _hash_token(token)
-            self._tokens[session.token_hash] = (record.name, 0.0)
+        if session.token_hash and session.token_hash != _hash_token(token):
+            self._tokens.pop(session.token_hash, None)  # one live token per user session
+        session.token_hash = _hash_token(token)
+        self._tokens[session.token_hash] = (record.name, 0.0)
         out: list[object] = [
             Audit("login", True, {"user": record.name, "addr": conn.addr, "conn": conn.id,
                                   "encrypted": conn.encrypted}),
@@ -416,6 +433,8 @@ class ControlUnit:
         return []
 
     def _on_StartTLS(self, conn: Connection, msg: m.StartTLS, now: float) -> list[object]:
+        if conn.state is State.AUTH:
+            return self._violation(conn, "STARTTLS while the login is being checked")
         if conn.encrypted:
             return [Send(conn.id, m.Error(code="already-encrypted", message="already TLS"))]
         if conn.attrs.encryption == "off" and conn.state is not State.NEW:
@@ -440,7 +459,7 @@ class ControlUnit:
     def _on_Who(self, conn: Connection, msg: m.Who, now: float) -> list[object]:
         users = []
         for name, s in sorted(self.sessions.items()):
-            if s.conns and _visible(s.record, conn.user or ""):
+            if s.conns and _visible(s.record, conn.user or "", s.base_attrs):
                 services = sorted({sv for c in s.conns for sv in self.conns[c].attrs.services})
                 users.append(
                     m.UserInfo(
@@ -456,10 +475,12 @@ class ControlUnit:
         conn.subscribed = msg.on
         return []
 
-    def _presence(self, record: UserRecord, online: bool, enc: m.Encryption) -> list[object]:
+    def _presence(self, record: UserRecord, online: bool, enc: m.Encryption,
+                  attrs: m.Attrs | None = None) -> list[object]:
         out: list[object] = []
         for c in self.conns.values():
-            if c.subscribed and c.user and c.user != record.name and _visible(record, c.user):
+            if c.subscribed and c.user and c.user != record.name \
+                    and _visible(record, c.user, attrs):
                 out.append(Send(c.id, m.Presence(user=record.name, online=online, encryption=enc)))
         return out
 
@@ -468,7 +489,7 @@ class ControlUnit:
         delivered, missing = [], []
         for target in dict.fromkeys(msg.targets):
             s = self.sessions.get(target)
-            if (not s or not s.conns or not _visible(s.record, conn.user or "")
+            if (not s or not s.conns or not _visible(s.record, conn.user or "", s.base_attrs)
                     or not self._allows(s, conn.user or "")):
                 missing.append(target)
                 continue
@@ -490,7 +511,8 @@ class ControlUnit:
             return refuse("busy", "this connection is not idle; use a spare connection")
         requester = self.sessions[conn.user]  # type: ignore[index]
         target = self.sessions.get(msg.target)
-        if target is None or not target.conns or not _visible(target.record, conn.user or ""):
+        if target is None or not target.conns or not _visible(
+                target.record, conn.user or "", target.base_attrs):
             return refuse("not-logged-in", f"{msg.target} is not logged in")
         if not self._allows(target, conn.user or ""):
             return refuse("forbidden", f"{msg.target} does not accept connections from you")
@@ -538,8 +560,6 @@ class ControlUnit:
                        else "you asked for encryption: upgrade this connection")
                 return [Send(conn.id, m.EncryptInstruct(req=msg.req, reason=why))]
             return self._requester_cannot_encrypt(p, target)
-        if target_requires:  # requester already encrypted: instruction and acceptance implied
-            pass
         return self._notify_target(p)
 
     def _requester_cannot_encrypt(self, p: Pending, target: UserSession) -> list[object]:
@@ -633,7 +653,7 @@ class ControlUnit:
             if tconn_id is None:
                 return self._fail_request(p, "target-busy", f"{p.target} has no idle connection")
             p.encrypt = False
-            p.insecure = True
+            p.insecure_ok = True  # the requester accepted an unencrypted target
             return self._send_notify(p, self.conns[tconn_id])
         if conn.state is not State.NOTIFIED or p is None or p.id != msg.req:
             return self._violation(conn, "accept without a pending notification")
@@ -657,7 +677,9 @@ class ControlUnit:
             Pair(req_conn.id, conn.id),
             Audit("pair", True, {
                 "from": p.requester, "to": p.target, "service": p.service,
-                "encrypted": p.encrypt, "e2e": p.e2e, "insecure_ok": p.insecure,
+                "encrypted": p.encrypt, "e2e": p.e2e,
+                "insecure_ok": p.insecure or p.insecure_ok,
+                "hops_tls": [req_conn.encrypted, conn.encrypted],
                 "conns": [req_conn.id, conn.id],
             }),
             Send(req_conn.id, m.Result(
