@@ -234,9 +234,13 @@ async def start_tls(
 async def open_tcp(host: str, port: int, *, timeout: float = 10.0) -> Conn:
     """Connect to host:port, trying each resolved address (happy path first)."""
     loop = asyncio.get_running_loop()
-    infos = await asyncio.wait_for(
-        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
-    )
+    literal = _literal_address(host, port)
+    if literal is not None:  # no resolver round trip (a thread hop) for an address
+        infos = [literal]
+    else:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
+        )
     last: Exception | None = None
     for family, type_, proto, _, addr in infos:
         sock = socket.socket(family, type_, proto)
@@ -248,6 +252,16 @@ async def open_tcp(host: str, port: int, *, timeout: float = 10.0) -> Conn:
             sock.close()
             last = exc
     raise ConnectionError(f"cannot connect to {host}:{port}: {last}") from last
+
+
+def _literal_address(host: str, port: int) -> tuple | None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return (family, socket.SOCK_STREAM, 0, "", (host, port))
+    return None
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -422,6 +436,24 @@ class FramedConn:
         async with self.write_lock:
             await self.conn.send_all(data)
             self.bytes_out += len(data)
+
+    def send_now(self, data: bytes) -> int:
+        """Write without waiting if nobody else is writing; returns bytes written.
+
+        A small control message almost always fits in the socket buffer, so the
+        caller saves a task and a loop round trip. Only plain sockets qualify (TLS
+        records must go through the TLS object in order).
+        """
+        if self.write_lock.locked() or not self.conn.plain or self.conn.closed:
+            return 0
+        try:
+            sent = self.conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            return 0
+        self.bytes_out += sent
+        return sent
 
     async def send_frame(self, ftype: wire.FrameType, payload: bytes = b"") -> None:
         await self.send(wire.encode_header(ftype, len(payload)) + payload)

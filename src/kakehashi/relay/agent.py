@@ -300,19 +300,15 @@ class RelayLink:
 
     # -- requests -----------------------------------------------------------------
     async def request(self, msgs: list[m.Msg], timeout: float) -> object:
-        self._waiter = asyncio.get_running_loop().create_future()
-        await self._send(msgs)
-        closed = asyncio.ensure_future(self.closed.wait())
-        try:
-            done, _ = await asyncio.wait({self._waiter, closed}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-        if self._waiter in done:
-            return self._waiter.result()
+        """Send and wait for the answer (a lost link fails the wait at once)."""
         if self.closed.is_set():
             raise RelayError("closed", "connection to the relay was lost")
-        raise RelayError("timeout", "the relay did not answer in time")
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        await self._send(msgs)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise RelayError("timeout", "the relay did not answer in time") from None
 
     async def connect(self, target: str, service: str = "", *, encrypt: bool = False,
                       e2e: bool = False, timeout: float = 30.0) -> t.Connected:
@@ -335,6 +331,8 @@ class RelayLink:
             return
         self.t.state = t.TState.CLOSED
         self.closed.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(RelayError("closed", "connection to the relay was lost"))
         if self.framed:
             self.framed.conn.close()
         if self.sink:

@@ -51,6 +51,13 @@ class _Closing:
         self.delay = delay
 
 
+@dataclass(frozen=True)
+class _Raw:
+    """Outbox item: the unsent rest of an encoded message."""
+
+    data: bytes
+
+
 @dataclass(eq=False)
 class Link:
     """The server's view of one terminal connection."""
@@ -236,6 +243,13 @@ class RelayServer:
             if link.task:
                 link.task.cancel()
             return
+        idle = not link.outbox and (link.flusher is None or link.flusher.done())
+        if idle and not delay and not isinstance(item, _Closing):
+            data = m.RELAY_CODEC.encode(item)  # type: ignore[arg-type]
+            sent = link.framed.send_now(data)
+            if sent == len(data):
+                return
+            item = _Raw(data[sent:])  # the rest goes first, in order
         link.outbox.append((item, delay))
         if link.flusher is None or link.flusher.done():
             link.flusher = asyncio.create_task(self._flush(link))
@@ -252,9 +266,9 @@ class RelayServer:
                 if link.task:
                     link.task.cancel()
                 return
+            data = item.data if isinstance(item, _Raw) else m.RELAY_CODEC.encode(item)
             try:
-                await asyncio.wait_for(link.framed.send(m.RELAY_CODEC.encode(item)),
-                                       SEND_TIMEOUT)
+                await asyncio.wait_for(link.framed.send(data), SEND_TIMEOUT)
             except (OSError, ConnClosed, TimeoutError, ssl.SSLError):
                 if link.task:
                     link.task.cancel()
