@@ -57,7 +57,7 @@ class Pipe:
 
 
 def can_splice(*conns: Conn) -> bool:
-    return SPLICE_ENABLED and all(c.plain for c in conns)
+    return SPLICE_ENABLED and all(c.plain and not c.has_pushback for c in conns)
 
 
 async def splice_in(src: Conn, pipe: Pipe, n: int) -> int:

@@ -47,6 +47,7 @@ class Conn:
         except OSError:
             self.peer = None
         self.tls_version: str | None = None
+        self._pushback = b""
 
     @property
     def encrypted(self) -> bool:
@@ -60,10 +61,29 @@ class Conn:
         return self.sock.fileno()
 
     async def recv_into(self, buf: memoryview | bytearray) -> int:
+        if self._pushback:
+            return self._take_pushback(buf)
         return await self.loop.sock_recv_into(self.sock, buf)
 
     async def recv(self, n: int = RECV_CHUNK) -> bytes:
+        if self._pushback:
+            data, self._pushback = self._pushback[:n], self._pushback[n:]
+            return data
         return await self.loop.sock_recv(self.sock, n)
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the stream (after sniffing a protocol)."""
+        self._pushback = data + self._pushback
+
+    def _take_pushback(self, buf: memoryview | bytearray) -> int:
+        n = min(len(buf), len(self._pushback))
+        buf[:n] = self._pushback[:n]
+        self._pushback = self._pushback[n:]
+        return n
+
+    @property
+    def has_pushback(self) -> bool:
+        return bool(self._pushback)
 
     async def _recv_via_buffer(self, n: int = RECV_CHUNK) -> bytes:
         """``recv`` for subclasses whose reads go through ``recv_into``."""
@@ -176,6 +196,8 @@ class TLSConn(Conn):
                 await self.loop.sock_sendall(self.sock, self._out.read())
 
     async def recv_into(self, buf: memoryview | bytearray) -> int:
+        if self._pushback:
+            return self._take_pushback(buf)
         while True:
             try:
                 return self._obj.read(len(buf), buf)
@@ -473,6 +495,7 @@ class FdConn(Conn):
         self._closed = False
         self.peer = None
         self.tls_version = None
+        self._pushback = b""
         self.sock = None  # type: ignore[assignment]
         self._saved = {}
         for fd in {rfd, wfd}:

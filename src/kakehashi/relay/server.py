@@ -103,7 +103,7 @@ class RelayServer:
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
-        self.listener = Listener(self.host, self.port, self._handle)
+        self.listener = Listener(self.host, self.port, self.handle_connection)
         self.listener.start()
         self._watchdog = asyncio.create_task(self._watch())
         addr = self.listener.address
@@ -124,7 +124,13 @@ class RelayServer:
         return time.monotonic()
 
     # -- per connection -----------------------------------------------------------
-    async def _handle(self, conn: Conn) -> None:
+    async def attach(self) -> None:
+        """Start the keepalive watchdog without a listener of its own (the gateway's
+        one-port mux hands connections to :meth:`handle_connection`)."""
+        self._watchdog = asyncio.create_task(self._watch())
+
+    async def handle_connection(self, conn: Conn) -> None:
+        """Serve one terminal connection (already TLS if the mux did TLS)."""
         addr = conn.peer[0] if conn.peer else "?"
         try:
             if self.tls is not None:
