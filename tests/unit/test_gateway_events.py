@@ -1,0 +1,95 @@
+"""The event hub: cursors, retention, long polling (spec 001 Fig. 11, claim 7)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kakehashi.gateway.events import EventHub, Retention, TopicLog
+
+
+def test_no_event_then_events_after_the_cursor():
+    log = TopicLog()
+    assert log.since(0).events == ()  # Fig. 11, 702: "no event"
+    for i in range(5):
+        log.append(f"e{i}".encode(), now=0.0)
+    batch = log.since(2)
+    assert [e.seq for e in batch.events] == [3, 4, 5] and batch.cursor == 5
+    assert log.since(5).events == () and log.since(5).cursor == 5
+
+
+def test_reconnecting_with_the_cursor_loses_and_repeats_nothing():
+    log = TopicLog()
+    seen: list[int] = []
+    cursor = 0
+    for round_ in range(10):
+        for i in range(round_ % 3 + 1):
+            log.append(f"{round_}.{i}".encode(), now=0.0)
+        batch = log.since(cursor)  # a new poll after a "reconnect"
+        seen += [e.seq for e in batch.events]
+        cursor = batch.cursor
+    assert seen == list(range(1, log.last_seq + 1))
+
+
+def test_retention_drops_old_events_and_reports_the_gap():
+    log = TopicLog(Retention(max_events=3))
+    for i in range(6):
+        log.append(str(i).encode(), now=0.0)
+    batch = log.since(1)
+    assert batch.gap and [e.seq for e in batch.events] == [4, 5, 6]
+    assert not log.since(4).gap
+
+
+def test_age_and_size_limits():
+    log = TopicLog(Retention(max_age=10, max_bytes=10))
+    log.append(b"12345", now=0.0)
+    log.append(b"123456", now=1.0)  # over 10 bytes: the oldest goes
+    assert [e.seq for e in log.since(0).events] == [2]
+    log.expire(now=20.0)
+    assert log.since(0).events == ()
+    with pytest.raises(ValueError):
+        TopicLog(Retention(max_event=4)).append(b"12345", now=0.0)
+
+
+def test_cursor_from_a_restarted_hub_resets_with_a_gap():
+    log = TopicLog()
+    log.append(b"x", now=0.0)
+    batch = log.since(99)
+    assert batch.gap and batch.cursor == 1 and batch.events == ()
+
+
+def test_negative_cursor_means_only_new_events():
+    log = TopicLog()
+    log.append(b"old", now=0.0)
+    assert log.since(-1).events == () and log.since(-1).cursor == 1
+
+
+async def test_long_poll_wakes_on_publish_and_times_out_otherwise():
+    hub = EventHub()
+    waiter = asyncio.create_task(hub.wait("alerts", 0, timeout=5))
+    await asyncio.sleep(0.01)
+    hub.publish("alerts", b"fire")
+    batch = await asyncio.wait_for(waiter, 1)
+    assert [e.data for e in batch.events] == [b"fire"]
+    empty = await hub.wait("alerts", batch.cursor, timeout=0.05)
+    assert empty.events == () and empty.cursor == batch.cursor
+
+
+async def test_only_new_long_poll_sees_an_event_published_during_the_wait():
+    hub = EventHub()
+    hub.publish("t", b"old")
+    waiter = asyncio.create_task(hub.wait("t", -1, timeout=5))
+    await asyncio.sleep(0.01)
+    hub.publish("t", b"new")
+    assert [e.data for e in (await waiter).events] == [b"new"]
+
+
+async def test_topic_names_and_count_are_bounded():
+    hub = EventHub(Retention(max_topics=2))
+    with pytest.raises(ValueError):
+        hub.publish("bad topic", b"x")
+    hub.publish("a", b"x")
+    hub.publish("b", b"x")
+    with pytest.raises(ValueError):
+        hub.publish("c", b"x")
