@@ -65,8 +65,11 @@ class Entry:
 
 def _split_ports(item: str) -> tuple[str, str]:
     """``host:ports``, ``[v6]:ports``, a bare v6 network, or no ports at all."""
-    if item.startswith("["):
+    if item.startswith("["):  # [2001:db8::]/32:443 or [2001:db8::/32]:443
         host, _, rest = item[1:].partition("]")
+        if rest.startswith("/"):
+            prefix, _, ports = rest.partition(":")
+            return host + prefix, ports
         return host, rest[1:] if rest.startswith(":") else ""
     if item.count(":") == 1:
         host, ports = item.split(":")
