@@ -60,6 +60,8 @@ class ProtocolMux:
         self.timeout = timeout
         self.routes: list[Route] = []
         self.fallback: Handler | None = None
+        #: refuse plaintext: only TLS may open a connection
+        self.require_tls = False
 
     def add(self, name: str, match: Matcher, handler: Handler) -> None:
         self.routes.append(Route(name, match, handler))
@@ -70,6 +72,10 @@ class ProtocolMux:
             if self.tls is not None and head[:1] == bytes([TLS_RECORD_HANDSHAKE]):
                 conn = await start_tls(conn, self.tls, server_side=True, timeout=self.timeout)
                 head = await asyncio.wait_for(self._read_ahead(conn), self.timeout)
+            elif self.require_tls:
+                log.debug("plaintext from %s refused (TLS required)", conn.peer)
+                conn.close()
+                return
         except (TimeoutError, OSError, ConnClosed, ssl.SSLError) as exc:
             log.debug("no protocol from %s: %s", conn.peer, exc)
             conn.close()

@@ -123,6 +123,46 @@ async def copy_raw(src: Conn, dst: Conn, counter: Transfer | None = None) -> int
     return counter.bytes
 
 
+async def copy_length(src: Conn, dst: Conn, n: int, counter: Transfer | None = None) -> int:
+    """Copy exactly ``n`` bytes (a Content-Length body); ConnClosed if ``src`` ends early."""
+    counter = counter or Transfer()
+    left = n
+    if can_splice(src, dst):
+        pipe = Pipe()
+        try:
+            while left:
+                got = await splice_in(src, pipe, min(left, pipe.size))
+                if not got:
+                    raise ConnClosed(f"peer closed with {left} of {n} bytes missing")
+                await splice_out(pipe, dst, got)
+                left -= got
+                counter.bytes += got
+        finally:
+            pipe.close()
+        return n
+    buf = bytearray(min(RECV_CHUNK, max(n, 1)))
+    view = memoryview(buf)
+    while left:
+        got = await src.recv_into(view[: min(left, len(buf))])
+        if not got:
+            raise ConnClosed(f"peer closed with {left} of {n} bytes missing")
+        await dst.send_all(view[:got])
+        left -= got
+        counter.bytes += got
+    return n
+
+
+async def copy_until_eof(src: Conn, dst: Conn, counter: Transfer | None = None) -> int:
+    """Copy until ``src`` ends, without half-closing ``dst`` (a close-delimited body)."""
+    counter = counter or Transfer()
+    buf = bytearray(RECV_CHUNK)
+    view = memoryview(buf)
+    while got := await src.recv_into(view):
+        await dst.send_all(view[:got])
+        counter.bytes += got
+    return counter.bytes
+
+
 async def pump_raw(a: Conn, b: Conn) -> tuple[int, int]:
     """Both directions between two plain streams until both have ended."""
     ab, ba = Transfer(), Transfer()
