@@ -19,6 +19,10 @@ from collections.abc import Awaitable, Callable
 from kakehashi.core import wire
 
 RECV_CHUNK = 256 * 1024
+#: reads for control messages: large enough for any control frame, small enough
+#: to stay below malloc's mmap threshold (a 256 KiB read per keepalive costs an
+#: mmap/munmap pair and page faults)
+SMALL_CHUNK = 16 * 1024
 
 
 class ConnClosed(Exception):
@@ -181,8 +185,8 @@ class TLSConn(Conn):
         await self._flush()
         self.tls_version = self._obj.version()
 
-    async def _fill(self) -> bool:
-        data = await self.loop.sock_recv(self.sock, RECV_CHUNK)
+    async def _fill(self, want: int = SMALL_CHUNK) -> bool:
+        data = await self.loop.sock_recv(self.sock, min(max(want, SMALL_CHUNK), RECV_CHUNK))
         if not data:
             self._in.write_eof()
             self._eof = True
@@ -204,7 +208,7 @@ class TLSConn(Conn):
             except ssl.SSLWantReadError:
                 if self._out.pending:
                     await self._flush()
-                if self._eof or not await self._fill():
+                if self._eof or not await self._fill(len(buf)):
                     return 0
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0
@@ -406,10 +410,11 @@ class FramedConn:
     async def _fill(self, need: int, *, exact: bool) -> bool:
         """Ensure ``need`` bytes are buffered; False on clean EOF before any of them."""
         while len(self._rbuf) < need:
+            missing = need - len(self._rbuf)
             if exact and self.conn.plain:
-                chunk = await self.conn.recv(need - len(self._rbuf))
+                chunk = await self.conn.recv(missing)
             else:
-                chunk = await self.conn.recv(RECV_CHUNK)
+                chunk = await self.conn.recv(min(max(missing, SMALL_CHUNK), RECV_CHUNK))
             if not chunk:
                 if self._rbuf:
                     raise ConnClosed("connection closed in the middle of a frame")
