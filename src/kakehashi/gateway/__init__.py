@@ -1,0 +1,1 @@
+"""Aggregation-port gateway: an HTTP forward proxy (relay and CONNECT tunnelling)."""
