@@ -602,20 +602,17 @@ def _parse_authority(authority: bytes, default_port: int | None) -> tuple[str, i
 _HTTP_TARGET: Final = re.compile(rb"[hH][tT][tT][pP]://([^/?#]*)([/?][^#]*)?\Z")
 
 
+def _absolute_from_match(m: re.Match[bytes]) -> Target:
+    authority, path = m.groups()
+    host, port = _parse_authority(authority, 80)
+    if not path:
+        path = b"/"
+    elif path[0] == 63:  # "?query" with an empty path
+        path = b"/" + path
+    return Target("absolute", "http", host, port, path)
+
+
 def _absolute_target(target: bytes) -> Target:
-    m = _HTTP_TARGET.match(target)
-    if m is not None:
-        authority, path = m.groups()
-        host, port = _parse_authority(authority, 80)
-        if not path:
-            path = b"/"
-        elif path[0] == 63:  # "?query" with an empty path
-            path = b"/" + path
-        return Target("absolute", "http", host, port, path)
-    return _absolute_target_slow(target)
-
-
-def _absolute_target_slow(target: bytes) -> Target:
     """Everything the fast match refused: explain why, or parse the odd case."""
     scheme_raw, _, rest = target.partition(b"://")
     scheme = scheme_raw.lower()
@@ -644,8 +641,11 @@ def parse_target(head: RequestHead) -> Target:
     absolute form only for http:// (https goes through CONNECT).
     """
     target = head.target
-    if head.method == b"CONNECT":
-        if target.startswith(b"/") or b"/" in target:
+    method = head.method
+    if method != b"CONNECT" and (m := _HTTP_TARGET.match(target)) is not None:
+        return _absolute_from_match(m)  # the proxy's common case first
+    if method == b"CONNECT":
+        if b"/" in target:
             raise HTTPError(400, "CONNECT needs a host:port target")
         host, port = _parse_authority(target, None)
         return Target("authority", None, host, port, b"")
@@ -654,7 +654,7 @@ def parse_target(head: RequestHead) -> Target:
             raise HTTPError(400, "fragment in request target")
         return Target("origin", None, "", 0, target)
     if target == b"*":
-        if head.method != b"OPTIONS":
+        if method != b"OPTIONS":
             raise HTTPError(400, "asterisk target is only valid for OPTIONS")
         return Target("asterisk", None, "", 0, b"*")
     if b"://" in target:
