@@ -5,8 +5,14 @@ from __future__ import annotations
 import click
 
 from kakehashi import __version__, config
+from kakehashi.core import tls, wire
 from kakehashi.core.logs import setup_logging
+from kakehashi.core.mux import ProtocolMux, prefix_matcher
+from kakehashi.core.store import open_store
+from kakehashi.gateway.cli import gateway
 from kakehashi.relay.cli import relay
+from kakehashi.relay.server import RelayServer
+from kakehashi.relay.users import UserRegistry
 
 
 class _Root(click.Group):
@@ -30,11 +36,24 @@ def main(ctx: click.Context, config_path: str | None, log_level: str, log_format
     Start with 'kakehashi demo', then 'kakehashi relay --help'.
     """
     setup_logging(log_level, fmt=log_format)
+    ctx.obj = {"relay_attach": _relay_attach}
     if config_path:
         ctx.default_map = config.to_default_map(main, config.load(config_path))
 
 
 main.add_command(relay)
+main.add_command(gateway)
+
+
+async def _relay_attach(mux: ProtocolMux, db: str) -> None:
+    """Carry relay sessions on another system's port (the gateway's one open port).
+
+    Composition happens here, at the top, so that no system imports another.
+    """
+    registry = UserRegistry(open_store(db))
+    server = RelayServer(registry, tls=None, starttls=tls.server_context())
+    await server.attach()
+    mux.add("relay", prefix_matcher(wire.MAGIC), server.handle_connection)
 
 
 @main.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 from collections.abc import Coroutine
@@ -23,7 +24,20 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+def tune_gc() -> None:
+    """Collect the young generation less often.
+
+    A server holding tens of thousands of connections keeps hundreds of thousands
+    of long-lived objects; with the default thresholds the collector walks them far
+    more often than the few short-lived cycles a message creates justify. Reference
+    counting still frees almost everything at once.
+    """
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 50_000), max(gen1, 20), max(gen2, 100))
+
+
 def run(main: Coroutine[Any, Any, int | None]) -> int:
+    tune_gc()
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     task = loop.create_task(main)

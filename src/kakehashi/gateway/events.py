@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -112,7 +113,7 @@ class EventHub:
     def publish(self, topic: str, data: bytes) -> Event:
         log = self._topic(topic, create=True)
         assert log is not None
-        event = log.append(data, asyncio.get_running_loop().time())
+        event = log.append(data, time.time())
         self.published += 1
         for fut in self._waiters.pop(topic, ()):
             if not fut.done():
@@ -123,7 +124,7 @@ class EventHub:
         log = self._topic(topic, create=False)
         if log is None:
             return Batch((), max(cursor, 0))
-        log.expire(asyncio.get_running_loop().time())
+        log.expire(time.time())
         return log.since(cursor)
 
     async def wait(self, topic: str, cursor: int, timeout: float) -> Batch:

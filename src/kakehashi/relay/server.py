@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import time
 from collections import deque
@@ -20,7 +21,14 @@ from dataclasses import dataclass, field
 from kakehashi.core import wire
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.pump import FramedSink, FrameSink, forward_frames
-from kakehashi.core.stream import Conn, ConnClosed, FramedConn, Listener, start_tls
+from kakehashi.core.stream import (
+    SMALL_CHUNK,
+    Conn,
+    ConnClosed,
+    FramedConn,
+    Listener,
+    start_tls,
+)
 from kakehashi.relay import messages as m
 from kakehashi.relay.control import (
     Audit,
@@ -39,6 +47,9 @@ from kakehashi.relay.users import UserRegistry
 log = logging.getLogger("kakehashi.relay.server")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: serve idle plain connections from readable callbacks (set KAKEHASHI_IDLE_CALLBACKS=0
+#: to compare with the coroutine-only path)
+IDLE_CALLBACKS = os.environ.get("KAKEHASHI_IDLE_CALLBACKS", "1") != "0"
 OUTBOX_LIMIT = 1024
 SEND_TIMEOUT = 30.0
 
@@ -173,12 +184,21 @@ class RelayServer:
         async def on_ctrl(payload: bytes) -> bool:
             msg = m.RELAY_CODEC.decode(payload)
             await self._apply(self.core.receive(link.cid, msg, self.now()))
-            return link.upgrade
+            # back to the idle reader once released (or never paired)
+            return link.upgrade or (link.sink is None and self._idle_capable(link))
 
         while True:
-            why = await forward_frames(framed, lambda: link.sink, on_ctrl)
-            if why != "stop":
-                return
+            if self._idle_capable(link) and link.sink is None:
+                why, actions = await self._idle_phase(link)
+                if why == "eof":
+                    return
+                await self._apply(actions)
+            if not link.upgrade:
+                why = await forward_frames(framed, lambda: link.sink, on_ctrl)
+                if why != "stop":
+                    return
+                if not link.upgrade:
+                    continue
             # STARTTLS: TLSGo is out; nothing may follow the request in plaintext
             link.upgrade = False
             await self._drain(link)
@@ -194,7 +214,107 @@ class RelayServer:
                               user=conn.user if conn else None,
                               version=framed.conn.tls_version)
 
+    # -- idle connections: a readable callback instead of a coroutine per message ---
+    @staticmethod
+    def _idle_capable(link: Link) -> bool:
+        return IDLE_CALLBACKS and link.framed.conn.plain and not link.framed.conn.has_pushback
+
+    async def _idle_phase(self, link: Link) -> tuple[str, list[object]]:
+        """Serve an unpaired plain connection from a persistent readable callback.
+
+        Thousands of idle agents only exchange keepalives; answering each from a
+        callback (no socket registration per read, no coroutine wake-up) is what
+        keeps their cost low. Anything that needs waiting - a pairing (whose result
+        must be flushed first), a STARTTLS upgrade, data - hands the connection back
+        to the coroutine with the actions still to apply.
+        """
+        loop = asyncio.get_running_loop()
+        framed = link.framed
+        sock = framed.conn.sock
+        fut: asyncio.Future[tuple[str, list[object]]] = loop.create_future()
+
+        def finish(why: str, actions: list[object] | None = None) -> None:
+            if not fut.done():
+                fut.set_result((why, actions or []))
+
+        def fail(exc: BaseException) -> None:
+            if not fut.done():
+                fut.set_exception(exc)
+
+        def process() -> None:
+            buf = framed._rbuf
+            while not fut.done():
+                if link.sink is not None or link.upgrade:
+                    return finish("switch")
+                if len(buf) < wire.HEADER_SIZE:
+                    return None
+                ftype, length = wire.decode_header(buf[: wire.HEADER_SIZE])
+                framed.limits.check(ftype, length)
+                if ftype != wire.FrameType.CTRL:
+                    return finish("switch")  # the coroutine decides what data means here
+                end = wire.HEADER_SIZE + length
+                if len(buf) < end:
+                    return None
+                payload = bytes(buf[wire.HEADER_SIZE:end])
+                del buf[:end]
+                framed.bytes_in += end
+                actions = self.core.receive(link.cid, m.RELAY_CODEC.decode(payload),
+                                            self.now())
+                if any(isinstance(a, Pair | UpgradeTLS) for a in actions):
+                    return finish("switch", actions)
+                self._apply_now(actions)
+            return None
+
+        def on_readable() -> None:
+            try:
+                data = sock.recv(SMALL_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                return fail(exc)
+            if not data:
+                if framed._rbuf:
+                    return fail(ConnClosed("connection closed in the middle of a frame"))
+                return finish("eof")
+            framed._rbuf += data
+            framed.last_rx = loop.time()
+            try:
+                process()
+            except (wire.WireError, ValueError) as exc:
+                fail(exc)
+
+        process()
+        if fut.done():
+            return fut.result()
+        loop.add_reader(sock.fileno(), on_readable)
+        try:
+            return await fut
+        finally:
+            if not framed.conn.closed:
+                loop.remove_reader(sock.fileno())
+
     # -- actions ------------------------------------------------------------------
+    def _apply_now(self, actions: list[object]) -> None:
+        """Actions that need no waiting (everything but Pair's flush and TLS)."""
+        for action in actions:
+            if isinstance(action, Send):
+                self._enqueue(action.conn, action.msg, action.delay)
+            elif isinstance(action, Close):
+                self._enqueue(action.conn, _Closing(action.reason, action.delay), 0.0)
+            elif isinstance(action, Audit):
+                self.audit.record(action.event, action.allow, **action.fields)
+            elif isinstance(action, Unpair):
+                link = self.links.get(action.conn)
+                if link and link.sink:
+                    link.sink.close()
+                    link.sink = None
+            elif isinstance(action, Authenticate):
+                task = asyncio.create_task(self._authenticate(action))
+                self._auth_tasks.add(task)
+                task.add_done_callback(self._auth_tasks.discard)
+            else:
+                raise AssertionError(f"{action!r} needs the connection's coroutine")
+
     async def _apply(self, actions: list[object]) -> None:
         paired: list[Link] = []
         for action in actions:

@@ -1,0 +1,228 @@
+"""The client communication module (spec 001 Fig. 6, claims 6-7), as a Python API.
+
+For applications that cannot be told to use a proxy:
+
+* :func:`open_tunnel` - a CONNECT tunnel through the gateway (then TLS or any other
+  protocol end to end over it);
+* :func:`serve_forward` - a local port where an application speaks plain HTTP to a
+  fixed target; each request is rewritten to absolute form addressed to the gateway
+  (Fig. 6, 501 -> 503) and the responses are passed back;
+* :class:`EventClient` - publish to and watch an event topic through the gateway's
+  one port, by long polling from a cursor (claim 7: repeat the request until data
+  arrives), resuming after reconnects without losing or repeating events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kakehashi.core.stream import Conn, Listener, open_tcp, start_tls
+from kakehashi.gateway import body, http
+
+log = logging.getLogger("kakehashi.gateway.client")
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Gateway:
+    """Where the gateway is and how to talk to it."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    user: str | None = None
+    password: str | None = None
+    timeout: float = 10.0
+
+    @property
+    def authority(self) -> bytes:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}".encode()
+
+    def auth_header(self) -> list[tuple[bytes, bytes]]:
+        if self.user is None:
+            return []
+        token = base64.b64encode(f"{self.user}:{self.password or ''}".encode())
+        return [(b"Proxy-Authorization", b"Basic " + token)]
+
+    async def connect(self) -> Conn:
+        conn = await open_tcp(self.host, self.port, timeout=self.timeout)
+        if self.tls is not None:
+            conn = await start_tls(conn, self.tls, server_side=False,
+                                   server_hostname=self.server_hostname or self.host,
+                                   timeout=self.timeout)
+        return conn
+
+
+async def read_response(conn: Conn, timeout: float,
+                        reader: http.HeadReader | None = None) -> http.ResponseHead:
+    reader = reader or http.HeadReader()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (head := reader.next_head("response")) is None:
+        data = await asyncio.wait_for(conn.recv(), max(deadline - loop.time(), 0.001))
+        if not data:
+            raise GatewayError(502, "the gateway closed the connection")
+        reader.feed(data)
+    rest = reader.take_rest()
+    if rest:
+        conn.unread(rest)
+    return head  # type: ignore[return-value]
+
+
+async def _error_body(conn: Conn, head: http.ResponseHead) -> str:
+    framing = http.response_body(head, b"GET")
+    if framing[0] == "length" and framing[1] <= 4096:
+        data = b""
+        while len(data) < framing[1]:
+            piece = await conn.recv(framing[1] - len(data))
+            if not piece:
+                break
+            data += piece
+        return data.decode(errors="replace").strip()
+    return head.reason.decode(errors="replace")
+
+
+async def open_tunnel(gw: Gateway, host: str, port: int) -> Conn:
+    """CONNECT host:port through the gateway; returns the tunnelled connection."""
+    conn = await gw.connect()
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {authority} HTTP/1.1".encode(), b"Host: " + authority.encode()]
+    lines += [name + b": " + value for name, value in gw.auth_header()]
+    await conn.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+    try:
+        head = await read_response(conn, gw.timeout)
+    except BaseException:
+        conn.close()
+        raise
+    if head.status != 200:
+        message = await _error_body(conn, head)
+        conn.close()
+        raise GatewayError(head.status, message)
+    return conn
+
+
+async def serve_forward(gw: Gateway, target_host: str, target_port: int,
+                        listen_host: str, listen_port: int) -> Listener:
+    """A local port speaking plain HTTP to ``target``, forwarded through the gateway."""
+
+    async def handle(app: Conn) -> None:
+        reader = http.HeadReader()
+        upstream: Conn | None = None
+        try:
+            while True:
+                head = await _read_request(app, reader)
+                if head is None:
+                    return
+                if upstream is None:
+                    upstream = await gw.connect()
+                out = http.to_absolute(head, target_host, target_port, gw.authority)
+                for name, value in gw.auth_header():
+                    out.headers.set(name, value)
+                await upstream.send_all(out.serialize())
+                await body.send(app, upstream, http.request_body(head), timeout=60)
+                resp = await read_response(upstream, 60)
+                await app.send_all(resp.serialize())
+                framing = http.response_body(resp, head.method)
+                await body.send(upstream, app, framing, timeout=60)
+                if framing[0] == "close" or not http.keep_alive(head, resp):
+                    return
+        except (OSError, GatewayError, http.HTTPError, TimeoutError) as exc:
+            log.warning("forward to %s:%d failed: %s", target_host, target_port, exc)
+        finally:
+            if upstream is not None:
+                upstream.close()
+
+    listener = Listener(listen_host, listen_port, handle)
+    listener.start()
+    return listener
+
+
+async def _read_request(conn: Conn, reader: http.HeadReader) -> http.RequestHead | None:
+    while (head := reader.next_head("request")) is None:
+        data = await asyncio.wait_for(conn.recv(), 300)
+        if not data:
+            return None
+        reader.feed(data)
+    rest = reader.take_rest()
+    if rest:
+        conn.unread(rest)
+    return head  # type: ignore[return-value]
+
+
+class EventClient:
+    """Publish and watch event topics through the gateway (plain HTTP requests)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def _request(self, method: bytes, path: str, data: bytes = b"",
+                       timeout: float | None = None) -> tuple[http.ResponseHead, bytes]:
+        conn = await self.gw.connect()
+        try:
+            lines = [method + b" " + path.encode() + b" HTTP/1.1", b"Host: " + self.gw.authority,
+                     b"Connection: close", b"Content-Length: %d" % len(data)]
+            await conn.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + data)
+            head = await read_response(conn, timeout or self.gw.timeout)
+            framing = http.response_body(head, method)
+            payload = b""
+            if framing[0] == "length":
+                while len(payload) < framing[1]:
+                    piece = await asyncio.wait_for(conn.recv(), self.gw.timeout)
+                    if not piece:
+                        break
+                    payload += piece
+            return head, payload
+        finally:
+            conn.close()
+
+    async def publish(self, topic: str, data: bytes) -> int:
+        head, payload = await self._request(b"POST", f"/.well-known/kakehashi/events/{topic}",
+                                            data)
+        if head.status != 202:
+            raise GatewayError(head.status, payload.decode(errors="replace").strip())
+        return int(json.loads(payload)["seq"])
+
+    async def poll(self, topic: str, cursor: int, wait: float) -> tuple[list[dict], int, bool]:
+        path = f"/.well-known/kakehashi/events/{topic}?cursor={cursor}&wait={wait:g}"
+        head, payload = await self._request(b"GET", path, timeout=wait + self.gw.timeout)
+        if head.status == 204:  # no event (Fig. 11, 702)
+            value = head.headers.get(b"kakehashi-cursor")
+            return [], int(value) if value else cursor, head.headers.get(
+                b"kakehashi-gap") is not None
+        if head.status != 200:
+            raise GatewayError(head.status, payload.decode(errors="replace").strip())
+        doc = json.loads(payload)
+        return doc["events"], int(doc["cursor"]), bool(doc.get("gap"))
+
+    async def watch(self, topic: str, cursor: int = 0, wait: float = 25.0
+                    ) -> AsyncIterator[dict]:
+        """Yield events forever, long polling; reconnects resume from the cursor."""
+        delay = 0.5
+        while True:
+            try:
+                events, cursor, gap = await self.poll(topic, cursor, wait)
+            except (OSError, TimeoutError, GatewayError) as exc:
+                log.warning("event poll failed: %s (retrying in %.1fs)", exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 0.5
+            if gap:
+                log.warning("some events of %s expired before they were seen", topic)
+            for event in events:
+                yield event

@@ -1,0 +1,411 @@
+"""The gateway server: an HTTP/1.1 forward proxy on one aggregation port (spec 001).
+
+For each client connection (already routed here by the one-port mux):
+
+* **relay means** (Figs. 5-7): an absolute-form request is checked (proxy
+  authentication, target allow-list after name resolution), rewritten to origin
+  form with Host restored and the gateway's Via entry added, sent to the target on
+  a kept-alive upstream connection, and the response streamed back (Content-Length
+  bodies by the core pump, chunked bodies re-framed piece by piece, optional gzip
+  decoding: module 219);
+* **tunnelling means** (Figs. 8-10): ``CONNECT host:port`` opens the target, answers
+  ``200 Connection established`` and hands both sockets to the core pump;
+* **events** (Fig. 11): origin-form requests to ``/.well-known/kakehashi/events/``
+  reach the event hub (poll, long poll, publish from internal networks).
+
+Every wait is bounded (head, idle, connect, upstream read) and every refusal is a
+short 4xx/5xx reply saying why; the protocol decisions live in ``gateway.http``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs
+
+from kakehashi.core.audit import AuditLog
+from kakehashi.core.crypto import verify_password
+from kakehashi.core.pump import pump_raw
+from kakehashi.core.store import Store
+from kakehashi.core.stream import Conn, ConnClosed, open_tcp
+from kakehashi.gateway import body, http
+from kakehashi.gateway.allow import AllowList
+from kakehashi.gateway.events import EventHub
+from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
+
+log = logging.getLogger("kakehashi.gateway")
+access = logging.getLogger("kakehashi.gateway.access")
+
+EVENTS_PREFIX = "/.well-known/kakehashi/events/"
+USER_KIND = "gateway.user"
+LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+
+
+@dataclass
+class GatewaySettings:
+    via_name: str = "kakehashi"
+    head_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    gzip_decode: bool = False
+    max_wait: float = 30.0
+    publishers: list = field(default_factory=lambda: list(LOOPBACK))
+    limits: http.HeadLimits = field(default_factory=http.HeadLimits)
+
+
+class ProxyAuth:
+    """Basic proxy authentication against users in the store (scrypt hashes).
+
+    Verified credentials are cached for a minute by a hash of the header, so a
+    keep-alive client does not pay the slow hash on every request.
+    """
+
+    def __init__(self, store: Store, ttl: float = 60.0) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._cache: dict[str, tuple[str, float]] = {}
+
+    async def check(self, header: bytes | None) -> str | None:
+        if not header:
+            return None
+        scheme, _, value = header.partition(b" ")
+        if scheme.lower() != b"basic":
+            return None
+        key = hashlib.sha256(value.strip()).hexdigest()
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit and hit[1] > now:
+            return hit[0]
+        try:
+            user, _, password = base64.b64decode(value.strip(), validate=True).decode(
+                "utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        doc = await asyncio.get_running_loop().run_in_executor(
+            None, self.store.get, USER_KIND, user)
+        ok = doc is not None and await asyncio.get_running_loop().run_in_executor(
+            None, verify_password, password, doc.get("password_hash", ""))
+        if not ok:
+            return None
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (user, now + self.ttl)
+        return user
+
+
+@dataclass
+class _Upstream:
+    key: tuple[str, int]
+    conn: Conn
+
+
+class GatewayServer:
+    def __init__(self, allow: AllowList, *, settings: GatewaySettings | None = None,
+                 auth: ProxyAuth | None = None, hub: EventHub | None = None,
+                 audit: AuditLog | None = None) -> None:
+        self.allow = allow
+        self.settings = settings or GatewaySettings()
+        self.auth = auth
+        self.hub = hub or EventHub()
+        self.audit = audit or AuditLog(system="gateway")
+        self.via = self.settings.via_name.encode()
+        self.requests = 0
+
+    # -- one client connection ---------------------------------------------------
+    async def handle_connection(self, conn: Conn) -> None:
+        reader = http.HeadReader(self.settings.limits)
+        upstream: _Upstream | None = None
+        first = True
+        try:
+            while True:
+                try:
+                    head = await self._read_head(
+                        conn, reader, "request",
+                        self.settings.head_timeout if first else self.settings.idle_timeout,
+                        first=first)
+                except http.HTTPError as exc:
+                    await self._reply_error(conn, exc.status, exc.reason)
+                    return
+                if head is None:
+                    return
+                first = False
+                self.requests += 1
+                try:
+                    keep, upstream = await self._one_request(conn, head, upstream)
+                except http.HTTPError as exc:
+                    await self._reply_error(conn, exc.status, exc.reason, head=head)
+                    return
+                except (OSError, ConnClosed, ssl.SSLError, TimeoutError):
+                    raise
+                except Exception:  # a bug must cost one request, not the gateway
+                    log.exception("internal error on %r", head.target[:200])
+                    await self._reply_error(conn, 500, "internal gateway error", head=head)
+                    return
+                if not keep:
+                    return
+        except (OSError, ConnClosed, ssl.SSLError, TimeoutError) as exc:
+            log.debug("client %s: %s", conn.peer, exc)
+        finally:
+            if upstream is not None:
+                upstream.conn.close()
+
+    async def _one_request(self, conn: Conn, head: http.RequestHead,
+                           upstream: _Upstream | None) -> tuple[bool, _Upstream | None]:
+        start = time.monotonic()
+        if head.method == b"CONNECT":
+            await self._tunnel(conn, head, start)
+            return False, upstream
+        target = http.parse_target(head)
+        if target.form != "absolute":
+            return await self._local(conn, head, target), upstream
+        return await self._relay(conn, head, target, upstream, start)
+
+    async def _read_head(self, conn: Conn, reader: http.HeadReader, kind: str,
+                         timeout: float, *, first: bool = False):
+        """One head within ``timeout`` in total (slow senders are cut off)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            head = reader.next_head(kind)
+            if head is not None:
+                rest = reader.take_rest()
+                if rest:
+                    conn.unread(rest)
+                return head
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if kind == "request" and not reader.buffered and not first:
+                    return None  # an idle keep-alive connection: just close it
+                raise http.HTTPError(408 if kind == "request" else 504,
+                                     "request head not received in time" if kind == "request"
+                                     else "upstream did not answer in time")
+            try:
+                data = await asyncio.wait_for(conn.recv(), left)
+            except TimeoutError:
+                continue
+            if not data:
+                if reader.buffered:
+                    raise http.HTTPError(400 if kind == "request" else 502,
+                                         "connection closed in the middle of a head")
+                if kind == "response":
+                    raise http.HTTPError(502, "upstream closed without answering")
+                return None
+            reader.feed(data)
+
+    # -- checks -------------------------------------------------------------------
+    async def _authorise(self, head: http.RequestHead, what: str) -> str:
+        if self.auth is None:
+            return "-"
+        user = await self.auth.check(head.headers.get(b"proxy-authorization"))
+        if user is None:
+            self.audit.record("proxy-auth", False, target=what)
+            raise http.HTTPError(407, "proxy authentication required")
+        return user
+
+    async def _decide(self, host: str, port: int, user: str, conn: Conn) -> str:
+        decision = await self.allow.check(host, port)
+        client = conn.peer[0] if conn.peer else "?"
+        self.audit.record("target", decision.allowed, client=client, user=user,
+                          target=f"{host}:{port}", address=decision.address,
+                          why=decision.reason or None)
+        if not decision.allowed:
+            raise http.HTTPError(403, decision.reason)
+        assert decision.address is not None
+        return decision.address
+
+    async def _open(self, address: str, port: int, host: str) -> Conn:
+        try:
+            return await open_tcp(address, port, timeout=self.settings.connect_timeout)
+        except TimeoutError:
+            raise http.HTTPError(504, f"{host}:{port} did not accept in time") from None
+        except (OSError, ConnectionError) as exc:
+            reason = getattr(exc.__cause__, "strerror", None) or str(exc)
+            raise http.HTTPError(502, f"cannot connect to {host}:{port}: {reason}") from None
+
+    # -- tunnelling means (Figs. 8-10) -------------------------------------------
+    async def _tunnel(self, conn: Conn, head: http.RequestHead, start: float) -> None:
+        target = http.parse_target(head)
+        if target.form != "authority":
+            raise http.HTTPError(400, "CONNECT needs host:port")
+        user = await self._authorise(head, f"{target.host}:{target.port}")
+        address = await self._decide(target.host, target.port, user, conn)
+        up = await self._open(address, target.port, target.host)
+        try:
+            await conn.send_all(http.connect_established(head.version))
+            if conn.has_pushback:  # bytes the client sent right behind its CONNECT
+                await up.send_all(await conn.recv())
+            sent, received = await pump_raw(conn, up)
+        finally:
+            up.close()
+        self._log(conn, head, 200, received, start, user, f"{target.host}:{target.port}",
+                  sent=sent)
+
+    # -- relay means (Figs. 5-7) -------------------------------------------------
+    async def _relay(self, conn: Conn, head: http.RequestHead, target, upstream, start):
+        user = await self._authorise(head, f"{target.host}:{target.port}")
+        address = await self._decide(target.host, target.port, user, conn)
+        _, out_head = http.to_origin(head, self.via)
+        framing = http.request_body(head)
+        expect = out_head.headers.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
+            out_head.headers.remove(b"expect")  # checks passed: the gateway answers itself
+            await conn.send_all(head.version + b" 100 Continue\r\n\r\n")
+        key = (address, target.port)
+        if upstream is not None and upstream.key != key:
+            upstream.conn.close()
+            upstream = None
+        fresh = upstream is None
+        if upstream is None:
+            upstream = _Upstream(key, await self._open(address, target.port, target.host))
+        try:
+            await upstream.conn.send_all(out_head.serialize())
+        except OSError:
+            if fresh:
+                raise
+            upstream.conn.close()  # a kept-alive upstream went away: one fresh try
+            upstream = _Upstream(key, await self._open(address, target.port, target.host))
+            await upstream.conn.send_all(out_head.serialize())
+        up = upstream.conn
+        await body.send(conn, up, framing, timeout=self.settings.read_timeout)
+        reader = http.HeadReader(self.settings.limits)
+        while True:  # skip interim 1xx responses (forwarded, except 101)
+            resp = await self._read_head(up, reader, "response", self.settings.read_timeout)
+            if resp is None or not 100 <= resp.status < 200 or resp.status == 101:
+                break
+            await conn.send_all(http.response_for_client(resp, self.via).serialize())
+        if resp is None or resp.status == 101:
+            raise http.HTTPError(502, "upstream switched protocols, which is not relayed")
+        resp_framing = http.response_body(resp, head.method)  # how upstream frames it
+        client_head = http.response_for_client(resp, self.via, request=head)
+        decoder = None
+        if self.settings.gzip_decode and resp_framing[0] != "none":
+            decoded = decoded_response_head(client_head)
+            if decoded is not None:
+                client_head, decoder = decoded, GzipDecoder()
+                if head.version == b"HTTP/1.0":  # no chunked for 1.0: end by closing
+                    client_head.headers.remove(b"transfer-encoding")
+                    client_head.headers.set(b"Connection", b"close")
+        client_framing = http.response_body(client_head, head.method)  # how we frame it
+        client_keep = http.keep_alive(head, client_head) and client_framing[0] != "close"
+        await conn.send_all(client_head.serialize())
+        size = await body.send(up, conn, resp_framing, timeout=self.settings.read_timeout,
+                               transform=decoder, chunk_out=client_framing[0] == "chunked",
+                               error_status=502)
+        upstream_keep = http.keep_alive(out_head, resp) and resp_framing[0] != "close"
+        self._log(conn, head, resp.status, size, start, user, f"{target.host}:{target.port}")
+        if not upstream_keep:
+            up.close()
+            upstream = None
+        return client_keep, upstream
+
+    # -- the gateway's own endpoints (events, health) ----------------------------
+    async def _local(self, conn: Conn, head: http.RequestHead, target) -> bool:
+        path, _, query = target.path.decode("latin-1").partition("?")
+        if path == "/healthz":
+            await self._reply(conn, head, 200, b"ok\n", "text/plain")
+            return True
+        if not path.startswith(EVENTS_PREFIX):
+            raise http.HTTPError(400, "this is a forward proxy: send absolute-form requests "
+                                      "(e.g. curl -x http://gateway:port http://target/)")
+        topic = path[len(EVENTS_PREFIX):]
+        params = parse_qs(query)
+        try:
+            if head.method == b"POST":
+                return await self._publish(conn, head, topic)
+            if head.method != b"GET":
+                raise http.HTTPError(405, "events: use GET to poll, POST to publish")
+            cursor = int(params.get("cursor", ["0"])[0])
+            wait = min(float(params.get("wait", ["0"])[0]), self.settings.max_wait)
+            batch = await self.hub.wait(topic, cursor, max(wait, 0.0))
+        except ValueError as exc:
+            raise http.HTTPError(400, f"events: {exc}") from None
+        if not batch.events:  # Fig. 11, 702: no event
+            await self._reply(conn, head, 204, b"", None,
+                              [(b"Kakehashi-Cursor", str(batch.cursor).encode())]
+                              + ([(b"Kakehashi-Gap", b"1")] if batch.gap else []))
+            return True
+        body = json.dumps({
+            "cursor": batch.cursor,
+            "gap": batch.gap,
+            "events": [_event_json(e) for e in batch.events],
+        }).encode()
+        await self._reply(conn, head, 200, body, "application/json",
+                          [(b"Kakehashi-Cursor", str(batch.cursor).encode())])
+        return True
+
+    async def _publish(self, conn: Conn, head: http.RequestHead, topic: str) -> bool:
+        client = conn.peer[0] if conn.peer else ""
+        try:
+            addr = ipaddress.ip_address(client)
+        except ValueError:
+            addr = None
+        allowed = addr is not None and any(addr in net for net in self.settings.publishers)
+        self.audit.record("publish", allowed, client=client, topic=topic)
+        if not allowed:
+            raise http.HTTPError(403, "events may only be published from internal networks")
+        framing = http.request_body(head)
+        if framing[0] != "length":
+            raise http.HTTPError(411, "publish with a Content-Length body")
+        if framing[1] > self.hub.retention.max_event:
+            raise http.HTTPError(413, "event too large")
+        data = b""
+        while len(data) < framing[1]:
+            piece = await asyncio.wait_for(conn.recv(framing[1] - len(data)),
+                                           self.settings.read_timeout)
+            if not piece:
+                raise ConnClosed("publisher closed in the middle of the body")
+            data += piece
+        event = self.hub.publish(topic, data)
+        await self._reply(conn, head, 202, json.dumps({"seq": event.seq}).encode(),
+                          "application/json")
+        return True
+
+    # -- replies and logs ----------------------------------------------------------
+    async def _reply(self, conn: Conn, head: http.RequestHead, status: int, body: bytes,
+                     ctype: str | None, extra: list | None = None) -> None:
+        reason = {200: b"OK", 202: b"Accepted", 204: b"No Content"}.get(status, b"OK")
+        lines = [head.version + b" %d " % status + reason]
+        if ctype:
+            lines.append(b"Content-Type: " + ctype.encode())
+        if status != 204:
+            lines.append(b"Content-Length: %d" % len(body))
+        for name, value in extra or []:
+            lines.append(name + b": " + value)
+        await conn.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+
+    async def _reply_error(self, conn: Conn, status: int, reason: str, *,
+                           head: http.RequestHead | None = None) -> None:
+        extra = [(b"Proxy-Authenticate", b'Basic realm="kakehashi"')] if status == 407 else []
+        with contextlib.suppress(OSError, ConnClosed, ssl.SSLError):
+            await conn.send_all(http.error_response(status, reason, extra_headers=extra))
+        if head is not None:
+            self._log(conn, head, status, 0, time.monotonic(), "-", "-")
+
+    def _log(self, conn: Conn, head: http.RequestHead, status: int, size: int, start: float,
+             user: str, target: str, *, sent: int | None = None) -> None:
+        if not access.isEnabledFor(logging.INFO):
+            return
+        entry = {"client": conn.peer[0] if conn.peer else "?", "user": user,
+                 "method": head.method.decode(errors="replace"),
+                 "target": head.target.decode(errors="replace")[:200], "to": target,
+                 "status": status, "bytes": size,
+                 "ms": round((time.monotonic() - start) * 1000, 1)}
+        if sent is not None:
+            entry["bytes_up"] = sent
+        access.info("%s", json.dumps(entry))
+
+
+def _event_json(event) -> dict:
+    try:
+        return {"seq": event.seq, "ts": event.ts, "data": event.data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"seq": event.seq, "ts": event.ts,
+                "data_b64": base64.b64encode(event.data).decode()}
