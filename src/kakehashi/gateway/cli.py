@@ -59,8 +59,9 @@ def gateway() -> None:
               show_default=True,
               help="auto: TLS and plaintext on the same port (told apart by the first byte); "
                    "on: TLS only; off: plaintext only.")
-@click.option("--cert", type=click.Path(exists=True, dir_okay=False))
-@click.option("--key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False),
+              help="TLS certificate (default: issued by the development CA).")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
 @click.option("--db", default=default_db, show_default="state dir gateway.db",
               help="Database of proxy users (and relay users with --relay).")
 @click.option("--auth/--no-auth", default=False, show_default=True,
@@ -72,11 +73,16 @@ def gateway() -> None:
 @click.option("--gzip-decode", is_flag=True, help="Decode gzip responses for clients.")
 @click.option("--publisher", "publishers", multiple=True,
               help="Networks allowed to publish events (default: loopback).")
-@click.option("--head-timeout", type=float, default=10.0, show_default=True)
-@click.option("--idle-timeout", type=float, default=60.0, show_default=True)
-@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
-@click.option("--read-timeout", type=float, default=60.0, show_default=True)
-@click.option("--audit-log", type=click.Path(dir_okay=False))
+@click.option("--head-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a client has to send a whole request head (slowloris guard).")
+@click.option("--idle-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds a kept-alive client connection may sit idle.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to connect to a target (then 504).")
+@click.option("--read-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for a target's response or body data (then 504).")
+@click.option("--audit-log", type=click.Path(dir_okay=False),
+              help="Append allow/deny decisions as JSON lines to this file.")
 @click.option("--access-log", type=click.Path(dir_okay=False),
               help="Append one JSON line per request to this file.")
 @click.pass_context
@@ -143,8 +149,9 @@ def user() -> None:
 
 @user.command("add")
 @click.argument("name")
-@click.option("--db", default=default_db)
-@click.option("--password-stdin", is_flag=True)
+@click.option("--db", default=default_db, show_default="state dir gateway.db",
+              help="The gateway's database.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
 @click.option("--kdf-n", type=int, default=2**14, hidden=True)
 def user_add(name, db, password_stdin, kdf_n) -> None:
     """Add proxy user NAME (password prompted or --password-stdin)."""
@@ -162,7 +169,7 @@ def user_add(name, db, password_stdin, kdf_n) -> None:
 
 
 @user.command("list")
-@click.option("--db", default=default_db)
+@click.option("--db", default=default_db, help="The gateway's database.")
 def user_list(db) -> None:
     """List proxy users."""
     for name, _ in open_store(db).list(USER_KIND):
@@ -171,7 +178,7 @@ def user_list(db) -> None:
 
 @user.command("remove")
 @click.argument("name")
-@click.option("--db", default=default_db)
+@click.option("--db", default=default_db, help="The gateway's database.")
 def user_remove(name, db) -> None:
     """Remove proxy user NAME."""
     if not open_store(db).delete(USER_KIND, name):
