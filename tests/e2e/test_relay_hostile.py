@@ -15,8 +15,11 @@ from kakehashi.relay import messages as m
 def _raw(port: int, data: bytes, *, wait: float = 5.0) -> bytes:
     """Send ``data`` and return everything the relay says before it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)  # then EOF, even in the middle of a frame
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # then EOF, even in the middle of a frame
+        except OSError:
+            pass  # the relay may already have hung up on us: that is fine too
         chunks = []
         try:
             while chunk := sock.recv(65536):
