@@ -1,0 +1,593 @@
+"""Relay benchmark: kakehashi's relay side by side with direct TCP, socat, haproxy and ssh -L.
+
+    python bench/relay_bench.py            # full run (about 6 minutes on 2 cores)
+    python bench/relay_bench.py --quick    # short run (about 2 minutes)
+    python bench/relay_bench.py --only throughput,setup:relay
+    python bench/relay_bench.py --list     # the benchmark and row names
+
+Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
+
+* throughput - one TCP stream, client -> path -> sink (iperf3; Python fallback),
+  MB/s (10^6 bytes/s) median of --repeat runs, ratios vs direct and vs haproxy,
+  and the CPU time the forwarding processes used per GB moved;
+* setup - time from a client's connect() until the first byte comes back from an
+  echo server behind the path, p50/p90/p99 over --sessions sequential sessions;
+* idle - one relay server and --agents logged-in idle agents (one load-generator
+  process): server RSS per agent and server CPU while only keepalives flow.
+
+See bench/README.md for what each row means and the targets. Users are registered
+with --kdf-n 1024 (cheap scrypt), so logins cost ~3 ms instead of ~50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import forwarders as fw
+from benchlib import (
+    LOOPBACK,
+    Procs,
+    cpu_seconds,
+    free_port,
+    install_signal_exit,
+    median,
+    percentile,
+    ratio,
+    rss_kib,
+    say,
+    table,
+    tree_cpu_seconds,
+    wait_listening,
+)
+
+HERE = Path(__file__).resolve().parent
+SERVERS = str(HERE / "servers.py")
+
+THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
+                   "relay-tls"]
+SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "link-spare",
+              "link-new", "link-new-tls"]
+BASELINES = ["direct", "haproxy"]
+
+SETUP_TARGET_MS = 1.0
+RSS_TARGET_MB = 200.0
+CPU_TARGET_PCT = 5.0
+
+
+@dataclass
+class Row:
+    bench: str
+    path: str
+    result: str
+    vs_direct: str = "-"
+    vs_haproxy: str = "-"
+    notes: str = ""
+    target: str = ""
+
+    def cells(self) -> list[str]:
+        return [self.bench, self.path, self.result, self.vs_direct, self.vs_haproxy,
+                self.notes, self.target]
+
+
+HEADERS = ["Benchmark", "Path", "Result", "vs direct", "vs haproxy", "Notes", "Target"]
+
+
+# == throughput =======================================================================
+@dataclass
+class Transfer:
+    bytes: int
+    seconds: float
+    tool: str
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int) -> fw.Route:
+    starters: dict[str, Callable[[], fw.Route]] = {
+        "direct": lambda: fw.direct(target),
+        "socat": lambda: fw.start_socat(procs, target),
+        "haproxy": lambda: fw.start_haproxy(procs, target),
+        "haproxy3": lambda: fw.start_haproxy_chain(procs, target),
+        "ssh": lambda: fw.start_ssh(procs, target),
+        "relay": lambda: kk.start_route(procs, target, tls=False),
+        "relay-nosplice": lambda: kk.start_route(procs, target, tls=False, splice=False),
+        "relay-tls": lambda: kk.start_route(procs, target, tls=True),
+    }
+    return starters[key]()
+
+
+def iperf_once(procs: Procs, port: int, sink: int, seconds: float) -> Transfer:
+    server = procs.spawn("iperf3-server", ["iperf3", "-s", "-1", "-B", LOOPBACK, "-p", str(sink)])
+    try:
+        wait_listening(sink, proc=server)
+        res = subprocess.run(
+            ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", str(seconds), "-J",
+             "--connect-timeout", "5000"],
+            capture_output=True, text=True, timeout=seconds + 30)
+        data = json.loads(res.stdout or "{}")
+        if "error" in data or res.returncode != 0:
+            raise RuntimeError(f"iperf3: {data.get('error') or res.stderr.strip()}")
+        got = data["end"]["sum_received"]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.popen.wait(5)
+        return Transfer(int(got["bytes"]), float(got["seconds"]), "iperf3")
+    finally:
+        procs.stop(server)
+
+
+def python_once(procs: Procs, port: int, sink: int, seconds: float) -> Transfer:
+    """Fallback sender: stream for ``seconds``, half-close, wait for the sink's byte count."""
+    server = procs.spawn("sink", [sys.executable, SERVERS, "sink", str(sink),
+                                  "--max-seconds", str(seconds + 60)])
+    try:
+        wait_listening(sink, proc=server)
+        block = os.urandom(1 << 20)
+        with socket.create_connection((LOOPBACK, port), timeout=seconds + 30) as sock:
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                sock.sendall(block)
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while len(reply) < 8 and (chunk := sock.recv(8 - len(reply))):
+                reply += chunk
+            elapsed = time.perf_counter() - started
+        if len(reply) != 8:
+            raise RuntimeError("the sink did not report its byte count")
+        return Transfer(int.from_bytes(reply, "big"), elapsed, "python")
+    finally:
+        procs.stop(server)
+
+
+def measure_throughput(key: str, args: argparse.Namespace, kk: fw.Kakehashi,
+                       workdir: Path) -> dict:
+    sink = free_port()
+    with Procs(workdir) as procs:
+        route = start_route(key, procs, kk, sink)
+        runs: list[Transfer] = []
+        cpu = 0.0
+        for i in range(args.repeat):
+            before = tree_cpu_seconds(route.pids)
+            run = None
+            if args.tool == "iperf3":
+                try:
+                    run = iperf_once(procs, route.port, sink, args.seconds)
+                except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+                    say(f"  {key}: iperf3 failed ({exc}); falling back to the Python sender")
+            if run is None:
+                run = python_once(procs, route.port, sink, args.seconds)
+            time.sleep(0.2)  # let the forwarders finish (and socat reap its child)
+            cpu += tree_cpu_seconds(route.pids) - before
+            runs.append(run)
+            say(f"  {route.name} run {i + 1}/{args.repeat}: {run.mbps:,.0f} MB/s ({run.tool})")
+    moved = sum(r.bytes for r in runs)
+    return {"name": route.name, "mbps": median([r.mbps for r in runs]),
+            "runs": [r.mbps for r in runs], "tools": sorted({r.tool for r in runs}),
+            "cpu_per_gb": cpu / (moved / 1e9) if route.pids and moved else None,
+            "procs": len(route.pids)}
+
+
+def throughput_rows(results: dict[str, dict]) -> list[Row]:
+    direct = results.get("direct", {}).get("mbps")
+    haproxy = results.get("haproxy", {}).get("mbps")
+    rows = []
+    for r in results.values():
+        spread = "/".join(f"{v:,.0f}" for v in r["runs"])
+        notes = [f"runs {spread}"]
+        if r["cpu_per_gb"] is not None:
+            notes.append(f"CPU {r['cpu_per_gb']:.2f} s/GB ({r['procs']} proc)")
+        if r["tools"] != ["iperf3"]:
+            notes.append("tool " + "+".join(r["tools"]))
+        rows.append(Row("throughput", r["name"], f"{r['mbps']:,.0f} MB/s",
+                        ratio(r["mbps"], direct), ratio(r["mbps"], haproxy), "; ".join(notes)))
+    return rows
+
+
+# == session setup time ===============================================================
+def time_sessions(port: int, count: int, gap: float, warmup: int = 10) -> list[float]:
+    """connect(), send one byte, wait for the echo; seconds per session (after warm-up)."""
+    samples = []
+    for i in range(warmup + count):
+        started = time.perf_counter()
+        with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise RuntimeError(f"no echo through port {port}")
+            elapsed = time.perf_counter() - started
+        if i >= warmup:
+            samples.append(elapsed)
+        time.sleep(gap)
+    return samples
+
+
+async def time_link_sessions(relay_port: int, ca: Path, *, tls: bool, new_link: bool,
+                             count: int, gap: float, warmup: int = 10) -> list[float]:
+    """The relay's terminal in this process: a session on a spare link or on a new link.
+
+    ``new_link``: every session opens its own TCP connection (+TLS) and logs in with
+    the resumption token, as a terminal without a spare has to; otherwise a
+    :class:`Terminal` keeps spare links and the session takes one. Timed from the
+    request to the first echoed byte (the app side is a loopback TCP pair).
+    """
+    from kakehashi.core import tls as ktls
+    from kakehashi.core.stream import Conn
+    from kakehashi.relay.agent import RelayLink, Terminal, TerminalConfig, run_session
+
+    ctx = ktls.client_context(ca) if tls else None
+    cfg = TerminalConfig(server=LOOPBACK, port=relay_port, user="laptop",
+                         password=fw.PASSWORDS["laptop"], tls=ctx, starttls=ctx, spares=2)
+    loop = asyncio.get_running_loop()
+    term = Terminal(cfg)
+    maintainer = asyncio.create_task(term.maintain())
+    await asyncio.wait_for(term.connected.wait(), 15)
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.setblocking(False)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def session(link: RelayLink, app: Conn, info: object) -> None:
+        await run_session(link, app, info, initiator=True)  # type: ignore[arg-type]
+        if new_link:
+            link.close()
+
+    samples = []
+    try:
+        for i in range(warmup + count):
+            client = socket.socket()
+            client.setblocking(False)
+            await loop.sock_connect(client, listener.getsockname())
+            app_sock, _ = await loop.sock_accept(listener)
+            started = time.perf_counter()
+            if new_link:
+                link = RelayLink(cfg)
+                await link.open(term.token)
+                info = await link.connect("pi", "echo")
+            else:
+                link, info = await term.connect("pi", "echo")
+            task = asyncio.create_task(session(link, Conn(app_sock), info))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await loop.sock_sendall(client, b"x")
+            if await loop.sock_recv(client, 1) != b"x":
+                raise RuntimeError("no echo through the relay link")
+            if i >= warmup:
+                samples.append(time.perf_counter() - started)
+            client.close()
+            await asyncio.sleep(gap)
+    finally:
+        listener.close()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        maintainer.cancel()
+        await term.close()
+    return samples
+
+
+def run_async(coro):
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(coro)
+
+
+def measure_setup(key: str, args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path,
+                  echo: int) -> dict:
+    with Procs(workdir) as procs:
+        if key.startswith("link-"):
+            tls = key.endswith("-tls")
+            relay_port, _ = kk.serve(procs, tls=tls)
+            kk.agent(procs, relay_port, {"echo": echo}, tls=tls)
+            name = {"link-spare": "in-process terminal, spare link (plaintext)",
+                    "link-new": "in-process terminal, new link per session (plaintext)",
+                    "link-new-tls": "in-process terminal, new link per session (TLS)"}[key]
+            samples = run_async(time_link_sessions(
+                relay_port, kk.ca, tls=tls, new_link=key != "link-spare", count=args.sessions,
+                gap=args.gap))
+        else:
+            route = start_route(key, procs, kk, echo)
+            name = route.name + (" (CLI connect, spares 2)" if key.startswith("relay") else "")
+            samples = time_sessions(route.port, args.sessions, args.gap)
+    ms = [s * 1000 for s in samples]
+    result = {"name": name, "p50": percentile(ms, 50), "p90": percentile(ms, 90),
+              "p99": percentile(ms, 99), "n": len(ms)}
+    say(f"  {name}: p50 {result['p50']:.3f} ms, p90 {result['p90']:.3f} ms, "
+        f"p99 {result['p99']:.3f} ms")
+    return result
+
+
+def setup_rows(results: dict[str, dict]) -> list[Row]:
+    direct = results.get("direct", {}).get("p50")
+    haproxy = results.get("haproxy", {}).get("p50")
+    rows = []
+    for key, r in results.items():
+        added = r["p50"] - direct if direct is not None else None
+        target = ""
+        if key.startswith("relay") or key == "link-spare":
+            verdict = "PASS" if added is not None and added < SETUP_TARGET_MS else "FAIL"
+            target = f"< {SETUP_TARGET_MS:g} ms added: {verdict}"
+        rows.append(Row(
+            "setup", r["name"],
+            f"p50 {r['p50']:.3f} / p90 {r['p90']:.3f} / p99 {r['p99']:.3f} ms",
+            f"+{added:.3f} ms" if added is not None and key != "direct" else "-",
+            f"{r['p50'] - haproxy:+.3f} ms" if haproxy is not None and key != "haproxy"
+            else "-",
+            f"{r['n']} sessions", target))
+    return rows
+
+
+# == idle agents ======================================================================
+AGENT_PASSWORD = "idle-agent-bench-secret"
+
+
+def register_agents(db: str, count: int) -> float:
+    """Users a0..a{N-1} straight into the registry (threads: scrypt releases the GIL)."""
+    from kakehashi.core.store import open_store
+    from kakehashi.relay.control import UserRecord
+    from kakehashi.relay.users import UserRegistry
+
+    started = time.monotonic()
+    registry = UserRegistry(open_store(db), kdf_n=fw.KDF_N)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(lambda i: registry.add(UserRecord(name=f"a{i}"), AGENT_PASSWORD),
+                      range(count), chunksize=64))
+    return time.monotonic() - started
+
+
+def wait_event(proc, event: str, timeout: float) -> dict:
+    """The generator's JSON line for ``event`` (it prints them on stdout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in proc.output().splitlines():
+            if line.startswith("{") and f'"event": "{event}"' in line:
+                return json.loads(line)
+        if not proc.alive:
+            raise RuntimeError(f"load generator exited:\n{proc.output()[-2000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"load generator: no {event!r} in {timeout:.0f}s")
+
+
+def last_status(proc) -> dict | None:
+    lines = [ln for ln in proc.output().splitlines() if '"event": "status"' in ln]
+    return json.loads(lines[-1]) if lines else None
+
+
+def measure_idle(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path) -> dict:
+    n = args.agents
+    db = str(workdir / "idle.db")
+    say(f"  registering {n} users (scrypt n={fw.KDF_N}) ...")
+    reg_seconds = register_agents(db, n)
+    with Procs(workdir) as procs:
+        port, pid = kk.serve(procs, tls=args.idle_tls, db=db, nofile=n + 1024,
+                             extra=("--keepalive", str(args.keepalive)))
+        time.sleep(1.0)
+        rss_before = rss_kib(pid)
+        tls_args = ["--tls-ca", str(kk.ca)] if args.idle_tls else []
+        gen = procs.spawn("idle-agents", [
+            sys.executable, str(HERE / "idle_agents.py"), "--server", f"{LOOPBACK}:{port}",
+            "--count", str(n), "--concurrency", str(args.concurrency),
+            "--max-seconds", str(args.window + n / 20 + 300), *tls_args],
+            env={"BENCH_AGENT_PASSWORD": AGENT_PASSWORD}, nofile=n + 1024)
+        login_cpu0 = cpu_seconds(pid, children=False)
+        online = wait_event(gen, "online", timeout=60 + n / 50)
+        login_cpu = cpu_seconds(pid, children=False) - login_cpu0
+        say(f"  {online['online']} agents online in {online['seconds']} s "
+            f"({online['failed']} failed)")
+        time.sleep(3.0)  # let the login burst settle
+        rss_loaded = rss_kib(pid)
+        cpu0, gen_cpu0, t0 = cpu_seconds(pid, children=False), cpu_seconds(gen.pid), \
+            time.monotonic()
+        say(f"  measuring server CPU for {args.window:g} s (keepalive {args.keepalive:g} s) ...")
+        time.sleep(args.window)
+        elapsed = time.monotonic() - t0
+        cpu = cpu_seconds(pid, children=False) - cpu0
+        gen_cpu = cpu_seconds(gen.pid) - gen_cpu0
+        rss_after, hwm = rss_kib(pid), rss_kib(pid, "VmHWM")
+        gen_rss = rss_kib(gen.pid)
+        status = last_status(gen)
+        if status and status["alive"] != online["online"]:
+            say(f"  only {status['alive']} of {online['online']} agents still online; relay log:\n"
+                + "\n".join(next(p for p in procs.procs if p.pid == pid)
+                            .output().splitlines()[-15:]))
+    return {"agents": online["online"], "failed": online["failed"],
+            "login_seconds": online["seconds"], "login_cpu": login_cpu,
+            "register_seconds": reg_seconds,
+            "rss_before_mb": rss_before / 1024, "rss_loaded_mb": rss_loaded / 1024,
+            "rss_after_mb": rss_after / 1024, "hwm_mb": hwm / 1024,
+            "kb_per_agent": (rss_after - rss_before) / max(1, online["online"]),
+            "cpu_pct": 100 * cpu / elapsed, "window": elapsed,
+            "gen_cpu_pct": 100 * gen_cpu / elapsed, "gen_rss_mb": gen_rss / 1024,
+            "alive": status["alive"] if status else None, "keepalive": args.keepalive,
+            "tls": args.idle_tls}
+
+
+def idle_rows(r: dict) -> list[Row]:
+    n = r["agents"]
+    rss_ok = "PASS" if r["rss_after_mb"] < RSS_TARGET_MB else "FAIL"
+    cpu_ok = "PASS" if r["cpu_pct"] < CPU_TARGET_PCT else "FAIL"
+    alive = f"; {r['alive']} still online at the end" if r["alive"] is not None else ""
+    return [
+        Row("idle", f"relay server RSS, {n} idle agents{' (TLS)' if r['tls'] else ''}",
+            f"{r['rss_after_mb']:.0f} MB ({r['kb_per_agent']:.1f} KB/agent)",
+            notes=f"empty {r['rss_before_mb']:.0f} MB, after logins {r['rss_loaded_mb']:.0f} MB,"
+                  f" peak {r['hwm_mb']:.0f} MB{alive}",
+            target=f"< {RSS_TARGET_MB:g} MB: {rss_ok}"),
+        Row("idle", f"relay server CPU, keepalive every {r['keepalive']:g} s",
+            f"{r['cpu_pct']:.2f} % of a core",
+            notes=f"over {r['window']:.0f} s; load generator {r['gen_cpu_pct']:.1f} % CPU, "
+                  f"{r['gen_rss_mb']:.0f} MB",
+            target=f"< {CPU_TARGET_PCT:g} %: {cpu_ok}"),
+        Row("idle", f"logins ({n} agents, 1 generator process)",
+            f"{n / r['login_seconds']:,.0f} logins/s",
+            notes=f"{r['login_seconds']:.1f} s, server CPU {r['login_cpu']:.1f} s; "
+                  f"{r['failed']} failed; users registered in {r['register_seconds']:.0f} s"),
+    ]
+
+
+# == main =============================================================================
+def selected(only: list[str] | None) -> dict[str, list[str]]:
+    """Rows to run per benchmark; a group's baselines (direct, haproxy) come along."""
+    groups = {"throughput": THROUGHPUT_ROWS, "setup": SETUP_ROWS, "idle": ["agents"]}
+    if not only:
+        return {g: list(rows) for g, rows in groups.items()}
+    chosen: dict[str, list[str]] = {}
+    for name in only:
+        group, _, row = name.partition(":")
+        if group in groups and not row:
+            chosen[group] = list(groups[group])
+            continue
+        if not row:
+            group, row = "", name
+        hits = [(g, row) for g, rows in groups.items() if (not group or g == group) and row in rows]
+        if not hits:
+            raise SystemExit(f"unknown benchmark {name!r} (see --list)")
+        for g, r in hits:
+            chosen.setdefault(g, [])
+            if r not in chosen[g]:
+                chosen[g].append(r)
+    for g in ("throughput", "setup"):
+        if g in chosen:
+            chosen[g] = [r for r in groups[g] if r in chosen[g] or r in BASELINES]
+    return chosen
+
+
+def check_tools(rows: dict[str, list[str]]) -> None:
+    missing = [t for t in ("iperf3", "socat", "haproxy") if not shutil.which(t)]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run bash scripts/install-deps.sh")
+    why = fw.ssh_available()
+    if why:
+        say(f"skipping the ssh -L rows: {why}")
+        for g in rows:
+            rows[g] = [r for r in rows[g] if r != "ssh"]
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="short run: 2 s x 1 transfer, 50 sessions, 1000 agents, 20 s window")
+    ap.add_argument("--only", help="comma-separated: throughput, setup, idle, GROUP:ROW or ROW")
+    ap.add_argument("--list", action="store_true", help="print the benchmark names and exit")
+    ap.add_argument("--seconds", type=float, help="seconds per transfer (default 5; quick 2)")
+    ap.add_argument("--repeat", type=int, help="transfers per throughput row (default 3; quick 1)")
+    ap.add_argument("--tool", choices=["iperf3", "python"], default="iperf3",
+                    help="throughput client/sink (python: own sender and sink)")
+    ap.add_argument("--sessions", type=int, help="sessions per setup row (default 300; quick 50)")
+    ap.add_argument("--gap", type=float, default=0.01, help="pause between sessions (s)")
+    ap.add_argument("--agents", type=int, help="idle agents (default 10000; quick 1000)")
+    ap.add_argument("--concurrency", type=int, default=500, help="agent logins in flight")
+    ap.add_argument("--window", type=float, help="idle CPU window in s (default 60; quick 20)")
+    ap.add_argument("--keepalive", type=float, default=15.0, help="relay keepalive (s)")
+    ap.add_argument("--idle-tls", action="store_true",
+                    help="idle agents connect with TLS (default: --tls off, as in the target)")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep logs and configs")
+    args = ap.parse_args()
+    quick = args.quick
+    defaults = {"seconds": 2.0 if quick else 5.0, "repeat": 1 if quick else 3,
+                "sessions": 50 if quick else 300, "agents": 1000 if quick else 10000,
+                "window": 20.0 if quick else 60.0}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def machine() -> str:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
+                     "")
+    return (f"{os.cpu_count()} CPU {model}, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def source_version() -> str:
+    """The kakehashi commit measured (+ "modified" if tracked files in src/ changed)."""
+    import kakehashi
+
+    repo = HERE.parent
+    if not Path(kakehashi.__file__).resolve().is_relative_to((repo / "src").resolve()):
+        return "imported from outside this checkout"
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no", "src"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + modified src" if dirty else "")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.list:
+        print("throughput:", ", ".join(THROUGHPUT_ROWS))
+        print("setup:     ", ", ".join(SETUP_ROWS))
+        print("idle:       agents")
+        return 0
+    rows = selected(args.only.split(",") if args.only else None)
+    check_tools(rows)
+    install_signal_exit()
+    workdir = Path(tempfile.mkdtemp(prefix="kakehashi-bench-"))
+    started = time.monotonic()
+    version = source_version()
+    out: list[Row] = []
+    try:
+        kk = fw.Kakehashi(workdir)
+        if rows.get("throughput"):
+            say(f"== throughput: one stream, {args.seconds:g} s x {args.repeat}")
+            res = {k: measure_throughput(k, args, kk, workdir) for k in rows["throughput"]}
+            out += throughput_rows(res)
+            print(table(HEADERS, [r.cells() for r in throughput_rows(res)]), flush=True)
+        if rows.get("setup"):
+            say(f"== setup: {args.sessions} sequential sessions, first byte echoed")
+            with Procs(workdir) as procs:
+                echo = free_port()
+                server = procs.spawn("echo", [sys.executable, SERVERS, "echo", str(echo),
+                                              "--max-seconds", "3600"])
+                wait_listening(echo, proc=server)
+                res = {k: measure_setup(k, args, kk, workdir, echo) for k in rows["setup"]}
+            out += setup_rows(res)
+            print(table(HEADERS, [r.cells() for r in setup_rows(res)]), flush=True)
+        if rows.get("idle"):
+            say(f"== idle: {args.agents} agents, keepalive {args.keepalive:g} s")
+            res_idle = measure_idle(args, kk, workdir)
+            out += idle_rows(res_idle)
+            print(table(HEADERS, [r.cells() for r in idle_rows(res_idle)]), flush=True)
+    except KeyboardInterrupt:
+        say("interrupted; processes stopped")
+        return 130
+    finally:
+        if args.keep_workdir:
+            say(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    minutes = (time.monotonic() - started) / 60
+    print(f"\n## kakehashi relay benchmark ({time.strftime('%Y-%m-%d')}, {machine()}; "
+          f"{'quick' if args.quick else 'full'} run, {minutes:.1f} min; kakehashi {version})\n")
+    print(table(HEADERS, [r.cells() for r in out]))
+    print("\nMB = 10^6 bytes. Users registered with --kdf-n 1024 (cheap logins).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
