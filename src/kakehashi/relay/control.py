@@ -244,6 +244,8 @@ class ControlUnit:
         self.pending: dict[int, Pending] = {}
         self.throttle = LoginThrottle(self.settings)
         self._tokens: dict[str, tuple[str, float]] = {}  # hash -> (user, expiry or 0=live)
+        #: connections that asked for presence notices (scanned on every login/logout)
+        self.subscribers: set[int] = set()
         #: requests waiting for one of the target's connections to become idle
         self.waiting: dict[str, deque[Pending]] = {}
         self._next_conn = 1
@@ -285,6 +287,7 @@ class ControlUnit:
 
     def connection_lost(self, cid: int, now: float) -> list[object]:
         conn = self.conns.pop(cid, None)
+        self.subscribers.discard(cid)
         if conn is None:
             return []
         out: list[object] = []
@@ -473,14 +476,21 @@ class ControlUnit:
 
     def _on_Subscribe(self, conn: Connection, msg: m.Subscribe, now: float) -> list[object]:
         conn.subscribed = msg.on
+        if msg.on:
+            self.subscribers.add(conn.id)
+        else:
+            self.subscribers.discard(conn.id)
         return []
 
     def _presence(self, record: UserRecord, online: bool, enc: m.Encryption,
                   attrs: m.Attrs | None = None) -> list[object]:
         out: list[object] = []
-        for c in self.conns.values():
-            if c.subscribed and c.user and c.user != record.name \
-                    and _visible(record, c.user, attrs):
+        for cid in list(self.subscribers):
+            c = self.conns.get(cid)
+            if c is None:
+                self.subscribers.discard(cid)
+                continue
+            if c.user and c.user != record.name and _visible(record, c.user, attrs):
                 out.append(Send(c.id, m.Presence(user=record.name, online=online, encryption=enc)))
         return out
 
@@ -675,17 +685,17 @@ class ControlUnit:
         target = self.sessions[p.target]
         return [
             Pair(req_conn.id, conn.id),
+            Send(req_conn.id, m.Result(
+                req=p.client_req, ok=True, peer=p.target, encrypt=p.encrypt, e2e=p.e2e,
+                peer_key=target.record.pubkey if p.e2e else "",
+            )),
             Audit("pair", True, {
                 "from": p.requester, "to": p.target, "service": p.service,
                 "encrypted": p.encrypt, "e2e": p.e2e,
                 "insecure_ok": p.insecure or p.insecure_ok,
                 "hops_tls": [req_conn.encrypted, conn.encrypted],
                 "conns": [req_conn.id, conn.id],
-            }),
-            Send(req_conn.id, m.Result(
-                req=p.client_req, ok=True, peer=p.target, encrypt=p.encrypt, e2e=p.e2e,
-                peer_key=target.record.pubkey if p.e2e else "",
-            )),
+            }),  # written after the result is on its way (off the setup path)
         ]
 
     def _on_Refuse(self, conn: Connection, msg: m.Refuse, now: float) -> list[object]:
