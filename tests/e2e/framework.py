@@ -271,3 +271,40 @@ def roundtrip(port: int, payload: bytes, timeout: float = 15.0) -> bytes:
         while data := sock.recv(65536):
             chunks.append(data)
     return b"".join(chunks)
+
+
+# -- gateway building blocks (spec 001: the aggregation port) ---------------------------
+def _env_gateway(self: Env, *allow: str, extra: tuple[str, ...] | list[str] = (),
+                 port: int | None = None, name: str = "gateway") -> tuple[Proc, int]:
+    """``kakehashi gateway serve`` on a free loopback port, allowing ``allow``; its
+    audit log is ``audit.jsonl`` (read with ``env.audit()``), its access log
+    ``access.jsonl`` (``env.access()``)."""
+    port = port or free_port()
+    args = ["gateway", "serve", "--listen", f"127.0.0.1:{port}", "--db", self.db,
+            "--audit-log", str(self.root / "audit.jsonl"),
+            "--access-log", str(self.root / "access.jsonl")]
+    for item in allow:
+        args += ["--allow", item]
+    proc = self.spawn(name, *args, *extra)
+    proc.wait_for("gateway listening on")
+    return proc, port
+
+
+def _env_access(self: Env) -> list[dict]:
+    """The gateway's access log: one dict per request."""
+    import json
+
+    path = self.root / "access.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _env_add_proxy_user(self: Env, name: str, password: str) -> None:
+    self.run("gateway", "user", "add", name, "--db", self.db, "--password-stdin",
+             "--kdf-n", "1024", input=(password + "\n").encode())
+
+
+Env.gateway = _env_gateway  # type: ignore[attr-defined]
+Env.access = _env_access  # type: ignore[attr-defined]
+Env.add_proxy_user = _env_add_proxy_user  # type: ignore[attr-defined]

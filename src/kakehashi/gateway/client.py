@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import random
@@ -134,13 +135,30 @@ async def serve_forward(gw: Gateway, target_host: str, target_port: int,
                 for name, value in gw.auth_header():
                     out.headers.set(name, value)
                 await upstream.send_all(out.serialize())
-                await body.send(app, upstream, http.request_body(head), timeout=60)
-                resp = await read_response(upstream, 60)
+                resp, sent, replies = None, False, http.HeadReader()
+                expect = head.headers.get(b"expect")
+                if expect is not None and expect.lower() == b"100-continue":
+                    # the app waits for "100 Continue" before its body: relay it (or a
+                    # refusal) now instead of waiting for a body that is not coming
+                    with contextlib.suppress(TimeoutError):
+                        resp = await read_response(upstream, 1.0, replies)
+                    if resp is not None and resp.status == 100:
+                        await app.send_all(resp.serialize())
+                        resp = None
+                if resp is None:
+                    await body.send(app, upstream, http.request_body(head), timeout=60)
+                    sent = True
+                    resp = await read_response(upstream, 60, replies)
+                while 100 <= resp.status < 200 and resp.status != 101:  # interim replies
+                    await app.send_all(resp.serialize())
+                    resp = await read_response(upstream, 60, replies)
                 await app.send_all(resp.serialize())
                 framing = http.response_body(resp, head.method)
                 await body.send(upstream, app, framing, timeout=60)
                 if framing[0] == "close" or not http.keep_alive(head, resp):
                     return
+                if not sent and http.request_body(head) != http.NO_BODY:
+                    return  # refused before the body: it is still unread on the app side
         except (OSError, GatewayError, http.HTTPError, TimeoutError) as exc:
             log.warning("forward to %s:%d failed: %s", target_host, target_port, exc)
         finally:

@@ -1,0 +1,199 @@
+"""The client communication module (spec 001 Fig. 6, claims 6-7) through the CLI:
+``gateway forward``, ``gateway tunnel`` (local port and stdin/stdout, e.g. as an
+ssh ProxyCommand) and ``gateway events publish/watch`` (Fig. 11 polling)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e import sshd
+from tests.e2e.framework import free_port, stream_through
+from tests.e2e.gateway_fixtures import curl, origin
+
+
+def _forward(env, gw: int, to: str):
+    local = free_port()
+    proc = env.spawn("forward", "gateway", "forward", "--via", f"127.0.0.1:{gw}", "--to", to,
+                     "--listen", f"127.0.0.1:{local}")
+    proc.wait_for("forwarding http://")
+    return proc, local
+
+
+def _tunnel(env, gw: int, to: str):
+    local = free_port()
+    proc = env.spawn("tunnel", "gateway", "tunnel", "--via", f"127.0.0.1:{gw}", "--to", to,
+                     "--listen", f"127.0.0.1:{local}")
+    proc.wait_for("tunnel 127.0.0.1")
+    return proc, local
+
+
+def test_forward_lets_a_plain_http_client_reach_the_origin(env, tmp_path):
+    with origin() as o:
+        _, gw = env.gateway("127.0.0.1")
+        _, local = _forward(env, gw, o.addr)
+        # curl knows nothing about proxies: it speaks origin-form HTTP to a local port
+        r = curl(f"http://127.0.0.1:{local}/hello?q=1")
+        assert r.code == 0 and r.status == 200, r.stderr
+        assert r.body == b"hello from origin /hello?q=1\n"
+        assert "kakehashi" in (r.header("Via") or "")
+        [req] = o.requests  # Fig. 7: what the origin sees equals what the app sent (504 == 501)
+        assert (req.method, req.target) == ("GET", "/hello?q=1")
+        assert req.header("Host") == o.addr
+        assert "kakehashi" in (req.header("Via") or "")
+        # bodies both ways, chunked and Content-Length, and a kept-alive connection
+        data = os.urandom(2 << 20)
+        f = tmp_path / "up.bin"
+        f.write_bytes(data)
+        want = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        start = time.monotonic()  # curl sends "Expect: 100-continue" and waits for the 100
+        up = curl("--expect100-timeout", "20", "-H", "Transfer-Encoding: chunked",
+                  "--data-binary", f"@{f}", f"http://127.0.0.1:{local}/upload", timeout=20)
+        assert json.loads(up.body or b"null") == want, up.stderr
+        up = curl("--expect100-timeout", "20", "--data-binary", f"@{f}",
+                  f"http://127.0.0.1:{local}/upload", timeout=20)
+        assert json.loads(up.body or b"null") == want, up.stderr
+        assert time.monotonic() - start < 10, "the 100 Continue was not relayed"
+        out = tmp_path / "big.bin"
+        big = curl("-o", str(out), f"http://127.0.0.1:{local}/big")
+        assert big.code == 0 and hashlib.sha256(out.read_bytes()).hexdigest() == o.big_sha
+        three = curl(*[f"http://127.0.0.1:{local}/fixed/{i}" for i in range(3)])
+        assert three.body == b"".join(b"hello from origin /fixed/%d\n" % i for i in range(3))
+    entries = env.access()
+    assert len(entries) == 7 and all(e["to"] == o.addr for e in entries)
+
+
+def test_forward_reports_gateway_refusals_to_the_application(env):
+    with origin() as o:
+        _, gw = env.gateway("127.0.0.1:1")  # only port 1 is allowed
+        _, local = _forward(env, gw, o.addr)
+        r = curl(f"http://127.0.0.1:{local}/hello")
+        assert r.status == 403 and b"allow-list" in r.body
+        assert o.connections == 0
+
+
+def test_tunnel_on_a_local_port_10mb_both_ways(env, echo):
+    _, gw = env.gateway("127.0.0.1")
+    _, local = _tunnel(env, gw, echo.addr)
+    sent, got, n = stream_through(local, 10 << 20)
+    assert n == 10 << 20 and sent == got
+    [entry] = env.access()
+    assert entry["method"] == "CONNECT" and entry["to"] == echo.addr
+    assert entry["bytes"] == entry["bytes_up"] == 10 << 20
+
+
+def test_tunnel_on_stdin_stdout(env, echo):
+    _, gw = env.gateway("127.0.0.1")
+    data = os.urandom(3 << 20)
+    res = env.run("gateway", "tunnel", "--via", f"127.0.0.1:{gw}", "--to", echo.addr,
+                  input=data, timeout=60)
+    assert hashlib.sha256(res.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+    bad = env.run("gateway", "tunnel", "--via", f"127.0.0.1:{gw}", "--to", "127.0.0.1:1",
+                  input=b"x", check=False)
+    assert bad.returncode != 0 and b"502" in bad.stderr, bad.stderr
+
+
+def test_ssh_proxycommand_through_the_gateway(env):
+    ok, why = sshd.available()
+    if not ok:
+        pytest.skip(why)
+    server = sshd.start_sshd(env)
+    _, gw = env.gateway("127.0.0.1")
+    proxy_cmd = " ".join(shlex.quote(a) for a in [
+        sys.executable, "-m", "kakehashi", "--log-level", "warning", "gateway", "tunnel",
+        "--via", f"127.0.0.1:{gw}", "--to", "%h:%p"])
+    payload = os.urandom(1 << 20)
+    res = subprocess.run(
+        server.ssh_args("-o", f"ProxyCommand={proxy_cmd}", "-p", str(server.port),
+                        "127.0.0.1", "sha256sum"),
+        input=payload, capture_output=True, env=env.env, timeout=60)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")
+    assert res.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    [entry] = env.access()
+    assert entry["method"] == "CONNECT" and entry["to"] == f"127.0.0.1:{server.port}"
+
+
+# -- events (Fig. 11) ------------------------------------------------------------------
+def _publish(env, gw: int, topic: str, text: str) -> str:
+    return env.run("gateway", "events", "publish", topic, "--via", f"127.0.0.1:{gw}",
+                   "--data", text).stdout.decode().strip()
+
+
+def _watch(env, gw: int, topic: str, *extra: str, timeout: float = 30) -> list[dict]:
+    res = env.run("gateway", "events", "watch", topic, "--via", f"127.0.0.1:{gw}", *extra,
+                  timeout=timeout)
+    return [json.loads(line) for line in res.stdout.decode().splitlines()]
+
+
+def _lines(proc) -> list[dict]:
+    text = proc.log.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_events_in_order_and_resumed_from_a_cursor(env):
+    _, gw = env.gateway("127.0.0.1")
+    for i in (1, 2, 3):
+        assert _publish(env, gw, "builds", f"event {i}") == f"published builds #{i}"
+    got = _watch(env, gw, "builds", "--count", "3", "--wait", "1")
+    assert [(e["seq"], e["data"]) for e in got] == [(i, f"event {i}") for i in (1, 2, 3)]
+    # the watcher stopped; two more events happen; a new watcher resumes from cursor 3
+    for i in (4, 5):
+        _publish(env, gw, "builds", f"event {i}")
+    watcher = env.spawn("watch", "--log-level", "warning", "gateway", "events", "watch",
+                        "builds", "--via", f"127.0.0.1:{gw}", "--cursor", "3", "--wait", "0.5")
+    watcher.wait_for('"seq": 5')
+    time.sleep(1.5)  # several more long polls (each a new connection) bring nothing new
+    watcher.stop()
+    assert [(e["seq"], e["data"]) for e in _lines(watcher)] == [(4, "event 4"),
+                                                                (5, "event 5")]
+
+
+def test_long_poll_delivers_promptly(env):
+    _, gw = env.gateway("127.0.0.1")
+    _publish(env, gw, "alerts", "old")
+    watcher = env.spawn("watch", "--log-level", "warning", "gateway", "events", "watch",
+                        "alerts", "--via", f"127.0.0.1:{gw}", "--cursor", "1", "--count", "1",
+                        "--wait", "20")
+    time.sleep(1.0)  # the watcher is now parked in a long poll
+    assert _lines(watcher) == []
+    _publish(env, gw, "alerts", "fresh")
+    start = time.monotonic()
+    watcher.wait_for('"fresh"', timeout=5)
+    assert time.monotonic() - start < 1.0
+    assert watcher.popen.wait(5) == 0
+    assert [e["seq"] for e in _lines(watcher)] == [2]
+
+
+def test_poll_endpoint_with_curl(env):
+    _, gw = env.gateway("127.0.0.1")
+    base = f"http://127.0.0.1:{gw}/.well-known/kakehashi/events/jobs"
+    empty = curl(f"{base}?cursor=0&wait=0")
+    assert empty.status == 204 and empty.header("Kakehashi-Cursor") == "0" and not empty.body
+    pub = curl("--data-binary", "job done", base)
+    assert pub.status == 202 and json.loads(pub.body) == {"seq": 1}
+    start = time.monotonic()
+    none = curl(f"{base}?cursor=1&wait=1")  # Fig. 11, 702: no event (after a long poll)
+    assert none.status == 204 and none.header("Kakehashi-Cursor") == "1"
+    assert 0.8 < time.monotonic() - start < 5
+    one = curl(f"{base}?cursor=0&wait=0")  # 705: event occurred
+    assert one.status == 200 and one.header("Kakehashi-Cursor") == "1"
+    doc = json.loads(one.body)
+    assert doc["cursor"] == 1 and [e["data"] for e in doc["events"]] == ["job done"]
+    bad = curl(f"http://127.0.0.1:{gw}/.well-known/kakehashi/events/bad%20topic?cursor=0")
+    assert bad.status == 400
+
+
+def test_publishing_only_from_publisher_networks(env):
+    _, gw = env.gateway("127.0.0.1", extra=["--publisher", "192.0.2.0/24"])
+    res = env.run("gateway", "events", "publish", "t", "--via", f"127.0.0.1:{gw}",
+                  "--data", "x", check=False)
+    assert res.returncode != 0 and b"403" in res.stderr
+    deny = [a for a in env.audit() if a["event"] == "publish"]
+    assert deny and deny[-1]["decision"] == "deny"

@@ -1,0 +1,93 @@
+"""One aggregation port for everything (spec 001): ``gateway serve --relay`` carries
+kakehashi relay sessions, HTTP proxying, CONNECT tunnels and events on the same
+port, in TLS (sniffed again inside) and in plaintext, at the same time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import pytest
+
+from tests.e2e.framework import roundtrip, stream_through
+from tests.e2e.gateway_fixtures import ca_path, curl, origin
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])
+def test_relay_sessions_and_http_proxy_share_the_port(env, echo, tmp_path, tls):
+    env.add_user("pi")
+    env.add_user("laptop")
+    with origin() as o:
+        gw_proc, gw = env.gateway("127.0.0.1", extra=["--relay"])
+        assert "events, relay;" in gw_proc.output()
+        env.agent("pi", gw, f"echo={echo.addr}", tls=tls)
+        res = env.pipe("laptop", gw, "pi/echo", b"hello through the gateway port\n", tls=tls)
+        assert res.stdout == b"hello through the gateway port\n"
+        _, local = env.forward("laptop", gw, "pi/echo", tls=tls)
+        assert roundtrip(local, b"ping") == b"ping"
+
+        # at the same time: 16 MiB through the relay session and a 20 MB proxied download
+        results: dict[str, object] = {}
+
+        def relay_stream() -> None:
+            results["relay"] = stream_through(local, 16 << 20)
+
+        th = threading.Thread(target=relay_stream)
+        th.start()
+        out = tmp_path / "big.bin"
+        r = curl("-x", f"http://127.0.0.1:{gw}", "-o", str(out), f"{o.url}/big")
+        th.join(60)
+        assert r.code == 0 and r.status == 200, r.stderr
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == o.big_sha
+        sent, got, n = results["relay"]  # type: ignore[misc]
+        assert n == 16 << 20 and sent == got
+
+        # and still both: a proxied request after the relay traffic, a relay pipe after it
+        assert curl("-x", f"http://127.0.0.1:{gw}", f"{o.url}/hello").body == \
+            b"hello from origin /hello\n"
+        assert env.pipe("laptop", gw, "pi/echo", b"again", tls=tls).stdout == b"again"
+    assert gw_proc.alive
+    assert any(e["to"] == o.addr and e["status"] == 200 for e in env.access())
+
+
+def test_tls_on_the_listener_carries_http_connect_and_events(env, echo):
+    """``--tls auto``: a TLS client (an HTTPS proxy URL) and a plaintext one on one port."""
+    with origin() as o:
+        _, gw = env.gateway("127.0.0.1")
+        ca = str(ca_path())
+        tls_proxy = f"https://localhost:{gw}"
+        r = curl("-x", tls_proxy, "--proxy-cacert", ca, f"{o.url}/hello")
+        assert r.code == 0 and r.status == 200, r.stderr
+        assert r.body == b"hello from origin /hello\n" and "kakehashi" in (r.header("Via") or "")
+        plain = curl("-x", f"http://127.0.0.1:{gw}", f"{o.url}/hello")
+        assert plain.status == 200
+        # a CONNECT tunnel inside TLS to the gateway (curl -p: tunnel even for http://)
+        tunnelled = curl("-p", "-x", tls_proxy, "--proxy-cacert", ca, f"{o.url}/fixed/t")
+        assert tunnelled.status == 200 and tunnelled.body == b"hello from origin /fixed/t\n"
+        # the client module over TLS to the gateway: events and a tunnel
+        via = ["--via", f"localhost:{gw}", "--via-tls", "on", "--ca", ca]
+        pub = env.run("gateway", "events", "publish", "t", *via, "--data", "over tls")
+        assert pub.stdout.strip() == b"published t #1"
+        watch = env.run("gateway", "events", "watch", "t", *via, "--count", "1", "--wait", "1")
+        assert json.loads(watch.stdout)["data"] == "over tls"
+        res = env.run("gateway", "tunnel", *via, "--to", echo.addr, input=b"tls tunnel\n")
+        assert res.stdout == b"tls tunnel\n"
+    methods = [e["method"] for e in env.access()]
+    assert methods.count("CONNECT") == 2 and methods.count("GET") == 2
+
+
+def test_tls_on_refuses_plaintext_and_off_refuses_tls(env):
+    with origin() as o:
+        _, on = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-on")
+        ok = curl("-x", f"https://localhost:{on}", "--proxy-cacert", str(ca_path()),
+                  f"{o.url}/hello")
+        assert ok.status == 200, ok.stderr
+        refused = curl("-x", f"http://127.0.0.1:{on}", f"{o.url}/hello", timeout=10)
+        assert refused.code != 0 and refused.status == 0
+        _, off = env.gateway("127.0.0.1", extra=["--tls", "off"], name="gw-tls-off")
+        refused = curl("-x", f"https://localhost:{off}", "--proxy-cacert", str(ca_path()),
+                       f"{o.url}/hello", timeout=10)
+        assert refused.code != 0 and refused.status == 0
+        assert curl("-x", f"http://127.0.0.1:{off}", f"{o.url}/hello").status == 200
+        assert [r.target for r in o.requests] == ["/hello", "/hello"]
