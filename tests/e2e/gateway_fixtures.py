@@ -14,6 +14,9 @@ TCP connection it came on. Routes:
 * ``/page`` - an HTML page for the browser test;
 * ``/hang`` - reads the request and never answers.
 
+With ``idle_close`` it closes kept-alive connections idle that long, as real
+servers do (keep-alive timeouts).
+
 With ``require_via`` the origin refuses (403) any request that did not come
 through a kakehashi gateway, i.e. it is reachable "only through the gateway".
 """
@@ -106,6 +109,7 @@ class Origin:
     tls_ctx: ssl.SSLContext | None = None
     require_via: bool = False
     name: str = "origin"
+    idle_close: float | None = None  # close a kept-alive connection idle this long
     requests: list[Request] = field(default_factory=list)
     connections: int = 0
 
@@ -173,6 +177,8 @@ class Origin:
                 raw.settimeout(10)
                 sock = self.tls_ctx.wrap_socket(raw, server_side=True)
                 sock.settimeout(None)
+            if self.idle_close is not None:
+                sock.settimeout(self.idle_close)
             r = _Buffered(sock)
             while self._one(sock, r, n):
                 pass

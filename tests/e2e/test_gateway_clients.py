@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import subprocess
@@ -156,6 +157,33 @@ def test_keep_alive_on_both_sides(env):
     entries = env.access()
     assert [e["target"] for e in entries] == urls
     assert all(e["status"] == 200 for e in entries)
+
+
+def test_upstream_closing_idle_keep_alive_is_not_an_error(env):
+    """Origins close idle kept-alive connections when they like; the next request on
+    the same client connection must get a fresh upstream, not a 502 (stdlib client)."""
+    with origin(idle_close=0.2) as o:
+        _, gw = env.gateway("127.0.0.1")
+        conn = http.client.HTTPConnection("127.0.0.1", gw, timeout=10)
+        try:
+            sockets = set()
+            for i in range(4):
+                if i % 2:
+                    conn.request("POST", f"{o.url}/upload", body=b"x" * 1000)
+                    want = json.dumps({"sha256": hashlib.sha256(b"x" * 1000).hexdigest(),
+                                       "bytes": 1000}).encode()
+                else:
+                    conn.request("GET", f"{o.url}/fixed/{i}")
+                    want = f"hello from origin /fixed/{i}\n".encode()
+                r = conn.getresponse()
+                assert (r.status, r.read()) == (200, want)
+                sockets.add(id(conn.sock))
+                time.sleep(0.5)  # the origin has closed its side by now
+        finally:
+            conn.close()
+        assert len(sockets) == 1  # one client connection throughout
+        assert o.connections == 4  # a fresh upstream for each request
+    assert [e["status"] for e in env.access()] == [200] * 4
 
 
 def test_python_requests_with_proxies(env):

@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -259,7 +260,7 @@ class GatewayServer:
             out_head.headers.remove(b"expect")  # checks passed: the gateway answers itself
             await conn.send_all(head.version + b" 100 Continue\r\n\r\n")
         key = (address, target.port)
-        if upstream is not None and upstream.key != key:
+        if upstream is not None and (upstream.key != key or not _still_idle(upstream.conn)):
             upstream.conn.close()
             upstream = None
         fresh = upstream is None
@@ -401,6 +402,21 @@ class GatewayServer:
         if sent is not None:
             entry["bytes_up"] = sent
         access.info("%s", json.dumps(entry))
+
+
+def _still_idle(conn: Conn) -> bool:
+    """May a kept-alive upstream connection carry the next request? Origins close
+    idle connections whenever they like (keep-alive timeouts): one that has sent
+    EOF, a reset or stray bytes since its last response is not reused."""
+    if conn.has_pushback:
+        return False
+    try:
+        conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True  # nothing to read: still open and quiet
+    except OSError:
+        return False
+    return False  # EOF (b"") or unexpected bytes
 
 
 def _event_json(event) -> dict:
