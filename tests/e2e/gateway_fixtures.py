@@ -12,7 +12,8 @@ TCP connection it came on. Routes:
 * ``/upload`` (POST/PUT) - reads a Content-Length or chunked body and answers
   ``{"sha256": ..., "bytes": n}``;
 * ``/page`` - an HTML page for the browser test;
-* ``/hang`` - reads the request and never answers.
+* ``/hang`` - reads the request and never answers;
+* ``/bad-chunked``, ``/corrupt-gzip`` - bodies that break after the head.
 
 With ``idle_close`` it closes kept-alive connections idle that long, as real
 servers do (keep-alive timeouts).
@@ -245,6 +246,15 @@ class Origin:
                 c = data[i:i + 1000]
                 sock.sendall(b"%x\r\n%s\r\n" % (len(c), c))
             sock.sendall(b"0\r\n\r\n")
+        elif path == "/bad-chunked":  # a hostile or broken origin: framing breaks mid-body
+            sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"5\r\nhello\r\nZZ-not-a-size\r\n")
+            return False
+        elif path == "/corrupt-gzip":
+            data = bytearray(gzip.compress(GZIP_TEXT))
+            data[200:260] = b"\xff" * 60
+            self._send(sock, 200, bytes(data), close=True, extra=[("Content-Encoding", "gzip")])
+            return False
         elif path == "/big":
             self._send(sock, 200, self.big, close=close, ctype="application/octet-stream")
         elif path == "/upload":

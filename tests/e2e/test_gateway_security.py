@@ -189,6 +189,26 @@ def test_target_that_never_answers_is_504(gw):
     still_serves()
 
 
+@pytest.mark.parametrize(("path", "extra"), [("/bad-chunked", ()),
+                                             ("/corrupt-gzip", ("--gzip-decode",))])
+def test_upstream_body_breaking_after_the_head_cuts_the_connection(env, path, extra):
+    """Once the head is out, an error reply would land inside the body (a second
+    status line the client may take for the next response): the gateway must cut
+    the connection, without the last chunk, so the client sees the body is short."""
+    with origin() as o:
+        _, port = env.gateway("127.0.0.1", extra=list(extra))
+        reply = raw_exchange(port, f"GET {o.url}{path} HTTP/1.1\r\nHost: {o.addr}\r\n\r\n"
+                             .encode())
+        assert status_of(reply) == 200
+        assert reply.count(b"HTTP/1.1") == 1, reply[-300:]
+        assert not reply.endswith(b"0\r\n\r\n")  # no last chunk: visibly incomplete
+        r = curl("-x", f"http://127.0.0.1:{port}", f"{o.url}{path}")
+        assert r.code == 18, (r.code, r.stderr)  # curl: "transfer closed ... remaining"
+        ok = curl("-x", f"http://127.0.0.1:{port}", f"{o.url}/hello")
+        assert ok.status == 200
+    assert any(e["status"] == 502 and e["target"].endswith(path) for e in env.access())
+
+
 def _closed_within(sock: socket.socket, limit: float) -> tuple[float, bytes]:
     """Wait for the gateway to close ``sock``; return (seconds, what it said)."""
     start = time.monotonic()

@@ -297,9 +297,15 @@ class GatewayServer:
         client_framing = http.response_body(client_head, head.method)  # how we frame it
         client_keep = http.keep_alive(head, client_head) and client_framing[0] != "close"
         await conn.send_all(client_head.serialize())
-        size = await body.send(up, conn, resp_framing, timeout=self.settings.read_timeout,
-                               transform=decoder, chunk_out=client_framing[0] == "chunked",
-                               error_status=502)
+        try:
+            size = await body.send(up, conn, resp_framing, timeout=self.settings.read_timeout,
+                                   transform=decoder, chunk_out=client_framing[0] == "chunked",
+                                   error_status=502)
+        except http.HTTPError as exc:
+            # the head is already out: an error reply now would land inside the body.
+            # Cut the connection instead (no last chunk), so the client sees the loss.
+            self._log(conn, head, exc.status, 0, start, user, f"{target.host}:{target.port}")
+            raise ConnClosed(f"upstream body broken: {exc.reason}") from None
         upstream_keep = http.keep_alive(out_head, resp) and resp_framing[0] != "close"
         self._log(conn, head, resp.status, size, start, user, f"{target.host}:{target.port}")
         if not upstream_keep:
