@@ -290,14 +290,20 @@ def _env_gateway(self: Env, *allow: str, extra: tuple[str, ...] | list[str] = ()
     return proc, port
 
 
-def _env_access(self: Env) -> list[dict]:
-    """The gateway's access log: one dict per request."""
+def _env_access(self: Env, until=bool, timeout: float = 5.0) -> list[dict]:
+    """The gateway's access log: one dict per request. A request is logged when it
+    ends (a tunnel when both sides have closed), which can be a moment after the
+    client is done, so wait up to ``timeout`` for ``until(entries)`` to hold."""
     import json
 
     path = self.root / "access.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        entries = [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+        if until(entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)
 
 
 def _env_add_proxy_user(self: Env, name: str, password: str) -> None:

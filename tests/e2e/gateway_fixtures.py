@@ -12,6 +12,7 @@ TCP connection it came on. Routes:
 * ``/upload`` (POST/PUT) - reads a Content-Length or chunked body and answers
   ``{"sha256": ..., "bytes": n}``;
 * ``/page`` - an HTML page for the browser test;
+* ``/hop`` - a response carrying hop-by-hop fields;
 * ``/hang`` - reads the request and never answers;
 * ``/bad-chunked``, ``/corrupt-gzip`` - bodies that break after the head.
 
@@ -255,6 +256,10 @@ class Origin:
             data[200:260] = b"\xff" * 60
             self._send(sock, 200, bytes(data), close=True, extra=[("Content-Encoding", "gzip")])
             return False
+        elif path == "/hop":  # hop-by-hop fields a proxy must not pass on
+            self._send(sock, 200, b"hop\n", close=close,
+                       extra=[("Connection", "X-Hop-Resp"), ("X-Hop-Resp", "secret"),
+                              ("Keep-Alive", "timeout=5"), ("X-End-To-End", "kept")])
         elif path == "/big":
             self._send(sock, 200, self.big, close=close, ctype="application/octet-stream")
         elif path == "/upload":
