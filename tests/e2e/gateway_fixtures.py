@@ -5,7 +5,7 @@ tests control framing byte for byte and can see exactly what the gateway sent:
 every request line, header and body digest is recorded with the number of the
 TCP connection it came on. Routes:
 
-* ``/hello`` (and anything under ``/fixed/``) - a short Content-Length body;
+* ``/hello``, ``/index.html`` and anything under ``/fixed/`` - a short body;
 * ``/chunked`` - a chunked body in several chunks;
 * ``/gzip`` and ``/gzip-chunked`` - a gzip body (Content-Encoding: gzip);
 * ``/big`` - :data:`BIG_SIZE` pseudo-random bytes (SHA-256 in ``Origin.big_sha``);
@@ -267,7 +267,7 @@ class Origin:
             self._send(sock, 200, body, close=close, ctype="application/json")
         elif path == "/page":
             self._send(sock, 200, PAGE % self.name.encode(), close=close, ctype="text/html")
-        elif path == "/hello" or path.startswith("/fixed/"):
+        elif path in ("/hello", "/index.html") or path.startswith("/fixed/"):
             self._send(sock, 200, f"hello from {self.name} {target}\n".encode(), close=close)
         else:
             self._send(sock, 404, b"not found\n", close=close)

@@ -21,12 +21,15 @@ import pytest
 from tests.e2e.gateway_fixtures import (
     CHUNKS,
     GZIP_TEXT,
+    body_of,
     ca_path,
     curl,
     ensure_chromium,
     https_context,
     origin,
+    raw_exchange,
     spki_sha256_b64,
+    status_of,
 )
 
 
@@ -50,6 +53,23 @@ def test_plain_http_is_rewritten_to_origin_form_with_host_and_via(env):
     assert entry["status"] == 200 and entry["to"] == o.addr and entry["method"] == "GET"
     allows = [a for a in env.audit() if a["event"] == "target"]
     assert allows[-1]["decision"] == "allow" and allows[-1]["target"] == o.addr
+
+
+def test_spec_fig6_header_round_trip(env):
+    """Spec Fig. 6/7: the client sends 503 (absolute URI, Host = the relay); the origin
+    receives 504, which must equal the application's original 501."""
+    with origin() as o:
+        _, gw = env.gateway("127.0.0.1")
+        original = f"GET /index.html HTTP/1.0\r\nHost: 127.0.0.1:{o.port}\r\n"  # 501
+        converted = (f"GET http://127.0.0.1:{o.port}/index.html HTTP/1.0\r\n"  # 503
+                     f"Host: 127.0.0.1:{gw}\r\n\r\n")
+        reply = raw_exchange(gw, converted.encode())
+        assert status_of(reply) == 200 and body_of(reply) == b"hello from origin /index.html\n"
+        [req] = o.requests  # 504
+        received = f"{req.method} {req.target} {req.version}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in req.headers if k.lower() != "via")
+        assert received == original
+        assert req.header_all("Via") == ["1.0 kakehashi"]
 
 
 def test_hop_by_hop_fields_stay_on_their_hop(env):
