@@ -221,3 +221,17 @@ def test_client_module_authenticates_to_the_gateway(env, echo):
         assert curl(f"http://127.0.0.1:{unauth}/hello").status == 407
     entries = env.access(lambda es: len(es) >= 4)
     assert {e["user"] for e in entries if e["status"] == 200} == {"bob"}
+
+
+def test_events_need_credentials_when_auth_is_on(env):
+    env.add_proxy_user("bob", "bob-pw")
+    _, gw = env.gateway("127.0.0.1", extra=["--auth"])
+    via = ["--via", f"127.0.0.1:{gw}"]
+    creds = {"KAKEHASHI_PROXY_PASSWORD": "bob-pw"}
+    denied = env.run("gateway", "events", "publish", "t", *via, "--data", "x", check=False)
+    assert denied.returncode != 0 and b"407" in denied.stderr
+    env.run("gateway", "events", "publish", "t", *via, "--proxy-user", "bob", "--data", "ok",
+            env=creds)
+    out = env.run("gateway", "events", "watch", "t", *via, "--proxy-user", "bob",
+                  "--count", "1", env=creds).stdout
+    assert b'"data": "ok"' in out

@@ -194,6 +194,7 @@ class EventClient:
         try:
             lines = [method + b" " + path.encode() + b" HTTP/1.1", b"Host: " + self.gw.authority,
                      b"Connection: close", b"Content-Length: %d" % len(data)]
+            lines += [name + b": " + value for name, value in self.gw.auth_header()]
             await conn.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + data)
             head = await read_response(conn, timeout or self.gw.timeout)
             framing = http.response_body(head, method)

@@ -323,6 +323,7 @@ class GatewayServer:
             raise http.HTTPError(400, "this is a forward proxy: send absolute-form requests "
                                       "(e.g. curl -x http://gateway:port http://target/)")
         topic = path[len(EVENTS_PREFIX):]
+        await self._authorise(head, f"events/{topic}")  # with --auth, events need it too
         params = parse_qs(query)
         try:
             if head.method == b"POST":
