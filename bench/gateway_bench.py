@@ -1,0 +1,725 @@
+"""Gateway benchmark: `kakehashi gateway serve` side by side with haproxy and tinyproxy.
+
+    python bench/gateway_bench.py            # full run (about 6 minutes on 2 cores)
+    python bench/gateway_bench.py --quick    # short run (about 1.5 minutes)
+    python bench/gateway_bench.py --only http
+    python bench/gateway_bench.py --only connect:gateway,connect-py:gateway
+    python bench/gateway_bench.py --profile  # + py-spy of the gateway under wrk load
+    python bench/gateway_bench.py --list     # the benchmark and row names
+
+Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
+
+* http - small requests through a forward proxy: ``wrk -t2 -c50 --latency`` with a
+  Lua script that sends absolute-form requests (``GET http://origin/ HTTP/1.1``, what
+  a proxy receives) to a fast origin (haproxy ``http-request return``, a 100-byte
+  body, keep-alive). Requests/s (median of --repeat runs), p50/p99 latency, the
+  proxy's CPU time per request; ratios vs haproxy ``mode http`` and vs tinyproxy.
+  By default the proxy runs alone on CPU 1 and wrk + origin on CPU 0 (--no-pin).
+* connect - bulk throughput of a CONNECT tunnel with iperf3 (one stream). iperf3
+  cannot speak CONNECT, so the tunnel is ``kakehashi gateway tunnel --listen``
+  (a second process) in front of the gateway; haproxy ``mode tcp`` once and twice
+  chained (the same number of forwarding processes) are the references.
+* connect-py - the gateway alone: a Python sender in this process connects, sends
+  ``CONNECT``, reads the 200 and streams --bytes (1 GiB) to a counting sink, which
+  answers the byte count after the half-close; the same sender through haproxy
+  ``mode tcp`` and direct. MB/s median of --repeat runs, CPU s/GB of the forwarder.
+
+See bench/README.md ("Gateway") for the rows and targets: gateway >= 0.5x haproxy
+requests/s (and far above tinyproxy); CONNECT throughput >= haproxy ``mode tcp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import forwarders as fw
+from benchlib import (
+    LOOPBACK,
+    Procs,
+    cpu_seconds,
+    free_port,
+    install_signal_exit,
+    median,
+    ratio,
+    say,
+    table,
+    tree_cpu_seconds,
+    wait_listening,
+)
+
+HERE = Path(__file__).resolve().parent
+SERVERS = str(HERE / "servers.py")
+
+HTTP_ROWS = ["direct", "haproxy", "tinyproxy", "gateway", "gateway-quiet"]
+CONNECT_ROWS = ["direct", "haproxy", "haproxy2", "gateway"]
+CONNECT_PY_ROWS = ["direct", "haproxy", "gateway", "gateway-nosplice"]
+GROUPS = {"http": HTTP_ROWS, "connect": CONNECT_ROWS, "connect-py": CONNECT_PY_ROWS}
+BASELINES = {"http": ["haproxy", "tinyproxy"], "connect": ["direct", "haproxy"],
+             "connect-py": ["direct", "haproxy"]}
+
+HTTP_TARGET = 0.5      # gateway req/s >= 0.5x haproxy mode http
+CONNECT_TARGET = 1.0   # gateway CONNECT MB/s >= 1.0x haproxy mode tcp
+
+BODY = "kakehashi-bench " * 6 + "0123"  # 100 bytes
+assert len(BODY) == 100
+
+ORIGIN_CFG = """\
+global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode http
+    timeout client 120s
+    timeout http-keep-alive 120s
+frontend origin
+    bind {loopback}:{port}
+    http-request return status 200 content-type text/plain string "{body}"
+"""
+
+HAPROXY_HTTP_CFG = """\
+global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-keep-alive 120s
+frontend proxy
+    bind {loopback}:{port}
+    default_backend origin
+backend origin
+    server o1 {loopback}:{origin}
+"""
+
+TINYPROXY_CFG = """\
+Port {port}
+Listen {loopback}
+Timeout 120
+MaxClients 200
+LogLevel Critical
+LogFile "{dir}/tinyproxy-{port}.log"
+PidFile "{dir}/tinyproxy-{port}.pid"
+"""
+
+WRK_SCRIPT = """\
+-- absolute-form request line, as a client configured with a proxy sends it
+wrk.path = "http://{loopback}:{origin}/"
+wrk.headers["Host"] = "{loopback}:{origin}"
+"""
+
+
+@dataclass
+class Row:
+    bench: str
+    path: str
+    result: str
+    latency: str = "-"
+    vs_a: str = "-"
+    vs_b: str = "-"
+    cpu: str = "-"
+    notes: str = ""
+    target: str = ""
+
+    def cells(self) -> list[str]:
+        return [self.bench, self.path, self.result, self.latency, self.vs_a, self.vs_b,
+                self.cpu, self.notes, self.target]
+
+
+HEADERS = ["Benchmark", "Path", "Result", "Latency p50 / p99", "vs haproxy",
+           "vs tinyproxy / direct", "Proxy CPU", "Notes", "Target"]
+
+
+@dataclass
+class Route:
+    name: str
+    port: int
+    pids: list[int] = field(default_factory=list)
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    """``taskset`` in front (it execs, so the pid stays the program's)."""
+    return ["taskset", "-c", str(cpu), *argv] if cpu is not None else argv
+
+
+# == kakehashi ========================================================================
+class Gateway:
+    """``kakehashi gateway serve`` and ``gateway tunnel`` with a private home and db."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.home = workdir / "kakehashi-home"
+        self.db = str(workdir / "gateway.db")
+        self.env = {"KAKEHASHI_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+
+    @staticmethod
+    def argv(*args: str, log_level: str = "info") -> list[str]:
+        return [sys.executable, "-m", "kakehashi", "--log-format", "text",
+                "--log-level", log_level, *args]
+
+    def serve(self, procs: Procs, *, cpu: int | None = None, log_level: str = "info",
+              env: dict[str, str] | None = None) -> Route:
+        port = free_port()
+        proc = procs.spawn("gateway", pinned(cpu, self.argv(
+            "gateway", "serve", "--listen", f"{LOOPBACK}:{port}", "--allow", LOOPBACK,
+            "--tls", "off", "--db", self.db, log_level=log_level)),
+            env={**self.env, **(env or {})})
+        proc.wait_for("gateway listening on")
+        return Route("kakehashi gateway", port, [proc.pid])
+
+    def tunnel(self, procs: Procs, gateway_port: int, target: int) -> Route:
+        port = free_port()
+        proc = procs.spawn("tunnel", self.argv(
+            "gateway", "tunnel", "--via", f"{LOOPBACK}:{gateway_port}",
+            "--to", f"{LOOPBACK}:{target}", "--listen", f"{LOOPBACK}:{port}"), env=self.env)
+        proc.wait_for("tunnel ")
+        return Route("gateway tunnel", port, [proc.pid])
+
+
+# == http: requests/s with wrk ========================================================
+@dataclass
+class WrkRun:
+    rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: dict[str, int]
+    seconds: float
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> WrkRun:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rps and total and p50 and p99):
+        raise RuntimeError(f"cannot read wrk output:\n{out}")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                       out)
+    errs = dict(zip(["connect", "read", "write", "timeout"],
+                    [int(x) for x in errors.groups()], strict=True)) if errors else {}
+    return WrkRun(float(rps.group(1)), int(total.group(1)), _ms(p50.group(1)),
+                  _ms(p99.group(1)), int(non2xx.group(1)) if non2xx else 0, errs,
+                  _ms(total.group(2) + total.group(3)) / 1000)
+
+
+def wrk_once(args: argparse.Namespace, port: int, script: Path | None, seconds: float,
+             cpu: int | None) -> WrkRun:
+    argv = pinned(cpu, ["wrk", f"-t{args.threads}", f"-c{args.connections}",
+                        f"-d{seconds:g}s", "--latency", "--timeout", "5s",
+                        *(["-s", str(script)] if script else []), f"http://{LOOPBACK}:{port}/"])
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    if res.returncode != 0:
+        raise RuntimeError(f"wrk failed ({res.returncode}): {res.stderr.strip()}")
+    return parse_wrk(res.stdout)
+
+
+def start_origin(procs: Procs, cpu: int | None) -> Route:
+    port = free_port()
+    cfg = procs.workdir / f"origin-{port}.cfg"
+    cfg.write_text(ORIGIN_CFG.format(loopback=LOOPBACK, port=port, body=BODY))
+    proc = procs.spawn("origin", pinned(cpu, ["haproxy", "-f", str(cfg), "-db"]))
+    wait_listening(port, proc=proc)
+    return Route("origin", port, [proc.pid])
+
+
+def start_http_proxy(key: str, procs: Procs, gw: Gateway, origin: int,
+                     cpu: int | None) -> Route:
+    if key == "direct":
+        return Route("direct (wrk -> origin)", origin)
+    if key == "haproxy":
+        port = free_port()
+        cfg = procs.workdir / f"haproxy-http-{port}.cfg"
+        cfg.write_text(HAPROXY_HTTP_CFG.format(loopback=LOOPBACK, port=port, origin=origin))
+        proc = procs.spawn("haproxy-http", pinned(cpu, ["haproxy", "-f", str(cfg), "-db"]))
+        wait_listening(port, proc=proc)
+        return Route("haproxy mode http (1 thread)", port, [proc.pid])
+    if key == "tinyproxy":
+        port = free_port()
+        cfg = procs.workdir / f"tinyproxy-{port}.conf"
+        cfg.write_text(TINYPROXY_CFG.format(loopback=LOOPBACK, port=port, dir=procs.workdir))
+        proc = procs.spawn("tinyproxy", pinned(cpu, ["tinyproxy", "-d", "-c", str(cfg)]))
+        wait_listening(port, proc=proc)
+        return Route("tinyproxy", port, [proc.pid])
+    if key == "gateway":
+        route = gw.serve(procs, cpu=cpu)
+        route.name = "kakehashi gateway (default: audit + access log lines)"
+        return route
+    if key == "gateway-quiet":
+        route = gw.serve(procs, cpu=cpu, log_level="error")
+        route.name = "kakehashi gateway, --log-level error"
+        return route
+    raise KeyError(key)
+
+
+def check_proxy(port: int, origin: int) -> None:
+    """One request by hand: the path must answer 200 with the origin's body."""
+    with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
+        sock.sendall(f"GET http://{LOOPBACK}:{origin}/ HTTP/1.1\r\nHost: {LOOPBACK}:{origin}"
+                     "\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    if not data.startswith(b"HTTP/1.1 200") or not data.endswith(BODY.encode()):
+        raise RuntimeError(f"port {port} did not relay the origin's answer: {data[:300]!r}")
+
+
+def measure_http(key: str, args: argparse.Namespace, gw: Gateway, workdir: Path,
+                 origin: Route, script: Path, pin: tuple[int, int] | None) -> dict:
+    load_cpu, proxy_cpu = pin if pin else (None, None)
+    with Procs(workdir) as procs:
+        route = start_http_proxy(key, procs, gw, origin.port, proxy_cpu)
+        check_proxy(route.port, origin.port)
+        use_script = script if key != "direct" else None
+        wrk_once(args, route.port, use_script, 1.0, load_cpu)  # warm-up (connections, caches)
+        runs: list[WrkRun] = []
+        proxy_s = origin_s = 0.0
+        for i in range(args.repeat):
+            before, obefore = tree_cpu_seconds(route.pids), cpu_seconds(origin.pids[0])
+            run = wrk_once(args, route.port, use_script, args.seconds, load_cpu)
+            proxy_s += tree_cpu_seconds(route.pids) - before
+            origin_s += cpu_seconds(origin.pids[0]) - obefore
+            runs.append(run)
+            errs = sum(run.socket_errors.values())
+            say(f"  {route.name} run {i + 1}/{args.repeat}: {run.rps:,.0f} req/s, "
+                f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms"
+                + (f", {run.non2xx} non-2xx" if run.non2xx else "")
+                + (f", socket errors {run.socket_errors}" if errs else ""))
+        profile = None
+        if args.profile and key.startswith("gateway"):
+            profile = profile_gateway(args, route, use_script, load_cpu, workdir, key)
+    requests = sum(r.requests for r in runs)
+    seconds = sum(r.seconds for r in runs)
+    errors: collections.Counter[str] = collections.Counter()
+    for r in runs:
+        errors.update(r.socket_errors)
+    return {"name": route.name, "rps": median([r.rps for r in runs]),
+            "runs": [r.rps for r in runs], "p50": median([r.p50_ms for r in runs]),
+            "p99": median([r.p99_ms for r in runs]),
+            "cpu_us": proxy_s / requests * 1e6 if route.pids and requests else None,
+            "cpu_pct": 100 * proxy_s / seconds if route.pids and seconds else None,
+            "origin_pct": 100 * origin_s / seconds if seconds else None,
+            "non2xx": sum(r.non2xx for r in runs),
+            "errors": {k: v for k, v in errors.items() if v}, "profile": profile}
+
+
+def http_rows(results: dict[str, dict], pin: tuple[int, int] | None) -> list[Row]:
+    hap = results.get("haproxy", {}).get("rps")
+    tiny = results.get("tinyproxy", {}).get("rps")
+    rows = []
+    for key, r in results.items():
+        notes = ["runs " + "/".join(f"{v:,.0f}" for v in r["runs"])]
+        if r["cpu_pct"] is not None:
+            notes.append(f"proxy {r['cpu_pct']:.0f} % of a core")
+        if r["origin_pct"] is not None:
+            notes.append(f"origin {r['origin_pct']:.0f} %")
+        if r["non2xx"]:
+            notes.append(f"{r['non2xx']} non-2xx")
+        if r["errors"]:
+            what = ", ".join(f"{v} {k}" for k, v in r["errors"].items())
+            notes.append(f"socket errors: {what}"
+                         + (" (closes every connection: no client keep-alive)"
+                            if key == "tinyproxy" and set(r["errors"]) == {"read"} else ""))
+        target = ""
+        if key == "gateway":
+            ok = hap and r["rps"] >= HTTP_TARGET * hap
+            target = f">= {HTTP_TARGET:g}x haproxy: {'PASS' if ok else 'FAIL'}"
+        rows.append(Row(
+            "http", r["name"], f"{r['rps']:,.0f} req/s",
+            f"{r['p50']:.2f} / {r['p99']:.2f} ms",
+            ratio(r["rps"], hap) if key not in ("direct",) else "-",
+            ratio(r["rps"], tiny) if key not in ("direct",) else "-",
+            f"{r['cpu_us']:.0f} us/req" if r["cpu_us"] is not None else "-",
+            "; ".join(notes), target))
+    return rows
+
+
+def profile_gateway(args: argparse.Namespace, route: Route, script: Path | None,
+                    load_cpu: int | None, workdir: Path, key: str) -> dict | None:
+    """py-spy the gateway under the same wrk load (a separate, unmeasured run)."""
+    if not shutil.which("py-spy"):
+        say("  --profile: py-spy not found (pip install py-spy)")
+        return None
+    out = workdir / f"py-spy-{key}.txt"
+    seconds = max(args.seconds, 5.0)
+    wrk = subprocess.Popen(pinned(load_cpu, [
+        "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds + 2:g}s",
+        *(["-s", str(script)] if script else []), f"http://{LOOPBACK}:{route.port}/"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        subprocess.run(["py-spy", "record", "--pid", str(route.pids[0]), "--duration",
+                        f"{seconds:g}", "--rate", "250", "--format", "raw", "-o", str(out)],
+                       capture_output=True, timeout=seconds + 60, check=True)
+    except (subprocess.SubprocessError, OSError) as exc:
+        say(f"  --profile: py-spy failed: {exc}")
+        return None
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            wrk.wait(seconds + 30)
+        if wrk.poll() is None:
+            wrk.kill()
+    return aggregate_profile(out)
+
+
+def aggregate_profile(path: Path) -> dict:
+    """Raw py-spy stacks -> share of samples per function (inclusive and self)."""
+    incl: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for name in set(frames):
+            incl[name] += n
+    top_incl = [(f, c / total) for f, c in incl.most_common(60)
+                if c / total < 0.98 and ("kakehashi/" in f or "asyncio" in f or "json" in f
+                                          or "logging" in f or "ipaddress" in f)][:25]
+    return {"samples": total, "file": str(path),
+            "inclusive": top_incl,
+            "self": [(f, c / total) for f, c in own.most_common(15)]}
+
+
+def print_profile(key: str, prof: dict) -> None:
+    say(f"\n### py-spy, {key} under wrk load ({prof['samples']} samples; raw: {prof['file']})")
+    say("inclusive (project, asyncio, logging, json, ipaddress frames):")
+    for name, share in prof["inclusive"]:
+        say(f"  {share * 100:5.1f} %  {name}")
+    say("self:")
+    for name, share in prof["self"]:
+        say(f"  {share * 100:5.1f} %  {name}")
+
+
+# == connect: bulk throughput =========================================================
+@dataclass
+class Transfer:
+    bytes: int
+    seconds: float
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def iperf_once(procs: Procs, port: int, sink: int, seconds: float) -> Transfer:
+    server = procs.spawn("iperf3-server", ["iperf3", "-s", "-1", "-B", LOOPBACK, "-p", str(sink)])
+    try:
+        wait_listening(sink, proc=server)
+        res = subprocess.run(
+            ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", f"{seconds:g}", "-J",
+             "--connect-timeout", "5000"],
+            capture_output=True, text=True, timeout=seconds + 30)
+        data = json.loads(res.stdout or "{}")
+        if "error" in data or res.returncode != 0:
+            raise RuntimeError(f"iperf3: {data.get('error') or res.stderr.strip()}")
+        got = data["end"]["sum_received"]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.popen.wait(5)
+        return Transfer(int(got["bytes"]), float(got["seconds"]))
+    finally:
+        procs.stop(server)
+
+
+def blast_once(procs: Procs, port: int, sink: int, nbytes: int,
+               connect_to: str | None) -> Transfer:
+    """Send ``nbytes`` (after a CONNECT if ``connect_to``) to the counting sink."""
+    server = procs.spawn("sink", [sys.executable, SERVERS, "sink", str(sink),
+                                  "--max-seconds", "600"])
+    try:
+        wait_listening(sink, proc=server)
+        block = os.urandom(1 << 20)
+        with socket.create_connection((LOOPBACK, port), timeout=120) as sock:
+            if connect_to:
+                sock.sendall(f"CONNECT {connect_to} HTTP/1.1\r\nHost: {connect_to}\r\n\r\n"
+                             .encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise RuntimeError(f"CONNECT: the proxy closed: {head!r}")
+                    head += chunk
+                if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+                    raise RuntimeError(f"CONNECT refused: {head[:200]!r}")
+                if head.index(b"\r\n\r\n") + 4 != len(head):
+                    raise RuntimeError("bytes after the CONNECT answer")
+            started = time.perf_counter()
+            left = nbytes
+            view = memoryview(block)
+            while left:
+                n = min(left, len(block))
+                sock.sendall(view[:n])
+                left -= n
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while len(reply) < 8 and (chunk := sock.recv(8 - len(reply))):
+                reply += chunk
+            elapsed = time.perf_counter() - started
+        if len(reply) != 8:
+            raise RuntimeError("the sink did not report its byte count (half-close lost?)")
+        got = int.from_bytes(reply, "big")
+        if got != nbytes:
+            raise RuntimeError(f"the sink counted {got} of {nbytes} bytes")
+        return Transfer(got, elapsed)
+    finally:
+        procs.stop(server)
+
+
+def start_connect_route(group: str, key: str, procs: Procs, gw: Gateway,
+                        target: int) -> tuple[Route, str | None]:
+    """The route and, for the Python sender, the CONNECT target to send first."""
+    if key == "direct":
+        return Route("direct", target), None
+    if key == "haproxy":
+        r = fw.start_haproxy(procs, target)
+        return Route("haproxy mode tcp", r.port, r.pids), None
+    if key == "haproxy2":
+        r = fw.start_haproxy_chain(procs, target, hops=2)
+        return Route("haproxy mode tcp x2 (chained)", r.port, r.pids), None
+    env = {"KAKEHASHI_NO_SPLICE": "1"} if key == "gateway-nosplice" else None
+    gateway = gw.serve(procs, env=env)
+    if group == "connect":  # iperf3 needs a plain port: the tunnel client does the CONNECT
+        tunnel = gw.tunnel(procs, gateway.port, target)
+        return Route("gateway tunnel --listen -> gateway serve (CONNECT)", tunnel.port,
+                     [tunnel.pids[0], gateway.pids[0]]), None
+    name = "kakehashi gateway CONNECT" + (" (no splice)" if env else " (splice)")
+    return Route(name, gateway.port, gateway.pids), f"{LOOPBACK}:{target}"
+
+
+def measure_connect(group: str, key: str, args: argparse.Namespace, gw: Gateway,
+                    workdir: Path) -> dict:
+    sink = free_port()
+    with Procs(workdir) as procs:
+        route, connect_to = start_connect_route(group, key, procs, gw, sink)
+        runs: list[Transfer] = []
+        cpu = 0.0
+        for i in range(args.repeat):
+            before = tree_cpu_seconds(route.pids)
+            if group == "connect":
+                run = iperf_once(procs, route.port, sink, args.iperf_seconds)
+            else:
+                run = blast_once(procs, route.port, sink, args.bytes, connect_to)
+            time.sleep(0.2)
+            cpu += tree_cpu_seconds(route.pids) - before
+            runs.append(run)
+            say(f"  {route.name} run {i + 1}/{args.repeat}: {run.mbps:,.0f} MB/s")
+    moved = sum(r.bytes for r in runs)
+    return {"name": route.name, "mbps": median([r.mbps for r in runs]),
+            "runs": [r.mbps for r in runs],
+            "cpu_per_gb": cpu / (moved / 1e9) if route.pids and moved else None,
+            "procs": len(route.pids)}
+
+
+def connect_rows(group: str, results: dict[str, dict]) -> list[Row]:
+    hap = results.get("haproxy", {}).get("mbps")
+    direct = results.get("direct", {}).get("mbps")
+    rows = []
+    label = "connect (iperf3)" if group == "connect" else "connect (python)"
+    for key, r in results.items():
+        target = ""
+        if key == "gateway":
+            ok = hap and r["mbps"] >= CONNECT_TARGET * hap
+            target = f">= {CONNECT_TARGET:g}x haproxy tcp: {'PASS' if ok else 'FAIL'}"
+        cpu = (f"{r['cpu_per_gb']:.2f} s/GB ({r['procs']} proc)"
+               if r["cpu_per_gb"] is not None else "-")
+        rows.append(Row(label, r["name"], f"{r['mbps']:,.0f} MB/s", "-",
+                        ratio(r["mbps"], hap), ratio(r["mbps"], direct), cpu,
+                        "runs " + "/".join(f"{v:,.0f}" for v in r["runs"]), target))
+    return rows
+
+
+# == main =============================================================================
+def selected(only: list[str] | None) -> dict[str, list[str]]:
+    """Rows to run per group; the group's baselines always come along."""
+    if not only:
+        return {g: list(rows) for g, rows in GROUPS.items()}
+    chosen: dict[str, list[str]] = {}
+    for name in only:
+        group, _, row = name.partition(":")
+        if group in GROUPS and not row:
+            chosen[group] = list(GROUPS[group])
+            continue
+        if not row:
+            group, row = "", name
+        hits = [g for g, rows in GROUPS.items() if (not group or g == group) and row in rows]
+        if not hits:
+            raise SystemExit(f"unknown benchmark {name!r} (see --list)")
+        for g in hits:
+            chosen.setdefault(g, [])
+            if row not in chosen[g]:
+                chosen[g].append(row)
+    return {g: [r for r in GROUPS[g] if r in rows or r in BASELINES[g]]
+            for g, rows in chosen.items()}
+
+
+def check_tools(rows: dict[str, list[str]]) -> None:
+    need = {"haproxy"}
+    if "http" in rows:
+        need |= {"wrk", "tinyproxy"}
+    if "connect" in rows:
+        need.add("iperf3")
+    missing = sorted(t for t in need if not shutil.which(t))
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run bash scripts/install-deps.sh")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="short run: 1 x 3 s wrk, 1 x 2 s iperf3, 256 MiB python transfers")
+    ap.add_argument("--only", help="comma-separated: http, connect, connect-py, GROUP:ROW, ROW")
+    ap.add_argument("--list", action="store_true", help="print the benchmark names and exit")
+    ap.add_argument("--seconds", type=float, help="seconds per wrk run (default 10; quick 3)")
+    ap.add_argument("--iperf-seconds", type=float,
+                    help="seconds per iperf3 run (default 5; quick 2)")
+    ap.add_argument("--bytes", type=int, help="bytes per python transfer (default 1 GiB; "
+                                              "quick 256 MiB)")
+    ap.add_argument("--repeat", type=int, help="runs per row (default 3; quick 1)")
+    ap.add_argument("--connections", type=int, default=50, help="wrk -c")
+    ap.add_argument("--threads", type=int, default=2, help="wrk -t")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="http: do not pin the proxy to CPU 1 and wrk + origin to CPU 0")
+    ap.add_argument("--profile", action="store_true",
+                    help="http: py-spy the gateway rows under load and print where time goes")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep logs and configs")
+    args = ap.parse_args()
+    quick = args.quick
+    defaults = {"seconds": 3.0 if quick else 10.0, "iperf_seconds": 2.0 if quick else 5.0,
+                "bytes": (256 if quick else 1024) << 20, "repeat": 1 if quick else 3}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def machine() -> str:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
+                     "")
+    return (f"{os.cpu_count()} CPU {model}, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def source_version() -> str:
+    """The last commit that changed src/ (+ "modified" if tracked files in src/ changed):
+    commits to tests or docs during a run do not change what is measured."""
+    import kakehashi
+
+    repo = HERE.parent
+    if not Path(kakehashi.__file__).resolve().is_relative_to((repo / "src").resolve()):
+        return "imported from outside this checkout"
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h", "--",
+                               "src"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no", "src"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + modified src" if dirty else "")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.list:
+        for group, rows in GROUPS.items():
+            print(f"{group + ':':12}", ", ".join(rows))
+        return 0
+    rows = selected(args.only.split(",") if args.only else None)
+    check_tools(rows)
+    install_signal_exit()
+    pin = None if args.no_pin or (os.cpu_count() or 1) < 2 or not shutil.which("taskset") \
+        else (0, 1)
+    workdir = Path(tempfile.mkdtemp(prefix="kakehashi-gwbench-"))
+    started = time.monotonic()
+    load0 = os.getloadavg()[0]
+    version = source_version()
+    out: list[Row] = []
+    profiles: dict[str, dict] = {}
+    try:
+        gw = Gateway(workdir)
+        if rows.get("http"):
+            say(f"== http: wrk -t{args.threads} -c{args.connections} -d{args.seconds:g}s "
+                f"x {args.repeat}, 100-byte responses"
+                + (f"; proxy on CPU {pin[1]}, wrk + origin on CPU {pin[0]}" if pin else ""))
+            with Procs(workdir) as procs:
+                origin = start_origin(procs, pin[0] if pin else None)
+                script = workdir / "proxy.lua"
+                script.write_text(WRK_SCRIPT.format(loopback=LOOPBACK, origin=origin.port))
+                res = {k: measure_http(k, args, gw, workdir, origin, script, pin)
+                       for k in rows["http"]}
+            profiles = {k: r["profile"] for k, r in res.items() if r.get("profile")}
+            out += http_rows(res, pin)
+            print(table(HEADERS, [r.cells() for r in http_rows(res, pin)]), flush=True)
+        for group in ("connect", "connect-py"):
+            if not rows.get(group):
+                continue
+            what = (f"iperf3 -t {args.iperf_seconds:g}" if group == "connect"
+                    else f"python sender, {args.bytes / 2**20:,.0f} MiB")
+            say(f"== {group}: one stream, {what} x {args.repeat}")
+            res = {k: measure_connect(group, k, args, gw, workdir) for k in rows[group]}
+            out += connect_rows(group, res)
+            print(table(HEADERS, [r.cells() for r in connect_rows(group, res)]), flush=True)
+    except KeyboardInterrupt:
+        say("interrupted; processes stopped")
+        return 130
+    finally:
+        if args.keep_workdir or profiles:
+            say(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for key, prof in profiles.items():
+        print_profile(key, prof)
+    minutes = (time.monotonic() - started) / 60
+    load1 = os.getloadavg()[0]
+    end_version = source_version()
+    if end_version != version:  # src/ changed under the run: say so, rows may differ
+        version = f"{version} at the start, {end_version} at the end"
+    print(f"\n## kakehashi gateway benchmark ({time.strftime('%Y-%m-%d')}, {machine()}; "
+          f"{'quick' if args.quick else 'full'} run, {minutes:.1f} min; kakehashi src {version}; "
+          f"load average {load0:.2f} before, {load1:.2f} after)\n")
+    print(table(HEADERS, [r.cells() for r in out]))
+    print(f"\nhttp: wrk -t{args.threads} -c{args.connections}, {args.seconds:g} s x {args.repeat}"
+          f", absolute-form GET, 100-byte body from a haproxy origin"
+          + (", proxy pinned to its own CPU" if pin else "")
+          + "; Proxy CPU = proxy CPU time per request. connect: MB = 10^6 bytes; "
+            "Proxy CPU = forwarding processes' CPU per GB.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
