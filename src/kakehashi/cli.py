@@ -6,6 +6,7 @@ import click
 
 from kakehashi import __version__, config
 from kakehashi.core import tls, wire
+from kakehashi.core.audit import AuditLog
 from kakehashi.core.logs import setup_logging
 from kakehashi.core.mux import ProtocolMux, prefix_matcher
 from kakehashi.core.store import open_store
@@ -45,13 +46,14 @@ main.add_command(relay)
 main.add_command(gateway)
 
 
-async def _relay_attach(mux: ProtocolMux, db: str) -> None:
+async def _relay_attach(mux: ProtocolMux, db: str, audit_log: str | None) -> None:
     """Carry relay sessions on another system's port (the gateway's one open port).
 
     Composition happens here, at the top, so that no system imports another.
     """
     registry = UserRegistry(open_store(db))
-    server = RelayServer(registry, tls=None, starttls=tls.server_context())
+    server = RelayServer(registry, tls=None, starttls=tls.server_context(),
+                         audit=AuditLog(audit_log, system="relay"))
     await server.attach()
     mux.add("relay", prefix_matcher(wire.MAGIC), server.handle_connection)
 

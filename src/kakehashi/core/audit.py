@@ -27,6 +27,8 @@ class AuditLog:
 
     def record(self, event: str, allow: bool, **fields: Any) -> None:
         self.counts["allow" if allow else "deny"] += 1
+        if self._fh is None and not log.isEnabledFor(logging.INFO):
+            return
         entry = {"ts": round(time.time(), 3), "system": self.system, "event": event,
                  "decision": "allow" if allow else "deny", **fields}
         line = json.dumps(entry, default=str, sort_keys=False)

@@ -90,6 +90,14 @@ class Conn:
     def has_pushback(self) -> bool:
         return bool(self._pushback)
 
+    @property
+    def pushback_size(self) -> int:
+        return len(self._pushback)
+
+    def take_pushback(self, n: int) -> bytes:
+        data, self._pushback = self._pushback[:n], self._pushback[n:]
+        return data
+
     async def _recv_via_buffer(self, n: int = RECV_CHUNK) -> bytes:
         """``recv`` for subclasses whose reads go through ``recv_into``."""
         buf = bytearray(n)

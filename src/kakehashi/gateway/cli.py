@@ -30,7 +30,7 @@ HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b
 
 #: set by the top-level command line: (mux, db path) -> an awaitable started route.
 #: Lets ``gateway serve --relay`` carry relay sessions without gateway importing relay.
-RelayAttach = Callable[[ProtocolMux, str], Awaitable[None]]
+RelayAttach = Callable[[ProtocolMux, str, str | None], Awaitable[None]]
 
 
 def _hostport(text: str, hint: str, default: int | None = None) -> tuple[str, int]:
@@ -106,10 +106,6 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
     if nets:
         settings.publishers = nets
     store = open_store(db)
-    if access_log:
-        handler = logging.FileHandler(access_log)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("kakehashi.gateway.access").addHandler(handler)
     attach: RelayAttach | None = (ctx.obj or {}).get("relay_attach")
     if relay and attach is None:
         raise click.UsageError("--relay is not available in this build")
@@ -117,14 +113,15 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
     async def main() -> None:
         server = GatewayServer(allow, settings=settings,
                                auth=ProxyAuth(store) if auth else None,
-                               audit=AuditLog(audit_log, system="gateway"))
+                               audit=AuditLog(audit_log, system="gateway"),
+                               access_log=access_log)
         ctx_tls = tls.server_context(cert, key) if tls_mode != "off" else None
         mux = ProtocolMux(tls=ctx_tls, timeout=head_timeout)
         if tls_mode == "on":
             mux.require_tls = True
         mux.add("http", prefix_matcher(*HTTP_METHODS), server.handle_connection)
         if relay and attach is not None:
-            await attach(mux, db)
+            await attach(mux, db, audit_log)
         listener = Listener(host, port, mux)
         listener.start()
         h, p = listener.address

@@ -107,12 +107,14 @@ class ProxyAuth:
 class _Upstream:
     key: tuple[str, int]
     conn: Conn
+    #: allow-list decisions already made (and audited) on this client connection
+    decided: dict = field(default_factory=dict)
 
 
 class GatewayServer:
     def __init__(self, allow: AllowList, *, settings: GatewaySettings | None = None,
                  auth: ProxyAuth | None = None, hub: EventHub | None = None,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, access_log: str | None = None) -> None:
         self.allow = allow
         self.settings = settings or GatewaySettings()
         self.auth = auth
@@ -120,6 +122,9 @@ class GatewayServer:
         self.audit = audit or AuditLog(system="gateway")
         self.via = self.settings.via_name.encode()
         self.requests = 0
+        #: one JSON line per request (line-buffered: a write per line, no logging stack)
+        self.access_file = open(access_log, "a", buffering=1, encoding="utf-8") \
+            if access_log else None  # noqa: SIM115
 
     # -- one client connection ---------------------------------------------------
     async def handle_connection(self, conn: Conn) -> None:
@@ -189,7 +194,8 @@ class GatewayServer:
                                      "request head not received in time" if kind == "request"
                                      else "upstream did not answer in time")
             try:
-                data = await asyncio.wait_for(conn.recv(), left)
+                async with asyncio.timeout(left):
+                    data = await conn.recv()
             except TimeoutError:
                 continue
             if not data:
@@ -211,7 +217,12 @@ class GatewayServer:
             raise http.HTTPError(407, "proxy authentication required")
         return user
 
-    async def _decide(self, host: str, port: int, user: str, conn: Conn) -> str:
+    async def _decide(self, host: str, port: int, user: str, conn: Conn,
+                      decided: dict | None = None) -> str:
+        """Allow-list decision, audited once per client connection and target."""
+        key = (host, port, user)
+        if decided is not None and key in decided:
+            return decided[key]
         decision = await self.allow.check(host, port)
         client = conn.peer[0] if conn.peer else "?"
         self.audit.record("target", decision.allowed, client=client, user=user,
@@ -220,6 +231,8 @@ class GatewayServer:
         if not decision.allowed:
             raise http.HTTPError(403, decision.reason)
         assert decision.address is not None
+        if decided is not None:
+            decided[key] = decision.address
         return decision.address
 
     async def _open(self, address: str, port: int, host: str) -> Conn:
@@ -252,7 +265,8 @@ class GatewayServer:
     # -- relay means (Figs. 5-7) -------------------------------------------------
     async def _relay(self, conn: Conn, head: http.RequestHead, target, upstream, start):
         user = await self._authorise(head, f"{target.host}:{target.port}")
-        address = await self._decide(target.host, target.port, user, conn)
+        address = await self._decide(target.host, target.port, user, conn,
+                                     upstream.decided if upstream is not None else None)
         _, out_head = http.to_origin(head, self.via)
         framing = http.request_body(head)
         expect = out_head.headers.get(b"expect")
@@ -266,6 +280,7 @@ class GatewayServer:
         fresh = upstream is None
         if upstream is None:
             upstream = _Upstream(key, await self._open(address, target.port, target.host))
+            upstream.decided[(target.host, target.port, user)] = address
         try:
             await upstream.conn.send_all(out_head.serialize())
         except OSError:
@@ -296,6 +311,13 @@ class GatewayServer:
                     client_head.headers.set(b"Connection", b"close")
         client_framing = http.response_body(client_head, head.method)  # how we frame it
         client_keep = http.keep_alive(head, client_head) and client_framing[0] != "close"
+        if decoder is None and resp_framing[0] == "length" \
+                and resp_framing[1] <= up.pushback_size:
+            # the whole (small) body arrived with the head: one send, not two
+            await conn.send_all(client_head.serialize() + up.take_pushback(resp_framing[1]))
+            size = resp_framing[1]
+            return self._done(conn, head, out_head, resp, resp_framing, size, start, user,
+                              target, client_keep, upstream)
         await conn.send_all(client_head.serialize())
         try:
             size = await body.send(up, conn, resp_framing, timeout=self.settings.read_timeout,
@@ -306,10 +328,15 @@ class GatewayServer:
             # Cut the connection instead (no last chunk), so the client sees the loss.
             self._log(conn, head, exc.status, 0, start, user, f"{target.host}:{target.port}")
             raise ConnClosed(f"upstream body broken: {exc.reason}") from None
+        return self._done(conn, head, out_head, resp, resp_framing, size, start, user,
+                          target, client_keep, upstream)
+
+    def _done(self, conn, head, out_head, resp, resp_framing, size, start, user, target,
+              client_keep, upstream):
         upstream_keep = http.keep_alive(out_head, resp) and resp_framing[0] != "close"
         self._log(conn, head, resp.status, size, start, user, f"{target.host}:{target.port}")
         if not upstream_keep:
-            up.close()
+            upstream.conn.close()
             upstream = None
         return client_keep, upstream
 
@@ -399,7 +426,7 @@ class GatewayServer:
 
     def _log(self, conn: Conn, head: http.RequestHead, status: int, size: int, start: float,
              user: str, target: str, *, sent: int | None = None) -> None:
-        if not access.isEnabledFor(logging.INFO):
+        if self.access_file is None and not access.isEnabledFor(logging.DEBUG):
             return
         entry = {"client": conn.peer[0] if conn.peer else "?", "user": user,
                  "method": head.method.decode(errors="replace"),
@@ -408,7 +435,11 @@ class GatewayServer:
                  "ms": round((time.monotonic() - start) * 1000, 1)}
         if sent is not None:
             entry["bytes_up"] = sent
-        access.info("%s", json.dumps(entry))
+        line = json.dumps(entry)
+        if self.access_file is not None:
+            self.access_file.write(line + "\n")
+        else:
+            access.debug("%s", line)
 
 
 def _still_idle(conn: Conn) -> bool:
