@@ -31,6 +31,8 @@ log = logging.getLogger("kakehashi.relay.agent")
 
 #: idle links beyond twice the spare count are closed after resting this long
 TRIM_AFTER = 30.0
+#: how long the pool waits, while a spare is left, before refilling
+SETTLE = 0.25
 
 
 class RelayError(Exception):
@@ -621,6 +623,10 @@ class Terminal:
                 log.warning("cannot subscribe to presence notices: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 5.0)
+            if self.idle_links():
+                # a spare is still there: let sessions finish first (a released link is
+                # idle again) instead of opening connections in the middle of a setup
+                await asyncio.sleep(SETTLE)
 
     def _trim(self) -> None:
         """Close idle links beyond twice the spare count once they have rested a while.
