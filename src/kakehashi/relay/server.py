@@ -258,8 +258,14 @@ class RelayServer:
                 payload = bytes(buf[wire.HEADER_SIZE:end])
                 del buf[:end]
                 framed.bytes_in += end
-                actions = self.core.receive(link.cid, m.RELAY_CODEC.decode(payload),
-                                            self.now())
+                msg = m.RELAY_CODEC.decode(payload)
+                conn_state = self.core.conns.get(link.cid)
+                if type(msg) is m.Hold and conn_state is not None and conn_state.user:
+                    # the connection-hold reply (Fig. 2, 4-5) is the same decision every
+                    # time; answering it here keeps 10,000 idle agents cheap
+                    self._enqueue(link.cid, m.HoldAck(seq=msg.seq), 0.0)
+                    continue
+                actions = self.core.receive(link.cid, msg, self.now())
                 if any(isinstance(a, Pair | UpgradeTLS) for a in actions):
                     return finish("switch", actions)
                 self._apply_now(actions)
