@@ -816,6 +816,10 @@ class ChunkedDecoder:
         quadratic, copying.
         """
         buf, pos = self._buf, self._pos
+        if self.done and len(buf) - pos + len(data) > self.limits.max_head:
+            # what follows the last chunk is the next message: the caller must take it
+            # with unconsumed(); the decoder will not hold more than a head's worth
+            raise self._fail("too much data after the end of a chunked body")
         if pos >= len(buf):
             self._buf = data if type(data) is bytes else bytes(data)
         else:
