@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import resource
 import signal
 import socket
@@ -248,3 +249,32 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 def say(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
+                     "")
+    return (f"{os.cpu_count()} CPU {model}, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def source_version() -> str:
+    """The last commit that changed src/ (+ "modified" if tracked files in src/ changed):
+    commits to tests or docs during a run do not change what is measured."""
+    import kakehashi
+
+    repo = Path(__file__).resolve().parent.parent
+    if not Path(kakehashi.__file__).resolve().is_relative_to((repo / "src").resolve()):
+        return "imported from outside this checkout"
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h", "--",
+                               "src"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no", "src"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + modified src" if dirty else "")

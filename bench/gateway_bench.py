@@ -35,7 +35,6 @@ import collections
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -53,9 +52,11 @@ from benchlib import (
     cpu_seconds,
     free_port,
     install_signal_exit,
+    machine,
     median,
     ratio,
     say,
+    source_version,
     table,
     tree_cpu_seconds,
     wait_listening,
@@ -622,35 +623,6 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
-
-
-def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
-                     "")
-    return (f"{os.cpu_count()} CPU {model}, Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
-
-
-def source_version() -> str:
-    """The last commit that changed src/ (+ "modified" if tracked files in src/ changed):
-    commits to tests or docs during a run do not change what is measured."""
-    import kakehashi
-
-    repo = HERE.parent
-    if not Path(kakehashi.__file__).resolve().is_relative_to((repo / "src").resolve()):
-        return "imported from outside this checkout"
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h", "--",
-                               "src"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
-                                "--untracked-files=no", "src"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + modified src" if dirty else "")
 
 
 def main() -> int:

@@ -24,6 +24,16 @@ class ConfigError(click.ClickException):
     pass
 
 
+def hostport(text: str, hint: str, default: int | None = None) -> tuple[str, int]:
+    """Parse a HOST:PORT option; a bad value is a usage error naming the option."""
+    from kakehashi.core.stream import parse_hostport
+
+    try:
+        return parse_hostport(text, default)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
 def load(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:

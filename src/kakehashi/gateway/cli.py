@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import click
 
+from kakehashi.config import hostport
 from kakehashi.core import runner, tls
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.crypto import hash_password
@@ -18,7 +19,7 @@ from kakehashi.core.mux import ProtocolMux, prefix_matcher
 from kakehashi.core.paths import state_dir
 from kakehashi.core.pump import pump_raw
 from kakehashi.core.store import open_store
-from kakehashi.core.stream import Conn, FdConn, Listener, parse_hostport
+from kakehashi.core.stream import Conn, FdConn, Listener
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.client import EventClient, Gateway, GatewayError, open_tunnel, serve_forward
 from kakehashi.gateway.server import USER_KIND, GatewayServer, GatewaySettings, ProxyAuth
@@ -31,13 +32,6 @@ HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b
 #: set by the top-level command line: (mux, db path) -> an awaitable started route.
 #: Lets ``gateway serve --relay`` carry relay sessions without gateway importing relay.
 RelayAttach = Callable[[ProtocolMux, str, str | None], Awaitable[None]]
-
-
-def _hostport(text: str, hint: str, default: int | None = None) -> tuple[str, int]:
-    try:
-        return parse_hostport(text, default)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
 def default_db() -> str:
@@ -90,7 +84,7 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
           gzip_decode, publishers, head_timeout, idle_timeout, connect_timeout, read_timeout,
           audit_log, access_log) -> None:
     """Run the gateway: HTTP proxy, CONNECT tunnels and events on one port."""
-    host, port = _hostport(listen, "--listen", DEFAULT_PORT)
+    host, port = hostport(listen, "--listen", DEFAULT_PORT)
     try:
         allow = AllowList(list(allows))
         nets = [ipaddress.ip_network(p, strict=False) for p in publishers]
@@ -197,7 +191,7 @@ def via_options(f):
 def _gateway(via, via_tls, ca, proxy_user) -> Gateway:
     import os
 
-    host, port = _hostport(via, "--via", DEFAULT_PORT)
+    host, port = hostport(via, "--via", DEFAULT_PORT)
     return Gateway(host, port, tls=tls.client_context(ca) if via_tls == "on" else None,
                    user=proxy_user, password=os.environ.get("KAKEHASHI_PROXY_PASSWORD"))
 
@@ -209,8 +203,8 @@ def _gateway(via, via_tls, ca, proxy_user) -> Gateway:
 def forward(via, via_tls, ca, proxy_user, to, listen) -> None:
     """Let an application speak plain HTTP to a local port; requests go via the gateway."""
     gw = _gateway(via, via_tls, ca, proxy_user)
-    thost, tport = _hostport(to, "--to", 80)
-    lhost, lport = _hostport(listen, "--listen")
+    thost, tport = hostport(to, "--to", 80)
+    lhost, lport = hostport(listen, "--listen")
 
     async def main() -> None:
         listener = await serve_forward(gw, thost, tport, lhost, lport)
@@ -231,7 +225,7 @@ def forward(via, via_tls, ca, proxy_user, to, listen) -> None:
 def tunnel(via, via_tls, ca, proxy_user, to, listen) -> None:
     """A CONNECT tunnel through the gateway, as a local port or on stdin/stdout."""
     gw = _gateway(via, via_tls, ca, proxy_user)
-    thost, tport = _hostport(to, "--to")
+    thost, tport = hostport(to, "--to")
 
     async def main() -> int:
         if listen is None:
@@ -245,7 +239,7 @@ def tunnel(via, via_tls, ca, proxy_user, to, listen) -> None:
             finally:
                 conn.close()
             return 0
-        lhost, lport = _hostport(listen, "--listen")
+        lhost, lport = hostport(listen, "--listen")
 
         async def handle(app: Conn) -> None:
             try:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import click
 
+from kakehashi.config import hostport
 from kakehashi.core import crypto, runner, tls
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.store import open_store
-from kakehashi.core.stream import FdConn, Listener, parse_hostport
+from kakehashi.core.stream import FdConn, Listener
 from kakehashi.relay import messages as m
 from kakehashi.relay.agent import (
     RelayError,
@@ -236,7 +237,7 @@ def tls_option(f):
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
           login_timeout, audit_log) -> None:
     """Run the relay server."""
-    host, port = _hostport(listen, "--listen", DEFAULT_PORT)
+    host, port = hostport(listen, "--listen", DEFAULT_PORT)
     if bool(cert) != bool(key):
         raise click.UsageError("--cert and --key go together")
     registry = UserRegistry(open_store(db))
@@ -286,19 +287,12 @@ def terminal_options(f):
     return f
 
 
-def _hostport(text: str, hint: str, default: int | None = None) -> tuple[str, int]:
-    try:
-        return parse_hostport(text, default)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=hint) from None
-
-
 def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, encryption,
                      insecure_peer, keepalive, identity, peer_keys, *, spares: int,
                      services: list[str] | None = None,
                      allowed_peers: list[str] | None = None) -> TerminalConfig:
     _valid_name(user, "--user")
-    host, port = _hostport(server, "--server", DEFAULT_PORT)
+    host, port = hostport(server, "--server", DEFAULT_PORT)
     if keepalive is not None and keepalive <= 0:
         raise click.BadParameter("must be positive", param_hint="--keepalive")
     pw = _read_password(password_stdin, password_file)
@@ -340,7 +334,7 @@ def agent(exposes, spares, allowed, **opts) -> None:
         if not sep or not name:
             raise click.BadParameter(f"{item!r}: expected NAME=HOST:PORT", param_hint="--expose")
         _valid_name(name, "--expose", "service names")
-        services[name] = _hostport(target, "--expose")
+        services[name] = hostport(target, "--expose")
     cfg = _terminal_config(**opts, spares=spares, services=list(services),
                            allowed_peers=_split(allowed) or None)
 
@@ -391,7 +385,7 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
     """Forward a local port to TARGET[/SERVICE] through the relay."""
     cfg = _terminal_config(**opts, spares=spares)
     name, service = _target(target)
-    host, port = _hostport(listen, "--listen")
+    host, port = hostport(listen, "--listen")
 
     async def main() -> int:
         term = Terminal(cfg, on_message=_print_message)

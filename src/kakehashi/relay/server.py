@@ -322,33 +322,21 @@ class RelayServer:
                 raise AssertionError(f"{action!r} needs the connection's coroutine")
 
     async def _apply(self, actions: list[object]) -> None:
+        """All actions; a pairing also waits until the requester's result is out."""
         paired: list[Link] = []
         for action in actions:
-            if isinstance(action, Send):
-                self._enqueue(action.conn, action.msg, action.delay)
-            elif isinstance(action, Close):
-                self._enqueue(action.conn, _Closing(action.reason, action.delay), 0.0)
-            elif isinstance(action, Audit):
-                self.audit.record(action.event, action.allow, **action.fields)
-            elif isinstance(action, Pair):
+            if isinstance(action, Pair):
                 a, b = self.links.get(action.a), self.links.get(action.b)
                 if a and b:
                     a.sink = FramedSink(b.framed)
                     b.sink = FramedSink(a.framed)
                     paired.append(a)
-            elif isinstance(action, Unpair):
-                link = self.links.get(action.conn)
-                if link and link.sink:
-                    link.sink.close()
-                    link.sink = None
             elif isinstance(action, UpgradeTLS):
                 link = self.links.get(action.conn)
                 if link:
                     link.upgrade = True
-            elif isinstance(action, Authenticate):
-                task = asyncio.create_task(self._authenticate(action))
-                self._auth_tasks.add(task)
-                task.add_done_callback(self._auth_tasks.discard)
+            else:
+                self._apply_now([action])
         # The requester must see the positive result (step 16) before the target's
         # first bytes, which this very reader forwards next: let the result go out.
         for link in paired:
