@@ -278,3 +278,28 @@ def source_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" + modified src" if dirty else "")
+
+
+def select_rows(groups: dict[str, list[str]], only: list[str] | None,
+                baselines: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Rows to run per group from ``--only`` (GROUP, GROUP:ROW or ROW); a chosen group's
+    baselines always come along so its ratios can be computed."""
+    if not only:
+        return {g: list(rows) for g, rows in groups.items()}
+    chosen: dict[str, list[str]] = {}
+    for name in only:
+        group, _, row = name.partition(":")
+        if group in groups and not row:
+            chosen[group] = list(groups[group])
+            continue
+        if not row:
+            group, row = "", name
+        hits = [g for g, rows in groups.items() if (not group or g == group) and row in rows]
+        if not hits:
+            raise SystemExit(f"unknown benchmark {name!r} (see --list)")
+        for g in hits:
+            chosen.setdefault(g, [])
+            if row not in chosen[g]:
+                chosen[g].append(row)
+    return {g: [r for r in groups[g] if r in rows or r in baselines.get(g, [])]
+            for g, rows in chosen.items()}

@@ -56,6 +56,7 @@ from benchlib import (
     median,
     ratio,
     say,
+    select_rows,
     source_version,
     table,
     tree_cpu_seconds,
@@ -563,25 +564,7 @@ def connect_rows(group: str, results: dict[str, dict]) -> list[Row]:
 # == main =============================================================================
 def selected(only: list[str] | None) -> dict[str, list[str]]:
     """Rows to run per group; the group's baselines always come along."""
-    if not only:
-        return {g: list(rows) for g, rows in GROUPS.items()}
-    chosen: dict[str, list[str]] = {}
-    for name in only:
-        group, _, row = name.partition(":")
-        if group in GROUPS and not row:
-            chosen[group] = list(GROUPS[group])
-            continue
-        if not row:
-            group, row = "", name
-        hits = [g for g, rows in GROUPS.items() if (not group or g == group) and row in rows]
-        if not hits:
-            raise SystemExit(f"unknown benchmark {name!r} (see --list)")
-        for g in hits:
-            chosen.setdefault(g, [])
-            if row not in chosen[g]:
-                chosen[g].append(row)
-    return {g: [r for r in GROUPS[g] if r in rows or r in BASELINES[g]]
-            for g, rows in chosen.items()}
+    return select_rows(GROUPS, only, BASELINES)
 
 
 def check_tools(rows: dict[str, list[str]]) -> None:

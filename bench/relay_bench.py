@@ -50,6 +50,7 @@ from benchlib import (
     ratio,
     rss_kib,
     say,
+    select_rows,
     source_version,
     table,
     tree_cpu_seconds,
@@ -446,27 +447,7 @@ def idle_rows(r: dict) -> list[Row]:
 def selected(only: list[str] | None) -> dict[str, list[str]]:
     """Rows to run per benchmark; a group's baselines (direct, haproxy) come along."""
     groups = {"throughput": THROUGHPUT_ROWS, "setup": SETUP_ROWS, "idle": ["agents"]}
-    if not only:
-        return {g: list(rows) for g, rows in groups.items()}
-    chosen: dict[str, list[str]] = {}
-    for name in only:
-        group, _, row = name.partition(":")
-        if group in groups and not row:
-            chosen[group] = list(groups[group])
-            continue
-        if not row:
-            group, row = "", name
-        hits = [(g, row) for g, rows in groups.items() if (not group or g == group) and row in rows]
-        if not hits:
-            raise SystemExit(f"unknown benchmark {name!r} (see --list)")
-        for g, r in hits:
-            chosen.setdefault(g, [])
-            if r not in chosen[g]:
-                chosen[g].append(r)
-    for g in ("throughput", "setup"):
-        if g in chosen:
-            chosen[g] = [r for r in groups[g] if r in chosen[g] or r in BASELINES]
-    return chosen
+    return select_rows(groups, only, {g: BASELINES for g in ("throughput", "setup")})
 
 
 def check_tools(rows: dict[str, list[str]]) -> None:

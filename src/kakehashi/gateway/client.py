@@ -29,6 +29,9 @@ from kakehashi.gateway import body, http
 
 log = logging.getLogger("kakehashi.gateway.client")
 
+#: a poll returns at most 1000 events of 64 KiB (base64 and JSON add a third)
+MAX_EVENT_RESPONSE = 128 * 1024 * 1024
+
 
 class GatewayError(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -199,6 +202,8 @@ class EventClient:
             head = await read_response(conn, timeout or self.gw.timeout)
             framing = http.response_body(head, method)
             payload = b""
+            if framing[0] == "length" and framing[1] > MAX_EVENT_RESPONSE:
+                raise GatewayError(502, f"event response of {framing[1]} bytes is too large")
             if framing[0] == "length":
                 while len(payload) < framing[1]:
                     piece = await asyncio.wait_for(conn.recv(), self.gw.timeout)
