@@ -32,10 +32,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final, Literal, NamedTuple, TypeVar
+from typing import Final, Literal, NamedTuple
 
 __all__ = [
     "CHUNKED",
@@ -50,6 +50,7 @@ __all__ = [
     "HeadLimits",
     "HeadReader",
     "Headers",
+    "RelayedResponse",
     "RequestHead",
     "ResponseHead",
     "Target",
@@ -60,7 +61,11 @@ __all__ = [
     "format_authority",
     "keep_alive",
     "last_chunk",
+    "parse_request",
+    "parse_response",
     "parse_target",
+    "relay_request",
+    "relay_response",
     "request_body",
     "response_body",
     "response_for_client",
@@ -403,7 +408,24 @@ def _parse_response(lines: list[bytes], limits: HeadLimits) -> ResponseHead:
     return ResponseHead(version, int(status), reason, _parse_fields(lines[1:], limits))
 
 
-_H = TypeVar("_H", RequestHead, ResponseHead)
+def parse_request(raw: bytes, limits: HeadLimits = DEFAULT_LIMITS) -> RequestHead:
+    """A request head's bytes (without the blank line) -> RequestHead, or HTTPError."""
+    return _parse_request(_split_head(raw, limits), limits)
+
+
+def parse_response(raw: bytes, limits: HeadLimits = DEFAULT_LIMITS) -> ResponseHead:
+    """A response head's bytes -> ResponseHead; every refusal is a 502."""
+    try:
+        return _parse_response(_split_head(raw, limits), limits)
+    except HTTPError as exc:
+        raise _as_upstream_error(exc) from None
+
+
+def _as_upstream_error(exc: HTTPError) -> HTTPError:
+    if exc.status == 502:
+        return exc
+    return HTTPError(502, f"upstream sent a bad response head: {exc.reason}")
+
 MAX_LEADING_BLANK: Final = 64  # bytes of CRLF ignored before one request line
 
 
@@ -457,20 +479,22 @@ class HeadReader:
 
     def next_request(self) -> RequestHead | None:
         """Like ``next_head("request")``, typed."""
-        return self._next(_parse_request, skip_blank=True)
+        raw = self.next_raw(skip_blank=True)
+        return None if raw is None else parse_request(raw, self.limits)
 
     def next_response(self) -> ResponseHead | None:
         """Like ``next_head("response")``, typed; every refusal is a 502."""
         try:
-            return self._next(_parse_response, skip_blank=False)
+            raw = self.next_raw(skip_blank=False)
         except HTTPError as exc:
-            if exc.status == 502:
-                raise
-            raise HTTPError(502, f"upstream sent a bad response head: {exc.reason}") from None
+            raise _as_upstream_error(exc) from None
+        return None if raw is None else parse_response(raw, self.limits)
 
-    def _next(
-        self, parse: Callable[[list[bytes], HeadLimits], _H], *, skip_blank: bool
-    ) -> _H | None:
+    def next_raw(self, *, skip_blank: bool) -> bytes | None:
+        """The next complete head's bytes (without its blank line), unparsed, once the
+        size limits are known to hold; for callers with a quicker common case
+        (``gateway.quick``) that fall back to :func:`parse_request` /
+        :func:`parse_response`."""
         buf = self._buf
         if skip_blank and buf[:2] == CRLF:
             # RFC 9112 2.2: ignore empty lines before a request line (old clients
@@ -493,7 +517,7 @@ class HeadReader:
         self._buf = buf[end + 4 :]
         self._scan = 0
         self._line_done = False
-        return parse(_split_head(head, limits), limits)
+        return head
 
     def _check_partial(self, buf: bytes | bytearray) -> None:
         """Refuse an incomplete head that can no longer fit the limits."""
@@ -933,11 +957,13 @@ class ChunkedDecoder:
 
 
 # -- connection management ---------------------------------------------------------------
-def keep_alive(req_head: RequestHead, resp_head: ResponseHead) -> bool:
+def keep_alive(req_head: RequestHead, resp_head: ResponseHead,
+               framing: BodyFraming | None = None) -> bool:
     """May this connection carry another request after this exchange? (RFC 9112 9.3)
 
     ``close`` from either side ends it; an HTTP/1.0 side must have asked for
-    ``keep-alive``; a close-delimited response or a tunnel ends it too.
+    ``keep-alive``; a close-delimited response or a tunnel ends it too. ``framing``:
+    the response's :func:`response_body`, when the caller has it already.
     """
     req_conn = req_head.headers._tokens(b"connection")
     resp_conn = resp_head.headers._tokens(b"connection")
@@ -949,6 +975,8 @@ def keep_alive(req_head: RequestHead, resp_head: ResponseHead) -> bool:
         return False
     if resp_head.status == 101 or (req_head.method == b"CONNECT" and 200 <= resp_head.status < 300):
         return False
+    if framing is not None:  # already known to the caller
+        return framing != UNTIL_CLOSE
     try:
         return response_body(resp_head, req_head.method) != UNTIL_CLOSE
     except HTTPError:
@@ -1028,7 +1056,14 @@ def _set_framing(headers: Headers, framing: BodyFraming) -> None:
 
 
 def to_origin(req: RequestHead, via_name: bytes) -> tuple[Target, RequestHead]:
-    """Relay means 22 (Figs. 5, 7): the request to send to the destination server.
+    """:func:`relay_request` without the body framing."""
+    target, _, out = relay_request(req, via_name)
+    return target, out
+
+
+def relay_request(req: RequestHead, via_name: bytes) -> tuple[Target, BodyFraming, RequestHead]:
+    """Relay means 22 (Figs. 5, 7): the request to send to the destination server,
+    where it goes and how its body is framed (one pass for the proxy's hot path).
 
     Absolute form ``GET http://host:port/p`` becomes ``GET /p`` with ``Host`` restored
     to the destination (in place, so the head is otherwise unchanged), hop-by-hop
@@ -1041,12 +1076,12 @@ def to_origin(req: RequestHead, via_name: bytes) -> tuple[Target, RequestHead]:
     loop: HTTPError 508.
     """
     target = parse_target(req)
+    framing = request_body(req)  # decided on the received fields, before stripping
     if target.form == "origin" or target.form == "asterisk":
-        return target, req
+        return target, framing, req
     check_via_loop(req.headers, via_name)
     if target.form == "authority":
-        return target, req
-    framing = request_body(req)  # decided on the received fields, before stripping
+        return target, framing, req
     headers = strip_hop_by_hop(req.headers)
     authority = target.authority  # built from validated parts
     if b"host" in headers._lower:
@@ -1056,11 +1091,35 @@ def to_origin(req: RequestHead, via_name: bytes) -> tuple[Target, RequestHead]:
         headers._lower.insert(0, b"host")
     _set_framing(headers, framing)
     headers._add_trusted(b"Via", b"via", _via_value(req.version, via_name))
-    return target, RequestHead(req.method, target.path, req.version, headers)
+    return target, framing, RequestHead(req.method, target.path, req.version, headers)
+
+
+class RelayedResponse(NamedTuple):
+    """Everything the relay needs to know about one upstream response, in one pass."""
+
+    head: ResponseHead  # what the client gets
+    framing: BodyFraming  # how the upstream frames the body
+    client_keep: bool  # the client connection may carry another request
+    upstream_keep: bool  # the upstream connection may carry another request
+
+
+def relay_response(resp: ResponseHead, via_name: bytes, request: RequestHead,
+                   sent: RequestHead) -> RelayedResponse:
+    """Fig. 5 step 6 for a final response to ``request`` (forwarded as ``sent``):
+    :func:`response_for_client`, both framings and both keep-alive decisions."""
+    framing = response_body(resp, request.method)
+    head = response_for_client(resp, via_name, request=request, framing=framing)
+    client_framing = framing
+    if framing == CHUNKED and request.version != HTTP_11:
+        client_framing = UNTIL_CLOSE
+    return RelayedResponse(head, framing,
+                           keep_alive(request, head, client_framing),
+                           keep_alive(sent, resp, framing))
 
 
 def response_for_client(
-    resp: ResponseHead, via_name: bytes, *, request: RequestHead | None = None
+    resp: ResponseHead, via_name: bytes, *, request: RequestHead | None = None,
+    framing: BodyFraming | None = None,
 ) -> ResponseHead:
     """The reverse rewrite (Fig. 5 step 6): the response head to send to the client.
 
@@ -1072,8 +1131,8 @@ def response_for_client(
     ``keep-alive``/``close`` wish is answered. Apply :func:`response_body` to the
     result to learn how to frame what is written to the client.
     """
-    method = request.method if request is not None else b"GET"
-    framing = response_body(resp, method)
+    if framing is None:
+        framing = response_body(resp, request.method if request is not None else b"GET")
     headers = strip_hop_by_hop(resp.headers)
     close = framing == UNTIL_CLOSE
     if framing == CHUNKED:

@@ -40,7 +40,10 @@ from kakehashi.core.stream import Conn, ConnClosed, open_tcp
 from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.events import EventHub
+from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
+from kakehashi.gateway.fastlane import FastLane
 from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
+from kakehashi.gateway.quick import QuickRequest
 
 log = logging.getLogger("kakehashi.gateway")
 access = logging.getLogger("kakehashi.gateway.access")
@@ -75,17 +78,29 @@ class ProxyAuth:
         self.ttl = ttl
         self._cache: dict[str, tuple[str, float]] = {}
 
+    def cached(self, header: bytes | None) -> str | None:
+        """The user of a header verified within the last ``ttl`` seconds, else None
+        (no hashing, no waiting: the fast lane's check)."""
+        if not header:
+            return None
+        hit = self._cache.get(self._key(header))
+        if hit and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
+    @staticmethod
+    def _key(header: bytes) -> str:
+        return hashlib.sha256(header.strip()).hexdigest()
+
     async def check(self, header: bytes | None) -> str | None:
         if not header:
             return None
+        user = self.cached(header)
+        if user is not None:
+            return user
         scheme, _, value = header.partition(b" ")
         if scheme.lower() != b"basic":
             return None
-        key = hashlib.sha256(value.strip()).hexdigest()
-        hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit and hit[1] > now:
-            return hit[0]
         try:
             user, _, password = base64.b64decode(value.strip(), validate=True).decode(
                 "utf-8").partition(":")
@@ -99,16 +114,8 @@ class ProxyAuth:
             return None
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[key] = (user, now + self.ttl)
+        self._cache[self._key(header)] = (user, time.monotonic() + self.ttl)
         return user
-
-
-@dataclass
-class _Upstream:
-    key: tuple[str, int]
-    conn: Conn
-    #: allow-list decisions already made (and audited) on this client connection
-    decided: dict = field(default_factory=dict)
 
 
 class GatewayServer:
@@ -122,6 +129,8 @@ class GatewayServer:
         self.audit = audit or AuditLog(system="gateway")
         self.via = self.settings.via_name.encode()
         self.requests = 0
+        #: serve kept-alive requests from callbacks (False: every request by coroutine)
+        self.fast_lane = True
         #: one JSON line per request (line-buffered: a write per line, no logging stack)
         self.access_file = open(access_log, "a", buffering=1, encoding="utf-8") \
             if access_log else None  # noqa: SIM115
@@ -129,24 +138,47 @@ class GatewayServer:
     # -- one client connection ---------------------------------------------------
     async def handle_connection(self, conn: Conn) -> None:
         reader = http.HeadReader(self.settings.limits)
-        upstream: _Upstream | None = None
+        upstream: Upstream | None = None
         first = True
         try:
             while True:
-                try:
-                    head = await self._read_head(
-                        conn, reader, "request",
-                        self.settings.head_timeout if first else self.settings.idle_timeout,
-                        first=first)
-                except http.HTTPError as exc:
-                    await self._reply_error(conn, exc.status, exc.reason)
-                    return
-                if head is None:
-                    return
+                resume: Handoff | None = None
+                if upstream is not None and conn.plain and self.fast_lane:
+                    # kept-alive requests to the same target: served from callbacks
+                    resume, upstream = await FastLane(self, conn, upstream).run()
+                    if resume.kind in ("eof", "close"):
+                        return
+                    if resume.kind == "abort":
+                        raise ConnClosed(resume.reason)
+                    if resume.kind == "error":
+                        assert resume.error is not None
+                        await self._reply_error(conn, resume.error.status, resume.error.reason,
+                                                head=resume.head)
+                        return
+                    head = resume.head
+                else:
+                    try:
+                        head = await self._read_head(
+                            conn, reader, "request",
+                            self.settings.head_timeout if first else self.settings.idle_timeout,
+                            first=first)
+                    except http.HTTPError as exc:
+                        await self._reply_error(conn, exc.status, exc.reason)
+                        return
+                    if head is None:
+                        return
+                if resume is None or resume.kind == "head":
+                    self.requests += 1  # the fast lane counts the exchanges it started
                 first = False
-                self.requests += 1
+                assert head is not None
                 try:
-                    keep, upstream = await self._one_request(conn, head, upstream)
+                    if resume is not None and resume.kind == "response":
+                        assert resume.exchange is not None and upstream is not None
+                        keep, upstream = await self._respond(
+                            conn, resume.exchange, upstream, resume.response,
+                            http.HeadReader(self.settings.limits))
+                    else:
+                        keep, upstream = await self._one_request(conn, head, upstream)
                 except http.HTTPError as exc:
                     await self._reply_error(conn, exc.status, exc.reason, head=head)
                     return
@@ -165,7 +197,7 @@ class GatewayServer:
                 upstream.conn.close()
 
     async def _one_request(self, conn: Conn, head: http.RequestHead,
-                           upstream: _Upstream | None) -> tuple[bool, _Upstream | None]:
+                           upstream: Upstream | None) -> tuple[bool, Upstream | None]:
         start = time.monotonic()
         if head.method == b"CONNECT":
             await self._tunnel(conn, head, start)
@@ -279,7 +311,7 @@ class GatewayServer:
             upstream = None
         fresh = upstream is None
         if upstream is None:
-            upstream = _Upstream(key, await self._open(address, target.port, target.host))
+            upstream = Upstream(key, await self._open(address, target.port, target.host))
             upstream.decided[(target.host, target.port, user)] = address
         try:
             await upstream.conn.send_all(out_head.serialize())
@@ -287,20 +319,31 @@ class GatewayServer:
             if fresh:
                 raise
             upstream.conn.close()  # a kept-alive upstream went away: one fresh try
-            upstream = _Upstream(key, await self._open(address, target.port, target.host))
+            upstream = Upstream(key, await self._open(address, target.port, target.host))
+            upstream.decided[(target.host, target.port, user)] = address
             await upstream.conn.send_all(out_head.serialize())
-        up = upstream.conn
-        await body.send(conn, up, framing, timeout=self.settings.read_timeout)
+        await body.send(conn, upstream.conn, framing, timeout=self.settings.read_timeout)
         reader = http.HeadReader(self.settings.limits)
-        while True:  # skip interim 1xx responses (forwarded, except 101)
-            resp = await self._read_head(up, reader, "response", self.settings.read_timeout)
-            if resp is None or not 100 <= resp.status < 200 or resp.status == 101:
-                break
+        resp = await self._read_head(upstream.conn, reader, "response",
+                                     self.settings.read_timeout)
+        exchange = Exchange(head, out_head, target, user, start)
+        return await self._respond(conn, exchange, upstream, resp, reader)
+
+    async def _respond(self, conn: Conn, ex: Exchange, upstream: Upstream,
+                       resp: http.ResponseHead | None,
+                       reader: http.HeadReader) -> tuple[bool, Upstream | None]:
+        """From the upstream's response head on: interim responses, then the body."""
+        up = upstream.conn
+        head = ex.head
+        while resp is not None and 100 <= resp.status < 200 and resp.status != 101:
+            # interim responses are forwarded (except 101) and the real one awaited
             await conn.send_all(http.response_for_client(resp, self.via).serialize())
+            resp = await self._read_head(up, reader, "response", self.settings.read_timeout)
         if resp is None or resp.status == 101:
             raise http.HTTPError(502, "upstream switched protocols, which is not relayed")
-        resp_framing = http.response_body(resp, head.method)  # how upstream frames it
-        client_head = http.response_for_client(resp, self.via, request=head)
+        relayed = http.relay_response(resp, self.via, head, ex.out_head)
+        client_head, resp_framing = relayed.head, relayed.framing
+        client_keep = relayed.client_keep
         decoder = None
         if self.settings.gzip_decode and resp_framing[0] != "none":
             decoded = decoded_response_head(client_head)
@@ -309,15 +352,14 @@ class GatewayServer:
                 if head.version == b"HTTP/1.0":  # no chunked for 1.0: end by closing
                     client_head.headers.remove(b"transfer-encoding")
                     client_head.headers.set(b"Connection", b"close")
+                client_keep = http.keep_alive(head, client_head)
         client_framing = http.response_body(client_head, head.method)  # how we frame it
-        client_keep = http.keep_alive(head, client_head) and client_framing[0] != "close"
         if decoder is None and resp_framing[0] == "length" \
                 and resp_framing[1] <= up.pushback_size:
             # the whole (small) body arrived with the head: one send, not two
             await conn.send_all(client_head.serialize() + up.take_pushback(resp_framing[1]))
-            size = resp_framing[1]
-            return self._done(conn, head, out_head, resp, resp_framing, size, start, user,
-                              target, client_keep, upstream)
+            return self._done(conn, ex, resp, relayed.upstream_keep, resp_framing[1],
+                              client_keep, upstream)
         await conn.send_all(client_head.serialize())
         try:
             size = await body.send(up, conn, resp_framing, timeout=self.settings.read_timeout,
@@ -326,16 +368,15 @@ class GatewayServer:
         except http.HTTPError as exc:
             # the head is already out: an error reply now would land inside the body.
             # Cut the connection instead (no last chunk), so the client sees the loss.
-            self._log(conn, head, exc.status, 0, start, user, f"{target.host}:{target.port}")
+            self._log(conn, head, exc.status, 0, ex.start, ex.user, ex.where)
             raise ConnClosed(f"upstream body broken: {exc.reason}") from None
-        return self._done(conn, head, out_head, resp, resp_framing, size, start, user,
-                          target, client_keep, upstream)
+        return self._done(conn, ex, resp, relayed.upstream_keep, size, client_keep, upstream)
 
-    def _done(self, conn, head, out_head, resp, resp_framing, size, start, user, target,
-              client_keep, upstream):
-        upstream_keep = http.keep_alive(out_head, resp) and resp_framing[0] != "close"
-        self._log(conn, head, resp.status, size, start, user, f"{target.host}:{target.port}")
-        if not upstream_keep:
+    def _done(self, conn: Conn, ex: Exchange, resp: http.ResponseHead, upstream_keep: bool,
+              size: int, client_keep: bool,
+              upstream: Upstream | None) -> tuple[bool, Upstream | None]:
+        self._log(conn, ex.head, resp.status, size, ex.start, ex.user, ex.where)
+        if not upstream_keep and upstream is not None:
             upstream.conn.close()
             upstream = None
         return client_keep, upstream
@@ -424,8 +465,8 @@ class GatewayServer:
         if head is not None:
             self._log(conn, head, status, 0, time.monotonic(), "-", "-")
 
-    def _log(self, conn: Conn, head: http.RequestHead, status: int, size: int, start: float,
-             user: str, target: str, *, sent: int | None = None) -> None:
+    def _log(self, conn: Conn, head: http.RequestHead | QuickRequest, status: int, size: int,
+             start: float, user: str, target: str, *, sent: int | None = None) -> None:
         if self.access_file is None and not access.isEnabledFor(logging.DEBUG):
             return
         entry = {"client": conn.peer[0] if conn.peer else "?", "user": user,

@@ -1,0 +1,518 @@
+"""The gateway's fast lane: kept-alive requests served from readiness callbacks.
+
+Awaiting ``sock_recv`` costs an epoll registration, an unregistration and a task
+wake-up per read; for small proxied requests that was most of the gateway's CPU.
+Once a client connection has a kept-alive upstream and an allow-list decision for
+its target (made by the coroutine path on the first request), the requests that
+need nothing but socket readiness are served here: both sockets stay registered,
+and each callback does its ``recv``, the sans-IO step (``gateway.http``) and its
+``send``. That is: no request body or one that already arrived, and a response
+with Content-Length (small) or no body.
+
+Everything else is handed back to the coroutine path in the state reached
+(:class:`~kakehashi.gateway.exchange.Handoff`): a new target or user, CONNECT,
+the gateway's own endpoints, ``Expect``, chunked or large bodies, interim
+responses, gzip decoding, errors. So every decision has one implementation, and
+the fast lane is only a quicker way through the common case.
+
+Limits hold here as in the coroutine path: the head limits of ``HeadReader``,
+bounded output buffering (reading stops while the client is not reading), and one
+lazily re-armed timer per connection for the idle, head and upstream timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from kakehashi.core.stream import SMALL_CHUNK, Conn
+from kakehashi.gateway import http
+from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
+from kakehashi.gateway.quick import QuickRequest, quick_request, quick_response
+
+if TYPE_CHECKING:
+    from kakehashi.gateway.server import GatewayServer
+
+#: a response body larger than this (beyond what arrived with its head) goes to
+#: the coroutine path, whose pump splices it kernel to kernel
+FAST_BODY_MAX = 64 * 1024
+#: requests that may be sent again on a fresh connection when a kept-alive upstream
+#: closes before answering (RFC 9110 9.2.2, RFC 9112 9.3.1)
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+READ_HEAD, WAIT_RESPONSE, BODY = range(3)
+
+
+class FastLane:
+    """Serves one client connection's requests until one needs the coroutine path."""
+
+    def __init__(self, server: GatewayServer, conn: Conn, upstream: Upstream) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.loop = asyncio.get_running_loop()
+        self.conn = conn
+        self.csock: socket.socket = conn.sock
+        self.cfd = conn.sock.fileno()
+        self.upstream: Upstream | None = upstream
+        self.usock: socket.socket = upstream.conn.sock
+        self.ufd = upstream.conn.sock.fileno()
+        self.reader = http.HeadReader(self.settings.limits)  # the client's requests
+        self.rreader = http.HeadReader(self.settings.limits)  # the upstream's responses
+        self.state = READ_HEAD
+        self.exchange: Exchange | None = None
+        #: the request in flight when it took the quick common case (gateway.quick):
+        #: its raw head, user and start; an Exchange is built only if needed
+        self.quick: QuickRequest | None = None
+        self.quick_raw = b""
+        self.quick_user = "-"
+        self.quick_start = 0.0
+        self.status = 0
+        self.client_keep = True
+        self.upstream_keep = True
+        self.size = 0
+        self.remaining = 0
+        self.spoiled = False  # the upstream sent bytes beyond its response
+        self.body_sent = False  # the request in flight had a body (not repeatable)
+        self.out = b""  # bytes the client has not taken yet (reading pauses meanwhile)
+        self.up_out = b""  # bytes the upstream has not taken yet
+        self.client_eof = False
+        self.c_reading = False
+        self.u_reading = False
+        self.writing = False
+        self.up_writing = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.pending: Handoff | None = None  # decided, waiting for self.out to drain
+        self.fut: asyncio.Future[Handoff] = self.loop.create_future()
+
+    async def run(self) -> tuple[Handoff, Upstream | None]:
+        conn = self.conn
+        if conn.has_pushback:
+            self.reader.feed(conn.take_pushback(conn.pushback_size))
+        up = self.upstream
+        assert up is not None
+        if up.conn.has_pushback:  # stray bytes from the upstream: not reusable
+            self._drop_upstream()
+        self._arm(self.settings.idle_timeout)
+        self._resume()
+        self._next_request()
+        try:
+            handoff = await self.fut
+        finally:
+            self._unregister()
+        return handoff, self.upstream
+
+    # -- registration ------------------------------------------------------------
+    def _resume(self) -> None:
+        """Read what the current state needs (unless output is backed up)."""
+        if self.fut.done() or self.out or self.up_out:
+            return
+        if not self.c_reading and not self.client_eof \
+                and self.reader.buffered <= self.settings.limits.max_head:
+            self.loop.add_reader(self.cfd, self._on_client)
+            self.c_reading = True
+        if not self.u_reading and self.upstream is not None:
+            self.loop.add_reader(self.ufd, self._on_upstream)
+            self.u_reading = True
+
+    def _pause(self) -> None:
+        if self.c_reading:
+            self.loop.remove_reader(self.cfd)
+            self.c_reading = False
+        if self.u_reading:
+            self.loop.remove_reader(self.ufd)
+            self.u_reading = False
+
+    def _unregister(self) -> None:
+        self._pause()
+        if self.writing:
+            self.loop.remove_writer(self.cfd)
+            self.writing = False
+        if self.up_writing and self.upstream is not None:
+            self.loop.remove_writer(self.ufd)
+        self.up_writing = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _finish(self, handoff: Handoff) -> None:
+        if self.fut.done() or self.pending is not None:
+            return
+        if self.out:  # what was decided waits for the client to take its bytes
+            self.pending = handoff
+            return
+        if handoff.kind == "head":
+            assert handoff.head is not None
+            rest = self.reader.take_rest()
+            if rest:
+                self.conn.unread(rest)
+        self._unregister()
+        self.fut.set_result(handoff)
+
+    def _drop_upstream(self) -> None:
+        if self.upstream is None:
+            return
+        if self.u_reading:
+            self.loop.remove_reader(self.ufd)
+            self.u_reading = False
+        if self.up_writing:
+            self.loop.remove_writer(self.ufd)
+            self.up_writing = False
+        self.upstream.conn.close()
+        self.upstream = None
+
+    # -- timeouts: one timer, re-armed only when a deadline comes closer ----------
+    def _arm(self, seconds: float) -> None:
+        deadline = self.loop.time() + seconds
+        self.deadline = deadline
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+            self.timer_at = deadline
+
+    def _on_timer(self) -> None:
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+            self.timer_at = self.deadline
+            return
+        self.timer = None
+        if self.out:
+            self.pending = None
+            self.out = b""
+            return self._finish(Handoff("abort", reason="client stopped reading"))
+        if self.state == READ_HEAD:
+            if self.reader.buffered:
+                return self._finish(Handoff("error", error=http.HTTPError(
+                    408, "request head not received in time")))
+            return self._finish(Handoff("eof"))
+        self._drop_upstream()
+        if self.state == WAIT_RESPONSE:
+            return self._finish(Handoff("error", head=self._head(), error=http.HTTPError(
+                504, "upstream did not answer in time")))
+        return self._finish(Handoff("abort", reason="upstream body stalled"))
+
+    def _head(self) -> http.RequestHead | None:
+        ex = self._current()
+        return ex.head if ex is not None else None
+
+    def _current(self) -> Exchange | None:
+        """The exchange in flight (built from the quick request's bytes on demand)."""
+        q = self.quick
+        if self.exchange is None and q is not None:
+            limits = self.settings.limits
+            self.exchange = Exchange(http.parse_request(self.quick_raw, limits),
+                                     http.parse_request(q.out[:-4], limits), q.dest,
+                                     self.quick_user, self.quick_start)
+        return self.exchange
+
+    # -- the client's side ---------------------------------------------------------
+    def _on_client(self) -> None:
+        try:
+            data = self.csock.recv(SMALL_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            return self._finish(Handoff("abort", reason=f"client: {exc}"))
+        if not data:
+            self.client_eof = True
+            if self.c_reading:
+                self.loop.remove_reader(self.cfd)
+                self.c_reading = False
+            if self.state == READ_HEAD:
+                if self.reader.buffered:
+                    return self._finish(Handoff("error", error=http.HTTPError(
+                        400, "connection closed in the middle of a head")))
+                return self._finish(Handoff("eof"))
+            return None  # the response in flight is still delivered (half-close)
+        self.reader.feed(data)
+        if self.state == READ_HEAD:
+            self._next_request()
+        elif self.reader.buffered > self.settings.limits.max_head and self.c_reading:
+            self.loop.remove_reader(self.cfd)  # pipelining ahead: wait for our turn
+            self.c_reading = False
+
+    def _next_request(self) -> None:
+        if self.fut.done() or self.pending is not None or self.out \
+                or self.state != READ_HEAD:
+            return
+        if self.client_eof and not self.reader.buffered:
+            return self._finish(Handoff("eof"))
+        limits = self.settings.limits
+        try:
+            raw = self.reader.next_raw(skip_blank=True)
+            if raw is None:
+                if self.client_eof:
+                    return self._finish(Handoff("error", error=http.HTTPError(
+                        400, "connection closed in the middle of a head")))
+                return self._resume()
+            quick = quick_request(raw, self.server.via, limits)
+            if quick is not None:
+                return self._start_quick(quick, raw)
+            head = http.parse_request(raw, limits)
+        except http.HTTPError as exc:
+            return self._finish(Handoff("error", error=exc))
+        self._start(head)
+
+    def _start_quick(self, q: QuickRequest, raw: bytes) -> None:
+        """The common case: checks from the connection's caches, then one send."""
+        server = self.server
+        up = self.upstream
+        user: str | None = "-"
+        if server.auth is not None:
+            user = server.auth.cached(q.auth)
+        address = up.decided.get((q.dest.host, q.dest.port, user)) \
+            if up is not None and user is not None else None
+        if address is None or up is None or up.key != (address, q.dest.port):
+            return self._finish(Handoff("head", head=http.parse_request(
+                raw, self.settings.limits)))
+        server.requests += 1
+        self.quick, self.quick_raw = q, raw
+        self.quick_user, self.quick_start = user or "-", time.monotonic()
+        self.exchange = None
+        self.body_sent = False
+        self.state = WAIT_RESPONSE
+        self._arm(self.settings.read_timeout)
+        self._to_upstream(q.out)
+
+    def _start(self, head: http.RequestHead) -> None:
+        """Send ``head`` upstream if the fast lane can serve it, else hand it over."""
+        server = self.server
+        up = self.upstream
+        if up is None or head.method == b"CONNECT" or b"expect" in head.headers._lower:
+            return self._finish(Handoff("head", head=head))
+        try:
+            target, framing, out_head = http.relay_request(head, server.via)
+            if target.form != "absolute":
+                return self._finish(Handoff("head", head=head))
+            user = "-"
+            if server.auth is not None:
+                user = server.auth.cached(head.headers.get(b"proxy-authorization"))
+                if user is None:
+                    return self._finish(Handoff("head", head=head))
+            address = up.decided.get((target.host, target.port, user))
+            if address is None or up.key != (address, target.port):
+                return self._finish(Handoff("head", head=head))
+            body = b""
+            if framing != http.NO_BODY:
+                if framing[0] != "length" or framing[1] > self.reader.buffered:  # type: ignore[misc]
+                    return self._finish(Handoff("head", head=head))
+                rest = self.reader.take_rest()
+                body, rest = rest[: framing[1]], rest[framing[1]:]  # type: ignore[misc]
+                if rest:
+                    self.reader.feed(rest)
+        except http.HTTPError:
+            # the coroutine path repeats the check and answers with the error
+            return self._finish(Handoff("head", head=head))
+        server.requests += 1
+        self.body_sent = bool(body)
+        self.quick = None
+        self.exchange = Exchange(head, out_head, target, user, time.monotonic())
+        self.state = WAIT_RESPONSE
+        self._arm(self.settings.read_timeout)
+        self._to_upstream(out_head.serialize() + body if body else out_head.serialize())
+
+    def _to_client(self, data: bytes) -> None:
+        if self.out:
+            self.out += data
+            return
+        try:
+            n = self.csock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self.pending = None
+            return self._finish(Handoff("abort", reason=f"client: {exc}"))
+        if n < len(data):
+            self.out = data[n:]
+            self._pause()
+            self.loop.add_writer(self.cfd, self._on_client_writable)
+            self.writing = True
+            self._arm(self.settings.idle_timeout)
+
+    def _on_client_writable(self) -> None:
+        try:
+            n = self.csock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.out = b""
+            self.pending = None
+            return self._finish(Handoff("abort", reason=f"client: {exc}"))
+        self.out = self.out[n:]
+        if self.out:
+            self._arm(self.settings.idle_timeout)
+            return
+        self.loop.remove_writer(self.cfd)
+        self.writing = False
+        if self.pending is not None:
+            handoff, self.pending = self.pending, None
+            return self._finish(handoff)
+        self._arm(self.settings.idle_timeout if self.state == READ_HEAD
+                  else self.settings.read_timeout)
+        self._resume()
+        self._next_request()
+
+    # -- the upstream's side -------------------------------------------------------
+    def _to_upstream(self, data: bytes) -> None:
+        try:
+            n = self.usock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            return self._upstream_gone()
+        if n < len(data):
+            self.up_out = data[n:]
+            self._pause()
+            self.loop.add_writer(self.ufd, self._on_upstream_writable)
+            self.up_writing = True
+
+    def _on_upstream_writable(self) -> None:
+        try:
+            n = self.usock.send(self.up_out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._upstream_gone()
+        self.up_out = self.up_out[n:]
+        if not self.up_out:
+            self.loop.remove_writer(self.ufd)
+            self.up_writing = False
+            self._resume()
+
+    def _on_upstream(self) -> None:
+        try:
+            data = self.usock.recv(SMALL_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._upstream_gone()
+        if self.state == WAIT_RESPONSE:
+            self.rreader.feed(data)
+            self._response()
+        elif self.state == BODY:
+            self._body(data)
+        else:  # an idle upstream talking out of turn is not reused
+            self._drop_upstream()
+
+    def _upstream_gone(self) -> None:
+        """The upstream closed (or failed): what that means depends on the state."""
+        self._drop_upstream()
+        if self.state == READ_HEAD:
+            return None  # an idle kept-alive upstream timed out; the next request reopens
+        if self.state == WAIT_RESPONSE:
+            ex = self._current()
+            assert ex is not None
+            if not self.rreader.buffered and ex.head.method in IDEMPOTENT \
+                    and not self.body_sent:
+                # closed before answering: send the request again on a fresh connection
+                self.server.requests -= 1
+                return self._finish(Handoff("head", head=ex.head))
+            why = "connection closed in the middle of a head" if self.rreader.buffered \
+                else "upstream closed without answering"
+            return self._finish(Handoff("error", head=ex.head,
+                                        error=http.HTTPError(502, why)))
+        return self._finish(Handoff("abort", reason="upstream closed in the middle of a body"))
+
+    def _response(self) -> None:
+        assert self.upstream is not None
+        q = self.quick
+        try:
+            raw = self.rreader.next_raw(skip_blank=False)
+            if raw is None:
+                return None
+            if q is not None and not self.settings.gzip_decode:
+                quick = quick_response(raw, self.server.via, q.method, q.close,
+                                       self.settings.limits)
+                if quick is not None \
+                        and quick.length - self.rreader.buffered <= FAST_BODY_MAX:
+                    rest = self.rreader.take_rest()
+                    self.client_keep = not q.close
+                    self.upstream_keep = quick.upstream_keep
+                    return self._send_response(quick.out, quick.status, quick.length, rest)
+            resp = http.parse_response(raw, self.settings.limits)
+        except http.HTTPError as exc:
+            self._drop_upstream()
+            return self._finish(Handoff("error", head=self._head(),
+                                        error=http._as_upstream_error(exc)))
+        ex = self._current()
+        assert ex is not None
+        if resp.status < 200 or self.settings.gzip_decode:
+            return self._hand_response(resp)
+        try:
+            relayed = http.relay_response(resp, self.server.via, ex.head, ex.out_head)
+        except http.HTTPError:
+            return self._hand_response(resp)  # the coroutine path reports it
+        framing = relayed.framing
+        if framing[0] == "length":
+            n: int = framing[1]  # type: ignore[misc]
+        elif framing == http.NO_BODY:
+            n = 0
+        else:
+            return self._hand_response(resp)
+        if n - self.rreader.buffered > FAST_BODY_MAX:
+            return self._hand_response(resp)
+        rest = self.rreader.take_rest()
+        self.client_keep = relayed.client_keep
+        self.upstream_keep = relayed.upstream_keep
+        self._send_response(relayed.head.serialize(), resp.status, n, rest)
+
+    def _send_response(self, head: bytes, status: int, n: int, rest: bytes) -> None:
+        """The client's head and the ``n`` body bytes that follow (``rest`` came
+        with the upstream's head)."""
+        self.status = status
+        self.size = n
+        if len(rest) >= n:
+            self.spoiled = len(rest) > n
+            self._to_client(head + rest[:n] if n else head)
+            return self._complete()
+        self._to_client(head + rest)
+        self.remaining = n - len(rest)
+        self.state = BODY
+        self._arm(self.settings.read_timeout)
+
+    def _hand_response(self, resp: http.ResponseHead) -> None:
+        assert self.upstream is not None
+        rest = self.rreader.take_rest()
+        if rest:
+            self.upstream.conn.unread(rest)
+        ex = self._current()
+        self._finish(Handoff("response", head=ex.head if ex else None, exchange=ex,
+                             response=resp))
+
+    def _body(self, data: bytes) -> None:
+        if len(data) > self.remaining:
+            self.spoiled = True
+            data = data[: self.remaining]
+        self.remaining -= len(data)
+        self._to_client(data)
+        if self.remaining == 0:
+            return self._complete()
+        self._arm(self.settings.read_timeout)
+
+    def _complete(self) -> None:
+        q, ex = self.quick, self.exchange
+        if ex is not None:
+            self.server._log(self.conn, ex.head, self.status, self.size, ex.start, ex.user,
+                             ex.where)
+        elif q is not None:
+            self.server._log(self.conn, q, self.status, self.size, self.quick_start,
+                             self.quick_user, f"{q.dest.host}:{q.dest.port}")
+        if self.spoiled or not self.upstream_keep:
+            self._drop_upstream()
+        self.spoiled = False
+        self.exchange = self.quick = None
+        self.state = READ_HEAD
+        if self.fut.done():
+            return None
+        if not self.client_keep:
+            return self._finish(Handoff("close"))
+        self._arm(self.settings.idle_timeout)
+        self._resume()
+        self._next_request()
+        return None
