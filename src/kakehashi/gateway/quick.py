@@ -32,9 +32,11 @@ _HEAD_OK: Final = http._HEAD_OK
 _REQ_SPECIAL: Final = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-connection|proxy-authorization|proxy-authenticate"
     rb"|te|trailer|transfer-encoding|upgrade|content-length|via|expect):")
+#: response fields that need a look line by line (Content-Length alone does not)
 _RESP_SPECIAL: Final = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization"
-    rb"|te|trailer|transfer-encoding|upgrade|content-length):")
+    rb"|te|trailer|transfer-encoding|upgrade|close):")
+_CONTENT_LENGTH: Final = b"\r\ncontent-length:"
 _CONNECTION_OK: Final = frozenset((b"keep-alive", b"close"))
 
 
@@ -112,7 +114,7 @@ def quick_request(raw: bytes, via_name: bytes,
             elif name in (b"keep-alive", b"proxy-connection"):
                 pass  # hop-by-hop, dropped
             elif name == b"close":
-                return None  # would be dropped if Connection lists close
+                return None  # dropped too when Connection names it: the full path
             elif _REQ_SPECIAL.match(b"\r\n" + name + b":") is not None:
                 return None
             else:
@@ -151,10 +153,11 @@ def quick_response(raw: bytes, via_name: bytes, method: bytes, client_close: boo
     if _FIELDS.fullmatch(block) is None:
         return None
     code = int(status)
-    no_body = method == b"HEAD" or code == 204 or code == 304
-    upstream_close = False
-    length = -1
     low = block.lower()
+    lengths = low.count(_CONTENT_LENGTH)
+    if lengths > 1:
+        return None  # repeated: the full parser decides whether they agree
+    upstream_close = False
     if _RESP_SPECIAL.search(low) is not None:
         kept = []
         for line, lower in zip(block.split(b"\r\n")[1:], low.split(b"\r\n")[1:], strict=True):
@@ -166,23 +169,21 @@ def quick_response(raw: bytes, via_name: bytes, method: bytes, client_close: boo
                 upstream_close = upstream_close or b"close" in tokens
             elif name == b"keep-alive":
                 pass  # hop-by-hop, dropped
-            elif name == b"close":
-                return None  # would be dropped if Connection lists close
-            elif name == b"content-length":
-                value = value.strip(b" \t")
-                if length >= 0 or not value.isdigit() or len(value) > 18 \
-                        or (value[:1] == b"0" and value != b"0"):
-                    return None  # repeated or not canonical: the full parser decides
-                length = int(value)
-                kept.append(line)
             elif _RESP_SPECIAL.match(b"\r\n" + name + b":") is not None:
-                return None
+                return None  # other hop-by-hop fields, and Close (Connection may name it)
             else:
                 kept.append(line)
         block = b"\r\n" + b"\r\n".join(kept) if kept else b""
-    if no_body:
-        length = 0
-    elif length < 0:
+    if method == b"HEAD" or code == 204 or code == 304:
+        length = 0  # no body, whatever Content-Length says
+    elif lengths == 1:
+        i = low.find(_CONTENT_LENGTH) + len(_CONTENT_LENGTH)
+        j = low.find(b"\r\n", i)
+        value = low[i:j if j >= 0 else len(low)].strip(b" \t")
+        if not value.isdigit() or len(value) > 18 or (value[:1] == b"0" and value != b"0"):
+            return None  # not canonical: the full parser decides
+        length = int(value)
+    else:
         return None  # delimited by close: the full path
     out = b"HTTP/1.1 %s %s%s%s\r\nVia: %s\r\n\r\n" % (
         status, reason, block, b"\r\nConnection: close" if client_close else b"",
