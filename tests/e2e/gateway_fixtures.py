@@ -14,7 +14,10 @@ TCP connection it came on. Routes:
 * ``/page`` - an HTML page for the browser test;
 * ``/hop`` - a response carrying hop-by-hop fields;
 * ``/hang`` - reads the request and never answers;
-* ``/bad-chunked``, ``/corrupt-gzip`` - bodies that break after the head.
+* ``/bad-chunked``, ``/corrupt-gzip`` - bodies that break after the head;
+* ``/short`` (closes mid-body), ``/stall`` (stops mid-body) - Content-Length lies;
+* ``/once`` - answers only the first request on a connection, then closes without
+  answering (an origin's keep-alive timeout racing the next request).
 
 With ``idle_close`` it closes kept-alive connections idle that long, as real
 servers do (keep-alive timeouts).
@@ -102,6 +105,16 @@ class _Buffered:
             piece, self.buf = self.buf[:n], self.buf[n:]
             sink(piece)
             n -= len(piece)
+
+
+class _HeadOnly:
+    """A response to HEAD: the head goes out, the body does not (RFC 9110 9.3.2)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
 
 
 @dataclass
@@ -226,6 +239,8 @@ class Origin:
             self._send(sock, 403, b"only through the gateway\n", close=True)
             return False
         path = target.split("?")[0]
+        if method == "HEAD":
+            sock = _HeadOnly(sock)  # type: ignore[assignment]
         if path == "/hang":
             while not self._stop:
                 time.sleep(0.1)
@@ -250,6 +265,18 @@ class Origin:
         elif path == "/bad-chunked":  # a hostile or broken origin: framing breaks mid-body
             sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                          b"5\r\nhello\r\nZZ-not-a-size\r\n")
+            return False
+        elif path == "/once":  # a keep-alive timeout racing the next request
+            if any(q.conn == n for q in self.requests[:-1]):
+                return False  # not the first request here: close without answering
+            self._send(sock, 200, b"once\n", close=close)
+        elif path == "/short":  # Content-Length promises more than is sent
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            return False
+        elif path == "/stall":  # part of the body, then nothing
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            while not self._stop:
+                time.sleep(0.1)
             return False
         elif path == "/corrupt-gzip":
             data = bytearray(gzip.compress(GZIP_TEXT))

@@ -1,0 +1,238 @@
+"""The gateway's fast lane (kept-alive requests served from callbacks) end to end.
+
+Every request after the first on a client connection goes through
+``gateway.fastlane`` when it can, and back to the coroutine path when it cannot;
+these cases cross that border on purpose: mixed framings on one connection,
+pipelining, an origin that closes or stalls at the worst moment, a client that
+stops reading, and timeouts that must fire from the lane's own timer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from tests.e2e.gateway_fixtures import CHUNKS, origin
+
+
+class Client:
+    """One kept-alive client connection speaking raw HTTP/1.1 to the gateway."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise EOFError("gateway closed the connection")
+        self.buf += data
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def response(self, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        """Read one response (Content-Length, chunked or none)."""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        if method == "HEAD" or status in (204, 304):
+            return status, headers, b""
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while (size := int(self._line().split(b";")[0], 16)) != 0:
+                body += self._take(size)
+                self._line()
+            while self._line():
+                pass
+            return status, headers, body
+        return status, headers, self._take(int(headers.get("content-length", "0")))
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buf += data
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def get(o, path: str, *, method: str = "GET", extra: str = "") -> bytes:
+    return (f"{method} {o.url}{path} HTTP/1.1\r\nHost: {o.addr}\r\n{extra}\r\n").encode()
+
+
+@pytest.fixture
+def lane(env):
+    with origin() as o:
+        _, port = env.gateway("127.0.0.1", extra=["--read-timeout", "2"])
+        clients: list[Client] = []
+
+        def client() -> Client:
+            c = Client(port)
+            clients.append(c)
+            return c
+
+        yield SimpleNamespace(env=env, o=o, port=port, client=client)
+        for c in clients:
+            c.close()
+
+
+def test_mixed_framings_on_one_connection_cross_between_lane_and_coroutine(lane):
+    o, c = lane.o, lane.client()
+    upload = b"u" * 5000
+    steps = [
+        ("/hello", "GET", b"", b"hello from origin /hello\n"),
+        ("/chunked", "GET", b"", b"".join(CHUNKS)),  # chunked: handed to the coroutine
+        ("/fixed/1", "GET", b"", b"hello from origin /fixed/1\n"),
+        ("/big", "GET", b"", None),  # 20 MiB: the coroutine's pump
+        ("/fixed/2", "HEAD", b"", b""),
+        ("/upload", "POST", upload, json.dumps(
+            {"sha256": hashlib.sha256(upload).hexdigest(), "bytes": len(upload)}).encode()),
+        ("/nothing-here", "GET", b"", b"not found\n"),
+        ("/fixed/3", "GET", b"", b"hello from origin /fixed/3\n"),
+    ]
+    for path, method, body, want in steps:
+        extra = f"Content-Length: {len(body)}\r\n" if body else ""
+        c.send(get(o, path, method=method, extra=extra) + body)
+        status, headers, got = c.response(method)
+        assert status == (404 if path == "/nothing-here" else 200), path
+        assert "1.1 kakehashi" in headers.get("via", ""), path
+        if want is None:
+            assert hashlib.sha256(got).hexdigest() == o.big_sha
+        else:
+            assert got == want, path
+    assert o.connections == 1  # one upstream connection carried all of it
+    entries = lane.env.access(lambda es: len(es) >= len(steps))
+    assert [e["status"] for e in entries] == [200] * 6 + [404, 200]
+
+
+def test_pipelined_requests_are_answered_in_order(lane):
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/hello"))
+    assert c.response()[0] == 200  # the lane is on from the second request
+    c.send(b"".join(get(o, f"/fixed/{i}") for i in range(20)))
+    for i in range(20):
+        status, _, body = c.response()
+        assert (status, body) == (200, f"hello from origin /fixed/{i}\n".encode())
+    assert o.connections == 1
+
+
+def test_connection_close_ends_the_connection_after_the_response(lane):
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/hello"))
+    c.response()
+    c.send(get(o, "/fixed/x", extra="Connection: close\r\n"))
+    status, headers, body = c.response()
+    assert status == 200 and headers.get("connection") == "close"
+    assert body == b"hello from origin /fixed/x\n"
+    assert c.closed()
+
+
+def test_keep_alive_race_retries_an_idempotent_request_on_a_fresh_upstream(lane):
+    """The origin closes a kept-alive connection instead of answering (its keep-alive
+    timeout crossing our request): a GET is sent again on a new connection."""
+    o, c = lane.o, lane.client()
+    for _ in range(2):
+        c.send(get(o, "/once"))
+        assert c.response()[:3:2] == (200, b"once\n")
+    assert o.connections == 2
+    assert [r.conn for r in o.requests] == [1, 1, 2]
+
+
+def test_keep_alive_race_on_a_request_with_a_body_is_a_502_not_a_resend(lane):
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/once"))
+    assert c.response()[0] == 200
+    c.send(get(o, "/once", method="POST", extra="Content-Length: 3\r\n") + b"abc")
+    status, _, body = c.response()
+    assert status == 502 and b"upstream closed" in body
+    assert o.connections == 1  # not sent twice
+
+
+def test_upstream_closing_mid_body_cuts_the_client_connection(lane):
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/hello"))
+    c.response()
+    c.send(get(o, "/short"))
+    with pytest.raises(EOFError):
+        c.response()  # 10 of 1000 bytes, then the gateway closes: the loss is visible
+
+
+def test_read_timeout_fires_in_the_lane(lane):
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/hello"))
+    c.response()
+    start = time.monotonic()
+    c.send(get(o, "/hang"))
+    status, _, body = c.response()
+    assert status == 504 and b"did not answer in time" in body
+    assert 1.5 < time.monotonic() - start < 10
+    c2 = lane.client()  # a stalled body mid-response: the connection is cut
+    c2.send(get(o, "/hello"))
+    c2.response()
+    c2.send(get(o, "/stall"))
+    with pytest.raises(EOFError):
+        c2.response()
+
+
+def test_a_client_that_stops_reading_is_bounded_and_others_are_served(lane):
+    o = lane.o
+    slow = lane.client()
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.send(get(o, "/hello"))
+    slow.response()
+    n = 3000  # ~400 KiB of responses the slow client does not read for a while
+    slow.send(b"".join(get(o, f"/fixed/{i:04d}") for i in range(n)))
+    time.sleep(1.0)
+    fast = lane.client()
+    for i in range(5):
+        fast.send(get(o, f"/fixed/fast{i}"))
+        assert fast.response()[2] == f"hello from origin /fixed/fast{i}\n".encode()
+    for i in range(n):  # now read everything, in order, nothing lost
+        assert slow.response()[2] == f"hello from origin /fixed/{i:04d}\n".encode()
+
+
+def test_a_new_target_on_the_same_connection_gets_its_own_decision(env):
+    with origin(name="one") as a, origin(name="two") as b:
+        _, port = env.gateway(f"127.0.0.1:{a.port}")
+        c = Client(port)
+        try:
+            c.send(get(a, "/hello"))
+            assert c.response()[0] == 200
+            c.send(get(b, "/hello"))  # not on the allow-list: the lane hands it back
+            status, _, body = c.response()
+            assert status == 403 and b"allow-list" in body
+        finally:
+            c.close()
+    audit = [e for e in env.audit() if e["event"] == "target"]
+    assert [(e["decision"], e["target"]) for e in audit] == [
+        ("allow", f"127.0.0.1:{a.port}"), ("deny", f"127.0.0.1:{b.port}")]
