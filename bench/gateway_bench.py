@@ -10,11 +10,12 @@
 Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
 
 * http - small requests through a forward proxy: ``wrk -t2 -c50 --latency`` with a
-  Lua script that sends absolute-form requests (``GET http://origin/ HTTP/1.1``, what
-  a proxy receives) to a fast origin (haproxy ``http-request return``, a 100-byte
-  body, keep-alive). Requests/s (median of --repeat runs), p50/p99 latency, the
-  proxy's CPU time per request; ratios vs haproxy ``mode http`` and vs tinyproxy.
-  By default the proxy runs alone on CPU 1 and wrk + origin on CPU 0 (--no-pin).
+  Lua script that sends absolute-form requests (``GET http://origin/ HTTP/1.1`` with
+  the fields ``curl -x`` sends, what a proxy receives) to a fast origin (haproxy
+  ``http-request return``, a 100-byte body, keep-alive). Requests/s (median of
+  --repeat runs), p50/p99 latency, the proxy's CPU time per request; ratios vs
+  haproxy ``mode http`` and vs tinyproxy. By default the proxy runs alone on CPU 1
+  and wrk + origin on CPU 0 (--no-pin).
 * connect - bulk throughput of a CONNECT tunnel with iperf3 (one stream). iperf3
   cannot speak CONNECT, so the tunnel is ``kakehashi gateway tunnel --listen``
   (a second process) in front of the gateway; haproxy ``mode tcp`` once and twice
@@ -121,9 +122,12 @@ PidFile "{dir}/tinyproxy-{port}.pid"
 """
 
 WRK_SCRIPT = """\
--- absolute-form request line, as a client configured with a proxy sends it
+-- absolute-form request line and the fields curl -x sends (Proxy-Connection included)
 wrk.path = "http://{loopback}:{origin}/"
 wrk.headers["Host"] = "{loopback}:{origin}"
+wrk.headers["User-Agent"] = "curl/8.5.0"
+wrk.headers["Accept"] = "*/*"
+wrk.headers["Proxy-Connection"] = "Keep-Alive"
 """
 
 
