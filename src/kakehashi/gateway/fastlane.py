@@ -239,8 +239,8 @@ class FastLane:
         if self.fut.done() or self.pending is not None or self.out \
                 or self.state != READ_HEAD:
             return
-        if self.client_eof and not self.reader.buffered:
-            return self._finish(Handoff("eof"))
+        if not self.reader.buffered:  # the usual case after a response: wait
+            return self._finish(Handoff("eof")) if self.client_eof else self._resume()
         limits = self.settings.limits
         try:
             raw = self.reader.next_raw(skip_blank=True)

@@ -28,14 +28,18 @@ _TCHAR_DEL: Final = http._TCHAR
 _VCHAR_DEL: Final = http._VCHAR
 _HEAD_OK: Final = http._HEAD_OK
 
-#: request fields that leave the common case (the full parser handles them)
+#: fields that need a closer look; Content-Length is handled on its own (requests with
+#: a body and responses without one are not the common case)
 _REQ_SPECIAL: Final = re.compile(
-    rb"\r\n(?:connection|keep-alive|proxy-connection|proxy-authorization|proxy-authenticate"
-    rb"|te|trailer|transfer-encoding|upgrade|content-length|via|expect):")
-#: response fields that need a look line by line (Content-Length alone does not)
+    rb"\r\n(connection|keep-alive|proxy-connection|proxy-authorization|proxy-authenticate"
+    rb"|te|trailer|transfer-encoding|upgrade|content-length|via|expect|close):")
 _RESP_SPECIAL: Final = re.compile(
-    rb"\r\n(?:connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization"
+    rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization"
     rb"|te|trailer|transfer-encoding|upgrade|close):")
+#: of those, the hop-by-hop fields the common case simply drops
+_REQ_DROPPED: Final = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                 b"proxy-authorization"))
+_RESP_DROPPED: Final = frozenset((b"connection", b"keep-alive"))
 _CONTENT_LENGTH: Final = b"\r\ncontent-length:"
 _CONNECTION_OK: Final = frozenset((b"keep-alive", b"close"))
 
@@ -60,67 +64,78 @@ class QuickResponse(NamedTuple):
     upstream_keep: bool  # the upstream connection may carry another request
 
 
-def _plain_head(raw: bytes, limits: http.HeadLimits) -> bool:
-    """No control bytes, CRLF line ends only, short enough that no line limit applies."""
-    if len(raw) > limits.max_line or raw.translate(None, _HEAD_OK):
-        return False
-    n = raw.count(b"\r\n")
-    return raw.count(b"\r") == n and raw.count(b"\n") == n and n <= limits.max_headers
+def _plain_fields(block: bytes, limits: http.HeadLimits) -> bool:
+    """The field block (``\r\nname: value`` lines) is well formed: token names, no
+    control bytes, CRLF line ends only, within the field count. (The caller checks
+    the first line, and keeps the head short enough that no line limit applies.)"""
+    return not block.translate(None, _HEAD_OK) \
+        and block.count(b"\r\n") <= limits.max_headers \
+        and _FIELDS.fullmatch(block) is not None
 
 
-def _connection_tokens(value: bytes) -> set[bytes] | None:
-    tokens = {t.strip(b" \t") for t in value.lower().split(b",")} - {b""}
-    return tokens if tokens <= _CONNECTION_OK else None
+def _drop_hop_by_hop(block: bytes, low: bytes, special: re.Pattern[bytes],
+                     dropped: frozenset[bytes]) -> tuple[bytes, bool, bytes | None] | None:
+    """``block`` without its droppable hop-by-hop lines, whether Connection said
+    ``close``, and the Proxy-Authorization value; None when a field needs the full
+    parser (another hop-by-hop or framing field, a Connection naming other fields, a
+    field called Close that Connection could name, a repeated Proxy-Authorization)."""
+    if special.search(low) is None:
+        return block, False, None  # the usual case: nothing hop-by-hop
+    pieces = []
+    pos = 0
+    close = False
+    auth = None
+    for m in special.finditer(low):
+        name = m.group(1)
+        if name not in dropped:
+            return None
+        end = low.find(b"\r\n", m.end())
+        if end < 0:
+            end = len(low)
+        if name == b"connection":
+            tokens = {t.strip(b" \t") for t in low[m.end():end].split(b",")} - {b""}
+            if not tokens <= _CONNECTION_OK:
+                return None
+            close = close or b"close" in tokens
+        elif name == b"proxy-authorization":
+            if auth is not None:
+                return None
+            auth = block[m.end():end].strip(b" \t")
+        pieces.append(block[pos:m.start()])
+        pos = end
+    pieces.append(block[pos:])
+    return b"".join(pieces), close, auth
 
 
 def quick_request(raw: bytes, via_name: bytes,
                   limits: http.HeadLimits = http.DEFAULT_LIMITS) -> QuickRequest | None:
     """``raw`` (a request head without its blank line) rewritten to origin form, or
     None when it is not the common case."""
-    if not _plain_head(raw, limits):
-        return None
     eol = raw.find(b"\r\n")
-    if eol < 0:
-        return None  # HTTP/1.1 without Host: the full parser says so
+    if eol < 0 or len(raw) > limits.max_line:
+        return None  # no Host, or long enough for the line limits to matter
     parts = raw[:eol].split(b" ")
     if len(parts) != 3:
         return None
     method, target, version = parts
+    # a token method and a VCHAR target also exclude bare CR/LF from the first line
     if version != http.HTTP_11 or not method or method == b"CONNECT" \
             or method.translate(None, _TCHAR_DEL) or target.translate(None, _VCHAR_DEL):
         return None
     m = http._HTTP_TARGET.match(target)
     block = raw[eol:]
-    if m is None or _FIELDS.fullmatch(block) is None:
+    if m is None or not _plain_fields(block, limits):
         return None
     low = block.lower()
     if low.count(b"\r\nhost:") != 1:
         return None
-    close = False
-    auth = None
-    if _REQ_SPECIAL.search(low) is not None:
-        kept = []
-        for line, lower in zip(block.split(b"\r\n")[1:], low.split(b"\r\n")[1:], strict=True):
-            name, _, value = lower.partition(b":")
-            if name == b"connection":
-                tokens = _connection_tokens(value)
-                if tokens is None:
-                    return None  # names other fields as hop-by-hop
-                close = close or b"close" in tokens
-            elif name == b"proxy-authorization":
-                if auth is not None:
-                    return None
-                auth = line[len(name) + 1:].strip(b" \t")
-            elif name in (b"keep-alive", b"proxy-connection"):
-                pass  # hop-by-hop, dropped
-            elif name == b"close":
-                return None  # dropped too when Connection names it: the full path
-            elif _REQ_SPECIAL.match(b"\r\n" + name + b":") is not None:
-                return None
-            else:
-                kept.append(line)
-        block = b"\r\n" + b"\r\n".join(kept) if kept else b""
+    stripped = _drop_hop_by_hop(block, low, _REQ_SPECIAL, _REQ_DROPPED)
+    if stripped is None:
+        return None
+    if stripped[0] is not block:
+        block = stripped[0]
         low = block.lower()
+    close, auth = stripped[1], stripped[2]
     try:
         dest = http._absolute_from_match(m)
     except http.HTTPError:
@@ -139,41 +154,30 @@ def quick_response(raw: bytes, via_name: bytes, method: bytes, client_close: boo
                    limits: http.HeadLimits = http.DEFAULT_LIMITS) -> QuickResponse | None:
     """``raw`` (a final response head to a :func:`quick_request`) rewritten for the
     client, or None when it is not the common case (no length, chunked, 1xx, 1.0)."""
-    if not _plain_head(raw, limits):
+    if len(raw) > limits.max_line:
         return None
     eol = raw.find(b"\r\n")
     if eol < 0:
         eol = len(raw)
-    version, _, rest = raw[:eol].partition(b" ")
+    line = raw[:eol]
+    version, _, rest = line.partition(b" ")
     status, _, reason = rest.partition(b" ")
     if version != http.HTTP_11 or len(status) != 3 or not status.isdigit() \
-            or not b"200" <= status <= b"599":
+            or not b"200" <= status <= b"599" or line.translate(None, _HEAD_OK) \
+            or b"\r" in line or b"\n" in line:
         return None
     block = raw[eol:]
-    if _FIELDS.fullmatch(block) is None:
+    if not _plain_fields(block, limits):
         return None
     code = int(status)
     low = block.lower()
     lengths = low.count(_CONTENT_LENGTH)
     if lengths > 1:
         return None  # repeated: the full parser decides whether they agree
-    upstream_close = False
-    if _RESP_SPECIAL.search(low) is not None:
-        kept = []
-        for line, lower in zip(block.split(b"\r\n")[1:], low.split(b"\r\n")[1:], strict=True):
-            name, _, value = lower.partition(b":")
-            if name == b"connection":
-                tokens = _connection_tokens(value)
-                if tokens is None:
-                    return None
-                upstream_close = upstream_close or b"close" in tokens
-            elif name == b"keep-alive":
-                pass  # hop-by-hop, dropped
-            elif _RESP_SPECIAL.match(b"\r\n" + name + b":") is not None:
-                return None  # other hop-by-hop fields, and Close (Connection may name it)
-            else:
-                kept.append(line)
-        block = b"\r\n" + b"\r\n".join(kept) if kept else b""
+    stripped = _drop_hop_by_hop(block, low, _RESP_SPECIAL, _RESP_DROPPED)
+    if stripped is None:
+        return None
+    block, upstream_close = stripped[0], stripped[1]
     if method == b"HEAD" or code == 204 or code == 304:
         length = 0  # no body, whatever Content-Length says
     elif lengths == 1:
