@@ -15,7 +15,7 @@ Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
   ``http-request return``, a 100-byte body, keep-alive). Requests/s (median of
   --repeat runs), p50/p99 latency, the proxy's CPU time per request; ratios vs
   haproxy ``mode http`` and vs tinyproxy. By default the proxy runs alone on CPU 1
-  and wrk + origin on CPU 0 (--no-pin).
+  and wrk + origin on CPU 0 (--no-pin); rows are interleaved run by run.
 * connect - bulk throughput of a CONNECT tunnel with iperf3 (one stream). iperf3
   cannot speak CONNECT, so the tunnel is ``kakehashi gateway tunnel --listen``
   (a second process) in front of the gateway; haproxy ``mode tcp`` once and twice
@@ -297,30 +297,40 @@ def check_proxy(port: int, origin: int) -> None:
         raise RuntimeError(f"port {port} did not relay the origin's answer: {data[:300]!r}")
 
 
-def measure_http(key: str, args: argparse.Namespace, gw: Gateway, workdir: Path,
+def measure_http(keys: list[str], args: argparse.Namespace, gw: Gateway, workdir: Path,
                  origin: Route, script: Path, pin: tuple[int, int] | None) -> dict:
+    """Every row's proxy runs at once (idle when not measured) and the runs are
+    interleaved round by round, so drift of a noisy machine hits all rows alike."""
     load_cpu, proxy_cpu = pin if pin else (None, None)
     with Procs(workdir) as procs:
-        route = start_http_proxy(key, procs, gw, origin.port, proxy_cpu)
-        check_proxy(route.port, origin.port)
-        use_script = script if key != "direct" else None
-        wrk_once(args, route.port, use_script, 1.0, load_cpu)  # warm-up (connections, caches)
-        runs: list[WrkRun] = []
-        proxy_s = origin_s = 0.0
+        routes = {k: start_http_proxy(k, procs, gw, origin.port, proxy_cpu) for k in keys}
+        scripts = {k: (script if k != "direct" else None) for k in keys}
+        for k, route in routes.items():
+            check_proxy(route.port, origin.port)
+            wrk_once(args, route.port, scripts[k], 1.0, load_cpu)  # warm-up
+        runs: dict[str, list[WrkRun]] = {k: [] for k in keys}
+        proxy_s = dict.fromkeys(keys, 0.0)
+        origin_s = dict.fromkeys(keys, 0.0)
         for i in range(args.repeat):
-            before, obefore = tree_cpu_seconds(route.pids), cpu_seconds(origin.pids[0])
-            run = wrk_once(args, route.port, use_script, args.seconds, load_cpu)
-            proxy_s += tree_cpu_seconds(route.pids) - before
-            origin_s += cpu_seconds(origin.pids[0]) - obefore
-            runs.append(run)
-            errs = sum(run.socket_errors.values())
-            say(f"  {route.name} run {i + 1}/{args.repeat}: {run.rps:,.0f} req/s, "
-                f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms"
-                + (f", {run.non2xx} non-2xx" if run.non2xx else "")
-                + (f", socket errors {run.socket_errors}" if errs else ""))
-        profile = None
-        if args.profile and key.startswith("gateway"):
-            profile = profile_gateway(args, route, use_script, load_cpu, workdir, key)
+            for k, route in routes.items():
+                before, obefore = tree_cpu_seconds(route.pids), cpu_seconds(origin.pids[0])
+                run = wrk_once(args, route.port, scripts[k], args.seconds, load_cpu)
+                proxy_s[k] += tree_cpu_seconds(route.pids) - before
+                origin_s[k] += cpu_seconds(origin.pids[0]) - obefore
+                runs[k].append(run)
+                errs = sum(run.socket_errors.values())
+                say(f"  {route.name} run {i + 1}/{args.repeat}: {run.rps:,.0f} req/s, "
+                    f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms"
+                    + (f", {run.non2xx} non-2xx" if run.non2xx else "")
+                    + (f", socket errors {run.socket_errors}" if errs else ""))
+        profiles = {k: profile_gateway(args, routes[k], scripts[k], load_cpu, workdir, k)
+                    for k in keys if args.profile and k.startswith("gateway")}
+    return {k: _http_result(routes[k], runs[k], proxy_s[k], origin_s[k], profiles.get(k))
+            for k in keys}
+
+
+def _http_result(route: Route, runs: list[WrkRun], proxy_s: float, origin_s: float,
+                 profile: dict | None) -> dict:
     requests = sum(r.requests for r in runs)
     seconds = sum(r.seconds for r in runs)
     errors: collections.Counter[str] = collections.Counter()
@@ -639,8 +649,7 @@ def main() -> int:
                 origin = start_origin(procs, pin[0] if pin else None)
                 script = workdir / "proxy.lua"
                 script.write_text(WRK_SCRIPT.format(loopback=LOOPBACK, origin=origin.port))
-                res = {k: measure_http(k, args, gw, workdir, origin, script, pin)
-                       for k in rows["http"]}
+                res = measure_http(rows["http"], args, gw, workdir, origin, script, pin)
             profiles = {k: r["profile"] for k, r in res.items() if r.get("profile")}
             out += http_rows(res, pin)
             print(table(HEADERS, [r.cells() for r in http_rows(res, pin)]), flush=True)

@@ -41,7 +41,7 @@ from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.events import EventHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
-from kakehashi.gateway.fastlane import FastLane
+from kakehashi.gateway.fastlane import FastLane, SendBatcher
 from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
 from kakehashi.gateway.quick import QuickRequest
 
@@ -131,9 +131,16 @@ class GatewayServer:
         self.requests = 0
         #: serve kept-alive requests from callbacks (False: every request by coroutine)
         self.fast_lane = True
+        self._batcher: SendBatcher | None = None
         #: one JSON line per request (line-buffered: a write per line, no logging stack)
         self.access_file = open(access_log, "a", buffering=1, encoding="utf-8") \
             if access_log else None  # noqa: SIM115
+
+    def send_batcher(self) -> SendBatcher:
+        """The fast lanes' shared end-of-pass sender (made on the serving loop)."""
+        if self._batcher is None:
+            self._batcher = SendBatcher(asyncio.get_running_loop())
+        return self._batcher
 
     # -- one client connection ---------------------------------------------------
     async def handle_connection(self, conn: Conn) -> None:
