@@ -29,7 +29,10 @@ VALUES = [b"h", b"h:81", b"example.test", b"*/*", b"keep-alive", b"Keep-Alive", 
 METHODS = [b"GET", b"HEAD", b"POST", b"DELETE", b"OPTIONS", b"CONNECT", b"G T", b"", b"get"]
 TARGETS = [b"http://h/", b"http://h:81/p?q=1", b"HTTP://H/x", b"http://h", b"http://h?q",
            b"http://[::1]:8080/", b"/origin", b"https://h/", b"http://u@h/", b"http://h/#f",
-           b"http://h:99999/", b"h:443", b"http://h/ x", b"http://bad_host!/"]
+           b"http://h:99999/", b"h:443", b"http://h/ x", b"http://bad_host!/",
+           b"http://h/%7e", b"http://h/p#", b"http://h:80/", b"http://h:/", b"http://H/",
+           b"http://h/\x7f", b'http://h/"q"', b"http://h/a?b=c&d", b"http://h?",
+           b"http://[::1]/", b"http://h/\xc3\xa9", b"http://h\t/", b"http://h//x"]
 VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1"]
 
 GOOD_NAMES = NAMES[:24]
@@ -88,7 +91,9 @@ def test_quick_request_means_what_the_full_parser_means(method, target, version,
 STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 Not Modified",
                 b"HTTP/1.1 404 Not Found", b"HTTP/1.1 100 Continue", b"HTTP/1.1 101 Switching",
                 b"HTTP/1.0 200 OK", b"HTTP/1.1 200", b"HTTP/1.1 600 X", b"HTTP/1.1 20 X",
-                b"HTTP/2 200 OK", b"HTTP/1.1 200 OK with words"]
+                b"HTTP/2 200 OK", b"HTTP/1.1 200 OK with words", b"HTTP/1.1 200 OK\t",
+                b"HTTP/1.1 200  two", b"HTTP/1.1 099 x", b"HTTP/1.1 200 \x01", b"HTTP/1.1 2000 x",
+                b"HTTP/1.1 200 caf\xc3\xa9", b"HTTP/1.1  200 OK"]
 
 
 @FAST

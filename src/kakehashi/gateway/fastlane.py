@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING
 from kakehashi.core.stream import SMALL_CHUNK, Conn
 from kakehashi.gateway import http
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
-from kakehashi.gateway.quick import QuickRequest, quick_request, quick_response
+from kakehashi.gateway.quick import (
+    QuickRequest,
+    QuickResponse,
+    quick_request,
+    quick_response,
+)
 
 if TYPE_CHECKING:
     from kakehashi.gateway.server import GatewayServer
@@ -258,6 +263,14 @@ class FastLane:
                         400, "connection closed in the middle of a head")))
                 return self._finish(Handoff("eof"))
             return None  # the response in flight is still delivered (half-close)
+        if self.state == READ_HEAD and not self.reader.buffered \
+                and data.find(b"\r\n\r\n") == len(data) - 4 and data[:2] != b"\r\n" \
+                and not (self.out or self.pending or self.fut.done()):
+            # exactly one whole head, the usual keep-alive request: no reader needed
+            raw = data[:-4]
+            quick = quick_request(raw, self.server.via, self.settings.limits)
+            if quick is not None:
+                return self._start_quick(quick, raw)
         self.reader.feed(data)
         if self.state == READ_HEAD:
             self._next_request()
@@ -456,6 +469,12 @@ class FastLane:
         if not data:
             return self._upstream_gone()
         if self.state == WAIT_RESPONSE:
+            if self.quick is not None and not self.rreader.buffered:
+                end = data.find(b"\r\n\r\n")  # the usual case: a whole head arrived
+                if end >= 0:
+                    quick = self._quick_response(data[:end], len(data) - end - 4)
+                    if quick is not None:
+                        return self._send_quick(quick, data[end + 4:])
             self.rreader.feed(data)
             self._response()
         elif self.state == BODY:
@@ -489,15 +508,10 @@ class FastLane:
             raw = self.rreader.next_raw(skip_blank=False)
             if raw is None:
                 return None
-            if q is not None and not self.settings.gzip_decode:
-                quick = quick_response(raw, self.server.via, q.method, q.close,
-                                       self.settings.limits)
-                if quick is not None \
-                        and quick.length - self.rreader.buffered <= FAST_BODY_MAX:
-                    rest = self.rreader.take_rest()
-                    self.client_keep = not q.close
-                    self.upstream_keep = quick.upstream_keep
-                    return self._send_response(quick.out, quick.status, quick.length, rest)
+            if q is not None:
+                quick = self._quick_response(raw, self.rreader.buffered)
+                if quick is not None:
+                    return self._send_quick(quick, self.rreader.take_rest())
             resp = http.parse_response(raw, self.settings.limits)
         except http.HTTPError as exc:
             self._drop_upstream()
@@ -524,6 +538,23 @@ class FastLane:
         self.client_keep = relayed.client_keep
         self.upstream_keep = relayed.upstream_keep
         self._send_response(relayed.head.serialize(), resp.status, n, rest)
+
+    def _quick_response(self, raw: bytes, arrived: int) -> QuickResponse | None:
+        """The common case for the quick request in flight (``arrived``: body bytes
+        already here), unless its body is big enough for the coroutine's pump."""
+        q = self.quick
+        if q is None or self.settings.gzip_decode:
+            return None
+        quick = quick_response(raw, self.server.via, q.method, q.close, self.settings.limits)
+        if quick is None or quick.length - arrived > FAST_BODY_MAX:
+            return None
+        return quick
+
+    def _send_quick(self, quick: QuickResponse, rest: bytes) -> None:
+        assert self.quick is not None
+        self.client_keep = not self.quick.close
+        self.upstream_keep = quick.upstream_keep
+        self._send_response(quick.out, quick.status, quick.length, rest)
 
     def _send_response(self, head: bytes, status: int, n: int, rest: bytes) -> None:
         """The client's head and the ``n`` body bytes that follow (``rest`` came

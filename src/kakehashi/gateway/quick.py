@@ -23,10 +23,17 @@ from typing import Final, NamedTuple
 
 from kakehashi.gateway import http
 
-_FIELDS: Final = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*)*")
-_TCHAR_DEL: Final = http._TCHAR
-_VCHAR_DEL: Final = http._VCHAR
-_HEAD_OK: Final = http._HEAD_OK
+#: field lines: a token name, a colon, a value without control bytes (HTAB allowed) -
+#: so also no bare CR or LF
+_FIELDS: Final = re.compile(
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*)*")
+#: the common request line: token method, http:// absolute target (VCHARs, no
+#: fragment; authority up to the first / or ?), HTTP/1.1 - the full parser's rules
+#: (parse_request, parse_target) for this one shape
+_REQUEST_LINE: Final = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([hH][tT][tT][pP]://([!\"$-.0->@-~]*)([/?][!\"$-~]*)?)"
+    rb" HTTP/1\.1")
+_STATUS_LINE: Final = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) ([^\x00-\x08\x0a-\x1f\x7f]*)")
 
 #: fields that need a closer look; Content-Length is handled on its own (requests with
 #: a body and responses without one are not the common case)
@@ -65,12 +72,10 @@ class QuickResponse(NamedTuple):
 
 
 def _plain_fields(block: bytes, limits: http.HeadLimits) -> bool:
-    """The field block (``\r\nname: value`` lines) is well formed: token names, no
-    control bytes, CRLF line ends only, within the field count. (The caller checks
-    the first line, and keeps the head short enough that no line limit applies.)"""
-    return not block.translate(None, _HEAD_OK) \
-        and block.count(b"\r\n") <= limits.max_headers \
-        and _FIELDS.fullmatch(block) is not None
+    """The field block (``\r\nname: value`` lines) is well formed and within the
+    field count. (The caller checks the first line, and keeps the head short enough
+    that no line limit applies.)"""
+    return block.count(b"\r\n") <= limits.max_headers and _FIELDS.fullmatch(block) is not None
 
 
 def _drop_hop_by_hop(block: bytes, low: bytes, special: re.Pattern[bytes],
@@ -79,8 +84,13 @@ def _drop_hop_by_hop(block: bytes, low: bytes, special: re.Pattern[bytes],
     ``close``, and the Proxy-Authorization value; None when a field needs the full
     parser (another hop-by-hop or framing field, a Connection naming other fields, a
     field called Close that Connection could name, a repeated Proxy-Authorization)."""
-    if special.search(low) is None:
+    m = special.search(low)
+    if m is None:
         return block, False, None  # the usual case: nothing hop-by-hop
+    end = low.find(b"\r\n", m.end())
+    if m.group(1) == b"proxy-connection" and (end < 0 or special.search(low, end) is None):
+        # what curl and browsers send, alone: cut the one line out
+        return (block[:m.start()] + block[end:] if end >= 0 else block[:m.start()]), False, None
     pieces = []
     pos = 0
     close = False
@@ -114,17 +124,12 @@ def quick_request(raw: bytes, via_name: bytes,
     eol = raw.find(b"\r\n")
     if eol < 0 or len(raw) > limits.max_line:
         return None  # no Host, or long enough for the line limits to matter
-    parts = raw[:eol].split(b" ")
-    if len(parts) != 3:
+    line = _REQUEST_LINE.fullmatch(raw, 0, eol)
+    if line is None:
         return None
-    method, target, version = parts
-    # a token method and a VCHAR target also exclude bare CR/LF from the first line
-    if version != http.HTTP_11 or not method or method == b"CONNECT" \
-            or method.translate(None, _TCHAR_DEL) or target.translate(None, _VCHAR_DEL):
-        return None
-    m = http._HTTP_TARGET.match(target)
+    method, target, authority, path = line.groups()
     block = raw[eol:]
-    if m is None or not _plain_fields(block, limits):
+    if method == b"CONNECT" or not _plain_fields(block, limits):
         return None
     low = block.lower()
     if low.count(b"\r\nhost:") != 1:
@@ -137,16 +142,21 @@ def quick_request(raw: bytes, via_name: bytes,
         low = block.lower()
     close, auth = stripped[1], stripped[2]
     try:
-        dest = http._absolute_from_match(m)
+        host, port = http._parse_authority(authority, 80)
     except http.HTTPError:
         return None
+    if not path:
+        path = b"/"
+    elif path[0] == 63:  # "?query" with an empty path
+        path = b"/" + path
+    dest = http.Target("absolute", "http", host, port, path)
     i = low.find(b"\r\nhost:")
     j = block.find(b"\r\n", i + 2)
     if j < 0:
         j = len(block)
     block = block[:i + 2] + block[i + 2:i + 6] + b": " + dest.authority + block[j:]
     out = b"%s %s HTTP/1.1%s\r\nVia: %s\r\n\r\n" % (
-        method, dest.path, block, http._via_value(http.HTTP_11, via_name))
+        method, path, block, http._via_value(http.HTTP_11, via_name))
     return QuickRequest(method, target, dest, out, close, auth)
 
 
@@ -159,13 +169,10 @@ def quick_response(raw: bytes, via_name: bytes, method: bytes, client_close: boo
     eol = raw.find(b"\r\n")
     if eol < 0:
         eol = len(raw)
-    line = raw[:eol]
-    version, _, rest = line.partition(b" ")
-    status, _, reason = rest.partition(b" ")
-    if version != http.HTTP_11 or len(status) != 3 or not status.isdigit() \
-            or not b"200" <= status <= b"599" or line.translate(None, _HEAD_OK) \
-            or b"\r" in line or b"\n" in line:
+    line = _STATUS_LINE.fullmatch(raw, 0, eol)
+    if line is None:
         return None
+    status, reason = line.groups()
     block = raw[eol:]
     if not _plain_fields(block, limits):
         return None
