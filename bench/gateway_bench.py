@@ -276,7 +276,7 @@ def start_http_proxy(key: str, procs: Procs, gw: Gateway, origin: int,
         return Route("tinyproxy", port, [proc.pid])
     if key == "gateway":
         route = gw.serve(procs, cpu=cpu)
-        route.name = "kakehashi gateway (default: audit + access log lines)"
+        route.name = "kakehashi gateway (default log level)"
         return route
     if key == "gateway-quiet":
         route = gw.serve(procs, cpu=cpu, log_level="error")
