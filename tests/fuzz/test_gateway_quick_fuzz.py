@@ -53,6 +53,19 @@ def request_bytes(method: bytes, target: bytes, version: bytes, items) -> bytes:
     return b"\r\n".join(lines)
 
 
+def both_accept(quick, full):
+    """The full parser's result when both paths accept the head, else None - after
+    checking that the quick path never accepts what the full parser refuses."""
+    try:
+        result = full()
+    except h.HTTPError:
+        assert quick is None, "quick accepted what the full parser refuses"
+        event("refused by both")
+        return None
+    event("full path only" if quick is None else "quick")
+    return None if quick is None else result
+
+
 def same_head(a, b) -> None:
     assert [(n.lower(), v) for n, v in a.headers] == [(n.lower(), v) for n, v in b.headers]
 
@@ -66,17 +79,11 @@ def same_head(a, b) -> None:
 def test_quick_request_means_what_the_full_parser_means(method, target, version, items):
     raw = request_bytes(method, target, version, items)
     quick = quick_request(raw, VIA)
-    try:
-        head = h.parse_request(raw)
-        dest, framing, out = h.relay_request(head, VIA)
-    except h.HTTPError:
-        assert quick is None, "quick accepted what the full parser refuses"
-        event("refused by both")
+    full = both_accept(quick, lambda: (head := h.parse_request(raw),
+                                       *h.relay_request(head, VIA)))
+    if full is None:
         return
-    if quick is None:
-        event("full path only")
-        return
-    event("quick")
+    head, dest, framing, out = full
     assert dest == quick.dest and dest.form == "absolute"
     assert framing == h.NO_BODY
     assert quick.method == head.method and quick.target == head.target
@@ -108,17 +115,11 @@ def test_quick_response_means_what_the_full_parser_means(status_line, items, met
         method, b"\r\nConnection: close" if close else b""))
     _, _, sent = h.relay_request(request, VIA)
     quick = quick_response(raw, VIA, method, close)
-    try:
-        resp = h.parse_response(raw)
-        relayed = h.relay_response(resp, VIA, request, sent)
-    except h.HTTPError:
-        assert quick is None, "quick accepted what the full parser refuses"
-        event("refused by both")
+    full = both_accept(quick, lambda: (resp := h.parse_response(raw),
+                                       h.relay_response(resp, VIA, request, sent)))
+    if full is None:
         return
-    if quick is None:
-        event("full path only")
-        return
-    event("quick")
+    resp, relayed = full
     assert quick.status == resp.status
     if relayed.framing == h.NO_BODY:
         assert quick.length == 0
