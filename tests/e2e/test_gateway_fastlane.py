@@ -236,3 +236,38 @@ def test_a_new_target_on_the_same_connection_gets_its_own_decision(env):
     audit = [e for e in env.audit() if e["event"] == "target"]
     assert [(e["decision"], e["target"]) for e in audit] == [
         ("allow", f"127.0.0.1:{a.port}"), ("deny", f"127.0.0.1:{b.port}")]
+
+
+HOSTILE_SECOND = {
+    # name: (bytes after the path's request line + Host, expected status, reply text)
+    "smuggling CL and TE": ("Content-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                            400, "both Content-Length and Transfer-Encoding"),
+    "two lengths": ("Content-Length: 5\r\nContent-Length: 60\r\n\r\n", 400,
+                    "conflicting Content-Length"),
+    "space before colon": ("Transfer-Encoding : chunked\r\n\r\n", 400,
+                           "whitespace between header name and colon"),
+    "200 headers": ("".join(f"X-Many-{i}: {i}\r\n" for i in range(200)) + "\r\n", 431,
+                    "header fields"),
+    "70 KB header": ("X-Huge: " + "a" * 70_000 + "\r\n\r\n", 431, "too large"),
+    "bare LF": ("X-A: 1\n\n", 400, "bare LF"),
+    "control byte": ("X-A: a\x01b\r\n\r\n", 400, "control character"),
+    "via loop": ("Via: 1.1 kakehashi\r\n\r\n", 508, "loops"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_SECOND)
+def test_hostile_second_request_gets_the_same_refusal_as_a_first(lane, name):
+    """What the fast lane sees first on a kept-alive connection is refused exactly as
+    the coroutine path refuses it, nothing reaches the origin, others are served."""
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/hello"))
+    assert c.response()[0] == 200
+    rest, status, text = HOSTILE_SECOND[name]
+    c.send(f"POST {o.url}/upload HTTP/1.1\r\nHost: {o.addr}\r\n{rest}".encode())
+    got, _, body = c.response()
+    assert (got, text in body.decode()) == (status, True), body
+    assert c.closed()
+    assert o.paths() == ["/hello"]
+    other = lane.client()
+    other.send(get(o, "/fixed/after"))
+    assert other.response()[2] == b"hello from origin /fixed/after\n"
