@@ -271,3 +271,57 @@ def test_hostile_second_request_gets_the_same_refusal_as_a_first(lane, name):
     other = lane.client()
     other.send(get(o, "/fixed/after"))
     assert other.response()[2] == b"hello from origin /fixed/after\n"
+
+
+# -- upstream connections shared between client connections (gateway.pool) ------------
+def one_shot(port: int, o, path: str, method: str = "GET", body: bytes = b"") -> tuple:
+    c = Client(port)
+    try:
+        extra = f"Content-Length: {len(body)}\r\n" if body else ""
+        c.send(get(o, path, method=method, extra=extra + "Connection: close\r\n") + body)
+        return c.response(method)
+    finally:
+        c.close()
+
+
+def test_one_request_per_connection_clients_share_the_upstream(lane):
+    o, port = lane.o, lane.port
+    for i in range(3):
+        assert one_shot(port, o, f"/fixed/{i}")[2] == f"hello from origin /fixed/{i}\n".encode()
+    c = lane.client()  # a kept-alive client whose lane ends with the connection
+    for i in range(2):
+        c.send(get(o, f"/fixed/k{i}"))
+        assert c.response()[0] == 200
+    c.close()
+    time.sleep(0.2)
+    assert one_shot(port, o, "/fixed/last")[0] == 200
+    assert o.connections == 1 and {r.conn for r in o.requests} == {1}
+    # every client connection still made (and audited) its own decision
+    decisions = [e for e in lane.env.audit() if e["event"] == "target"]
+    assert len(decisions) == 5 and all(e["decision"] == "allow" for e in decisions)
+
+
+def test_pooled_upstreams_expire_and_can_be_turned_off(env):
+    with origin() as o:
+        _, port = env.gateway("127.0.0.1", extra=["--upstream-idle", "0.5"])
+        one_shot(port, o, "/hello")
+        time.sleep(1.5)  # longer than --upstream-idle: closed, not reused
+        one_shot(port, o, "/hello")
+        assert o.connections == 2
+    with origin() as o:
+        _, port = env.gateway("127.0.0.1", extra=["--upstream-idle", "0"], name="gw-no-pool")
+        one_shot(port, o, "/hello")
+        one_shot(port, o, "/hello")
+        assert o.connections == 2
+
+
+def test_pooled_upstream_closed_by_the_origin_is_retried_only_when_repeatable(lane):
+    o, port = lane.o, lane.port
+    assert one_shot(port, o, "/once")[:3:2] == (200, b"once\n")
+    # the pooled connection is closed without an answer: a GET goes out again
+    assert one_shot(port, o, "/once")[:3:2] == (200, b"once\n")
+    assert [r.conn for r in o.requests] == [1, 1, 2]
+    # a POST is not sent twice: the client learns it failed
+    status, _, body = one_shot(port, o, "/once", method="POST", body=b"abc")
+    assert status == 502 and b"closed without answering" in body
+    assert [r.conn for r in o.requests] == [1, 1, 2, 2]

@@ -75,6 +75,9 @@ def gateway() -> None:
               help="Seconds to connect to a target (then 504).")
 @click.option("--read-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for a target's response or body data (then 504).")
+@click.option("--upstream-idle", type=float, default=4.0, show_default=True,
+              help="Seconds an idle connection to a target is kept for the next client "
+                   "connection to it (0: none are shared).")
 @click.option("--audit-log", type=click.Path(dir_okay=False),
               help="Append allow/deny decisions as JSON lines to this file.")
 @click.option("--access-log", type=click.Path(dir_okay=False),
@@ -82,7 +85,7 @@ def gateway() -> None:
 @click.pass_context
 def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, relay, via_name,
           gzip_decode, publishers, head_timeout, idle_timeout, connect_timeout, read_timeout,
-          audit_log, access_log) -> None:
+          upstream_idle, audit_log, access_log) -> None:
     """Run the gateway: HTTP proxy, CONNECT tunnels and events on one port."""
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
     try:
@@ -96,7 +99,8 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
         raise click.UsageError("--cert and --key go together")
     settings = GatewaySettings(via_name=via_name, head_timeout=head_timeout,
                                idle_timeout=idle_timeout, connect_timeout=connect_timeout,
-                               read_timeout=read_timeout, gzip_decode=gzip_decode)
+                               read_timeout=read_timeout, gzip_decode=gzip_decode,
+                               upstream_idle=max(upstream_idle, 0.0))
     if nets:
         settings.publishers = nets
     store = open_store(db)
@@ -125,6 +129,7 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
             await asyncio.Event().wait()
         finally:
             await listener.close()
+            server.close()
 
     try:
         sys.exit(runner.run(main()))

@@ -121,6 +121,11 @@ class FastLane:
         self.pending: Handoff | None = None  # decided, waiting for self.out to drain
         self.fut: asyncio.Future[Handoff] = self.loop.create_future()
 
+    @property
+    def clean(self) -> bool:
+        """The upstream (if any) is between exchanges: nothing sent or owed."""
+        return self.state == READ_HEAD and not self.uq and not self.up_out
+
     async def run(self) -> tuple[Handoff, Upstream | None]:
         conn = self.conn
         if conn.has_pushback:

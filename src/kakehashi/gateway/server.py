@@ -26,7 +26,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -41,8 +40,9 @@ from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.events import EventHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
-from kakehashi.gateway.fastlane import FastLane, SendBatcher
+from kakehashi.gateway.fastlane import IDEMPOTENT, FastLane, SendBatcher
 from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
+from kakehashi.gateway.pool import UpstreamPool, still_idle
 from kakehashi.gateway.quick import QuickRequest
 
 log = logging.getLogger("kakehashi.gateway")
@@ -62,8 +62,16 @@ class GatewaySettings:
     read_timeout: float = 60.0
     gzip_decode: bool = False
     max_wait: float = 30.0
+    #: seconds an idle upstream connection is kept for other client connections
+    #: (0: every client connection opens its own)
+    upstream_idle: float = 4.0
     publishers: list = field(default_factory=lambda: list(LOOPBACK))
     limits: http.HeadLimits = field(default_factory=http.HeadLimits)
+
+
+class ClosedBeforeAnswer(http.HTTPError):
+    """The upstream closed without a byte of response (502, or a retry when the
+    connection was a reused one and the request may be sent again)."""
 
 
 class ProxyAuth:
@@ -132,9 +140,14 @@ class GatewayServer:
         #: serve kept-alive requests from callbacks (False: every request by coroutine)
         self.fast_lane = True
         self._batcher: SendBatcher | None = None
+        self.pool = UpstreamPool(idle=self.settings.upstream_idle)
         #: one JSON line per request (line-buffered: a write per line, no logging stack)
         self.access_file = open(access_log, "a", buffering=1, encoding="utf-8") \
             if access_log else None  # noqa: SIM115
+
+    def close(self) -> None:
+        """Close the pooled idle upstream connections (at shutdown)."""
+        self.pool.close()
 
     def send_batcher(self) -> SendBatcher:
         """The fast lanes' shared end-of-pass sender (made on the serving loop)."""
@@ -146,13 +159,16 @@ class GatewayServer:
     async def handle_connection(self, conn: Conn) -> None:
         reader = http.HeadReader(self.settings.limits)
         upstream: Upstream | None = None
+        clean = False  # the upstream is between exchanges (it may go to the pool)
         first = True
         try:
             while True:
                 resume: Handoff | None = None
                 if upstream is not None and conn.plain and self.fast_lane:
                     # kept-alive requests to the same target: served from callbacks
-                    resume, upstream = await FastLane(self, conn, upstream).run()
+                    lane = FastLane(self, conn, upstream)
+                    resume, upstream = await lane.run()
+                    clean = lane.clean
                     if resume.kind in ("eof", "close"):
                         return
                     if resume.kind == "abort":
@@ -178,6 +194,7 @@ class GatewayServer:
                     self.requests += 1  # the fast lane counts the exchanges it started
                 first = False
                 assert head is not None
+                clean = False
                 try:
                     if resume is not None and resume.kind == "response":
                         assert resume.exchange is not None and upstream is not None
@@ -195,13 +212,17 @@ class GatewayServer:
                     log.exception("internal error on %r", head.target[:200])
                     await self._reply_error(conn, 500, "internal gateway error", head=head)
                     return
+                clean = True
                 if not keep:
                     return
         except (OSError, ConnClosed, ssl.SSLError, TimeoutError) as exc:
             log.debug("client %s: %s", conn.peer, exc)
         finally:
             if upstream is not None:
-                upstream.conn.close()
+                if clean:
+                    self.pool.give(upstream.key, upstream.conn)
+                else:
+                    upstream.conn.close()
 
     async def _one_request(self, conn: Conn, head: http.RequestHead,
                            upstream: Upstream | None) -> tuple[bool, Upstream | None]:
@@ -242,7 +263,7 @@ class GatewayServer:
                     raise http.HTTPError(400 if kind == "request" else 502,
                                          "connection closed in the middle of a head")
                 if kind == "response":
-                    raise http.HTTPError(502, "upstream closed without answering")
+                    raise ClosedBeforeAnswer(502, "upstream closed without answering")
                 return None
             reader.feed(data)
 
@@ -313,28 +334,52 @@ class GatewayServer:
             out_head.headers.remove(b"expect")  # checks passed: the gateway answers itself
             await conn.send_all(head.version + b" 100 Continue\r\n\r\n")
         key = (address, target.port)
-        if upstream is not None and (upstream.key != key or not _still_idle(upstream.conn)):
+        if upstream is not None and upstream.key != key:
+            self.pool.give(upstream.key, upstream.conn)  # between exchanges: clean
+            upstream = None
+        elif upstream is not None and not still_idle(upstream.conn):
             upstream.conn.close()
             upstream = None
-        fresh = upstream is None
+        fresh = False
         if upstream is None:
-            upstream = Upstream(key, await self._open(address, target.port, target.host))
+            pooled = self.pool.take(key)
+            fresh = pooled is None
+            upstream = Upstream(key, pooled or await self._open(address, target.port,
+                                                                target.host))
             upstream.decided[(target.host, target.port, user)] = address
-        try:
-            await upstream.conn.send_all(out_head.serialize())
-        except OSError:
-            if fresh:
-                raise
-            upstream.conn.close()  # a kept-alive upstream went away: one fresh try
-            upstream = Upstream(key, await self._open(address, target.port, target.host))
-            upstream.decided[(target.host, target.port, user)] = address
-            await upstream.conn.send_all(out_head.serialize())
-        await body.send(conn, upstream.conn, framing, timeout=self.settings.read_timeout)
+        # A reused connection may have been closed by its origin just as the request
+        # went out: one fresh try if the head could not be sent, or if nothing came
+        # back for a request that may be repeated (idempotent, no body).
+        repeatable = framing == http.NO_BODY and head.method in IDEMPOTENT
         reader = http.HeadReader(self.settings.limits)
-        resp = await self._read_head(upstream.conn, reader, "response",
-                                     self.settings.read_timeout)
+        while True:
+            try:
+                await upstream.conn.send_all(out_head.serialize())
+            except OSError:
+                if fresh:
+                    raise
+                upstream, fresh = await self._reopen(upstream, target, user), True
+                continue
+            await body.send(conn, upstream.conn, framing, timeout=self.settings.read_timeout)
+            try:
+                resp = await self._read_head(upstream.conn, reader, "response",
+                                             self.settings.read_timeout)
+            except ClosedBeforeAnswer:
+                if fresh or not repeatable:
+                    raise
+                upstream, fresh = await self._reopen(upstream, target, user), True
+                continue
+            break
         exchange = Exchange(head, out_head, target, user, start)
         return await self._respond(conn, exchange, upstream, resp, reader)
+
+    async def _reopen(self, upstream: Upstream, target: http.Target, user: str) -> Upstream:
+        """A fresh connection in place of a reused one that failed."""
+        upstream.conn.close()
+        address, port = upstream.key
+        fresh = Upstream(upstream.key, await self._open(address, port, target.host))
+        fresh.decided[(target.host, target.port, user)] = address
+        return fresh
 
     async def _respond(self, conn: Conn, ex: Exchange, upstream: Upstream,
                        resp: http.ResponseHead | None,
@@ -488,21 +533,6 @@ class GatewayServer:
             self.access_file.write(line + "\n")
         else:
             access.debug("%s", line)
-
-
-def _still_idle(conn: Conn) -> bool:
-    """May a kept-alive upstream connection carry the next request? Origins close
-    idle connections whenever they like (keep-alive timeouts): one that has sent
-    EOF, a reset or stray bytes since its last response is not reused."""
-    if conn.has_pushback:
-        return False
-    try:
-        conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return True  # nothing to read: still open and quiet
-    except OSError:
-        return False
-    return False  # EOF (b"") or unexpected bytes
 
 
 def _event_json(event) -> dict:

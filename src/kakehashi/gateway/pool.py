@@ -1,0 +1,112 @@
+"""Idle upstream connections shared between client connections.
+
+A client that sends one request per connection (``Connection: close``, HTTP/1.0,
+a script running curl in a loop) would otherwise cost the gateway a TCP connect to
+the target and a close for every request. When a client connection ends between
+exchanges, its kept-alive upstream connection comes here, and the next client
+connection to the same checked address takes it instead of connecting.
+
+What is shared is only the TCP connection: every client connection still makes
+(and audits) its own allow-list decision before it may take one, and a connection
+is only pooled clean - between responses, with nothing unread. It is checked again
+when taken (the origin may have closed it meanwhile) and kept only briefly
+(``idle`` seconds, shorter than common origin keep-alive timeouts, so the race of
+an origin closing just as a request goes out stays rare; the relay means retries an
+idempotent request once when it happens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from kakehashi.core.stream import Conn
+
+Key = tuple[str, int]  # (checked address, port)
+
+
+def still_idle(conn: Conn) -> bool:
+    """May a kept-alive upstream connection carry the next request? Origins close
+    idle connections whenever they like (keep-alive timeouts): one that has sent
+    EOF, a reset or stray bytes since its last response is not reused."""
+    if conn.closed or conn.has_pushback:
+        return False
+    try:
+        conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True  # nothing to read: still open and quiet
+    except OSError:
+        return False
+    return False  # EOF (b"") or unexpected bytes
+
+
+class UpstreamPool:
+    def __init__(self, *, idle: float = 4.0, per_target: int = 16, total: int = 256) -> None:
+        self.idle = idle
+        self.per_target = per_target
+        self.total = total
+        self._idle: dict[Key, list[tuple[float, Conn]]] = {}
+        self._count = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.reused = 0  # connections handed out again (for tests and logs)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def take(self, key: Key) -> Conn | None:
+        """The most recently pooled live connection to ``key``, or None."""
+        entries = self._idle.get(key)
+        deadline = time.monotonic() - self.idle
+        while entries:
+            since, conn = entries.pop()
+            self._count -= 1
+            if since > deadline and still_idle(conn):
+                self.reused += 1
+                return conn
+            conn.close()
+        return None
+
+    def give(self, key: Key, conn: Conn) -> None:
+        """Keep a clean idle connection for another client connection (or close it)."""
+        if self.idle <= 0 or not still_idle(conn):
+            conn.close()
+            return
+        entries = self._idle.setdefault(key, [])
+        if len(entries) >= self.per_target or self._count >= self.total:
+            conn.close()
+            return
+        entries.append((time.monotonic(), conn))
+        self._count += 1
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(self.idle, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close what has idled too long or been closed by its origin."""
+        self._sweeper = None
+        deadline = time.monotonic() - self.idle
+        for key in list(self._idle):
+            keep = []
+            for since, conn in self._idle[key]:
+                if since > deadline and still_idle(conn):
+                    keep.append((since, conn))
+                else:
+                    conn.close()
+                    self._count -= 1
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._count:
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle / 2, self._sweep)
+
+    def close(self) -> None:
+        for entries in self._idle.values():
+            for _, conn in entries:
+                conn.close()
+        self._idle.clear()
+        self._count = 0
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
