@@ -290,3 +290,46 @@ def test_garbage_and_bad_requests_get_short_400s(gw):
         _short_text(reply)
     assert o.requests == []
     still_serves()
+
+
+def test_max_connections_makes_a_flood_wait_and_others_get_served_later(env):
+    with origin() as o:
+        _, port = env.gateway("127.0.0.1", extra=["--max-connections", "3",
+                                                  "--head-timeout", "30"])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for s in idle:
+            s.sendall(b"GET ")  # hold a slot: a head that never ends (within 30 s)
+        time.sleep(0.3)
+        waiting = socket.create_connection(("127.0.0.1", port), timeout=10)
+        waiting.sendall(f"GET {o.url}/hello HTTP/1.1\r\nHost: {o.addr}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+        waiting.settimeout(0.8)
+        with pytest.raises(TimeoutError):
+            waiting.recv(100)  # in the backlog: not accepted while all slots are taken
+        idle[0].close()  # a slot frees: the waiting connection is taken and served
+        waiting.settimeout(10)
+        reply = b""
+        while chunk := waiting.recv(65536):
+            reply += chunk
+        assert status_of(reply) == 200 and body_of(reply) == b"hello from origin /hello\n"
+        for s in [waiting, *idle[1:]]:
+            s.close()
+
+
+def test_max_per_client_closes_the_extra_connections_of_one_address(env):
+    with origin() as o:
+        _, port = env.gateway("127.0.0.1", extra=["--max-per-client", "2",
+                                                  "--head-timeout", "30"])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for s in held:
+            s.sendall(b"GET ")
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert extra.recv(100) == b""  # closed at once, nothing said
+        extra.close()
+        held[0].close()
+        time.sleep(0.3)
+        reply = raw_exchange(port, f"GET {o.url}/hello HTTP/1.1\r\nHost: {o.addr}\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+        assert status_of(reply) == 200
+        held[1].close()

@@ -102,3 +102,22 @@ def _drained(s: socket.socket) -> bool:
     except ConnectionResetError:
         pass
     return True
+
+
+def test_one_address_cannot_take_every_connection(env, echo):
+    """--max-per-client: a flood from one address is closed at once and the relay's
+    connections stay for everyone else (here a second loopback address)."""
+    env.add_user("laptop")
+    env.add_user("pi")
+    _, port = env.relay("--max-per-client", "4", "--login-timeout", "30", tls=False)
+    flood = [socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+             for _ in range(4)]
+    time.sleep(0.3)
+    extra = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0),
+                                     timeout=5)
+    assert extra.recv(100) == b""  # over the limit: closed without a word
+    extra.close()
+    env.agent("pi", port, f"echo={echo.addr}", tls=False)  # from 127.0.0.1: unaffected
+    assert env.pipe("laptop", port, "pi/echo", b"ok", tls=False).stdout == b"ok"
+    for s in flood:
+        s.close()

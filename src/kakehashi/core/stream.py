@@ -351,7 +351,14 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
 
 
 class Listener:
-    """A TCP accept loop handing each connection to ``handler`` in its own task."""
+    """A TCP accept loop handing each connection to ``handler`` in its own task.
+
+    ``max_connections`` (0: no limit) stops accepting while that many are being
+    served, so a flood waits in the kernel's backlog instead of exhausting file
+    descriptors and memory; ``max_per_client`` (0: no limit) closes a new
+    connection at once when its address already has that many, so one client
+    cannot take every slot.
+    """
 
     def __init__(
         self,
@@ -360,8 +367,15 @@ class Listener:
         handler: Callable[[Conn], Awaitable[None]],
         *,
         backlog: int = 4096,
+        max_connections: int = 0,
+        max_per_client: int = 0,
     ) -> None:
         self.handler = handler
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.per_client: dict[str, int] = {}
+        self.refused = 0  # connections closed by max_per_client
+        self._slot_free = asyncio.Event()
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         family, type_, proto, _, addr = infos[0]
@@ -385,22 +399,40 @@ class Listener:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while self.max_connections and len(self.tasks) >= self.max_connections:
+                self._slot_free.clear()
+                await self._slot_free.wait()  # the backlog holds the rest meanwhile
             try:
-                client, _ = await loop.sock_accept(self.sock)
+                client, addr = await loop.sock_accept(self.sock)
             except OSError as exc:  # EMFILE and friends: back off, keep serving
                 if self.sock.fileno() < 0:
                     return
                 await asyncio.sleep(0.1 if exc.errno else 0)
                 continue
-            task = loop.create_task(self._run(Conn(client)))
+            peer = str(addr[0]) if isinstance(addr, tuple) else ""
+            if self.max_per_client and self.per_client.get(peer, 0) >= self.max_per_client:
+                self.refused += 1
+                client.close()
+                continue
+            self.per_client[peer] = self.per_client.get(peer, 0) + 1
+            task = loop.create_task(self._run(Conn(client), peer))
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(self._done)
 
-    async def _run(self, conn: Conn) -> None:
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._slot_free.set()
+
+    async def _run(self, conn: Conn, peer: str) -> None:
         try:
             await self.handler(conn)
         finally:
             conn.close()
+            left = self.per_client.get(peer, 1) - 1
+            if left > 0:
+                self.per_client[peer] = left
+            else:
+                self.per_client.pop(peer, None)
 
     async def close(self) -> None:
         if self._accept_task:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import click
 
-from kakehashi.config import hostport
+from kakehashi.config import connection_limit_options, hostport
 from kakehashi.core import runner, tls
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.crypto import hash_password
@@ -75,6 +75,7 @@ def gateway() -> None:
               help="Seconds to connect to a target (then 504).")
 @click.option("--read-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for a target's response or body data (then 504).")
+@connection_limit_options(20_000, "Raise it with --relay and many agents.")
 @click.option("--upstream-idle", type=float, default=4.0, show_default=True,
               help="Seconds an idle connection to a target is kept for the next client "
                    "connection to it (0: none are shared).")
@@ -85,7 +86,7 @@ def gateway() -> None:
 @click.pass_context
 def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, relay, via_name,
           gzip_decode, publishers, head_timeout, idle_timeout, connect_timeout, read_timeout,
-          upstream_idle, audit_log, access_log) -> None:
+          max_connections, max_per_client, upstream_idle, audit_log, access_log) -> None:
     """Run the gateway: HTTP proxy, CONNECT tunnels and events on one port."""
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
     try:
@@ -120,7 +121,8 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
         mux.add("http", prefix_matcher(*HTTP_METHODS), server.handle_connection)
         if relay and attach is not None:
             await attach(mux, db, audit_log)
-        listener = Listener(host, port, mux)
+        listener = Listener(host, port, mux, max_connections=max_connections,
+                            max_per_client=max_per_client)
         listener.start()
         h, p = listener.address
         click.echo(f"gateway listening on {h}:{p} (http proxy, CONNECT, events"

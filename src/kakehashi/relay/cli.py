@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from kakehashi.config import hostport
+from kakehashi.config import connection_limit_options, hostport
 from kakehashi.core import crypto, runner, tls
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.store import open_store
@@ -232,10 +232,11 @@ def tls_option(f):
               help="Seconds a connection request may wait for the target's answer.")
 @click.option("--login-timeout", type=float, default=15.0, show_default=True,
               help="Seconds a new connection has to log in before it is closed.")
+@connection_limit_options(0, "Each agent holds 1 + its spare connections.")
 @click.option("--audit-log", type=click.Path(dir_okay=False),
               help="Append allow/deny decisions as JSON lines to this file.")
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
-          login_timeout, audit_log) -> None:
+          login_timeout, max_connections, max_per_client, audit_log) -> None:
     """Run the relay server."""
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
     if bool(cert) != bool(key):
@@ -251,7 +252,9 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
         server = RelayServer(registry, host=host, port=port,
                              tls=server_ctx if tls_mode == "on" else None,
                              starttls=server_ctx, settings=settings,
-                             audit=AuditLog(audit_log, system="relay"))
+                             audit=AuditLog(audit_log, system="relay"),
+                             max_connections=max_connections,
+                             max_per_client=max_per_client)
         try:
             addr = await server.start()
         except OSError as exc:

@@ -96,8 +96,11 @@ class RelayServer:
         settings: Settings | None = None,
         audit: AuditLog | None = None,
         limits: wire.Limits = wire.DEFAULT_LIMITS,
+        max_connections: int = 0,
+        max_per_client: int = 0,
     ) -> None:
         self.registry = registry
+        self.max_connections, self.max_per_client = max_connections, max_per_client
         self.host, self.port = host, port
         self.tls = tls
         self.starttls = starttls or tls
@@ -114,7 +117,9 @@ class RelayServer:
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
-        self.listener = Listener(self.host, self.port, self.handle_connection)
+        self.listener = Listener(self.host, self.port, self.handle_connection,
+                                 max_connections=self.max_connections,
+                                 max_per_client=self.max_per_client)
         self.listener.start()
         self._watchdog = asyncio.create_task(self._watch())
         addr = self.listener.address
