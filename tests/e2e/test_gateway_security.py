@@ -299,7 +299,7 @@ def test_max_connections_makes_a_flood_wait_and_others_get_served_later(env):
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         for s in idle:
             s.sendall(b"GET ")  # hold a slot: a head that never ends (within 30 s)
-        time.sleep(0.3)
+        time.sleep(0.6)  # all three accepted before the fourth arrives
         waiting = socket.create_connection(("127.0.0.1", port), timeout=10)
         waiting.sendall(f"GET {o.url}/hello HTTP/1.1\r\nHost: {o.addr}\r\n"
                         "Connection: close\r\n\r\n".encode())
@@ -323,7 +323,7 @@ def test_max_per_client_closes_the_extra_connections_of_one_address(env):
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         for s in held:
             s.sendall(b"GET ")
-        time.sleep(0.3)
+        time.sleep(0.6)
         extra = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert extra.recv(100) == b""  # closed at once, nothing said
         extra.close()

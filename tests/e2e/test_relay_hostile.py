@@ -112,7 +112,7 @@ def test_one_address_cannot_take_every_connection(env, echo):
     _, port = env.relay("--max-per-client", "4", "--login-timeout", "30", tls=False)
     flood = [socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
              for _ in range(4)]
-    time.sleep(0.3)
+    time.sleep(0.6)
     extra = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0),
                                      timeout=5)
     assert extra.recv(100) == b""  # over the limit: closed without a word
