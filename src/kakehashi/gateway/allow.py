@@ -137,6 +137,14 @@ class AllowList:
             return Decision(False, reason=f"{host} resolves to a forbidden address")
         return Decision(False, reason=f"{host}:{port} is not on the gateway's allow-list")
 
+    def decide_literal(self, host: str, port: int) -> Decision | None:
+        """The decision for an address literal (no resolution needed), else None."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        return self.decide(host, port, [host])
+
     async def check(self, host: str, port: int) -> Decision:
         """Resolve ``host`` and decide; the caller connects to ``Decision.address``."""
         try:

@@ -77,16 +77,22 @@ class SendBatcher:
 class FastLane:
     """Serves one client connection's requests until one needs the coroutine path."""
 
-    def __init__(self, server: GatewayServer, conn: Conn, upstream: Upstream) -> None:
+    def __init__(self, server: GatewayServer, conn: Conn, upstream: Upstream | None, *,
+                 first: bool = False) -> None:
         self.server = server
         self.settings = server.settings
         self.loop = asyncio.get_running_loop()
         self.conn = conn
         self.csock: socket.socket = conn.sock
         self.cfd = conn.sock.fileno()
-        self.upstream: Upstream | None = upstream
-        self.usock: socket.socket = upstream.conn.sock
-        self.ufd = upstream.conn.sock.fileno()
+        self.upstream: Upstream | None = None
+        self.usock: socket.socket | None = None
+        self.ufd = -1
+        if upstream is not None:
+            self._set_upstream(upstream)
+        #: no request seen on this connection yet (the head timeout applies, and a
+        #: silent connection gets a 408 rather than a quiet close)
+        self.first = first
         self.reader = http.HeadReader(self.settings.limits)  # the client's requests
         self.rreader = http.HeadReader(self.settings.limits)  # the upstream's responses
         self.state = READ_HEAD
@@ -131,10 +137,9 @@ class FastLane:
         if conn.has_pushback:
             self.reader.feed(conn.take_pushback(conn.pushback_size))
         up = self.upstream
-        assert up is not None
-        if up.conn.has_pushback:  # stray bytes from the upstream: not reusable
+        if up is not None and up.conn.has_pushback:  # stray bytes: not reusable
             self._drop_upstream()
-        self._arm(self.settings.idle_timeout)
+        self._arm(self.settings.head_timeout if self.first else self.settings.idle_timeout)
         self._resume()
         self._next_request()
         try:
@@ -190,7 +195,13 @@ class FastLane:
         self._unregister()
         self.fut.set_result(handoff)
 
-    def _drop_upstream(self) -> None:
+    def _set_upstream(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.usock = upstream.conn.sock
+        self.ufd = upstream.conn.sock.fileno()
+
+    def _drop_upstream(self, *, keep: bool = False) -> None:
+        """Let go of the upstream: closed, or (``keep``, when it is clean) pooled."""
         if self.upstream is None:
             return
         if self.u_reading:
@@ -199,7 +210,10 @@ class FastLane:
         if self.up_writing:
             self.loop.remove_writer(self.ufd)
             self.up_writing = False
-        self.upstream.conn.close()
+        if keep:
+            self.server.pool.give(self.upstream.key, self.upstream.conn)
+        else:
+            self.upstream.conn.close()
         self.upstream = None
         self.uq = []
 
@@ -225,7 +239,7 @@ class FastLane:
             self.cq = []
             return self._finish(Handoff("abort", reason="client stopped reading"))
         if self.state == READ_HEAD:
-            if self.reader.buffered:
+            if self.reader.buffered or self.first:
                 return self._finish(Handoff("error", error=http.HTTPError(
                     408, "request head not received in time")))
             return self._finish(Handoff("eof"))
@@ -308,15 +322,17 @@ class FastLane:
     def _start_quick(self, q: QuickRequest, raw: bytes) -> None:
         """The common case: checks from the connection's caches, then one send."""
         server = self.server
-        up = self.upstream
         user: str | None = "-"
         if server.auth is not None:
             user = server.auth.cached(q.auth)
-        address = up.decided.get((q.dest.host, q.dest.port, user)) \
-            if up is not None and user is not None else None
-        if address is None or up is None or up.key != (address, q.dest.port):
-            return self._finish(Handoff("head", head=http.parse_request(
-                raw, self.settings.limits)))
+        ready = self._upstream_for(q.dest, user) if user is not None else False
+        if ready is not True:
+            head = http.parse_request(raw, self.settings.limits)
+            if isinstance(ready, http.HTTPError):  # refused by the allow-list (audited)
+                server.requests += 1
+                return self._finish(Handoff("error", head=head, error=ready))
+            return self._finish(Handoff("head", head=head))
+        self.first = False
         server.requests += 1
         self.quick, self.quick_raw = q, raw
         self.quick_user, self.quick_start = user or "-", time.monotonic()
@@ -325,6 +341,42 @@ class FastLane:
         self.state = WAIT_RESPONSE
         self._arm(self.settings.read_timeout)
         self._to_upstream(q.out)
+
+    def _upstream_for(self, dest: http.Target, user: str) -> bool | http.HTTPError:
+        """Make ``self.upstream`` the checked connection for ``dest``, if that needs no
+        waiting: the decision already made on this connection, or - for an address
+        literal - made (and audited) now with a pooled connection to take. Returns
+        True when ready, the 403 to answer when refused, False to leave the request
+        to the coroutine path (a name to resolve, a connection to open)."""
+        up = self.upstream
+        host, port = dest.host, dest.port
+        if up is not None:
+            address = up.decided.get((host, port, user))
+            if address is not None and up.key == (address, port):
+                return True
+        server = self.server
+        decision = server.allow.decide_literal(host, port)
+        if decision is None:
+            return False  # a name: resolving it needs the coroutine path
+        if decision.allowed:
+            assert decision.address is not None
+            key = (decision.address, port)
+            if not (up is not None and up.key == key) and not server.pool.has(key):
+                return False  # a connect is needed: the coroutine path opens it
+        server.record_decision(decision, host, port, user, self.conn)
+        if not decision.allowed:
+            return http.HTTPError(403, decision.reason)
+        if up is None or up.key != key:
+            pooled = server.pool.take(key)
+            if pooled is None:  # gone stale since has(): let the coroutine connect
+                return False
+            if up is not None:
+                self._drop_upstream(keep=True)  # clean (between exchanges): pooled
+            self._set_upstream(Upstream(key, pooled))
+            self._resume()
+        assert self.upstream is not None
+        self.upstream.decided[(host, port, user)] = decision.address
+        return True
 
     def _start(self, head: http.RequestHead) -> None:
         """Send ``head`` upstream if the fast lane can serve it, else hand it over."""
@@ -356,6 +408,7 @@ class FastLane:
             # the coroutine path repeats the check and answers with the error
             return self._finish(Handoff("head", head=head))
         server.requests += 1
+        self.first = False
         self.body_sent = bool(body)
         self.quick = None
         self.exchange = Exchange(head, out_head, target, user, time.monotonic())

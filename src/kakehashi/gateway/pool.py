@@ -54,6 +54,10 @@ class UpstreamPool:
     def __len__(self) -> int:
         return self._count
 
+    def has(self, key: Key) -> bool:
+        """Whether a connection to ``key`` is pooled (it may still turn out stale)."""
+        return bool(self._idle.get(key))
+
     def take(self, key: Key) -> Conn | None:
         """The most recently pooled live connection to ``key``, or None."""
         entries = self._idle.get(key)

@@ -37,7 +37,7 @@ from kakehashi.core.pump import pump_raw
 from kakehashi.core.store import Store
 from kakehashi.core.stream import Conn, ConnClosed, open_tcp
 from kakehashi.gateway import body, http
-from kakehashi.gateway.allow import AllowList
+from kakehashi.gateway.allow import AllowList, Decision
 from kakehashi.gateway.events import EventHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
 from kakehashi.gateway.fastlane import IDEMPOTENT, FastLane, SendBatcher
@@ -164,9 +164,9 @@ class GatewayServer:
         try:
             while True:
                 resume: Handoff | None = None
-                if upstream is not None and conn.plain and self.fast_lane:
-                    # kept-alive requests to the same target: served from callbacks
-                    lane = FastLane(self, conn, upstream)
+                if conn.plain and self.fast_lane:
+                    # what it can, the fast lane serves from callbacks (see fastlane.py)
+                    lane = FastLane(self, conn, upstream, first=first)
                     resume, upstream = await lane.run()
                     clean = lane.clean
                     if resume.kind in ("eof", "close"):
@@ -284,16 +284,21 @@ class GatewayServer:
         if decided is not None and key in decided:
             return decided[key]
         decision = await self.allow.check(host, port)
-        client = conn.peer[0] if conn.peer else "?"
-        self.audit.record("target", decision.allowed, client=client, user=user,
-                          target=f"{host}:{port}", address=decision.address,
-                          why=decision.reason or None)
+        self.record_decision(decision, host, port, user, conn)
         if not decision.allowed:
             raise http.HTTPError(403, decision.reason)
         assert decision.address is not None
         if decided is not None:
             decided[key] = decision.address
         return decision.address
+
+    def record_decision(self, decision: Decision, host: str, port: int, user: str,
+                        conn: Conn) -> None:
+        """Audit an allow-list decision (once per client connection and target)."""
+        client = conn.peer[0] if conn.peer else "?"
+        self.audit.record("target", decision.allowed, client=client, user=user,
+                          target=f"{host}:{port}", address=decision.address,
+                          why=decision.reason or None)
 
     async def _open(self, address: str, port: int, host: str) -> Conn:
         try:
