@@ -292,14 +292,21 @@ def test_garbage_and_bad_requests_get_short_400s(gw):
     still_serves()
 
 
+def _hold(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that each hold a slot: a head that never ends (within the
+    30 s head timeout), given time to be accepted before the next one arrives."""
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    for s in socks:
+        s.sendall(b"GET ")
+    time.sleep(0.6)
+    return socks
+
+
 def test_max_connections_makes_a_flood_wait_and_others_get_served_later(env):
     with origin() as o:
         _, port = env.gateway("127.0.0.1", extra=["--max-connections", "3",
                                                   "--head-timeout", "30"])
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-        for s in idle:
-            s.sendall(b"GET ")  # hold a slot: a head that never ends (within 30 s)
-        time.sleep(0.6)  # all three accepted before the fourth arrives
+        idle = _hold(port, 3)
         waiting = socket.create_connection(("127.0.0.1", port), timeout=10)
         waiting.sendall(f"GET {o.url}/hello HTTP/1.1\r\nHost: {o.addr}\r\n"
                         "Connection: close\r\n\r\n".encode())
@@ -320,10 +327,7 @@ def test_max_per_client_closes_the_extra_connections_of_one_address(env):
     with origin() as o:
         _, port = env.gateway("127.0.0.1", extra=["--max-per-client", "2",
                                                   "--head-timeout", "30"])
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        for s in held:
-            s.sendall(b"GET ")
-        time.sleep(0.6)
+        held = _hold(port, 2)
         extra = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert extra.recv(100) == b""  # closed at once, nothing said
         extra.close()
