@@ -94,6 +94,8 @@ frontend origin
     http-request return status 200 content-type text/plain string "{body}"
 """
 
+HAPROXY_ARGV = ["haproxy", "-db", "-f"]  # the config path goes last
+
 HAPROXY_HTTP_CFG = """\
 global
     maxconn 4096
@@ -248,13 +250,21 @@ def wrk_once(args: argparse.Namespace, port: int, script: Path | None, seconds: 
     return parse_wrk(res.stdout)
 
 
-def start_origin(procs: Procs, cpu: int | None) -> Route:
+def start_configured(procs: Procs, name: str, template: str, argv: list[str],
+                     cpu: int | None, **fields) -> tuple[int, int]:
+    """Write ``template`` (filled with a free port) as NAME-PORT.conf, start
+    ``argv`` + that path pinned to ``cpu``, wait until it listens: (port, pid)."""
     port = free_port()
-    cfg = procs.workdir / f"origin-{port}.cfg"
-    cfg.write_text(ORIGIN_CFG.format(loopback=LOOPBACK, port=port, body=BODY))
-    proc = procs.spawn("origin", pinned(cpu, ["haproxy", "-f", str(cfg), "-db"]))
+    cfg = procs.workdir / f"{name}-{port}.conf"
+    cfg.write_text(template.format(loopback=LOOPBACK, port=port, **fields))
+    proc = procs.spawn(name, pinned(cpu, [*argv, str(cfg)]))
     wait_listening(port, proc=proc)
-    return Route("origin", port, [proc.pid])
+    return port, proc.pid
+
+
+def start_origin(procs: Procs, cpu: int | None) -> Route:
+    port, pid = start_configured(procs, "origin", ORIGIN_CFG, HAPROXY_ARGV, cpu, body=BODY)
+    return Route("origin", port, [pid])
 
 
 def start_http_proxy(key: str, procs: Procs, gw: Gateway, origin: int,
@@ -262,19 +272,13 @@ def start_http_proxy(key: str, procs: Procs, gw: Gateway, origin: int,
     if key == "direct":
         return Route("direct (wrk -> origin)", origin)
     if key == "haproxy":
-        port = free_port()
-        cfg = procs.workdir / f"haproxy-http-{port}.cfg"
-        cfg.write_text(HAPROXY_HTTP_CFG.format(loopback=LOOPBACK, port=port, origin=origin))
-        proc = procs.spawn("haproxy-http", pinned(cpu, ["haproxy", "-f", str(cfg), "-db"]))
-        wait_listening(port, proc=proc)
-        return Route("haproxy mode http (1 thread)", port, [proc.pid])
+        port, pid = start_configured(procs, "haproxy-http", HAPROXY_HTTP_CFG, HAPROXY_ARGV,
+                                     cpu, origin=origin)
+        return Route("haproxy mode http (1 thread)", port, [pid])
     if key == "tinyproxy":
-        port = free_port()
-        cfg = procs.workdir / f"tinyproxy-{port}.conf"
-        cfg.write_text(TINYPROXY_CFG.format(loopback=LOOPBACK, port=port, dir=procs.workdir))
-        proc = procs.spawn("tinyproxy", pinned(cpu, ["tinyproxy", "-d", "-c", str(cfg)]))
-        wait_listening(port, proc=proc)
-        return Route("tinyproxy", port, [proc.pid])
+        port, pid = start_configured(procs, "tinyproxy", TINYPROXY_CFG,
+                                     ["tinyproxy", "-d", "-c"], cpu, dir=procs.workdir)
+        return Route("tinyproxy", port, [pid])
     if key == "gateway":
         route = gw.serve(procs, cpu=cpu)
         route.name = "kakehashi gateway (default log level)"
