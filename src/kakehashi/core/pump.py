@@ -332,9 +332,17 @@ class FramedSink(FrameSink):
                 await discard_payload(src, rest)
                 return
             while rest:
-                n = await splice_in(src.conn, pipe, rest)
-                if not n:
-                    raise ConnClosed("connection closed in the middle of a frame")
+                try:
+                    n = await splice_in(src.conn, pipe, rest)
+                    if not n:
+                        raise ConnClosed("connection closed in the middle of a frame")
+                except (OSError, ConnClosed):
+                    # The peer already has this frame's header: whatever is sent next
+                    # would be read as the rest of its payload. The stream cannot go
+                    # on, so the peer is cut off now rather than fed a corrupt frame.
+                    self.dst.conn.cut()
+                    self._lost()
+                    raise
                 rest -= n
                 src.stalled = True
                 try:

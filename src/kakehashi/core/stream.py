@@ -53,6 +53,9 @@ class Conn:
             self.peer = None
         self.tls_version: str | None = None
         self._pushback = b""
+        #: futures of tasks waiting for this socket (value: readable?); ``close`` wakes
+        #: them, because a task waiting on a closed fd would otherwise wait forever
+        self._waits: dict[asyncio.Future[None], bool] = {}
 
     @property
     def encrypted(self) -> bool:
@@ -105,13 +108,73 @@ class Conn:
         return bytes(buf[:got])
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.loop.sock_sendall(self.sock, data)
+        await self._send_raw(data)
+
+    async def _send_raw(self, data: bytes | bytearray | memoryview) -> None:
+        """Send everything on the socket; ConnClosed if another task closes it meanwhile.
+
+        The writer is often not the socket's owner (the relay forwards one link's
+        frames into another), so the wait must be one :meth:`close` can end.
+        """
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                await self._wait(readable=False)
 
     async def wait_readable(self) -> None:
-        await _wait_fd(self.loop, self.sock.fileno(), readable=True)
+        await self._wait(readable=True)
 
     async def wait_writable(self) -> None:
-        await _wait_fd(self.loop, self.sock.fileno(), readable=False)
+        await self._wait(readable=False)
+
+    async def _wait(self, *, readable: bool) -> None:
+        if self._closed:
+            raise ConnClosed("connection closed")
+        fd = self.sock.fileno()
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if readable:
+            self.loop.add_reader(fd, ready)
+        else:
+            self.loop.add_writer(fd, ready)
+        self._waits[fut] = readable
+        try:
+            await fut
+        finally:
+            if self._waits.pop(fut, None) is not None and not self._closed:
+                if readable:
+                    self.loop.remove_reader(fd)
+                else:
+                    self.loop.remove_writer(fd)
+
+    def _wake_waiters(self) -> None:
+        """Unregister and fail every wait on this socket (before its fd is closed)."""
+        if not self._waits:
+            return
+        fd = self.sock.fileno()
+        waits, self._waits = self._waits, {}
+        for fut, readable in waits.items():
+            if readable:
+                self.loop.remove_reader(fd)
+            else:
+                self.loop.remove_writer(fd)
+            if not fut.done():
+                fut.set_exception(ConnClosed("connection closed"))
+
+    def cut(self) -> None:
+        """End both directions now without closing the fd (its owner still does that).
+
+        For a stream that cannot go on, such as a frame cut short: the peer sees the
+        end at once, and this side's reader wakes to EOF.
+        """
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     async def shutdown_write(self) -> None:
         with contextlib.suppress(OSError):
@@ -120,6 +183,7 @@ class Conn:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._wake_waiters()
             with contextlib.suppress(OSError):
                 self.sock.close()
 
@@ -206,7 +270,7 @@ class TLSConn(Conn):
     async def _flush(self) -> None:
         async with self._send_lock:
             while self._out.pending:
-                await self.loop.sock_sendall(self.sock, self._out.read())
+                await self._send_raw(self._out.read())
 
     async def recv_into(self, buf: memoryview | bytearray) -> int:
         if self._pushback:

@@ -1,0 +1,148 @@
+"""The byte pump and the connection waits it relies on, over real socket pairs."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from kakehashi.core import wire
+from kakehashi.core.pump import SPLICE_ENABLED, FramedSink, forward_frames
+from kakehashi.core.stream import Conn, ConnClosed, FramedConn
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """Run a case on both loops: the servers use uvloop, whose fd handling differs."""
+    factory = asyncio.new_event_loop
+    if request.param == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+
+    def run(case: Coroutine[Any, Any, None]) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(case)
+
+    return run
+
+
+# Each case is an ``async def _name`` run by ``test_name`` below on both loops.
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def _never_ctrl(payload: bytes) -> bool:
+    raise AssertionError(f"unexpected control frame {payload!r}")
+
+
+async def _close_wakes_a_task_waiting_to_send() -> None:
+    """The relay forwards into a peer's socket that the peer's own task may close."""
+    mine, theirs = _pair()
+    conn = Conn(mine)
+    sender = asyncio.create_task(conn.send_all(b"x" * (16 << 20)))  # more than fits
+    await asyncio.sleep(0.05)
+    assert not sender.done()
+    conn.close()
+    with pytest.raises(ConnClosed):
+        await asyncio.wait_for(sender, 2)
+    theirs.close()
+
+
+async def _close_wakes_a_task_waiting_to_read() -> None:
+    mine, theirs = _pair()
+    conn = Conn(mine)
+    waiter = asyncio.create_task(conn.wait_readable())
+    await asyncio.sleep(0.01)
+    conn.close()
+    with pytest.raises(ConnClosed):
+        await asyncio.wait_for(waiter, 2)
+    theirs.close()
+
+
+async def _a_waited_socket_can_be_waited_on_again() -> None:
+    """A finished wait unregisters itself (a stale registration would break the next)."""
+    mine, theirs = _pair()
+    conn = Conn(mine)
+    for _ in range(3):
+        waiter = asyncio.create_task(conn.wait_readable())
+        await asyncio.sleep(0)
+        theirs.send(b"!")
+        await asyncio.wait_for(waiter, 2)
+        mine.recv(1)
+    conn.close()
+    theirs.close()
+
+
+async def _a_frame_cut_short_cuts_the_peer_off() -> None:
+    """A sender dying mid-frame must not leave the peer waiting for the rest.
+
+    The peer already has the header; anything sent after it (an End message, say)
+    would be read as payload. Seen in CI as a forward that never ended after its
+    agent was killed.
+    """
+    src_mine, src_theirs = _pair()
+    dst_mine, dst_theirs = _pair()
+    src = FramedConn(Conn(src_mine))
+    dst = FramedConn(Conn(dst_mine))
+    sink = FramedSink(dst)
+    src_theirs.sendall(wire.encode_header(wire.FrameType.DATA, 1 << 20) + b"y" * 1000)
+    src_theirs.close()  # dies with most of the frame unsent
+    with pytest.raises(ConnClosed):
+        await asyncio.wait_for(forward_frames(src, lambda: sink, _never_ctrl), 2)
+    received = b""
+    dst_theirs.setblocking(True)
+    dst_theirs.settimeout(2)
+    while chunk := dst_theirs.recv(1 << 16):
+        received += chunk
+    assert received == wire.encode_header(wire.FrameType.DATA, 1 << 20) + b"y" * 1000
+    with pytest.raises(OSError):  # and nothing more can be written to the peer
+        await dst.send_frame(wire.FrameType.EOF)
+    dst.conn.close()
+    src.conn.close()
+
+
+async def _whole_frames_pass_unchanged() -> None:
+    src_mine, src_theirs = _pair()
+    dst_mine, dst_theirs = _pair()
+    src = FramedConn(Conn(src_mine))
+    sink = FramedSink(FramedConn(Conn(dst_mine)))
+    frames = (wire.encode_header(wire.FrameType.DATA, 5) + b"hello"
+              + wire.encode_header(wire.FrameType.EOF, 0))
+    src_theirs.sendall(frames)
+    src_theirs.shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(forward_frames(src, lambda: sink, _never_ctrl), 2) == "eof"
+    dst_theirs.setblocking(True)
+    dst_theirs.settimeout(2)
+    assert dst_theirs.recv(100) == frames
+    for s in (src_theirs, dst_theirs):
+        s.close()
+    src.conn.close()
+    sink.dst.conn.close()
+
+
+def test_close_wakes_a_task_waiting_to_send(run) -> None:
+    run(_close_wakes_a_task_waiting_to_send())
+
+
+def test_close_wakes_a_task_waiting_to_read(run) -> None:
+    run(_close_wakes_a_task_waiting_to_read())
+
+
+def test_a_waited_socket_can_be_waited_on_again(run) -> None:
+    run(_a_waited_socket_can_be_waited_on_again())
+
+
+@pytest.mark.skipif(not SPLICE_ENABLED, reason="the cut-short frame case is the splice path")
+def test_a_frame_cut_short_cuts_the_peer_off(run) -> None:
+    run(_a_frame_cut_short_cuts_the_peer_off())
+
+
+def test_whole_frames_pass_unchanged(run) -> None:
+    run(_whole_frames_pass_unchanged())
