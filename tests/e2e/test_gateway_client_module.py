@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -153,6 +154,27 @@ def test_events_in_order_and_resumed_from_a_cursor(env):
     watcher.stop()
     assert [(e["seq"], e["data"]) for e in _lines(watcher)] == [(4, "event 4"),
                                                                 (5, "event 5")]
+
+
+def test_events_and_cursors_survive_a_gateway_restart(env):
+    gw_proc, gw = env.gateway("127.0.0.1")
+    for i in (1, 2, 3):
+        _publish(env, gw, "deploys", f"event {i}")
+    assert [e["seq"] for e in _watch(env, gw, "deploys", "--count", "2", "--wait", "1")] == [1, 2]
+    gw_proc.stop(signal.SIGTERM)
+    env.gateway("127.0.0.1", port=gw, name="gateway-again")  # same --db
+    # the watcher resumes from its cursor 2: event 3 is still there, numbering goes on
+    assert _publish(env, gw, "deploys", "event 4") == "published deploys #4"
+    got = _watch(env, gw, "deploys", "--cursor", "2", "--count", "2", "--wait", "1")
+    assert [(e["seq"], e["data"]) for e in got] == [(3, "event 3"), (4, "event 4")]
+
+
+def test_memory_events_start_afresh(env):
+    gw_proc, gw = env.gateway("127.0.0.1", extra=["--memory-events"])
+    _publish(env, gw, "t", "gone after restart")
+    gw_proc.stop(signal.SIGTERM)
+    env.gateway("127.0.0.1", port=gw, name="gateway-again", extra=["--memory-events"])
+    assert _publish(env, gw, "t", "first again") == "published t #1"
 
 
 def test_long_poll_delivers_promptly(env):

@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from kakehashi.core.store import SQLiteStore
+from kakehashi.gateway.event_journal import EVENT_KIND, StoreJournal
 from kakehashi.gateway.events import EventHub, Retention, TopicLog
 
 
@@ -93,3 +95,49 @@ async def test_topic_names_and_count_are_bounded():
     hub.publish("b", b"x")
     with pytest.raises(ValueError):
         hub.publish("c", b"x")
+
+
+def _journaled(path, retention: Retention | None = None) -> EventHub:
+    return EventHub(retention, journal=StoreJournal(SQLiteStore(path)))
+
+
+def test_a_journaled_hub_comes_back_with_its_events_and_numbering(tmp_path):
+    db = tmp_path / "gw.db"
+    hub = _journaled(db)
+    for i in range(1, 4):
+        hub.publish("alerts", f"e{i}".encode())
+    hub.publish("other", b"\x00\xffbinary")
+    again = _journaled(db)  # a restart: a new hub over the same store
+    assert [(e.seq, e.data) for e in again.poll("alerts", 1).events] == [(2, b"e2"), (3, b"e3")]
+    assert again.poll("other", 0).events[0].data == b"\x00\xffbinary"
+    assert again.publish("alerts", b"e4").seq == 4  # numbering goes on: cursors stay valid
+
+
+def test_the_journal_forgets_what_retention_drops(tmp_path):
+    db = tmp_path / "gw.db"
+    hub = _journaled(db, Retention(max_events=2))
+    for i in range(5):
+        hub.publish("t", str(i).encode())
+    store = SQLiteStore(db)
+    assert len(store.list(EVENT_KIND)) == 2
+    again = _journaled(db, Retention(max_events=2))
+    batch = again.poll("t", 0)
+    assert [e.seq for e in batch.events] == [4, 5] and batch.gap
+
+
+def test_numbering_survives_even_when_every_event_expired(tmp_path):
+    db = tmp_path / "gw.db"
+    _journaled(db).publish("t", b"x")
+    store = SQLiteStore(db)
+    store.put(EVENT_KIND, "t/00000000000000000001", {"ts": 0.0, "data": "eA=="})  # made old
+    assert _journaled(db, Retention(max_age=60)).poll("t", 0).events == ()
+    assert store.list(EVENT_KIND) == []  # the expired event left the store as well
+    assert _journaled(db).publish("t", b"y").seq == 2
+
+
+def test_a_damaged_stored_event_is_skipped(tmp_path):
+    db = tmp_path / "gw.db"
+    hub = _journaled(db)
+    hub.publish("t", b"good")
+    SQLiteStore(db).put(EVENT_KIND, "t/00000000000000000002", {"ts": "soon"})
+    assert [e.data for e in _journaled(db).poll("t", 0).events] == [b"good"]

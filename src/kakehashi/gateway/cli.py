@@ -22,6 +22,8 @@ from kakehashi.core.store import open_store
 from kakehashi.core.stream import Conn, FdConn, Listener
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.client import EventClient, Gateway, GatewayError, open_tunnel, serve_forward
+from kakehashi.gateway.event_journal import StoreJournal
+from kakehashi.gateway.events import EventHub, Retention
 from kakehashi.gateway.server import USER_KIND, GatewayServer, GatewaySettings, ProxyAuth
 
 log = logging.getLogger("kakehashi.gateway")
@@ -67,6 +69,13 @@ def gateway() -> None:
 @click.option("--gzip-decode", is_flag=True, help="Decode gzip responses for clients.")
 @click.option("--publisher", "publishers", multiple=True,
               help="Networks allowed to publish events (default: loopback).")
+@click.option("--durable-events/--memory-events", default=True, show_default=True,
+              help="Keep retained events in --db, so a restart keeps them and their "
+                   "numbering (watchers' cursors stay valid).")
+@click.option("--event-keep", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Events retained per topic (the oldest go first).")
+@click.option("--event-max-age", type=click.FloatRange(min=1), default=3600.0,
+              show_default=True, help="Seconds an event is retained.")
 @click.option("--head-timeout", type=float, default=10.0, show_default=True,
               help="Seconds a client has to send a whole request head (slowloris guard).")
 @click.option("--idle-timeout", type=float, default=60.0, show_default=True,
@@ -85,7 +94,8 @@ def gateway() -> None:
               help="Append one JSON line per request to this file.")
 @click.pass_context
 def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, relay, via_name,
-          gzip_decode, publishers, head_timeout, idle_timeout, connect_timeout, read_timeout,
+          gzip_decode, publishers, durable_events, event_keep, event_max_age, head_timeout,
+          idle_timeout, connect_timeout, read_timeout,
           max_connections, max_per_client, upstream_idle, audit_log, access_log) -> None:
     """Run the gateway: HTTP proxy, CONNECT tunnels and events on one port."""
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
@@ -109,8 +119,13 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
     if relay and attach is None:
         raise click.UsageError("--relay is not available in this build")
 
+    retention = Retention(max_events=event_keep, max_age=event_max_age)
+    hub = EventHub(retention, journal=StoreJournal(store) if durable_events else None)
+    if hub.topics:
+        log.info("events: %d topics restored from %s", len(hub.topics), db)
+
     async def main() -> None:
-        server = GatewayServer(allow, settings=settings,
+        server = GatewayServer(allow, settings=settings, hub=hub,
                                auth=ProxyAuth(store) if auth else None,
                                audit=AuditLog(audit_log, system="gateway"),
                                access_log=access_log)

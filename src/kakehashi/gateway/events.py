@@ -7,7 +7,9 @@ reconnects with its cursor receives every retained event once: nothing lost,
 nothing duplicated. Long polling (a bounded wait for the next event) keeps latency
 low without an inbound port (claim 7's repeated request "at a predetermined timing").
 
-:class:`TopicLog` is pure (no clock, no I/O); :class:`EventHub` adds waiting.
+:class:`TopicLog` is pure (no clock, no I/O); :class:`EventHub` adds waiting and,
+with a journal, keeps the retained events across restarts: a client's cursor stays
+valid when the gateway comes back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -59,23 +62,30 @@ class TopicLog:
     size: int = 0
 
     def append(self, data: bytes, now: float) -> Event:
+        return self.append_dropping(data, now)[0]
+
+    def append_dropping(self, data: bytes, now: float) -> tuple[Event, list[Event]]:
+        """Append; also return the events that retention dropped to make room."""
         if len(data) > self.retention.max_event:
             raise ValueError(f"event of {len(data)} bytes exceeds {self.retention.max_event}")
         self.last_seq += 1
         event = Event(self.last_seq, now, data)
         self.events.append(event)
         self.size += len(data)
-        self.expire(now)
-        return event
+        return event, self.expire(now)
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float) -> list[Event]:
+        """Drop what retention no longer keeps; returns the dropped events."""
         r = self.retention
+        dropped: list[Event] = []
         while self.events and (
             len(self.events) > r.max_events
             or self.size > r.max_bytes
             or now - self.events[0].ts > r.max_age
         ):
-            self.size -= len(self.events.popleft().data)
+            dropped.append(self.events.popleft())
+            self.size -= len(dropped[-1].data)
+        return dropped
 
     def since(self, cursor: int) -> Batch:
         """Events with ``seq > cursor`` (cursor 0: from the oldest retained)."""
@@ -91,14 +101,43 @@ class TopicLog:
         return Batch(picked, picked[-1].seq if picked else self.last_seq, gap)
 
 
-class EventHub:
-    """Topics plus long-poll waiters."""
+class EventJournal(Protocol):
+    """Where a hub keeps its retained events across restarts (see ``event_journal``)."""
 
-    def __init__(self, retention: Retention | None = None) -> None:
+    def load(self) -> dict[str, tuple[int, list[Event]]]: ...
+    def appended(self, topic: str, event: Event) -> None: ...
+    def dropped(self, topic: str, events: list[Event]) -> None: ...
+
+
+class EventHub:
+    """Topics plus long-poll waiters, optionally journaled so a restart keeps them."""
+
+    def __init__(self, retention: Retention | None = None,
+                 journal: EventJournal | None = None) -> None:
         self.retention = retention or Retention()
         self.topics: dict[str, TopicLog] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self.published = 0
+        self.journal = journal
+        if journal is not None:
+            self._restore(journal)
+
+    def _restore(self, journal: EventJournal) -> None:
+        """Continue each topic's numbering, with the events retention still keeps."""
+        now = time.time()
+        for name, (last_seq, events) in journal.load().items():
+            if not TOPIC_RE.match(name) or len(self.topics) >= self.retention.max_topics:
+                continue
+            log = self.topics[name] = TopicLog(self.retention, last_seq=last_seq)
+            for event in sorted(events, key=lambda e: e.seq):
+                if event.seq <= last_seq:
+                    log.events.append(event)
+                    log.size += len(event.data)
+            self._drop(name, log.expire(now))
+
+    def _drop(self, topic: str, events: list[Event]) -> None:
+        if events and self.journal is not None:
+            self.journal.dropped(topic, events)
 
     def _topic(self, name: str, *, create: bool) -> TopicLog | None:
         if not TOPIC_RE.match(name):
@@ -113,7 +152,10 @@ class EventHub:
     def publish(self, topic: str, data: bytes) -> Event:
         log = self._topic(topic, create=True)
         assert log is not None
-        event = log.append(data, time.time())
+        event, dropped = log.append_dropping(data, time.time())
+        if self.journal is not None:
+            self.journal.appended(topic, event)
+        self._drop(topic, dropped)
         self.published += 1
         for fut in self._waiters.pop(topic, ()):
             if not fut.done():
@@ -124,7 +166,7 @@ class EventHub:
         log = self._topic(topic, create=False)
         if log is None:
             return Batch((), max(cursor, 0))
-        log.expire(time.time())
+        self._drop(topic, log.expire(time.time()))
         return log.since(cursor)
 
     async def wait(self, topic: str, cursor: int, timeout: float) -> Batch:
