@@ -132,6 +132,9 @@ class Conn:
     async def _wait(self, *, readable: bool) -> None:
         if self._closed:
             raise ConnClosed("connection closed")
+        if readable in self._waits.values():  # the loop keeps one callback per direction
+            raise RuntimeError(f"another task already waits for this socket to be "
+                               f"{'readable' if readable else 'writable'}")
         fd = self.sock.fileno()
         fut: asyncio.Future[None] = self.loop.create_future()
 
