@@ -9,6 +9,7 @@ stops reading, and timeouts that must fire from the lane's own timer.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import socket
@@ -325,3 +326,37 @@ def test_pooled_upstream_closed_by_the_origin_is_retried_only_when_repeatable(la
     status, _, body = one_shot(port, o, "/once", method="POST", body=b"abc")
     assert status == 502 and b"closed without answering" in body
     assert [r.conn for r in o.requests] == [1, 1, 2, 2]
+
+
+def test_a_removed_proxy_user_is_locked_out_on_an_open_connection(env):
+    """Verified credentials are cached, but the user's record is read again every
+    second: removing a user (or a new password) takes effect on kept-alive
+    connections too, in the fast lane as on the coroutine path."""
+    env.add_proxy_user("alice", "alice-pw")
+    env.add_proxy_user("bob", "bob-pw")
+    with origin() as o:
+        _, port = env.gateway("127.0.0.1", extra=["--auth"])
+
+        def auth(user: str) -> str:
+            token = base64.b64encode(f"{user}:{user}-pw".encode()).decode()
+            return f"Proxy-Authorization: Basic {token}\r\n"
+
+        alice, bob = Client(port), Client(port)
+        for c, user in ((alice, "alice"), (bob, "bob")):
+            for _ in range(3):  # first request verifies, the next ones hit the cache
+                c.send(get(o, "/hello", extra=auth(user)))
+                assert c.response()[0] == 200
+        env.run("gateway", "user", "remove", "alice", "--db", env.db)
+        deadline = time.monotonic() + 10
+        while True:
+            alice.send(get(o, "/hello", extra=auth("alice")))
+            status = alice.response()[0]
+            if status == 407:
+                break
+            assert status == 200 and time.monotonic() < deadline, "alice was never locked out"
+            time.sleep(0.2)
+        assert time.monotonic() < deadline - 7  # within about the 1 s recheck, not 60 s
+        bob.send(get(o, "/hello", extra=auth("bob")))
+        assert bob.response()[0] == 200  # the others are not affected
+        for c in (alice, bob):
+            c.close()

@@ -74,27 +74,52 @@ class ClosedBeforeAnswer(http.HTTPError):
     connection was a reused one and the request may be sent again)."""
 
 
+@dataclass
+class _Verified:
+    """A header whose password was verified against ``pw_hash`` (the user's record then)."""
+
+    user: str
+    pw_hash: str
+    expires: float
+    checked: float
+
+
 class ProxyAuth:
     """Basic proxy authentication against users in the store (scrypt hashes).
 
-    Verified credentials are cached for a minute by a hash of the header, so a
-    keep-alive client does not pay the slow hash on every request.
+    Verified credentials are cached for ``ttl`` by a hash of the header, so a
+    keep-alive client does not pay the slow hash on every request. The user's record
+    is still read again at most every ``recheck`` seconds (one cheap store read, not
+    a hash): removing a user or changing a password locks them out within that time,
+    on connections already open too.
     """
 
-    def __init__(self, store: Store, ttl: float = 60.0) -> None:
+    def __init__(self, store: Store, ttl: float = 60.0, recheck: float = 1.0) -> None:
         self.store = store
         self.ttl = ttl
-        self._cache: dict[str, tuple[str, float]] = {}
+        self.recheck = recheck
+        self._cache: dict[str, _Verified] = {}
 
     def cached(self, header: bytes | None) -> str | None:
-        """The user of a header verified within the last ``ttl`` seconds, else None
-        (no hashing, no waiting: the fast lane's check)."""
+        """The user of a header verified within the last ``ttl`` seconds whose record
+        is unchanged, else None (no hashing, no waiting: the fast lane's check)."""
         if not header:
             return None
-        hit = self._cache.get(self._key(header))
-        if hit and hit[1] > time.monotonic():
-            return hit[0]
-        return None
+        key = self._key(header)
+        hit = self._cache.get(key)
+        if hit is None:
+            return None
+        now = time.monotonic()
+        if hit.expires <= now:
+            del self._cache[key]
+            return None
+        if now - hit.checked >= self.recheck:
+            doc = self.store.get(USER_KIND, hit.user)
+            if doc is None or doc.get("password_hash") != hit.pw_hash:
+                del self._cache[key]  # removed, or the password changed
+                return None
+            hit.checked = now
+        return hit.user
 
     @staticmethod
     def _key(header: bytes) -> str:
@@ -116,13 +141,15 @@ class ProxyAuth:
             return None
         doc = await asyncio.get_running_loop().run_in_executor(
             None, self.store.get, USER_KIND, user)
+        pw_hash = doc.get("password_hash", "") if doc is not None else ""
         ok = doc is not None and await asyncio.get_running_loop().run_in_executor(
-            None, verify_password, password, doc.get("password_hash", ""))
+            None, verify_password, password, pw_hash)
         if not ok:
             return None
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[self._key(header)] = (user, time.monotonic() + self.ttl)
+        now = time.monotonic()
+        self._cache[self._key(header)] = _Verified(user, pw_hash, now + self.ttl, now)
         return user
 
 
