@@ -260,10 +260,16 @@ def test_to_origin_never_emits_hop_by_hop(fields, listed, framing):
     _, out = h.to_origin(head, b"gw")
     names = [n.lower() for n, _ in out.headers]
     refilled = {b"host", b"via", b"content-length", b"transfer-encoding"}
+    offer = h.upgrade_offer(head, h.request_body(head))
+    if offer is not None:  # the one deliberate exception: a well-formed upgrade offer
+        event("upgrade offer relayed")
+        assert out.headers.get_all(b"connection") == [b"Upgrade"]
+        assert out.headers.get_all(b"upgrade") == [offer]
+        refilled |= {b"connection", b"upgrade"}
     for name in names:
         if name == b"transfer-encoding":  # the framing the gateway itself declares
             assert framing == b"chunked" and out.headers.get_all(name) == [b"chunked"]
-        else:
+        elif name not in refilled - {b"transfer-encoding"}:
             assert name not in h.HOP_BY_HOP
         assert name in refilled or name not in {t.lower() for t in listed}
     assert h.request_body(out) == h.request_body(head)

@@ -970,3 +970,56 @@ def test_decoded_response_head_http10_and_weak_etag():
 )
 def test_decoded_response_head_leaves_others_alone(raw):
     assert decoded_response_head(parse_resp(raw)) is None
+
+
+# -- protocol upgrade (RFC 9110 7.8) -------------------------------------------------------
+WS_OFFER = ((b"Host", b"a"), (b"Connection", b"keep-alive, Upgrade"), (b"Upgrade", b"websocket"),
+            (b"Keep-Alive", b"timeout=5"))
+
+
+def test_a_well_formed_upgrade_offer_is_passed_on_and_nothing_else_hop_by_hop():
+    _, out = h.to_origin(req(b"http://a/ws", *WS_OFFER), b"gw")
+    assert out.headers.get_all(b"connection") == [b"Upgrade"]
+    assert out.headers.get_all(b"upgrade") == [b"websocket"]
+    assert b"keep-alive" not in out.headers
+
+
+@pytest.mark.parametrize("case", ["http/1.0", "body", "not in connection", "two fields",
+                                  "bad token", "empty version"])
+def test_upgrade_offers_the_gateway_does_not_pass_on(case):
+    fields = list(WS_OFFER)
+    version = b"HTTP/1.1"
+    if case == "http/1.0":
+        version = b"HTTP/1.0"
+    elif case == "body":
+        fields.append((b"Content-Length", b"3"))
+    elif case == "not in connection":
+        fields[1] = (b"Connection", b"keep-alive")
+    elif case == "two fields":
+        fields.append((b"Upgrade", b"h2c"))
+    elif case == "bad token":
+        fields[2] = (b"Upgrade", b"web socket")
+    else:
+        fields[2] = (b"Upgrade", b"websocket/")
+    head = req(b"http://a/ws", *fields, version=version)
+    assert h.upgrade_offer(head, h.request_body(head)) is None
+    _, out = h.to_origin(head, b"gw")
+    assert b"upgrade" not in out.headers and b"connection" not in out.headers
+
+
+def test_a_101_is_relayed_only_for_a_protocol_the_client_offered():
+    switched = resp(101, (b"Connection", b"Upgrade"), (b"Upgrade", b"WebSocket"),
+                    (b"Sec-WebSocket-Accept", b"x"), (b"Keep-Alive", b"timeout=5"))
+    head = h.upgraded_response(switched, b"gw", b"websocket")
+    assert head.status == 101 and head.headers.get(b"upgrade") == b"WebSocket"
+    assert head.headers.get(b"connection") == b"Upgrade"
+    assert head.headers.get(b"sec-websocket-accept") == b"x"
+    assert b"keep-alive" not in head.headers and head.headers.get(b"via") == b"1.1 gw"
+    with pytest.raises(HTTPError) as unasked:
+        h.upgraded_response(switched, b"gw", None)
+    assert unasked.value.status == 502
+    with pytest.raises(HTTPError) as other:
+        h.upgraded_response(switched, b"gw", b"h2c")
+    assert other.value.status == 502
+    with pytest.raises(HTTPError):
+        h.upgraded_response(resp(101, (b"Connection", b"Upgrade")), b"gw", b"websocket")

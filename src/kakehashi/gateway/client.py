@@ -24,6 +24,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from kakehashi.core.pump import pump_raw
 from kakehashi.core.stream import Conn, Listener, open_tcp, start_tls
 from kakehashi.gateway import body, http
 
@@ -156,6 +157,9 @@ async def serve_forward(gw: Gateway, target_host: str, target_port: int,
                     await app.send_all(resp.serialize())
                     resp = await read_response(upstream, 60, replies)
                 await app.send_all(resp.serialize())
+                if resp.status == 101:  # switched (e.g. WebSocket): bytes both ways now
+                    await pump_raw(app, upstream)
+                    return
                 framing = http.response_body(resp, head.method)
                 await body.send(upstream, app, framing, timeout=60)
                 if framing[0] == "close" or not http.keep_alive(head, resp):

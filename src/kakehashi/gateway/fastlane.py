@@ -382,7 +382,8 @@ class FastLane:
         """Send ``head`` upstream if the fast lane can serve it, else hand it over."""
         server = self.server
         up = self.upstream
-        if up is None or head.method == b"CONNECT" or b"expect" in head.headers._lower:
+        lower = head.headers._lower
+        if up is None or head.method == b"CONNECT" or b"expect" in lower or b"upgrade" in lower:
             return self._finish(Handoff("head", head=head))
         try:
             target, framing, out_head = http.relay_request(head, server.via)

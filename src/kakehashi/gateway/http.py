@@ -1090,8 +1090,63 @@ def relay_request(req: RequestHead, via_name: bytes) -> tuple[Target, BodyFramin
         headers._items.insert(0, (b"Host", authority))
         headers._lower.insert(0, b"host")
     _set_framing(headers, framing)
+    offer = upgrade_offer(req, framing)
+    if offer is not None:  # relayed on purpose: the origin decides whether to switch
+        headers._add_trusted(b"Connection", b"connection", b"Upgrade")
+        headers._add_trusted(b"Upgrade", b"upgrade", offer)
     headers._add_trusted(b"Via", b"via", _via_value(req.version, via_name))
     return target, framing, RequestHead(req.method, target.path, req.version, headers)
+
+
+# -- protocol upgrade (RFC 9110 7.8), e.g. WebSocket through the relay means -------------
+def _protocols(value: bytes) -> list[bytes] | None:
+    """The members of an Upgrade value (``name[/version]``), or None if malformed."""
+    out = []
+    for member in value.split(b","):
+        member = member.strip(b" \t")
+        name, slash, version = member.partition(b"/")
+        if not name or not _only(name, _TCHAR) or (slash and not (
+                version and _only(version, _TCHAR))):
+            return None
+        out.append(member)
+    return out or None
+
+
+def upgrade_offer(req: RequestHead, framing: BodyFraming) -> bytes | None:
+    """The Upgrade value the gateway forwards for ``req``, or None.
+
+    Upgrade is hop-by-hop, so a proxy only passes it on deliberately: the request
+    must be HTTP/1.1 without a body, name ``upgrade`` in Connection and carry one
+    well-formed Upgrade field. Anything else is stripped as before and the origin
+    answers as plain HTTP. After a 101 the connection is a byte tunnel to the same
+    checked target, as with CONNECT.
+    """
+    if req.version != HTTP_11 or framing != NO_BODY:
+        return None
+    if b"upgrade" not in req.headers._lower or \
+            b"upgrade" not in req.headers._tokens(b"connection"):
+        return None
+    values = req.headers._values(b"upgrade")
+    if len(values) != 1 or _protocols(values[0]) is None:
+        return None
+    return values[0]
+
+
+def upgraded_response(resp: ResponseHead, via_name: bytes, offered: bytes | None) -> ResponseHead:
+    """The 101 to send to the client, after checking the origin switched to a protocol
+    the client offered (RFC 9110 7.8: a 101 names it in Upgrade); else HTTPError 502."""
+    chosen = resp.headers._values(b"upgrade")
+    if offered is None:
+        raise HTTPError(502, "upstream switched protocols without being asked")
+    protocols = _protocols(chosen[0]) if len(chosen) == 1 else None
+    wanted = {p.lower() for p in _protocols(offered) or ()}
+    if not protocols or any(p.lower() not in wanted for p in protocols):
+        raise HTTPError(502, "upstream switched to a protocol the client did not offer")
+    headers = strip_hop_by_hop(resp.headers)
+    headers._add_trusted(b"Connection", b"connection", b"Upgrade")
+    headers._add_trusted(b"Upgrade", b"upgrade", chosen[0])
+    headers._add_trusted(b"Via", b"via", _via_value(resp.version, via_name))
+    return ResponseHead(resp.version, resp.status, resp.reason, headers)
 
 
 class RelayedResponse(NamedTuple):

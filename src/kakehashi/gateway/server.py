@@ -423,8 +423,10 @@ class GatewayServer:
             # interim responses are forwarded (except 101) and the real one awaited
             await conn.send_all(http.response_for_client(resp, self.via).serialize())
             resp = await self._read_head(up, reader, "response", self.settings.read_timeout)
-        if resp is None or resp.status == 101:
-            raise http.HTTPError(502, "upstream switched protocols, which is not relayed")
+        if resp is None:
+            raise http.HTTPError(502, "upstream closed without a response")
+        if resp.status == 101:
+            return await self._switch(conn, ex, upstream, resp)
         relayed = http.relay_response(resp, self.via, head, ex.out_head)
         client_head, resp_framing = relayed.head, relayed.framing
         client_keep = relayed.client_keep
@@ -455,6 +457,21 @@ class GatewayServer:
             self._log(conn, head, exc.status, 0, ex.start, ex.user, ex.where)
             raise ConnClosed(f"upstream body broken: {exc.reason}") from None
         return self._done(conn, ex, resp, relayed.upstream_keep, size, client_keep, upstream)
+
+    async def _switch(self, conn: Conn, ex: Exchange, upstream: Upstream,
+                      resp: http.ResponseHead) -> tuple[bool, None]:
+        """The origin accepted the client's upgrade (e.g. WebSocket): relay the 101,
+        then carry bytes both ways, like a CONNECT tunnel to the same checked target,
+        until both sides have closed."""
+        up = upstream.conn
+        try:
+            head = http.upgraded_response(resp, self.via, ex.out_head.headers.get(b"upgrade"))
+            await conn.send_all(head.serialize())
+            sent, received = await pump_raw(conn, up)
+        finally:
+            up.close()
+        self._log(conn, ex.head, 101, received, ex.start, ex.user, ex.where, sent=sent)
+        return False, None
 
     def _done(self, conn: Conn, ex: Exchange, resp: http.ResponseHead, upstream_keep: bool,
               size: int, client_keep: bool,
