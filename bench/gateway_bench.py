@@ -71,8 +71,10 @@ SERVERS = str(HERE / "servers.py")
 HTTP_ROWS = ["direct", "haproxy", "gateway", "gateway-quiet", "tinyproxy"]
 CONNECT_ROWS = ["direct", "haproxy", "haproxy2", "gateway"]
 CONNECT_PY_ROWS = ["direct", "haproxy", "gateway", "gateway-nosplice"]
-GROUPS = {"http": HTTP_ROWS, "connect": CONNECT_ROWS, "connect-py": CONNECT_PY_ROWS}
-BASELINES = {"http": ["haproxy", "tinyproxy"], "connect": ["direct", "haproxy"],
+GROUPS = {"http": HTTP_ROWS, "http-close": HTTP_ROWS, "connect": CONNECT_ROWS,
+          "connect-py": CONNECT_PY_ROWS}
+BASELINES = {"http": ["haproxy", "tinyproxy"], "http-close": ["haproxy", "tinyproxy"],
+             "connect": ["direct", "haproxy"],
              "connect-py": ["direct", "haproxy"]}
 
 HTTP_TARGET = 0.5      # gateway req/s >= 0.5x haproxy mode http
@@ -132,6 +134,9 @@ wrk.headers["User-Agent"] = "curl/8.5.0"
 wrk.headers["Accept"] = "*/*"
 wrk.headers["Proxy-Connection"] = "Keep-Alive"
 """
+#: http-close: one request per connection (what a one-shot client such as a script
+#: calling curl once does); every request pays the connection setup and teardown
+WRK_CLOSE = 'wrk.headers["Connection"] = "close"\n'
 
 
 @dataclass
@@ -303,13 +308,14 @@ def check_proxy(port: int, origin: int) -> None:
 
 
 def measure_http(keys: list[str], args: argparse.Namespace, gw: Gateway, workdir: Path,
-                 origin: Route, script: Path, pin: tuple[int, int] | None) -> dict:
+                 origin: Route, script: Path, pin: tuple[int, int] | None,
+                 direct_script: Path | None = None) -> dict:
     """Every row's proxy runs at once (idle when not measured) and the runs are
     interleaved round by round, so drift of a noisy machine hits all rows alike."""
     load_cpu, proxy_cpu = pin if pin else (None, None)
     with Procs(workdir) as procs:
         routes = {k: start_http_proxy(k, procs, gw, origin.port, proxy_cpu) for k in keys}
-        scripts = {k: (script if k != "direct" else None) for k in keys}
+        scripts = {k: (script if k != "direct" else direct_script) for k in keys}
         for k, route in routes.items():
             check_proxy(route.port, origin.port)
             wrk_once(args, route.port, scripts[k], 1.0, load_cpu)  # warm-up
@@ -351,7 +357,8 @@ def _http_result(route: Route, runs: list[WrkRun], proxy_s: float, origin_s: flo
             "errors": {k: v for k, v in errors.items() if v}, "profile": profile}
 
 
-def http_rows(results: dict[str, dict], pin: tuple[int, int] | None) -> list[Row]:
+def http_rows(results: dict[str, dict], pin: tuple[int, int] | None,
+              group: str = "http") -> list[Row]:
     hap = results.get("haproxy", {}).get("rps")
     tiny = results.get("tinyproxy", {}).get("rps")
     rows = []
@@ -369,11 +376,11 @@ def http_rows(results: dict[str, dict], pin: tuple[int, int] | None) -> list[Row
                          + (" (closes every connection: no client keep-alive)"
                             if key == "tinyproxy" and set(r["errors"]) == {"read"} else ""))
         target = ""
-        if key == "gateway":
+        if key == "gateway" and group == "http":  # the target is for keep-alive clients
             ok = hap and r["rps"] >= HTTP_TARGET * hap
             target = f">= {HTTP_TARGET:g}x haproxy: {'PASS' if ok else 'FAIL'}"
         rows.append(Row(
-            "http", r["name"], f"{r['rps']:,.0f} req/s",
+            group, r["name"], f"{r['rps']:,.0f} req/s",
             f"{r['p50']:.2f} / {r['p99']:.2f} ms",
             ratio(r["rps"], hap) if key not in ("direct",) else "-",
             ratio(r["rps"], tiny) if key not in ("direct",) else "-",
@@ -588,7 +595,7 @@ def selected(only: list[str] | None) -> dict[str, list[str]]:
 
 def check_tools(rows: dict[str, list[str]]) -> None:
     need = {"haproxy"}
-    if "http" in rows:
+    if "http" in rows or "http-close" in rows:
         need |= {"wrk", "tinyproxy"}
     if "connect" in rows:
         need.add("iperf3")
@@ -646,18 +653,33 @@ def main() -> int:
     profiles: dict[str, dict] = {}
     try:
         gw = Gateway(workdir)
-        if rows.get("http"):
-            say(f"== http: wrk -t{args.threads} -c{args.connections} -d{args.seconds:g}s "
+        for group in ("http", "http-close"):
+            if not rows.get(group):
+                continue
+            say(f"== {group}: wrk -t{args.threads} -c{args.connections} -d{args.seconds:g}s "
                 f"x {args.repeat}, 100-byte responses"
+                + ("; one request per connection" if group == "http-close" else "")
                 + (f"; proxy on CPU {pin[1]}, wrk + origin on CPU {pin[0]}" if pin else ""))
+            close = group == "http-close"
             with Procs(workdir) as procs:
                 origin = start_origin(procs, pin[0] if pin else None)
-                script = workdir / "proxy.lua"
-                script.write_text(WRK_SCRIPT.format(loopback=LOOPBACK, origin=origin.port))
-                res = measure_http(rows["http"], args, gw, workdir, origin, script, pin)
-            profiles = {k: r["profile"] for k, r in res.items() if r.get("profile")}
-            out += http_rows(res, pin)
-            print(table(HEADERS, [r.cells() for r in http_rows(res, pin)]), flush=True)
+                script = workdir / f"{group}.lua"
+                text = WRK_SCRIPT.format(loopback=LOOPBACK, origin=origin.port)
+                if close:
+                    text = text.replace('"Proxy-Connection"] = "Keep-Alive"',
+                                        '"Proxy-Connection"] = "close"') + WRK_CLOSE
+                script.write_text(text)
+                direct = None
+                if close:
+                    direct = workdir / "direct-close.lua"
+                    direct.write_text(WRK_CLOSE)
+                res = measure_http(rows[group], args, gw, workdir, origin, script, pin,
+                                   direct_script=direct)
+            profiles.update({f"{group}:{k}": r["profile"] for k, r in res.items()
+                             if r.get("profile")})
+            group_rows = http_rows(res, pin, group)
+            out += group_rows
+            print(table(HEADERS, [r.cells() for r in group_rows]), flush=True)
         for group in ("connect", "connect-py"):
             if not rows.get(group):
                 continue

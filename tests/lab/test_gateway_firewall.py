@@ -251,10 +251,8 @@ def test_relay_session_through_the_port(dep: Deployment) -> None:
     finally:
         agent.terminate()
         agent.wait(5)
-    # relay records go to the log only, not to --audit-log (src/kakehashi/cli.py attaches
-    # the relay without the gateway's AuditLog), so read them from the gateway's log
-    audit = [json.loads(line.split("kakehashi.audit: ", 1)[1]) for line in
-             dep.gateway_log.read_text().splitlines() if "kakehashi.audit: {" in line]
+    # the relay on the gateway's port writes its decisions to the same --audit-log
+    audit = [a for a in dep.env.audit() if a.get("system") == "relay"]
     logins = {a["user"]: a for a in audit if a.get("event") == "login"
               and a.get("decision") == "allow"}
     # no NAT in this lab: the relay saw the real addresses on both sides of the firewall

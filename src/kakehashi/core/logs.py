@@ -10,6 +10,10 @@ import time
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        audit = getattr(record, "audit", None)
+        if audit is not None:  # an audit decision: its fields, not a JSON string in "msg"
+            return json.dumps({"level": record.levelname.lower(), "logger": record.name,
+                               **audit}, default=str)
         entry = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),

@@ -89,7 +89,8 @@ def gateway() -> None:
               help="Seconds an idle connection to a target is kept for the next client "
                    "connection to it (0: none are shared).")
 @click.option("--audit-log", type=click.Path(dir_okay=False),
-              help="Append allow/deny decisions as JSON lines to this file.")
+              help="Append allow/deny decisions as JSON lines to this file "
+                   "(default: to the log, logger kakehashi.audit).")
 @click.option("--access-log", type=click.Path(dir_okay=False),
               help="Append one JSON line per request to this file.")
 @click.pass_context

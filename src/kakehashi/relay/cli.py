@@ -234,7 +234,8 @@ def tls_option(f):
               help="Seconds a new connection has to log in before it is closed.")
 @connection_limit_options(0, "Each agent holds 1 + its spare connections.")
 @click.option("--audit-log", type=click.Path(dir_okay=False),
-              help="Append allow/deny decisions as JSON lines to this file.")
+              help="Append allow/deny decisions as JSON lines to this file "
+                   "(default: to the log, logger kakehashi.audit).")
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
           login_timeout, max_connections, max_per_client, audit_log) -> None:
     """Run the relay server."""
