@@ -287,6 +287,16 @@ class Origin:
             self._send(sock, 200, b"hop\n", close=close,
                        extra=[("Connection", "X-Hop-Resp"), ("X-Hop-Resp", "secret"),
                               ("Keep-Alive", "timeout=5"), ("X-End-To-End", "kept")])
+        elif path == "/ntlm":  # connection-based auth (IIS style): the TCP connection is
+            # authenticated once, and every later request on it is that user's
+            authed = [q for q in self.requests if q.conn == n
+                      and (q.header("Authorization") or "").startswith("NTLM ")]
+            if authed:
+                user = authed[0].header("Authorization")[5:]  # type: ignore[index]
+                self._send(sock, 200, f"secret of {user}\n".encode(), close=close)
+            else:
+                self._send(sock, 401, b"who are you?\n", close=close,
+                           extra=[("WWW-Authenticate", "NTLM")])
         elif path == "/big":
             self._send(sock, 200, self.big, close=close, ctype="application/octet-stream")
         elif path == "/upload":
@@ -303,7 +313,7 @@ class Origin:
     @staticmethod
     def _send(sock: socket.socket, status: int, body: bytes, *, close: bool,
               ctype: str = "text/plain", extra: list[tuple[str, str]] = ()) -> None:
-        phrase = {200: "OK", 403: "Forbidden", 404: "Not Found"}[status]
+        phrase = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}[status]
         head = [f"HTTP/1.1 {status} {phrase}", f"Content-Type: {ctype}",
                 f"Content-Length: {len(body)}", *[f"{k}: {v}" for k, v in extra]]
         if close:

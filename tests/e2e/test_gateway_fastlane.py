@@ -360,3 +360,24 @@ def test_a_removed_proxy_user_is_locked_out_on_an_open_connection(env):
         assert bob.response()[0] == 200  # the others are not affected
         for c in (alice, bob):
             c.close()
+
+
+@pytest.mark.parametrize("first", ["401 first", "credentials first"])
+def test_a_connection_an_origin_tied_to_its_client_is_never_shared(lane, first):
+    """NTLM-style origins authenticate the TCP connection, not the request: such a
+    connection must never serve another client connection (it would get the first
+    client's identity)."""
+    o = lane.o
+    alice = lane.client()
+    if first == "401 first":  # the origin offers NTLM, then the client authenticates
+        alice.send(get(o, "/ntlm"))
+        assert alice.response()[0] == 401
+    alice.send(get(o, "/ntlm", extra="Authorization: NTLM alice\r\n"))
+    assert alice.response()[2] == b"secret of alice\n"
+    alice.close()
+    time.sleep(0.2)
+    for _ in range(2):  # one-shot clients without credentials, as the pool's users
+        status, _, body = one_shot(lane.port, o, "/ntlm")
+        assert (status, body) == (401, b"who are you?\n")
+    shared = one_shot(lane.port, o, "/hello")  # ordinary connections are still shared
+    assert shared[0] == 200

@@ -18,6 +18,9 @@ class Upstream:
     #: allow-list decisions already made (and audited) on this client connection:
     #: (host, port, user) -> the checked address
     decided: dict = field(default_factory=dict)
+    #: the origin may have tied this connection to the client (connection-based
+    #: authentication such as NTLM): never handed to another client connection
+    private: bool = False
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from kakehashi.core.stream import SMALL_CHUNK, Conn
 from kakehashi.gateway import http
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
+from kakehashi.gateway.pool import binds_request, binds_response
 from kakehashi.gateway.quick import (
     QuickRequest,
     QuickResponse,
@@ -211,7 +212,7 @@ class FastLane:
             self.loop.remove_writer(self.ufd)
             self.up_writing = False
         if keep:
-            self.server.pool.give(self.upstream.key, self.upstream.conn)
+            self.server.pool.release(self.upstream)
         else:
             self.upstream.conn.close()
         self.upstream = None
@@ -334,6 +335,8 @@ class FastLane:
             return self._finish(Handoff("head", head=head))
         self.first = False
         server.requests += 1
+        if binds_request(q.out):
+            self.upstream.private = True  # type: ignore[union-attr]
         self.quick, self.quick_raw = q, raw
         self.quick_user, self.quick_start = user or "-", time.monotonic()
         self.exchange = None
@@ -361,13 +364,13 @@ class FastLane:
         if decision.allowed:
             assert decision.address is not None
             key = (decision.address, port)
-            if not (up is not None and up.key == key) and not server.pool.has(key):
+            if not (up is not None and up.key == key) and not server.pool.has((*key, user)):
                 return False  # a connect is needed: the coroutine path opens it
         server.record_decision(decision, host, port, user, self.conn)
         if not decision.allowed:
             return http.HTTPError(403, decision.reason)
         if up is None or up.key != key:
-            pooled = server.pool.take(key)
+            pooled = server.pool.take((*key, user))
             if pooled is None:  # gone stale since has(): let the coroutine connect
                 return False
             if up is not None:
@@ -410,6 +413,8 @@ class FastLane:
             return self._finish(Handoff("head", head=head))
         server.requests += 1
         self.first = False
+        if binds_request(head):
+            up.private = True
         self.body_sent = bool(body)
         self.quick = None
         self.exchange = Exchange(head, out_head, target, user, time.monotonic())
@@ -620,6 +625,8 @@ class FastLane:
         with the upstream's head)."""
         self.status = status
         self.size = n
+        if binds_response(head) and self.upstream is not None:
+            self.upstream.private = True  # connection-based auth: never pooled
         if len(rest) >= n:
             self.spoiled = len(rest) > n
             self._to_client(head + rest[:n] if n else head)

@@ -8,7 +8,11 @@ connection to the same checked address takes it instead of connecting.
 
 What is shared is only the TCP connection: every client connection still makes
 (and audits) its own allow-list decision before it may take one, and a connection
-is only pooled clean - between responses, with nothing unread. It is checked again
+is only pooled clean - between responses, with nothing unread. Connections are
+pooled per proxy user, and one the origin may have tied to its client is never
+pooled: a request carried ``Authorization`` or a response offered NTLM/Negotiate
+(connection-based authentication, common on intranet servers), as haproxy's
+``http-reuse safe`` does. It is checked again
 when taken (the origin may have closed it meanwhile) and kept only briefly
 (``idle`` seconds, shorter than common origin keep-alive timeouts, so the race of
 an origin closing just as a request goes out stays rare; the relay means retries an
@@ -18,12 +22,42 @@ idempotent request once when it happens).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 
 from kakehashi.core.stream import Conn
+from kakehashi.gateway import http
+from kakehashi.gateway.exchange import Upstream
 
-Key = tuple[str, int]  # (checked address, port)
+Key = tuple[str, int, str]  # (checked address, port, proxy user)
+
+_AUTHORIZATION = re.compile(rb"\r\nauthorization:", re.IGNORECASE)
+_CONNECTION_AUTH = re.compile(rb"\r\nwww-authenticate:[ \t]*(?:ntlm|negotiate)", re.IGNORECASE)
+
+
+def binds_request(head: bytes | http.RequestHead) -> bool:
+    """Does this request carry credentials for the origin (``Authorization``)?"""
+    if isinstance(head, bytes):
+        return _AUTHORIZATION.search(head) is not None
+    return b"authorization" in head.headers._lower
+
+
+def binds_response(head: bytes | http.ResponseHead) -> bool:
+    """Does this response start a connection-based authentication (NTLM, Negotiate)?"""
+    if isinstance(head, bytes):
+        return _CONNECTION_AUTH.search(head) is not None
+    return any(v.lstrip(b" \t").lower().startswith((b"ntlm", b"negotiate"))
+               for v in head.headers.get_all(b"www-authenticate"))
+
+
+def pool_key(upstream: Upstream) -> Key | None:
+    """Where ``upstream`` may be pooled: per checked address and proxy user; None for
+    a private connection or one a client connection used as several proxy users."""
+    users = {user for (_, _, user) in upstream.decided}
+    if upstream.private or len(users) != 1:
+        return None
+    return (*upstream.key, users.pop())
 
 
 def still_idle(conn: Conn) -> bool:
@@ -70,6 +104,15 @@ class UpstreamPool:
                 return conn
             conn.close()
         return None
+
+    def release(self, upstream: Upstream) -> None:
+        """A client connection is done with ``upstream`` (clean, between exchanges):
+        pooled if it may serve another client connection, else closed."""
+        key = pool_key(upstream)
+        if key is None:
+            upstream.conn.close()
+        else:
+            self.give(key, upstream.conn)
 
     def give(self, key: Key, conn: Conn) -> None:
         """Keep a clean idle connection for another client connection (or close it)."""

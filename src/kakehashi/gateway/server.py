@@ -42,7 +42,7 @@ from kakehashi.gateway.events import EventHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
 from kakehashi.gateway.fastlane import IDEMPOTENT, FastLane, SendBatcher
 from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
-from kakehashi.gateway.pool import UpstreamPool, still_idle
+from kakehashi.gateway.pool import UpstreamPool, binds_request, binds_response, still_idle
 from kakehashi.gateway.quick import QuickRequest
 
 log = logging.getLogger("kakehashi.gateway")
@@ -247,7 +247,7 @@ class GatewayServer:
         finally:
             if upstream is not None:
                 if clean:
-                    self.pool.give(upstream.key, upstream.conn)
+                    self.pool.release(upstream)
                 else:
                     upstream.conn.close()
 
@@ -367,18 +367,20 @@ class GatewayServer:
             await conn.send_all(head.version + b" 100 Continue\r\n\r\n")
         key = (address, target.port)
         if upstream is not None and upstream.key != key:
-            self.pool.give(upstream.key, upstream.conn)  # between exchanges: clean
+            self.pool.release(upstream)  # between exchanges: clean
             upstream = None
         elif upstream is not None and not still_idle(upstream.conn):
             upstream.conn.close()
             upstream = None
         fresh = False
         if upstream is None:
-            pooled = self.pool.take(key)
+            pooled = self.pool.take((*key, user))
             fresh = pooled is None
             upstream = Upstream(key, pooled or await self._open(address, target.port,
                                                                 target.host))
             upstream.decided[(target.host, target.port, user)] = address
+        if binds_request(head):
+            upstream.private = True  # the origin may tie the connection to this client
         # A reused connection may have been closed by its origin just as the request
         # went out: one fresh try if the head could not be sent, or if nothing came
         # back for a request that may be repeated (idempotent, no body).
@@ -425,6 +427,8 @@ class GatewayServer:
             resp = await self._read_head(up, reader, "response", self.settings.read_timeout)
         if resp is None:
             raise http.HTTPError(502, "upstream closed without a response")
+        if binds_response(resp):
+            upstream.private = True
         if resp.status == 101:
             return await self._switch(conn, ex, upstream, resp)
         relayed = http.relay_response(resp, self.via, head, ex.out_head)
