@@ -278,6 +278,17 @@ class Origin:
             while not self._stop:
                 time.sleep(0.1)
             return False
+        elif path == "/close-stall":  # a close-delimited body that stops coming
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
+            while not self._stop:
+                time.sleep(0.1)
+            return False
+        elif path == "/endless":  # a chunked body without end (a stream)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            piece = b"%x\r\n%s\r\n" % (65536, b"e" * 65536)
+            while not self._stop:
+                sock.sendall(piece)  # until the gateway lets go of this connection
+            return False
         elif path == "/corrupt-gzip":
             data = bytearray(gzip.compress(GZIP_TEXT))
             data[200:260] = b"\xff" * 60

@@ -381,3 +381,36 @@ def test_a_connection_an_origin_tied_to_its_client_is_never_shared(lane, first):
         assert (status, body) == (401, b"who are you?\n")
     shared = one_shot(lane.port, o, "/hello")  # ordinary connections are still shared
     assert shared[0] == 200
+
+
+# -- bodies on the coroutine path: every wait bounded, no overall deadline ------------
+def test_a_close_delimited_body_that_stalls_is_cut(lane):
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/close-stall"))
+    start = time.monotonic()
+    assert c.closed(timeout=15)  # the read timeout (2 s) ends it: nothing held forever
+    assert c.buf.endswith(b"partial") and time.monotonic() - start < 12
+
+
+def test_a_client_that_never_reads_an_endless_stream_is_let_go(lane):
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/endless"))
+    time.sleep(5)  # the socket buffers fill, the gateway's sends block; after 2 s it gives up
+    c.sock.settimeout(10)
+    got = 0
+    while got < 64 << 20 and (data := c.sock.recv(1 << 20)):
+        got += len(data)
+    assert got < 64 << 20, "the stream never ended: the gateway kept the client forever"
+
+
+def test_a_slow_but_steady_upload_is_not_cut_short(lane):
+    """1 MiB at about 250 KB/s with a 2 s read timeout: no overall deadline."""
+    o, c = lane.o, lane.client()
+    body = bytes(1 << 20)
+    c.send(get(o, "/upload", method="POST", extra=f"Content-Length: {len(body)}\r\n"))
+    for i in range(0, len(body), 32 << 10):
+        c.send(body[i:i + (32 << 10)])
+        time.sleep(0.12)
+    status, _, answer = c.response()
+    assert status == 200 and json.loads(answer) == {
+        "sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}

@@ -60,22 +60,30 @@ def can_splice(*conns: Conn) -> bool:
     return SPLICE_ENABLED and all(c.plain and not c.has_pushback for c in conns)
 
 
-async def splice_in(src: Conn, pipe: Pipe, n: int) -> int:
+async def _bounded(wait: Awaitable[object], idle: float | None) -> None:
+    """One wait for a socket, at most ``idle`` seconds (TimeoutError) when given."""
+    if idle is None:
+        await wait
+    else:
+        await asyncio.wait_for(wait, idle)
+
+
+async def splice_in(src: Conn, pipe: Pipe, n: int, idle: float | None = None) -> int:
     """Move up to ``n`` bytes from ``src`` into an empty pipe; 0 means EOF."""
     while True:
         try:
             return os.splice(src.fileno(), pipe.w, n, flags=_SPLICE_FLAGS)
         except BlockingIOError:
-            await src.wait_readable()
+            await _bounded(src.wait_readable(), idle)
 
 
-async def splice_out(pipe: Pipe, dst: Conn, n: int) -> None:
+async def splice_out(pipe: Pipe, dst: Conn, n: int, idle: float | None = None) -> None:
     """Drain exactly ``n`` bytes from the pipe into ``dst``."""
     while n:
         try:
             n -= os.splice(pipe.r, dst.fileno(), n, flags=_SPLICE_FLAGS)
         except BlockingIOError:
-            await dst.wait_writable()
+            await _bounded(dst.wait_writable(), idle)
 
 
 async def _send_header(dst: Conn, header: bytes) -> None:
@@ -123,18 +131,24 @@ async def copy_raw(src: Conn, dst: Conn, counter: Transfer | None = None) -> int
     return counter.bytes
 
 
-async def copy_length(src: Conn, dst: Conn, n: int, counter: Transfer | None = None) -> int:
-    """Copy exactly ``n`` bytes (a Content-Length body); ConnClosed if ``src`` ends early."""
+async def copy_length(src: Conn, dst: Conn, n: int, counter: Transfer | None = None, *,
+                      idle: float | None = None) -> int:
+    """Copy exactly ``n`` bytes (a Content-Length body); ConnClosed if ``src`` ends early.
+
+    ``idle``: the longest wait for either side (TimeoutError), so a stalled sender or
+    a receiver that stopped reading cannot hold both connections forever, while a
+    slow but steady body of any size still gets through.
+    """
     counter = counter or Transfer()
     left = n
     if can_splice(src, dst):
         pipe = Pipe()
         try:
             while left:
-                got = await splice_in(src, pipe, min(left, pipe.size))
+                got = await splice_in(src, pipe, min(left, pipe.size), idle)
                 if not got:
                     raise ConnClosed(f"peer closed with {left} of {n} bytes missing")
-                await splice_out(pipe, dst, got)
+                await splice_out(pipe, dst, got, idle)
                 left -= got
                 counter.bytes += got
         finally:
@@ -143,22 +157,30 @@ async def copy_length(src: Conn, dst: Conn, n: int, counter: Transfer | None = N
     buf = bytearray(min(RECV_CHUNK, max(n, 1)))
     view = memoryview(buf)
     while left:
-        got = await src.recv_into(view[: min(left, len(buf))])
+        got = await _recv_bounded(src, view[: min(left, len(buf))], idle)
         if not got:
             raise ConnClosed(f"peer closed with {left} of {n} bytes missing")
-        await dst.send_all(view[:got])
+        await _bounded(dst.send_all(view[:got]), idle)
         left -= got
         counter.bytes += got
     return n
 
 
-async def copy_until_eof(src: Conn, dst: Conn, counter: Transfer | None = None) -> int:
-    """Copy until ``src`` ends, without half-closing ``dst`` (a close-delimited body)."""
+async def _recv_bounded(src: Conn, view: memoryview, idle: float | None) -> int:
+    if idle is None:
+        return await src.recv_into(view)
+    return await asyncio.wait_for(src.recv_into(view), idle)
+
+
+async def copy_until_eof(src: Conn, dst: Conn, counter: Transfer | None = None, *,
+                         idle: float | None = None) -> int:
+    """Copy until ``src`` ends, without half-closing ``dst`` (a close-delimited body);
+    ``idle`` as for :func:`copy_length`."""
     counter = counter or Transfer()
     buf = bytearray(RECV_CHUNK)
     view = memoryview(buf)
-    while got := await src.recv_into(view):
-        await dst.send_all(view[:got])
+    while got := await _recv_bounded(src, view, idle):
+        await _bounded(dst.send_all(view[:got]), idle)
         counter.bytes += got
     return counter.bytes
 

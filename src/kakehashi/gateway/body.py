@@ -74,16 +74,16 @@ async def send(src: Conn, dst: Conn, framing: tuple, *, timeout: float,
     if transform is None and kind == "length" and not chunk_out:
         return await copy_fixed(src, dst, framing[1], timeout)
     if transform is None and kind == "close" and not chunk_out:
-        return await copy_until_eof(src, dst)
+        return await copy_until_eof(src, dst, idle=timeout)
     size = 0
     async for data in pieces(src, framing, timeout, error_status):
         if transform is not None:
             data = transform.decode(data)
-        size += await _emit(dst, data, chunk_out)
+        size += await _emit(dst, data, chunk_out, timeout)
     if transform is not None:
-        size += await _emit(dst, transform.finish(), chunk_out)
+        size += await _emit(dst, transform.finish(), chunk_out, timeout)
     if chunk_out:
-        await dst.send_all(http.LAST_CHUNK)
+        await asyncio.wait_for(dst.send_all(http.LAST_CHUNK), timeout)
     return size
 
 
@@ -92,14 +92,16 @@ async def copy_fixed(src: Conn, dst: Conn, n: int, timeout: float) -> int:
     total = n
     while n and src.has_pushback:
         data = await src.recv(min(n, RECV_CHUNK))
-        await dst.send_all(data)
+        await asyncio.wait_for(dst.send_all(data), timeout)
         n -= len(data)
-    if n:  # the pump's own waits are bounded by the caller's overall limit
-        await asyncio.wait_for(copy_length(src, dst, n), max(timeout, n / 1_000_000))
+    if n:  # every wait of the pump is bounded: a slow body is fine, a stalled one not
+        await copy_length(src, dst, n, idle=timeout)
     return total
 
 
-async def _emit(dst: Conn, data: bytes, chunk_out: bool) -> int:
+async def _emit(dst: Conn, data: bytes, chunk_out: bool, timeout: float) -> int:
+    """Send one piece; a receiver that takes nothing for ``timeout`` ends the body."""
     if data:
-        await dst.send_all(http.encode_chunk(data) if chunk_out else data)
+        await asyncio.wait_for(dst.send_all(http.encode_chunk(data) if chunk_out else data),
+                               timeout)
     return len(data)
