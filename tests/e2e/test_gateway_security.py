@@ -337,3 +337,35 @@ def test_max_per_client_closes_the_extra_connections_of_one_address(env):
                                    "Connection: close\r\n\r\n".encode())
         assert status_of(reply) == 200
         held[1].close()
+
+
+def test_the_gateway_as_its_own_target_is_a_loop_not_an_amplifier(env):
+    """With the gateway's own address allowed, CONNECTs chained through itself would
+    cost it a connection each (and come from its own address); it answers 508."""
+    _, port = env.gateway("127.0.0.1")
+    hop = f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    reply = raw_exchange(port, hop * 50, timeout=5)
+    statuses = [line.split()[1] for line in reply.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+    assert statuses == [b"200", b"508"], reply[:300]
+    assert b"a loop" in reply
+    loops = [a for a in env.audit() if a["event"] == "loop"]
+    assert len(loops) == 1 and loops[0]["decision"] == "deny"
+
+
+def test_events_cannot_be_published_by_bouncing_through_the_gateway(env):
+    """Only --publisher networks may publish; a request relayed by the gateway to
+    itself would come from the gateway's own (loopback) address."""
+    _, port = env.gateway("127.0.0.1", extra=["--publisher", "127.0.0.1/32"])
+    path = "/.well-known/kakehashi/events/alerts"
+    direct = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.5", 0))
+    with direct:
+        direct.sendall(f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n"
+                       f"Connection: close\r\n\r\nx".encode())
+        assert status_of(direct.recv(4096)) == 403
+    bounced = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.5", 0))
+    with bounced:
+        bounced.sendall(f"POST http://127.0.0.1:{port}{path} HTTP/1.1\r\nHost: gw\r\n"
+                        f"Content-Length: 1\r\nConnection: close\r\n\r\nx".encode())
+        reply = bounced.recv(4096)
+        assert status_of(reply) == 508, reply
+    assert curl(f"http://127.0.0.1:{port}{path}?cursor=0").status == 204  # nothing published

@@ -28,6 +28,7 @@ import json
 import logging
 import ssl
 import time
+import weakref
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
@@ -161,6 +162,10 @@ class GatewayServer:
         self.settings = settings or GatewaySettings()
         self.auth = auth
         self.hub = hub or EventHub()
+        #: this gateway's own upstream connections by local address, to recognise
+        #: itself as a client (see _from_itself); entries go with their connections
+        self._own_upstreams: weakref.WeakValueDictionary[tuple, Conn] = \
+            weakref.WeakValueDictionary()
         self.audit = audit or AuditLog(system="gateway")
         self.via = self.settings.via_name.encode()
         self.requests = 0
@@ -184,6 +189,13 @@ class GatewayServer:
 
     # -- one client connection ---------------------------------------------------
     async def handle_connection(self, conn: Conn) -> None:
+        if self._from_itself(conn):
+            self.audit.record("loop", False, client=conn.peer[0] if conn.peer else "?",
+                              why="a connection from this gateway to itself")
+            with contextlib.suppress(OSError, ConnClosed, TimeoutError):
+                await asyncio.wait_for(self._reply_error(
+                    conn, 508, "the target is this gateway itself (a loop)"), 5)
+            return
         reader = http.HeadReader(self.settings.limits)
         upstream: Upstream | None = None
         clean = False  # the upstream is between exchanges (it may go to the pool)
@@ -329,12 +341,28 @@ class GatewayServer:
 
     async def _open(self, address: str, port: int, host: str) -> Conn:
         try:
-            return await open_tcp(address, port, timeout=self.settings.connect_timeout)
+            up = await open_tcp(address, port, timeout=self.settings.connect_timeout)
         except TimeoutError:
             raise http.HTTPError(504, f"{host}:{port} did not accept in time") from None
         except (OSError, ConnectionError) as exc:
             reason = getattr(exc.__cause__, "strerror", None) or str(exc)
             raise http.HTTPError(502, f"cannot connect to {host}:{port}: {reason}") from None
+        with contextlib.suppress(OSError):
+            self._own_upstreams[up.sock.getsockname()[:2]] = up
+        return up
+
+    def _from_itself(self, conn: Conn) -> bool:
+        """Does ``conn`` come from one of this gateway's own upstream connections?
+
+        A target that is the gateway itself (its own port reached through an allowed
+        address) would let one client chain CONNECTs without end, each hop a new
+        connection from the gateway's own address (past ``--max-per-client``), or
+        reach the event publisher check from the gateway's own address. Via cannot
+        see CONNECT, so the loop is recognised by the source socket instead.
+        """
+        peer = conn.peer[:2] if conn.peer else None
+        own = self._own_upstreams.get(peer) if peer else None
+        return own is not None and not own.closed
 
     # -- tunnelling means (Figs. 8-10) -------------------------------------------
     async def _tunnel(self, conn: Conn, head: http.RequestHead, start: float) -> None:
