@@ -147,6 +147,20 @@ def test_pipelined_requests_are_answered_in_order(lane):
     assert o.connections == 1
 
 
+def test_requests_pipelined_behind_a_handed_over_response_are_answered(lane):
+    """A chunked, large or interim response goes to the coroutine path: what the
+    client pipelined behind that request must go along, not be dropped."""
+    o, c = lane.o, lane.client()
+    c.send(get(o, "/hello"))
+    assert c.response()[0] == 200
+    c.send(get(o, "/chunked") + get(o, "/fixed/after-chunked") + get(o, "/big")
+           + get(o, "/fixed/after-big"))
+    assert c.response()[2] == b"".join(CHUNKS)
+    assert c.response()[2] == b"hello from origin /fixed/after-chunked\n"
+    assert hashlib.sha256(c.response()[2]).hexdigest() == o.big_sha
+    assert c.response()[2] == b"hello from origin /fixed/after-big\n"
+
+
 def test_connection_close_ends_the_connection_after_the_response(lane):
     o, c = lane.o, lane.client()
     c.send(get(o, "/hello"))

@@ -188,8 +188,8 @@ class FastLane:
         if self.out or self.cq:  # what was decided waits for the client's bytes to go
             self.pending = handoff
             return
-        if handoff.kind == "head":
-            assert handoff.head is not None
+        if handoff.kind in ("head", "response"):  # the coroutine goes on with this
+            # connection: requests pipelined behind this one must still be there
             rest = self.reader.take_rest()
             if rest:
                 self.conn.unread(rest)
