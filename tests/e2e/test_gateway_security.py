@@ -369,3 +369,23 @@ def test_events_cannot_be_published_by_bouncing_through_the_gateway(env):
         reply = bounced.recv(4096)
         assert status_of(reply) == 508, reply
     assert curl(f"http://127.0.0.1:{port}{path}?cursor=0").status == 204  # nothing published
+
+
+def test_the_gateways_own_endpoints_keep_http_framing(env):
+    """/healthz and the event endpoints are answered by the gateway itself: a body
+    they do not read must not become the next request, HEAD gets no body, and
+    Connection: close closes."""
+    with origin() as o:
+        _, port = env.gateway("127.0.0.1")
+        smuggled = (f"GET {o.url}/smuggled HTTP/1.1\r\nHost: {o.addr}\r\n\r\n").encode()
+        reply = raw_exchange(port, b"POST /healthz HTTP/1.1\r\nHost: gw\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled,
+                             timeout=3)
+        assert status_of(reply) == 400 and reply.count(b"HTTP/1.1 ") == 1
+        assert o.requests == []  # the body was not taken for a request
+        head_reply = raw_exchange(port, b"HEAD /healthz HTTP/1.1\r\nHost: gw\r\n"
+                                  b"Connection: close\r\n\r\n", timeout=5)
+        assert status_of(head_reply) == 200 and head_reply.endswith(b"\r\n\r\n")
+        assert b"Connection: close" in head_reply  # and it closed (raw_exchange returned)
+        old = raw_exchange(port, b"GET /healthz HTTP/1.0\r\n\r\n", timeout=5)
+        assert old.startswith(b"HTTP/1.0 200") and old.endswith(b"ok\n")

@@ -516,10 +516,14 @@ class GatewayServer:
 
     # -- the gateway's own endpoints (events, health) ----------------------------
     async def _local(self, conn: Conn, head: http.RequestHead, target) -> bool:
+        """The gateway's own endpoints; returns whether the connection stays open."""
         path, _, query = target.path.decode("latin-1").partition("?")
+        if http.request_body(head) not in (http.NO_BODY, ("length", 0)) \
+                and not (head.method == b"POST" and path.startswith(EVENTS_PREFIX)):
+            # an unread body would be taken for the next request: refuse and close
+            raise http.HTTPError(400, "this endpoint takes no request body")
         if path == "/healthz":
-            await self._reply(conn, head, 200, b"ok\n", "text/plain")
-            return True
+            return await self._reply(conn, head, 200, b"ok\n", "text/plain")
         if not path.startswith(EVENTS_PREFIX):
             raise http.HTTPError(400, "this is a forward proxy: send absolute-form requests "
                                       "(e.g. curl -x http://gateway:port http://target/)")
@@ -537,18 +541,16 @@ class GatewayServer:
         except ValueError as exc:
             raise http.HTTPError(400, f"events: {exc}") from None
         if not batch.events:  # Fig. 11, 702: no event
-            await self._reply(conn, head, 204, b"", None,
-                              [(b"Kakehashi-Cursor", str(batch.cursor).encode())]
-                              + ([(b"Kakehashi-Gap", b"1")] if batch.gap else []))
-            return True
+            return await self._reply(conn, head, 204, b"", None,
+                                     [(b"Kakehashi-Cursor", str(batch.cursor).encode())]
+                                     + ([(b"Kakehashi-Gap", b"1")] if batch.gap else []))
         body = json.dumps({
             "cursor": batch.cursor,
             "gap": batch.gap,
             "events": [_event_json(e) for e in batch.events],
         }).encode()
-        await self._reply(conn, head, 200, body, "application/json",
-                          [(b"Kakehashi-Cursor", str(batch.cursor).encode())])
-        return True
+        return await self._reply(conn, head, 200, body, "application/json",
+                                 [(b"Kakehashi-Cursor", str(batch.cursor).encode())])
 
     async def _publish(self, conn: Conn, head: http.RequestHead, topic: str) -> bool:
         client = conn.peer[0] if conn.peer else ""
@@ -573,13 +575,14 @@ class GatewayServer:
                 raise ConnClosed("publisher closed in the middle of the body")
             data += piece
         event = self.hub.publish(topic, data)
-        await self._reply(conn, head, 202, json.dumps({"seq": event.seq}).encode(),
-                          "application/json")
-        return True
+        return await self._reply(conn, head, 202, json.dumps({"seq": event.seq}).encode(),
+                                 "application/json")
 
     # -- replies and logs ----------------------------------------------------------
     async def _reply(self, conn: Conn, head: http.RequestHead, status: int, body: bytes,
-                     ctype: str | None, extra: list | None = None) -> None:
+                     ctype: str | None, extra: list | None = None) -> bool:
+        """A reply of the gateway's own; returns whether the connection stays open
+        (the client's Connection wish and version, as for relayed responses)."""
         reason = {200: b"OK", 202: b"Accepted", 204: b"No Content"}.get(status, b"OK")
         lines = [head.version + b" %d " % status + reason]
         if ctype:
@@ -588,7 +591,17 @@ class GatewayServer:
             lines.append(b"Content-Length: %d" % len(body))
         for name, value in extra or []:
             lines.append(name + b": " + value)
+        tokens = head.headers._tokens(b"connection")
+        keep = b"close" not in tokens and (head.version == b"HTTP/1.1"
+                                           or b"keep-alive" in tokens)
+        if not keep:
+            lines.append(b"Connection: close")
+        elif head.version != b"HTTP/1.1":
+            lines.append(b"Connection: keep-alive")
+        if head.method == b"HEAD":
+            body = b""  # the same head as for GET, without the body (RFC 9110 9.3.2)
         await conn.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        return keep
 
     async def _reply_error(self, conn: Conn, status: int, reason: str, *,
                            head: http.RequestHead | None = None) -> None:
