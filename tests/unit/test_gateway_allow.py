@@ -54,3 +54,14 @@ async def test_check_resolves_names():
     assert decision.allowed and decision.address.startswith("127.")
     assert not (await AllowList(["10.0.0.0/8"]).check("localhost", 80)).allowed
     assert not (await allow.check("no-such-host.invalid", 80)).allowed
+
+
+@pytest.mark.parametrize("mapped", ["::ffff:127.0.0.1", "::ffff:169.254.169.254",
+                                    "::ffff:7f00:1"])
+def test_ipv4_mapped_addresses_are_judged_as_the_ipv4_address(mapped):
+    allow = AllowList(["*.corp.example"])
+    assert not allow.decide("app.corp.example", 80, [mapped]).allowed
+    assert allow.decide("app.corp.example", 80, ["::ffff:10.1.2.3"]).allowed
+    by_net = AllowList(["10.0.0.0/8"])
+    assert by_net.decide("::ffff:10.1.2.3", 80, ["::ffff:10.1.2.3"]).allowed
+    assert not by_net.decide(mapped, 80, [mapped]).allowed

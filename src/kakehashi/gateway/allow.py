@@ -129,6 +129,10 @@ class AllowList:
         by_name = self._name_allowed(host, port)
         for text in addresses:
             ip = ipaddress.ip_address(text.split("%", 1)[0])
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                # ::ffff:a.b.c.d reaches a.b.c.d: judged as that address (a name whose
+                # AAAA is ::ffff:127.0.0.1 must not slip past the loopback guard)
+                ip = ip.ipv4_mapped
             if self._address_allowed(ip, port):
                 return Decision(True, text)
             if by_name and not any(ip in net for net in ALWAYS_SUSPECT):
