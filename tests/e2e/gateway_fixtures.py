@@ -278,6 +278,9 @@ class Origin:
             while not self._stop:
                 time.sleep(0.1)
             return False
+        elif path == "/early-hints":  # an interim response before the final one
+            sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            self._send(sock, 200, b"hinted\n", close=close)
         elif path == "/close-stall":  # a close-delimited body that stops coming
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
             while not self._stop:

@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,6 +79,22 @@ def test_forward_reports_gateway_refusals_to_the_application(env):
         r = curl(f"http://127.0.0.1:{local}/hello")
         assert r.status == 403 and b"allow-list" in r.body
         assert o.connections == 0
+
+
+def test_forward_answers_requests_it_cannot_relay(env):
+    """The local port speaks plain HTTP for one target: an absolute-form request (an
+    application configured to use it as a proxy) or garbage gets a clear 400."""
+    with origin() as o:
+        _, gw = env.gateway("127.0.0.1")
+        proc, local = _forward(env, gw, o.addr)
+        for request, status in (
+                (f"GET {o.url}/hello HTTP/1.1\r\nHost: {o.addr}\r\n\r\n".encode(), b"400"),
+                (b"GET /hello HTTP/9.9\r\n\r\n", b"505")):
+            with socket.create_connection(("127.0.0.1", local), timeout=10) as sock:
+                sock.sendall(request)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 " + status)
+        assert curl(f"http://127.0.0.1:{local}/hello").status == 200  # still serving
+        assert "Traceback" not in proc.output() and "never retrieved" not in proc.output()
 
 
 def test_tunnel_on_a_local_port_10mb_both_ways(env, echo):

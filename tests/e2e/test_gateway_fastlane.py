@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.e2e.gateway_fixtures import CHUNKS, origin
+from tests.e2e.gateway_fixtures import CHUNKS, origin, raw_exchange
 
 
 class Client:
@@ -428,3 +428,14 @@ def test_a_slow_but_steady_upload_is_not_cut_short(lane):
     status, _, answer = c.response()
     assert status == 200 and json.loads(answer) == {
         "sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
+
+
+def test_interim_responses_go_to_http_1_1_clients_only(lane):
+    o = lane.o
+    modern = raw_exchange(lane.port, get(o, "/early-hints", extra="Connection: close\r\n"))
+    assert modern.startswith(b"HTTP/1.1 103 ") and b"HTTP/1.1 200 " in modern
+    old = raw_exchange(lane.port, f"GET {o.url}/early-hints HTTP/1.0\r\n\r\n".encode())
+    assert old.startswith(b"HTTP/1.1 200 ") and b" 103 " not in old  # RFC 9110 15.2
+    expect = raw_exchange(lane.port, f"POST {o.url}/upload HTTP/1.0\r\nContent-Length: 2\r\n"
+                          f"Expect: 100-continue\r\n\r\nhi".encode())
+    assert expect.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in expect

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from kakehashi.core.pump import pump_raw
-from kakehashi.core.stream import Conn, Listener, open_tcp, start_tls
+from kakehashi.core.stream import Conn, ConnClosed, Listener, open_tcp, start_tls
 from kakehashi.gateway import body, http
 
 log = logging.getLogger("kakehashi.gateway.client")
@@ -166,7 +166,16 @@ async def serve_forward(gw: Gateway, target_host: str, target_port: int,
                     return
                 if not sent and http.request_body(head) != http.NO_BODY:
                     return  # refused before the body: it is still unread on the app side
-        except (OSError, GatewayError, http.HTTPError, TimeoutError) as exc:
+        except http.HTTPError as exc:  # the application's request is not HTTP we relay
+            log.warning("forward to %s:%d: %s", target_host, target_port, exc.reason)
+            with contextlib.suppress(OSError, ConnClosed):
+                await app.send_all(http.error_response(exc.status, exc.reason))
+        except ValueError as exc:
+            log.warning("forward to %s:%d: %s", target_host, target_port, exc)
+            with contextlib.suppress(OSError, ConnClosed):
+                await app.send_all(http.error_response(
+                    400, "send origin-form requests (GET /path) to this local port"))
+        except (OSError, ConnClosed, GatewayError, TimeoutError) as exc:
             log.warning("forward to %s:%d failed: %s", target_host, target_port, exc)
         finally:
             if upstream is not None:

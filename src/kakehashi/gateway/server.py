@@ -392,7 +392,8 @@ class GatewayServer:
         expect = out_head.headers.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue":
             out_head.headers.remove(b"expect")  # checks passed: the gateway answers itself
-            await conn.send_all(head.version + b" 100 Continue\r\n\r\n")
+            if head.version == b"HTTP/1.1":  # never a 1xx to an HTTP/1.0 client
+                await conn.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         key = (address, target.port)
         if upstream is not None and upstream.key != key:
             self.pool.release(upstream)  # between exchanges: clean
@@ -450,8 +451,10 @@ class GatewayServer:
         up = upstream.conn
         head = ex.head
         while resp is not None and 100 <= resp.status < 200 and resp.status != 101:
-            # interim responses are forwarded (except 101) and the real one awaited
-            await conn.send_all(http.response_for_client(resp, self.via).serialize())
+            # interim responses are forwarded (except 101; none to an HTTP/1.0 client,
+            # RFC 9110 15.2) and the real one awaited
+            if head.version == b"HTTP/1.1":
+                await conn.send_all(http.response_for_client(resp, self.via).serialize())
             resp = await self._read_head(up, reader, "response", self.settings.read_timeout)
         if resp is None:
             raise http.HTTPError(502, "upstream closed without a response")
