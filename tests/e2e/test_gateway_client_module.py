@@ -227,6 +227,11 @@ def test_poll_endpoint_with_curl(env):
     assert doc["cursor"] == 1 and [e["data"] for e in doc["events"]] == ["job done"]
     bad = curl(f"http://127.0.0.1:{gw}/.well-known/kakehashi/events/bad%20topic?cursor=0")
     assert bad.status == 400
+    for wait in ("nan", "inf", "soon"):
+        assert curl(f"{base}?cursor=0&wait={wait}").status == 400
+    cli = env.run("gateway", "events", "publish", "bad\r\ntopic", "--via", f"127.0.0.1:{gw}",
+                  "--data", "x", check=False)
+    assert cli.returncode == 2 and b"topic names are" in cli.stderr
 
 
 def test_publishing_only_from_publisher_networks(env):

@@ -23,7 +23,7 @@ from kakehashi.core.stream import Conn, FdConn, Listener
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.client import EventClient, Gateway, GatewayError, open_tunnel, serve_forward
 from kakehashi.gateway.event_journal import StoreJournal
-from kakehashi.gateway.events import EventHub, Retention
+from kakehashi.gateway.events import TOPIC_RE, EventHub, Retention
 from kakehashi.gateway.server import USER_KIND, GatewayServer, GatewaySettings, ProxyAuth
 
 log = logging.getLogger("kakehashi.gateway")
@@ -290,6 +290,12 @@ def tunnel(via, via_tls, ca, proxy_user, to, listen) -> None:
     sys.exit(runner.run(main()))
 
 
+def _topic(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not TOPIC_RE.match(value):
+        raise click.BadParameter("topic names are 1-128 of A-Z a-z 0-9 _ . -")
+    return value
+
+
 @gateway.group()
 def events() -> None:
     """Publish to and watch event topics through the gateway's one port."""
@@ -297,7 +303,7 @@ def events() -> None:
 
 @events.command()
 @via_options
-@click.argument("topic")
+@click.argument("topic", callback=_topic)
 @click.option("--data", help="Event text (default: read stdin).")
 def publish(via, via_tls, ca, proxy_user, topic, data) -> None:
     """Publish one event to TOPIC (from an internal network)."""
@@ -318,7 +324,7 @@ def publish(via, via_tls, ca, proxy_user, topic, data) -> None:
 
 @events.command()
 @via_options
-@click.argument("topic")
+@click.argument("topic", callback=_topic)
 @click.option("--cursor", type=int, default=0, show_default=True,
               help="Start after this event number (0: oldest retained, -1: only new).")
 @click.option("--wait", type=float, default=25.0, show_default=True,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from kakehashi.core.pump import pump_raw
 from kakehashi.core.stream import Conn, ConnClosed, Listener, open_tcp, start_tls
 from kakehashi.gateway import body, http
+from kakehashi.gateway.events import TOPIC_RE
 
 log = logging.getLogger("kakehashi.gateway.client")
 
@@ -198,6 +199,13 @@ async def _read_request(conn: Conn, reader: http.HeadReader) -> http.RequestHead
     return head  # type: ignore[return-value]
 
 
+def _events_path(topic: str) -> str:
+    """The topic's path; the name is checked here so it can never break the request."""
+    if not TOPIC_RE.match(topic):
+        raise ValueError(f"bad topic {topic!r}: 1-128 of A-Z a-z 0-9 _ . -")
+    return f"/.well-known/kakehashi/events/{topic}"
+
+
 class EventClient:
     """Publish and watch event topics through the gateway (plain HTTP requests)."""
 
@@ -228,14 +236,13 @@ class EventClient:
             conn.close()
 
     async def publish(self, topic: str, data: bytes) -> int:
-        head, payload = await self._request(b"POST", f"/.well-known/kakehashi/events/{topic}",
-                                            data)
+        head, payload = await self._request(b"POST", _events_path(topic), data)
         if head.status != 202:
             raise GatewayError(head.status, payload.decode(errors="replace").strip())
         return int(json.loads(payload)["seq"])
 
     async def poll(self, topic: str, cursor: int, wait: float) -> tuple[list[dict], int, bool]:
-        path = f"/.well-known/kakehashi/events/{topic}?cursor={cursor}&wait={wait:g}"
+        path = f"{_events_path(topic)}?cursor={cursor}&wait={wait:g}"
         head, payload = await self._request(b"GET", path, timeout=wait + self.gw.timeout)
         if head.status == 204:  # no event (Fig. 11, 702)
             value = head.headers.get(b"kakehashi-cursor")

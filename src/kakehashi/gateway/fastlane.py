@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from kakehashi.core.stream import SMALL_CHUNK, Conn
 from kakehashi.gateway import http
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
-from kakehashi.gateway.pool import binds_request, binds_response
+from kakehashi.gateway.pool import binds_request, binds_response, still_idle
 from kakehashi.gateway.quick import (
     QuickRequest,
     QuickResponse,
@@ -138,7 +138,9 @@ class FastLane:
         if conn.has_pushback:
             self.reader.feed(conn.take_pushback(conn.pushback_size))
         up = self.upstream
-        if up is not None and up.conn.has_pushback:  # stray bytes: not reusable
+        if up is not None and not still_idle(up.conn):
+            # stray bytes (say a body sent after a HEAD answer) or a close since the
+            # coroutine's exchange: the next request must not read them as its answer
             self._drop_upstream()
         self._arm(self.settings.head_timeout if self.first else self.settings.idle_timeout)
         self._resume()

@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
 import logging
+import math
 import ssl
 import time
 import weakref
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 from kakehashi.core.audit import AuditLog
-from kakehashi.core.crypto import verify_password
+from kakehashi.core.crypto import hash_password, verify_password
 from kakehashi.core.pump import pump_raw
 from kakehashi.core.store import Store
 from kakehashi.core.stream import Conn, ConnClosed, open_tcp
@@ -73,6 +75,11 @@ class GatewaySettings:
 class ClosedBeforeAnswer(http.HTTPError):
     """The upstream closed without a byte of response (502, or a retry when the
     connection was a reused one and the request may be sent again)."""
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password("not a user")
 
 
 @dataclass
@@ -140,11 +147,12 @@ class ProxyAuth:
                 "utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        doc = await asyncio.get_running_loop().run_in_executor(
-            None, self.store.get, USER_KIND, user)
+        loop = asyncio.get_running_loop()
+        doc = await loop.run_in_executor(None, self.store.get, USER_KIND, user)
         pw_hash = doc.get("password_hash", "") if doc is not None else ""
-        ok = doc is not None and await asyncio.get_running_loop().run_in_executor(
-            None, verify_password, password, pw_hash)
+        # an unknown user costs the same hash: timing must not tell which names exist
+        ok = await loop.run_in_executor(None, verify_password, password,
+                                        pw_hash or _dummy_hash()) and bool(pw_hash)
         if not ok:
             return None
         if len(self._cache) > 10_000:
@@ -539,7 +547,10 @@ class GatewayServer:
             if head.method != b"GET":
                 raise http.HTTPError(405, "events: use GET to poll, POST to publish")
             cursor = int(params.get("cursor", ["0"])[0])
-            wait = min(float(params.get("wait", ["0"])[0]), self.settings.max_wait)
+            wait = float(params.get("wait", ["0"])[0])
+            if not math.isfinite(wait):
+                raise ValueError("wait must be a number of seconds")
+            wait = min(wait, self.settings.max_wait)
             batch = await self.hub.wait(topic, cursor, max(wait, 0.0))
         except ValueError as exc:
             raise http.HTTPError(400, f"events: {exc}") from None
