@@ -225,3 +225,38 @@ def test_server_context_args(home: Path) -> None:
     with pytest.raises(ValueError):
         server_context(key=key)
     assert _handshake(server_context(cert, key), client_context()) == (None, None)
+
+
+def test_start_tls_uses_bytes_already_read_ahead(home: Path) -> None:
+    """A client that read past a CONNECT reply holds the first TLS bytes as
+    pushback: the upgrade must start from them, not from the socket."""
+    import asyncio
+
+    from kakehashi.core.stream import Conn, start_tls
+
+    ca = DevCA()
+    server_ctx = server_context(*ca.issue(["localhost"]), cache=False)
+    client_ctx = client_context(ca.ca_path, cache=False)
+
+    async def main() -> bytes:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        conn = Conn(a)
+        thread = threading.Thread(target=lambda: _client(b), daemon=True)
+        thread.start()
+        first = await conn.recv(10)  # read ahead, then given back
+        conn.unread(first)
+        tls = await start_tls(conn, server_ctx, server_side=True, timeout=10)
+        data = await tls.recv(1)
+        await tls.send_all(b"!")
+        thread.join(10)
+        tls.close()
+        return data
+
+    def _client(sock: socket.socket) -> None:
+        sock.settimeout(10)
+        with client_ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall(b"?")
+            tls.recv(1)
+
+    assert asyncio.run(main()) == b"?"

@@ -334,6 +334,8 @@ async def start_tls(
     """Upgrade a plain connection in place (the socket is reused, not reopened)."""
     if not conn.plain:
         raise ValueError("connection is already encrypted")
+    if conn.has_pushback:  # bytes read ahead (say behind a CONNECT reply) are TLS records
+        initial = conn.take_pushback(conn.pushback_size) + initial
     tls = TLSConn(
         conn.sock, context, server_side=server_side, server_hostname=server_hostname,
         initial=initial,
