@@ -370,7 +370,14 @@ class GatewayServer:
         """
         peer = conn.peer[:2] if conn.peer else None
         own = self._own_upstreams.get(peer) if peer else None
-        return own is not None and not own.closed
+        if own is None or own.closed or own.peer is None:
+            return False
+        # The same local port may serve several destinations at once (the kernel
+        # shares ephemeral ports between 4-tuples): only the whole pair is a loop.
+        try:
+            return own.peer[:2] == conn.sock.getsockname()[:2]
+        except OSError:
+            return False
 
     # -- tunnelling means (Figs. 8-10) -------------------------------------------
     async def _tunnel(self, conn: Conn, head: http.RequestHead, start: float) -> None:
