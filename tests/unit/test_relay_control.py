@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from kakehashi.core import wire
 from kakehashi.relay import messages as m
 from kakehashi.relay.control import (
     Authenticate,
@@ -238,6 +239,18 @@ def test_connect_unknown_service_lists_offered_ones(r):
     err = one(r.recv(a, m.ConnectRequest(req=1, target="bob", service="ftp")), a, m.Error)
     assert err.code == "no-such-service"
     assert "ssh" in err.message and "web" in err.message
+
+
+def test_a_refusal_always_fits_the_message_limit(r):
+    """A target exposing many services made the refusal longer than a Text field:
+    the requester's terminal then dropped its link instead of showing the reason."""
+    a = r.login("alice")
+    r.login("bob", attrs=m.Attrs(services=[f"service-number-{i:02d}" for i in range(30)]))
+    err = one(r.recv(a, m.ConnectRequest(req=1, target="bob", service="nope")), a, m.Error)
+    assert err.code == "no-such-service" and len(err.message) <= m.TEXT_MAX
+    frame = m.RELAY_CODEC.encode(err)  # what the terminal parses (the relay encodes with it)
+    decoded = m.TERMINAL_CODEC.decode(frame[wire.HEADER_SIZE:])
+    assert decoded.message == err.message
 
 
 def test_connect_target_without_idle_connection(r):

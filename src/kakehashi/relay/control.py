@@ -514,7 +514,7 @@ class ControlUnit:
         def refuse(code: str, text: str) -> list[object]:
             return [
                 Audit("connect", False, {"from": conn.user, "to": msg.target, "why": code}),
-                Send(conn.id, m.Error(req=msg.req, code=code, message=text)),
+                Send(conn.id, m.Error(req=msg.req, code=code, message=m.fit(text))),
             ]
 
         if conn.state is not State.IDLE:

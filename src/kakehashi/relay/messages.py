@@ -19,7 +19,14 @@ from kakehashi.core.wire import ControlCodec
 # ``\Z``, not ``$``: ``$`` also matches before a trailing newline ("alice\n")
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+\Z")]
 Service = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.@-]*\Z")]
-Text = Annotated[str, msgspec.Meta(max_length=512)]
+TEXT_MAX = 512
+Text = Annotated[str, msgspec.Meta(max_length=TEXT_MAX)]
+
+
+def fit(text: str) -> str:
+    """``text`` cut to what a :data:`Text` field carries (a longer one would make the
+    receiver drop the whole connection as a protocol violation)."""
+    return text if len(text) <= TEXT_MAX else text[: TEXT_MAX - 1] + "\u2026"
 Secret = Annotated[str, msgspec.Meta(max_length=1024)]
 Names = Annotated[list[Name], msgspec.Meta(max_length=256)]
 ReqId = Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
