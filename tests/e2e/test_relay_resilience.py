@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import signal
 import socket
+import struct
+import threading
 import time
 
 from tests.e2e.framework import roundtrip
@@ -91,3 +96,71 @@ def test_tls_mismatch_says_what_to_do(env):
     res = env.run("relay", "who", *env.client_args("laptop", port, tls=False),
                   env=env.user_env("laptop"), check=False)
     assert res.returncode == 1 and b"drop --tls off" in res.stderr
+
+
+@contextlib.contextmanager
+def one_shot_service(behave):
+    """A loopback service whose single connection is handled by ``behave(sock)``."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            behave(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        thread.join(15)
+
+
+def _reset_after(seconds: float):
+    def behave(conn: socket.socket) -> None:
+        time.sleep(seconds)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # RST: the service's connection breaks, nothing more is said
+    return behave
+
+
+def test_a_service_that_resets_ends_the_session(env):
+    """The agent's application stream broke (a reset) while the far side was quiet:
+    the session must end on both sides, not wait for an EOF that never comes."""
+    env.add_user("pi")
+    env.add_user("laptop")
+    _, port = env.relay(tls=False)
+    with one_shot_service(_reset_after(0.5)) as addr:
+        env.agent("pi", port, f"svc={addr}", tls=False)
+        _, local = env.forward("laptop", port, "pi/svc", tls=False)
+        sock = socket.create_connection(("127.0.0.1", local), timeout=10)
+        start = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(100) == b""  # the end arrives (quiet client, broken service)
+        assert time.monotonic() - start < 8
+        sock.close()
+
+
+def test_a_slow_consumer_does_not_make_the_uploader_drop_its_link(env):
+    """keepalive 1 s (dead after 3 s): the service reads nothing for 6 s while the
+    client uploads. The uploading terminal waits on the relay, which waits on the
+    consumer; neither side may take that silence for a dead peer."""
+    env.add_user("pi")
+    env.add_user("laptop")
+    _, port = env.relay(tls=False, keepalive=1.0)
+    payload = os.urandom(24 << 20)
+
+    def slow_reader(conn: socket.socket) -> None:
+        time.sleep(6)
+        digest, size = hashlib.sha256(), 0
+        while data := conn.recv(1 << 20):
+            digest.update(data)
+            size += len(data)
+        conn.sendall(f"{size} {digest.hexdigest()}".encode())
+        conn.close()
+
+    with one_shot_service(slow_reader) as addr:
+        env.agent("pi", port, f"sink={addr}", tls=False)
+        res = env.pipe("laptop", port, "pi/sink", payload, tls=False, timeout=60)
+    assert res.stdout.decode() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"

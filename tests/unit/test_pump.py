@@ -108,6 +108,56 @@ async def _a_frame_cut_short_cuts_the_peer_off() -> None:
     src.conn.close()
 
 
+async def _a_frame_cut_by_cancellation_cuts_the_peer_off() -> None:
+    """The relay's keepalive watchdog aborts a silent sender's link and cancels its
+    reader, which may be in the middle of forwarding a frame (seen in review: the
+    peer then read the relay's next messages as payload)."""
+    src_mine, src_theirs = _pair()
+    dst_mine, dst_theirs = _pair()
+    src = FramedConn(Conn(src_mine))
+    sink = FramedSink(FramedConn(Conn(dst_mine)))
+    src_theirs.sendall(wire.encode_header(wire.FrameType.DATA, 1 << 20) + b"z" * 1000)
+    reader = asyncio.create_task(forward_frames(src, lambda: sink, _never_ctrl))
+    await asyncio.sleep(0.2)  # the frame is open on the peer's side, the sender silent
+    src.conn.abort()
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    dst_theirs.setblocking(True)
+    dst_theirs.settimeout(2)
+    received = b""
+    while chunk := dst_theirs.recv(1 << 16):  # the end, right after the partial frame
+        received += chunk
+    assert received == wire.encode_header(wire.FrameType.DATA, 1 << 20) + b"z" * 1000
+    sink.dst.conn.close()
+    src_theirs.close()
+
+
+async def _closing_a_watched_socket_leaves_its_fd_number_clean() -> None:
+    """The relay serves idle links from a persistent readable callback. A link closed
+    by the watchdog must take that registration along: the next connection to get the
+    same fd number was never read (seen in review: a handshake that timed out)."""
+    mine, theirs = _pair()
+    conn = Conn(mine)
+    conn.watch_readable(lambda: None)
+    fd = mine.fileno()
+    conn.close()
+    theirs.close()
+    for _ in range(4):  # the lowest free numbers are reused: one of these gets ``fd``
+        a, b = _pair()
+        if a.fileno() == fd or b.fileno() == fd:
+            break
+    reused = a if a.fileno() == fd else b
+    other = b if reused is a else a
+    fresh = Conn(reused)
+    waiter = asyncio.create_task(fresh.wait_readable())
+    await asyncio.sleep(0.01)
+    other.send(b"!")
+    await asyncio.wait_for(waiter, 2)
+    fresh.close()
+    other.close()
+
+
 async def _whole_frames_pass_unchanged() -> None:
     src_mine, src_theirs = _pair()
     dst_mine, dst_theirs = _pair()
@@ -142,6 +192,15 @@ def test_a_waited_socket_can_be_waited_on_again(run) -> None:
 @pytest.mark.skipif(not SPLICE_ENABLED, reason="the cut-short frame case is the splice path")
 def test_a_frame_cut_short_cuts_the_peer_off(run) -> None:
     run(_a_frame_cut_short_cuts_the_peer_off())
+
+
+@pytest.mark.skipif(not SPLICE_ENABLED, reason="the cut-short frame case is the splice path")
+def test_a_frame_cut_by_cancellation_cuts_the_peer_off(run) -> None:
+    run(_a_frame_cut_by_cancellation_cuts_the_peer_off())
+
+
+def test_closing_a_watched_socket_leaves_its_fd_number_clean(run) -> None:
+    run(_closing_a_watched_socket_leaves_its_fd_number_clean())
 
 
 def test_whole_frames_pass_unchanged(run) -> None:

@@ -217,7 +217,12 @@ async def raw_to_frames(
     max_data: int = wire.DEFAULT_LIMITS.max_data,
     counter: Transfer | None = None,
 ) -> int:
-    """Read an application stream and send it as DATA frames, then an EOF frame."""
+    """Read an application stream and send it as DATA frames, then an EOF frame.
+
+    Cancelling this (the session ended while the application was still sending)
+    never leaves half a frame on ``dst``: the frame being written is finished
+    first, so the link's next message (the release) is read as a message.
+    """
     counter = counter or Transfer()
     if seal is None and can_splice(src, dst.conn):
         pipe = Pipe()
@@ -225,9 +230,7 @@ async def raw_to_frames(
         try:
             while n := await splice_in(src, pipe, chunk):
                 async with dst.write_lock:
-                    await _send_header(dst.conn, wire.encode_header(wire.FrameType.DATA, n))
-                    await splice_out(pipe, dst.conn, n)
-                    dst.bytes_out += n + wire.HEADER_SIZE
+                    await _whole_frame(dst, _splice_frame(dst, pipe, n))
                 counter.bytes += n
         finally:
             pipe.close()
@@ -236,10 +239,48 @@ async def raw_to_frames(
         view = memoryview(buf)
         while n := await src.recv_into(view):
             payload = seal(bytes(view[:n])) if seal else view[:n]
-            await dst.send_frame(wire.FrameType.DATA, bytes(payload))
+            data = wire.encode_header(wire.FrameType.DATA, len(payload)) + bytes(payload)
+            async with dst.write_lock:
+                await _whole_frame(dst, _send_frame_bytes(dst, data))
             counter.bytes += n
     await dst.send_frame(wire.FrameType.EOF)
     return counter.bytes
+
+
+#: how long a cancelled sender may still take to finish the frame it started
+FRAME_FINISH_TIMEOUT = 10.0
+
+
+async def _splice_frame(dst: FramedConn, pipe: Pipe, n: int) -> None:
+    await _send_header(dst.conn, wire.encode_header(wire.FrameType.DATA, n))
+    await splice_out(pipe, dst.conn, n)
+    dst.bytes_out += n + wire.HEADER_SIZE
+
+
+async def _send_frame_bytes(dst: FramedConn, data: bytes) -> None:
+    await dst.conn.send_all(data)
+    dst.bytes_out += len(data)
+
+
+async def _whole_frame(dst: FramedConn, write: Awaitable[None]) -> None:
+    """Write one frame (the caller holds ``dst.write_lock``) so that a cancel waits
+    for the frame to be whole; one that cannot be finished in time cuts ``dst``.
+
+    While the write waits for the peer to take bytes, the link counts as stalled, not
+    dead: a slow consumer at the far end backs up to here, and the peer (the relay)
+    says nothing meanwhile because it is blocked on that consumer.
+    """
+    task = asyncio.ensure_future(write)
+    with dst.stalling():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                try:
+                    await asyncio.wait_for(task, FRAME_FINISH_TIMEOUT)
+                except BaseException:
+                    dst.conn.cut()
+            raise
 
 
 class FrameSink:
@@ -270,12 +311,8 @@ class RawSink(FrameSink):
 
     async def data(self, src: FramedConn, length: int) -> None:
         self.counter.bytes += length
-        src.stalled = True  # a slow application is not a dead relay
-        try:
+        with src.stalling():  # a slow application is not a dead relay
             await self._deliver(src, length)
-        finally:
-            src.stalled = False
-            src.last_rx = src.conn.loop.time()
 
     async def _deliver(self, src: FramedConn, length: int) -> None:
         if self.open is not None:
@@ -334,49 +371,58 @@ class FramedSink(FrameSink):
         rest = length - len(head)
         if not (self.splices and src.conn.plain):
             payload = head + (await src.read_payload(rest) if rest else b"")
-            src.stalled = True  # waiting on the peer now, not on the sender
-            try:
-                await self.dst.send(header + payload)
-            except (OSError, ConnClosed):
-                self._lost()
-            finally:
-                src.stalled = False
-                src.last_rx = src.conn.loop.time()
+            with src.stalling():  # waiting on the peer now, not on the sender
+                try:
+                    await self.dst.send(header + payload)
+                except (OSError, ConnClosed):
+                    self._lost()
+                except BaseException:  # cancelled (the sender's link is being closed)
+                    self._cut()  # possibly in the middle of the frame
+                    raise
             return
         pipe = self._pipe = self._pipe or Pipe()
         # A pipe holds a bounded number of *segments*, not bytes: a frame cannot be
         # assumed to fit, so it streams through in pieces under the peer's lock.
-        async with self.dst.write_lock:
+        with src.stalling():  # the peer's lock and room for the header: the peer's pace
+            await self.dst.write_lock.acquire()
+        try:
+            whole = False
             try:
-                await _send_header(self.dst.conn, header + head)
-            except (OSError, ConnClosed):
-                self._lost()
-                await discard_payload(src, rest)
-                return
-            while rest:
                 try:
-                    n = await splice_in(src.conn, pipe, rest)
-                    if not n:
-                        raise ConnClosed("connection closed in the middle of a frame")
-                except (OSError, ConnClosed):
-                    # The peer already has this frame's header: whatever is sent next
-                    # would be read as the rest of its payload. The stream cannot go
-                    # on, so the peer is cut off now rather than fed a corrupt frame.
-                    self.dst.conn.cut()
-                    self._lost()
-                    raise
-                rest -= n
-                src.stalled = True
-                try:
-                    await splice_out(pipe, self.dst.conn, n)
+                    with src.stalling():
+                        await _send_header(self.dst.conn, header + head)
                 except (OSError, ConnClosed):
                     self._lost()
                     await discard_payload(src, rest)
                     return
-                finally:
-                    src.stalled = False
-                    src.last_rx = src.conn.loop.time()
-            self.dst.bytes_out += length + wire.HEADER_SIZE
+                while rest:
+                    n = await splice_in(src.conn, pipe, rest)
+                    if not n:
+                        raise ConnClosed("connection closed in the middle of a frame")
+                    rest -= n
+                    with src.stalling():
+                        try:
+                            await splice_out(pipe, self.dst.conn, n)
+                        except (OSError, ConnClosed):
+                            self._lost()
+                            await discard_payload(src, rest)
+                            return
+                whole = True
+                self.dst.bytes_out += length + wire.HEADER_SIZE
+            finally:
+                if not whole and not self.dead:
+                    # The sender failed or was cancelled (its link closed by the
+                    # keepalive watchdog, say) after the peer got this frame's header:
+                    # whatever came next would be read as the rest of the payload.
+                    self._cut()
+        finally:
+            self.dst.write_lock.release()
+
+    def _cut(self) -> None:
+        """The peer's stream cannot go on: cut it off now rather than feed it a
+        corrupt frame (it sees the end at once; its owner closes it)."""
+        self.dst.conn.cut()
+        self._lost()
 
     async def eof(self) -> None:
         if self.dead or self.dst.conn.closed:

@@ -15,7 +15,7 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from kakehashi.core import wire
 
@@ -41,6 +41,7 @@ class Conn:
     """A plain non-blocking stream socket driven by the running loop."""
 
     plain = True
+    _watching = False  # a persistent readable callback is registered (watch_readable)
 
     def __init__(self, sock: socket.socket) -> None:
         _tune(sock)
@@ -156,6 +157,19 @@ class Conn:
                 else:
                     self.loop.remove_writer(fd)
 
+    def watch_readable(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` whenever the socket is readable, until
+        :meth:`unwatch_readable` or :meth:`close` (which unregisters it before the fd
+        goes: a registration left on a closed fd number would swallow the events of
+        the next connection that gets that number)."""
+        self.loop.add_reader(self.sock.fileno(), callback)
+        self._watching = True
+
+    def unwatch_readable(self) -> None:
+        if self._watching:
+            self._watching = False
+            self.loop.remove_reader(self.sock.fileno())
+
     def _wake_waiters(self) -> None:
         """Unregister and fail every wait on this socket (before its fd is closed)."""
         if not self._waits:
@@ -186,6 +200,7 @@ class Conn:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.unwatch_readable()
             self._wake_waiters()
             with contextlib.suppress(OSError):
                 self.sock.close()
@@ -532,9 +547,25 @@ class FramedConn:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_rx = asyncio.get_running_loop().time()
-        #: True while the reader waits for the *peer* to take data (backpressure):
-        #: silence from this connection is then the relay's doing, not a dead peer
-        self.stalled = False
+        self._stalls = 0
+
+    @property
+    def stalled(self) -> bool:
+        """Someone waits for the *other side* of a transfer through this connection
+        (backpressure), so silence from it is not a dead peer: its reader delivering
+        to a slow consumer, or a frame waiting for the peer to take it."""
+        return self._stalls > 0
+
+    @contextlib.contextmanager
+    def stalling(self) -> Iterator[None]:
+        """Mark a wait on backpressure; nested and concurrent marks add up, and the
+        end of each counts as a sign of life (the transfer moved)."""
+        self._stalls += 1
+        try:
+            yield
+        finally:
+            self._stalls -= 1
+            self.last_rx = self.conn.loop.time()
 
     @property
     def buffered(self) -> int:

@@ -289,7 +289,13 @@ class RelayLink:
         try:
             while True:
                 await asyncio.sleep(self.keepalive)
-                if loop.time() - self.framed.last_rx > self.dead_after and not self.framed.stalled:
+                if self.framed.write_lock.locked() and self.framed.stalled:
+                    # a frame waits for the relay to take it (a slow consumer at the
+                    # far end): the link is busy, not dead, and a hold would only
+                    # queue behind that frame
+                    continue
+                if loop.time() - self.framed.last_rx > self.dead_after \
+                        and not self.framed.stalled:
                     log.warning("relay missed %d keepalives; dropping link",
                                 int(self.dead_after / self.keepalive))
                     break
@@ -525,8 +531,13 @@ async def run_session(link: RelayLink, app: Conn,
 
 
 async def _both(up: asyncio.Task[int], got_eof: asyncio.Event) -> None:
-    with contextlib.suppress(Exception):
+    """Both directions are done: ours sent its EOF and the peer's EOF came. If our
+    application's stream broke (a reset), the session is over now: waiting for the
+    peer's EOF could last forever when its application is quiet."""
+    try:
         await asyncio.shield(up)
+    except Exception:
+        return
     await got_eof.wait()
 
 

@@ -297,12 +297,11 @@ class RelayServer:
         process()
         if fut.done():
             return fut.result()
-        loop.add_reader(sock.fileno(), on_readable)
+        framed.conn.watch_readable(on_readable)
         try:
             return await fut
         finally:
-            if not framed.conn.closed:
-                loop.remove_reader(sock.fileno())
+            framed.conn.unwatch_readable()
 
     # -- actions ------------------------------------------------------------------
     def _apply_now(self, actions: list[object]) -> None:
