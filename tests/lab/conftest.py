@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kakehashi.core.lab import FirewallLab, NatLab, lab_available
+from tests.support.netns import FirewallLab, NatLab, lab_available
 
 _HERE = Path(__file__).resolve().parent
 

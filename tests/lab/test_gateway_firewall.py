@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from kakehashi.core.lab import FirewallLab, Namespace, lab_available
+from tests.support.netns import FirewallLab, Namespace, lab_available
 from tests.e2e.framework import PASSWORD, Env
 from tests.lab.conftest import GATEWAY_PORT
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kakehashi.core.lab import FirewallLab
+from tests.support.netns import FirewallLab
 
 pytestmark = pytest.mark.lab
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from kakehashi.core.lab import (
+from tests.support.netns import (
     NS_PREFIX,
     NatLab,
     cleanup_stale_namespaces,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from kakehashi.core.lab import NatLab
+from tests.support.netns import NatLab
 
 pytestmark = pytest.mark.lab
 

@@ -1,4 +1,4 @@
-"""Throwaway network-namespace topologies for tests and benchmarks.
+"""Throwaway network-namespace topologies for the lab tests (tests/lab).
 
 kakehashi exists to cross NATs and firewalls, and mocks cannot prove that a
 connection really survives masquerading or really is refused by a stateful
