@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.netns import FirewallLab, Namespace, lab_available
 from tests.e2e.framework import PASSWORD, Env
 from tests.lab.conftest import GATEWAY_PORT
+from tests.support.netns import FirewallLab, Namespace, lab_available
 
 pytestmark = pytest.mark.lab
 
