@@ -9,33 +9,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.ports import free_port
+from tests.support.wait import wait_port, wait_until
 
 PASSWORD = {"pi": "pi-secret", "laptop": "laptop-secret", "alice": "alice-secret",
             "bob": "bob-secret", "carol": "carol-secret"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "wait_port", "wait_until"]  # re-exported for the test modules
 
-
-def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port}")
+_LISTENING = re.compile(r"(?:listening on|forwarding|tunnel) (?:http://)?[^\s:]+:(\d+)")
+"""The line a server or forwarder logs once it has bound: the port it got."""
 
 
 @dataclass
@@ -49,18 +43,35 @@ class Proc:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, text: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output():
-                return
-            if self.popen.poll() is not None:
+    def wait_for(self, text: str | re.Pattern[str], timeout: float = 15.0) -> str:
+        """Wait until the output holds ``text`` (a string or a pattern); return the
+        matched text. Fails at once if the process exits first."""
+        def seen() -> str | None:
+            out = self.output()
+            if isinstance(text, re.Pattern):
+                match = text.search(out)
+                found = match.group(0) if match else None
+            else:
+                found = text if text in out else None
+            if found is None and self.popen.poll() is not None:
                 raise AssertionError(
                     f"{self.name} exited ({self.popen.returncode}) before {text!r}:\n"
                     + self.output()[-3000:])
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name}: {text!r} not seen in {timeout}s:\n"
-                             + self.output()[-3000:])
+            return found
+
+        try:
+            return wait_until(seen, timeout, what=f"{self.name}: {text!r}", interval=0.05)
+        except AssertionError as exc:
+            if "not seen within" not in str(exc):
+                raise
+            raise AssertionError(f"{self.name}: {text!r} not seen in {timeout}s:\n"
+                                 + self.output()[-3000:]) from None
+
+    def bound_port(self, timeout: float = 15.0) -> int:
+        """The port a server started on port 0 logged that it bound."""
+        match = _LISTENING.search(self.wait_for(_LISTENING, timeout))
+        assert match is not None
+        return int(match.group(1))
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
         if self.popen.poll() is None:
@@ -133,13 +144,13 @@ class Env:
 
     def relay(self, *extra: str, port: int | None = None, tls: bool = True,
               keepalive: float | None = None) -> tuple[Proc, int]:
-        port = port or free_port()
-        proc = self.spawn("relay", "relay", "serve", "--listen", f"127.0.0.1:{port}",
+        """``relay serve`` on ``port``, or on a port of its own choosing (port 0, read
+        back from its log line) when none is given."""
+        proc = self.spawn("relay", "relay", "serve", "--listen", f"127.0.0.1:{port or 0}",
                           "--db", self.db, "--tls", "on" if tls else "off",
                           "--keepalive", str(keepalive or self.keepalive),
                           "--audit-log", str(self.root / "audit.jsonl"), *extra)
-        proc.wait_for("relay listening on")
-        return proc, port
+        return proc, proc.bound_port()
 
     def client_args(self, user: str, port: int, tls: bool = True) -> list[str]:
         return ["--server", f"127.0.0.1:{port}", "--user", user,
@@ -160,12 +171,10 @@ class Env:
 
     def forward(self, user: str, port: int, target: str, *extra: str,
                 tls: bool = True) -> tuple[Proc, int]:
-        local = free_port()
         proc = self.spawn(f"connect-{user}", "relay", "connect",
                           *self.client_args(user, port, tls), target,
-                          "--listen", f"127.0.0.1:{local}", *extra, env=self.user_env(user))
-        proc.wait_for("forwarding")
-        return proc, local
+                          "--listen", "127.0.0.1:0", *extra, env=self.user_env(user))
+        return proc, proc.bound_port()
 
     def pipe(self, user: str, port: int, target: str, data: bytes, *extra: str,
              tls: bool = True, timeout: float = 60.0,
@@ -275,19 +284,18 @@ def roundtrip(port: int, payload: bytes, timeout: float = 15.0) -> bytes:
 
 # -- gateway building blocks (spec 001: the aggregation port) ---------------------------
 def _env_gateway(self: Env, *allow: str, extra: tuple[str, ...] | list[str] = (),
-                 port: int | None = None, name: str = "gateway") -> tuple[Proc, int]:
+                 port: int | None = None, name: str = "gateway",
+                 env: dict | None = None) -> tuple[Proc, int]:
     """``kakehashi gateway serve`` on a free loopback port, allowing ``allow``; its
     audit log is ``audit.jsonl`` (read with ``env.audit()``), its access log
     ``access.jsonl`` (``env.access()``)."""
-    port = port or free_port()
-    args = ["gateway", "serve", "--listen", f"127.0.0.1:{port}", "--db", self.db,
+    args = ["gateway", "serve", "--listen", f"127.0.0.1:{port or 0}", "--db", self.db,
             "--audit-log", str(self.root / "audit.jsonl"),
             "--access-log", str(self.root / "access.jsonl")]
     for item in allow:
         args += ["--allow", item]
-    proc = self.spawn(name, *args, *extra)
-    proc.wait_for("gateway listening on")
-    return proc, port
+    proc = self.spawn(name, *args, *extra, env=env)
+    return proc, proc.bound_port()
 
 
 def _env_access(self: Env, until=bool, timeout: float = 5.0) -> list[dict]:
@@ -297,13 +305,14 @@ def _env_access(self: Env, until=bool, timeout: float = 5.0) -> list[dict]:
     import json
 
     path = self.root / "access.jsonl"
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def entries() -> list[dict]:
         text = path.read_text() if path.exists() else ""
-        entries = [json.loads(line) for line in text.splitlines() if line.endswith("}")]
-        if until(entries) or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.05)
+        return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: until(entries()), timeout, interval=0.05)
+    return entries()
 
 
 def _env_add_proxy_user(self: Env, name: str, password: str) -> None:

@@ -17,24 +17,20 @@ import time
 import pytest
 
 from tests.e2e import sshd
-from tests.e2e.framework import free_port, stream_through
+from tests.e2e.framework import stream_through, wait_until
 from tests.e2e.gateway_fixtures import curl, origin
 
 
 def _forward(env, gw: int, to: str):
-    local = free_port()
     proc = env.spawn("forward", "gateway", "forward", "--via", f"127.0.0.1:{gw}", "--to", to,
-                     "--listen", f"127.0.0.1:{local}")
-    proc.wait_for("forwarding http://")
-    return proc, local
+                     "--listen", "127.0.0.1:0")
+    return proc, proc.bound_port()
 
 
 def _tunnel(env, gw: int, to: str):
-    local = free_port()
     proc = env.spawn("tunnel", "gateway", "tunnel", "--via", f"127.0.0.1:{gw}", "--to", to,
-                     "--listen", f"127.0.0.1:{local}")
-    proc.wait_for("tunnel 127.0.0.1")
-    return proc, local
+                     "--listen", "127.0.0.1:0")
+    return proc, proc.bound_port()
 
 
 def test_forward_lets_a_plain_http_client_reach_the_origin(env, tmp_path):
@@ -156,7 +152,7 @@ def _lines(proc) -> list[dict]:
 
 
 def test_events_in_order_and_resumed_from_a_cursor(env):
-    _, gw = env.gateway("127.0.0.1")
+    gw_proc, gw = env.gateway("127.0.0.1", env={"KAKEHASHI_LOG": "debug"})
     for i in (1, 2, 3):
         assert _publish(env, gw, "builds", f"event {i}") == f"published builds #{i}"
     got = _watch(env, gw, "builds", "--count", "3", "--wait", "1")
@@ -167,7 +163,9 @@ def test_events_in_order_and_resumed_from_a_cursor(env):
     watcher = env.spawn("watch", "--log-level", "warning", "gateway", "events", "watch",
                         "builds", "--via", f"127.0.0.1:{gw}", "--cursor", "3", "--wait", "0.5")
     watcher.wait_for('"seq": 5')
-    time.sleep(1.5)  # several more long polls (each a new connection) bring nothing new
+    # several more long polls (each a new connection) after #5 bring nothing new
+    wait_until(lambda: gw_proc.output().count("topic builds after #5") >= 3,
+               what="three more long polls after #5")
     watcher.stop()
     assert [(e["seq"], e["data"]) for e in _lines(watcher)] == [(4, "event 4"),
                                                                 (5, "event 5")]
@@ -195,17 +193,17 @@ def test_memory_events_start_afresh(env):
 
 
 def test_long_poll_delivers_promptly(env):
-    _, gw = env.gateway("127.0.0.1")
+    gw_proc, gw = env.gateway("127.0.0.1", env={"KAKEHASHI_LOG": "debug"})
     _publish(env, gw, "alerts", "old")
     watcher = env.spawn("watch", "--log-level", "warning", "gateway", "events", "watch",
                         "alerts", "--via", f"127.0.0.1:{gw}", "--cursor", "1", "--count", "1",
-                        "--wait", "20")
-    time.sleep(1.0)  # the watcher is now parked in a long poll
+                        "--wait", "60")
+    gw_proc.wait_for("long poll parked: topic alerts after #1")  # the gateway holds the poll
     assert _lines(watcher) == []
     _publish(env, gw, "alerts", "fresh")
     start = time.monotonic()
-    watcher.wait_for('"fresh"', timeout=5)
-    assert time.monotonic() - start < 2.0  # not the 20 s a poll would wait
+    watcher.wait_for('"fresh"', timeout=20)
+    assert time.monotonic() - start < 20  # woken by the publish, not the 60 s poll timeout
     assert watcher.popen.wait(5) == 0
     assert [e["seq"] for e in _lines(watcher)] == [2]
 
@@ -249,9 +247,8 @@ def test_client_module_authenticates_to_the_gateway(env, echo):
         _, gw = env.gateway("127.0.0.1", extra=["--auth"])
         via = ["--via", f"127.0.0.1:{gw}"]
         creds = {"KAKEHASHI_PROXY_PASSWORD": "bob-pw"}
-        local = free_port()
-        env.spawn("forward", "gateway", "forward", *via, "--proxy-user", "bob", "--to", o.addr,
-                  "--listen", f"127.0.0.1:{local}", env=creds).wait_for("forwarding http://")
+        local = env.spawn("forward", "gateway", "forward", *via, "--proxy-user", "bob",
+                          "--to", o.addr, "--listen", "127.0.0.1:0", env=creds).bound_port()
         r = curl(f"http://127.0.0.1:{local}/hello")
         assert r.status == 200 and r.body == b"hello from origin /hello\n"
         assert o.requests[0].header("Proxy-Authorization") is None

@@ -20,7 +20,6 @@ import pytest
 websockets_sync = pytest.importorskip("websockets.sync.server")
 from websockets.sync.client import connect as ws_connect  # noqa: E402
 
-from tests.e2e.framework import free_port  # noqa: E402
 from tests.e2e.gateway_fixtures import origin  # noqa: E402
 
 
@@ -43,11 +42,9 @@ def ws_origin():
 
 
 def _forward(env, gw: int, port: int) -> int:
-    local = free_port()
     proc = env.spawn("forward", "gateway", "forward", "--via", f"127.0.0.1:{gw}",
-                     "--to", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{local}")
-    proc.wait_for("forwarding http://")
-    return local
+                     "--to", f"127.0.0.1:{port}", "--listen", "127.0.0.1:0")
+    return proc.bound_port()
 
 
 def test_a_websocket_client_reaches_an_internal_server_through_gateway_forward(env):

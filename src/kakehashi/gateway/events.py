@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
+
+log = logging.getLogger("kakehashi.gateway.events")
 
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -179,6 +182,8 @@ class EventHub:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(topic, set())
         waiters.add(fut)
+        # the moment a watcher is parked, for operators and for tests that must know it
+        log.debug("long poll parked: topic %s after #%d, up to %.1f s", topic, cursor, timeout)
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:

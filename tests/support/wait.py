@@ -1,0 +1,85 @@
+"""Waiting for what a test can observe, instead of sleeping and hoping.
+
+A test that sleeps "long enough" either wastes time on a quiet machine or fails on a
+busy one (two cores shared by several test runs). These helpers poll a condition the
+test can see (a log line, a port, a counter, a file) until it holds or a generous
+deadline passes, and then fail with a message that says what was awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 15.0, *, what: str = "",
+               interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that.
+
+    Raises AssertionError naming ``what`` (or the predicate) after ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not seen within {timeout}s: "
+                                 f"{what or getattr(predicate, '__name__', predicate)}")
+        time.sleep(interval)
+
+
+async def async_wait_until(predicate: Callable[[], T], timeout: float = 10.0, *,
+                           what: str = "") -> T:
+    """:func:`wait_until` for coroutine tests: yields to the loop between polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not seen within {timeout}s: "
+                                 f"{what or getattr(predicate, '__name__', predicate)}")
+        await asyncio.sleep(0.005)
+
+
+async def async_wait_for(awaitable: Awaitable[T], timeout: float = 10.0) -> T:
+    """``asyncio.wait_for`` with the test suite's default deadline."""
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Wait until something accepts TCP connections on ``host:port``."""
+    def accepts() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+            return True
+        return False
+
+    wait_until(accepts, timeout, what=f"something listening on {host}:{port}")
+
+
+def wait_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Read from ``sock`` until the peer closes it (EOF or reset) and return what came.
+
+    Fails if the peer keeps the connection open past ``timeout``.
+    """
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    chunks = []
+    try:
+        while data := sock.recv(65536):
+            chunks.append(data)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still open after {timeout}s")
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        raise AssertionError(f"peer kept the connection open for {timeout}s") from None
+    return b"".join(chunks)
