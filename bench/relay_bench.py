@@ -5,7 +5,7 @@
     python bench/relay_bench.py --only throughput,setup:relay
     python bench/relay_bench.py --list     # the benchmark and row names
 
-Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
+Four benchmarks, everything on loopback (127.0.0.1), one table at the end:
 
 * throughput - one TCP stream, client -> path -> sink (iperf3; Python fallback),
   MB/s (10^6 bytes/s) median of --repeat runs, ratios vs direct and vs haproxy,
@@ -13,7 +13,10 @@ Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
 * setup - time from a client's connect() until the first byte comes back from an
   echo server behind the path, p50/p90/p99 over --sessions sequential sessions;
 * idle - one relay server and --agents logged-in idle agents (one load-generator
-  process): server RSS per agent and server CPU while only keepalives flow.
+  process): server RSS per agent and server CPU while only keepalives flow;
+* churn - a TLS relay receiving --churn-rounds rounds of --churn-size TCP
+  connections that send nothing and close: server RSS after a warm-up round and
+  after the rounds (it must stay flat).
 
 See bench/README.md for what each row means and the targets. Users are registered
 with --kdf-n 1024 (cheap scrypt), so logins cost ~3 ms instead of ~50 ms.
@@ -47,6 +50,7 @@ from benchlib import (
     machine,
     median,
     percentile,
+    raise_nofile,
     ratio,
     rss_kib,
     say,
@@ -67,6 +71,7 @@ SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "lin
 BASELINES = ["direct", "haproxy"]
 
 SETUP_TARGET_MS = 1.0
+CHURN_TARGET_PCT = 10.0
 RSS_TARGET_MB = 200.0
 CPU_TARGET_PCT = 5.0
 
@@ -443,10 +448,63 @@ def idle_rows(r: dict) -> list[Row]:
     ]
 
 
+# == pre-handshake churn ==============================================================
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _churn_round(port: int, pid: int, size: int, idle_fds: int) -> None:
+    """``size`` connects that send nothing, closed once the relay holds them all."""
+    socks = []
+    for _ in range(size):
+        with contextlib.suppress(OSError):
+            socks.append(socket.create_connection((LOOPBACK, port), timeout=10))
+    deadline = time.monotonic() + 60
+    while _open_fds(pid) < idle_fds + len(socks) * 9 // 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for sock in socks:
+        sock.close()
+    deadline = time.monotonic() + 60
+    while _open_fds(pid) > idle_fds and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def measure_churn(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path) -> dict:
+    size, rounds = args.churn_size, args.churn_rounds
+    raise_nofile(size + 1024)  # this process holds a round's sockets too
+    with Procs(workdir) as procs:
+        port, pid = kk.serve(procs, tls=True, nofile=size + 1024)
+        wait_listening(port)
+        idle_fds = _open_fds(pid)
+        start = rss_kib(pid)
+        _churn_round(port, pid, size, idle_fds)  # warm-up: the allocator's first growth
+        base = rss_kib(pid)
+        t0 = time.monotonic()
+        for i in range(rounds):
+            _churn_round(port, pid, size, idle_fds)
+            say(f"  round {i + 1}/{rounds}: relay RSS {rss_kib(pid) / 1024:.0f} MB")
+        end, hwm = rss_kib(pid), rss_kib(pid, "VmHWM")
+        seconds = time.monotonic() - t0
+    return {"size": size, "rounds": rounds, "start_mb": start / 1024, "base_mb": base / 1024,
+            "end_mb": end / 1024, "hwm_mb": hwm / 1024, "seconds": seconds,
+            "growth_pct": 100 * (end - base) / base}
+
+
+def churn_rows(r: dict) -> list[Row]:
+    ok = "PASS" if r["growth_pct"] < CHURN_TARGET_PCT else "FAIL"
+    return [Row(
+        "churn", f"relay server RSS, {r['rounds']} x {r['size']:,} pre-handshake closes (TLS)",
+        f"{r['base_mb']:.0f} -> {r['end_mb']:.0f} MB ({r['growth_pct']:+.1f} %)",
+        notes=f"empty {r['start_mb']:.0f} MB, before the rounds (after a warm-up round) "
+              f"{r['base_mb']:.0f} MB, peak {r['hwm_mb']:.0f} MB; {r['seconds']:.0f} s",
+        target=f"< {CHURN_TARGET_PCT:g} %: {ok}")]
+
+
 # == main =============================================================================
 def selected(only: list[str] | None) -> dict[str, list[str]]:
     """Rows to run per benchmark; a group's baselines (direct, haproxy) come along."""
-    groups = {"throughput": THROUGHPUT_ROWS, "setup": SETUP_ROWS, "idle": ["agents"]}
+    groups = {"throughput": THROUGHPUT_ROWS, "setup": SETUP_ROWS, "idle": ["agents"],
+              "churn": ["prehandshake"]}
     return select_rows(groups, only, {g: BASELINES for g in ("throughput", "setup")})
 
 
@@ -480,12 +538,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--keepalive", type=float, default=15.0, help="relay keepalive (s)")
     ap.add_argument("--idle-tls", action="store_true",
                     help="idle agents connect with TLS (default: --tls off, as in the target)")
+    ap.add_argument("--churn-size", type=int,
+                    help="connections per churn round (default 2000; quick 1000)")
+    ap.add_argument("--churn-rounds", type=int,
+                    help="churn rounds after the warm-up (default 10; quick 3)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and configs")
     args = ap.parse_args()
     quick = args.quick
     defaults = {"seconds": 2.0 if quick else 5.0, "repeat": 1 if quick else 3,
                 "sessions": 50 if quick else 300, "agents": 1000 if quick else 10000,
-                "window": 20.0 if quick else 60.0}
+                "window": 20.0 if quick else 60.0, "churn_size": 1000 if quick else 2000,
+                "churn_rounds": 3 if quick else 10}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -498,6 +561,7 @@ def main() -> int:
         print("throughput:", ", ".join(THROUGHPUT_ROWS))
         print("setup:     ", ", ".join(SETUP_ROWS))
         print("idle:       agents")
+        print("churn:      prehandshake")
         return 0
     rows = selected(args.only.split(",") if args.only else None)
     check_tools(rows)
@@ -528,6 +592,11 @@ def main() -> int:
             res_idle = measure_idle(args, kk, workdir)
             out += idle_rows(res_idle)
             print(table(HEADERS, [r.cells() for r in idle_rows(res_idle)]), flush=True)
+        if rows.get("churn"):
+            say(f"== churn: {args.churn_rounds} x {args.churn_size} pre-handshake closes")
+            res_churn = measure_churn(args, kk, workdir)
+            out += churn_rows(res_churn)
+            print(table(HEADERS, [r.cells() for r in churn_rows(res_churn)]), flush=True)
     except KeyboardInterrupt:
         say("interrupted; processes stopped")
         return 130

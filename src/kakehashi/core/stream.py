@@ -265,16 +265,23 @@ class TLSConn(Conn):
         return self._obj
 
     async def handshake(self) -> None:
-        while True:
-            try:
-                self._obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    raise ConnClosed("connection closed during TLS handshake") from None
+        while not self._handshake_step():
+            await self._flush()
+            if not await self._fill():
+                # raised outside any ``except`` block: no chained SSLWantReadError whose
+                # traceback would keep this connection's frames (and its SSL object)
+                # alive until the cyclic garbage collector happens to run
+                raise ConnClosed("connection closed during TLS handshake")
         await self._flush()
         self.tls_version = self._obj.version()
+
+    def _handshake_step(self) -> bool:
+        """One handshake step: True when done, False when it needs the peer's bytes."""
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
 
     async def _fill(self, want: int = SMALL_CHUNK) -> bool:
         data = await self.loop.sock_recv(self.sock, min(max(want, SMALL_CHUNK), RECV_CHUNK))
@@ -351,13 +358,28 @@ async def start_tls(
         raise ValueError("connection is already encrypted")
     if conn.has_pushback:  # bytes read ahead (say behind a CONNECT reply) are TLS records
         initial = conn.take_pushback(conn.pushback_size) + initial
+    # ``asyncio.timeout``, not ``wait_for``: wait_for runs the handshake in a task of
+    # its own, and a failed handshake's exception then references that task through
+    # its traceback while the task references the exception - a cycle that kept the
+    # SSL object and its buffers of every connection that closed early alive until
+    # the cyclic garbage collector happened to run (and the heap stayed fragmented).
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with asyncio.timeout_at(deadline):
+        if server_side and not initial:
+            # A server allocates no TLS state before the client's first bytes: a
+            # flood of connections that open and close silently costs a socket each,
+            # not an SSL object with its buffers.
+            initial = await conn.recv(SMALL_CHUNK)
+            if not initial:
+                raise ConnClosed("connection closed before the TLS handshake")
     tls = TLSConn(
         conn.sock, context, server_side=server_side, server_hostname=server_hostname,
         initial=initial,
     )
     conn._closed = True  # ownership of the socket moved to ``tls``
     try:
-        await asyncio.wait_for(tls.handshake(), timeout)
+        async with asyncio.timeout_at(deadline):
+            await tls.handshake()
     except BaseException:
         tls.close()
         raise

@@ -153,8 +153,10 @@ class RelayServer:
                 conn = await start_tls(conn, self.tls, server_side=True,
                                        timeout=HANDSHAKE_TIMEOUT)
             framed = FramedConn(conn, self.limits)
-            await asyncio.wait_for(framed.read_preamble(),
-                                   min(HANDSHAKE_TIMEOUT, self.settings.login_timeout))
+            # asyncio.timeout rather than wait_for: no task of its own, so no cycle
+            # between a failure's traceback and that task (see start_tls)
+            async with asyncio.timeout(min(HANDSHAKE_TIMEOUT, self.settings.login_timeout)):
+                await framed.read_preamble()
             await framed.send(wire.PREAMBLE)
         except (OSError, ConnClosed, TimeoutError, ssl.SSLError, wire.WireError) as exc:
             log.debug("handshake with %s failed: %s", addr, exc)
