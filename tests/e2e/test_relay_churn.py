@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import resource
 import socket
-import time
 
 from tests.e2e.framework import Env
+from tests.support.wait import wait_until
 
 ROUNDS = 3
 PER_ROUND = 1000
@@ -30,26 +30,16 @@ def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _wait_fds(pid: int, at_most: int, timeout: float = 60.0) -> None:
-    """Wait until the relay has closed the round's sockets (an observable condition)."""
-    deadline = time.monotonic() + timeout
-    while _open_fds(pid) > at_most:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"relay still holds {_open_fds(pid)} fds after {timeout}s")
-        time.sleep(0.05)
-
-
 def _churn_round(port: int, pid: int, baseline_fds: int) -> None:
     socks = [socket.create_connection(("127.0.0.1", port), timeout=10)
              for _ in range(PER_ROUND)]
     # the relay accepted (nearly) all of them before they close: it holds their state
-    deadline = time.monotonic() + 60
-    while _open_fds(pid) < baseline_fds + PER_ROUND * 9 // 10:
-        assert time.monotonic() < deadline, "the relay did not accept the connections"
-        time.sleep(0.02)
+    wait_until(lambda: _open_fds(pid) >= baseline_fds + PER_ROUND * 9 // 10, 60,
+               what="the relay accepting the round's connections")
     for s in socks:
         s.close()
-    _wait_fds(pid, baseline_fds)
+    wait_until(lambda: _open_fds(pid) <= baseline_fds, 60,
+               what="the relay closing the round's connections")
 
 
 def test_prehandshake_closes_leave_rss_flat(env: Env):
