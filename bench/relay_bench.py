@@ -348,10 +348,10 @@ def register_agents(db: str, count: int) -> float:
     """Users a0..a{N-1} straight into the registry (threads: scrypt releases the GIL)."""
     from kakehashi.core.store import open_store
     from kakehashi.relay.control import UserRecord
-    from kakehashi.relay.users import UserRegistry
+    from kakehashi.relay.users import RelayUsers
 
     started = time.monotonic()
-    registry = UserRegistry(open_store(db), kdf_n=fw.KDF_N)
+    registry = RelayUsers(open_store(db), kdf_n=fw.KDF_N)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(lambda i: registry.add(UserRecord(name=f"a{i}"), AGENT_PASSWORD),
                       range(count), chunksize=64))

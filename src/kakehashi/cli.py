@@ -13,7 +13,7 @@ from kakehashi.core.store import open_store
 from kakehashi.gateway.cli import gateway
 from kakehashi.relay.cli import relay
 from kakehashi.relay.server import RelayServer
-from kakehashi.relay.users import UserRegistry
+from kakehashi.relay.users import RelayUsers
 
 
 class _Root(click.Group):
@@ -51,7 +51,7 @@ async def _relay_attach(mux: ProtocolMux, db: str, audit_log: str | None) -> Non
 
     Composition happens here, at the top, so that no system imports another.
     """
-    registry = UserRegistry(open_store(db))
+    registry = RelayUsers(open_store(db))
     server = RelayServer(registry, tls=None, starttls=tls.server_context(),
                          audit=AuditLog(audit_log, system="relay"))
     await server.attach()

@@ -33,7 +33,7 @@ from kakehashi.relay.agent import (
 )
 from kakehashi.relay.control import UserRecord
 from kakehashi.relay.server import RelayServer
-from kakehashi.relay.users import UserRegistry
+from kakehashi.relay.users import RelayUsers
 
 console = Console(stderr=False, highlight=False)
 
@@ -58,7 +58,7 @@ async def _demo(nbytes: int, use_tls: bool) -> int:
     home = Path(tempfile.mkdtemp(prefix="kakehashi-demo-"))
     os.environ["KAKEHASHI_HOME"] = str(home)
     console.rule("[bold]kakehashi demo: the rendezvous relay (spec 000)")
-    registry = UserRegistry(open_store(home / "relay.db"), kdf_n=2**12)
+    registry = RelayUsers(open_store(home / "relay.db"), kdf_n=2**12)
     registry.add(UserRecord(name="pi"), "pi-password")
     registry.add(UserRecord(name="laptop"), "laptop-password")
     registry.add(UserRecord(name="mallory"), "mallory-password")

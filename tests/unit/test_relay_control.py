@@ -132,6 +132,92 @@ def test_lockout_after_repeated_failures():
     assert r.recv(cid, m.Login(user="alice", password="pw")) == [Authenticate(cid, "alice", "pw")]
 
 
+def _guess(r: Relay, addr: str, user: str = "alice", password: str = "wrong"):
+    cid = r.cu.connection_made(addr, encrypted=False)
+    return cid, r.recv(cid, m.Login(user=user, password=password))
+
+
+def test_parallel_burst_checks_at_most_the_lockout_limit():
+    """Item 1: 120 guesses sent at once: only the limit's worth are checked at all."""
+    r = Relay()
+    checks, refused = [], 0
+    for i in range(120):
+        cid, acts = _guess(r, "192.0.2.9", password=f"guess-{i}")
+        if [a for a in acts if isinstance(a, Authenticate)]:
+            checks.append(cid)
+        else:
+            assert one(acts, cid, m.LoginFail).reason.startswith("too many failed logins")
+            assert [c.reason for c in closes(acts)] == ["lockout"]
+            refused += 1
+    assert len(checks) == Settings().fail_lockout and refused == 100
+    for cid in checks:  # the checks finish later: each is a failure
+        assert one(r.cu.authenticated(cid, None, 0.0), cid, m.LoginFail)
+    assert r.cu.throttle.pending == 0
+
+
+def test_correct_password_hidden_in_a_burst_gets_no_login_ok():
+    r = Relay(fail_lockout=5)
+    r.records["alice"] = UserRecord("alice")
+    for _ in range(5):
+        _guess(r, "192.0.2.9")  # still being checked
+    cid, acts = _guess(r, "192.0.2.9", password="pw")
+    assert not [a for a in acts if isinstance(a, Authenticate)]
+    assert not sent(acts, cid, m.LoginOk) and one(acts, cid, m.LoginFail)
+
+
+def test_a_success_does_not_erase_failures_of_other_attempts():
+    r = Relay(fail_lockout=3)
+    cids = [_guess(r, "192.0.2.9")[0] for _ in range(3)]
+    r.cu.authenticated(cids[0], None, 0.0)
+    one(r.cu.authenticated(cids[1], UserRecord("alice"), 0.0), cids[1], m.LoginOk)
+    r.cu.authenticated(cids[2], None, 0.0)
+    cid, acts = _guess(r, "192.0.2.9")  # 2 failures < 3: still checked
+    assert [a for a in acts if isinstance(a, Authenticate)]
+    r.cu.authenticated(cid, None, 0.0)
+    cid, acts = _guess(r, "192.0.2.9", password="pw")  # 3 failures: locked
+    assert one(acts, cid, m.LoginFail) and not [a for a in acts if isinstance(a, Authenticate)]
+
+
+def test_a_guesser_that_hangs_up_early_still_pays():
+    r = Relay(fail_lockout=2)
+    for _ in range(2):
+        cid, _ = _guess(r, "192.0.2.9")
+        r.cu.connection_lost(cid, 0.0)  # gone before the hash finished
+        assert r.cu.authenticated(cid, None, 0.0) == []
+    cid, acts = _guess(r, "192.0.2.9")
+    assert not [a for a in acts if isinstance(a, Authenticate)]
+    assert [c.reason for c in closes(acts)] == ["lockout"]
+
+
+def test_others_failures_from_the_same_address_do_not_lock_out_an_agent():
+    """Item 1: someone guessing alice's password behind the agent's NAT address."""
+    r = Relay(fail_lockout=3)
+    r.records["bob"] = UserRecord("bob")
+    cid = r.cu.connection_made("192.0.2.9", encrypted=False)
+    r.recv(cid, m.Login(user="bob", password="pw"))
+    r.tokens["bob"] = one(r.cu.authenticated(cid, r.records["bob"], 0.0), cid, m.LoginOk).token
+    for _ in range(5):
+        gid, _ = _guess(r, "192.0.2.9", user="alice")
+        r.cu.authenticated(gid, None, 0.0)
+    assert _guess(r, "192.0.2.9", user="alice")[1][-1].reason == "lockout"
+    # bob's spare connections log in with the token from the very same address
+    spare = r.cu.connection_made("192.0.2.9", encrypted=False)
+    acts = r.recv(spare, m.Login(user="bob", token=r.tokens["bob"]))
+    one(acts, spare, m.LoginOk)
+    # and bob's own password login is checked, not refused
+    cid, acts = _guess(r, "192.0.2.9", user="bob", password="pw")
+    assert acts == [Authenticate(cid, "bob", "pw")]
+
+
+def test_one_address_spraying_many_users_is_limited_too():
+    r = Relay(fail_lockout=2, fail_address_lockout=5)
+    checked = 0
+    for i in range(20):
+        _, acts = _guess(r, "192.0.2.9", user=f"user{i}")
+        checked += any(isinstance(a, Authenticate) for a in acts)
+    assert checked == 5
+
+
 def test_spare_connection_logs_in_with_token(r):
     first = r.login("alice")
     spare = r.spare("alice")  # asserts: LoginOk without Authenticate

@@ -26,7 +26,7 @@ from kakehashi.relay.agent import (
 )
 from kakehashi.relay.control import Settings, UserRecord
 from kakehashi.relay.server import RelayServer
-from kakehashi.relay.users import UserRegistry
+from kakehashi.relay.users import RelayUsers
 
 log = logging.getLogger("kakehashi.relay")
 DEFAULT_PORT = 7000
@@ -102,7 +102,7 @@ def user() -> None:
 def user_add(name, db, password_stdin, password_file, kdf_n, **attrs) -> None:
     """Register user NAME (password prompted, or --password-stdin)."""
     _valid_name(name)
-    registry = UserRegistry(open_store(db), kdf_n=kdf_n)
+    registry = RelayUsers(open_store(db), kdf_n=kdf_n)
     pw = _read_password(password_stdin, password_file, confirm=True)
     rec = _apply_attrs(UserRecord(name=name), attrs)
     if not registry.add(rec, pw):
@@ -116,7 +116,7 @@ def user_add(name, db, password_stdin, password_file, kdf_n, **attrs) -> None:
 @user_attr_options
 def user_set(name, db, **attrs) -> None:
     """Change the registered attributes of user NAME."""
-    registry = UserRegistry(open_store(db))
+    registry = RelayUsers(open_store(db))
     rec = registry.get(name)
     if rec is None:
         raise click.ClickException(f"no user {name}")
@@ -128,7 +128,7 @@ def user_set(name, db, **attrs) -> None:
 @db_option
 def user_list(db) -> None:
     """List registered users and their attributes."""
-    for rec in UserRegistry(open_store(db)).list():
+    for rec in RelayUsers(open_store(db)).list():
         peers = ",".join(rec.allowed_peers) if rec.allowed_peers is not None else "*"
         click.echo(f"{rec.name}\tencryption={rec.encryption}\tnotify={rec.notify}"
                    f"\tpeers={peers}\tinsecure-peer={rec.insecure_peer}"
@@ -140,7 +140,7 @@ def user_list(db) -> None:
 @db_option
 def user_remove(name, db) -> None:
     """Remove user NAME."""
-    if not UserRegistry(open_store(db)).remove(name):
+    if not RelayUsers(open_store(db)).remove(name):
         raise click.ClickException(f"no user {name}")
     click.echo(f"removed user {name}")
 
@@ -152,7 +152,7 @@ def user_remove(name, db) -> None:
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False))
 def user_passwd(name, db, password_stdin, password_file) -> None:
     """Set a new password for user NAME."""
-    registry = UserRegistry(open_store(db))
+    registry = RelayUsers(open_store(db))
     if registry.get(name) is None:
         raise click.ClickException(f"no user {name}")
     registry.set_password(name, _read_password(password_stdin, password_file, confirm=True))
@@ -242,7 +242,7 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
     if bool(cert) != bool(key):
         raise click.UsageError("--cert and --key go together")
-    registry = UserRegistry(open_store(db))
+    registry = RelayUsers(open_store(db))
     if not registry.list():
         log.warning("no users registered in %s: add one with 'kakehashi relay user add'", db)
     server_ctx = tls.server_context(cert, key, names=list(names) or None)

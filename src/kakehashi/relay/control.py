@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kakehashi.core.identity import Attempt, LoginThrottle, ThrottleSettings
 from kakehashi.relay import messages as m
 
 Action = "Send | Close | Authenticate | UpgradeTLS | Pair | Unpair | Audit"
@@ -143,6 +144,8 @@ class Connection:
     pending: Pending | None = None
     subscribed: bool = False
     login: m.Login | None = None
+    #: the throttle slot reserved while the password is being checked
+    attempt: Attempt | None = None
 
 
 @dataclass
@@ -166,40 +169,19 @@ class Settings:
     fail_base_delay: float = 0.5
     fail_max_delay: float = 8.0
     fail_lockout: int = 20
+    #: failed or in-flight logins from one address over all users (0: 5 x fail_lockout)
+    fail_address_lockout: int = 0
     server_name: str = "kakehashi"
 
     @property
     def dead_after(self) -> float:
         return self.keepalive * self.dead_missed
 
-
-class LoginThrottle:
-    """Slows down repeated failed logins from one address (exponential, capped)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.s = settings
-        self._fails: dict[str, tuple[int, float]] = {}
-
-    def failures(self, addr: str, now: float) -> int:
-        count, last = self._fails.get(addr, (0, 0.0))
-        if count and now - last > self.s.fail_window:
-            del self._fails[addr]
-            return 0
-        return count
-
-    def record_failure(self, addr: str, now: float) -> float:
-        count = self.failures(addr, now) + 1
-        self._fails[addr] = (count, now)
-        if len(self._fails) > 100_000:  # bounded memory under a spray of addresses
-            oldest = min(self._fails, key=lambda a: self._fails[a][1])
-            del self._fails[oldest]
-        return min(self.s.fail_base_delay * 2 ** (count - 1), self.s.fail_max_delay)
-
-    def locked_out(self, addr: str, now: float) -> bool:
-        return self.failures(addr, now) >= self.s.fail_lockout
-
-    def success(self, addr: str) -> None:
-        self._fails.pop(addr, None)
+    def throttle(self) -> ThrottleSettings:
+        return ThrottleSettings(lockout=self.fail_lockout,
+                                address_lockout=self.fail_address_lockout,
+                                window=self.fail_window, base_delay=self.fail_base_delay,
+                                max_delay=self.fail_max_delay)
 
 
 def _hash_token(token: str) -> str:
@@ -242,7 +224,10 @@ class ControlUnit:
         self.conns: dict[int, Connection] = {}
         self.sessions: dict[str, UserSession] = {}
         self.pending: dict[int, Pending] = {}
-        self.throttle = LoginThrottle(self.settings)
+        self.throttle = LoginThrottle(self.settings.throttle())
+        #: password checks in flight, settled by :meth:`authenticated` even when the
+        #: connection is gone by then (closing early must not make a guess free)
+        self.attempts: dict[int, Attempt] = {}
         self._tokens: dict[str, tuple[str, float]] = {}  # hash -> (user, expiry or 0=live)
         #: connections that asked for presence notices (scanned on every login/logout)
         self.subscribers: set[int] = set()
@@ -277,9 +262,16 @@ class ControlUnit:
 
     def authenticated(self, cid: int, record: UserRecord | None, now: float) -> list[object]:
         """The driver's answer to :class:`Authenticate`."""
+        attempt = self.attempts.pop(cid, None)
         conn = self.conns.get(cid)
         if conn is None or conn.state is not State.AUTH or conn.login is None:
+            if attempt is not None:  # the guesser left early: it still counts
+                if record is None:
+                    self.throttle.failed(attempt, now)
+                else:
+                    self.throttle.succeeded(attempt)
             return []
+        conn.attempt = attempt
         login = conn.login
         if record is None:
             return self._login_failed(conn, login.user, "bad user ID or password", now)
@@ -326,30 +318,44 @@ class ControlUnit:
     def _on_Login(self, conn: Connection, msg: m.Login, now: float) -> list[object]:
         if conn.state is not State.NEW:
             return self._violation(conn, "already logged in")
-        if self.throttle.locked_out(conn.addr, now):
-            out: list[object] = [
-                Audit("login", False, {"user": msg.user, "addr": conn.addr, "why": "lockout"})
-            ]
-            return out + [
-                Send(conn.id, m.LoginFail(reason="too many failed logins from your address")),
-                Close(conn.id, "lockout"),
-            ]
         conn.login = msg
         conn.state = State.AUTH
         if msg.token:
+            # a live resumption token is no guess (192 random bits, no hash to run): an
+            # agent's spare connections log in even while others' failures lock its
+            # address out
             entry = self._tokens.get(_hash_token(msg.token))
             session = self.sessions.get(msg.user)
             live = entry is not None and (not entry[1] or now <= entry[1])
             if live and entry[0] == msg.user and session is not None:  # type: ignore[index]
                 return self._login_ok(conn, session.record, msg, now)
-            if not msg.password:
-                return self._login_failed(conn, msg.user, "resumption token expired", now)
+        # reserve the attempt before anything is checked: attempts still being checked
+        # count against the limit, so a parallel burst gets no more guesses than a row
+        attempt = self.throttle.begin(conn.addr, msg.user, now)
+        if isinstance(attempt, str):
+            conn.state = State.CLOSED
+            reason = ("too many failed logins from your address" if attempt == "lockout"
+                      else "the server is busy checking other logins; try again later")
+            return [
+                Audit("login", False, {"user": msg.user, "addr": conn.addr, "why": attempt}),
+                Send(conn.id, m.LoginFail(reason=reason)),
+                Close(conn.id, attempt),
+            ]
+        conn.attempt = attempt
+        if msg.token and not msg.password:
+            return self._login_failed(conn, msg.user, "resumption token expired", now)
         if not msg.password:
             return self._login_failed(conn, msg.user, "password required", now)
+        conn.attempt = None
+        self.attempts[conn.id] = attempt
         return [Authenticate(conn.id, msg.user, msg.password)]
 
     def _login_failed(self, conn: Connection, user: str, reason: str, now: float) -> list[object]:
-        delay = self.throttle.record_failure(conn.addr, now)
+        attempt, conn.attempt = conn.attempt, None
+        if attempt is not None:
+            delay = self.throttle.failed(attempt, now)
+        else:  # refused after a token login (no attempt was reserved)
+            delay = self.throttle.fail_now(conn.addr, user, now)
         conn.state = State.CLOSED
         return [
             Audit("login", False, {"user": user, "addr": conn.addr, "why": reason}),
@@ -384,7 +390,9 @@ class ControlUnit:
                 f"user {record.name} requires encryption: connect with TLS or STARTTLS first",
                 now,
             )
-        self.throttle.success(conn.addr)
+        attempt, conn.attempt = conn.attempt, None
+        if attempt is not None:  # returns this attempt's slot; others' failures stay
+            self.throttle.succeeded(attempt)
         session = self.sessions.get(record.name)
         first = session is None or not session.conns
         if session is None:

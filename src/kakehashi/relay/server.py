@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from kakehashi.core import wire
 from kakehashi.core.audit import AuditLog
+from kakehashi.core.identity import PasswordChecker
 from kakehashi.core.pump import FramedSink, FrameSink, forward_frames
 from kakehashi.core.stream import (
     SMALL_CHUNK,
@@ -42,7 +43,7 @@ from kakehashi.relay.control import (
     Unpair,
     UpgradeTLS,
 )
-from kakehashi.relay.users import UserRegistry
+from kakehashi.relay.users import RelayUsers
 
 log = logging.getLogger("kakehashi.relay.server")
 
@@ -87,7 +88,7 @@ class Link:
 class RelayServer:
     def __init__(
         self,
-        registry: UserRegistry,
+        registry: RelayUsers,
         *,
         host: str = "127.0.0.1",
         port: int = 7000,
@@ -113,6 +114,9 @@ class RelayServer:
         self._watchdog: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._auth_tasks: set[asyncio.Task[None]] = set()
+        #: password hashes run here: a few at once per address and in all, never on
+        #: the loop's shared default executor
+        self.checker = PasswordChecker()
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -135,6 +139,7 @@ class RelayServer:
             await self.listener.close()
         for link in list(self.links.values()):
             link.framed.conn.close()
+        self.checker.close()
 
     def now(self) -> float:
         return time.monotonic()
@@ -349,11 +354,11 @@ class RelayServer:
             await self._drain(link)
 
     async def _authenticate(self, action: Authenticate) -> None:
-        loop = asyncio.get_running_loop()
+        conn = self.core.conns.get(action.conn)
+        addr = conn.addr if conn is not None else "?"
         try:
-            record = await loop.run_in_executor(
-                None, self.registry.verify, action.user, action.password
-            )
+            record = await self.checker.run(addr, self.registry.verify, action.user,
+                                            action.password)
         except Exception:  # a broken store must not take the server down
             log.exception("user lookup failed")
             record = None
