@@ -6,18 +6,11 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 from kakehashi.core import wire
 from kakehashi.relay import messages as m
 from tests.e2e.framework import PASSWORD
-
-
-def wait_until(cond, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+from tests.support.wait import wait_until
 
 BURST = 120
 LIMIT = 20  # the relay's default lockout
@@ -98,7 +91,7 @@ def test_parallel_guesses_are_bounded_and_others_still_log_in(env, echo):
     socks = _burst(port, [f"guess-{i}" for i in range(BURST - 1)], "carol")
     # the relay has seen every guess once BURST - 1 - LIMIT were refused unchecked (the
     # LIMIT checked ones hold their reservations until their hashes are done)
-    wait_until(lambda: locked() >= BURST - 1 - LIMIT)
+    wait_until(lambda: locked() >= BURST - 1 - LIMIT, 30, what="every guess seen")
     # the right password hidden at the end of the burst, while guesses are being checked
     socks += _burst(port, [PASSWORD["carol"]], "carol")
     got = [_messages(r) for r in _replies(socks)]
