@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import string
 
 from hypothesis import event, given, settings
@@ -273,3 +274,49 @@ def test_to_origin_never_emits_hop_by_hop(fields, listed, framing):
             assert name not in h.HOP_BY_HOP
         assert name in refilled or name not in {t.lower() for t in listed}
     assert h.request_body(out) == h.request_body(head)
+
+
+# -- recognising HTTP on a shared port (gateway.http.looks_like_request) --------------------
+METHOD_NAMES = ["GET", "PROPFIND", "MKCOL", "REPORT", "MKCALENDAR", "SEARCH", "PURGE", "LINK",
+                "M-SEARCH", "QUERY", "CONNECT", "X.Y_Z~1"]
+tokens = st.text(alphabet=string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~",
+                 min_size=1, max_size=20)
+targets = st.text(alphabet="".join(chr(c) for c in range(0x21, 0x7F)), min_size=1, max_size=60)
+
+
+@FAST
+@given(st.one_of(st.sampled_from(METHOD_NAMES), tokens), targets,
+       st.sampled_from(["1.1", "1.0", "2.0", "0.9"]), st.integers(0, 3))
+def test_every_prefix_of_a_request_line_waits_and_the_line_is_http(method, target, version,
+                                                                    blank):
+    line = ("\r\n" * blank + f"{method} {target} HTTP/{version}\r\nHost: x\r\n\r\n").encode()
+    end = line.index(b" HTTP/") + len(b" HTTP/1.1")
+    for n in range(end):
+        assert h.looks_like_request(line[:n]) is None, line[:n]
+    for n in range(end, len(line) + 1):
+        assert h.looks_like_request(line[:n]) is True
+
+
+@FAST
+@given(st.binary(max_size=40))
+def test_the_answer_never_changes_once_given(data):
+    """Monotone on any bytes: a False stays False and a True stays True as more come,
+    so the mux may decide on whatever prefix it has peeked."""
+    answers = [h.looks_like_request(data[:n]) for n in range(len(data) + 1)]
+    for a, b in itertools.pairwise(answers):
+        if a is not None:
+            assert b is a
+    if answers[-1] is True:  # and True means the request-line grammar holds
+        parts = data.lstrip(b"\r\n").split(b" ", 2)
+        assert len(parts) == 3 and parts[2].startswith(b"HTTP/")
+        assert not parts[0].translate(None, h._TCHAR)
+
+
+@FAST
+@given(st.binary(max_size=30))
+def test_other_protocols_on_the_port_are_not_http(tail):
+    from kakehashi.core import wire
+
+    for other in (wire.PREAMBLE, b"\x16\x03\x01\x02\x00", b"SSH-2.0-OpenSSH_9.6 Ubuntu\r\n",
+                  b"\x00\x00\x00\x08"):
+        assert h.looks_like_request(other + tail) is False

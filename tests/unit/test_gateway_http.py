@@ -1023,3 +1023,23 @@ def test_a_101_is_relayed_only_for_a_protocol_the_client_offered():
     assert other.value.status == 502
     with pytest.raises(HTTPError):
         h.upgraded_response(resp(101, (b"Connection", b"Upgrade")), b"gw", b"websocket")
+
+
+# -- recognising HTTP on the shared port (item 12: WebDAV and other methods) ------------------
+@pytest.mark.parametrize("method", [b"PROPFIND", b"MKCOL", b"REPORT", b"MKCALENDAR", b"SEARCH",
+                                    b"PURGE", b"LINK", b"M-SEARCH", b"QUERY", b"GET", b"CONNECT"])
+def test_any_token_method_is_http(method):
+    line = method + b" http://h.example/x HTTP/1.1\r\n"
+    assert h.looks_like_request(line) is True
+    assert h.looks_like_request(method) is None  # not yet known: wait for more
+
+
+@pytest.mark.parametrize(("first", "answer"), [
+    (b"", None), (b"GET / HTTP/1.", None), (b"GET / HTTP/1.1", True),
+    (b"\r\nGET / HTTP/1.0", True),  # an empty line before the request (RFC 9112 2.2)
+    (b"GET  / HTTP/1.1", False), (b"GET / HTTP/x", False), (b"GET\t/ HTTP/1.1", False),
+    (b"G(T / HTTP/1.1", False), (b"KKH\x01", False), (b"\x16\x03\x01", False),
+    (b"SSH-2.0-x y\r\n", False), (b"GET /" + b"a" * 9000, True),  # the parser says 414
+])
+def test_request_line_grammar(first, answer):
+    assert h.looks_like_request(first) is answer

@@ -90,3 +90,74 @@ async def test_silent_connection_is_dropped():
 def test_prefix_matcher_needs_more_bytes():
     match = prefix_matcher(b"CONNECT ")
     assert match(b"CON") is None and match(b"CONNECT x") is True and match(b"GET") is False
+
+
+def _grammar_mux() -> ProtocolMux:
+    """The gateway's composition: the relay preamble and HTTP by its request-line grammar."""
+    from kakehashi.core import wire
+    from kakehashi.gateway.http import looks_like_request
+
+    mux = _mux()
+    mux.routes.clear()
+    mux.add("kkh", prefix_matcher(wire.MAGIC), _mux().routes[0].handler)
+    mux.add("http", looks_like_request, _mux().routes[1].handler)
+    return mux
+
+
+@pytest.mark.parametrize("send", [
+    b"PROPFIND http://h/dav/ HTTP/1.1\r\nHost: h\r\nDepth: 1\r\n\r\n",
+    b"M-SEARCH * HTTP/1.1\r\n\r\n",
+    b"QUERY http://h/q HTTP/1.1\r\n\r\n",
+    b"A-METHOD-WITH-A-LONG-NAME-NOBODY-KNOWS /x HTTP/1.1\r\n\r\n",
+])
+async def test_http_is_recognised_by_its_grammar_not_a_method_list(send):
+    listener, port = await _serve(_grammar_mux())
+    try:
+        conn = await open_tcp("127.0.0.1", port)
+        await conn.send_all(send)
+        assert await asyncio.wait_for(conn.recv(200), 5) == b"http:" + send
+        conn.close()
+    finally:
+        await listener.close()
+
+
+async def test_a_request_line_trickling_in_is_waited_for_and_the_relay_still_routes():
+    from kakehashi.core import wire
+
+    listener, port = await _serve(_grammar_mux())
+    try:
+        conn = await open_tcp("127.0.0.1", port)
+        for piece in (b"MKCAL", b"ENDAR /cal", b"/ HTTP/1", b".1\r\n\r\n"):
+            await conn.send_all(piece)
+            await asyncio.sleep(0.02)  # separate segments (what is tested: partial input)
+        got = b""
+        while len(got) < 5:
+            got += await asyncio.wait_for(conn.recv(200), 5)
+        assert got.startswith(b"http:MKCAL")
+        conn.close()
+        conn = await open_tcp("127.0.0.1", port)
+        await conn.send_all(wire.PREAMBLE + b"x")
+        assert await asyncio.wait_for(conn.recv(200), 5) == b"relay:" + wire.PREAMBLE + b"x"
+        conn.close()
+    finally:
+        await listener.close()
+
+
+async def test_half_a_greeting_then_a_close_is_let_go_at_once():
+    """A peek never shows the FIN behind the bytes: the mux must not wait out its
+    timeout (holding a connection slot) for bytes that cannot come."""
+    mux = _grammar_mux()
+    mux.timeout = 30
+    mux.fallback = None
+    listener, port = await _serve(mux)
+    try:
+        conn = await open_tcp("127.0.0.1", port)
+        await conn.send_all(b"PROPF")
+        await conn.shutdown_write()
+        try:  # closed with the greeting unread: an EOF or a reset, in time either way
+            assert await asyncio.wait_for(conn.recv(10), 5) == b""  # not after 30 s
+        except ConnectionResetError:
+            pass
+        conn.close()
+    finally:
+        await listener.close()

@@ -30,6 +30,10 @@ Matcher = Callable[[bytes], bool | None]
 Handler = Callable[[Conn], Awaitable[None]]
 
 TLS_RECORD_HANDSHAKE = 0x16
+#: the most bytes a matcher may look at before the mux decides (a route still
+#: undecided then is not taken). Large enough for a grammar, not just a prefix:
+#: an HTTP request line is only recognised as such at its version (8 KiB lines).
+SNIFF_BYTES = 8 * 1024 + 64
 
 
 def prefix_matcher(*prefixes: bytes) -> Matcher:
@@ -53,7 +57,7 @@ class Route:
 
 
 class ProtocolMux:
-    def __init__(self, *, tls: ssl.SSLContext | None = None, sniff_bytes: int = 16,
+    def __init__(self, *, tls: ssl.SSLContext | None = None, sniff_bytes: int = SNIFF_BYTES,
                  timeout: float = 10.0) -> None:
         self.tls = tls
         self.sniff_bytes = sniff_bytes
@@ -81,13 +85,14 @@ class ProtocolMux:
             conn.close()
             return
         route = self._choose(head)
-        if route is None:
-            if self.fallback is None:
-                conn.close()
-                return
-            await self.fallback(conn)
-            return
-        await route.handler(conn)
+        handler = route.handler if route is not None else self.fallback
+        try:
+            if handler is not None:
+                await handler(conn)
+        finally:
+            # the listener closes the plain connection it accepted; a TLS one made
+            # here is this mux's to close (else the client waits for an EOF)
+            conn.close()
 
     def _choose(self, head: bytes) -> Route | None:
         for route in self.routes:
@@ -113,8 +118,8 @@ class ProtocolMux:
                 continue
             if not head:
                 raise ConnClosed("closed before saying anything")
-            if self._decided(head):
-                return head
+            if self._decided(head) or _peer_done(conn):
+                return head  # (after the peer's FIN no more bytes will tell more)
             # a few bytes are there but not enough to tell: the socket stays
             # readable while we peek, so wait a moment instead of spinning
             await asyncio.sleep(0.005)
@@ -133,3 +138,17 @@ class ProtocolMux:
         if not head:
             raise ConnClosed("closed before saying anything inside TLS")
         return head
+
+
+TCP_CLOSE_WAIT = 8  # linux/tcp_states.h: the peer has sent its FIN
+
+
+def _peer_done(conn: Conn) -> bool:
+    """Has the peer finished sending? A peek shows the bytes before a FIN but never
+    the FIN itself, so without this a peer that sent half a greeting and closed
+    would be peeked at until the timeout, holding a connection slot."""
+    try:
+        info = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except (OSError, AttributeError):  # not TCP, or not Linux
+        return False
+    return info[:1] == bytes([TCP_CLOSE_WAIT])

@@ -15,7 +15,7 @@ from kakehashi.config import connection_limit_options, hostport
 from kakehashi.core import runner, tls
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.crypto import hash_password
-from kakehashi.core.mux import ProtocolMux, prefix_matcher
+from kakehashi.core.mux import ProtocolMux
 from kakehashi.core.paths import state_dir
 from kakehashi.core.pump import pump_raw
 from kakehashi.core.store import open_store
@@ -24,12 +24,11 @@ from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.client import EventClient, Gateway, GatewayError, open_tunnel, serve_forward
 from kakehashi.gateway.event_journal import StoreJournal
 from kakehashi.gateway.events import TOPIC_RE, EventHub, Retention
+from kakehashi.gateway.http import looks_like_request
 from kakehashi.gateway.server import USER_KIND, GatewayServer, GatewaySettings, ProxyAuth
 
 log = logging.getLogger("kakehashi.gateway")
 DEFAULT_PORT = 8080
-HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ",
-                b"TRACE ", b"CONNECT ")
 
 #: set by the top-level command line: (mux, db path) -> an awaitable started route.
 #: Lets ``gateway serve --relay`` carry relay sessions without gateway importing relay.
@@ -134,7 +133,7 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
         mux = ProtocolMux(tls=ctx_tls, timeout=head_timeout)
         if tls_mode == "on":
             mux.require_tls = True
-        mux.add("http", prefix_matcher(*HTTP_METHODS), server.handle_connection)
+        mux.add("http", looks_like_request, server.handle_connection)
         if relay and attach is not None:
             await attach(mux, db, audit_log)
         listener = Listener(host, port, mux, max_connections=max_connections,

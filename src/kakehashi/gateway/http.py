@@ -61,6 +61,7 @@ __all__ = [
     "format_authority",
     "keep_alive",
     "last_chunk",
+    "looks_like_request",
     "parse_request",
     "parse_response",
     "parse_target",
@@ -536,6 +537,38 @@ class HeadReader:
             # now rather than after a timeout
             raise HTTPError(400, "bare LF in message head (lines must end in CRLF)")
         self._scan = max(0, len(buf) - 3)
+
+
+# -- is this HTTP at all? (the one-port mux asks, on a connection's first bytes) -----------
+_T = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+#: a whole request-line start: token SP target SP HTTP/x.y (RFC 9112 3), after at most
+#: MAX_LEADING_BLANK bytes of empty lines. The target takes any byte but SP, CR and
+#: LF: which targets are valid is the parser's to say (with a 400 that explains).
+_REQUEST_LINE_START: Final = re.compile(
+    rb"(?:\r\n){0,%d}%s+ [^ \r\n]+ HTTP/[0-9]\.[0-9]" % (MAX_LEADING_BLANK // 2, _T))
+#: every proper prefix of one (what a sender may have sent so far)
+_REQUEST_LINE_PREFIX: Final = re.compile(
+    rb"(?:\r\n){0,%d}(?:\r|%s+(?: (?:[^ \r\n]+(?: (?:H(?:T(?:T(?:P(?:/(?:[0-9]\.?)?)?)?)?)?)?)?)?)?)?"  # noqa: E501
+    % (MAX_LEADING_BLANK // 2, _T))
+
+
+def looks_like_request(first: bytes, max_line: int = DEFAULT_LIMITS.max_line) -> bool | None:
+    """Do a connection's first bytes start an HTTP/1.x request? (a mux matcher)
+
+    True once ``method SP target SP HTTP/x.y`` is there - any token method, so
+    WebDAV's PROPFIND or a method registered tomorrow is HTTP as much as GET - or
+    once a request line that is still well formed has grown past ``max_line`` (so
+    the parser answers 414 rather than the connection being dropped). None while
+    the bytes so far could still become one; False as soon as they cannot, so
+    other protocols on the same port (a TLS record, kakehashi's ``KKH`` preamble,
+    SSH's banner) are told apart after a few bytes. Incremental: once True or
+    False, more bytes never change the answer.
+    """
+    if _REQUEST_LINE_START.match(first) is not None:
+        return True
+    if _REQUEST_LINE_PREFIX.fullmatch(first) is None:
+        return False
+    return True if len(first) >= max_line else None
 
 
 # -- request targets ---------------------------------------------------------------------
