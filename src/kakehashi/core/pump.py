@@ -185,9 +185,12 @@ async def copy_until_eof(src: Conn, dst: Conn, counter: Transfer | None = None, 
     return counter.bytes
 
 
-async def pump_raw(a: Conn, b: Conn) -> tuple[int, int]:
-    """Both directions between two plain streams until both have ended."""
-    ab, ba = Transfer(), Transfer()
+async def pump_raw(a: Conn, b: Conn, ab: Transfer | None = None,
+                   ba: Transfer | None = None) -> tuple[int, int]:
+    """Both directions between two plain streams until both have ended. The bytes
+    moved each way are also counted in ``ab``/``ba`` when given, so a caller still
+    knows them when a side fails (a reset) and this raises."""
+    ab, ba = ab or Transfer(), ba or Transfer()
     tasks = [
         asyncio.ensure_future(copy_raw(a, b, ab)),
         asyncio.ensure_future(copy_raw(b, a, ba)),

@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.crypto import hash_password, verify_password
-from kakehashi.core.pump import pump_raw
+from kakehashi.core.pump import Transfer, pump_raw
 from kakehashi.core.store import Store
 from kakehashi.core.stream import Conn, ConnClosed, open_tcp
 from kakehashi.gateway import body, http
@@ -387,15 +387,32 @@ class GatewayServer:
         user = await self._authorise(head, f"{target.host}:{target.port}")
         address = await self._decide(target.host, target.port, user, conn)
         up = await self._open(address, target.port, target.host)
+        await self._carry(conn, up, head, 200, http.connect_established(head.version),
+                          start, user, f"{target.host}:{target.port}")
+
+    async def _carry(self, conn: Conn, up: Conn, head: http.RequestHead, status: int,
+                     reply: bytes, start: float, user: str, where: str) -> None:
+        """A tunnel (CONNECT, or an upgrade the origin accepted): ``reply`` to the
+        client, then bytes both ways until both sides have ended. Its access-log line
+        is written however it ends - with ``"end": "reset"`` when a side reset or
+        failed - since a tunnel that breaks is the one an operator looks for."""
+        up_bytes, down_bytes = Transfer(), Transfer()
+        end = "reset"
         try:
-            await conn.send_all(http.connect_established(head.version))
-            if conn.has_pushback:  # bytes the client sent right behind its CONNECT
-                await up.send_all(await conn.recv())
-            sent, received = await pump_raw(conn, up)
+            await conn.send_all(reply)
+            if conn.has_pushback:  # bytes the client sent right behind its request
+                data = await conn.recv()
+                await up.send_all(data)
+                up_bytes.bytes += len(data)
+            await pump_raw(conn, up, up_bytes, down_bytes)
+            end = "closed"
+        except asyncio.CancelledError:
+            end = "cancelled"  # the gateway is shutting down
+            raise
         finally:
             up.close()
-        self._log(conn, head, 200, received, start, user, f"{target.host}:{target.port}",
-                  sent=sent)
+            self._log(conn, head, status, down_bytes.bytes, start, user, where,
+                      sent=up_bytes.bytes, end=end)
 
     # -- relay means (Figs. 5-7) -------------------------------------------------
     async def _relay(self, conn: Conn, head: http.RequestHead, target, upstream, start):
@@ -516,11 +533,11 @@ class GatewayServer:
         up = upstream.conn
         try:
             head = http.upgraded_response(resp, self.via, ex.out_head.headers.get(b"upgrade"))
-            await conn.send_all(head.serialize())
-            sent, received = await pump_raw(conn, up)
-        finally:
+        except BaseException:
             up.close()
-        self._log(conn, ex.head, 101, received, ex.start, ex.user, ex.where, sent=sent)
+            raise
+        await self._carry(conn, up, ex.head, 101, head.serialize(), ex.start, ex.user,
+                          ex.where)
         return False, None
 
     def _done(self, conn: Conn, ex: Exchange, resp: http.ResponseHead, upstream_keep: bool,
@@ -633,7 +650,8 @@ class GatewayServer:
             self._log(conn, head, status, 0, time.monotonic(), "-", "-")
 
     def _log(self, conn: Conn, head: http.RequestHead | QuickRequest, status: int, size: int,
-             start: float, user: str, target: str, *, sent: int | None = None) -> None:
+             start: float, user: str, target: str, *, sent: int | None = None,
+             end: str | None = None) -> None:
         if self.access_file is None and not access.isEnabledFor(logging.DEBUG):
             return
         entry = {"client": conn.peer[0] if conn.peer else "?", "user": user,
@@ -643,6 +661,8 @@ class GatewayServer:
                  "ms": round((time.monotonic() - start) * 1000, 1)}
         if sent is not None:
             entry["bytes_up"] = sent
+        if end is not None:
+            entry["end"] = end
         line = json.dumps(entry)
         if self.access_file is not None:
             self.access_file.write(line + "\n")
