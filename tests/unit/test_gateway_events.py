@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from kakehashi.core.store import SQLiteStore
-from kakehashi.gateway.event_journal import EVENT_KIND, StoreJournal
+from kakehashi.gateway.event_journal import EVENT_KIND, JournalError, StoreJournal
 from kakehashi.gateway.events import EventHub, Retention, TopicLog
 
 
@@ -141,3 +142,54 @@ def test_a_damaged_stored_event_is_skipped(tmp_path):
     hub.publish("t", b"good")
     SQLiteStore(db).put(EVENT_KIND, "t/00000000000000000002", {"ts": "soon"})
     assert [e.data for e in _journaled(db).poll("t", 0).events] == [b"good"]
+
+
+# -- the journal writes off the event loop, batched (issue 7, item 20) --------------------
+class _WatchedStore(SQLiteStore):
+    """Records on which thread each write ran and how many commits there were."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.write_threads: list[int] = []
+
+    def put(self, kind, key, doc):
+        self.write_threads.append(threading.get_ident())
+        super().put(kind, key, doc)
+
+    def delete(self, kind, key):
+        self.write_threads.append(threading.get_ident())
+        return super().delete(kind, key)
+
+    def write_many(self, ops):
+        self.write_threads.append(threading.get_ident())
+        super().write_many(ops)
+
+
+async def test_journal_writes_run_off_the_loop_in_batches(tmp_path):
+    store = _WatchedStore(tmp_path / "gw.db")
+    journal = StoreJournal(store)
+    hub = EventHub(Retention(max_events=10), journal=journal)
+    for i in range(100):
+        hub.publish("t", b"e%d" % i)  # 90 of them dropped again by retention
+    await hub.sync()
+    assert store.write_threads, "nothing was written"
+    assert threading.get_ident() not in store.write_threads  # never on the loop's thread
+    assert len(store.write_threads) <= 3  # a burst is a few commits, not 190
+    again = EventHub(Retention(max_events=10), journal=StoreJournal(SQLiteStore(store.path)))
+    assert [e.seq for e in again.poll("t", 0).events] == list(range(91, 101))
+    assert len(store.list(EVENT_KIND)) == 10
+    journal.close()
+
+
+async def test_a_failing_store_fails_sync_not_the_loop(tmp_path):
+    class Broken(SQLiteStore):
+        def write_many(self, ops):
+            raise OSError("disk full")
+
+    hub = EventHub(journal=StoreJournal(Broken(tmp_path / "gw.db")))
+    hub.publish("t", b"x")
+    with pytest.raises(JournalError):
+        await hub.sync()
+    hub.publish("t", b"y")  # the hub goes on; the next sync reports again
+    with pytest.raises(JournalError):
+        await hub.sync()

@@ -105,11 +105,16 @@ class TopicLog:
 
 
 class EventJournal(Protocol):
-    """Where a hub keeps its retained events across restarts (see ``event_journal``)."""
+    """Where a hub keeps its retained events across restarts (see ``event_journal``).
+
+    ``appended`` and ``dropped`` only take note (they are called on the event loop and
+    must not wait for storage); ``sync`` waits until everything noted so far is stored.
+    """
 
     def load(self) -> dict[str, tuple[int, list[Event]]]: ...
     def appended(self, topic: str, event: Event) -> None: ...
     def dropped(self, topic: str, events: list[Event]) -> None: ...
+    async def sync(self) -> None: ...
 
 
 class EventHub:
@@ -164,6 +169,12 @@ class EventHub:
             if not fut.done():
                 fut.set_result(None)
         return event
+
+    async def sync(self) -> None:
+        """Wait until what was published so far is in the journal (if there is one):
+        a publisher is told its event was accepted only once it would survive a restart."""
+        if self.journal is not None:
+            await self.journal.sync()
 
     def poll(self, topic: str, cursor: int) -> Batch:
         log = self._topic(topic, create=False)

@@ -41,6 +41,7 @@ from kakehashi.core.store import Store
 from kakehashi.core.stream import Conn, ConnClosed, open_tcp
 from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList, Decision
+from kakehashi.gateway.event_journal import JournalError
 from kakehashi.gateway.events import EventHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
 from kakehashi.gateway.fastlane import IDEMPOTENT, FastLane, SendBatcher
@@ -613,6 +614,11 @@ class GatewayServer:
                 raise ConnClosed("publisher closed in the middle of the body")
             data += piece
         event = self.hub.publish(topic, data)
+        try:
+            await self.hub.sync()  # stored before the publisher hears "accepted"
+        except JournalError as exc:
+            raise http.HTTPError(503, f"events: the event could not be stored ({exc})") \
+                from None
         return await self._reply(conn, head, 202, json.dumps({"seq": event.seq}).encode(),
                                  "application/json")
 

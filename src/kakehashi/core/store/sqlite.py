@@ -6,6 +6,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ CREATE TABLE IF NOT EXISTS docs (
     PRIMARY KEY (kind, key)
 ) WITHOUT ROWID;
 """
+UPSERT = ("INSERT INTO docs(kind,key,doc,updated) VALUES(?,?,?,?) "
+          "ON CONFLICT(kind,key) DO UPDATE SET doc=excluded.doc, updated=excluded.updated")
+DELETE = "DELETE FROM docs WHERE kind=? AND key=?"
 
 
 class SQLiteStore:
@@ -55,11 +59,24 @@ class SQLiteStore:
         return json.loads(row[0]) if row else None
 
     def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
-        self._db().execute(
-            "INSERT INTO docs(kind,key,doc,updated) VALUES(?,?,?,?) "
-            "ON CONFLICT(kind,key) DO UPDATE SET doc=excluded.doc, updated=excluded.updated",
-            (kind, key, json.dumps(doc, sort_keys=True), time.time()),
-        )
+        self._db().execute(UPSERT, (kind, key, json.dumps(doc, sort_keys=True), time.time()))
+
+    def write_many(self, ops: Iterable[tuple[str, str, dict[str, Any] | None]]) -> None:
+        """Put (a document) or delete (None) several documents in one transaction:
+        one commit for a batch instead of one per document."""
+        db = self._db()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for kind, key, doc in ops:
+                if doc is None:
+                    db.execute(DELETE, (kind, key))
+                else:
+                    db.execute(UPSERT, (kind, key, json.dumps(doc, sort_keys=True), now))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def insert(self, kind: str, key: str, doc: dict[str, Any]) -> bool:
         """Create only; False when the key already exists."""
@@ -70,7 +87,7 @@ class SQLiteStore:
         return cur.rowcount == 1
 
     def delete(self, kind: str, key: str) -> bool:
-        cur = self._db().execute("DELETE FROM docs WHERE kind=? AND key=?", (kind, key))
+        cur = self._db().execute(DELETE, (kind, key))
         return cur.rowcount == 1
 
     def list(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
