@@ -8,8 +8,10 @@ import threading
 import pytest
 
 from kakehashi.core.store import SQLiteStore
+from kakehashi.gateway.event_endpoint import ByteBudget
 from kakehashi.gateway.event_journal import EVENT_KIND, JournalError, StoreJournal
-from kakehashi.gateway.events import EventHub, Retention, TopicLog
+from kakehashi.gateway.event_wire import encode_event, event_size, parse_reply, plan_reply
+from kakehashi.gateway.events import Batch, Event, EventHub, Retention, TopicLog
 
 
 def test_no_event_then_events_after_the_cursor():
@@ -142,6 +144,52 @@ def test_a_damaged_stored_event_is_skipped(tmp_path):
     hub.publish("t", b"good")
     SQLiteStore(db).put(EVENT_KIND, "t/00000000000000000002", {"ts": "soon"})
     assert [e.data for e in _journaled(db).poll("t", 0).events] == [b"good"]
+
+
+# -- replies: predictable sizes, a byte limit, a cursor to go on from (issue 7, item 11) ---
+def test_binary_events_cost_base64_not_json_escapes():
+    binary = Event(1, 0.0, b"\x01" * 65536)  # UTF-8, but 6x as JSON escapes
+    assert binary.text_size == -1 and event_size(binary) < 88 * 1024
+    assert len(encode_event(binary)) == event_size(binary)
+    text = Event(2, 0.0, b'{"build": 7, "ok": true}')  # JSON text stays readable text
+    assert text.text_size > 0 and b'"data": "{\\"build\\"' in encode_event(text)
+    reply = plan_reply(Batch((binary, text), 2), 1 << 20)
+    assert [e.get("data_b64") is not None for e in parse_reply(reply.encode())[0]] == [
+        True, False]
+
+
+def test_a_backlog_over_the_reply_limit_comes_in_replies_that_continue():
+    log = TopicLog()
+    for _ in range(350):  # the issue's case: 350 events of 64 KiB of \x01
+        log.append(bytes([1]) * 65536, now=0.0)
+    cursor, seen, limit = 0, [], 4 << 20
+    while cursor < log.last_seq:
+        reply = plan_reply(log.since(cursor), limit)
+        assert reply.size <= limit and reply.cursor > cursor  # fits, and moves on
+        events, cursor, _ = parse_reply(reply.encode())
+        seen += [e["seq"] for e in events]
+    assert seen == list(range(1, 351))
+    # one event larger than the limit still goes (alone): a watcher never loops
+    reply = plan_reply(log.since(0), 10)
+    assert [e.seq for e in reply.events] == [1] and reply.cursor == 1
+
+
+async def test_the_byte_budget_is_shared_first_come_first_served():
+    budget = ByteBudget(100)
+    assert await budget.acquire(60) == 60
+    second = asyncio.create_task(budget.acquire(60))
+    third = asyncio.create_task(budget.acquire(10))  # fits, but waits its turn
+    await asyncio.sleep(0)
+    assert not second.done() and not third.done() and budget.used == 60
+    budget.release(60)
+    assert await second == 60 and await third == 10 and budget.used == 70
+    waiting = asyncio.create_task(budget.acquire(500))  # more than all: clamped
+    await asyncio.sleep(0)
+    waiting.cancel()  # a watcher cut while it waits gives nothing back twice
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    budget.release(70)
+    assert budget.used == 0 and await budget.acquire(500) == 100
 
 
 # -- the journal writes off the event loop, batched (issue 7, item 20) --------------------

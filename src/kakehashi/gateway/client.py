@@ -27,12 +27,17 @@ from dataclasses import dataclass
 from kakehashi.core.pump import pump_raw
 from kakehashi.core.stream import Conn, ConnClosed, Listener, open_tcp, start_tls
 from kakehashi.gateway import body, http
+from kakehashi.gateway.event_wire import EventReplyError, parse_reply
 from kakehashi.gateway.events import TOPIC_RE
 
 log = logging.getLogger("kakehashi.gateway.client")
 
-#: a poll returns at most 1000 events of 64 KiB (base64 and JSON add a third)
-MAX_EVENT_RESPONSE = 128 * 1024 * 1024
+#: the poll reply size a watcher asks for (``max_bytes``); the gateway sends the rest
+#: of a backlog with the next poll
+EVENT_REPLY_BYTES = 8 * 1024 * 1024
+#: what a watcher accepts: its limit, or one event alone if that is larger (an event
+#: is at most 64 KiB, about 87 KiB in base64)
+MAX_EVENT_RESPONSE = EVENT_REPLY_BYTES + 256 * 1024
 
 
 class GatewayError(Exception):
@@ -222,16 +227,17 @@ class EventClient:
             await conn.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + data)
             head = await read_response(conn, timeout or self.gw.timeout)
             framing = http.response_body(head, method)
-            payload = b""
             if framing[0] == "length" and framing[1] > MAX_EVENT_RESPONSE:
                 raise GatewayError(502, f"event response of {framing[1]} bytes is too large")
+            payload = bytearray()
             if framing[0] == "length":
                 while len(payload) < framing[1]:
-                    piece = await asyncio.wait_for(conn.recv(), self.gw.timeout)
+                    piece = await asyncio.wait_for(conn.recv(framing[1] - len(payload)),
+                                                   self.gw.timeout)
                     if not piece:
-                        break
+                        raise GatewayError(502, "the gateway closed in the middle of a reply")
                     payload += piece
-            return head, payload
+            return head, bytes(payload)
         finally:
             conn.close()
 
@@ -242,16 +248,23 @@ class EventClient:
         return int(json.loads(payload)["seq"])
 
     async def poll(self, topic: str, cursor: int, wait: float) -> tuple[list[dict], int, bool]:
-        path = f"{_events_path(topic)}?cursor={cursor}&wait={wait:g}"
+        """One (long) poll: the events after ``cursor`` (dicts with seq, ts and ``data``
+        text or ``data_b64``; :func:`~kakehashi.gateway.event_wire.event_data` gives the
+        bytes), the cursor to poll from next, and whether events expired unseen."""
+        path = (f"{_events_path(topic)}?cursor={cursor}&wait={wait:g}"
+                f"&max_bytes={EVENT_REPLY_BYTES}")
         head, payload = await self._request(b"GET", path, timeout=wait + self.gw.timeout)
         if head.status == 204:  # no event (Fig. 11, 702)
-            value = head.headers.get(b"kakehashi-cursor")
-            return [], int(value) if value else cursor, head.headers.get(
-                b"kakehashi-gap") is not None
+            value = head.headers.get(b"kakehashi-cursor") or b"%d" % cursor
+            if not value.removeprefix(b"-").isdigit():
+                raise GatewayError(502, "bad event reply: a malformed Kakehashi-Cursor")
+            return [], int(value), head.headers.get(b"kakehashi-gap") is not None
         if head.status != 200:
             raise GatewayError(head.status, payload.decode(errors="replace").strip())
-        doc = json.loads(payload)
-        return doc["events"], int(doc["cursor"]), bool(doc.get("gap"))
+        try:
+            return parse_reply(payload)
+        except EventReplyError as exc:
+            raise GatewayError(502, f"bad event reply: {exc}") from None
 
     async def watch(self, topic: str, cursor: int = 0, wait: float = 25.0
                     ) -> AsyncIterator[dict]:

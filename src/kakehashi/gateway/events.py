@@ -21,6 +21,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Protocol
 
 log = logging.getLogger("kakehashi.gateway.events")
@@ -28,11 +29,38 @@ log = logging.getLogger("kakehashi.gateway.events")
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
+def b64_size(n: int) -> int:
+    """Length of the base64 text of ``n`` bytes."""
+    return 4 * ((n + 2) // 3)
+
+
+def json_text_size(data: bytes) -> int:
+    """Bytes of ``data`` as a JSON string (quotes included) if it goes as text, else -1.
+
+    A payload goes as text only when it is UTF-8 and escaping leaves it no larger than
+    base64 would be: so no event costs more than base64 on the wire (64 KiB of
+    ``\\x01`` would be 384 KiB of ``\\u0001`` escapes), and the size of every reply is
+    known before it is written. Escapes are ASCII and each replaces one ASCII
+    character, so the UTF-8 size is the payload's plus what escaping added.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return -1
+    size = len(data) + len(encode_basestring(text)) - len(text)
+    return size if size <= b64_size(len(data)) + 2 else -1
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     seq: int
     ts: float
     data: bytes
+    #: see :func:`json_text_size`; computed once here, not on every poll that sends it
+    text_size: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_size", json_text_size(self.data))
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,12 +27,10 @@ import hashlib
 import ipaddress
 import json
 import logging
-import math
 import ssl
 import time
 import weakref
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs
 
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.crypto import hash_password, verify_password
@@ -41,7 +39,7 @@ from kakehashi.core.store import Store
 from kakehashi.core.stream import Conn, ConnClosed, open_tcp
 from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList, Decision
-from kakehashi.gateway.event_journal import JournalError
+from kakehashi.gateway.event_endpoint import LocalEndpoints
 from kakehashi.gateway.events import EventHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
 from kakehashi.gateway.fastlane import IDEMPOTENT, FastLane, SendBatcher
@@ -52,7 +50,6 @@ from kakehashi.gateway.quick import QuickRequest
 log = logging.getLogger("kakehashi.gateway")
 access = logging.getLogger("kakehashi.gateway.access")
 
-EVENTS_PREFIX = "/.well-known/kakehashi/events/"
 USER_KIND = "gateway.user"
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
 
@@ -176,6 +173,7 @@ class GatewayServer:
         self._own_upstreams: weakref.WeakValueDictionary[tuple, Conn] = \
             weakref.WeakValueDictionary()
         self.audit = audit or AuditLog(system="gateway")
+        self.local = LocalEndpoints(self.hub, self.settings, self.audit, self._authorise)
         self.via = self.settings.via_name.encode()
         self.requests = 0
         #: serve kept-alive requests from callbacks (False: every request by coroutine)
@@ -550,103 +548,11 @@ class GatewayServer:
             upstream = None
         return client_keep, upstream
 
-    # -- the gateway's own endpoints (events, health) ----------------------------
+    # -- the gateway's own endpoints (events, health): see event_endpoint.py --------
     async def _local(self, conn: Conn, head: http.RequestHead, target) -> bool:
-        """The gateway's own endpoints; returns whether the connection stays open."""
-        path, _, query = target.path.decode("latin-1").partition("?")
-        if http.request_body(head) not in (http.NO_BODY, ("length", 0)) \
-                and not (head.method == b"POST" and path.startswith(EVENTS_PREFIX)):
-            # an unread body would be taken for the next request: refuse and close
-            raise http.HTTPError(400, "this endpoint takes no request body")
-        if path == "/healthz":
-            return await self._reply(conn, head, 200, b"ok\n", "text/plain")
-        if not path.startswith(EVENTS_PREFIX):
-            raise http.HTTPError(400, "this is a forward proxy: send absolute-form requests "
-                                      "(e.g. curl -x http://gateway:port http://target/)")
-        topic = path[len(EVENTS_PREFIX):]
-        await self._authorise(head, f"events/{topic}")  # with --auth, events need it too
-        params = parse_qs(query)
-        try:
-            if head.method == b"POST":
-                return await self._publish(conn, head, topic)
-            if head.method != b"GET":
-                raise http.HTTPError(405, "events: use GET to poll, POST to publish")
-            cursor = int(params.get("cursor", ["0"])[0])
-            wait = float(params.get("wait", ["0"])[0])
-            if not math.isfinite(wait):
-                raise ValueError("wait must be a number of seconds")
-            wait = min(wait, self.settings.max_wait)
-            batch = await self.hub.wait(topic, cursor, max(wait, 0.0))
-        except ValueError as exc:
-            raise http.HTTPError(400, f"events: {exc}") from None
-        if not batch.events:  # Fig. 11, 702: no event
-            return await self._reply(conn, head, 204, b"", None,
-                                     [(b"Kakehashi-Cursor", str(batch.cursor).encode())]
-                                     + ([(b"Kakehashi-Gap", b"1")] if batch.gap else []))
-        body = json.dumps({
-            "cursor": batch.cursor,
-            "gap": batch.gap,
-            "events": [_event_json(e) for e in batch.events],
-        }).encode()
-        return await self._reply(conn, head, 200, body, "application/json",
-                                 [(b"Kakehashi-Cursor", str(batch.cursor).encode())])
-
-    async def _publish(self, conn: Conn, head: http.RequestHead, topic: str) -> bool:
-        client = conn.peer[0] if conn.peer else ""
-        try:
-            addr = ipaddress.ip_address(client)
-        except ValueError:
-            addr = None
-        allowed = addr is not None and any(addr in net for net in self.settings.publishers)
-        self.audit.record("publish", allowed, client=client, topic=topic)
-        if not allowed:
-            raise http.HTTPError(403, "events may only be published from internal networks")
-        framing = http.request_body(head)
-        if framing[0] != "length":
-            raise http.HTTPError(411, "publish with a Content-Length body")
-        if framing[1] > self.hub.retention.max_event:
-            raise http.HTTPError(413, "event too large")
-        data = b""
-        while len(data) < framing[1]:
-            piece = await asyncio.wait_for(conn.recv(framing[1] - len(data)),
-                                           self.settings.read_timeout)
-            if not piece:
-                raise ConnClosed("publisher closed in the middle of the body")
-            data += piece
-        event = self.hub.publish(topic, data)
-        try:
-            await self.hub.sync()  # stored before the publisher hears "accepted"
-        except JournalError as exc:
-            raise http.HTTPError(503, f"events: the event could not be stored ({exc})") \
-                from None
-        return await self._reply(conn, head, 202, json.dumps({"seq": event.seq}).encode(),
-                                 "application/json")
+        return await self.local.handle(conn, head, target)
 
     # -- replies and logs ----------------------------------------------------------
-    async def _reply(self, conn: Conn, head: http.RequestHead, status: int, body: bytes,
-                     ctype: str | None, extra: list | None = None) -> bool:
-        """A reply of the gateway's own; returns whether the connection stays open
-        (the client's Connection wish and version, as for relayed responses)."""
-        reason = {200: b"OK", 202: b"Accepted", 204: b"No Content"}.get(status, b"OK")
-        lines = [head.version + b" %d " % status + reason]
-        if ctype:
-            lines.append(b"Content-Type: " + ctype.encode())
-        if status != 204:
-            lines.append(b"Content-Length: %d" % len(body))
-        for name, value in extra or []:
-            lines.append(name + b": " + value)
-        tokens = head.headers._tokens(b"connection")
-        keep = b"close" not in tokens and (head.version == b"HTTP/1.1"
-                                           or b"keep-alive" in tokens)
-        if not keep:
-            lines.append(b"Connection: close")
-        elif head.version != b"HTTP/1.1":
-            lines.append(b"Connection: keep-alive")
-        if head.method == b"HEAD":
-            body = b""  # the same head as for GET, without the body (RFC 9110 9.3.2)
-        await conn.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        return keep
-
     async def _reply_error(self, conn: Conn, status: int, reason: str, *,
                            head: http.RequestHead | None = None) -> None:
         extra = [(b"Proxy-Authenticate", b'Basic realm="kakehashi"')] if status == 407 else []
@@ -675,10 +581,3 @@ class GatewayServer:
         else:
             access.debug("%s", line)
 
-
-def _event_json(event) -> dict:
-    try:
-        return {"seq": event.seq, "ts": event.ts, "data": event.data.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"seq": event.seq, "ts": event.ts,
-                "data_b64": base64.b64encode(event.data).decode()}
