@@ -16,7 +16,10 @@ Four benchmarks, everything on loopback (127.0.0.1), one table at the end:
   process): server RSS per agent and server CPU while only keepalives flow;
 * churn - a TLS relay receiving --churn-rounds rounds of --churn-size TCP
   connections that send nothing and close: server RSS after a warm-up round and
-  after the rounds (it must stay flat).
+  after the rounds (it must stay flat);
+* burst - --burst-size wrong passwords for one user sent at once from one address:
+  how many the relay checked (ran the password hash for) against its lockout limit,
+  and how long until every one was answered.
 
 See bench/README.md for what each row means and the targets. Users are registered
 with --kdf-n 1024 (cheap scrypt), so logins cost ~3 ms instead of ~50 ms.
@@ -72,6 +75,7 @@ BASELINES = ["direct", "haproxy"]
 
 SETUP_TARGET_MS = 1.0
 CHURN_TARGET_PCT = 10.0
+BURST_LIMIT = 20  # the relay's default lockout (failures per address and user)
 RSS_TARGET_MB = 200.0
 CPU_TARGET_PCT = 5.0
 
@@ -500,11 +504,75 @@ def churn_rows(r: dict) -> list[Row]:
         target=f"< {CHURN_TARGET_PCT:g} %: {ok}")]
 
 
+# == parallel login guesses ===========================================================
+def _burst(port: int, n: int) -> float:
+    """``n`` logins with wrong passwords for carol, all sent at once; seconds until the
+    relay has answered (or closed) every one of them."""
+    from kakehashi.core import wire
+    from kakehashi.relay import messages as m
+
+    socks = [socket.create_connection((LOOPBACK, port), timeout=120) for _ in range(n)]
+    for s in socks:
+        s.sendall(wire.PREAMBLE)
+    logins = [m.TERMINAL_CODEC.encode(m.Login(user="carol", password=f"guess-{i}",
+                                              attrs=None, token=""))
+              for i in range(n)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(lambda pair: pair[0].sendall(pair[1]), zip(socks, logins, strict=True)))
+
+    def answered(s: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while s.recv(65536):  # the preamble, then the refusal, then the close
+                pass
+        s.close()
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        list(pool.map(answered, socks))
+    return time.monotonic() - t0
+
+
+def measure_burst(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path) -> dict:
+    n = args.burst_size
+    db = str(workdir / "burst.db")
+    kk.cli("relay", "user", "add", "carol", "--db", db, "--password-stdin",
+           input="right-horse-battery\n")  # the default scrypt cost, as in production
+    audit = workdir / "burst-audit.jsonl"
+    with Procs(workdir) as procs:
+        port, _pid = kk.serve(procs, tls=False, db=db, extra=("--audit-log", str(audit)))
+        wait_listening(port)
+        seconds = _burst(port, n)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            checked = locked = 0
+            for line in audit.read_text().splitlines() if audit.exists() else []:
+                e = json.loads(line)
+                if e.get("event") == "login" and e.get("decision") == "deny":
+                    if e.get("why") == "lockout":
+                        locked += 1
+                    else:
+                        checked += 1
+            if checked + locked >= n:
+                break
+            time.sleep(0.1)
+    return {"n": n, "checked": checked, "locked": locked, "seconds": seconds}
+
+
+def burst_rows(r: dict) -> list[Row]:
+    ok = "PASS" if r["checked"] <= BURST_LIMIT else "FAIL"
+    return [Row(
+        "burst", f"{r['n']} wrong passwords for one user at once from one address",
+        f"{r['checked']} checked",
+        notes=f"{r['locked']} refused by the lockout without a hash; all answered in "
+              f"{r['seconds']:.1f} s (default scrypt cost)",
+        target=f"<= {BURST_LIMIT} (the lockout): {ok}")]
+
+
 # == main =============================================================================
 def selected(only: list[str] | None) -> dict[str, list[str]]:
     """Rows to run per benchmark; a group's baselines (direct, haproxy) come along."""
     groups = {"throughput": THROUGHPUT_ROWS, "setup": SETUP_ROWS, "idle": ["agents"],
-              "churn": ["prehandshake"]}
+              "churn": ["prehandshake"], "burst": ["login"]}
     return select_rows(groups, only, {g: BASELINES for g in ("throughput", "setup")})
 
 
@@ -542,6 +610,8 @@ def parse_args() -> argparse.Namespace:
                     help="connections per churn round (default 2000; quick 1000)")
     ap.add_argument("--churn-rounds", type=int,
                     help="churn rounds after the warm-up (default 10; quick 3)")
+    ap.add_argument("--burst-size", type=int, default=120,
+                    help="simultaneous wrong passwords in the burst benchmark (default 120)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and configs")
     args = ap.parse_args()
     quick = args.quick
@@ -562,6 +632,7 @@ def main() -> int:
         print("setup:     ", ", ".join(SETUP_ROWS))
         print("idle:       agents")
         print("churn:      prehandshake")
+        print("burst:      login")
         return 0
     rows = selected(args.only.split(",") if args.only else None)
     check_tools(rows)
@@ -597,6 +668,11 @@ def main() -> int:
             res_churn = measure_churn(args, kk, workdir)
             out += churn_rows(res_churn)
             print(table(HEADERS, [r.cells() for r in churn_rows(res_churn)]), flush=True)
+        if rows.get("burst"):
+            say(f"== burst: {args.burst_size} parallel wrong passwords from one address")
+            res_burst = measure_burst(args, kk, workdir)
+            out += burst_rows(res_burst)
+            print(table(HEADERS, [r.cells() for r in burst_rows(res_burst)]), flush=True)
     except KeyboardInterrupt:
         say("interrupted; processes stopped")
         return 130
