@@ -12,6 +12,7 @@ from kakehashi.gateway.event_endpoint import ByteBudget
 from kakehashi.gateway.event_journal import EVENT_KIND, JournalError, StoreJournal
 from kakehashi.gateway.event_wire import encode_event, event_size, parse_reply, plan_reply
 from kakehashi.gateway.events import Batch, Event, EventHub, Retention, TopicLog
+from tests.support.wait import async_wait_until
 
 
 def test_no_event_then_events_after_the_cursor():
@@ -73,7 +74,7 @@ def test_negative_cursor_means_only_new_events():
 async def test_long_poll_wakes_on_publish_and_times_out_otherwise():
     hub = EventHub()
     waiter = asyncio.create_task(hub.wait("alerts", 0, timeout=5))
-    await asyncio.sleep(0.01)
+    await async_wait_until(lambda: hub._waiters.get("alerts"), what="the waiter parked")
     hub.publish("alerts", b"fire")
     batch = await asyncio.wait_for(waiter, 1)
     assert [e.data for e in batch.events] == [b"fire"]
@@ -85,7 +86,7 @@ async def test_only_new_long_poll_sees_an_event_published_during_the_wait():
     hub = EventHub()
     hub.publish("t", b"old")
     waiter = asyncio.create_task(hub.wait("t", -1, timeout=5))
-    await asyncio.sleep(0.01)
+    await async_wait_until(lambda: hub._waiters.get("t"), what="the waiter parked")
     hub.publish("t", b"new")
     assert [e.data for e in (await waiter).events] == [b"new"]
 
@@ -179,12 +180,12 @@ async def test_the_byte_budget_is_shared_first_come_first_served():
     assert await budget.acquire(60) == 60
     second = asyncio.create_task(budget.acquire(60))
     third = asyncio.create_task(budget.acquire(10))  # fits, but waits its turn
-    await asyncio.sleep(0)
+    await async_wait_until(lambda: len(budget._waiters) == 2, what="both waiting")
     assert not second.done() and not third.done() and budget.used == 60
     budget.release(60)
     assert await second == 60 and await third == 10 and budget.used == 70
     waiting = asyncio.create_task(budget.acquire(500))  # more than all: clamped
-    await asyncio.sleep(0)
+    await async_wait_until(lambda: len(budget._waiters) == 1, what="waiting")
     waiting.cancel()  # a watcher cut while it waits gives nothing back twice
     with pytest.raises(asyncio.CancelledError):
         await waiting
