@@ -21,7 +21,8 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from kakehashi.core.stream import Conn, ConnClosed, start_tls
+from kakehashi.core import tlsmismatch
+from kakehashi.core.stream import Conn, ConnClosed, refuse, start_tls
 
 log = logging.getLogger("kakehashi.mux")
 
@@ -78,7 +79,7 @@ class ProtocolMux:
                 head = await asyncio.wait_for(self._read_ahead(conn), self.timeout)
             elif self.require_tls:
                 log.debug("plaintext from %s refused (TLS required)", conn.peer)
-                conn.close()
+                refuse(conn, tlsmismatch.plaintext_refusal(head))
                 return
         except (TimeoutError, OSError, ConnClosed, ssl.SSLError) as exc:
             log.debug("no protocol from %s: %s", conn.peer, exc)
@@ -86,6 +87,9 @@ class ProtocolMux:
             return
         route = self._choose(head)
         handler = route.handler if route is not None else self.fallback
+        if handler is None and conn.plain and tlsmismatch.is_client_hello(head):
+            refuse(conn, tlsmismatch.TLS_REFUSAL)  # TLS on a plaintext port: say so
+            return
         try:
             if handler is not None:
                 await handler(conn)

@@ -17,7 +17,7 @@ import ssl
 import stat
 from collections.abc import Awaitable, Callable, Iterator
 
-from kakehashi.core import wire
+from kakehashi.core import tlsmismatch, wire
 
 RECV_CHUNK = 256 * 1024
 #: reads for control messages: large enough for any control frame, small enough
@@ -372,6 +372,11 @@ async def start_tls(
             initial = await conn.recv(SMALL_CHUNK)
             if not initial:
                 raise ConnClosed("connection closed before the TLS handshake")
+    if server_side and not tlsmismatch.is_client_hello(initial):
+        # a plaintext client on a TLS port: tell it now rather than let it wait for
+        # a handshake that will never come
+        refuse(conn, tlsmismatch.plaintext_refusal(initial))
+        raise ConnClosed("the peer does not speak TLS (told it so)")
     tls = TLSConn(
         conn.sock, context, server_side=server_side, server_hostname=server_hostname,
         initial=initial,
@@ -384,6 +389,22 @@ async def start_tls(
         tls.close()
         raise
     return tls
+
+
+def refuse(conn: Conn, reply: bytes) -> None:
+    """Answer a peer that speaks the wrong protocol with ``reply`` and close.
+
+    What the peer already sent is read first, so the close is a FIN and the reply
+    arrives; closing with unread input would send a reset, which can make the peer's
+    kernel throw the reply away before the peer reads it.
+    """
+    with contextlib.suppress(OSError):
+        conn.sock.send(reply)  # a few bytes: they fit in the empty send buffer
+        while conn.sock.recv(SMALL_CHUNK):
+            pass  # until BlockingIOError (nothing more now) or EOF
+    with contextlib.suppress(OSError):
+        conn.sock.shutdown(socket.SHUT_WR)
+    conn.close()
 
 
 async def open_tcp(host: str, port: int, *, timeout: float = 10.0) -> Conn:

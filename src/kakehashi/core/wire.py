@@ -36,6 +36,8 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from kakehashi.core import tlsmismatch
+
 MAGIC = b"KKH"
 VERSION = 1
 PREAMBLE = MAGIC + bytes([VERSION])
@@ -105,6 +107,8 @@ def encode_frame(ftype: FrameType, payload: bytes = b"") -> bytes:
 def check_preamble(data: bytes) -> None:
     """Validate a 4-byte preamble; raise WireError saying what was wrong."""
     if data[:3] != MAGIC:
+        if tlsmismatch.is_tls_record(data):
+            raise WireError("tls-mismatch", "the peer speaks TLS and this side does not")
         raise WireError("not-kakehashi", "peer does not speak the kakehashi protocol")
     if data[3] != VERSION:
         raise WireError(

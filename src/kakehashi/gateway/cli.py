@@ -20,6 +20,7 @@ from kakehashi.core.paths import state_dir
 from kakehashi.core.pump import pump_raw
 from kakehashi.core.store import open_store
 from kakehashi.core.stream import Conn, FdConn, Listener
+from kakehashi.core.tlsmismatch import TLSMismatch
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.client import EventClient, Gateway, GatewayError, open_tunnel, serve_forward
 from kakehashi.gateway.event_journal import StoreJournal
@@ -335,12 +336,16 @@ def watch(via, via_tls, ca, proxy_user, topic, cursor, wait, count) -> None:
 
     async def main() -> int:
         seen = 0
-        async for event in EventClient(gw).watch(topic, cursor, wait):
-            click.echo(json.dumps(event))
-            sys.stdout.flush()
-            seen += 1
-            if count is not None and seen >= count:
-                return 0
+        try:
+            async for event in EventClient(gw).watch(topic, cursor, wait):
+                click.echo(json.dumps(event))
+                sys.stdout.flush()
+                seen += 1
+                if count is not None and seen >= count:
+                    return 0
+        except TLSMismatch as exc:  # retrying would not help: say which flag to change
+            click.echo(f"kakehashi: watch failed: {exc}", err=True)
+            return 1
         return 0
 
     sys.exit(runner.run(main()))

@@ -24,6 +24,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from kakehashi.core import tlsmismatch
 from kakehashi.core.pump import pump_raw
 from kakehashi.core.stream import Conn, ConnClosed, Listener, open_tcp, start_tls
 from kakehashi.gateway import body, http
@@ -73,9 +74,15 @@ class Gateway:
     async def connect(self) -> Conn:
         conn = await open_tcp(self.host, self.port, timeout=self.timeout)
         if self.tls is not None:
-            conn = await start_tls(conn, self.tls, server_side=False,
-                                   server_hostname=self.server_hostname or self.host,
-                                   timeout=self.timeout)
+            try:
+                conn = await start_tls(conn, self.tls, server_side=False,
+                                       server_hostname=self.server_hostname or self.host,
+                                       timeout=self.timeout)
+            except ssl.SSLError as exc:
+                if tlsmismatch.server_speaks_plaintext(exc):
+                    raise tlsmismatch.TLSMismatch(self.authority.decode(),
+                                                  server_tls=False) from None
+                raise
         return conn
 
 
@@ -84,15 +91,24 @@ async def read_response(conn: Conn, timeout: float,
     reader = reader or http.HeadReader()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    first = True
     while (head := reader.next_head("response")) is None:
         data = await asyncio.wait_for(conn.recv(), max(deadline - loop.time(), 0.001))
         if not data:
             raise GatewayError(502, "the gateway closed the connection")
+        if first and conn.plain:  # a TLS gateway answers a plaintext client in TLS
+            tlsmismatch.check_plaintext_reply(data, _peer(conn))
+        first = False
         reader.feed(data)
     rest = reader.take_rest()
     if rest:
         conn.unread(rest)
     return head  # type: ignore[return-value]
+
+
+def _peer(conn: Conn) -> str:
+    peer = conn.peer
+    return f"{peer[0]}:{peer[1]}" if peer else "the gateway"
 
 
 async def _error_body(conn: Conn, head: http.ResponseHead) -> str:
@@ -270,15 +286,18 @@ class EventClient:
                     ) -> AsyncIterator[dict]:
         """Yield events forever, long polling; reconnects resume from the cursor."""
         delay = 0.5
+        polled = False
         while True:
             try:
                 events, cursor, gap = await self.poll(topic, cursor, wait)
             except (OSError, TimeoutError, GatewayError) as exc:
+                if isinstance(exc, tlsmismatch.TLSMismatch) and not polled:
+                    raise  # a wrong --tls will not fix itself: stop with the message
                 log.warning("event poll failed: %s (retrying in %.1fs)", exc, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 30.0)
                 continue
-            delay = 0.5
+            delay, polled = 0.5, True
             if gap:
                 log.warning("some events of %s expired before they were seen", topic)
             for event in events:

@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from kakehashi.core import crypto, wire
+from kakehashi.core import crypto, tlsmismatch, wire
 from kakehashi.core.pump import DiscardSink, FrameSink, RawSink, forward_frames, raw_to_frames
 from kakehashi.core.stream import Conn, ConnClosed, FramedConn, open_tcp, start_tls
 from kakehashi.relay import messages as m
@@ -33,6 +33,11 @@ log = logging.getLogger("kakehashi.relay.agent")
 TRIM_AFTER = 30.0
 #: how long the pool waits, while a spare is left, before refilling
 SETTLE = 0.25
+
+
+#: failures that retrying cannot cure until the user changes something: a client that
+#: never got in stops with the message instead of retrying forever
+FATAL_CODES = frozenset({"login-failed", "tls-mismatch"})
 
 
 class RelayError(Exception):
@@ -108,6 +113,9 @@ class RelayLink:
                                      f"{exc.verify_message}; pass --ca with the relay's CA "
                                      "certificate") from None
                 except (ssl.SSLError, ConnectionError, ConnClosed) as exc:
+                    if tlsmismatch.server_speaks_plaintext(exc):
+                        raise RelayError("tls-mismatch", tlsmismatch.TLSMismatch(
+                            where, server_tls=False).message) from None
                     raise RelayError("tls", f"TLS handshake with {where} failed ({exc}); if "
                                      "the relay runs with --tls off, use --tls off here too"
                                      ) from None
@@ -121,6 +129,11 @@ class RelayLink:
                         if cfg.tls is None else "")
                 raise RelayError("closed", f"{where} closed the connection ({exc}){hint}"
                                  ) from None
+            except wire.WireError as exc:
+                if exc.code == "tls-mismatch":  # its first bytes were a TLS record
+                    raise RelayError("tls-mismatch", tlsmismatch.TLSMismatch(
+                        where, server_tls=True).message) from None
+                raise RelayError("protocol", f"{where}: {exc.message}") from None
             if not conn.encrypted and cfg.attrs.encryption == "required":
                 await self._starttls_inline()
             await self._send(self.t.login(cfg.user, cfg.password, token, cfg.attrs,
@@ -615,10 +628,10 @@ class Terminal:
                 if errors:
                     err = errors[0]
                     self.last_error = err  # type: ignore[assignment]
-                    if isinstance(err, RelayError) and err.code == "login-failed":
+                    if isinstance(err, RelayError) and err.code in FATAL_CODES:
                         if not self.ever_connected:
-                            raise err  # a wrong password will not fix itself: stop
-                        log.error("login refused: %s", err.message)
+                            raise err  # a wrong password or --tls will not fix itself
+                        log.error("cannot log in: %s", err.message)
                     else:
                         log.warning("cannot reach relay %s:%d: %s (retrying in %.1fs)",
                                     self.cfg.server, self.cfg.port, err, delay)

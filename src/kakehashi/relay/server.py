@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from kakehashi.core import wire
+from kakehashi.core import tlsmismatch, wire
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.identity import PasswordChecker
 from kakehashi.core.pump import FramedSink, FrameSink, forward_frames
@@ -28,6 +28,7 @@ from kakehashi.core.stream import (
     ConnClosed,
     FramedConn,
     Listener,
+    refuse,
     start_tls,
 )
 from kakehashi.relay import messages as m
@@ -165,6 +166,8 @@ class RelayServer:
             await framed.send(wire.PREAMBLE)
         except (OSError, ConnClosed, TimeoutError, ssl.SSLError, wire.WireError) as exc:
             log.debug("handshake with %s failed: %s", addr, exc)
+            if isinstance(exc, wire.WireError) and exc.code == "tls-mismatch":
+                refuse(conn, tlsmismatch.TLS_REFUSAL)  # a TLS client on a plaintext port
             conn.close()
             return
         cid = self.core.connection_made(addr, encrypted=not conn.plain)
