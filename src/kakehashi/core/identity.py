@@ -434,3 +434,79 @@ class PasswordChecker:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+
+
+# --------------------------------------------------------------------------
+# API tokens with roles
+# --------------------------------------------------------------------------
+
+TOKEN_PREFIX = "kkt"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Who an API token says the caller is."""
+
+    id: str
+    role: str
+    name: str = ""
+
+
+class ApiTokens:
+    """Bearer tokens for HTTP APIs, each with one role, on the store.
+
+    A token is ``kkt_<id>_<secret>``: the id finds the record, and only the SHA-256 of
+    the 256-bit secret is stored (a secret that long needs no slow hash; a leaked
+    database gives no usable token). The token is shown once, when created. Checks
+    compare digests in constant time and cost the same for unknown ids.
+    """
+
+    def __init__(self, store: Store, kind: str = "api-token",
+                 roles: tuple[str, ...] | None = None) -> None:
+        self.store = store
+        self.kind = kind
+        self.roles = roles
+
+    @staticmethod
+    def _digest(secret: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    def create(self, role: str, name: str = "") -> tuple[TokenInfo, str]:
+        """A new token for ``role``: (its record, the token text to hand out once)."""
+        import secrets
+        import time
+
+        if self.roles is not None and role not in self.roles:
+            raise ValueError(f"role {role!r} is not one of {', '.join(self.roles)}")
+        if name:
+            check_name(name, "token names")
+        while True:
+            tid = secrets.token_hex(6)
+            secret = secrets.token_urlsafe(32)
+            doc = {"role": role, "name": name, "sha256": self._digest(secret),
+                   "created": round(time.time(), 3)}
+            if self.store.insert(self.kind, tid, doc):
+                return TokenInfo(tid, role, name), f"{TOKEN_PREFIX}_{tid}_{secret}"
+
+    def verify(self, token: str | None) -> TokenInfo | None:
+        """The token's record, or None (malformed, unknown, or a wrong secret)."""
+        import hmac
+
+        parts = (token or "").strip().split("_", 2)
+        ok_shape = (len(parts) == 3 and parts[0] == TOKEN_PREFIX and len(parts[1]) == 12
+                    and len(parts[2]) <= 128)
+        doc = self.store.get(self.kind, parts[1]) if ok_shape else None
+        want = (doc or {}).get("sha256") or "0" * 64
+        good = hmac.compare_digest(self._digest(parts[2] if ok_shape else ""), want)
+        if doc is None or not good:
+            return None
+        return TokenInfo(parts[1], str(doc.get("role", "")), str(doc.get("name", "")))
+
+    def list(self) -> list[tuple[TokenInfo, float]]:
+        return [(TokenInfo(tid, d.get("role", ""), d.get("name", "")), d.get("created", 0))
+                for tid, d in self.store.list(self.kind)]
+
+    def remove(self, tid: str) -> bool:
+        return self.store.delete(self.kind, tid)

@@ -216,8 +216,11 @@ class DevCA:
     trust it.
     """
 
-    def __init__(self) -> None:
-        home = state_dir()
+    def __init__(self, home: Path | None = None) -> None:
+        # ``home``: a CA of its own in another directory (a system that issues
+        # identities to its parts, like the on-demand manager, keeps them apart from
+        # the development CA that signs server certificates)
+        home = home if home is not None else state_dir()
         self._dir = home / "ca"
         self._certs_dir = home / "certs"
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -388,6 +391,76 @@ class DevCA:
         _write_atomic(key_path, _key_pem(key), 0o600)
         _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return not_after
+
+
+    def sign_csr(self, csr_pem: bytes, *, unit: str, names: Sequence[str] = (),
+                 days: int = 30) -> bytes:
+        """Sign a certificate request; the subject is the request's common name with
+        organisational unit ``unit`` (the role the issuer vouches for, which a peer
+        checks), valid for server and client auth, ``names`` as its SANs.
+
+        Only the request's public key and common name are taken; the issuer decides
+        everything else, so a request cannot ask for more than it gets.
+        """
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise ValueError(f"not a PEM certificate request: {exc}") from None
+        if not csr.is_signature_valid:
+            raise ValueError("the certificate request's signature is invalid")
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not cns:
+            raise ValueError("the certificate request has no common name")
+        public = csr.public_key()
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kakehashi"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+                x509.NameAttribute(NameOID.COMMON_NAME, str(cns[0].value)[:64]),
+            ]))
+            .issuer_name(self._cert.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(min(now + timedelta(days=days), self._cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self._key.public_key()), critical=False)
+        )
+        if names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(_general_names(names)), critical=False)
+        return builder.sign(self._key, hashes.SHA256()).public_bytes(
+            serialization.Encoding.PEM)
+
+
+def new_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
+    """A fresh private key (PEM) and a certificate request for it (PEM): the key never
+    leaves the process that asks an issuer (:meth:`DevCA.sign_csr`) for a certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def peer_unit(tls_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, str] | None:
+    """(organisational unit, common name) of a verified peer certificate, or None."""
+    der = tls_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    subject = x509.load_der_x509_certificate(der).subject
+    units = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return (str(units[0].value) if units else "", str(cns[0].value) if cns else "")
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,230 @@
+"""The shared ASGI pieces for systems with an HTTP API (FastAPI on uvicorn with uvloop).
+
+* :func:`create_app` - a FastAPI application with the house error shape
+  ``{"error": {"code": ..., "message": ...}}`` for every failure (validation included),
+  a request body limit, and its OpenAPI document at ``/openapi.json``;
+* :func:`require` - a dependency that authenticates the bearer token (core identity
+  :class:`~kakehashi.core.identity.ApiTokens`) and checks its role; ``admin`` may do
+  everything;
+* :func:`bearer` - the same check for a WebSocket handshake;
+* :func:`serve` - run an app on a socket bound here (port 0 works: the bound port is
+  logged as ``listening on HOST:PORT``), with TLS from the core when asked.
+
+Systems build their routes on top; nothing here knows any one system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kakehashi.core.identity import ApiTokens, TokenInfo
+
+log = logging.getLogger("kakehashi.web")
+
+#: the largest request body an API takes (a CA certificate is the biggest thing sent)
+MAX_BODY = 256 * 1024
+
+
+class ApiError(Exception):
+    """An error the API answers with: HTTP ``status``, a stable ``code``, a message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+class _BodyLimit:
+    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _too_large(send, self.limit)
+                return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, "too-large", f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _too_large(send: Callable, limit: int) -> None:
+    import json
+
+    body = json.dumps(error_body("too-large", f"request body over {limit} bytes")).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(title: str, version: str, *, tokens: ApiTokens | None = None,
+               description: str = "", max_body: int = MAX_BODY,
+               on_start: Callable[[], Any] | None = None,
+               on_stop: Callable[[], Awaitable[Any]] | None = None) -> FastAPI:
+    """A FastAPI app with the house conventions; ``tokens`` authenticate :func:`require`;
+    ``on_start``/``on_stop`` run when the server starts and stops (its lifespan)."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        if on_start is not None:
+            on_start()
+        try:
+            yield
+        finally:
+            if on_stop is not None:
+                await on_stop()
+
+    app = FastAPI(title=title, version=version, description=description, lifespan=lifespan,
+                  openapi_url="/openapi.json", docs_url=None, redoc_url=None)
+    app.state.tokens = tokens
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse(error_body("bad-request", "; ".join(parts) or "invalid request"),
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    app.add_middleware(_BodyLimit, limit=max_body)
+    return app
+
+
+def _check(tokens: ApiTokens | None, header: str | None, roles: tuple[str, ...]) -> TokenInfo:
+    if tokens is None:
+        raise ApiError(500, "no-tokens", "this server has no token store")
+    scheme, _, value = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not value:
+        raise ApiError(401, "unauthenticated", "send Authorization: Bearer <token>")
+    info = tokens.verify(value.strip())
+    if info is None:
+        raise ApiError(401, "unauthenticated", "unknown or invalid token")
+    if info.role != "admin" and info.role not in roles:
+        raise ApiError(403, "forbidden", f"a {info.role} token may not do this "
+                                         f"(needs {' or '.join(roles)})")
+    return info
+
+
+def require(*roles: str) -> Callable[[Request], Awaitable[TokenInfo]]:
+    """A FastAPI dependency: the caller's token, which must have one of ``roles``
+    (or ``admin``); 401 without a valid token, 403 with the wrong role."""
+
+    async def dependency(request: Request) -> TokenInfo:
+        return _check(request.app.state.tokens, request.headers.get("authorization"), roles)
+
+    dependency.__name__ = f"require_{'_'.join(roles)}"
+    return dependency
+
+
+def bearer(tokens: ApiTokens | None, headers: Mapping[str, str], *roles: str) -> TokenInfo:
+    """:func:`require` for a WebSocket handshake (raises :class:`ApiError`)."""
+    return _check(tokens, headers.get("authorization"), roles)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for :func:`serve` (bound here so port 0 can be reported)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _server_class() -> type:
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn without its signal handlers: the core runner owns the signals and
+        cancels the main task, which stops the server."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            yield
+
+    return Server
+
+
+async def serve(app: Any, sock: socket.socket, *, certfile: str | None = None,
+                keyfile: str | None = None, name: str = "api",
+                ready: Callable[[], None] | None = None) -> None:
+    """Serve ``app`` on ``sock`` until cancelled (uvicorn, httptools, uvloop's loop
+    when the caller runs on it). Logs ``listening on HOST:PORT`` once it accepts."""
+    import uvicorn
+
+    _Server = _server_class()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            ssl_certfile=certfile, ssl_keyfile=keyfile,
+                            timeout_keep_alive=30, ws="websockets-sansio",
+                            http="httptools", ws_max_size=1 << 20,
+                            ws_ping_interval=10.0, ws_ping_timeout=20.0,
+                            h11_max_incomplete_event_size=64 * 1024)
+    server = _Server(config)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                await task
+                raise RuntimeError(f"{name} did not start")
+            await asyncio.sleep(0.01)
+        host, port = sock.getsockname()[:2]
+        log.info("%s listening on %s:%d (%s)", name, host, port,
+                 "https" if certfile else "http")
+        if ready is not None:
+            ready()
+        await asyncio.shield(task)
+    finally:
+        server.should_exit = True
+        if not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 5)
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                task.cancel()
