@@ -1,0 +1,679 @@
+"""The connection management device (spec 002, device 1): REST API and relay control.
+
+It keeps, on the store: auth infos (S1-S4), devices (the stand-in for the P-GW/UPF
+connection management information: IMSI -> inner relay and private address), relays,
+grants (destination entries, S14) and each grant's events. Edges and inner relays keep
+a WebSocket control channel to it (:mod:`.messages`); a grant is returned to the
+client only after its edge has the port open (S15), and revocation, extension and
+expiry reach the edge over the same channel at once.
+
+The decisions themselves are :mod:`.grants` (sans-IO); this module stores, sends and
+waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import Depends, Query, Request, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, Field
+
+from kakehashi import __version__
+from kakehashi.core import tls
+from kakehashi.core.audit import AuditLog
+from kakehashi.core.identity import ApiTokens, TokenInfo
+from kakehashi.core.store import Store
+from kakehashi.core.web import ApiError, bearer, create_app, require
+from kakehashi.ondemand import grants as g
+from kakehashi.ondemand import messages as m
+
+log = logging.getLogger("kakehashi.ondemand.manager")
+
+GRANT, EVENT, AUTH, DEVICE, RELAY = "od-grant", "od-event", "od-auth-info", "od-device", \
+    "od-relay"
+#: events kept per grant at most (a flood of refused connections cannot fill the store)
+MAX_EVENTS = 10_000
+
+
+@dataclass
+class ManagerSettings:
+    limits: g.GrantLimits = field(default_factory=g.GrantLimits)
+    region_table: list[tuple[g.Network, str]] = field(default_factory=list)
+    carrier_table: list[tuple[g.Network, str]] = field(default_factory=list)
+    #: how long a grant waits for its edge to open the port
+    open_timeout: float = 5.0
+    #: how long a grant waits for a first edge when none is connected
+    edge_wait: float = 5.0
+    #: how long ended grants and their events stay readable
+    retention: float = 3600.0
+    #: how long a relay has to say hello
+    hello_timeout: float = 10.0
+    #: lifetime of the certificates issued to relays
+    cert_days: int = 30
+
+
+class RelaySession:
+    """One connected relay (an edge or an inner relay) on its control channel."""
+
+    def __init__(self, ws: WebSocket, hello: m.Hello) -> None:
+        self.ws = ws
+        self.hello = hello
+        self.name = hello.name
+        self.kind = hello.kind
+        self.pending: dict[int, asyncio.Future[m.Ack]] = {}
+        self.next_req = 1
+        self.sessions = 0
+        self.bytes_per_second = 0.0
+        self.closed = False
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, msg: msgspec.Struct) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(m.encode(msg))
+
+    async def open(self, grant: dict[str, Any], timeout: float) -> m.Ack:
+        req = self.next_req
+        self.next_req += 1
+        fut: asyncio.Future[m.Ack] = asyncio.get_running_loop().create_future()
+        self.pending[req] = fut
+        try:
+            await self.send(m.Open(req=req, grant=grant))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(req, None)
+
+    def lost(self) -> None:
+        self.closed = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"edge {self.name} disconnected"))
+
+
+class Manager:
+    """The manager's state and operations; the routes (:func:`build_app`) call these."""
+
+    def __init__(self, store: Store, *, audit: AuditLog | None = None,
+                 settings: ManagerSettings | None = None, ca_home: Path | None = None) -> None:
+        self.store = store
+        self.audit = audit or AuditLog(None, system="ondemand")
+        self.s = settings or ManagerSettings()
+        self.tokens = ApiTokens(store, roles=g.ROLES)
+        self.ca_home = ca_home
+        self._ca: tls.DevCA | None = None
+        self.grants: dict[str, dict[str, Any]] = {gid: doc for gid, doc in store.list(GRANT)}
+        self.edges: dict[str, RelaySession] = {}
+        self.inners: dict[str, RelaySession] = {}
+        self.edge_joined = asyncio.Event()
+        self.changed = asyncio.Condition()
+        self._seq: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def ca(self) -> tls.DevCA:
+        """The relay CA: it issues the certificates edges and inner relays prove
+        themselves with on the relay link (created on first use)."""
+        if self._ca is None:
+            self._ca = tls.DevCA(self.ca_home)
+        return self._ca
+
+    def start(self) -> None:
+        self.ca  # noqa: B018 - create it now, not inside the first hello
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def close(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    # -- events ------------------------------------------------------------------------
+    def _next_seq(self, gid: str) -> int:
+        if gid not in self._seq:
+            keys = [k for k, _ in self.store.list(EVENT) if k.startswith(gid + "/")]
+            self._seq[gid] = max((int(k.rpartition("/")[2]) for k in keys), default=0)
+        self._seq[gid] += 1
+        return self._seq[gid]
+
+    async def record(self, kind: str, gid: str, **fields: Any) -> dict[str, Any]:
+        ev = g.audit_event(kind, gid, **fields)
+        seq = self._next_seq(gid)
+        ev["seq"] = seq
+        if seq <= MAX_EVENTS:
+            self.store.put(EVENT, f"{gid}/{seq:08d}", ev)
+        self.audit.record(kind, kind not in ("denied", "refused"),
+                          **{k: v for k, v in ev.items() if k not in ("event", "ts")})
+        async with self.changed:
+            self.changed.notify_all()
+        return ev
+
+    def events(self, gid: str, after: int = 0) -> list[dict[str, Any]]:
+        return [doc for key, doc in self.store.list(EVENT)
+                if key.startswith(gid + "/") and doc.get("seq", 0) > after]
+
+    # -- reads -------------------------------------------------------------------------
+    def grant(self, gid: str, who: TokenInfo | None = None) -> dict[str, Any]:
+        doc = self.grants.get(gid)
+        if doc is None or doc.get("status") == "opening" or (
+                who is not None and who.role == "client" and doc.get("owner") != who.id):
+            raise ApiError(404, "unknown-grant", f"no grant {gid!r}")
+        return doc
+
+    def auth_infos(self) -> dict[str, dict[str, Any]]:
+        return dict(self.store.list(AUTH))
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        return dict(self.store.list(DEVICE))
+
+    def edge_views(self) -> list[g.EdgeView]:
+        views = []
+        for name, sess in self.edges.items():
+            h = sess.hello
+            used = {d["port"] for d in self.grants.values()
+                    if d["edge"] == name and d["status"] in ("active", "opening")}
+            views.append(g.EdgeView(name=name, public_host=h.public_host,
+                                    ports=(h.ports[0], h.ports[1]),
+                                    region=h.region or None, carrier=h.carrier or None,
+                                    sessions=sess.sessions,
+                                    bytes_per_second=sess.bytes_per_second, used=used))
+        return views
+
+    # -- grants (S11-S15) --------------------------------------------------------------
+    async def create_grants(self, req: g.GrantRequest, who: TokenInfo) -> list[dict[str, Any]]:
+        req = g.validate_request(req, devices=self.devices(), auth_infos=self.auth_infos(),
+                                 limits=self.s.limits)
+        if not self.edges and self.s.edge_wait > 0:  # an edge that is still starting
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.edge_joined.wait(), self.s.edge_wait)
+        choice = g.choose_edge(req.policy, self.edge_views(),
+                               client_address=req.client_address, carrier=req.carrier,
+                               region_table=self.s.region_table,
+                               carrier_table=self.s.carrier_table)
+        sess = self.edges[choice.edge.name]
+        auth = self.auth_infos().get(req.auth_info) if req.auth_info else None
+        devices = self.devices()
+        now = time.time()
+        made: list[dict[str, Any]] = []
+        try:
+            for imsi, port in req.targets:
+                dev = devices[imsi]
+                doc = {
+                    "id": "g" + secrets.token_hex(8), "imsi": imsi, "target_port": port,
+                    "edge": choice.edge.name, "host": choice.edge.public_host, "port": 0,
+                    "policy": choice.policy, "reason": choice.reason,
+                    "created_at": g.iso(now), "created_at_ts": now,
+                    "expires_at": g.iso(now + req.ttl), "expires_at_ts": now + req.ttl,
+                    "ttl": req.ttl, "cidrs": req.cidrs, "auth_info": req.auth_info,
+                    "tls": req.tls, "pin": (auth or {}).get("pin"),
+                    "max_connections": req.max_connections, "status": "opening",
+                    "inner": dev["inner"], "device_address": dev["address"],
+                    "owner": who.id,
+                }
+                await self._open(sess, doc, choice.edge, auth)
+                made.append(doc)
+        except BaseException:
+            for doc in made:
+                self.grants.pop(doc["id"], None)
+                with contextlib.suppress(Exception):
+                    await sess.send(m.Close(grant=doc["id"], reason="failed"))
+            raise
+        for doc in made:
+            doc["status"] = "active"
+            self.store.put(GRANT, doc["id"], doc)
+            await self.record("created", doc["id"], imsi=doc["imsi"],
+                              target_port=doc["target_port"], edge=doc["edge"],
+                              port=doc["port"], expires_at=doc["expires_at"],
+                              policy=doc["policy"], reason=doc["reason"],
+                              cidrs=doc["cidrs"], tls=doc["tls"], by=who.name or who.id)
+        self._wake.set()
+        return made
+
+    async def _open(self, sess: RelaySession, doc: dict[str, Any], edge: g.EdgeView,
+                    auth: dict[str, Any] | None) -> None:
+        """Draw a port and have the edge open it; a port the edge cannot bind is
+        excluded and another drawn. Raises GrantError when the edge cannot be reached."""
+        tried: set[int] = set()
+        for _ in range(8):
+            used = {d["port"] for d in self.grants.values()
+                    if d["edge"] == edge.name and d["status"] in ("active", "opening")}
+            port = g.draw_port(edge.ports, used, exclude=tried)
+            if port is None:
+                raise g.GrantError("no-port", f"edge {edge.name} has no free port", 503)
+            doc["port"] = port
+            self.grants[doc["id"]] = doc
+            try:
+                ack = await sess.open(self.edge_grant(doc, auth), self.s.open_timeout)
+            except (TimeoutError, ConnectionError, OSError, RuntimeError) as exc:
+                self.grants.pop(doc["id"], None)
+                raise g.GrantError("edge-unreachable", f"edge {edge.name} did not open the "
+                                                       f"port: {exc or 'timed out'}",
+                                   503) from None
+            if ack.ok:
+                return
+            self.grants.pop(doc["id"], None)
+            if ack.code != "port-in-use":
+                raise g.GrantError("edge-failed", f"edge {edge.name}: {ack.error}", 503)
+            tried.add(port)
+        raise g.GrantError("no-port", f"edge {edge.name} could not bind a free port", 503)
+
+    def edge_grant(self, doc: dict[str, Any], auth: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What an edge holds of a grant: the conditions, and the auth info's CA."""
+        out = {k: doc[k] for k in ("id", "port", "expires_at_ts", "cidrs", "tls", "pin",
+                                   "max_connections", "status", "imsi", "target_port",
+                                   "inner", "device_address")}
+        inner = self.store.get(RELAY, f"inner/{doc['inner']}") or {}
+        out["inner_address"] = inner.get("address", "")
+        if doc.get("auth_info"):
+            auth = auth or self.store.get(AUTH, doc["auth_info"]) or {}
+            out["ca_pem"] = auth.get("ca_pem")
+        return out
+
+    async def revoke(self, gid: str, who: TokenInfo) -> dict[str, Any]:
+        doc = self.grant(gid, who)
+        if doc["status"] != "active":
+            raise ApiError(409, "not-active", f"grant {gid} is already {doc['status']}")
+        await self._end(doc, "revoked")
+        await self.record("deleted", gid, reason="revoked", by=who.name or who.id)
+        return doc
+
+    async def extend(self, gid: str, ttl: float, who: TokenInfo) -> dict[str, Any]:
+        doc = self.grant(gid, who)
+        if doc["status"] != "active":
+            raise ApiError(409, "not-active", f"grant {gid} is {doc['status']}")
+        if not ttl > 0 or ttl > self.s.limits.max_ttl:
+            raise g.GrantError("bad-ttl", f"the TTL must be above zero and at most "
+                                          f"{self.s.limits.max_ttl:g}s")
+        now = time.time()
+        doc["expires_at_ts"] = now + ttl
+        doc["expires_at"] = g.iso(now + ttl)
+        self.store.put(GRANT, gid, doc)
+        sess = self.edges.get(doc["edge"])
+        if sess is not None:
+            with contextlib.suppress(Exception):
+                await sess.send(m.Update(grant=self.edge_grant(doc)))
+        await self.record("extended", gid, expires_at=doc["expires_at"],
+                          by=who.name or who.id)
+        self._wake.set()
+        return doc
+
+    async def _end(self, doc: dict[str, Any], status: str) -> None:
+        doc["status"] = status
+        doc["ended_at_ts"] = time.time()
+        self.store.put(GRANT, doc["id"], doc)
+        sess = self.edges.get(doc["edge"])
+        if sess is not None:
+            with contextlib.suppress(Exception):
+                await sess.send(m.Close(grant=doc["id"], reason=status))
+
+    async def _sweep(self) -> None:
+        """Expire grants at their time (the edge cuts on its own clock too) and delete
+        ended grants and their events after the retention time."""
+        while True:
+            now = time.time()
+            nxt = now + 30
+            for doc in list(self.grants.values()):
+                if doc["status"] == "active":
+                    if doc["expires_at_ts"] <= now:
+                        await self._end(doc, "expired")
+                        await self.record("expired", doc["id"])
+                    else:
+                        nxt = min(nxt, doc["expires_at_ts"])
+                elif doc["status"] in ("revoked", "expired"):
+                    end = doc.get("ended_at_ts", now) + self.s.retention
+                    if end <= now:
+                        self._purge(doc["id"])
+                    else:
+                        nxt = min(nxt, end)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.05, nxt - time.time()))
+
+    def _purge(self, gid: str) -> None:
+        self.grants.pop(gid, None)
+        self.store.delete(GRANT, gid)
+        for key, _ in self.store.list(EVENT):
+            if key.startswith(gid + "/"):
+                self.store.delete(EVENT, key)
+        self._seq.pop(gid, None)
+
+    # -- relays ------------------------------------------------------------------------
+    def register(self, hello: m.Hello, ws: WebSocket) -> tuple[RelaySession, m.Welcome]:
+        if hello.kind == "edge":
+            lo, hi = hello.ports
+            if not (1 <= lo <= hi <= 65535) or not hello.public_host:
+                raise ApiError(400, "bad-hello", "an edge needs --public-host and --ports")
+            names: list[str] = []
+        else:
+            host = hello.address.rpartition(":")[0].strip("[]")
+            if not host:
+                raise ApiError(400, "bad-hello", "an inner relay needs its link address")
+            names = [host]
+        try:
+            cert = self.ca.sign_csr(hello.csr.encode(), unit=hello.kind, names=names,
+                                    days=self.s.cert_days)
+        except ValueError as exc:
+            raise ApiError(400, "bad-csr", str(exc)) from None
+        sess = RelaySession(ws, hello)
+        table = self.edges if hello.kind == "edge" else self.inners
+        old = table.get(hello.name)
+        if old is not None:
+            old.lost()
+        table[hello.name] = sess
+        self.store.put(RELAY, f"{hello.kind}/{hello.name}", {
+            "kind": hello.kind, "name": hello.name, "public_host": hello.public_host,
+            "ports": list(hello.ports), "region": hello.region, "carrier": hello.carrier,
+            "address": hello.address, "seen": time.time()})
+        live: list[dict[str, Any]] = []
+        if hello.kind == "edge":
+            live = [self.edge_grant(d) for d in self.grants.values()
+                    if d["edge"] == hello.name and d["status"] == "active"]
+            self.edge_joined.set()
+        else:
+            for dev in hello.devices:
+                self.store.put(DEVICE, dev.imsi, {"imsi": dev.imsi, "address": dev.address,
+                                                  "inner": hello.name})
+        log.info("%s %s registered%s", hello.kind, hello.name,
+                 f" ({len(live)} live grants)" if hello.kind == "edge" else
+                 f" ({len(hello.devices)} devices)")
+        return sess, m.Welcome(cert=cert.decode(), ca=self.ca.ca_path.read_text(), grants=live)
+
+    def unregister(self, sess: RelaySession) -> None:
+        sess.lost()
+        table = self.edges if sess.kind == "edge" else self.inners
+        if table.get(sess.name) is sess:
+            del table[sess.name]
+            log.info("%s %s disconnected", sess.kind, sess.name)
+        if not self.edges:
+            self.edge_joined.clear()
+
+    async def on_message(self, sess: RelaySession, msg: m.ToManager) -> None:
+        if isinstance(msg, m.Ack):
+            fut = sess.pending.get(msg.req)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, m.Request):
+            await sess.send(self.answer(sess, msg))
+        elif isinstance(msg, m.Event):
+            if msg.event not in g.EVENTS or msg.event in ("created", "deleted", "expired",
+                                                          "extended"):
+                return
+            if msg.grant not in self.grants:
+                return
+            fields = {k: v for k, v in msg.fields.items() if k not in ("event", "grant", "seq")}
+            with contextlib.suppress(ValueError):
+                await self.record(msg.event, msg.grant, **{sess.kind: sess.name, **fields})
+        elif isinstance(msg, m.Load):
+            sess.sessions, sess.bytes_per_second = msg.sessions, msg.bytes_per_second
+
+    def answer(self, sess: RelaySession, req: m.Request) -> m.Reply:
+        """Relay information for an edge (S22-S25), or an inner relay's dial check."""
+        if req.op == "relay-info":
+            if sess.kind != "edge":
+                return m.Reply(req=req.req, ok=False, code="forbidden", error="edges only")
+            doc = next((d for d in self.grants.values()
+                        if d["edge"] == sess.name and d["port"] == req.port
+                        and d["status"] != "opening"), None)
+            if doc is None:
+                return m.Reply(req=req.req, ok=False, code="no-grant",
+                               error=f"no grant on port {req.port}")
+            return m.Reply(req=req.req, ok=True, data=self.edge_grant(doc))
+        if sess.kind != "inner":
+            return m.Reply(req=req.req, ok=False, code="forbidden", error="inner relays only")
+        doc = self.grants.get(req.grant)
+        dev = self.store.get(DEVICE, req.imsi) or {}
+        why = None
+        if doc is None:
+            why = "no such grant"
+        elif doc["status"] != "active" or doc["expires_at_ts"] <= time.time():
+            why = f"grant is {doc['status'] if doc['status'] != 'active' else 'expired'}"
+        elif doc["imsi"] != req.imsi or doc["target_port"] != req.target_port:
+            why = f"grant is for {doc['imsi']}:{doc['target_port']}"
+        elif dev.get("inner") != sess.name or dev.get("address") != req.address:
+            why = f"{req.address} is not the registered address of {req.imsi} here"
+        if why:
+            return m.Reply(req=req.req, ok=False, code="not-granted", error=why)
+        return m.Reply(req=req.req, ok=True)
+
+
+# --------------------------------------------------------------------------
+# The REST API
+# --------------------------------------------------------------------------
+
+
+class TargetIn(BaseModel):
+    imsi: str = Field(max_length=15, description="SIM unique number of the device")
+    port: int = Field(description="port on the device")
+
+
+class GrantIn(BaseModel):
+    """A connection request (S11)."""
+
+    targets: list[TargetIn] = Field(min_length=1, max_length=64)
+    ttl: float | str = Field(description="validity: seconds, or like 30s, 10m, 1h")
+    cidrs: list[Annotated[str, Field(max_length=64)]] = Field(default=[], max_length=256)
+    auth_info: str | None = Field(default=None, max_length=64)
+    tls: bool = False
+    policy: str = Field(default="random", max_length=16)
+    max_connections: int = 0
+    client_address: str | None = Field(default=None, max_length=64,
+                                       description="for the region/carrier policies "
+                                                   "(default: the caller's address)")
+    carrier: str | None = Field(default=None, max_length=64)
+
+
+class ExtendIn(BaseModel):
+    ttl: float | str
+
+
+class AuthInfoIn(BaseModel):
+    """Authentication information (S1): the CA that signs client certificates, and
+    optionally the one public key a client must present (PEM)."""
+
+    ca_pem: str = Field(max_length=64 * 1024)
+    pin_pem: str | None = Field(default=None, max_length=16 * 1024)
+
+
+class DeviceIn(BaseModel):
+    address: str = Field(max_length=255)
+    inner: str = Field(max_length=64)
+
+
+def _ttl(value: float | str) -> float:
+    return g.parse_duration(value)
+
+
+def _caller_ip(request: Request) -> str | None:
+    import ipaddress
+
+    host = request.client.host if request.client else None
+    try:
+        return str(ipaddress.ip_address(host or ""))
+    except ValueError:
+        return None
+
+
+def public(doc: dict[str, Any]) -> dict[str, Any]:
+    """A grant as the API shows it."""
+    out = {k: doc.get(k) for k in ("id", "host", "port", "expires_at", "edge", "policy",
+                                   "reason", "imsi", "target_port", "status", "cidrs",
+                                   "auth_info", "tls", "max_connections", "created_at",
+                                   "inner")}
+    out["expires_in"] = max(0, round(doc["expires_at_ts"] - time.time(), 1))
+    return out
+
+
+def build_app(mgr: Manager) -> Any:
+    app = create_app("kakehashi on-demand manager", __version__, tokens=mgr.tokens,
+                     description="Time-limited, randomly placed entry ports to devices on a "
+                                 "closed network (spec 002).",
+                     on_start=mgr.start, on_stop=mgr.close)
+    client = Depends(require("client"))
+    admin = Depends(require("admin"))
+    inner_or_admin = Depends(require("inner"))
+
+    @app.exception_handler(g.GrantError)
+    async def _grant_error(_: Request, exc: g.GrantError) -> Any:
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
+                            status_code=exc.status)
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "edges": len(mgr.edges), "inners": len(mgr.inners)}
+
+    # -- auth infos (S1-S4)
+    @app.post("/v1/auth-infos", status_code=201)
+    async def add_auth_info(body: AuthInfoIn, who: TokenInfo = client) -> dict[str, Any]:
+        ca_pem = g.check_ca_pem(body.ca_pem.encode())
+        pin = g.pin_of_pem(body.pin_pem.encode()) if body.pin_pem else None
+        aid = "a" + secrets.token_hex(6)
+        mgr.store.put(AUTH, aid, {"id": aid, "ca_pem": ca_pem, "pin": pin, "owner": who.id,
+                                  "created_at": g.iso(time.time())})
+        return {"id": aid, "pin": pin}
+
+    @app.get("/v1/auth-infos")
+    async def list_auth_infos(who: TokenInfo = client) -> list[dict[str, Any]]:
+        return [{"id": k, "pin": d.get("pin"), "created_at": d.get("created_at")}
+                for k, d in mgr.auth_infos().items()
+                if who.role == "admin" or d.get("owner") == who.id]
+
+    # -- grants (S11-S15)
+    @app.post("/v1/grants", status_code=201)
+    async def create_grant(body: GrantIn, request: Request,
+                           who: TokenInfo = client) -> dict[str, Any]:
+        req = g.GrantRequest(
+            targets=[(t.imsi, t.port) for t in body.targets], ttl=_ttl(body.ttl),
+            cidrs=body.cidrs, auth_info=body.auth_info, tls=body.tls, policy=body.policy,
+            max_connections=body.max_connections,
+            client_address=body.client_address or _caller_ip(request),
+            carrier=body.carrier)
+        made = await mgr.create_grants(req, who)
+        return {"grants": [public(d) for d in made]}
+
+    @app.get("/v1/grants")
+    async def list_grants(who: TokenInfo = client,
+                          all: bool = Query(False, description="ended grants too")
+                          ) -> list[dict[str, Any]]:
+        return [public(d) for d in mgr.grants.values()
+                if d["status"] != "opening" and (all or d["status"] == "active")
+                and (who.role == "admin" or d.get("owner") == who.id)]
+
+    @app.get("/v1/grants/{gid}")
+    async def get_grant(gid: str, who: TokenInfo = client) -> dict[str, Any]:
+        return public(mgr.grant(gid, who))
+
+    @app.delete("/v1/grants/{gid}")
+    async def revoke(gid: str, who: TokenInfo = client) -> dict[str, Any]:
+        return public(await mgr.revoke(gid, who))
+
+    @app.post("/v1/grants/{gid}/extend")
+    async def extend(gid: str, body: ExtendIn, who: TokenInfo = client) -> dict[str, Any]:
+        return public(await mgr.extend(gid, _ttl(body.ttl), who))
+
+    @app.get("/v1/grants/{gid}/events")
+    async def events(gid: str, who: TokenInfo = client, after: int = Query(0, ge=0),
+                     wait: float = Query(0, ge=0, le=30)) -> list[dict[str, Any]]:
+        mgr.grant(gid, who)
+        found = mgr.events(gid, after)
+        if found or not wait:
+            return found
+        deadline = time.monotonic() + wait
+        async with mgr.changed:
+            while not found and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(mgr.changed.wait(), left)
+                found = mgr.events(gid, after)
+        return found
+
+    # -- devices and relays
+    @app.get("/v1/devices")
+    async def devices(who: TokenInfo = client) -> list[dict[str, Any]]:
+        return [{**d, "online": d.get("inner") in mgr.inners}
+                for d in mgr.devices().values()]
+
+    @app.put("/v1/devices/{imsi}")
+    async def put_device(imsi: str, body: DeviceIn,
+                         who: TokenInfo = inner_or_admin) -> dict[str, Any]:
+        g.check_imsi(imsi)
+        if who.role == "inner" and who.name and who.name != body.inner:
+            raise ApiError(403, "forbidden", "an inner relay registers its own devices")
+        doc = {"imsi": imsi, "address": body.address, "inner": body.inner}
+        mgr.store.put(DEVICE, imsi, doc)
+        return doc
+
+    @app.get("/v1/edges")
+    async def edges(who: TokenInfo = client) -> list[dict[str, Any]]:
+        views = {v.name: v for v in mgr.edge_views()}
+        out = []
+        for key, d in mgr.store.list(RELAY):
+            if not key.startswith("edge/"):
+                continue
+            v = views.get(d["name"])
+            out.append({"name": d["name"], "public_host": d["public_host"],
+                        "ports": f"{d['ports'][0]}-{d['ports'][1]}", "region": d["region"],
+                        "carrier": d["carrier"], "online": v is not None,
+                        "sessions": v.sessions if v else 0,
+                        "bytes_per_second": v.bytes_per_second if v else 0,
+                        "free_ports": v.free if v else None})
+        return out
+
+    @app.get("/v1/tokens")
+    async def tokens(who: TokenInfo = admin) -> list[dict[str, Any]]:
+        return [{"id": t.id, "role": t.role, "name": t.name, "created": c}
+                for t, c in mgr.tokens.list()]
+
+    # -- the relays' control channel
+    @app.websocket("/v1/relays/control")
+    async def control(ws: WebSocket) -> None:
+        try:
+            who = bearer(mgr.tokens, ws.headers, "edge", "inner")
+        except ApiError as exc:
+            await ws.close(code=4401 if exc.status == 401 else 4403, reason=exc.message)
+            return
+        await ws.accept()
+        try:
+            text = await asyncio.wait_for(ws.receive_text(), mgr.s.hello_timeout)
+            hello = m.decode_to_manager(text)
+            if not isinstance(hello, m.Hello):
+                raise ApiError(400, "bad-hello", "the first message must be a hello")
+            if who.role not in ("admin", hello.kind):
+                raise ApiError(403, "forbidden", f"a {who.role} token cannot register "
+                                                 f"an {hello.kind}")
+            sess, welcome = mgr.register(hello, ws)
+        except (ApiError, m.ProtocolError) as exc:
+            code = getattr(exc, "code", "protocol")
+            with contextlib.suppress(Exception):
+                await ws.send_text(m.encode(m.Refused(code=code, error=str(exc))))
+                await ws.close(code=4400)
+            return
+        except (TimeoutError, WebSocketDisconnect):
+            with contextlib.suppress(Exception):
+                await ws.close(code=4408)
+            return
+        try:
+            await sess.send(welcome)
+            while True:
+                text = await ws.receive_text()
+                try:
+                    msg = m.decode_to_manager(text)
+                except m.ProtocolError as exc:
+                    log.warning("%s %s: %s", sess.kind, sess.name, exc)
+                    await ws.close(code=4400, reason=str(exc)[:100])
+                    return
+                await mgr.on_message(sess, msg)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            mgr.unregister(sess)
+
+    return app
