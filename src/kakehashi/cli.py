@@ -16,12 +16,7 @@ from kakehashi.relay.server import RelayServer
 from kakehashi.relay.users import RelayUsers
 
 
-class _Root(click.Group):
-    def invoke(self, ctx: click.Context):  # config file is read before subcommands parse
-        return super().invoke(ctx)
-
-
-@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"],
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
                                           "max_content_width": 100})
 @click.version_option(__version__, "--version", "-V", prog_name="kakehashi")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="KAKEHASHI_CONFIG",

@@ -24,34 +24,6 @@ class ConfigError(click.ClickException):
     pass
 
 
-def hostport(text: str, hint: str, default: int | None = None) -> tuple[str, int]:
-    """Parse a HOST:PORT option; a bad value is a usage error naming the option."""
-    from kakehashi.core.stream import parse_hostport
-
-    try:
-        return parse_hostport(text, default)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=hint) from None
-
-
-def connection_limit_options(max_connections: int, hint: str = ""):
-    """``--max-connections`` and ``--max-per-client`` for a serving command (the
-    core Listener's limits), with this command's default for the first."""
-
-    def decorate(f):
-        f = click.option(
-            "--max-per-client", type=click.IntRange(min=0), default=0, show_default=True,
-            help="Connections one client address may hold (0: no limit); more are "
-                 "closed at once. Mind clients behind one NAT address.")(f)
-        return click.option(
-            "--max-connections", type=click.IntRange(min=0), default=max_connections,
-            show_default=True,
-            help="Connections served at once (0: no limit); beyond it new ones wait in "
-                 "the listen backlog." + (f" {hint}" if hint else ""))(f)
-
-    return decorate
-
-
 def load(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:

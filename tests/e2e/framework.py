@@ -293,7 +293,7 @@ def _env_gateway(self: Env, *allow: str, extra: tuple[str, ...] | list[str] = ()
             "--audit-log", str(self.root / "audit.jsonl"),
             "--access-log", str(self.root / "access.jsonl")]
     for item in allow:
-        args += ["--allow", item]
+        args += ["--allow-target", item]
     proc = self.spawn(name, *args, *extra, env=env)
     return proc, proc.bound_port()
 

@@ -460,3 +460,9 @@ def ensure_chromium() -> tuple[str | None, str]:
         if path := chromium_path():
             return path, ""
     return None, "chromium could not be installed with apt-get (run scripts/install-deps.sh)"
+
+
+def plain(port: int) -> list[str]:
+    """Client options for a gateway on loopback ``port``, in plaintext (the e2e gateways
+    accept both; TLS to the gateway has its own tests)."""
+    return ["--server", f"127.0.0.1:{port}", "--tls", "off"]

@@ -18,17 +18,17 @@ import pytest
 
 from tests.e2e import sshd
 from tests.e2e.framework import stream_through, wait_until
-from tests.e2e.gateway_fixtures import curl, origin
+from tests.e2e.gateway_fixtures import curl, origin, plain
 
 
 def _forward(env, gw: int, to: str):
-    proc = env.spawn("forward", "gateway", "forward", "--via", f"127.0.0.1:{gw}", "--to", to,
+    proc = env.spawn("forward", "gateway", "forward", *plain(gw), "--to", to,
                      "--listen", "127.0.0.1:0")
     return proc, proc.bound_port()
 
 
 def _tunnel(env, gw: int, to: str):
-    proc = env.spawn("tunnel", "gateway", "tunnel", "--via", f"127.0.0.1:{gw}", "--to", to,
+    proc = env.spawn("tunnel", "gateway", "tunnel", *plain(gw), "--to", to,
                      "--listen", "127.0.0.1:0")
     return proc, proc.bound_port()
 
@@ -106,10 +106,10 @@ def test_tunnel_on_a_local_port_10mb_both_ways(env, echo):
 def test_tunnel_on_stdin_stdout(env, echo):
     _, gw = env.gateway("127.0.0.1")
     data = os.urandom(3 << 20)
-    res = env.run("gateway", "tunnel", "--via", f"127.0.0.1:{gw}", "--to", echo.addr,
+    res = env.run("gateway", "tunnel", *plain(gw), "--to", echo.addr,
                   input=data, timeout=60)
     assert hashlib.sha256(res.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
-    bad = env.run("gateway", "tunnel", "--via", f"127.0.0.1:{gw}", "--to", "127.0.0.1:1",
+    bad = env.run("gateway", "tunnel", *plain(gw), "--to", "127.0.0.1:1",
                   input=b"x", check=False)
     assert bad.returncode != 0 and b"502" in bad.stderr, bad.stderr
 
@@ -122,7 +122,7 @@ def test_ssh_proxycommand_through_the_gateway(env):
     _, gw = env.gateway("127.0.0.1")
     proxy_cmd = " ".join(shlex.quote(a) for a in [
         sys.executable, "-m", "kakehashi", "--log-level", "warning", "gateway", "tunnel",
-        "--via", f"127.0.0.1:{gw}", "--to", "%h:%p"])
+        *plain(gw), "--to", "%h:%p"])
     payload = os.urandom(1 << 20)
     res = subprocess.run(
         server.ssh_args("-o", f"ProxyCommand={proxy_cmd}", "-p", str(server.port),
@@ -136,12 +136,12 @@ def test_ssh_proxycommand_through_the_gateway(env):
 
 # -- events (Fig. 11) ------------------------------------------------------------------
 def _publish(env, gw: int, topic: str, text: str) -> str:
-    return env.run("gateway", "events", "publish", topic, "--via", f"127.0.0.1:{gw}",
+    return env.run("gateway", "events", "publish", topic, *plain(gw),
                    "--data", text).stdout.decode().strip()
 
 
 def _watch(env, gw: int, topic: str, *extra: str, timeout: float = 30) -> list[dict]:
-    res = env.run("gateway", "events", "watch", topic, "--via", f"127.0.0.1:{gw}", *extra,
+    res = env.run("gateway", "events", "watch", topic, *plain(gw), *extra,
                   timeout=timeout)
     return [json.loads(line) for line in res.stdout.decode().splitlines()]
 
@@ -161,7 +161,7 @@ def test_events_in_order_and_resumed_from_a_cursor(env):
     for i in (4, 5):
         _publish(env, gw, "builds", f"event {i}")
     watcher = env.spawn("watch", "--log-level", "warning", "gateway", "events", "watch",
-                        "builds", "--via", f"127.0.0.1:{gw}", "--cursor", "3", "--wait", "0.5")
+                        "builds", *plain(gw), "--cursor", "3", "--wait", "0.5")
     watcher.wait_for('"seq": 5')
     # several more long polls (each a new connection) after #5 bring nothing new
     wait_until(lambda: gw_proc.output().count("topic builds after #5") >= 3,
@@ -196,7 +196,7 @@ def test_long_poll_delivers_promptly(env):
     gw_proc, gw = env.gateway("127.0.0.1", env={"KAKEHASHI_LOG": "debug"})
     _publish(env, gw, "alerts", "old")
     watcher = env.spawn("watch", "--log-level", "warning", "gateway", "events", "watch",
-                        "alerts", "--via", f"127.0.0.1:{gw}", "--cursor", "1", "--count", "1",
+                        "alerts", *plain(gw), "--cursor", "1", "--count", "1",
                         "--wait", "60")
     gw_proc.wait_for("long poll parked: topic alerts after #1")  # the gateway holds the poll
     assert _lines(watcher) == []
@@ -227,14 +227,14 @@ def test_poll_endpoint_with_curl(env):
     assert bad.status == 400
     for wait in ("nan", "inf", "soon"):
         assert curl(f"{base}?cursor=0&wait={wait}").status == 400
-    cli = env.run("gateway", "events", "publish", "bad\r\ntopic", "--via", f"127.0.0.1:{gw}",
+    cli = env.run("gateway", "events", "publish", "bad\r\ntopic", *plain(gw),
                   "--data", "x", check=False)
     assert cli.returncode == 2 and b"topic names are" in cli.stderr
 
 
 def test_publishing_only_from_publisher_networks(env):
     _, gw = env.gateway("127.0.0.1", extra=["--publisher", "192.0.2.0/24"])
-    res = env.run("gateway", "events", "publish", "t", "--via", f"127.0.0.1:{gw}",
+    res = env.run("gateway", "events", "publish", "t", *plain(gw),
                   "--data", "x", check=False)
     assert res.returncode != 0 and b"403" in res.stderr
     deny = [a for a in env.audit() if a["event"] == "publish"]
@@ -245,18 +245,18 @@ def test_client_module_authenticates_to_the_gateway(env, echo):
     env.add_proxy_user("bob", "bob-pw")
     with origin() as o:
         _, gw = env.gateway("127.0.0.1", extra=["--auth"])
-        via = ["--via", f"127.0.0.1:{gw}"]
-        creds = {"KAKEHASHI_PROXY_PASSWORD": "bob-pw"}
-        local = env.spawn("forward", "gateway", "forward", *via, "--proxy-user", "bob",
+        via = plain(gw)
+        creds = {"KAKEHASHI_PASSWORD": "bob-pw"}
+        local = env.spawn("forward", "gateway", "forward", *via, "--user", "bob",
                           "--to", o.addr, "--listen", "127.0.0.1:0", env=creds).bound_port()
         r = curl(f"http://127.0.0.1:{local}/hello")
         assert r.status == 200 and r.body == b"hello from origin /hello\n"
         assert o.requests[0].header("Proxy-Authorization") is None
-        res = env.run("gateway", "tunnel", *via, "--proxy-user", "bob", "--to", echo.addr,
+        res = env.run("gateway", "tunnel", *via, "--user", "bob", "--to", echo.addr,
                       input=b"authenticated tunnel", env=creds)
         assert res.stdout == b"authenticated tunnel"
-        wrong = env.run("gateway", "tunnel", *via, "--proxy-user", "bob", "--to", echo.addr,
-                        input=b"x", env={"KAKEHASHI_PROXY_PASSWORD": "nope"}, check=False)
+        wrong = env.run("gateway", "tunnel", *via, "--user", "bob", "--to", echo.addr,
+                        input=b"x", env={"KAKEHASHI_PASSWORD": "nope"}, check=False)
         assert wrong.returncode != 0 and b"407" in wrong.stderr
         unauth = _forward(env, gw, o.addr)[1]
         assert curl(f"http://127.0.0.1:{unauth}/hello").status == 407
@@ -267,12 +267,12 @@ def test_client_module_authenticates_to_the_gateway(env, echo):
 def test_events_need_credentials_when_auth_is_on(env):
     env.add_proxy_user("bob", "bob-pw")
     _, gw = env.gateway("127.0.0.1", extra=["--auth"])
-    via = ["--via", f"127.0.0.1:{gw}"]
-    creds = {"KAKEHASHI_PROXY_PASSWORD": "bob-pw"}
+    via = plain(gw)
+    creds = {"KAKEHASHI_PASSWORD": "bob-pw"}
     denied = env.run("gateway", "events", "publish", "t", *via, "--data", "x", check=False)
     assert denied.returncode != 0 and b"407" in denied.stderr
-    env.run("gateway", "events", "publish", "t", *via, "--proxy-user", "bob", "--data", "ok",
+    env.run("gateway", "events", "publish", "t", *via, "--user", "bob", "--data", "ok",
             env=creds)
-    out = env.run("gateway", "events", "watch", "t", *via, "--proxy-user", "bob",
+    out = env.run("gateway", "events", "watch", "t", *via, "--user", "bob",
                   "--count", "1", env=creds).stdout
     assert b'"data": "ok"' in out

@@ -66,7 +66,7 @@ def test_tls_on_the_listener_carries_http_connect_and_events(env, echo):
         tunnelled = curl("-p", "-x", tls_proxy, "--proxy-cacert", ca, f"{o.url}/fixed/t")
         assert tunnelled.status == 200 and tunnelled.body == b"hello from origin /fixed/t\n"
         # the client module over TLS to the gateway: events and a tunnel
-        via = ["--via", f"localhost:{gw}", "--via-tls", "on", "--ca", ca]
+        via = ["--server", f"localhost:{gw}", "--ca", ca]
         pub = env.run("gateway", "events", "publish", "t", *via, "--data", "over tls")
         assert pub.stdout.strip() == b"published t #1"
         watch = env.run("gateway", "events", "watch", "t", *via, "--count", "1", "--wait", "1")

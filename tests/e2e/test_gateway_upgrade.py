@@ -20,7 +20,7 @@ import pytest
 websockets_sync = pytest.importorskip("websockets.sync.server")
 from websockets.sync.client import connect as ws_connect  # noqa: E402
 
-from tests.e2e.gateway_fixtures import origin  # noqa: E402
+from tests.e2e.gateway_fixtures import origin, plain  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -42,7 +42,7 @@ def ws_origin():
 
 
 def _forward(env, gw: int, port: int) -> int:
-    proc = env.spawn("forward", "gateway", "forward", "--via", f"127.0.0.1:{gw}",
+    proc = env.spawn("forward", "gateway", "forward", *plain(gw),
                      "--to", f"127.0.0.1:{port}", "--listen", "127.0.0.1:0")
     return proc.bound_port()
 

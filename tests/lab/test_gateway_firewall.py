@@ -118,7 +118,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         gateway_log = root / "gateway.log"
         gateway = lab.gw.popen(
             _kh("gateway", "serve", "--listen", f"0.0.0.0:{GATEWAY_PORT}",
-                "--allow", FirewallLab.INSIDE_NET, "--relay", "--db", env.db,
+                "--allow-target", FirewallLab.INSIDE_NET, "--relay", "--db", env.db,
                 "--publisher", FirewallLab.INSIDE_NET,
                 "--audit-log", str(root / "audit.jsonl"),
                 "--access-log", str(root / "access.jsonl")),
@@ -190,7 +190,7 @@ def test_connect_tunnel_with_curl(dep: Deployment) -> None:
 
 def test_connect_tunnel_with_kakehashi_client(dep: Deployment) -> None:
     lab = dep.lab
-    res = dep.kh(lab.outside, "gateway", "tunnel", "--via", dep.via,
+    res = dep.kh(lab.outside, "gateway", "tunnel", "--server", dep.via, "--tls", "off",
                  "--to", f"{lab.inner.addr}:{HTTP_PORT}",
                  input=b"GET /file HTTP/1.0\r\nHost: inner\r\n\r\n")
     assert res.returncode == 0, res.stderr
@@ -210,8 +210,8 @@ def test_event_poll_through_the_port(dep: Deployment) -> None:
     # only internal networks may publish
     res = dep.curl(lab.outside, "-o", "/dev/null", "-w", "%{http_code}", "-d", "spoof", url)
     assert res.stdout == b"403"
-    res = dep.kh(lab.inner, "gateway", "events", "publish", "--via", dep.via, TOPIC,
-                 "--data", "door opened")
+    res = dep.kh(lab.inner, "gateway", "events", "publish", "--server", dep.via, "--tls", "off",
+                 TOPIC, "--data", "door opened")
     assert res.returncode == 0, res.stderr
     assert b"published" in res.stdout
     # 705: the event, polled from outside through the same port
@@ -219,8 +219,8 @@ def test_event_poll_through_the_port(dep: Deployment) -> None:
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert [e["data"] for e in doc["events"]] == ["door opened"]
-    res = dep.kh(lab.outside, "gateway", "events", "watch", "--via", dep.via, TOPIC,
-                 "--cursor", "0", "--count", "1", "--wait", "2")
+    res = dep.kh(lab.outside, "gateway", "events", "watch", "--server", dep.via, "--tls", "off",
+                 TOPIC, "--cursor", "0", "--count", "1", "--wait", "2")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["data"] == "door opened"
 

@@ -224,7 +224,7 @@ class UserRegistry(Generic[R]):
     def verify(self, name: str, password: str) -> R | None:
         """The user's record if ``password`` is theirs, else None (slow on purpose;
         the same cost for unknown names; call it off the event loop)."""
-        doc = self.store.get(self.kind, name) if valid_name(name) else None
+        doc = self.store.get(self.kind, name)
         if not verify_user(doc, password, kdf_n=self.kdf_n) or doc is None:
             return None
         return self.decode(name, doc)

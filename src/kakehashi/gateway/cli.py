@@ -6,15 +6,16 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 
 import click
 
-from kakehashi.config import connection_limit_options, hostport
+from kakehashi.core import options as opt
 from kakehashi.core import runner, tls
 from kakehashi.core.audit import AuditLog
-from kakehashi.core.crypto import hash_password
+from kakehashi.core.identity import PASSWORD_ENV, LoginThrottle, ThrottleSettings
 from kakehashi.core.mux import ProtocolMux
 from kakehashi.core.paths import state_dir
 from kakehashi.core.pump import pump_raw
@@ -26,7 +27,8 @@ from kakehashi.gateway.client import EventClient, Gateway, GatewayError, open_tu
 from kakehashi.gateway.event_journal import StoreJournal
 from kakehashi.gateway.events import TOPIC_RE, EventHub, Retention
 from kakehashi.gateway.http import looks_like_request
-from kakehashi.gateway.server import USER_KIND, GatewayServer, GatewaySettings, ProxyAuth
+from kakehashi.gateway.proxyauth import ProxyAuth, ProxyUsers
+from kakehashi.gateway.server import GatewayServer, GatewaySettings
 
 log = logging.getLogger("kakehashi.gateway")
 DEFAULT_PORT = 8080
@@ -45,23 +47,31 @@ def gateway() -> None:
     """Aggregation gateway (spec 001): every internal service through one firewall port."""
 
 
+db_option = opt.db_option(default_db, "gateway.db",
+                          "The gateway's database: proxy users, retained events (and relay "
+                          "users with --relay).")
+
+
 @gateway.command()
-@click.option("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", show_default=True,
-              help="HOST:PORT of the aggregation port.")
-@click.option("--allow", "allows", multiple=True,
+@opt.listen_option(f"0.0.0.0:{DEFAULT_PORT}", "HOST:PORT of the aggregation port.")
+@click.option("--allow-target", "allows", multiple=True,
               help="Reachable targets: NET, HOST, *.DOMAIN, each optionally :PORTS "
                    "(repeatable). Nothing else is reachable.")
-@click.option("--tls", "tls_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
-              show_default=True,
-              help="auto: TLS and plaintext on the same port (told apart by the first byte); "
-                   "on: TLS only; off: plaintext only.")
-@click.option("--cert", type=click.Path(exists=True, dir_okay=False),
-              help="TLS certificate (default: issued by the development CA).")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
-@click.option("--db", default=default_db, show_default="state dir gateway.db",
-              help="Database of proxy users (and relay users with --relay).")
+@opt.deprecated_alias("--allow", "allows", "--allow-target", multiple=True)
+@opt.server_tls_options(auto=True, default="auto", names=True,
+                        help="auto: TLS and plaintext on the same port (told apart by the "
+                             "first byte); on: TLS only; off: plaintext only.")
+@db_option
 @click.option("--auth/--no-auth", default=False, show_default=True,
-              help="Require proxy authentication (Basic, users from 'gateway user add').")
+              help="Require proxy authentication (Basic, users from 'gateway user add'). "
+                   "Refused with --tls off unless --insecure-auth.")
+@click.option("--insecure-auth", is_flag=True,
+              help="Allow --auth on a plaintext-only listener (passwords cross the network "
+                   "readable by anyone on the path).")
+@click.option("--login-lockout", type=click.IntRange(min=1), default=20, show_default=True,
+              help="With --auth: failed (or still being checked) proxy logins for one user "
+                   "from one address within 10 minutes before that address is refused "
+                   "for that user (429); 5 times as many over all users.")
 @click.option("--relay/--no-relay", default=False, show_default=True,
               help="Also accept kakehashi relay sessions on this port (relay users in --db).")
 @click.option("--via-name", default="kakehashi", show_default=True,
@@ -76,39 +86,42 @@ def gateway() -> None:
               help="Events retained per topic (the oldest go first).")
 @click.option("--event-max-age", type=click.FloatRange(min=1), default=3600.0,
               show_default=True, help="Seconds an event is retained.")
-@click.option("--head-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds a client has to send a whole request head (slowloris guard).")
-@click.option("--idle-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds a kept-alive client connection may sit idle.")
-@click.option("--connect-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds to connect to a target (then 504).")
-@click.option("--read-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds to wait for a target's response or body data (then 504).")
-@connection_limit_options(20_000, "Raise it with --relay and many agents.")
+@opt.timeout_option("head", 10.0,
+                    "Seconds a client has to send a whole request head (slowloris guard).")
+@opt.timeout_option("idle", 60.0, "Seconds a kept-alive client connection may sit idle.")
+@opt.timeout_option("connect", 10.0, "Seconds to connect to a target (then 504).")
+@opt.timeout_option("read", 60.0,
+                    "Seconds to wait for a target's response or body data (then 504).")
+@opt.connection_limit_options(20_000, "Raise it with --relay and many agents.")
 @click.option("--upstream-idle", type=float, default=4.0, show_default=True,
               help="Seconds an idle connection to a target is kept for the next client "
                    "connection to it (0: none are shared).")
-@click.option("--audit-log", type=click.Path(dir_okay=False),
-              help="Append allow/deny decisions as JSON lines to this file "
-                   "(default: to the log, logger kakehashi.audit).")
+@opt.audit_log_option
 @click.option("--access-log", type=click.Path(dir_okay=False),
               help="Append one JSON line per request to this file.")
 @click.pass_context
-def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, relay, via_name,
+def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, auth,
+          insecure_auth, login_lockout, relay, via_name,
           gzip_decode, publishers, durable_events, event_keep, event_max_age, head_timeout,
           idle_timeout, connect_timeout, read_timeout,
           max_connections, max_per_client, upstream_idle, audit_log, access_log) -> None:
     """Run the gateway: HTTP proxy, CONNECT tunnels and events on one port."""
-    host, port = hostport(listen, "--listen", DEFAULT_PORT)
+    host, port = opt.hostport(listen, "--listen", DEFAULT_PORT)
+    if auth and tls_mode == "off" and not insecure_auth:
+        raise click.UsageError(
+            "--auth on a plaintext listener (--tls off) would send proxy passwords in the "
+            "clear: use --tls on or auto, or add --insecure-auth if the network is trusted")
+    if auth and tls_mode == "auto":
+        log.warning("--auth with --tls auto: clients that speak plaintext send their "
+                    "passwords in the clear (use --tls on to refuse them)")
     try:
         allow = AllowList(list(allows))
         nets = [ipaddress.ip_network(p, strict=False) for p in publishers]
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     if not allow:
-        log.warning("no --allow given: no target is reachable through this gateway")
-    if bool(cert) != bool(key):
-        raise click.UsageError("--cert and --key go together")
+        log.warning("no --allow-target given: no target is reachable through this gateway")
+    opt.check_cert_key(cert, key)
     settings = GatewaySettings(via_name=via_name, head_timeout=head_timeout,
                                idle_timeout=idle_timeout, connect_timeout=connect_timeout,
                                read_timeout=read_timeout, gzip_decode=gzip_decode,
@@ -127,10 +140,12 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, db, auth, rel
 
     async def main() -> None:
         server = GatewayServer(allow, settings=settings, hub=hub,
-                               auth=ProxyAuth(store) if auth else None,
+                               auth=ProxyAuth(store, throttle=LoginThrottle(
+                                   ThrottleSettings(lockout=login_lockout))) if auth else None,
                                audit=AuditLog(audit_log, system="gateway"),
                                access_log=access_log)
-        ctx_tls = tls.server_context(cert, key) if tls_mode != "off" else None
+        ctx_tls = tls.server_context(cert, key, names=list(names) or None) \
+            if tls_mode != "off" else None
         mux = ProtocolMux(tls=ctx_tls, timeout=head_timeout)
         if tls_mode == "on":
             mux.require_tls = True
@@ -163,76 +178,107 @@ def user() -> None:
 
 @user.command("add")
 @click.argument("name")
-@click.option("--db", default=default_db, show_default="state dir gateway.db",
-              help="The gateway's database.")
-@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@db_option
+@opt.password_options
 @click.option("--kdf-n", type=int, default=2**14, hidden=True)
-def user_add(name, db, password_stdin, kdf_n) -> None:
-    """Add proxy user NAME (password prompted or --password-stdin)."""
-    if ":" in name or not name or len(name) > 64:
-        raise click.BadParameter("1-64 characters, no ':'", param_hint="NAME")
-    if password_stdin:
-        pw = sys.stdin.readline().rstrip("\r\n")
-    else:
-        pw = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    if not pw:
-        raise click.UsageError("empty password")
-    if not open_store(db).insert(USER_KIND, name, {"password_hash": hash_password(pw, n=kdf_n)}):
-        raise click.ClickException(f"user {name} already exists")
+def user_add(name, db, password_stdin, password_file, kdf_n) -> None:
+    """Add proxy user NAME (password from the usual sources, or prompted)."""
+    opt.check_name(name)
+    pw = opt.password(password_stdin, password_file, confirm=True)
+    if not ProxyUsers(open_store(db), kdf_n=kdf_n).add({"name": name}, pw):
+        raise click.ClickException(f"user {name} already exists (use 'passwd')")
     click.echo(f"added proxy user {name}")
 
 
+@user.command("passwd")
+@click.argument("name")
+@db_option
+@opt.password_options
+@click.option("--kdf-n", type=int, default=2**14, hidden=True)
+def user_passwd(name, db, password_stdin, password_file, kdf_n) -> None:
+    """Set a new password for proxy user NAME (open connections re-check within 1 s)."""
+    users = ProxyUsers(open_store(db), kdf_n=kdf_n)
+    if users.get(name) is None:
+        raise click.ClickException(f"no proxy user {name}")
+    users.set_password(name, opt.password(password_stdin, password_file, confirm=True))
+    click.echo(f"password of proxy user {name} changed")
+
+
 @user.command("list")
-@click.option("--db", default=default_db, help="The gateway's database.")
-def user_list(db) -> None:
+@db_option
+@opt.json_option
+def user_list(db, as_json) -> None:
     """List proxy users."""
-    for name, _ in open_store(db).list(USER_KIND):
+    names = ProxyUsers(open_store(db)).names()
+    if as_json:
+        click.echo(json.dumps([{"user": name} for name in names]))
+        return
+    for name in names:
         click.echo(name)
 
 
 @user.command("remove")
 @click.argument("name")
-@click.option("--db", default=default_db, help="The gateway's database.")
+@db_option
 def user_remove(name, db) -> None:
     """Remove proxy user NAME."""
-    if not open_store(db).delete(USER_KIND, name):
+    if not ProxyUsers(open_store(db)).remove(name):
         raise click.ClickException(f"no proxy user {name}")
     click.echo(f"removed proxy user {name}")
 
 
 # -- the client module -------------------------------------------------------------
-def via_options(f):
-    f = click.option("--via", required=True, help="The gateway's HOST:PORT.")(f)
-    f = click.option("--via-tls", type=click.Choice(["on", "off"]), default="off",
-                     show_default=True, help="Speak TLS to the gateway.")(f)
-    f = click.option("--ca", type=click.Path(exists=True, dir_okay=False),
-                     help="CA to trust for --via-tls on (default: system + dev CA).")(f)
-    f = click.option("--proxy-user", help="Proxy user (password from KAKEHASHI_PROXY_PASSWORD).")(f)
-    return f
+def client_options(f):
+    """The shared client vocabulary, plus the old spellings (hidden, with a note)."""
+    f = opt.deprecated_alias("--proxy-user", "user", "--user")(f)
+    f = opt.deprecated_alias("--via-tls", "tls_mode", "--tls",
+                             type=click.Choice(["on", "off"]))(f)
+    f = opt.deprecated_alias("--via", "server", "--server")(f)
+    return opt.client_options("The gateway", DEFAULT_PORT, server_required=False,
+                              user_required=False,
+                              user_help="Proxy user, when the gateway requires "
+                                        "authentication (password from the usual sources).")(f)
 
 
-def _gateway(via, via_tls, ca, proxy_user) -> Gateway:
-    import os
+def _gateway(server, user, password_stdin, password_file, tls_mode, ca) -> Gateway:
+    """Where the gateway is and how to reach it, from the client options."""
+    if not server:
+        raise click.UsageError("Missing option '--server'.")
+    addr = opt.parse_server(server, "--server", DEFAULT_PORT)
+    if not opt.explicit("tls_mode") and not opt.alias_used("tls_mode"):
+        if addr.tls is not None:
+            tls_mode = "on" if addr.tls else "off"
+        elif opt.alias_used("server"):
+            tls_mode = "off"  # the old spelling keeps its old default (--via-tls off)
+    pw = None
+    if user is not None:
+        opt.check_name(user, "--user")
+        if not (password_stdin or password_file or os.environ.get(PASSWORD_ENV)):
+            pw = opt.env_password("KAKEHASHI_PROXY_PASSWORD")  # the old variable, noted
+        pw = pw or opt.password(password_stdin, password_file)
+    return Gateway(addr.host, addr.port,
+                   tls=tls.client_context(ca) if tls_mode == "on" else None,
+                   user=user, password=pw)
 
-    host, port = hostport(via, "--via", DEFAULT_PORT)
-    return Gateway(host, port, tls=tls.client_context(ca) if via_tls == "on" else None,
-                   user=proxy_user, password=os.environ.get("KAKEHASHI_PROXY_PASSWORD"))
+
+def _where(gw: Gateway) -> str:
+    return f"{gw.authority.decode()} ({'TLS' if gw.tls else 'plaintext'})"
 
 
 @gateway.command()
-@via_options
+@client_options
 @click.option("--to", "to", required=True, help="Target HOST:PORT (an HTTP server).")
 @click.option("--listen", required=True, help="Local HOST:PORT for the application.")
-def forward(via, via_tls, ca, proxy_user, to, listen) -> None:
+def forward(to, listen, **conn) -> None:
     """Let an application speak plain HTTP to a local port; requests go via the gateway."""
-    gw = _gateway(via, via_tls, ca, proxy_user)
-    thost, tport = hostport(to, "--to", 80)
-    lhost, lport = hostport(listen, "--listen")
+    gw = _gateway(**conn)
+    thost, tport = opt.hostport(to, "--to", 80)
+    lhost, lport = opt.hostport(listen, "--listen")
 
     async def main() -> None:
         listener = await serve_forward(gw, thost, tport, lhost, lport)
         h, p = listener.address
-        click.echo(f"forwarding http://{h}:{p} -> {thost}:{tport} via {via}", err=True)
+        click.echo(f"forwarding http://{h}:{p} -> {thost}:{tport} via {_where(gw)}", err=True)
         try:
             await asyncio.Event().wait()
         finally:
@@ -242,13 +288,13 @@ def forward(via, via_tls, ca, proxy_user, to, listen) -> None:
 
 
 @gateway.command()
-@via_options
+@client_options
 @click.option("--to", "to", required=True, help="Target HOST:PORT.")
 @click.option("--listen", help="Local HOST:PORT; without it, stdin/stdout (ProxyCommand).")
-def tunnel(via, via_tls, ca, proxy_user, to, listen) -> None:
+def tunnel(to, listen, **conn) -> None:
     """A CONNECT tunnel through the gateway, as a local port or on stdin/stdout."""
-    gw = _gateway(via, via_tls, ca, proxy_user)
-    thost, tport = hostport(to, "--to")
+    gw = _gateway(**conn)
+    thost, tport = opt.hostport(to, "--to")
 
     async def main() -> int:
         if listen is None:
@@ -262,7 +308,7 @@ def tunnel(via, via_tls, ca, proxy_user, to, listen) -> None:
             finally:
                 conn.close()
             return 0
-        lhost, lport = hostport(listen, "--listen")
+        lhost, lport = opt.hostport(listen, "--listen")
 
         async def handle(app: Conn) -> None:
             try:
@@ -280,7 +326,7 @@ def tunnel(via, via_tls, ca, proxy_user, to, listen) -> None:
         listener = Listener(lhost, lport, handle)
         listener.start()
         h, p = listener.address
-        click.echo(f"tunnel {h}:{p} -> {to} via {via}", err=True)
+        click.echo(f"tunnel {h}:{p} -> {to} via {_where(gw)}", err=True)
         try:
             await asyncio.Event().wait()
         finally:
@@ -302,12 +348,12 @@ def events() -> None:
 
 
 @events.command()
-@via_options
+@client_options
 @click.argument("topic", callback=_topic)
 @click.option("--data", help="Event text (default: read stdin).")
-def publish(via, via_tls, ca, proxy_user, topic, data) -> None:
+def publish(topic, data, **conn) -> None:
     """Publish one event to TOPIC (from an internal network)."""
-    gw = _gateway(via, via_tls, ca, proxy_user)
+    gw = _gateway(**conn)
     payload = data.encode() if data is not None else sys.stdin.buffer.read()
 
     async def main() -> int:
@@ -323,16 +369,16 @@ def publish(via, via_tls, ca, proxy_user, topic, data) -> None:
 
 
 @events.command()
-@via_options
+@client_options
 @click.argument("topic", callback=_topic)
 @click.option("--cursor", type=int, default=0, show_default=True,
               help="Start after this event number (0: oldest retained, -1: only new).")
 @click.option("--wait", type=float, default=25.0, show_default=True,
               help="Long-poll wait per request (seconds).")
 @click.option("--count", type=int, help="Stop after this many events.")
-def watch(via, via_tls, ca, proxy_user, topic, cursor, wait, count) -> None:
+def watch(topic, cursor, wait, count, **conn) -> None:
     """Print TOPIC's events as JSON lines, long polling through the gateway."""
-    gw = _gateway(via, via_tls, ca, proxy_user)
+    gw = _gateway(**conn)
 
     async def main() -> int:
         seen = 0

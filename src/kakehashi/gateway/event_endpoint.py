@@ -133,7 +133,7 @@ class LocalEndpoints:
     """Answers the origin-form requests a gateway receives (events, ``/healthz``)."""
 
     def __init__(self, hub: EventHub, settings: GatewaySettings, audit: AuditLog,
-                 authorise: Callable[[http.RequestHead, str], Awaitable[str]],
+                 authorise: Callable[[http.RequestHead, str, Conn], Awaitable[str]],
                  limits: EventLimits | None = None) -> None:
         self.hub = hub
         self.settings = settings
@@ -156,7 +156,7 @@ class LocalEndpoints:
             raise http.HTTPError(400, "this is a forward proxy: send absolute-form requests "
                                       "(e.g. curl -x http://gateway:port http://target/)")
         topic = path[len(EVENTS_PREFIX):]
-        await self.authorise(head, f"events/{topic}")  # with --auth, events need it too
+        await self.authorise(head, f"events/{topic}", conn)  # with --auth, events too
         if head.method == b"POST":
             return await self._publish(conn, head, topic)
         if head.method not in (b"GET", b"HEAD"):

@@ -20,10 +20,7 @@ short 4xx/5xx reply saying why; the protocol decisions live in ``gateway.http``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import functools
-import hashlib
 import ipaddress
 import json
 import logging
@@ -33,9 +30,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from kakehashi.core.audit import AuditLog
-from kakehashi.core.crypto import hash_password, verify_password
 from kakehashi.core.pump import Transfer, pump_raw
-from kakehashi.core.store import Store
 from kakehashi.core.stream import Conn, ConnClosed, open_tcp
 from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList, Decision
@@ -45,12 +40,12 @@ from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
 from kakehashi.gateway.fastlane import IDEMPOTENT, FastLane, SendBatcher
 from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
 from kakehashi.gateway.pool import UpstreamPool, binds_request, binds_response, still_idle
+from kakehashi.gateway.proxyauth import ProxyAuth
 from kakehashi.gateway.quick import QuickRequest
 
 log = logging.getLogger("kakehashi.gateway")
 access = logging.getLogger("kakehashi.gateway.access")
 
-USER_KIND = "gateway.user"
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
 
 
@@ -73,91 +68,6 @@ class GatewaySettings:
 class ClosedBeforeAnswer(http.HTTPError):
     """The upstream closed without a byte of response (502, or a retry when the
     connection was a reused one and the request may be sent again)."""
-
-
-@functools.cache
-def _dummy_hash() -> str:
-    return hash_password("not a user")
-
-
-@dataclass
-class _Verified:
-    """A header whose password was verified against ``pw_hash`` (the user's record then)."""
-
-    user: str
-    pw_hash: str
-    expires: float
-    checked: float
-
-
-class ProxyAuth:
-    """Basic proxy authentication against users in the store (scrypt hashes).
-
-    Verified credentials are cached for ``ttl`` by a hash of the header, so a
-    keep-alive client does not pay the slow hash on every request. The user's record
-    is still read again at most every ``recheck`` seconds (one cheap store read, not
-    a hash): removing a user or changing a password locks them out within that time,
-    on connections already open too.
-    """
-
-    def __init__(self, store: Store, ttl: float = 60.0, recheck: float = 1.0) -> None:
-        self.store = store
-        self.ttl = ttl
-        self.recheck = recheck
-        self._cache: dict[str, _Verified] = {}
-
-    def cached(self, header: bytes | None) -> str | None:
-        """The user of a header verified within the last ``ttl`` seconds whose record
-        is unchanged, else None (no hashing, no waiting: the fast lane's check)."""
-        if not header:
-            return None
-        key = self._key(header)
-        hit = self._cache.get(key)
-        if hit is None:
-            return None
-        now = time.monotonic()
-        if hit.expires <= now:
-            del self._cache[key]
-            return None
-        if now - hit.checked >= self.recheck:
-            doc = self.store.get(USER_KIND, hit.user)
-            if doc is None or doc.get("password_hash") != hit.pw_hash:
-                del self._cache[key]  # removed, or the password changed
-                return None
-            hit.checked = now
-        return hit.user
-
-    @staticmethod
-    def _key(header: bytes) -> str:
-        return hashlib.sha256(header.strip()).hexdigest()
-
-    async def check(self, header: bytes | None) -> str | None:
-        if not header:
-            return None
-        user = self.cached(header)
-        if user is not None:
-            return user
-        scheme, _, value = header.partition(b" ")
-        if scheme.lower() != b"basic":
-            return None
-        try:
-            user, _, password = base64.b64decode(value.strip(), validate=True).decode(
-                "utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return None
-        loop = asyncio.get_running_loop()
-        doc = await loop.run_in_executor(None, self.store.get, USER_KIND, user)
-        pw_hash = doc.get("password_hash", "") if doc is not None else ""
-        # an unknown user costs the same hash: timing must not tell which names exist
-        ok = await loop.run_in_executor(None, verify_password, password,
-                                        pw_hash or _dummy_hash()) and bool(pw_hash)
-        if not ok:
-            return None
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        now = time.monotonic()
-        self._cache[self._key(header)] = _Verified(user, pw_hash, now + self.ttl, now)
-        return user
 
 
 class GatewayServer:
@@ -314,14 +224,20 @@ class GatewayServer:
             reader.feed(data)
 
     # -- checks -------------------------------------------------------------------
-    async def _authorise(self, head: http.RequestHead, what: str) -> str:
+    async def _authorise(self, head: http.RequestHead, what: str, conn: Conn) -> str:
         if self.auth is None:
             return "-"
-        user = await self.auth.check(head.headers.get(b"proxy-authorization"))
-        if user is None:
-            self.audit.record("proxy-auth", False, target=what)
+        addr = conn.peer[0] if conn.peer else "?"
+        res = await self.auth.check(head.headers.get(b"proxy-authorization"), addr)
+        if res.user is None:
+            self.audit.record("proxy-auth", False, target=what, addr=addr,
+                              user=res.claimed or None, why=res.why)
+            if res.why in ("lockout", "busy"):
+                raise http.HTTPError(429, "too many failed proxy logins from your address"
+                                     if res.why == "lockout" else
+                                     "busy checking other proxy logins; try again later")
             raise http.HTTPError(407, "proxy authentication required")
-        return user
+        return res.user
 
     async def _decide(self, host: str, port: int, user: str, conn: Conn,
                       decided: dict | None = None) -> str:
@@ -383,7 +299,7 @@ class GatewayServer:
         target = http.parse_target(head)
         if target.form != "authority":
             raise http.HTTPError(400, "CONNECT needs host:port")
-        user = await self._authorise(head, f"{target.host}:{target.port}")
+        user = await self._authorise(head, f"{target.host}:{target.port}", conn)
         address = await self._decide(target.host, target.port, user, conn)
         up = await self._open(address, target.port, target.host)
         await self._carry(conn, up, head, 200, http.connect_established(head.version),
@@ -415,7 +331,7 @@ class GatewayServer:
 
     # -- relay means (Figs. 5-7) -------------------------------------------------
     async def _relay(self, conn: Conn, head: http.RequestHead, target, upstream, start):
-        user = await self._authorise(head, f"{target.host}:{target.port}")
+        user = await self._authorise(head, f"{target.host}:{target.port}", conn)
         address = await self._decide(target.host, target.port, user, conn,
                                      upstream.decided if upstream is not None else None)
         _, out_head = http.to_origin(head, self.via)

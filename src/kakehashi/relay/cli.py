@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
 import logging
-import os
 import sys
-from pathlib import Path
 
 import click
 
-from kakehashi.config import connection_limit_options, hostport
 from kakehashi.core import crypto, runner, tls
+from kakehashi.core import options as opt
 from kakehashi.core.audit import AuditLog
+from kakehashi.core.options import hostport
 from kakehashi.core.store import open_store
 from kakehashi.core.stream import FdConn, Listener
 from kakehashi.relay import messages as m
@@ -44,28 +42,7 @@ def relay() -> None:
 
 
 # -- user registry ---------------------------------------------------------------
-db_option = click.option("--db", default=default_db, show_default="state dir relay.db",
-                         help="The relay's database (SQLite file).")
-
-
-def _read_password(password_stdin: bool, password_file: str | None, *, confirm: bool = False,
-                   prompt: str = "Password") -> str:
-    if password_stdin:
-        pw = sys.stdin.readline().rstrip("\r\n")
-    elif password_file:
-        pw = Path(password_file).read_text().strip()
-    elif os.environ.get("KAKEHASHI_PASSWORD"):
-        pw = os.environ["KAKEHASHI_PASSWORD"]
-    elif sys.stdin.isatty():
-        pw = getpass.getpass(f"{prompt}: ")
-        if confirm and getpass.getpass("Again: ") != pw:
-            raise click.ClickException("passwords do not match")
-    else:
-        raise click.UsageError(
-            "no password: use --password-stdin, --password-file or KAKEHASHI_PASSWORD")
-    if not pw:
-        raise click.UsageError("empty password")
-    return pw
+db_option = opt.db_option(default_db, "relay.db", "The relay's database (SQLite file).")
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -95,15 +72,14 @@ def user() -> None:
 @user.command("add")
 @click.argument("name")
 @db_option
-@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
-@click.option("--password-file", type=click.Path(exists=True, dir_okay=False))
+@opt.password_options
 @click.option("--kdf-n", type=int, default=2**14, hidden=True)
 @user_attr_options
 def user_add(name, db, password_stdin, password_file, kdf_n, **attrs) -> None:
     """Register user NAME (password prompted, or --password-stdin)."""
-    _valid_name(name)
+    opt.check_name(name)
     registry = RelayUsers(open_store(db), kdf_n=kdf_n)
-    pw = _read_password(password_stdin, password_file, confirm=True)
+    pw = opt.password(password_stdin, password_file, confirm=True)
     rec = _apply_attrs(UserRecord(name=name), attrs)
     if not registry.add(rec, pw):
         raise click.ClickException(f"user {name} already exists (use 'passwd' or 'set')")
@@ -126,9 +102,21 @@ def user_set(name, db, **attrs) -> None:
 
 @user.command("list")
 @db_option
-def user_list(db) -> None:
+@opt.json_option
+def user_list(db, as_json) -> None:
     """List registered users and their attributes."""
-    for rec in RelayUsers(open_store(db)).list():
+    users = RelayUsers(open_store(db)).list()
+    if as_json:
+        import json
+
+        click.echo(json.dumps([{"user": r.name, "encryption": r.encryption,
+                                "notify": r.notify, "notify_users": list(r.notify_users),
+                                "allowed_peers": list(r.allowed_peers)
+                                if r.allowed_peers is not None else None,
+                                "insecure_peer": r.insecure_peer, "e2e_key": bool(r.pubkey)}
+                               for r in users]))
+        return
+    for rec in users:
         peers = ",".join(rec.allowed_peers) if rec.allowed_peers is not None else "*"
         click.echo(f"{rec.name}\tencryption={rec.encryption}\tnotify={rec.notify}"
                    f"\tpeers={peers}\tinsecure-peer={rec.insecure_peer}"
@@ -148,22 +136,14 @@ def user_remove(name, db) -> None:
 @user.command("passwd")
 @click.argument("name")
 @db_option
-@click.option("--password-stdin", is_flag=True)
-@click.option("--password-file", type=click.Path(exists=True, dir_okay=False))
+@opt.password_options
 def user_passwd(name, db, password_stdin, password_file) -> None:
     """Set a new password for user NAME."""
     registry = RelayUsers(open_store(db))
     if registry.get(name) is None:
         raise click.ClickException(f"no user {name}")
-    registry.set_password(name, _read_password(password_stdin, password_file, confirm=True))
+    registry.set_password(name, opt.password(password_stdin, password_file, confirm=True))
     click.echo(f"password of {name} changed")
-
-
-def _valid_name(name: str, hint: str = "NAME", what: str = "user IDs") -> None:
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
-        raise click.BadParameter(f"{what} are 1-64 of A-Z a-z 0-9 _ . @ -", param_hint=hint)
 
 
 def _load_identity(path: str | None):
@@ -207,47 +187,37 @@ def keygen(path) -> None:
 
 
 # -- server ----------------------------------------------------------------------
-def tls_option(f):
-    return click.option("--tls", "tls_mode", type=click.Choice(["on", "off"]), default="on",
-                        show_default=True,
-                        help="TLS on the relay connection; 'off' is an explicit opt-in to "
-                             "plaintext (STARTTLS stays available).")(f)
-
-
 @relay.command()
-@click.option("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", show_default=True,
-              help="HOST:PORT to listen on.")
+@opt.listen_option(f"0.0.0.0:{DEFAULT_PORT}")
 @db_option
-@tls_option
-@click.option("--cert", type=click.Path(exists=True, dir_okay=False),
-              help="Server certificate (default: issued by the development CA).")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False))
-@click.option("--name", "names", multiple=True,
-              help="Host names/IPs for the development certificate.")
+@opt.server_tls_options(auto=False, default="on", names=True,
+                        help="TLS on the relay connection; 'off' is an explicit opt-in to "
+                             "plaintext (STARTTLS stays available).")
 @click.option("--keepalive", type=float, default=15.0, show_default=True,
               help="Keepalive interval announced to terminals (seconds).")
 @click.option("--dead-after", type=int, default=3, show_default=True,
               help="Missed keepalives after which a connection is dead.")
-@click.option("--request-timeout", type=float, default=15.0, show_default=True,
-              help="Seconds a connection request may wait for the target's answer.")
-@click.option("--login-timeout", type=float, default=15.0, show_default=True,
-              help="Seconds a new connection has to log in before it is closed.")
-@connection_limit_options(0, "Each agent holds 1 + its spare connections.")
-@click.option("--audit-log", type=click.Path(dir_okay=False),
-              help="Append allow/deny decisions as JSON lines to this file "
-                   "(default: to the log, logger kakehashi.audit).")
+@opt.timeout_option("request", 15.0,
+                    "Seconds a connection request may wait for the target's answer.")
+@opt.timeout_option("login", 15.0, "Seconds a new connection has to log in before it is closed.")
+@click.option("--login-lockout", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Failed (or still being checked) logins for one user from one address "
+                   "within 10 minutes after which that address is refused for that user; "
+                   "5 times as many over all users.")
+@opt.connection_limit_options(0, "Each agent holds 1 + its spare connections.")
+@opt.audit_log_option
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
-          login_timeout, max_connections, max_per_client, audit_log) -> None:
+          login_timeout, login_lockout, max_connections, max_per_client, audit_log) -> None:
     """Run the relay server."""
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
-    if bool(cert) != bool(key):
-        raise click.UsageError("--cert and --key go together")
+    opt.check_cert_key(cert, key)
     registry = RelayUsers(open_store(db))
     if not registry.list():
         log.warning("no users registered in %s: add one with 'kakehashi relay user add'", db)
     server_ctx = tls.server_context(cert, key, names=list(names) or None)
     settings = Settings(keepalive=keepalive, dead_missed=dead_after,
-                        request_timeout=request_timeout, login_timeout=login_timeout)
+                        request_timeout=request_timeout, login_timeout=login_timeout,
+                        fail_lockout=login_lockout)
 
     async def main() -> None:
         server = RelayServer(registry, host=host, port=port,
@@ -272,13 +242,7 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
 
 # -- terminals -------------------------------------------------------------------
 def terminal_options(f):
-    f = click.option("--server", required=True, help="Relay HOST:PORT.")(f)
-    f = click.option("--user", required=True, help="Your user ID on the relay.")(f)
-    f = click.option("--password-file", type=click.Path(exists=True, dir_okay=False))(f)
-    f = click.option("--password-stdin", is_flag=True)(f)
-    f = tls_option(f)
-    f = click.option("--ca", type=click.Path(exists=True, dir_okay=False),
-                     help="CA certificate to trust (default: system store + dev CA).")(f)
+    f = opt.client_options("The relay", DEFAULT_PORT, user_help="Your user ID on the relay.")(f)
     f = click.option("--encryption", type=click.Choice(["required", "optional", "off"]),
                      help="Encryption attribute sent at login.")(f)
     f = click.option("--insecure-peer", type=click.Choice(["refuse", "ask"]),
@@ -295,11 +259,14 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
                      insecure_peer, keepalive, identity, peer_keys, *, spares: int,
                      services: list[str] | None = None,
                      allowed_peers: list[str] | None = None) -> TerminalConfig:
-    _valid_name(user, "--user")
-    host, port = hostport(server, "--server", DEFAULT_PORT)
+    opt.check_name(user, "--user")
+    addr = opt.parse_server(server, "--server", DEFAULT_PORT)
+    host, port = addr.host, addr.port
+    if addr.tls is not None and not opt.explicit("tls_mode"):
+        tls_mode = "on" if addr.tls else "off"
     if keepalive is not None and keepalive <= 0:
         raise click.BadParameter("must be positive", param_hint="--keepalive")
-    pw = _read_password(password_stdin, password_file)
+    pw = opt.password(password_stdin, password_file)
     ctx = tls.client_context(ca)
     keys = {}
     for item in peer_keys:
@@ -328,8 +295,10 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
               help="Service to offer: NAME=HOST:PORT (repeatable).")
 @click.option("--spares", type=int, default=2, show_default=True,
               help="Idle logged-in connections kept ready.")
-@click.option("--allow", "allowed", multiple=True,
-              help="Only these users may connect (attribute sent at login).")
+@click.option("--allowed-peers", "allowed", multiple=True,
+              help="Only these users may connect (sent at login; narrows the registered "
+                   "--allowed-peers, never widens it).")
+@opt.deprecated_alias("--allow", "allowed", "--allowed-peers", multiple=True)
 def agent(exposes, spares, allowed, **opts) -> None:
     """Log in and keep connections open so others can reach the exposed services."""
     services: dict[str, tuple[str, int]] = {}
@@ -337,7 +306,7 @@ def agent(exposes, spares, allowed, **opts) -> None:
         name, sep, target = item.partition("=")
         if not sep or not name:
             raise click.BadParameter(f"{item!r}: expected NAME=HOST:PORT", param_hint="--expose")
-        _valid_name(name, "--expose", "service names")
+        opt.check_name(name, "--expose", "service names")
         services[name] = hostport(target, "--expose")
     cfg = _terminal_config(**opts, spares=spares, services=list(services),
                            allowed_peers=_split(allowed) or None)
@@ -372,9 +341,9 @@ def _print_message(msg: m.Msg) -> None:
 
 def _target(spec: str) -> tuple[str, str]:
     name, _, service = spec.partition("/")
-    _valid_name(name, "TARGET")
+    opt.check_name(name, "TARGET")
     if service:
-        _valid_name(service, "TARGET", "service names")
+        opt.check_name(service, "TARGET", "service names")
     return name, service
 
 
@@ -450,7 +419,7 @@ def pipe(target, e2e, encrypt, **opts) -> None:
 
 @relay.command()
 @terminal_options
-@click.option("--json", "as_json", is_flag=True)
+@opt.json_option
 def who(as_json, **opts) -> None:
     """List logged-in users visible to you (their notify policy decides)."""
     cfg = _terminal_config(**opts, spares=0)
