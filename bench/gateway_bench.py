@@ -190,7 +190,7 @@ class Gateway:
               env: dict[str, str] | None = None) -> Route:
         port = free_port()
         proc = procs.spawn("gateway", pinned(cpu, self.argv(
-            "gateway", "serve", "--listen", f"{LOOPBACK}:{port}", "--allow", LOOPBACK,
+            "gateway", "serve", "--listen", f"{LOOPBACK}:{port}", "--allow-target", LOOPBACK,
             "--tls", "off", "--db", self.db, log_level=log_level)),
             env={**self.env, **(env or {})})
         proc.wait_for("gateway listening on")
@@ -199,7 +199,7 @@ class Gateway:
     def tunnel(self, procs: Procs, gateway_port: int, target: int) -> Route:
         port = free_port()
         proc = procs.spawn("tunnel", self.argv(
-            "gateway", "tunnel", "--via", f"{LOOPBACK}:{gateway_port}",
+            "gateway", "tunnel", "--server", f"{LOOPBACK}:{gateway_port}", "--tls", "off",
             "--to", f"{LOOPBACK}:{target}", "--listen", f"{LOOPBACK}:{port}"), env=self.env)
         proc.wait_for("tunnel ")
         return Route("gateway tunnel", port, [proc.pid])
