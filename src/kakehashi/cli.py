@@ -54,14 +54,23 @@ async def _relay_attach(mux: ProtocolMux, db: str, audit_log: str | None) -> Non
 
 
 @main.command()
+@click.argument("system", required=False, type=click.Choice(["relay", "gateway"]))
 @click.option("--bytes", "nbytes", default=8 * 1024 * 1024, show_default=True,
-              help="Bytes to send through the demo session.")
+              help="Bytes to send through the demo's sessions and tunnels.")
 @click.option("--tls", "tls_mode", type=click.Choice(["on", "off"]), default="on",
               show_default=True)
-def demo(nbytes: int, tls_mode: str) -> None:
-    """Run a relay, two agents and a session between them on loopback, narrated."""
+@click.option("--keep", is_flag=True, help="Keep the demo's state directory (logs, audit).")
+def demo(system: str | None, nbytes: int, tls_mode: str, keep: bool) -> None:
+    """Every system on loopback, narrated step by step: the relay, then the gateway
+    (or only SYSTEM)."""
     import sys
 
-    from kakehashi.demo import run_demo
+    try:  # Ctrl-C at any moment ends the demo quietly (its servers stop with it)
+        from kakehashi.demo import run_demo
 
-    sys.exit(run_demo(nbytes, tls_mode == "on"))
+        systems = [name for name in main.commands if name != "demo"]
+        code = run_demo(system, nbytes, tls_mode == "on", systems=systems, keep=keep)
+    except KeyboardInterrupt:
+        click.echo("stopped.", err=True)
+        code = 130
+    sys.exit(code)

@@ -56,8 +56,8 @@ def test_relay_tls_client_against_a_plaintext_relay(env, command):
                                      ("tunnel", "--to", "127.0.0.1:9")])
 def test_gateway_plaintext_client_against_a_tls_gateway(env, command):
     _, port = env.gateway("127.0.0.1", extra=["--tls", "on"])
-    res, took = _timed(env, "gateway", *command, "--via", f"127.0.0.1:{port}",
-                       "--via-tls", "off")
+    res, took = _timed(env, "gateway", *command, "--server", f"127.0.0.1:{port}",
+                       "--tls", "off")
     err = res.stderr.decode()
     assert res.returncode != 0, err
     assert "speaks TLS" in err and "use --tls on" in err, err
@@ -69,8 +69,8 @@ def test_gateway_plaintext_client_against_a_tls_gateway(env, command):
                                      ("tunnel", "--to", "127.0.0.1:9")])
 def test_gateway_tls_client_against_a_plaintext_gateway(env, command):
     _, port = env.gateway("127.0.0.1", extra=["--tls", "off"])
-    res, took = _timed(env, "gateway", *command, "--via", f"127.0.0.1:{port}",
-                       "--via-tls", "on")
+    res, took = _timed(env, "gateway", *command, "--server", f"127.0.0.1:{port}",
+                       "--tls", "on")
     err = res.stderr.decode()
     assert res.returncode != 0, err
     assert "does not speak TLS" in err and "use --tls off" in err, err
