@@ -4,8 +4,8 @@ kakehashi relays traffic it should not be able to read, so peers that know
 each other's static X25519 keys agree on session keys end to end and seal
 their messages; the relay only ever sees ciphertext. The handshake is
 deliberately small and sans-IO (bytes in, bytes out) so any transport can
-carry it. Password hashing and challenge-response live here too so every
-system uses the same, reviewed primitives.
+carry it. Password hashing lives here too so every system uses the same,
+reviewed primitive (who may log in is :mod:`kakehashi.core.identity`).
 """
 
 from __future__ import annotations
@@ -33,16 +33,12 @@ __all__ = [
     "E2EError",
     "E2EHandshake",
     "E2ESession",
-    "check_response",
     "generate_identity",
     "hash_password",
     "load_identity",
     "load_or_create_identity",
-    "make_challenge",
-    "needs_rehash",
     "parse_public_b64",
     "public_b64",
-    "respond",
     "save_identity",
     "verify_password",
 ]
@@ -96,7 +92,7 @@ def hash_password(password: str, *, n: int = _SCRYPT_DEFAULT_N, r: int = 8, p: i
     """Hash a password as ``scrypt$<n>$<r>$<p>$<salt_b64>$<hash_b64>``.
 
     The string carries its own parameters, so they can be raised later
-    without invalidating stored hashes (see :func:`needs_rehash`).
+    without invalidating stored hashes.
     """
     _check_scrypt_params(n, r, p)
     salt = os.urandom(_SALT_LEN)
@@ -135,21 +131,6 @@ def verify_password(password: str, encoded: str) -> bool:
     except (ValueError, TypeError, MemoryError):
         return False
     return hmac.compare_digest(actual, expected)
-
-
-def needs_rehash(encoded: str, *, n: int = _SCRYPT_DEFAULT_N, r: int = 8, p: int = 1) -> bool:
-    """True when ``encoded`` is malformed or uses other parameters than given.
-
-    Call after a successful :func:`verify_password` and store a fresh hash
-    if this says so; that is how parameter upgrades roll out.
-    """
-    if not isinstance(encoded, str):
-        return True
-    try:
-        got = _parse_encoded(encoded)
-    except ValueError:
-        return True
-    return got[:3] != (n, r, p) or len(got[4]) != _HASH_LEN
 
 
 # --------------------------------------------------------------------------
@@ -397,39 +378,3 @@ class E2EHandshake:
         if initiator:
             return E2ESession(k_ir, k_ri, tag_i, tag_r, th)
         return E2ESession(k_ri, k_ir, tag_r, tag_i, th)
-
-
-# --------------------------------------------------------------------------
-# Challenge-response
-# --------------------------------------------------------------------------
-
-_CHALLENGE_LEN = 32
-_CR_LABEL = b"kakehashi-challenge-v1"
-
-
-def make_challenge() -> bytes:
-    """32 fresh random bytes; never reuse one."""
-    return os.urandom(_CHALLENGE_LEN)
-
-
-def respond(secret: bytes, challenge: bytes, context: bytes) -> bytes:
-    """HMAC-SHA256 proof of ``secret`` for ``challenge`` in ``context``.
-
-    ``context`` should name the purpose and direction (e.g. b"relay:client")
-    so a response cannot be replayed into another protocol step or reflected
-    back at its sender. Fields are length-prefixed so they cannot run together.
-    """
-    if not secret:
-        raise ValueError("secret must not be empty")
-    if len(challenge) < 16:
-        raise ValueError("challenge must be at least 16 bytes")
-    msg = _CR_LABEL + struct.pack(">I", len(context)) + context + challenge
-    return hmac.new(secret, msg, hashlib.sha256).digest()
-
-
-def check_response(secret: bytes, challenge: bytes, context: bytes, response: bytes) -> bool:
-    """Constant-time check of a :func:`respond` answer."""
-    expected = respond(secret, challenge, context)
-    return isinstance(response, bytes | bytearray) and hmac.compare_digest(
-        expected, bytes(response)
-    )
