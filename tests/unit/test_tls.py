@@ -201,6 +201,9 @@ def test_tls_verify_false_accepts_unknown_ca(
 
 def test_mtls(home: Path) -> None:
     ca = DevCA()
+    # issued before the server loads the CA: a name the CA vouches for is in ca.pem
+    # (a server that loaded ca.pem earlier knows the names of that moment)
+    cert, key = ca.issue(["client.test"])
     server = server_context(names=["localhost"], client_ca=ca.ca_path)
     assert server.verify_mode == ssl.CERT_REQUIRED
 
@@ -208,7 +211,6 @@ def test_mtls(home: Path) -> None:
     assert isinstance(server_err, ssl.SSLError)
     assert client_err is not None
 
-    cert, key = ca.issue(["client.test"])
     ok = client_context(ca.ca_path, cert=cert, key=key)
     assert _handshake(server, ok) == (None, None)
 
@@ -260,3 +262,86 @@ def test_start_tls_uses_bytes_already_read_ahead(home: Path) -> None:
             tls.recv(1)
 
     assert asyncio.run(main()) == b"?"
+
+
+# -- the development CA vouches only for the names it issued (item 17) ------------------
+def _forge(ca: DevCA, name: str, tmp: Path) -> tuple[Path, Path]:
+    """A certificate for ``name`` signed with the CA's key but never issued through it
+    (what a thief of the key, or a bug, would make)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.certificate.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(ca._key, hashes.SHA256()))
+    cp, kp = tmp / f"{name}.pem", tmp / f"{name}.key"
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    return cp, kp
+
+
+def test_devca_is_trusted_only_for_names_it_issued(home: Path, tmp_path: Path) -> None:
+    ca = DevCA()
+    assert set(ca.permitted_names or []) >= {"localhost", "127.0.0.1/32", "::1/128"}
+    assert _handshake(server_context(names=["localhost"]), client_context()) == (None, None)
+    forged = server_context(*_forge(ca, "bank.example", tmp_path))
+    _, err = _handshake(forged, client_context(cache=False), "bank.example")
+    assert isinstance(err, ssl.SSLCertVerificationError) and "subtree" in str(err)
+
+
+def test_devca_adds_names_it_issues_for(home: Path, tmp_path: Path) -> None:
+    ca = DevCA()
+    server = server_context(names=["relay.example.org", "192.0.2.10"])
+    assert {"relay.example.org", "192.0.2.10/32"} <= set(DevCA().permitted_names or [])
+    assert _handshake(server, client_context(cache=False), "relay.example.org") == (None, None)
+    assert _handshake(server, client_context(cache=False), "192.0.2.10") == (None, None)
+    # the same key signs: what was issued before stays valid, nothing else is admitted
+    cert, _ = ca.issue(["localhost"])
+    x509.load_pem_x509_certificate(cert.read_bytes()).verify_directly_issued_by(
+        DevCA().certificate)
+    _, err = _handshake(server_context(*_forge(ca, "other.example.org", tmp_path)),
+                        client_context(cache=False), "other.example.org")
+    assert isinstance(err, ssl.SSLCertVerificationError)
+
+
+def test_devca_ip_only_certificate_passes_the_constraints(home: Path) -> None:
+    server = server_context(names=["127.0.0.1"])
+    assert _handshake(server, client_context(cache=False), "127.0.0.1") == (None, None)
+
+
+def test_an_old_unconstrained_devca_is_upgraded_in_place(home: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from kakehashi.core import tls
+
+    ca = DevCA()
+    old_leaf, old_key = ca.issue(["old.example", "10.1.2.3"])
+    # what an older kakehashi wrote: the same CA without name constraints
+    unconstrained = ca._sign_ca(ca._key, ca.certificate.subject,
+                                ca.certificate.not_valid_before_utc,
+                                ca.certificate.not_valid_after_utc, None)
+    ca.ca_path.write_bytes(unconstrained.public_bytes(serialization.Encoding.PEM))
+    tls._devcas.clear()
+    upgraded = DevCA()
+    assert {"old.example", "10.1.2.3/32", "localhost"} <= set(upgraded.permitted_names or [])
+    # the certificate issued before the upgrade still works with the upgraded ca.pem
+    server = server_context(old_leaf, old_key)
+    assert _handshake(server, client_context(cache=False), "old.example") == (None, None)
+    _, err = _handshake(server_context(*_forge(upgraded, "evil.example", tmp_path)),
+                        client_context(cache=False), "evil.example")
+    assert isinstance(err, ssl.SSLCertVerificationError)
+
+
+def test_other_cas_are_not_name_constrained(tmp_path: Path) -> None:
+    assert DevCA(tmp_path / "identities").permitted_names is None

@@ -8,6 +8,15 @@ certificates, this module keeps one development CA in the state directory
 safe defaults everywhere (TLS >= 1.2, verification on unless explicitly
 disabled, optional mutual TLS).
 
+The development CA vouches only for the names it issued certificates for: its own
+certificate carries X.509 name constraints listing them (the loopback and host names
+from the start, each ``--name`` added when a certificate is issued for it, by
+re-signing the CA certificate with the same key). So a client that trusts the CA of
+its state directory, or a copy of ``ca.pem``, trusts it for those servers and nothing
+else, even if the CA key were stolen. A CA made by an older kakehashi without
+constraints is upgraded in place the first time it is loaded (same key, so every
+certificate it issued stays valid).
+
 Building contexts is not free (loading the system trust store takes tens of
 milliseconds), so contexts are cached in-process, keyed by their arguments and
 by the identity of the files they were built from: replacing a certificate on
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -45,6 +55,8 @@ except ImportError:  # pragma: no cover - Windows
     import msvcrt
 
 __all__ = ["DevCA", "client_context", "default_names", "server_context"]
+
+log = logging.getLogger("kakehashi.tls")
 
 StrPath = str | os.PathLike[str]
 
@@ -172,6 +184,31 @@ def _slug(gns: Sequence[x509.GeneralName]) -> str:
     return f"{label}-{digest[:12]}"
 
 
+def _subtree(gn: x509.GeneralName) -> x509.GeneralName:
+    """The name-constraint subtree that admits ``gn``: the address itself (a /32 or
+    /128), or the DNS name (with its subdomains; a wildcard's base name)."""
+    if isinstance(gn, x509.IPAddress):
+        return x509.IPAddress(ipaddress.ip_network(gn.value))
+    name = str(gn.value)
+    return x509.DNSName(name[2:] if name.startswith("*.") else name)
+
+
+def _permitted(cert: x509.Certificate) -> list[x509.GeneralName] | None:
+    """The permitted subtrees of a CA certificate, None when it has no constraints."""
+    try:
+        nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    return list(nc.permitted_subtrees or [])
+
+
+def _leaf_cn(gns: Sequence[x509.GeneralName]) -> str:
+    """A leaf's common name: its first DNS name, else a phrase that is no host name
+    (a CN that looks like one is checked against the CA's DNS name constraints)."""
+    dns = next((str(g.value) for g in gns if isinstance(g, x509.DNSName)), None)
+    return dns[:64] if dns else f"kakehashi {gns[0].value}"[:64]
+
+
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True,
@@ -219,7 +256,10 @@ class DevCA:
     def __init__(self, home: Path | None = None) -> None:
         # ``home``: a CA of its own in another directory (a system that issues
         # identities to its parts, like the on-demand manager, keeps them apart from
-        # the development CA that signs server certificates)
+        # the development CA that signs server certificates). Only the development CA
+        # is name-constrained: the other vouches for roles (its certificates' units),
+        # not for server names.
+        constrain = home is None
         home = home if home is not None else state_dir()
         self._dir = home / "ca"
         self._certs_dir = home / "certs"
@@ -228,8 +268,10 @@ class DevCA:
         with _locked(self._dir / ".lock"):
             if self.ca_path.exists():
                 self._cert, self._key = self._load()
+                if constrain and _permitted(self._cert) is None:
+                    self._cert = self._upgrade()
             else:
-                self._cert, self._key = self._create()
+                self._cert, self._key = self._create(constrain)
 
     @property
     def ca_path(self) -> Path:
@@ -268,7 +310,7 @@ class DevCA:
             )
         return cert, key
 
-    def _create(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def _create(self, constrain: bool) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
         name = x509.Name(
@@ -280,26 +322,93 @@ class DevCA:
                 ),
             ]
         )
+        permitted = [_subtree(g) for g in _general_names(default_names())] \
+            if constrain else None
+        cert = self._sign_ca(key, name, now - _BACKDATE, now + CA_VALIDITY, permitted)
+        _write_atomic(self.key_path, _key_pem(key), 0o600)
+        _write_atomic(self.ca_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return cert, key
+
+    @staticmethod
+    def _sign_ca(key: ec.EllipticCurvePrivateKey, name: x509.Name, not_before: datetime,
+                 not_after: datetime,
+                 permitted: list[x509.GeneralName] | None) -> x509.Certificate:
+        """The self-signed CA certificate; the same key and name every time, so
+        re-signing it (with more permitted names) keeps every issued certificate valid."""
         public = key.public_key()
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(name)
             .issuer_name(name)
             .public_key(public)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + CA_VALIDITY)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_key_usage(cert_sign=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False
             )
-            .sign(key, hashes.SHA256())
         )
-        _write_atomic(self.key_path, _key_pem(key), 0o600)
+        if permitted is not None:
+            builder = builder.add_extension(
+                x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None),
+                critical=True)
+        return builder.sign(key, hashes.SHA256())
+
+    def _resign(self, permitted: list[x509.GeneralName]) -> x509.Certificate:
+        cert = self._sign_ca(self._key, self._cert.subject, self._cert.not_valid_before_utc,
+                             self._cert.not_valid_after_utc, permitted)
         _write_atomic(self.ca_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        return cert, key
+        return cert
+
+    def _upgrade(self) -> x509.Certificate:
+        """Name-constrain a CA made without constraints (call with the CA lock held):
+        the loopback and host names plus every name of a valid certificate it issued."""
+        permitted = [_subtree(g) for g in _general_names(default_names())]
+        now = datetime.now(UTC)
+        for pem in sorted(self._certs_dir.glob("*.pem")) if self._certs_dir.is_dir() else []:
+            try:
+                leaf = x509.load_pem_x509_certificate(pem.read_bytes())
+                leaf.verify_directly_issued_by(self._cert)
+                san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            except (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+                continue
+            if leaf.not_valid_after_utc <= now:
+                continue
+            for gn in san:
+                if isinstance(gn, x509.DNSName | x509.IPAddress) \
+                        and _subtree(gn) not in permitted:
+                    permitted.append(_subtree(gn))
+        log.warning("development CA in %s had no name constraints: it now vouches only for "
+                    "%s (same key: the certificates it issued stay valid; copies of the "
+                    "old ca.pem elsewhere still trust it for any name - replace them)",
+                    self._dir, ", ".join(str(g.value) for g in permitted))
+        return self._resign(permitted)
+
+    def _permit(self, gns: Sequence[x509.GeneralName]) -> None:
+        """Make sure a name-constrained CA admits ``gns``, adding what it lacks."""
+        permitted = _permitted(self._cert)
+        if permitted is None or all(_subtree(g) in permitted for g in gns):
+            return
+        with _locked(self._dir / ".lock"):
+            with suppress(OSError, ValueError):  # another process may have added names
+                on_disk = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
+                if _same_key(self._key.public_key(), on_disk.public_key()):
+                    self._cert = on_disk
+            permitted = _permitted(self._cert) or []
+            missing = [_subtree(g) for g in gns if _subtree(g) not in permitted]
+            if missing:
+                log.info("development CA: now vouching for %s too",
+                         ", ".join(str(g.value) for g in missing))
+                self._cert = self._resign(permitted + missing)
+
+    @property
+    def permitted_names(self) -> list[str] | None:
+        """The names this CA vouches for (None: any name, i.e. not constrained)."""
+        permitted = _permitted(self._cert)
+        return None if permitted is None else [str(g.value) for g in permitted]
 
     def issue(self, names: list[str], *, days: int = 825) -> tuple[Path, Path]:
         """Return ``(cert_path, key_path)`` of a server certificate for ``names``.
@@ -312,6 +421,7 @@ class DevCA:
         if days < 1:
             raise ValueError("days must be at least 1")
         gns = _general_names(names)
+        self._permit(gns)
         slug = _slug(gns)
         cert_path = self._certs_dir / f"{slug}.pem"
         key_path = self._certs_dir / f"{slug}.key"
@@ -345,6 +455,9 @@ class DevCA:
             return None
         if set(map(_name_key, san)) != set(map(_name_key, gns)):
             return None
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not cns or cns[0].value != _leaf_cn(gns):
+            return None  # an older leaf whose CN the name constraints would refuse
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_key(
             key.public_key(), cert.public_key()
         ):
@@ -361,7 +474,7 @@ class DevCA:
         subject = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kakehashi"),
-                x509.NameAttribute(NameOID.COMMON_NAME, str(gns[0].value)[:64]),
+                x509.NameAttribute(NameOID.COMMON_NAME, _leaf_cn(gns)),
             ]
         )
         cert = (
@@ -434,8 +547,10 @@ class DevCA:
                 self._key.public_key()), critical=False)
         )
         if names:
+            gns = _general_names(names)
+            self._permit(gns)
             builder = builder.add_extension(
-                x509.SubjectAlternativeName(_general_names(names)), critical=False)
+                x509.SubjectAlternativeName(gns), critical=False)
         return builder.sign(self._key, hashes.SHA256()).public_bytes(
             serialization.Encoding.PEM)
 
