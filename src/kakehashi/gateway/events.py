@@ -21,7 +21,6 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Protocol
 
 log = logging.getLogger("kakehashi.gateway.events")
@@ -34,21 +33,31 @@ def b64_size(n: int) -> int:
     return 4 * ((n + 2) // 3)
 
 
+#: bytes JSON escapes (ensure_ascii off): the short ones take 2 bytes, the rest 6
+_ESCAPED = bytes(range(0x20)) + b'"\\'
+_SHORT_ESCAPED = b'\b\f\n\r\t"\\'
+
+
 def json_text_size(data: bytes) -> int:
     """Bytes of ``data`` as a JSON string (quotes included) if it goes as text, else -1.
 
     A payload goes as text only when it is UTF-8 and escaping leaves it no larger than
     base64 would be: so no event costs more than base64 on the wire (64 KiB of
     ``\\x01`` would be 384 KiB of ``\\u0001`` escapes), and the size of every reply is
-    known before it is written. Escapes are ASCII and each replaces one ASCII
-    character, so the UTF-8 size is the payload's plus what escaping added.
+    known before it is written. Counted, not encoded: a publish pays two scans.
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
+    n = len(data)
+    special = n - len(data.translate(None, _ESCAPED))
+    short = n - len(data.translate(None, _SHORT_ESCAPED))
+    size = n + 2 + short + 5 * (special - short)
+    if size > b64_size(n) + 2:
         return -1
-    size = len(data) + len(encode_basestring(text)) - len(text)
-    return size if size <= b64_size(len(data)) + 2 else -1
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return -1
+    return size
 
 
 @dataclass(frozen=True, slots=True)
