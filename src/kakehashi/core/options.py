@@ -66,9 +66,8 @@ def parse_server(text: str, hint: str = "--server",
                 param_hint=hint)
         tls = _TLS_SCHEMES[scheme.lower()]
         text = rest.split("/", 1)[0]
-        if default_port is None:
-            default_port = 443 if scheme.lower() == "https" else 80 \
-                if scheme.lower() == "http" else None
+        # a web URL without a port means the web's port, as in a browser
+        default_port = {"https": 443, "http": 80}.get(scheme.lower(), default_port)
     host, port = hostport(text, hint, default_port)
     return ServerAddress(host, port, tls)
 
