@@ -11,6 +11,7 @@ from kakehashi.core.logs import setup_logging
 from kakehashi.core.mux import ProtocolMux, prefix_matcher
 from kakehashi.core.store import open_store
 from kakehashi.gateway.cli import gateway
+from kakehashi.ondemand.cli import ondemand
 from kakehashi.relay.cli import relay
 from kakehashi.relay.server import RelayServer
 from kakehashi.relay.users import RelayUsers
@@ -39,6 +40,7 @@ def main(ctx: click.Context, config_path: str | None, log_level: str, log_format
 
 main.add_command(relay)
 main.add_command(gateway)
+main.add_command(ondemand)
 
 
 async def _relay_attach(mux: ProtocolMux, db: str, audit_log: str | None) -> None:
@@ -54,15 +56,15 @@ async def _relay_attach(mux: ProtocolMux, db: str, audit_log: str | None) -> Non
 
 
 @main.command()
-@click.argument("system", required=False, type=click.Choice(["relay", "gateway"]))
+@click.argument("system", required=False, type=click.Choice(["relay", "gateway", "ondemand"]))
 @click.option("--bytes", "nbytes", default=8 * 1024 * 1024, show_default=True,
               help="Bytes to send through the demo's sessions and tunnels.")
 @click.option("--tls", "tls_mode", type=click.Choice(["on", "off"]), default="on",
               show_default=True)
 @click.option("--keep", is_flag=True, help="Keep the demo's state directory (logs, audit).")
 def demo(system: str | None, nbytes: int, tls_mode: str, keep: bool) -> None:
-    """Every system on loopback, narrated step by step: the relay, then the gateway
-    (or only SYSTEM)."""
+    """Every system on loopback, narrated step by step: the relay, the gateway, then
+    on-demand access (or only SYSTEM)."""
     import sys
 
     try:  # Ctrl-C at any moment ends the demo quietly (its servers stop with it)

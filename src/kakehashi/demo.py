@@ -1,7 +1,7 @@
 """``kakehashi demo``: every system there is, on loopback, one narrated line per step.
 
-``kakehashi demo`` runs the relay (spec 000) and then the gateway (spec 001);
-``kakehashi demo relay`` or ``kakehashi demo gateway`` runs one. Everything runs on
+``kakehashi demo`` runs the relay (spec 000), the gateway (spec 001) and on-demand
+access (spec 002); ``kakehashi demo relay`` (or ``gateway``, ``ondemand``) runs one. Everything runs on
 loopback with a throwaway state directory (a development CA is made in it, TLS is on
 as by default), so the demo needs no setup and leaves nothing behind. The servers'
 own log lines go to a file in that directory, not between the narration's lines. The
@@ -322,8 +322,18 @@ async def _gateway(home: Path, nbytes: int, use_tls: bool) -> None:
         await service.close()
 
 
+# -- on-demand access (spec 002) -------------------------------------------------------------
+async def _ondemand(home: Path, nbytes: int, use_tls: bool) -> None:
+    from kakehashi.ondemand import demo as ondemand_demo
+
+    console.rule("[bold]ondemand: time-limited entry ports to devices on a closed network "
+                 "(spec 002)")
+    if not await ondemand_demo.run(say, home, min(nbytes, 4 << 20)):
+        raise DemoFailed("the on-demand access demo did not do what it says")
+
+
 PARTS: dict[str, Callable[[Path, int, bool], Awaitable[None]]] = {
-    "relay": _relay, "gateway": _gateway}
+    "relay": _relay, "gateway": _gateway, "ondemand": _ondemand}
 
 
 async def _demo(parts: list[str], nbytes: int, use_tls: bool, home: Path,

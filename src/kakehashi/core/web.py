@@ -201,7 +201,10 @@ async def serve(app: Any, sock: socket.socket, *, certfile: str | None = None,
     import uvicorn
 
     _Server = _server_class()
+    # log_config=None: uvicorn's records go through the process's own logging setup
+    # (text or JSON, the demo's file) instead of handlers of its own on stderr
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            log_config=None,
                             ssl_certfile=certfile, ssl_keyfile=keyfile,
                             timeout_keep_alive=30, ws="websockets-sansio",
                             http="httptools", ws_max_size=1 << 20,
