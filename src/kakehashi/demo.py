@@ -1,7 +1,8 @@
 """``kakehashi demo``: every system there is, on loopback, one narrated line per step.
 
 ``kakehashi demo`` runs the relay (spec 000), the gateway (spec 001) and on-demand
-access (spec 002); ``kakehashi demo relay`` (or ``gateway``, ``ondemand``) runs one. Everything runs on
+access (spec 002); ``kakehashi demo relay`` (or ``gateway``, ``ondemand``) runs one.
+Everything runs on
 loopback with a throwaway state directory (a development CA is made in it, TLS is on
 as by default), so the demo needs no setup and leaves nothing behind. The servers'
 own log lines go to a file in that directory, not between the narration's lines. The

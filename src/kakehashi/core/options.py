@@ -249,6 +249,13 @@ def timeout_option(name: str, default: float, help: str) -> Callable[[F], F]:
                         default=default, show_default=True, help=help)
 
 
+def token_file_option(f: F) -> F:
+    """``--token-file``: an API token (bearer), from a file so it is never on the
+    command line."""
+    return click.option("--token-file", type=click.Path(dir_okay=False), required=True,
+                        help="File whose first line is the API token.")(f)
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True,
                         help="Machine-readable output (JSON) instead of a table.")(f)

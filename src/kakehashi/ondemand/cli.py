@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from kakehashi.config import hostport
+from kakehashi.core import options
+from kakehashi.core.options import hostport
 
 ROLES = ("client", "edge", "inner", "admin")
 
@@ -48,8 +49,7 @@ def ondemand() -> None:
 
 
 # -- tokens ----------------------------------------------------------------------------
-db_option = click.option("--db", default=_default_db, show_default="state dir ondemand.db",
-                         help="The manager's database (SQLite file).")
+db_option = options.db_option(_default_db, "ondemand.db", "The manager's database (SQLite file).")
 
 
 @ondemand.group()
@@ -102,14 +102,11 @@ def token_remove(db: str, token_id: str) -> None:
 
 # -- the manager -----------------------------------------------------------------------
 @ondemand.command()
-@click.option("--listen", default="127.0.0.1:8700", show_default=True,
-              help="Where the REST API listens (HOST:PORT).")
+@options.listen_option("127.0.0.1:8700", "Where the REST API listens (HOST:PORT).")
 @db_option
-@click.option("--tls", "tls_mode", type=click.Choice(["on", "off"]), default="on",
-              show_default=True, help="HTTPS (a development CA certificate unless --cert).")
-@click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="Server certificate.")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
-@click.option("--audit-log", type=click.Path(dir_okay=False), help="Audit events, JSON lines.")
+@options.server_tls_options(auto=False, default="on",
+                            help="HTTPS for the API; 'off' is an explicit opt-in to plaintext.")
+@options.audit_log_option
 @click.option("--max-ttl", default="24h", show_default=True, help="Longest grant allowed.")
 @click.option("--region", "regions", multiple=True, metavar="CIDR=REGION",
               help="Region table for --policy region (repeatable).")
@@ -140,8 +137,7 @@ def manager(listen: str, db: str, tls_mode: str, cert: str | None, key: str | No
         }
     except g.GrantError as exc:
         raise click.UsageError(exc.message) from None
-    if (cert is None) != (key is None) and tls_mode == "on" and key is not None:
-        raise click.UsageError("--key needs --cert")
+    options.check_cert_key(cert, key)
 
     async def main() -> None:
         from pathlib import Path
@@ -179,10 +175,18 @@ def _run(coro: Any) -> None:
 def _server_options(f: Any) -> Any:
     f = click.option("--ca", type=click.Path(exists=True, dir_okay=False),
                      help="Trust anchor for an https manager (default: system + dev CA).")(f)
-    f = click.option("--token-file", type=click.Path(dir_okay=False), required=True,
-                     help="File with the API token (first line).")(f)
-    return click.option("--server", required=True, metavar="URL",
-                        help="The manager, e.g. http://127.0.0.1:8700.")(f)
+    f = options.token_file_option(f)
+    return click.option("--server", required=True, metavar="URL", callback=_url,
+                        help="The manager: http://HOST:PORT or https://HOST:PORT "
+                             "(HOST:PORT alone means https).")(f)
+
+
+def _url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A manager address: a URL, or HOST:PORT meaning https (TLS is on by default)."""
+    if value is None or "://" in value:
+        return value
+    hostport(value, "--server")
+    return "https://" + value
 
 
 def _token(path: str) -> str:
@@ -221,9 +225,9 @@ def _name(name: str, hint: str = "--name") -> str:
 @click.option("--region", default="", help="Region tag (--policy region).")
 @click.option("--carrier", default="", help="Carrier tag (--policy carrier).")
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False),
-              help="Certificate --tls clients see (default: development CA).")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
-@click.option("--audit-log", type=click.Path(dir_okay=False), help="Audit events, JSON lines.")
+              help="Certificate --tls grants' clients see (default: development CA).")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Private key of --cert.")
+@options.audit_log_option
 @click.option("--burst", type=click.IntRange(min=0), default=100, show_default=True,
               help="Connection attempts one grant takes at once before refusing (0: no limit).")
 def edge(server: str, token_file: str, ca: str | None, name: str, public_host: str,
@@ -244,6 +248,7 @@ def edge(server: str, token_file: str, ca: str | None, name: str, public_host: s
             bind = public_host
         except ValueError:
             bind = "0.0.0.0"
+    options.check_cert_key(cert, key)
     tok = _token(token_file)
     name = _name(name)
 
@@ -268,7 +273,7 @@ def edge(server: str, token_file: str, ca: str | None, name: str, public_host: s
               help="The address edges are told (default: --listen).")
 @click.option("--device", "devices", multiple=True, metavar="IMSI=ADDRESS",
               help="A device this relay reaches (repeatable).")
-@click.option("--audit-log", type=click.Path(dir_okay=False), help="Audit events, JSON lines.")
+@options.audit_log_option
 def inner(server: str, token_file: str, ca: str | None, name: str, listen: str,
           advertise: str | None, devices: tuple[str, ...], audit_log: str | None) -> None:
     """A second relay inside the closed network: dials only granted devices."""
@@ -301,8 +306,7 @@ def inner(server: str, token_file: str, ca: str | None, name: str, listen: str,
 
 # -- the client side -------------------------------------------------------------------
 def client_options(f: Any) -> Any:
-    f = click.option("--json", "as_json", is_flag=True, help="JSON output for scripts.")(f)
-    return _server_options(f)
+    return _server_options(options.json_option(f))
 
 
 def _api(server: str, token_file: str, ca: str | None) -> Any:
@@ -436,15 +440,16 @@ def auth_info() -> None:
 
 
 @auth_info.command("add")
-@click.option("--server", required=True, metavar="URL", help="The manager.")
-@click.option("--token-file", type=click.Path(dir_okay=False), required=True)
+@click.option("--server", required=True, metavar="URL", callback=_url,
+              help="The manager: http://HOST:PORT or https://HOST:PORT.")
+@options.token_file_option
 @click.option("--server-ca", type=click.Path(exists=True, dir_okay=False),
               help="Trust anchor for an https manager.")
 @click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False), required=True,
               help="The CA certificate (PEM) that signs the clients' certificates.")
 @click.option("--pin", type=click.Path(exists=True, dir_okay=False),
               help="The one public key (or certificate) allowed, PEM.")
-@click.option("--json", "as_json", is_flag=True)
+@options.json_option
 def auth_info_add(server: str, token_file: str, server_ca: str | None, ca_file: str,
                   pin: str | None, as_json: bool) -> None:
     """Register a CA (S1-S4); prints the auth info ID to give to 'grant --auth-info'."""

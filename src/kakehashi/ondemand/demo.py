@@ -143,7 +143,7 @@ async def run(say: Say, home: Path, nbytes: int = 1 << 20) -> bool:
                     f"{closed.get('duration', 0)} s)")
         evs = await call("GET", f"/v1/grants/{g['id']}/events")
         say("audit", f"grant {g['id']}: " + ", ".join(e["event"] for e in evs) +
-                     f"; every event also in {home / 'ondemand-audit.jsonl'}")
+                     "; every event is also a JSON line of the audit log")
     except (ApiClientError, OSError, TimeoutError, ValueError) as exc:
         say("ondemand", f"[red]failed: {exc}[/]")
         ok = False
