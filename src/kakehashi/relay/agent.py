@@ -226,8 +226,11 @@ class RelayLink:
                     self._tls_ready.set()
         except crypto.E2EError as exc:
             log.warning("end-to-end check failed, dropping the session: %s", exc)
-        except (OSError, ConnClosed, wire.WireError, ssl.SSLError,
-                t.RemoteProtocolError) as exc:
+        except t.RemoteProtocolError as exc:
+            log.warning("relay protocol error on link %s, closing it: %s", self.t.conn_id, exc)
+        except t.LocalProtocolError as exc:  # a bug here, but never an unhandled task error
+            log.error("link %s: %s; closing it", self.t.conn_id, exc)
+        except (OSError, ConnClosed, wire.WireError, ssl.SSLError) as exc:
             log.debug("link %s lost: %s", self.t.conn_id, exc)
         except asyncio.CancelledError:
             pass
@@ -236,10 +239,6 @@ class RelayLink:
 
     async def _on_ctrl(self, payload: bytes) -> bool:
         msg = m.TERMINAL_CODEC.decode(payload)
-        if isinstance(msg, m.Notify) and self.t.state is not t.TState.IDLE and not msg.insecure:
-            # a notification crossed our own request on this link: decline it
-            await self._send([m.Refuse(req=msg.req, reason="busy")])
-            return False
         ev = self.t.receive(msg)
         if isinstance(ev, t.Other) and isinstance(ev.msg, m.TLSGo):
             self._upgrade = True
@@ -248,6 +247,15 @@ class RelayLink:
         return False
 
     async def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, t.RequestCrossed):
+            if ev.incoming is None:
+                return  # our request won the crossing: the notification is void
+            # our request gave way: the caller retries it on another link
+            if self._waiter and not self._waiter.done():
+                self._waiter.set_result(t.ConnectFailed(
+                    "crossed", f"{ev.incoming.peer} is connecting to you at the same moment "
+                               "and its request goes first"))
+            ev = ev.incoming
         if isinstance(ev, t.Connected):
             self.sink = EarlySink()  # the peer may speak first
         if isinstance(ev, t.Connected | t.ConnectFailed | t.AskInsecure) or (
@@ -580,7 +588,13 @@ class Terminal:
     def spawn(self, coro: Awaitable[object]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        """Forget a finished task; say why it failed (never "exception never retrieved")."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("relay task failed: %s", task.exception(), exc_info=task.exception())
 
     def changed(self) -> None:
         self._changed.set()
@@ -683,8 +697,9 @@ class Terminal:
             except RelayError as exc:
                 link.reserved = False
                 self._changed.set()
-                # the target's chosen connection vanished (it was closing): try again
-                if exc.code in ("target-lost", "closed") and attempt < 2:
+                # the target's chosen connection vanished (it was closing), or the
+                # target's own request to us crossed ours and went first: try again
+                if exc.code in ("target-lost", "closed", "crossed") and attempt < 2:
                     continue
                 raise
             except BaseException:
@@ -696,13 +711,22 @@ class Terminal:
         raise AssertionError("unreachable")
 
     async def who(self) -> list[m.UserInfo]:
+        """Every user this terminal may see, page by page (a page fits one message)."""
+        users: list[m.UserInfo] = []
         link = await self.acquire()
         try:
-            ev = await link.request([m.Who()], 10)
+            while True:
+                after = users[-1].user if users else ""
+                ev = await link.request([m.Who(after=after)], 10)
+                assert isinstance(ev, t.Other) and isinstance(ev.msg, m.WhoList)
+                page = ev.msg
+                if page.users and page.users[0].user <= after:
+                    raise RelayError("protocol", "the relay repeated a page of the user list")
+                users += page.users
+                if not page.more or not page.users:
+                    return users
         finally:
             link.reserved = False
-        assert isinstance(ev, t.Other) and isinstance(ev.msg, m.WhoList)
-        return ev.msg.users
 
     async def broadcast(self, targets: list[str], body: bytes) -> m.BroadcastResult:
         link = await self.acquire()
@@ -749,9 +773,11 @@ def service_acceptor(services: dict[str, tuple[str, int]],
     """
 
     async def accept(link: RelayLink, ev: t.IncomingRequest) -> None:
-        if ev.insecure and not link.cfg.insecure_ok:
-            log.warning("refusing %s: it cannot encrypt and encryption is required", ev.peer)
-            await link.send(link.t.refuse("encryption required; peer cannot encrypt"))
+        if ev.insecure and not _takes_insecure(link.cfg):
+            log.warning("refusing %s: the session would be unencrypted and this agent does "
+                        "not accept that (--insecure-peer ask would)", ev.peer)
+            await link.send(link.t.refuse("the session would be unencrypted; "
+                                          f"{link.cfg.user} does not accept that"))
             return
         name = ev.service or (next(iter(services)) if len(services) == 1 else "")
         target = services.get(name)
@@ -777,8 +803,18 @@ def service_acceptor(services: dict[str, tuple[str, int]],
             with contextlib.suppress(Exception):
                 await link.send(link.t.refuse(str(exc)))
             return
-        log.info("session from %s to service %s (encrypted=%s, e2e=%s)", ev.peer, name,
-                 link.t.encrypted, ev.e2e)
+        log.info("session from %s to service %s (encrypted=%s, e2e=%s%s)", ev.peer, name,
+                 link.t.encrypted, ev.e2e,
+                 ", unencrypted by agreement" if ev.insecure else "")
         await run_session(link, app, ev, initiator=False)
 
     return accept
+
+
+def _takes_insecure(cfg: TerminalConfig) -> bool:
+    """Whether this agent accepts a session that a peer wanted encrypted but that will
+    not be (para 0037): with ``--insecure-peer ask``, or when its own encryption is
+    ``off`` and it did not say ``--insecure-peer refuse``."""
+    if cfg.insecure_ok:
+        return True
+    return cfg.attrs.encryption == "off" and cfg.attrs.insecure_peer != "refuse"

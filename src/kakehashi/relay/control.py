@@ -21,6 +21,7 @@ Encryption enforcement (the claims of spec 000):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import secrets
@@ -28,8 +29,12 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from kakehashi.core.identity import Attempt, LoginThrottle, ThrottleSettings
 from kakehashi.relay import messages as m
+
+_ENCODE = msgspec.msgpack.Encoder().encode
 
 Action = "Send | Close | Authenticate | UpgradeTLS | Pair | Unpair | Audit"
 
@@ -141,6 +146,11 @@ class Connection:
     attrs: m.Attrs = field(default_factory=m.Attrs)
     peer: int | None = None
     released: bool = False
+    #: this side's end notification was forwarded in the current pairing
+    sent_end: bool = False
+    #: a notification this connection's own request won a crossing against: a reply
+    #: to it (from a terminal that answered before it knew) is ignored
+    yielded: int | None = None
     pending: Pending | None = None
     subscribed: bool = False
     login: m.Login | None = None
@@ -172,6 +182,8 @@ class Settings:
     #: failed or in-flight logins from one address over all users (0: 5 x fail_lockout)
     fail_address_lockout: int = 0
     server_name: str = "kakehashi"
+    #: bytes of user entries per ``who-list`` page (the control-message limit is 64 KiB)
+    who_page_bytes: int = 48 * 1024
 
     @property
     def dead_after(self) -> float:
@@ -303,7 +315,9 @@ class ControlUnit:
         """Expire connection requests whose target never answered."""
         out: list[object] = []
         for p in list(self.pending.values()):
-            if now >= p.deadline and not p.cancelled:
+            if now >= p.deadline and p.cancelled:
+                out += self._expire_cancelled(p)
+            elif now >= p.deadline:
                 if p.phase == "idle-wait":
                     out += self._fail_request(
                         p, "target-busy", f"{p.target} had no idle connection in time")
@@ -468,19 +482,29 @@ class ControlUnit:
 
     # -- presence and broadcast ---------------------------------------------------
     def _on_Who(self, conn: Connection, msg: m.Who, now: float) -> list[object]:
-        users = []
-        for name, s in sorted(self.sessions.items()):
-            if s.conns and _visible(s.record, conn.user or "", s.base_attrs):
-                services = sorted({sv for c in s.conns for sv in self.conns[c].attrs.services})
-                users.append(
-                    m.UserInfo(
-                        user=name,
-                        encryption=self._user_encryption(s),
-                        services=services,
-                        connections=len(s.conns),
-                    )
-                )
-        return [Send(conn.id, m.WhoList(users=users))]
+        """One page of the users ``conn`` may see, after ``msg.after`` in ID order.
+
+        A page stops before it would pass ``Settings.who_page_bytes``, so it always
+        fits the control-message limit however many users are online; the terminal
+        asks for the next page while ``more`` is set.
+        """
+        users: list[m.UserInfo] = []
+        size = 0
+        more = False
+        for name in sorted(n for n in self.sessions if n > msg.after):
+            s = self.sessions[name]
+            if not s.conns or not _visible(s.record, conn.user or "", s.base_attrs):
+                continue
+            services = sorted({sv for c in s.conns for sv in self.conns[c].attrs.services})
+            info = m.UserInfo(user=name, encryption=self._user_encryption(s),
+                              services=services[:64], connections=len(s.conns))
+            entry = len(_ENCODE(info))
+            if users and size + entry > self.settings.who_page_bytes:
+                more = True
+                break
+            users.append(info)
+            size += entry
+        return [Send(conn.id, m.WhoList(users=users, more=more))]
 
     def _on_Subscribe(self, conn: Connection, msg: m.Subscribe, now: float) -> list[object]:
         conn.subscribed = msg.on
@@ -525,6 +549,12 @@ class ControlUnit:
                 Send(conn.id, m.Error(req=msg.req, code=code, message=m.fit(text))),
             ]
 
+        if conn.state is State.NOTIFIED and conn.pending is not None:
+            crossed = conn.pending
+            if not m.crossing_request_wins(conn.user or "", crossed.requester, msg.target):
+                return refuse("crossed", f"{crossed.requester} is connecting to you at the "
+                                         "same moment and its request goes first")
+            self._yield_notification(conn, crossed)
         if conn.state is not State.IDLE:
             return refuse("busy", "this connection is not idle; use a spare connection")
         requester = self.sessions[conn.user]  # type: ignore[index]
@@ -580,6 +610,21 @@ class ControlUnit:
             return self._requester_cannot_encrypt(p, target)
         return self._notify_target(p)
 
+    def _yield_notification(self, conn: Connection, p: Pending) -> None:
+        """The request ``conn`` was notified of lost a crossing to ``conn``'s own request
+        (:func:`messages.crossing_request_wins`): it waits for another idle connection
+        of its target, first in line, and ``conn`` is idle for its own request. The
+        terminal ignores the notification by the same rule, so no reply comes."""
+        conn.pending = None
+        conn.state = State.IDLE
+        conn.yielded = p.id
+        p.target_conn = None
+        if p.cancelled:  # its requester is gone: nothing to wait for
+            self.pending.pop(p.id, None)
+            return
+        p.phase = "idle-wait"
+        self.waiting.setdefault(p.target, deque()).appendleft(p)
+
     def _requester_cannot_encrypt(self, p: Pending, target: UserSession) -> list[object]:
         """Para 0037: refuse, or ask the target whether to connect anyway."""
         if target.record.insecure_peer == "ask" or self._base_policy(target) == "ask":
@@ -619,10 +664,11 @@ class ControlUnit:
         req_conn = self.conns[p.requester_conn]
         if target is None:
             return self._fail_request(p, "not-logged-in", f"{p.target} is not logged in")
-        tconn_id = self._idle_conn(target, exclude=p.requester_conn)
+        tconn_id = self._idle_conn(target, exclude=p.requester_conn, service=p.service)
         if tconn_id is None:
-            # all of the target's connections are busy: its agent opens a spare at once
-            # (steps 17-21), so wait for one instead of refusing (bounded by the timeout)
+            # all of the target's connections (that offer the service) are busy: its
+            # agent opens a spare at once (steps 17-21), so wait for one instead of
+            # refusing (bounded by the timeout)
             p.phase = "idle-wait"
             self.waiting.setdefault(p.target, deque()).append(p)
             return []
@@ -639,16 +685,35 @@ class ControlUnit:
         return self._send_notify(p, tconn)
 
     def _became_idle(self, conn: Connection) -> list[object]:
-        """Hand a waiting request to a connection that just became idle."""
-        queue = self.waiting.get(conn.user or "")
-        while queue:
-            p = queue.popleft()
-            if self.pending.get(p.id) is p and p.phase == "idle-wait":
+        """Hand a waiting request to a connection that just became idle: the oldest
+        one this connection can serve (a request for a service goes only to a
+        connection that offers it)."""
+        user = conn.user or ""
+        queue = self.waiting.get(user)
+        if not queue:
+            return []
+        for p in list(queue):
+            if self.pending.get(p.id) is not p or p.phase != "idle-wait":
+                queue.remove(p)  # answered or failed meanwhile
+                continue
+            if p.requester_conn != conn.id and self._serves(conn, p.service):
+                queue.remove(p)
                 if not queue:
-                    del self.waiting[conn.user or ""]
+                    del self.waiting[user]
                 return self._notify_target(p)
-        self.waiting.pop(conn.user or "", None)
+        if not queue:
+            del self.waiting[user]
         return []
+
+    def _unqueue(self, p: Pending) -> None:
+        """Take ``p`` out of the queue of requests waiting for an idle connection."""
+        queue = self.waiting.get(p.target)
+        if queue is None:
+            return
+        with contextlib.suppress(ValueError):
+            queue.remove(p)
+        if not queue:
+            del self.waiting[p.target]
 
     def _send_notify(self, p: Pending, tconn: Connection) -> list[object]:
         requester = self.sessions[p.requester]
@@ -667,13 +732,19 @@ class ControlUnit:
             if msg.req != p.client_req:
                 return self._violation(conn, "accept for an unknown request")
             target = self.sessions.get(p.target)
-            tconn_id = self._idle_conn(target, exclude=conn.id) if target else None
+            tconn_id = self._idle_conn(target, exclude=conn.id, service=p.service) \
+                if target else None
             if tconn_id is None:
                 return self._fail_request(p, "target-busy", f"{p.target} has no idle connection")
             p.encrypt = False
             p.insecure_ok = True  # the requester accepted an unencrypted target
+            # the target is told too: the session it is offered is unencrypted although
+            # its peer required encryption, and its reply decides (para 0037)
+            p.insecure = True
             return self._send_notify(p, self.conns[tconn_id])
         if conn.state is not State.NOTIFIED or p is None or p.id != msg.req:
+            if msg.req == conn.yielded:
+                return []  # the notification lost a crossing; it waits elsewhere
             return self._violation(conn, "accept without a pending notification")
         if p.cancelled:  # the requester went away meanwhile: end at once
             del self.pending[p.id]
@@ -690,6 +761,7 @@ class ControlUnit:
         conn.state = req_conn.state = State.PAIRED
         conn.peer, req_conn.peer = req_conn.id, conn.id
         conn.released = req_conn.released = False
+        conn.sent_end = req_conn.sent_end = False
         target = self.sessions[p.target]
         return [
             Pair(req_conn.id, conn.id),
@@ -711,6 +783,8 @@ class ControlUnit:
         if conn.state is State.REQUESTING and p and p.phase == "ask-wait":
             return self._fail_request(p, "refused", "you declined the unencrypted connection")
         if conn.state is not State.NOTIFIED or p is None or p.id != msg.req:
+            if msg.req == conn.yielded:
+                return []  # the notification lost a crossing; it waits elsewhere
             return self._violation(conn, "refuse without a pending notification")
         conn.state = State.IDLE
         conn.pending = None
@@ -719,6 +793,7 @@ class ControlUnit:
 
     def _fail_request(self, p: Pending, code: str, text: str) -> list[object]:
         self.pending.pop(p.id, None)
+        self._unqueue(p)
         out: list[object] = [
             Audit("connect", False, {"from": p.requester, "to": p.target, "why": code})
         ]
@@ -732,16 +807,40 @@ class ControlUnit:
             tconn = self.conns.get(p.target_conn)
             if tconn is not None and tconn.pending is p:
                 # still waiting for the target: its late reply gets "requester went away"
-                p.cancelled = True
-                self.pending[p.id] = p
+                self._keep_cancelled(p)
         return out
+
+    def _keep_cancelled(self, p: Pending) -> None:
+        """Keep a request whose requester is gone until its notified target answers,
+        for one more request timeout (:meth:`_expire_cancelled` after that)."""
+        if not p.cancelled:
+            p.cancelled = True
+            p.deadline += self.settings.request_timeout
+        self.pending[p.id] = p
+
+    def _expire_cancelled(self, p: Pending) -> list[object]:
+        """A notified target never answered a request that was given up: its
+        connection is stuck in the middle of the protocol, so it is closed (the
+        terminal reconnects) and nothing about the request is kept."""
+        del self.pending[p.id]
+        tconn = self.conns.get(p.target_conn) if p.target_conn is not None else None
+        if tconn is None or tconn.pending is not p:
+            return []
+        tconn.pending = None
+        return [
+            Audit("protocol", False, {"conn": tconn.id, "user": tconn.user,
+                                      "why": "did not answer a connection request"}),
+            Close(tconn.id, "did not answer a connection request"),
+        ]
 
     def _cancel_pending(self, p: Pending, *, lost: int) -> list[object]:
         if lost == p.requester_conn:
             self.pending.pop(p.id, None)
-            p.cancelled = True
+            self._unqueue(p)
             if p.target_conn is not None and p.target_conn in self.conns:
-                self.pending[p.id] = p  # keep until the target replies
+                self._keep_cancelled(p)  # keep until the target replies
+            else:
+                p.cancelled = True
             return [Audit("connect", False, {"from": p.requester, "to": p.target,
                                              "why": "requester lost"})]
         p.target_conn = None
@@ -751,6 +850,7 @@ class ControlUnit:
     def _on_End(self, conn: Connection, msg: m.End, now: float) -> list[object]:
         if conn.state is not State.PAIRED:
             return []  # an end crossing a release is harmless
+        conn.sent_end = True
         if conn.peer is not None and conn.peer in self.conns:
             return [Send(conn.peer, m.End(reason=msg.reason))]
         return []
@@ -761,6 +861,12 @@ class ControlUnit:
         conn.released = True
         out: list[object] = [Unpair(conn.id)]
         peer = self.conns.get(conn.peer) if conn.peer is not None else None
+        if peer is not None and peer.peer == conn.id and not peer.released \
+                and not (conn.sent_end or peer.sent_end):
+            # a release without an end notification: the peer must still learn that
+            # this side is gone, or both connections would stay paired forever
+            conn.sent_end = True
+            out.append(Send(peer.id, m.End(reason="peer released the connection")))
         if peer is None or peer.released or peer.peer != conn.id:
             out += self._finish_pair(conn)
             if peer is not None and peer.peer == conn.id:
@@ -770,11 +876,12 @@ class ControlUnit:
     def _finish_pair(self, conn: Connection) -> list[object]:
         conn.state = State.IDLE
         conn.peer = None
-        conn.released = False
+        conn.released = conn.sent_end = False
         return [Send(conn.id, m.Released()), *self._became_idle(conn)]
 
     # -- helpers ------------------------------------------------------------------
     def _violation(self, conn: Connection, text: str) -> list[object]:
+        conn.state = State.CLOSED  # what it sends until the close is ignored, not audited
         return [
             Audit("protocol", False, {"conn": conn.id, "user": conn.user, "why": text}),
             Send(conn.id, m.Error(code="protocol", message=text)),
@@ -792,9 +899,11 @@ class ControlUnit:
             expiry = now + self.settings.token_grace
             self._tokens[session.token_hash] = (session.record.name, expiry)
         del self.sessions[session.record.name]
-        return [Audit("offline", True, {"user": session.record.name})] + self._presence(
-            session.record, False, session.record.encryption
-        )
+        out: list[object] = [Audit("offline", True, {"user": session.record.name})]
+        for p in list(self.waiting.pop(session.record.name, ())):
+            if self.pending.get(p.id) is p:  # nobody is left to serve them
+                out += self._fail_request(p, "target-lost", f"{p.target} went offline")
+        return out + self._presence(session.record, False, session.record.encryption)
 
     def _allows(self, target: UserSession, requester: str) -> bool:
         peers = target.base_attrs.allowed_peers if target.base_attrs else None
@@ -810,13 +919,29 @@ class ControlUnit:
     def _base_policy(self, s: UserSession) -> str:
         return (s.base_attrs.insecure_peer if s.base_attrs else None) or s.record.insecure_peer
 
-    def _idle_conn(self, s: UserSession | None, exclude: int) -> int | None:
+    def _idle_conn(self, s: UserSession | None, exclude: int, service: str = "") -> int | None:
+        """An idle connection of ``s`` to notify: one that offers ``service`` when a
+        service is named, else preferably one that offers any service (an agent
+        rather than the user's own client that happens to be idle)."""
         if s is None:
             return None
+        fallback = None
         for cid in sorted(s.conns):
-            if cid != exclude and self.conns[cid].state is State.IDLE:
+            conn = self.conns[cid]
+            if cid == exclude or conn.state is not State.IDLE:
+                continue
+            if service:
+                if service in conn.attrs.services:
+                    return cid
+            elif conn.attrs.services:
                 return cid
-        return None
+            elif fallback is None:
+                fallback = cid
+        return fallback
+
+    @staticmethod
+    def _serves(conn: Connection, service: str) -> bool:
+        return not service or service in conn.attrs.services
 
     def _pick_conn(self, s: UserSession, *, prefer_idle: bool) -> int:
         idle = self._idle_conn(s, exclude=-1)

@@ -120,7 +120,8 @@ class Logout(Msg, tag="logout"):
 
 
 class Who(Msg, tag="who"):
-    pass
+    #: paging: list the users whose ID sorts after this one ("": from the first)
+    after: Service = ""
 
 
 class Subscribe(Msg, tag="subscribe"):
@@ -205,7 +206,11 @@ class UserInfo(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
 
 
 class WhoList(Msg, tag="who-list"):
+    """One page of the user list, in user-ID order, sized to fit the message limit."""
+
     users: Annotated[list[UserInfo], msgspec.Meta(max_length=100_000)]
+    #: more users follow: ask again with ``who(after=<the last user of this page>)``
+    more: bool = False
 
 
 class Presence(Msg, tag="presence"):
@@ -232,6 +237,19 @@ ToTerminal = (
     LoginOk | LoginFail | HoldAck | Error | EncryptInstruct | Notify | Result | End
     | Released | TLSGo | WhoList | Presence | Deliver | BroadcastResult
 )
+
+def crossing_request_wins(own_user: str, notifier: str, own_target: str) -> bool:
+    """A connection request and a notification crossed on one connection.
+
+    The relay notified a connection of ``own_user`` of a request from ``notifier``
+    while that connection was sending its own request for ``own_target``. Both ends
+    decide with this rule, each on its own, and reach the same answer: the
+    connection's own request wins only when the two users are asking for each other
+    and its user ID is the lower one; otherwise the notification stands and the own
+    request is answered ``crossed`` (the terminal retries it on another connection).
+    """
+    return notifier == own_target and own_user < notifier
+
 
 #: codec the relay uses (decodes what terminals send)
 RELAY_CODEC: ControlCodec[ToRelay] = ControlCodec(ToRelay)

@@ -52,7 +52,10 @@ HANDSHAKE_TIMEOUT = 10.0
 #: serve idle plain connections from readable callbacks (set KAKEHASHI_IDLE_CALLBACKS=0
 #: to compare with the coroutine-only path)
 IDLE_CALLBACKS = os.environ.get("KAKEHASHI_IDLE_CALLBACKS", "1") != "0"
-OUTBOX_LIMIT = 1024
+#: bytes of control messages queued for one connection; a terminal that stops reading
+#: (say, asks ``who`` again and again and never reads the answers) is cut off here
+#: instead of growing the relay
+OUTBOX_BYTES = 1 << 20
 SEND_TIMEOUT = 30.0
 
 
@@ -81,6 +84,7 @@ class Link:
     sink: FrameSink | None = None
     upgrade: bool = False
     outbox: deque[object] = field(default_factory=deque)
+    outbox_bytes: int = 0
     flusher: asyncio.Task[None] | None = None
     opened: float = 0.0
     closed: bool = False
@@ -371,22 +375,41 @@ class RelayServer:
         link = self.links.get(cid)
         if link is None or link.closed:
             return
-        if len(link.outbox) >= OUTBOX_LIMIT:
-            log.warning("conn %d does not read its messages; closing it", cid)
-            link.framed.conn.abort()
-            if link.task:
-                link.task.cancel()
-            return
-        idle = not link.outbox and (link.flusher is None or link.flusher.done())
-        if idle and not delay and not isinstance(item, _Closing):
-            data = m.RELAY_CODEC.encode(item)  # type: ignore[arg-type]
-            sent = link.framed.send_now(data)
-            if sent == len(data):
+        if not isinstance(item, _Closing):
+            try:
+                data = m.RELAY_CODEC.encode(item)  # type: ignore[arg-type]
+            except wire.WireError as exc:  # a message that cannot go out: a relay bug
+                log.error("conn %d: cannot send %s: %s", cid, type(item).__name__, exc)
+                self._cut(link)
                 return
-            item = _Raw(data[sent:])  # the rest goes first, in order
+            idle = not link.outbox and (link.flusher is None or link.flusher.done())
+            if idle and not delay:
+                sent = link.framed.send_now(data)
+                if sent == len(data):
+                    return
+                data = data[sent:]  # the rest goes first, in order
+            if link.outbox_bytes + len(data) > OUTBOX_BYTES:
+                log.warning("conn %d does not read its messages (%d bytes queued); closing it",
+                            cid, link.outbox_bytes)
+                self.audit.record("outbox", False, conn=cid, why="peer does not read",
+                                  queued=link.outbox_bytes)
+                self._cut(link)
+                return
+            link.outbox_bytes += len(data)
+            item = _Raw(data)
         link.outbox.append((item, delay))
         if link.flusher is None or link.flusher.done():
             link.flusher = asyncio.create_task(self._flush(link))
+
+    @staticmethod
+    def _cut(link: Link) -> None:
+        """Drop a connection now (its reader's cleanup tells the control unit)."""
+        link.closed = True
+        link.outbox.clear()
+        link.outbox_bytes = 0
+        link.framed.conn.abort()
+        if link.task:
+            link.task.cancel()
 
     async def _flush(self, link: Link) -> None:
         while link.outbox and not link.closed:
@@ -400,7 +423,8 @@ class RelayServer:
                 if link.task:
                     link.task.cancel()
                 return
-            data = item.data if isinstance(item, _Raw) else m.RELAY_CODEC.encode(item)
+            data = item.data  # type: ignore[attr-defined]
+            link.outbox_bytes -= len(data)
             try:
                 await asyncio.wait_for(link.framed.send(data), SEND_TIMEOUT)
             except (OSError, ConnClosed, TimeoutError, ssl.SSLError):

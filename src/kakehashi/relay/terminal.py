@@ -109,6 +109,21 @@ class ReleasedEvent:
 
 
 @dataclass(frozen=True)
+class RequestCrossed:
+    """A notification crossed this connection's own request (``req``), decided by
+    :func:`messages.crossing_request_wins` exactly as the relay decides it.
+
+    ``incoming`` None: our request won; the notification is void and needs no reply.
+    Otherwise our request is withdrawn (the relay answers it ``crossed``; retry it on
+    another connection) and ``incoming`` is to be answered like any notification.
+    """
+
+    req: int
+    target: str
+    incoming: IncomingRequest | None
+
+
+@dataclass(frozen=True)
 class Other:
     """Who lists, presence notices, broadcast deliveries, keepalive replies, TLS go."""
 
@@ -128,6 +143,9 @@ class TerminalConn:
         self._sent_release = False
         self._hold_seq = 0
         self.acked_seq = 0
+        self.user = ""
+        #: our request withdrawn by a crossing: the relay's "crossed" answer to it
+        self._withdrawn: int | None = None
 
     # -- local calls --------------------------------------------------------------
     def _expect(self, *states: TState) -> None:
@@ -138,6 +156,7 @@ class TerminalConn:
               attrs: m.Attrs | None = None, agent: str = "") -> list[m.Msg]:
         self._expect(TState.NEW)
         self.state = TState.LOGIN_SENT
+        self.user = user
         return [m.Login(user=user, password=password, token=token, attrs=attrs, agent=agent)]
 
     def tls_established(self) -> None:
@@ -231,15 +250,12 @@ class TerminalConn:
         if isinstance(msg, m.EncryptInstruct) and st is TState.REQUESTING:
             return EncryptionInstructed(msg.req, msg.reason)
         if isinstance(msg, m.Notify):
-            if st is TState.REQUESTING and msg.insecure:
+            if st is TState.REQUESTING and msg.insecure and msg.req == self.req:
                 return AskInsecure(msg.req, msg.peer)
+            if st is TState.REQUESTING:
+                return self._crossed(msg)
             if st is TState.IDLE:
-                self.state = TState.NOTIFIED
-                self.req = msg.req
-                self.peer = msg.peer
-                self.encrypt_session = msg.encrypt
-                return IncomingRequest(msg.req, msg.peer, msg.service, msg.encrypt, msg.e2e,
-                                       msg.peer_key, msg.insecure)
+                return self._notified(msg)
         if isinstance(msg, m.Result) and st is TState.REQUESTING and msg.req == self.req:
             if msg.ok:
                 self.state = TState.PAIRED
@@ -249,6 +265,9 @@ class TerminalConn:
             self.state = TState.IDLE
             self.peer = None
             return ConnectFailed(msg.code, msg.message)
+        if isinstance(msg, m.Error) and msg.req == self._withdrawn and msg.code == "crossed":
+            self._withdrawn = None
+            return Other(msg)  # the answer to a request already given up
         if isinstance(msg, m.Error) and st is TState.REQUESTING and msg.req == self.req:
             self.state = TState.IDLE
             self.peer = None
@@ -257,8 +276,11 @@ class TerminalConn:
             if st in (TState.PAIRED, TState.RELEASING):
                 self._sent_end = True  # no need to echo the end notification
                 return PeerEnded(msg.reason)
-            if st is TState.NOTIFIED:  # the requester vanished before we accepted
-                return PeerEnded(msg.reason)
+            if st is TState.NOTIFIED:
+                # nothing is paired yet (a relay ends a request given up only after
+                # our accept): a relay that says otherwise is broken or hostile
+                raise RemoteProtocolError("end notification for a connection request "
+                                          "that was not accepted")
             return Other(msg)
         if isinstance(msg, m.Released) and st is TState.RELEASING:
             self.state = TState.IDLE
@@ -269,3 +291,18 @@ class TerminalConn:
         if isinstance(msg, m.Error):
             return Other(msg)
         raise RemoteProtocolError(f"unexpected {type(msg).__name__} in state {st.value}")
+
+    def _notified(self, msg: m.Notify) -> IncomingRequest:
+        self.state = TState.NOTIFIED
+        self.req = msg.req
+        self.peer = msg.peer
+        self.encrypt_session = msg.encrypt
+        return IncomingRequest(msg.req, msg.peer, msg.service, msg.encrypt, msg.e2e,
+                               msg.peer_key, msg.insecure)
+
+    def _crossed(self, msg: m.Notify) -> RequestCrossed:
+        own, target = self.req or 0, self.peer or ""
+        if m.crossing_request_wins(self.user, msg.peer, target):
+            return RequestCrossed(own, target, None)
+        self._withdrawn = own
+        return RequestCrossed(own, target, self._notified(msg))
