@@ -23,6 +23,7 @@ from kakehashi.gateway.event_endpoint import ByteBudget
 from kakehashi.gateway.event_wire import event_data, parse_reply
 from kakehashi.gateway.events import EventHub
 from kakehashi.gateway.server import GatewayServer, GatewaySettings
+from tests.e2e.gateway_fixtures import plain
 from tests.support.wait import wait_until
 
 EVENTS = "/.well-known/kakehashi/events/"
@@ -133,7 +134,7 @@ def test_a_reply_over_the_limit_is_split_and_the_watcher_goes_on(env):
     assert headers["kakehashi-cursor"] == str(cursor) == str(events[-1]["seq"])
     _, _, rest = _get(gw, f"{EVENTS}big?cursor={cursor}&max_bytes=1000000")
     assert parse_reply(rest)[0][0]["seq"] == cursor + 1  # the next reply goes on from there
-    res = env.run("gateway", "events", "watch", "big", "--via", f"127.0.0.1:{gw}",
+    res = env.run("gateway", "events", "watch", "big", *plain(gw),
                   "--count", "350", "--wait", "1", timeout=120)
     got = [json.loads(line) for line in res.stdout.decode().splitlines()]
     assert [e["seq"] for e in got] == list(range(1, 351))
