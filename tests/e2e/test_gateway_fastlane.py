@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.e2e.gateway_fixtures import CHUNKS, origin, raw_exchange
+from tests.support.wait import wait_until
 
 
 class Client:
@@ -94,7 +95,9 @@ def get(o, path: str, *, method: str = "GET", extra: str = "") -> bytes:
 @pytest.fixture
 def lane(env):
     with origin() as o:
-        _, port = env.gateway("127.0.0.1", extra=["--read-timeout", "2"])
+        # debug: the pool says when it keeps or drops an upstream (tests wait for that)
+        proc, port = env.gateway("127.0.0.1", extra=["--read-timeout", "2"],
+                                 env={"KAKEHASHI_LOG": "debug"})
         clients: list[Client] = []
 
         def client() -> Client:
@@ -102,7 +105,7 @@ def lane(env):
             clients.append(c)
             return c
 
-        yield SimpleNamespace(env=env, o=o, port=port, client=client)
+        yield SimpleNamespace(env=env, o=o, port=port, client=client, proc=proc)
         for c in clients:
             c.close()
 
@@ -227,7 +230,8 @@ def test_a_client_that_stops_reading_is_bounded_and_others_are_served(lane):
     slow.response()
     n = 3000  # ~400 KiB of responses the slow client does not read for a while
     slow.send(b"".join(get(o, f"/fixed/{i:04d}") for i in range(n)))
-    time.sleep(1.0)
+    # the fast client comes while the gateway is busy with the slow client's pipeline
+    wait_until(lambda: len(o.requests) > 100, what="the slow client's requests under way")
     fast = lane.client()
     for i in range(5):
         fast.send(get(o, f"/fixed/fast{i}"))
@@ -307,8 +311,9 @@ def test_one_request_per_connection_clients_share_the_upstream(lane):
     for i in range(2):
         c.send(get(o, f"/fixed/k{i}"))
         assert c.response()[0] == 200
-    c.close()
-    time.sleep(0.5)  # the lane sees the close and the upstream goes to the pool
+    pooled = lane.proc.output().count(" pooled (")
+    c.close()  # the lane sees the close and the upstream goes to the pool
+    wait_until(lambda: lane.proc.output().count(" pooled (") > pooled, what="pooled again")
     assert one_shot(port, o, "/fixed/last")[0] == 200
     assert o.connections == 1 and {r.conn for r in o.requests} == {1}
     # every client connection still made (and audited) its own decision
@@ -318,9 +323,10 @@ def test_one_request_per_connection_clients_share_the_upstream(lane):
 
 def test_pooled_upstreams_expire_and_can_be_turned_off(env):
     with origin() as o:
-        _, port = env.gateway("127.0.0.1", extra=["--upstream-idle", "0.5"])
+        gw, port = env.gateway("127.0.0.1", extra=["--upstream-idle", "0.5"],
+                               env={"KAKEHASHI_LOG": "debug"})
         one_shot(port, o, "/hello")
-        time.sleep(1.5)  # longer than --upstream-idle: closed, not reused
+        gw.wait_for("closed: idle too long")  # after --upstream-idle: closed, not reused
         one_shot(port, o, "/hello")
         assert o.connections == 2
     with origin() as o:
@@ -361,15 +367,16 @@ def test_a_removed_proxy_user_is_locked_out_on_an_open_connection(env):
                 c.send(get(o, "/hello", extra=auth(user)))
                 assert c.response()[0] == 200
         env.run("gateway", "user", "remove", "alice", "--db", env.db)
-        deadline = time.monotonic() + 10
-        while True:
+        start = time.monotonic()
+
+        def locked_out() -> bool:
             alice.send(get(o, "/hello", extra=auth("alice")))
             status = alice.response()[0]
-            if status == 407:
-                break
-            assert status == 200 and time.monotonic() < deadline, "alice was never locked out"
-            time.sleep(0.2)
-        assert time.monotonic() < deadline - 7  # within about the 1 s recheck, not 60 s
+            assert status in (200, 407), status
+            return status == 407
+
+        wait_until(locked_out, 10, interval=0.2, what="alice locked out")
+        assert time.monotonic() - start < 3  # within about the 1 s recheck, not 60 s
         bob.send(get(o, "/hello", extra=auth("bob")))
         assert bob.response()[0] == 200  # the others are not affected
         for c in (alice, bob):
@@ -389,7 +396,7 @@ def test_a_connection_an_origin_tied_to_its_client_is_never_shared(lane, first):
     alice.send(get(o, "/ntlm", extra="Authorization: NTLM alice\r\n"))
     assert alice.response()[2] == b"secret of alice\n"
     alice.close()
-    time.sleep(0.2)
+    lane.proc.wait_for("upstream not pooled: tied to its client connection")
     for _ in range(2):  # one-shot clients without credentials, as the pool's users
         status, _, body = one_shot(lane.port, o, "/ntlm")
         assert (status, body) == (401, b"who are you?\n")
@@ -409,11 +416,16 @@ def test_a_close_delimited_body_that_stalls_is_cut(lane):
 def test_a_client_that_never_reads_an_endless_stream_is_let_go(lane):
     o, c = lane.o, lane.client()
     c.send(get(o, "/endless"))
-    time.sleep(5)  # the socket buffers fill, the gateway's sends block; after 2 s it gives up
+    # the socket buffers fill, the gateway's sends block; after 2 s it gives up on us
+    # and lets go of the origin's stream too
+    wait_until(lambda: o.streams_cut, 30, what="the gateway letting go of the stream")
     c.sock.settimeout(10)
-    got = 0
+    got, first = 0, b""
     while got < 64 << 20 and (data := c.sock.recv(1 << 20)):
+        first = first or data
         got += len(data)
+    # the stream really flowed (a 200 and more than one 64 KiB chunk), then it ended
+    assert first.startswith(b"HTTP/1.1 200 ") and got > 65536, (got, first[:100])
     assert got < 64 << 20, "the stream never ended: the gateway kept the client forever"
 
 
@@ -424,7 +436,7 @@ def test_a_slow_but_steady_upload_is_not_cut_short(lane):
     c.send(get(o, "/upload", method="POST", extra=f"Content-Length: {len(body)}\r\n"))
     for i in range(0, len(body), 32 << 10):
         c.send(body[i:i + (32 << 10)])
-        time.sleep(0.12)
+        time.sleep(0.12)  # the behaviour under test: a deliberately slow client
     status, _, answer = c.response()
     assert status == 200 and json.loads(answer) == {
         "sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}

@@ -22,6 +22,7 @@ idempotent request once when it happens).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 import time
@@ -29,6 +30,8 @@ import time
 from kakehashi.core.stream import Conn
 from kakehashi.gateway import http
 from kakehashi.gateway.exchange import Upstream
+
+log = logging.getLogger("kakehashi.gateway.pool")
 
 Key = tuple[str, int, str]  # (checked address, port, proxy user)
 
@@ -110,6 +113,7 @@ class UpstreamPool:
         pooled if it may serve another client connection, else closed."""
         key = pool_key(upstream)
         if key is None:
+            log.debug("upstream not pooled: tied to its client connection")
             upstream.conn.close()
         else:
             self.give(key, upstream.conn)
@@ -125,6 +129,8 @@ class UpstreamPool:
             return
         entries.append((time.monotonic(), conn))
         self._count += 1
+        # debug lines on what the pool does: for operators, and the moments tests wait for
+        log.debug("upstream %s:%d pooled (%d idle)", key[0], key[1], self._count)
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
             self._sweeper = loop.call_later(self.idle, self._sweep)
@@ -141,6 +147,8 @@ class UpstreamPool:
                 else:
                     conn.close()
                     self._count -= 1
+                    log.debug("pooled upstream %s:%d closed: idle too long or closed by "
+                              "its origin", key[0], key[1])
             if keep:
                 self._idle[key] = keep
             else:
