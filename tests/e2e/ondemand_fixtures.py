@@ -9,7 +9,6 @@ sleep.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +28,20 @@ class OnDemand:
     def __post_init__(self) -> None:
         self.db = str(self.env.root / "od.db")
         self.audit = self.env.root / "od-audit.jsonl"
+        # the admin token through the CLI; the others straight on the store (a CLI
+        # start costs a second on a busy machine, and they are made the same way)
+        from kakehashi.core.identity import ApiTokens
+        from kakehashi.core.store import open_store
+
         self.tokens = {}
-        for role in ("admin", "client", "edge", "inner"):
+        admin = self.env.run("ondemand", "token", "create", "--db", self.db, "--role", "admin")
+        store = open_store(self.db)
+        texts = {"admin": admin.stdout.decode(),
+                 **{r: ApiTokens(store).create(r)[1] for r in ("client", "edge", "inner")}}
+        store.close()
+        for role, text in texts.items():
             path = self.env.root / f"{role}.tok"
-            path.write_text(self.env.run("ondemand", "token", "create", "--db", self.db,
-                                         "--role", role).stdout.decode())
+            path.write_text(text)
             self.tokens[role] = str(path)
         lo = free_port()
         self.ports = (lo, lo + 39) if lo + 39 < 32768 else (lo - 39, lo)
@@ -51,29 +59,32 @@ class OnDemand:
         self.procs["manager"] = proc
         return proc
 
-    def inner(self, name: str = "core-1") -> Proc:
+    def inner(self, name: str = "core-1", *, wait: bool = True) -> Proc:
         args = ["ondemand", "inner", "--server", self.url, "--token-file",
                 self.tokens["inner"], "--name", name, "--listen", "127.0.0.1:0"]
         for imsi, addr in self.devices.items():
             args += ["--device", f"{imsi}={addr}"]
         proc = self.env.spawn(f"inner-{name}", *args)
-        proc.wait_for(f"inner {name} online")
+        if wait:
+            proc.wait_for(f"inner {name} online")
         self.procs[name] = proc
         return proc
 
-    def edge(self, name: str = "edge-1", *extra: str, wait: str = "online") -> Proc:
+    def edge(self, name: str = "edge-1", *extra: str, wait: bool = True) -> Proc:
         proc = self.env.spawn(f"edge-{name}", "ondemand", "edge", "--server", self.url,
                               "--token-file", self.tokens["edge"], "--name", name,
                               "--public-host", "127.0.0.1",
                               "--ports", f"{self.ports[0]}-{self.ports[1]}", *extra)
-        proc.wait_for(re.compile(rf"edge {name} online"))
+        if wait:
+            proc.wait_for(f"edge {name} online")
         self.procs[name] = proc
         return proc
 
     def start(self) -> OnDemand:
         self.manager()
-        self.inner()
-        self.edge()
+        inner, edge = self.inner(wait=False), self.edge(wait=False)  # both start at once
+        inner.wait_for("inner core-1 online")
+        edge.wait_for("edge edge-1 online")
         return self
 
     # -- the client side ---------------------------------------------------------------
