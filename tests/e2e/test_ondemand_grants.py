@@ -191,3 +191,57 @@ def test_openssh_through_a_grant(od):
                              stdin=stdin, capture_output=True, timeout=60)
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout.split()[0].decode() == hashlib.sha256(blob.read_bytes()).hexdigest()
+
+
+def test_inner_dials_only_what_was_granted(od, echo_mod):
+    """A party with a valid edge identity still cannot make the inner relay dial an
+    address or port that no grant names; a peer without one cannot even connect."""
+    import ssl
+
+    from websockets.sync.client import connect
+
+    from kakehashi.core import tls, wire
+    from kakehashi.ondemand import messages as m
+
+    g = od.grant(f"{IMSI}:{echo_mod.port}", "--ttl", "60s")
+    from pathlib import Path
+
+    token = Path(od.tokens["edge"]).read_text().strip()
+    key, csr = tls.new_key_and_csr("rogue")
+    url = od.url.replace("http://", "ws://") + "/v1/relays/control"
+    with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        ws.send(m.encode(m.Hello(kind="edge", name="rogue", csr=csr.decode(),
+                                 public_host="127.0.0.1", ports=(1, 1))))
+        welcome = m.decode_to_relay(ws.recv())
+    assert isinstance(welcome, m.Welcome)
+    (od.env.root / "rogue.pem").write_text(welcome.cert)
+    (od.env.root / "rogue.key").write_bytes(key)
+    inner_port = od.procs["core-1"].bound_port()
+
+    def dial(address: str, port: int, cert: bool = True) -> m.DialResult:
+        ctx = ssl.create_default_context(cadata=welcome.ca)
+        if cert:
+            ctx.load_cert_chain(od.env.root / "rogue.pem", od.env.root / "rogue.key")
+        with socket.create_connection(("127.0.0.1", inner_port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(wire.PREAMBLE + m.link_codec.encode(
+                m.Dial(grant=g["id"], imsi=IMSI, address=address, port=port)))
+            dec = wire.FrameDecoder(m.LINK_LIMITS)
+            while (frame := dec.next_frame()) is None:
+                data = s.recv(4096)
+                if not data:
+                    raise ConnectionError("closed without an answer")
+                dec.feed(data)
+            return m.link_codec.decode(frame.payload)
+
+    before = echo_mod.connections
+    assert not dial("127.0.0.1", 22).ok  # a port the grant does not name
+    res = dial("10.9.9.9", echo_mod.port)  # not the device's address
+    assert not res.ok and "not granted" in res.reason
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        dial("127.0.0.1", echo_mod.port, cert=False)  # no certificate from the manager
+    assert echo_mod.connections == before
+    evs = events_until(od, g["id"], lambda e: any(x["event"] == "refused" for x in e),
+                       "the inner relay's refusal")
+    refused = next(e for e in evs if e["event"] == "refused")
+    assert refused["reason"] == "not-granted" and refused["inner"] == "core-1"

@@ -93,7 +93,7 @@ class Inner:
             log.info("inner %s online", self.cfg.name)
 
     def _refused(self, peer: str, reason: str, **fields: Any) -> None:
-        self.audit.record("refused", False, inner=self.cfg.name, edge=peer, reason=reason,
+        self.audit.record("refused", False, inner=self.cfg.name, peer=peer, reason=reason,
                           **fields)
         grant = fields.get("grant")
         if grant:

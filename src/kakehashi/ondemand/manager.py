@@ -113,7 +113,12 @@ class Manager:
         self.inners: dict[str, RelaySession] = {}
         self.edge_joined = asyncio.Event()
         self.changed = asyncio.Condition()
-        self._seq: dict[str, int] = {}
+        # each grant's trail, read from the store once (one scan at start), then kept
+        # here as events are recorded: a long poll answers without touching the store
+        self._trails: dict[str, list[dict[str, Any]]] = {}
+        self._seqs: dict[str, int] = {}
+        for key, doc in store.list(EVENT):
+            self._trails.setdefault(key.partition("/")[0], []).append(doc)
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -137,18 +142,13 @@ class Manager:
                 await self._sweeper
 
     # -- events ------------------------------------------------------------------------
-    def _next_seq(self, gid: str) -> int:
-        if gid not in self._seq:
-            keys = [k for k, _ in self.store.list(EVENT) if k.startswith(gid + "/")]
-            self._seq[gid] = max((int(k.rpartition("/")[2]) for k in keys), default=0)
-        self._seq[gid] += 1
-        return self._seq[gid]
-
     async def record(self, kind: str, gid: str, **fields: Any) -> dict[str, Any]:
         ev = g.audit_event(kind, gid, **fields)
-        seq = self._next_seq(gid)
+        trail = self._trails.setdefault(gid, [])
+        seq = self._seqs[gid] = self._seqs.get(gid, trail[-1]["seq"] if trail else 0) + 1
         ev["seq"] = seq
-        if seq <= MAX_EVENTS:
+        if len(trail) < MAX_EVENTS:  # the audit log still gets the rest
+            trail.append(ev)
             self.store.put(EVENT, f"{gid}/{seq:08d}", ev)
         self.audit.record(kind, kind not in ("denied", "refused"),
                           **{k: v for k, v in ev.items() if k not in ("event", "ts")})
@@ -157,8 +157,7 @@ class Manager:
         return ev
 
     def events(self, gid: str, after: int = 0) -> list[dict[str, Any]]:
-        return [doc for key, doc in self.store.list(EVENT)
-                if key.startswith(gid + "/") and doc.get("seq", 0) > after]
+        return [doc for doc in self._trails.get(gid, ()) if doc.get("seq", 0) > after]
 
     # -- reads -------------------------------------------------------------------------
     def grant(self, gid: str, who: TokenInfo | None = None) -> dict[str, Any]:
@@ -340,10 +339,9 @@ class Manager:
     def _purge(self, gid: str) -> None:
         self.grants.pop(gid, None)
         self.store.delete(GRANT, gid)
-        for key, _ in self.store.list(EVENT):
-            if key.startswith(gid + "/"):
-                self.store.delete(EVENT, key)
-        self._seq.pop(gid, None)
+        for ev in self._trails.pop(gid, ()):
+            self.store.delete(EVENT, f"{gid}/{ev['seq']:08d}")
+        self._seqs.pop(gid, None)
 
     # -- relays ------------------------------------------------------------------------
     def register(self, hello: m.Hello, ws: WebSocket) -> tuple[RelaySession, m.Welcome]:
