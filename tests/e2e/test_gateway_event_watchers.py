@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import time
 
 from kakehashi.core.stream import Listener
@@ -106,6 +107,30 @@ def test_non_reading_watchers_are_cut_and_memory_stays_bounded(env):
     finally:
         for s in watchers:
             s.close()
+
+
+def test_a_non_reading_watcher_over_tls_is_cut_too(env):
+    """The deadline is on the connection's writes, whatever carries them (TLS here)."""
+    gw_proc, gw = env.gateway("127.0.0.1", extra=["--tls", "on", "--read-timeout", "2"])
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # loopback, test only
+
+    def tls(rcvbuf: int | None = None) -> ssl.SSLSocket:
+        s = socket.socket()
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.connect(("127.0.0.1", gw))
+        return ctx.wrap_socket(s, server_hostname="localhost")
+
+    for _ in range(150):  # 12 MB of base64: more than the kernel buffers hold
+        with tls() as s:
+            s.sendall(b"POST %sbig HTTP/1.1\r\nHost: g\r\nConnection: close\r\n"
+                      b"Content-Length: 60000\r\n\r\n" % EVENTS.encode() + os.urandom(60000))
+            assert b" 202 " in s.recv(200)
+    with tls(4096) as watcher:
+        watcher.sendall(b"GET %sbig?cursor=0 HTTP/1.1\r\nHost: g\r\n\r\n" % EVENTS.encode())
+        wait_until(lambda: "events: cut client" in gw_proc.output(), 2 + 30,
+                   what="the TLS watcher cut")
 
 
 def test_binary_events_cost_base64_in_a_reply(env):
