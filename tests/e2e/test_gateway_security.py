@@ -17,6 +17,7 @@ from tests.e2e.gateway_fixtures import (
     raw_exchange,
     status_of,
 )
+from tests.support.wait import wait_accepted, wait_closed
 
 
 @pytest.fixture
@@ -252,7 +253,7 @@ def test_slowloris_head_is_cut_off(gw):
             except OSError:
                 cut = time.monotonic() - start
                 break
-            time.sleep(0.2)
+            time.sleep(0.2)  # the behaviour under test: a deliberately slow sender
         assert cut is not None, "the dribbling head was never cut off"
         assert cut < 4, cut
     assert o.requests == []
@@ -294,11 +295,12 @@ def test_garbage_and_bad_requests_get_short_400s(gw):
 
 def _hold(port: int, n: int) -> list[socket.socket]:
     """``n`` connections that each hold a slot: a head that never ends (within the
-    30 s head timeout), given time to be accepted before the next one arrives."""
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
-    for s in socks:
+    30 s head timeout), each accepted by the gateway before the next one arrives."""
+    socks = []
+    for _ in range(n):
+        socks.append(s := socket.create_connection(("127.0.0.1", port)))
         s.sendall(b"GET ")
-    time.sleep(0.6)
+        wait_accepted(port)
     return socks
 
 
@@ -331,8 +333,9 @@ def test_max_per_client_closes_the_extra_connections_of_one_address(env):
         extra = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert extra.recv(100) == b""  # closed at once, nothing said
         extra.close()
+        held[0].shutdown(socket.SHUT_WR)  # the gateway sees the end and closes: a slot frees
+        wait_closed(held[0])
         held[0].close()
-        time.sleep(0.3)
         reply = raw_exchange(port, f"GET {o.url}/hello HTTP/1.1\r\nHost: {o.addr}\r\n"
                                    "Connection: close\r\n\r\n".encode())
         assert status_of(reply) == 200

@@ -83,3 +83,27 @@ def wait_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
     except TimeoutError:
         raise AssertionError(f"peer kept the connection open for {timeout}s") from None
     return b"".join(chunks)
+
+
+def accept_queue(port: int) -> int | None:
+    """Connections to the loopback listener on ``port`` that the kernel completed but
+    the server has not accepted yet (its accept queue), from /proc/net/tcp; None when
+    no listener is found. 0 means the server has taken every connection made so far."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh)
+                for line in fh:
+                    fields = line.split()
+                    local, state, queues = fields[1], fields[3], fields[4]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        return int(queues.split(":")[1], 16)
+        except OSError:
+            continue
+    return None
+
+
+def wait_accepted(port: int, timeout: float = 15.0) -> None:
+    """Wait until the server on ``port`` has accepted every connection made to it."""
+    wait_until(lambda: accept_queue(port) == 0, timeout,
+               what=f"the server on port {port} accepting its connections")
