@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from kakehashi.core import tls
 from kakehashi.core.identity import ApiTokens
@@ -192,3 +193,25 @@ def test_a_wrong_role_cannot_register_a_relay(api):
                                       public_host="127.0.0.1", ports=(1, 2))))
         msg = m.decode_to_relay(ws.receive_text())
         assert isinstance(msg, m.Refused) and msg.code == "forbidden"
+
+
+def test_a_relay_token_with_a_name_registers_only_that_relay(api):
+    tok = api.mgr.tokens.create("edge", "edge-7")[1]
+    _, csr = tls.new_key_and_csr("edge-8")
+    with api.websocket_connect("/v1/relays/control",
+                               headers={"Authorization": f"Bearer {tok}"}) as ws:
+        ws.send_text(m.encode(m.Hello(kind="edge", name="edge-8", csr=csr.decode(),
+                                      public_host="127.0.0.1", ports=(1, 2))))
+        msg = m.decode_to_relay(ws.receive_text())
+        assert isinstance(msg, m.Refused) and "edge-7" in msg.error
+
+
+def test_garbage_on_the_control_channel_is_refused(api):
+    with api.websocket_connect("/v1/relays/control", headers=auth(api, "edge")) as ws:
+        ws.send_text('{"type": "hello", "kind": "edge"}')
+        msg = m.decode_to_relay(ws.receive_text())
+        assert isinstance(msg, m.Refused) and msg.code == "protocol"
+    with api.websocket_connect("/v1/relays/control", headers=auth(api, "edge")) as ws:
+        ws.send_bytes(b"\x00" * 10)
+        with pytest.raises(WebSocketDisconnect):
+            ws.receive_text()

@@ -647,6 +647,8 @@ def build_app(mgr: Manager) -> Any:
             if who.role not in ("admin", hello.kind):
                 raise ApiError(403, "forbidden", f"a {who.role} token cannot register "
                                                  f"an {hello.kind}")
+            if who.role != "admin" and who.name and who.name != hello.name:
+                raise ApiError(403, "forbidden", f"this token is for relay {who.name!r}")
             sess, welcome = mgr.register(hello, ws)
         except (ApiError, m.ProtocolError) as exc:
             code = getattr(exc, "code", "protocol")
@@ -654,17 +656,16 @@ def build_app(mgr: Manager) -> Any:
                 await ws.send_text(m.encode(m.Refused(code=code, error=str(exc))))
                 await ws.close(code=4400)
             return
-        except (TimeoutError, WebSocketDisconnect):
+        except (TimeoutError, WebSocketDisconnect, KeyError):  # KeyError: not a text message
             with contextlib.suppress(Exception):
                 await ws.close(code=4408)
             return
         try:
             await sess.send(welcome)
             while True:
-                text = await ws.receive_text()
                 try:
-                    msg = m.decode_to_manager(text)
-                except m.ProtocolError as exc:
+                    msg = m.decode_to_manager(await ws.receive_text())
+                except (m.ProtocolError, KeyError) as exc:  # KeyError: a binary message
                     log.warning("%s %s: %s", sess.kind, sess.name, exc)
                     await ws.close(code=4400, reason=str(exc)[:100])
                     return
