@@ -162,3 +162,16 @@ def test_checker_bounds_concurrent_checks_per_address_and_globally():
         assert checker.peak == 3 and not checker._by_addr
     finally:
         checker.close()
+
+
+def test_the_relay_schema_uses_the_one_name_definition():
+    import msgspec
+
+    from kakehashi.relay import messages as m
+
+    for name in ("pi", "x" * 64, "a.b@c-d_e"):
+        assert msgspec.convert(name, m.Name) == name and valid_name(name)
+    for name in ("", "x" * 65, "p i", "a:b"):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert(name, m.Name)
+        assert not valid_name(name)

@@ -37,6 +37,8 @@ from kakehashi.core.store import Doc, Store
 
 __all__ = [
     "DEFAULT_KDF_N",
+    "NAME_CHARS",
+    "NAME_MAX",
     "PASSWORD_ENV",
     "Attempt",
     "LoginThrottle",
@@ -60,7 +62,11 @@ PASSWORD_ENV = "KAKEHASHI_PASSWORD"
 # Names
 # --------------------------------------------------------------------------
 
-NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+#: the characters of user IDs and service names, and their longest length: the one
+#: definition (the relay's message schema and every command's checks use it)
+NAME_CHARS = r"[A-Za-z0-9_.@-]"
+NAME_MAX = 64
+NAME_RE = re.compile(f"{NAME_CHARS}{{1,{NAME_MAX}}}")
 
 
 def valid_name(name: object) -> bool:
@@ -287,11 +293,11 @@ class LoginThrottle:
 
     def __init__(self, settings: ThrottleSettings | None = None) -> None:
         self.s = settings or ThrottleSettings()
-        self._counts: OrderedDict[tuple[str, str], _Count] = OrderedDict()
+        self._counts: OrderedDict[tuple[str, str | None], _Count] = OrderedDict()
         self.pending = 0
 
     # -- reading --------------------------------------------------------------------
-    def _get(self, key: tuple[str, str], now: float) -> _Count | None:
+    def _get(self, key: tuple[str, str | None], now: float) -> _Count | None:
         self._expire(now)
         return self._counts.get(key)
 
@@ -305,17 +311,17 @@ class LoginThrottle:
 
     def failures(self, addr: str, user: str | None, now: float) -> int:
         """Failures recorded for (addr, user), or for the whole address when user is None."""
-        c = self._get((addr, "\x00" if user is None else user), now)
+        c = self._get((addr, user), now)
         return c.failures if c else 0
 
-    def _used(self, key: tuple[str, str], now: float) -> int:
+    def _used(self, key: tuple[str, str | None], now: float) -> int:
         c = self._get(key, now)
         return c.failures + c.inflight if c else 0
 
     def locked_out(self, addr: str, user: str, now: float) -> bool:
         """Whether a new attempt for ``user`` from ``addr`` would be refused."""
         return (self._used((addr, user), now) >= self.s.lockout
-                or self._used((addr, "\x00"), now) >= self.s.address_limit)
+                or self._used((addr, None), now) >= self.s.address_limit)
 
     # -- attempts -------------------------------------------------------------------
     def begin(self, addr: str, user: str, now: float) -> Attempt | str:
@@ -324,13 +330,13 @@ class LoginThrottle:
             return "lockout"
         if self.pending >= self.s.max_pending:
             return "busy"
-        for key in ((addr, user), (addr, "\x00")):
+        for key in ((addr, user), (addr, None)):
             c = self._touch(key, now)
             c.inflight += 1
         self.pending += 1
         return Attempt(addr, user)
 
-    def _touch(self, key: tuple[str, str], now: float) -> _Count:
+    def _touch(self, key: tuple[str, str | None], now: float) -> _Count:
         c = self._counts.get(key)
         if c is None:
             c = self._counts[key] = _Count(last=now)
@@ -343,7 +349,7 @@ class LoginThrottle:
             raise RuntimeError("login attempt settled twice")
         attempt.settled = True
         self.pending -= 1
-        for key in ((attempt.addr, attempt.user), (attempt.addr, "\x00")):
+        for key in ((attempt.addr, attempt.user), (attempt.addr, None)):
             c = self._counts.get(key)
             if c is not None and c.inflight:
                 c.inflight -= 1
@@ -352,12 +358,12 @@ class LoginThrottle:
         """Count the attempt as a failure; returns how long to delay the refusal."""
         self._settle(attempt)
         count = 0
-        for key in ((attempt.addr, attempt.user), (attempt.addr, "\x00")):
+        for key in ((attempt.addr, attempt.user), (attempt.addr, None)):
             c = self._touch(key, now)
             c.failures += 1
             c.last = now
             self._counts.move_to_end(key)  # newest failure last: expiry stays O(1)
-            if key[1] != "\x00":
+            if key[1] is not None:
                 count = c.failures
         return min(self.s.base_delay * 2 ** (max(count, 1) - 1), self.s.max_delay)
 

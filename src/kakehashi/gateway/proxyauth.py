@@ -20,6 +20,7 @@ from typing import Any
 
 from kakehashi.core.identity import (
     DEFAULT_KDF_N,
+    NAME_MAX,
     LoginThrottle,
     PasswordChecker,
     ThrottleSettings,
@@ -152,6 +153,8 @@ class ProxyAuth:
         if creds is None:
             return AuthResult(None, why="malformed credentials")
         user, password = creds
+        if len(user) > NAME_MAX:  # no user has such a name: nothing to check or count
+            return AuthResult(None, user[:NAME_MAX], "bad user or password")
         attempt = self.throttle.begin(addr, user, now)
         if isinstance(attempt, str):  # "lockout" or "busy": no hash is run
             return AuthResult(None, user, attempt)

@@ -14,11 +14,13 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from kakehashi.core.identity import NAME_CHARS, NAME_MAX
 from kakehashi.core.wire import ControlCodec
 
 # ``\Z``, not ``$``: ``$`` also matches before a trailing newline ("alice\n")
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+\Z")]
-Service = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.@-]*\Z")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_MAX,
+                                   pattern=rf"^{NAME_CHARS}+\Z")]
+Service = Annotated[str, msgspec.Meta(max_length=NAME_MAX, pattern=rf"^{NAME_CHARS}*\Z")]
 TEXT_MAX = 512
 Text = Annotated[str, msgspec.Meta(max_length=TEXT_MAX)]
 
