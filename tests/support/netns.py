@@ -48,6 +48,7 @@ __all__ = [
     "LabError",
     "Namespace",
     "NatLab",
+    "OnDemandLab",
     "ProbeResult",
     "cleanup_stale_namespaces",
     "lab_available",
@@ -649,3 +650,52 @@ ct state new accept
     }}
 }}
 """
+
+
+class OnDemandLab(_Lab):
+    """A closed network behind an inner relay, a public network, and a client (spec 002).
+
+    ::
+
+        public 198.18.5.0/24 (sw, a bridge):
+          edge    198.18.5.10   (manager + edge relay)
+          core    198.18.5.20   (inner relay) --closed0-- dev 100.64.0.10/24
+          client  198.18.5.30 and 198.18.5.31
+
+    The device ``dev`` has only its closed-network address (100.64.0.0/10, the
+    carrier's private range) and no route anywhere else; ``core`` has a leg on both
+    networks but does not forward (IP forwarding off, and a forward filter that drops
+    everything as a second lock). So the direct path from ``client`` to the device fails
+    and only a relay running on ``core`` can reach it. The client's two addresses let a
+    test connect from inside and from outside a grant's address range.
+    """
+
+    PUBLIC_NET: ClassVar[str] = "198.18.5.0/24"
+    CLOSED_NET: ClassVar[str] = "100.64.0.0/24"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sw = self._namespace("sw")
+        self.edge = self._namespace("edge")
+        self.core = self._namespace("core")
+        self.dev = self._namespace("dev")
+        self.client = self._namespace("client")
+
+    def _build(self) -> None:
+        for host, addr in ((self.edge, "198.18.5.10"), (self.core, "198.18.5.20"),
+                           (self.client, "198.18.5.30")):
+            self._veth(host, "eth0", self.sw, f"p-{host.role}")
+            self._address(host, "eth0", f"{addr}/24", primary=True)
+        self._address(self.client, "eth0", "198.18.5.31/24")
+        self._bridge(self.sw, [f"p-{h.role}" for h in (self.edge, self.core, self.client)])
+        self._veth(self.core, "closed0", self.dev, "eth0")
+        self._address(self.core, "closed0", "100.64.0.1/24")
+        self._address(self.dev, "eth0", "100.64.0.10/24", primary=True)
+        self.core.sysctl(net__ipv4__ip_forward=0)
+        self.core.nft("""\
+table inet kklab_core {
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+    }
+}
+""")
