@@ -127,6 +127,7 @@ class Origin:
     requests: list[Request] = field(default_factory=list)
     connections: int = 0
     streams_cut: int = 0  # endless streams the gateway let go of
+    idle_closes: int = 0  # kept-alive connections closed after ``idle_close``
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -199,6 +200,12 @@ class Origin:
             r = _Buffered(sock)
             while self._one(sock, r, n):
                 pass
+        except TimeoutError:
+            if self.idle_close is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                with self._lock:
+                    self.idle_closes += 1  # closed first, then counted: tests wait for it
         except (_Closed, OSError, ssl.SSLError, ValueError):
             pass
         finally:

@@ -31,6 +31,7 @@ from tests.e2e.gateway_fixtures import (
     spki_sha256_b64,
     status_of,
 )
+from tests.support.wait import wait_until
 
 
 def proxy(port: int) -> str:
@@ -213,7 +214,8 @@ def test_upstream_closing_idle_keep_alive_is_not_an_error(env):
                 r = conn.getresponse()
                 assert (r.status, r.read()) == (200, want)
                 sockets.add(id(conn.sock))
-                time.sleep(0.5)  # the origin has closed its side by now
+                wait_until(lambda: o.idle_closes > i,  # noqa: B023 (called at once)
+                           what="the origin closing its idle side")
         finally:
             conn.close()
         assert len(sockets) == 1  # one client connection throughout

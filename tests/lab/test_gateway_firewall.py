@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 from tests.e2e.framework import PASSWORD, Env
 from tests.lab.conftest import GATEWAY_PORT
 from tests.support.netns import FirewallLab, Namespace, lab_available
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -84,13 +84,11 @@ def run_in(ns: Namespace, argv: list[str], *, env: dict[str, str] | None = None,
 
 
 def _wait_log(proc: subprocess.Popen, log: Path, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return
+    def seen() -> bool:
         assert proc.poll() is None, f"exited before {text!r}:\n{log.read_text()}"
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not seen in {timeout}s:\n{log.read_text()}")
+        return text in log.read_text(errors="replace")
+
+    wait_until(seen, timeout, what=f"{text!r} in {log.name}")
 
 
 @pytest.fixture(scope="module")

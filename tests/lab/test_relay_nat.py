@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.e2e.framework import PASSWORD, Env
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -26,13 +26,11 @@ def _kh(env: Env, *args: str) -> list[str]:
 
 
 def _wait(proc: subprocess.Popen, log, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text():
-            return
+    def seen() -> bool:
         assert proc.poll() is None, log.read_text()
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not seen:\n{log.read_text()}")
+        return text in log.read_text()
+
+    wait_until(seen, timeout, what=f"{text!r} in the log")
 
 
 @pytest.mark.parametrize("encryption", ["plaintext", "required"])

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -47,11 +47,6 @@ async def async_wait_until(predicate: Callable[[], T], timeout: float = 10.0, *,
             raise AssertionError(f"not seen within {timeout}s: "
                                  f"{what or getattr(predicate, '__name__', predicate)}")
         await asyncio.sleep(0.005)
-
-
-async def async_wait_for(awaitable: Awaitable[T], timeout: float = 10.0) -> T:
-    """``asyncio.wait_for`` with the test suite's default deadline."""
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:

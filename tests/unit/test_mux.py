@@ -55,7 +55,7 @@ async def test_bytes_trickling_in_are_waited_for():
     try:
         conn = await open_tcp("127.0.0.1", port)
         await conn.send_all(b"K")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # separate segments (what is tested: partial input)
         await conn.send_all(b"KH\x01")
         assert await asyncio.wait_for(conn.recv(200), 5) == b"relay:KKH\x01"
         conn.close()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -12,6 +15,7 @@ import pytest
 from kakehashi.core import wire
 from kakehashi.core.pump import SPLICE_ENABLED, FramedSink, forward_frames
 from kakehashi.core.stream import Conn, ConnClosed, FramedConn
+from tests.support.wait import async_wait_until
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -31,6 +35,11 @@ def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]],
 # Each case is an ``async def _name`` run by ``test_name`` below on both loops.
 
 
+def _readable_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive buffer (not consumed)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
 def _pair() -> tuple[socket.socket, socket.socket]:
     a, b = socket.socketpair()
     a.setblocking(False)
@@ -47,7 +56,8 @@ async def _close_wakes_a_task_waiting_to_send() -> None:
     mine, theirs = _pair()
     conn = Conn(mine)
     sender = asyncio.create_task(conn.send_all(b"x" * (16 << 20)))  # more than fits
-    await asyncio.sleep(0.05)
+    # the buffers are full and the sender waits for room
+    await async_wait_until(lambda: conn._waits, what="the sender waiting to send")
     assert not sender.done()
     conn.close()
     with pytest.raises(ConnClosed):
@@ -59,7 +69,7 @@ async def _close_wakes_a_task_waiting_to_read() -> None:
     mine, theirs = _pair()
     conn = Conn(mine)
     waiter = asyncio.create_task(conn.wait_readable())
-    await asyncio.sleep(0.01)
+    await async_wait_until(lambda: conn._waits, what="the reader waiting")
     conn.close()
     with pytest.raises(ConnClosed):
         await asyncio.wait_for(waiter, 2)
@@ -118,7 +128,9 @@ async def _a_frame_cut_by_cancellation_cuts_the_peer_off() -> None:
     sink = FramedSink(FramedConn(Conn(dst_mine)))
     src_theirs.sendall(wire.encode_header(wire.FrameType.DATA, 1 << 20) + b"z" * 1000)
     reader = asyncio.create_task(forward_frames(src, lambda: sink, _never_ctrl))
-    await asyncio.sleep(0.2)  # the frame is open on the peer's side, the sender silent
+    # the frame is open on the peer's side (header and 1000 bytes there), the sender silent
+    await async_wait_until(lambda: _readable_bytes(dst_theirs) >= wire.HEADER_SIZE + 1000,
+                           what="the partial frame at the peer")
     src.conn.abort()
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -149,7 +161,7 @@ async def _closing_a_watched_socket_leaves_its_fd_number_clean() -> None:
     other = b if reused is a else a
     fresh = Conn(reused)
     waiter = asyncio.create_task(fresh.wait_readable())
-    await asyncio.sleep(0.01)
+    await async_wait_until(lambda: fresh._waits, what="the reader waiting")
     other.send(b"!")
     await asyncio.wait_for(waiter, 2)
     fresh.close()
