@@ -82,7 +82,7 @@ async def _a_waited_socket_can_be_waited_on_again() -> None:
     conn = Conn(mine)
     for _ in range(3):
         waiter = asyncio.create_task(conn.wait_readable())
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: the waiter registers
         theirs.send(b"!")
         await asyncio.wait_for(waiter, 2)
         mine.recv(1)
