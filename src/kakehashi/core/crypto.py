@@ -23,21 +23,27 @@ from typing import Literal
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kakehashi.core.paths import write_atomic
 
 __all__ = [
+    "DATAGRAM_OVERHEAD",
     "OVERHEAD",
+    "AuthFailed",
+    "DatagramChannel",
     "E2EError",
     "E2EHandshake",
     "E2ESession",
+    "MutualAuth",
     "generate_identity",
     "hash_password",
     "load_identity",
     "load_or_create_identity",
+    "new_shared_key",
     "parse_public_b64",
+    "parse_shared_key",
     "public_b64",
     "save_identity",
     "verify_password",
@@ -378,3 +384,215 @@ class E2EHandshake:
         if initiator:
             return E2ESession(k_ir, k_ri, tag_i, tag_r, th)
         return E2ESession(k_ri, k_ir, tag_r, tag_i, th)
+
+
+# --------------------------------------------------------------------------
+# Shared keys and mutual challenge-response (ISO/IEC 9798-4 style)
+# --------------------------------------------------------------------------
+
+SHARED_KEY_LEN = 32
+_MIN_SHARED_KEY = 16
+_NONCE = 32
+_AUTH_LABEL = b"kakehashi-mutual-v1"
+#: the key a verifier checks against when the claimed ID has none, so that an unknown
+#: ID costs the same time as a wrong key and the two cannot be told apart
+_DUMMY_KEY = os.urandom(SHARED_KEY_LEN)
+
+
+def new_shared_key() -> str:
+    """A fresh random shared key (32 bytes) as base64, the form configuration files hold."""
+    return _b64(os.urandom(SHARED_KEY_LEN))
+
+
+def parse_shared_key(text: str, what: str = "shared key") -> bytes:
+    """Decode a base64 shared key; ValueError saying what is wrong (never echoing it)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a base64 string, not {type(text).__name__}")
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except binascii.Error:
+        raise ValueError(f"{what} is not valid base64") from None
+    if len(raw) < _MIN_SHARED_KEY:
+        raise ValueError(f"{what} must be at least {_MIN_SHARED_KEY} bytes, got {len(raw)}")
+    return raw
+
+
+class AuthFailed(Exception):
+    """The peer did not prove it holds the shared key (or broke the exchange)."""
+
+
+def _len_prefixed(*parts: bytes) -> bytes:
+    return b"".join(struct.pack(">H", len(p)) + p for p in parts)
+
+
+class MutualAuth:
+    """One side of a three-pass mutual challenge-response with a shared key.
+
+    The accepting side (``responder``, the verifier of the spec's [0036]) speaks first::
+
+        1. responder -> initiator   ID_R, N_R                      (challenge)
+        2. initiator -> responder   ID_I, N_I, MAC_K("I" | ID_R | ID_I | N_R | N_I)
+        3. responder -> initiator   MAC_K("R" | ID_R | ID_I | N_R | N_I)
+
+    ``K`` is the key each side holds for the other's ID (looked up by ``keys``). Both
+    MACs cover both identities and both fresh nonces: an answer recorded earlier is
+    worthless against a new ``N_R`` (replay), and the direction label makes a proof
+    unusable as an answer and vice versa (reflection; an initiator echoing ``N_R`` as
+    its own nonce is refused too). Comparisons are constant-time, and an unknown ID is
+    checked against a dummy key so it takes as long as a wrong key. ``purpose`` binds
+    the exchange to one protocol. :meth:`session_keys` derives two directional keys
+    for data that follows (the spec's claim 7: encryption keyed from authentication).
+    Sans-IO: values in, values out.
+    """
+
+    def __init__(self, role: Literal["initiator", "responder"], my_id: str,
+                 keys: dict[str, bytes], purpose: bytes) -> None:
+        if role not in ("initiator", "responder"):
+            raise ValueError(f"role must be 'initiator' or 'responder', not {role!r}")
+        self.role = role
+        self.my_id = my_id
+        self.peer_id: str | None = None
+        self._keys = keys
+        self._purpose = purpose
+        self._nonce = os.urandom(_NONCE)
+        self._peer_nonce: bytes | None = None
+        self._key: bytes | None = None
+        self.done = False
+
+    def _mac(self, key: bytes, direction: bytes, id_r: str, id_i: str, n_r: bytes,
+             n_i: bytes) -> bytes:
+        msg = _len_prefixed(_AUTH_LABEL, self._purpose, direction, id_r.encode(),
+                            id_i.encode(), n_r, n_i)
+        return hmac.new(key, msg, hashlib.sha256).digest()
+
+    # responder ---------------------------------------------------------------
+    def challenge(self) -> tuple[str, bytes]:
+        """Message 1: this side's ID and a fresh nonce."""
+        assert self.role == "responder"
+        return self.my_id, self._nonce
+
+    def check_answer(self, peer_id: str, peer_nonce: bytes, mac: bytes) -> bytes:
+        """Check message 2; return message 3 (the proof) or raise :class:`AuthFailed`."""
+        assert self.role == "responder"
+        if self.peer_id is not None:
+            raise AuthFailed("answer already received")
+        if not isinstance(peer_nonce, bytes) or len(peer_nonce) != _NONCE:
+            raise AuthFailed("malformed answer (nonce)")
+        key = self._keys.get(peer_id)
+        expected = self._mac(key or _DUMMY_KEY, b"I", self.my_id, peer_id, self._nonce,
+                             peer_nonce)
+        good = isinstance(mac, bytes) and hmac.compare_digest(expected, mac)
+        if not good or key is None:
+            raise AuthFailed(f"{peer_id!r} did not prove it holds the shared key "
+                             "(wrong key or unknown ID)")
+        if hmac.compare_digest(peer_nonce, self._nonce):
+            raise AuthFailed("the answer reflects our own challenge")
+        self.peer_id, self._peer_nonce, self._key = peer_id, peer_nonce, key
+        self.done = True
+        return self._mac(key, b"R", self.my_id, peer_id, self._nonce, peer_nonce)
+
+    # initiator ---------------------------------------------------------------
+    def answer(self, peer_id: str, peer_nonce: bytes) -> tuple[str, bytes, bytes]:
+        """Message 2 for a challenge; :class:`AuthFailed` if no key is held for the ID."""
+        assert self.role == "initiator"
+        if self.peer_id is not None:
+            raise AuthFailed("challenge already answered")
+        if not isinstance(peer_nonce, bytes) or len(peer_nonce) != _NONCE:
+            raise AuthFailed("malformed challenge (nonce)")
+        key = self._keys.get(peer_id)
+        if key is None:
+            known = ", ".join(sorted(self._keys)) or "none"
+            raise AuthFailed(f"no shared key for {peer_id!r} (keys held for: {known})")
+        self.peer_id, self._peer_nonce, self._key = peer_id, peer_nonce, key
+        return self.my_id, self._nonce, self._mac(key, b"I", peer_id, self.my_id, peer_nonce,
+                                                  self._nonce)
+
+    def check_proof(self, mac: bytes) -> None:
+        """Check message 3: the responder holds the key too, or :class:`AuthFailed`."""
+        assert self.role == "initiator"
+        if self._key is None or self.peer_id is None or self._peer_nonce is None:
+            raise AuthFailed("proof before the challenge was answered")
+        expected = self._mac(self._key, b"R", self.peer_id, self.my_id, self._peer_nonce,
+                             self._nonce)
+        if not (isinstance(mac, bytes) and hmac.compare_digest(expected, mac)):
+            raise AuthFailed(f"{self.peer_id!r} did not prove it holds the shared key "
+                             "(wrong key, or not the real peer)")
+        self.done = True
+
+    def session_keys(self) -> tuple[bytes, bytes]:
+        """(key for what this side sends, key for what it receives), fresh per exchange."""
+        if not self.done or self._key is None or self._peer_nonce is None:
+            raise RuntimeError("session keys before the exchange completed")
+        n_r, n_i = ((self._nonce, self._peer_nonce) if self.role == "responder"
+                    else (self._peer_nonce, self._nonce))
+        id_r, id_i = ((self.my_id, self.peer_id or "") if self.role == "responder"
+                      else (self.peer_id or "", self.my_id))
+        okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=n_r + n_i,
+                   info=_len_prefixed(_AUTH_LABEL + b" keys", self._purpose, id_r.encode(),
+                                      id_i.encode())).derive(self._key)
+        i2r, r2i = okm[:32], okm[32:]
+        return (i2r, r2i) if self.role == "initiator" else (r2i, i2r)
+
+
+# --------------------------------------------------------------------------
+# Datagram sealing (AEAD with a replay window)
+# --------------------------------------------------------------------------
+
+DATAGRAM_OVERHEAD = 8 + 16
+_WINDOW = 1024
+
+
+class DatagramChannel:
+    """AES-256-GCM for datagrams that may be lost or reordered, with replay protection.
+
+    Each datagram is ``seq(8, big-endian) || ciphertext || tag(16)``; the nonce is the
+    sequence number under a per-direction key, so it never repeats. The receiver keeps
+    the highest sequence seen and a bitmap of the :data:`_WINDOW` before it: a datagram
+    seen before, or older than the window, is refused — as is anything that fails
+    authentication. :meth:`open` returns None for every refusal (the caller counts them);
+    the window moves only after a datagram authenticated.
+    """
+
+    __slots__ = ("_recv", "_seen", "_send", "_send_seq", "_top", "refused")
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        self._send = AESGCM(send_key)
+        self._recv = AESGCM(recv_key)
+        self._send_seq = 0
+        self._top = -1
+        self._seen = 0  # bit i: sequence (top - i) was accepted
+        self.refused = 0
+
+    def seal(self, payload: bytes) -> bytes:
+        seq = self._send_seq
+        if seq >= _MAX_COUNTER:
+            raise E2EError("datagram sequence exhausted; authenticate again")
+        self._send_seq = seq + 1
+        head = seq.to_bytes(8, "big")
+        return head + self._send.encrypt(b"\0\0\0\0" + head, payload, None)
+
+    def open(self, data: bytes) -> bytes | None:
+        if len(data) < DATAGRAM_OVERHEAD:
+            self.refused += 1
+            return None
+        head = data[:8]
+        seq = int.from_bytes(head, "big")
+        top = self._top
+        if seq <= top:
+            age = top - seq
+            if age >= _WINDOW or (self._seen >> age) & 1:
+                self.refused += 1
+                return None
+        try:
+            out = self._recv.decrypt(b"\0\0\0\0" + head, data[8:], None)
+        except InvalidTag:
+            self.refused += 1
+            return None
+        if seq > top:
+            shift = seq - top
+            self._seen = ((self._seen << shift) | 1) & ((1 << _WINDOW) - 1) if shift < _WINDOW \
+                else 1
+            self._top = seq
+        else:
+            self._seen |= 1 << (top - seq)
+        return out

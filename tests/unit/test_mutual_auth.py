@@ -1,0 +1,182 @@
+"""Mutual challenge-response (ISO/IEC 9798-4 style) and the datagram AEAD channel."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kakehashi.core import crypto
+from kakehashi.core.crypto import AuthFailed, DatagramChannel, MutualAuth
+
+K = os.urandom(32)
+P = b"test"
+
+
+def pair(r_keys=None, i_keys=None, purpose_r=P, purpose_i=P):
+    r = MutualAuth("responder", "fw1", {"alice": K} if r_keys is None else r_keys, purpose_r)
+    i = MutualAuth("initiator", "alice", {"fw1": K} if i_keys is None else i_keys, purpose_i)
+    return r, i
+
+
+def test_both_sides_authenticate_and_agree_on_directional_keys():
+    r, i = pair()
+    proof = r.check_answer(*i.answer(*r.challenge()))
+    i.check_proof(proof)
+    assert r.done and i.done and r.peer_id == "alice" and i.peer_id == "fw1"
+    i_send, i_recv = i.session_keys()
+    r_send, r_recv = r.session_keys()
+    assert (i_send, i_recv) == (r_recv, r_send) and i_send != i_recv
+
+
+def test_wrong_key_is_refused_by_the_verifier():
+    r, i = pair(i_keys={"fw1": os.urandom(32)})
+    with pytest.raises(AuthFailed, match="alice"):
+        r.check_answer(*i.answer(*r.challenge()))
+    assert not r.done
+
+
+def test_unknown_id_is_refused_like_a_wrong_key():
+    r, _ = pair()
+    i = MutualAuth("initiator", "mallory", {"fw1": K}, P)
+    with pytest.raises(AuthFailed, match="wrong key or unknown ID"):
+        r.check_answer(*i.answer(*r.challenge()))
+
+
+def test_initiator_without_key_for_the_challenger_says_so():
+    r = MutualAuth("responder", "fw9", {}, P)
+    i = MutualAuth("initiator", "alice", {"fw1": K}, P)
+    with pytest.raises(AuthFailed, match="no shared key for 'fw9'"):
+        i.answer(*r.challenge())
+
+
+def test_verifier_that_lacks_the_key_cannot_forge_a_proof():
+    r, i = pair(r_keys={"alice": os.urandom(32)})
+    answer = i.answer(*r.challenge())
+    with pytest.raises(AuthFailed):
+        r.check_answer(*answer)
+    with pytest.raises(AuthFailed):
+        i.check_proof(os.urandom(32))
+
+
+def test_replayed_answer_fails_against_a_fresh_challenge():
+    r1, i1 = pair()
+    answer = i1.answer(*r1.challenge())
+    r1.check_answer(*answer)
+    r2, _ = pair()
+    with pytest.raises(AuthFailed):
+        r2.check_answer(*answer)  # recorded answer, new nonce
+
+
+def test_reflection_of_the_proof_as_an_answer_fails():
+    """An attacker who opens a second session to the client cannot make it answer for
+    the attacker: the direction label and identity order differ."""
+    r, i = pair()
+    _, n_r = r.challenge()
+    _, n_i, mac_i = i.answer("fw1", n_r)
+    proof = r.check_answer("alice", n_i, mac_i)
+    r2 = MutualAuth("responder", "fw1", {"alice": K}, P)
+    # send the responder's own proof back to it as if it were an answer
+    with pytest.raises(AuthFailed):
+        r2.check_answer("alice", n_i, proof)
+
+
+def test_reflecting_the_challenge_nonce_is_refused():
+    """Mallory relays the proxy's challenge to the proxy itself (the proxy holds a key
+    for the name 'fw1' too, e.g. symmetric pairs) - an answer carrying N_R is refused."""
+    r = MutualAuth("responder", "fw1", {"fw1": K}, P)
+    _, n_r = r.challenge()
+    i = MutualAuth("initiator", "fw1", {"fw1": K}, P)
+    i._nonce = n_r  # the reflected nonce
+    with pytest.raises(AuthFailed, match="reflects"):
+        r.check_answer(*i.answer("fw1", n_r))
+
+
+def test_purpose_binds_the_exchange():
+    r, i = pair(purpose_i=b"other")
+    with pytest.raises(AuthFailed):
+        r.check_answer(*i.answer(*r.challenge()))
+
+
+def test_second_answer_is_refused():
+    r, i = pair()
+    answer = i.answer(*r.challenge())
+    r.check_answer(*answer)
+    with pytest.raises(AuthFailed, match="already"):
+        r.check_answer(*answer)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=70), st.binary(max_size=40), st.binary(max_size=40))
+def test_hostile_answers_never_authenticate(peer_id, nonce, mac):
+    r, _ = pair()
+    r.challenge()
+    with pytest.raises(AuthFailed):
+        r.check_answer(peer_id, nonce, mac)
+
+
+def test_shared_keys_round_trip_and_bad_ones_are_explained():
+    text = crypto.new_shared_key()
+    assert len(crypto.parse_shared_key(text)) == 32
+    with pytest.raises(ValueError, match="base64"):
+        crypto.parse_shared_key("not base64!")
+    with pytest.raises(ValueError, match="at least 16"):
+        crypto.parse_shared_key("YWJj")
+
+
+# -- datagram channel -----------------------------------------------------------------
+def channels():
+    a, b = os.urandom(32), os.urandom(32)
+    return DatagramChannel(a, b), DatagramChannel(b, a)
+
+
+def test_channel_round_trip_with_overhead():
+    c, s = channels()
+    sealed = c.seal(b"x" * 100)
+    assert len(sealed) == 100 + crypto.DATAGRAM_OVERHEAD
+    assert s.open(sealed) == b"x" * 100
+    assert c.open(s.seal(b"back")) == b"back"
+
+
+def test_channel_refuses_replays_tampering_and_short_input():
+    c, s = channels()
+    sealed = c.seal(b"hello")
+    assert s.open(sealed) == b"hello"
+    assert s.open(sealed) is None  # replay
+    bad = bytearray(c.seal(b"hello"))
+    bad[-1] ^= 1
+    assert s.open(bytes(bad)) is None
+    assert s.open(b"short") is None
+    assert s.refused == 3
+
+
+def test_channel_accepts_reordering_within_the_window_once():
+    c, s = channels()
+    msgs = [c.seal(bytes([i])) for i in range(50)]
+    order = list(range(50))[::-1]
+    assert [s.open(msgs[i]) for i in order] == [bytes([i]) for i in order]
+    assert all(s.open(msgs[i]) is None for i in range(50))
+
+
+def test_channel_refuses_what_fell_out_of_the_window():
+    c, s = channels()
+    old = c.seal(b"old")
+    for _ in range(crypto._WINDOW + 1):
+        s.open(c.seal(b"n"))
+    assert s.open(old) is None
+
+
+def test_channel_failed_open_does_not_move_the_window():
+    c, s = channels()
+    forged = (2**40).to_bytes(8, "big") + os.urandom(30)
+    assert s.open(forged) is None
+    assert s.open(c.seal(b"ok")) == b"ok"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_channel_open_of_garbage_is_refused(data):
+    _, s = channels()
+    assert s.open(data) is None
