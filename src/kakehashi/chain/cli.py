@@ -1,0 +1,160 @@
+"""``kakehashi chain ...``: proxies of a multi-firewall UDP chain and its client ends.
+
+Tables (keys, routes, ACL) are TOML tables/arrays in ``[chain.proxy]`` and
+``[chain.forward]``; on the command line the same keys are repeatable flags
+(``--key NAME=@FILE``, ``--route NET=HOP``, ``--acl user=U,from=NET,ports=P``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kakehashi.chain import tables
+from kakehashi.chain.forward import ForwardConfig, run_forward
+from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+from kakehashi.core import crypto, runner
+from kakehashi.core import options as opt
+from kakehashi.core.audit import AuditLog
+
+log = logging.getLogger("kakehashi.chain")
+
+
+class TableOption(click.Option):
+    """A repeatable ``NAME=VALUE`` flag that also takes a TOML table (or an array of
+    tables) from the config file, so ``keys = { fw1 = "..." }`` and ``--key fw1=...``
+    mean the same."""
+
+    def type_cast_value(self, ctx: click.Context, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = [f"{k}={v}" for k, v in value.items()]
+        elif isinstance(value, list | tuple):
+            value = [",".join(f"{k}={v}" for k, v in item.items()) if isinstance(item, dict)
+                     else item for item in value]
+        elif isinstance(value, str):
+            value = [value]
+        return super().type_cast_value(ctx, value)
+
+
+def table_option(*decls: str, **kwargs: Any) -> Any:
+    return click.option(*decls, cls=TableOption, multiple=True, **kwargs)
+
+
+def _keys(items: tuple[str, ...], hint: str) -> dict[str, bytes]:
+    """``NAME=BASE64`` or ``NAME=@FILE`` (a key file keeps the secret off the command line)."""
+    try:
+        table = tables.parse_assignments(items, "key")
+        for name, value in table.items():
+            if value.startswith("@"):
+                table[name] = Path(value[1:]).read_text().strip()
+        return tables.parse_keys(table)
+    except (ValueError, OSError) as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _parse(fn: Any, value: Any, hint: str) -> Any:
+    try:
+        return fn(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+@click.group()
+def chain() -> None:
+    """UDP through several firewalls: proxies with hop-by-hop port exchange (spec 004)."""
+
+
+@chain.command()
+def keygen() -> None:
+    """Print a new random shared key (base64) for a pair of neighbours: give it to both."""
+    click.echo("# a new shared key; put it in both sides' keys table", err=True)
+    click.echo(crypto.new_shared_key())
+
+
+@chain.command()
+@click.option("--name", required=True, help="This proxy's ID (its neighbours' keys name it).")
+@opt.listen_option("0.0.0.0:1091", "HOST:PORT of the control port (relay requests).")
+@click.option("--udp-ports", default="40000-40999", show_default=True, metavar="LOW-HIGH",
+              help="Range the per-session UDP data ports come from (what the firewall opens).")
+@click.option("--udp-host", default=None, metavar="HOST",
+              help="Address the data ports bind to (default: the --listen host).")
+@table_option("--key", "keys", metavar="ID=BASE64|@FILE",
+              help="Shared key with a neighbour (client or proxy); repeatable. Config: keys.")
+@table_option("--route", "routes", metavar="NET=HOP",
+              help="Relay route: destination network -> NAME@HOST:PORT of the next proxy, or "
+                   "'direct'; repeatable. Config: routes.")
+@table_option("--acl", "acl", metavar="user=ID,from=NET,ports=any|LOW-HIGH",
+              help="Access control entry; repeatable. Config: acl (array of tables).")
+@opt.audit_log_option
+@opt.timeout_option("auth", 10.0, "Seconds a requester has to authenticate and ask.")
+@opt.timeout_option("connect", 5.0, "Seconds to reach the next proxy.")
+@opt.timeout_option("idle", 300.0, "Seconds without datagrams after which a session ends.")
+@click.option("--max-sessions", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sessions at once (0: bounded by the port range only).")
+@click.option("--max-per-user", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Sessions one user may hold at once (0: no limit).")
+@click.option("--max-per-client", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Sessions one requester address may hold at once (0: no limit).")
+def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tuple[str, ...],
+          routes: tuple[str, ...], acl: tuple[str, ...], audit_log: str | None,
+          auth_timeout: float, connect_timeout: float, idle_timeout: float,
+          max_sessions: int, max_per_user: int, max_per_client: int) -> None:
+    """One firewall's proxy: authenticates, checks access, exchanges ports, relays UDP."""
+    host, port = opt.hostport(listen, "--listen")
+    cfg = ProxyConfig(
+        name=_parse(tables.parse_name, name, "--name"), host=host, port=port,
+        udp_ports=_parse(tables.parse_ports, udp_ports, "--udp-ports"),
+        udp_host=udp_host, keys=_keys(keys, "--key"),
+        routes=_parse(tables.parse_routes, tables.parse_assignments(routes, "route"),
+                      "--route"),
+        acl=_parse(tables.parse_acl, [tables.parse_acl_flag(a) for a in acl], "--acl"),
+        auth_timeout=auth_timeout, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
+        max_sessions=max_sessions, max_per_user=max_per_user, max_per_client=max_per_client,
+        audit=AuditLog(audit_log, system="chain"))
+    if cfg.udp_ports == tables.ANY_PORT:
+        raise click.BadParameter("give a range, e.g. 40000-40999", param_hint="--udp-ports")
+
+    async def main() -> None:
+        server = ChainProxy(cfg)
+        await server.start()
+        h, p = server.address
+        log.info("chain proxy %s listening on %s:%d (data ports %s, %d routes, %d ACL rules)",
+                 cfg.name, h, p, cfg.udp_ports, len(cfg.routes.rows), len(cfg.acl.rules))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.close()
+
+    sys.exit(runner.run(main()))
+
+
+@chain.command()
+@click.option("--id", "user", required=True, help="This client's user ID.")
+@table_option("--key", "keys", metavar="ID=BASE64|@FILE",
+              help="Shared key with a proxy it authenticates with; repeatable. Config: keys.")
+@click.option("--first-hop", required=True, metavar="NAME@HOST:PORT",
+              help="The first proxy (its ID and control port).")
+@click.option("--to", required=True, metavar="HOST:PORT", help="The server's UDP endpoint (P6).")
+@click.option("--udp-listen", default="127.0.0.1:5353", show_default=True, metavar="HOST:PORT",
+              help="Local UDP port applications send to.")
+@click.option("--mode", type=click.Choice(["recursive", "iterative"]), default="recursive",
+              show_default=True, help="recursive: each proxy asks the next (Fig. 9); "
+                                      "iterative: the client extends the chain itself (Fig. 13).")
+@click.option("--encrypt/--no-encrypt", default=False, show_default=True,
+              help="Encrypt datagrams between this client and the last proxy.")
+@opt.timeout_option("setup", 10.0, "Seconds the whole chain setup may take.")
+def forward(user: str, keys: tuple[str, ...], first_hop: str, to: str, udp_listen: str,
+            mode: str, encrypt: bool, setup_timeout: float) -> None:
+    """Carry a local UDP port through the chain to the server."""
+    cfg = ForwardConfig(
+        user=_parse(tables.parse_name, user, "--id"), keys=_keys(keys, "--key"),
+        first_hop=_parse(tables.parse_hop, first_hop, "--first-hop"),
+        to=opt.hostport(to, "--to"), udp_listen=opt.hostport(udp_listen, "--udp-listen"),
+        mode=mode,  # type: ignore[arg-type]
+        encrypt=encrypt, setup_timeout=setup_timeout)
+    sys.exit(runner.run(run_forward(cfg)))

@@ -1,0 +1,152 @@
+"""``chain forward``: the client end of a chain as a local UDP port (spec 004 Figs. 7, 10).
+
+Unmodified UDP applications send to ``udp_listen``; each datagram leaves from the
+client's data port (P1) to the first proxy's client-facing port (area 2141) and, through
+the chain, reaches the server; answers come back the same way to the application that
+sent last. The setup is :class:`~kakehashi.chain.setup.ClientSetup`; this module only
+moves its messages and then runs the core datagram forwarder. The process exits (status
+1, with the refusing hop and its reason on stderr) when the chain cannot be built or
+when it closes; a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from kakehashi.chain import messages as m
+from kakehashi.chain.proxy import Ctrl
+from kakehashi.chain.setup import ClientSetup, SetupFailed
+from kakehashi.chain.tables import Hop
+from kakehashi.core import wire
+from kakehashi.core.crypto import DATAGRAM_OVERHEAD, DatagramChannel
+from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_udp
+from kakehashi.core.stream import ConnClosed, FramedConn, open_tcp
+
+log = logging.getLogger("kakehashi.chain")
+
+#: payload that fits a 1500-byte MTU without fragmentation (IPv4 + UDP headers)
+MTU_PAYLOAD = 1472
+
+
+@dataclass
+class ForwardConfig:
+    user: str
+    keys: dict[str, bytes]
+    first_hop: Hop
+    to: tuple[str, int]
+    udp_listen: tuple[str, int]
+    mode: Literal["recursive", "iterative"] = "recursive"
+    encrypt: bool = False
+    setup_timeout: float = 10.0
+
+
+@dataclass
+class Chain:
+    """An established chain: the control connection, the data port and what setup learned."""
+
+    ctrl: Ctrl
+    data_sock: object
+    setup: ClientSetup
+    seconds: float
+
+    def close(self) -> None:
+        self.ctrl.close()
+
+
+async def build_chain(cfg: ForwardConfig) -> Chain:
+    """Connect to the first proxy and run the setup; SetupFailed names the hop."""
+    t0 = time.perf_counter()
+    hop = cfg.first_hop
+    try:
+        conn = await open_tcp(hop.host, hop.port, timeout=cfg.setup_timeout)
+    except (OSError, TimeoutError) as exc:
+        raise SetupFailed(hop.name, "next-hop", f"cannot reach {hop}: {exc}") from None
+    ctrl = Ctrl(FramedConn(conn, m.LIMITS))
+    data_sock = None
+    try:
+        # 502/802: the client's data port P1, on the address its control connection uses
+        local_ip = conn.sock.getsockname()[0]
+        data_sock = bind_udp(local_ip, 0)
+        setup = ClientSetup(cfg.user, cfg.keys, m.Endpoint(*cfg.to),
+                            m.Endpoint(local_ip, data_sock.getsockname()[1]),
+                            mode=cfg.mode, encrypt=cfg.encrypt)
+        await ctrl.fc.send(wire.PREAMBLE)
+        deadline = asyncio.get_running_loop().time() + cfg.setup_timeout
+        while not setup.done:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                msg = await ctrl.read(max(left, 0.001))
+            except TimeoutError:
+                raise SetupFailed(setup.hop, "timeout", f"no answer within "
+                                                        f"{cfg.setup_timeout:g}s") from None
+            except wire.WireError as exc:
+                raise SetupFailed(setup.hop, "protocol", exc.message) from None
+            if msg is None:
+                raise SetupFailed(setup.hop, "protocol", "closed the control connection "
+                                                         "during setup")
+            for out in setup.receive(msg):
+                await ctrl.send(out)
+        if setup.first is not None and setup.first.host in ("0.0.0.0", "::"):
+            setup.first = m.Endpoint(hop.host, setup.first.port)
+        return Chain(ctrl, data_sock, setup, time.perf_counter() - t0)
+    except BaseException:
+        ctrl.close()
+        if data_sock is not None:
+            data_sock.close()
+        raise
+
+
+async def run_forward(cfg: ForwardConfig) -> int:
+    listen_sock = bind_udp(*cfg.udp_listen)
+    try:
+        chain = await build_chain(cfg)
+    except SetupFailed as exc:
+        listen_sock.close()
+        log.error("chain setup failed: refused by %s: %s: %s", exc.hop, exc.reason, exc.text)
+        return 1
+    except ConnClosed as exc:
+        listen_sock.close()
+        log.error("chain setup failed at %s: %s", cfg.first_hop.name, exc)
+        return 1
+    setup = chain.setup
+    assert setup.first is not None and setup.last is not None
+    record = PortRecord(lock="latest", far=setup.first.addr)
+    near_to_far = far_to_near = None
+    if setup.session_keys is not None:
+        channel = DatagramChannel(*setup.session_keys)
+        near_to_far, far_to_near = channel.seal, channel.open
+    fwd = DatagramForwarder(listen_sock, chain.data_sock, record,  # type: ignore[arg-type]
+                            near_to_far=near_to_far, far_to_near=far_to_near)
+    await fwd.start()
+    host, port = listen_sock.getsockname()[:2]
+    path = " -> ".join([cfg.user, *setup.path, f"{cfg.to[0]}:{cfg.to[1]}"])
+    enc = "encrypted to " + setup.path[-1] if setup.session_keys else "plaintext"
+    log.info("chain up (%s, %s) in %.0f ms: %s", cfg.mode, enc, chain.seconds * 1000, path)
+    mtu = MTU_PAYLOAD - (DATAGRAM_OVERHEAD if setup.session_keys else 0)
+    log.info("usable payload: %d bytes per datagram (%d without fragmentation on a "
+             "1500-byte MTU); the server sees the chain at %s (P5), datagrams go to %s (P2)",
+             setup.max_payload, mtu, setup.last, setup.first)
+    log.info("forwarding %s:%d -> %s", host, port, path)
+    try:
+        while True:
+            msg = await chain.ctrl.read(None)
+            if msg is None:
+                log.error("chain closed by %s", setup.path[0])
+                return 1
+            if isinstance(msg, m.Refused):
+                log.error("chain ended: %s", msg.describe())
+                return 1
+    except (ConnClosed, OSError, wire.WireError) as exc:
+        log.error("chain control connection failed: %s", exc)
+        return 1
+    finally:
+        fwd.close()
+        chain.close()
+        log.info("forwarded %d datagrams, dropped %d", record.packets, record.dropped)
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)

@@ -1,0 +1,169 @@
+"""The client's setup procedure as a sans-IO state machine (both embodiments).
+
+:class:`ClientSetup` takes the messages the first proxy sends on the control connection
+and returns what to send back; the asyncio layer (``chain forward``) only moves them.
+
+* recursive (Fig. 7, steps 501-511): authenticate with the first proxy (505), send the
+  relay request (506), receive the first proxy's port for the client (507, area 2141)
+  and the last proxy's server-facing port (508, area 2142) in one Reply;
+* iterative (Fig. 10, steps 801-815): the same with the first proxy, then, while the
+  Reply does not say ``complete`` (812), ask the current last proxy to extend the path
+  (:class:`~kakehashi.chain.messages.Extend`), authenticate with the new proxy through
+  the ones already built, and send the request again (807); 2141 is taken from the
+  first Reply (808/809), 2142 from every Reply (810), so it ends as the last hop's P5.
+
+With ``encrypt``, the datagram keys come from the client's authentication with the
+last proxy (claim 7): in iterative mode that is the last exchange of the loop; in
+recursive mode the last proxy's challenge comes back in the Reply and the exchange
+runs end to end in :class:`~kakehashi.chain.messages.Relay` messages.
+
+Every Reply must carry the identifier of the request it answers; anything else is a
+protocol error (the spec's Fig. 14(b) failure is a reply taken for another's).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal
+
+from kakehashi.chain import messages as m
+from kakehashi.core.crypto import AuthFailed, MutualAuth
+
+HOP_PURPOSE = b"kakehashi-chain-hop"
+E2E_PURPOSE = b"kakehashi-chain-e2e"
+
+
+class SetupFailed(Exception):
+    """The chain could not be built; ``hop`` names the proxy that refused (or failed)."""
+
+    def __init__(self, hop: str, reason: str, text: str) -> None:
+        super().__init__(f"refused by {hop}: {reason}: {text}")
+        self.hop, self.reason, self.text = hop, reason, text
+
+
+State = Literal["challenge", "proof", "reply", "e2e-proof", "done"]
+
+
+class ClientSetup:
+    def __init__(self, user: str, keys: dict[str, bytes], server: m.Endpoint,
+                 requester: m.Endpoint, *, mode: Literal["recursive", "iterative"] = "recursive",
+                 encrypt: bool = False, max_hops: int = m.MAX_HOPS) -> None:
+        self.user = user
+        self.keys = keys
+        self.server = server
+        self.requester = requester
+        self.mode = mode
+        self.encrypt = encrypt
+        self.max_hops = max_hops
+        self.state: State = "challenge"
+        self.counter = 0  # the loop counter of steps 806/811
+        self.first: m.Endpoint | None = None  # area 2141: where the client sends
+        self.last: m.Endpoint | None = None  # area 2142: what the server is told (P5)
+        self.path: list[str] = []
+        self.max_payload = 0
+        self.rid = 0
+        self.hop = "?"  # the proxy currently being talked to
+        self.session_keys: tuple[bytes, bytes] | None = None
+        self._auth: MutualAuth | None = None
+        self._e2e: MutualAuth | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+    def _fail(self, reason: str, text: str, hop: str | None = None) -> SetupFailed:
+        return SetupFailed(hop or self.hop, reason, text)
+
+    def receive(self, msg: m.Message) -> list[m.Message]:
+        """Take one message from the first proxy; return the messages to send.
+
+        Raises :class:`SetupFailed` on a refusal (naming the hop that refused) or on
+        anything out of order; the caller closes the control connection then.
+        """
+        if isinstance(msg, m.Refused):
+            raise SetupFailed(msg.hop, msg.reason, msg.text)
+        if isinstance(msg, m.Relay) and isinstance(msg.body, m.Refused):
+            raise SetupFailed(msg.body.hop, msg.body.reason, msg.body.text)
+        handler = getattr(self, "_on_" + self.state.replace("-", "_"))
+        return handler(msg)
+
+    def _unexpected(self, msg: m.Message) -> SetupFailed:
+        return self._fail("protocol", f"unexpected {type(msg).__name__.lower()} while "
+                                      f"waiting for {self.state}")
+
+    def _on_challenge(self, msg: m.Message) -> list[m.Message]:
+        if not isinstance(msg, m.Challenge):
+            raise self._unexpected(msg)
+        self.hop = msg.hop
+        if msg.hop in self.path:
+            raise self._fail("protocol", f"{msg.hop} appears twice on the path (a loop)")
+        self._auth = MutualAuth("initiator", self.user, self.keys, HOP_PURPOSE)
+        try:
+            my_id, nonce, mac = self._auth.answer(msg.hop, msg.nonce)
+        except AuthFailed as exc:
+            raise self._fail("authentication", f"this client: {exc}") from None
+        self.state = "proof"
+        return [m.Answer(my_id, nonce, mac)]
+
+    def _on_proof(self, msg: m.Message) -> list[m.Message]:
+        if not isinstance(msg, m.Proof) or self._auth is None:
+            raise self._unexpected(msg)
+        try:
+            self._auth.check_proof(msg.mac)
+        except AuthFailed as exc:
+            raise self._fail("authentication", str(exc)) from None
+        self.rid = secrets.randbits(63)
+        self.state = "reply"
+        return [m.Request(rid=self.rid, server=self.server, requester=self.requester,
+                          user=self.user, mode=self.mode, encrypt=self.encrypt)]
+
+    def _on_reply(self, msg: m.Message) -> list[m.Message]:
+        if not isinstance(msg, m.Reply):
+            raise self._unexpected(msg)
+        if msg.rid != self.rid:
+            raise self._fail("protocol", f"a reply to request {msg.rid}, not to ours")
+        if self.counter == 0:
+            self.first = msg.near  # 507 / 808-809: area 2141
+        self.last = msg.far  # 508 / 810: area 2142
+        self.counter += 1
+        self.path.extend(msg.path or [msg.hop])
+        self.max_payload = msg.max_payload
+        if not msg.complete:
+            if self.mode != "iterative":
+                raise self._fail("protocol", "an incomplete reply in recursive mode")
+            if self.counter >= self.max_hops:
+                raise self._fail("protocol", f"more than {self.max_hops} hops")
+            self.state = "challenge"
+            return [m.Extend(self.rid)]
+        if not self.encrypt:
+            self.state = "done"
+            return []
+        if msg.challenge is not None:  # recursive: authenticate with the last hop end to end
+            self.hop = msg.challenge.hop
+            self._e2e = MutualAuth("initiator", self.user, self.keys, E2E_PURPOSE)
+            try:
+                my_id, nonce, mac = self._e2e.answer(msg.challenge.hop, msg.challenge.nonce)
+            except AuthFailed as exc:
+                raise self._fail("authentication", f"this client: {exc}") from None
+            self.state = "e2e-proof"
+            return [m.Relay(m.Answer(my_id, nonce, mac))]
+        if self._auth is None or self.path[-1:] != [self.hop]:
+            raise self._fail("protocol", "encryption asked for but the last hop sent no "
+                                         "challenge", self.path[-1] if self.path else None)
+        self.session_keys = self._auth.session_keys()
+        self.state = "done"
+        return []
+
+    def _on_e2e_proof(self, msg: m.Message) -> list[m.Message]:
+        if not (isinstance(msg, m.Relay) and isinstance(msg.body, m.Proof)) or self._e2e is None:
+            raise self._unexpected(msg)
+        try:
+            self._e2e.check_proof(msg.body.mac)
+        except AuthFailed as exc:
+            raise self._fail("authentication", str(exc)) from None
+        self.session_keys = self._e2e.session_keys()
+        self.state = "done"
+        return []
+
+    def _on_done(self, msg: m.Message) -> list[m.Message]:
+        raise self._unexpected(msg)

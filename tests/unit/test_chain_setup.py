@@ -1,0 +1,170 @@
+"""The client's setup state machine (spec 004 Figs. 7 and 10), driven message by message."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kakehashi.chain import messages as m
+from kakehashi.chain.setup import E2E_PURPOSE, HOP_PURPOSE, ClientSetup, SetupFailed
+from kakehashi.core.crypto import MutualAuth
+
+KEYS = {f"fw{i}": os.urandom(32) for i in (1, 2, 3)}
+SERVER = m.Endpoint("10.3.0.9", 5300)
+P1 = m.Endpoint("10.1.0.2", 4000)
+
+
+def ep(port: int, host: str = "192.0.2.1") -> m.Endpoint:
+    return m.Endpoint(host, port)
+
+
+def client(mode="recursive", encrypt=False, keys=KEYS):
+    return ClientSetup("alice", keys, SERVER, P1, mode=mode, encrypt=encrypt)
+
+
+def authenticate(c: ClientSetup, hop: str, key: bytes | None = None, purpose=HOP_PURPOSE):
+    """Play proxy ``hop``: challenge, check the answer, prove; returns the Request."""
+    r = MutualAuth("responder", hop, {"alice": key or KEYS[hop]}, purpose)
+    (answer,) = c.receive(m.Challenge(*r.challenge()))
+    assert isinstance(answer, m.Answer) and answer.id == "alice"
+    proof = r.check_answer(answer.id, answer.nonce, answer.mac)
+    (req,) = c.receive(m.Proof(proof))
+    assert isinstance(req, m.Request)
+    return req, r
+
+
+def test_recursive_one_reply_fills_2141_and_2142():
+    c = client()
+    req, _ = authenticate(c, "fw1")
+    assert (req.server, req.requester, req.user, req.mode) == (SERVER, P1, "alice", "recursive")
+    out = c.receive(m.Reply(req.rid, "fw1", near=ep(41000), far=ep(43001, "198.51.100.3"),
+                            complete=True, path=["fw1", "fw2", "fw3"], max_payload=65507))
+    assert out == [] and c.done
+    assert c.first == ep(41000) and c.last == ep(43001, "198.51.100.3")
+    assert c.path == ["fw1", "fw2", "fw3"] and c.session_keys is None
+
+
+def test_iterative_loop_extends_hop_by_hop_and_keeps_first_and_last():
+    c = client(mode="iterative")
+    ports = {"fw1": (41000, 41001), "fw2": (42000, 42001), "fw3": (43000, 43001)}
+    for n, hop in enumerate(["fw1", "fw2", "fw3"]):
+        req, _ = authenticate(c, hop)
+        near, far = ports[hop]
+        out = c.receive(m.Reply(req.rid, hop, ep(near), ep(far), complete=hop == "fw3",
+                                path=[hop]))
+        assert c.counter == n + 1
+        if hop != "fw3":
+            assert out == [m.Extend(req.rid)] and c.state == "challenge"
+    assert c.done and c.first == ep(41000) and c.last == ep(43001)
+    assert c.path == ["fw1", "fw2", "fw3"]
+
+
+def test_iterative_encryption_keys_come_from_the_last_hop():
+    c = client(mode="iterative", encrypt=True)
+    r = None
+    for hop in ["fw1", "fw2"]:
+        req, r = authenticate(c, hop)
+        c.receive(m.Reply(req.rid, hop, ep(1), ep(2), complete=hop == "fw2", path=[hop]))
+    assert c.done and r is not None
+    send, recv = c.session_keys
+    assert (recv, send) == r.session_keys()
+
+
+def test_recursive_encryption_authenticates_the_last_hop_end_to_end():
+    c = client(encrypt=True)
+    req, _ = authenticate(c, "fw1")
+    last = MutualAuth("responder", "fw3", {"alice": KEYS["fw3"]}, E2E_PURPOSE)
+    (relay,) = c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=True,
+                                 path=["fw1", "fw2", "fw3"],
+                                 challenge=m.Challenge(*last.challenge())))
+    assert isinstance(relay, m.Relay) and isinstance(relay.body, m.Answer)
+    proof = last.check_answer(relay.body.id, relay.body.nonce, relay.body.mac)
+    assert c.receive(m.Relay(m.Proof(proof))) == [] and c.done
+    assert c.session_keys == last.session_keys()[::-1]
+
+
+def test_recursive_encryption_with_one_proxy_uses_the_hop_authentication():
+    c = client(encrypt=True)
+    req, r = authenticate(c, "fw1")
+    c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=True, path=["fw1"]))
+    assert c.done and c.session_keys == r.session_keys()[::-1]
+
+
+def test_encryption_without_a_challenge_from_a_far_last_hop_fails():
+    c = client(encrypt=True)
+    req, _ = authenticate(c, "fw1")
+    with pytest.raises(SetupFailed, match="no challenge"):
+        c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=True, path=["fw1", "fw2"]))
+
+
+def test_refusal_names_the_hop_that_refused():
+    c = client()
+    authenticate(c, "fw1")
+    with pytest.raises(SetupFailed) as err:
+        c.receive(m.Refused(0, "fw2", "access", "no"))
+    assert (err.value.hop, err.value.reason) == ("fw2", "access")
+    assert "refused by fw2" in str(err.value)
+
+
+def test_wrong_proof_fails_naming_the_hop():
+    c = client()
+    r = MutualAuth("responder", "fw1", {"alice": os.urandom(32)}, HOP_PURPOSE)
+    c.receive(m.Challenge(*r.challenge()))
+    with pytest.raises(SetupFailed) as err:
+        c.receive(m.Proof(os.urandom(32)))
+    assert err.value.hop == "fw1" and err.value.reason == "authentication"
+
+
+def test_challenge_from_a_hop_without_a_key():
+    c = client(keys={"fw1": KEYS["fw1"]})
+    r = MutualAuth("responder", "fw7", {}, HOP_PURPOSE)
+    with pytest.raises(SetupFailed, match="no shared key for 'fw7'") as err:
+        c.receive(m.Challenge(*r.challenge()))
+    assert err.value.hop == "fw7"
+
+
+def test_a_reply_to_another_request_is_refused():
+    """Fig. 14(b): a notice that is not the answer to our request is not taken as one."""
+    c = client()
+    req, _ = authenticate(c, "fw1")
+    with pytest.raises(SetupFailed, match="not to ours"):
+        c.receive(m.Reply(req.rid ^ 1, "fw1", ep(1), ep(2), complete=True))
+
+
+def test_incomplete_reply_in_recursive_mode_is_a_protocol_error():
+    c = client()
+    req, _ = authenticate(c, "fw1")
+    with pytest.raises(SetupFailed, match="incomplete"):
+        c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=False))
+
+
+def test_messages_out_of_order_are_refused():
+    c = client()
+    with pytest.raises(SetupFailed, match="unexpected"):
+        c.receive(m.Proof(os.urandom(32)))
+    c = client()
+    req, _ = authenticate(c, "fw1")
+    c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=True))
+    with pytest.raises(SetupFailed, match="unexpected"):
+        c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=True))
+
+
+def test_a_loop_in_the_iterative_path_is_refused():
+    c = client(mode="iterative")
+    req, _ = authenticate(c, "fw1")
+    c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=False, path=["fw1"]))
+    r = MutualAuth("responder", "fw1", {"alice": KEYS["fw1"]}, HOP_PURPOSE)
+    with pytest.raises(SetupFailed, match="twice"):
+        c.receive(m.Challenge(*r.challenge()))
+
+
+def test_hop_count_is_bounded():
+    keys = {f"h{i}": os.urandom(32) for i in range(20)}
+    c = ClientSetup("alice", keys, SERVER, P1, mode="iterative", max_hops=3)
+    with pytest.raises(SetupFailed, match="more than 3 hops"):
+        for i in range(5):
+            r = MutualAuth("responder", f"h{i}", {"alice": keys[f"h{i}"]}, HOP_PURPOSE)
+            (a,) = c.receive(m.Challenge(*r.challenge()))
+            (req,) = c.receive(m.Proof(r.check_answer(a.id, a.nonce, a.mac)))
+            c.receive(m.Reply(req.rid, f"h{i}", ep(1), ep(2), complete=False))
