@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kakehashi import __version__, config
+from kakehashi.chain.cli import chain
 from kakehashi.core import tls, wire
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.logs import setup_logging
@@ -41,6 +42,7 @@ def main(ctx: click.Context, config_path: str | None, log_level: str, log_format
 main.add_command(relay)
 main.add_command(gateway)
 main.add_command(ondemand)
+main.add_command(chain)
 
 
 async def _relay_attach(mux: ProtocolMux, db: str, audit_log: str | None) -> None:
@@ -56,15 +58,16 @@ async def _relay_attach(mux: ProtocolMux, db: str, audit_log: str | None) -> Non
 
 
 @main.command()
-@click.argument("system", required=False, type=click.Choice(["relay", "gateway", "ondemand"]))
+@click.argument("system", required=False,
+                type=click.Choice(["relay", "gateway", "ondemand", "chain"]))
 @click.option("--bytes", "nbytes", default=8 * 1024 * 1024, show_default=True,
               help="Bytes to send through the demo's sessions and tunnels.")
 @click.option("--tls", "tls_mode", type=click.Choice(["on", "off"]), default="on",
               show_default=True)
 @click.option("--keep", is_flag=True, help="Keep the demo's state directory (logs, audit).")
 def demo(system: str | None, nbytes: int, tls_mode: str, keep: bool) -> None:
-    """Every system on loopback, narrated step by step: the relay, the gateway, then
-    on-demand access (or only SYSTEM)."""
+    """Every system on loopback, narrated step by step: the relay, the gateway,
+    on-demand access, then the proxy chain (or only SYSTEM)."""
     import sys
 
     try:  # Ctrl-C at any moment ends the demo quietly (its servers stop with it)

@@ -1,7 +1,8 @@
 """``kakehashi demo``: every system there is, on loopback, one narrated line per step.
 
 ``kakehashi demo`` runs the relay (spec 000), the gateway (spec 001) and on-demand
-access (spec 002); ``kakehashi demo relay`` (or ``gateway``, ``ondemand``) runs one.
+access (spec 002) and the proxy chain (spec 004); ``kakehashi demo relay`` (or ``gateway``,
+``ondemand``, ``chain``) runs one.
 Everything runs on
 loopback with a throwaway state directory (a development CA is made in it, TLS is on
 as by default), so the demo needs no setup and leaves nothing behind. The servers'
@@ -333,8 +334,18 @@ async def _ondemand(home: Path, nbytes: int, use_tls: bool) -> None:
         raise DemoFailed("the on-demand access demo did not do what it says")
 
 
+# -- the proxy chain (spec 004) --------------------------------------------------------------
+async def _chain(home: Path, nbytes: int, use_tls: bool) -> None:
+    from kakehashi.chain import demo as chain_demo
+
+    console.rule("[bold]chain: UDP across three firewalls with hop-by-hop port exchange "
+                 "(spec 004)")
+    if not await chain_demo.run(say):
+        raise DemoFailed("the proxy chain demo did not do what it says")
+
+
 PARTS: dict[str, Callable[[Path, int, bool], Awaitable[None]]] = {
-    "relay": _relay, "gateway": _gateway, "ondemand": _ondemand}
+    "relay": _relay, "gateway": _gateway, "ondemand": _ondemand, "chain": _chain}
 
 
 async def _demo(parts: list[str], nbytes: int, use_tls: bool, home: Path,

@@ -12,7 +12,6 @@ when it closes; a supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -101,29 +100,75 @@ async def build_chain(cfg: ForwardConfig) -> Chain:
         raise
 
 
+class ChainForward:
+    """A local UDP port carried through an established chain (usable in-process too)."""
+
+    def __init__(self, cfg: ForwardConfig) -> None:
+        self.cfg = cfg
+        self.chain: Chain | None = None
+        self.forwarder: DatagramForwarder | None = None
+        self.listen_sock = bind_udp(*cfg.udp_listen)  # early: applications may start now
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listen_sock.getsockname()[:2]
+
+    async def start(self) -> Chain:
+        """Build the chain (SetupFailed names the refusing hop) and start forwarding."""
+        try:
+            self.chain = chain = await build_chain(self.cfg)
+        except BaseException:
+            self.listen_sock.close()
+            raise
+        setup = chain.setup
+        assert setup.first is not None
+        record = PortRecord(lock="latest", far=setup.first.addr)
+        near_to_far = far_to_near = None
+        if setup.session_keys is not None:
+            channel = DatagramChannel(*setup.session_keys)
+            near_to_far, far_to_near = channel.seal, channel.open
+        self.forwarder = DatagramForwarder(self.listen_sock, chain.data_sock,  # type: ignore[arg-type]
+                                           record, near_to_far=near_to_far,
+                                           far_to_near=far_to_near)
+        await self.forwarder.start()
+        return chain
+
+    async def wait_closed(self) -> str:
+        """Until the chain's control connection ends; returns why."""
+        assert self.chain is not None
+        try:
+            while True:
+                msg = await self.chain.ctrl.read(None)
+                if msg is None:
+                    return f"chain closed by {self.chain.setup.path[0]}"
+                if isinstance(msg, m.Refused):
+                    return f"chain ended: {msg.describe()}"
+        except (ConnClosed, OSError, wire.WireError) as exc:
+            return f"chain control connection failed: {exc}"
+
+    def close(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.close()
+        else:
+            self.listen_sock.close()
+        if self.chain is not None:
+            self.chain.close()
+            if self.forwarder is None:
+                self.chain.data_sock.close()  # type: ignore[attr-defined]
+
+
 async def run_forward(cfg: ForwardConfig) -> int:
-    listen_sock = bind_udp(*cfg.udp_listen)
+    fwd = ChainForward(cfg)
     try:
-        chain = await build_chain(cfg)
+        chain = await fwd.start()
     except SetupFailed as exc:
-        listen_sock.close()
         log.error("chain setup failed: refused by %s: %s: %s", exc.hop, exc.reason, exc.text)
         return 1
     except ConnClosed as exc:
-        listen_sock.close()
         log.error("chain setup failed at %s: %s", cfg.first_hop.name, exc)
         return 1
     setup = chain.setup
-    assert setup.first is not None and setup.last is not None
-    record = PortRecord(lock="latest", far=setup.first.addr)
-    near_to_far = far_to_near = None
-    if setup.session_keys is not None:
-        channel = DatagramChannel(*setup.session_keys)
-        near_to_far, far_to_near = channel.seal, channel.open
-    fwd = DatagramForwarder(listen_sock, chain.data_sock, record,  # type: ignore[arg-type]
-                            near_to_far=near_to_far, far_to_near=far_to_near)
-    await fwd.start()
-    host, port = listen_sock.getsockname()[:2]
+    host, port = fwd.address
     path = " -> ".join([cfg.user, *setup.path, f"{cfg.to[0]}:{cfg.to[1]}"])
     enc = "encrypted to " + setup.path[-1] if setup.session_keys else "plaintext"
     log.info("chain up (%s, %s) in %.0f ms: %s", cfg.mode, enc, chain.seconds * 1000, path)
@@ -133,20 +178,10 @@ async def run_forward(cfg: ForwardConfig) -> int:
              setup.max_payload, mtu, setup.last, setup.first)
     log.info("forwarding %s:%d -> %s", host, port, path)
     try:
-        while True:
-            msg = await chain.ctrl.read(None)
-            if msg is None:
-                log.error("chain closed by %s", setup.path[0])
-                return 1
-            if isinstance(msg, m.Refused):
-                log.error("chain ended: %s", msg.describe())
-                return 1
-    except (ConnClosed, OSError, wire.WireError) as exc:
-        log.error("chain control connection failed: %s", exc)
+        log.error("%s", await fwd.wait_closed())
         return 1
     finally:
         fwd.close()
-        chain.close()
+        assert fwd.forwarder is not None
+        record = fwd.forwarder.record
         log.info("forwarded %d datagrams, dropped %d", record.packets, record.dropped)
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)
