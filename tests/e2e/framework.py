@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ __all__ = ["free_port", "wait_port", "wait_until"]  # re-exported for the test m
 
 _LISTENING = re.compile(r"(?:listening on|forwarding|tunnel) (?:http://)?[^\s:]+:(\d+)")
 """The line a server or forwarder logs once it has bound: the port it got."""
+
+_IN_USE = re.compile(r"[Aa]ddress already in use|Cannot bind any address")
 
 
 @dataclass
@@ -132,6 +134,22 @@ class Env:
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
+
+    def spawn_on_port(self, name: str, argv: Callable[[int], list[str]], ready: str, *,
+                      raw: bool = True, attempts: int = 5) -> tuple[Proc, int]:
+        """Start a server that must be told its port (sshd, iperf3): on a port from
+        :func:`free_port`, waiting for its ``ready`` log line; when the port was taken
+        in the meantime (EADDRINUSE), try again on another one."""
+        for _ in range(attempts):
+            port = free_port()
+            proc = self.spawn(name, *argv(port), raw=raw)
+            try:
+                proc.wait_for(ready)
+                return proc, port
+            except AssertionError:
+                if proc.alive or not _IN_USE.search(proc.output()):
+                    raise
+        raise AssertionError(f"{name}: no free port in {attempts} attempts")
 
     def close(self) -> None:
         for proc in reversed(self.procs):

@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.framework import Env, Proc, free_port, wait_port
+from tests.e2e.framework import Env, Proc
 
 SSHD = "/usr/sbin/sshd"
 
@@ -43,18 +43,20 @@ def start_sshd(env: Env) -> SSHServer:
     (d / "authorized_keys").write_text((d / "user_ed25519.pub").read_text())
     pub = (d / "host_ed25519.pub").read_text().split()
     # the host key is pinned for the alias "pi" and for 127.0.0.1 so ssh checks it
-    port = free_port()
     known = d / "known_hosts"
-    known.write_text(f"pi {pub[0]} {pub[1]}\n[127.0.0.1]:{port} {pub[0]} {pub[1]}\n"
-                     f"[127.0.0.1]:* {pub[0]} {pub[1]}\n")
+    known.write_text(f"pi {pub[0]} {pub[1]}\n[127.0.0.1]:* {pub[0]} {pub[1]}\n")
     cfg = d / "sshd_config"
-    cfg.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        "StrictModes no\nPermitRootLogin prohibit-password\nLogLevel VERBOSE\n"
-        "Subsystem sftp internal-sftp\n"
-    )
-    proc = env.spawn("sshd", SSHD, "-D", "-e", "-f", str(cfg), raw=True)
-    wait_port(port)
+
+    def argv(port: int) -> list[str]:
+        cfg.write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "StrictModes no\nPermitRootLogin prohibit-password\nLogLevel VERBOSE\n"
+            "Subsystem sftp internal-sftp\n"
+        )
+        return [SSHD, "-D", "-e", "-f", str(cfg)]
+
+    # its own log line says it listens (a port probe could reach someone else's server)
+    proc, port = env.spawn_on_port("sshd", argv, "Server listening on 127.0.0.1")
     return SSHServer(port, proc, user_key, known)

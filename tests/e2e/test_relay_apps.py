@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.e2e import sshd
-from tests.e2e.framework import PASSWORD, free_port
+from tests.e2e.framework import PASSWORD
 
 ok, why = sshd.available()
 
@@ -50,11 +50,10 @@ def test_iperf3_through_paired_session(env):
     env.add_user("pi")
     env.add_user("laptop")
     _, port = env.relay(tls=False)
-    iperf_port = free_port()
-    # no port probe: iperf3 would count it as a client
-    server = env.spawn("iperf3-server", "iperf3", "-s", "--forceflush", "-p", str(iperf_port),
-                       raw=True)
-    server.wait_for("Server listening")
+    # no port probe: iperf3 would count it as a client; its log line says it listens
+    _, iperf_port = env.spawn_on_port(
+        "iperf3-server", lambda p: ["iperf3", "-s", "--forceflush", "-p", str(p)],
+        "Server listening")
     env.agent("pi", port, f"iperf=127.0.0.1:{iperf_port}", tls=False)
     _, local = env.forward("laptop", port, "pi/iperf", tls=False)
     res = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(local), "-t", "2", "-J"],
