@@ -215,3 +215,26 @@ def test_garbage_on_the_control_channel_is_refused(api):
         ws.send_bytes(b"\x00" * 10)
         with pytest.raises(WebSocketDisconnect):
             ws.receive_text()
+
+
+def test_several_targets_in_one_request(api):
+    register_device(api)
+    api.put("/v1/devices/001010000000002", json={"address": "127.0.0.2", "inner": "core-1"},
+            headers=auth(api, "inner"))
+    ws_cm, opened = fake_edge(api, ports=(31000, 31001))
+    try:
+        r = api.post("/v1/grants", json={"targets": [{"imsi": IMSI, "port": 22},
+                                                     {"imsi": "001010000000002", "port": 80}],
+                                         "ttl": 60}, headers=auth(api, "client"))
+        assert r.status_code == 201, r.text
+        made = r.json()["grants"]
+        assert {g["port"] for g in made} == {31000, 31001}  # one port each, same edge
+        assert {g["imsi"] for g in made} == {IMSI, "001010000000002"}
+        assert len({g["expires_at"] for g in made}) == 1
+        # the edge's range is now full: the next grant fails cleanly
+        r = api.post("/v1/grants", json={"targets": [{"imsi": IMSI, "port": 23}], "ttl": 60},
+                     headers=auth(api, "client"))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no-port"
+        assert len(opened) == 2
+    finally:
+        ws_cm.__exit__(None, None, None)
