@@ -238,3 +238,23 @@ def test_several_targets_in_one_request(api):
         assert len(opened) == 2
     finally:
         ws_cm.__exit__(None, None, None)
+
+
+def test_grants_expire_and_ended_ones_are_deleted_after_retention(api):
+    import time as _time
+
+    api.mgr.s.retention = 0.3
+    register_device(api)
+    ws_cm, opened = fake_edge(api)
+    try:
+        r = api.post("/v1/grants", json={"targets": [{"imsi": IMSI, "port": 22}], "ttl": 0.5},
+                     headers=auth(api, "client"))
+        gid = r.json()["grants"][0]["id"]
+        deadline = _time.monotonic() + 10
+        while api.get(f"/v1/grants/{gid}", headers=auth(api, "admin")).status_code == 200:
+            assert _time.monotonic() < deadline, "not deleted"
+            _time.sleep(0.05)
+        assert {"closed": gid, "reason": "expired"} in opened  # the edge was told
+        assert api.mgr.store.list("od-grant") == [] and api.mgr.store.list("od-event") == []
+    finally:
+        ws_cm.__exit__(None, None, None)

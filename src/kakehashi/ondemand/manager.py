@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import secrets
 import time
@@ -119,8 +120,19 @@ class Manager:
         self._seqs: dict[str, int] = {}
         for key, doc in store.list(EVENT):
             self._trails.setdefault(key.partition("/")[0], []).append(doc)
+        # ports of live grants per edge, and a heap of (when, grant) for expiry and
+        # deletion: creating or ending a grant costs O(log n), not a pass over all
+        self._used: dict[str, set[int]] = {}
+        self._timers: list[tuple[float, str]] = []
+        self._deadline = float("inf")
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        for doc in self.grants.values():
+            if doc["status"] == "active":
+                self._used.setdefault(doc["edge"], set()).add(doc["port"])
+                self._at(doc["expires_at_ts"], doc["id"])
+            else:
+                self._at(doc.get("ended_at_ts", 0) + self.s.retention, doc["id"])
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -173,12 +185,17 @@ class Manager:
     def devices(self) -> dict[str, dict[str, Any]]:
         return dict(self.store.list(DEVICE))
 
+    def _at(self, when: float, gid: str) -> None:
+        """Look at grant ``gid`` again at ``when`` (expiry, or deletion after retention)."""
+        heapq.heappush(self._timers, (when, gid))
+        if when < self._deadline:
+            self._wake.set()
+
     def edge_views(self) -> list[g.EdgeView]:
         views = []
         for name, sess in self.edges.items():
             h = sess.hello
-            used = {d["port"] for d in self.grants.values()
-                    if d["edge"] == name and d["status"] in ("active", "opening")}
+            used = set(self._used.get(name, ()))
             views.append(g.EdgeView(name=name, public_host=h.public_host,
                                     ports=(h.ports[0], h.ports[1]),
                                     region=h.region or None, carrier=h.carrier or None,
@@ -222,6 +239,7 @@ class Manager:
         except BaseException:
             for doc in made:
                 self.grants.pop(doc["id"], None)
+                self._used.get(doc["edge"], set()).discard(doc["port"])
                 with contextlib.suppress(Exception):
                     await sess.send(m.Close(grant=doc["id"], reason="failed"))
             raise
@@ -233,7 +251,7 @@ class Manager:
                               port=doc["port"], expires_at=doc["expires_at"],
                               policy=doc["policy"], reason=doc["reason"],
                               cidrs=doc["cidrs"], tls=doc["tls"], by=who.name or who.id)
-        self._wake.set()
+            self._at(doc["expires_at_ts"], doc["id"])
         return made
 
     async def _open(self, sess: RelaySession, doc: dict[str, Any], edge: g.EdgeView,
@@ -241,24 +259,26 @@ class Manager:
         """Draw a port and have the edge open it; a port the edge cannot bind is
         excluded and another drawn. Raises GrantError when the edge cannot be reached."""
         tried: set[int] = set()
+        used = self._used.setdefault(edge.name, set())
         for _ in range(8):
-            used = {d["port"] for d in self.grants.values()
-                    if d["edge"] == edge.name and d["status"] in ("active", "opening")}
             port = g.draw_port(edge.ports, used, exclude=tried)
             if port is None:
                 raise g.GrantError("no-port", f"edge {edge.name} has no free port", 503)
             doc["port"] = port
             self.grants[doc["id"]] = doc
+            used.add(port)
             try:
                 ack = await sess.open(self.edge_grant(doc, auth), self.s.open_timeout)
             except (TimeoutError, ConnectionError, OSError, RuntimeError) as exc:
                 self.grants.pop(doc["id"], None)
+                used.discard(port)
                 raise g.GrantError("edge-unreachable", f"edge {edge.name} did not open the "
                                                        f"port: {exc or 'timed out'}",
                                    503) from None
             if ack.ok:
                 return
             self.grants.pop(doc["id"], None)
+            used.discard(port)
             if ack.code != "port-in-use":
                 raise g.GrantError("edge-failed", f"edge {edge.name}: {ack.error}", 503)
             tried.add(port)
@@ -301,13 +321,15 @@ class Manager:
                 await sess.send(m.Update(grant=self.edge_grant(doc)))
         await self.record("extended", gid, expires_at=doc["expires_at"],
                           by=who.name or who.id)
-        self._wake.set()
+        self._at(doc["expires_at_ts"], gid)
         return doc
 
     async def _end(self, doc: dict[str, Any], status: str) -> None:
         doc["status"] = status
         doc["ended_at_ts"] = time.time()
         self.store.put(GRANT, doc["id"], doc)
+        self._used.get(doc["edge"], set()).discard(doc["port"])
+        self._at(doc["ended_at_ts"] + self.s.retention, doc["id"])
         sess = self.edges.get(doc["edge"])
         if sess is not None:
             with contextlib.suppress(Exception):
@@ -318,23 +340,23 @@ class Manager:
         ended grants and their events after the retention time."""
         while True:
             now = time.time()
-            nxt = now + 30
-            for doc in list(self.grants.values()):
+            while self._timers and self._timers[0][0] <= now:
+                _, gid = heapq.heappop(self._timers)
+                doc = self.grants.get(gid)
+                if doc is None:
+                    continue
                 if doc["status"] == "active":
-                    if doc["expires_at_ts"] <= now:
+                    if doc["expires_at_ts"] <= now:  # else extended: a later entry is due
                         await self._end(doc, "expired")
-                        await self.record("expired", doc["id"])
-                    else:
-                        nxt = min(nxt, doc["expires_at_ts"])
-                elif doc["status"] in ("revoked", "expired"):
-                    end = doc.get("ended_at_ts", now) + self.s.retention
-                    if end <= now:
-                        self._purge(doc["id"])
-                    else:
-                        nxt = min(nxt, end)
+                        await self.record("expired", gid)
+                elif doc["status"] in ("revoked", "expired") and \
+                        doc.get("ended_at_ts", 0) + self.s.retention <= now:
+                    self._purge(gid)
+            self._deadline = self._timers[0][0] if self._timers else now + 30
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.05, nxt - time.time()))
+                await asyncio.wait_for(self._wake.wait(),
+                                       max(0.01, self._deadline - time.time()))
 
     def _purge(self, gid: str) -> None:
         self.grants.pop(gid, None)
@@ -506,6 +528,7 @@ def public(doc: dict[str, Any]) -> dict[str, Any]:
                                    "auth_info", "tls", "max_connections", "created_at",
                                    "inner")}
     out["expires_in"] = max(0, round(doc["expires_at_ts"] - time.time(), 1))
+    out["expires_at_ts"] = round(doc["expires_at_ts"], 3)
     return out
 
 
