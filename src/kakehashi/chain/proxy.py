@@ -32,7 +32,7 @@ from kakehashi.core import wire
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.crypto import DATAGRAM_OVERHEAD, AuthFailed, DatagramChannel, MutualAuth
 from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_in_range
-from kakehashi.core.stream import ConnClosed, FramedConn, Listener, open_tcp
+from kakehashi.core.stream import ConnClosed, FramedConn, Listener, open_tcp, refuse
 
 log = logging.getLogger("kakehashi.chain")
 
@@ -123,9 +123,10 @@ class ChainProxy:
                      session.peer_ip)
         except wire.WireError as exc:
             log.info("%s: protocol error from %s: %s", self.cfg.name, session.peer_ip, exc)
-            with contextlib.suppress(Exception):
-                await session.up.send(m.Refused(session.rid, self.cfg.name, "protocol",
-                                                exc.message[:300]))
+            # the refusal, then a clean close: unread input would turn the close into a
+            # reset that can destroy the refusal before the peer reads it
+            refuse(session.up.fc.conn, m.codec.encode(
+                m.Refused(session.rid, self.cfg.name, "protocol", exc.message[:300])))
         finally:
             session.close()
             self.sessions.discard(session)
@@ -174,9 +175,8 @@ class _Session:
             if exc.msg.hop == cfg.name:
                 log.info("%s: refused %s from %s: %s: %s", cfg.name, self.user, self.peer_ip,
                          exc.msg.reason, exc.msg.text)
-            with contextlib.suppress(Exception):
-                await self.up.send(m.Refused(self.rid, exc.msg.hop, exc.msg.reason,
-                                             exc.msg.text))
+            refuse(self.up.fc.conn, m.codec.encode(
+                m.Refused(self.rid, exc.msg.hop, exc.msg.reason, exc.msg.text)))
             return
         self.proxy.stats["accepted"] += 1
         await self.serve()

@@ -1,0 +1,333 @@
+"""The proxy chain end to end: real ``kakehashi chain`` processes configured with the TOML
+of issue 9, a UDP echo server behind three proxies on loopback, real datagrams.
+
+fw1 -> fw2 -> fw3 -> server (127.0.0.3). Checked: payloads intact in both setup modes and
+encrypted, the server sees the last proxy's P5, refusals name the hop and the reason,
+spoofed datagrams are dropped, floods of setups are bounded, hostile bytes on the control
+port change nothing, and 1,000 setups and teardowns leave the proxies' descriptors where
+they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from kakehashi.chain import messages as m
+from kakehashi.chain.forward import ForwardConfig, build_chain
+from kakehashi.chain.setup import SetupFailed
+from kakehashi.chain.tables import Hop
+from kakehashi.core import crypto, wire
+from tests.e2e.framework import Env
+from tests.support.wait import wait_until
+
+SERVER_HOST = "127.0.0.3"
+ACL = 'acl = [ { user = "alice", from = "127.0.0.0/8", ports = "any" } ]'
+
+
+class UdpEcho:
+    """The server: echoes every datagram and remembers where they came from."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((SERVER_HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.sources: set[tuple[str, int]] = set()
+        self.count = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                return
+            self.count += 1
+            self.sources.add(addr)
+            self.sock.sendto(data, addr)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def exchange(port: int, n: int, size: int, *, window: int = 32) -> int:
+    """Send ``n`` numbered datagrams with a keyed payload; count intact distinct echoes."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    ok, seen = 0, set()
+    try:
+        for base in range(0, n, window):
+            w = min(window, n - base)
+            for k in range(base, base + w):
+                head = k.to_bytes(8, "big")
+                s.sendto(head + hashlib.sha256(head).digest() * (size // 32), ("127.0.0.1", port))
+            try:
+                for _ in range(w):
+                    b = s.recv(65535)
+                    head = b[:8]
+                    if b[8:] == hashlib.sha256(head).digest() * (size // 32) and head not in seen:
+                        seen.add(head)
+                        ok += 1
+            except TimeoutError:
+                pass
+    finally:
+        s.close()
+    return ok
+
+
+class Chain:
+    """Three proxies started through the CLI with ``--config`` files."""
+
+    def __init__(self, env: Env, *, extra: dict[str, str] | None = None) -> None:
+        self.env = env
+        self.keys = {p: crypto.new_shared_key() for p in
+                     ("alice-fw1", "alice-fw2", "alice-fw3", "fw1-fw2", "fw2-fw3", "bob-fw1")}
+        self.echo = UdpEcho()
+        self.ports: dict[str, int] = {}
+        self.procs = {}
+        nxt = "direct"
+        base = 44000 + (os.getpid() % 20) * 150
+        for i in (3, 2, 1):
+            name = f"fw{i}"
+            keys = {"alice": self.keys[f"alice-{name}"]}
+            if i == 1:
+                keys["bob"] = self.keys["bob-fw1"]
+            if i > 1:
+                keys[f"fw{i - 1}"] = self.keys[f"fw{i - 1}-{name}"]
+            if i < 3:
+                keys[f"fw{i + 1}"] = self.keys[f"{name}-fw{i + 1}"]
+            lo = base + 50 * (i - 1)
+            text = "\n".join([
+                "[chain.proxy]", f'name = "{name}"', 'listen = "127.0.0.1:0"',
+                f'udp_ports = "{lo}-{lo + 49}"',
+                "keys = { " + ", ".join(f'{k} = "{v}"' for k, v in keys.items()) + " }",
+                f'routes = {{ "{SERVER_HOST}/32" = "{nxt}" }}', ACL,
+                *(f"{k} = {v}" for k, v in (extra or {}).items())]) + "\n"
+            path = env.root / f"{name}.toml"
+            path.write_text(text)
+            proc = env.spawn(name, "--config", str(path), "chain", "proxy")
+            self.procs[name] = proc
+            self.ports[name] = proc.bound_port()
+            nxt = f"{name}@127.0.0.1:{self.ports[name]}"
+
+    def alice_keys(self, **override: str) -> dict[str, str]:
+        keys = {f"fw{i}": self.keys[f"alice-fw{i}"] for i in (1, 2, 3)}
+        keys.update(override)
+        return keys
+
+    def forward_config(self, mode: str = "recursive", encrypt: bool = False, user: str = "alice",
+                       keys: dict[str, str] | None = None, to: str | None = None) -> Path:
+        keys = keys if keys is not None else self.alice_keys()
+        text = "\n".join([
+            "[chain.forward]", f'id = "{user}"',
+            "keys = { " + ", ".join(f'{k} = "{v}"' for k, v in keys.items()) + " }",
+            f'first_hop = "fw1@127.0.0.1:{self.ports["fw1"]}"',
+            f'to = "{to or f"{SERVER_HOST}:{self.echo.port}"}"',
+            'udp_listen = "127.0.0.1:0"', f'mode = "{mode}"',
+            f"encrypt = {'true' if encrypt else 'false'}"]) + "\n"
+        path = self.env.root / f"fwd-{len(self.env.procs)}.toml"
+        path.write_text(text)
+        return path
+
+    def forward(self, **kw):
+        return self.env.spawn("forward", "--config", str(self.forward_config(**kw)),
+                              "chain", "forward")
+
+    def config(self, mode="recursive", encrypt=False, **keys: str) -> ForwardConfig:
+        return ForwardConfig(
+            user="alice", keys={k: crypto.parse_shared_key(v)
+                                for k, v in self.alice_keys(**keys).items()},
+            first_hop=Hop("fw1", "127.0.0.1", self.ports["fw1"]),
+            to=(SERVER_HOST, self.echo.port), udp_listen=("127.0.0.1", 0),
+            mode=mode, encrypt=encrypt)
+
+    def close(self) -> None:
+        self.echo.close()
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    env = Env(tmp_path_factory.mktemp("chain"))
+    c = Chain(env)
+    try:
+        yield c
+    finally:
+        env.close()
+        c.close()
+
+
+@pytest.mark.parametrize(("mode", "encrypt"), [("recursive", False), ("iterative", False),
+                                               ("recursive", True), ("iterative", True)])
+def test_datagrams_cross_three_proxies_intact(chain, mode, encrypt):
+    fwd = chain.forward(mode=mode, encrypt=encrypt)
+    port = fwd.bound_port()
+    p5 = re.search(r"sees the chain at ([\d.]+):(\d+) \(P5\)", fwd.output())
+    assert p5 and "fw1 -> fw2 -> fw3" in fwd.output()
+    assert ("encrypted to fw3" in fwd.output()) == encrypt
+    assert exchange(port, 2000, 512) >= 1990
+    assert exchange(port, 20, 1400) == 20
+    # the server saw the chain's last hop (P5), the port the client was told (708)
+    assert (p5.group(1), int(p5.group(2))) in chain.echo.sources
+    fwd.stop()
+
+
+def test_wrong_key_is_refused_by_the_first_hop_named(chain):
+    fwd = chain.forward(keys=chain.alice_keys(fw1=crypto.new_shared_key()))
+    assert fwd.popen.wait(15) == 1
+    assert "refused by fw1: authentication" in fwd.output()
+
+
+def test_wrong_key_for_a_far_hop_in_iterative_mode_names_it(chain):
+    fwd = chain.forward(mode="iterative", keys=chain.alice_keys(fw2=crypto.new_shared_key()))
+    assert fwd.popen.wait(15) == 1
+    assert "refused by fw2: authentication" in fwd.output()
+
+
+def test_wrong_end_to_end_key_in_recursive_encrypted_mode_names_the_last_hop(chain):
+    fwd = chain.forward(encrypt=True, keys=chain.alice_keys(fw3=crypto.new_shared_key()))
+    assert fwd.popen.wait(15) == 1
+    assert "refused by fw3: authentication" in fwd.output()
+
+
+def test_authenticated_user_outside_the_acl_is_refused_for_access(chain):
+    fwd = chain.forward(user="bob", keys={"fw1": chain.keys["bob-fw1"]})
+    assert fwd.popen.wait(15) == 1
+    assert "refused by fw1: access" in fwd.output()
+
+
+def test_no_route_names_the_hop(chain):
+    fwd = chain.forward(to="127.0.0.9:53")
+    assert fwd.popen.wait(15) == 1
+    assert "refused by fw1: route" in fwd.output()
+
+
+async def test_spoofed_datagrams_on_data_ports_are_not_relayed(chain):
+    """The association locks to the client's first source; datagrams from any other
+    endpoint to fw1's P2 (or to the last hop's P5 from anyone but the server) go nowhere."""
+    c = await build_chain(chain.config())
+    loop = asyncio.get_running_loop()
+    try:
+        c.data_sock.sendto(b"good", c.setup.first.addr)
+        assert await asyncio.wait_for(loop.sock_recv(c.data_sock, 100), 10) == b"good"
+        before = chain.echo.count
+        spoof = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(20):
+            spoof.sendto(b"evil", c.setup.first.addr)  # to fw1's P2
+            spoof.sendto(b"evil", c.setup.last.addr)  # to fw3's P5, not from the server
+        spoof.close()
+        c.data_sock.sendto(b"again", c.setup.first.addr)
+        assert await asyncio.wait_for(loop.sock_recv(c.data_sock, 100), 10) == b"again"
+        assert chain.echo.count == before + 1  # only "again" reached the server
+    finally:
+        c.close()
+        c.data_sock.close()
+
+
+async def test_replayed_answer_is_refused(chain):
+    """An Answer recorded from one setup is worthless on another connection."""
+    loop = asyncio.get_running_loop()
+
+    async def talk(answer: m.Answer | None):
+        r, w = await asyncio.open_connection("127.0.0.1", chain.ports["fw1"])
+        w.write(wire.PREAMBLE)
+        head = await r.readexactly(4)
+        ch = m.codec.decode(await r.readexactly(wire.decode_header(head)[1]))
+        if answer is None:
+            auth = crypto.MutualAuth("initiator", "alice",
+                                     {"fw1": crypto.parse_shared_key(chain.keys["alice-fw1"])},
+                                     b"kakehashi-chain-hop")
+            answer = m.Answer(*auth.answer(ch.hop, ch.nonce))
+        w.write(m.codec.encode(answer))
+        head = await r.readexactly(4)
+        reply = m.codec.decode(await r.readexactly(wire.decode_header(head)[1]))
+        w.close()
+        return answer, reply
+
+    answer, first = await talk(None)
+    assert isinstance(first, m.Proof)
+    _, second = await talk(answer)
+    assert isinstance(second, m.Refused) and second.reason == "authentication"
+    assert second.hop == "fw1"
+    del loop
+
+
+@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\n\r\n", wire.PREAMBLE + b"\xff" * 8,
+                                     wire.PREAMBLE + wire.encode_header(wire.FrameType.CTRL, 60000),
+                                     wire.PREAMBLE + m.codec.encode(m.Extend(1)), b""])
+def test_hostile_bytes_on_the_control_port_change_nothing(chain, garbage):
+    s = socket.create_connection(("127.0.0.1", chain.ports["fw1"]), 5)
+    s.settimeout(10)
+    s.sendall(garbage)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := s.recv(4096):
+        got += chunk
+    s.close()
+    if garbage:  # a clear refusal, then the close
+        frame = wire.FrameDecoder(m.LIMITS)
+        frame.feed(got)
+        *_, refused = [m.codec.decode(f.payload) for f in frame.frames()]
+        assert isinstance(refused, m.Refused) and refused.reason == "protocol", refused
+    fwd = chain.forward()
+    assert exchange(fwd.bound_port(), 50, 64) == 50
+    fwd.stop()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_a_thousand_setups_and_teardowns_leave_no_descriptors(chain):
+    pids = [p.popen.pid for p in chain.procs.values()]
+    base = [_fds(pid) for pid in pids]
+    sem = asyncio.Semaphore(6)
+    cfgs = [chain.config(), chain.config("iterative"), chain.config(encrypt=True)]
+
+    async def one(i: int) -> None:
+        async with sem:
+            c = await build_chain(cfgs[i % 3])
+            c.close()
+            c.data_sock.close()
+
+    await asyncio.gather(*(one(i) for i in range(1000)))
+    wait_until(lambda: [_fds(pid) for pid in pids] == base, 30,
+               what=f"descriptors back to {base}")
+
+
+async def test_a_flood_of_setups_is_bounded_per_user(tmp_path):
+    env = Env(tmp_path)
+    c = Chain(env, extra={"max_per_user": "3"})
+    held = []
+    try:
+        for _ in range(3):
+            held.append(await build_chain(c.config()))
+        with pytest.raises(SetupFailed) as err:
+            await build_chain(c.config())
+        assert err.value.reason == "limit" and err.value.hop == "fw1"
+        held.pop().close()  # a slot frees when a session ends
+        held.append(await wait_for_setup(c))
+    finally:
+        for h in held:
+            h.close()
+            h.data_sock.close()
+        env.close()
+        c.close()
+
+
+async def wait_for_setup(c: Chain):
+    for _ in range(200):
+        try:
+            return await build_chain(c.config())
+        except SetupFailed as exc:
+            if exc.reason != "limit":
+                raise
+            await asyncio.sleep(0.02)  # the proxy notices the close on its next loop turn
+    raise AssertionError("the slot was never released")
