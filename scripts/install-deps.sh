@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PACKAGES=(
   openssh-server openssh-client iperf3 socat haproxy nftables iproute2 procps
-  redis-server tinyproxy wrk curl chromium
+  redis-server tinyproxy wrk curl chromium dnsmasq-base dnsutils
 )
 
 SUDO=()
@@ -26,7 +26,7 @@ declare -A COMMAND_OF=(
   [openssh-server]=sshd [openssh-client]=ssh [iperf3]=iperf3 [socat]=socat
   [haproxy]=haproxy [nftables]=nft [iproute2]=ip [procps]=sysctl
   [redis-server]=redis-server [tinyproxy]=tinyproxy [wrk]=wrk [curl]=curl
-  [chromium]=chromium
+  [chromium]=chromium [dnsmasq-base]=dnsmasq [dnsutils]=dig
 )
 
 have_package() {

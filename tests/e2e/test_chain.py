@@ -11,10 +11,13 @@ they were.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import hashlib
 import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from kakehashi.chain.forward import ForwardConfig, build_chain
 from kakehashi.chain.setup import SetupFailed
 from kakehashi.chain.tables import Hop
 from kakehashi.core import crypto, wire
-from tests.e2e.framework import Env
+from tests.e2e.framework import Env, free_port
 from tests.support.wait import wait_until
 
 SERVER_HOST = "127.0.0.3"
@@ -331,3 +334,26 @@ async def wait_for_setup(c: Chain):
                 raise
             await asyncio.sleep(0.02)  # the proxy notices the close on its next loop turn
     raise AssertionError("the slot was never released")
+
+
+@pytest.mark.skipif(not (shutil.which("dnsmasq") and shutil.which("dig")),
+                    reason="needs dnsmasq and dig (scripts/install-deps.sh)")
+@pytest.mark.parametrize(("mode", "encrypt"), [("recursive", False), ("iterative", True)])
+def test_dig_through_the_chain_to_dnsmasq(chain, mode, encrypt):
+    """A real DNS client and a real DNS server, neither aware of the chain."""
+    port = free_port()
+    dns = chain.env.spawn(
+        "dnsmasq", "dnsmasq", "--no-daemon", f"--port={port}", f"--listen-address={SERVER_HOST}",
+        "--bind-interfaces", "--no-resolv", "--no-hosts", "--pid-file=",
+        f"--user={getpass.getuser()}", "--address=/pi.lab.example/10.3.0.22", "--log-queries",
+        raw=True)
+    dns.wait_for("started")
+    fwd = chain.forward(mode=mode, encrypt=encrypt, to=f"{SERVER_HOST}:{port}")
+    listen = fwd.bound_port()
+    for _ in range(3):  # each dig uses a new source port: the forward follows it
+        out = subprocess.run(["dig", "@127.0.0.1", "-p", str(listen), "pi.lab.example",
+                              "+short", "+tries=1", "+time=5"], capture_output=True, timeout=30)
+        assert out.stdout.decode().strip() == "10.3.0.22", out
+    dns.wait_for("query[A] pi.lab.example")
+    fwd.stop()
+    dns.stop()

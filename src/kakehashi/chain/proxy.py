@@ -209,11 +209,13 @@ class _Session:
             raise self.refusal("access", f"{cfg.name}'s access control does not admit user "
                                          f"{req.user!r} from {origin}")
         self.audit("access", True, user=req.user, origin=str(origin), by=peer)
-        why = self.proxy.limits.admit(req.user, self.peer_ip)
+        # the per-address bound counts the client's address, not a neighbour proxy's
+        # (which carries every user behind it)
+        why = self.proxy.limits.admit(req.user, origin.host)
         if why:
             self.audit("limit", False, user=req.user, why=why)
             raise self.refusal("limit", f"{cfg.name}: {why}")
-        self.slot = (req.user, self.peer_ip)
+        self.slot = (req.user, origin.host)
         # 604/905: is another proxy needed?
         found, hop = cfg.routes.lookup(req.server.host)
         if not found:
