@@ -312,6 +312,9 @@ def _env_gateway(self: Env, *allow: str, extra: tuple[str, ...] | list[str] = ()
             "--access-log", str(self.root / "access.jsonl")]
     for item in allow:
         args += ["--allow-target", item]
+    lane = getattr(self, "gateway_fast_lane", None)  # set per test by gateway_fixtures
+    if lane is not None and "--fast-lane" not in extra:
+        args += ["--fast-lane", lane]
     proc = self.spawn(name, *args, *extra, env=env)
     return proc, proc.bound_port()
 

@@ -43,7 +43,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from kakehashi.core import tls
+from tests.e2e.framework import Env
 
 BIG_SIZE = 20 * 1024 * 1024
 GZIP_TEXT = b"".join(b"line %04d of the decoded gzip text\n" % i for i in range(2000))
@@ -476,3 +479,12 @@ def plain(port: int) -> list[str]:
     """Client options for a gateway on loopback ``port``, in plaintext (the e2e gateways
     accept both; TLS to the gateway has its own tests)."""
     return ["--server", f"127.0.0.1:{port}", "--tls", "off"]
+
+
+@pytest.fixture(params=["on", "off"], ids=["lane-on", "lane-off"], autouse=True)
+def fast_lane(request, monkeypatch):
+    """Every gateway a test starts (``env.gateway``) runs with ``--fast-lane on``, and
+    the test runs again with it off: the coroutine path alone must behave the same
+    (both drive the one GatewayConnection). Active in the test files that import it."""
+    monkeypatch.setattr(Env, "gateway_fast_lane", request.param, raising=False)
+    return request.param

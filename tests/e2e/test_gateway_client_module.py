@@ -18,7 +18,12 @@ import pytest
 
 from tests.e2e import sshd
 from tests.e2e.framework import stream_through, wait_until
-from tests.e2e.gateway_fixtures import curl, origin, plain
+from tests.e2e.gateway_fixtures import (
+    curl,
+    fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
+    origin,
+    plain,
+)
 
 
 def _forward(env, gw: int, to: str):

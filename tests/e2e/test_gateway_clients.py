@@ -25,6 +25,7 @@ from tests.e2e.gateway_fixtures import (
     ca_path,
     curl,
     ensure_chromium,
+    fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
     https_context,
     origin,
     raw_exchange,

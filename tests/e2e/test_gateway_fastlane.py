@@ -18,7 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.e2e.gateway_fixtures import CHUNKS, origin, raw_exchange
+from tests.e2e.gateway_fixtures import (
+    CHUNKS,
+    fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
+    origin,
+    raw_exchange,
+)
 from tests.support.wait import wait_until
 
 

@@ -9,7 +9,14 @@ import struct
 
 import pytest
 
-from tests.e2e.gateway_fixtures import body_of, ca_path, origin, raw_exchange, status_of
+from tests.e2e.gateway_fixtures import (
+    body_of,
+    ca_path,
+    fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
+    origin,
+    raw_exchange,
+    status_of,
+)
 
 #: methods outside the old fixed list: WebDAV, CalDAV, caches, links, SSDP, RFC 9xxx QUERY
 METHODS = ["PROPFIND", "MKCOL", "REPORT", "MKCALENDAR", "SEARCH", "PURGE", "LINK", "M-SEARCH",

@@ -11,7 +11,12 @@ import threading
 import pytest
 
 from tests.e2e.framework import roundtrip, stream_through
-from tests.e2e.gateway_fixtures import ca_path, curl, origin
+from tests.e2e.gateway_fixtures import (
+    ca_path,
+    curl,
+    fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
+    origin,
+)
 
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])

@@ -13,6 +13,7 @@ from tests.e2e.framework import free_port
 from tests.e2e.gateway_fixtures import (
     body_of,
     curl,
+    fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
     origin,
     raw_exchange,
     status_of,

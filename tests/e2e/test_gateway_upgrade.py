@@ -20,7 +20,11 @@ import pytest
 websockets_sync = pytest.importorskip("websockets.sync.server")
 from websockets.sync.client import connect as ws_connect  # noqa: E402
 
-from tests.e2e.gateway_fixtures import origin, plain  # noqa: E402
+from tests.e2e.gateway_fixtures import (  # noqa: E402
+    fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
+    origin,
+    plain,
+)
 
 
 @contextlib.contextmanager

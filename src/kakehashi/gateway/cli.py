@@ -99,12 +99,16 @@ db_option = opt.db_option(default_db, "gateway.db",
 @opt.audit_log_option
 @click.option("--access-log", type=click.Path(dir_okay=False),
               help="Append one JSON line per request to this file.")
+@click.option("--fast-lane", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Serve kept-alive requests from readiness callbacks (off: every request "
+                   "by the coroutine path; the same decisions, slower).")
 @click.pass_context
 def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, auth,
           insecure_auth, login_lockout, relay, via_name,
           gzip_decode, publishers, durable_events, event_keep, event_max_age, head_timeout,
           idle_timeout, connect_timeout, read_timeout,
-          max_connections, max_per_client, upstream_idle, audit_log, access_log) -> None:
+          max_connections, max_per_client, upstream_idle, audit_log, access_log,
+          fast_lane) -> None:
     """Run the gateway: HTTP proxy, CONNECT tunnels and events on one port."""
     host, port = opt.hostport(listen, "--listen", DEFAULT_PORT)
     if auth and tls_mode == "off" and not insecure_auth:
@@ -125,7 +129,8 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
     settings = GatewaySettings(via_name=via_name, head_timeout=head_timeout,
                                idle_timeout=idle_timeout, connect_timeout=connect_timeout,
                                read_timeout=read_timeout, gzip_decode=gzip_decode,
-                               upstream_idle=max(upstream_idle, 0.0))
+                               upstream_idle=max(upstream_idle, 0.0),
+                               fast_lane=fast_lane == "on")
     if nets:
         settings.publishers = nets
     store = open_store(db)

@@ -12,8 +12,12 @@ with Content-Length (small) or no body.
 Everything else is handed back to the coroutine path in the state reached
 (:class:`~kakehashi.gateway.exchange.Handoff`): a new target or user, CONNECT,
 the gateway's own endpoints, ``Expect``, chunked or large bodies, interim
-responses, gzip decoding, errors. So every decision has one implementation, and
-the fast lane is only a quicker way through the common case.
+responses, gzip decoding, errors. Every decision - which requests and responses
+the lane takes, the target and upstream, retry, keep-alive, what a timeout or an
+EOF means - is asked of the connection's sans-IO
+:class:`~kakehashi.gateway.connection.GatewayConnection`, the same object the
+coroutine path asks, so the fast lane is only a quicker way through the common
+case. What it needs of the server is the :class:`LaneHost` interface.
 
 Limits hold here as in the coroutine path: the head limits of ``HeadReader``,
 bounded output buffering (reading stops while the client is not reading), and one
@@ -25,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kakehashi.core.stream import SMALL_CHUNK, Conn
 from kakehashi.gateway import http
+from kakehashi.gateway.allow import Decision
+from kakehashi.gateway.connection import REFUSE, SERVE, TAKE_POOLED, GatewayConnection
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
-from kakehashi.gateway.pool import binds_request, binds_response, still_idle
+from kakehashi.gateway.pool import UpstreamPool, binds_request, binds_response, still_idle
 from kakehashi.gateway.quick import (
     QuickRequest,
     QuickResponse,
@@ -38,17 +44,27 @@ from kakehashi.gateway.quick import (
     quick_response,
 )
 
-if TYPE_CHECKING:
-    from kakehashi.gateway.server import GatewayServer
-
-#: a response body larger than this (beyond what arrived with its head) goes to
-#: the coroutine path, whose pump splices it kernel to kernel
-FAST_BODY_MAX = 64 * 1024
-#: requests that may be sent again on a fresh connection when a kept-alive upstream
-#: closes before answering (RFC 9110 9.2.2, RFC 9112 9.3.1)
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-
 READ_HEAD, WAIT_RESPONSE, BODY = range(3)
+
+
+class LaneHost(Protocol):
+    """What the fast lane needs of the server: I/O services, no decisions."""
+
+    pool: UpstreamPool
+
+    def cached_user(self, header: bytes | None) -> str | None:
+        """The proxy user of credentials verified recently (no waiting), else None."""
+
+    def record_decision(self, decision: Decision, host: str, port: int, user: str,
+                        conn: Conn) -> None:
+        """Audit an allow-list decision."""
+
+    def log_request(self, conn: Conn, head: http.RequestHead | QuickRequest, status: int,
+                    size: int, start: float, user: str, target: str) -> None:
+        """One access-log line."""
+
+    def send_batcher(self) -> SendBatcher:
+        """The shared end-of-pass sender."""
 
 
 class SendBatcher:
@@ -78,24 +94,22 @@ class SendBatcher:
 class FastLane:
     """Serves one client connection's requests until one needs the coroutine path."""
 
-    def __init__(self, server: GatewayServer, conn: Conn, upstream: Upstream | None, *,
-                 first: bool = False) -> None:
-        self.server = server
-        self.settings = server.settings
+    def __init__(self, host: LaneHost, gc: GatewayConnection, conn: Conn) -> None:
+        self.host = host
+        self.gc = gc
+        self.policy = policy = gc.policy
+        self.via = policy.via
+        self.limits = policy.limits
         self.loop = asyncio.get_running_loop()
         self.conn = conn
         self.csock: socket.socket = conn.sock
         self.cfd = conn.sock.fileno()
-        self.upstream: Upstream | None = None
         self.usock: socket.socket | None = None
         self.ufd = -1
-        if upstream is not None:
-            self._set_upstream(upstream)
-        #: no request seen on this connection yet (the head timeout applies, and a
-        #: silent connection gets a 408 rather than a quiet close)
-        self.first = first
-        self.reader = http.HeadReader(self.settings.limits)  # the client's requests
-        self.rreader = http.HeadReader(self.settings.limits)  # the upstream's responses
+        if gc.upstream is not None:
+            self._watch_upstream(gc.upstream)
+        self.reader = http.HeadReader(self.limits)  # the client's requests
+        self.rreader = http.HeadReader(self.limits)  # the upstream's responses
         self.state = READ_HEAD
         self.exchange: Exchange | None = None
         #: the request in flight when it took the quick common case (gateway.quick):
@@ -111,7 +125,7 @@ class FastLane:
         self.remaining = 0
         self.spoiled = False  # the upstream sent bytes beyond its response
         self.body_sent = False  # the request in flight had a body (not repeatable)
-        self.batcher: SendBatcher = server.send_batcher()
+        self.batcher: SendBatcher = host.send_batcher()
         self.cq: list[bytes] = []  # for the client, sent at the end of this loop pass
         self.uq: list[bytes] = []  # for the upstream, likewise
         self.queued = False
@@ -133,23 +147,24 @@ class FastLane:
         """The upstream (if any) is between exchanges: nothing sent or owed."""
         return self.state == READ_HEAD and not self.uq and not self.up_out
 
-    async def run(self) -> tuple[Handoff, Upstream | None]:
+    async def run(self) -> Handoff:
+        """Serve until a request needs the coroutine path; the upstream stays the
+        connection's (``gc.upstream``)."""
         conn = self.conn
         if conn.has_pushback:
             self.reader.feed(conn.take_pushback(conn.pushback_size))
-        up = self.upstream
+        up = self.gc.upstream
         if up is not None and not still_idle(up.conn):
             # stray bytes (say a body sent after a HEAD answer) or a close since the
             # coroutine's exchange: the next request must not read them as its answer
             self._drop_upstream()
-        self._arm(self.settings.head_timeout if self.first else self.settings.idle_timeout)
+        self._arm(self.gc.request_timeout)
         self._resume()
         self._next_request()
         try:
-            handoff = await self.fut
+            return await self.fut
         finally:
             self._unregister()
-        return handoff, self.upstream
 
     # -- registration ------------------------------------------------------------
     def _resume(self) -> None:
@@ -157,10 +172,10 @@ class FastLane:
         if self.fut.done() or self.out or self.up_out:
             return
         if not self.c_reading and not self.client_eof \
-                and self.reader.buffered <= self.settings.limits.max_head:
+                and self.reader.buffered <= self.limits.max_head:
             self.loop.add_reader(self.cfd, self._on_client)
             self.c_reading = True
-        if not self.u_reading and self.upstream is not None:
+        if not self.u_reading and self.usock is not None:
             self.loop.add_reader(self.ufd, self._on_upstream)
             self.u_reading = True
 
@@ -177,7 +192,7 @@ class FastLane:
         if self.writing:
             self.loop.remove_writer(self.cfd)
             self.writing = False
-        if self.up_writing and self.upstream is not None:
+        if self.up_writing and self.usock is not None:
             self.loop.remove_writer(self.ufd)
         self.up_writing = False
         if self.timer is not None:
@@ -198,27 +213,27 @@ class FastLane:
         self._unregister()
         self.fut.set_result(handoff)
 
-    def _set_upstream(self, upstream: Upstream) -> None:
-        self.upstream = upstream
+    def _watch_upstream(self, upstream: Upstream) -> None:
         self.usock = upstream.conn.sock
         self.ufd = upstream.conn.sock.fileno()
 
-    def _drop_upstream(self, *, keep: bool = False) -> None:
-        """Let go of the upstream: closed, or (``keep``, when it is clean) pooled."""
-        if self.upstream is None:
-            return
+    def _unwatch_upstream(self) -> None:
         if self.u_reading:
             self.loop.remove_reader(self.ufd)
             self.u_reading = False
         if self.up_writing:
             self.loop.remove_writer(self.ufd)
             self.up_writing = False
-        if keep:
-            self.server.pool.release(self.upstream)
-        else:
-            self.upstream.conn.close()
-        self.upstream = None
+        self.usock = None
+        self.ufd = -1
         self.uq = []
+
+    def _drop_upstream(self) -> None:
+        """Let go of the upstream (failed, stale or not to be kept): closed."""
+        up = self.gc.detach()
+        if up is not None:
+            self._unwatch_upstream()
+            up.conn.close()
 
     # -- timeouts: one timer, re-armed only when a deadline comes closer ----------
     def _arm(self, seconds: float) -> None:
@@ -242,10 +257,8 @@ class FastLane:
             self.cq = []
             return self._finish(Handoff("abort", reason="client stopped reading"))
         if self.state == READ_HEAD:
-            if self.reader.buffered or self.first:
-                return self._finish(Handoff("error", error=http.HTTPError(
-                    408, "request head not received in time")))
-            return self._finish(Handoff("eof"))
+            error = self.gc.idle_end(self.reader.buffered, eof=False)
+            return self._finish(Handoff("error", error=error) if error else Handoff("eof"))
         self._drop_upstream()
         if self.state == WAIT_RESPONSE:
             return self._finish(Handoff("error", head=self._head(), error=http.HTTPError(
@@ -260,7 +273,7 @@ class FastLane:
         """The exchange in flight (built from the quick request's bytes on demand)."""
         q = self.quick
         if self.exchange is None and q is not None:
-            limits = self.settings.limits
+            limits = self.limits
             self.exchange = Exchange(http.parse_request(self.quick_raw, limits),
                                      http.parse_request(q.out[:-4], limits), q.dest,
                                      self.quick_user, self.quick_start)
@@ -280,23 +293,21 @@ class FastLane:
                 self.loop.remove_reader(self.cfd)
                 self.c_reading = False
             if self.state == READ_HEAD:
-                if self.reader.buffered:
-                    return self._finish(Handoff("error", error=http.HTTPError(
-                        400, "connection closed in the middle of a head")))
-                return self._finish(Handoff("eof"))
+                error = self.gc.idle_end(self.reader.buffered, eof=True)
+                return self._finish(Handoff("error", error=error) if error else Handoff("eof"))
             return None  # the response in flight is still delivered (half-close)
         if self.state == READ_HEAD and not self.reader.buffered \
                 and data.find(b"\r\n\r\n") == len(data) - 4 and data[:2] != b"\r\n" \
                 and not (self.out or self.pending or self.fut.done()):
             # exactly one whole head, the usual keep-alive request: no reader needed
             raw = data[:-4]
-            quick = quick_request(raw, self.server.via, self.settings.limits)
+            quick = quick_request(raw, self.via, self.limits)
             if quick is not None:
                 return self._start_quick(quick, raw)
         self.reader.feed(data)
         if self.state == READ_HEAD:
             self._next_request()
-        elif self.reader.buffered > self.settings.limits.max_head and self.c_reading:
+        elif self.reader.buffered > self.limits.max_head and self.c_reading:
             self.loop.remove_reader(self.cfd)  # pipelining ahead: wait for our turn
             self.c_reading = False
 
@@ -306,15 +317,15 @@ class FastLane:
             return
         if not self.reader.buffered:  # the usual case after a response: wait
             return self._finish(Handoff("eof")) if self.client_eof else self._resume()
-        limits = self.settings.limits
+        limits = self.limits
         try:
             raw = self.reader.next_raw(skip_blank=True)
             if raw is None:
                 if self.client_eof:
-                    return self._finish(Handoff("error", error=http.HTTPError(
-                        400, "connection closed in the middle of a head")))
+                    return self._finish(Handoff("error", error=self.gc.idle_end(
+                        self.reader.buffered, eof=True)))
                 return self._resume()
-            quick = quick_request(raw, self.server.via, limits)
+            quick = quick_request(raw, self.via, limits)
             if quick is not None:
                 return self._start_quick(quick, raw)
             head = http.parse_request(raw, limits)
@@ -324,88 +335,78 @@ class FastLane:
 
     def _start_quick(self, q: QuickRequest, raw: bytes) -> None:
         """The common case: checks from the connection's caches, then one send."""
-        server = self.server
-        user: str | None = "-"
-        if server.auth is not None:
-            user = server.auth.cached(q.auth)
-        ready = self._upstream_for(q.dest, user) if user is not None else False
+        user = self.host.cached_user(q.auth) if self.policy.auth else "-"
+        ready = self._route(q.dest, user)
         if ready is not True:
-            head = http.parse_request(raw, self.settings.limits)
+            head = http.parse_request(raw, self.limits)
             if isinstance(ready, http.HTTPError):  # refused by the allow-list (audited)
-                server.requests += 1
+                self.gc.started()
                 return self._finish(Handoff("error", head=head, error=ready))
             return self._finish(Handoff("head", head=head))
-        self.first = False
-        server.requests += 1
+        self.gc.started()
+        up = self.gc.upstream
+        assert up is not None and user is not None
         if binds_request(q.out):
-            self.upstream.private = True  # type: ignore[union-attr]
+            up.private = True
         self.quick, self.quick_raw = q, raw
-        self.quick_user, self.quick_start = user or "-", time.monotonic()
+        self.quick_user, self.quick_start = user, time.monotonic()
         self.exchange = None
         self.body_sent = False
         self.state = WAIT_RESPONSE
-        self._arm(self.settings.read_timeout)
+        self._arm(self.policy.read_timeout)
         self._to_upstream(q.out)
 
-    def _upstream_for(self, dest: http.Target, user: str) -> bool | http.HTTPError:
-        """Make ``self.upstream`` the checked connection for ``dest``, if that needs no
-        waiting: the decision already made on this connection, or - for an address
-        literal - made (and audited) now with a pooled connection to take. Returns
-        True when ready, the 403 to answer when refused, False to leave the request
-        to the coroutine path (a name to resolve, a connection to open)."""
-        up = self.upstream
+    def _route(self, dest: http.Target, user: str | None) -> bool | http.HTTPError:
+        """Carry out the connection's :meth:`~GatewayConnection.lane_route`: True when
+        the upstream is ready for ``dest``, the 403 to answer when refused, False to
+        leave the request to the coroutine path."""
+        gc = self.gc
         host, port = dest.host, dest.port
-        if up is not None:
-            address = up.decided.get((host, port, user))
-            if address is not None and up.key == (address, port):
-                return True
-        server = self.server
-        decision = server.allow.decide_literal(host, port)
+        route = gc.lane_route(host, port, user, self.host.pool.has)
+        action, decision = route
+        if action == SERVE and decision is None:
+            return True  # the usual case: decided on this connection before
         if decision is None:
-            return False  # a name: resolving it needs the coroutine path
-        if decision.allowed:
+            return False
+        assert user is not None
+        if action == TAKE_POOLED:
             assert decision.address is not None
             key = (decision.address, port)
-            if not (up is not None and up.key == key) and not server.pool.has((*key, user)):
-                return False  # a connect is needed: the coroutine path opens it
-        server.record_decision(decision, host, port, user, self.conn)
-        if not decision.allowed:
-            return http.HTTPError(403, decision.reason)
-        if up is None or up.key != key:
-            pooled = server.pool.take((*key, user))
+            pooled = self.host.pool.take((*key, user))
             if pooled is None:  # gone stale since has(): let the coroutine connect
                 return False
-            if up is not None:
-                self._drop_upstream(keep=True)  # clean (between exchanges): pooled
-            self._set_upstream(Upstream(key, pooled))
+            self.host.record_decision(decision, host, port, user, self.conn)
+            old = gc.attach(Upstream(key, pooled), fresh=False)
+            if old is not None:  # clean (between exchanges): pooled
+                self._unwatch_upstream()
+                self.host.pool.release(old)
+            self._watch_upstream(gc.upstream)  # type: ignore[arg-type]
             self._resume()
-        assert self.upstream is not None
-        self.upstream.decided[(host, port, user)] = decision.address
+        else:
+            self.host.record_decision(decision, host, port, user, self.conn)
+            if action == REFUSE:
+                return http.HTTPError(403, decision.reason)
+        assert decision.address is not None
+        gc.remember(host, port, user, decision.address)
         return True
 
     def _start(self, head: http.RequestHead) -> None:
         """Send ``head`` upstream if the fast lane can serve it, else hand it over."""
-        server = self.server
-        up = self.upstream
-        lower = head.headers._lower
-        if up is None or head.method == b"CONNECT" or b"expect" in lower or b"upgrade" in lower:
+        gc = self.gc
+        if not gc.lane_takes_request(head):
             return self._finish(Handoff("head", head=head))
         try:
-            target, framing, out_head = http.relay_request(head, server.via)
+            target, framing, out_head = http.relay_request(head, self.via)
             if target.form != "absolute":
                 return self._finish(Handoff("head", head=head))
-            user = "-"
-            if server.auth is not None:
-                user = server.auth.cached(head.headers.get(b"proxy-authorization"))
-                if user is None:
-                    return self._finish(Handoff("head", head=head))
-            address = up.decided.get((target.host, target.port, user))
-            if address is None or up.key != (address, target.port):
+            user = self.host.cached_user(head.headers.get(b"proxy-authorization")) \
+                if self.policy.auth else "-"
+            if self._route(target, user) is not True or \
+                    not gc.lane_takes_body(framing, self.reader.buffered):
                 return self._finish(Handoff("head", head=head))
+            assert user is not None
             body = b""
             if framing != http.NO_BODY:
-                if framing[0] != "length" or framing[1] > self.reader.buffered:  # type: ignore[misc]
-                    return self._finish(Handoff("head", head=head))
                 rest = self.reader.take_rest()
                 body, rest = rest[: framing[1]], rest[framing[1]:]  # type: ignore[misc]
                 if rest:
@@ -413,15 +414,16 @@ class FastLane:
         except http.HTTPError:
             # the coroutine path repeats the check and answers with the error
             return self._finish(Handoff("head", head=head))
-        server.requests += 1
-        self.first = False
+        gc.started()
+        up = gc.upstream
+        assert up is not None
         if binds_request(head):
             up.private = True
         self.body_sent = bool(body)
         self.quick = None
         self.exchange = Exchange(head, out_head, target, user, time.monotonic())
         self.state = WAIT_RESPONSE
-        self._arm(self.settings.read_timeout)
+        self._arm(self.policy.read_timeout)
         self._to_upstream(out_head.serialize() + body if body else out_head.serialize())
 
     def _to_client(self, data: bytes) -> None:
@@ -473,7 +475,7 @@ class FastLane:
             self._pause()
             self.loop.add_writer(self.cfd, self._on_client_writable)
             self.writing = True
-            self._arm(self.settings.idle_timeout)
+            self._arm(self.policy.idle_timeout)
 
     def _on_client_writable(self) -> None:
         try:
@@ -486,20 +488,21 @@ class FastLane:
             return self._finish(Handoff("abort", reason=f"client: {exc}"))
         self.out = self.out[n:]
         if self.out:
-            self._arm(self.settings.idle_timeout)
+            self._arm(self.policy.idle_timeout)
             return
         self.loop.remove_writer(self.cfd)
         self.writing = False
         if self.pending is not None:
             handoff, self.pending = self.pending, None
             return self._finish(handoff)
-        self._arm(self.settings.idle_timeout if self.state == READ_HEAD
-                  else self.settings.read_timeout)
+        self._arm(self.policy.idle_timeout if self.state == READ_HEAD
+                  else self.policy.read_timeout)
         self._resume()
         self._next_request()
 
     # -- the upstream's side -------------------------------------------------------
     def _send_upstream(self, data: bytes) -> None:
+        assert self.usock is not None
         try:
             n = self.usock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -513,6 +516,7 @@ class FastLane:
             self.up_writing = True
 
     def _on_upstream_writable(self) -> None:
+        assert self.usock is not None
         try:
             n = self.usock.send(self.up_out)
         except (BlockingIOError, InterruptedError):
@@ -526,6 +530,7 @@ class FastLane:
             self._resume()
 
     def _on_upstream(self) -> None:
+        assert self.usock is not None
         try:
             data = self.usock.recv(SMALL_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -556,10 +561,10 @@ class FastLane:
         if self.state == WAIT_RESPONSE:
             ex = self._current()
             assert ex is not None
-            if not self.rreader.buffered and ex.head.method in IDEMPOTENT \
-                    and not self.body_sent:
-                # closed before answering: send the request again on a fresh connection
-                self.server.requests -= 1
+            if self.gc.may_retry(ex.head.method, head_sent=True, body_sent=self.body_sent,
+                                 answered=bool(self.rreader.buffered)):
+                # closed before answering: the coroutine sends it again (fresh connection)
+                self.gc.withdrawn()
                 return self._finish(Handoff("head", head=ex.head))
             why = "connection closed in the middle of a head" if self.rreader.buffered \
                 else "upstream closed without answering"
@@ -568,7 +573,6 @@ class FastLane:
         return self._finish(Handoff("abort", reason="upstream closed in the middle of a body"))
 
     def _response(self) -> None:
-        assert self.upstream is not None
         q = self.quick
         try:
             raw = self.rreader.next_raw(skip_blank=False)
@@ -578,28 +582,21 @@ class FastLane:
                 quick = self._quick_response(raw, self.rreader.buffered)
                 if quick is not None:
                     return self._send_quick(quick, self.rreader.take_rest())
-            resp = http.parse_response(raw, self.settings.limits)
+            resp = http.parse_response(raw, self.limits)
         except http.HTTPError as exc:
             self._drop_upstream()
             return self._finish(Handoff("error", head=self._head(),
                                         error=http._as_upstream_error(exc)))
         ex = self._current()
         assert ex is not None
-        if resp.status < 200 or self.settings.gzip_decode:
-            return self._hand_response(resp)
         try:
-            relayed = http.relay_response(resp, self.server.via, ex.head, ex.out_head)
+            relayed = http.relay_response(resp, self.via, ex.head, ex.out_head)
         except http.HTTPError:
             return self._hand_response(resp)  # the coroutine path reports it
         framing = relayed.framing
-        if framing[0] == "length":
-            n: int = framing[1]  # type: ignore[misc]
-        elif framing == http.NO_BODY:
-            n = 0
-        else:
+        if not self.gc.lane_takes_response(resp.status, framing, self.rreader.buffered):
             return self._hand_response(resp)
-        if n - self.rreader.buffered > FAST_BODY_MAX:
-            return self._hand_response(resp)
+        n: int = framing[1] if framing[0] == "length" else 0  # type: ignore[misc]
         rest = self.rreader.take_rest()
         self.client_keep = relayed.client_keep
         self.upstream_keep = relayed.upstream_keep
@@ -609,10 +606,10 @@ class FastLane:
         """The common case for the quick request in flight (``arrived``: body bytes
         already here), unless its body is big enough for the coroutine's pump."""
         q = self.quick
-        if q is None or self.settings.gzip_decode:
+        if q is None:
             return None
-        quick = quick_response(raw, self.server.via, q.method, q.close, self.settings.limits)
-        if quick is None or quick.length - arrived > FAST_BODY_MAX:
+        quick = quick_response(raw, self.via, q.method, q.close, self.limits)
+        if quick is None or not self.gc.lane_takes_quick_response(quick.length, arrived):
             return None
         return quick
 
@@ -627,8 +624,9 @@ class FastLane:
         with the upstream's head)."""
         self.status = status
         self.size = n
-        if binds_response(head) and self.upstream is not None:
-            self.upstream.private = True  # connection-based auth: never pooled
+        up = self.gc.upstream
+        if up is not None and binds_response(head):
+            up.private = True  # connection-based auth: never pooled
         if len(rest) >= n:
             self.spoiled = len(rest) > n
             self._to_client(head + rest[:n] if n else head)
@@ -636,13 +634,14 @@ class FastLane:
         self._to_client(head + rest)
         self.remaining = n - len(rest)
         self.state = BODY
-        self._arm(self.settings.read_timeout)
+        self._arm(self.policy.read_timeout)
 
     def _hand_response(self, resp: http.ResponseHead) -> None:
-        assert self.upstream is not None
+        up = self.gc.upstream
+        assert up is not None
         rest = self.rreader.take_rest()
         if rest:
-            self.upstream.conn.unread(rest)
+            up.conn.unread(rest)
         ex = self._current()
         self._finish(Handoff("response", head=ex.head if ex else None, exchange=ex,
                              response=resp))
@@ -655,26 +654,29 @@ class FastLane:
         self._to_client(data)
         if self.remaining == 0:
             return self._complete()
-        self._arm(self.settings.read_timeout)
+        self._arm(self.policy.read_timeout)
 
     def _complete(self) -> None:
         q, ex = self.quick, self.exchange
         if ex is not None:
-            self.server._log(self.conn, ex.head, self.status, self.size, ex.start, ex.user,
-                             ex.where)
+            self.host.log_request(self.conn, ex.head, self.status, self.size, ex.start,
+                                  ex.user, ex.where)
         elif q is not None:
-            self.server._log(self.conn, q, self.status, self.size, self.quick_start,
-                             self.quick_user, f"{q.dest.host}:{q.dest.port}")
-        if self.spoiled or not self.upstream_keep:
-            self._drop_upstream()
+            self.host.log_request(self.conn, q, self.status, self.size, self.quick_start,
+                                  self.quick_user, f"{q.dest.host}:{q.dest.port}")
+        keep, drop = self.gc.done(client_keep=self.client_keep,
+                                  upstream_keep=self.upstream_keep, spoiled=self.spoiled)
+        if drop is not None:
+            self._unwatch_upstream()
+            drop.conn.close()
         self.spoiled = False
         self.exchange = self.quick = None
         self.state = READ_HEAD
         if self.fut.done():
             return None
-        if not self.client_keep:
+        if not keep:
             return self._finish(Handoff("close"))
-        self._arm(self.settings.idle_timeout)
+        self._arm(self.policy.idle_timeout)
         self._resume()
         self._next_request()
         return None

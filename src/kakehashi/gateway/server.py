@@ -34,10 +34,11 @@ from kakehashi.core.pump import Transfer, pump_raw
 from kakehashi.core.stream import Conn, ConnClosed, open_tcp
 from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList, Decision
+from kakehashi.gateway.connection import LOCAL, TUNNEL, GatewayConnection, Policy
 from kakehashi.gateway.event_endpoint import LocalEndpoints
 from kakehashi.gateway.events import EventHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
-from kakehashi.gateway.fastlane import IDEMPOTENT, FastLane, SendBatcher
+from kakehashi.gateway.fastlane import FastLane, SendBatcher
 from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
 from kakehashi.gateway.pool import UpstreamPool, binds_request, binds_response, still_idle
 from kakehashi.gateway.proxyauth import ProxyAuth
@@ -61,8 +62,19 @@ class GatewaySettings:
     #: seconds an idle upstream connection is kept for other client connections
     #: (0: every client connection opens its own)
     upstream_idle: float = 4.0
+    #: serve kept-alive requests from readiness callbacks (False: all by coroutine)
+    fast_lane: bool = True
     publishers: list = field(default_factory=lambda: list(LOOPBACK))
     limits: http.HeadLimits = field(default_factory=http.HeadLimits)
+
+
+class _NoHead(Exception):
+    """The wait for a request head ended without one (``eof``: the client closed,
+    else the time ran out); what it means is the connection's call (idle_end)."""
+
+    def __init__(self, *, eof: bool) -> None:
+        super().__init__("no request head")
+        self.eof = eof
 
 
 class ClosedBeforeAnswer(http.HTTPError):
@@ -85,9 +97,12 @@ class GatewayServer:
         self.audit = audit or AuditLog(system="gateway")
         self.local = LocalEndpoints(self.hub, self.settings, self.audit, self._authorise)
         self.via = self.settings.via_name.encode()
-        self.requests = 0
-        #: serve kept-alive requests from callbacks (False: every request by coroutine)
-        self.fast_lane = True
+        s = self.settings
+        #: what every client connection's decisions (GatewayConnection) share
+        self.policy = Policy(via=self.via, limits=s.limits, allow=allow,
+                             head_timeout=s.head_timeout, idle_timeout=s.idle_timeout,
+                             read_timeout=s.read_timeout, gzip_decode=s.gzip_decode,
+                             auth=auth is not None, fast_lane=s.fast_lane)
         self._batcher: SendBatcher | None = None
         self.pool = UpstreamPool(idle=self.settings.upstream_idle)
         #: one JSON line per request (line-buffered: a write per line, no logging stack)
@@ -97,6 +112,16 @@ class GatewayServer:
     def close(self) -> None:
         """Close the pooled idle upstream connections (at shutdown)."""
         self.pool.close()
+
+    @property
+    def requests(self) -> int:
+        """Exchanges started so far (by either path)."""
+        return self.policy.requests
+
+    def cached_user(self, header: bytes | None) -> str | None:
+        """The user of proxy credentials verified recently, without waiting (the
+        fast lane's check; None: not verified lately, or authentication is off)."""
+        return self.auth.cached(header) if self.auth is not None else None
 
     def send_batcher(self) -> SendBatcher:
         """The fast lanes' shared end-of-pass sender (made on the serving loop)."""
@@ -114,16 +139,15 @@ class GatewayServer:
                     conn, 508, "the target is this gateway itself (a loop)"), 5)
             return
         reader = http.HeadReader(self.settings.limits)
-        upstream: Upstream | None = None
+        gc = GatewayConnection(self.policy)
         clean = False  # the upstream is between exchanges (it may go to the pool)
-        first = True
         try:
             while True:
                 resume: Handoff | None = None
-                if conn.plain and self.fast_lane:
+                if gc.use_lane(conn.plain):
                     # what it can, the fast lane serves from callbacks (see fastlane.py)
-                    lane = FastLane(self, conn, upstream, first=first)
-                    resume, upstream = await lane.run()
+                    lane = FastLane(self, gc, conn)
+                    resume = await lane.run()
                     clean = lane.clean
                     if resume.kind in ("eof", "close"):
                         return
@@ -137,28 +161,23 @@ class GatewayServer:
                     head = resume.head
                 else:
                     try:
-                        head = await self._read_head(
-                            conn, reader, "request",
-                            self.settings.head_timeout if first else self.settings.idle_timeout,
-                            first=first)
+                        head = await self._read_request(conn, reader, gc)
                     except http.HTTPError as exc:
                         await self._reply_error(conn, exc.status, exc.reason)
                         return
                     if head is None:
                         return
                 if resume is None or resume.kind == "head":
-                    self.requests += 1  # the fast lane counts the exchanges it started
-                first = False
+                    gc.started()  # (the fast lane counts the exchanges it started)
                 assert head is not None
                 clean = False
                 try:
                     if resume is not None and resume.kind == "response":
-                        assert resume.exchange is not None and upstream is not None
-                        keep, upstream = await self._respond(
-                            conn, resume.exchange, upstream, resume.response,
-                            http.HeadReader(self.settings.limits))
+                        assert resume.exchange is not None and gc.upstream is not None
+                        keep = await self._respond(conn, gc, resume.exchange, resume.response,
+                                                   http.HeadReader(self.settings.limits))
                     else:
-                        keep, upstream = await self._one_request(conn, head, upstream)
+                        keep = await self._one_request(conn, gc, head)
                 except http.HTTPError as exc:
                     await self._reply_error(conn, exc.status, exc.reason, head=head)
                     return
@@ -174,26 +193,42 @@ class GatewayServer:
         except (OSError, ConnClosed, ssl.SSLError, TimeoutError) as exc:
             log.debug("client %s: %s", conn.peer, exc)
         finally:
+            upstream = gc.detach()
             if upstream is not None:
                 if clean:
                     self.pool.release(upstream)
                 else:
                     upstream.conn.close()
 
-    async def _one_request(self, conn: Conn, head: http.RequestHead,
-                           upstream: Upstream | None) -> tuple[bool, Upstream | None]:
+    async def _one_request(self, conn: Conn, gc: GatewayConnection,
+                           head: http.RequestHead) -> bool:
+        """One request by coroutine; returns whether the client connection stays open."""
         start = time.monotonic()
-        if head.method == b"CONNECT":
-            await self._tunnel(conn, head, start)
-            return False, upstream
-        target = http.parse_target(head)
-        if target.form != "absolute":
-            return await self._local(conn, head, target), upstream
-        return await self._relay(conn, head, target, upstream, start)
+        kind, target = gc.classify(head)
+        if kind == TUNNEL:
+            await self._tunnel(conn, head, target, start)
+            return False
+        if kind == LOCAL:
+            return await self._local(conn, head, target)
+        return await self._relay(conn, gc, head, target, start)
+
+    async def _read_request(self, conn: Conn, reader: http.HeadReader,
+                            gc: GatewayConnection) -> http.RequestHead | None:
+        """The next request head, or None when the client is done (the connection's
+        rules say what an EOF or the timeout means)."""
+        try:
+            return await self._read_head(conn, reader, "request", gc.request_timeout)
+        except _NoHead as end:
+            error = gc.idle_end(reader.buffered, eof=end.eof)
+            if error is not None:
+                raise error from None
+            return None
 
     async def _read_head(self, conn: Conn, reader: http.HeadReader, kind: str,
-                         timeout: float, *, first: bool = False):
-        """One head within ``timeout`` in total (slow senders are cut off)."""
+                         timeout: float):
+        """One head within ``timeout`` in total (slow senders are cut off). For a
+        request, the end of the wait is _NoHead (the connection decides what it
+        means); for a response, an HTTPError to answer."""
         deadline = time.monotonic() + timeout
         while True:
             head = reader.next_head(kind)
@@ -204,23 +239,20 @@ class GatewayServer:
                 return head
             left = deadline - time.monotonic()
             if left <= 0:
-                if kind == "request" and not reader.buffered and not first:
-                    return None  # an idle keep-alive connection: just close it
-                raise http.HTTPError(408 if kind == "request" else 504,
-                                     "request head not received in time" if kind == "request"
-                                     else "upstream did not answer in time")
+                if kind == "request":
+                    raise _NoHead(eof=False)
+                raise http.HTTPError(504, "upstream did not answer in time")
             try:
                 async with asyncio.timeout(left):
                     data = await conn.recv()
             except TimeoutError:
                 continue
             if not data:
+                if kind == "request":
+                    raise _NoHead(eof=True)
                 if reader.buffered:
-                    raise http.HTTPError(400 if kind == "request" else 502,
-                                         "connection closed in the middle of a head")
-                if kind == "response":
-                    raise ClosedBeforeAnswer(502, "upstream closed without answering")
-                return None
+                    raise http.HTTPError(502, "connection closed in the middle of a head")
+                raise ClosedBeforeAnswer(502, "upstream closed without answering")
             reader.feed(data)
 
     # -- checks -------------------------------------------------------------------
@@ -240,18 +272,18 @@ class GatewayServer:
         return res.user
 
     async def _decide(self, host: str, port: int, user: str, conn: Conn,
-                      decided: dict | None = None) -> str:
-        """Allow-list decision, audited once per client connection and target."""
-        key = (host, port, user)
-        if decided is not None and key in decided:
-            return decided[key]
+                      gc: GatewayConnection | None = None) -> str:
+        """Allow-list decision, audited once per client connection and target (``gc``:
+        a decision made on this connection before is not made again)."""
+        if gc is not None:
+            known = gc.known_address(host, port, user)
+            if known is not None:
+                return known
         decision = await self.allow.check(host, port)
         self.record_decision(decision, host, port, user, conn)
         if not decision.allowed:
             raise http.HTTPError(403, decision.reason)
         assert decision.address is not None
-        if decided is not None:
-            decided[key] = decision.address
         return decision.address
 
     def record_decision(self, decision: Decision, host: str, port: int, user: str,
@@ -295,10 +327,8 @@ class GatewayServer:
             return False
 
     # -- tunnelling means (Figs. 8-10) -------------------------------------------
-    async def _tunnel(self, conn: Conn, head: http.RequestHead, start: float) -> None:
-        target = http.parse_target(head)
-        if target.form != "authority":
-            raise http.HTTPError(400, "CONNECT needs host:port")
+    async def _tunnel(self, conn: Conn, head: http.RequestHead, target: http.Target,
+                      start: float) -> None:
         user = await self._authorise(head, f"{target.host}:{target.port}", conn)
         address = await self._decide(target.host, target.port, user, conn)
         up = await self._open(address, target.port, target.host)
@@ -326,14 +356,14 @@ class GatewayServer:
             raise
         finally:
             up.close()
-            self._log(conn, head, status, down_bytes.bytes, start, user, where,
-                      sent=up_bytes.bytes, end=end)
+            self.log_request(conn, head, status, down_bytes.bytes, start, user, where,
+                             sent=up_bytes.bytes, end=end)
 
     # -- relay means (Figs. 5-7) -------------------------------------------------
-    async def _relay(self, conn: Conn, head: http.RequestHead, target, upstream, start):
+    async def _relay(self, conn: Conn, gc: GatewayConnection, head: http.RequestHead,
+                     target: http.Target, start: float) -> bool:
         user = await self._authorise(head, f"{target.host}:{target.port}", conn)
-        address = await self._decide(target.host, target.port, user, conn,
-                                     upstream.decided if upstream is not None else None)
+        address = await self._decide(target.host, target.port, user, conn, gc)
         _, out_head = http.to_origin(head, self.via)
         framing = http.request_body(head)
         expect = out_head.headers.get(b"expect")
@@ -341,60 +371,66 @@ class GatewayServer:
             out_head.headers.remove(b"expect")  # checks passed: the gateway answers itself
             if head.version == b"HTTP/1.1":  # never a 1xx to an HTTP/1.0 client
                 await conn.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-        key = (address, target.port)
-        if upstream is not None and upstream.key != key:
-            self.pool.release(upstream)  # between exchanges: clean
-            upstream = None
-        elif upstream is not None and not still_idle(upstream.conn):
-            upstream.conn.close()
-            upstream = None
-        fresh = False
-        if upstream is None:
-            pooled = self.pool.take((*key, user))
-            fresh = pooled is None
-            upstream = Upstream(key, pooled or await self._open(address, target.port,
-                                                                target.host))
-            upstream.decided[(target.host, target.port, user)] = address
-        if binds_request(head):
-            upstream.private = True  # the origin may tie the connection to this client
-        # A reused connection may have been closed by its origin just as the request
-        # went out: one fresh try if the head could not be sent, or if nothing came
-        # back for a request that may be repeated (idempotent, no body).
-        repeatable = framing == http.NO_BODY and head.method in IDEMPOTENT
+        current = gc.upstream
+        step = gc.choose_upstream(address, target.port, idle=current is not None
+                                  and current.key == (address, target.port)
+                                  and still_idle(current.conn))
+        if step.release is not None:
+            self.pool.release(step.release)  # between exchanges: clean
+        if step.close is not None:
+            step.close.conn.close()
+        if not step.use_current:
+            await self._attach(gc, target, user, address, pooled=True)
+        binds = binds_request(head)  # the origin may tie the connection to this client
         reader = http.HeadReader(self.settings.limits)
         while True:
+            upstream = gc.upstream
+            assert upstream is not None
+            if binds:
+                upstream.private = True
             try:
                 await upstream.conn.send_all(out_head.serialize())
             except OSError:
-                if fresh:
+                if not gc.may_retry(head.method, head_sent=False, body_sent=False,
+                                    answered=False):
                     raise
-                upstream, fresh = await self._reopen(upstream, target, user), True
+                await self._attach(gc, target, user, address, pooled=False)
                 continue
             await body.send(conn, upstream.conn, framing, timeout=self.settings.read_timeout)
             try:
                 resp = await self._read_head(upstream.conn, reader, "response",
                                              self.settings.read_timeout)
             except ClosedBeforeAnswer:
-                if fresh or not repeatable:
+                if not gc.may_retry(head.method, head_sent=True,
+                                    body_sent=framing != http.NO_BODY, answered=False):
                     raise
-                upstream, fresh = await self._reopen(upstream, target, user), True
+                await self._attach(gc, target, user, address, pooled=False)
                 continue
             break
         exchange = Exchange(head, out_head, target, user, start)
-        return await self._respond(conn, exchange, upstream, resp, reader)
+        return await self._respond(conn, gc, exchange, resp, reader)
 
-    async def _reopen(self, upstream: Upstream, target: http.Target, user: str) -> Upstream:
-        """A fresh connection in place of a reused one that failed."""
-        upstream.conn.close()
-        address, port = upstream.key
-        fresh = Upstream(upstream.key, await self._open(address, port, target.host))
-        fresh.decided[(target.host, target.port, user)] = address
-        return fresh
+    async def _attach(self, gc: GatewayConnection, target: http.Target, user: str,
+                      address: str, *, pooled: bool) -> None:
+        """Give ``gc`` an upstream to the checked address: a pooled connection if
+        ``pooled`` and there is one, else a new one (a failed one is closed first)."""
+        failed = gc.detach()
+        if failed is not None:
+            failed.conn.close()
+        key = (address, target.port)
+        conn = self.pool.take((*key, user)) if pooled else None
+        fresh = conn is None
+        if conn is None:
+            conn = await self._open(address, target.port, target.host)
+        gc.attach(Upstream(key, conn), fresh=fresh)
+        gc.remember(target.host, target.port, user, address)
 
-    async def _respond(self, conn: Conn, ex: Exchange, upstream: Upstream,
-                       resp: http.ResponseHead | None,
-                       reader: http.HeadReader) -> tuple[bool, Upstream | None]:
-        """From the upstream's response head on: interim responses, then the body."""
+    async def _respond(self, conn: Conn, gc: GatewayConnection, ex: Exchange,
+                       resp: http.ResponseHead | None, reader: http.HeadReader) -> bool:
+        """From the upstream's response head on: interim responses, then the body;
+        returns whether the client connection stays open."""
+        upstream = gc.upstream
+        assert upstream is not None
         up = upstream.conn
         head = ex.head
         while resp is not None and 100 <= resp.status < 200 and resp.status != 101:
@@ -408,7 +444,7 @@ class GatewayServer:
         if binds_response(resp):
             upstream.private = True
         if resp.status == 101:
-            return await self._switch(conn, ex, upstream, resp)
+            return await self._switch(conn, gc, ex, resp)
         relayed = http.relay_response(resp, self.via, head, ex.out_head)
         client_head, resp_framing = relayed.head, relayed.framing
         client_keep = relayed.client_keep
@@ -426,8 +462,8 @@ class GatewayServer:
                 and resp_framing[1] <= up.pushback_size:
             # the whole (small) body arrived with the head: one send, not two
             await conn.send_all(client_head.serialize() + up.take_pushback(resp_framing[1]))
-            return self._done(conn, ex, resp, relayed.upstream_keep, resp_framing[1],
-                              client_keep, upstream)
+            return self._done(conn, gc, ex, resp, relayed.upstream_keep, resp_framing[1],
+                              client_keep)
         await conn.send_all(client_head.serialize())
         try:
             size = await body.send(up, conn, resp_framing, timeout=self.settings.read_timeout,
@@ -436,15 +472,17 @@ class GatewayServer:
         except http.HTTPError as exc:
             # the head is already out: an error reply now would land inside the body.
             # Cut the connection instead (no last chunk), so the client sees the loss.
-            self._log(conn, head, exc.status, 0, ex.start, ex.user, ex.where)
+            self.log_request(conn, head, exc.status, 0, ex.start, ex.user, ex.where)
             raise ConnClosed(f"upstream body broken: {exc.reason}") from None
-        return self._done(conn, ex, resp, relayed.upstream_keep, size, client_keep, upstream)
+        return self._done(conn, gc, ex, resp, relayed.upstream_keep, size, client_keep)
 
-    async def _switch(self, conn: Conn, ex: Exchange, upstream: Upstream,
-                      resp: http.ResponseHead) -> tuple[bool, None]:
+    async def _switch(self, conn: Conn, gc: GatewayConnection, ex: Exchange,
+                      resp: http.ResponseHead) -> bool:
         """The origin accepted the client's upgrade (e.g. WebSocket): relay the 101,
         then carry bytes both ways, like a CONNECT tunnel to the same checked target,
         until both sides have closed."""
+        upstream = gc.detach()  # the tunnel's now, never reused
+        assert upstream is not None
         up = upstream.conn
         try:
             head = http.upgraded_response(resp, self.via, ex.out_head.headers.get(b"upgrade"))
@@ -453,16 +491,16 @@ class GatewayServer:
             raise
         await self._carry(conn, up, ex.head, 101, head.serialize(), ex.start, ex.user,
                           ex.where)
-        return False, None
+        return False
 
-    def _done(self, conn: Conn, ex: Exchange, resp: http.ResponseHead, upstream_keep: bool,
-              size: int, client_keep: bool,
-              upstream: Upstream | None) -> tuple[bool, Upstream | None]:
-        self._log(conn, ex.head, resp.status, size, ex.start, ex.user, ex.where)
-        if not upstream_keep and upstream is not None:
-            upstream.conn.close()
-            upstream = None
-        return client_keep, upstream
+    def _done(self, conn: Conn, gc: GatewayConnection, ex: Exchange,
+              resp: http.ResponseHead, upstream_keep: bool, size: int,
+              client_keep: bool) -> bool:
+        self.log_request(conn, ex.head, resp.status, size, ex.start, ex.user, ex.where)
+        keep, drop = gc.done(client_keep=client_keep, upstream_keep=upstream_keep)
+        if drop is not None:
+            drop.conn.close()
+        return keep
 
     # -- the gateway's own endpoints (events, health): see event_endpoint.py --------
     async def _local(self, conn: Conn, head: http.RequestHead, target) -> bool:
@@ -475,11 +513,12 @@ class GatewayServer:
         with contextlib.suppress(OSError, ConnClosed, ssl.SSLError):
             await conn.send_all(http.error_response(status, reason, extra_headers=extra))
         if head is not None:
-            self._log(conn, head, status, 0, time.monotonic(), "-", "-")
+            self.log_request(conn, head, status, 0, time.monotonic(), "-", "-")
 
-    def _log(self, conn: Conn, head: http.RequestHead | QuickRequest, status: int, size: int,
-             start: float, user: str, target: str, *, sent: int | None = None,
-             end: str | None = None) -> None:
+    def log_request(self, conn: Conn, head: http.RequestHead | QuickRequest, status: int,
+                    size: int, start: float, user: str, target: str, *,
+                    sent: int | None = None, end: str | None = None) -> None:
+        """One access-log line (JSON) for a request that ended."""
         if self.access_file is None and not access.isEnabledFor(logging.DEBUG):
             return
         entry = {"client": conn.peer[0] if conn.peer else "?", "user": user,
