@@ -68,7 +68,7 @@ HERE = Path(__file__).resolve().parent
 SERVERS = str(HERE / "servers.py")
 
 #: tinyproxy last in each round: it leaves thousands of closed connections behind
-HTTP_ROWS = ["direct", "haproxy", "gateway", "gateway-quiet", "tinyproxy"]
+HTTP_ROWS = ["direct", "haproxy", "gateway", "gateway-quiet", "gateway-nolane", "tinyproxy"]
 CONNECT_ROWS = ["direct", "haproxy", "haproxy2", "gateway"]
 CONNECT_PY_ROWS = ["direct", "haproxy", "gateway", "gateway-nosplice"]
 GROUPS = {"http": HTTP_ROWS, "http-close": HTTP_ROWS, "connect": CONNECT_ROWS,
@@ -187,11 +187,11 @@ class Gateway:
                 "--log-level", log_level, *args]
 
     def serve(self, procs: Procs, *, cpu: int | None = None, log_level: str = "info",
-              env: dict[str, str] | None = None) -> Route:
+              env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> Route:
         port = free_port()
         proc = procs.spawn("gateway", pinned(cpu, self.argv(
             "gateway", "serve", "--listen", f"{LOOPBACK}:{port}", "--allow-target", LOOPBACK,
-            "--tls", "off", "--db", self.db, log_level=log_level)),
+            "--tls", "off", "--db", self.db, *extra, log_level=log_level)),
             env={**self.env, **(env or {})})
         proc.wait_for("gateway listening on")
         return Route("kakehashi gateway", port, [proc.pid])
@@ -291,6 +291,10 @@ def start_http_proxy(key: str, procs: Procs, gw: Gateway, origin: int,
     if key == "gateway-quiet":
         route = gw.serve(procs, cpu=cpu, log_level="error")
         route.name = "kakehashi gateway, --log-level error"
+        return route
+    if key == "gateway-nolane":
+        route = gw.serve(procs, cpu=cpu, log_level="error", extra=("--fast-lane", "off"))
+        route.name = "kakehashi gateway, --fast-lane off, --log-level error"
         return route
     raise KeyError(key)
 

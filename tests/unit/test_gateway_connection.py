@@ -285,3 +285,55 @@ def test_which_responses_the_lane_relays(status, framing, arrived, gzip, expect)
     assert gc.lane_takes_response(status, framing, arrived) is expect
     if status >= 200 and framing[0] == "length":  # the quick path's answer agrees
         assert gc.lane_takes_quick_response(framing[1], arrived) is expect
+
+
+# -- the switch, in a real server on loopback ----------------------------------------------
+async def _serve_once(lane: bool, monkeypatch) -> tuple[list[str], bytes]:
+    """One keep-alive client sends two requests through a GatewayServer; which
+    drivers ran (the fast lane is recorded when it starts)."""
+    import asyncio
+
+    from kakehashi.core.stream import Listener
+    from kakehashi.gateway import fastlane, server
+
+    ran: list[str] = []
+    real = fastlane.FastLane.run
+
+    async def recorded(self):
+        ran.append("lane")
+        return await real(self)
+
+    monkeypatch.setattr(fastlane.FastLane, "run", recorded)
+
+    async def origin(reader, writer):
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    osrv = await asyncio.start_server(origin, "127.0.0.1", 0)
+    oport = osrv.sockets[0].getsockname()[1]
+    gw = server.GatewayServer(AllowList(["127.0.0.1"]),
+                              settings=server.GatewaySettings(fast_lane=lane))
+    listener = Listener("127.0.0.1", 0, gw.handle_connection)
+    listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.address[1])
+        req = f"GET http://127.0.0.1:{oport}/ HTTP/1.1\r\nHost: 127.0.0.1:{oport}\r\n\r\n"
+        got = b""
+        for _ in range(2):
+            writer.write(req.encode())
+            got += await asyncio.wait_for(reader.readuntil(b"ok"), 10)
+        writer.close()
+    finally:
+        await listener.close()
+        gw.close()
+        osrv.close()
+    assert gw.requests == 2
+    return ran, got
+
+
+@pytest.mark.parametrize("lane", [True, False])
+async def test_the_switch_turns_the_fast_lane_off_and_the_answers_stay(lane, monkeypatch):
+    ran, got = await _serve_once(lane, monkeypatch)
+    assert got.count(b"HTTP/1.1 200 OK") == 2
+    assert (ran != []) is lane

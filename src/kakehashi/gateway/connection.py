@@ -89,6 +89,10 @@ class LaneRoute(NamedTuple):
     decision: Decision | None = None  # made now (to audit), for REFUSE/TAKE_POOLED/SERVE
 
 
+_SERVE = LaneRoute(SERVE)  # the answer to most requests: made once, not per request
+_HANDOFF = LaneRoute(HANDOFF)
+
+
 class GatewayConnection:
     """The decisions for one client connection (see the module docstring)."""
 
@@ -233,17 +237,18 @@ class GatewayConnection:
         REFUSE (403), SERVE on the current upstream, or TAKE_POOLED when the pool
         holds a connection there. HANDOFF for anything that needs waiting (a
         credential check, a name to resolve, a connect)."""
-        if self.policy.auth and user is None:
-            return LaneRoute(HANDOFF)
-        user = user or "-"
+        if user is None:
+            if self.policy.auth:
+                return _HANDOFF
+            user = "-"
         up = self.upstream
         if up is not None:
             address = up.decided.get((host, port, user))
             if address is not None and up.key == (address, port):
-                return LaneRoute(SERVE)
+                return _SERVE
         decision = self.policy.allow.decide_literal(host, port)
         if decision is None:
-            return LaneRoute(HANDOFF)  # a name: resolving it needs the coroutine path
+            return _HANDOFF  # a name: resolving it needs the coroutine path
         if not decision.allowed:
             return LaneRoute(REFUSE, decision)
         assert decision.address is not None
@@ -252,7 +257,7 @@ class GatewayConnection:
             return LaneRoute(SERVE, decision)
         if pooled((*key, user)):
             return LaneRoute(TAKE_POOLED, decision)
-        return LaneRoute(HANDOFF)  # a connect is needed: the coroutine path opens it
+        return _HANDOFF  # a connect is needed: the coroutine path opens it
 
     def lane_takes_request(self, head: http.RequestHead) -> bool:
         """Whether a request that the quick path did not take may still be served by

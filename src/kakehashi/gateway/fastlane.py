@@ -126,6 +126,7 @@ class FastLane:
         self.spoiled = False  # the upstream sent bytes beyond its response
         self.body_sent = False  # the request in flight had a body (not repeatable)
         self.batcher: SendBatcher = host.send_batcher()
+        self.pooled = host.pool.has
         self.cq: list[bytes] = []  # for the client, sent at the end of this loop pass
         self.uq: list[bytes] = []  # for the upstream, likewise
         self.queued = False
@@ -362,8 +363,7 @@ class FastLane:
         leave the request to the coroutine path."""
         gc = self.gc
         host, port = dest.host, dest.port
-        route = gc.lane_route(host, port, user, self.host.pool.has)
-        action, decision = route
+        action, decision = gc.lane_route(host, port, user, self.pooled)
         if action == SERVE and decision is None:
             return True  # the usual case: decided on this connection before
         if decision is None:
@@ -401,8 +401,11 @@ class FastLane:
                 return self._finish(Handoff("head", head=head))
             user = self.host.cached_user(head.headers.get(b"proxy-authorization")) \
                 if self.policy.auth else "-"
-            if self._route(target, user) is not True or \
-                    not gc.lane_takes_body(framing, self.reader.buffered):
+            ready = self._route(target, user)
+            if isinstance(ready, http.HTTPError):  # refused by the allow-list (audited)
+                gc.started()
+                return self._finish(Handoff("error", head=head, error=ready))
+            if ready is not True or not gc.lane_takes_body(framing, self.reader.buffered):
                 return self._finish(Handoff("head", head=head))
             assert user is not None
             body = b""
