@@ -58,7 +58,8 @@ HEADERS = ["Benchmark", "Path", "Result", "vs direct", "vs haproxy x2", "Notes"]
 class System:
     """A manager, an inner relay (device: 127.0.0.1) and an edge, as processes."""
 
-    def __init__(self, procs: Procs, workdir: Path, ports: tuple[int, int]) -> None:
+    def __init__(self, procs: Procs, workdir: Path, ports: tuple[int, int], *,
+                 link_tls: bool = True) -> None:
         from kakehashi.core.apiclient import ApiClient
         from kakehashi.core.identity import ApiTokens
         from kakehashi.core.store import open_store
@@ -81,7 +82,8 @@ class System:
         self.inner = procs.spawn("inner", [
             *kh, "--log-level", "info", "ondemand", "inner", "--server", url, "--token-file",
             str(workdir / "inner.tok"), "--name", "core-1", "--listen", f"{LOOPBACK}:0",
-            "--device", f"{IMSI}={LOOPBACK}"], env={**env, "KAKEHASHI_LOG": "info"})
+            "--device", f"{IMSI}={LOOPBACK}", "--link-tls", "on" if link_tls else "off"],
+            env={**env, "KAKEHASHI_LOG": "info"})
         self.edge = procs.spawn("edge", [
             *kh, "--log-level", "info", "ondemand", "edge", "--server", url, "--token-file",
             str(workdir / "edge.tok"), "--name", "edge-1", "--public-host", LOOPBACK,
@@ -115,8 +117,9 @@ class System:
 def bench_throughput(args, workdir: Path, rows: list[list[str]]) -> None:
     results: dict[str, float] = {}
     names = {"direct": "direct", "haproxy2": "haproxy x2 (chained, mode tcp)",
-             "ondemand": "client -> edge -> inner -> device (mTLS link)"}
-    for key in ("direct", "haproxy2", "ondemand"):
+             "ondemand": "client -> edge -> inner -> device (mTLS link)",
+             "ondemand-plain": "the same, inner --link-tls off (splice)"}
+    for key in names:
         sink = free_port()
         with Procs(workdir) as procs:
             if key == "direct":
@@ -124,7 +127,9 @@ def bench_throughput(args, workdir: Path, rows: list[list[str]]) -> None:
             elif key == "haproxy2":
                 port = fw.start_haproxy_chain(procs, sink, hops=2).port
             else:
-                system = System(procs, workdir / "tp", (45000, 45099))
+                sub = workdir / key
+                sub.mkdir(exist_ok=True)
+                system = System(procs, sub, (45000, 45099), link_tls=key == "ondemand")
                 port = system.grant(sink, 3600)["port"]
             runs = []
             for _ in range(args.repeat):
@@ -138,7 +143,7 @@ def bench_throughput(args, workdir: Path, rows: list[list[str]]) -> None:
                 runs.append(run.mbps)
                 say(f"  {key}: {run.mbps:,.0f} MB/s ({run.tool})")
             results[key] = median(runs)
-    for key in ("direct", "haproxy2", "ondemand"):
+    for key in names:
         rows.append(["throughput", names[key], f"{results[key]:,.0f} MB/s",
                      ratio(results[key], results["direct"]),
                      ratio(results[key], results["haproxy2"]),

@@ -24,6 +24,7 @@ class OnDemand:
     manager_port: int = 0
     procs: dict[str, Proc] = field(default_factory=dict)
     ports: tuple[int, int] = (0, 0)
+    inner_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.db = str(self.env.root / "od.db")
@@ -64,6 +65,7 @@ class OnDemand:
                 self.tokens["inner"], "--name", name, "--listen", "127.0.0.1:0"]
         for imsi, addr in self.devices.items():
             args += ["--device", f"{imsi}={addr}"]
+        args += self.inner_args
         proc = self.env.spawn(f"inner-{name}", *args)
         if wait:
             proc.wait_for(f"inner {name} online")

@@ -273,9 +273,13 @@ def edge(server: str, token_file: str, ca: str | None, name: str, public_host: s
               help="The address edges are told (default: --listen).")
 @click.option("--device", "devices", multiple=True, metavar="IMSI=ADDRESS",
               help="A device this relay reaches (repeatable).")
+@click.option("--link-tls", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Mutual TLS on links from edges; 'off' (plain TCP, faster) only where "
+                   "edges and this relay share a trusted network.")
 @options.audit_log_option
 def inner(server: str, token_file: str, ca: str | None, name: str, listen: str,
-          advertise: str | None, devices: tuple[str, ...], audit_log: str | None) -> None:
+          advertise: str | None, devices: tuple[str, ...], link_tls: str,
+          audit_log: str | None) -> None:
     """A second relay inside the closed network: dials only granted devices."""
     from kakehashi.ondemand.grants import GrantError, check_imsi
 
@@ -298,7 +302,8 @@ def inner(server: str, token_file: str, ca: str | None, name: str, listen: str,
         from kakehashi.ondemand.inner import Inner, InnerConfig
 
         cfg = InnerConfig(server=server, token=tok, name=name, listen=addr, devices=table,
-                          advertise=advertise, manager_tls=_manager_tls(server, ca))
+                          advertise=advertise, manager_tls=_manager_tls(server, ca),
+                          link_tls=link_tls == "on")
         await Inner(cfg, audit=AuditLog(audit_log, system="ondemand-inner")).run()
 
     _run(main())

@@ -320,13 +320,15 @@ class Edge:
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.warning("grant %s: no relay information from the manager (%s); using the "
                         "last known conditions", eg.id, exc or "timeout")
-            return eg.doc
+            return dict(eg.doc)
         if not reply.ok or reply.data.get("id") != eg.id:
             eg.view.revoked = True  # the manager no longer knows this grant on this port
-            return eg.doc
-        eg.doc.update(reply.data)
+            return dict(eg.doc)
+        data = dict(reply.data)
+        ticket = data.pop("ticket", "")  # this connection's alone
+        eg.doc.update(data)
         eg.view = g.AccessView.from_grant(eg.doc)
-        return eg.doc
+        return {**eg.doc, "ticket": ticket}
 
     async def _handshake(self, eg: EdgeGrant, conn: Conn, client: str) -> Conn | None:
         assert eg.ssl is not None
@@ -355,17 +357,20 @@ class Edge:
         if not host or not port.isdigit():
             raise _Refused(f"inner relay {info.get('inner')} has no address")
         raw = await open_tcp(host, int(port), timeout=self.cfg.dial_timeout)
-        try:
-            link = await start_tls(raw, self.link_ctx, server_side=False, server_hostname=host,
-                                   timeout=self.cfg.dial_timeout)
-        except BaseException:
-            raw.close()
-            raise
+        if info.get("inner_tls", True):
+            try:
+                link = await start_tls(raw, self.link_ctx, server_side=False,
+                                       server_hostname=host, timeout=self.cfg.dial_timeout)
+            except BaseException:
+                raw.close()
+                raise
+        else:  # a plain link (the inner relay said --link-tls off): the pump splices
+            link = raw
         try:
             framed = FramedConn(link, m.LINK_LIMITS)
             await link.send_all(wire.PREAMBLE + m.link_codec.encode(m.Dial(
                 grant=info["id"], imsi=info["imsi"], address=info["device_address"],
-                port=int(info["target_port"]))))
+                port=int(info["target_port"]), ticket=info.get("ticket", ""))))
             frame = await asyncio.wait_for(framed.read_frame(), self.cfg.dial_timeout)
             if frame is None or frame.type is not wire.FrameType.CTRL:
                 raise _Refused("the inner relay closed the link")

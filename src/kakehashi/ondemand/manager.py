@@ -125,11 +125,15 @@ class Manager:
         self._used: dict[str, set[int]] = {}
         self._timers: list[tuple[float, str]] = []
         self._deadline = float("inf")
+        # (edge, port) -> grant: the S23 lookup; one-time dial tickets -> (grant, until)
+        self._by_port: dict[tuple[str, int], str] = {}
+        self._tickets: dict[str, tuple[str, float]] = {}
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         for doc in self.grants.values():
             if doc["status"] == "active":
                 self._used.setdefault(doc["edge"], set()).add(doc["port"])
+                self._by_port[(doc["edge"], doc["port"])] = doc["id"]
                 self._at(doc["expires_at_ts"], doc["id"])
             else:
                 self._at(doc.get("ended_at_ts", 0) + self.s.retention, doc["id"])
@@ -240,6 +244,7 @@ class Manager:
             for doc in made:
                 self.grants.pop(doc["id"], None)
                 self._used.get(doc["edge"], set()).discard(doc["port"])
+                self._by_port.pop((doc["edge"], doc["port"]), None)
                 with contextlib.suppress(Exception):
                     await sess.send(m.Close(grant=doc["id"], reason="failed"))
             raise
@@ -267,11 +272,13 @@ class Manager:
             doc["port"] = port
             self.grants[doc["id"]] = doc
             used.add(port)
+            self._by_port[(edge.name, port)] = doc["id"]
             try:
                 ack = await sess.open(self.edge_grant(doc, auth), self.s.open_timeout)
             except (TimeoutError, ConnectionError, OSError, RuntimeError) as exc:
                 self.grants.pop(doc["id"], None)
                 used.discard(port)
+                self._by_port.pop((edge.name, port), None)
                 raise g.GrantError("edge-unreachable", f"edge {edge.name} did not open the "
                                                        f"port: {exc or 'timed out'}",
                                    503) from None
@@ -279,6 +286,7 @@ class Manager:
                 return
             self.grants.pop(doc["id"], None)
             used.discard(port)
+            self._by_port.pop((edge.name, port), None)
             if ack.code != "port-in-use":
                 raise g.GrantError("edge-failed", f"edge {edge.name}: {ack.error}", 503)
             tried.add(port)
@@ -291,6 +299,7 @@ class Manager:
                                    "inner", "device_address")}
         inner = self.store.get(RELAY, f"inner/{doc['inner']}") or {}
         out["inner_address"] = inner.get("address", "")
+        out["inner_tls"] = inner.get("link_tls", True)
         if doc.get("auth_info"):
             auth = auth or self.store.get(AUTH, doc["auth_info"]) or {}
             out["ca_pem"] = auth.get("ca_pem")
@@ -329,6 +338,8 @@ class Manager:
         doc["ended_at_ts"] = time.time()
         self.store.put(GRANT, doc["id"], doc)
         self._used.get(doc["edge"], set()).discard(doc["port"])
+        if self._by_port.get((doc["edge"], doc["port"])) == doc["id"]:
+            del self._by_port[(doc["edge"], doc["port"])]
         self._at(doc["ended_at_ts"] + self.s.retention, doc["id"])
         sess = self.edges.get(doc["edge"])
         if sess is not None:
@@ -391,7 +402,7 @@ class Manager:
         self.store.put(RELAY, f"{hello.kind}/{hello.name}", {
             "kind": hello.kind, "name": hello.name, "public_host": hello.public_host,
             "ports": list(hello.ports), "region": hello.region, "carrier": hello.carrier,
-            "address": hello.address, "seen": time.time()})
+            "address": hello.address, "link_tls": hello.link_tls, "seen": time.time()})
         live: list[dict[str, Any]] = []
         if hello.kind == "edge":
             live = [self.edge_grant(d) for d in self.grants.values()
@@ -434,18 +445,32 @@ class Manager:
         elif isinstance(msg, m.Load):
             sess.sessions, sess.bytes_per_second = msg.sessions, msg.bytes_per_second
 
+    def _ticket(self, gid: str) -> str:
+        """A one-time ticket that binds the edge's next dial to this relay information;
+        the inner relay redeems it with its check (10 s, once)."""
+        now = time.time()
+        if len(self._tickets) > 10_000:  # unredeemed ones (clients that went away)
+            self._tickets = {t: v for t, v in self._tickets.items() if v[1] > now}
+        ticket = secrets.token_urlsafe(24)
+        self._tickets[ticket] = (gid, now + 10.0)
+        return ticket
+
+    def _redeem(self, ticket: str, gid: str) -> bool:
+        found = self._tickets.pop(ticket, None) if ticket else None
+        return found is not None and found[0] == gid and found[1] > time.time()
+
     def answer(self, sess: RelaySession, req: m.Request) -> m.Reply:
         """Relay information for an edge (S22-S25), or an inner relay's dial check."""
         if req.op == "relay-info":
             if sess.kind != "edge":
                 return m.Reply(req=req.req, ok=False, code="forbidden", error="edges only")
-            doc = next((d for d in self.grants.values()
-                        if d["edge"] == sess.name and d["port"] == req.port
-                        and d["status"] != "opening"), None)
-            if doc is None:
+            doc = self.grants.get(self._by_port.get((sess.name, req.port), ""))
+            if doc is None or doc["status"] == "opening":
                 return m.Reply(req=req.req, ok=False, code="no-grant",
                                error=f"no grant on port {req.port}")
-            return m.Reply(req=req.req, ok=True, data=self.edge_grant(doc))
+            data = self.edge_grant(doc)
+            data["ticket"] = self._ticket(doc["id"])
+            return m.Reply(req=req.req, ok=True, data=data)
         if sess.kind != "inner":
             return m.Reply(req=req.req, ok=False, code="forbidden", error="inner relays only")
         doc = self.grants.get(req.grant)
@@ -459,6 +484,8 @@ class Manager:
             why = f"grant is for {doc['imsi']}:{doc['target_port']}"
         elif dev.get("inner") != sess.name or dev.get("address") != req.address:
             why = f"{req.address} is not the registered address of {req.imsi} here"
+        elif not self._redeem(req.ticket, req.grant):
+            why = "no valid ticket: the dial does not follow relay information for it"
         if why:
             return m.Reply(req=req.req, ok=False, code="not-granted", error=why)
         return m.Reply(req=req.req, ok=True)

@@ -54,6 +54,9 @@ class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
     carrier: Text = ""
     # an inner relay's link address and devices
     address: Text = ""
+    #: whether the relay link to this inner relay is mutual TLS (off: plain TCP, for a
+    #: link inside one trusted network; each dial still needs a ticket)
+    link_tls: bool = True
     devices: Annotated[list[Device], msgspec.Meta(max_length=100_000)] = []
 
 
@@ -77,6 +80,7 @@ class Request(msgspec.Struct, tag="request", forbid_unknown_fields=True):
     imsi: Annotated[str, msgspec.Meta(max_length=15)] = ""
     address: Text = ""
     target_port: Port = 0
+    ticket: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Event(msgspec.Struct, tag="event", forbid_unknown_fields=True):
@@ -169,6 +173,8 @@ class Dial(msgspec.Struct, tag="dial", forbid_unknown_fields=True):
     imsi: Imsi
     address: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
     port: Port
+    #: the one-time ticket of the relay information this dial follows (S25)
+    ticket: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class DialResult(msgspec.Struct, tag="dial-result", forbid_unknown_fields=True):
