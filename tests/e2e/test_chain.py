@@ -357,3 +357,21 @@ def test_dig_through_the_chain_to_dnsmasq(chain, mode, encrypt):
     dns.wait_for("query[A] pi.lab.example")
     fwd.stop()
     dns.stop()
+
+
+def test_sessions_end_when_idle_and_the_forward_builds_the_chain_again(tmp_path):
+    env = Env(tmp_path)
+    c = Chain(env, extra={"idle_timeout": "0.5"})
+    try:
+        fwd = c.forward()
+        port = fwd.bound_port()
+        assert exchange(port, 10, 64) == 10
+        for p in c.procs.values():  # every hop ends the session: idle, or its neighbour left
+            p.wait_for("idle for 0.5s, closed" if p.name == "fw1" else "chain", 20)
+        fwd.wait_for("rebuilt when the next datagram arrives", 20)
+        # the same local port: the next datagram builds the chain again and gets through
+        assert exchange(port, 10, 64, window=1) >= 9
+        wait_until(lambda: fwd.output().count("chain up") == 2, 10, what="a second chain up")
+    finally:
+        env.close()
+        c.close()

@@ -12,6 +12,7 @@ when it closes; a supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -157,16 +158,29 @@ class ChainForward:
                 self.chain.data_sock.close()  # type: ignore[attr-defined]
 
 
-async def run_forward(cfg: ForwardConfig) -> int:
-    fwd = ChainForward(cfg)
-    try:
-        chain = await fwd.start()
-    except SetupFailed as exc:
-        log.error("chain setup failed: refused by %s: %s: %s", exc.hop, exc.reason, exc.text)
-        return 1
-    except ConnClosed as exc:
-        log.error("chain setup failed at %s: %s", cfg.first_hop.name, exc)
-        return 1
+async def _next_datagram(sock: object) -> tuple[bytes, tuple[str, int]]:
+    """Wait for the next datagram on a non-blocking UDP socket and take it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return sock.recvfrom(65535)  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()  # type: ignore[attr-defined]
+        loop.add_reader(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _log_up(cfg: ForwardConfig, fwd: ChainForward, chain: Chain) -> None:
     setup = chain.setup
     host, port = fwd.address
     path = " -> ".join([cfg.user, *setup.path, f"{cfg.to[0]}:{cfg.to[1]}"])
@@ -177,11 +191,51 @@ async def run_forward(cfg: ForwardConfig) -> int:
              "1500-byte MTU); the server sees the chain at %s (P5), datagrams go to %s (P2)",
              setup.max_payload, mtu, setup.last, setup.first)
     log.info("forwarding %s:%d -> %s", host, port, path)
+
+
+async def run_forward(cfg: ForwardConfig) -> int:
+    """Build the chain (exit 1 naming the refusing hop if that fails), forward, and when
+    the chain closes (the proxies' idle timeout, a restarted proxy) build it again when
+    the next datagram arrives, so a forward for occasional queries keeps working."""
+    fwd = ChainForward(cfg)
     try:
-        log.error("%s", await fwd.wait_closed())
+        chain = await fwd.start()
+    except SetupFailed as exc:
+        log.error("chain setup failed: refused by %s: %s: %s", exc.hop, exc.reason, exc.text)
         return 1
+    except ConnClosed as exc:
+        log.error("chain setup failed at %s: %s", cfg.first_hop.name, exc)
+        return 1
+    _log_up(cfg, fwd, chain)
+    cfg = dataclasses.replace(cfg, udp_listen=fwd.address)  # the same port when rebuilt
+    backoff = 0.5
+    try:
+        while True:
+            why = await fwd.wait_closed()
+            fwd.close()
+            assert fwd.forwarder is not None
+            rec = fwd.forwarder.record
+            log.warning("%s after %d datagrams (%d dropped); rebuilt when the next datagram "
+                        "arrives", why, rec.packets, rec.dropped)
+            for _ in range(100):  # a transport closes its socket on a later loop turn
+                if fwd.listen_sock.fileno() < 0:
+                    break
+                await asyncio.sleep(0.001)
+            while True:
+                fwd = ChainForward(cfg)
+                data, addr = await _next_datagram(fwd.listen_sock)
+                try:
+                    chain = await fwd.start()
+                except (SetupFailed, ConnClosed) as exc:
+                    fwd.close()
+                    log.error("chain setup failed: %s; next try in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                backoff = 0.5
+                assert fwd.forwarder is not None
+                fwd.forwarder.near_received(data, addr)
+                _log_up(cfg, fwd, chain)
+                break
     finally:
         fwd.close()
-        assert fwd.forwarder is not None
-        record = fwd.forwarder.record
-        log.info("forwarded %d datagrams, dropped %d", record.packets, record.dropped)
