@@ -245,3 +245,24 @@ def test_inner_dials_only_what_was_granted(od, echo_mod):
                        "the inner relay's refusal")
     refused = next(e for e in evs if e["event"] == "refused")
     assert refused["reason"] == "not-granted" and refused["inner"] == "core-1"
+
+
+def test_events_follow_until_the_grant_ends_and_tables(od, echo_mod):
+    g = od.grant(f"{IMSI}:{echo_mod.port}", "--ttl", "2s")
+    follow = od.env.spawn("events-follow", "ondemand", "events", g["id"], "--follow",
+                          "--server", od.url, "--token-file", od.tokens["admin"])
+    follow.wait_for("created")
+    assert roundtrip_ok(g["port"])
+    follow.wait_for("expired", timeout=20)
+    follow.popen.wait(20)  # it ends by itself once the grant has ended
+    out = follow.output()
+    assert follow.popen.returncode == 0 and "connected" in out and "closed" in out
+    table = od.env.run("ondemand", "grants", "--all", "--server", od.url, "--token-file",
+                       od.tokens["admin"]).stdout.decode()
+    assert table.splitlines()[0].split()[:3] == ["ID", "HOST", "PORT"] and g["id"] in table
+
+
+def roundtrip_ok(port: int) -> bool:
+    from tests.e2e.framework import roundtrip
+
+    return roundtrip(port, b"ping") == b"ping"
