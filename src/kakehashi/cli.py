@@ -2,20 +2,75 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
 import click
 
 from kakehashi import __version__, config
-from kakehashi.chain.cli import chain
-from kakehashi.core import tls, wire
-from kakehashi.core.audit import AuditLog
 from kakehashi.core.logs import setup_logging
-from kakehashi.core.mux import ProtocolMux, prefix_matcher
-from kakehashi.core.store import open_store
-from kakehashi.gateway.cli import gateway
-from kakehashi.ondemand.cli import ondemand
-from kakehashi.relay.cli import relay
-from kakehashi.relay.server import RelayServer
-from kakehashi.relay.users import RelayUsers
+
+#: the systems' command groups, imported when first used
+SYSTEMS = {
+    "relay": "kakehashi.relay.cli:relay",
+    "gateway": "kakehashi.gateway.cli:gateway",
+    "ondemand": "kakehashi.ondemand.cli:ondemand",
+    "chain": "kakehashi.chain.cli:chain",
+}
+
+
+class _Commands(dict):
+    """``main.commands`` with the systems' groups imported on first use.
+
+    A command of one system (``kakehashi ondemand revoke``, a ProxyCommand) starts
+    without importing every other system: on a busy machine that was most of its
+    start-up time. Listing the names imports nothing; looking a command up, or
+    listing the commands themselves, imports it.
+    """
+
+    def __init__(self, lazy: dict[str, str]) -> None:
+        super().__init__()
+        self._lazy = dict(lazy)
+
+    def _load(self, name: object) -> None:
+        spec = self._lazy.pop(name, None) if isinstance(name, str) else None
+        if spec is not None:
+            module, _, attr = spec.partition(":")
+            dict.__setitem__(self, name, getattr(importlib.import_module(module), attr))
+
+    def _load_all(self) -> None:
+        for name in list(self._lazy):
+            self._load(name)
+
+    def __getitem__(self, name: Any) -> Any:
+        self._load(name)
+        return super().__getitem__(name)
+
+    def get(self, name: Any, default: Any = None) -> Any:
+        self._load(name)
+        return super().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._lazy or super().__contains__(name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([*super().keys(), *self._lazy])
+
+    def __len__(self) -> int:
+        return super().__len__() + len(self._lazy)
+
+    def keys(self) -> Any:
+        self._load_all()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._load_all()
+        return super().values()
+
+    def items(self) -> Any:
+        self._load_all()
+        return super().items()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
@@ -39,17 +94,21 @@ def main(ctx: click.Context, config_path: str | None, log_level: str, log_format
         ctx.default_map = config.to_default_map(main, config.load(config_path))
 
 
-main.add_command(relay)
-main.add_command(gateway)
-main.add_command(ondemand)
-main.add_command(chain)
+main.commands = _Commands(SYSTEMS)
 
 
-async def _relay_attach(mux: ProtocolMux, db: str, audit_log: str | None) -> None:
+async def _relay_attach(mux: Any, db: str, audit_log: str | None) -> None:
     """Carry relay sessions on another system's port (the gateway's one open port).
 
     Composition happens here, at the top, so that no system imports another.
     """
+    from kakehashi.core import tls, wire
+    from kakehashi.core.audit import AuditLog
+    from kakehashi.core.mux import prefix_matcher
+    from kakehashi.core.store import open_store
+    from kakehashi.relay.server import RelayServer
+    from kakehashi.relay.users import RelayUsers
+
     registry = RelayUsers(open_store(db))
     server = RelayServer(registry, tls=None, starttls=tls.server_context(),
                          audit=AuditLog(audit_log, system="relay"))
