@@ -1043,3 +1043,16 @@ def test_any_token_method_is_http(method):
 ])
 def test_request_line_grammar(first, answer):
     assert h.looks_like_request(first) is answer
+
+
+@pytest.mark.parametrize(("version", "connection", "keep"), [
+    (b"HTTP/1.1", None, True), (b"HTTP/1.1", b"close", False),
+    (b"HTTP/1.1", b"Keep-Alive, Close", False), (b"HTTP/1.0", None, False),
+    (b"HTTP/1.0", b"keep-alive", True), (b"HTTP/1.0", b"keep-alive, close", False),
+])
+def test_the_one_client_keep_alive_rule(version, connection, keep):
+    fields = [(b"Host", b"h")] + ([(b"Connection", connection)] if connection else [])
+    req = h.RequestHead(b"GET", b"/", version, h.Headers(fields))
+    assert h.wants_keep_alive(req) is keep
+    ok = h.ResponseHead(b"HTTP/1.1", 200, b"OK", h.Headers([(b"Content-Length", b"0")]))
+    assert h.keep_alive(req, ok) is keep  # relayed responses follow the same rule

@@ -104,11 +104,6 @@ class ByteBudget:
                 fut.set_result(None)
 
 
-def _keep_alive(head: http.RequestHead) -> bool:
-    tokens = head.headers.tokens(b"connection")
-    return b"close" not in tokens and (head.version == b"HTTP/1.1" or b"keep-alive" in tokens)
-
-
 def reply_head(head: http.RequestHead, status: int, ctype: str | None, length: int | None,
                extra: list[tuple[bytes, bytes]] | None = None) -> tuple[bytes, bool]:
     """The head of a reply of the gateway's own and whether the connection stays open
@@ -121,7 +116,7 @@ def reply_head(head: http.RequestHead, status: int, ctype: str | None, length: i
         lines.append(b"Content-Length: %d" % length)
     for name, value in extra or []:
         lines.append(name + b": " + value)
-    keep = _keep_alive(head)
+    keep = http.wants_keep_alive(head)
     if not keep:
         lines.append(b"Connection: close")
     elif head.version != b"HTTP/1.1":

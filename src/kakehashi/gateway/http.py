@@ -73,6 +73,7 @@ __all__ = [
     "strip_hop_by_hop",
     "to_absolute",
     "to_origin",
+    "wants_keep_alive",
 ]
 
 HTTP_11: Final = b"HTTP/1.1"
@@ -990,6 +991,14 @@ class ChunkedDecoder:
 
 
 # -- connection management ---------------------------------------------------------------
+def wants_keep_alive(req_head: RequestHead) -> bool:
+    """Does the client ask to keep its connection after this exchange? (its
+    Connection field and version: the one client-side rule, for relayed responses
+    and the gateway's own replies alike)"""
+    tokens = req_head.headers._tokens(b"connection")
+    return b"close" not in tokens and (req_head.version == HTTP_11 or b"keep-alive" in tokens)
+
+
 def keep_alive(req_head: RequestHead, resp_head: ResponseHead,
                framing: BodyFraming | None = None) -> bool:
     """May this connection carry another request after this exchange? (RFC 9112 9.3)
@@ -998,11 +1007,10 @@ def keep_alive(req_head: RequestHead, resp_head: ResponseHead,
     ``keep-alive``; a close-delimited response or a tunnel ends it too. ``framing``:
     the response's :func:`response_body`, when the caller has it already.
     """
-    req_conn = req_head.headers._tokens(b"connection")
-    resp_conn = resp_head.headers._tokens(b"connection")
-    if b"close" in req_conn or b"close" in resp_conn:
+    if not wants_keep_alive(req_head):
         return False
-    if req_head.version == HTTP_10 and b"keep-alive" not in req_conn:
+    resp_conn = resp_head.headers._tokens(b"connection")
+    if b"close" in resp_conn:
         return False
     if resp_head.version == HTTP_10 and b"keep-alive" not in resp_conn:
         return False
