@@ -4,6 +4,7 @@ the OpenAPI document, and a grant opened by a (simulated) edge over the control 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -175,11 +176,17 @@ def test_grant_revoke_extend_and_events(api):
 
 def test_an_edge_that_does_not_answer_fails_the_grant_cleanly(api):
     register_device(api)
-    ws_cm, _ = fake_edge(api, answer=False)
+    ws_cm, opened = fake_edge(api, answer=False)
     try:
         r = api.post("/v1/grants", json={"targets": [{"imsi": IMSI, "port": 22}], "ttl": 60},
                      headers=auth(api, "client"))
         assert r.status_code == 503 and r.json()["error"]["code"] == "edge-unreachable"
+        # the edge is told to close what it may still open late
+        gid = opened[0]["id"]
+        deadline = time.monotonic() + 10
+        while {"closed": gid, "reason": "failed"} not in opened:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         assert api.mgr.store.list("od-grant") == []
         assert api.get("/v1/grants", headers=auth(api, "admin")).json() == []
     finally:

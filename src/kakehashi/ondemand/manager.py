@@ -279,6 +279,9 @@ class Manager:
                 self.grants.pop(doc["id"], None)
                 used.discard(port)
                 self._by_port.pop((edge.name, port), None)
+                # a slow edge may still open it: tell it to close (no half-open listener)
+                with contextlib.suppress(Exception):
+                    await sess.send(m.Close(grant=doc["id"], reason="failed"))
                 raise g.GrantError("edge-unreachable", f"edge {edge.name} did not open the "
                                                        f"port: {exc or 'timed out'}",
                                    503) from None
