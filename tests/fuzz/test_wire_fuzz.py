@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import string
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kakehashi.core.stream import ConnClosed, FramedConn
 from kakehashi.core.wire import (
     HEADER_SIZE,
     MAX_FRAME,
@@ -254,3 +256,90 @@ def test_oversized_control_message_refused_on_encode():
     with pytest.raises(WireError) as err:
         codec.encode(m.Login(user="alice", password="x" * 40))
     assert err.value.code == "too-large"
+
+
+# -- the production reader runs this codec ------------------------------------------------
+class _ScriptedConn:
+    """What FramedConn needs of a connection: ``recv`` of the stream cut at ``cuts``."""
+
+    plain = True
+
+    def __init__(self, data: bytes, cuts: list[int]) -> None:
+        self.chunks = chunked(data, cuts)
+        self.loop = asyncio.get_running_loop()
+
+    async def recv(self, n: int) -> bytes:
+        while self.chunks and not self.chunks[0]:
+            self.chunks.pop(0)
+        if not self.chunks:
+            return b""
+        chunk = self.chunks[0]
+        self.chunks[0] = chunk[n:]
+        return chunk[:n]
+
+
+async def _read_all(data: bytes, cuts: list[int], preamble: bool) -> list[tuple]:
+    framed = FramedConn(_ScriptedConn(data, cuts), SMALL)  # type: ignore[arg-type]
+    if preamble:
+        await framed.read_preamble()
+    out = []
+    while True:
+        header = await framed.read_header(exact=bool(len(out) % 2))
+        if header is None:
+            return out
+        ftype, length = header
+        if ftype is FrameType.DATA and length > 1:  # the pump's way: part buffered, part spliced
+            head = framed.take_buffered_payload(length // 2)
+            out.append((ftype, head + await framed.read_payload(length - len(head))))
+        else:
+            out.append((ftype, await framed.read_payload(length)))
+
+
+@FAST
+@given(st.lists(frames, max_size=8), st.lists(st.integers(min_value=0), max_size=12),
+       st.booleans())
+def test_framed_conn_reads_what_the_decoder_reads(sent, cuts, preamble):
+    """FramedConn (production) is a reader around FrameDecoder: any chunking gives the
+    frames that were sent, header by header and payload by payload."""
+    stream = (PREAMBLE if preamble else b"") + b"".join(encode_frame(t, p) for t, p in sent)
+    assert asyncio.run(_read_all(stream, cuts, preamble)) == sent
+
+
+@FAST
+@given(st.sampled_from([b"", PREAMBLE]), st.binary(max_size=600),
+       st.lists(st.integers(min_value=0), max_size=6))
+def test_framed_conn_raises_only_clear_errors_on_garbage(prefix, garbage, cuts):
+    try:
+        for ftype, payload in asyncio.run(_read_all(prefix + garbage, cuts, bool(prefix))):
+            assert len(payload) <= SMALL.max_data and ftype in FrameType
+    except WireError as exc:
+        assert exc.code in {"too-large", "bad-frame", "not-kakehashi", "version",
+                            "tls-mismatch"}
+    except ConnClosed:
+        pass  # the stream ended in the middle of a frame
+
+
+@FAST
+@given(st.lists(frames, max_size=8), st.lists(st.integers(min_value=0), max_size=12))
+def test_header_then_payload_agrees_with_whole_frames(sent, cuts):
+    stream = b"".join(encode_frame(t, p) for t, p in sent)
+    dec = FrameDecoder(SMALL)
+    got: list[tuple] = []
+    current: list = []
+    for chunk in chunked(stream, cuts):
+        dec.feed(chunk)
+        while True:
+            if current:
+                ftype, length, parts = current
+                parts.append(dec.take_payload(length - sum(map(len, parts))))
+                if sum(map(len, parts)) < length:
+                    break
+                got.append((ftype, b"".join(parts)))
+                current = []
+            header = dec.next_header()
+            if header is None:
+                break
+            current = [header[0], header[1], []]
+    if current:
+        got.append((current[0], b"".join(current[2])))
+    assert got == sent and dec.payload_left == 0

@@ -67,3 +67,25 @@ async def test_silent_client_costs_no_tls_state(ctx, monkeypatch):
         await start_tls(conn, ctx, server_side=True, timeout=5)
     conn.close()
     assert made == []
+
+
+def test_frames_are_parsed_only_by_the_wire_codec():
+    """One frame codec in production (issue 7, item 18): FramedConn reads through
+    wire.FrameDecoder (the fuzzed one), and nothing else in the package decodes frame
+    headers or reaches into a connection's read buffer."""
+    import kakehashi
+    from kakehashi.core import wire
+    from kakehashi.core.stream import FramedConn
+
+    assert FramedConn.__init__.__code__.co_names.count("FrameDecoder") == 1
+    package = Path(kakehashi.__file__).parent
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "wire.py":
+            continue
+        text = path.read_text()
+        for needle in ("decode_header(", "_rbuf", "HEADER.unpack", "limits.check("):
+            if needle in text:
+                offenders.append(f"{path.relative_to(package)}: {needle}")
+    assert offenders == []
+    assert wire.FrameDecoder.next_header and wire.FrameDecoder.take_payload

@@ -333,6 +333,7 @@ class RawSink(FrameSink):
                 n = await splice_in(src.conn, pipe, min(length, pipe.size))
                 if not n:
                     raise ConnClosed("connection closed in the middle of a frame")
+                src.spliced(n)
                 await splice_out(pipe, self.dst, n)
                 length -= n
         else:
@@ -402,6 +403,7 @@ class FramedSink(FrameSink):
                     n = await splice_in(src.conn, pipe, rest)
                     if not n:
                         raise ConnClosed("connection closed in the middle of a frame")
+                    src.spliced(n)
                     rest -= n
                     with src.stalling():
                         try:

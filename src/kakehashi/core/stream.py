@@ -574,23 +574,28 @@ class Listener:
 
 
 class FramedConn:
-    """A connection carrying kakehashi frames.
+    """A connection carrying kakehashi frames, parsed by :class:`wire.FrameDecoder`.
 
-    Reads are buffered during the control phase; when the pump splices payloads the
-    header is read with exact-size receives so payload bytes stay in the kernel.
-    Writes of whole frames are serialised by ``write_lock`` because the pump and the
-    control logic both write to the same connection.
+    This class only moves bytes from the socket into the decoder (``decoder``);
+    every header and preamble check is the decoder's. Reads are buffered during the
+    control phase; when the pump splices payloads the header is read with exact-size
+    receives so payload bytes stay in the kernel (the pump reports them with
+    :meth:`spliced`). Writes of whole frames are serialised by ``write_lock``
+    because the pump and the control logic both write to the same connection.
     """
 
     def __init__(self, conn: Conn, limits: wire.Limits = wire.DEFAULT_LIMITS) -> None:
         self.conn = conn
-        self.limits = limits
+        self.decoder = wire.FrameDecoder(limits)
         self.write_lock = asyncio.Lock()
-        self._rbuf = bytearray()
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_rx = asyncio.get_running_loop().time()
         self._stalls = 0
+
+    @property
+    def limits(self) -> wire.Limits:
+        return self.decoder.limits
 
     @property
     def stalled(self) -> bool:
@@ -612,57 +617,61 @@ class FramedConn:
 
     @property
     def buffered(self) -> int:
-        return len(self._rbuf)
+        return self.decoder.buffered
 
     def take_buffer(self) -> bytes:
-        data = bytes(self._rbuf)
-        self._rbuf.clear()
-        return data
+        return self.decoder.take_buffer()
+
+    def received(self, data: bytes) -> None:
+        """Bytes read from the socket by someone else (the relay's readable callback)."""
+        self.decoder.feed(data)
+        self.last_rx = self.conn.loop.time()
 
     async def _fill(self, need: int, *, exact: bool) -> bool:
         """Ensure ``need`` bytes are buffered; False on clean EOF before any of them."""
-        while len(self._rbuf) < need:
-            missing = need - len(self._rbuf)
+        decoder = self.decoder
+        while (have := decoder.buffered) < need:
+            missing = need - have
             if exact and self.conn.plain:
                 chunk = await self.conn.recv(missing)
             else:
                 chunk = await self.conn.recv(min(max(missing, SMALL_CHUNK), RECV_CHUNK))
             if not chunk:
-                if self._rbuf:
+                if decoder.buffered:
                     raise ConnClosed("connection closed in the middle of a frame")
                 return False
-            self._rbuf += chunk
+            decoder.feed(chunk)
             self.last_rx = self.conn.loop.time()
         return True
 
     async def read_preamble(self) -> None:
+        self.decoder.expect_preamble()
+        # an exact read: what follows the preamble may be for another reader (TLS)
         if not await self._fill(len(wire.PREAMBLE), exact=True):
             raise ConnClosed("connection closed before the preamble")
-        wire.check_preamble(bytes(self._rbuf[:4]))
-        del self._rbuf[:4]
+        self.decoder.read_preamble()  # four bytes: consumed, or WireError
 
     async def read_header(self, *, exact: bool = False) -> tuple[wire.FrameType, int] | None:
-        """Read and validate one frame header; None on clean EOF between frames."""
+        """Read and check one frame header; None on clean EOF between frames."""
         if not await self._fill(wire.HEADER_SIZE, exact=exact):
             return None
-        ftype, length = wire.decode_header(self._rbuf[: wire.HEADER_SIZE])
-        del self._rbuf[: wire.HEADER_SIZE]
-        self.limits.check(ftype, length)
-        self.bytes_in += wire.HEADER_SIZE + length
-        return wire.FrameType(ftype), length
+        header = self.decoder.next_header()
+        assert header is not None
+        self.bytes_in += wire.HEADER_SIZE + header[1]
+        return header
 
     async def read_payload(self, length: int) -> bytes:
         if not await self._fill(length, exact=False) and length:
             raise ConnClosed("connection closed in the middle of a frame")
-        data = bytes(self._rbuf[:length])
-        del self._rbuf[:length]
-        return data
+        return self.decoder.take_payload(length)
 
     def take_buffered_payload(self, length: int) -> bytes:
         """Payload bytes already read into user space (before switching to splice)."""
-        data = bytes(self._rbuf[:length])
-        del self._rbuf[: len(data)]
-        return data
+        return self.decoder.take_payload(length)
+
+    def spliced(self, n: int) -> None:
+        """``n`` payload bytes of the current frame went from the socket by splice."""
+        self.decoder.skip(n)
 
     async def read_frame(self) -> wire.Frame | None:
         header = await self.read_header()

@@ -22,7 +22,8 @@ Frame types:
     the sender will send no more DATA in this session (half-close), no payload.
 
 Nothing here touches a socket: :class:`FrameDecoder` takes bytes and yields
-frames, :func:`encode_frame` makes bytes. Malformed input raises
+frames (it is the parser production runs, and the one the fuzzer exercises),
+:func:`encode_frame` makes bytes. Malformed input raises
 :class:`WireError` with a message meant for a human.
 """
 
@@ -123,20 +124,34 @@ class Frame:
 
 
 class FrameDecoder:
-    """Incremental frame parser: ``feed()`` bytes, iterate ``frames()``.
+    """Incremental frame parser: the one place that parses and checks frames.
 
-    ``expect_preamble`` makes the first four bytes a preamble check. The decoder holds
-    at most one partial frame, so its memory is bounded by the limits.
+    Production (``stream.FramedConn`` and the relay's idle-connection callback) and
+    the fuzzer use this class. Bytes go in with :meth:`feed`; they come out either as
+    whole frames (:meth:`next_frame`, :meth:`frames`) or as a header first and its
+    payload after (:meth:`next_header`, then :meth:`take_payload`, or :meth:`skip`
+    for payload bytes that bypassed the decoder: the byte pump splices a payload from
+    socket to socket, kernel to kernel, once its header has been checked here).
+
+    ``expect_preamble`` makes the first four bytes a preamble check. Memory is
+    bounded: a header is checked against the limits before its payload is buffered.
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, *, expect_preamble: bool = False) -> None:
         self.limits = limits
         self._buf = bytearray()
         self._need_preamble = expect_preamble
+        #: payload bytes of the header last returned by next_header, not yet taken
+        self._left = 0
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    @property
+    def payload_left(self) -> int:
+        """Payload bytes still owed to the frame whose header was handed out."""
+        return self._left
 
     def take_buffer(self) -> bytes:
         """Hand over unparsed bytes (when the stream switches to another reader)."""
@@ -147,26 +162,70 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
-    def next_frame(self) -> Frame | None:
+    def expect_preamble(self) -> None:
+        """The next bytes are a preamble (a stream that starts now)."""
+        self._need_preamble = True
+
+    def read_preamble(self) -> bool:
+        """Check and consume the preamble; False while fewer than four bytes are
+        buffered (a prefix that cannot be one already raises WireError)."""
+        if not self._need_preamble:
+            return True
         buf = self._buf
-        if self._need_preamble:
-            if len(buf) < len(PREAMBLE):
-                if buf and not MAGIC.startswith(bytes(buf[:3])):
-                    check_preamble(bytes(buf).ljust(4, b"\0"))
-                return None
-            check_preamble(bytes(buf[:4]))
-            del buf[:4]
-            self._need_preamble = False
-        if len(buf) < HEADER_SIZE:
+        if len(buf) < len(PREAMBLE):
+            if buf and not MAGIC.startswith(bytes(buf[:3])):
+                check_preamble(bytes(buf).ljust(4, b"\0"))
+            return False
+        check_preamble(bytes(buf[:4]))
+        del buf[:4]
+        self._need_preamble = False
+        return True
+
+    def peek_header(self) -> tuple[FrameType, int] | None:
+        """The next frame's checked header, left in the buffer; None if incomplete."""
+        if self._left:
+            raise RuntimeError(f"{self._left} payload bytes of the last frame not taken")
+        if self._need_preamble and not self.read_preamble():
             return None
-        ftype, length = decode_header(buf[:HEADER_SIZE])
+        if len(self._buf) < HEADER_SIZE:
+            return None
+        ftype, length = decode_header(self._buf[:HEADER_SIZE])
         self.limits.check(ftype, length)
-        end = HEADER_SIZE + length
-        if len(buf) < end:
+        return FrameType(ftype), length
+
+    def next_header(self) -> tuple[FrameType, int] | None:
+        """Consume the next frame's header; its payload is owed until taken or skipped."""
+        header = self.peek_header()
+        if header is not None:
+            del self._buf[:HEADER_SIZE]
+            self._left = header[1]
+        return header
+
+    def take_payload(self, n: int) -> bytes:
+        """Up to ``n`` buffered payload bytes of the current frame."""
+        n = min(n, self._left, len(self._buf))
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._left -= n
+        return data
+
+    def skip(self, n: int) -> None:
+        """``n`` payload bytes of the current frame were read past the decoder."""
+        if n > self._left:
+            raise RuntimeError(f"skipping {n} payload bytes, {self._left} owed")
+        self._left -= n
+
+    def next_frame(self) -> Frame | None:
+        header = self.peek_header()
+        if header is None:
             return None
-        payload = bytes(buf[HEADER_SIZE:end])
-        del buf[:end]
-        return Frame(FrameType(ftype), payload)
+        ftype, length = header
+        end = HEADER_SIZE + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[HEADER_SIZE:end])
+        del self._buf[:end]
+        return Frame(ftype, payload)
 
     def frames(self) -> Iterator[Frame]:
         while (frame := self.next_frame()) is not None:

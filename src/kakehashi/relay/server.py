@@ -261,23 +261,20 @@ class RelayServer:
                 fut.set_exception(exc)
 
         def process() -> None:
-            buf = framed._rbuf
+            decoder = framed.decoder
             while not fut.done():
                 if link.sink is not None or link.upgrade:
                     return finish("switch")
-                if len(buf) < wire.HEADER_SIZE:
+                header = decoder.peek_header()
+                if header is None:
                     return None
-                ftype, length = wire.decode_header(buf[: wire.HEADER_SIZE])
-                framed.limits.check(ftype, length)
-                if ftype != wire.FrameType.CTRL:
+                if header[0] is not wire.FrameType.CTRL:
                     return finish("switch")  # the coroutine decides what data means here
-                end = wire.HEADER_SIZE + length
-                if len(buf) < end:
+                frame = decoder.next_frame()
+                if frame is None:
                     return None
-                payload = bytes(buf[wire.HEADER_SIZE:end])
-                del buf[:end]
-                framed.bytes_in += end
-                msg = m.RELAY_CODEC.decode(payload)
+                framed.bytes_in += wire.HEADER_SIZE + len(frame.payload)
+                msg = m.RELAY_CODEC.decode(frame.payload)
                 conn_state = self.core.conns.get(link.cid)
                 if type(msg) is m.Hold and conn_state is not None and conn_state.user:
                     # the connection-hold reply (Fig. 2, 4-5) is the same decision every
@@ -298,11 +295,10 @@ class RelayServer:
             except OSError as exc:
                 return fail(exc)
             if not data:
-                if framed._rbuf:
+                if framed.buffered:
                     return fail(ConnClosed("connection closed in the middle of a frame"))
                 return finish("eof")
-            framed._rbuf += data
-            framed.last_rx = loop.time()
+            framed.received(data)
             try:
                 process()
             except (wire.WireError, ValueError) as exc:
