@@ -22,15 +22,14 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import secrets
 from dataclasses import dataclass, field
 
 from kakehashi.chain import messages as m
-from kakehashi.chain.setup import E2E_PURPOSE, HOP_PURPOSE
+from kakehashi.chain.hop import EndToEnd, NextHop, Refuse, RelayFilter, RequesterSide, refusal
 from kakehashi.chain.tables import Acl, Hop, PortRange, Routes, SessionLimits
 from kakehashi.core import wire
 from kakehashi.core.audit import AuditLog
-from kakehashi.core.crypto import DATAGRAM_OVERHEAD, AuthFailed, DatagramChannel, MutualAuth
+from kakehashi.core.crypto import DATAGRAM_OVERHEAD, DatagramChannel, MutualAuth
 from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_in_range
 from kakehashi.core.stream import ConnClosed, FramedConn, Listener, open_tcp, refuse
 
@@ -57,14 +56,6 @@ class ProxyConfig:
     max_per_user: int = 16
     max_per_client: int = 64
     audit: AuditLog = field(default_factory=lambda: AuditLog(system="chain"))
-
-
-class Refusal(Exception):
-    """End the session with a Refused naming ``hop`` (this proxy unless passed up)."""
-
-    def __init__(self, msg: m.Refused) -> None:
-        super().__init__(msg.describe())
-        self.msg = msg
 
 
 class Ctrl:
@@ -133,6 +124,8 @@ class ChainProxy:
 
 
 class _Session:
+    """One relay request: drives the sans-IO objects of :mod:`kakehashi.chain.hop`."""
+
     def __init__(self, proxy: ChainProxy, up: Ctrl) -> None:
         self.proxy = proxy
         self.cfg = proxy.cfg
@@ -141,40 +134,33 @@ class _Session:
         peer = up.fc.conn.peer
         self.peer_ip = str(peer[0]) if isinstance(peer, tuple) else "?"
         self.rid = 0
-        self.forwarder: DatagramForwarder | None = None
-        self.channel: DatagramChannel | None = None
-        self.slot: tuple[str, str] | None = None
         self.user = "?"
-
-    # -- helpers ------------------------------------------------------------------------
-    def refusal(self, reason: str, text: str) -> Refusal:
-        return Refusal(m.Refused(self.rid, self.cfg.name, reason, text[:400]))  # type: ignore[arg-type]
+        self.forwarder: DatagramForwarder | None = None
+        self.slot: tuple[str, str] | None = None
+        self.pending_hop: Hop | None = None  # iterative: the next proxy, once asked to extend
+        self.relay: RelayFilter | None = None
+        self.e2e: EndToEnd | None = None
+        self.far_port = 0
 
     def audit(self, event: str, allow: bool, **fields: object) -> None:
         self.cfg.audit.record(event, allow, proxy=self.cfg.name, peer=self.peer_ip, **fields)
 
-    async def expect(self, ctrl: Ctrl, kind: type, what: str, *, timeout: float | None = None,
-                     refused_ok: bool = False) -> m.Message:
-        msg = await ctrl.read(self.cfg.auth_timeout if timeout is None else timeout)
-        if msg is None:
-            raise ConnClosed(f"closed while waiting for {what}")
-        if refused_ok and isinstance(msg, m.Refused):
-            return msg
-        if not isinstance(msg, kind):
-            raise self.refusal("protocol", f"expected {what}, got {type(msg).__name__.lower()}")
-        return msg
+    def refusal(self, reason: str, text: str) -> Refuse:
+        return refusal(self.cfg.name, reason, text, self.rid)
 
-    # -- the procedure ------------------------------------------------------------------
+    # -- setup ----------------------------------------------------------------------------
     async def run(self) -> None:
         cfg = self.cfg
         try:
             await asyncio.wait_for(self.up.fc.read_preamble(), cfg.auth_timeout)
             await self.setup()
-        except Refusal as exc:
+        except Refuse as exc:
             self.proxy.stats["refused"] += 1
             if exc.msg.hop == cfg.name:
                 log.info("%s: refused %s from %s: %s: %s", cfg.name, self.user, self.peer_ip,
                          exc.msg.reason, exc.msg.text)
+            # the refusal, then a clean close: unread input would turn the close into a
+            # reset that can destroy the refusal before the peer reads it
             refuse(self.up.fc.conn, m.codec.encode(
                 m.Refused(self.rid, exc.msg.hop, exc.msg.reason, exc.msg.text)))
             return
@@ -183,48 +169,30 @@ class _Session:
 
     async def setup(self) -> None:
         cfg = self.cfg
-        # 602/902: mutual authentication with the requester
-        auth = MutualAuth("responder", cfg.name, cfg.keys, HOP_PURPOSE)
-        await self.up.send(m.Challenge(*auth.challenge()))
-        answer = await self.expect(self.up, m.Answer, "an answer to the challenge")
-        assert isinstance(answer, m.Answer)
-        self.user = answer.id
+        side = RequesterSide(cfg.name, cfg.keys, cfg.acl, cfg.routes, self.peer_ip)
+        await self.up.send(side.start())  # 602/902
         try:
-            proof = auth.check_answer(answer.id, answer.nonce, answer.mac)
-        except AuthFailed as exc:
-            self.audit("authenticate", False, id=answer.id, why=str(exc))
-            raise self.refusal("authentication", f"{cfg.name} could not authenticate "
-                                                 f"{answer.id!r}: {exc}") from None
-        self.audit("authenticate", True, id=answer.id)
-        await self.up.send(m.Proof(proof))
-        req = await self.expect(self.up, m.Request, "a relay request")
-        assert isinstance(req, m.Request)
-        self.rid = req.rid
-        self.user = req.user
-        peer = auth.peer_id or ""
-        # claim 6: access control right after (and depending on) authentication
-        origin, direct = self.requester_origin(peer, req)
-        if not cfg.acl.allows(req.user, origin.host, origin.port):
-            self.audit("access", False, user=req.user, origin=str(origin), by=peer)
-            raise self.refusal("access", f"{cfg.name}'s access control does not admit user "
-                                         f"{req.user!r} from {origin}")
-        self.audit("access", True, user=req.user, origin=str(origin), by=peer)
-        # the per-address bound counts the client's address, not a neighbour proxy's
-        # (which carries every user behind it)
-        why = self.proxy.limits.admit(req.user, origin.host)
+            while side.admitted is None:
+                msg = await self.up.read(cfg.auth_timeout)
+                if msg is None:
+                    raise ConnClosed("the requester closed during setup")
+                if isinstance(msg, m.Answer):
+                    self.user = msg.id
+                for out in side.receive(msg):
+                    await self.up.send(out)
+        finally:
+            for event, allow, fields in side.audit:
+                self.audit(event, allow, **fields)
+        adm = side.admitted
+        req = adm.request
+        self.rid, self.user = req.rid, req.user
+        # floods: the per-address bound counts the client's address, not a neighbour
+        # proxy's (which carries every user behind it)
+        why = self.proxy.limits.admit(req.user, adm.origin.host)
         if why:
             self.audit("limit", False, user=req.user, why=why)
             raise self.refusal("limit", f"{cfg.name}: {why}")
-        self.slot = (req.user, origin.host)
-        # 604/905: is another proxy needed?
-        found, hop = cfg.routes.lookup(req.server.host)
-        if not found:
-            raise self.refusal("route", f"{cfg.name} has no route to {req.server.host}")
-        if len(req.via) >= m.MAX_HOPS - 1:
-            raise self.refusal("route", f"more than {m.MAX_HOPS} hops")
-        if hop is not None and (hop.name == cfg.name or hop.name in req.via):
-            raise self.refusal("route", f"{cfg.name}: the route to {req.server.host} loops "
-                                        f"back to {hop.name}")
+        self.slot = (req.user, adm.origin.host)
         # 603/904: the two data ports
         udp_host = cfg.udp_host or cfg.host
         try:
@@ -236,78 +204,60 @@ class _Session:
         except OSError as exc:
             near_sock.close()
             raise self.refusal("ports", f"{cfg.name}: {exc.strerror or exc}") from None
-        # the requester's data arrives from where its control connection comes from
-        # (behind NAT its port differs from what it declared: lock to the first seen)
+        # the requester's data comes from where its control connection comes from; its
+        # port may differ from what it declared (NAT): the record locks to the first seen
         record = PortRecord(expect_host=self.peer_ip)
-        self.forwarder = DatagramForwarder(near_sock, far_sock, record,
-                                           near_to_far=_drop, far_to_near=None)
+        self.forwarder = DatagramForwarder(near_sock, far_sock, record, near_to_far=_drop)
         await self.forwarder.start()
         local_ip = self.up.fc.conn.sock.getsockname()[0]
         near_ep = m.Endpoint(local_ip, near_sock.getsockname()[1])
-        far_port = far_sock.getsockname()[1]
-        self.far_port = far_port
-        self.origin = origin
+        self.far_port = far_sock.getsockname()[1]
         max_payload = MAX_UDP_PAYLOAD - (DATAGRAM_OVERHEAD if req.encrypt else 0)
-        if hop is None:
-            await self.last_hop(req, auth, direct, record, near_ep, udp_host, max_payload)
-        elif req.mode == "recursive":
-            await self.recursive_hop(req, hop, record, near_ep)
-        else:
+        hop = adm.next_hop
+        if hop is None:  # 612-614 / 918-920: the server's endpoint goes into 3142
+            record.far = req.server.addr
+            far_ep = m.Endpoint(_report_host(udp_host, local_ip), self.far_port)
+            challenge = None
+            if req.encrypt and adm.direct:
+                self.open_channel(side.auth)
+            elif req.encrypt:
+                self.e2e = EndToEnd(cfg.name, cfg.keys, req.user)
+                challenge = self.e2e.challenge()
+            else:
+                self.forwarder.near_to_far = None
+            await self.up.send(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=True,
+                                       path=[cfg.name], challenge=challenge,
+                                       max_payload=max_payload))
+        elif req.mode == "recursive":  # 605-611
+            down = await self.connect_next(hop)
+            nh = NextHop(cfg.name, cfg.keys, hop, adm,
+                         m.Endpoint(down.fc.conn.sock.getsockname()[0], self.far_port))
+            while nh.reply is None:
+                try:
+                    msg = await down.read(cfg.auth_timeout)
+                except (ConnClosed, TimeoutError, wire.WireError, OSError) as exc:
+                    raise self.refusal("next-hop", f"{hop} failed during setup: "
+                                                   f"{exc or type(exc).__name__}") from None
+                if msg is None:
+                    raise self.refusal("next-hop", f"{hop} closed during setup")
+                for out in nh.receive(msg):
+                    await down.send(out)
+            record.far = nh.reply.near.addr  # 608: area 3142 = the next proxy's P4
             self.forwarder.near_to_far = None
-            far_ep = m.Endpoint(_report_host(udp_host, local_ip), far_port)
+            await self.up.send(nh.answer_up(near_ep))
+        else:  # 904-915: iterative, the client extends the chain through this proxy
+            self.forwarder.near_to_far = None
+            far_ep = m.Endpoint(_report_host(udp_host, local_ip), self.far_port)
             await self.up.send(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=False,
                                        path=[cfg.name], max_payload=max_payload))
-            self.next_hop = hop
-
-    def requester_origin(self, peer: str, req: m.Request) -> tuple[m.Endpoint, bool]:
-        """Who the request is for, and whether the authenticated peer is the client.
-
-        With no ``via``, the peer is the client itself and must be the user it names;
-        its origin is the address its connection comes from. Otherwise a proxy that
-        authenticated as the last ``via`` entry vouches for the user (recursive mode),
-        or the client authenticated itself through relaying proxies (iterative mode);
-        a peer that is itself a user of the ACL cannot speak for others.
-        """
-        if not req.via:
-            if peer != req.user:
-                raise self.refusal("access", f"authenticated as {peer!r} but asks for user "
-                                             f"{req.user!r}")
-            return m.Endpoint(self.peer_ip, req.requester.port), True
-        if req.origin is None:
-            raise self.refusal("protocol", "a forwarded request without its origin")
-        if peer == req.user:
-            return req.origin, True
-        if peer == req.via[-1] and peer not in self.cfg.acl.users:
-            return req.origin, False
-        raise self.refusal("access", f"{peer!r} may not forward requests for {req.user!r}")
-
-    async def last_hop(self, req: m.Request, auth: MutualAuth, direct: bool,
-                       record: PortRecord, near_ep: m.Endpoint, udp_host: str,
-                       max_payload: int) -> None:
-        """612-614 / 918-920: the server's endpoint goes into 3142; reply with P4, P5."""
-        cfg = self.cfg
-        assert self.forwarder is not None
-        record.far = req.server.addr
-        far_ep = m.Endpoint(_report_host(udp_host, near_ep.host), self.far_port)
-        challenge = None
-        if req.encrypt:
-            if direct:
-                self.open_channel(auth)
-            else:
-                self.e2e = MutualAuth("responder", cfg.name, cfg.keys, E2E_PURPOSE)
-                challenge = m.Challenge(*self.e2e.challenge())
-        else:
-            self.forwarder.near_to_far = None
-        await self.up.send(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=True,
-                                   path=[cfg.name], challenge=challenge,
-                                   max_payload=max_payload))
-        self.next_hop = None
+            self.pending_hop = hop
+            self.origin = adm.origin
 
     def open_channel(self, auth: MutualAuth) -> None:
+        """Claim 7: the client seals, this last hop opens towards the server and seals
+        the answers, with keys from their authentication."""
         assert self.forwarder is not None
-        send_key, recv_key = auth.session_keys()
-        self.channel = ch = DatagramChannel(send_key, recv_key)
-        # the client seals, this last hop opens towards the server and seals the answers
+        ch = DatagramChannel(*auth.session_keys())
         self.forwarder.far_to_near = ch.seal
         self.forwarder.near_to_far = ch.open
 
@@ -317,156 +267,90 @@ class _Session:
         except (OSError, TimeoutError) as exc:
             raise self.refusal("next-hop", f"{self.cfg.name} cannot reach the next hop "
                                            f"{hop}: {exc}") from None
-        down = Ctrl(FramedConn(conn, m.LIMITS))
-        self.down = down
+        self.down = down = Ctrl(FramedConn(conn, m.LIMITS))
         await down.fc.send(wire.PREAMBLE)
         return down
 
-    async def recursive_hop(self, req: m.Request, hop: Hop, record: PortRecord,
-                            near_ep: m.Endpoint) -> None:
-        """605-611: authenticate with the next proxy, ask it, pass its answer up."""
-        cfg = self.cfg
-        down = await self.connect_next(hop)
-        try:
-            challenge = await self.expect(down, m.Challenge, f"a challenge from {hop.name}")
-        except (ConnClosed, TimeoutError, wire.WireError) as exc:
-            raise self.refusal("next-hop", f"{hop} did not challenge {cfg.name}: {exc}") \
-                from None
-        assert isinstance(challenge, m.Challenge)
-        if challenge.hop != hop.name:
-            raise self.refusal("next-hop", f"the next hop at {hop.host}:{hop.port} says it is "
-                                           f"{challenge.hop!r}, the route expects {hop.name!r}")
-        auth = MutualAuth("initiator", cfg.name, cfg.keys, HOP_PURPOSE)
-        try:
-            await down.send(m.Answer(*auth.answer(challenge.hop, challenge.nonce)))
-        except AuthFailed as exc:
-            raise self.refusal("authentication", f"{cfg.name}: {exc}") from None
-        proof = await self.downstream(down, m.Proof, f"{hop.name}'s proof")
-        try:
-            auth.check_proof(proof.mac)  # type: ignore[union-attr]
-        except AuthFailed as exc:
-            raise self.refusal("authentication", f"{cfg.name}: {exc}") from None
-        rid = secrets.randbits(63)
-        far_ep = m.Endpoint(down.fc.conn.sock.getsockname()[0], self.far_port)
-        await down.send(m.Request(rid=rid, server=req.server, requester=far_ep, user=req.user,
-                                  mode="recursive", encrypt=req.encrypt,
-                                  via=[*req.via, cfg.name], origin=self.origin))
-        reply = await self.downstream(down, m.Reply, f"{hop.name}'s reply")
-        assert isinstance(reply, m.Reply)
-        if reply.rid != rid:  # response recognition: only the answer to our request
-            raise self.refusal("protocol", f"{hop.name} answered another request")
-        record.far = reply.near.addr  # 608: area 3142 = next proxy's P4
-        assert self.forwarder is not None
-        self.forwarder.near_to_far = None
-        await self.up.send(m.Reply(req.rid, cfg.name, near_ep, reply.far, complete=True,
-                                   path=[cfg.name, *reply.path][: m.MAX_HOPS],
-                                   challenge=reply.challenge, max_payload=reply.max_payload))
-        self.next_hop = None
-
-    async def downstream(self, down: Ctrl, kind: type, what: str) -> m.Message:
-        """A message from the next hop; its refusal is passed up as it is."""
-        try:
-            msg = await self.expect(down, kind, what, refused_ok=True)
-        except (ConnClosed, TimeoutError, wire.WireError) as exc:
-            raise self.refusal("next-hop", f"the next hop failed during setup: {exc}") from None
-        except Refusal as exc:
-            raise self.refusal("next-hop", exc.msg.text) from None
-        if isinstance(msg, m.Refused):
-            raise Refusal(msg)
-        return msg
-
     # -- the established session ---------------------------------------------------------
     async def serve(self) -> None:
-        """Relay control messages while the session lives; end it on close or idle."""
+        """Relay control messages while the session lives; end it on a close or idle."""
         cfg = self.cfg
         fwd = self.forwarder
         assert fwd is not None
-        tasks = [asyncio.ensure_future(fwd.wait_idle(cfg.idle_timeout)),
-                 asyncio.ensure_future(self.from_up())]
+        idle = asyncio.ensure_future(fwd.wait_idle(cfg.idle_timeout))
+        tasks = [idle, asyncio.ensure_future(self.from_up())]
         if self.down is not None:
             tasks.append(asyncio.ensure_future(self.from_down()))
+        self.tasks = tasks
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if tasks[0] in done:
+            if idle in done:
                 log.info("%s: session of %s idle for %gs, closed", cfg.name, self.user,
                          cfg.idle_timeout)
             for t in done:
                 exc = t.exception()
-                if isinstance(exc, Refusal):
+                if isinstance(exc, Refuse):
                     with contextlib.suppress(Exception):
                         await self.up.send(exc.msg)
                 elif isinstance(exc, wire.WireError):
                     log.info("%s: protocol error in the session of %s: %s", cfg.name,
                              self.user, exc)
         finally:
-            for t in tasks:
+            for t in self.tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def from_up(self) -> None:
-        outstanding = self.outstanding = set()
         while True:
             msg = await self.up.read(None)
             if msg is None:
                 return
-            if isinstance(msg, m.Extend) and self.next_hop is not None and self.down is None:
+            if self.relay is not None:  # iterative: towards the proxies after this one
+                assert self.down is not None
+                await self.down.send(self.relay.from_requester(msg))
+            elif isinstance(msg, m.Extend) and self.pending_hop is not None:
                 if msg.rid != self.rid:
                     raise self.refusal("protocol", "extend for another request")
-                await self.connect_next(self.next_hop)
-                self.down_task = asyncio.ensure_future(self.from_down())
-                self.down_task.add_done_callback(lambda t: self.up.close())
-                continue
-            if self.down is not None:
-                if isinstance(msg, m.Request):  # 909: relay the client's request onward
-                    outstanding.add(msg.rid)
-                    msg = m.Request(rid=msg.rid, server=msg.server,
-                                    requester=m.Endpoint(
-                                        self.down.fc.conn.sock.getsockname()[0], self.far_port),
-                                    user=msg.user, mode=msg.mode, encrypt=msg.encrypt,
-                                    via=[*msg.via, self.cfg.name][: m.MAX_HOPS],
-                                    origin=self.origin)
-                elif not isinstance(msg, m.Answer | m.Extend | m.Relay):
-                    raise self.refusal("protocol", f"unexpected {type(msg).__name__.lower()}")
-                await self.down.send(msg)
-                continue
-            if isinstance(msg, m.Relay) and isinstance(msg.body, m.Answer) and \
-                    getattr(self, "e2e", None) is not None and self.channel is None:
-                try:
-                    proof = self.e2e.check_answer(msg.body.id, msg.body.nonce, msg.body.mac)
-                    if msg.body.id != self.user:
-                        raise AuthFailed(f"end-to-end answer from {msg.body.id!r}, the session "
-                                         f"is {self.user!r}'s")
-                except AuthFailed as exc:
-                    self.audit("authenticate", False, id=msg.body.id, why=str(exc), e2e=True)
-                    refused = m.Refused(self.rid, self.cfg.name, "authentication",
-                                        f"{self.cfg.name}: {exc}"[:400])
-                    await self.up.send(m.Relay(refused))
+                far = m.Endpoint(self.far_host(), self.far_port)
+                await self.connect_next(self.pending_hop)
+                assert self.down is not None
+                self.relay = RelayFilter(self.cfg.name,
+                                         m.Endpoint(self.down.fc.conn.sock.getsockname()[0],
+                                                    far.port), self.origin)
+                self.pending_hop = None
+                task = asyncio.ensure_future(self.from_down())
+                task.add_done_callback(lambda _t: self.up.close())
+                self.tasks.append(task)
+            elif self.down is not None and isinstance(msg, m.Relay):
+                await self.down.send(msg)  # recursive: end to end, towards the last hop
+            elif self.e2e is not None:
+                answer = self.e2e.receive(msg)
+                ok = self.e2e.done
+                self.audit("authenticate", ok, id=self.user, e2e=True)
+                if ok:
+                    self.open_channel(self.e2e.auth)
+                await self.up.send(answer)
+                if not ok:
                     return
-                self.audit("authenticate", True, id=msg.body.id, e2e=True)
-                self.open_channel(self.e2e)
-                await self.up.send(m.Relay(m.Proof(proof)))
-                continue
-            raise self.refusal("protocol", f"unexpected {type(msg).__name__.lower()} in an "
-                                           "established session")
+            else:
+                raise self.refusal("protocol", f"unexpected {type(msg).__name__.lower()} in "
+                                               "an established session")
+
+    def far_host(self) -> str:
+        return self.cfg.udp_host or self.cfg.host
 
     async def from_down(self) -> None:
         down = self.down
         assert down is not None
-        first = True
         while True:
             msg = await down.read(None)
             if msg is None:
                 return
-            if isinstance(msg, m.Reply):
-                outstanding = getattr(self, "outstanding", set())
-                if msg.rid not in outstanding:  # response recognition (Fig. 14(b))
-                    raise self.refusal("protocol", "the next hop answered a request this "
-                                                   "proxy did not relay")
-                outstanding.discard(msg.rid)
-                if first and self.forwarder is not None:  # 912/913: P4 of the next proxy
-                    self.forwarder.record.far = msg.near.addr
-                    first = False
-            elif not isinstance(msg, m.Challenge | m.Proof | m.Refused | m.Relay):
+            if self.relay is not None:
+                msg, p4 = self.relay.from_next(msg)
+                if p4 is not None and self.forwarder is not None:
+                    self.forwarder.record.far = p4.addr  # 912/913: area 3142
+            elif not isinstance(msg, m.Relay | m.Refused):
                 raise self.refusal("protocol", f"unexpected {type(msg).__name__.lower()} "
                                                "from the next hop")
             await self.up.send(msg)
@@ -484,9 +368,8 @@ class _Session:
         if self.down is not None:
             self.down.close()
         self.up.close()
-        task = getattr(self, "down_task", None)
-        if task is not None:
-            task.cancel()
+        for t in getattr(self, "tasks", ()):
+            t.cancel()
 
 
 def _drop(data: bytes) -> None:
