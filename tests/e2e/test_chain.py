@@ -375,3 +375,27 @@ def test_sessions_end_when_idle_and_the_forward_builds_the_chain_again(tmp_path)
     finally:
         env.close()
         c.close()
+
+
+def _trace_config(chain: Chain, **kw) -> str:
+    text = chain.forward_config(**kw).read_text()
+    lines = [ln for ln in text.splitlines() if not ln.startswith("udp_listen")]
+    path = chain.env.root / f"trace-{len(lines)}-{os.urandom(3).hex()}.toml"
+    path.write_text("\n".join(lines).replace("[chain.forward]", "[chain.trace]") + "\n")
+    return str(path)
+
+
+def test_trace_shows_each_hop_and_where_it_was_refused(chain):
+    import json
+
+    res = chain.env.run("--config", _trace_config(chain, mode="iterative"), "chain", "trace",
+                        "--json")
+    out = json.loads(res.stdout)
+    assert [h["hop"] for h in out["hops"]] == ["fw1", "fw2", "fw3"] and "refused" not in out
+    assert [h["complete"] for h in out["hops"]] == [False, False, True]
+    res = chain.env.run("--config", _trace_config(chain, mode="iterative",
+                                                  keys=chain.alice_keys(fw3="A" * 44)),
+                        "chain", "trace", check=False)
+    text = res.stdout.decode()
+    assert res.returncode == 1 and "fw3" in text and "refused: authentication" in text, text
+    assert text.count("answered after") == 2

@@ -8,6 +8,7 @@ Tables (keys, routes, ACL) are TOML tables/arrays in ``[chain.proxy]`` and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -133,28 +134,91 @@ def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tu
     sys.exit(runner.run(main()))
 
 
-@chain.command()
-@click.option("--id", "user", required=True, help="This client's user ID.")
-@table_option("--key", "keys", metavar="ID=BASE64|@FILE",
-              help="Shared key with a proxy it authenticates with; repeatable. Config: keys.")
-@click.option("--first-hop", required=True, metavar="NAME@HOST:PORT",
-              help="The first proxy (its ID and control port).")
-@click.option("--to", required=True, metavar="HOST:PORT", help="The server's UDP endpoint (P6).")
-@click.option("--udp-listen", default="127.0.0.1:5353", show_default=True, metavar="HOST:PORT",
-              help="Local UDP port applications send to.")
-@click.option("--mode", type=click.Choice(["recursive", "iterative"]), default="recursive",
-              show_default=True, help="recursive: each proxy asks the next (Fig. 9); "
-                                      "iterative: the client extends the chain itself (Fig. 13).")
-@click.option("--encrypt/--no-encrypt", default=False, show_default=True,
-              help="Encrypt datagrams between this client and the last proxy.")
-@opt.timeout_option("setup", 10.0, "Seconds the whole chain setup may take.")
-def forward(user: str, keys: tuple[str, ...], first_hop: str, to: str, udp_listen: str,
-            mode: str, encrypt: bool, setup_timeout: float) -> None:
-    """Carry a local UDP port through the chain to the server."""
-    cfg = ForwardConfig(
+def client_options(f: Any) -> Any:
+    """What every client end of a chain says: who, with which keys, through which hop, to
+    which server, in which mode."""
+    f = opt.timeout_option("setup", 10.0, "Seconds the whole chain setup may take.")(f)
+    f = click.option("--encrypt/--no-encrypt", default=False, show_default=True,
+                     help="Encrypt datagrams between this client and the last proxy.")(f)
+    f = click.option("--mode", type=click.Choice(["recursive", "iterative"]),
+                     default="recursive", show_default=True,
+                     help="recursive: each proxy asks the next (Fig. 9); iterative: the "
+                          "client extends the chain itself (Fig. 13).")(f)
+    f = click.option("--first-hop", required=True, metavar="NAME@HOST:PORT",
+                     help="The first proxy (its ID and control port).")(f)
+    f = table_option("--key", "keys", metavar="ID=BASE64|@FILE",
+                     help="Shared key with a proxy it authenticates with; repeatable. "
+                          "Config: keys.")(f)
+    return click.option("--id", "user", required=True, help="This client's user ID.")(f)
+
+
+def _client_config(user: str, keys: tuple[str, ...], first_hop: str, to: str,
+                   udp_listen: str, mode: str, encrypt: bool,
+                   setup_timeout: float) -> ForwardConfig:
+    return ForwardConfig(
         user=_parse(tables.parse_name, user, "--id"), keys=_keys(keys, "--key"),
         first_hop=_parse(tables.parse_hop, first_hop, "--first-hop"),
         to=opt.hostport(to, "--to"), udp_listen=opt.hostport(udp_listen, "--udp-listen"),
         mode=mode,  # type: ignore[arg-type]
         encrypt=encrypt, setup_timeout=setup_timeout)
+
+
+@chain.command()
+@client_options
+@click.option("--to", required=True, metavar="HOST:PORT", help="The server's UDP endpoint (P6).")
+@click.option("--udp-listen", default="127.0.0.1:5353", show_default=True, metavar="HOST:PORT",
+              help="Local UDP port applications send to.")
+def forward(user: str, keys: tuple[str, ...], first_hop: str, to: str, udp_listen: str,
+            mode: str, encrypt: bool, setup_timeout: float) -> None:
+    """Carry a local UDP port through the chain to the server."""
+    cfg = _client_config(user, keys, first_hop, to, udp_listen, mode, encrypt, setup_timeout)
     sys.exit(runner.run(run_forward(cfg)))
+
+
+@chain.command()
+@client_options
+@click.option("--to", required=True, metavar="HOST:PORT", help="The server's UDP endpoint (P6).")
+@opt.json_option
+def trace(user: str, keys: tuple[str, ...], first_hop: str, to: str, mode: str, encrypt: bool,
+          setup_timeout: float, as_json: bool) -> None:
+    """Build a chain towards --to and show each hop, when it answered and its ports, or
+    which hop refused and why (exit status 1). Iterative mode shows every hop's answer."""
+    cfg = _client_config(user, keys, first_hop, to, "127.0.0.1:0", mode, encrypt,
+                         setup_timeout)
+    sys.exit(runner.run(_trace(cfg, as_json)))
+
+
+async def _trace(cfg: ForwardConfig, as_json: bool) -> int:
+    from kakehashi.chain.forward import build_chain
+    from kakehashi.chain.setup import SetupFailed
+
+    progress: list[Any] = []
+    refused: SetupFailed | None = None
+    chain_ = None
+    try:
+        chain_ = await build_chain(cfg, progress)
+    except SetupFailed as exc:
+        refused = exc
+    finally:
+        if chain_ is not None:
+            chain_.close()
+            chain_.data_sock.close()  # type: ignore[attr-defined]
+    hops = [{"hop": r.hop, "path": r.path, "ms": round(sec * 1000, 2), "near": str(r.near),
+             "far": str(r.far), "complete": r.complete} for r, sec in progress]
+    result: dict[str, Any] = {"to": f"{cfg.to[0]}:{cfg.to[1]}", "mode": cfg.mode, "hops": hops}
+    if refused is not None:
+        result["refused"] = {"hop": refused.hop, "reason": refused.reason,
+                             "text": refused.text}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for h in hops:
+            via = " -> ".join(h["path"]) if len(h["path"]) > 1 else h["hop"]
+            click.echo(f"{via:<24} answered after {h['ms']:>8.2f} ms   "
+                       f"requester side {h['near']:<22} server side {h['far']}")
+        if refused is not None:
+            click.echo(f"{refused.hop:<24} refused: {refused.reason}: {refused.text}")
+        else:
+            click.echo(f"{result['to']:<24} reached; the server sees the chain at "
+                       f"{hops[-1]['far']}")
+    return 1 if refused is not None else 0

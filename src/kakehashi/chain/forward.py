@@ -58,8 +58,11 @@ class Chain:
         self.ctrl.close()
 
 
-async def build_chain(cfg: ForwardConfig) -> Chain:
-    """Connect to the first proxy and run the setup; SetupFailed names the hop."""
+async def build_chain(cfg: ForwardConfig,
+                      progress: list[tuple[m.Reply, float]] | None = None) -> Chain:
+    """Connect to the first proxy and run the setup; SetupFailed names the hop.
+
+    ``progress`` collects each Reply with the seconds since the start (``chain trace``)."""
     t0 = time.perf_counter()
     hop = cfg.first_hop
     try:
@@ -89,7 +92,10 @@ async def build_chain(cfg: ForwardConfig) -> Chain:
             if msg is None:
                 raise SetupFailed(setup.hop, "protocol", "closed the control connection "
                                                          "during setup")
-            for out in setup.receive(msg):
+            outs = setup.receive(msg)
+            if progress is not None and isinstance(msg, m.Reply):
+                progress.append((msg, time.perf_counter() - t0))
+            for out in outs:
                 await ctrl.send(out)
         if setup.first is not None and setup.first.host in ("0.0.0.0", "::"):
             setup.first = m.Endpoint(hop.host, setup.first.port)
