@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kakehashi.core import wire
-from kakehashi.core.stream import RECV_CHUNK, Conn, ConnClosed, FramedConn
+from kakehashi.core.stream import RECV_CHUNK, SMALL_CHUNK, Conn, ConnClosed, FramedConn
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
@@ -122,11 +122,16 @@ async def copy_raw(src: Conn, dst: Conn, counter: Transfer | None = None) -> int
         finally:
             pipe.close()
     else:
-        buf = bytearray(RECV_CHUNK)
-        view = memoryview(buf)
+        # small until the stream proves busy: an idle interactive connection (an SSH
+        # session held open for hours) then costs 16 KiB per direction, not 256 KiB
+        size = SMALL_CHUNK
+        view = memoryview(bytearray(size))
         while n := await src.recv_into(view):
             await dst.send_all(view[:n])
             counter.bytes += n
+            if n == size < RECV_CHUNK:  # the buffer was filled: a bulk transfer
+                size = RECV_CHUNK
+                view = memoryview(bytearray(size))
     await dst.shutdown_write()
     return counter.bytes
 
