@@ -399,3 +399,62 @@ def test_trace_shows_each_hop_and_where_it_was_refused(chain):
     text = res.stdout.decode()
     assert res.returncode == 1 and "fw3" in text and "refused: authentication" in text, text
     assert text.count("answered after") == 2
+
+
+def _socks(chain: Chain, **kw):
+    text = chain.forward_config(**kw).read_text()
+    lines = [ln for ln in text.splitlines() if not ln.startswith(("udp_listen", "to ="))]
+    path = chain.env.root / f"socks-{os.urandom(3).hex()}.toml"
+    path.write_text("\n".join(lines).replace("[chain.forward]", "[chain.socks]")
+                    + '\nlisten = "127.0.0.1:0"\n')
+    proc = chain.env.spawn("socks", "--config", str(path), "chain", "socks")
+    return proc, proc.bound_port()
+
+
+@pytest.mark.parametrize(("mode", "encrypt"), [("recursive", False), ("iterative", True)])
+def test_pysocks_udp_associate_rides_the_chain(chain, mode, encrypt):
+    socks = pytest.importorskip("socks")
+    proc, port = _socks(chain, mode=mode, encrypt=encrypt)
+    s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.set_proxy(socks.SOCKS5, "127.0.0.1", port)
+    s.settimeout(10)
+    try:
+        for i in range(50):
+            payload = hashlib.sha256(bytes([i])).digest() * 8
+            s.sendto(payload, (SERVER_HOST, chain.echo.port))
+            data, src = s.recvfrom(4096)
+            assert data == payload and src == (SERVER_HOST, chain.echo.port)
+    finally:
+        s.close()
+    proc.wait_for("chain to 127.0.0.3")
+    proc.stop()
+
+
+def test_socks_connect_is_refused_and_fragments_dropped(chain):
+    socks = pytest.importorskip("socks")
+    proc, port = _socks(chain)
+    t = socks.socksocket()
+    t.set_proxy(socks.SOCKS5, "127.0.0.1", port)
+    with pytest.raises(socks.ProxyError, match="not supported"):
+        t.connect((SERVER_HOST, 80))
+    t.close()
+    # by hand: a fragment, a destination by name, then a good datagram
+    c = socket.create_connection(("127.0.0.1", port), 5)
+    c.sendall(b"\x05\x01\x00")
+    assert c.recv(2) == b"\x05\x00"
+    c.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+    reply = c.recv(10)
+    assert reply[:2] == b"\x05\x00"
+    bnd = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(10)
+    dst = socket.inet_aton(SERVER_HOST) + chain.echo.port.to_bytes(2, "big")
+    before = chain.echo.count
+    u.sendto(b"\0\0\x01\x01" + dst + b"fragment", bnd)
+    u.sendto(b"\0\0\0\x03\x04echo" + b"\0\x07" + b"by name", bnd)
+    u.sendto(b"\0\0\0\x01" + dst + b"whole", bnd)
+    data, _ = u.recvfrom(100)
+    assert data == b"\0\0\0\x01" + dst + b"whole" and chain.echo.count == before + 1
+    u.close()
+    c.close()
+    proc.stop()

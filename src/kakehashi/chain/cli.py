@@ -188,6 +188,22 @@ def trace(user: str, keys: tuple[str, ...], first_hop: str, to: str, mode: str, 
     sys.exit(runner.run(_trace(cfg, as_json)))
 
 
+@chain.command()
+@client_options
+@opt.listen_option("127.0.0.1:1080", "HOST:PORT of the SOCKS5 server.")
+@click.option("--max-destinations", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Destinations (chains) one UDP association may hold at once.")
+def socks(user: str, keys: tuple[str, ...], first_hop: str, mode: str, encrypt: bool,
+          setup_timeout: float, listen: str, max_destinations: int) -> None:
+    """A SOCKS5 server whose UDP ASSOCIATE rides the chain (CONNECT is refused)."""
+    from kakehashi.chain.socks import SocksConfig, run_socks
+
+    host, port = opt.hostport(listen, "--listen")
+    base = _client_config(user, keys, first_hop, "0.0.0.0:0", "127.0.0.1:0", mode, encrypt,
+                          setup_timeout)
+    sys.exit(runner.run(run_socks(SocksConfig(host, port, base, max_destinations))))
+
+
 async def _trace(cfg: ForwardConfig, as_json: bool) -> int:
     from kakehashi.chain.forward import build_chain
     from kakehashi.chain.setup import SetupFailed

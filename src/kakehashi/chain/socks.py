@@ -1,0 +1,271 @@
+"""``chain socks``: a SOCKS5 server (RFC 1928) whose UDP associations ride chains.
+
+CONNECT and BIND are refused (reply 7, command not supported): the chain carries
+datagrams. A UDP ASSOCIATE gets a UDP port of this server (BND.ADDR/BND.PORT); each
+datagram the client sends there names its destination in the SOCKS UDP header, and the
+first datagram to a destination builds a chain to it (recursive or iterative, as
+configured); answers come back wrapped in a header naming the destination they come
+from. The association ends when its TCP connection closes, and its chains with it.
+
+Whose datagrams are accepted: RFC 1928 says DST.ADDR/DST.PORT of the request name where
+the client will send from, and a server may use them to filter; behind NAT the client
+cannot know them (it often sends zeros). So: if the request names the very address the
+TCP connection comes from and a port, only that endpoint is accepted; otherwise the
+association locks to the first datagram from the TCP client's address. Anything else is
+dropped and counted, like fragments and destinations given by name (routes are by
+address). Each association holds at most ``max_destinations`` chains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kakehashi.chain.forward import Chain, ForwardConfig, build_chain
+from kakehashi.chain.setup import SetupFailed
+from kakehashi.core import socks5
+from kakehashi.core.crypto import DatagramChannel
+from kakehashi.core.datagram import bind_udp
+from kakehashi.core.stream import Conn, ConnClosed, Listener
+
+log = logging.getLogger("kakehashi.chain")
+Addr = tuple[str, int]
+QUEUE = 16  # datagrams held per destination while its chain is being built
+
+
+@dataclass
+class SocksConfig:
+    host: str
+    port: int
+    chain: ForwardConfig  #: who, keys, first hop, mode, encryption; ``to`` is per datagram
+    max_destinations: int = 16
+    handshake_timeout: float = 10.0
+
+
+class _Side(asyncio.DatagramProtocol):
+    def __init__(self, on: Callable[[bytes, Addr], None]) -> None:
+        self.on = on
+
+    def datagram_received(self, data: bytes, addr: Addr) -> None:  # type: ignore[override]
+        self.on(data, addr)
+
+
+class _Route:
+    """One destination of an association: its chain and the transport on its P1."""
+
+    def __init__(self) -> None:
+        self.chain: Chain | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self.queue: list[bytes] = []
+        self.seal: Callable[[bytes], bytes] | None = None
+        self.open: Callable[[bytes], bytes | None] | None = None
+        self.watch: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        elif self.chain is not None:
+            self.chain.data_sock.close()  # type: ignore[attr-defined]
+        if self.chain is not None:
+            self.chain.close()
+
+
+class Association:
+    def __init__(self, server: SocksServer, client_ip: str, expect: Addr | None) -> None:
+        self.server = server
+        self.cfg = server.cfg
+        self.client_ip = client_ip
+        self.client: Addr | None = expect
+        self.locked = expect is not None
+        self.routes: dict[Addr, _Route] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.dropped = 0
+        self.relayed = 0
+
+    async def start(self, host: str) -> Addr:
+        loop = asyncio.get_running_loop()
+        sock = bind_udp(host, 0)
+        self.transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Side(self.from_client), sock=sock)
+        return sock.getsockname()[:2]
+
+    # client -> chain
+    def from_client(self, data: bytes, addr: Addr) -> None:
+        if self.client is None and addr[0] == self.client_ip:
+            self.client = addr[:2]
+        if addr[:2] != self.client:
+            self.dropped += 1
+            return
+        try:
+            host, port, payload = socks5.parse_udp(data)
+            ipaddress.ip_address(host)
+        except (socks5.Socks5Error, ValueError):
+            self.dropped += 1
+            return
+        dst = (host, port)
+        route = self.routes.get(dst)
+        if route is None:
+            if len(self.routes) >= self.cfg.max_destinations:
+                self.dropped += 1
+                return
+            route = self.routes[dst] = _Route()
+            route.queue.append(payload)
+            route.watch = asyncio.ensure_future(self.build(dst, route))
+            return
+        if route.transport is None:
+            if len(route.queue) < QUEUE:
+                route.queue.append(payload)
+            else:
+                self.dropped += 1
+            return
+        self.send(route, payload)
+
+    def send(self, route: _Route, payload: bytes) -> None:
+        assert route.transport is not None and route.chain is not None
+        if route.seal is not None:
+            payload = route.seal(payload)
+        route.transport.sendto(payload, route.chain.setup.first.addr)  # type: ignore[union-attr]
+        self.relayed += 1
+
+    async def build(self, dst: Addr, route: _Route) -> None:
+        cfg = dataclasses.replace(self.cfg.chain, to=dst)
+        try:
+            route.chain = chain = await build_chain(cfg)
+        except (SetupFailed, ConnClosed) as exc:
+            log.info("socks: no chain to %s:%d: %s", dst[0], dst[1], exc)
+            self.routes.pop(dst, None)
+            return
+        if chain.setup.session_keys is not None:
+            ch = DatagramChannel(*chain.setup.session_keys)
+            route.seal, route.open = ch.seal, ch.open
+        first = chain.setup.first.addr  # type: ignore[union-attr]
+        header = socks5.encode_udp(dst[0], dst[1], b"")
+
+        def from_chain(data: bytes, addr: Addr) -> None:
+            if addr[:2] != first or self.client is None or self.transport is None:
+                self.dropped += 1
+                return
+            if route.open is not None:
+                opened = route.open(data)
+                if opened is None:
+                    self.dropped += 1
+                    return
+                data = opened
+            self.transport.sendto(header + data, self.client)
+            self.relayed += 1
+
+        loop = asyncio.get_running_loop()
+        route.transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Side(from_chain), sock=chain.data_sock)
+        log.info("socks: chain to %s:%d up through %s", dst[0], dst[1],
+                 " -> ".join(chain.setup.path))
+        for payload in route.queue:
+            self.send(route, payload)
+        route.queue.clear()
+        try:  # the chain lives until its control connection closes
+            while await chain.ctrl.read(None) is not None:
+                pass
+        except (ConnClosed, OSError, Exception):
+            pass
+        finally:
+            if self.routes.get(dst) is route:
+                del self.routes[dst]
+            route.watch = None
+            route.close()
+
+    def close(self) -> None:
+        for route in list(self.routes.values()):
+            route.close()
+        self.routes.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class SocksServer:
+    def __init__(self, cfg: SocksConfig) -> None:
+        self.cfg = cfg
+        self.listener: Listener | None = None
+        self.associations: set[Association] = set()
+
+    async def start(self) -> None:
+        self.listener = Listener(self.cfg.host, self.cfg.port, self.handle)
+        self.listener.start()
+
+    @property
+    def address(self) -> Addr:
+        assert self.listener is not None
+        return self.listener.address
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            await self.listener.close()
+
+    async def _read(self, conn: Conn, buf: bytearray, parse: Callable) -> tuple:
+        while True:
+            got = parse(bytes(buf))
+            if got is not None:
+                del buf[: got[1]]
+                return got
+            if len(buf) > 600:
+                raise socks5.Socks5Error(socks5.GENERAL_FAILURE, "request too long")
+            data = await conn.recv(1024)
+            if not data:
+                raise ConnClosed("closed during the SOCKS handshake")
+            buf += data
+
+    async def handle(self, conn: Conn) -> None:
+        t = self.cfg.handshake_timeout
+        buf = bytearray()
+        try:
+            methods, _ = await asyncio.wait_for(self._read(conn, buf, socks5.parse_greeting), t)
+            if socks5.NO_AUTH not in methods:
+                await conn.send_all(bytes([socks5.VERSION, socks5.NO_ACCEPTABLE]))
+                return
+            await conn.send_all(bytes([socks5.VERSION, socks5.NO_AUTH]))
+            req, _ = await asyncio.wait_for(self._read(conn, buf, socks5.parse_request), t)
+        except socks5.Socks5Error as exc:
+            with contextlib.suppress(OSError):
+                await conn.send_all(socks5.encode_reply(exc.reply))
+            return
+        except (ConnClosed, TimeoutError, OSError):
+            return
+        if req.command != socks5.UDP_ASSOCIATE:
+            # the chain carries datagrams only: CONNECT and BIND are not supported
+            await conn.send_all(socks5.encode_reply(socks5.COMMAND_NOT_SUPPORTED))
+            return
+        peer_ip = str(conn.peer[0]) if isinstance(conn.peer, tuple) else ""
+        expect = (req.host, req.port) if req.host == peer_ip and req.port else None
+        assoc = Association(self, peer_ip, expect)
+        self.associations.add(assoc)
+        try:
+            local = conn.sock.getsockname()[0]
+            bnd = await assoc.start(local)
+            await conn.send_all(socks5.encode_reply(socks5.SUCCEEDED, *bnd))
+            log.info("socks: UDP association for %s at %s:%d", peer_ip, *bnd)
+            while await conn.recv(1024):  # the association lives as long as this connection
+                pass
+        except (ConnClosed, OSError):
+            pass
+        finally:
+            assoc.close()
+            self.associations.discard(assoc)
+
+
+async def run_socks(cfg: SocksConfig) -> int:
+    server = SocksServer(cfg)
+    await server.start()
+    host, port = server.address
+    log.info("chain socks listening on %s:%d (UDP ASSOCIATE through %s, %s mode)", host, port,
+             cfg.chain.first_hop, cfg.chain.mode)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.close()
+    return 0
