@@ -161,3 +161,32 @@ async def test_half_a_greeting_then_a_close_is_let_go_at_once():
         conn.close()
     finally:
         await listener.close()
+
+
+async def test_a_dribbled_request_line_costs_few_peeks():
+    """A sender that stops in the middle of a request line is peeked at less and less
+    often until the timeout (not every 5 ms: 20,000 such connections would spin)."""
+    mux = _grammar_mux()
+    mux.timeout = 1.0
+    mux.fallback = None
+    peeks = 0
+    decided = mux._decided
+
+    def counting(head: bytes) -> bool:
+        nonlocal peeks
+        peeks += 1
+        return decided(head)
+
+    mux._decided = counting  # type: ignore[method-assign]
+    listener, port = await _serve(mux)
+    try:
+        conn = await open_tcp("127.0.0.1", port)
+        await conn.send_all(b"GET /a-long-path-that-stops")
+        try:  # cut at the mux's timeout (a reset: the bytes were never read)
+            assert await asyncio.wait_for(conn.recv(10), 5) == b""
+        except ConnectionResetError:
+            pass
+        conn.close()
+        assert 3 <= peeks <= 20, peeks  # a fixed 5 ms pause would have made ~200
+    finally:
+        await listener.close()

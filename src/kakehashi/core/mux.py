@@ -35,6 +35,8 @@ TLS_RECORD_HANDSHAKE = 0x16
 #: undecided then is not taken). Large enough for a grammar, not just a prefix:
 #: an HTTP request line is only recognised as such at its version (8 KiB lines).
 SNIFF_BYTES = 8 * 1024 + 64
+#: seconds between peeks at a connection whose first bytes do not tell yet (doubling)
+PEEK_PAUSE, PEEK_PAUSE_MAX = 0.005, 0.2
 
 
 def prefix_matcher(*prefixes: bytes) -> Matcher:
@@ -114,6 +116,7 @@ class ProtocolMux:
 
     async def _peek(self, conn: Conn) -> bytes:
         """Look at the first bytes of a plain socket without consuming them."""
+        pause = PEEK_PAUSE
         while True:
             try:
                 head = conn.sock.recv(self.sniff_bytes, socket.MSG_PEEK)
@@ -125,8 +128,10 @@ class ProtocolMux:
             if self._decided(head) or _peer_done(conn):
                 return head  # (after the peer's FIN no more bytes will tell more)
             # a few bytes are there but not enough to tell: the socket stays
-            # readable while we peek, so wait a moment instead of spinning
-            await asyncio.sleep(0.005)
+            # readable while we peek, so wait a moment instead of spinning - longer
+            # each time, so a sender dribbling a request line costs few wake-ups
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PEEK_PAUSE_MAX)
 
     async def _read_ahead(self, conn: Conn) -> bytes:
         """Inside TLS there is no peeking: read, then put the bytes back."""
