@@ -16,6 +16,7 @@ SYSTEMS = {
     "relay": "kakehashi.relay.cli:relay",
     "gateway": "kakehashi.gateway.cli:gateway",
     "ondemand": "kakehashi.ondemand.cli:ondemand",
+    "switch": "kakehashi.switch.cli:switch",
     "chain": "kakehashi.chain.cli:chain",
 }
 
@@ -118,7 +119,7 @@ async def _relay_attach(mux: Any, db: str, audit_log: str | None) -> None:
 
 @main.command()
 @click.argument("system", required=False,
-                type=click.Choice(["relay", "gateway", "ondemand", "chain"]))
+                type=click.Choice(["relay", "gateway", "ondemand", "switch", "chain"]))
 @click.option("--bytes", "nbytes", default=8 * 1024 * 1024, show_default=True,
               help="Bytes to send through the demo's sessions and tunnels.")
 @click.option("--tls", "tls_mode", type=click.Choice(["on", "off"]), default="on",
@@ -126,7 +127,7 @@ async def _relay_attach(mux: Any, db: str, audit_log: str | None) -> None:
 @click.option("--keep", is_flag=True, help="Keep the demo's state directory (logs, audit).")
 def demo(system: str | None, nbytes: int, tls_mode: str, keep: bool) -> None:
     """Every system on loopback, narrated step by step: the relay, the gateway,
-    on-demand access, then the proxy chain (or only SYSTEM)."""
+    on-demand access, the socket switch, then the proxy chain (or only SYSTEM)."""
     import sys
 
     try:  # Ctrl-C at any moment ends the demo quietly (its servers stop with it)

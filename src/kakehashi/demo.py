@@ -1,8 +1,8 @@
 """``kakehashi demo``: every system there is, on loopback, one narrated line per step.
 
-``kakehashi demo`` runs the relay (spec 000), the gateway (spec 001) and on-demand
-access (spec 002) and the proxy chain (spec 004); ``kakehashi demo relay`` (or ``gateway``,
-``ondemand``, ``chain``) runs one.
+``kakehashi demo`` runs the relay (spec 000), the gateway (spec 001), on-demand
+access (spec 002), the socket switch (spec 003) and the proxy chain (spec 004);
+``kakehashi demo relay`` (or ``gateway``, ``ondemand``, ``switch``, ``chain``) runs one.
 Everything runs on
 loopback with a throwaway state directory (a development CA is made in it, TLS is on
 as by default), so the demo needs no setup and leaves nothing behind. The servers'
@@ -334,6 +334,16 @@ async def _ondemand(home: Path, nbytes: int, use_tls: bool) -> None:
         raise DemoFailed("the on-demand access demo did not do what it says")
 
 
+# -- the socket switch (spec 003) -----------------------------------------------------------
+async def _switch(home: Path, nbytes: int, use_tls: bool) -> None:
+    from kakehashi.switch import demo as switch_demo
+
+    console.rule("[bold]switch: a catalog of services and tunnels between two gateways "
+                 "(spec 003)")
+    if not await switch_demo.run(say, home, min(nbytes, 8 << 20), use_tls):
+        raise DemoFailed("the socket switch demo did not do what it says")
+
+
 # -- the proxy chain (spec 004) --------------------------------------------------------------
 async def _chain(home: Path, nbytes: int, use_tls: bool) -> None:
     from kakehashi.chain import demo as chain_demo
@@ -345,7 +355,8 @@ async def _chain(home: Path, nbytes: int, use_tls: bool) -> None:
 
 
 PARTS: dict[str, Callable[[Path, int, bool], Awaitable[None]]] = {
-    "relay": _relay, "gateway": _gateway, "ondemand": _ondemand, "chain": _chain}
+    "relay": _relay, "gateway": _gateway, "ondemand": _ondemand, "switch": _switch,
+    "chain": _chain}
 
 
 async def _demo(parts: list[str], nbytes: int, use_tls: bool, home: Path,

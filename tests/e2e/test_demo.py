@@ -28,12 +28,16 @@ def test_demo_shows_the_relay_then_the_gateway(tmp_path):
         assert step in steps, out
     assert out.count("matches") >= 2 and "refused with 403" in out and "done" in out
     assert out.index("gateway: ") < out.index("chain: ") and "refused by fw1" in out
+    assert out.index("ondemand: ") < out.index("switch: ") < out.index("chain: ")
+    for step in ("S1", "S2", "S3-S5", "S6-S7"):
+        assert step in steps, out
     assert not any("level" in line or " INFO " in line for line in out.splitlines()), out
     assert not list(tmp_path.glob("kakehashi-demo-*")), "the state directory was left behind"
 
 
 @pytest.mark.parametrize(("system", "absent"), [("relay", "gateway: "), ("gateway", "relay: "),
-                                                  ("chain", "relay: ")])
+                                                  ("chain", "relay: "),
+                                                  ("switch", "relay: ")])
 def test_demo_of_one_system(tmp_path, system, absent):
     res = _demo(tmp_path, system, "--tls", "off")
     out = res.stdout.decode()

@@ -49,7 +49,7 @@ class ApiClient:
     token; ``ca`` is the trust anchor for https (default: system + development CA)."""
 
     def __init__(self, server: str, token: str | None = None, *, ca: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, basic: tuple[str, str] | None = None) -> None:
         if "://" not in server:
             server = "http://" + server
         url = urllib.parse.urlsplit(server)
@@ -61,6 +61,8 @@ class ApiClient:
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.base = url.path.rstrip("/")
         self.token = token
+        #: HTTP Basic (user, password) instead of a bearer token (APIs of user accounts)
+        self.basic = basic
         self.ca = ca
         self.timeout = timeout
 
@@ -80,6 +82,11 @@ class ApiClient:
         headers = {"Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        elif self.basic:
+            import base64
+
+            pair = f"{self.basic[0]}:{self.basic[1]}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         data = None
         if body is not None:
             data = json.dumps(body).encode()

@@ -1,0 +1,197 @@
+"""What the switch server and the gateways say to each other on a gateway link.
+
+A gateway link is one WebSocket (binary messages) or one long-poll session (HTTP
+bodies); either way its bodies are sequences of kakehashi wire frames
+(:mod:`kakehashi.core.wire`), each a CTRL frame holding one msgpack message below.
+One link carries every tunnel of its gateway.
+
+* link set-up: the gateway says :class:`Hello` (its name and the tunnels it still
+  holds, so state is re-reported after a reconnect), the server answers
+  :class:`Welcome` or :class:`Refused`;
+* instructions (server -> gateway): :class:`Setup` is S3a (``side="listen"``: build the
+  server-side pseudo socket in the client-side gateway) or S3b (``side="connect"``: the
+  client-side pseudo socket in the server-side gateway, which reaches the real server);
+  :class:`Delete` is S6a/S6b;
+* reports (gateway -> server): :class:`Done` is S4a/S4b (after a Setup) or S7a/S7b
+  (after a Delete), with ``ok=False`` and a reason when it failed;
+* streams, routed through the switch table between the two gateways of a tunnel:
+  :class:`Open` (a client connected to the server-side pseudo socket, or a new UDP
+  peer), :class:`Data`, :class:`Eof` (half-close), :class:`Reset` (abort, with a
+  reason) and :class:`Credit` (flow control: the receiver took ``n`` more bytes);
+* :class:`Error`: the server refused one message (forged tunnel, unknown stream,
+  window overrun); nothing else changes.
+
+Every field is bounded and every message is decoded against this schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated, Literal
+
+import msgspec
+
+from kakehashi.core import wire
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+TunnelId = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
+StreamId = Annotated[int, msgspec.Meta(ge=1, le=2**31)]
+Text = Annotated[str, msgspec.Meta(max_length=512)]
+ReqId = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
+
+#: the largest payload of one Data message (a datagram fits: 65,507 bytes)
+MAX_CHUNK = 64 * 1024
+#: frame limits on a link: a Data message is a CTRL frame of one chunk plus a few bytes
+LIMITS = wire.Limits(max_ctrl=MAX_CHUNK + 1024, max_data=0)
+#: the largest link body (a WebSocket message or a long-poll body) either side takes
+MAX_BODY = 2 * 1024 * 1024
+#: what a stream's receiver lets its sender have in flight (bytes), unless set up otherwise
+DEFAULT_WINDOW = 512 * 1024
+MAX_WINDOW = 16 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """A link broke the framing or the schema; the text is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- link set-up -------------------------------------------------------------------------
+class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
+    name: Name
+    tunnels: Annotated[list[TunnelId], msgspec.Meta(max_length=100_000)] = []
+
+
+class Welcome(msgspec.Struct, tag="welcome", forbid_unknown_fields=True):
+    name: Name
+    user: Name
+    #: tunnels of this gateway the server knows; the gateway drops any other it holds
+    tunnels: Annotated[list[TunnelId], msgspec.Meta(max_length=100_000)] = []
+
+
+class Refused(msgspec.Struct, tag="refused", forbid_unknown_fields=True):
+    code: Text
+    error: Text
+
+
+# -- instructions and reports (S3, S4, S6, S7) -------------------------------------------
+class Setup(msgspec.Struct, tag="setup", forbid_unknown_fields=True):
+    """S3a (``side="listen"``, ``address`` = where the pseudo socket listens) or S3b
+    (``side="connect"``, ``address`` = the real server's HOST:PORT)."""
+
+    req: ReqId
+    tunnel: TunnelId
+    side: Literal["listen", "connect"]
+    proto: Literal["tcp", "udp"]
+    address: Text
+    service: Name
+    window: Annotated[int, msgspec.Meta(ge=MAX_CHUNK, le=MAX_WINDOW)] = DEFAULT_WINDOW
+
+
+class Delete(msgspec.Struct, tag="delete", forbid_unknown_fields=True):
+    """S6a/S6b: delete the tunnel's pseudo socket (and its streams)."""
+
+    req: ReqId
+    tunnel: TunnelId
+    reason: Text = ""
+
+
+class Done(msgspec.Struct, tag="done", forbid_unknown_fields=True):
+    """S4a/S4b (answer to a Setup) or S7a/S7b (answer to a Delete)."""
+
+    req: ReqId
+    tunnel: TunnelId
+    ok: bool
+    code: Text = ""
+    error: Text = ""
+    #: where the pseudo socket listens (S4a), HOST:PORT
+    address: Text = ""
+
+
+class Error(msgspec.Struct, tag="error", forbid_unknown_fields=True):
+    code: Text
+    error: Text
+    tunnel: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    stream: Count = 0
+
+
+# -- streams -------------------------------------------------------------------------------
+class Open(msgspec.Struct, tag="open", forbid_unknown_fields=True):
+    tunnel: TunnelId
+    stream: StreamId
+    #: who connected to the pseudo socket (for the audit line), HOST:PORT
+    peer: Text = ""
+
+
+class Data(msgspec.Struct, tag="data", forbid_unknown_fields=True):
+    tunnel: TunnelId
+    stream: StreamId
+    data: Annotated[bytes, msgspec.Meta(max_length=MAX_CHUNK)]
+
+
+class Eof(msgspec.Struct, tag="eof", forbid_unknown_fields=True):
+    tunnel: TunnelId
+    stream: StreamId
+
+
+class Reset(msgspec.Struct, tag="reset", forbid_unknown_fields=True):
+    tunnel: TunnelId
+    stream: StreamId
+    reason: Text = ""
+
+
+class Credit(msgspec.Struct, tag="credit", forbid_unknown_fields=True):
+    tunnel: TunnelId
+    stream: StreamId
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_WINDOW)]
+
+
+StreamMsg = Open | Data | Eof | Reset | Credit
+ToServer = Hello | Done | Open | Data | Eof | Reset | Credit
+ToGateway = Welcome | Refused | Setup | Delete | Error | Open | Data | Eof | Reset | Credit
+STREAM_TYPES = (Open, Data, Eof, Reset, Credit)
+
+_to_server = wire.ControlCodec(ToServer, LIMITS)
+_to_gateway = wire.ControlCodec(ToGateway, LIMITS)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """One message as one CTRL frame."""
+    codec = _to_gateway if isinstance(msg, (Welcome, Refused, Setup, Delete, Error)) \
+        else _to_server
+    return codec.encode(msg)
+
+
+def encode_many(msgs: Iterable[msgspec.Struct]) -> bytes:
+    return b"".join(encode(m) for m in msgs)
+
+
+def _decode(codec: wire.ControlCodec, body: bytes) -> list:
+    if len(body) > MAX_BODY:
+        raise ProtocolError("too-large", f"link body of {len(body)} bytes exceeds {MAX_BODY}")
+    dec = wire.FrameDecoder(LIMITS)
+    dec.feed(body)
+    out = []
+    try:
+        for frame in dec.frames():
+            if frame.type is not wire.FrameType.CTRL:
+                raise ProtocolError("bad-frame", "only control frames are used on a link")
+            out.append(codec.decode(frame.payload))
+    except wire.WireError as exc:
+        raise ProtocolError(exc.code, exc.message) from None
+    if dec.buffered:
+        raise ProtocolError("truncated", "link body ends in the middle of a frame")
+    return out
+
+
+def decode_to_server(body: bytes) -> list[ToServer]:
+    """Messages of a gateway's body; ProtocolError for anything malformed."""
+    return _decode(_to_server, body)
+
+
+def decode_to_gateway(body: bytes) -> list[ToGateway]:
+    return _decode(_to_gateway, body)

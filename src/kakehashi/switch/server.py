@@ -1,0 +1,556 @@
+"""``switch server``: the socket management server and the switch server in one port.
+
+* the JSON API under ``/v1`` (OpenAPI at ``/openapi.json``), HTTP Basic per request
+  (a verified password is remembered for a minute so a script's few calls cost one
+  slow hash): S1 registration, S2 presentation and selection, tunnels, gateways;
+* the web catalog (:mod:`.pages`), with session login and CSRF;
+* the gateway links: ``/v1/gateway/link`` (WebSocket) and ``/v1/gateway/poll``
+  (HTTP/1.1 long polling, for where WebSockets are blocked): the tunnel endpoint.
+
+The decisions are :class:`~.tunnels.Switch` (sans-IO); this module authenticates,
+stores, carries messages and waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, Request, Response, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, Field
+
+from kakehashi import __version__
+from kakehashi.core.audit import AuditLog
+from kakehashi.core.identity import LoginThrottle, PasswordChecker, UserRegistry
+from kakehashi.core.store import Store
+from kakehashi.core.web import ApiError, create_app
+from kakehashi.switch import messages as m
+from kakehashi.switch import tunnels as tn
+from kakehashi.switch.mux import Outbox
+
+log = logging.getLogger("kakehashi.switch.server")
+
+USER, SERVICE, GATEWAY = "sw-user", "sw-service", "sw-gateway"
+#: how long a verified password is remembered (per user and password digest)
+AUTH_CACHE_TTL = 60.0
+#: a link whose peer does not take this much is cut (flow control bounds it far lower)
+MAX_OUTBOX = 64 * 1024 * 1024
+#: the largest batch sent to a gateway at once
+BATCH = 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    setup_timeout: float = tn.SETUP_TIMEOUT
+    delete_timeout: float = tn.DELETE_TIMEOUT
+    offline_grace: float = tn.OFFLINE_GRACE
+    #: how long a long poll is held when there is nothing to send
+    poll_hold: float = 20.0
+    #: a poll link that makes no request for this long is gone
+    poll_dead: float = 45.0
+    hello_timeout: float = 10.0
+
+
+class SwitchUsers(UserRegistry[dict]):
+    """The switch's users: a role (asp, user, admin) beside the password hash."""
+
+    def __init__(self, store: Store, **kw: Any) -> None:
+        super().__init__(store, USER, **kw)
+
+
+@dataclass(eq=False)
+class Link:
+    """One gateway's link (WebSocket or long poll): its outbox and liveness."""
+
+    name: str
+    user: str
+    kind: str
+    outbox: Outbox = field(default_factory=Outbox)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    dead: asyncio.Event = field(default_factory=asyncio.Event)
+    token: str = ""
+    last_seen: float = 0.0
+    poll_waiter: asyncio.Future[None] | None = None
+    why: str = ""
+
+    def put(self, msg: Any) -> None:
+        self.outbox.put(msg)
+        self.ready.set()
+        if self.outbox.bytes > MAX_OUTBOX:
+            self.kill("the gateway does not take what is sent to it")
+
+    def take(self, limit: int = BATCH) -> bytes:
+        body = self.outbox.take(limit)
+        if not self.outbox:
+            self.ready.clear()
+        return body
+
+    def kill(self, why: str) -> None:
+        self.why = self.why or why
+        self.dead.set()
+        self.ready.set()
+
+
+class Who(BaseModel):
+    user: str
+    role: str
+
+
+class ServiceIn(BaseModel):
+    """S1: the server's socket information and its usage clients."""
+
+    name: str = Field(max_length=64)
+    gateway: str = Field(max_length=64, description="the service's (server-side) gateway")
+    target: str = Field(max_length=300, description="the real server, HOST:PORT")
+    proto: str = Field(default="tcp", pattern="^(tcp|udp)$")
+    allow: list[str] = Field(default=[], max_length=1000,
+                             description="users for whom the service is valid (* = all)")
+    max_connections: int = Field(default=0, ge=0, le=1_000_000)
+
+
+class TunnelIn(BaseModel):
+    """S2 selection: open SERVICE through the user's GATEWAY, listening at LISTEN."""
+
+    service: str = Field(max_length=64)
+    gateway: str = Field(max_length=64)
+    listen: str = Field(default="127.0.0.1:0", max_length=300)
+
+
+class SwitchServer:
+    def __init__(self, store: Store, *, audit: AuditLog | None = None,
+                 settings: ServerSettings | None = None, kdf_n: int | None = None) -> None:
+        self.store = store
+        self.audit = audit or AuditLog(None, system="switch")
+        self.s = settings or ServerSettings()
+        self.users = SwitchUsers(store, **({"kdf_n": kdf_n} if kdf_n else {}))
+        self.throttle = LoginThrottle()
+        self.checker = PasswordChecker()
+        self.switch = tn.Switch(setup_timeout=self.s.setup_timeout,
+                                delete_timeout=self.s.delete_timeout,
+                                offline_grace=self.s.offline_grace)
+        for name, doc in store.list(SERVICE):
+            self.switch.services[name] = tn.Service(**doc)
+        for name, doc in store.list(GATEWAY):
+            self.switch.gateway_owner[name] = doc.get("owner", "")
+        self.links: dict[str, Link] = {}
+        self.poll_links: dict[str, Link] = {}
+        self.changed = asyncio.Condition()
+        self.version = 0
+        self._auth_cache: dict[str, tuple[str, str, float]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self.sessions: dict[str, dict[str, Any]] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def close(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for link in list(self.links.values()):
+            link.kill("the server is stopping")
+        self.checker.close()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.time()
+            for link in list(self.poll_links.values()):
+                if link.poll_waiter is None and now - link.last_seen > self.s.poll_dead:
+                    self.detach(link, "no poll for too long")
+            await self.apply(self.switch.tick(now))
+            self.switch.forget(now - 3600)
+
+    # -- carrying out decisions ------------------------------------------------------------
+    async def apply(self, actions: list[tn.Action]) -> None:
+        changed = False
+        for act in actions:
+            if isinstance(act, tn.Send):
+                link = self.links.get(act.gateway)
+                if link is not None:
+                    link.put(act.msg)
+            elif isinstance(act, tn.Audit):
+                self.audit.record(act.event, act.allow, **act.fields)
+            else:
+                changed = True
+        if changed:
+            self.version += 1
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def wait_state(self, t: tn.Tunnel, states: tuple[tn.State, ...],
+                         timeout: float) -> bool:
+        async def until() -> None:
+            async with self.changed:
+                await self.changed.wait_for(lambda: t.state in states)
+
+        try:
+            await asyncio.wait_for(until(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_change(self, version: int, timeout: float) -> int:
+        async def until() -> None:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.version != version)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(until(), timeout)
+        return self.version
+
+    # -- who is calling --------------------------------------------------------------------
+    def add_user(self, name: str, role: str, password: str) -> bool:
+        return self.users.add({"name": name, "role": role}, password)
+
+    async def login(self, user: str, password: str, addr: str) -> Who:
+        """Check a password (throttled, off the loop, remembered briefly)."""
+        key = hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
+        now = time.monotonic()
+        hit = self._auth_cache.get(key)
+        if hit is not None and hit[2] > now:
+            return Who(user=hit[0], role=hit[1])
+        attempt = self.throttle.begin(addr, user, time.time())
+        if isinstance(attempt, str):
+            self.audit.record("login", False, user=user, address=addr, reason=attempt)
+            raise ApiError(429, "locked-out", "too many failed logins; try again later")
+        rec = await self.checker.run(addr, self.users.verify, user, password)
+        if rec is None:
+            delay = self.throttle.failed(attempt, time.time())
+            self.audit.record("login", False, user=user, address=addr,
+                              reason="wrong user or password")
+            await asyncio.sleep(delay)
+            raise ApiError(401, "unauthenticated", "wrong user or password")
+        self.throttle.succeeded(attempt)
+        role = str(rec.get("role", "user"))
+        if len(self._auth_cache) > 10_000:
+            self._auth_cache.clear()
+        self._auth_cache[key] = (user, role, now + AUTH_CACHE_TTL)
+        return Who(user=user, role=role)
+
+    async def basic(self, header: str | None, addr: str) -> Who:
+        scheme, _, value = (header or "").partition(" ")
+        if scheme.lower() != "basic" or not value:
+            raise ApiError(401, "unauthenticated", "send Authorization: Basic (user, password)")
+        try:
+            user, sep, pw = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            user, sep, pw = "", "", ""
+        if not sep or not user or len(user) > 64 or len(pw) > 1024:
+            raise ApiError(401, "unauthenticated", "malformed Basic credentials")
+        return await self.login(user, pw, addr)
+
+    # -- gateway links ---------------------------------------------------------------------
+    async def attach(self, hello: m.Hello, who: Who, kind: str) -> tuple[Link, m.Welcome]:
+        try:
+            welcome, actions = self.switch.gateway_hello(hello.name, who.user,
+                                                         list(hello.tunnels), time.time())
+        except tn.Refusal as exc:
+            self.audit.record("gateway-online", False, gateway=hello.name, user=who.user,
+                              reason=exc.message)
+            raise
+        old = self.links.pop(hello.name, None)
+        if old is not None:
+            old.kill("replaced by a new link of the same gateway")
+            self.poll_links.pop(old.token, None)
+        link = Link(name=hello.name, user=who.user, kind=kind, last_seen=time.time())
+        self.links[hello.name] = link
+        if self.store.get(GATEWAY, hello.name) is None:
+            self.store.put(GATEWAY, hello.name, {"owner": who.user})
+        log.info("gateway %s of %s connected (%s)", hello.name, who.user, kind)
+        await self.apply(actions)
+        return link, welcome
+
+    def detach(self, link: Link, why: str) -> None:
+        link.kill(why)
+        self.poll_links.pop(link.token, None)
+        if self.links.get(link.name) is link:
+            del self.links[link.name]
+            log.info("gateway %s disconnected: %s", link.name, why)
+            task = asyncio.get_running_loop().create_task(
+                self.apply(self.switch.gateway_lost(link.name, time.time())))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def receive(self, link: Link, body: bytes) -> None:
+        """A body from a gateway: reports and stream messages (ProtocolError: cut)."""
+        link.last_seen = time.time()
+        actions: list[tn.Action] = []
+        now = time.time()
+        for msg in m.decode_to_server(body):
+            if isinstance(msg, m.Done):
+                actions += self.switch.on_done(link.name, msg, now)
+            elif isinstance(msg, m.Hello):
+                raise m.ProtocolError("hello-again", "hello is said once per link")
+            else:
+                actions += self.switch.on_stream(link.name, msg)
+        await self.apply(actions)
+
+    # -- tunnels ---------------------------------------------------------------------------
+    async def open_tunnel(self, who: Who, service: str, gateway: str, listen: str
+                          ) -> tn.Tunnel:
+        try:
+            t, actions = self.switch.open_tunnel(who.user, who.role, service, gateway,
+                                                 listen, time.time())
+        except tn.Refusal as exc:
+            self.audit.record("tunnel-open", False, user=who.user, service=service,
+                              gateway=gateway, reason=exc.message)
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        await self.apply(actions)
+        await self.wait_state(t, (tn.State.ESTABLISHED, tn.State.DELETED),
+                              self.s.setup_timeout + self.s.delete_timeout + 5)
+        return t
+
+    async def close_tunnel(self, who: Who, tid: str) -> tn.Tunnel:
+        try:
+            actions = self.switch.close_tunnel(who.user, who.role, tid, time.time())
+        except tn.Refusal as exc:
+            self.audit.record("tunnel-close", False, user=who.user, tunnel=tid[:64],
+                              reason=exc.message)
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        await self.apply(actions)
+        t = self.switch.tunnels[tid]
+        await self.wait_state(t, (tn.State.DELETED,), self.s.delete_timeout + 5)
+        return t
+
+    def tunnels_of(self, who: Who, everything: bool = False) -> list[dict[str, Any]]:
+        return [t.view() for t in sorted(self.switch.tunnels.values(), key=lambda t: t.created)
+                if (who.role == "admin" or t.user == who.user)
+                and (everything or t.state is not tn.State.DELETED)]
+
+    def register(self, who: Who, body: ServiceIn) -> dict[str, Any]:
+        svc = tn.Service(name=body.name, owner=who.user, gateway=body.gateway,
+                         target=body.target, proto=body.proto, allow=list(body.allow),
+                         max_connections=body.max_connections)
+        try:
+            actions = self.switch.register(svc, who.role)
+        except tn.Refusal as exc:
+            self.audit.record("register", False, user=who.user, service=body.name[:64],
+                              reason=exc.message)
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        self.store.put(SERVICE, svc.name, svc.doc())
+        for act in actions:
+            if isinstance(act, tn.Audit):
+                self.audit.record(act.event, act.allow, **act.fields)
+        return svc.doc()
+
+
+def _addr(conn: Request | WebSocket) -> str:
+    return conn.client.host if conn.client else ""
+
+
+def build_app(srv: SwitchServer) -> Any:
+    app = create_app("kakehashi socket switch", __version__,
+                     description="The socket management server and switch server of "
+                                 "spec 003: services, gateways and tunnels.",
+                     on_start=srv.start, on_stop=srv.close, max_body=m.MAX_BODY + 1024)
+    app.state.switch = srv
+
+    async def who(request: Request) -> Who:
+        return await srv.basic(request.headers.get("authorization"), _addr(request))
+
+    caller = Depends(who)
+
+    @app.exception_handler(tn.Refusal)
+    async def _refusal(_: Request, exc: tn.Refusal) -> Any:
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
+                            status_code=exc.status)
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "gateways": len(srv.links)}
+
+    @app.get("/v1/whoami")
+    async def whoami(w: Who = caller) -> dict[str, Any]:
+        return {"user": w.user, "role": w.role}
+
+    # -- S1 and S2
+    @app.post("/v1/services", status_code=201)
+    async def register(body: ServiceIn, w: Who = caller) -> dict[str, Any]:
+        return srv.register(w, body)
+
+    @app.get("/v1/services")
+    async def services(w: Who = caller) -> list[dict[str, Any]]:
+        return srv.switch.catalog(w.user, w.role)
+
+    @app.delete("/v1/services/{name}")
+    async def unregister(name: str, w: Who = caller) -> dict[str, Any]:
+        try:
+            actions = srv.switch.unregister(name, w.user, w.role)
+        except tn.Refusal as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        srv.store.delete(SERVICE, name)
+        await srv.apply(actions)
+        return {"name": name, "removed": True}
+
+    @app.get("/v1/gateways")
+    async def gateways(w: Who = caller) -> list[dict[str, Any]]:
+        return [{"name": name, "user": owner, "online": name in srv.links,
+                 "transport": srv.links[name].kind if name in srv.links else None}
+                for name, owner in sorted(srv.switch.gateway_owner.items())
+                if w.role == "admin" or owner == w.user]
+
+    # -- tunnels (S2 selection -> S3 -> S4 -> S5; S6 -> S7)
+    @app.post("/v1/tunnels", status_code=201)
+    async def open_tunnel(body: TunnelIn, response: Response, w: Who = caller
+                          ) -> dict[str, Any]:
+        t = await srv.open_tunnel(w, body.service, body.gateway, body.listen)
+        if t.state is not tn.State.ESTABLISHED:
+            raise ApiError(502, "setup-failed", t.reason or f"tunnel is {t.state.value}")
+        return t.view()
+
+    @app.get("/v1/tunnels")
+    async def tunnels(w: Who = caller, all: bool = False) -> list[dict[str, Any]]:
+        return srv.tunnels_of(w, all)
+
+    @app.get("/v1/tunnels/{tid}")
+    async def tunnel(tid: str, w: Who = caller) -> dict[str, Any]:
+        t = srv.switch.tunnels.get(tid)
+        if t is None or (w.role != "admin" and t.user != w.user):
+            raise ApiError(404, "unknown-tunnel", f"no tunnel {tid[:64]!r} of yours")
+        return t.view()
+
+    @app.delete("/v1/tunnels/{tid}")
+    async def close(tid: str, w: Who = caller) -> dict[str, Any]:
+        return (await srv.close_tunnel(w, tid)).view()
+
+    # -- the gateway links
+    @app.websocket("/v1/gateway/link")
+    async def ws_link(ws: WebSocket) -> None:
+        # accepted before the login check, so a refusal reaches the gateway as words
+        await ws.accept()
+        try:
+            w = await srv.basic(ws.headers.get("authorization"), _addr(ws))
+        except ApiError as exc:
+            with contextlib.suppress(Exception):
+                await ws.send_bytes(m.encode(m.Refused(code=exc.code, error=exc.message)))
+                await ws.close(code=4401 if exc.status == 401 else 4429)
+            return
+        try:
+            first = await asyncio.wait_for(ws.receive_bytes(), srv.s.hello_timeout)
+            msgs = m.decode_to_server(first)
+            if len(msgs) != 1 or not isinstance(msgs[0], m.Hello):
+                raise m.ProtocolError("bad-hello", "the first message must be a hello")
+            link, welcome = await srv.attach(msgs[0], w, "websocket")
+        except (m.ProtocolError, tn.Refusal) as exc:
+            with contextlib.suppress(Exception):
+                await ws.send_bytes(m.encode(m.Refused(code=exc.code, error=exc.message)))
+                await ws.close(code=4400)
+            return
+        except (TimeoutError, WebSocketDisconnect, KeyError, RuntimeError):
+            with contextlib.suppress(Exception):
+                await ws.close(code=4408)
+            return
+        link.put(welcome)
+
+        async def writer() -> None:
+            while not link.dead.is_set():
+                await link.ready.wait()
+                if link.dead.is_set():
+                    break
+                body = link.take()
+                if body:
+                    await ws.send_bytes(body)
+
+        async def reader() -> None:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    link.kill("the gateway closed the link")
+                    return
+                body = msg.get("bytes")
+                if body is None:
+                    raise m.ProtocolError("text", "gateway links carry binary messages")
+                await srv.receive(link, body)
+
+        tasks = [asyncio.ensure_future(writer()), asyncio.ensure_future(reader()),
+                 asyncio.ensure_future(link.dead.wait())]
+        why = "link closed"
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if isinstance(exc, m.ProtocolError):
+                    why = exc.message
+                    log.warning("gateway %s: %s", link.name, exc.message)
+                    with contextlib.suppress(Exception):
+                        await ws.send_bytes(m.encode(m.Refused(code=exc.code,
+                                                               error=exc.message)))
+                        await ws.close(code=4400, reason=exc.message[:100])
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            srv.detach(link, link.why or why)
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    @app.post("/v1/gateway/poll")
+    async def poll_open(request: Request) -> Response:
+        w = await srv.basic(request.headers.get("authorization"), _addr(request))
+        try:
+            msgs = m.decode_to_server(await request.body())
+            if len(msgs) != 1 or not isinstance(msgs[0], m.Hello):
+                raise m.ProtocolError("bad-hello", "the first message must be a hello")
+            link, welcome = await srv.attach(msgs[0], w, "poll")
+        except (m.ProtocolError, tn.Refusal) as exc:
+            status = getattr(exc, "status", 400)
+            return Response(m.encode(m.Refused(code=exc.code, error=exc.message)),
+                            status_code=status, media_type="application/octet-stream")
+        link.token = secrets.token_urlsafe(24)
+        srv.poll_links[link.token] = link
+        link.put(welcome)
+        return Response(link.take(), media_type="application/octet-stream",
+                        headers={"X-Kakehashi-Link": link.token})
+
+    @app.post("/v1/gateway/poll/link")
+    async def poll(request: Request, down: int = 1) -> Response:
+        """The periodic connection notification: carries the gateway's data up and,
+        held until there is something or ``poll_hold`` passes, the server's down."""
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        link = srv.poll_links.get(token.strip()) if scheme.lower() == "bearer" else None
+        if link is None or link.dead.is_set():
+            raise ApiError(410, "link-gone", "no such link (open a new one)")
+        body = await request.body()
+        try:
+            await srv.receive(link, body)
+        except m.ProtocolError as exc:
+            srv.detach(link, exc.message)
+            return Response(m.encode(m.Refused(code=exc.code, error=exc.message)),
+                            status_code=400, media_type="application/octet-stream")
+        if not down:
+            return Response(b"", media_type="application/octet-stream")
+        if link.poll_waiter is not None and not link.poll_waiter.done():
+            link.poll_waiter.set_result(None)  # the newer poll takes over
+        if not body and not link.outbox:
+            fut = link.poll_waiter = asyncio.get_running_loop().create_future()
+            ready = asyncio.ensure_future(link.ready.wait())
+            try:
+                await asyncio.wait([fut, ready], timeout=srv.s.poll_hold,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+                if link.poll_waiter is fut:
+                    link.poll_waiter = None
+                link.last_seen = time.time()
+            if fut.done():  # superseded: the gateway gave up on this one; send nothing
+                return Response(b"", media_type="application/octet-stream")
+        if link.dead.is_set():
+            raise ApiError(410, "link-gone", link.why or "link closed")
+        return Response(link.take(), media_type="application/octet-stream")
+
+    from kakehashi.switch import pages
+
+    pages.add_pages(app, srv)
+    return app
