@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -458,3 +459,20 @@ def test_socks_connect_is_refused_and_fragments_dropped(chain):
     u.close()
     c.close()
     proc.stop()
+
+
+def test_a_chain_aware_server_sends_first(chain):
+    """examples/chain_stream.py: the client tells the server P5 over its own control
+    connection (510) and the server streams first; every hop already knows both sides."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "chain_stream.py"
+    port = free_port()
+    srv = chain.env.spawn("stream", sys.executable, str(example), "server",
+                          f"{SERVER_HOST}:{port}", raw=True)
+    srv.wait_for("stream server on")
+    res = subprocess.run([sys.executable, str(example), "client", f"{SERVER_HOST}:{port}",
+                          "alice", f"fw1@127.0.0.1:{chain.ports['fw1']}",
+                          chain.keys["alice-fw1"]], capture_output=True, timeout=60,
+                         env=chain.env.env)
+    out = res.stdout.decode()
+    assert res.returncode == 0 and "through fw1 -> fw2 -> fw3" in out, out + res.stderr.decode()
+    srv.stop()

@@ -97,3 +97,17 @@ async def test_close_before_start_closes_the_sockets():
     DatagramForwarder(near, far, PortRecord()).close()
     assert near.fileno() < 0 and far.fileno() < 0
     assert isinstance(near, socket.socket)
+
+
+def test_tentative_near_takes_answers_and_yields_to_a_natted_port_once():
+    r = PortRecord(expect_host="10.0.0.5", near=C, far=S, tentative=True)
+    assert r.from_far(S) == C  # the server may send first
+    assert r.from_near(("10.0.0.5", 61000)) == S  # NAT: the real port replaces it
+    assert r.near == ("10.0.0.5", 61000) and not r.tentative
+    assert r.from_near(C) is None  # now locked
+
+
+def test_tentative_near_confirmed_by_its_own_datagram():
+    r = PortRecord(expect_host="10.0.0.5", near=C, far=S, tentative=True)
+    assert r.from_near(C) == S and not r.tentative
+    assert r.from_near(("10.0.0.5", 61000)) is None

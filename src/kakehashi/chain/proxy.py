@@ -206,7 +206,13 @@ class _Session:
             raise self.refusal("ports", f"{cfg.name}: {exc.strerror or exc}") from None
         # the requester's data comes from where its control connection comes from; its
         # port may differ from what it declared (NAT): the record locks to the first seen
-        record = PortRecord(expect_host=self.peer_ip)
+        # When it declared an endpoint on that very address (no NAT between), answers may
+        # go there before it sends anything (a server that sends first, spec 510).
+        declared = req.requester
+        record = PortRecord(expect_host=self.peer_ip, near=declared.addr,
+                            tentative=declared.host == self.peer_ip)
+        if not record.tentative:
+            record.near = None
         self.forwarder = DatagramForwarder(near_sock, far_sock, record, near_to_far=_drop)
         await self.forwarder.start()
         local_ip = self.up.fc.conn.sock.getsockname()[0]

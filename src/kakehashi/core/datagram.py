@@ -40,14 +40,19 @@ class PortRecord:
     """Where datagrams go: the spec's port information record (3141/3142) as decisions."""
 
     __slots__ = ("dropped", "expect_host", "far", "from_far_count", "from_near_count",
-                 "lock", "near")
+                 "lock", "near", "tentative")
 
     def __init__(self, *, expect_host: str | None = None, near: Addr | None = None,
-                 far: Addr | None = None, lock: Literal["first", "latest"] = "first") -> None:
+                 far: Addr | None = None, lock: Literal["first", "latest"] = "first",
+                 tentative: bool = False) -> None:
         self.expect_host = expect_host
         self.near = near
         self.far = far
         self.lock = lock
+        #: ``near`` is what the requester declared, not yet seen: answers may go there
+        #: (a server that sends first), and the first datagram from the expected host
+        #: still replaces it (NAT rewrote the declared port)
+        self.tentative = tentative and near is not None
         self.from_near_count = 0
         self.from_far_count = 0
         self.dropped = 0
@@ -56,11 +61,12 @@ class PortRecord:
         """A datagram arrived on the near (client-facing) port from ``src``."""
         near = self.near
         if src != near:
-            if (near is not None and self.lock == "first") or (
+            if (near is not None and self.lock == "first" and not self.tentative) or (
                     self.expect_host is not None and src[0] != self.expect_host):
                 self.dropped += 1
                 return None
             self.near = src[:2]
+        self.tentative = False
         far = self.far
         if far is None:
             self.dropped += 1
