@@ -284,3 +284,14 @@ def test_end_while_notified_is_a_remote_protocol_error():
     with pytest.raises(t.RemoteProtocolError, match="not accepted"):
         tc.receive(m.End(reason="surprise"))
 
+
+
+def test_a_violation_while_paired_still_tells_the_peer(r):
+    """After a protocol violation the rest of what a connection sends is ignored, but
+    its loss still ends the session of its peer."""
+    a = r.login("alice")
+    b = r.login("bob")
+    pair(r, a, b, "bob")
+    assert one(r.recv(a, m.Accept(req=99)), a, m.Error).code == "protocol"
+    assert r.recv(a, m.Accept(req=99)) == []  # not audited again
+    assert one(r.cu.connection_lost(a, 0.0), b, m.End).reason == "peer connection lost"

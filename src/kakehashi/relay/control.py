@@ -148,6 +148,8 @@ class Connection:
     released: bool = False
     #: this side's end notification was forwarded in the current pairing
     sent_end: bool = False
+    #: broke the protocol: closing; what it still sends is ignored
+    violated: bool = False
     #: a notification this connection's own request won a crossing against: a reply
     #: to it (from a terminal that answered before it knew) is ignored
     yielded: int | None = None
@@ -263,7 +265,7 @@ class ControlUnit:
 
     def receive(self, cid: int, msg: m.Msg, now: float) -> list[object]:
         conn = self.conns.get(cid)
-        if conn is None or conn.state is State.CLOSED:
+        if conn is None or conn.state is State.CLOSED or conn.violated:
             return []
         handler = getattr(self, "_on_" + type(msg).__name__, None)
         if conn.state in (State.NEW, State.AUTH) and not isinstance(msg, m.Login | m.StartTLS):
@@ -881,7 +883,9 @@ class ControlUnit:
 
     # -- helpers ------------------------------------------------------------------
     def _violation(self, conn: Connection, text: str) -> list[object]:
-        conn.state = State.CLOSED  # what it sends until the close is ignored, not audited
+        # what it sends until the close is ignored (not audited again); its state stays,
+        # so that losing it still tells a paired peer
+        conn.violated = True
         return [
             Audit("protocol", False, {"conn": conn.id, "user": conn.user, "why": text}),
             Send(conn.id, m.Error(code="protocol", message=text)),
