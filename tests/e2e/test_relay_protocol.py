@@ -35,7 +35,8 @@ class RawTerminal:
         self.sock.sendall(m.TERMINAL_CODEC.encode(msg))
 
     def recv(self, timeout: float = 30.0) -> m.Msg | None:
-        """The next control message (keepalive replies skipped); None at EOF."""
+        """The next control message (keepalive replies skipped); None when the relay
+        closed the connection; TimeoutError when it said nothing for ``timeout`` s."""
         self.sock.settimeout(timeout)
         while True:
             for frame in self.dec.frames():
@@ -45,7 +46,7 @@ class RawTerminal:
                         return msg
             try:
                 data = self.sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
+            except ConnectionResetError:
                 return None
             if not data:
                 return None
