@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Self
 
 __all__ = [
     "NS_PREFIX",
+    "ChainLab",
     "FirewallLab",
     "LabCommandError",
     "LabError",
@@ -698,4 +699,89 @@ table inet kklab_core {
         type filter hook forward priority filter; policy drop;
     }
 }
+""")
+
+
+class ChainLab(_Lab):
+    """Three firewalls in a row, each running a proxy; a NAT in front of the client.
+
+    ::
+
+        client 198.18.20.10 --lan0-- nat 198.18.20.1 | 198.18.21.2 --- fw1 198.18.21.1
+            fw1 198.18.22.1 --- fw2 198.18.22.2 | 198.18.23.1 --- fw3 198.18.23.2
+            fw3 198.18.24.1 --- server 198.18.24.10
+
+    The NAT masquerades the client LAN to 198.18.21.2. Every firewall routes but forwards
+    nothing (policy drop), and admits to itself only established traffic, ICMP, its
+    control port ``CONTROL_PORT`` and its UDP range ``udp_range(i)``: the direct path
+    from the client to the server is closed, only the proxies can carry datagrams.
+    """
+
+    CONTROL_PORT: ClassVar[int] = 1091
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client = self._namespace("client")
+        self.nat = self._namespace("nat")
+        self.fw1 = self._namespace("fw1")
+        self.fw2 = self._namespace("fw2")
+        self.fw3 = self._namespace("fw3")
+        self.server = self._namespace("server")
+
+    @staticmethod
+    def udp_range(i: int) -> tuple[int, int]:
+        return 40000 + 1000 * i, 40000 + 1000 * i + 99
+
+    def _build(self) -> None:
+        self._veth(self.client, "eth0", self.nat, "lan0")
+        self._address(self.client, "eth0", "198.18.20.10/24", primary=True)
+        self._address(self.nat, "lan0", "198.18.20.1/24")
+        self.client.ip("route", "add", "default", "via", "198.18.20.1")
+        self._veth(self.nat, "wan0", self.fw1, "lan0")
+        self._address(self.nat, "wan0", "198.18.21.2/24", primary=True)
+        self._address(self.fw1, "lan0", "198.18.21.1/24", primary=True)
+        self.nat.ip("route", "add", "default", "via", "198.18.21.1")
+        self._veth(self.fw1, "wan0", self.fw2, "lan0")
+        self._address(self.fw1, "wan0", "198.18.22.1/24")
+        self._address(self.fw2, "lan0", "198.18.22.2/24", primary=True)
+        self._veth(self.fw2, "wan0", self.fw3, "lan0")
+        self._address(self.fw2, "wan0", "198.18.23.1/24")
+        self._address(self.fw3, "lan0", "198.18.23.2/24", primary=True)
+        self._veth(self.fw3, "wan0", self.server, "eth0")
+        self._address(self.fw3, "wan0", "198.18.24.1/24")
+        self._address(self.server, "eth0", "198.18.24.10/24", primary=True)
+        self.server.ip("route", "add", "default", "via", "198.18.24.1")
+        # routes, so that only the firewall rules (not a missing route) stop direct traffic
+        self.fw1.ip("route", "add", "198.18.23.0/24", "via", "198.18.22.2")
+        self.fw1.ip("route", "add", "198.18.24.0/24", "via", "198.18.22.2")
+        self.fw1.ip("route", "add", "198.18.20.0/24", "via", "198.18.21.2")
+        self.fw2.ip("route", "add", "198.18.24.0/24", "via", "198.18.23.2")
+        self.fw2.ip("route", "add", "default", "via", "198.18.22.1")
+        self.fw3.ip("route", "add", "default", "via", "198.18.23.1")
+        self.nat.sysctl(net__ipv4__ip_forward=1)
+        self.nat.nft("""\
+table ip kklab_nat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" ip saddr 198.18.20.0/24 masquerade
+    }
+}
+""")
+        for i, fw in enumerate((self.fw1, self.fw2, self.fw3), 1):
+            fw.sysctl(net__ipv4__ip_forward=1)
+            low, high = self.udp_range(i)
+            fw.nft(f"""\
+table inet kklab_chain {{
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        iifname "lo" accept
+        ct state established,related accept
+        meta l4proto icmp accept
+        tcp dport {self.CONTROL_PORT} accept
+        udp dport {low}-{high} accept
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+    }}
+}}
 """)
