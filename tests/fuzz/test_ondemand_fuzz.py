@@ -13,7 +13,7 @@ from kakehashi.core import wire
 from kakehashi.ondemand import grants as g
 from kakehashi.ondemand import messages as m
 
-FAST = settings(max_examples=300, deadline=None)
+FAST = settings(max_examples=150, deadline=None)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
