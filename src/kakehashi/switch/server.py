@@ -298,6 +298,15 @@ class SwitchServer:
     # -- tunnels ---------------------------------------------------------------------------
     async def open_tunnel(self, who: Who, service: str, gateway: str, listen: str
                           ) -> tn.Tunnel:
+        """S2 selection -> S3; returns once the tunnel is established or deleted."""
+        t = await self.begin_tunnel(who, service, gateway, listen)
+        await self.wait_state(t, (tn.State.ESTABLISHED, tn.State.DELETED),
+                              self.s.setup_timeout + self.s.delete_timeout + 5)
+        return t
+
+    async def begin_tunnel(self, who: Who, service: str, gateway: str, listen: str
+                           ) -> tn.Tunnel:
+        """S2 selection -> S3 without waiting (the catalog page watches it live)."""
         try:
             t, actions = self.switch.open_tunnel(who.user, who.role, service, gateway,
                                                  listen, time.time())
@@ -306,11 +315,10 @@ class SwitchServer:
                               gateway=gateway, reason=exc.message)
             raise ApiError(exc.status, exc.code, exc.message) from None
         await self.apply(actions)
-        await self.wait_state(t, (tn.State.ESTABLISHED, tn.State.DELETED),
-                              self.s.setup_timeout + self.s.delete_timeout + 5)
         return t
 
-    async def close_tunnel(self, who: Who, tid: str) -> tn.Tunnel:
+    async def close_tunnel(self, who: Who, tid: str, wait: bool = True) -> tn.Tunnel:
+        """S6 -> S7; returns once deleted (or at once without ``wait``)."""
         try:
             actions = self.switch.close_tunnel(who.user, who.role, tid, time.time())
         except tn.Refusal as exc:
@@ -319,7 +327,8 @@ class SwitchServer:
             raise ApiError(exc.status, exc.code, exc.message) from None
         await self.apply(actions)
         t = self.switch.tunnels[tid]
-        await self.wait_state(t, (tn.State.DELETED,), self.s.delete_timeout + 5)
+        if wait:
+            await self.wait_state(t, (tn.State.DELETED,), self.s.delete_timeout + 5)
         return t
 
     def tunnels_of(self, who: Who, everything: bool = False) -> list[dict[str, Any]]:
