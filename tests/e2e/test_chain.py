@@ -476,3 +476,26 @@ def test_a_chain_aware_server_sends_first(chain):
     out = res.stdout.decode()
     assert res.returncode == 0 and "through fw1 -> fw2 -> fw3" in out, out + res.stderr.decode()
     srv.stop()
+
+
+@pytest.mark.parametrize("encrypt", [False, True])
+def test_http3_through_the_chain(chain, encrypt, tmp_path):
+    """A real QUIC stack (aioquic) on both ends: HTTP/3 GET through chain forward."""
+    pytest.importorskip("aioquic")
+    from kakehashi.core.tls import DevCA
+
+    cert, key = DevCA(tmp_path / "ca").issue([SERVER_HOST, "localhost"])
+    port = free_port()
+    srv = chain.env.spawn("h3", sys.executable, "-m", "tests.e2e.h3", "server", SERVER_HOST,
+                          str(port), str(cert), str(key), raw=True)
+    srv.wait_for("h3 server ready")
+    fwd = chain.forward(encrypt=encrypt, to=f"{SERVER_HOST}:{port}")
+    listen = fwd.bound_port()
+    res = subprocess.run([sys.executable, "-m", "tests.e2e.h3", "get", "127.0.0.1", str(listen),
+                          "/through/fw1/fw2/fw3"], capture_output=True, timeout=60,
+                         env=chain.env.env, cwd=Path(__file__).resolve().parents[2])
+    out = res.stdout.decode()
+    assert out.startswith("200 ") and "HTTP/3 through the chain: /through/fw1/fw2/fw3" in out, \
+        out + res.stderr.decode()[-2000:]
+    fwd.stop()
+    srv.stop()
