@@ -1,7 +1,8 @@
 """The proxy chain across real firewalls: a client behind NAT, three nftables firewalls
 that open only their control port and UDP range, a server behind the third.
 
-The direct path is closed; the chain carries datagrams in both modes and encrypted,
+The direct path is closed, a single relay hop at the first firewall does not get past
+the second (Fig. 14(b)); the chain carries datagrams in both modes and encrypted,
 and the first proxy sees the client only as the NAT's address (its port record locks
 to the translated source port).
 """
@@ -76,6 +77,17 @@ def test_chain_crosses_three_firewalls_behind_nat(chain_lab, env):
     assert direct.stdout.strip() == "0", direct
 
     hosts = {1: lab.fw1.addrs["lan0"], 2: lab.fw2.addrs["lan0"], 3: lab.fw3.addrs["lan0"]}
+    # a single relay hop at fw1 (what a SOCKS5 UDP ASSOCIATE at the first firewall does on
+    # its data path) gets past fw1 but not past fw2: the Fig. 14(b) situation
+    hop_port = lab.udp_range(1)[1]
+    lab.fw1.popen(["socat", f"UDP4-LISTEN:{hop_port},bind={hosts[1]},fork",
+                   f"UDP4:{lab.server.addr}:{SERVER_PORT}"])
+    wait_until(lambda: str(hop_port) in lab.fw1.run(["ss", "-uln"]).stdout, 10, what="socat")
+    before = ChainLab.forward_drops(lab.fw2)
+    one_hop = lab.client.run([sys.executable, "-c", EXCHANGE, str(hop_port), "2", hosts[1]],
+                             check=False, timeout=30)
+    assert one_hop.stdout.strip() == "0", one_hop
+    assert ChainLab.forward_drops(lab.fw2) >= before + 2  # relayed by fw1, dropped by fw2
     for i, fw in ((3, lab.fw3), (2, lab.fw2), (1, lab.fw1)):
         low, high = lab.udp_range(i)
         route = "direct" if i == 3 else f"fw{i + 1}@{hosts[i + 1]}:{ChainLab.CONTROL_PORT}"

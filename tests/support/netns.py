@@ -732,6 +732,13 @@ class ChainLab(_Lab):
     def udp_range(i: int) -> tuple[int, int]:
         return 40000 + 1000 * i, 40000 + 1000 * i + 99
 
+    @staticmethod
+    def forward_drops(fw: Namespace) -> int:
+        """Packets ``fw`` was asked to forward (and dropped: it forwards nothing)."""
+        out = fw.run(["nft", "list", "chain", "inet", "kklab_chain", "forward"]).stdout
+        m = re.search(r"counter packets (\d+)", out)
+        return int(m.group(1)) if m else 0
+
     def _build(self) -> None:
         self._veth(self.client, "eth0", self.nat, "lan0")
         self._address(self.client, "eth0", "198.18.20.10/24", primary=True)
@@ -782,6 +789,7 @@ table inet kklab_chain {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
+        counter
     }}
 }}
 """)
