@@ -198,3 +198,29 @@ def test_setup_rolled_back_when_the_server_side_fails(sw: Switch) -> None:
     assert refused(listen_port)
     rows = sw.api("alice").request("GET", "/v1/tunnels", params={"all": 1})
     assert [r["state"] for r in rows if r["service"] == "broken"] == ["deleted"]
+
+
+def test_openssh_through_a_tunnel(sw: Switch) -> None:
+    """An unmodified OpenSSH client and server: ssh to the pseudo socket, 2 MB through
+    sha256sum on the far side."""
+    import getpass
+    import hashlib
+    import subprocess
+
+    from tests.e2e import sshd
+
+    ok, why = sshd.available()
+    if not ok:
+        pytest.skip(why)
+    server = sshd.start_sshd(sw.env)
+    sw.register("ssh", f"127.0.0.1:{server.port}")
+    t = sw.open("ssh")
+    blob = sw.env.root / "blob"
+    blob.write_bytes(bytes(range(256)) * 8000)
+    with open(blob, "rb") as stdin:  # the host key pinned for [127.0.0.1]:* is checked
+        res = subprocess.run(server.ssh_args("-p", str(port_of(t)),
+                                             f"{getpass.getuser()}@127.0.0.1", "sha256sum"),
+                             stdin=stdin, capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout.split()[0].decode() == hashlib.sha256(blob.read_bytes()).hexdigest()
+    sw.close(t["tunnel"])
