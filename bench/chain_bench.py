@@ -8,7 +8,9 @@ Rows: ``direct`` (client -> echo), ``socat x3`` (three chained ``socat UDP4-LIST
 UDP4:`` relays, the same number of forwarding processes and UDP hops), ``chain`` (three
 ``kakehashi chain proxy`` processes and ``chain forward``, recursive setup),
 ``chain iterative``, ``chain encrypted`` (AES-256-GCM between the client and the last
-proxy). For each: datagrams/s with 64 datagrams of 512 B in flight (echoed, so every
+proxy), ``chain (client library)`` (the sender's own socket is the chain's P1, as with
+kakehashi.chain.api: three forwarding processes, like socat x3). For each: datagrams/s
+with 64 datagrams of 512 B in flight (echoed, so every
 datagram crosses the path twice and each round counts 2), and the round-trip latency of
 one datagram at a time (p50/p99). Then the setup time of a three-proxy chain in each
 mode (median of --setups setups, in this process through ``build_chain``).
@@ -54,12 +56,13 @@ while True:
 """
 
 
-def throughput(port: int, seconds: float, window: int = 64, size: int = 512) -> float:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def throughput(port: int | tuple[str, int], seconds: float, window: int = 64, size: int = 512,
+               sock: socket.socket | None = None) -> float:
+    s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     s.settimeout(1)
     pad = os.urandom(size)
-    dst = ("127.0.0.1", port)
+    dst = ("127.0.0.1", port) if isinstance(port, int) else port
     done = 0
     end = time.perf_counter() + seconds
     t0 = time.perf_counter()
@@ -73,14 +76,16 @@ def throughput(port: int, seconds: float, window: int = 64, size: int = 512) -> 
         except TimeoutError:
             pass
     dt = time.perf_counter() - t0
-    s.close()
+    if sock is None:
+        s.close()
     return 2 * done / dt
 
 
-def latency(port: int, count: int) -> tuple[float, float]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def latency(port: int | tuple[str, int], count: int,
+            sock: socket.socket | None = None) -> tuple[float, float]:
+    s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(1)
-    dst = ("127.0.0.1", port)
+    dst = ("127.0.0.1", port) if isinstance(port, int) else port
     times = []
     for i in range(count):
         t = time.perf_counter()
@@ -90,7 +95,8 @@ def latency(port: int, count: int) -> tuple[float, float]:
         except TimeoutError:
             continue
         times.append((time.perf_counter() - t) * 1e6)
-    s.close()
+    if sock is None:
+        s.close()
     return percentile(times, 50), percentile(times, 99)
 
 
@@ -112,10 +118,11 @@ def main() -> int:
         echo_port = free_port()
         procs.spawn("echo", [sys.executable, "-c", ECHO, str(echo_port)]).wait_for("ready")
 
-        def measure(name: str, port: int) -> None:
+        def measure(name: str, port: int | tuple[str, int],
+                    sock: socket.socket | None = None) -> None:
             say(f"{name}: throughput ...")
-            rate = throughput(port, args.seconds)
-            p50, p99 = latency(port, args.pings)
+            rate = throughput(port, args.seconds, sock=sock)
+            p50, p99 = latency(port, args.pings, sock=sock)
             results[name] = rate
             rows.append([name, f"{rate:,.0f}", f"{p50:.0f}", f"{p99:.0f}"])
 
@@ -167,6 +174,20 @@ def main() -> int:
             fwd.wait_for("forwarding")
             measure(name, lp)
             procs.stop(fwd)
+
+        # the client as a library (kakehashi.chain.api's path): the application's own
+        # socket is P1, so three forwarding processes are between it and the server, as
+        # with socat x3
+        loop = asyncio.new_event_loop()
+        lib = loop.run_until_complete(build_chain(ForwardConfig(
+            "alice", {f"fw{i}": crypto.parse_shared_key(keys[f"a{i}"]) for i in (1, 2, 3)},
+            Hop("fw1", "127.0.0.1", cports[0]), ("127.0.0.1", echo_port), ("127.0.0.1", 0))))
+        data_sock: socket.socket = lib.data_sock  # type: ignore[assignment]
+        data_sock.setblocking(True)
+        measure("chain (client library)", lib.setup.first.addr, data_sock)  # type: ignore[union-attr]
+        lib.close()
+        data_sock.close()
+        loop.close()
 
         async def setups(mode: str, encrypt: bool) -> float:
             cfg = ForwardConfig("alice", {f"fw{i}": crypto.parse_shared_key(keys[f"a{i}"])
