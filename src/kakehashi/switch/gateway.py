@@ -44,6 +44,8 @@ log = logging.getLogger("kakehashi.switch.gateway")
 BATCH = 1024 * 1024
 #: how long a new stream waits for the other side to reach the real server
 OPEN_TIMEOUT = 15.0
+#: a UDP flow (one client address) without a datagram either way this long ends
+UDP_IDLE = 60.0
 
 
 class Fatal(Exception):
@@ -237,6 +239,7 @@ class Stream:
     got_eof: bool = False
     udp: Any = None  # connect side of a UDP stream: its transport
     reset: bool = False
+    last: float = 0.0  # UDP: when a datagram last passed
 
 
 @dataclass(eq=False)
@@ -252,6 +255,7 @@ class GwTunnel:
     streams: dict[int, Stream] = field(default_factory=dict)
     peers: dict[Any, int] = field(default_factory=dict)
     next_stream: int = 1
+    sweeper: asyncio.Task[None] | None = None
 
 
 class _UdpListen(asyncio.DatagramProtocol):
@@ -406,6 +410,7 @@ class Gateway:
                     t.udp, _ = await loop.create_datagram_endpoint(
                         lambda: _UdpListen(self, t), local_addr=(host, port))
                     bound = t.udp.get_extra_info("sockname")[:2]
+                    t.sweeper = loop.create_task(self._udp_sweep(t))
                 t.address = f"{bound[0]}:{bound[1]}"
                 log.info("tunnel %s: pseudo socket of %s listening on %s (%s)", t.id,
                          t.service, t.address, t.proto)
@@ -433,6 +438,8 @@ class Gateway:
             await t.listener.close()
         if t.udp is not None:
             t.udp.close()
+        if t.sweeper is not None:
+            t.sweeper.cancel()
 
     # -- streams --------------------------------------------------------------------------
     def _new_stream(self, t: GwTunnel, sid: int) -> Stream:
@@ -620,10 +627,22 @@ class Gateway:
             s.peer = addr
             t.peers[addr] = sid
             self.send(m.Open(tunnel=t.id, stream=sid, peer=f"{addr[0]}:{addr[1]}"))
+        t.streams[sid].last = time.monotonic()
         self.send(m.Data(tunnel=t.id, stream=sid, data=data))
+
+    async def _udp_sweep(self, t: GwTunnel, idle: float = UDP_IDLE) -> None:
+        """End UDP flows that carried nothing for ``idle`` seconds (each holds a socket
+        on the other side and counts against the service's limit)."""
+        while True:
+            await asyncio.sleep(min(5.0, idle / 4))
+            now = time.monotonic()
+            for s in list(t.streams.values()):
+                if now - s.last > idle:
+                    self._abort(s, reason=f"no datagram for {idle:g} s")
 
     def _udp_out(self, s: Stream, data: bytes) -> None:
         t = s.tunnel
+        s.last = time.monotonic()
         if t.side == "listen":
             if t.udp is not None and s.peer is not None:
                 t.udp.sendto(data, s.peer)
