@@ -101,10 +101,14 @@ def keygen() -> None:
               help="Sessions one user may hold at once (0: no limit).")
 @click.option("--max-per-client", type=click.IntRange(min=0), default=64, show_default=True,
               help="Sessions one requester address may hold at once (0: no limit).")
+@click.option("--max-connections", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="Control connections served at once, setups included (0: no limit); "
+                   "beyond it new ones wait in the listen backlog.")
 def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tuple[str, ...],
           routes: tuple[str, ...], acl: tuple[str, ...], audit_log: str | None,
           auth_timeout: float, connect_timeout: float, idle_timeout: float,
-          max_sessions: int, max_per_user: int, max_per_client: int) -> None:
+          max_sessions: int, max_per_user: int, max_per_client: int,
+          max_connections: int) -> None:
     """One firewall's proxy: authenticates, checks access, exchanges ports, relays UDP."""
     host, port = opt.hostport(listen, "--listen")
     cfg = ProxyConfig(
@@ -116,6 +120,7 @@ def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tu
         acl=_parse(tables.parse_acl, [tables.parse_acl_flag(a) for a in acl], "--acl"),
         auth_timeout=auth_timeout, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
         max_sessions=max_sessions, max_per_user=max_per_user, max_per_client=max_per_client,
+        max_connections=max_connections,
         audit=AuditLog(audit_log, system="chain"))
     if cfg.udp_ports == tables.ANY_PORT:
         raise click.BadParameter("give a range, e.g. 40000-40999", param_hint="--udp-ports")

@@ -55,6 +55,7 @@ class ProxyConfig:
     max_sessions: int = 0
     max_per_user: int = 16
     max_per_client: int = 64
+    max_connections: int = 4096
     audit: AuditLog = field(default_factory=lambda: AuditLog(system="chain"))
 
 
@@ -90,7 +91,10 @@ class ChainProxy:
         self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "relayed": 0}
 
     async def start(self) -> None:
-        self.listener = Listener(self.cfg.host, self.cfg.port, self._serve)
+        # connections still authenticating count too: a flood of silent ones waits in the
+        # backlog instead of exhausting descriptors (each is cut after auth_timeout)
+        self.listener = Listener(self.cfg.host, self.cfg.port, self._serve,
+                                 max_connections=self.cfg.max_connections)
         self.listener.start()
 
     @property
@@ -141,6 +145,8 @@ class _Session:
         self.relay: RelayFilter | None = None
         self.e2e: EndToEnd | None = None
         self.far_port = 0
+        self.origin: m.Endpoint | None = None
+        self.tasks: list[asyncio.Future[None]] = []
 
     def audit(self, event: str, allow: bool, **fields: object) -> None:
         self.cfg.audit.record(event, allow, proxy=self.cfg.name, peer=self.peer_ip, **fields)
@@ -317,12 +323,13 @@ class _Session:
             elif isinstance(msg, m.Extend) and self.pending_hop is not None:
                 if msg.rid != self.rid:
                     raise self.refusal("protocol", "extend for another request")
-                far = m.Endpoint(self.far_host(), self.far_port)
                 await self.connect_next(self.pending_hop)
                 assert self.down is not None
+                # requests go on with this proxy's server-facing endpoint (its P3), on the
+                # address the next proxy sees it at
                 self.relay = RelayFilter(self.cfg.name,
                                          m.Endpoint(self.down.fc.conn.sock.getsockname()[0],
-                                                    far.port), self.origin)
+                                                    self.far_port), self.origin)
                 self.pending_hop = None
                 task = asyncio.ensure_future(self.from_down())
                 task.add_done_callback(lambda _t: self.up.close())
@@ -341,9 +348,6 @@ class _Session:
             else:
                 raise self.refusal("protocol", f"unexpected {type(msg).__name__.lower()} in "
                                                "an established session")
-
-    def far_host(self) -> str:
-        return self.cfg.udp_host or self.cfg.host
 
     async def from_down(self) -> None:
         down = self.down
@@ -374,7 +378,7 @@ class _Session:
         if self.down is not None:
             self.down.close()
         self.up.close()
-        for t in getattr(self, "tasks", ()):
+        for t in self.tasks:
             t.cancel()
 
 

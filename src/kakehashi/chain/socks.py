@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from kakehashi.chain.forward import Chain, ForwardConfig, build_chain
 from kakehashi.chain.setup import SetupFailed
-from kakehashi.core import socks5
+from kakehashi.core import socks5, wire
 from kakehashi.core.crypto import DatagramChannel
 from kakehashi.core.datagram import bind_udp
 from kakehashi.core.stream import Conn, ConnClosed, Listener
@@ -172,8 +172,8 @@ class Association:
         try:  # the chain lives until its control connection closes
             while await chain.ctrl.read(None) is not None:
                 pass
-        except (ConnClosed, OSError, Exception):
-            pass
+        except (ConnClosed, OSError, wire.WireError):
+            pass  # the chain's control connection ended: so does this route
         finally:
             if self.routes.get(dst) is route:
                 del self.routes[dst]
