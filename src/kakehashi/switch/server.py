@@ -252,6 +252,14 @@ class SwitchServer:
 
     # -- gateway links ---------------------------------------------------------------------
     async def attach(self, hello: m.Hello, who: Who, kind: str) -> tuple[Link, m.Welcome]:
+        old = self.links.get(hello.name)
+        if old is not None and self.switch.gateway_owner.get(hello.name) == who.user:
+            # a new link of a gateway whose old one is not gone yet: the streams of the
+            # old link died with it (the gateway reset them), so the other sides hear so
+            old.kill("replaced by a new link of the same gateway")
+            self.poll_links.pop(old.token, None)
+            del self.links[hello.name]
+            await self.apply(self.switch.gateway_lost(hello.name, time.time()))
         try:
             welcome, actions = self.switch.gateway_hello(hello.name, who.user,
                                                          list(hello.tunnels), time.time())
@@ -259,10 +267,6 @@ class SwitchServer:
             self.audit.record("gateway-online", False, gateway=hello.name, user=who.user,
                               reason=exc.message)
             raise
-        old = self.links.pop(hello.name, None)
-        if old is not None:
-            old.kill("replaced by a new link of the same gateway")
-            self.poll_links.pop(old.token, None)
         link = Link(name=hello.name, user=who.user, kind=kind, last_seen=time.time())
         self.links[hello.name] = link
         if self.store.get(GATEWAY, hello.name) is None:
@@ -272,13 +276,14 @@ class SwitchServer:
         return link, welcome
 
     def detach(self, link: Link, why: str) -> None:
+        """The link is gone: the gateway is offline until a new link says hello."""
         link.kill(why)
         self.poll_links.pop(link.token, None)
         if self.links.get(link.name) is link:
             del self.links[link.name]
             log.info("gateway %s disconnected: %s", link.name, why)
-            task = asyncio.get_running_loop().create_task(
-                self.apply(self.switch.gateway_lost(link.name, time.time())))
+            actions = self.switch.gateway_lost(link.name, time.time())
+            task = asyncio.get_running_loop().create_task(self.apply(actions))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def receive(self, link: Link, body: bytes) -> None:

@@ -1,0 +1,64 @@
+"""The server's asyncio layer without HTTP: links replaced, streams told, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from kakehashi.core.store import open_store
+from kakehashi.core.web import ApiError
+from kakehashi.switch import messages as m
+from kakehashi.switch.server import ServiceIn, SwitchServer, Who
+
+ASP, ALICE = Who(user="asp1", role="asp"), Who(user="alice", role="user")
+
+
+async def established(srv: SwitchServer):
+    srv_link, _ = await srv.attach(m.Hello(name="gw-srv"), ASP, "websocket")
+    alice_link, _ = await srv.attach(m.Hello(name="gw-alice"), ALICE, "websocket")
+    srv.register(ASP, ServiceIn(name="echo", gateway="gw-srv", target="127.0.0.1:7",
+                                allow=["alice"]))
+    t = await srv.begin_tunnel(ALICE, "echo", "gw-alice", "127.0.0.1:0")
+    for link in (alice_link, srv_link):
+        for msg in m.decode_to_gateway(link.take()):
+            if isinstance(msg, m.Setup):
+                await srv.receive(link, m.encode(m.Done(req=msg.req, tunnel=t.id, ok=True,
+                                                        address="127.0.0.1:9")))
+    assert t.state.value == "established"
+    return t, srv_link, alice_link
+
+
+async def test_a_new_link_of_a_gateway_tells_the_other_side_its_streams_died(tmp_path):
+    srv = SwitchServer(open_store(tmp_path / "s.db"))
+    t, srv_link, alice_link = await established(srv)
+    await srv.receive(alice_link, m.encode(m.Open(tunnel=t.id, stream=1)))
+    assert srv.switch.live["echo"] == 1
+    srv_link.take()
+    # gw-alice reconnects before its old link was noticed dead
+    new_link, welcome = await srv.attach(m.Hello(name="gw-alice", tunnels=[t.id]), ALICE,
+                                         "poll")
+    assert welcome.tunnels == [t.id] and alice_link.dead.is_set()
+    assert srv.switch.live["echo"] == 0 and not t.offline
+    assert m.Reset in [type(x) for x in m.decode_to_gateway(srv_link.take())]
+    assert srv.links["gw-alice"] is new_link
+
+
+async def test_another_users_hello_does_not_replace_a_link(tmp_path):
+    srv = SwitchServer(open_store(tmp_path / "s.db"))
+    _, _, alice_link = await established(srv)
+    from kakehashi.switch.tunnels import Refusal
+
+    with pytest.raises(Refusal):
+        await srv.attach(m.Hello(name="gw-alice"), Who(user="mallory", role="user"), "poll")
+    assert srv.links["gw-alice"] is alice_link and not alice_link.dead.is_set()
+
+
+async def test_api_refusals_are_api_errors(tmp_path):
+    srv = SwitchServer(open_store(tmp_path / "s.db"))
+    await established(srv)
+    with pytest.raises(ApiError) as exc:
+        await srv.begin_tunnel(Who(user="mallory", role="user"), "echo", "gw-alice",
+                               "127.0.0.1:0")
+    assert exc.value.status == 404
+    with pytest.raises(ApiError) as exc:
+        await srv.close_tunnel(Who(user="mallory", role="user"), "tnope")
+    assert exc.value.status == 404
