@@ -178,9 +178,18 @@ def test_datagrams_cross_three_proxies_intact(chain, mode, encrypt):
     assert ("encrypted to fw3" in fwd.output()) == encrypt
     assert exchange(port, 2000, 512) >= 1990
     assert exchange(port, 20, 1400) == 20
+    spoof = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # to fw1's P2, not from P1
+    p2 = re.search(r"datagrams go to ([\d.]+):(\d+) \(P2\)", fwd.output())
+    spoof.sendto(b"x" * 64, (p2.group(1), int(p2.group(2))))
+    spoof.close()
     # the server saw the chain's last hop (P5), the port the client was told (708)
     assert (p5.group(1), int(p5.group(2))) in chain.echo.sources
+    ended = re.compile(r"fw1: session of alice ended: \d+ datagrams relayed, [1-9]\d* dropped")
+    before = len(ended.findall(chain.procs["fw1"].output()))
     fwd.stop()
+    # fw1 ends the session with the forward, and says what it relayed and dropped
+    wait_until(lambda: len(ended.findall(chain.procs["fw1"].output())) > before, 15,
+               what="fw1's end-of-session line counting the spoofed datagram")
 
 
 def test_wrong_key_is_refused_by_the_first_hop_named(chain):
@@ -306,9 +315,11 @@ async def test_a_thousand_setups_and_teardowns_leave_no_descriptors(chain):
                what=f"descriptors back to {base}")
 
 
-async def test_a_flood_of_setups_is_bounded_per_user(tmp_path):
+@pytest.mark.parametrize(("key", "what"), [("max_per_user", "user 'alice'"),
+                                           ("max_per_client", "address 127.0.0.1")])
+async def test_a_flood_of_setups_is_bounded_per_user_and_address(tmp_path, key, what):
     env = Env(tmp_path)
-    c = Chain(env, extra={"max_per_user": "3"})
+    c = Chain(env, extra={key: "3"})
     held = []
     try:
         for _ in range(3):
@@ -316,6 +327,7 @@ async def test_a_flood_of_setups_is_bounded_per_user(tmp_path):
         with pytest.raises(SetupFailed) as err:
             await build_chain(c.config())
         assert err.value.reason == "limit" and err.value.hop == "fw1"
+        assert what in err.value.text
         held.pop().close()  # a slot frees when a session ends
         held.append(await wait_for_setup(c))
     finally:

@@ -370,6 +370,9 @@ class _Session:
             rec = self.forwarder.record
             self.proxy.stats["dropped"] += rec.dropped
             self.proxy.stats["relayed"] += rec.packets
+            log.info("%s: session of %s ended: %d datagrams relayed, %d dropped (no record "
+                     "matched, or failed to open)", self.cfg.name, self.user, rec.packets,
+                     rec.dropped)
             self.forwarder.close()
             self.forwarder = None
         if self.slot is not None:
