@@ -52,3 +52,17 @@ async def test_messages_for_unknown_tunnels_get_a_reset() -> None:
     gw._stream_msg(m.Credit(tunnel="tnope", stream=3, n=5))  # late credit: nothing
     assert m.decode_to_server(gw.take()) == [
         m.Reset(tunnel="tnope", stream=3, reason="no such tunnel in this gateway")]
+
+
+def test_throttled_logins_are_retried_wrong_passwords_are_not() -> None:
+    import json
+
+    from kakehashi.switch.gateway import Fatal, _http_refusal
+
+    body = json.dumps({"error": {"code": "x", "message": "wrong user or password"}}).encode()
+    assert isinstance(_http_refusal(401, body), Fatal)
+    assert not isinstance(_http_refusal(429, body), Fatal)
+    assert not isinstance(_http_refusal(400, m.encode(m.Refused(code="locked-out",
+                                                                error="later"))), Fatal)
+    assert isinstance(_http_refusal(403, m.encode(m.Refused(code="gateway-not-yours",
+                                                            error="no"))), Fatal)

@@ -46,6 +46,9 @@ BATCH = 1024 * 1024
 OPEN_TIMEOUT = 15.0
 #: a UDP flow (one client address) without a datagram either way this long ends
 UDP_IDLE = 60.0
+#: refusals that a later attempt may get past (login throttling, a busy server);
+#: every other refusal (a wrong password, another user's gateway name) ends the gateway
+RETRY_CODES = ("locked-out", "busy")
 
 
 class Fatal(Exception):
@@ -196,9 +199,13 @@ def _http_refusal(status: int, body: bytes) -> Exception:
     except m.ProtocolError:
         msgs = []
     if msgs and isinstance(msgs[0], m.Refused):
+        if msgs[0].code in RETRY_CODES:
+            return ConnectionError(f"the server refused gateway: {msgs[0].error}")
         return Fatal(f"the server refused gateway: {msgs[0].error} ({msgs[0].code})")
     text = body[:300].decode(errors="replace")
-    if status in (401, 403, 429):
+    if status == 429:
+        return ConnectionError(f"the server is throttling logins (HTTP 429): {text}")
+    if status in (401, 403):
         import json
 
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -315,8 +322,11 @@ class Gateway:
                 first = m.decode_to_gateway(await transport.open(hello))
                 if not first or isinstance(first[0], m.Refused):
                     why = first[0] if first else None
-                    raise Fatal(f"the server refused gateway {self.cfg.name}: "
-                                f"{why.error if why else 'no answer'}")
+                    text = (f"the server refused gateway {self.cfg.name}: "
+                            f"{why.error if why else 'no answer'}")
+                    if why is not None and why.code in RETRY_CODES:
+                        raise ConnectionError(text)  # later may work: back off, retry
+                    raise Fatal(text)
                 welcome = first[0]
                 if not isinstance(welcome, m.Welcome):
                     raise m.ProtocolError("bad-welcome", "the server did not welcome us")

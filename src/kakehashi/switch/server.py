@@ -223,7 +223,10 @@ class SwitchServer:
         attempt = self.throttle.begin(addr, user, time.time())
         if isinstance(attempt, str):
             self.audit.record("login", False, user=user, address=addr, reason=attempt)
-            raise ApiError(429, "locked-out", "too many failed logins; try again later")
+            if attempt == "busy":
+                raise ApiError(503, "busy", "too many logins being checked; try again")
+            raise ApiError(429, "locked-out", "too many logins failed or in progress for "
+                                              "this user from here; try again later")
         rec = await self.checker.run(addr, self.users.verify, user, password)
         if rec is None:
             delay = self.throttle.failed(attempt, time.time())
