@@ -138,8 +138,18 @@ def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | Non
                                                    delete_timeout=delete_timeout,
                                                    poll_hold=poll_hold,
                                                    offline_grace=offline_grace))
-        await web.serve(build_app(srv), web.bind(host, port), certfile=certfile,
-                        keyfile=keyfile, name="switch server")
+        import asyncio
+
+        serving = asyncio.ensure_future(web.serve(build_app(srv), web.bind(host, port),
+                                                  certfile=certfile, keyfile=keyfile,
+                                                  name="switch server"))
+        try:
+            await asyncio.shield(serving)
+        finally:
+            # end the gateways' links first: uvicorn's graceful stop waits for them
+            srv.stop_links()
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
 
     _run(main())
 

@@ -152,6 +152,11 @@ class SwitchServer:
     def start(self) -> None:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
+    def stop_links(self) -> None:
+        """End every gateway link (the server is stopping)."""
+        for link in list(self.links.values()):
+            link.kill("the server is stopping")
+
     async def close(self) -> None:
         if self._ticker:
             self._ticker.cancel()
