@@ -62,3 +62,24 @@ async def test_api_refusals_are_api_errors(tmp_path):
     with pytest.raises(ApiError) as exc:
         await srv.close_tunnel(Who(user="mallory", role="user"), "tnope")
     assert exc.value.status == 404
+
+
+async def test_a_datagram_flood_is_dropped_not_queued(tmp_path):
+    """UDP has no credit: a flood towards a slow gateway is cut at a bound, and the
+    gateway's link (and its TCP streams) survive it."""
+    srv = SwitchServer(open_store(tmp_path / "s.db"))
+    srv_link, _ = await srv.attach(m.Hello(name="gw-srv"), ASP, "websocket")
+    alice_link, _ = await srv.attach(m.Hello(name="gw-alice"), ALICE, "websocket")
+    srv.register(ASP, ServiceIn(name="dns", gateway="gw-srv", target="127.0.0.1:53",
+                                proto="udp", allow=["alice"]))
+    t = await srv.begin_tunnel(ALICE, "dns", "gw-alice", "127.0.0.1:0")
+    for link in (alice_link, srv_link):
+        for msg in m.decode_to_gateway(link.take()):
+            if isinstance(msg, m.Setup):
+                await srv.receive(link, m.encode(m.Done(req=msg.req, tunnel=t.id, ok=True)))
+    await srv.receive(alice_link, m.encode(m.Open(tunnel=t.id, stream=1)))
+    datagram = m.encode(m.Data(tunnel=t.id, stream=1, data=b"x" * 60_000))
+    for _ in range(200):  # 12 MB that gw-srv never takes
+        await srv.receive(alice_link, datagram)
+    assert srv.dropped > 0 and not srv_link.dead.is_set()
+    assert srv_link.outbox.bytes < 5 * 1024 * 1024

@@ -45,6 +45,8 @@ AUTH_CACHE_TTL = 60.0
 MAX_OUTBOX = 64 * 1024 * 1024
 #: the largest batch sent to a gateway at once
 BATCH = 1024 * 1024
+#: datagrams for a gateway with this much waiting are dropped
+DATAGRAM_DROP_AT = 4 * 1024 * 1024
 
 
 @dataclass
@@ -144,6 +146,8 @@ class SwitchServer:
         self.poll_links: dict[str, Link] = {}
         self.changed = asyncio.Condition()
         self.version = 0
+        #: datagrams dropped because their gateway was behind
+        self.dropped = 0
         self._auth_cache: dict[str, tuple[str, str, float]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.sessions: dict[str, dict[str, Any]] = {}
@@ -182,8 +186,12 @@ class SwitchServer:
         for act in actions:
             if isinstance(act, tn.Send):
                 link = self.links.get(act.gateway)
-                if link is not None:
-                    link.put(act.msg)
+                if link is None:
+                    continue
+                if act.droppable and link.outbox.bytes > DATAGRAM_DROP_AT:
+                    self.dropped += 1
+                    continue
+                link.put(act.msg)
             elif isinstance(act, tn.Audit):
                 self.audit.record(act.event, act.allow, **act.fields)
             else:

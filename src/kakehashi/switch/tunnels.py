@@ -61,6 +61,9 @@ class Refusal(Exception):
 class Send:
     gateway: str
     msg: Any
+    #: a datagram: dropped rather than queued when the gateway is behind (UDP has no
+    #: flow control, so a flood must not grow the server's memory or cut the link)
+    droppable: bool = False
 
 
 @dataclass(frozen=True)
@@ -510,6 +513,7 @@ class Switch:
                 return self._violation(t, sid, gateway, "flow-control window overrun")
             if t.proto == "udp":  # datagrams are not flow-controlled
                 rec.inflight_ab = rec.inflight_ba = 0
+                return [Send(dest, msg, droppable=True)]
             return [Send(dest, msg)]
         if isinstance(msg, m.Credit):
             if side == "a":  # a took bytes that b sent
