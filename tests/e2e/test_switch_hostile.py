@@ -149,7 +149,15 @@ def test_gateway_behind_an_authenticating_proxy(sw: Switch) -> None:
     bad.stop()
     sw.gateway("alice", "gw-alice-px", "--proxy", f"http://px@127.0.0.1:{pport}",
                env={"KAKEHASHI_PROXY_PASSWORD": "px-password"})
-    t = sw.open("echo", gateway="gw-alice-px")
+    # the CLI goes through the same proxy
+    res = sw.env.run("switch", "open", "echo", "--server", sw.url, "--user", "alice",
+                     "--gateway", "gw-alice-px", "--json", "--proxy",
+                     f"http://px@127.0.0.1:{pport}",
+                     env={"KAKEHASHI_PASSWORD": password("alice"),
+                          "KAKEHASHI_PROXY_PASSWORD": "px-password"})
+    import json
+
+    t = json.loads(res.stdout)
     sent, got, n = stream_through(port_of(t), 2 << 20)
     assert sent == got and n == 2 << 20
     assert any(e.get("method") == "CONNECT" for e in env.access(

@@ -129,9 +129,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SwitchLab, E
 
 
 def _cli(lab_ns: Namespace, env: Env, user: str, *args: str) -> str:
+    opts: list[str] = []
+    if args[0] == "--proxy":
+        opts, args = list(args[:2]), args[2:]
     res = subprocess.run([*lab_ns.exec_prefix, *_kh("switch", *args, "--server", SERVER,
-                                                    "--user", user)],
-                         env={**env.env, "KAKEHASHI_PASSWORD": f"{user}-password"},
+                                                    "--user", user, *opts)],
+                         env={**env.env, "KAKEHASHI_PASSWORD": f"{user}-password",
+                              "KAKEHASHI_PROXY_PASSWORD": "px-password"},
                          capture_output=True, timeout=60)
     assert res.returncode == 0, res.stderr.decode()
     return res.stdout.decode()
@@ -144,9 +148,9 @@ def test_only_the_tunnel_crosses_both_firewalls(lab) -> None:
     # no direct path: not from alice's LAN to the server, not from hostb to the switch
     assert _probe(lab.hosta, "198.18.2.10", TARGET_PORT).startswith("ERR")
     assert _probe(lab.hostb, "198.18.0.10", 443).startswith("ERR")
-    # the ASP registers from outside its LAN (its CLI has no proxy option)
-    _cli(lab.pub, env, "asp1", "register", "whoami", "--gateway", "gw-srv", "--target",
-         f"198.18.2.10:{TARGET_PORT}", "--allow", "alice")
+    # the ASP registers from its LAN, through the proxy
+    _cli(lab.hostb, env, "asp1", "--proxy", f"http://px@{PROXY}", "register", "whoami",
+         "--gateway", "gw-srv", "--target", f"198.18.2.10:{TARGET_PORT}", "--allow", "alice")
     assert "whoami" in _cli(lab.hosta, env, "alice", "list")
     t = json.loads(_cli(lab.hosta, env, "alice", "open", "whoami", "--gateway", "gw-alice",
                         "--listen", "127.0.0.1:7100", "--json"))

@@ -49,7 +49,8 @@ class ApiClient:
     token; ``ca`` is the trust anchor for https (default: system + development CA)."""
 
     def __init__(self, server: str, token: str | None = None, *, ca: str | None = None,
-                 timeout: float = 30.0, basic: tuple[str, str] | None = None) -> None:
+                 timeout: float = 30.0, basic: tuple[str, str] | None = None,
+                 proxy: Any = None) -> None:
         if "://" not in server:
             server = "http://" + server
         url = urllib.parse.urlsplit(server)
@@ -65,14 +66,25 @@ class ApiClient:
         self.basic = basic
         self.ca = ca
         self.timeout = timeout
+        #: a :class:`kakehashi.core.httpdial.Proxy`: requests go through its CONNECT
+        self.proxy = proxy
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        host, port = (self.proxy.host, self.proxy.port) if self.proxy else \
+            (self.host, self.port)
+        conn: http.client.HTTPConnection
         if self.scheme == "https":
             from kakehashi.core import tls
 
-            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout,
                                                context=tls.client_context(self.ca))
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        if self.proxy is not None:
+            auth = self.proxy.authorization()
+            conn.set_tunnel(self.host, self.port,
+                            headers={"Proxy-Authorization": auth} if auth else None)
+        return conn
 
     def request(self, method: str, path: str, body: Any = None,
                 params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:

@@ -163,7 +163,25 @@ def _url(ctx: click.Context, param: click.Parameter, value: str | None) -> str |
     return "https://" + value
 
 
+def proxy_options(f: Any) -> Any:
+    f = click.option("--proxy-user", help="User for the proxy (else from the --proxy URL).")(f)
+    return click.option(
+        "--proxy", metavar="http://[USER@]HOST:PORT",
+        help="Reach the server through this HTTP CONNECT proxy (Basic auth: the password "
+             "from the URL or KAKEHASHI_PROXY_PASSWORD).")(f)
+
+
+def _proxy(proxy: str | None, proxy_user: str | None) -> Any:
+    from kakehashi.core.httpdial import Proxy
+
+    try:
+        return Proxy.parse(proxy, proxy_user) if proxy else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--proxy") from None
+
+
 def client_options(f: Any) -> Any:
+    f = proxy_options(f)
     f = click.option("--ca", type=click.Path(exists=True, dir_okay=False),
                      help="Trust anchor for an https server (default: system + dev CA).")(f)
     f = options.password_options(f)
@@ -174,12 +192,13 @@ def client_options(f: Any) -> Any:
 
 
 def _client(server: str, user: str, password_stdin: bool, password_file: str | None,
-            ca: str | None) -> Any:
+            ca: str | None, proxy: str | None = None, proxy_user: str | None = None) -> Any:
     from kakehashi.core.apiclient import ApiClient, ApiClientError
 
+    px = _proxy(proxy, proxy_user)
     pw = options.password(password_stdin, password_file)
     try:
-        return ApiClient(server, ca=ca, basic=(user, pw), timeout=60)
+        return ApiClient(server, ca=ca, basic=(user, pw), timeout=60, proxy=px)
     except ApiClientError as exc:
         raise click.BadParameter(exc.message, param_hint="--server") from None
 
@@ -221,23 +240,14 @@ def _cell(v: Any) -> str:
 @click.option("--transport", type=click.Choice(["auto", "websocket", "poll"]),
               default="auto", show_default=True,
               help="WebSocket, HTTP/1.1 long polling, or WebSocket falling back to polling.")
-@click.option("--proxy", metavar="http://[USER@]HOST:PORT",
-              help="Reach the server through this HTTP CONNECT proxy (Basic auth: the "
-                   "password from the URL or KAKEHASHI_PROXY_PASSWORD).")
-@click.option("--proxy-user", help="User for the proxy (else from the --proxy URL).")
 def gateway(name: str, server: str, user: str, password_stdin: bool,
-            password_file: str | None, ca: str | None, transport: str, proxy: str | None,
-            proxy_user: str | None) -> None:
+            password_file: str | None, ca: str | None, proxy: str | None,
+            proxy_user: str | None, transport: str) -> None:
     """A gateway (edge client): outbound only to the server, it builds and deletes the
     pseudo sockets the server instructs (S3/S6) and carries their streams."""
-    from kakehashi.core.httpdial import Proxy
-
     options.check_name(name, "--name", "gateway names")
+    px = _proxy(proxy, proxy_user)
     pw = options.password(password_stdin, password_file)
-    try:
-        px = Proxy.parse(proxy, proxy_user) if proxy else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--proxy") from None
 
     async def main() -> int:
         from kakehashi.switch.gateway import Fatal, Gateway, GatewayConfig
@@ -267,12 +277,13 @@ def gateway(name: str, server: str, user: str, password_stdin: bool,
               help="Connections at once over all its tunnels (0: no limit).")
 @options.json_option
 def register(name: str, server: str, user: str, password_stdin: bool,
-             password_file: str | None, ca: str | None, gateway: str, target: str,
+             password_file: str | None, ca: str | None, proxy: str | None,
+             proxy_user: str | None, gateway: str, target: str,
              udp: bool, allow: tuple[str, ...], max_connections: int, as_json: bool) -> None:
     """S1: register service NAME (its socket information and its usage clients)."""
     hostport(target, "--target")
     users = [u.strip() for a in allow for u in a.split(",") if u.strip()]
-    client = _client(server, user, password_stdin, password_file, ca)
+    client = _client(server, user, password_stdin, password_file, ca, proxy, proxy_user)
     doc = _call(client, "POST", "/v1/services", {
         "name": name, "gateway": gateway, "target": target, "proto": "udp" if udp else "tcp",
         "allow": users, "max_connections": max_connections})
@@ -287,9 +298,10 @@ def register(name: str, server: str, user: str, password_stdin: bool,
 @click.argument("name")
 @client_options
 def unregister(name: str, server: str, user: str, password_stdin: bool,
-               password_file: str | None, ca: str | None) -> None:
+               password_file: str | None, ca: str | None, proxy: str | None,
+               proxy_user: str | None) -> None:
     """Withdraw service NAME (its tunnels are deleted)."""
-    client = _client(server, user, password_stdin, password_file, ca)
+    client = _client(server, user, password_stdin, password_file, ca, proxy, proxy_user)
     _call(client, "DELETE", f"/v1/services/{name}")
     click.echo(f"withdrew {name}")
 
@@ -298,9 +310,10 @@ def unregister(name: str, server: str, user: str, password_stdin: bool,
 @client_options
 @options.json_option
 def list_(server: str, user: str, password_stdin: bool, password_file: str | None,
-          ca: str | None, as_json: bool) -> None:
+          ca: str | None, proxy: str | None, proxy_user: str | None,
+          as_json: bool) -> None:
     """S2: the services valid for you (an ASP also sees its own with live counts)."""
-    client = _client(server, user, password_stdin, password_file, ca)
+    client = _client(server, user, password_stdin, password_file, ca, proxy, proxy_user)
     rows = _call(client, "GET", "/v1/services")
     _out(rows, ["name", "proto", "owner", "online", "connections", "max_connections"],
          as_json)
@@ -314,12 +327,12 @@ def list_(server: str, user: str, password_stdin: bool, password_file: str | Non
               help="Where the pseudo socket listens, in your gateway.")
 @options.json_option
 def open_(service: str, server: str, user: str, password_stdin: bool,
-          password_file: str | None, ca: str | None, gateway: str, listen: str,
-          as_json: bool) -> None:
+          password_file: str | None, ca: str | None, proxy: str | None,
+          proxy_user: str | None, gateway: str, listen: str, as_json: bool) -> None:
     """S2 selection -> S3 -> S4 -> S5: open a tunnel to SERVICE; returns once the pseudo
     socket accepts (or says why the setup was rolled back)."""
     hostport(listen, "--listen")
-    client = _client(server, user, password_stdin, password_file, ca)
+    client = _client(server, user, password_stdin, password_file, ca, proxy, proxy_user)
     t = _call(client, "POST", "/v1/tunnels",
               {"service": service, "gateway": gateway, "listen": listen})
     if as_json:
@@ -335,9 +348,10 @@ def open_(service: str, server: str, user: str, password_stdin: bool,
 @client_options
 @options.json_option
 def close(tunnel: str, server: str, user: str, password_stdin: bool,
-          password_file: str | None, ca: str | None, as_json: bool) -> None:
+          password_file: str | None, ca: str | None, proxy: str | None,
+          proxy_user: str | None, as_json: bool) -> None:
     """S6 -> S7: delete TUNNEL (both pseudo sockets)."""
-    client = _client(server, user, password_stdin, password_file, ca)
+    client = _client(server, user, password_stdin, password_file, ca, proxy, proxy_user)
     t = _call(client, "DELETE", f"/v1/tunnels/{tunnel}")
     if as_json:
         click.echo(json.dumps({"tunnel": t["tunnel"], "state": t["state"],
@@ -351,9 +365,10 @@ def close(tunnel: str, server: str, user: str, password_stdin: bool,
 @click.option("--all", "everything", is_flag=True, help="Deleted tunnels too.")
 @options.json_option
 def tunnels(server: str, user: str, password_stdin: bool, password_file: str | None,
-            ca: str | None, everything: bool, as_json: bool) -> None:
+            ca: str | None, proxy: str | None, proxy_user: str | None, everything: bool,
+            as_json: bool) -> None:
     """Your tunnels and their states (setting, established, deleting, deleted)."""
-    client = _client(server, user, password_stdin, password_file, ca)
+    client = _client(server, user, password_stdin, password_file, ca, proxy, proxy_user)
     rows = _call(client, "GET", "/v1/tunnels", all=int(everything))
     _out(rows, ["tunnel", "service", "gateway", "listen", "state", "connections", "reason"],
          as_json)
