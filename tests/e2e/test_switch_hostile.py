@@ -165,6 +165,16 @@ def test_gateway_behind_an_authenticating_proxy(sw: Switch) -> None:
     sw.close(t["tunnel"])
 
 
+def test_openapi_document(sw: Switch) -> None:
+    import json
+    import urllib.request
+
+    doc = json.load(urllib.request.urlopen(f"{sw.url}/openapi.json", timeout=10))
+    for path in ("/v1/services", "/v1/tunnels", "/v1/tunnels/{tid}", "/v1/gateways"):
+        assert path in doc["paths"], sorted(doc["paths"])
+    assert "/login" not in doc["paths"]  # pages are not API
+
+
 def test_refused_connections_leave_the_server_serving(sw: Switch) -> None:
     with socket.create_connection(("127.0.0.1", sw.port), 5) as s:
         s.sendall(b"GARBAGE / NOT-HTTP\r\n\r\n")
