@@ -65,3 +65,25 @@ def test_server_restart_gateways_come_back(env: Env, echo: EchoServer) -> None:
     t = sw.open("echo")
     sent, got, n = stream_through(port_of(t), 1 << 20)
     assert sent == got and n == 1 << 20
+
+
+def test_short_outage_keeps_the_pseudo_socket(env: Env, echo: EchoServer) -> None:
+    """alice's gateway reaches the server through a proxy that dies and comes back: the
+    gateway reconnects, says it still holds the tunnel, and the same local port works."""
+    sw = Switch(env).start()
+    sw.gateway("asp1", "gw-srv")
+    proxy, pport = env.gateway(f"127.0.0.1:{sw.port}")
+    gw = sw.gateway("alice", "gw-alice", "--proxy", f"http://127.0.0.1:{pport}")
+    sw.register("echo", echo.addr)
+    t = sw.open("echo")
+    proxy.stop()
+    wait_until(lambda: "link to" in gw.output(), 15, what="the gateway noticed the outage")
+    env.gateway(f"127.0.0.1:{sw.port}", port=pport, name="gateway-again")
+    wait_until(lambda: "registered as alice's (websocket link, 1 tunnels kept)"
+               in gw.output(), 30, what="the gateway back, its tunnel kept")
+    api = sw.api("alice")
+    wait_until(lambda: api.request("GET", f"/v1/tunnels/{t['tunnel']}")["offline"] == [],
+               15, what="the tunnel no longer marked")
+    assert api.request("GET", f"/v1/tunnels/{t['tunnel']}")["state"] == "established"
+    sent, got, n = stream_through(port_of(t), 1 << 20)
+    assert sent == got and n == 1 << 20

@@ -224,3 +224,51 @@ def test_openssh_through_a_tunnel(sw: Switch) -> None:
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout.split()[0].decode() == hashlib.sha256(blob.read_bytes()).hexdigest()
     sw.close(t["tunnel"])
+
+
+def test_a_reset_travels_end_to_end(sw: Switch) -> None:
+    """The real server aborts (RST): the client learns at once, not at its next write
+    timeout; the client aborting reaches the real server the same way."""
+    import struct
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        while True:  # the setup's reachability check (S3b) connects and says nothing
+            c, _ = srv.accept()
+            if c.recv(1):
+                break
+            c.close()
+        # first: abort after the first byte
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        c, _ = srv.accept()  # second: wait for the client's abort
+        c.settimeout(20)
+        try:
+            seen.append(c.recv(10) + c.recv(10))
+        except OSError as exc:
+            seen.append(type(exc).__name__.encode())
+        c.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        sw.register("aborts", f"127.0.0.1:{srv.getsockname()[1]}")
+        t = sw.open("aborts")
+        with socket.create_connection(("127.0.0.1", port_of(t)), 10) as c:
+            c.settimeout(20)
+            c.sendall(b"x")
+            try:
+                assert c.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        c = socket.create_connection(("127.0.0.1", port_of(t)), 10)
+        c.sendall(b"y")
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        th.join(30)
+        assert seen and seen[0] in (b"y", b"ConnectionResetError"), seen
+        sw.close(t["tunnel"])
+    finally:
+        srv.close()
