@@ -31,6 +31,7 @@ from rich.console import Console
 
 from kakehashi.core import runner, tls
 from kakehashi.core.audit import AuditLog
+from kakehashi.core.demoapps import sha_service
 from kakehashi.core.store import open_store
 from kakehashi.core.stream import Conn, Listener
 from kakehashi.relay import messages as m
@@ -58,14 +59,6 @@ class DemoFailed(Exception):
 
 
 # -- applications behind the NAT / firewall ------------------------------------------------
-async def _sha_service(conn: Conn) -> None:
-    """pi's application: answers with the SHA-256 and size of what it received."""
-    digest, size = hashlib.sha256(), 0
-    while data := await conn.recv():
-        digest.update(data)
-        size += len(data)
-    await conn.send_all(f"{size} {digest.hexdigest()}\n".encode())
-    await conn.shutdown_write()
 
 
 async def _sized_sha_service(conn: Conn) -> None:
@@ -116,7 +109,7 @@ async def _relay(home: Path, nbytes: int, use_tls: bool) -> None:
     registry.update(dataclasses.replace(pi_record, allowed_peers=("laptop",)))
     say("setup", "registered users [b]pi[/] (accepts only laptop), [b]laptop[/], [b]mallory[/]")
 
-    app = Listener("127.0.0.1", 0, _sha_service)
+    app = Listener("127.0.0.1", 0, sha_service)
     app.start()
     app_addr = app.address
     ctx = tls.server_context()

@@ -617,6 +617,18 @@ def _cached(key: tuple[object, ...], build: Callable[[], ssl.SSLContext]) -> ssl
         return _contexts.setdefault(key, ctx)
 
 
+def listener_cert(host: str, cert: StrPath | None, key: StrPath | None
+                  ) -> tuple[str, str | None]:
+    """The certificate and key files a TLS listener on ``host`` serves: ``cert``/``key``
+    when given, else one issued by the development CA for ``host`` (or, for a wildcard
+    address, :func:`default_names`), so an API server is secure with zero setup."""
+    if cert:
+        return str(cert), (str(key) if key else None)
+    names = [host] if host not in ("", "0.0.0.0", "::") else default_names()
+    c, k = _dev_ca().issue(names)
+    return str(c), str(k)
+
+
 # --------------------------------------------------------------------------
 # Contexts
 # --------------------------------------------------------------------------

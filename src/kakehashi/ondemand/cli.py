@@ -147,14 +147,8 @@ def manager(listen: str, db: str, tls_mode: str, cert: str | None, key: str | No
         from kakehashi.core.store import open_store
         from kakehashi.ondemand.manager import Manager, ManagerSettings, build_app
 
-        certfile = keyfile = None
-        if tls_mode == "on":
-            if cert:
-                certfile, keyfile = cert, key
-            else:
-                c, k = tls.DevCA().issue([host] if host not in ("", "0.0.0.0", "::") else
-                                         tls.default_names())
-                certfile, keyfile = str(c), str(k)
+        certfile, keyfile = tls.listener_cert(host, cert, key) if tls_mode == "on" \
+            else (None, None)
         mgr = Manager(open_store(db), audit=AuditLog(audit_log, system="ondemand"),
                       settings=ManagerSettings(**settings_kw),
                       ca_home=Path(db).resolve().parent / (Path(db).name + ".relay-ca"))

@@ -20,8 +20,9 @@ from typing import Any
 from kakehashi.core import web
 from kakehashi.core.apiclient import ApiClient, ApiClientError
 from kakehashi.core.audit import AuditLog
+from kakehashi.core.demoapps import sha_service
 from kakehashi.core.store import open_store
-from kakehashi.core.stream import Conn, Listener, open_tcp
+from kakehashi.core.stream import Listener, open_tcp
 from kakehashi.ondemand.edge import Edge, EdgeConfig
 from kakehashi.ondemand.inner import Inner, InnerConfig
 from kakehashi.ondemand.manager import Manager, ManagerSettings, build_app
@@ -30,14 +31,6 @@ Say = Callable[[str, str], None]
 IMSI = "001010000000001"
 
 
-async def _sha_device(conn: Conn) -> None:
-    """The device's service: answers with the size and SHA-256 of what it received."""
-    digest, size = hashlib.sha256(), 0
-    while data := await conn.recv():
-        digest.update(data)
-        size += len(data)
-    await conn.send_all(f"{size} {digest.hexdigest()}\n".encode())
-    await conn.shutdown_write()
 
 
 async def _wait(pred: Callable[[], Any], timeout: float = 15.0) -> None:
@@ -62,7 +55,7 @@ async def run(say: Say, home: Path, nbytes: int = 1 << 20) -> bool:
     say("manager", f"connection management device: REST API on {url}/v1 "
                    f"(OpenAPI at {url}/openapi.json); tokens for a client, an edge, an inner")
 
-    device = Listener("127.0.0.1", 0, _sha_device)
+    device = Listener("127.0.0.1", 0, sha_service)
     device.start()
     dport = device.address[1]
     inner = Inner(InnerConfig(server=url, token=tokens["inner"], name="core-1",

@@ -125,14 +125,8 @@ def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | Non
         from kakehashi.core.store import open_store
         from kakehashi.switch.server import ServerSettings, SwitchServer, build_app
 
-        certfile = keyfile = None
-        if tls_mode == "on":
-            if cert:
-                certfile, keyfile = cert, key
-            else:
-                c, k = tls.DevCA().issue([host] if host not in ("", "0.0.0.0", "::") else
-                                         tls.default_names())
-                certfile, keyfile = str(c), str(k)
+        certfile, keyfile = tls.listener_cert(host, cert, key) if tls_mode == "on" \
+            else (None, None)
         srv = SwitchServer(open_store(db), audit=AuditLog(audit_log, system="switch"),
                            settings=ServerSettings(setup_timeout=setup_timeout,
                                                    delete_timeout=delete_timeout,

@@ -21,22 +21,15 @@ from typing import Any
 from kakehashi.core import tls, web
 from kakehashi.core.apiclient import ApiClient, ApiClientError
 from kakehashi.core.audit import AuditLog
+from kakehashi.core.demoapps import sha_service
 from kakehashi.core.store import open_store
-from kakehashi.core.stream import Conn, Listener, open_tcp
+from kakehashi.core.stream import Listener, open_tcp
 from kakehashi.switch.gateway import Gateway, GatewayConfig
 from kakehashi.switch.server import SwitchServer, build_app
 
 Say = Callable[[str, str], None]
 
 
-async def _sha_service(conn: Conn) -> None:
-    """The ASP's application: answers with the size and SHA-256 of what it received."""
-    digest, size = hashlib.sha256(), 0
-    while data := await conn.recv():
-        digest.update(data)
-        size += len(data)
-    await conn.send_all(f"{size} {digest.hexdigest()}\n".encode())
-    await conn.shutdown_write()
 
 
 async def run(say: Say, home: Path, nbytes: int, use_tls: bool) -> bool:
@@ -46,7 +39,7 @@ async def run(say: Say, home: Path, nbytes: int, use_tls: bool) -> bool:
     for name, role in (("asp1", "asp"), ("alice", "user"), ("mallory", "user")):
         srv.add_user(name, role, f"{name}-password")
     say("setup", "users [b]asp1[/] (an ASP), [b]alice[/] and [b]mallory[/] (users)")
-    app = Listener("127.0.0.1", 0, _sha_service)
+    app = Listener("127.0.0.1", 0, sha_service)
     app.start()
     certfile = keyfile = None
     if use_tls:
