@@ -15,7 +15,7 @@ Four benchmarks, one table at the end:
   answer comes): p50/p99 latency of --grants-seq sequential requests, and grants/s with
   --grants-workers clients at once;
 * live - --live grants open on one edge: the edge's RSS and open file descriptors;
-* expiry - --expiries grants that end within a second of each other, one live
+* expiry - --expiries grants that all end at the same moment, one live
   connection on each: how late each connection is cut after its grant's expiry
   (p50/p99/max; target p99 < 1 s).
 """
@@ -100,13 +100,17 @@ class System:
         body = {"targets": [{"imsi": IMSI, "port": port}], "ttl": ttl}
         return api.request("POST", "/v1/grants", body)["grants"][0]
 
-    def many(self, port: int, ttl: float, count: int, workers: int) -> tuple[list[dict], float]:
+    def many(self, port: int, ttl: float, count: int, workers: int, *,
+             expire_at: float | None = None) -> tuple[list[dict], float]:
+        """``count`` grants of ``ttl`` seconds; with ``expire_at`` (a time.time()) each
+        grant's TTL is what is left until then, so they all end at the same moment."""
         local = threading.local()
 
         def one(_: int) -> dict:
             if not hasattr(local, "api"):
                 local.api = self.api()
-            return self.grant(port, ttl, local.api)
+            return self.grant(port, ttl if expire_at is None else expire_at - time.time(),
+                              local.api)
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
@@ -195,10 +199,11 @@ def _live(system: System) -> int:
 
 
 def bench_expiry(args, system: System, port: int, rows: list[list[str]]) -> None:
-    """K grants whose expiries fall within about a second, one connection each."""
+    """K grants that all expire at the same moment, one live connection each."""
     raise_nofile(args.expiries * 2 + 1024)
     ttl = 15.0 + args.expiries / 100
-    made, _ = system.many(port, ttl, args.expiries, args.grants_workers)
+    made, _ = system.many(port, ttl, args.expiries, args.grants_workers,
+                          expire_at=time.time() + ttl)
     sel = selectors.DefaultSelector()
     for g in made:
         s = socket.create_connection((LOOPBACK, g["port"]), timeout=30)
