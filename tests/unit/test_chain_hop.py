@@ -45,10 +45,11 @@ def side(name="fw1", peer_ip="10.1.0.2", acl=ACL, routes=None) -> RequesterSide:
     return RequesterSide(name, keys_of(name), acl, routes or ROUTES[name], peer_ip)
 
 
-def login(s: RequesterSide, who: str, key: bytes) -> MutualAuth:
+def login(s: RequesterSide, who: str, key: bytes, relayed: bool = False) -> MutualAuth:
     ch = s.start()
     a = MutualAuth("initiator", who, {ch.hop: key}, HOP_PURPOSE)
-    (proof,) = s.receive(m.Answer(*a.answer(ch.hop, ch.nonce)))
+    ctx = m.RELAYED if relayed else b""
+    (proof,) = s.receive(m.Answer(*a.answer(ch.hop, ch.nonce, ctx), relayed=relayed))
     a.check_proof(proof.mac)
     return a
 
@@ -142,9 +143,25 @@ def test_forwarded_request_must_name_its_origin_and_come_from_its_last_via():
 
 def test_iterative_client_authenticated_through_a_relay_is_direct():
     s = side("fw2", peer_ip="192.0.2.1")
-    login(s, "alice", KEY["alice-fw2"])
+    login(s, "alice", KEY["alice-fw2"], relayed=True)
+    assert not s.sealing  # the connection is fw1's: not sealed with alice's keys
     s.receive(request(via=["fw1"], origin=m.Endpoint("10.1.0.2", 4000), mode="iterative"))
     assert s.admitted.direct and s.admitted.peer == "alice"
+
+
+def test_a_direct_client_cannot_claim_an_origin_nor_strip_the_relayed_mark():
+    s = side("fw2", peer_ip="192.0.2.1")
+    login(s, "alice", KEY["alice-fw2"])
+    assert s.sealing
+    msg = refused(s.receive, request(via=["fw1"], origin=m.Endpoint("10.9.0.9", 1),
+                                     mode="iterative"))
+    assert msg.reason == "protocol"
+    # the mark is bound into the MAC: flipped on the way, the answer fails
+    s = side("fw2", peer_ip="192.0.2.1")
+    ch = s.start()
+    a = MutualAuth("initiator", "alice", {"fw2": KEY["alice-fw2"]}, HOP_PURPOSE)
+    assert refused(s.receive, m.Answer(*a.answer(ch.hop, ch.nonce, m.RELAYED))).reason == \
+        "authentication"
 
 
 def test_no_route_and_loops_are_refused():

@@ -28,7 +28,8 @@ def authenticate(c: ClientSetup, hop: str, key: bytes | None = None, purpose=HOP
     r = MutualAuth("responder", hop, {"alice": key or KEYS[hop]}, purpose)
     (answer,) = c.receive(m.Challenge(*r.challenge()))
     assert isinstance(answer, m.Answer) and answer.id == "alice"
-    proof = r.check_answer(answer.id, answer.nonce, answer.mac)
+    proof = r.check_answer(answer.id, answer.nonce, answer.mac,
+                           m.RELAYED if answer.relayed else b"")
     (req,) = c.receive(m.Proof(proof))
     assert isinstance(req, m.Request)
     return req, r
@@ -166,5 +167,6 @@ def test_hop_count_is_bounded():
         for i in range(5):
             r = MutualAuth("responder", f"h{i}", {"alice": keys[f"h{i}"]}, HOP_PURPOSE)
             (a,) = c.receive(m.Challenge(*r.challenge()))
-            (req,) = c.receive(m.Proof(r.check_answer(a.id, a.nonce, a.mac)))
+            (req,) = c.receive(m.Proof(r.check_answer(a.id, a.nonce, a.mac,
+                                                       m.RELAYED if a.relayed else b"")))
             c.receive(m.Reply(req.rid, f"h{i}", ep(1), ep(2), complete=False))

@@ -88,11 +88,14 @@ async def build_chain(cfg: ForwardConfig,
                 raise SetupFailed(setup.hop, "timeout", f"no answer within "
                                                         f"{cfg.setup_timeout:g}s") from None
             except wire.WireError as exc:
-                raise SetupFailed(setup.hop, "protocol", exc.message) from None
+                raise SetupFailed(setup.hop, "integrity" if exc.code == "integrity"
+                                  else "protocol", exc.message) from None
             if msg is None:
                 raise SetupFailed(setup.hop, "protocol", "closed the control connection "
                                                          "during setup")
             outs = setup.receive(msg)
+            if setup.seal_with is not None and ctrl.channel is None:
+                ctrl.seal(setup.seal_with, hop.name)
             if progress is not None and isinstance(msg, m.Reply):
                 progress.append((msg, time.perf_counter() - t0))
             for out in outs:

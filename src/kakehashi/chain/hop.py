@@ -65,6 +65,14 @@ class RequesterSide:
     #: decisions to write to the audit log: (event, allow, fields)
     audit: list[tuple[str, bool, dict[str, Any]]] = field(default_factory=list)
     rid: int = 0
+    #: the requester answered through relaying proxies (iterative mode)
+    relayed: bool = False
+
+    @property
+    def sealing(self) -> bool:
+        """Whether later messages on this connection are sealed: the requester
+        authenticated on it directly (a relayed client's connection is the proxy's)."""
+        return self.auth.done and not self.relayed
 
     def __post_init__(self) -> None:
         self.auth = MutualAuth("responder", self.name, self.keys, HOP_PURPOSE)
@@ -78,12 +86,14 @@ class RequesterSide:
     def receive(self, msg: m.Message) -> list[m.Message]:
         if self.state == "answer" and isinstance(msg, m.Answer):
             try:
-                proof = self.auth.check_answer(msg.id, msg.nonce, msg.mac)
+                proof = self.auth.check_answer(msg.id, msg.nonce, msg.mac,
+                                               m.RELAYED if msg.relayed else b"")
             except AuthFailed as exc:
                 self.audit.append(("authenticate", False, {"id": msg.id, "why": str(exc)}))
                 raise self._refuse("authentication", f"{self.name} could not authenticate "
                                                      f"{msg.id!r}: {exc}") from None
             self.audit.append(("authenticate", True, {"id": msg.id}))
+            self.relayed = msg.relayed
             self.state = "request"
             return [m.Proof(proof)]
         if self.state == "request" and isinstance(msg, m.Request):
@@ -104,6 +114,9 @@ class RequesterSide:
         or the client authenticated itself through relaying proxies (iterative mode);
         a peer that is itself a user of the ACL cannot speak for others.
         """
+        if self.relayed and not req.via:
+            raise self._refuse("protocol", "an answer through relays but a request that "
+                                           "no proxy relayed")
         if not req.via:
             if peer != req.user:
                 raise self._refuse("access", f"authenticated as {peer!r} but asks for user "
@@ -112,6 +125,9 @@ class RequesterSide:
         if req.origin is None:
             raise self._refuse("protocol", "a forwarded request without its origin")
         if peer == req.user:
+            if not self.relayed:  # on its own connection, a client cannot name an origin
+                raise self._refuse("protocol", f"{peer!r} answered directly but its request "
+                                               "says it was relayed")
             return req.origin, True
         if peer == req.via[-1] and peer not in self.acl.users:
             return req.origin, False

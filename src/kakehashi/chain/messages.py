@@ -16,6 +16,12 @@ Sequence (spec 004 step numbers; see docs/chain.md)::
     either way           Relay(body)         an end-to-end message for the last hop (recursive
                                              mode with encryption: client <-> last proxy auth)
 
+After the Proof, every message on that connection is sealed (AEAD keyed from the
+authentication, one implicit sequence number per direction: see
+:class:`~kakehashi.core.crypto.ControlChannel`); an answer marked ``relayed`` (the client
+through the proxies already built, iterative mode) does not seal the connection it
+arrived on, which belongs to the proxy before.
+
 ``rid`` is the response identifier: a proxy accepts a Reply only if it answers the
 request it sent (the Fig. 14(b) fix), and the client matches every Reply to its Request.
 """
@@ -27,6 +33,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from kakehashi.core import wire
+from kakehashi.core.crypto import CONTROL_OVERHEAD
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Host = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
@@ -40,9 +47,9 @@ Hops = Annotated[list[Name], msgspec.Meta(max_length=MAX_HOPS)]
 
 #: why a hop refused (stable codes; the text says more)
 REASONS = ("authentication", "access", "route", "next-hop", "limit", "ports", "protocol",
-           "timeout")
+           "timeout", "integrity")
 Reason = Literal["authentication", "access", "route", "next-hop", "limit", "ports",
-                 "protocol", "timeout"]
+                 "protocol", "timeout", "integrity"]
 
 
 class Endpoint(msgspec.Struct, frozen=True, array_like=True):
@@ -66,6 +73,9 @@ class Answer(msgspec.Struct, tag="answer", frozen=True):
     id: Name
     nonce: Nonce
     mac: Mac
+    #: the initiator answers through relaying proxies (iterative mode), not on its own
+    #: control connection; bound into the MAC, so it cannot be flipped on the way
+    relayed: bool = False
 
 
 class Proof(msgspec.Struct, tag="proof", frozen=True):
@@ -126,5 +136,8 @@ class Relay(msgspec.Struct, tag="relay", frozen=True):
 
 Message = Challenge | Answer | Proof | Request | Reply | Extend | Refused | Relay
 
-LIMITS = wire.Limits(max_ctrl=2048, max_data=0)
+#: messages are at most 2048 bytes; sealed ones (after authentication) carry the overhead
+LIMITS = wire.Limits(max_ctrl=2048 + CONTROL_OVERHEAD, max_data=0)
+#: the context an answer through relays is bound to (see :class:`Answer`)
+RELAYED = b"relayed"
 codec: wire.ControlCodec[Message] = wire.ControlCodec(Message, LIMITS)

@@ -29,7 +29,13 @@ from kakehashi.chain.hop import EndToEnd, NextHop, Refuse, RelayFilter, Requeste
 from kakehashi.chain.tables import Acl, Hop, PortRange, Routes, SessionLimits
 from kakehashi.core import wire
 from kakehashi.core.audit import AuditLog
-from kakehashi.core.crypto import DATAGRAM_OVERHEAD, DatagramChannel, MutualAuth
+from kakehashi.core.crypto import (
+    DATAGRAM_OVERHEAD,
+    ControlChannel,
+    ControlError,
+    DatagramChannel,
+    MutualAuth,
+)
 from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_in_range
 from kakehashi.core.stream import ConnClosed, FramedConn, Listener, open_tcp, refuse
 
@@ -60,10 +66,21 @@ class ProxyConfig:
 
 
 class Ctrl:
-    """A control connection: preamble, CTRL frames of :data:`messages.codec`, timeouts."""
+    """A control connection: preamble, CTRL frames of :data:`messages.codec`, timeouts.
+
+    Once both ends authenticated each other on it, :meth:`seal` makes every later
+    message go through a :class:`ControlChannel`; a message that fails its check raises
+    ``WireError("integrity")`` naming ``peer``, and the caller cuts the connection.
+    """
 
     def __init__(self, fc: FramedConn) -> None:
         self.fc = fc
+        self.channel: ControlChannel | None = None
+        self.peer = "?"
+
+    def seal(self, auth: MutualAuth, peer: str) -> None:
+        self.channel = ControlChannel.after(auth)
+        self.peer = peer
 
     async def read(self, timeout: float | None) -> m.Message | None:
         """The next message, or None when the peer closed."""
@@ -72,10 +89,25 @@ class Ctrl:
             return None
         if frame.type != wire.FrameType.CTRL:
             raise wire.WireError("bad-frame", "only control frames belong on this connection")
-        return m.codec.decode(frame.payload)
+        payload = frame.payload
+        if self.channel is not None:
+            try:
+                payload = self.channel.open(bytes(payload))
+            except ControlError as exc:
+                raise wire.WireError("integrity", f"a control message from {self.peer} was "
+                                                  f"refused: {exc}") from None
+        return m.codec.decode(payload)
+
+    def encode(self, msg: m.Message) -> bytes:
+        """The frame for ``msg``, sealed once the connection is."""
+        frame = m.codec.encode(msg)
+        if self.channel is None:
+            return frame
+        return wire.encode_frame(wire.FrameType.CTRL,
+                                 self.channel.seal(frame[wire.HEADER_SIZE:]))
 
     async def send(self, msg: m.Message) -> None:
-        await self.fc.send(m.codec.encode(msg))
+        await self.fc.send(self.encode(msg))
 
     def close(self) -> None:
         self.fc.conn.close()
@@ -120,8 +152,9 @@ class ChainProxy:
             log.info("%s: protocol error from %s: %s", self.cfg.name, session.peer_ip, exc)
             # the refusal, then a clean close: unread input would turn the close into a
             # reset that can destroy the refusal before the peer reads it
-            refuse(session.up.fc.conn, m.codec.encode(
-                m.Refused(session.rid, self.cfg.name, "protocol", exc.message[:300])))
+            reason = "integrity" if exc.code == "integrity" else "protocol"
+            refuse(session.up.fc.conn, session.up.encode(
+                m.Refused(session.rid, self.cfg.name, reason, exc.message[:300])))
         finally:
             session.close()
             self.sessions.discard(session)
@@ -167,7 +200,7 @@ class _Session:
                          exc.msg.reason, exc.msg.text)
             # the refusal, then a clean close: unread input would turn the close into a
             # reset that can destroy the refusal before the peer reads it
-            refuse(self.up.fc.conn, m.codec.encode(
+            refuse(self.up.fc.conn, self.up.encode(
                 m.Refused(self.rid, exc.msg.hop, exc.msg.reason, exc.msg.text)))
             return
         self.proxy.stats["accepted"] += 1
@@ -186,6 +219,8 @@ class _Session:
                     self.user = msg.id
                 for out in side.receive(msg):
                     await self.up.send(out)
+                if side.sealing and self.up.channel is None:  # after the Proof: sealed
+                    self.up.seal(side.auth, side.auth.peer_id or "?")
         finally:
             for event, allow, fields in side.audit:
                 self.audit(event, allow, **fields)
@@ -247,12 +282,19 @@ class _Session:
             while nh.reply is None:
                 try:
                     msg = await down.read(cfg.auth_timeout)
-                except (ConnClosed, TimeoutError, wire.WireError, OSError) as exc:
+                except wire.WireError as exc:
+                    reason = "integrity" if exc.code == "integrity" else "next-hop"
+                    raise self.refusal(reason, f"{cfg.name}: {hop} failed during setup: "
+                                               f"{exc}") from None
+                except (ConnClosed, TimeoutError, OSError) as exc:
                     raise self.refusal("next-hop", f"{hop} failed during setup: "
                                                    f"{exc or type(exc).__name__}") from None
                 if msg is None:
                     raise self.refusal("next-hop", f"{hop} closed during setup")
-                for out in nh.receive(msg):
+                outs = nh.receive(msg)
+                if nh.auth.done and down.channel is None:  # the Request on is sealed
+                    down.seal(nh.auth, hop.name)
+                for out in outs:
                     await down.send(out)
             record.far = nh.reply.near.addr  # 608: area 3142 = the next proxy's P4
             self.forwarder.near_to_far = None
@@ -307,6 +349,10 @@ class _Session:
                 elif isinstance(exc, wire.WireError):
                     log.info("%s: protocol error in the session of %s: %s", cfg.name,
                              self.user, exc)
+                    reason = "integrity" if exc.code == "integrity" else "protocol"
+                    with contextlib.suppress(Exception):
+                        await self.up.send(m.Refused(self.rid, cfg.name, reason,
+                                                     f"{cfg.name}: {exc}"[:400]))
         finally:
             for t in self.tasks:
                 t.cancel()

@@ -66,6 +66,9 @@ class ClientSetup:
         self.session_keys: tuple[bytes, bytes] | None = None
         self._auth: MutualAuth | None = None
         self._e2e: MutualAuth | None = None
+        #: set once the first proxy proved itself: the caller seals the control connection
+        #: with it (:class:`~kakehashi.core.crypto.ControlChannel`) before sending on
+        self.seal_with: MutualAuth | None = None
 
     @property
     def done(self) -> bool:
@@ -98,12 +101,14 @@ class ClientSetup:
         if msg.hop in self.path:
             raise self._fail("protocol", f"{msg.hop} appears twice on the path (a loop)")
         self._auth = MutualAuth("initiator", self.user, self.keys, HOP_PURPOSE)
+        relayed = self.counter > 0  # iterative: through the proxies already built
         try:
-            my_id, nonce, mac = self._auth.answer(msg.hop, msg.nonce)
+            my_id, nonce, mac = self._auth.answer(msg.hop, msg.nonce,
+                                                  m.RELAYED if relayed else b"")
         except AuthFailed as exc:
             raise self._fail("authentication", f"this client: {exc}") from None
         self.state = "proof"
-        return [m.Answer(my_id, nonce, mac)]
+        return [m.Answer(my_id, nonce, mac, relayed=relayed)]
 
     def _on_proof(self, msg: m.Message) -> list[m.Message]:
         if not isinstance(msg, m.Proof) or self._auth is None:
@@ -112,6 +117,8 @@ class ClientSetup:
             self._auth.check_proof(msg.mac)
         except AuthFailed as exc:
             raise self._fail("authentication", str(exc)) from None
+        if self.counter == 0:  # the first hop, on this very connection: seal from now on
+            self.seal_with = self._auth
         self.rid = secrets.randbits(63)
         self.state = "reply"
         return [m.Request(rid=self.rid, server=self.server, requester=self.requester,

@@ -471,11 +471,19 @@ class MutualAuth:
         assert self.role == "responder"
         return self.my_id, self._nonce
 
-    def check_answer(self, peer_id: str, peer_nonce: bytes, mac: bytes) -> bytes:
+    def _bind(self, context: bytes) -> None:
+        """Bind the exchange (both MACs, the session keys) to ``context`` as well, e.g.
+        whether the initiator speaks directly or through relays, so it cannot be altered."""
+        if context:
+            self._purpose = self._purpose + b"|" + context
+
+    def check_answer(self, peer_id: str, peer_nonce: bytes, mac: bytes,
+                     context: bytes = b"") -> bytes:
         """Check message 2; return message 3 (the proof) or raise :class:`AuthFailed`."""
         assert self.role == "responder"
         if self.peer_id is not None:
             raise AuthFailed("answer already received")
+        self._bind(context)
         if not isinstance(peer_nonce, bytes) or len(peer_nonce) != _NONCE:
             raise AuthFailed("malformed answer (nonce)")
         key = self._keys.get(peer_id)
@@ -492,11 +500,13 @@ class MutualAuth:
         return self._mac(key, b"R", self.my_id, peer_id, self._nonce, peer_nonce)
 
     # initiator ---------------------------------------------------------------
-    def answer(self, peer_id: str, peer_nonce: bytes) -> tuple[str, bytes, bytes]:
+    def answer(self, peer_id: str, peer_nonce: bytes,
+               context: bytes = b"") -> tuple[str, bytes, bytes]:
         """Message 2 for a challenge; :class:`AuthFailed` if no key is held for the ID."""
         assert self.role == "initiator"
         if self.peer_id is not None:
             raise AuthFailed("challenge already answered")
+        self._bind(context)
         if not isinstance(peer_nonce, bytes) or len(peer_nonce) != _NONCE:
             raise AuthFailed("malformed challenge (nonce)")
         key = self._keys.get(peer_id)
@@ -595,4 +605,76 @@ class DatagramChannel:
             self._top = seq
         else:
             self._seen |= 1 << (top - seq)
+        return out
+
+
+# --------------------------------------------------------------------------
+# Control messages after authentication (AEAD, one sequence per direction)
+# --------------------------------------------------------------------------
+
+CONTROL_VERSION = 1
+CONTROL_OVERHEAD = 1 + 16
+_CTRL_LABEL = b"kakehashi-ctrl-v1"
+
+
+class ControlError(Exception):
+    """A control message failed its check (altered, replayed, reordered, dropped,
+    reflected, or not sealed); the connection must be cut."""
+
+
+class ControlChannel:
+    """AES-256-GCM for the ordered control messages that follow a :class:`MutualAuth`.
+
+    Each message is ``version(1) || ciphertext || tag(16)``. The nonce is an implicit
+    per-direction sequence number (never sent): the receiver expects exactly the next
+    one, so a replayed, reordered or dropped message fails authentication like an
+    altered one. The two directions use different keys, derived (HKDF) from the
+    exchange's :meth:`MutualAuth.session_keys` under their own label so they never
+    coincide with datagram keys from the same exchange; a message sent back to its
+    sender (reflection) therefore fails too. After a failure the channel refuses
+    everything: the caller cuts the connection. Sans-IO.
+    """
+
+    __slots__ = ("_aad", "_broken", "_recv", "_recv_seq", "_send", "_send_seq")
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        self._send = AESGCM(self._derive(send_key))
+        self._recv = AESGCM(self._derive(recv_key))
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._broken = False
+        self._aad = _CTRL_LABEL + bytes([CONTROL_VERSION])
+
+    @classmethod
+    def after(cls, auth: MutualAuth) -> ControlChannel:
+        """The channel keyed from a completed authentication."""
+        return cls(*auth.session_keys())
+
+    @staticmethod
+    def _derive(key: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=_CTRL_LABEL).derive(key)
+
+    def seal(self, message: bytes) -> bytes:
+        seq = self._send_seq
+        if seq >= _MAX_COUNTER:
+            raise ControlError("control sequence exhausted")
+        self._send_seq = seq + 1
+        return bytes([CONTROL_VERSION]) + self._send.encrypt(seq.to_bytes(12, "big"), message,
+                                                             self._aad)
+
+    def open(self, data: bytes) -> bytes:
+        if self._broken:
+            raise ControlError("the control channel already failed")
+        if len(data) < CONTROL_OVERHEAD or data[0] != CONTROL_VERSION:
+            self._broken = True
+            raise ControlError("not a sealed control message (version "
+                               f"{data[0] if data else 'missing'})")
+        try:
+            out = self._recv.decrypt(self._recv_seq.to_bytes(12, "big"), data[1:], self._aad)
+        except InvalidTag:
+            self._broken = True
+            raise ControlError(f"control message {self._recv_seq} failed its integrity check "
+                               "(altered, replayed, reordered or dropped)") from None
+        self._recv_seq += 1
         return out

@@ -1,0 +1,108 @@
+"""A man in the middle between two proxies alters a control message after their
+authentication: the hop that receives it refuses, the control connection is cut and the
+client is told which hop refused and why (messages after authentication are sealed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kakehashi.chain import tables
+from kakehashi.chain.forward import ForwardConfig, build_chain
+from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+from kakehashi.chain.setup import SetupFailed
+from kakehashi.core import crypto, wire
+
+SERVER = ("127.0.0.3", 9)  # never contacted: the test is about the setup
+
+
+class Mitm:
+    """A TCP relay that flips the last byte of the ``nth`` frame in one direction."""
+
+    def __init__(self, target: tuple[str, int], direction: str | None, nth: int) -> None:
+        self.target, self.direction, self.nth = target, direction, nth
+        self.flipped = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
+        r2, w2 = await asyncio.open_connection(*self.target)
+        await asyncio.gather(self._pipe(r1, w2, "down", len(wire.PREAMBLE)),
+                             self._pipe(r2, w1, "up", 0), return_exceptions=True)
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, name: str,
+                    skip: int) -> None:
+        try:
+            if skip:
+                w.write(await r.readexactly(skip))
+            n = 0
+            while True:
+                head = await r.readexactly(wire.HEADER_SIZE)
+                _, length = wire.decode_header(head)
+                body = bytearray(await r.readexactly(length))
+                n += 1
+                if name == self.direction and n == self.nth and body:
+                    body[-1] ^= 0x01
+                    self.flipped += 1
+                w.write(head + bytes(body))
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+
+async def scenario(direction: str | None, nth: int) -> tuple[str, Mitm]:
+    k = {p: crypto.new_shared_key() for p in ("alice-fw1", "fw1-fw2")}
+    raw = {p: crypto.parse_shared_key(v) for p, v in k.items()}
+    acl = tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}])
+
+    def cfg(name: str, keys: dict[str, bytes], route: str) -> ProxyConfig:
+        return ProxyConfig(name=name, host="127.0.0.1", port=0,
+                           udp_ports=tables.PortRange(1024, 65535), keys=keys,
+                           routes=tables.parse_routes({f"{SERVER[0]}/32": route}), acl=acl)
+
+    fw2 = ChainProxy(cfg("fw2", {"fw1": raw["fw1-fw2"]}, "direct"))
+    await fw2.start()
+    mitm = Mitm(fw2.address, direction, nth)
+    mport = await mitm.start()
+    fw1 = ChainProxy(cfg("fw1", {"alice": raw["alice-fw1"], "fw2": raw["fw1-fw2"]},
+                         f"fw2@127.0.0.1:{mport}"))
+    await fw1.start()
+    try:
+        chain = await build_chain(ForwardConfig(
+            user="alice", keys={"fw1": raw["alice-fw1"]},
+            first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
+            udp_listen=("127.0.0.1", 0)))
+        chain.ctrl.close()
+        chain.data_sock.close()  # type: ignore[attr-defined]
+        return "built " + ",".join(chain.setup.path), mitm
+    except SetupFailed as exc:
+        return f"{exc.hop}|{exc.reason}|{exc.text}", mitm
+    finally:
+        await fw1.close()
+        await fw2.close()
+        assert mitm.server is not None
+        mitm.server.close()
+
+
+def test_untouched_relay_is_transparent():
+    out, _ = asyncio.run(scenario(None, 0))
+    assert out == "built fw1,fw2"
+
+
+@pytest.mark.parametrize(("direction", "nth", "hop", "names"), [
+    ("down", 2, "fw2", "fw1"),  # fw1's sealed Request, altered on its way to fw2
+    ("up", 3, "fw1", "fw2"),  # fw2's sealed Reply, altered on its way to fw1
+])
+def test_an_altered_control_message_after_authentication_is_refused(direction, nth, hop,
+                                                                    names):
+    out, mitm = asyncio.run(scenario(direction, nth))
+    assert mitm.flipped == 1
+    refused_by, reason, text = out.split("|", 2)
+    assert (refused_by, reason) == (hop, "integrity"), out
+    assert names in text and "integrity check" in text, out
