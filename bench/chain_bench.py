@@ -9,7 +9,8 @@ UDP4:`` relays, the same number of forwarding processes and UDP hops), ``chain``
 ``kakehashi chain proxy`` processes and ``chain forward``, recursive setup),
 ``chain iterative``, ``chain encrypted`` (AES-256-GCM between the client and the last
 proxy), ``chain (client library)`` (the sender's own socket is the chain's P1, as with
-kakehashi.chain.api: three forwarding processes, like socat x3). For each: datagrams/s
+kakehashi.chain.api: three forwarding processes, like socat x3), then ``socat x3`` again
+(the socat relays stay up; the base of the ratios is the mean of both). For each: datagrams/s
 with 64 datagrams of 512 B in flight (echoed, so every
 datagram crosses the path twice and each round counts 2), and the round-trip latency of
 one datagram at a time (p50/p99). Then the setup time of a three-proxy chain in each
@@ -110,6 +111,7 @@ def main() -> int:
     if args.quick:
         args.seconds, args.pings, args.setups = 2.0, 500, 30
     install_signal_exit()
+    load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     work = Path(tempfile.mkdtemp(prefix="kakehashi-chain-bench-"))
     rows: list[list[str]] = []
     results: dict[str, float] = {}
@@ -135,9 +137,9 @@ def main() -> int:
                                   f"UDP4:127.0.0.1:{nxt}"])
             nxt = p
         time.sleep(0.3)  # socat prints nothing when ready; its bind is immediate
+        # socat stays up: it is measured again after the chain rows, so drift of the
+        # shared machine's load shows (and the base is the mean of both)
         measure("socat x3", ports[0])
-        procs.stop_all()
-        procs.spawn("echo", [sys.executable, "-c", ECHO, str(echo_port)]).wait_for("ready")
 
         keys = {k: crypto.new_shared_key() for k in
                 ("a1", "a2", "a3", "12", "23")}
@@ -185,6 +187,7 @@ def main() -> int:
         data_sock: socket.socket = lib.data_sock  # type: ignore[assignment]
         data_sock.setblocking(True)
         measure("chain (client library)", lib.setup.first.addr, data_sock)  # type: ignore[union-attr]
+        measure("socat x3 (again)", ports[0])
         lib.close()
         data_sock.close()
         loop.close()
@@ -207,11 +210,14 @@ def main() -> int:
             ms = asyncio.run(setups(mode, enc))
             setup_rows.append([f"{mode}{' encrypted' if enc else ''}", f"{ms:.2f}"])
 
-    base = results.get("socat x3")
+    base = (results["socat x3"] + results["socat x3 (again)"]) / 2
     for r in rows:
         r.append(ratio(results[r[0]], base))
-    print(f"\n{machine()}; kakehashi {source_version()}\n")
-    print(table(["path (3 hops)", "datagrams/s", "p50 µs", "p99 µs", "vs socat x3"], rows))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n{machine()}; kakehashi {source_version()}; load average {load0} at the "
+          f"start, {load} at the end\n")
+    print(table(["path (3 hops)", "datagrams/s", "p50 µs", "p99 µs", "vs socat x3 (mean)"],
+                rows))
     print()
     print(table(["three-proxy chain setup", "median ms"], setup_rows))
     enc = results.get("chain encrypted", 0) / max(results.get("chain", 1), 1)
