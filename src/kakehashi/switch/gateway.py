@@ -34,6 +34,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from kakehashi.core import pump
 from kakehashi.core.httpdial import DialError, HttpConnection, Proxy, dial
 from kakehashi.core.stream import Conn, ConnClosed, Listener, open_tcp, parse_hostport
 from kakehashi.switch import messages as m
@@ -280,6 +281,81 @@ class _UdpConnect(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if len(data) <= m.MAX_CHUNK and not self.s.reset:
             self.gw.send(m.Data(tunnel=self.s.tunnel.id, stream=self.s.id, data=data))
+
+
+class StreamEnd:
+    """One multiplexed stream seen as a Conn-like endpoint, so that
+    :func:`kakehashi.core.pump.pump_raw` (the one byte pump) drives it in its buffered
+    mode like any socket.
+
+    Credit flow control stays per stream: :meth:`send_all` waits for the peer's credit
+    and queues at most that much (in :data:`~.messages.MAX_CHUNK` pieces) on the
+    link's outbox; :meth:`recv_into` hands out what arrived and returns credit for
+    bytes the pump has written out (it comes back for more only after writing them),
+    so a slow reader holds back its own sender and nothing grows without bound.
+    """
+
+    plain = False
+    has_pushback = False
+
+    def __init__(self, gw: Gateway, s: Stream) -> None:
+        self.gw, self.s = gw, s
+        self.key = (s.tunnel.id, s.id)
+        self._head: memoryview | None = None  # the rest of a partly read chunk
+        self._handed = 0  # bytes given to the pump, credited at its next read
+
+    def _check(self) -> None:
+        if self.s.reset:
+            raise ConnClosed("the stream was reset")
+
+    async def recv_into(self, buf: memoryview | bytearray) -> int:
+        s = self.s
+        if self._handed:  # the pump wrote the previous bytes out: they free window
+            give = s.recv.consumed(self._handed)
+            self._handed = 0
+            if give:
+                self.gw.send(m.Credit(tunnel=s.tunnel.id, stream=s.id, n=give))
+        while not self._head:  # (an empty chunk is not the end)
+            while not s.inbound:
+                self._check()
+                s.wake.clear()
+                await s.wake.wait()
+            data = s.inbound.popleft()
+            if data is None:
+                s.got_eof = True
+                return 0
+            self._head = memoryview(data)
+        n = min(len(buf), len(self._head))
+        buf[:n] = self._head[:n]
+        self._head = self._head[n:]
+        self._handed = n
+        return n
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        s = self.s
+        view = memoryview(data)
+        while view:
+            while s.send.available <= 0:
+                self._check()
+                s.credit_wake.clear()
+                await s.credit_wake.wait()
+            self._check()
+            n = s.send.take(min(len(view), m.MAX_CHUNK))
+            self.gw.outbox.put_data(self.key, m.encode(m.Data(
+                tunnel=s.tunnel.id, stream=s.id, data=bytes(view[:n]))))
+            self.gw.out_ready.set()
+            view = view[n:]
+
+    async def shutdown_write(self) -> None:
+        self._check()
+        self.s.sent_eof = True
+        self.gw.send(m.Eof(tunnel=self.s.tunnel.id, stream=self.s.id))
+
+    def close(self) -> None:
+        """The gateway ends the stream (its socket closes in :meth:`Gateway._pump`)."""
+
+    def abort(self) -> None:
+        self.gw._abort(self.s, reason="aborted")
 
 
 class Gateway:
@@ -548,59 +624,21 @@ class Gateway:
         await self._pump(s)
 
     async def _pump(self, s: Stream) -> None:
-        """Both directions of one stream until both have ended (or a reset)."""
+        """Both directions of one stream until both have ended (or a reset), through
+        the core's byte pump: the stream is one more Conn-like endpoint to it."""
         assert s.conn is not None
-        up = asyncio.ensure_future(self._upstream(s))
-        down = asyncio.ensure_future(self._downstream(s))
-        s.tasks += [up, down]
+        task = asyncio.ensure_future(pump.pump_raw(s.conn, StreamEnd(self, s)))
+        s.tasks.append(task)
         try:
-            await asyncio.gather(up, down)
+            await task
         except (OSError, ConnClosed) as exc:
             self._abort(s, reason=f"connection error: {exc}")
         except asyncio.CancelledError:
             pass
         finally:
-            for task in (up, down):
-                task.cancel()
+            task.cancel()
             s.tunnel.streams.pop(s.id, None)
             s.conn.close()
-
-    async def _upstream(self, s: Stream) -> None:
-        """Socket -> link, within the credit the peer gave."""
-        assert s.conn is not None
-        buf = bytearray(m.MAX_CHUNK)
-        view = memoryview(buf)
-        key = (s.tunnel.id, s.id)
-        while True:
-            while s.send.available <= 0:
-                s.credit_wake.clear()
-                await s.credit_wake.wait()
-            n = await s.conn.recv_into(view[: min(m.MAX_CHUNK, s.send.available)])
-            if not n:
-                break
-            s.send.take(n)
-            self.outbox.put_data(key, m.encode(m.Data(tunnel=s.tunnel.id, stream=s.id,
-                                                      data=bytes(view[:n]))))
-            self.out_ready.set()
-        s.sent_eof = True
-        self.send(m.Eof(tunnel=s.tunnel.id, stream=s.id))
-
-    async def _downstream(self, s: Stream) -> None:
-        """Link -> socket; credit goes back as bytes are written."""
-        assert s.conn is not None
-        while True:
-            while not s.inbound:
-                s.wake.clear()
-                await s.wake.wait()
-            data = s.inbound.popleft()
-            if data is None:
-                s.got_eof = True
-                await s.conn.shutdown_write()
-                return
-            await s.conn.send_all(data)
-            give = s.recv.consumed(len(data))
-            if give:
-                self.send(m.Credit(tunnel=s.tunnel.id, stream=s.id, n=give))
 
     def _abort(self, s: Stream, *, reason: str = "", notify: bool = True) -> None:
         """Reset a stream here and (``notify``) tell the other end why."""
@@ -613,6 +651,8 @@ class Gateway:
             self.send(m.Reset(tunnel=s.tunnel.id, stream=s.id, reason=reason[:500]))
         if s.opened is not None and not s.opened.done():
             s.opened.set_result(False)
+        s.wake.set()  # a pump waiting on this stream sees the reset
+        s.credit_wake.set()
         if s.conn is not None:
             s.conn.abort()
         if s.udp is not None:
