@@ -2,6 +2,7 @@
 
     python bench/servers.py echo PORT        # echo every byte back (session setup time)
     python bench/servers.py sink PORT        # discard; on EOF reply the byte count (8 bytes)
+    python bench/servers.py sha PORT         # on EOF reply the SHA-256 of what came (32 bytes)
 
 The sink is the Python fallback for iperf3: the sender half-closes when done and
 times until the count comes back, so bytes still in flight are not counted as sent.
@@ -46,9 +47,24 @@ class Sink(asyncio.Protocol):
         return False
 
 
+class Sha(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        import hashlib
+
+        self.transport = transport
+        self.digest = hashlib.sha256()
+
+    def data_received(self, data: bytes) -> None:
+        self.digest.update(data)
+
+    def eof_received(self) -> bool:
+        self.transport.write(self.digest.digest())  # type: ignore[attr-defined]
+        return False
+
+
 async def serve(kind: str, port: int, max_seconds: float) -> None:
     loop = asyncio.get_running_loop()
-    factory = Echo if kind == "echo" else Sink
+    factory = {"echo": Echo, "sink": Sink, "sha": Sha}[kind]
     server = await loop.create_server(factory, LOOPBACK, port, backlog=1024,
                                       reuse_address=True)
     async with server:
@@ -58,7 +74,7 @@ async def serve(kind: str, port: int, max_seconds: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["echo", "sink"])
+    ap.add_argument("kind", choices=["echo", "sink", "sha"])
     ap.add_argument("port", type=int)
     ap.add_argument("--max-seconds", type=float, default=3600.0)
     args = ap.parse_args()

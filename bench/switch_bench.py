@@ -14,6 +14,10 @@ Three benchmarks, one table at the end:
   Python sender as fallback), with the forwarding processes' CPU per GB;
 * latency - 1-byte echo round trips through a WebSocket and a long-poll tunnel while
   idle: p50/p99 (the long poll's cost is one held request per direction);
+* parallel - --streams parallel streams of --mib MiB each through one WebSocket
+  tunnel, each checked by SHA-256 at the far end, while an interactive 1-byte echo
+  on another tunnel of the same two gateways measures its round trips (p50/p99,
+  against the same echo while idle): one bulk stream must not starve the others;
 * scale - --gateways gateways (in one load-generator process) on one server and
   --tunnels tunnels among them: tunnel setup time p50/p99 (S2 -> S5, both gateways
   report) and the server's RSS with all of them established.
@@ -178,6 +182,66 @@ def measure_latency(key: str, args: argparse.Namespace, workdir: Path) -> dict:
     return {"name": route.name, "p50": percentile(times, 50), "p99": percentile(times, 99)}
 
 
+def measure_parallel(args: argparse.Namespace, workdir: Path) -> dict:
+    import hashlib
+    import threading
+
+    sha, echo = free_port(), free_port()
+    with Procs(workdir) as procs:
+        for kind, port in (("sha", sha), ("echo", echo)):
+            srv = procs.spawn(kind, [sys.executable, SERVERS, kind, str(port),
+                                     "--max-seconds", "900"])
+            wait_listening(port, proc=srv)
+        sw = Switch(procs, workdir)
+        sw.gateway("asp1", "gw-srv")
+        sw.gateway("alice", "gw-alice", "--transport", "websocket")
+        bulk = sw.route(sha, "gw-alice", "switch WebSocket")
+        ping = sw.route(echo, "gw-alice", "switch WebSocket")
+
+        def pings(c: socket.socket, n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                c.sendall(b"p")
+                if c.recv(1) != b"p":
+                    raise RuntimeError("echo broken")
+                out.append((time.perf_counter() - t0) * 1000)
+            return out
+
+        ok: list[bool] = []
+
+        def stream(seed: int) -> None:
+            block = hashlib.sha256(str(seed).encode()).digest() * (1 << 15)  # 1 MiB
+            local = hashlib.sha256()
+            with socket.create_connection((LOOPBACK, bulk.port), 30) as s:
+                for _ in range(args.mib):
+                    s.sendall(block)
+                    local.update(block)
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while len(got) < 32 and (chunk := s.recv(64)):
+                    got += chunk
+            ok.append(got == local.digest())
+
+        with socket.create_connection((LOOPBACK, ping.port), 10) as c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            idle = pings(c, args.pings)
+            threads = [threading.Thread(target=stream, args=(i,)) for i in range(args.streams)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            busy: list[float] = []
+            while any(t.is_alive() for t in threads):
+                busy += pings(c, 10)
+                time.sleep(0.01)
+            for t in threads:
+                t.join()
+            secs = time.perf_counter() - t0
+    return {"intact": sum(ok), "mbps": args.streams * args.mib * 1.048576 / secs,
+            "idle_p50": percentile(idle, 50), "idle_p99": percentile(idle, 99),
+            "p50": percentile(busy, 50), "p99": percentile(busy, 99), "pings": len(busy)}
+
+
 async def _scale(url: str, gateways: int, tunnels: int, target: int) -> dict:
     """In-process gateways (one load generator), tunnels opened over the API."""
     from kakehashi.switch.gateway import Gateway, GatewayConfig
@@ -239,16 +303,18 @@ def measure_scale(args: argparse.Namespace, workdir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="throughput,latency,scale")
+    ap.add_argument("--only", default="throughput,latency,parallel,scale")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--pings", type=int, default=500)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--gateways", type=int, default=1000)
     ap.add_argument("--tunnels", type=int, default=10000)
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.repeat, args.pings = 2.0, 1, 200
-        args.gateways, args.tunnels = 100, 500
+        args.gateways, args.tunnels, args.mib = 100, 500, 8
     install_signal_exit()
     only = set(args.only.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="kakehashi-switch-bench-"))
@@ -272,6 +338,14 @@ def main() -> None:
             r = measure_latency(key, args, workdir)
             rows.append(["latency (1-byte echo)", r["name"], f"p50 {r['p50']:.2f} ms",
                          "", "", f"p99 {r['p99']:.2f} ms"])
+    if "parallel" in only:
+        r = measure_parallel(args, workdir)
+        rows.append(["parallel + interactive",
+                     f"switch WebSocket, {args.streams} x {args.mib} MiB",
+                     f"{r['mbps']:,.0f} MB/s total", "", "",
+                     f"SHA-256 intact {r['intact']}/{args.streams}; echo meanwhile p50 "
+                     f"{r['p50']:.2f} ms p99 {r['p99']:.2f} ms ({r['pings']} pings; idle "
+                     f"p50 {r['idle_p50']:.2f} ms p99 {r['idle_p99']:.2f} ms)"])
     if "scale" in only:
         r = measure_scale(args, workdir)
         rows.append(["scale", f"{args.gateways} gateways, {args.tunnels} tunnels",
