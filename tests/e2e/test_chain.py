@@ -30,7 +30,7 @@ from kakehashi.chain.setup import SetupFailed
 from kakehashi.chain.tables import Hop
 from kakehashi.core import crypto, wire
 from tests.e2e.framework import Env, free_port
-from tests.support.wait import wait_until
+from tests.support.wait import async_wait_until, wait_until
 
 SERVER_HOST = "127.0.0.3"
 ACL = 'acl = [ { user = "alice", from = "127.0.0.0/8", ports = "any" } ]'
@@ -304,18 +304,24 @@ async def test_a_thousand_setups_and_teardowns_leave_no_descriptors(chain):
     sem = asyncio.Semaphore(6)
     cfgs = [chain.config(), chain.config("iterative"), chain.config(encrypt=True)]
 
+    closed = 0
+
     async def one(i: int) -> None:
+        nonlocal closed
         async with sem:
-            for _ in range(500):
+            for _ in range(50):
                 try:
                     c = await build_chain(cfgs[i % 3])
                     break
-                except SetupFailed as exc:  # sessions just closed may still hold slots
-                    if exc.reason != "limit":
+                except SetupFailed as exc:  # sessions just closed may still hold slots:
+                    if exc.reason != "limit":  # wait until the refusing hop has ended them
                         raise
-                    await asyncio.sleep(0.01)
+                    seen = closed
+                    await async_wait_until(lambda h=exc.hop, n=seen: ended(chain, h) >= n, 30,
+                                           what=f"{exc.hop} ending {seen} sessions")
             c.close()
             c.data_sock.close()
+            closed += 1
 
     await asyncio.gather(*(one(i) for i in range(1000)))
     wait_until(lambda: [_fds(pid) for pid in pids] == base, 30,
@@ -335,8 +341,9 @@ async def test_a_flood_of_setups_is_bounded_per_user_and_address(tmp_path, key, 
             await build_chain(c.config())
         assert err.value.reason == "limit" and err.value.hop == "fw1"
         assert what in err.value.text
+        before = ended(c, "fw1")
         held.pop().close()  # a slot frees when a session ends
-        held.append(await wait_for_setup(c))
+        held.append(await wait_for_setup(c, before))
     finally:
         for h in held:
             h.close()
@@ -345,15 +352,16 @@ async def test_a_flood_of_setups_is_bounded_per_user_and_address(tmp_path, key, 
         c.close()
 
 
-async def wait_for_setup(c: Chain):
-    for _ in range(200):
-        try:
-            return await build_chain(c.config())
-        except SetupFailed as exc:
-            if exc.reason != "limit":
-                raise
-            await asyncio.sleep(0.02)  # the proxy notices the close on its next loop turn
-    raise AssertionError("the slot was never released")
+def ended(c: Chain, hop: str) -> int:
+    """Sessions ``hop`` has ended (it logs the end when it releases the session's slot)."""
+    return c.procs[hop].output().count(f"{hop}: session of alice ended")
+
+
+async def wait_for_setup(c: Chain, ended_before: int):
+    """A setup once fw1 has ended one more session than ``ended_before`` (its slot is free)."""
+    await async_wait_until(lambda: ended(c, "fw1") > ended_before, 15,
+                           what="fw1 ending the closed session")
+    return await build_chain(c.config())
 
 
 @pytest.mark.skipif(not (shutil.which("dnsmasq") and shutil.which("dig")),

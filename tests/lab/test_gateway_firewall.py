@@ -30,7 +30,7 @@ import pytest
 from tests.e2e.framework import PASSWORD, Env
 from tests.lab.conftest import GATEWAY_PORT
 from tests.support.netns import FirewallLab, Namespace, lab_available
-from tests.support.wait import wait_until
+from tests.support.wait import wait_log
 
 pytestmark = pytest.mark.lab
 
@@ -83,12 +83,6 @@ def run_in(ns: Namespace, argv: list[str], *, env: dict[str, str] | None = None,
                           capture_output=True, timeout=timeout, check=False)
 
 
-def _wait_log(proc: subprocess.Popen, log: Path, text: str, timeout: float = 20.0) -> None:
-    def seen() -> bool:
-        assert proc.poll() is None, f"exited before {text!r}:\n{log.read_text()}"
-        return text in log.read_text(errors="replace")
-
-    wait_until(seen, timeout, what=f"{text!r} in {log.name}")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +105,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
              "--directory", str(www)],
             stdout=open(origin_log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         lab.inner.start_whoami(WHOAMI_PORT)
-        _wait_log(origin, origin_log, "Serving HTTP")
+        wait_log(origin, origin_log, "Serving HTTP")
 
         gateway_log = root / "gateway.log"
         gateway = lab.gw.popen(
@@ -121,7 +115,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
                 "--audit-log", str(root / "audit.jsonl"),
                 "--access-log", str(root / "access.jsonl")),
             env=env.env, stdout=open(gateway_log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        _wait_log(gateway, gateway_log, "gateway listening on")
+        wait_log(gateway, gateway_log, "gateway listening on")
         yield Deployment(lab, env, gateway, gateway_log, origin_log)
 
 
@@ -234,7 +228,7 @@ def test_relay_session_through_the_port(dep: Deployment) -> None:
         env={**dep.env.env, "KAKEHASHI_PASSWORD": PASSWORD["pi"]},
         stdout=open(agent_log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
-        _wait_log(agent, agent_log, "agent pi online")
+        wait_log(agent, agent_log, "agent pi online")
         pw = dep.env.root / "laptop.pass"
         pw.write_text(PASSWORD["laptop"])
         common = ("relay", "pipe", "--server", dep.via, "--user", "laptop", "--tls", "off",

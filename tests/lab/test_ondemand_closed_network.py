@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.framework import Env
 from tests.support.netns import Namespace, OnDemandLab, lab_available
+from tests.support.wait import wait_log
 
 pytestmark = pytest.mark.lab
 
@@ -47,12 +46,6 @@ except OSError as exc:
 """
 
 
-def _wait_log(proc: subprocess.Popen, log: Path, text: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert proc.poll() is None, f"exited before {text!r}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"{text!r} not seen:\n{log.read_text()}"
-        time.sleep(0.05)
 
 
 def _kh(*args: str) -> list[str]:
@@ -85,7 +78,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OnDemandLab,
             log = env.root / f"{name}.log"
             proc = ns.popen(_kh(*args), env=env.env, stdout=open(log, "wb"),  # noqa: SIM115
                             stderr=subprocess.STDOUT)
-            _wait_log(proc, log, ready)
+            wait_log(proc, log, ready)
 
         start(lab.edge, "manager", "ondemand", "manager", "--listen", "198.18.5.10:8700",
               "--db", db, "--tls", "on", ready="listening on")

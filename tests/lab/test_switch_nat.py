@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.framework import Env
 from tests.support.netns import Namespace, NatLab, lab_available
+from tests.support.wait import wait_log
 
 pytestmark = pytest.mark.lab
 
@@ -58,12 +57,6 @@ def _kh(*args: str) -> list[str]:
     return [sys.executable, "-m", "kakehashi", "--log-format", "text", *args]
 
 
-def _wait_log(proc: subprocess.Popen, log: Path, text: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert proc.poll() is None, f"exited before {text!r}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"{text!r} not seen:\n{log.read_text()}"
-        time.sleep(0.05)
 
 
 _PROBE = """\
@@ -109,7 +102,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SwitchLab, E
             log = env.root / f"{name}.log"
             proc = ns.popen(_kh(*args), env={**env.env, **(extra_env or {})},
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-            _wait_log(proc, log, ready)
+            wait_log(proc, log, ready)
 
         start(lab.pub, "server", "switch", "server", "--listen", "198.18.0.10:443", "--db", db,
               "--audit-log", str(env.root / "audit.jsonl"), ready="listening on")

@@ -102,3 +102,13 @@ def wait_accepted(port: int, timeout: float = 15.0) -> None:
     """Wait until the server on ``port`` has accepted every connection made to it."""
     wait_until(lambda: accept_queue(port) == 0, timeout,
                what=f"the server on port {port} accepting its connections")
+
+
+def wait_log(proc, log, text: str, timeout: float = 30.0) -> None:
+    """Wait until ``text`` appears in the file ``log`` written by the process ``proc``
+    (a ``subprocess.Popen``); fails at once with the log when the process exits first."""
+    def seen() -> bool:
+        assert proc.poll() is None, f"exited before {text!r}:\n{log.read_text()}"
+        return text in log.read_text(errors="replace")
+
+    wait_until(seen, timeout, what=f"{text!r} in {log.name}")

@@ -4,7 +4,6 @@ the OpenAPI document, and a grant opened by a (simulated) edge over the control 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +14,7 @@ from kakehashi.core.identity import ApiTokens
 from kakehashi.core.store import open_store
 from kakehashi.ondemand import messages as m
 from kakehashi.ondemand.manager import Manager, ManagerSettings, build_app
+from tests.support.wait import wait_until
 
 IMSI = "001010000000001"
 
@@ -183,10 +183,8 @@ def test_an_edge_that_does_not_answer_fails_the_grant_cleanly(api):
         assert r.status_code == 503 and r.json()["error"]["code"] == "edge-unreachable"
         # the edge is told to close what it may still open late
         gid = opened[0]["id"]
-        deadline = time.monotonic() + 10
-        while {"closed": gid, "reason": "failed"} not in opened:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: {"closed": gid, "reason": "failed"} in opened, 10,
+                   what="the edge told to close the failed grant's port")
         assert api.mgr.store.list("od-grant") == []
         assert api.get("/v1/grants", headers=auth(api, "admin")).json() == []
     finally:
@@ -248,7 +246,6 @@ def test_several_targets_in_one_request(api):
 
 
 def test_grants_expire_and_ended_ones_are_deleted_after_retention(api):
-    import time as _time
 
     api.mgr.s.retention = 0.3
     register_device(api)
@@ -257,10 +254,9 @@ def test_grants_expire_and_ended_ones_are_deleted_after_retention(api):
         r = api.post("/v1/grants", json={"targets": [{"imsi": IMSI, "port": 22}], "ttl": 0.5},
                      headers=auth(api, "client"))
         gid = r.json()["grants"][0]["id"]
-        deadline = _time.monotonic() + 10
-        while api.get(f"/v1/grants/{gid}", headers=auth(api, "admin")).status_code == 200:
-            assert _time.monotonic() < deadline, "not deleted"
-            _time.sleep(0.05)
+        wait_until(lambda: api.get(f"/v1/grants/{gid}",
+                                   headers=auth(api, "admin")).status_code != 200, 10,
+                   what="the expired grant deleted")
         assert {"closed": gid, "reason": "expired"} in opened  # the edge was told
         assert api.mgr.store.list("od-grant") == [] and api.mgr.store.list("od-event") == []
     finally:
