@@ -25,3 +25,13 @@ def echo():
         yield srv
     finally:
         srv.close()
+
+
+@pytest.fixture(scope="module")
+def echo_mod():
+    """One echo server for all the tests of a module (a module-scoped deployment's target)."""
+    srv = EchoServer()
+    try:
+        yield srv
+    finally:
+        srv.close()

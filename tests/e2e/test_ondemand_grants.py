@@ -13,16 +13,9 @@ import time
 
 import pytest
 
-from tests.e2e.framework import EchoServer, Env, stream_through, wait_until
+from tests.e2e.framework import Env, stream_through, wait_until
 from tests.e2e.ondemand_fixtures import IMSI, OnDemand
 from tests.support.wait import wait_closed
-
-
-@pytest.fixture(scope="module")
-def echo_mod():
-    srv = EchoServer()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")

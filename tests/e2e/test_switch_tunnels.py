@@ -18,13 +18,6 @@ from tests.e2e.switch_fixtures import Switch, port_of
 
 
 @pytest.fixture(scope="module")
-def echo_mod():
-    srv = EchoServer()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
 def sw(tmp_path_factory, echo_mod):
     env = Env(tmp_path_factory.mktemp("switch"))
     try:
