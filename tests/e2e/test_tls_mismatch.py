@@ -19,10 +19,16 @@ from tests.e2e.gateway_fixtures import curl
 QUICK = 8.0
 
 
-def _timed(env, *args: str, user_env: dict | None = None):
+def _told(env, *args: str, says: str, flag: str, user_env: dict | None = None) -> None:
+    """Run a client command that must fail soon (not at its timeout), saying ``says``
+    and naming the flag to change."""
     start = time.monotonic()
     res = env.run(*args, env=user_env, timeout=40, check=False)
-    return res, time.monotonic() - start
+    took = time.monotonic() - start
+    err = res.stderr.decode()
+    assert res.returncode != 0, err
+    assert says in err and flag in err, err
+    assert took < QUICK, f"{took:.1f}s: {err}"
 
 
 @pytest.mark.parametrize("command", [("who",), ("pipe", "pi/echo"),
@@ -30,12 +36,9 @@ def _timed(env, *args: str, user_env: dict | None = None):
 def test_relay_plaintext_client_against_a_tls_relay(env, command):
     env.add_user("laptop")
     _, port = env.relay(tls=True)
-    res, took = _timed(env, "relay", command[0], *env.client_args("laptop", port, tls=False),
-                       *command[1:], user_env=env.user_env("laptop"))
-    err = res.stderr.decode()
-    assert res.returncode != 0, err
-    assert "speaks TLS" in err and "use --tls on" in err, err
-    assert took < QUICK, f"{took:.1f}s: {err}"
+    _told(env, "relay", command[0], *env.client_args("laptop", port, tls=False),
+          *command[1:], user_env=env.user_env("laptop"),
+          says="speaks TLS", flag="use --tls on")
 
 
 @pytest.mark.parametrize("command", [("who",), ("pipe", "pi/echo"),
@@ -43,12 +46,9 @@ def test_relay_plaintext_client_against_a_tls_relay(env, command):
 def test_relay_tls_client_against_a_plaintext_relay(env, command):
     env.add_user("laptop")
     _, port = env.relay(tls=False)
-    res, took = _timed(env, "relay", command[0], *env.client_args("laptop", port, tls=True),
-                       *command[1:], user_env=env.user_env("laptop"))
-    err = res.stderr.decode()
-    assert res.returncode != 0, err
-    assert "does not speak TLS" in err and "use --tls off" in err, err
-    assert took < QUICK, f"{took:.1f}s: {err}"
+    _told(env, "relay", command[0], *env.client_args("laptop", port, tls=True),
+          *command[1:], user_env=env.user_env("laptop"),
+          says="does not speak TLS", flag="use --tls off")
 
 
 @pytest.mark.parametrize("command", [("events", "publish", "t", "--data", "x"),
@@ -56,12 +56,9 @@ def test_relay_tls_client_against_a_plaintext_relay(env, command):
                                      ("tunnel", "--to", "127.0.0.1:9")])
 def test_gateway_plaintext_client_against_a_tls_gateway(env, command):
     _, port = env.gateway("127.0.0.1", extra=["--tls", "on"])
-    res, took = _timed(env, "gateway", *command, "--server", f"127.0.0.1:{port}",
-                       "--tls", "off")
-    err = res.stderr.decode()
-    assert res.returncode != 0, err
-    assert "speaks TLS" in err and "use --tls on" in err, err
-    assert took < QUICK, f"{took:.1f}s: {err}"
+    _told(env, "gateway", *command, "--server", f"127.0.0.1:{port}",
+          "--tls", "off",
+          says="speaks TLS", flag="use --tls on")
 
 
 @pytest.mark.parametrize("command", [("events", "publish", "t", "--data", "x"),
@@ -69,12 +66,9 @@ def test_gateway_plaintext_client_against_a_tls_gateway(env, command):
                                      ("tunnel", "--to", "127.0.0.1:9")])
 def test_gateway_tls_client_against_a_plaintext_gateway(env, command):
     _, port = env.gateway("127.0.0.1", extra=["--tls", "off"])
-    res, took = _timed(env, "gateway", *command, "--server", f"127.0.0.1:{port}",
-                       "--tls", "on")
-    err = res.stderr.decode()
-    assert res.returncode != 0, err
-    assert "does not speak TLS" in err and "use --tls off" in err, err
-    assert took < QUICK, f"{took:.1f}s: {err}"
+    _told(env, "gateway", *command, "--server", f"127.0.0.1:{port}",
+          "--tls", "on",
+          says="does not speak TLS", flag="use --tls off")
 
 
 def test_curl_with_a_plain_proxy_url_is_told_to_use_tls(env):
