@@ -32,6 +32,8 @@ log = logging.getLogger("kakehashi.web")
 
 #: the largest request body an API takes (a CA certificate is the biggest thing sent)
 MAX_BODY = 256 * 1024
+#: seconds a request body may pause between two pieces before the request gets a 408
+BODY_TIMEOUT = 30.0
 
 
 class ApiError(Exception):
@@ -49,11 +51,14 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 
 class _BodyLimit:
-    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413."""
+    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413, and
+    bodies whose next piece takes longer than ``timeout`` seconds with 408: a client that
+    trickles a body must not hold a request (and its worker state) for ever."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, timeout: float = BODY_TIMEOUT) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -64,14 +69,23 @@ class _BodyLimit:
                 await _too_large(send, self.limit)
                 return
         seen = 0
+        complete = False
 
         async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # later receives wait for the disconnect: no deadline on those
+                return await receive()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(408, "body-timeout",
+                               f"no request body bytes for {self.timeout:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise ApiError(413, "too-large", f"request body over {self.limit} bytes")
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)
