@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import socket
 import ssl
 import urllib.parse
 from dataclasses import dataclass
 
 import h11
+
+from kakehashi.core import identity
 
 #: the longest proxy reply head read
 MAX_PROXY_HEAD = 16 * 1024
@@ -48,8 +49,10 @@ class Proxy:
         if u.scheme != "http" or not u.hostname:
             raise ValueError(f"proxy {url!r}: expected http://[USER@]HOST:PORT")
         name = user or urllib.parse.unquote(u.username or "")
-        pw = urllib.parse.unquote(u.password or "") or (
-            os.environ.get(PROXY_PASSWORD_ENV, "") if name else "")
+        pw = urllib.parse.unquote(u.password or "")
+        if name and not pw:
+            with contextlib.suppress(identity.PasswordError):  # the proxy may need none
+                pw = identity.read_password(env=PROXY_PASSWORD_ENV, allow_prompt=False)
         return cls(u.hostname, u.port or 8080, name, pw)
 
     def authorization(self) -> str | None:
