@@ -243,6 +243,21 @@ def connection_limit_options(max_connections: int, hint: str = "") -> Callable[[
     return decorate
 
 
+def metrics_listen_option(f: F) -> F:
+    """``--metrics-listen HOST:PORT`` (config key ``metrics_listen``): serve Prometheus
+    ``/metrics`` and ``/healthz`` there, for servers with no HTTP API of their own
+    (:func:`kakehashi.core.metrics.exporter`)."""
+    return click.option("--metrics-listen", metavar="HOST:PORT", callback=_check_hostport,
+                        help="Serve Prometheus /metrics and /healthz on this HOST:PORT "
+                             "(plain HTTP: keep it on an internal address).")(f)
+
+
+def _check_hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value:
+        hostport(value, "--" + (param.name or "").replace("_", "-"))
+    return value
+
+
 def timeout_option(name: str, default: float, help: str) -> Callable[[F], F]:
     """``--NAME-timeout`` in seconds."""
     return click.option(f"--{name}-timeout", type=click.FloatRange(min=0, min_open=True),

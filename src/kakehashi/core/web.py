@@ -8,7 +8,10 @@
   everything;
 * :func:`bearer` - the same check for a WebSocket handshake;
 * :func:`serve` - run an app on a socket bound here (port 0 works: the bound port is
-  logged as ``listening on HOST:PORT``), with TLS from the core when asked.
+  logged as ``listening on HOST:PORT``), with TLS from the core when asked;
+* every app answers ``GET /metrics`` (Prometheus, :mod:`kakehashi.core.metrics`) and
+  ``GET /healthz`` (200, or 503 when a registered health check fails), without a token
+  (like any exporter: keep the port internal, or turn them off with ``metrics=False``).
 
 Systems build their routes on top; nothing here knows any one system.
 """
@@ -23,7 +26,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kakehashi.core.identity import ApiTokens, TokenInfo
@@ -105,9 +108,11 @@ async def _too_large(send: Callable, limit: int) -> None:
 def create_app(title: str, version: str, *, tokens: ApiTokens | None = None,
                description: str = "", max_body: int = MAX_BODY,
                on_start: Callable[[], Any] | None = None,
-               on_stop: Callable[[], Awaitable[Any]] | None = None) -> FastAPI:
+               on_stop: Callable[[], Awaitable[Any]] | None = None,
+               metrics: bool = True) -> FastAPI:
     """A FastAPI app with the house conventions; ``tokens`` authenticate :func:`require`;
-    ``on_start``/``on_stop`` run when the server starts and stops (its lifespan)."""
+    ``on_start``/``on_stop`` run when the server starts and stops (its lifespan);
+    ``metrics`` adds ``/metrics`` and ``/healthz``."""
     import contextlib
 
     @contextlib.asynccontextmanager
@@ -143,8 +148,25 @@ def create_app(title: str, version: str, *, tokens: ApiTokens | None = None,
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    if metrics:
+        _add_metrics_routes(app)
     app.add_middleware(_BodyLimit, limit=max_body)
     return app
+
+
+def _add_metrics_routes(app: FastAPI) -> None:
+    from kakehashi.core import metrics as m
+
+    @app.get("/metrics", include_in_schema=False)
+    async def _metrics(request: Request) -> Response:
+        body, content_type = m.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def _healthz() -> JSONResponse:
+        ok, checks = m.health()
+        return JSONResponse({"status": "ok" if ok else "unhealthy", "checks": checks},
+                            status_code=200 if ok else 503)
 
 
 def _check(tokens: ApiTokens | None, header: str | None, roles: tuple[str, ...]) -> TokenInfo:

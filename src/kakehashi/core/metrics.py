@@ -1,0 +1,262 @@
+"""Prometheus metrics and health for every server, on ``prometheus-client``.
+
+One registry per process (:data:`REGISTRY`): when ``kakehashi serve`` runs several roles
+in one process, their figures sit side by side in one scrape, told apart by the
+``system`` label. The common families (declared once here, so every system spells them
+the same way):
+
+=====================================  ===========================================
+``kakehashi_sessions_active``          sessions open now (gauge)
+``kakehashi_sessions_total``           sessions set up (counter)
+``kakehashi_connections_active``       client connections open now (gauge)
+``kakehashi_connections_total``        client connections accepted (counter)
+``kakehashi_bytes_total{direction}``   bytes carried; ``in`` from the side that asked
+                                       for the session, ``out`` towards it
+``kakehashi_refusals_total{reason}``   requests refused, by the reason the system
+                                       already gives (audit log, error code)
+``kakehashi_setup_seconds``            session setup latency (histogram)
+``kakehashi_cluster_nodes``            nodes the cluster helper sees alive (gauge)
+``kakehashi_cluster_node_up{node}``    1 per node seen alive
+=====================================  ===========================================
+
+each with a ``system`` label (``relay``, ``gateway``, ``ondemand``, ``switch``,
+``chain``). A system that needs a figure of its own declares it through
+:meth:`SystemMetrics.counter` (named ``kakehashi_<system>_<name>``). Declaring is
+idempotent: a second declaration of the same name returns the first family.
+
+Serving: FastAPI servers get ``/metrics`` and ``/healthz`` as routes of their own app
+(:func:`kakehashi.core.web.create_app`); servers without HTTP take ``--metrics-listen
+HOST:PORT`` (:func:`kakehashi.core.options.metrics_listen_option`) and run
+:func:`exporter`, the same two routes on uvicorn beside the server in its event loop.
+Health is the AND of the checks registered with :func:`add_health_check` (none: healthy
+while the process answers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger("kakehashi.metrics")
+
+#: the process's one registry (also the process, platform and GC collectors)
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+#: setup latencies: a loopback session takes about a millisecond, a far one a second
+SETUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                 1.0, 2.5, 5.0, 10.0, 30.0)
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+_FAMILIES: dict[str, Any] = {}
+
+
+def _declare(kind: type[M], name: str, doc: str, labels: Iterable[str],
+             **kwargs: Any) -> M:
+    labels = tuple(labels)
+    known = _FAMILIES.get(name)
+    if known is not None:
+        if not isinstance(known, kind) or tuple(known._labelnames) != labels:
+            raise ValueError(f"metric {name} declared twice with different shapes")
+        return known
+    family = kind(name, doc, labels, registry=REGISTRY, **kwargs)
+    _FAMILIES[name] = family
+    return family
+
+
+def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+    """A counter family in :data:`REGISTRY` (``name`` without ``_total``)."""
+    return _declare(Counter, name, doc, labels)
+
+
+def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
+    return _declare(Gauge, name, doc, labels)
+
+
+def histogram(name: str, doc: str, labels: Iterable[str] = (),
+              buckets: tuple[float, ...] = SETUP_BUCKETS) -> Histogram:
+    return _declare(Histogram, name, doc, labels, buckets=buckets)
+
+
+SESSIONS_ACTIVE = gauge("kakehashi_sessions_active", "Sessions open now.", ["system"])
+SESSIONS = counter("kakehashi_sessions", "Sessions set up.", ["system"])
+CONNECTIONS_ACTIVE = gauge("kakehashi_connections_active", "Client connections open now.",
+                           ["system"])
+CONNECTIONS = counter("kakehashi_connections", "Client connections accepted.", ["system"])
+BYTES = counter("kakehashi_bytes", "Bytes carried (in: from the requesting side, "
+                "out: towards it).", ["system", "direction"])
+REFUSALS = counter("kakehashi_refusals", "Requests refused, by reason.", ["system", "reason"])
+SETUP = histogram("kakehashi_setup_seconds", "Session setup latency.", ["system"])
+CLUSTER_NODES = gauge("kakehashi_cluster_nodes", "Cluster nodes seen alive.", ["system"])
+CLUSTER_NODE_UP = gauge("kakehashi_cluster_node_up", "1 for each cluster node seen alive.",
+                        ["system", "node"])
+
+
+class SystemMetrics:
+    """The common families bound to one system's label, plus its own figures."""
+
+    def __init__(self, system: str) -> None:
+        self.system = system
+        self.sessions_active = SESSIONS_ACTIVE.labels(system)
+        self.sessions = SESSIONS.labels(system)
+        self.connections_active = CONNECTIONS_ACTIVE.labels(system)
+        self.connections = CONNECTIONS.labels(system)
+        self.bytes_in = BYTES.labels(system, "in")
+        self.bytes_out = BYTES.labels(system, "out")
+        self.setup_seconds = SETUP.labels(system)
+        self._nodes: set[str] = set()
+
+    def refused(self, reason: str) -> None:
+        """Count one refusal; ``reason`` is the system's own word (audit reason,
+        error code), a short fixed vocabulary, never user input."""
+        REFUSALS.labels(self.system, reason).inc()
+
+    def carried(self, bytes_in: int, bytes_out: int) -> None:
+        if bytes_in:
+            self.bytes_in.inc(bytes_in)
+        if bytes_out:
+            self.bytes_out.inc(bytes_out)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Count a session set up and hold the active gauge while the block runs."""
+        self.sessions.inc()
+        self.sessions_active.inc()
+        try:
+            yield
+        finally:
+            self.sessions_active.dec()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[None]:
+        self.connections.inc()
+        self.connections_active.inc()
+        try:
+            yield
+        finally:
+            self.connections_active.dec()
+
+    def setup_done(self, started: float) -> None:
+        """Observe a setup that began at ``time.monotonic()`` value ``started``."""
+        self.setup_seconds.observe(max(time.monotonic() - started, 0.0))
+
+    def counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+        """This system's own counter ``kakehashi_<system>_<name>``."""
+        return counter(f"kakehashi_{self.system}_{name}", doc, labels)
+
+    def gauge(self, name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
+        return gauge(f"kakehashi_{self.system}_{name}", doc, labels)
+
+    def cluster_members(self, nodes: Iterable[str]) -> None:
+        """Set the membership the cluster helper sees: ``kakehashi_cluster_nodes`` and
+        one ``kakehashi_cluster_node_up`` per node (nodes gone are removed)."""
+        now = set(nodes)
+        for gone in self._nodes - now:
+            with contextlib.suppress(KeyError):
+                CLUSTER_NODE_UP.remove(self.system, gone)
+        for node in now:
+            CLUSTER_NODE_UP.labels(self.system, node).set(1)
+        self._nodes = now
+        CLUSTER_NODES.labels(self.system).set(len(now))
+
+
+_SYSTEMS: dict[str, SystemMetrics] = {}
+
+
+def for_system(system: str) -> SystemMetrics:
+    """The (one per process) :class:`SystemMetrics` of ``system``."""
+    found = _SYSTEMS.get(system)
+    if found is None:
+        found = _SYSTEMS[system] = SystemMetrics(system)
+    return found
+
+
+# -- health ---------------------------------------------------------------------------
+_HEALTH: dict[str, Callable[[], bool]] = {}
+
+
+def add_health_check(name: str, check: Callable[[], bool]) -> None:
+    """Register a check for ``/healthz`` (e.g. "the listener is open", "Redis answers");
+    a check that raises counts as failed."""
+    _HEALTH[name] = check
+
+
+def remove_health_check(name: str) -> None:
+    _HEALTH.pop(name, None)
+
+
+def health() -> tuple[bool, dict[str, bool]]:
+    """Whether every registered check passes, and each one's result."""
+    results: dict[str, bool] = {}
+    for name, check in list(_HEALTH.items()):
+        try:
+            results[name] = bool(check())
+        except Exception:  # a broken check is an unhealthy one, not a 500
+            log.debug("health check %s raised", name, exc_info=True)
+            results[name] = False
+    return all(results.values()), results
+
+
+def exposition(accept: str | None) -> tuple[bytes, str]:
+    """The registry in the format the scraper asked for (Prometheus text or
+    OpenMetrics): body and content type."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(REGISTRY), content_type
+
+
+# -- serving without an HTTP server of one's own -------------------------------------
+def metrics_app() -> Any:
+    """An app serving only ``/metrics`` and ``/healthz`` (the routes every
+    :func:`kakehashi.core.web.create_app` app has)."""
+    from kakehashi import __version__
+    from kakehashi.core import web
+
+    return web.create_app("kakehashi metrics", __version__)
+
+
+@contextlib.asynccontextmanager
+async def exporter(listen: str | None) -> AsyncIterator[tuple[str, int] | None]:
+    """Serve ``/metrics`` and ``/healthz`` on ``listen`` (``HOST:PORT``; None: nothing)
+    while the block runs, on uvicorn in the running loop. Yields the bound address; logs
+    ``metrics listening on HOST:PORT``."""
+    if not listen:
+        yield None
+        return
+    import asyncio
+
+    from kakehashi.core import web
+    from kakehashi.core.stream import parse_hostport
+
+    host, port = parse_hostport(listen)
+    sock = web.bind(host, port)
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(web.serve(metrics_app(), sock, name="metrics",
+                                           ready=ready.set))
+    try:
+        waiter = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            await task  # raises why it did not start
+        yield sock.getsockname()[:2]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        sock.close()
