@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.framework import EchoServer, Env
+from tests.support.redis import REDIS_SERVER, RedisServer
 
 
 @pytest.fixture
@@ -35,3 +36,22 @@ def echo_mod():
         yield srv
     finally:
         srv.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A private ``redis-server`` on loopback (no persistence), stopped after the test;
+    ``.url``, ``.port``, ``.restart()``, ``.stop(kill=True)`` (see tests/support/redis.py)."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """``redis://127.0.0.1:PORT`` of a private, empty ``redis-server`` for this test."""
+    return redis_server.url

@@ -74,7 +74,20 @@ class _Commands(dict):
         return super().items()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"],
+class _Main(click.Group):
+    """The top-level group: a store that cannot be reached (``--db redis://...`` with
+    Redis down) ends any command with one clear line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from kakehashi.core.store.redis import StoreUnavailable
+
+        try:
+            return super().invoke(ctx)
+        except StoreUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"],
                                           "max_content_width": 100})
 @click.version_option(__version__, "--version", "-V", prog_name="kakehashi")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="KAKEHASHI_CONFIG",

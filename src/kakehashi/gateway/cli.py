@@ -19,7 +19,7 @@ from kakehashi.core.identity import PASSWORD_ENV, LoginThrottle, ThrottleSetting
 from kakehashi.core.mux import ProtocolMux
 from kakehashi.core.paths import state_dir
 from kakehashi.core.pump import pump_raw
-from kakehashi.core.store import open_store
+from kakehashi.core.store import describe, open_store
 from kakehashi.core.stream import Conn, FdConn, Listener
 from kakehashi.core.tlsmismatch import TLSMismatch
 from kakehashi.gateway.allow import AllowList
@@ -48,8 +48,8 @@ def gateway() -> None:
 
 
 db_option = opt.db_option(default_db, "gateway.db",
-                          "The gateway's database: proxy users, retained events (and relay "
-                          "users with --relay).")
+                          "The gateway's database (a SQLite file or redis://HOST:PORT[/DB]): "
+                          "proxy users, retained events (and relay users with --relay).")
 
 
 @gateway.command()
@@ -141,7 +141,7 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
     retention = Retention(max_events=event_keep, max_age=event_max_age)
     hub = EventHub(retention, journal=StoreJournal(store) if durable_events else None)
     if hub.topics:
-        log.info("events: %d topics restored from %s", len(hub.topics), db)
+        log.info("events: %d topics restored from %s", len(hub.topics), describe(db))
 
     async def main() -> None:
         server = GatewayServer(allow, settings=settings, hub=hub,

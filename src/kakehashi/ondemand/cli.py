@@ -49,7 +49,8 @@ def ondemand() -> None:
 
 
 # -- tokens ----------------------------------------------------------------------------
-db_option = options.db_option(_default_db, "ondemand.db", "The manager's database (SQLite file).")
+db_option = options.db_option(_default_db, "ondemand.db",
+                              "The manager's database: a SQLite file or redis://HOST:PORT[/DB].")
 
 
 @ondemand.group()
@@ -144,14 +145,17 @@ def manager(listen: str, db: str, tls_mode: str, cert: str | None, key: str | No
 
         from kakehashi.core import tls, web
         from kakehashi.core.audit import AuditLog
-        from kakehashi.core.store import open_store
+        from kakehashi.core.paths import state_dir
+        from kakehashi.core.store import is_url, open_store
         from kakehashi.ondemand.manager import Manager, ManagerSettings, build_app
 
         certfile, keyfile = tls.listener_cert(host, cert, key) if tls_mode == "on" \
             else (None, None)
+        # the relay CA lives beside a SQLite file; with a server URL, in the state dir
+        ca_home = state_dir() / "ondemand.relay-ca" if is_url(db) \
+            else Path(db).resolve().parent / (Path(db).name + ".relay-ca")
         mgr = Manager(open_store(db), audit=AuditLog(audit_log, system="ondemand"),
-                      settings=ManagerSettings(**settings_kw),
-                      ca_home=Path(db).resolve().parent / (Path(db).name + ".relay-ca"))
+                      settings=ManagerSettings(**settings_kw), ca_home=ca_home)
         sock = web.bind(host, port)
         await web.serve(build_app(mgr), sock, certfile=certfile, keyfile=keyfile,
                         name="ondemand manager")

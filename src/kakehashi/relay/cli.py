@@ -12,7 +12,7 @@ from kakehashi.core import crypto, runner, tls
 from kakehashi.core import options as opt
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.options import hostport
-from kakehashi.core.store import open_store
+from kakehashi.core.store import describe, open_store
 from kakehashi.core.stream import FdConn, Listener
 from kakehashi.relay import messages as m
 from kakehashi.relay.agent import (
@@ -42,7 +42,7 @@ def relay() -> None:
 
 
 # -- user registry ---------------------------------------------------------------
-db_option = opt.db_option(default_db, "relay.db", "The relay's database (SQLite file).")
+db_option = opt.db_option(default_db, "relay.db", "The relay's database: a SQLite file or redis://HOST:PORT[/DB].")
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -213,7 +213,8 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
     opt.check_cert_key(cert, key)
     registry = RelayUsers(open_store(db))
     if not registry.list():
-        log.warning("no users registered in %s: add one with 'kakehashi relay user add'", db)
+        log.warning("no users registered in %s: add one with 'kakehashi relay user add'",
+                    describe(db))
     server_ctx = tls.server_context(cert, key, names=list(names) or None)
     settings = Settings(keepalive=keepalive, dead_missed=dead_after,
                         request_timeout=request_timeout, login_timeout=login_timeout,

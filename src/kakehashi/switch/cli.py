@@ -44,7 +44,8 @@ def switch() -> None:
     """
 
 
-db_option = options.db_option(_default_db, "switch.db", "The switch's database (SQLite file).")
+db_option = options.db_option(_default_db, "switch.db",
+                              "The switch's database: a SQLite file or redis://HOST:PORT[/DB].")
 
 
 # -- users ------------------------------------------------------------------------------
