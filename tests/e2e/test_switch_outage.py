@@ -5,6 +5,7 @@ with the catalog kept."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 
@@ -87,3 +88,65 @@ def test_short_outage_keeps_the_pseudo_socket(env: Env, echo: EchoServer) -> Non
     assert api.request("GET", f"/v1/tunnels/{t['tunnel']}")["state"] == "established"
     sent, got, n = stream_through(port_of(t), 1 << 20)
     assert sent == got and n == 1 << 20
+
+
+def restart_server(env: Env, sw: Switch, *extra: str) -> None:
+    """SIGKILL the server (no clean-up at all) and start a new one on the same port and
+    database."""
+    sw.procs["server"].kill9()
+    proc = env.spawn("switch-server-2", "switch", "server", "--listen",
+                     f"127.0.0.1:{sw.port}", "--db", sw.db, "--tls", "off", "--audit-log",
+                     str(sw.audit_path), *extra)
+    proc.wait_for("listening on")
+    sw.procs["server"] = proc
+
+
+def test_tunnel_survives_a_server_sigkill(env: Env, echo: EchoServer) -> None:
+    """The tunnel's record is in the store: after the restart both gateways re-report
+    their halves and the same tunnel carries a new connection without a new `open`."""
+    sw = Switch(env).start()
+    gws = [sw.gateway("asp1", "gw-srv"), sw.gateway("alice", "gw-alice")]
+    sw.register("echo", echo.addr)
+    opened = json.loads(sw.cli("alice", "open", "echo", "--gateway", "gw-alice",
+                               "--json").stdout)
+    tid = opened["tunnel"]
+    assert opened["state"] == "established"
+    restart_server(env, sw)
+    for gw in gws:
+        wait_until(lambda gw=gw: "registered as" in gw.output().split("link to")[-1], 30,
+                   what="the gateway back on the restarted server")
+    api = sw.api("alice")
+    wait_until(lambda: api.request("GET", f"/v1/tunnels/{tid}")["offline"] == [], 30,
+               what="both halves re-reported")
+    sent, got, n = stream_through(port_of(opened), 4 << 20)
+    assert sent == got and n == 4 << 20
+    rows = json.loads(sw.cli("alice", "tunnels", "--json").stdout)
+    row = next(r for r in rows if r["tunnel"] == tid)
+    assert row["state"] == "established" and row["listen"] == opened["listen"]
+    assert row["connections_total"] >= 1
+    events = [(e["event"], e.get("tunnel")) for e in sw.audit()]
+    assert ("tunnel-restored", tid) in events and ("tunnel-reestablished", tid) in events
+    closed = json.loads(sw.cli("alice", "close", tid, "--json").stdout)
+    assert closed["state"] == "deleted"
+    wait_until(lambda: refused(port_of(opened)), 15, what="alice's pseudo socket removed")
+
+
+def test_restored_tunnel_whose_half_stays_away_is_rolled_back(env: Env,
+                                                              echo: EchoServer) -> None:
+    sw = Switch(env).start()
+    gw_srv = sw.gateway("asp1", "gw-srv")
+    gw_alice = sw.gateway("alice", "gw-alice")
+    sw.register("echo", echo.addr)
+    t = sw.open("echo")
+    gw_srv.kill9()
+    restart_server(env, sw, "--offline-grace", "2")
+    wait_until(lambda: "registered as" in gw_alice.output().split("link to")[-1], 30,
+               what="alice's gateway back on the restarted server")
+    api = sw.api("alice")
+    wait_until(lambda: api.request("GET", f"/v1/tunnels/{t['tunnel']}")["state"] == "deleted",
+               30, what="the tunnel rolled back")
+    reason = api.request("GET", f"/v1/tunnels/{t['tunnel']}")["reason"]
+    assert reason == "gateway gw-srv did not come back after the server restarted"
+    wait_until(lambda: refused(port_of(t)), 15, what="alice's pseudo socket removed")
+    assert any(e["event"] == "tunnel-deleted" and e.get("tunnel") == t["tunnel"]
+               and "did not come back" in e.get("reason", "") for e in sw.audit())

@@ -83,3 +83,28 @@ async def test_a_datagram_flood_is_dropped_not_queued(tmp_path):
         await srv.receive(alice_link, datagram)
     assert srv.dropped > 0 and not srv_link.dead.is_set()
     assert srv_link.outbox.bytes < 5 * 1024 * 1024
+
+
+async def test_tunnel_records_follow_the_state_and_survive_a_restart(tmp_path):
+    from kakehashi.switch.server import TUNNEL
+
+    store = open_store(tmp_path / "s.db")
+    srv = SwitchServer(store)
+    t, _, _ = await established(srv)
+    assert store.get(TUNNEL, t.id)["state"] == "established"
+    gone = await srv.begin_tunnel(ALICE, "echo", "gw-alice", "127.0.0.1:0")
+    assert store.get(TUNNEL, gone.id)["state"] == "setting"
+    # a new process on the same store (the old one was killed: nothing was cleaned up)
+    srv2 = SwitchServer(open_store(tmp_path / "s.db"))
+    r = srv2.switch.tunnels[t.id]
+    assert r.state.value == "established" and set(r.offline) == {"gw-srv", "gw-alice"}
+    assert srv2.switch.tunnels[gone.id].state.value == "deleted"
+    assert store.get(TUNNEL, gone.id) is None  # the half-way tunnel's record is removed
+    _, w1 = await srv2.attach(m.Hello(name="gw-srv", tunnels=[t.id]), ASP, "websocket")
+    _, w2 = await srv2.attach(m.Hello(name="gw-alice", tunnels=[t.id]), ALICE, "websocket")
+    assert w1.tunnels == w2.tunnels == [t.id] and not r.offline
+    assert [x["tunnel"] for x in srv2.tunnels_of(ALICE)] == [t.id]
+    await srv2.close_tunnel(ALICE, t.id, wait=False)
+    assert store.get(TUNNEL, t.id)["state"] == "deleting"
+    await srv2.close()
+    await srv.close()

@@ -262,3 +262,111 @@ def test_withdrawing_a_service_deletes_its_tunnels(sw: tn.Switch) -> None:
         sw.unregister("echo", "alice", "user")
     sw.unregister("echo", "asp1", "asp")
     assert t.state is State.DELETING and "echo" not in sw.services
+
+
+# -- durable tunnels: a server restart --------------------------------------------------------
+def persisted(actions: list) -> set[str]:
+    return {a.tunnel for a in actions if isinstance(a, tn.Persist)}
+
+
+def restarted(sw: tn.Switch, now: float) -> tuple[tn.Switch, list]:
+    """A new Switch with the same catalog and gateways, fed the stored tunnel records
+    (as the server keeps them: every tunnel a Persist named, unless deleted)."""
+    records = [(t.id, t.doc()) for t in sw.tunnels.values() if t.state is not State.DELETED]
+    new = tn.Switch(setup_timeout=5, delete_timeout=5, offline_grace=30, window=128 * 1024)
+    new.services = dict(sw.services)
+    new.gateway_owner = dict(sw.gateway_owner)
+    return new, new.restore(records, now)
+
+
+def test_every_state_change_asks_for_the_record_to_be_stored(sw: tn.Switch) -> None:
+    t, out = sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:7100", 0)
+    assert persisted(out) == {t.id}
+    a, b = setups(out)
+    sw.on_done("gw-alice", m.Done(req=a.req, tunnel=t.id, ok=True, address="127.0.0.1:7"), 0)
+    out = sw.on_done("gw-srv", m.Done(req=b.req, tunnel=t.id, ok=True), 0)
+    assert persisted(out) == {t.id} and t.doc()["state"] == "established"
+    assert t.doc()["address"] == "127.0.0.1:7"
+    # a connection is not a state change: no write per connection
+    assert persisted(sw.on_stream("gw-alice", m.Open(tunnel=t.id, stream=1))) == set()
+    out = sw.close_tunnel("alice", "user", t.id, 1)
+    assert persisted(out) == {t.id} and t.state is State.DELETING
+    dels = [x for x in sends(out) if isinstance(x, m.Delete)]
+    out = []
+    for d, gw in zip(dels, ("gw-alice", "gw-srv"), strict=True):
+        out += sw.on_done(gw, m.Done(req=d.req, tunnel=t.id, ok=True), 2)
+    assert t.state is State.DELETED and persisted(out) == {t.id}
+
+
+def test_restored_tunnel_comes_back_when_both_halves_report(sw: tn.Switch) -> None:
+    t = established(sw)
+    new, out = restarted(sw, 1000)
+    r = new.tunnels[t.id]
+    assert r.state is State.ESTABLISHED and set(r.offline) == {"gw-alice", "gw-srv"}
+    assert ("tunnel-restored", True) in audits(out)
+    assert r.view()["listen"] == "127.0.0.1:7100" and r.view()["user"] == "alice"
+    # no connection while a half is missing
+    new.gateway_hello("gw-alice", "alice", [t.id], 1001)
+    rst = sends(new.on_stream("gw-alice", m.Open(tunnel=t.id, stream=1)), "gw-alice")
+    assert isinstance(rst[0], m.Reset) and "gw-srv" in rst[0].reason
+    welcome, out = new.gateway_hello("gw-srv", "asp1", [t.id], 1002)
+    assert welcome.tunnels == [t.id] and not r.offline
+    assert ("tunnel-reestablished", True) in audits(out)
+    out = new.on_stream("gw-alice", m.Open(tunnel=t.id, stream=1))
+    assert isinstance(sends(out, "gw-srv")[0], m.Open)
+    assert new.tick(1000 + 31) == [] and r.state is State.ESTABLISHED
+    # new instructions never reuse a number from before the restart
+    assert new._next_req() > max(sw._req, 1000)
+
+
+def test_restored_half_that_does_not_come_back_is_rolled_back(sw: tn.Switch) -> None:
+    t = established(sw)
+    new, _ = restarted(sw, 1000)
+    new.gateway_hello("gw-alice", "alice", [t.id], 1001)
+    assert new.tick(1029) == []
+    out = new.tick(1030)
+    r = new.tunnels[t.id]
+    assert r.state is State.DELETING
+    assert r.reason == "gateway gw-srv did not come back after the server restarted"
+    assert [type(x) for x in sends(out, "gw-alice")] == [m.Delete]
+    assert ("tunnel-deleting", True) in audits(out) and t.id in persisted(out)
+    d = sends(out, "gw-alice")[0]
+    out = new.on_done("gw-alice", m.Done(req=d.req, tunnel=t.id, ok=True), 1031)
+    assert r.state is State.DELETED and ("tunnel-deleted", True) in audits(out)
+
+
+def test_restored_half_that_the_gateway_lost_deletes_the_tunnel(sw: tn.Switch) -> None:
+    t = established(sw)
+    new, _ = restarted(sw, 1000)
+    new.gateway_hello("gw-alice", "alice", [t.id], 1001)
+    welcome, out = new.gateway_hello("gw-srv", "asp1", [], 1002)
+    assert welcome.tunnels == [] and new.tunnels[t.id].state is State.DELETING
+    assert [type(x) for x in sends(out, "gw-alice")] == [m.Delete]
+
+
+def test_tunnels_caught_half_way_are_deleted_at_restore(sw: tn.Switch) -> None:
+    setting, _ = sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:7100", 0)
+    closing = established(sw)
+    sw.close_tunnel("alice", "user", closing.id, 1)
+    new, out = restarted(sw, 1000)
+    assert new.tunnels[setting.id].state is State.DELETED
+    assert new.tunnels[setting.id].reason == "the server restarted during setup"
+    assert new.tunnels[closing.id].state is State.DELETED
+    assert "after a server restart" in new.tunnels[closing.id].reason
+    assert persisted(out) == {setting.id, closing.id}  # their records are removed
+    assert audits(out) == [("tunnel-deleted", True)] * 2
+    # their gateways are told to drop them by the welcome, which lists neither
+    welcome, _ = new.gateway_hello("gw-alice", "alice", [setting.id, closing.id], 1001)
+    assert welcome.tunnels == []
+
+
+@pytest.mark.parametrize("doc", [{}, {"id": "tX"}, {"id": "other", "state": "established"},
+                                 {**{"id": "tX", "service": "echo", "user": "alice",
+                                     "client_gw": "a", "server_gw": "b", "proto": "tcp",
+                                     "listen": "h:1", "target": "h:2", "window": 1},
+                                  "state": "bogus"}])
+def test_a_bad_tunnel_record_is_dropped_not_half_loaded(doc: dict) -> None:
+    sw = tn.Switch()
+    out = sw.restore([("tX", doc)], 5)
+    assert sw.tunnels == {} and persisted(out) == {"tX"}
+    assert audits(out) == [("tunnel-restored", False)]

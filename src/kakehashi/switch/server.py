@@ -38,7 +38,7 @@ from kakehashi.switch.mux import Outbox
 
 log = logging.getLogger("kakehashi.switch.server")
 
-USER, SERVICE, GATEWAY = "sw-user", "sw-service", "sw-gateway"
+USER, SERVICE, GATEWAY, TUNNEL = "sw-user", "sw-service", "sw-gateway", "sw-tunnel"
 #: how long a verified password is remembered (per user and password digest)
 AUTH_CACHE_TTL = 60.0
 #: a link whose peer does not take this much is cut (flow control bounds it far lower)
@@ -142,6 +142,9 @@ class SwitchServer:
             self.switch.services[name] = tn.Service(**doc)
         for name, doc in store.list(GATEWAY):
             self.switch.gateway_owner[name] = doc.get("owner", "")
+        # tunnels of the previous process: audited, half-way ones removed, before any
+        # gateway can say hello (restoring sends nothing, so nobody waits on it yet)
+        self.carry(self.switch.restore(store.list(TUNNEL), time.time()))
         self.links: dict[str, Link] = {}
         self.poll_links: dict[str, Link] = {}
         self.changed = asyncio.Condition()
@@ -181,8 +184,26 @@ class SwitchServer:
             self.switch.forget(now - 3600)
 
     # -- carrying out decisions ------------------------------------------------------------
+    def persist(self, tids: set[str]) -> None:
+        """Write the tunnels' records in one batch (removed once deleted or gone)."""
+        ops: list[tuple[str, str, dict[str, Any] | None]] = []
+        for tid in sorted(tids):
+            t = self.switch.tunnels.get(tid)
+            gone = t is None or t.state is tn.State.DELETED
+            ops.append((TUNNEL, tid, None if gone else t.doc()))  # type: ignore[union-attr]
+        self.store.write_many(ops)
+
     async def apply(self, actions: list[tn.Action]) -> None:
+        if self.carry(actions):
+            self.version += 1
+            async with self.changed:
+                self.changed.notify_all()
+
+    def carry(self, actions: list[tn.Action]) -> bool:
+        """Send, audit and store what the decisions say; True if a tunnel changed
+        (the caller wakes whoever waits on one)."""
         changed = False
+        persist: set[str] = set()
         for act in actions:
             if isinstance(act, tn.Send):
                 link = self.links.get(act.gateway)
@@ -194,12 +215,13 @@ class SwitchServer:
                 link.put(act.msg)
             elif isinstance(act, tn.Audit):
                 self.audit.record(act.event, act.allow, **act.fields)
+            elif isinstance(act, tn.Persist):
+                persist.add(act.tunnel)
             else:
                 changed = True
-        if changed:
-            self.version += 1
-            async with self.changed:
-                self.changed.notify_all()
+        if persist:
+            self.persist(persist)
+        return changed
 
     async def wait_state(self, t: tn.Tunnel, states: tuple[tn.State, ...],
                          timeout: float) -> bool:

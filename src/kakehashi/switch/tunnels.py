@@ -9,8 +9,18 @@ online and whose they are, and the tunnels with their explicit states::
 
 It never touches a socket. Every method returns :class:`Action` s for the asyncio
 layer to carry out: :class:`Send` a message to a gateway, :class:`Audit` a decision,
-:class:`Changed` (a tunnel's state moved: wake whoever waits on it). Refusals of a
-user's request raise :class:`Refusal` and change nothing.
+:class:`Changed` (a tunnel's state moved: wake whoever waits on it), :class:`Persist`
+(a tunnel's record changed: write it to the store, or remove it once deleted).
+Refusals of a user's request raise :class:`Refusal` and change nothing.
+
+Tunnels survive a server restart: :meth:`Switch.restore` reloads the records. An
+established tunnel comes back with both gateways marked offline; each gateway's new
+hello says whether it still holds its half (the same reconciliation as after a
+gateway's own outage): when both have, the tunnel carries connections again; a half
+that is not back within the offline grace, or a gateway that no longer holds it,
+rolls the tunnel back (deleted with a reason, audited). A tunnel caught half-way
+(``setting`` or ``deleting``) cannot be finished without the instructions in flight,
+so it is deleted at once; its gateways drop their halves when their hello is answered.
 
 The **switch table** is each tunnel's pair (client-side gateway, server-side gateway):
 a stream message from one is forwarded to the other, and only if the sender is one of
@@ -78,7 +88,15 @@ class Changed:
     tunnel: str
 
 
-Action = Send | Audit | Changed
+@dataclass(frozen=True)
+class Persist:
+    """The tunnel's durable record changed (state, halves, address): store it, or
+    remove it when the tunnel is deleted or gone."""
+
+    tunnel: str
+
+
+Action = Send | Audit | Changed | Persist
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -160,9 +178,31 @@ class Tunnel:
     offline: dict[str, float] = field(default_factory=dict)
     streams: dict[int, StreamRec] = field(default_factory=dict)
     connections_total: int = 0
+    #: reloaded from the store after a server restart, not yet confirmed by both halves
+    restored: bool = False
 
     def gw(self, side: str) -> str:
         return self.client_gw if side == "a" else self.server_gw
+
+    def doc(self) -> dict[str, Any]:
+        """The durable record: what a restarted server needs to take the tunnel back."""
+        return {"id": self.id, "service": self.service, "user": self.user,
+                "client_gw": self.client_gw, "server_gw": self.server_gw,
+                "proto": self.proto, "listen": self.listen, "target": self.target,
+                "window": self.window, "state": self.state.value, "reason": self.reason,
+                "address": self.address, "created": self.created,
+                "built": sorted(self.built)}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Tunnel:
+        return cls(id=str(doc["id"]), service=str(doc["service"]), user=str(doc["user"]),
+                   client_gw=str(doc["client_gw"]), server_gw=str(doc["server_gw"]),
+                   proto=str(doc["proto"]), listen=str(doc["listen"]),
+                   target=str(doc["target"]), window=int(doc["window"]),
+                   state=State(doc["state"]), reason=str(doc.get("reason", "")),
+                   address=str(doc.get("address", "")),
+                   created=float(doc.get("created", 0.0)),
+                   built={s for s in doc.get("built", []) if s in ("a", "b")})
 
     def view(self) -> dict[str, Any]:
         return {"tunnel": self.id, "service": self.service, "user": self.user,
@@ -264,6 +304,11 @@ class Switch:
                     t.offline.pop(name, None)
                     keep.append(t.id)
                     actions.append(Changed(t.id))
+                    if t.restored and not t.offline:
+                        t.restored = False
+                        actions.append(Audit("tunnel-reestablished", True, {
+                            "tunnel": t.id, "service": t.service, "user": t.user,
+                            "listen": t.address or t.listen}))
                 else:  # it restarted and lost its pseudo socket: the tunnel is gone
                     side = "a" if name == t.client_gw else "b"
                     t.offline.pop(name, None)
@@ -333,7 +378,7 @@ class Switch:
                                   address=t.listen, service=svc.name, window=t.window)),
             Send(svc.gateway, m.Setup(req=rb, tunnel=tid, side="connect", proto=t.proto,
                                       address=t.target, service=svc.name, window=t.window)),
-            Changed(tid),
+            Changed(tid), Persist(tid),
         ]
 
     # -- S4 / S7 reports -------------------------------------------------------------------
@@ -358,7 +403,7 @@ class Switch:
                     t.state = State.ESTABLISHED
                     actions += [Audit("tunnel-established", True, {
                         "tunnel": t.id, "service": t.service, "user": t.user,
-                        "listen": t.address}), Changed(t.id)]
+                        "listen": t.address}), Changed(t.id), Persist(t.id)]
             else:
                 t.failed.add(side)
                 if t.state is State.SETTING:
@@ -393,7 +438,7 @@ class Switch:
             t.reqs[req] = (side, "delete")
             t.deleting.add(side)
             actions.append(Send(t.gw(side), m.Delete(req=req, tunnel=t.id, reason=reason)))
-        actions.append(Changed(t.id))
+        actions += [Changed(t.id), Persist(t.id)]
         return actions + self._maybe_deleted(t)
 
     def _maybe_deleted(self, t: Tunnel) -> list[Action]:
@@ -401,7 +446,7 @@ class Switch:
             return []
         t.state = State.DELETED
         return [Audit("tunnel-deleted", True, {"tunnel": t.id, "reason": t.reason}),
-                Changed(t.id)]
+                Changed(t.id), Persist(t.id)]
 
     # -- S6: deletion on the user's request ------------------------------------------------
     def close_tunnel(self, user: str, role: str, tid: str, now: float) -> list[Action]:
@@ -435,9 +480,49 @@ class Switch:
                 actions += self._maybe_deleted(t)
             elif t.state is State.ESTABLISHED and t.offline and \
                     min(t.offline.values()) + self.offline_grace <= now:
-                actions += self._delete(t, f"gateway {', '.join(t.offline)} stayed offline",
-                                        now, skip={s for s in ("a", "b")
-                                                   if t.gw(s) in t.offline})
+                away = ", ".join(sorted(t.offline))
+                why = (f"gateway {away} did not come back after the server restarted"
+                       if t.restored else f"gateway {away} stayed offline")
+                actions += self._delete(t, why, now, skip={s for s in ("a", "b")
+                                                           if t.gw(s) in t.offline})
+        return actions
+
+    def restore(self, records: list[tuple[str, dict[str, Any]]], now: float
+                ) -> list[Action]:
+        """Take back the tunnels a previous server process stored (see the module
+        docstring): established ones wait for both halves to be re-reported, anything
+        caught half-way is deleted with a reason. Records that do not parse are
+        dropped (and audited), never half-loaded."""
+        self._req = max(self._req, int(now * 1000))  # no clash with reqs before
+        actions: list[Action] = []
+        for key, doc in records:
+            try:
+                t = Tunnel.from_doc(doc)
+                if t.id != key:
+                    raise ValueError(f"record {key!r} holds tunnel {t.id!r}")
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                actions += [Audit("tunnel-restored", False, {
+                    "tunnel": key[:64], "reason": f"bad record: {exc}"[:300]}),
+                    Persist(key)]
+                continue
+            t.deadline = now
+            self.tunnels[t.id] = t
+            if t.state is State.ESTABLISHED:
+                t.restored = True
+                t.offline = {t.client_gw: now, t.server_gw: now}
+                actions += [Audit("tunnel-restored", True, {
+                    "tunnel": t.id, "service": t.service, "user": t.user,
+                    "gateway": t.client_gw, "server_gateway": t.server_gw,
+                    "listen": t.address or t.listen}), Changed(t.id)]
+                continue
+            was = t.state
+            t.state = State.DELETED
+            if was is State.SETTING:
+                t.reason = "the server restarted during setup"
+            elif was is State.DELETING:
+                t.reason = (t.reason or "deleted") + " (finished after a server restart)"
+            actions += [Audit("tunnel-deleted", True, {"tunnel": t.id, "reason": t.reason}),
+                        Changed(t.id), Persist(t.id)]
         return actions
 
     def forget(self, before: float) -> None:
