@@ -11,14 +11,13 @@ from kakehashi.core import metrics, web
 
 
 def scrape_value(text: str, name: str, **labels: str) -> float | None:
-    """The value of sample ``name{labels}`` in a Prometheus text scrape."""
+    """The value of sample ``name{labels}`` in a scrape, None when absent."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v
-                                           for k, v in labels.items()):
-                return sample.value
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
     return None
 
 

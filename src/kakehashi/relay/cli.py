@@ -206,8 +206,10 @@ def keygen(path) -> None:
                    "5 times as many over all users.")
 @opt.connection_limit_options(0, "Each agent holds 1 + its spare connections.")
 @opt.audit_log_option
+@opt.metrics_listen_option
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
-          login_timeout, login_lockout, max_connections, max_per_client, audit_log) -> None:
+          login_timeout, login_lockout, max_connections, max_per_client, audit_log,
+          metrics_listen) -> None:
     """Run the relay server."""
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
     opt.check_cert_key(cert, key)
@@ -233,8 +235,11 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
             raise click.ClickException(f"cannot listen on {listen}: {exc.strerror}") from None
         click.echo(f"relay listening on {addr[0]}:{addr[1]} "
                    f"({'TLS' if tls_mode == 'on' else 'plaintext'})", err=True)
+        from kakehashi.core import metrics  # servers only: clients start without it
+
         try:
-            await asyncio.Event().wait()
+            async with metrics.exporter(metrics_listen):
+                await asyncio.Event().wait()
         finally:
             await server.close()
 

@@ -88,6 +88,8 @@ class UpgradeTLS:
 class Pair:
     a: int
     b: int
+    #: when the request that led here arrived (for the setup-latency histogram)
+    since: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,8 @@ class Pending:
     cancelled: bool = False
     #: the requester itself asked for encryption (Fig. 4), not only the target
     requester_requires: bool = False
+    #: ``now`` when the request arrived
+    created: float | None = None
 
 
 @dataclass
@@ -596,6 +600,7 @@ class ControlUnit:
             e2e=msg.e2e,
             deadline=now + self.settings.request_timeout,
             requester_requires=requester_requires,
+            created=now,
         )
         self._next_req += 1
         self.pending[p.id] = p
@@ -766,7 +771,7 @@ class ControlUnit:
         conn.sent_end = req_conn.sent_end = False
         target = self.sessions[p.target]
         return [
-            Pair(req_conn.id, conn.id),
+            Pair(req_conn.id, conn.id, since=p.created),
             Send(req_conn.id, m.Result(
                 req=p.client_req, ok=True, peer=p.target, encrypt=p.encrypt, e2e=p.e2e,
                 peer_key=target.record.pubkey if p.e2e else "",

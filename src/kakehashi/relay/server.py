@@ -122,6 +122,9 @@ class RelayServer:
         #: password hashes run here: a few at once per address and in all, never on
         #: the loop's shared default executor
         self.checker = PasswordChecker()
+        from kakehashi.core import metrics  # imported by servers only (clients start fast)
+
+        self.metrics = metrics.for_system("relay")
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -130,7 +133,7 @@ class RelayServer:
                                  max_connections=self.max_connections,
                                  max_per_client=self.max_per_client)
         self.listener.start()
-        self._watchdog = asyncio.create_task(self._watch())
+        self._watch_start()
         addr = self.listener.address
         log.info("relay listening on %s:%d (%s)", addr[0], addr[1],
                  "TLS" if self.tls else "plaintext, STARTTLS available" if self.starttls
@@ -153,7 +156,14 @@ class RelayServer:
     async def attach(self) -> None:
         """Start the keepalive watchdog without a listener of its own (the gateway's
         one-port mux hands connections to :meth:`handle_connection`)."""
+        self._watch_start()
+
+    def _watch_start(self) -> None:
         self._watchdog = asyncio.create_task(self._watch())
+        # read when scraped: nothing on the data path
+        self.metrics.connections_active.set_function(lambda: len(self.links))
+        self.metrics.sessions_active.set_function(lambda: sum(
+            1 for c in self.core.conns.values() if c.state is State.PAIRED) // 2)
 
     async def handle_connection(self, conn: Conn) -> None:
         """Serve one terminal connection (already TLS if the mux did TLS)."""
@@ -177,6 +187,7 @@ class RelayServer:
         cid = self.core.connection_made(addr, encrypted=not conn.plain)
         link = Link(cid, framed, task=asyncio.current_task(), opened=self.now())
         self.links[cid] = link
+        self.metrics.connections.inc()
         try:
             await self._read_loop(link)
         except wire.WireError as exc:
@@ -192,6 +203,7 @@ class RelayServer:
         finally:
             link.closed = True
             self.links.pop(cid, None)
+            self.metrics.carried(framed.bytes_in, framed.bytes_out)
             if link.sink:
                 link.sink.close()
             framed.conn.close()
@@ -345,6 +357,9 @@ class RelayServer:
                     a.sink = FramedSink(b.framed)
                     b.sink = FramedSink(a.framed)
                     paired.append(a)
+                    self.metrics.sessions.inc()
+                    if action.since is not None:
+                        self.metrics.setup_seconds.observe(max(self.now() - action.since, 0))
             elif isinstance(action, UpgradeTLS):
                 link = self.links.get(action.conn)
                 if link:
