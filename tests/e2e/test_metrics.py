@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.e2e.framework import PASSWORD
+import socket
+
+from tests.e2e.framework import PASSWORD, wait_until
 from tests.support.scrape import METRICS_LINE, get, sample, scrape
 
 
@@ -49,3 +51,62 @@ def _reasons(text: str, system: str) -> set[str]:
             for s in f.samples
             if s.name == "kakehashi_refusals_total" and s.labels.get("system") == system}
 
+
+
+def _gateway(env, *extra: str):
+    proc = env.spawn("gateway", "gateway", "serve", "--listen", "127.0.0.1:0", "--tls", "off",
+                     "--db", str(env.root / "gw.db"), "--allow-target", "127.0.0.1",
+                     "--metrics-listen", "127.0.0.1:0", *extra)
+    return proc, proc.bound_port(), metrics_port(proc)
+
+
+def _connect(port: int, target: str) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = sock.recv(4096)
+        if not piece:
+            break
+        head += piece
+    return sock, head
+
+
+def test_gateway_counts_requests_tunnels_refusals_and_bytes(env, echo):
+    _, port, mport = _gateway(env)
+    sock, head = _connect(port, echo.addr)
+    assert head.startswith(b"HTTP/1.1 200")
+    data = b"y" * 50_000
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        got += sock.recv(65536)
+    sock.close()
+    refused, head = _connect(port, "10.255.255.1:22")
+    assert b" 403 " in head.split(b"\r\n")[0]
+    refused.close()
+    # a proxied GET of the metrics page itself (relay means)
+    proxied = socket.create_connection(("127.0.0.1", port), timeout=10)
+    proxied.sendall(f"GET http://127.0.0.1:{mport}/healthz HTTP/1.1\r\n"
+                    f"Host: 127.0.0.1:{mport}\r\nConnection: close\r\n\r\n".encode())
+    reply = b""
+    while piece := proxied.recv(65536):
+        reply += piece
+    proxied.close()
+    assert reply.startswith(b"HTTP/1.1 200")
+
+    def moved() -> str | None:
+        text = scrape(mport)
+        done = sample(text, "kakehashi_gateway_requests_total", status="200") >= 2 \
+            and sample(text, "kakehashi_bytes_total", system="gateway", direction="in") \
+            >= len(data)
+        return text if done else None
+
+    text = wait_until(moved, 15, what="the tunnel's end counted")
+    assert sample(text, "kakehashi_sessions_total", system="gateway") >= 1
+    assert sample(text, "kakehashi_setup_seconds_count", system="gateway") >= 1
+    assert sample(text, "kakehashi_bytes_total", system="gateway", direction="out") >= len(data)
+    assert sample(text, "kakehashi_gateway_requests_total", status="403") >= 1
+    assert any(r.startswith("target") for r in _reasons(text, "gateway"))
+    assert sample(text, "kakehashi_connections_total", system="gateway") >= 3
+    assert get(f"http://127.0.0.1:{mport}/healthz")[0] == 200

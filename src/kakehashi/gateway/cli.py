@@ -102,13 +102,14 @@ db_option = opt.db_option(default_db, "gateway.db",
 @click.option("--fast-lane", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Serve kept-alive requests from readiness callbacks (off: every request "
                    "by the coroutine path; the same decisions, slower).")
+@opt.metrics_listen_option
 @click.pass_context
 def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, auth,
           insecure_auth, login_lockout, relay, via_name,
           gzip_decode, publishers, durable_events, event_keep, event_max_age, head_timeout,
           idle_timeout, connect_timeout, read_timeout,
           max_connections, max_per_client, upstream_idle, audit_log, access_log,
-          fast_lane) -> None:
+          fast_lane, metrics_listen) -> None:
     """Run the gateway: HTTP proxy, CONNECT tunnels and events on one port."""
     host, port = opt.hostport(listen, "--listen", DEFAULT_PORT)
     if auth and tls_mode == "off" and not insecure_auth:
@@ -163,8 +164,11 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
         h, p = listener.address
         click.echo(f"gateway listening on {h}:{p} (http proxy, CONNECT, events"
                    f"{', relay' if relay else ''}; tls {tls_mode})", err=True)
+        from kakehashi.core import metrics  # servers only: clients start without it
+
         try:
-            await asyncio.Event().wait()
+            async with metrics.exporter(metrics_listen):
+                await asyncio.Event().wait()
         finally:
             await listener.close()
             server.close()

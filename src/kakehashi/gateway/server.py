@@ -108,6 +108,13 @@ class GatewayServer:
         #: one JSON line per request (line-buffered: a write per line, no logging stack)
         self.access_file = open(access_log, "a", buffering=1, encoding="utf-8") \
             if access_log else None  # noqa: SIM115
+        from kakehashi.core import metrics  # servers only: clients start without it
+
+        self.metrics = metrics.for_system("gateway")
+        self._requests = self.metrics.counter("requests", "Requests answered, by status.",
+                                              ["status"])
+        #: status -> its counter child (a label lookup per request is not free)
+        self._by_status: dict[int, object] = {}
 
     def close(self) -> None:
         """Close the pooled idle upstream connections (at shutdown)."""
@@ -141,6 +148,8 @@ class GatewayServer:
         reader = http.HeadReader(self.settings.limits)
         gc = GatewayConnection(self.policy)
         clean = False  # the upstream is between exchanges (it may go to the pool)
+        self.metrics.connections.inc()
+        self.metrics.connections_active.inc()
         try:
             while True:
                 resume: Handoff | None = None
@@ -193,6 +202,7 @@ class GatewayServer:
         except (OSError, ConnClosed, ssl.SSLError, TimeoutError) as exc:
             log.debug("client %s: %s", conn.peer, exc)
         finally:
+            self.metrics.connections_active.dec()
             upstream = gc.detach()
             if upstream is not None:
                 if clean:
@@ -343,8 +353,11 @@ class GatewayServer:
         failed - since a tunnel that breaks is the one an operator looks for."""
         up_bytes, down_bytes = Transfer(), Transfer()
         end = "reset"
+        self.metrics.sessions.inc()  # a tunnel is the gateway's session
+        self.metrics.sessions_active.inc()
         try:
             await conn.send_all(reply)
+            self.metrics.setup_done(start)
             if conn.has_pushback:  # bytes the client sent right behind its request
                 data = await conn.recv()
                 await up.send_all(data)
@@ -355,6 +368,7 @@ class GatewayServer:
             end = "cancelled"  # the gateway is shutting down
             raise
         finally:
+            self.metrics.sessions_active.dec()
             up.close()
             self.log_request(conn, head, status, down_bytes.bytes, start, user, where,
                              sent=up_bytes.bytes, end=end)
@@ -518,7 +532,12 @@ class GatewayServer:
     def log_request(self, conn: Conn, head: http.RequestHead | QuickRequest, status: int,
                     size: int, start: float, user: str, target: str, *,
                     sent: int | None = None, end: str | None = None) -> None:
-        """One access-log line (JSON) for a request that ended."""
+        """One access-log line (JSON) for a request that ended (and its metrics)."""
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self._requests.labels(str(status))
+        counter.inc()  # type: ignore[attr-defined]
+        self.metrics.carried(sent or 0, size)
         if self.access_file is None and not access.isEnabledFor(logging.DEBUG):
             return
         entry = {"client": conn.peer[0] if conn.peer else "?", "user": user,
