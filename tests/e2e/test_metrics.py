@@ -110,3 +110,34 @@ def test_gateway_counts_requests_tunnels_refusals_and_bytes(env, echo):
     assert any(r.startswith("target") for r in _reasons(text, "gateway"))
     assert sample(text, "kakehashi_connections_total", system="gateway") >= 3
     assert get(f"http://127.0.0.1:{mport}/healthz")[0] == 200
+
+
+def test_chain_proxy_counts_sessions_datagrams_and_refusals_by_hop(env):
+    from kakehashi.core import crypto
+    from tests.e2e.test_chain import Chain, exchange
+
+    chain = Chain(env, extra={"metrics_listen": '"127.0.0.1:0"'})
+    try:
+        mport = metrics_port(chain.procs["fw1"])
+        fwd = chain.forward()
+        assert exchange(fwd.bound_port(), 200, 256) >= 190
+        # the session is still open: the datagrams are counted live
+        text = scrape(mport)
+        assert sample(text, "kakehashi_chain_datagrams_total", outcome="relayed") >= 2 * 190
+        assert sample(text, "kakehashi_sessions_total", system="chain") >= 1
+        assert sample(text, "kakehashi_sessions_active", system="chain") >= 1
+        assert sample(text, "kakehashi_setup_seconds_count", system="chain") >= 1
+        bad = chain.forward(keys=chain.alice_keys(fw1=crypto.new_shared_key()))
+        assert bad.popen.wait(15) == 1
+        far = chain.forward(mode="iterative",
+                            keys=chain.alice_keys(fw2=crypto.new_shared_key()))
+        assert far.popen.wait(15) == 1
+        text = scrape(mport)
+        assert sample(text, "kakehashi_chain_refused_total", hop="fw1",
+                      reason="authentication") >= 1
+        assert sample(text, "kakehashi_chain_refused_total", hop="fw2",
+                      reason="authentication") >= 1
+        assert any(r.startswith("authenticate") for r in _reasons(text, "chain"))
+        assert get(f"http://127.0.0.1:{mport}/healthz")[0] == 200
+    finally:
+        chain.close()

@@ -109,3 +109,22 @@ def test_exporter_serves_on_its_own_port_and_closes() -> None:
             assert none is None
 
     asyncio.run(go())
+
+
+def test_live_counter_sums_its_sources_when_scraped() -> None:
+    live = metrics.live_counter("kakehashi_test_live", "doc", ["outcome"])
+    assert metrics.live_counter("kakehashi_test_live", "doc", ["outcome"]) is live
+    tally = {"n": 1}
+
+    def source() -> dict[tuple[str, ...], float]:
+        return {("relayed",): tally["n"], ("dropped",): 2}
+
+    live.add_source(source)
+    live.add_source(lambda: {("relayed",): 10})
+    tally["n"] = 5
+    text = metrics.exposition(None)[0].decode()
+    assert scrape_value(text, "kakehashi_test_live_total", outcome="relayed") == 15
+    assert scrape_value(text, "kakehashi_test_live_total", outcome="dropped") == 2
+    live.remove_source(source)
+    text = metrics.exposition(None)[0].decode()
+    assert scrape_value(text, "kakehashi_test_live_total", outcome="relayed") == 10

@@ -104,11 +104,12 @@ def keygen() -> None:
 @click.option("--max-connections", type=click.IntRange(min=0), default=4096, show_default=True,
               help="Control connections served at once, setups included (0: no limit); "
                    "beyond it new ones wait in the listen backlog.")
+@opt.metrics_listen_option
 def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tuple[str, ...],
           routes: tuple[str, ...], acl: tuple[str, ...], audit_log: str | None,
           auth_timeout: float, connect_timeout: float, idle_timeout: float,
           max_sessions: int, max_per_user: int, max_per_client: int,
-          max_connections: int) -> None:
+          max_connections: int, metrics_listen: str | None) -> None:
     """One firewall's proxy: authenticates, checks access, exchanges ports, relays UDP."""
     host, port = opt.hostport(listen, "--listen")
     cfg = ProxyConfig(
@@ -131,8 +132,11 @@ def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tu
         h, p = server.address
         log.info("chain proxy %s listening on %s:%d (data ports %s, %d routes, %d ACL rules)",
                  cfg.name, h, p, cfg.udp_ports, len(cfg.routes.rows), len(cfg.acl.rules))
+        from kakehashi.core import metrics  # servers only: clients start without it
+
         try:
-            await asyncio.Event().wait()
+            async with metrics.exporter(metrics_listen):
+                await asyncio.Event().wait()
         finally:
             await server.close()
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass, field
 
 from kakehashi.chain import messages as m
@@ -121,6 +122,17 @@ class ChainProxy:
         self.sessions: set[_Session] = set()
         #: counters for tests and operators
         self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "relayed": 0}
+        from kakehashi.core import metrics  # servers only: clients start without it
+
+        self.metrics = metrics.for_system("chain")
+        self._refused = self.metrics.counter(
+            "refused", "Requests refused, by the hop that refused and its reason.",
+            ["hop", "reason"])
+        #: datagrams, read from the sessions' port records when scraped (no cost per
+        #: datagram)
+        self._datagrams = metrics.live_counter(
+            "kakehashi_chain_datagrams", "Datagrams relayed or dropped by the sessions.",
+            ["outcome"])
 
     async def start(self) -> None:
         # connections still authenticating count too: a flood of silent ones waits in the
@@ -128,6 +140,18 @@ class ChainProxy:
         self.listener = Listener(self.cfg.host, self.cfg.port, self._serve,
                                  max_connections=self.cfg.max_connections)
         self.listener.start()
+        self._datagrams.add_source(self._datagram_totals)
+        self.metrics.connections_active.set_function(lambda: len(self.sessions))
+        self.metrics.sessions_active.set_function(
+            lambda: sum(1 for s in self.sessions if s.established))
+
+    def _datagram_totals(self) -> dict[tuple[str, ...], float]:
+        relayed, dropped = self.stats["relayed"], self.stats["dropped"]
+        for session in list(self.sessions):
+            if session.forwarder is not None:
+                relayed += session.forwarder.record.packets
+                dropped += session.forwarder.record.dropped
+        return {("relayed",): relayed, ("dropped",): dropped}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -138,9 +162,16 @@ class ChainProxy:
         if self.listener is not None:
             await self.listener.close()
 
+    def refused(self, hop: str, reason: str) -> None:
+        """Count a refusal (this proxy's or one passed back from a later hop)."""
+        from kakehashi.core.audit import code_label
+
+        self._refused.labels(code_label(hop, 64), code_label(reason)).inc()
+
     async def _serve(self, conn: object) -> None:
         session = _Session(self, Ctrl(FramedConn(conn, m.LIMITS)))  # type: ignore[arg-type]
         self.sessions.add(session)
+        self.metrics.connections.inc()
         try:
             await session.run()
         except (ConnClosed, ConnectionError, OSError, asyncio.IncompleteReadError):
@@ -153,6 +184,7 @@ class ChainProxy:
             # the refusal, then a clean close: unread input would turn the close into a
             # reset that can destroy the refusal before the peer reads it
             reason = "integrity" if exc.code == "integrity" else "protocol"
+            self.refused(self.cfg.name, reason)
             refuse(session.up.fc.conn, session.up.encode(
                 m.Refused(session.rid, self.cfg.name, reason, exc.message[:300])))
         finally:
@@ -180,6 +212,7 @@ class _Session:
         self.far_port = 0
         self.origin: m.Endpoint | None = None
         self.tasks: list[asyncio.Future[None]] = []
+        self.established = False  # set up: relaying datagrams
 
     def audit(self, event: str, allow: bool, **fields: object) -> None:
         self.cfg.audit.record(event, allow, proxy=self.cfg.name, peer=self.peer_ip, **fields)
@@ -190,11 +223,13 @@ class _Session:
     # -- setup ----------------------------------------------------------------------------
     async def run(self) -> None:
         cfg = self.cfg
+        started = time.monotonic()
         try:
             await asyncio.wait_for(self.up.fc.read_preamble(), cfg.auth_timeout)
             await self.setup()
         except Refuse as exc:
             self.proxy.stats["refused"] += 1
+            self.proxy.refused(exc.msg.hop, exc.msg.reason)
             if exc.msg.hop == cfg.name:
                 log.info("%s: refused %s from %s: %s: %s", cfg.name, self.user, self.peer_ip,
                          exc.msg.reason, exc.msg.text)
@@ -204,6 +239,9 @@ class _Session:
                 m.Refused(self.rid, exc.msg.hop, exc.msg.reason, exc.msg.text)))
             return
         self.proxy.stats["accepted"] += 1
+        self.proxy.metrics.sessions.inc()
+        self.proxy.metrics.setup_done(started)
+        self.established = True
         await self.serve()
 
     async def setup(self) -> None:
@@ -409,6 +447,8 @@ class _Session:
             elif not isinstance(msg, m.Relay | m.Refused):
                 raise self.refusal("protocol", f"unexpected {type(msg).__name__.lower()} "
                                                "from the next hop")
+            if isinstance(msg, m.Refused):  # a later hop refused (iterative, or e2e)
+                self.proxy.refused(msg.hop, msg.reason)
             await self.up.send(msg)
 
     def close(self) -> None:

@@ -29,6 +29,17 @@ log = logging.getLogger("kakehashi.audit")
 _CODE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
+def code_label(value: object, limit: int = 32) -> str:
+    """``value`` as a metric label when it is a short code (``bad-password``), else
+    ``other``: labels that carry free text or peer input would grow without bound."""
+    if isinstance(value, str) and len(value) <= limit and _LABEL.fullmatch(value):
+        return value
+    return "other"
+
+
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]*")
+
+
 class AuditLog:
     def __init__(self, path: str | Path | None = None, *, system: str = "") -> None:
         self.system = system

@@ -176,6 +176,58 @@ class SystemMetrics:
         CLUSTER_NODES.labels(self.system).set(len(now))
 
 
+class LiveCounter:
+    """A counter family read from the servers' own tallies when scraped.
+
+    For figures a server already counts on its hot path (datagrams a forwarder
+    relayed, say): adding a Prometheus increment there would cost every datagram,
+    while reading the tallies at scrape time costs nothing between scrapes. Each
+    source returns ``{label values: total}``; the family is their sum. Sources must
+    never go down (add a closed session's figures to a running total first).
+    """
+
+    def __init__(self, name: str, doc: str, labels: Iterable[str]) -> None:
+        self.name, self.doc, self.labels = name, doc, tuple(labels)
+        self.sources: list[Callable[[], dict[tuple[str, ...], float]]] = []
+
+    def add_source(self, source: Callable[[], dict[tuple[str, ...], float]]) -> None:
+        self.sources.append(source)
+
+    def remove_source(self, source: Callable[[], dict[tuple[str, ...], float]]) -> None:
+        with contextlib.suppress(ValueError):
+            self.sources.remove(source)
+
+    def describe(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        return [CounterMetricFamily(self.name, self.doc, labels=self.labels)]
+
+    def collect(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        totals: dict[tuple[str, ...], float] = {}
+        for source in list(self.sources):
+            for key, value in source().items():
+                totals[key] = totals.get(key, 0.0) + value
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in sorted(totals.items()):
+            family.add_metric(list(key), value)
+        return [family]
+
+
+def live_counter(name: str, doc: str, labels: Iterable[str] = ()) -> LiveCounter:
+    """The (one per process) :class:`LiveCounter` ``name`` (without ``_total``)."""
+    known = _FAMILIES.get(name)
+    if known is not None:
+        if not isinstance(known, LiveCounter) or known.labels != tuple(labels):
+            raise ValueError(f"metric {name} declared twice with different shapes")
+        return known
+    family = LiveCounter(name, doc, labels)
+    REGISTRY.register(family)
+    _FAMILIES[name] = family
+    return family
+
+
 _SYSTEMS: dict[str, SystemMetrics] = {}
 
 
