@@ -141,3 +141,49 @@ def test_chain_proxy_counts_sessions_datagrams_and_refusals_by_hop(env):
         assert get(f"http://127.0.0.1:{mport}/healthz")[0] == 200
     finally:
         chain.close()
+
+
+def test_ondemand_counts_grants_sessions_refusals_and_cuts(env, echo):
+    from tests.e2e.framework import stream_through
+    from tests.e2e.ondemand_fixtures import IMSI, OnDemand
+
+    od = OnDemand(env, inner_args=("--metrics-listen", "127.0.0.1:0"))
+    od.manager()
+    inner = od.inner(wait=False)
+    edge = od.edge("edge-1", "--metrics-listen", "127.0.0.1:0", wait=False)
+    inner.wait_for("inner core-1 online")
+    edge.wait_for("edge edge-1 online")
+    eport, iport = metrics_port(edge), metrics_port(inner)
+    g = od.grant(f"{IMSI}:{echo.port}", "--ttl", "60s")
+    sent, got, n = stream_through(g["port"], 1 << 20)
+    assert n == 1 << 20 and sent == got
+    denied = od.grant(f"{IMSI}:{echo.port}", "--ttl", "60s", "--cidr", "203.0.113.0/24")
+    with socket.create_connection(("127.0.0.1", denied["port"]), timeout=10) as c:
+        assert b"refused (cidr)" in c.recv(4096)
+    live = socket.create_connection(("127.0.0.1", g["port"]), timeout=10)
+    live.sendall(b"ping")
+    assert live.recv(4) == b"ping"
+    od.cli("revoke", g["id"])
+
+    def cut() -> str | None:
+        text = scrape(eport)
+        return text if sample(text, "kakehashi_ondemand_edge_cuts_total",
+                              reason="revoked") >= 1 else None
+
+    text = wait_until(cut, 15, what="the revocation's cut counted")
+    live.close()
+    assert sample(text, "kakehashi_ondemand_edge_grants_opened_total") >= 2
+    assert sample(text, "kakehashi_sessions_total", system="ondemand-edge") >= 2
+    assert sample(text, "kakehashi_setup_seconds_count", system="ondemand-edge") >= 2
+    assert sample(text, "kakehashi_bytes_total", system="ondemand-edge",
+                  direction="in") >= 1 << 20
+    assert sample(text, "kakehashi_refusals_total", system="ondemand-edge",
+                  reason="denied:cidr") >= 1
+    assert sample(scrape(iport), "kakehashi_decisions_total", system="ondemand-inner",
+                  event="dialed", decision="allow") >= 2
+    # the manager answers on its own API port
+    mtext = scrape(od.manager_port)
+    assert sample(mtext, "kakehashi_decisions_total", system="ondemand", event="created") >= 2
+    assert sample(mtext, "kakehashi_decisions_total", system="ondemand", event="deleted") >= 1
+    assert get(f"http://127.0.0.1:{od.manager_port}/healthz")[0] == 200
+    assert get(f"http://127.0.0.1:{eport}/healthz")[0] == 200

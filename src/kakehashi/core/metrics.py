@@ -157,11 +157,12 @@ class SystemMetrics:
         self.setup_seconds.observe(max(time.monotonic() - started, 0.0))
 
     def counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
-        """This system's own counter ``kakehashi_<system>_<name>``."""
-        return counter(f"kakehashi_{self.system}_{name}", doc, labels)
+        """This system's own counter ``kakehashi_<system>_<name>`` (a ``-`` in the
+        system's name becomes ``_``: ``ondemand-edge`` -> ``kakehashi_ondemand_edge_``)."""
+        return counter(f"kakehashi_{self.system.replace('-', '_')}_{name}", doc, labels)
 
     def gauge(self, name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
-        return gauge(f"kakehashi_{self.system}_{name}", doc, labels)
+        return gauge(f"kakehashi_{self.system.replace('-', '_')}_{name}", doc, labels)
 
     def cluster_members(self, nodes: Iterable[str]) -> None:
         """Set the membership the cluster helper sees: ``kakehashi_cluster_nodes`` and

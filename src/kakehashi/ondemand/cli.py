@@ -228,9 +228,11 @@ def _name(name: str, hint: str = "--name") -> str:
 @options.audit_log_option
 @click.option("--burst", type=click.IntRange(min=0), default=100, show_default=True,
               help="Connection attempts one grant takes at once before refusing (0: no limit).")
+@options.metrics_listen_option
 def edge(server: str, token_file: str, ca: str | None, name: str, public_host: str,
          ports: str, bind: str | None, region: str, carrier: str, cert: str | None,
-         key: str | None, audit_log: str | None, burst: int) -> None:
+         key: str | None, audit_log: str | None, burst: int,
+         metrics_listen: str | None) -> None:
     """A first relay: opens grants' entry ports and relays through inner relays."""
     import ipaddress
 
@@ -251,6 +253,7 @@ def edge(server: str, token_file: str, ca: str | None, name: str, public_host: s
     name = _name(name)
 
     async def main() -> None:
+        from kakehashi.core import metrics
         from kakehashi.core.audit import AuditLog
         from kakehashi.ondemand.edge import Edge, EdgeConfig
 
@@ -258,7 +261,8 @@ def edge(server: str, token_file: str, ca: str | None, name: str, public_host: s
                          ports=lo_hi, bind=bind, region=region, carrier=carrier,
                          manager_tls=_manager_tls(server, ca), cert=cert, key=key,
                          burst_rate=burst / 2, burst=burst)
-        await Edge(cfg, audit=AuditLog(audit_log, system="ondemand-edge")).run()
+        async with metrics.exporter(metrics_listen):
+            await Edge(cfg, audit=AuditLog(audit_log, system="ondemand-edge")).run()
 
     _run(main())
 
@@ -275,9 +279,10 @@ def edge(server: str, token_file: str, ca: str | None, name: str, public_host: s
               help="Mutual TLS on links from edges; 'off' (plain TCP, faster) only where "
                    "edges and this relay share a trusted network.")
 @options.audit_log_option
+@options.metrics_listen_option
 def inner(server: str, token_file: str, ca: str | None, name: str, listen: str,
           advertise: str | None, devices: tuple[str, ...], link_tls: str,
-          audit_log: str | None) -> None:
+          audit_log: str | None, metrics_listen: str | None) -> None:
     """A second relay inside the closed network: dials only granted devices."""
     from kakehashi.ondemand.grants import GrantError, check_imsi
 
@@ -296,13 +301,15 @@ def inner(server: str, token_file: str, ca: str | None, name: str, listen: str,
     name = _name(name)
 
     async def main() -> None:
+        from kakehashi.core import metrics
         from kakehashi.core.audit import AuditLog
         from kakehashi.ondemand.inner import Inner, InnerConfig
 
         cfg = InnerConfig(server=server, token=tok, name=name, listen=addr, devices=table,
                           advertise=advertise, manager_tls=_manager_tls(server, ca),
                           link_tls=link_tls == "on")
-        await Inner(cfg, audit=AuditLog(audit_log, system="ondemand-inner")).run()
+        async with metrics.exporter(metrics_listen):
+            await Inner(cfg, audit=AuditLog(audit_log, system="ondemand-inner")).run()
 
     _run(main())
 

@@ -102,6 +102,16 @@ class Edge:
                                       ssl_context=cfg.manager_tls)
         self.closed_bytes = 0
         self._last_total = 0
+        from kakehashi.core import metrics  # servers only: clients start without it
+
+        self.metrics = metrics.for_system("ondemand-edge")
+        self._opened = self.metrics.counter("grants_opened", "Grants whose port was opened.")
+        self._cuts = self.metrics.counter("cuts", "Live connections cut, by why (expired, "
+                                          "revoked, ...).", ["reason"])
+        self.metrics.gauge("grants_open", "Grants with an open port now.").set_function(
+            lambda: len(self.grants))
+        self.metrics.sessions_active.set_function(
+            lambda: sum(len(eg.sessions) for eg in self.grants.values()))
 
     def _hello(self) -> m.Hello:
         return m.Hello(kind="edge", name=self.cfg.name, csr=self._csr.decode(),
@@ -181,6 +191,7 @@ class Edge:
         listener.start()
         self.grants[eg.id] = eg
         self.by_port[port] = eg
+        self._opened.inc()
         self._schedule(eg)
         log.info("grant %s: listening on %s:%d until %s", eg.id, self.cfg.bind, port,
                  g.iso(eg.view.expires_at))
@@ -238,6 +249,10 @@ class Edge:
         for sess in cut:
             sess.reason = reason
             sess.task.cancel()
+        if cut:
+            from kakehashi.core.audit import code_label
+
+            self._cuts.labels(code_label(reason)).inc(len(cut))
         await eg.listener.close()
         log.info("grant %s: port %s closed (%s), %d connections cut", eg.id, eg.doc["port"],
                  reason, len(cut))
@@ -264,6 +279,8 @@ class Edge:
     async def _serve(self, eg: EdgeGrant, conn: Conn) -> None:
         client = conn.peer[0] if conn.peer else "?"
         now = time.time()
+        started = time.monotonic()
+        self.metrics.connections.inc()
         if not eg.burst.allow(time.monotonic()):
             self._event(eg, "refused", client=client, reason="burst")
             return
@@ -292,6 +309,8 @@ class Edge:
                 return
             self._event(eg, "connected", client=client,
                         target=f"{info.get('imsi')}:{info.get('target_port')}")
+            self.metrics.sessions.inc()
+            self.metrics.setup_done(started)
             await pump_raw(stream, link, sess.up, sess.down)
             sess.reason = sess.reason or "done"
         except asyncio.CancelledError:
@@ -305,6 +324,7 @@ class Edge:
                 link.close()
             if sess.reason is not None:  # it got as far as the relay
                 self.closed_bytes += sess.up.bytes + sess.down.bytes
+                self.metrics.carried(sess.up.bytes, sess.down.bytes)
                 self._event(eg, "closed", client=client, reason=sess.reason,
                             bytes_up=sess.up.bytes, bytes_down=sess.down.bytes,
                             duration=round(time.time() - sess.started, 3))
