@@ -19,13 +19,13 @@ from kakehashi.core.identity import PASSWORD_ENV, LoginThrottle, ThrottleSetting
 from kakehashi.core.mux import ProtocolMux
 from kakehashi.core.paths import state_dir
 from kakehashi.core.pump import pump_raw
-from kakehashi.core.store import describe, open_store
+from kakehashi.core.store import describe, is_url, open_store
 from kakehashi.core.stream import Conn, FdConn, Listener
 from kakehashi.core.tlsmismatch import TLSMismatch
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.client import EventClient, Gateway, GatewayError, open_tunnel, serve_forward
 from kakehashi.gateway.event_journal import StoreJournal
-from kakehashi.gateway.events import TOPIC_RE, EventHub, Retention
+from kakehashi.gateway.events import TOPIC_RE, EventHub, Retention, TopicHub
 from kakehashi.gateway.http import looks_like_request
 from kakehashi.gateway.proxyauth import ProxyAuth, ProxyUsers
 from kakehashi.gateway.server import GatewayServer, GatewaySettings
@@ -81,7 +81,8 @@ db_option = opt.db_option(default_db, "gateway.db",
               help="Networks allowed to publish events (default: loopback).")
 @click.option("--durable-events/--memory-events", default=True, show_default=True,
               help="Keep retained events in --db, so a restart keeps them and their "
-                   "numbering (watchers' cursors stay valid).")
+                   "numbering (watchers' cursors stay valid). With --db redis://... "
+                   "events are always in Redis, shared by every gateway using it.")
 @click.option("--event-keep", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Events retained per topic (the oldest go first).")
 @click.option("--event-max-age", type=click.FloatRange(min=1), default=3600.0,
@@ -140,9 +141,16 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
         raise click.UsageError("--relay is not available in this build")
 
     retention = Retention(max_events=event_keep, max_age=event_max_age)
-    hub = EventHub(retention, journal=StoreJournal(store) if durable_events else None)
-    if hub.topics:
-        log.info("events: %d topics restored from %s", len(hub.topics), describe(db))
+    hub: TopicHub
+    if is_url(db):  # topics on Redis Streams, shared with every gateway on this Redis
+        from kakehashi.gateway.event_redis import RedisEventHub
+
+        hub = RedisEventHub(db, retention)
+        log.info("events: topics shared through %s", describe(db))
+    else:
+        hub = EventHub(retention, journal=StoreJournal(store) if durable_events else None)
+        if hub.topics:
+            log.info("events: %d topics restored from %s", len(hub.topics), describe(db))
 
     async def main() -> None:
         server = GatewayServer(allow, settings=settings, hub=hub,
@@ -172,6 +180,7 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
         finally:
             await listener.close()
             server.close()
+            await hub.aclose()
 
     try:
         sys.exit(runner.run(main()))

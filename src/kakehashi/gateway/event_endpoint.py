@@ -32,9 +32,8 @@ from urllib.parse import parse_qs
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.stream import Conn, ConnClosed
 from kakehashi.gateway import http
-from kakehashi.gateway.event_journal import JournalError
 from kakehashi.gateway.event_wire import SEP, SUFFIX, Reply, encode_event, plan_reply
-from kakehashi.gateway.events import EventHub, b64_size
+from kakehashi.gateway.events import EventsUnavailable, TopicHub, b64_size
 
 if TYPE_CHECKING:
     from kakehashi.gateway.server import GatewaySettings
@@ -127,7 +126,7 @@ def reply_head(head: http.RequestHead, status: int, ctype: str | None, length: i
 class LocalEndpoints:
     """Answers the origin-form requests a gateway receives (events, ``/healthz``)."""
 
-    def __init__(self, hub: EventHub, settings: GatewaySettings, audit: AuditLog,
+    def __init__(self, hub: TopicHub, settings: GatewaySettings, audit: AuditLog,
                  authorise: Callable[[http.RequestHead, str, Conn], Awaitable[str]],
                  limits: EventLimits | None = None) -> None:
         self.hub = hub
@@ -174,6 +173,8 @@ class LocalEndpoints:
             batch = await self.hub.wait(topic, cursor, max(wait, 0.0))
         except ValueError as exc:
             raise http.HTTPError(400, f"events: {exc}") from None
+        except EventsUnavailable as exc:
+            raise http.HTTPError(503, f"events: not available now ({exc})") from None
         gap = [(b"Kakehashi-Gap", b"1")] if batch.gap else []
         if not batch.events:  # Fig. 11, 702: no event
             return await self.reply(conn, head, 204, b"", None,
@@ -245,13 +246,11 @@ class LocalEndpoints:
             if not piece:
                 raise ConnClosed("publisher closed in the middle of the body")
             data += piece
-        try:
-            event = self.hub.publish(topic, bytes(data))
+        try:  # stored before the publisher hears "accepted"
+            event = await self.hub.publish_stored(topic, bytes(data))
         except ValueError as exc:
             raise http.HTTPError(400, f"events: {exc}") from None
-        try:
-            await self.hub.sync()  # stored before the publisher hears "accepted"
-        except JournalError as exc:
+        except EventsUnavailable as exc:
             raise http.HTTPError(503, f"events: the event could not be stored ({exc})") \
                 from None
         return await self.reply(conn, head, 202, json.dumps({"seq": event.seq}).encode(),

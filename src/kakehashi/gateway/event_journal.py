@@ -25,7 +25,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from kakehashi.core.store import Doc, Store
-from kakehashi.gateway.events import Event
+from kakehashi.gateway.events import Event, EventsUnavailable
 
 log = logging.getLogger("kakehashi.gateway.events")
 
@@ -39,7 +39,7 @@ def _key(topic: str, seq: int) -> str:
     return f"{topic}/{seq:020d}"
 
 
-class JournalError(Exception):
+class JournalError(EventsUnavailable):
     """Queued changes could not be stored (the store's error is the cause)."""
 
 

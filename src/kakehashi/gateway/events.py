@@ -141,6 +141,23 @@ class TopicLog:
         return Batch(picked, picked[-1].seq if picked else self.last_seq, gap)
 
 
+class EventsUnavailable(Exception):
+    """Where the events are kept failed (a journal write, a Redis that cannot be
+    reached): the endpoint answers 503 and the client tries again."""
+
+
+class TopicHub(Protocol):
+    """What the events endpoint needs of a hub: :class:`EventHub` (this gateway's
+    memory, optionally journaled) or ``event_redis.RedisEventHub`` (topics shared by
+    several gateways)."""
+
+    retention: Retention
+
+    async def publish_stored(self, topic: str, data: bytes) -> Event: ...
+    async def wait(self, topic: str, cursor: int, timeout: float) -> Batch: ...
+    async def aclose(self) -> None: ...
+
+
 class EventJournal(Protocol):
     """Where a hub keeps its retained events across restarts (see ``event_journal``).
 
@@ -212,6 +229,15 @@ class EventHub:
         a publisher is told its event was accepted only once it would survive a restart."""
         if self.journal is not None:
             await self.journal.sync()
+
+    async def publish_stored(self, topic: str, data: bytes) -> Event:
+        """Publish, then wait until the journal has it (what a ``202`` promises)."""
+        event = self.publish(topic, data)
+        await self.sync()
+        return event
+
+    async def aclose(self) -> None:
+        """Nothing to close (the journal is closed by its owner)."""
 
     def poll(self, topic: str, cursor: int) -> Batch:
         log = self._topic(topic, create=False)

@@ -36,7 +36,7 @@ from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList, Decision
 from kakehashi.gateway.connection import LOCAL, TUNNEL, GatewayConnection, Policy
 from kakehashi.gateway.event_endpoint import LocalEndpoints
-from kakehashi.gateway.events import EventHub
+from kakehashi.gateway.events import EventHub, TopicHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
 from kakehashi.gateway.fastlane import FastLane, SendBatcher
 from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
@@ -84,12 +84,12 @@ class ClosedBeforeAnswer(http.HTTPError):
 
 class GatewayServer:
     def __init__(self, allow: AllowList, *, settings: GatewaySettings | None = None,
-                 auth: ProxyAuth | None = None, hub: EventHub | None = None,
+                 auth: ProxyAuth | None = None, hub: TopicHub | None = None,
                  audit: AuditLog | None = None, access_log: str | None = None) -> None:
         self.allow = allow
         self.settings = settings or GatewaySettings()
         self.auth = auth
-        self.hub = hub or EventHub()
+        self.hub: TopicHub = hub or EventHub()
         #: this gateway's own upstream connections by local address, to recognise
         #: itself as a client (see _from_itself); entries go with their connections
         self._own_upstreams: weakref.WeakValueDictionary[tuple, Conn] = \

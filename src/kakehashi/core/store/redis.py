@@ -68,12 +68,23 @@ def _client_url(url: str) -> str:
     return parts._replace(query=query).geturl()
 
 
+def _retry() -> Any:
+    """Try a command twice more on a connection error: a pooled connection to a Redis
+    that restarted fails once before the pool notices (commands that must not run
+    twice make themselves idempotent, see ``gateway.event_redis``)."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+
+
 def sync_client(url: str) -> redis.Redis:
     """A redis-py client for ``url`` with kakehashi's timeouts (bytes in, bytes out)."""
     import redis
 
     return redis.Redis.from_url(_client_url(url), socket_connect_timeout=CONNECT_TIMEOUT,
-                                socket_timeout=COMMAND_TIMEOUT, health_check_interval=30)
+                                socket_timeout=COMMAND_TIMEOUT, health_check_interval=30,
+                                retry=_retry())
 
 
 def async_client(url: str) -> Any:
@@ -82,10 +93,13 @@ def async_client(url: str) -> Any:
     No command timeout: blocking reads (``XREAD BLOCK``, pub/sub) wait as long as they ask.
     """
     import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
 
     return redis.asyncio.Redis.from_url(_client_url(url),
                                         socket_connect_timeout=CONNECT_TIMEOUT,
-                                        health_check_interval=30)
+                                        health_check_interval=30,
+                                        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
 
 
 @contextmanager
