@@ -187,3 +187,32 @@ def test_ondemand_counts_grants_sessions_refusals_and_cuts(env, echo):
     assert sample(mtext, "kakehashi_decisions_total", system="ondemand", event="deleted") >= 1
     assert get(f"http://127.0.0.1:{od.manager_port}/healthz")[0] == 200
     assert get(f"http://127.0.0.1:{eport}/healthz")[0] == 200
+
+
+def test_switch_counts_tunnels_by_state_streams_and_refusals(env, echo):
+    from kakehashi.core.apiclient import ApiClientError
+    from tests.e2e.switch_fixtures import Switch, port_of
+
+    sw = Switch(env).start()
+    sw.gateway("asp1", "gw-srv")
+    sw.gateway("alice", "gw-alice")
+    sw.register("echo", echo.addr, allow=("alice",))
+    t = sw.open("echo")
+    live = socket.create_connection(("127.0.0.1", port_of(t)), timeout=10)
+    live.sendall(b"ping")
+    assert live.recv(4) == b"ping"
+    try:
+        sw.open("echo", user="mallory", gateway="gw-alice")
+        raise AssertionError("mallory may not open echo")
+    except ApiClientError:
+        pass
+    text = scrape(sw.port)
+    assert sample(text, "kakehashi_switch_tunnels", state="established") == 1
+    assert sample(text, "kakehashi_sessions_active", system="switch") >= 1  # the stream
+    assert sample(text, "kakehashi_switch_gateways") == 2
+    assert sample(text, "kakehashi_refusals_total", system="switch") >= 1
+    live.close()
+    sw.close(t["tunnel"])
+    text = scrape(sw.port)
+    assert sample(text, "kakehashi_switch_tunnels", state="established") == 0
+    assert get(f"http://127.0.0.1:{sw.port}/healthz")[0] == 200

@@ -154,6 +154,26 @@ class SwitchServer:
         self._auth_cache: dict[str, tuple[str, str, float]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.sessions: dict[str, dict[str, Any]] = {}
+        self._metrics()
+
+    def _metrics(self) -> None:
+        """Gauges read from the switch table when scraped (nothing on the data path)."""
+        from kakehashi.core import metrics
+
+        m = self.metrics = metrics.for_system("switch")
+        by_state = m.gauge("tunnels", "Tunnels by state.", ["state"])
+        for state in tn.State:
+            by_state.labels(state.value).set_function(
+                lambda state=state: sum(1 for t in self.switch.tunnels.values()
+                                        if t.state is state))
+        # a stream between two gateways is the switch's session
+        m.sessions_active.set_function(
+            lambda: sum(len(t.streams) for t in self.switch.tunnels.values()))
+        m.gauge("gateways", "Gateways with a live link.").set_function(
+            lambda: len(self.links) + len(self.poll_links))
+        metrics.live_counter("kakehashi_switch_datagrams_dropped",
+                             "Datagrams dropped because their gateway was behind.",
+                             ()).add_source(lambda: {(): self.dropped})
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -416,6 +436,7 @@ def build_app(srv: SwitchServer) -> Any:
     async def _refusal(_: Request, exc: tn.Refusal) -> Any:
         from fastapi.responses import JSONResponse
 
+        srv.metrics.refused(f"api:{exc.code}")  # the codes are the switch's own, fixed
         return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
                             status_code=exc.status)
 
