@@ -81,6 +81,9 @@ def to_default_map(group: click.Group, data: dict[str, Any], where: str = "") ->
                 raise ConfigError(
                     f"config: unknown key {opt.replace('_', '-')!r} in [{where}{key}] "
                     f"(known: {', '.join(known)})")
+            param = next(p for p in cmd.params if p.name == names[opt])
+            if getattr(param, "multiple", False) and isinstance(val, str):
+                val = [val]  # one value for a repeatable flag (server = "host:port")
             table[names[opt]] = val
         out[cmd.name or key] = table
     return out

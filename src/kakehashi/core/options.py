@@ -72,6 +72,15 @@ def parse_server(text: str, hint: str = "--server",
     return ServerAddress(host, port, tls)
 
 
+def parse_servers(texts: str | tuple[str, ...] | list[str], hint: str = "--server",
+                  default_port: int | None = None) -> list[ServerAddress]:
+    """A repeatable ``--server``: each value as :func:`parse_server`, in the order
+    given (the first is tried first; the others are where a client fails over to)."""
+    if isinstance(texts, str):
+        texts = (texts,)
+    return [parse_server(text, hint, default_port) for text in texts]
+
+
 def check_name(name: str, hint: str = "NAME", what: str = "user IDs") -> str:
     """:func:`kakehashi.core.identity.check_name` as a usage error naming the option."""
     try:
@@ -142,10 +151,16 @@ def deprecated_alias(old: str, dest: str, new: str, **kwargs: Any) -> Callable[[
 
 
 # -- clients --------------------------------------------------------------------------
-def server_option(what: str, default_port: int, *, required: bool = True) -> Callable[[F], F]:
+def server_option(what: str, default_port: int, *, required: bool = True,
+                  multiple: bool = False) -> Callable[[F], F]:
+    """``--server``; with ``multiple`` it is repeatable: servers of one service (the
+    nodes of a cluster) tried in order, the next one when the current one fails."""
     return click.option("--server", required=required, metavar="HOST:PORT|URL",
+                        multiple=multiple,
                         help=f"{what} to connect to: HOST:PORT (port {default_port} if "
-                             "omitted) or a URL (https://... means --tls on).")
+                             "omitted) or a URL (https://... means --tls on)."
+                             + (" Repeat it to fail over to the next server when one "
+                                "cannot be reached." if multiple else ""))
 
 
 def user_option(help: str, *, required: bool = True) -> Callable[[F], F]:
@@ -171,14 +186,17 @@ def client_tls_options(f: F) -> F:
 
 def client_options(what: str, default_port: int, *, user_help: str,
                    user_required: bool = True,
-                   server_required: bool = True) -> Callable[[F], F]:
-    """``--server``, ``--user``, the password sources, ``--tls`` and ``--ca``."""
+                   server_required: bool = True,
+                   multiple_servers: bool = False) -> Callable[[F], F]:
+    """``--server`` (repeatable with ``multiple_servers``), ``--user``, the password
+    sources, ``--tls`` and ``--ca``."""
 
     def decorate(f: F) -> F:
         f = client_tls_options(f)
         f = password_options(f)
         f = user_option(user_help, required=user_required)(f)
-        return server_option(what, default_port, required=server_required)(f)
+        return server_option(what, default_port, required=server_required,
+                             multiple=multiple_servers)(f)
 
     return decorate
 

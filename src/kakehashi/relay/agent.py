@@ -38,6 +38,9 @@ SETTLE = 0.25
 #: failures that retrying cannot cure until the user changes something: a client that
 #: never got in stops with the message instead of retrying forever
 FATAL_CODES = frozenset({"login-failed", "tls-mismatch"})
+#: refusals that say "not this server, maybe another": a terminal given several
+#: servers moves on to the next one at once
+FAILOVER_CODES = frozenset({"cluster-down"})
 
 
 class RelayError(Exception):
@@ -68,6 +71,12 @@ class TerminalConfig:
     #: answer to "the peer cannot encrypt, connect anyway?" (para 0037)
     insecure_ok: bool = False
     agent_name: str = "kakehashi"
+    #: every server to use, in order (the nodes of a cluster); empty: ``server:port``
+    servers: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.servers or [(self.server, self.port)]
 
     @property
     def can_encrypt(self) -> bool:
@@ -77,9 +86,11 @@ class TerminalConfig:
 class RelayLink:
     """One connection to the relay (see module docstring)."""
 
-    def __init__(self, cfg: TerminalConfig, owner: Terminal | None = None) -> None:
+    def __init__(self, cfg: TerminalConfig, owner: Terminal | None = None,
+                 addr: tuple[str, int] | None = None) -> None:
         self.cfg = cfg
         self.owner = owner
+        self.host, self.port = addr or (cfg.server, cfg.port)
         self.t = t.TerminalConn()
         self.framed: FramedConn | None = None
         self.sink: FrameSink | None = None
@@ -100,13 +111,13 @@ class RelayLink:
     # -- setup --------------------------------------------------------------------
     async def open(self, token: str = "") -> t.LoggedIn:
         cfg = self.cfg
-        conn = await open_tcp(cfg.server, cfg.port, timeout=cfg.connect_timeout)
-        where = f"{cfg.server}:{cfg.port}"
+        conn = await open_tcp(self.host, self.port, timeout=cfg.connect_timeout)
+        where = f"{self.host}:{self.port}"
         try:
             if cfg.tls is not None:
                 try:
                     conn = await start_tls(conn, cfg.tls, server_side=False,
-                                           server_hostname=cfg.server_hostname or cfg.server,
+                                           server_hostname=cfg.server_hostname or self.host,
                                            timeout=cfg.connect_timeout)
                 except ssl.SSLCertVerificationError as exc:
                     raise RelayError("tls", f"cannot verify the relay's certificate: "
@@ -146,7 +157,7 @@ class RelayLink:
                     raise RelayError("protocol", "unexpected data during login")
                 ev = self.t.receive(m.TERMINAL_CODEC.decode(frame.payload))
                 if isinstance(ev, t.LoginFailed):
-                    raise RelayError("login-failed", ev.reason)
+                    raise RelayError(ev.code or "login-failed", ev.reason)
                 if isinstance(ev, t.LoggedIn):
                     break
         except BaseException:
@@ -181,7 +192,7 @@ class RelayLink:
             raise RelayError("protocol", "relay did not accept STARTTLS")
         self.framed.conn = await start_tls(
             self.framed.conn, ctx, server_side=False,
-            server_hostname=self.cfg.server_hostname or self.cfg.server)
+            server_hostname=self.cfg.server_hostname or self.host)
         self.t.tls_established()
 
     async def starttls(self) -> None:
@@ -220,7 +231,7 @@ class RelayLink:
                 self._upgrade = False
                 framed.conn = await start_tls(
                     framed.conn, self.cfg.starttls, server_side=False,  # type: ignore[arg-type]
-                    server_hostname=self.cfg.server_hostname or self.cfg.server)
+                    server_hostname=self.cfg.server_hostname or self.host)
                 self.t.tls_established()
                 if self._tls_ready:
                     self._tls_ready.set()
@@ -583,6 +594,7 @@ class Terminal:
         self.ever_connected = False
         self._subscribed = False
         self._sub_link: RelayLink | None = None
+        self._current = 0
 
     # -- pool ---------------------------------------------------------------------
     def spawn(self, coro: Awaitable[object]) -> None:
@@ -619,9 +631,40 @@ class Terminal:
     def idle_links(self) -> list[RelayLink]:
         return [link for link in self.links if link.idle]
 
+    @property
+    def server(self) -> tuple[str, int]:
+        """The server in use (the first of ``--server`` until it fails)."""
+        addrs = self.cfg.addresses
+        return addrs[self._current % len(addrs)]
+
+    def fail_over(self, failed: tuple[str, int]) -> bool:
+        """Move on to the next server after ``failed`` (if it is still the current one);
+        False when there is no other server to try."""
+        addrs = self.cfg.addresses
+        if len(addrs) < 2:
+            return False
+        if self.server == failed:
+            self._current = (self._current + 1) % len(addrs)
+            self.token = ""  # a resumption token is only good at the server that gave it
+            log.warning("relay %s:%d failed; trying %s:%d", *failed, *self.server)
+        return True
+
     async def open_link(self) -> RelayLink:
-        link = RelayLink(self.cfg, self)
-        await link.open(self.token)
+        """A new logged-in link to the current server; when it cannot be reached (or
+        says it is cut off from its cluster), each other server is tried once."""
+        tried = 0
+        while True:
+            addr = self.server
+            link = RelayLink(self.cfg, self, addr)
+            try:
+                await link.open(self.token)
+            except (RelayError, OSError, TimeoutError, ConnClosed) as exc:
+                fatal = isinstance(exc, RelayError) and exc.code in FATAL_CODES
+                tried += 1
+                if fatal or tried >= len(self.cfg.addresses) or not self.fail_over(addr):
+                    raise
+                continue
+            break
         self.token = link.token
         self.links.add(link)
         self.connected.set()
@@ -648,12 +691,12 @@ class Terminal:
                         log.error("cannot log in: %s", err.message)
                     else:
                         log.warning("cannot reach relay %s:%d: %s (retrying in %.1fs)",
-                                    self.cfg.server, self.cfg.port, err, delay)
+                                    *self.server, err, delay)
                     await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                     delay = min(delay * 2, 30.0)
                     continue
                 if delay > 0.5:
-                    log.info("connected to relay %s:%d", self.cfg.server, self.cfg.port)
+                    log.info("connected to relay %s:%d", *self.server)
                 delay = 0.5
             try:
                 await self._resubscribe()

@@ -207,12 +207,44 @@ def keygen(path) -> None:
 @opt.connection_limit_options(0, "Each agent holds 1 + its spare connections.")
 @opt.audit_log_option
 @opt.metrics_listen_option
+@click.option("--cluster", metavar="redis://HOST:PORT",
+              help="Join a cluster of relay nodes coordinated through this Redis: users "
+                   "of every node reach each other (relay federation).")
+@click.option("--node", help="This node's name in the cluster (unique; default: HOST-PORT "
+                             "of --advertise).")
+@click.option("--advertise", metavar="HOST:PORT",
+              help="Where the other nodes reach this one (default: --listen, which must "
+                   "then not be a wildcard address).")
+@click.option("--cluster-secret-file", type=click.Path(exists=True, dir_okay=False),
+              help="Secret that authenticates the links between nodes (default: one "
+                   "made by the first node and shared through the cluster's Redis).")
+@click.option("--cluster-ttl", type=click.FloatRange(min=1.0), default=6.0,
+              show_default=True,
+              help="Seconds after which a node that stopped renewing its entries (dead, "
+                   "or cut off from Redis) is out of the cluster.")
+@click.option("--cluster-ca", type=click.Path(exists=True, dir_okay=False),
+              help="CA that issued the nodes' certificates, for links between nodes with "
+                   "--tls on (default: the development CA of the state directory).")
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
           login_timeout, login_lockout, max_connections, max_per_client, audit_log,
-          metrics_listen) -> None:
-    """Run the relay server."""
+          metrics_listen, cluster, node, advertise, cluster_secret_file, cluster_ttl,
+          cluster_ca) -> None:
+    """Run the relay server (a node of a cluster with --cluster)."""
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
     opt.check_cert_key(cert, key)
+    secret = None
+    if cluster:
+        advertise = advertise or listen
+        ahost, aport = hostport(advertise, "--advertise", DEFAULT_PORT)
+        if ahost in ("0.0.0.0", "::", ""):
+            raise click.BadParameter("the other nodes cannot reach a wildcard address: "
+                                     "give --advertise HOST:PORT", param_hint="--advertise")
+        node = node or f"{ahost.replace(':', '_')}-{aport}"
+        opt.check_name(node, "--node", "node names")
+        if cluster_secret_file:
+            secret = opt.password(password_file=cluster_secret_file)
+    elif node or advertise or cluster_secret_file:
+        raise click.UsageError("--node, --advertise and --cluster-secret-file need --cluster")
     registry = RelayUsers(open_store(db))
     if not registry.list():
         log.warning("no users registered in %s: add one with 'kakehashi relay user add'",
@@ -220,7 +252,7 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
     server_ctx = tls.server_context(cert, key, names=list(names) or None)
     settings = Settings(keepalive=keepalive, dead_missed=dead_after,
                         request_timeout=request_timeout, login_timeout=login_timeout,
-                        fail_lockout=login_lockout)
+                        fail_lockout=login_lockout, node=node if cluster else "")
 
     async def main() -> None:
         server = RelayServer(registry, host=host, port=port,
@@ -237,10 +269,27 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
                    f"({'TLS' if tls_mode == 'on' else 'plaintext'})", err=True)
         from kakehashi.core import metrics  # servers only: clients start without it
 
+        node_layer = None
+        if cluster:
+            from kakehashi.relay.cluster import ClusterError, ClusterNode
+
+            node_layer = ClusterNode(
+                server, cluster, node, advertise, ttl=cluster_ttl, secret=secret,
+                trunk_tls=tls.client_context(cluster_ca) if tls_mode == "on" else None)
+            server.cluster = node_layer
+            try:
+                await node_layer.start()
+            except ClusterError as exc:
+                await server.close()
+                raise click.ClickException(str(exc)) from None
+            click.echo(f"relay node {node} in cluster {describe(cluster)}, advertised as "
+                       f"{advertise}", err=True)
         try:
             async with metrics.exporter(metrics_listen):
                 await asyncio.Event().wait()
         finally:
+            if node_layer is not None:
+                await node_layer.close()
             await server.close()
 
     sys.exit(runner.run(main()))
@@ -248,7 +297,8 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
 
 # -- terminals -------------------------------------------------------------------
 def terminal_options(f):
-    f = opt.client_options("The relay", DEFAULT_PORT, user_help="Your user ID on the relay.")(f)
+    f = opt.client_options("The relay", DEFAULT_PORT, user_help="Your user ID on the relay.",
+                           multiple_servers=True)(f)
     f = click.option("--encryption", type=click.Choice(["required", "optional", "off"]),
                      help="Encryption attribute sent at login.")(f)
     f = click.option("--insecure-peer", type=click.Choice(["refuse", "ask"]),
@@ -266,7 +316,8 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
                      services: list[str] | None = None,
                      allowed_peers: list[str] | None = None) -> TerminalConfig:
     opt.check_name(user, "--user")
-    addr = opt.parse_server(server, "--server", DEFAULT_PORT)
+    addrs = opt.parse_servers(server, "--server", DEFAULT_PORT)
+    addr = addrs[0]
     host, port = addr.host, addr.port
     if addr.tls is not None and not opt.explicit("tls_mode"):
         tls_mode = "on" if addr.tls else "off"
@@ -288,6 +339,7 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
                     insecure_peer=insecure_peer, allowed_peers=allowed_peers)
     return TerminalConfig(
         server=host, port=port, user=user, password=pw,
+        servers=[(a.host, a.port) for a in addrs],
         tls=ctx if tls_mode == "on" else None, starttls=ctx, attrs=attrs, spares=spares,
         keepalive=keepalive,
         identity=_load_identity(identity),
@@ -328,7 +380,7 @@ def agent(exposes, spares, allowed, **opts) -> None:
         maintainer = asyncio.create_task(term.maintain())
         try:
             await _online(term, maintainer)
-            click.echo(f"agent {cfg.user} online at {cfg.server}:{cfg.port}, exposing "
+            click.echo(f"agent {cfg.user} online at {term.server[0]}:{term.server[1]}, exposing "
                        + ", ".join(f"{k}={h}:{p}" for k, (h, p) in services.items()), err=True)
             await maintainer
         finally:
@@ -383,7 +435,8 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
         try:
             await _online(term, maintainer)
             h, p = listener.address
-            click.echo(f"forwarding {h}:{p} -> {target} via {cfg.server}:{cfg.port}", err=True)
+            click.echo(f"forwarding {h}:{p} -> {target} via {term.server[0]}:{term.server[1]}",
+                       err=True)
             await maintainer
         finally:
             await listener.close()

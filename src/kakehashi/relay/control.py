@@ -26,17 +26,19 @@ import enum
 import hashlib
 import secrets
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
 
 from kakehashi.core.identity import Attempt, LoginThrottle, ThrottleSettings
+from kakehashi.relay import federation as fed
 from kakehashi.relay import messages as m
 
 _ENCODE = msgspec.msgpack.Encoder().encode
 
-Action = "Send | Close | Authenticate | UpgradeTLS | Pair | Unpair | Audit"
+Action = ("Send | Close | Authenticate | UpgradeTLS | Pair | Unpair | Audit | OpenTrunk"
+          " | PublishPresence | RemoteDeliver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,34 @@ class Audit:
     fields: dict[str, object]
 
 
+# -- cluster actions (relay federation; see :mod:`kakehashi.relay.federation`) ---------
+@dataclass(frozen=True, slots=True)
+class OpenTrunk:
+    """Open an authenticated inter-node link to ``node`` for request ``req``; answer
+    with :meth:`ControlUnit.trunk_opened` or :meth:`ControlUnit.trunk_failed`."""
+
+    node: str
+    req: int
+
+
+@dataclass(frozen=True, slots=True)
+class PublishPresence:
+    """Tell the cluster that ``user`` is here (``info``) or no longer here (None)."""
+
+    user: str
+    info: fed.PresenceInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDeliver:
+    """A broadcast message for ``target``, who is logged in at ``node``."""
+
+    node: str
+    sender: str
+    target: str
+    body: bytes
+
+
 class State(enum.Enum):
     NEW = "new"
     AUTH = "authenticating"
@@ -138,6 +168,17 @@ class Pending:
     requester_requires: bool = False
     #: ``now`` when the request arrived
     created: float | None = None
+    #: the requester's X25519 key (handed to the target for end-to-end mode)
+    requester_key: str = ""
+    #: the target is at another node: candidates, the one being asked first
+    nodes: list[str] = field(default_factory=list)
+    #: the requester refused the encryption instruction (it is asked as one that
+    #: cannot encrypt at the target's node)
+    requester_refused: bool = False
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.nodes)
 
 
 @dataclass
@@ -162,6 +203,16 @@ class Connection:
     login: m.Login | None = None
     #: the throttle slot reserved while the password is being checked
     attempt: Attempt | None = None
+    #: an inter-node link: the node at the other end ("" for a terminal)
+    trunk: str = ""
+    #: this node opened the link (it carries our requesters' requests out)
+    outbound: bool = False
+    #: the inter-node link itself is TLS (``encrypted`` is per request on a trunk)
+    link_encrypted: bool = False
+    #: an inbound trunk's current requester's X25519 key
+    requester_key: str = ""
+    #: node authentication in progress: (calling node, its nonce, our nonce)
+    node_auth: tuple[str, bytes, bytes] | None = None
 
 
 @dataclass
@@ -190,6 +241,12 @@ class Settings:
     server_name: str = "kakehashi"
     #: bytes of user entries per ``who-list`` page (the control-message limit is 64 KiB)
     who_page_bytes: int = 48 * 1024
+    #: this node's name in a cluster ("" : a standalone relay)
+    node: str = ""
+    #: key of the inter-node link proofs (:func:`federation.derive_secret`)
+    cluster_secret: bytes = b""
+    #: idle inter-node links kept per node once a burst of sessions is over
+    trunk_spares: int = 4
 
     @property
     def dead_after(self) -> float:
@@ -253,12 +310,23 @@ class ControlUnit:
         self.waiting: dict[str, deque[Pending]] = {}
         self._next_conn = 1
         self._next_req = 1
+        #: the other nodes' users (cluster mode)
+        self.directory = fed.Directory()
+        #: the cluster state is reachable: logins and cross-node requests are served
+        self.cluster_up = not self.settings.node
+        #: what was last published about each local user
+        self._published: dict[str, fed.PresenceInfo] = {}
 
     # -- events -------------------------------------------------------------------
-    def connection_made(self, addr: str, *, encrypted: bool) -> int:
+    def connection_made(self, addr: str, *, encrypted: bool, trunk: str = "") -> int:
+        """A new connection; ``trunk`` names the node of an inter-node link this node
+        opened and authenticated (it is idle at once, see :meth:`trunk_opened`)."""
         cid = self._next_conn
         self._next_conn += 1
-        self.conns[cid] = Connection(cid, addr, encrypted)
+        conn = self.conns[cid] = Connection(cid, addr, encrypted)
+        if trunk:
+            conn.trunk, conn.outbound, conn.link_encrypted = trunk, True, encrypted
+            conn.state = State.IDLE
         return cid
 
     def tls_established(self, cid: int) -> list[object]:
@@ -271,9 +339,16 @@ class ControlUnit:
         conn = self.conns.get(cid)
         if conn is None or conn.state is State.CLOSED or conn.violated:
             return []
+        if conn.outbound:
+            return self._trunk_receive(conn, msg, now)
         handler = getattr(self, "_on_" + type(msg).__name__, None)
-        if conn.state in (State.NEW, State.AUTH) and not isinstance(msg, m.Login | m.StartTLS):
+        if conn.state in (State.NEW, State.AUTH) and not isinstance(
+                msg, m.Login | m.StartTLS | m.NodeHello | m.NodeProof):
             return self._violation(conn, "login first")
+        if conn.trunk and not isinstance(msg, _TRUNK_MESSAGES):
+            return self._violation(conn, f"{type(msg).__name__} on an inter-node link")
+        if not conn.trunk and isinstance(msg, m.NodeConnect):
+            return self._violation(conn, "node-connect from a terminal")
         if handler is None:
             return self._violation(conn, f"unexpected message {type(msg).__name__}")
         return handler(conn, msg, now)
@@ -307,13 +382,23 @@ class ControlUnit:
             out += self._cancel_pending(p, lost=cid)
         if prev is State.PAIRED and conn.peer is not None:
             peer = self.conns.get(conn.peer)
-            if peer is not None and peer.peer == cid:
+            if peer is not None and peer.peer == cid and peer.outbound:
+                # the other node ends its side and answers with its release reply,
+                # after which the link is idle again
+                peer.peer = None
+                if not peer.released:
+                    out += [Send(peer.id, m.End(reason="peer connection lost")),
+                            Send(peer.id, m.Release())]
+                    peer.released = True
+                else:
+                    out += self._finish_trunk(peer)
+            elif peer is not None and peer.peer == cid:
                 if peer.released:
                     out += self._finish_pair(peer)
                 else:
                     peer.peer = None
                     out.append(Send(peer.id, m.End(reason="peer connection lost")))
-        if conn.user is not None:
+        if conn.user is not None and not conn.trunk:
             out += self._detach(conn, now)
         return out
 
@@ -336,8 +421,20 @@ class ControlUnit:
 
     # -- login (Fig. 2) -----------------------------------------------------------
     def _on_Login(self, conn: Connection, msg: m.Login, now: float) -> list[object]:
-        if conn.state is not State.NEW:
+        if conn.state is not State.NEW or conn.node_auth is not None:
             return self._violation(conn, "already logged in")
+        if not self.cluster_up:
+            # a node cut off from the cluster state takes nobody in: a user logged in
+            # here could not be found by the other nodes (and might be logged in there)
+            conn.state = State.CLOSED
+            return [
+                Audit("login", False, {"user": msg.user, "addr": conn.addr,
+                                       "why": "cluster-down"}),
+                Send(conn.id, m.LoginFail(
+                    reason=f"relay node {self.settings.node} cannot reach the cluster "
+                           "state; use another node", code="cluster-down")),
+                Close(conn.id, "cluster down"),
+            ]
         conn.login = msg
         conn.state = State.AUTH
         if msg.token:
@@ -451,9 +548,9 @@ class ControlUnit:
                 ),
             ),
         ]
-        if first:
+        if first and not self.directory.online(record.name):
             out += self._presence(record, True, conn.attrs.encryption or "optional")
-        return out + self._became_idle(conn)
+        return out + self._publish(record.name) + self._became_idle(conn)
 
     def _on_SetAttrs(self, conn: Connection, msg: m.SetAttrs, now: float) -> list[object]:
         session = self.sessions[conn.user]  # type: ignore[index]
@@ -461,7 +558,7 @@ class ControlUnit:
         conn.attrs = self._effective(session.record, msg.attrs)
         if is_base or session.base_attrs is None:  # para 0029: sent after the positive reply
             session.base_attrs = conn.attrs
-        return []
+        return self._publish(session.record.name)
 
     def _on_StartTLS(self, conn: Connection, msg: m.StartTLS, now: float) -> list[object]:
         if conn.state is State.AUTH:
@@ -497,13 +594,28 @@ class ControlUnit:
         users: list[m.UserInfo] = []
         size = 0
         more = False
-        for name in sorted(n for n in self.sessions if n > msg.after):
-            s = self.sessions[name]
-            if not s.conns or not _visible(s.record, conn.user or "", s.base_attrs):
+        viewer = conn.user or ""
+        names = {n for n in self.sessions if n > msg.after}
+        names.update(n for n in self.directory.users if n > msg.after)
+        for name in sorted(names):
+            s = self.sessions.get(name)
+            remote = self.directory.merged(name)
+            if s is not None and s.conns:
+                if not _visible(s.record, viewer, s.base_attrs):
+                    continue
+                services = {sv for c in s.conns for sv in self.conns[c].attrs.services}
+                encryption, count = self._user_encryption(s), len(s.conns)
+            elif remote is not None:  # cluster-wide: a user of another node
+                if not remote.visible_to(viewer, name):
+                    continue
+                services, encryption, count = set(), remote.encryption, 0
+            else:
                 continue
-            services = sorted({sv for c in s.conns for sv in self.conns[c].attrs.services})
-            info = m.UserInfo(user=name, encryption=self._user_encryption(s),
-                              services=services[:64], connections=len(s.conns))
+            if remote is not None:
+                services.update(remote.services)
+                count += remote.connections
+            info = m.UserInfo(user=name, encryption=encryption,
+                              services=sorted(services)[:64], connections=count)
             entry = len(_ENCODE(info))
             if users and size + entry > self.settings.who_page_bytes:
                 more = True
@@ -522,23 +634,38 @@ class ControlUnit:
 
     def _presence(self, record: UserRecord, online: bool, enc: m.Encryption,
                   attrs: m.Attrs | None = None) -> list[object]:
+        return self._presence_to(record.name, online, enc,
+                                 lambda viewer: _visible(record, viewer, attrs))
+
+    def _presence_to(self, name: str, online: bool, enc: m.Encryption,
+                     visible: Callable[[str], bool]) -> list[object]:
         out: list[object] = []
         for cid in list(self.subscribers):
             c = self.conns.get(cid)
             if c is None:
                 self.subscribers.discard(cid)
                 continue
-            if c.user and c.user != record.name and _visible(record, c.user, attrs):
-                out.append(Send(c.id, m.Presence(user=record.name, online=online, encryption=enc)))
+            if c.user and c.user != name and visible(c.user):
+                out.append(Send(c.id, m.Presence(user=name, online=online, encryption=enc)))
         return out
 
     def _on_Broadcast(self, conn: Connection, msg: m.Broadcast, now: float) -> list[object]:
         out: list[object] = []
         delivered, missing = [], []
+        sender = conn.user or ""
         for target in dict.fromkeys(msg.targets):
             s = self.sessions.get(target)
-            if (not s or not s.conns or not _visible(s.record, conn.user or "", s.base_attrs)
-                    or not self._allows(s, conn.user or "")):
+            if not s or not s.conns:
+                remote = self.directory.merged(target) if self.cluster_up else None
+                if remote is not None and remote.visible_to(sender, target) \
+                        and remote.allows(sender, target):
+                    node = self.directory.nodes_of(target)[0]
+                    out.append(RemoteDeliver(node, sender, target, bytes(msg.body)))
+                    delivered.append(target)
+                else:
+                    missing.append(target)
+                continue
+            if not _visible(s.record, sender, s.base_attrs) or not self._allows(s, sender):
                 missing.append(target)
                 continue
             dest = self._pick_conn(s, prefer_idle=True)
@@ -563,8 +690,14 @@ class ControlUnit:
             self._yield_notification(conn, crossed)
         if conn.state is not State.IDLE:
             return refuse("busy", "this connection is not idle; use a spare connection")
-        requester = self.sessions[conn.user]  # type: ignore[index]
+        requester_key = conn.requester_key if conn.trunk \
+            else self.sessions[conn.user].record.pubkey  # type: ignore[index]
         target = self.sessions.get(msg.target)
+        if not conn.trunk and self.settings.node and self._elsewhere(target, msg):
+            return self._request_remote(conn, msg, requester_key, now, refuse)
+        if conn.trunk and not self.cluster_up:
+            return refuse("cluster-down",
+                          f"relay node {self.settings.node} cannot reach the cluster state")
         if target is None or not target.conns or not _visible(
                 target.record, conn.user or "", target.base_attrs):
             return refuse("not-logged-in", f"{msg.target} is not logged in")
@@ -580,7 +713,7 @@ class ControlUnit:
                     f"{msg.target} does not expose {msg.service!r}"
                     + (f" (it exposes: {', '.join(sorted(offered))})" if offered else ""),
                 )
-        if msg.e2e and not (requester.record.pubkey and target.record.pubkey):
+        if msg.e2e and not (requester_key and target.record.pubkey):
             return refuse(
                 "e2e-unavailable",
                 "end-to-end encryption needs an X25519 key registered for both users",
@@ -601,11 +734,20 @@ class ControlUnit:
             deadline=now + self.settings.request_timeout,
             requester_requires=requester_requires,
             created=now,
+            requester_key=requester_key,
         )
         self._next_req += 1
         self.pending[p.id] = p
         conn.pending = p
         conn.state = State.REQUESTING
+        if p.encrypt and not conn.encrypted and conn.trunk \
+                and conn.attrs.encryption != "off":
+            # every hop must be encrypted (para 0017), the one between the nodes too;
+            # the requester's node instructed its own hop already (step 12)
+            why = ("the link between relay nodes is not encrypted (run the nodes with "
+                   "--tls on)" if not conn.link_encrypted
+                   else "the requester's connection is not encrypted")
+            return self._fail_request(p, "encryption-required", why)
         if p.encrypt and not conn.encrypted:
             # both hops must be encrypted (para 0017): step 12 for Fig. 3, and for Fig. 4
             # when the requester asked for encryption on a plaintext connection
@@ -661,12 +803,17 @@ class ControlUnit:
         if p.requester_requires:
             return self._fail_request(
                 p, "encryption-required", "you asked for encryption but refused to encrypt")
+        if p.remote:  # the target's node decides as for one that cannot encrypt
+            p.requester_refused = True
+            return self._forward_remote(p)
         target = self.sessions.get(p.target)
         if target is None:
             return self._fail_request(p, "not-logged-in", f"{p.target} is not logged in")
         return self._requester_cannot_encrypt(p, target)
 
     def _notify_target(self, p: Pending) -> list[object]:
+        if p.remote:
+            return self._forward_remote(p)
         target = self.sessions.get(p.target)
         req_conn = self.conns[p.requester_conn]
         if target is None:
@@ -695,6 +842,8 @@ class ControlUnit:
         """Hand a waiting request to a connection that just became idle: the oldest
         one this connection can serve (a request for a service goes only to a
         connection that offers it)."""
+        if conn.trunk:
+            return []  # an inter-node link serves requests from its other end only
         user = conn.user or ""
         queue = self.waiting.get(user)
         if not queue:
@@ -723,18 +872,19 @@ class ControlUnit:
             del self.waiting[p.target]
 
     def _send_notify(self, p: Pending, tconn: Connection) -> list[object]:
-        requester = self.sessions[p.requester]
         p.target_conn = tconn.id
         p.phase = "target-wait"
         tconn.state = State.NOTIFIED
         tconn.pending = p
         return [Send(tconn.id, m.Notify(
             req=p.id, peer=p.requester, service=p.service, encrypt=p.encrypt, e2e=p.e2e,
-            peer_key=requester.record.pubkey if p.e2e else "", insecure=p.insecure,
+            peer_key=p.requester_key if p.e2e else "", insecure=p.insecure,
         ))]
 
     def _on_Accept(self, conn: Connection, msg: m.Accept, now: float) -> list[object]:
         p = conn.pending
+        if conn.state is State.REQUESTING and p and p.phase == "remote-ask":
+            return self._remote_answer(conn, p, msg)
         if conn.state is State.REQUESTING and p and p.phase == "ask-wait":
             if msg.req != p.client_req:
                 return self._violation(conn, "accept for an unknown request")
@@ -787,6 +937,8 @@ class ControlUnit:
 
     def _on_Refuse(self, conn: Connection, msg: m.Refuse, now: float) -> list[object]:
         p = conn.pending
+        if conn.state is State.REQUESTING and p and p.phase == "remote-ask":
+            return self._remote_answer(conn, p, msg)
         if conn.state is State.REQUESTING and p and p.phase == "ask-wait":
             return self._fail_request(p, "refused", "you declined the unencrypted connection")
         if conn.state is not State.NOTIFIED or p is None or p.id != msg.req:
@@ -812,7 +964,11 @@ class ControlUnit:
                 req=p.client_req, ok=False, peer=p.target, code=code, message=text)))
         if p.target_conn is not None:
             tconn = self.conns.get(p.target_conn)
-            if tconn is not None and tconn.pending is p:
+            if tconn is not None and tconn.pending is p and tconn.outbound:
+                # the other node is still at it: this link cannot be reused
+                tconn.pending = None
+                out.append(Close(tconn.id, "request given up"))
+            elif tconn is not None and tconn.pending is p:
                 # still waiting for the target: its late reply gets "requester went away"
                 self._keep_cancelled(p)
         return out
@@ -844,7 +1000,15 @@ class ControlUnit:
         if lost == p.requester_conn:
             self.pending.pop(p.id, None)
             self._unqueue(p)
-            if p.target_conn is not None and p.target_conn in self.conns:
+            tconn = self.conns.get(p.target_conn) if p.target_conn is not None else None
+            if tconn is not None and tconn.outbound:
+                p.cancelled = True
+                if tconn.pending is p:  # the other node is still at it: cut that link
+                    tconn.pending = None
+                    return [Close(tconn.id, "requester lost"),
+                            Audit("connect", False, {"from": p.requester, "to": p.target,
+                                                     "why": "requester lost"})]
+            elif p.target_conn is not None and p.target_conn in self.conns:
                 self._keep_cancelled(p)  # keep until the target replies
             else:
                 p.cancelled = True
@@ -874,6 +1038,12 @@ class ControlUnit:
             # this side is gone, or both connections would stay paired forever
             conn.sent_end = True
             out.append(Send(peer.id, m.End(reason="peer released the connection")))
+        if peer is not None and peer.outbound and peer.peer == conn.id:
+            # the far node releases its side for us; its release reply ends the pairing
+            if not peer.released:
+                peer.released = True
+                out.append(Send(peer.id, m.Release()))
+            return out
         if peer is None or peer.released or peer.peer != conn.id:
             out += self._finish_pair(conn)
             if peer is not None and peer.peer == conn.id:
@@ -881,10 +1051,378 @@ class ControlUnit:
         return out
 
     def _finish_pair(self, conn: Connection) -> list[object]:
+        if conn.outbound:
+            return self._finish_trunk(conn)
         conn.state = State.IDLE
         conn.peer = None
         conn.released = conn.sent_end = False
         return [Send(conn.id, m.Released()), *self._became_idle(conn)]
+
+    # -- relay federation: requests to users of other nodes --------------------------
+    def _elsewhere(self, target: UserSession | None, msg: m.ConnectRequest) -> bool:
+        """Whether to ask another node: the target is not here, or it is here without
+        the named service while another node's connection of it offers it."""
+        if target is None or not target.conns:
+            return True
+        if not msg.service:
+            return False
+        if any(msg.service in self.conns[c].attrs.services for c in target.conns):
+            return False
+        return bool(self.directory.nodes_of(msg.target, msg.service))
+
+    def _request_remote(self, conn: Connection, msg: m.ConnectRequest, requester_key: str,
+                        now: float, refuse: Callable[[str, str], list[object]]) -> list[object]:
+        """The checks the requester's node can make from the directory; the target's
+        node makes them all again with the real session when the request arrives."""
+        user = conn.user or ""
+        info = self.directory.merged(msg.target) if self.cluster_up else None
+        if not self.cluster_up:
+            return refuse("cluster-down",
+                          f"relay node {self.settings.node} cannot reach the cluster state")
+        if info is None or not info.visible_to(user, msg.target):
+            return refuse("not-logged-in", f"{msg.target} is not logged in")
+        if not info.allows(user, msg.target):
+            return refuse("forbidden", f"{msg.target} does not accept connections from you")
+        if conn.attrs.allowed_peers is not None and msg.target not in conn.attrs.allowed_peers:
+            return refuse("forbidden", f"your attributes do not allow connecting to {msg.target}")
+        nodes = self.directory.nodes_of(msg.target, msg.service)
+        if not nodes:
+            return refuse("no-such-service",
+                          f"{msg.target} does not expose {msg.service!r}"
+                          + (f" (it exposes: {', '.join(info.services)})"
+                             if info.services else ""))
+        if msg.e2e and not (requester_key and info.pubkey):
+            return refuse("e2e-unavailable",
+                          "end-to-end encryption needs an X25519 key registered for both users")
+        if msg.encrypt and conn.attrs.encryption == "off":
+            return refuse("bad-request", "you asked for encryption but your encryption is off")
+        target_requires = info.encryption == "required"
+        requester_requires = conn.attrs.encryption == "required" or msg.encrypt
+        p = Pending(
+            id=self._next_req, client_req=msg.req, requester_conn=conn.id, requester=user,
+            target=msg.target, service=msg.service,
+            encrypt=target_requires or requester_requires, e2e=msg.e2e,
+            deadline=now + self.settings.request_timeout,
+            requester_requires=requester_requires, requester_key=requester_key, nodes=nodes,
+            created=now)
+        self._next_req += 1
+        self.pending[p.id] = p
+        conn.pending = p
+        conn.state = State.REQUESTING
+        if p.encrypt and not conn.encrypted and conn.attrs.encryption != "off":
+            p.phase = "encrypt-wait"  # step 12 on this hop, as for a local target
+            why = (f"{msg.target} requires encrypted communication" if target_requires
+                   else "you asked for encryption: upgrade this connection")
+            return [Send(conn.id, m.EncryptInstruct(req=msg.req, reason=why))]
+        return self._forward_remote(p)
+
+    def _forward_remote(self, p: Pending) -> list[object]:
+        """Send ``p`` to its first candidate node over an idle inter-node link, or ask
+        the driver for a new link (pooled: a link is reused once its session ends)."""
+        if not p.nodes:
+            return self._fail_request(p, "not-logged-in", f"{p.target} is not logged in")
+        node = p.nodes[0]
+        for conn in self.conns.values():
+            if conn.outbound and conn.trunk == node and conn.state is State.IDLE \
+                    and conn.pending is None:
+                return self._send_node_connect(p, conn)
+        p.phase = "trunk-wait"
+        return [OpenTrunk(node, p.id)]
+
+    def _send_node_connect(self, p: Pending, trunk: Connection) -> list[object]:
+        req_conn = self.conns[p.requester_conn]
+        trunk.state = State.REQUESTING
+        trunk.pending = p
+        p.target_conn = trunk.id
+        p.phase = "remote-wait"
+        attrs = req_conn.attrs
+        return [Send(trunk.id, m.NodeConnect(
+            req=p.client_req, requester=p.requester, target=p.target, service=p.service,
+            encrypt=p.requester_requires, e2e=p.e2e, requester_key=p.requester_key,
+            hop_encrypted=req_conn.encrypted, requester_requires=p.requester_requires,
+            encryption="off" if p.requester_refused else attrs.encryption,
+            insecure_peer=attrs.insecure_peer, allowed_peers=attrs.allowed_peers,
+        ))]
+
+    def trunk_opened(self, cid: int, req: int) -> list[object]:
+        """The driver opened (and authenticated) the link asked for by ``OpenTrunk``;
+        it was registered with ``connection_made(..., trunk=node)``."""
+        trunk = self.conns.get(cid)
+        if trunk is None:
+            return []
+        p = self.pending.get(req)
+        if p is not None and p.phase == "trunk-wait" and p.nodes and p.nodes[0] == trunk.trunk:
+            return self._send_node_connect(p, trunk)
+        return self._trunk_idle(trunk)
+
+    def trunk_failed(self, node: str, req: int, why: str) -> list[object]:
+        """No link to ``node``: its users are taken as gone until the cluster says
+        otherwise, and the request tries the next node that holds its target."""
+        out = self._forget_node(node)
+        p = self.pending.get(req)
+        if p is None or p.phase != "trunk-wait":
+            return out
+        p.nodes = [n for n in p.nodes if n != node]
+        if not p.nodes:
+            return out + self._fail_request(
+                p, "target-lost", f"{p.target} was at relay node {node}, which is "
+                                  f"unreachable ({why})")
+        return out + self._forward_remote(p)
+
+    def _trunk_idle(self, trunk: Connection) -> list[object]:
+        """A link to a node is free: a request waiting for a link to that node takes it."""
+        for p in self.pending.values():
+            if p.phase == "trunk-wait" and p.nodes and p.nodes[0] == trunk.trunk:
+                return self._send_node_connect(p, trunk)
+        return []
+
+    def _finish_trunk(self, trunk: Connection) -> list[object]:
+        trunk.state = State.IDLE
+        trunk.peer = None
+        trunk.pending = None
+        trunk.released = trunk.sent_end = False
+        out = self._trunk_idle(trunk)
+        if out:
+            return out
+        idle = sum(1 for c in self.conns.values() if c.outbound and c.trunk == trunk.trunk
+                   and c.state is State.IDLE and c.pending is None)
+        if idle > self.settings.trunk_spares:  # a burst is over: keep the pool small
+            return [Close(trunk.id, "spare inter-node link not needed")]
+        return []
+
+    def _remote_answer(self, conn: Connection, p: Pending,
+                       msg: m.Accept | m.Refuse) -> list[object]:
+        """The requester's answer to "the target cannot encrypt, connect anyway?",
+        forwarded to the target's node, which decides."""
+        if msg.req != p.client_req or p.target_conn is None:
+            return self._violation(conn, "answer for an unknown request")
+        p.phase = "remote-wait"
+        return [Send(p.target_conn, msg)]
+
+    def _trunk_receive(self, trunk: Connection, msg: m.Msg, now: float) -> list[object]:
+        """What the target's node answers on a link this node opened."""
+        p = trunk.pending
+        if isinstance(msg, m.HoldAck):
+            return []
+        if trunk.state is State.REQUESTING and p is not None:
+            if isinstance(msg, m.Result | m.Error) and msg.req == p.client_req:
+                ok = isinstance(msg, m.Result) and msg.ok
+                if ok:
+                    return self._remote_paired(trunk, p, msg)  # type: ignore[arg-type]
+                trunk.state = State.IDLE
+                trunk.pending = None
+                p.target_conn = None
+                if msg.code in ("not-logged-in", "cluster-down") and len(p.nodes) > 1:
+                    p.nodes.pop(0)  # that node no longer holds the target: the next one
+                    return self._forward_remote(p) + self._trunk_idle(trunk)
+                return self._fail_request(p, msg.code or "refused",
+                                          msg.message or f"{p.target} refused") \
+                    + self._trunk_idle(trunk)
+            if isinstance(msg, m.Notify) and msg.insecure and p.phase == "remote-wait":
+                p.phase = "remote-ask"
+                return [Send(p.requester_conn, m.Notify(
+                    req=p.client_req, peer=p.target, service=p.service, insecure=True))]
+        if trunk.state is State.PAIRED:
+            if isinstance(msg, m.End):
+                return self._on_End(trunk, msg, now)
+            if isinstance(msg, m.Released) and trunk.released:
+                peer = self.conns.get(trunk.peer) if trunk.peer is not None else None
+                out: list[object] = [Unpair(trunk.id)]
+                if peer is not None and peer.peer == trunk.id:
+                    out += self._finish_pair(peer)
+                return out + self._finish_trunk(trunk)
+        text = f"relay node {trunk.trunk} sent {type(msg).__name__} in state {trunk.state.value}"
+        if isinstance(msg, m.Error):
+            text += f": {msg.message}"
+        return [Audit("node-link", False, {"node": trunk.trunk, "why": text}),
+                Close(trunk.id, text)]
+
+    def _remote_paired(self, trunk: Connection, p: Pending, msg: m.Result) -> list[object]:
+        req_conn = self.conns.get(p.requester_conn)
+        self.pending.pop(p.id, None)
+        trunk.pending = None
+        if req_conn is None or req_conn.pending is not p:  # not expected: cut the link
+            return [Close(trunk.id, "requester gone")]
+        req_conn.pending = None
+        trunk.state = req_conn.state = State.PAIRED
+        trunk.peer, req_conn.peer = req_conn.id, trunk.id
+        trunk.released = req_conn.released = False
+        trunk.sent_end = req_conn.sent_end = False
+        return [
+            Pair(req_conn.id, trunk.id, since=p.created),
+            Send(req_conn.id, msg),
+            Audit("pair", True, {
+                "from": p.requester, "to": p.target, "service": p.service,
+                "encrypted": msg.encrypt, "e2e": msg.e2e, "via": trunk.trunk,
+                "hops_tls": [req_conn.encrypted, trunk.link_encrypted],
+                "conns": [req_conn.id, trunk.id],
+            }),
+        ]
+
+    # -- relay federation: the called side of an inter-node link ---------------------
+    def _node_refusal(self, conn: Connection, why: str, now: float) -> list[object]:
+        delay = self.throttle.fail_now(conn.addr, "relay-node", now)
+        conn.violated = True
+        return [
+            Audit("node-link", False, {"addr": conn.addr, "why": why}),
+            Send(conn.id, m.Error(code="node-auth", message=why), delay=delay),
+            Close(conn.id, why, delay=delay),
+        ]
+
+    def _on_NodeHello(self, conn: Connection, msg: m.NodeHello, now: float) -> list[object]:
+        s = self.settings
+        if conn.state is not State.NEW or conn.node_auth is not None:
+            return self._violation(conn, "node hello out of place")
+        if not s.node or not s.cluster_secret:
+            return self._node_refusal(conn, "this relay is not a cluster node", now)
+        if msg.node == s.node:
+            return self._node_refusal(conn, f"a link from a node named {msg.node} like this "
+                                            "one", now)
+        nonce = fed.new_nonce()
+        conn.node_auth = (msg.node, msg.nonce, nonce)
+        return [Send(conn.id, m.NodeChallenge(node=s.node, nonce=nonce, proof=fed.node_proof(
+            s.cluster_secret, "callee", s.node, msg.node, msg.nonce, nonce)))]
+
+    def _on_NodeProof(self, conn: Connection, msg: m.NodeProof, now: float) -> list[object]:
+        if conn.state is not State.NEW or conn.node_auth is None:
+            return self._violation(conn, "node proof without a hello")
+        peer, caller_nonce, nonce = conn.node_auth
+        expected = fed.node_proof(self.settings.cluster_secret, "caller", peer,
+                                  self.settings.node, caller_nonce, nonce)
+        if not fed.check_proof(expected, msg.proof):
+            return self._node_refusal(conn, f"node {peer} did not prove the cluster secret",
+                                      now)
+        conn.node_auth = None
+        conn.trunk = peer
+        conn.link_encrypted = conn.encrypted
+        conn.state = State.IDLE
+        return [Audit("node-link", True, {"node": peer, "addr": conn.addr, "conn": conn.id,
+                                          "tls": conn.encrypted}),
+                Send(conn.id, m.NodeWelcome())]
+
+    def _on_NodeConnect(self, conn: Connection, msg: m.NodeConnect, now: float):
+        """A request from a user of the calling node: decided here exactly as a local
+        one, with this link standing in for the requester's connection."""
+        if conn.state is not State.IDLE:
+            return self._violation(conn, "node-connect on a busy link")
+        conn.user = msg.requester
+        conn.requester_key = msg.requester_key
+        conn.attrs = m.Attrs(encryption=msg.encryption or "optional",
+                             insecure_peer=msg.insecure_peer, allowed_peers=msg.allowed_peers)
+        conn.encrypted = conn.link_encrypted and msg.hop_encrypted
+        return self._on_ConnectRequest(conn, m.ConnectRequest(
+            req=msg.req, target=msg.target, service=msg.service,
+            encrypt=msg.requester_requires, e2e=msg.e2e), now)
+
+    # -- relay federation: presence across the cluster --------------------------------
+    def presence_info(self, name: str) -> fed.PresenceInfo | None:
+        """What the other nodes learn of local user ``name`` (None: not here)."""
+        s = self.sessions.get(name)
+        if s is None or not s.conns:
+            return None
+        attrs = s.base_attrs
+        services = sorted({sv for c in s.conns for sv in self.conns[c].attrs.services})
+        peers = attrs.allowed_peers if attrs and attrs.allowed_peers is not None else \
+            s.record.allowed_peers
+        return fed.PresenceInfo(
+            encryption=self._user_encryption(s), services=tuple(services[:64]),
+            connections=len(s.conns),
+            notify=(attrs.notify if attrs else None) or s.record.notify,
+            notify_users=tuple(attrs.notify_users) if attrs and attrs.notify_users is not None
+            else s.record.notify_users,
+            allowed_peers=tuple(peers) if peers is not None else None,
+            pubkey=s.record.pubkey)
+
+    def local_presence(self) -> dict[str, fed.PresenceInfo]:
+        """Every local user, for a full rewrite of this node's entries."""
+        out = {}
+        for name in self.sessions:
+            info = self.presence_info(name)
+            if info is not None:
+                out[name] = info
+        self._published = dict(out)
+        return out
+
+    def _publish(self, name: str) -> list[object]:
+        if not self.settings.node:
+            return []
+        info = self.presence_info(name)
+        if info == self._published.get(name):
+            return []
+        if info is None:
+            self._published.pop(name, None)
+        else:
+            self._published[name] = info
+        return [PublishPresence(name, info)]
+
+    def _here(self, name: str) -> bool:
+        s = self.sessions.get(name)
+        return s is not None and bool(s.conns)
+
+    def remote_presence(self, node: str, user: str,
+                        info: fed.PresenceInfo | None) -> list[object]:
+        """Another node says ``user`` is (``info``) or is no longer there (None);
+        local watchers hear of it when it changes the user's cluster-wide presence."""
+        if node == self.settings.node:
+            return []
+        before = self._here(user) or self.directory.online(user)
+        old = self.directory.merged(user)
+        self.directory.set(node, user, info)
+        after = self._here(user) or self.directory.online(user)
+        if before == after:
+            return []
+        shown = info or old
+        assert shown is not None
+        return self._presence_to(user, after, shown.encryption,
+                                 lambda viewer: shown.visible_to(viewer, user))
+
+    def set_directory(self, nodes: dict[str, dict[str, fed.PresenceInfo]]) -> list[object]:
+        """Replace what is known of the other nodes (a full read of the cluster state)."""
+        out: list[object] = []
+        for user in list(self.directory.users):
+            for node in list(self.directory.get(user)):
+                if user not in nodes.get(node, {}):
+                    out += self.remote_presence(node, user, None)
+        for node, users in nodes.items():
+            for user, info in users.items():
+                if self.directory.get(user).get(node) != info:
+                    out += self.remote_presence(node, user, info)
+        return out
+
+    def _forget_node(self, node: str) -> list[object]:
+        out: list[object] = []
+        for user in list(self.directory.users):
+            if node in self.directory.get(user):
+                out += self.remote_presence(node, user, None)
+        return out
+
+    def node_gone(self, node: str) -> list[object]:
+        """``node`` stopped renewing its entries: its users are gone."""
+        return self._forget_node(node)
+
+    def remote_deliver(self, sender: str, target: str, body: bytes) -> list[object]:
+        """A broadcast message from a user of another node."""
+        s = self.sessions.get(target)
+        if s is None or not s.conns:
+            return []
+        return [Send(self._pick_conn(s, prefer_idle=True), m.Deliver(sender=sender, body=body))]
+
+    def cluster_state(self, up: bool) -> list[object]:
+        """The cluster state became reachable (logins and cross-node requests are
+        served) or unreachable (refused until it is back)."""
+        self.cluster_up = up or not self.settings.node
+        return [Audit("cluster", up, {"node": self.settings.node})]
+
+    def fence(self, why: str) -> list[object]:
+        """This node's entries have expired in the cluster state while it could not
+        renew them: the other nodes no longer know its users, so it lets them all go
+        (their terminals move to other nodes) rather than serve users nobody can find."""
+        out: list[object] = [Audit("cluster", False, {"node": self.settings.node,
+                                                      "why": why, "closed": len(self.conns)})]
+        out += [Close(cid, why) for cid in sorted(self.conns)]
+        self.directory = fed.Directory()
+        self._published.clear()
+        return out
 
     # -- helpers ------------------------------------------------------------------
     def _violation(self, conn: Connection, text: str) -> list[object]:
@@ -912,6 +1450,9 @@ class ControlUnit:
         for p in list(self.waiting.pop(session.record.name, ())):
             if self.pending.get(p.id) is p:  # nobody is left to serve them
                 out += self._fail_request(p, "target-lost", f"{p.target} went offline")
+        out += self._publish(session.record.name)
+        if self.directory.online(session.record.name):
+            return out  # still online at another node: nothing changed cluster-wide
         return out + self._presence(session.record, False, session.record.encryption)
 
     def _allows(self, target: UserSession, requester: str) -> bool:
@@ -961,6 +1502,9 @@ class ControlUnit:
         for c in self.conns.values():
             states[c.state.value] = states.get(c.state.value, 0) + 1
         return {"users": len(self.sessions), "connections": len(self.conns), **states}
+
+
+_TRUNK_MESSAGES = (m.Hold, m.NodeConnect, m.Accept, m.Refuse, m.End, m.Release)
 
 
 def send_targets(actions: Iterable[object]) -> list[int]:

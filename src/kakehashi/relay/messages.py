@@ -147,6 +147,9 @@ class LoginOk(Msg, tag="login-ok"):
 
 class LoginFail(Msg, tag="login-fail"):
     reason: Text
+    #: "cluster-down": this node cannot reach the cluster state; another node may
+    #: (a terminal given several servers moves on instead of giving up)
+    code: Text = ""
 
 
 class HoldAck(Msg, tag="hold-ack"):
@@ -231,13 +234,63 @@ class BroadcastResult(Msg, tag="broadcast-result"):
     missing: Names
 
 
+# -- relay node <-> relay node (the inter-node link of a cluster) -------------------
+Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
+Proof = Annotated[bytes, msgspec.Meta(min_length=32, max_length=64)]
+
+
+class NodeHello(Msg, tag="node-hello"):
+    """Instead of a login: a relay node of the same cluster opens an inter-node link."""
+
+    node: Name
+    nonce: Nonce
+
+
+class NodeChallenge(Msg, tag="node-challenge"):
+    """The called node proves it knows the cluster secret and challenges the caller."""
+
+    node: Name
+    nonce: Nonce
+    proof: Proof
+
+
+class NodeProof(Msg, tag="node-proof"):
+    proof: Proof
+
+
+class NodeWelcome(Msg, tag="node-welcome"):
+    """The link is authenticated: it carries connection requests from now on."""
+
+
+class NodeConnect(Msg, tag="node-connect"):
+    """A connection request (step 11) forwarded by the requester's node to the node
+    that holds the target, with what that node needs to decide about the requester
+    (who it is, its attributes, whether its hop is encrypted)."""
+
+    req: ReqId
+    requester: Name
+    target: Name
+    service: Service = ""
+    encrypt: bool = False
+    e2e: bool = False
+    requester_key: Secret = ""
+    #: the requester's own hop to its node is encrypted
+    hop_encrypted: bool = False
+    requester_requires: bool = False
+    encryption: Encryption | None = None
+    insecure_peer: InsecurePeer | None = None
+    allowed_peers: Names | None = None
+
+
 ToRelay = (
     Login | SetAttrs | Hold | ConnectRequest | EncryptAccept | EncryptRefuse | StartTLS
     | Accept | Refuse | End | Release | Logout | Who | Subscribe | Broadcast
+    | NodeHello | NodeProof | NodeConnect
 )
 ToTerminal = (
     LoginOk | LoginFail | HoldAck | Error | EncryptInstruct | Notify | Result | End
     | Released | TLSGo | WhoList | Presence | Deliver | BroadcastResult
+    | NodeChallenge | NodeWelcome
 )
 
 def crossing_request_wins(own_user: str, notifier: str, own_target: str) -> bool:

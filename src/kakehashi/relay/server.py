@@ -17,6 +17,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from kakehashi.core import tlsmismatch, wire
 from kakehashi.core.audit import AuditLog
@@ -37,7 +38,10 @@ from kakehashi.relay.control import (
     Authenticate,
     Close,
     ControlUnit,
+    OpenTrunk,
     Pair,
+    PublishPresence,
+    RemoteDeliver,
     Send,
     Settings,
     State,
@@ -88,6 +92,9 @@ class Link:
     flusher: asyncio.Task[None] | None = None
     opened: float = 0.0
     closed: bool = False
+    #: an inter-node link this node opened (it reads the called node's answers)
+    outbound: bool = False
+    last_hold: float = 0.0
 
 
 class RelayServer:
@@ -125,6 +132,8 @@ class RelayServer:
         from kakehashi.core import metrics  # imported by servers only (clients start fast)
 
         self.metrics = metrics.for_system("relay")
+        #: the cluster layer (:class:`kakehashi.relay.cluster.ClusterNode`) of a node
+        self.cluster: Any = None
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -185,8 +194,26 @@ class RelayServer:
             conn.close()
             return
         cid = self.core.connection_made(addr, encrypted=not conn.plain)
-        link = Link(cid, framed, task=asyncio.current_task(), opened=self.now())
-        self.links[cid] = link
+        await self._serve(cid, framed, addr)
+
+    def add_trunk(self, framed: FramedConn, node: str) -> int:
+        """Serve an inter-node link this node opened and authenticated (the cluster
+        layer dialed it); its answers are read by the same loop as terminals'."""
+        conn = framed.conn
+        addr = conn.peer[0] if conn.peer else node
+        cid = self.core.connection_made(addr, encrypted=not conn.plain, trunk=node)
+        # registered before its task runs: the request it was opened for goes out at once
+        link = self.links[cid] = Link(cid, framed, opened=self.now(), outbound=True)
+        link.task = asyncio.create_task(self._serve(cid, framed, addr, link))
+        self._auth_tasks.add(link.task)
+        link.task.add_done_callback(self._auth_tasks.discard)
+        return cid
+
+    async def _serve(self, cid: int, framed: FramedConn, addr: str,
+                     link: Link | None = None) -> None:
+        if link is None:
+            link = Link(cid, framed, task=asyncio.current_task(), opened=self.now())
+            self.links[cid] = link
         self.metrics.connections.inc()
         try:
             await self._read_loop(link)
@@ -212,8 +239,10 @@ class RelayServer:
     async def _read_loop(self, link: Link) -> None:
         framed = link.framed
 
+        codec = m.TERMINAL_CODEC if link.outbound else m.RELAY_CODEC
+
         async def on_ctrl(payload: bytes) -> bool:
-            msg = m.RELAY_CODEC.decode(payload)
+            msg = codec.decode(payload)
             await self._apply(self.core.receive(link.cid, msg, self.now()))
             # back to the idle reader once released (or never paired)
             return link.upgrade or (link.sink is None and self._idle_capable(link))
@@ -248,7 +277,8 @@ class RelayServer:
     # -- idle connections: a readable callback instead of a coroutine per message ---
     @staticmethod
     def _idle_capable(link: Link) -> bool:
-        return IDLE_CALLBACKS and link.framed.conn.plain and not link.framed.conn.has_pushback
+        return (IDLE_CALLBACKS and link.framed.conn.plain and not link.framed.conn.has_pushback
+                and not link.outbound)
 
     async def _idle_phase(self, link: Link) -> tuple[str, list[object]]:
         """Serve an unpaired plain connection from a persistent readable callback.
@@ -344,6 +374,12 @@ class RelayServer:
                 task = asyncio.create_task(self._authenticate(action))
                 self._auth_tasks.add(task)
                 task.add_done_callback(self._auth_tasks.discard)
+            elif isinstance(action, OpenTrunk | PublishPresence | RemoteDeliver):
+                if self.cluster is not None:
+                    self.cluster.act(action)
+                elif isinstance(action, OpenTrunk):  # not a cluster node: cannot happen
+                    self._apply_now(self.core.trunk_failed(action.node, action.req,
+                                                           "not a cluster node"))
             else:
                 raise AssertionError(f"{action!r} needs the connection's coroutine")
 
@@ -459,6 +495,9 @@ class RelayServer:
                 conn = self.core.conns.get(link.cid)
                 if conn is None:
                     continue
+                if link.outbound and loop_now - link.last_hold >= self.settings.keepalive:
+                    link.last_hold = loop_now  # the called node's watchdog sees it alive
+                    self._enqueue(link.cid, m.Hold(), 0.0)
                 if conn.state is State.CLOSED:
                     continue  # already being closed (a slowed-down login refusal)
                 if conn.state in (State.NEW, State.AUTH):

@@ -49,6 +49,7 @@ class LoggedIn:
 @dataclass(frozen=True)
 class LoginFailed:
     reason: str
+    code: str = ""
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ class TerminalConn:
                             msg.dead_after)
         if isinstance(msg, m.LoginFail) and st is TState.LOGIN_SENT:
             self.state = TState.CLOSED
-            return LoginFailed(msg.reason)
+            return LoginFailed(msg.reason, msg.code)
         if isinstance(msg, m.HoldAck):
             self.acked_seq = max(self.acked_seq, msg.seq)
             return Other(msg)
