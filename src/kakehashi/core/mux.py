@@ -75,10 +75,13 @@ class ProtocolMux:
 
     async def __call__(self, conn: Conn) -> None:
         try:
-            head = await asyncio.wait_for(self._peek(conn), self.timeout)
+            # (asyncio.timeout, not wait_for: no second task per connection)
+            async with asyncio.timeout(self.timeout):
+                head = await self._peek(conn)
             if self.tls is not None and head[:1] == bytes([TLS_RECORD_HANDSHAKE]):
                 conn = await start_tls(conn, self.tls, server_side=True, timeout=self.timeout)
-                head = await asyncio.wait_for(self._read_ahead(conn), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    head = await self._read_ahead(conn)
             elif self.require_tls:
                 log.debug("plaintext from %s refused (TLS required)", conn.peer)
                 refuse(conn, tlsmismatch.plaintext_refusal(head))

@@ -79,7 +79,7 @@ def still_idle(conn: Conn) -> bool:
 
 
 class UpstreamPool:
-    def __init__(self, *, idle: float = 4.0, per_target: int = 16, total: int = 256) -> None:
+    def __init__(self, *, idle: float = 4.0, per_target: int = 64, total: int = 256) -> None:
         self.idle = idle
         self.per_target = per_target
         self.total = total
