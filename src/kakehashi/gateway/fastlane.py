@@ -104,6 +104,7 @@ class FastLane:
         self.conn = conn
         self.csock: socket.socket = conn.sock
         self.cfd = conn.sock.fileno()
+        self.uconn: Conn | None = None
         self.usock: socket.socket | None = None
         self.ufd = -1
         if gc.upstream is not None:
@@ -133,6 +134,10 @@ class FastLane:
         self.out = b""  # bytes the client has not taken yet (reading pauses meanwhile)
         self.up_out = b""  # bytes the upstream has not taken yet
         self.client_eof = False
+        #: the request in flight asked to close the connection: nothing the client
+        #: sends until its response matters, so the client is not read meanwhile
+        #: (an EOF or a reset then shows on the response's send)
+        self.last_in_flight = False
         self.c_reading = False
         self.u_reading = False
         self.writing = False
@@ -160,8 +165,14 @@ class FastLane:
             # coroutine's exchange: the next request must not read them as its answer
             self._drop_upstream()
         self._arm(self.gc.request_timeout)
-        self._resume()
-        self._next_request()
+        if self.gc.first and not self.reader.buffered:
+            # a new connection's request is usually there already (the mux saw its
+            # first bytes): read it before registering the socket - a client that
+            # sends one request and Connection: close is then never registered
+            self._on_client()
+        if not self.fut.done():
+            self._resume()
+            self._next_request()
         try:
             return await self.fut
         finally:
@@ -172,12 +183,14 @@ class FastLane:
         """Read what the current state needs (unless output is backed up)."""
         if self.fut.done() or self.out or self.up_out:
             return
-        if not self.c_reading and not self.client_eof \
+        if not self.c_reading and not self.client_eof and not self.last_in_flight \
                 and self.reader.buffered <= self.limits.max_head:
             self.loop.add_reader(self.cfd, self._on_client)
             self.c_reading = True
-        if not self.u_reading and self.usock is not None:
-            self.loop.add_reader(self.ufd, self._on_upstream)
+        if not self.u_reading and self.uconn is not None:
+            # (through the Conn: a pooled upstream is already watched by the pool,
+            # and taking over its registration costs no epoll or libuv handle)
+            self.uconn.watch_readable(self._on_upstream)
             self.u_reading = True
 
     def _pause(self) -> None:
@@ -185,10 +198,18 @@ class FastLane:
             self.loop.remove_reader(self.cfd)
             self.c_reading = False
         if self.u_reading:
-            self.loop.remove_reader(self.ufd)
+            assert self.uconn is not None
+            self.uconn.unwatch_readable()
             self.u_reading = False
 
-    def _unregister(self) -> None:
+    def _unregister(self, *, idle_upstream: bool = False) -> None:
+        """Stop every callback of this lane. ``idle_upstream``: the upstream is left
+        between exchanges (it goes to the pool or is closed next), so its readiness
+        watch is handed on instead of removed - an idle upstream that speaks or
+        closes meanwhile is closed - and the pool takes it over for nothing."""
+        if idle_upstream and self.u_reading and self.uconn is not None:
+            self.uconn.watch_readable(self.uconn.close)
+            self.u_reading = False
         self._pause()
         if self.writing:
             self.loop.remove_writer(self.cfd)
@@ -211,20 +232,26 @@ class FastLane:
             rest = self.reader.take_rest()
             if rest:
                 self.conn.unread(rest)
-        self._unregister()
+        self._unregister(idle_upstream=handoff.kind in ("eof", "close") and self.clean)
         self.fut.set_result(handoff)
 
     def _watch_upstream(self, upstream: Upstream) -> None:
+        self.uconn = upstream.conn
         self.usock = upstream.conn.sock
         self.ufd = upstream.conn.sock.fileno()
 
-    def _unwatch_upstream(self) -> None:
+    def _unwatch_upstream(self, *, keep_watch: bool = False) -> None:
+        """Stop serving the upstream (``keep_watch``: its readiness watch goes on,
+        for the pool that takes it now)."""
         if self.u_reading:
-            self.loop.remove_reader(self.ufd)
+            if not keep_watch:
+                assert self.uconn is not None
+                self.uconn.unwatch_readable()
             self.u_reading = False
         if self.up_writing:
             self.loop.remove_writer(self.ufd)
             self.up_writing = False
+        self.uconn = None
         self.usock = None
         self.ufd = -1
         self.uq = []
@@ -337,6 +364,7 @@ class FastLane:
     def _start_quick(self, q: QuickRequest, raw: bytes) -> None:
         """The common case: checks from the connection's caches, then one send."""
         user = self.host.cached_user(q.auth) if self.policy.auth else "-"
+        self.last_in_flight = q.close  # (before _route, which may resume reading)
         ready = self._route(q.dest, user)
         if ready is not True:
             head = http.parse_request(raw, self.limits)
@@ -378,10 +406,12 @@ class FastLane:
             self.host.record_decision(decision, host, port, user, self.conn)
             old = gc.attach(Upstream(key, pooled), fresh=False)
             if old is not None:  # clean (between exchanges): pooled
-                self._unwatch_upstream()
+                self._unwatch_upstream(keep_watch=True)
                 self.host.pool.release(old)
             self._watch_upstream(gc.upstream)  # type: ignore[arg-type]
             self._resume()
+            if not self.u_reading:  # (output backed up) the pool's watch must not stay
+                pooled.unwatch_readable()
         else:
             self.host.record_decision(decision, host, port, user, self.conn)
             if action == REFUSE:
@@ -674,6 +704,7 @@ class FastLane:
             drop.conn.close()
         self.spoiled = False
         self.exchange = self.quick = None
+        self.last_in_flight = False
         self.state = READ_HEAD
         if self.fut.done():
             return None

@@ -17,6 +17,14 @@ when taken (the origin may have closed it meanwhile) and kept only briefly
 (``idle`` seconds, shorter than common origin keep-alive timeouts, so the race of
 an origin closing just as a request goes out stays rare; the relay means retries an
 idempotent request once when it happens).
+
+A pooled connection stays registered with the event loop: the pool watches it for
+readiness (an idle upstream that becomes readable has closed or talked out of turn:
+it is closed at once), and whoever takes it takes that registration over - the fast
+lane by watching it with its own callback, the coroutine path by unwatching it -
+so an upstream moving between client connections costs no epoll registration and
+no libuv handle (measured: those were a fifth of the gateway's system calls with
+one request per connection).
 """
 
 from __future__ import annotations
@@ -96,7 +104,9 @@ class UpstreamPool:
         return bool(self._idle.get(key))
 
     def take(self, key: Key) -> Conn | None:
-        """The most recently pooled live connection to ``key``, or None."""
+        """The most recently pooled live connection to ``key``, or None. It is still
+        watched by the pool: the taker replaces the watch (``watch_readable``) or
+        ends it (``unwatch_readable``) before it next yields to the loop."""
         entries = self._idle.get(key)
         deadline = time.monotonic() - self.idle
         while entries:
@@ -119,8 +129,11 @@ class UpstreamPool:
             self.give(key, upstream.conn)
 
     def give(self, key: Key, conn: Conn) -> None:
-        """Keep a clean idle connection for another client connection (or close it)."""
-        if self.idle <= 0 or not still_idle(conn):
+        """Keep a clean idle connection for another client connection (or close it).
+
+        No liveness check here (take makes one): the watch set up here closes the
+        connection when its origin closes it or sends anything while it waits."""
+        if self.idle <= 0 or conn.closed or conn.has_pushback:
             conn.close()
             return
         entries = self._idle.setdefault(key, [])
@@ -129,11 +142,24 @@ class UpstreamPool:
             return
         entries.append((time.monotonic(), conn))
         self._count += 1
+        conn.watch_readable(lambda: self._spoke(key, conn))
         # debug lines on what the pool does: for operators, and the moments tests wait for
         log.debug("upstream %s:%d pooled (%d idle)", key[0], key[1], self._count)
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
             self._sweeper = loop.call_later(self.idle, self._sweep)
+
+    def _spoke(self, key: Key, conn: Conn) -> None:
+        """A pooled connection became readable: its origin closed it (or sent bytes
+        no request asked for). Closed and forgotten."""
+        entries = self._idle.get(key, [])
+        for i, (_, c) in enumerate(entries):
+            if c is conn:
+                del entries[i]
+                self._count -= 1
+                break
+        conn.close()
+        log.debug("pooled upstream %s:%d closed by its origin", key[0], key[1])
 
     def _sweep(self) -> None:
         """Close what has idled too long or been closed by its origin."""

@@ -434,6 +434,8 @@ class GatewayServer:
         key = (address, target.port)
         conn = self.pool.take((*key, user)) if pooled else None
         fresh = conn is None
+        if conn is not None:
+            conn.unwatch_readable()  # the pool's watch: this path reads by awaiting
         if conn is None:
             conn = await self._open(address, target.port, target.host)
         gc.attach(Upstream(key, conn), fresh=fresh)
