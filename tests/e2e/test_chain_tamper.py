@@ -56,8 +56,9 @@ class Mitm:
             w.close()
 
 
-async def scenario(direction: str | None, nth: int) -> tuple[str, Mitm]:
-    k = {p: crypto.new_shared_key() for p in ("alice-fw1", "fw1-fw2")}
+async def scenario(direction: str | None, nth: int,
+                   mode: str = "recursive") -> tuple[str, Mitm]:
+    k = {p: crypto.new_shared_key() for p in ("alice-fw1", "fw1-fw2", "alice-fw2")}
     raw = {p: crypto.parse_shared_key(v) for p, v in k.items()}
     acl = tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}])
 
@@ -66,7 +67,8 @@ async def scenario(direction: str | None, nth: int) -> tuple[str, Mitm]:
                            udp_ports=tables.PortRange(1024, 65535), keys=keys,
                            routes=tables.parse_routes({f"{SERVER[0]}/32": route}), acl=acl)
 
-    fw2 = ChainProxy(cfg("fw2", {"fw1": raw["fw1-fw2"]}, "direct"))
+    fw2 = ChainProxy(cfg("fw2", {"fw1": raw["fw1-fw2"], "alice": raw["alice-fw2"]},
+                         "direct"))
     await fw2.start()
     mitm = Mitm(fw2.address, direction, nth)
     mport = await mitm.start()
@@ -75,9 +77,9 @@ async def scenario(direction: str | None, nth: int) -> tuple[str, Mitm]:
     await fw1.start()
     try:
         chain = await build_chain(ForwardConfig(
-            user="alice", keys={"fw1": raw["alice-fw1"]},
+            user="alice", keys={"fw1": raw["alice-fw1"], "fw2": raw["alice-fw2"]},
             first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
-            udp_listen=("127.0.0.1", 0)))
+            udp_listen=("127.0.0.1", 0), mode=mode))  # type: ignore[arg-type]
         chain.ctrl.close()
         chain.data_sock.close()  # type: ignore[attr-defined]
         return "built " + ",".join(chain.setup.path), mitm
@@ -90,8 +92,9 @@ async def scenario(direction: str | None, nth: int) -> tuple[str, Mitm]:
         mitm.server.close()
 
 
-def test_untouched_relay_is_transparent():
-    out, _ = asyncio.run(scenario(None, 0))
+@pytest.mark.parametrize("mode", ["recursive", "iterative"])
+def test_untouched_relay_is_transparent(mode):
+    out, _ = asyncio.run(scenario(None, 0, mode))
     assert out == "built fw1,fw2"
 
 
@@ -102,6 +105,32 @@ def test_untouched_relay_is_transparent():
 def test_an_altered_control_message_after_authentication_is_refused(direction, nth, hop,
                                                                     names):
     out, mitm = asyncio.run(scenario(direction, nth))
+    assert mitm.flipped == 1
+    refused_by, reason, text = out.split("|", 2)
+    assert (refused_by, reason) == (hop, "integrity"), out
+    assert names in text and "integrity check" in text, out
+
+
+#: iterative mode, frames on the fw1 -> fw2 connection (after fw1's own authentication,
+#: every one is sealed there; the client's part is sealed end to end inside as well)
+ITERATIVE = [
+    ("down", 2, "fw2", "fw1"),  # fw1's own part of the request (its P3, via, origin)
+    ("down", 3, "fw2", "fw1"),  # the client's relayed answer to fw2's challenge
+    ("down", 4, "fw2", "fw1"),  # the client's request, sealed end to end inside
+    ("up", 3, "fw1", "fw2"),  # fw2's challenge for the client
+    ("up", 4, "fw1", "fw2"),  # fw2's proof for the client
+    ("up", 5, "fw1", "fw2"),  # fw2's Reply to fw1 (its P4 for fw1's area 3142)
+    ("up", 6, "fw1", "fw2"),  # fw2's Reply to the client, sealed end to end inside
+]
+
+
+@pytest.mark.parametrize(("direction", "nth", "hop", "names"), ITERATIVE)
+def test_iterative_an_altered_message_between_the_proxies_is_refused(direction, nth, hop,
+                                                                     names):
+    """The issue's gap: in iterative mode the proxy-to-proxy leg was not sealed, so a
+    man in the middle between fw1 and fw2 could alter what fw1 adds to the client's
+    request or the Reply that carries fw2's ports, undetected."""
+    out, mitm = asyncio.run(scenario(direction, nth, "iterative"))
     assert mitm.flipped == 1
     refused_by, reason, text = out.split("|", 2)
     assert (refused_by, reason) == (hop, "integrity"), out

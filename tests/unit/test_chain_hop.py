@@ -18,9 +18,10 @@ from kakehashi.chain.hop import (
     Refuse,
     RelayFilter,
     RequesterSide,
+    Step,
 )
 from kakehashi.chain.setup import E2E_PURPOSE, HOP_PURPOSE, ClientSetup, SetupFailed
-from kakehashi.core.crypto import MutualAuth
+from kakehashi.core.crypto import ControlChannel, MutualAuth
 
 KEY = {pair: os.urandom(32) for pair in ("alice-fw1", "alice-fw2", "alice-fw3", "fw1-fw2",
                                          "fw2-fw3", "bob-fw1")}
@@ -141,12 +142,105 @@ def test_forwarded_request_must_name_its_origin_and_come_from_its_last_via():
     assert refused(s.receive, request(via=["fwX"], origin=SERVER)).reason == "access"
 
 
-def test_iterative_client_authenticated_through_a_relay_is_direct():
+def vouched_by_fw1(s: RequesterSide, **kw) -> m.Relay:
+    """fw1 logs in to fw2 and sends its part of an iterative request; fw2's challenge
+    for the client comes back (relayed)."""
+    login(s, "fw1", KEY["fw1-fw2"])
+    assert s.sealing  # fw1 authenticated on its own connection: sealed from now on
+    base = {"via": ["fw1"], "origin": m.Endpoint("10.1.0.2", 4000), "mode": "iterative",
+            "requester": m.Endpoint("192.0.2.1", 41001), "rid": 99}
+    (ch,) = s.receive(request(**{**base, **kw}))
+    assert isinstance(ch, m.Relay) and isinstance(ch.body, m.Challenge)
+    assert s.admitted is None  # not before the client authenticated here too (1005)
+    return ch
+
+
+def client_through(s: RequesterSide, ch: m.Relay, key=None, who="alice") -> ControlChannel:
+    """The client answers fw2's relayed challenge; returns its end-to-end channel."""
+    a = MutualAuth("initiator", who, {"fw2": key or KEY["alice-fw2"]}, HOP_PURPOSE)
+    (proof,) = s.receive(m.Relay(m.Answer(*a.answer(ch.body.hop, ch.body.nonce, m.RELAYED),
+                                          relayed=True)))
+    assert isinstance(proof, m.Relay) and isinstance(proof.body, m.Proof)
+    a.check_proof(proof.body.mac)
+    return ControlChannel.after(a)
+
+
+def test_iterative_client_authenticates_through_fw1_and_its_request_is_sealed():
     s = side("fw2", peer_ip="192.0.2.1")
-    login(s, "alice", KEY["alice-fw2"], relayed=True)
-    assert not s.sealing  # the connection is fw1's: not sealed with alice's keys
-    s.receive(request(via=["fw1"], origin=m.Endpoint("10.1.0.2", 4000), mode="iterative"))
-    assert s.admitted.direct and s.admitted.peer == "alice"
+    ch = vouched_by_fw1(s)
+    c2 = client_through(s, ch)
+    mine = request(rid=5, mode="iterative", requester=m.Endpoint("10.9.9.9", 1))
+    assert s.receive(m.seal(c2, mine)) == []
+    adm = s.admitted
+    # the client's request with fw1's part: fw1's P3 as requester, via, the origin
+    assert adm.request.rid == 5 and adm.request.via == ["fw1"]
+    assert adm.request.requester == m.Endpoint("192.0.2.1", 41001)
+    assert adm.origin == m.Endpoint("10.1.0.2", 4000) and adm.peer == "fw1"
+    assert adm.direct and adm.client_auth is s.client_auth  # it keys encryption
+    assert [(e, a, f.get("relayed", False)) for e, a, f in s.audit] == [
+        ("authenticate", True, False), ("authenticate", True, True), ("access", True, False)]
+    # answers: a plain Reply for fw1 (its P4, under fw1's rid), the client's sealed
+    reply = m.Reply(5, "fw2", m.Endpoint("192.0.2.2", 42000), m.Endpoint("h", 2), False)
+    hop_reply, sealed = s.to_requester(reply)
+    assert hop_reply.rid == 99 and hop_reply.near == reply.near
+    assert m.unseal(c2, sealed) == reply
+    # what comes next from the client must be sealed end to end
+    assert s.open(m.seal(c2, m.Extend(5))) == m.Extend(5)
+    assert refused(s.open, m.Extend(5)).reason == "protocol"
+
+
+def test_iterative_request_tampered_replayed_or_reflected_on_the_proxy_leg_is_refused():
+    """What fw1 (or a man in the middle of fw1 -> fw2) does to the client's sealed
+    messages: every change is an integrity refusal by fw2 naming both."""
+    mine = request(rid=5, mode="iterative")
+
+    def fresh() -> tuple[RequesterSide, ControlChannel]:
+        s = side("fw2", peer_ip="192.0.2.1")
+        return s, client_through(s, vouched_by_fw1(s))
+
+    s, c2 = fresh()
+    sealed = m.seal(c2, mine)
+    msg = refused(s.receive, m.Sealed(sealed.data[:-1] + bytes([sealed.data[-1] ^ 1])))
+    assert (msg.hop, msg.reason) == ("fw2", "integrity")
+    assert "alice" in msg.text and "fw1" in msg.text and "integrity check" in msg.text
+    # replay: a sealed message of another session of the same client
+    s, _ = fresh()
+    assert refused(s.receive, sealed).reason == "integrity"
+    # reorder: the client's second message in place of its first
+    s, c2 = fresh()
+    first, second = m.seal(c2, mine), m.seal(c2, m.Extend(5))
+    assert first != second
+    assert refused(s.receive, second).reason == "integrity"
+    # replay within the session: the request again, after it was admitted
+    s, c2 = fresh()
+    again = m.seal(c2, mine)
+    s.receive(again)
+    assert refused(s.open, again).reason == "integrity"
+    # reflection: fw2's own sealed answer sent back to it
+    s, c2 = fresh()
+    s.receive(m.seal(c2, mine))
+    _, back = s.to_requester(m.Reply(5, "fw2", m.Endpoint("h", 1), m.Endpoint("h", 2), True))
+    assert refused(s.open, back).reason == "integrity"
+    # plaintext in the client's name after its authentication
+    s, _ = fresh()
+    assert refused(s.receive, mine).reason == "protocol"
+
+
+def test_iterative_fw1_and_the_client_must_agree():
+    s = side("fw2", peer_ip="192.0.2.1")
+    c2 = client_through(s, vouched_by_fw1(s))
+    msg = refused(s.receive, m.seal(c2, request(mode="iterative",
+                                                server=m.Endpoint("10.3.0.8", 53))))
+    assert msg.reason == "protocol" and "disagree" in msg.text
+    # the client who answers must be the user fw1 vouches for
+    s = side("fw2", peer_ip="192.0.2.1")
+    ch = vouched_by_fw1(s, user="bob")
+    msg = refused(client_through, s, ch)
+    assert msg.reason == "authentication" and "'bob'" in msg.text
+    # and must hold its own key for fw2: fw1's say-so is not enough
+    s = side("fw2", peer_ip="192.0.2.1")
+    msg = refused(client_through, s, vouched_by_fw1(s), os.urandom(32))
+    assert (msg.hop, msg.reason) == ("fw2", "authentication")
 
 
 def test_a_direct_client_cannot_claim_an_origin_nor_strip_the_relayed_mark():
@@ -155,13 +249,26 @@ def test_a_direct_client_cannot_claim_an_origin_nor_strip_the_relayed_mark():
     assert s.sealing
     msg = refused(s.receive, request(via=["fw1"], origin=m.Endpoint("10.9.0.9", 1),
                                      mode="iterative"))
-    assert msg.reason == "protocol"
-    # the mark is bound into the MAC: flipped on the way, the answer fails
+    assert msg.reason == "access"
+    # a relayed answer belongs inside a Relay, not on the requester's own connection
     s = side("fw2", peer_ip="192.0.2.1")
     ch = s.start()
     a = MutualAuth("initiator", "alice", {"fw2": KEY["alice-fw2"]}, HOP_PURPOSE)
-    assert refused(s.receive, m.Answer(*a.answer(ch.hop, ch.nonce, m.RELAYED))).reason == \
-        "authentication"
+    assert refused(s.receive, m.Answer(*a.answer(ch.hop, ch.nonce, m.RELAYED),
+                                       relayed=True)).reason == "protocol"
+    # the mark is bound into the MAC: flipped on the way, the relayed answer fails
+    s = side("fw2", peer_ip="192.0.2.1")
+    ch = vouched_by_fw1(s)
+    a = MutualAuth("initiator", "alice", {"fw2": KEY["alice-fw2"]}, HOP_PURPOSE)
+    msg = refused(s.receive, m.Relay(m.Answer(*a.answer(ch.body.hop, ch.body.nonce),
+                                              relayed=True)))
+    assert msg.reason == "authentication"
+    s = side("fw2", peer_ip="192.0.2.1")
+    ch = vouched_by_fw1(s)
+    a = MutualAuth("initiator", "alice", {"fw2": KEY["alice-fw2"]}, HOP_PURPOSE)
+    msg = refused(s.receive, m.Relay(m.Answer(*a.answer(ch.body.hop, ch.body.nonce,
+                                                        m.RELAYED))))
+    assert msg.reason == "protocol"
 
 
 def test_no_route_and_loops_are_refused():
@@ -187,7 +294,7 @@ def test_anything_after_admission_is_refused():
 
 # -- next hop (recursive) -----------------------------------------------------------------------
 def admitted() -> Admitted:
-    return Admitted(request(), "alice", m.Endpoint("10.1.0.2", 4000), True,
+    return Admitted(request(), "alice", m.Endpoint("10.1.0.2", 4000), None,
                     t.Hop("fw2", "192.0.2.2", 1092))
 
 
@@ -242,23 +349,45 @@ def test_next_hop_that_cannot_prove_is_refused():
 
 
 # -- relay filter (iterative) -------------------------------------------------------------------
-def test_relay_filter_rewrites_requests_and_accepts_only_relayed_replies():
-    f = RelayFilter("fw1", m.Endpoint("192.0.2.1", 41001), m.Endpoint("10.1.0.2", 4000))
-    out = f.from_requester(request(rid=11, mode="iterative",
-                                   origin=m.Endpoint("6.6.6.6", 1)))
-    assert out.requester == m.Endpoint("192.0.2.1", 41001) and out.via == ["fw1"]
-    assert out.origin == m.Endpoint("10.1.0.2", 4000)  # a client cannot choose its origin
-    stray = m.Reply(12, "fw2", m.Endpoint("h", 1), m.Endpoint("h", 2), False)
+def test_relay_filter_authenticates_as_itself_then_passes_only_end_to_end_messages():
+    f = RelayFilter("fw1", keys_of("fw1"), t.Hop("fw2", "192.0.2.2", 1092), admitted(),
+                    m.Endpoint("192.0.2.1", 41001))
+    fw2 = side("fw2", peer_ip="192.0.2.1")
+    # nothing from the client passes before fw1 itself authenticated with fw2
+    assert refused(f.from_requester, m.Relay(m.Answer("alice", os.urandom(32),
+                                                      os.urandom(32)))).reason == "protocol"
+    step = f.from_next(fw2.start())
+    (answer,) = step.down
+    assert answer.id == "fw1" and not f.sealing
+    step = f.from_next(fw2.receive(answer)[0])
+    assert f.sealing  # the connection to fw2 is sealed from here on
+    (req,) = step.down
+    assert (req.mode, req.via, req.requester) == ("iterative", ["fw1"],
+                                                  m.Endpoint("192.0.2.1", 41001))
+    assert req.origin == m.Endpoint("10.1.0.2", 4000) and req.rid != 7
+    (ch,) = fw2.receive(req)
+    assert f.from_next(ch) == Step(up=[ch])  # fw2's challenge for the client, passed up
+    sealed = m.Sealed(os.urandom(40))
+    assert f.from_requester(sealed) is sealed
+    assert f.from_next(sealed) == Step(up=[sealed])
+    # the client's own plain messages do not pass: only Relay(Answer) and Sealed
+    for bad in (request(), m.Extend(7), m.Proof(os.urandom(32)),
+                m.Answer("alice", os.urandom(32), os.urandom(32))):
+        assert refused(f.from_requester, bad).reason == "protocol"
+    # a reply to another request is not taken (Fig. 14(b)); its own gives 3142 = P4
+    stray = m.Reply(req.rid ^ 1, "fw2", m.Endpoint("h", 1), m.Endpoint("h", 2), False)
     assert refused(f.from_next, stray).reason == "protocol"
-    first = m.Reply(11, "fw2", m.Endpoint("192.0.2.2", 42000), m.Endpoint("h", 2), False)
-    assert f.from_next(first) == (first, m.Endpoint("192.0.2.2", 42000))
-    f.from_requester(request(rid=13, mode="iterative"))
-    later = m.Reply(13, "fw3", m.Endpoint("192.0.2.3", 43000), m.Endpoint("h", 3), True)
-    assert f.from_next(later) == (later, None)  # 3142 keeps fw2's P4
-    assert refused(f.from_next, first).reason == "protocol"  # answered already
-    assert refused(f.from_requester, m.Proof(os.urandom(32))).reason == "protocol"
-    assert refused(f.from_next, m.Answer("x", os.urandom(32), os.urandom(32))).reason == \
+    f2 = RelayFilter("fw1", keys_of("fw1"), t.Hop("fw2", "192.0.2.2", 1092), admitted(),
+                     m.Endpoint("192.0.2.1", 41001))
+    f2.next.state, f2.next.rid = "reply", req.rid
+    own = m.Reply(req.rid, "fw2", m.Endpoint("192.0.2.2", 42000), m.Endpoint("h", 2), False)
+    assert f2.from_next(own) == Step(p4=m.Endpoint("192.0.2.2", 42000))
+    assert refused(f2.from_next, own).reason == "protocol"  # answered already
+    assert refused(f2.from_next, m.Answer("x", os.urandom(32), os.urandom(32))).reason == \
         "protocol"
+    # a refusal from further down is passed up, naming who refused
+    msg = refused(f2.from_next, m.Refused(1, "fw3", "access", "no"))
+    assert (msg.hop, msg.reason, msg.rid) == ("fw3", "access", 7)
 
 
 # -- end to end (claim 7) ---------------------------------------------------------------------
@@ -367,67 +496,144 @@ def test_recursive_encrypted_brings_the_last_hops_challenge():
     assert c.hop == "fw3"
 
 
-def test_iterative_chain_of_three_in_memory():
-    """The client authenticates with each proxy through those already built; each relay
-    filter rewrites the request and learns the next P4 from the first reply."""
-    c = client("iterative")
-    filters: list[RelayFilter] = []
-    admitted_by: dict[str, Admitted] = {}
-    to_client = []
-    for name in ("fw1", "fw2", "fw3"):
-        peer_ip = "10.1.0.2" if not filters else IP[f"fw{len(filters)}"]
-        s = side(name, peer_ip=peer_ip)
+class Iterative:
+    """fw1..fw3 and the client in memory, wired as proxy.py wires them: each proxy's
+    RequesterSide on its requester connection, and, once extended, its RelayFilter on
+    the connection to the next proxy. ``tamper`` may alter what crosses a proxy leg."""
 
-        def up(msg, filters=filters):
-            for f in reversed(filters):
-                msg, p4 = f.from_next(msg)
-                if p4 is not None:
-                    f.p4 = p4
-            return c.receive(msg)
+    def __init__(self, c: ClientSetup, tamper=None) -> None:
+        self.c = c
+        self.names = ["fw1", "fw2", "fw3"]
+        self.sides: list[RequesterSide] = []
+        self.filters: list[RelayFilter] = []
+        self.p4: dict[str, m.Endpoint] = {}
+        self.tamper = tamper or (lambda leg, msg: msg)
+        self.legs: list[tuple[str, m.Message]] = []
 
-        def down(msg, filters=filters):
-            for f in filters:
-                msg = f.from_requester(msg)
-            return msg
+    def run(self) -> None:
+        self.open(0, "10.1.0.2")
 
-        pending = [down(x) for x in up(s.start())]
-        while s.admitted is None:
-            for out in s.receive(pending.pop(0)):
-                pending += [down(x) for x in up(out)]
-        adm = admitted_by[name] = s.admitted
+    def open(self, k: int, peer_ip: str) -> None:
+        s = side(self.names[k], peer_ip=peer_ip)
+        self.sides.append(s)
+        self.up(k, s.start())
+
+    def cross(self, leg: str, msg: m.Message) -> m.Message:
+        self.legs.append((leg, msg))
+        return self.tamper(leg, msg)
+
+    def down(self, k: int, msg: m.Message) -> None:
+        """``msg`` arrives at proxy k from its requester."""
+        if k > 0:
+            msg = self.cross(f"{self.names[k - 1]}->{self.names[k]}", msg)
+        s = self.sides[k]
+        if s.admitted is None:
+            outs = s.receive(msg)
+            if s.admitted is not None:  # admitted by this very message
+                self.answer(k)
+            for out in outs:
+                self.up(k, out)
+        elif len(self.filters) > k:
+            self.down(k + 1, self.filters[k].from_requester(msg))
+        else:
+            if s.channel is not None:
+                msg = s.open(msg)
+            assert isinstance(msg, m.Extend) and msg.rid == s.admitted.request.rid
+            name, far = self.names[k], PORTS[self.names[k]][1]
+            self.filters.append(RelayFilter(name, keys_of(name), s.admitted.next_hop,
+                                            s.admitted, m.Endpoint(IP[name], far)))
+            self.open(k + 1, IP[name])
+
+    def answer(self, k: int) -> None:
+        s, name = self.sides[k], self.names[k]
+        adm = s.admitted
         near, far = PORTS[name]
         reply = m.Reply(adm.request.rid, name, m.Endpoint(IP[name], near),
                         m.Endpoint(IP[name], far), adm.next_hop is None, path=[name])
-        to_client = up(reply)
-        if adm.next_hop is not None:
-            assert to_client == [m.Extend(adm.request.rid)]
-            filters.append(RelayFilter(name, m.Endpoint(IP[name], far), adm.origin))
-    assert c.done and to_client == []
+        for out in s.to_requester(reply):
+            self.up(k, out)
+
+    def up(self, k: int, msg: m.Message) -> None:
+        """``msg`` leaves proxy k towards its requester."""
+        if k == 0:
+            for out in self.c.receive(msg):
+                self.down(0, out)
+            return
+        msg = self.cross(f"{self.names[k]}->{self.names[k - 1]}", msg)
+        step = self.filters[k - 1].from_next(msg)
+        for out in step.down:
+            self.down(k, out)
+        if step.p4 is not None:
+            self.p4[self.names[k - 1]] = step.p4
+        for out in step.up:
+            self.up(k - 1, out)
+
+
+def test_iterative_chain_of_three_in_memory():
+    """The client authenticates with each proxy through those already built, each proxy
+    with the next as itself; the relay filters learn the next P4 from the next proxy."""
+    c = client("iterative")
+    net = Iterative(c)
+    net.run()
+    assert c.done and c.path == ["fw1", "fw2", "fw3"]
     assert c.first == m.Endpoint("192.0.2.1", 41000) and c.last == m.Endpoint("192.0.2.3", 43001)
-    assert filters[0].p4 == m.Endpoint("192.0.2.2", 42000)
-    assert filters[1].p4 == m.Endpoint("192.0.2.3", 43000)
-    # fw2 and fw3 saw the client authenticate itself, relayed, with the first hop's origin
-    assert admitted_by["fw3"].peer == "alice" and admitted_by["fw3"].direct
-    assert admitted_by["fw3"].request.via == ["fw1", "fw2"]
-    assert admitted_by["fw3"].request.requester == m.Endpoint("192.0.2.2", 42001)
-    assert admitted_by["fw3"].origin == m.Endpoint("10.1.0.2", 4000)
+    assert net.p4 == {"fw1": m.Endpoint("192.0.2.2", 42000),
+                      "fw2": m.Endpoint("192.0.2.3", 43000)}
+    adm3 = net.sides[2].admitted
+    # fw3 saw the client authenticate itself, relayed, and fw2 vouch for its part
+    assert adm3.direct and adm3.peer == "fw2" and adm3.request.via == ["fw1", "fw2"]
+    assert adm3.request.requester == m.Endpoint("192.0.2.2", 42001)
+    assert adm3.origin == m.Endpoint("10.1.0.2", 4000)
+    assert [s.auth.peer_id for s in net.sides] == ["alice", "fw1", "fw2"]
+    # on the proxy legs: each proxy's own authentication and request (sealed on the leg
+    # by proxy.py), the client's relayed authentication, and the client's part sealed
+    # end to end; a plain Request there is always the sending proxy's own part
+    for leg, msg in net.legs:
+        assert isinstance(msg, m.Challenge | m.Answer | m.Proof | m.Request | m.Reply |
+                          m.Relay | m.Sealed), (leg, msg)
+        if isinstance(msg, m.Request):
+            assert msg.via[-1] == leg.split("->")[0]
+        if isinstance(msg, m.Reply):  # the next proxy's P4 for the relaying one
+            assert msg.rid in {f.next.rid for f in net.filters}
+    # fw1-fw2: request, reply, extend for fw2; request and reply for fw3; fw2-fw3: those two
+    assert sum(isinstance(msg, m.Sealed) for _, msg in net.legs) == 7
+
+
+def test_iterative_encryption_keys_come_from_the_relayed_authentication():
+    c = client("iterative", encrypt=True)
+    net = Iterative(c)
+    net.run()
+    adm3 = net.sides[2].admitted
+    assert c.done and c.session_keys == adm3.client_auth.session_keys()[::-1]
+
+
+@pytest.mark.parametrize("leg", ["fw1->fw2", "fw2->fw1", "fw2->fw3", "fw3->fw2"])
+def test_iterative_a_proxy_altering_the_clients_exchange_is_caught(leg):
+    """A relaying proxy (not a man in the middle: that one meets the hop seal) changes
+    the end-to-end part: the far end refuses it as integrity."""
+    def tamper(where, msg):
+        if where == leg and isinstance(msg, m.Sealed):
+            return m.Sealed(msg.data[:-1] + bytes([msg.data[-1] ^ 1]))
+        return msg
+
+    c = client("iterative")
+    with pytest.raises((Refuse, SetupFailed)) as err:
+        Iterative(c, tamper).run()
+    e = err.value
+    hop, reason = (e.msg.hop, e.msg.reason) if isinstance(e, Refuse) else (e.hop, e.reason)
+    assert reason == "integrity"
+    assert hop == {"fw1->fw2": "fw2", "fw2->fw1": "fw2", "fw2->fw3": "fw3",
+                   "fw3->fw2": "fw3"}[leg]
 
 
 def test_iterative_refusal_at_fw2_reaches_the_client_naming_it():
     c = client("iterative", fw2=os.urandom(32))
-    s1 = side("fw1")
-    pending = c.receive(s1.start())
-    while s1.admitted is None:
-        pending += [x for o in s1.receive(pending.pop(0)) for x in c.receive(o)]
-    adm = s1.admitted
-    (extend,) = c.receive(m.Reply(adm.request.rid, "fw1", m.Endpoint("h", 1),
-                                  m.Endpoint("h", 2), False, path=["fw1"]))
-    assert isinstance(extend, m.Extend)
-    f = RelayFilter("fw1", m.Endpoint("h", 2), adm.origin)
-    s2 = side("fw2", peer_ip="192.0.2.1")
-    (answer,) = c.receive(f.from_next(s2.start())[0])
+    net = Iterative(c)
     with pytest.raises(Refuse) as err:
-        s2.receive(f.from_requester(answer))
+        net.run()
+    assert (err.value.msg.hop, err.value.msg.reason) == ("fw2", "authentication")
+    with pytest.raises(Refuse) as passed:  # fw1 passes it up as it is
+        net.up(1, err.value.msg)
     with pytest.raises(SetupFailed) as failed:
-        c.receive(f.from_next(err.value.msg)[0])
+        c.receive(passed.value.msg)
     assert (failed.value.hop, failed.value.reason) == ("fw2", "authentication")

@@ -8,7 +8,7 @@ import pytest
 
 from kakehashi.chain import messages as m
 from kakehashi.chain.setup import E2E_PURPOSE, HOP_PURPOSE, ClientSetup, SetupFailed
-from kakehashi.core.crypto import MutualAuth
+from kakehashi.core.crypto import ControlChannel, MutualAuth
 
 KEYS = {f"fw{i}": os.urandom(32) for i in (1, 2, 3)}
 SERVER = m.Endpoint("10.3.0.9", 5300)
@@ -23,16 +23,54 @@ def client(mode="recursive", encrypt=False, keys=KEYS):
     return ClientSetup("alice", keys, SERVER, P1, mode=mode, encrypt=encrypt)
 
 
+class Far:
+    """Play proxy ``hop`` for the client: the first directly, a later one as the client
+    sees it through the proxies between (Relay for the authentication, Sealed after)."""
+
+    def __init__(self, c: ClientSetup, hop: str, key: bytes | None = None,
+                 purpose=HOP_PURPOSE) -> None:
+        self.c, self.hop = c, hop
+        self.auth = MutualAuth("responder", hop, {"alice": key or KEYS[hop]}, purpose)
+        self.relayed = c.counter > 0
+        self.channel: ControlChannel | None = None
+
+    def wrap(self, msg: m.Message) -> m.Message:
+        if self.channel is not None:
+            return m.seal(self.channel, msg)
+        return m.Relay(msg) if self.relayed else msg  # type: ignore[arg-type]
+
+    def unwrap(self, msg: m.Message) -> m.Message:
+        if self.channel is not None:
+            assert isinstance(msg, m.Sealed)
+            return m.unseal(self.channel, msg)
+        if self.relayed:
+            assert isinstance(msg, m.Relay)
+            return msg.body
+        return msg
+
+    def send(self, msg: m.Message) -> list[m.Message]:
+        """``msg`` from this proxy to the client; what the client answers, as this proxy
+        reads it."""
+        return [self.unwrap(o) for o in self.c.receive(self.wrap(msg))]
+
+    def authenticate(self) -> m.Request:
+        (answer,) = self.send(m.Challenge(*self.auth.challenge()))
+        assert isinstance(answer, m.Answer) and answer.id == "alice"
+        assert answer.relayed == self.relayed
+        proof = self.auth.check_answer(answer.id, answer.nonce, answer.mac,
+                                       m.RELAYED if answer.relayed else b"")
+        out = self.c.receive(self.wrap(m.Proof(proof)))
+        if self.relayed:
+            self.channel = ControlChannel.after(self.auth)
+        (req,) = [self.unwrap(o) for o in out]
+        assert isinstance(req, m.Request)
+        return req
+
+
 def authenticate(c: ClientSetup, hop: str, key: bytes | None = None, purpose=HOP_PURPOSE):
     """Play proxy ``hop``: challenge, check the answer, prove; returns the Request."""
-    r = MutualAuth("responder", hop, {"alice": key or KEYS[hop]}, purpose)
-    (answer,) = c.receive(m.Challenge(*r.challenge()))
-    assert isinstance(answer, m.Answer) and answer.id == "alice"
-    proof = r.check_answer(answer.id, answer.nonce, answer.mac,
-                           m.RELAYED if answer.relayed else b"")
-    (req,) = c.receive(m.Proof(proof))
-    assert isinstance(req, m.Request)
-    return req, r
+    far = Far(c, hop, key, purpose)
+    return far.authenticate(), far
 
 
 def test_recursive_one_reply_fills_2141_and_2142():
@@ -50,10 +88,10 @@ def test_iterative_loop_extends_hop_by_hop_and_keeps_first_and_last():
     c = client(mode="iterative")
     ports = {"fw1": (41000, 41001), "fw2": (42000, 42001), "fw3": (43000, 43001)}
     for n, hop in enumerate(["fw1", "fw2", "fw3"]):
-        req, _ = authenticate(c, hop)
+        req, proxy = authenticate(c, hop)
         near, far = ports[hop]
-        out = c.receive(m.Reply(req.rid, hop, ep(near), ep(far), complete=hop == "fw3",
-                                path=[hop]))
+        out = proxy.send(m.Reply(req.rid, hop, ep(near), ep(far), complete=hop == "fw3",
+                                 path=[hop]))
         assert c.counter == n + 1
         if hop != "fw3":
             assert out == [m.Extend(req.rid)] and c.state == "challenge"
@@ -66,10 +104,10 @@ def test_iterative_encryption_keys_come_from_the_last_hop():
     r = None
     for hop in ["fw1", "fw2"]:
         req, r = authenticate(c, hop)
-        c.receive(m.Reply(req.rid, hop, ep(1), ep(2), complete=hop == "fw2", path=[hop]))
+        r.send(m.Reply(req.rid, hop, ep(1), ep(2), complete=hop == "fw2", path=[hop]))
     assert c.done and r is not None
     send, recv = c.session_keys
-    assert (recv, send) == r.session_keys()
+    assert (recv, send) == r.auth.session_keys()
 
 
 def test_recursive_encryption_authenticates_the_last_hop_end_to_end():
@@ -89,7 +127,7 @@ def test_recursive_encryption_with_one_proxy_uses_the_hop_authentication():
     c = client(encrypt=True)
     req, r = authenticate(c, "fw1")
     c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=True, path=["fw1"]))
-    assert c.done and c.session_keys == r.session_keys()[::-1]
+    assert c.done and c.session_keys == r.auth.session_keys()[::-1]
 
 
 def test_encryption_without_a_challenge_from_a_far_last_hop_fails():
@@ -157,7 +195,7 @@ def test_a_loop_in_the_iterative_path_is_refused():
     c.receive(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=False, path=["fw1"]))
     r = MutualAuth("responder", "fw1", {"alice": KEYS["fw1"]}, HOP_PURPOSE)
     with pytest.raises(SetupFailed, match="twice"):
-        c.receive(m.Challenge(*r.challenge()))
+        c.receive(m.Relay(m.Challenge(*r.challenge())))
 
 
 def test_hop_count_is_bounded():
@@ -165,8 +203,88 @@ def test_hop_count_is_bounded():
     c = ClientSetup("alice", keys, SERVER, P1, mode="iterative", max_hops=3)
     with pytest.raises(SetupFailed, match="more than 3 hops"):
         for i in range(5):
-            r = MutualAuth("responder", f"h{i}", {"alice": keys[f"h{i}"]}, HOP_PURPOSE)
-            (a,) = c.receive(m.Challenge(*r.challenge()))
-            (req,) = c.receive(m.Proof(r.check_answer(a.id, a.nonce, a.mac,
-                                                       m.RELAYED if a.relayed else b"")))
-            c.receive(m.Reply(req.rid, f"h{i}", ep(1), ep(2), complete=False))
+            far = Far(c, f"h{i}", keys[f"h{i}"])
+            req = far.authenticate()
+            far.send(m.Reply(req.rid, f"h{i}", ep(1), ep(2), complete=False))
+
+
+# -- iterative: what the client exchanges with a later hop is sealed end to end ----------------
+def at_fw2() -> tuple[ClientSetup, Far, m.Request]:
+    """A client past fw1, authenticated with fw2 through it; fw2's view and the request."""
+    c = client(mode="iterative")
+    req, first = authenticate(c, "fw1")
+    assert first.send(m.Reply(req.rid, "fw1", ep(41000), ep(41001), complete=False,
+                              path=["fw1"])) == [m.Extend(req.rid)]
+    fw2 = Far(c, "fw2")
+    return c, fw2, fw2.authenticate()
+
+
+def test_iterative_later_hop_answer_is_relayed_and_request_sealed():
+    _, _, req = at_fw2()
+    assert req.rid != 0 and req.user == "alice" and req.mode == "iterative"
+    c2 = client(mode="iterative")
+    req1, first = authenticate(c2, "fw1")
+    first.send(m.Reply(req1.rid, "fw1", ep(1), ep(2), complete=False, path=["fw1"]))
+    ch = MutualAuth("responder", "fw2", {"alice": KEYS["fw2"]}, HOP_PURPOSE).challenge()
+    with pytest.raises(SetupFailed, match="relayed challenge"):  # not on fw1's own terms
+        c2.receive(m.Challenge(*ch))
+
+
+def _reply(req: m.Request, **kw) -> m.Reply:
+    return m.Reply(req.rid, "fw2", ep(42000), ep(42001), **{"complete": True,
+                                                             "path": ["fw2"], **kw})
+
+
+def test_iterative_reply_from_a_later_hop_must_be_sealed_end_to_end():
+    """fw1 (or anyone between fw1 and fw2) cannot answer in fw2's name."""
+    c, _, req = at_fw2()
+    with pytest.raises(SetupFailed) as err:
+        c.receive(_reply(req))
+    assert (err.value.hop, err.value.reason) == ("fw2", "integrity")
+
+
+def test_iterative_tampered_sealed_reply_is_refused_naming_the_hop():
+    c, fw2, req = at_fw2()
+    sealed = fw2.wrap(_reply(req))
+    assert isinstance(sealed, m.Sealed)
+    flipped = m.Sealed(sealed.data[:-1] + bytes([sealed.data[-1] ^ 1]))
+    with pytest.raises(SetupFailed) as err:
+        c.receive(flipped)
+    assert (err.value.hop, err.value.reason) == ("fw2", "integrity")
+    assert "integrity check" in err.value.text
+
+
+def test_iterative_replayed_reordered_or_reflected_sealed_messages_are_refused():
+    # replay: fw2's first sealed message again in place of the next
+    c, fw2, req = at_fw2()
+    first = fw2.wrap(_reply(req, complete=False, path=["fw2"]))
+    (sealed_extend,) = c.receive(first)
+    assert isinstance(sealed_extend, m.Sealed)
+    with pytest.raises(SetupFailed, match="integrity"):
+        c.receive(first)
+    # reorder: fw2's second message before its first
+    c, fw2, req = at_fw2()
+    one = fw2.wrap(_reply(req, complete=False))
+    two = fw2.wrap(_reply(req))
+    with pytest.raises(SetupFailed, match="integrity"):
+        c.receive(two)
+    assert one is not None
+    # reflection: the client's own sealed request sent back to it
+    c = client(mode="iterative")
+    req1, first_hop = authenticate(c, "fw1")
+    first_hop.send(m.Reply(req1.rid, "fw1", ep(1), ep(2), complete=False, path=["fw1"]))
+    fw2 = Far(c, "fw2")
+    (answer,) = fw2.send(m.Challenge(*fw2.auth.challenge()))
+    proof = fw2.auth.check_answer(answer.id, answer.nonce, answer.mac, m.RELAYED)
+    (sealed_request,) = c.receive(m.Relay(m.Proof(proof)))
+    assert isinstance(sealed_request, m.Sealed)
+    with pytest.raises(SetupFailed) as err:
+        c.receive(sealed_request)
+    assert (err.value.hop, err.value.reason) == ("fw2", "integrity")
+
+
+def test_iterative_extend_to_a_later_hop_is_sealed_for_it_alone():
+    c, fw2, req = at_fw2()
+    (sealed,) = c.receive(fw2.wrap(_reply(req, complete=False)))
+    assert isinstance(sealed, m.Sealed)  # fw1 cannot read nor forge it
+    assert m.unseal(fw2.channel, sealed) == m.Extend(req.rid)

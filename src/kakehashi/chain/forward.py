@@ -93,11 +93,12 @@ async def build_chain(cfg: ForwardConfig,
             if msg is None:
                 raise SetupFailed(setup.hop, "protocol", "closed the control connection "
                                                          "during setup")
+            seen = len(setup.replies)
             outs = setup.receive(msg)
             if setup.seal_with is not None and ctrl.channel is None:
                 ctrl.seal(setup.seal_with, hop.name)
-            if progress is not None and isinstance(msg, m.Reply):
-                progress.append((msg, time.perf_counter() - t0))
+            if progress is not None:
+                progress += [(r, time.perf_counter() - t0) for r in setup.replies[seen:]]
             for out in outs:
                 await ctrl.send(out)
         if setup.first is not None and setup.first.host in ("0.0.0.0", "::"):

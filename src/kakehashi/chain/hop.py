@@ -3,13 +3,15 @@
 * :class:`RequesterSide` — the control connection from the requester (a client or the
   previous proxy): challenge (602/902), check of the answer, then the request and the
   decisions that follow it in this order: who may ask for whom, access control (claim 6),
-  the route (604/905). It yields an :class:`Admitted` or raises :class:`Refuse`.
-* :class:`NextHop` — recursive mode, this proxy asking the next one (605-611): it
-  authenticates as itself, forwards the request under a fresh request identifier and
-  accepts only the Reply that carries it (the Fig. 14(b) fix).
-* :class:`RelayFilter` — iterative mode, this proxy relaying the client's messages to the
-  next proxies (909-917): requests get this proxy's server-facing endpoint, replies must
-  answer a request that was relayed, and the first one gives area 3142 (the next P4).
+  the route (604/905). In iterative mode the client behind a neighbour proxy
+  authenticates here as well, through it, and its request arrives sealed end to end.
+  It yields an :class:`Admitted` or raises :class:`Refuse`.
+* :class:`NextHop` — this proxy asking the next one (605-611, 906-911): it authenticates
+  as itself, sends the request under a fresh request identifier and accepts only the
+  Reply that carries it (the Fig. 14(b) fix).
+* :class:`RelayFilter` — iterative mode, this proxy between the client and the next
+  proxies (909-917): a :class:`NextHop` for its own part, then only the client's
+  end-to-end messages pass, and the next proxy's Reply gives area 3142 (the next P4).
 * :class:`EndToEnd` — the last proxy's authentication of the client through the proxies
   between (recursive mode with encryption, claim 7).
 
@@ -22,12 +24,13 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kakehashi.chain import messages as m
 from kakehashi.chain.setup import E2E_PURPOSE, HOP_PURPOSE
 from kakehashi.chain.tables import Acl, Hop, Routes
-from kakehashi.core.crypto import AuthFailed, MutualAuth
+from kakehashi.core import wire
+from kakehashi.core.crypto import AuthFailed, ControlChannel, ControlError, MutualAuth
 
 
 class Refuse(Exception):
@@ -49,12 +52,30 @@ class Admitted:
     request: m.Request
     peer: str  #: the authenticated neighbour ID
     origin: m.Endpoint  #: the client's address and data port, as the first proxy saw it
-    direct: bool  #: the peer is the client itself (its authentication can key encryption)
+    #: the client's own authentication with this proxy (directly, or through relays in
+    #: iterative mode), which can key encryption; None when a proxy vouches for it
+    client_auth: MutualAuth | None
     next_hop: Hop | None  #: None: this is the last hop (612-614 / 918-920)
+
+    @property
+    def direct(self) -> bool:
+        """Whether the client authenticated with this proxy itself."""
+        return self.client_auth is not None
 
 
 @dataclass
 class RequesterSide:
+    """602/902 and what follows, for one requester's control connection.
+
+    The requester (the client, or the neighbour proxy before) authenticates on the
+    connection itself, which is sealed from then on. A neighbour proxy's Request in
+    iterative mode is its own statement (its data endpoint, ``via``, the client's
+    origin as the first proxy saw it); the client then authenticates here too, through
+    the proxies between (``Relay`` messages, step 1005), and sends its own Request
+    ``Sealed`` end to end with the key of that exchange. Its answers go back the same
+    way; the neighbour gets a plain Reply with this proxy's P4 (910-913).
+    """
+
     name: str
     keys: dict[str, bytes]
     acl: Acl
@@ -65,14 +86,17 @@ class RequesterSide:
     #: decisions to write to the audit log: (event, allow, fields)
     audit: list[tuple[str, bool, dict[str, Any]]] = field(default_factory=list)
     rid: int = 0
-    #: the requester answered through relaying proxies (iterative mode)
-    relayed: bool = False
+    #: iterative mode: the neighbour proxy's Request, while the client authenticates
+    vouched: m.Request | None = None
+    #: iterative mode: the client's authentication through the proxies between, and the
+    #: channel that seals what this proxy and the client exchange end to end
+    client_auth: MutualAuth | None = None
+    channel: ControlChannel | None = None
 
     @property
     def sealing(self) -> bool:
-        """Whether later messages on this connection are sealed: the requester
-        authenticated on it directly (a relayed client's connection is the proxy's)."""
-        return self.auth.done and not self.relayed
+        """Whether later messages on this connection are sealed (after the Proof)."""
+        return self.auth.done
 
     def __post_init__(self) -> None:
         self.auth = MutualAuth("responder", self.name, self.keys, HOP_PURPOSE)
@@ -84,58 +108,133 @@ class RequesterSide:
         return refusal(self.name, reason, text, self.rid)
 
     def receive(self, msg: m.Message) -> list[m.Message]:
+        if self.state == "answer" and isinstance(msg, m.Answer) and msg.relayed:
+            raise self._refuse("protocol", "a relayed answer on the requester's own "
+                                           "connection")
         if self.state == "answer" and isinstance(msg, m.Answer):
             try:
-                proof = self.auth.check_answer(msg.id, msg.nonce, msg.mac,
-                                               m.RELAYED if msg.relayed else b"")
+                proof = self.auth.check_answer(msg.id, msg.nonce, msg.mac)
             except AuthFailed as exc:
                 self.audit.append(("authenticate", False, {"id": msg.id, "why": str(exc)}))
                 raise self._refuse("authentication", f"{self.name} could not authenticate "
                                                      f"{msg.id!r}: {exc}") from None
             self.audit.append(("authenticate", True, {"id": msg.id}))
-            self.relayed = msg.relayed
             self.state = "request"
             return [m.Proof(proof)]
         if self.state == "request" and isinstance(msg, m.Request):
             self.rid = msg.rid
+            if msg.mode == "iterative" and self.vouches(self.auth.peer_id or "", msg):
+                # 1005: the client authenticates with this proxy itself, through the relays
+                self.vouched = msg
+                self.client_auth = MutualAuth("responder", self.name, self.keys, HOP_PURPOSE)
+                self.state = "client-answer"
+                return [m.Relay(m.Challenge(*self.client_auth.challenge()))]
             self.admitted = self.admit(msg)
             self.state = "admitted"
             return []
-        want = {"answer": "an answer to the challenge", "request": "a relay request"}.get(
+        if self.state == "client-answer" and isinstance(msg, m.Relay) \
+                and isinstance(msg.body, m.Answer) and msg.body.relayed:
+            return [m.Relay(self._check_client(msg.body))]
+        if self.state == "client-request" and isinstance(msg, m.Sealed):
+            req = self.open(msg)
+            if not isinstance(req, m.Request):
+                raise self._refuse("protocol", f"expected the client's relay request, got "
+                                               f"{type(req).__name__.lower()}")
+            self.admitted = self.admit(self._combine(req))
+            self.state = "admitted"
+            return []
+        want = {"answer": "an answer to the challenge", "request": "a relay request",
+                "client-answer": "the client's relayed answer",
+                "client-request": "the client's sealed request"}.get(
             self.state, "nothing more during setup")
         raise self._refuse("protocol", f"expected {want}, got {type(msg).__name__.lower()}")
 
-    def who(self, peer: str, req: m.Request) -> tuple[m.Endpoint, bool]:
-        """Whom the request is for, and whether the authenticated peer is the client.
+    def _check_client(self, answer: m.Answer) -> m.Proof:
+        assert self.client_auth is not None and self.vouched is not None
+        user = self.vouched.user
+        try:
+            if answer.id != user:
+                raise AuthFailed(f"the relayed answer is from {answer.id!r}, the request is "
+                                 f"{user!r}'s")
+            proof = self.client_auth.check_answer(answer.id, answer.nonce, answer.mac,
+                                                  m.RELAYED)
+        except AuthFailed as exc:
+            self.audit.append(("authenticate", False, {"id": answer.id, "why": str(exc),
+                                                       "relayed": True}))
+            raise self._refuse("authentication", f"{self.name} could not authenticate "
+                                                 f"{answer.id!r}: {exc}") from None
+        self.audit.append(("authenticate", True, {"id": answer.id, "relayed": True}))
+        self.channel = ControlChannel.after(self.client_auth)
+        self.state = "client-request"
+        return m.Proof(proof)
+
+    def _combine(self, req: m.Request) -> m.Request:
+        """The client's sealed request with the neighbour's part (its data endpoint, the
+        path so far, the origin): each side vouches for what only it knows."""
+        v = self.vouched
+        assert v is not None
+        if (req.user, req.server, req.encrypt, req.mode) != (v.user, v.server, v.encrypt,
+                                                             v.mode):
+            raise self._refuse("protocol", f"the client's request and {v.via[-1]}'s "
+                                           "disagree (user, server, encryption or mode)")
+        return m.Request(rid=req.rid, server=req.server, requester=v.requester, user=req.user,
+                         mode=req.mode, encrypt=req.encrypt, via=v.via, origin=v.origin)
+
+    def open(self, msg: m.Message) -> m.Message:
+        """A message from the client through the relays: it must be sealed end to end."""
+        if self.channel is None or not isinstance(msg, m.Sealed):
+            raise self._refuse("protocol", f"unexpected {type(msg).__name__.lower()} from "
+                                           f"{self.auth.peer_id}")
+        try:
+            return m.unseal(self.channel, msg)
+        except ControlError as exc:
+            raise self._refuse("integrity", f"{self.name}: a control message from "
+                                            f"{self.vouched.user if self.vouched else '?'} "
+                                            f"through {self.auth.peer_id} was refused: "
+                                            f"{exc}") from None
+        except wire.WireError as exc:
+            raise self._refuse("protocol", f"{self.name}: {exc}") from None
+
+    def to_requester(self, msg: m.Message) -> list[m.Message]:
+        """What to send for ``msg`` to the client: as is on its own connection; through
+        relays, sealed end to end, and a Reply also plainly to the neighbour (its P4)."""
+        if self.channel is None:
+            return [msg]
+        out: list[m.Message] = []
+        if isinstance(msg, m.Reply):
+            out.append(m.Reply(self.rid, msg.hop, msg.near, msg.far, msg.complete,
+                               path=msg.path, max_payload=msg.max_payload))
+        return [*out, m.seal(self.channel, msg)]
+
+    def vouches(self, peer: str, req: m.Request) -> bool:
+        """Whether ``peer`` speaks for the request's user as the proxy before: it is the
+        last ``via`` entry and not itself a user of the ACL."""
+        return bool(req.via) and peer == req.via[-1] and peer not in self.acl.users
+
+    def who(self, peer: str, req: m.Request) -> m.Endpoint:
+        """Whom the request is for, as the address the ACL checks.
 
         With no ``via``, the peer is the client itself and must be the user it names;
-        its origin is the address its connection comes from. Otherwise a proxy that
-        authenticated as the last ``via`` entry vouches for the user (recursive mode),
-        or the client authenticated itself through relaying proxies (iterative mode);
-        a peer that is itself a user of the ACL cannot speak for others.
+        its origin is the address its connection comes from. Otherwise the proxy before
+        vouches for the origin (the client's address as the first proxy saw it): alone in
+        recursive mode, beside the client's own relayed authentication in iterative mode.
         """
-        if self.relayed and not req.via:
-            raise self._refuse("protocol", "an answer through relays but a request that "
-                                           "no proxy relayed")
         if not req.via:
             if peer != req.user:
                 raise self._refuse("access", f"authenticated as {peer!r} but asks for user "
                                              f"{req.user!r}")
-            return m.Endpoint(self.peer_ip, req.requester.port), True
+            return m.Endpoint(self.peer_ip, req.requester.port)
         if req.origin is None:
             raise self._refuse("protocol", "a forwarded request without its origin")
-        if peer == req.user:
-            if not self.relayed:  # on its own connection, a client cannot name an origin
-                raise self._refuse("protocol", f"{peer!r} answered directly but its request "
-                                               "says it was relayed")
-            return req.origin, True
-        if peer == req.via[-1] and peer not in self.acl.users:
-            return req.origin, False
+        if self.vouches(peer, req):
+            return req.origin
         raise self._refuse("access", f"{peer!r} may not forward requests for {req.user!r}")
 
     def admit(self, req: m.Request) -> Admitted:
         peer = self.auth.peer_id or ""
-        origin, direct = self.who(peer, req)
+        origin = self.who(peer, req)
+        client_auth = self.client_auth if self.client_auth is not None else (
+            self.auth if not req.via else None)
         # claim 6: access control right after (and depending on) authentication
         if not self.acl.allows(req.user, origin.host, origin.port):
             self.audit.append(("access", False, {"user": req.user, "origin": str(origin),
@@ -152,15 +251,20 @@ class RequesterSide:
         if hop is not None and (hop.name == self.name or hop.name in req.via):
             raise self._refuse("route", f"{self.name}: the route to {req.server.host} loops "
                                         f"back to {hop.name}")
-        return Admitted(req, peer, origin, direct, hop)
+        return Admitted(req, peer, origin, client_auth, hop)
 
 
 class NextHop:
-    """605-611: authenticate with the next proxy as this proxy and ask it in turn."""
+    """605-611 / 906-911: authenticate with the next proxy as this proxy and send it the
+    request under a fresh request identifier, accepting only the Reply that carries it
+    (the Fig. 14(b) fix). In iterative mode the request says so, and the next proxy
+    authenticates the client as well before it answers."""
 
     def __init__(self, name: str, keys: dict[str, bytes], hop: Hop, admitted: Admitted,
-                 requester: m.Endpoint) -> None:
+                 requester: m.Endpoint,
+                 mode: Literal["recursive", "iterative"] = "recursive") -> None:
         self.name, self.hop, self.admitted, self.requester = name, hop, admitted, requester
+        self.mode = mode
         self.auth = MutualAuth("initiator", name, keys, HOP_PURPOSE)
         self.state = "challenge"
         self.rid = secrets.randbits(63)
@@ -191,7 +295,7 @@ class NextHop:
             req = self.admitted.request
             self.state = "reply"
             return [m.Request(rid=self.rid, server=req.server, requester=self.requester,
-                              user=req.user, mode="recursive", encrypt=req.encrypt,
+                              user=req.user, mode=self.mode, encrypt=req.encrypt,
                               via=[*req.via, self.name], origin=self.admitted.origin)]
         if self.state == "reply" and isinstance(msg, m.Reply):
             if msg.rid != self.rid:  # response recognition: only the answer to our request
@@ -211,38 +315,57 @@ class NextHop:
                        max_payload=r.max_payload)
 
 
-class RelayFilter:
-    """909-917: what an iterative-mode proxy lets through between the client and the
-    proxies after it, and what it learns from the first reply (area 3142)."""
+@dataclass(frozen=True)
+class Step:
+    """What a relaying proxy does with one message: send ``down`` to the next proxy,
+    ``up`` to the requester, and record ``p4`` in area 3142 (912/913) when set."""
 
-    def __init__(self, name: str, far: m.Endpoint, origin: m.Endpoint) -> None:
-        self.name, self.far, self.origin = name, far, origin
-        self.outstanding: set[int] = set()
-        self.replies = 0  # the loop counter of 908/916
+    down: list[m.Message] = field(default_factory=list)
+    up: list[m.Message] = field(default_factory=list)
+    p4: m.Endpoint | None = None
+
+
+class RelayFilter:
+    """906-917: an iterative-mode proxy between the client and the proxies after it.
+
+    It authenticates with the next proxy as itself and sends it its own part of the
+    request (:class:`NextHop`, mode ``iterative``: its server-facing endpoint, ``via``,
+    the client's origin), sealed on that connection like every message after it. Then
+    it passes along, unread, what the client and the later proxies exchange end to end
+    (``Relay`` for their authentication, ``Sealed`` after it) and nothing else; the next
+    proxy's one plain Reply to its own request gives area 3142 (the next P4)."""
+
+    def __init__(self, name: str, keys: dict[str, bytes], hop: Hop, admitted: Admitted,
+                 far: m.Endpoint) -> None:
+        self.name = name
+        self.next = NextHop(name, keys, hop, admitted, far, mode="iterative")
+
+    @property
+    def sealing(self) -> bool:
+        """Whether the connection to the next proxy is sealed from now on."""
+        return self.next.auth.done
+
+    def from_next(self, msg: m.Message) -> Step:
+        if self.next.state in ("challenge", "proof") or isinstance(msg, m.Refused) \
+                or (isinstance(msg, m.Reply) and self.next.state == "reply"):
+            down = self.next.receive(msg)  # also: a refusal is passed up as a Refuse
+            p4 = self.next.reply.near if isinstance(msg, m.Reply) and self.next.reply else None
+            return Step(down=down, p4=p4)
+        if isinstance(msg, m.Sealed) or (isinstance(msg, m.Relay) and
+                                         isinstance(msg.body, m.Challenge | m.Proof)):
+            return Step(up=[msg])
+        raise refusal(self.name, "protocol", f"unexpected {type(msg).__name__.lower()} from "
+                                             f"{self.next.hop.name}",
+                      self.next.admitted.request.rid)
 
     def from_requester(self, msg: m.Message) -> m.Message:
-        if isinstance(msg, m.Request):  # relayed onward with this proxy as the requester
-            self.outstanding.add(msg.rid)
-            return m.Request(rid=msg.rid, server=msg.server, requester=self.far, user=msg.user,
-                             mode=msg.mode, encrypt=msg.encrypt,
-                             via=[*msg.via, self.name][: m.MAX_HOPS], origin=self.origin)
-        if isinstance(msg, m.Answer | m.Extend | m.Relay):
+        if self.next.state in ("reply", "done") and (
+                isinstance(msg, m.Sealed) or (isinstance(msg, m.Relay) and
+                                              isinstance(msg.body, m.Answer))):
             return msg
-        raise refusal(self.name, "protocol", f"unexpected {type(msg).__name__.lower()}")
-
-    def from_next(self, msg: m.Message) -> tuple[m.Message, m.Endpoint | None]:
-        """The message to pass up, and the next proxy's P4 when this is its first reply."""
-        if isinstance(msg, m.Reply):
-            if msg.rid not in self.outstanding:  # response recognition (Fig. 14(b))
-                raise refusal(self.name, "protocol", "the next hop answered a request this "
-                                                     "proxy did not relay")
-            self.outstanding.discard(msg.rid)
-            self.replies += 1
-            return msg, (msg.near if self.replies == 1 else None)  # 912/913
-        if isinstance(msg, m.Challenge | m.Proof | m.Refused | m.Relay):
-            return msg, None
         raise refusal(self.name, "protocol", f"unexpected {type(msg).__name__.lower()} from "
-                                             "the next hop")
+                                             "the requester while relaying",
+                      self.next.admitted.request.rid)
 
 
 class EndToEnd:

@@ -13,14 +13,22 @@ Sequence (spec 004 step numbers; see docs/chain.md)::
     requester -> proxy   Request(rid, server, requester, ...)   506/607/807/909
     proxy -> requester   Reply(rid, ...)     or Refused         610-611, 613-614, 915, 919-920
     requester -> proxy   Extend(rid)         iterative mode: "build the next hop through you"
-    either way           Relay(body)         an end-to-end message for the last hop (recursive
-                                             mode with encryption: client <-> last proxy auth)
+    either way           Relay(body)         a message between the client and a later proxy,
+                                             passed along unread: its authentication with
+                                             that proxy (iterative mode; recursive mode with
+                                             encryption: client <-> last proxy)
+    either way           Sealed(data)        iterative mode: a message between the client and
+                                             a later proxy, sealed end to end with the key of
+                                             their (relayed) authentication
 
 After the Proof, every message on that connection is sealed (AEAD keyed from the
 authentication, one implicit sequence number per direction: see
-:class:`~kakehashi.core.crypto.ControlChannel`); an answer marked ``relayed`` (the client
-through the proxies already built, iterative mode) does not seal the connection it
-arrived on, which belongs to the proxy before.
+:class:`~kakehashi.core.crypto.ControlChannel`). Every connection is authenticated by
+the two ends it joins (the client and the first proxy, or two neighbouring proxies), in
+both modes. In iterative mode the client also authenticates with each later proxy
+through the ones already built (its ``Answer`` travels in a ``Relay``, marked
+``relayed``); what it then exchanges with that proxy travels as ``Sealed`` messages that
+the proxies between can neither read nor alter (:func:`seal`, :func:`unseal`).
 
 ``rid`` is the response identifier: a proxy accepts a Reply only if it answers the
 request it sent (the Fig. 14(b) fix), and the client matches every Reply to its Request.
@@ -33,7 +41,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from kakehashi.core import wire
-from kakehashi.core.crypto import CONTROL_OVERHEAD
+from kakehashi.core.crypto import CONTROL_OVERHEAD, ControlChannel
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Host = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
@@ -129,15 +137,48 @@ class Refused(msgspec.Struct, tag="refused", frozen=True):
 
 
 class Relay(msgspec.Struct, tag="relay", frozen=True):
-    """An end-to-end auth message for the client or the last hop, passed along unread."""
+    """An authentication message between the client and a later proxy, passed along
+    unread (its MACs protect it end to end)."""
 
-    body: Answer | Proof | Refused
+    body: Challenge | Answer | Proof | Refused
 
 
-Message = Challenge | Answer | Proof | Request | Reply | Extend | Refused | Relay
+#: the largest message before sealing
+MAX_MESSAGE = 2048
 
-#: messages are at most 2048 bytes; sealed ones (after authentication) carry the overhead
-LIMITS = wire.Limits(max_ctrl=2048 + CONTROL_OVERHEAD, max_data=0)
+
+class Sealed(msgspec.Struct, tag="sealed", frozen=True):
+    """A message between the client and a later proxy (iterative mode), sealed with the
+    :class:`~kakehashi.core.crypto.ControlChannel` of their authentication: the proxies
+    between pass it along and can neither read nor alter, replay, reorder or reflect it."""
+
+    data: Annotated[bytes, msgspec.Meta(min_length=CONTROL_OVERHEAD,
+                                        max_length=MAX_MESSAGE + CONTROL_OVERHEAD)]
+
+
+Message = Challenge | Answer | Proof | Request | Reply | Extend | Refused | Relay | Sealed
+
+#: messages are at most 2048 bytes; a Sealed one carries a sealed message and its
+#: envelope, and everything after authentication the overhead of its connection's seal
+LIMITS = wire.Limits(max_ctrl=MAX_MESSAGE + 2 * CONTROL_OVERHEAD + 32, max_data=0)
 #: the context an answer through relays is bound to (see :class:`Answer`)
 RELAYED = b"relayed"
 codec: wire.ControlCodec[Message] = wire.ControlCodec(Message, LIMITS)
+
+
+def seal(channel: ControlChannel, msg: Message) -> Sealed:
+    """``msg`` sealed end to end (iterative mode: the client and a later proxy)."""
+    body = codec.encode(msg)[wire.HEADER_SIZE:]
+    if len(body) > MAX_MESSAGE:
+        raise wire.WireError("too-large", f"control message of {len(body)} bytes is too large")
+    return Sealed(channel.seal(body))
+
+
+def unseal(channel: ControlChannel, sealed: Sealed) -> Message:
+    """The message inside ``sealed``; :class:`~kakehashi.core.crypto.ControlError` if it
+    fails its check (the channel then refuses everything), ``WireError`` if what it holds
+    is not one message (a Sealed inside a Sealed is refused too)."""
+    msg = codec.decode(channel.open(sealed.data))
+    if isinstance(msg, Sealed):
+        raise wire.WireError("schema", "a sealed message inside a sealed message")
+    return msg

@@ -8,12 +8,14 @@ that rewrites addresses as the session's port record says (615/921).
 Per connection: challenge-response authentication of the requester (602/902), then
 access control (claim 6), then the route (604/905) and, when another proxy is needed,
 either the recursive hop (605-611: this proxy authenticates with the next one and asks
-it in turn) or, in iterative mode, a Reply with ``complete=False`` after which the
-client's messages to the next proxy are relayed (909-917). Every refusal names this
-proxy and the reason and closes the control connection; a refusal from further down is
-passed up unchanged, so the client learns which hop refused. The session lives as long
-as its control connection: when either neighbour closes it, or no datagram moves for
-``idle_timeout``, the ports are closed and both control connections with them.
+it in turn) or, in iterative mode, a Reply with ``complete=False`` after which this proxy
+authenticates with the next one and relays the client's end-to-end exchange with it
+(906-917). Every control connection is sealed once its two ends authenticated. Every
+refusal names this proxy and the reason and closes the control connection; a refusal
+from further down is passed up unchanged, so the client learns which hop refused. The
+session lives as long as its control connection: when either neighbour closes it, or no
+datagram moves for ``idle_timeout``, the ports are closed and both control connections
+with them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ import time
 from dataclasses import dataclass, field
 
 from kakehashi.chain import messages as m
-from kakehashi.chain.hop import EndToEnd, NextHop, Refuse, RelayFilter, RequesterSide, refusal
+from kakehashi.chain.hop import (
+    Admitted,
+    EndToEnd,
+    NextHop,
+    Refuse,
+    RelayFilter,
+    RequesterSide,
+    refusal,
+)
 from kakehashi.chain.tables import Acl, Hop, PortRange, Routes, SessionLimits
 from kakehashi.core import wire
 from kakehashi.core.audit import AuditLog
@@ -210,7 +220,8 @@ class _Session:
         self.relay: RelayFilter | None = None
         self.e2e: EndToEnd | None = None
         self.far_port = 0
-        self.origin: m.Endpoint | None = None
+        self.side: RequesterSide | None = None
+        self.admitted: Admitted | None = None
         self.tasks: list[asyncio.Future[None]] = []
         self.established = False  # set up: relaying datagrams
 
@@ -246,7 +257,8 @@ class _Session:
 
     async def setup(self) -> None:
         cfg = self.cfg
-        side = RequesterSide(cfg.name, cfg.keys, cfg.acl, cfg.routes, self.peer_ip)
+        self.side = side = RequesterSide(cfg.name, cfg.keys, cfg.acl, cfg.routes,
+                                         self.peer_ip)
         await self.up.send(side.start())  # 602/902
         try:
             while side.admitted is None:
@@ -262,7 +274,7 @@ class _Session:
         finally:
             for event, allow, fields in side.audit:
                 self.audit(event, allow, **fields)
-        adm = side.admitted
+        self.admitted = adm = side.admitted
         req = adm.request
         self.rid, self.user = req.rid, req.user
         # floods: the per-address bound counts the client's address, not a neighbour
@@ -303,14 +315,14 @@ class _Session:
             record.far = req.server.addr
             far_ep = m.Endpoint(_report_host(udp_host, local_ip), self.far_port)
             challenge = None
-            if req.encrypt and adm.direct:
-                self.open_channel(side.auth)
+            if req.encrypt and adm.client_auth is not None:
+                self.open_channel(adm.client_auth)
             elif req.encrypt:
                 self.e2e = EndToEnd(cfg.name, cfg.keys, req.user)
                 challenge = self.e2e.challenge()
             else:
                 self.forwarder.near_to_far = None
-            await self.up.send(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=True,
+            await self.send_up(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=True,
                                        path=[cfg.name], challenge=challenge,
                                        max_payload=max_payload))
         elif req.mode == "recursive":  # 605-611
@@ -336,14 +348,19 @@ class _Session:
                     await down.send(out)
             record.far = nh.reply.near.addr  # 608: area 3142 = the next proxy's P4
             self.forwarder.near_to_far = None
-            await self.up.send(nh.answer_up(near_ep))
+            await self.send_up(nh.answer_up(near_ep))
         else:  # 904-915: iterative, the client extends the chain through this proxy
             self.forwarder.near_to_far = None
             far_ep = m.Endpoint(_report_host(udp_host, local_ip), self.far_port)
-            await self.up.send(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=False,
+            await self.send_up(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=False,
                                        path=[cfg.name], max_payload=max_payload))
             self.pending_hop = hop
-            self.origin = adm.origin
+
+    async def send_up(self, msg: m.Message) -> None:
+        """To the client: directly, or through the proxies before, sealed end to end."""
+        assert self.side is not None
+        for out in self.side.to_requester(msg):
+            await self.up.send(out)
 
     def open_channel(self, auth: MutualAuth) -> None:
         """Claim 7: the client seals, this last hop opens towards the server and seals
@@ -380,21 +397,35 @@ class _Session:
                 log.info("%s: session of %s idle for %gs, closed", cfg.name, self.user,
                          cfg.idle_timeout)
             for t in done:
-                exc = t.exception()
-                if isinstance(exc, Refuse):
-                    with contextlib.suppress(Exception):
-                        await self.up.send(exc.msg)
-                elif isinstance(exc, wire.WireError):
-                    log.info("%s: protocol error in the session of %s: %s", cfg.name,
-                             self.user, exc)
-                    reason = "integrity" if exc.code == "integrity" else "protocol"
-                    with contextlib.suppress(Exception):
-                        await self.up.send(m.Refused(self.rid, cfg.name, reason,
-                                                     f"{cfg.name}: {exc}"[:400]))
+                await self.report(t.exception())
         finally:
             for t in self.tasks:
                 t.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def report(self, exc: BaseException | None) -> None:
+        """Tell the requester why the session ends, when a refusal or a protocol error
+        ended it (a refusal from further down passes up as it is)."""
+        if isinstance(exc, Refuse):
+            with contextlib.suppress(Exception):
+                await self.up.send(exc.msg)
+        elif isinstance(exc, wire.WireError):
+            log.info("%s: protocol error in the session of %s: %s", self.cfg.name,
+                     self.user, exc)
+            reason = "integrity" if exc.code == "integrity" else "protocol"
+            with contextlib.suppress(Exception):
+                await self.up.send(m.Refused(self.rid, self.cfg.name, reason,
+                                             f"{self.cfg.name}: {exc}"[:400]))
+
+    async def relay_down(self) -> None:
+        """Iterative mode, once extended: the next proxy's side until it ends, which ends
+        the session (after telling the requester why)."""
+        try:
+            await self.from_down()
+        except (Refuse, wire.WireError) as exc:
+            await self.report(exc)
+        finally:
+            self.up.close()
 
     async def from_up(self) -> None:
         while True:
@@ -404,20 +435,22 @@ class _Session:
             if self.relay is not None:  # iterative: towards the proxies after this one
                 assert self.down is not None
                 await self.down.send(self.relay.from_requester(msg))
-            elif isinstance(msg, m.Extend) and self.pending_hop is not None:
+                continue
+            if self.side is not None and self.side.channel is not None:
+                msg = self.side.open(msg)  # the client's, through the proxies before
+            if isinstance(msg, m.Extend) and self.pending_hop is not None:
                 if msg.rid != self.rid:
                     raise self.refusal("protocol", "extend for another request")
-                await self.connect_next(self.pending_hop)
-                assert self.down is not None
-                # requests go on with this proxy's server-facing endpoint (its P3), on the
-                # address the next proxy sees it at
-                self.relay = RelayFilter(self.cfg.name,
+                hop = self.pending_hop
+                await self.connect_next(hop)
+                assert self.down is not None and self.admitted is not None
+                # this proxy's part of the request: its server-facing endpoint (its P3),
+                # on the address the next proxy sees it at
+                self.relay = RelayFilter(self.cfg.name, self.cfg.keys, hop, self.admitted,
                                          m.Endpoint(self.down.fc.conn.sock.getsockname()[0],
-                                                    self.far_port), self.origin)
+                                                    self.far_port))
                 self.pending_hop = None
-                task = asyncio.ensure_future(self.from_down())
-                task.add_done_callback(lambda _t: self.up.close())
-                self.tasks.append(task)
+                self.tasks.append(asyncio.ensure_future(self.relay_down()))
             elif self.down is not None and isinstance(msg, m.Relay):
                 await self.down.send(msg)  # recursive: end to end, towards the last hop
             elif self.e2e is not None:
@@ -441,10 +474,17 @@ class _Session:
             if msg is None:
                 return
             if self.relay is not None:
-                msg, p4 = self.relay.from_next(msg)
-                if p4 is not None and self.forwarder is not None:
-                    self.forwarder.record.far = p4.addr  # 912/913: area 3142
-            elif not isinstance(msg, m.Relay | m.Refused):
+                step = self.relay.from_next(msg)
+                if self.relay.sealing and down.channel is None:  # after the next's Proof
+                    down.seal(self.relay.next.auth, self.relay.next.hop.name)
+                for out in step.down:
+                    await down.send(out)
+                if step.p4 is not None and self.forwarder is not None:
+                    self.forwarder.record.far = step.p4.addr  # 912/913: area 3142
+                for out in step.up:
+                    await self.up.send(out)
+                continue
+            if not isinstance(msg, m.Relay | m.Refused):
                 raise self.refusal("protocol", f"unexpected {type(msg).__name__.lower()} "
                                                "from the next hop")
             if isinstance(msg, m.Refused):  # a later hop refused (iterative, or e2e)

@@ -9,8 +9,12 @@ and returns what to send back; the asyncio layer (``chain forward``) only moves 
 * iterative (Fig. 10, steps 801-815): the same with the first proxy, then, while the
   Reply does not say ``complete`` (812), ask the current last proxy to extend the path
   (:class:`~kakehashi.chain.messages.Extend`), authenticate with the new proxy through
-  the ones already built, and send the request again (807); 2141 is taken from the
-  first Reply (808/809), 2142 from every Reply (810), so it ends as the last hop's P5.
+  the ones already built (its challenge and proof arrive, and the answer leaves, in
+  :class:`~kakehashi.chain.messages.Relay` messages), and send the request again (807)
+  sealed end to end with the key of that exchange, as everything after it both ways
+  (:class:`~kakehashi.chain.messages.Sealed`: the proxies between cannot alter it);
+  2141 is taken from the first Reply (808/809), 2142 from every Reply (810), so it ends
+  as the last hop's P5.
 
 With ``encrypt``, the datagram keys come from the client's authentication with the
 last proxy (claim 7): in iterative mode that is the last exchange of the loop; in
@@ -27,7 +31,8 @@ import secrets
 from typing import Literal
 
 from kakehashi.chain import messages as m
-from kakehashi.core.crypto import AuthFailed, MutualAuth
+from kakehashi.core import wire
+from kakehashi.core.crypto import AuthFailed, ControlChannel, ControlError, MutualAuth
 
 HOP_PURPOSE = b"kakehashi-chain-hop"
 E2E_PURPOSE = b"kakehashi-chain-e2e"
@@ -69,6 +74,11 @@ class ClientSetup:
         #: set once the first proxy proved itself: the caller seals the control connection
         #: with it (:class:`~kakehashi.core.crypto.ControlChannel`) before sending on
         self.seal_with: MutualAuth | None = None
+        #: iterative mode: the end-to-end channel with the proxy being talked to, when it
+        #: is not the first (its messages come and go :class:`~m.Sealed` through relays)
+        self._channel: ControlChannel | None = None
+        #: every Reply received, in order (``chain trace`` times them)
+        self.replies: list[m.Reply] = []
 
     @property
     def done(self) -> bool:
@@ -87,48 +97,87 @@ class ClientSetup:
             raise SetupFailed(msg.hop, msg.reason, msg.text)
         if isinstance(msg, m.Relay) and isinstance(msg.body, m.Refused):
             raise SetupFailed(msg.body.hop, msg.body.reason, msg.body.text)
+        if isinstance(msg, m.Sealed):
+            msg = self._open(msg)
+        elif self._channel is not None and self.state == "reply":
+            raise self._fail("integrity", f"a {type(msg).__name__.lower()} in {self.hop}'s "
+                                          "name that was not sealed end to end")
         handler = getattr(self, "_on_" + self.state.replace("-", "_"))
         return handler(msg)
 
+    @property
+    def _relayed(self) -> bool:
+        """Iterative mode past the first proxy: the hop is reached through relays."""
+        return self.counter > 0
+
+    def _open(self, sealed: m.Sealed) -> m.Message:
+        if self._channel is None:
+            raise self._fail("protocol", "a sealed message before authenticating with the hop")
+        try:
+            return m.unseal(self._channel, sealed)
+        except ControlError as exc:
+            raise self._fail("integrity", f"a control message from {self.hop} through the "
+                                          f"proxies between was refused: {exc}") from None
+        except wire.WireError as exc:
+            raise self._fail("protocol", str(exc)) from None
+
+    def _to_hop(self, msg: m.Message) -> m.Message:
+        """``msg`` as it goes to the hop being talked to: through relays, sealed."""
+        return msg if self._channel is None else m.seal(self._channel, msg)
+
     def _unexpected(self, msg: m.Message) -> SetupFailed:
+        want = self.state
+        if self._relayed and want in ("challenge", "proof"):
+            want = f"the relayed {want} of the next hop"
         return self._fail("protocol", f"unexpected {type(msg).__name__.lower()} while "
-                                      f"waiting for {self.state}")
+                                      f"waiting for {want}")
 
     def _on_challenge(self, msg: m.Message) -> list[m.Message]:
-        if not isinstance(msg, m.Challenge):
+        relayed = self._relayed  # iterative: through the proxies already built
+        if relayed and isinstance(msg, m.Relay) and isinstance(msg.body, m.Challenge):
+            msg = msg.body
+        elif relayed or not isinstance(msg, m.Challenge):
             raise self._unexpected(msg)
         self.hop = msg.hop
         if msg.hop in self.path:
             raise self._fail("protocol", f"{msg.hop} appears twice on the path (a loop)")
         self._auth = MutualAuth("initiator", self.user, self.keys, HOP_PURPOSE)
-        relayed = self.counter > 0  # iterative: through the proxies already built
+        self._channel = None
         try:
             my_id, nonce, mac = self._auth.answer(msg.hop, msg.nonce,
                                                   m.RELAYED if relayed else b"")
         except AuthFailed as exc:
             raise self._fail("authentication", f"this client: {exc}") from None
         self.state = "proof"
-        return [m.Answer(my_id, nonce, mac, relayed=relayed)]
+        answer = m.Answer(my_id, nonce, mac, relayed=relayed)
+        return [m.Relay(answer) if relayed else answer]
 
     def _on_proof(self, msg: m.Message) -> list[m.Message]:
-        if not isinstance(msg, m.Proof) or self._auth is None:
+        if self._relayed and isinstance(msg, m.Relay) and isinstance(msg.body, m.Proof):
+            msg = msg.body
+        elif self._relayed or not isinstance(msg, m.Proof) or self._auth is None:
             raise self._unexpected(msg)
+        assert self._auth is not None
         try:
             self._auth.check_proof(msg.mac)
         except AuthFailed as exc:
             raise self._fail("authentication", str(exc)) from None
         if self.counter == 0:  # the first hop, on this very connection: seal from now on
             self.seal_with = self._auth
+        else:  # a later hop, through relays: seal end to end from now on
+            self._channel = ControlChannel.after(self._auth)
         self.rid = secrets.randbits(63)
         self.state = "reply"
-        return [m.Request(rid=self.rid, server=self.server, requester=self.requester,
-                          user=self.user, mode=self.mode, encrypt=self.encrypt)]
+        return [self._to_hop(m.Request(rid=self.rid, server=self.server,
+                                       requester=self.requester, user=self.user,
+                                       mode=self.mode, encrypt=self.encrypt))]
 
     def _on_reply(self, msg: m.Message) -> list[m.Message]:
         if not isinstance(msg, m.Reply):
             raise self._unexpected(msg)
         if msg.rid != self.rid:
             raise self._fail("protocol", f"a reply to request {msg.rid}, not to ours")
+        self.replies.append(msg)
         if self.counter == 0:
             self.first = msg.near  # 507 / 808-809: area 2141
         self.last = msg.far  # 508 / 810: area 2142
@@ -141,7 +190,7 @@ class ClientSetup:
             if self.counter >= self.max_hops:
                 raise self._fail("protocol", f"more than {self.max_hops} hops")
             self.state = "challenge"
-            return [m.Extend(self.rid)]
+            return [self._to_hop(m.Extend(self.rid))]
         if not self.encrypt:
             self.state = "done"
             return []
