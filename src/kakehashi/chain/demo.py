@@ -144,8 +144,9 @@ async def run(say: Say) -> bool:
         fwd = await forward("iterative")
         s = fwd.chain.setup  # type: ignore[union-attr]
         say("801-812", f"iterative: alice authenticates with fw1, then with fw2 and fw3 "
-                       f"through the proxies already built (1002-1009); loop counter "
-                       f"{s.counter}, 2141 = {s.first}, 2142 = {s.last}")
+                       f"through the proxies already built (1002-1009), each proxy with the "
+                       f"next as itself; what alice and fw2, fw3 say is sealed end to end; "
+                       f"loop counter {s.counter}, 2141 = {s.first}, 2142 = {s.last}")
         answer, rtt = await _ask(fwd.address[1], b"A? printer.lab.example")
         say("815", f"query through the iteratively built chain: [b]{answer.decode()}[/] "
                    f"({rtt * 1000:.1f} ms)")
