@@ -407,12 +407,14 @@ class _Session:
         """Tell the requester why the session ends, when a refusal or a protocol error
         ended it (a refusal from further down passes up as it is)."""
         if isinstance(exc, Refuse):
+            self.proxy.refused(exc.msg.hop, exc.msg.reason)
             with contextlib.suppress(Exception):
                 await self.up.send(exc.msg)
         elif isinstance(exc, wire.WireError):
             log.info("%s: protocol error in the session of %s: %s", self.cfg.name,
                      self.user, exc)
             reason = "integrity" if exc.code == "integrity" else "protocol"
+            self.proxy.refused(self.cfg.name, reason)
             with contextlib.suppress(Exception):
                 await self.up.send(m.Refused(self.rid, self.cfg.name, reason,
                                              f"{self.cfg.name}: {exc}"[:400]))
@@ -487,7 +489,7 @@ class _Session:
             if not isinstance(msg, m.Relay | m.Refused):
                 raise self.refusal("protocol", f"unexpected {type(msg).__name__.lower()} "
                                                "from the next hop")
-            if isinstance(msg, m.Refused):  # a later hop refused (iterative, or e2e)
+            if isinstance(msg, m.Refused):  # a later hop refused (recursive mode)
                 self.proxy.refused(msg.hop, msg.reason)
             await self.up.send(msg)
 
