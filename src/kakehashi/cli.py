@@ -1,4 +1,4 @@
-"""The ``kakehashi`` command: ``kakehashi <system> <role>``, plus ``demo``."""
+"""The ``kakehashi`` command: ``kakehashi <system> <role>``, plus ``serve`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -108,7 +108,10 @@ def main(ctx: click.Context, config_path: str | None, log_level: str, log_format
         ctx.default_map = config.to_default_map(main, config.load(config_path))
 
 
-main.commands = _Commands(SYSTEMS)
+#: commands other than the systems, imported when first used too
+COMMANDS = {"serve": "kakehashi.site:serve"}
+
+main.commands = _Commands({**SYSTEMS, **COMMANDS})
 
 
 async def _relay_attach(mux: Any, db: str, audit_log: str | None) -> None:
@@ -146,7 +149,7 @@ def demo(system: str | None, nbytes: int, tls_mode: str, keep: bool) -> None:
     try:  # Ctrl-C at any moment ends the demo quietly (its servers stop with it)
         from kakehashi.demo import run_demo
 
-        systems = [name for name in main.commands if name != "demo"]
+        systems = [name for name in main.commands if name in SYSTEMS]
         code = run_demo(system, nbytes, tls_mode == "on", systems=systems, keep=keep)
     except KeyboardInterrupt:
         click.echo("stopped.", err=True)

@@ -2,6 +2,10 @@
 
 On the first signal the main task is cancelled so every ``finally`` runs (logout,
 listeners closed); the process exits 130 (SIGINT) or 0 (SIGTERM).
+
+Inside :func:`collecting`, :func:`run` does not run its coroutine but hands it to the
+collector: that is how ``kakehashi serve`` runs several commands' mains (each built by
+its own command from its own options) in one loop.
 """
 
 from __future__ import annotations
@@ -11,8 +15,22 @@ import contextlib
 import gc
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
+
+_collector: list[Coroutine[Any, Any, int | None]] | None = None
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[Coroutine[Any, Any, int | None]]]:
+    """While the block runs, :func:`run` appends its coroutine to the yielded list and
+    returns 0 at once instead of running it."""
+    global _collector
+    previous, _collector = _collector, []
+    try:
+        yield _collector
+    finally:
+        _collector = previous
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -37,6 +55,9 @@ def tune_gc() -> None:
 
 
 def run(main: Coroutine[Any, Any, int | None]) -> int:
+    if _collector is not None:
+        _collector.append(main)
+        return 0
     tune_gc()
     loop = _new_loop()
     asyncio.set_event_loop(loop)
