@@ -129,10 +129,10 @@ def start_ssh(procs: Procs, target: int) -> Route:
         "ssh", "-F", "/dev/null", "-i", str(keydir / "user_ed25519"), "-p", str(sshd_port),
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
         "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
-        "-o", "ExitOnForwardFailure=yes",
+        "-o", "ExitOnForwardFailure=yes", "-c", "aes128-gcm@openssh.com",
         "-N", "-L", f"{LOOPBACK}:{port}:{LOOPBACK}:{target}", f"{user}@{LOOPBACK}"])
     wait_listening(port, proc=ssh)
-    return Route("ssh -L", port, [sshd.pid, ssh.pid])
+    return Route("ssh -L (aes128-gcm)", port, [sshd.pid, ssh.pid])
 
 
 # -- kakehashi -----------------------------------------------------------------------

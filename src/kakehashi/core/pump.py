@@ -243,11 +243,19 @@ async def raw_to_frames(
         finally:
             pipe.close()
     else:
-        buf = bytearray(min(RECV_CHUNK, max_data - overhead))
+        # the header goes in front of the payload in one buffer: one write per frame,
+        # no concatenation copy
+        buf = bytearray(wire.HEADER_SIZE + min(RECV_CHUNK, max_data - overhead))
         view = memoryview(buf)
-        while n := await src.recv_into(view):
-            payload = seal(bytes(view[:n])) if seal else view[:n]
-            data = wire.encode_header(wire.FrameType.DATA, len(payload)) + bytes(payload)
+        body = view[wire.HEADER_SIZE:]
+        data: bytes | memoryview
+        while n := await src.recv_into(body):
+            if seal:
+                payload = seal(bytes(body[:n]))
+                data = wire.encode_header(wire.FrameType.DATA, len(payload)) + payload
+            else:
+                view[: wire.HEADER_SIZE] = wire.encode_header(wire.FrameType.DATA, n)
+                data = view[: wire.HEADER_SIZE + n]
             async with dst.write_lock:
                 await _whole_frame(dst, _send_frame_bytes(dst, data))
             counter.bytes += n
@@ -265,7 +273,7 @@ async def _splice_frame(dst: FramedConn, pipe: Pipe, n: int) -> None:
     dst.bytes_out += n + wire.HEADER_SIZE
 
 
-async def _send_frame_bytes(dst: FramedConn, data: bytes) -> None:
+async def _send_frame_bytes(dst: FramedConn, data: bytes | memoryview) -> None:
     await dst.conn.send_all(data)
     dst.bytes_out += len(data)
 
@@ -289,6 +297,26 @@ async def _whole_frame(dst: FramedConn, write: Awaitable[None]) -> None:
                 except BaseException:
                     dst.conn.cut()
             raise
+
+
+class ChunkBuffer:
+    """The buffer a sink moves payloads through when it cannot splice.
+
+    A short frame (a keystroke, a control-sized payload) gets a buffer of its own
+    size; the first long one allocates one large buffer that the sink keeps, so a
+    bulk transfer reuses it and a quiet session holds none.
+    """
+
+    def __init__(self, room: int = RECV_CHUNK) -> None:
+        self.room = room
+        self._big: memoryview | None = None
+
+    def get(self, length: int) -> memoryview:
+        if length <= SMALL_CHUNK:
+            return memoryview(bytearray(length))
+        if self._big is None:
+            self._big = memoryview(bytearray(self.room))
+        return self._big
 
 
 class FrameSink:
@@ -315,6 +343,7 @@ class RawSink(FrameSink):
         self.open = open_
         self.splices = open_ is None and can_splice(dst)
         self._pipe: Pipe | None = None
+        self._chunks = ChunkBuffer()
         self.counter = Transfer()
 
     async def data(self, src: FramedConn, length: int) -> None:
@@ -323,7 +352,7 @@ class RawSink(FrameSink):
             await self._deliver(src, length)
 
     async def _deliver(self, src: FramedConn, length: int) -> None:
-        if self.open is not None:
+        if self.open is not None:  # a sealed payload opens only whole
             await self.dst.send_all(self.open(await src.read_payload(length)))
             return
         if src.buffered:
@@ -342,7 +371,11 @@ class RawSink(FrameSink):
                 await splice_out(pipe, self.dst, n)
                 length -= n
         else:
-            await self.dst.send_all(await src.read_payload(length))
+            while length:
+                view = self._chunks.get(length)
+                n = await src.read_payload_into(view[: min(length, len(view))])
+                await self.dst.send_all(view[:n])
+                length -= n
 
     async def eof(self) -> None:
         await self.dst.shutdown_write()
@@ -365,6 +398,7 @@ class FramedSink(FrameSink):
         self.dst = dst
         self.splices = can_splice(dst.conn)
         self._pipe: Pipe | None = None
+        self._chunks = ChunkBuffer(wire.HEADER_SIZE + RECV_CHUNK)
         self.dead = False
 
     def _lost(self) -> None:
@@ -378,7 +412,10 @@ class FramedSink(FrameSink):
         header = wire.encode_header(wire.FrameType.DATA, length)
         head = src.take_buffered_payload(length) if src.buffered else b""
         rest = length - len(head)
-        if not (self.splices and src.conn.plain):
+        splice = self.splices and src.conn.plain
+        if not splice and length <= SMALL_CHUNK:
+            # a short frame is read whole first, so the peer's lock is never held
+            # while waiting for the sender
             payload = head + (await src.read_payload(rest) if rest else b"")
             with src.stalling():  # waiting on the peer now, not on the sender
                 try:
@@ -389,22 +426,28 @@ class FramedSink(FrameSink):
                     self._cut()  # possibly in the middle of the frame
                     raise
             return
-        pipe = self._pipe = self._pipe or Pipe()
-        # A pipe holds a bounded number of *segments*, not bytes: a frame cannot be
-        # assumed to fit, so it streams through in pieces under the peer's lock.
+        # A pipe holds a bounded number of *segments*, not bytes, and a buffer is
+        # bounded too: a long frame cannot be assumed to fit, so it streams through
+        # in pieces under the peer's lock.
         with src.stalling():  # the peer's lock and room for the header: the peer's pace
             await self.dst.write_lock.acquire()
         try:
             whole = False
             try:
-                try:
-                    with src.stalling():
-                        await _send_header(self.dst.conn, header + head)
-                except (OSError, ConnClosed):
-                    self._lost()
-                    await discard_payload(src, rest)
-                    return
+                if not splice:
+                    if not await self._stream(src, header + head, rest):
+                        return
+                    rest = 0
+                else:
+                    try:
+                        with src.stalling():
+                            await _send_header(self.dst.conn, header + head)
+                    except (OSError, ConnClosed):
+                        self._lost()
+                        await discard_payload(src, rest)
+                        return
                 while rest:
+                    pipe = self._pipe = self._pipe or Pipe()
                     n = await splice_in(src.conn, pipe, rest)
                     if not n:
                         raise ConnClosed("connection closed in the middle of a frame")
@@ -427,6 +470,31 @@ class FramedSink(FrameSink):
                     self._cut()
         finally:
             self.dst.write_lock.release()
+
+    async def _stream(self, src: FramedConn, first: bytes, rest: int) -> bool:
+        """Copy a long frame (``first``: its header and what was buffered) through one
+        reused buffer, decrypting into it and encrypting from it when either side is
+        TLS; each piece goes out as soon as it is read. False if the peer was lost
+        (the rest of the payload is then read and dropped)."""
+        view = self._chunks.get(RECV_CHUNK)
+        filled = len(first)
+        view[:filled] = first
+        while True:
+            if rest:
+                room = min(rest, len(view) - filled)
+                n = await src.read_payload_into(view[filled: filled + room])
+                rest -= n
+                filled += n
+            with src.stalling():  # waiting on the peer now, not on the sender
+                try:
+                    await self.dst.conn.send_all(view[:filled])
+                except (OSError, ConnClosed):
+                    self._lost()
+                    await discard_payload(src, rest)
+                    return False
+            if not rest:
+                return True
+            filled = 0
 
     def _cut(self) -> None:
         """The peer's stream cannot go on: cut it off now rather than feed it a

@@ -259,6 +259,8 @@ class TLSConn(Conn):
             self._in.write(initial)
         self._send_lock = asyncio.Lock()
         self._eof = False
+        #: the receive buffer of a busy connection (see ``_fill_now``)
+        self._bulk_buf: bytearray | None = None
 
     @property
     def ssl_object(self) -> ssl.SSLObject:
@@ -283,14 +285,39 @@ class TLSConn(Conn):
             return False
         return True
 
-    async def _fill(self, want: int = SMALL_CHUNK) -> bool:
-        data = await self.loop.sock_recv(self.sock, min(max(want, SMALL_CHUNK), RECV_CHUNK))
-        if not data:
+    def _fill_now(self, want: int) -> int | None:
+        """Move what the socket holds now (up to ``want`` bytes) into the TLS input:
+        the byte count, 0 at EOF, None if nothing is there.
+
+        A bulk stream reads through one buffer kept for the connection (allocated the
+        first time a large read brings more than a small chunk), so a large read
+        costs no allocation; a quiet connection (an idle agent) keeps no buffer.
+        """
+        buf = self._bulk_buf
+        try:
+            if buf is None:
+                data = self.sock.recv(min(max(want, SMALL_CHUNK), RECV_CHUNK))
+                n = len(data)
+            else:
+                n = self.sock.recv_into(buf, min(max(want, SMALL_CHUNK), RECV_CHUNK))
+        except (BlockingIOError, InterruptedError):
+            return None
+        if not n:
             self._in.write_eof()
             self._eof = True
-            return False
-        self._in.write(data)
-        return True
+            return 0
+        if buf is None:
+            self._in.write(data)
+            if n > SMALL_CHUNK:
+                self._bulk_buf = bytearray(RECV_CHUNK)  # the stream proved busy
+        else:
+            self._in.write(memoryview(buf)[:n])
+        return n
+
+    async def _fill(self, want: int = SMALL_CHUNK) -> bool:
+        while (n := self._fill_now(want)) is None:
+            await self.wait_readable()
+        return n > 0
 
     async def _flush(self) -> None:
         async with self._send_lock:
@@ -298,18 +325,36 @@ class TLSConn(Conn):
                 await self._send_raw(self._out.read())
 
     async def recv_into(self, buf: memoryview | bytearray) -> int:
+        """Decrypt into ``buf``: as many records as the socket holds now (up to the
+        buffer's size), so a bulk transfer costs one call per large chunk, not one
+        per 16 KiB record."""
         if self._pushback:
             return self._take_pushback(buf)
-        while True:
+        view = memoryview(buf)
+        size = len(view)
+        got = 0
+        read = self._obj.read
+        while got < size:
             try:
-                return self._obj.read(len(buf), buf)
+                n = read(size - got, view[got:] if got else view)
             except ssl.SSLWantReadError:
                 if self._out.pending:
                     await self._flush()
-                if self._eof or not await self._fill(len(buf)):
+                if self._eof:
+                    return got
+                if got:
+                    # more now without waiting, else hand over what we have
+                    if not self._fill_now(size - got):
+                        return got
+                elif not await self._fill(size):
                     return 0
+                continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return 0
+                return got
+            if not n:
+                return got
+            got += n
+        return got
 
     async def recv(self, n: int = RECV_CHUNK) -> bytes:
         """Up to ``n`` decrypted bytes, without zero-filling a buffer per record."""
@@ -328,9 +373,10 @@ class TLSConn(Conn):
                 return b""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        write = self._obj.write
         while view:
-            n = self._obj.write(view[:RECV_CHUNK])
+            n = write(view[:RECV_CHUNK])
             view = view[n:]
             if self._out.pending >= RECV_CHUNK:
                 await self._flush()
@@ -688,6 +734,27 @@ class FramedConn:
         if not await self._fill(length, exact=False) and length:
             raise ConnClosed("connection closed in the middle of a frame")
         return self.decoder.take_payload(length)
+
+    async def read_payload_into(self, view: memoryview) -> int:
+        """Up to ``len(view)`` bytes of the current frame's payload into ``view``:
+        what the decoder already holds first, then straight from the connection
+        (a TLS connection decrypts into ``view``), so a bulk payload is not copied
+        through the decoder's buffer. ConnClosed if the stream ends inside the frame.
+        """
+        decoder = self.decoder
+        n = min(len(view), decoder.payload_left)
+        if not n:
+            return 0
+        if decoder.buffered:
+            data = decoder.take_payload(n)
+            view[: len(data)] = data
+            return len(data)
+        got = await self.conn.recv_into(view[:n])
+        if not got:
+            raise ConnClosed("connection closed in the middle of a frame")
+        decoder.skip(got)  # the header was checked; its payload bypassed the decoder
+        self.last_rx = self.conn.loop.time()
+        return got
 
     def take_buffered_payload(self, length: int) -> bytes:
         """Payload bytes already read into user space (before switching to splice)."""
