@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import socket
 import ssl
@@ -89,3 +90,50 @@ def test_frames_are_parsed_only_by_the_wire_codec():
                 offenders.append(f"{path.relative_to(package)}: {needle}")
     assert offenders == []
     assert wire.FrameDecoder.next_header and wire.FrameDecoder.take_payload
+
+
+async def _tls_pair(ctx: ssl.SSLContext, home: Path) -> tuple[Conn, Conn]:
+    from kakehashi.core.tls import client_context
+
+    a, b = socket.socketpair()
+    client_ctx = client_context(ca=home / "ca" / "ca.pem")
+    server, client = await asyncio.gather(
+        start_tls(Conn(a), ctx, server_side=True, timeout=10),
+        start_tls(Conn(b), client_ctx, server_side=False, server_hostname="localhost",
+                  timeout=10),
+    )
+    return server, client
+
+
+async def test_tls_half_close_keeps_the_other_direction(ctx, tmp_path):
+    """A TLS stream that ends one way while the other way is still sending loses
+    nothing of the other way (the close_notify must not swallow records in flight),
+    and bulk data arrives intact through reads that take many records at once."""
+    import hashlib
+
+    server, client = await _tls_pair(ctx, tmp_path / "home")
+    data = bytes(range(256)) * (8 << 12)  # 8 MiB: far more than the socket buffers
+
+    async def send() -> None:
+        await server.send_all(data)
+        await server.shutdown_write()
+
+    async def receive() -> bytes:
+        got = bytearray()
+        buf = memoryview(bytearray(256 * 1024))
+        while n := await client.recv_into(buf):
+            got += buf[:n]
+            if len(got) >= 64 * 1024 and not client_closed:
+                client_closed.append(True)
+                await client.shutdown_write()  # half-close in the middle of the stream
+        return bytes(got)
+
+    client_closed: list[bool] = []
+    sender = asyncio.create_task(send())
+    got = await receive()
+    await sender
+    assert client_closed
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert await server.recv(100) == b""  # the client's end arrived as EOF
+    server.close()
+    client.close()

@@ -269,6 +269,31 @@ class E2ESession:
         self._send_n += 1
         return out
 
+    #: bytes a sealed message adds (for callers that size buffers)
+    overhead = OVERHEAD
+
+    def seal_into(self, plaintext: bytes | memoryview, out: memoryview) -> None:
+        """:meth:`seal` into ``out`` (exactly ``len(plaintext) + OVERHEAD`` bytes): the
+        bulk path reuses one buffer instead of allocating (and zeroing) one per message."""
+        if self._send_n >= _MAX_COUNTER:
+            raise E2EError("send counter exhausted; start a new handshake")
+        self._send.encrypt_into(self._nonce(self._send_n), plaintext, None, out)
+        self._send_n += 1
+
+    def open_into(self, ciphertext: bytes | memoryview, out: memoryview) -> None:
+        """:meth:`open` into ``out`` (exactly ``len(ciphertext) - OVERHEAD`` bytes)."""
+        if self._recv_n >= _MAX_COUNTER:
+            raise E2EError("receive counter exhausted; start a new handshake")
+        if len(ciphertext) < OVERHEAD:
+            raise E2EError("message too short")
+        try:
+            self._recv.decrypt_into(self._nonce(self._recv_n), ciphertext, None, out)
+        except InvalidTag as exc:
+            raise E2EError(
+                "message failed authentication (tampered, replayed or reordered)"
+            ) from exc
+        self._recv_n += 1
+
     def open(self, ciphertext: bytes, *, aad: bytes = b"") -> bytes:
         """Decrypt the next incoming message; E2EError on any mismatch."""
         if self._recv_n >= _MAX_COUNTER:

@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from kakehashi.core import wire
 from kakehashi.core.stream import RECV_CHUNK, SMALL_CHUNK, Conn, ConnClosed, FramedConn
@@ -213,15 +214,22 @@ async def pump_raw(a: Conn, b: Conn, ab: Transfer | None = None,
     return ab.bytes, ba.bytes
 
 
-Sealer = Callable[[bytes], bytes]
+class Sealing(Protocol):
+    """End-to-end sealing of DATA payloads (``crypto.E2ESession``): one sealed message
+    per frame, opened only whole, into buffers the pump reuses."""
+
+    overhead: int
+
+    def seal_into(self, plaintext: memoryview, out: memoryview) -> None: ...
+
+    def open_into(self, ciphertext: memoryview, out: memoryview) -> None: ...
 
 
 async def raw_to_frames(
     src: Conn,
     dst: FramedConn,
     *,
-    seal: Sealer | None = None,
-    overhead: int = 0,
+    sealing: Sealing | None = None,
     max_data: int = wire.DEFAULT_LIMITS.max_data,
     counter: Transfer | None = None,
 ) -> int:
@@ -232,7 +240,7 @@ async def raw_to_frames(
     first, so the link's next message (the release) is read as a message.
     """
     counter = counter or Transfer()
-    if seal is None and can_splice(src, dst.conn):
+    if sealing is None and can_splice(src, dst.conn):
         pipe = Pipe()
         chunk = min(pipe.size, max_data)
         try:
@@ -243,21 +251,20 @@ async def raw_to_frames(
         finally:
             pipe.close()
     else:
-        # the header goes in front of the payload in one buffer: one write per frame,
-        # no concatenation copy
-        buf = bytearray(wire.HEADER_SIZE + min(RECV_CHUNK, max_data - overhead))
-        view = memoryview(buf)
-        body = view[wire.HEADER_SIZE:]
-        data: bytes | memoryview
-        while n := await src.recv_into(body):
-            if seal:
-                payload = seal(bytes(body[:n]))
-                data = wire.encode_header(wire.FrameType.DATA, len(payload)) + payload
-            else:
-                view[: wire.HEADER_SIZE] = wire.encode_header(wire.FrameType.DATA, n)
-                data = view[: wire.HEADER_SIZE + n]
+        # the header goes in front of the payload in one buffer (sealed straight into
+        # it): one write per frame, no concatenation, no allocation per frame
+        overhead = sealing.overhead if sealing else 0
+        room = min(RECV_CHUNK, max_data - overhead)
+        buf = memoryview(bytearray(wire.HEADER_SIZE + room + overhead))
+        body = buf[wire.HEADER_SIZE:]
+        plain = memoryview(bytearray(room)) if sealing else body[:room]
+        while n := await src.recv_into(plain):
+            size = n + overhead
+            if sealing:
+                sealing.seal_into(plain[:n], body[:size])
+            buf[: wire.HEADER_SIZE] = wire.encode_header(wire.FrameType.DATA, size)
             async with dst.write_lock:
-                await _whole_frame(dst, _send_frame_bytes(dst, data))
+                await _whole_frame(dst, _send_frame_bytes(dst, buf[: wire.HEADER_SIZE + size]))
             counter.bytes += n
     await dst.send_frame(wire.FrameType.EOF)
     return counter.bytes
@@ -273,7 +280,7 @@ async def _splice_frame(dst: FramedConn, pipe: Pipe, n: int) -> None:
     dst.bytes_out += n + wire.HEADER_SIZE
 
 
-async def _send_frame_bytes(dst: FramedConn, data: bytes | memoryview) -> None:
+async def _send_frame_bytes(dst: FramedConn, data: memoryview) -> None:
     await dst.conn.send_all(data)
     dst.bytes_out += len(data)
 
@@ -312,11 +319,21 @@ class ChunkBuffer:
         self._big: memoryview | None = None
 
     def get(self, length: int) -> memoryview:
+        """A buffer for ``length`` bytes or, for a long frame, at least ``room``
+        (callers that need a frame whole ask for exactly that; the frame limit of
+        the wire codec bounds it)."""
         if length <= SMALL_CHUNK:
             return memoryview(bytearray(length))
-        if self._big is None:
-            self._big = memoryview(bytearray(self.room))
+        if self._big is None or len(self._big) < min(length, self.room):
+            self._big = memoryview(bytearray(max(self.room, length)))
         return self._big
+
+    def whole(self, length: int) -> memoryview:
+        """A buffer that holds ``length`` bytes at once."""
+        view = self.get(length)
+        if len(view) < length:
+            view = self._big = memoryview(bytearray(length))
+        return view
 
 
 class FrameSink:
@@ -338,12 +355,13 @@ class FrameSink:
 class RawSink(FrameSink):
     """Deliver payloads to an application socket (optionally opening sealed payloads)."""
 
-    def __init__(self, dst: Conn, *, open_: Sealer | None = None) -> None:
+    def __init__(self, dst: Conn, *, sealing: Sealing | None = None) -> None:
         self.dst = dst
-        self.open = open_
-        self.splices = open_ is None and can_splice(dst)
+        self.sealing = sealing
+        self.splices = sealing is None and can_splice(dst)
         self._pipe: Pipe | None = None
         self._chunks = ChunkBuffer()
+        self._opened = ChunkBuffer()
         self.counter = Transfer()
 
     async def data(self, src: FramedConn, length: int) -> None:
@@ -352,8 +370,15 @@ class RawSink(FrameSink):
             await self._deliver(src, length)
 
     async def _deliver(self, src: FramedConn, length: int) -> None:
-        if self.open is not None:  # a sealed payload opens only whole
-            await self.dst.send_all(self.open(await src.read_payload(length)))
+        if self.sealing is not None:  # a sealed payload opens only whole
+            sealed = self._chunks.whole(length)[:length]
+            filled = 0
+            while filled < length:
+                filled += await src.read_payload_into(sealed[filled:])
+            size = max(length - self.sealing.overhead, 0)  # too short: open_into says so
+            opened = self._opened.whole(size)[:size]
+            self.sealing.open_into(sealed, opened)
+            await self.dst.send_all(opened)
             return
         if src.buffered:
             head = src.take_buffered_payload(length)

@@ -397,8 +397,9 @@ class RelayLink:
 
 
 class _NotifyingRawSink(RawSink):
-    def __init__(self, dst: Conn, session: Session, open_=None) -> None:
-        super().__init__(dst, open_=open_)
+    def __init__(self, dst: Conn, session: Session,
+                 sealing: crypto.E2ESession | None = None) -> None:
+        super().__init__(dst, sealing=sealing)
         self.session = session
 
     async def eof(self) -> None:
@@ -509,11 +510,8 @@ async def run_session(link: RelayLink, app: Conn,
     up: asyncio.Task[int] | None = None
     reason = ""
     try:
-        seal = open_ = None
-        overhead = 0
-        if info.e2e:
-            e2e = await _e2e_handshake(link, info, initiator)
-            seal, open_, overhead = e2e.seal, e2e.open, crypto.OVERHEAD
+        e2e = await _e2e_handshake(link, info, initiator) if info.e2e else None
+        open_ = e2e.open if e2e else None
         early = _early(link)
         while early.items:  # what the peer sent before we were ready, in order
             item = early.items.pop(0)
@@ -522,8 +520,8 @@ async def run_session(link: RelayLink, app: Conn,
                 session.got_eof.set()
             else:
                 await app.send_all(open_(item) if open_ else item)
-        link.sink = _NotifyingRawSink(app, session, open_)  # no await since the check
-        up = asyncio.create_task(raw_to_frames(app, link.framed, seal=seal, overhead=overhead))
+        link.sink = _NotifyingRawSink(app, session, e2e)  # no await since the check
+        up = asyncio.create_task(raw_to_frames(app, link.framed, sealing=e2e))
         both_done = asyncio.ensure_future(_both(up, session.got_eof))
         ended = asyncio.ensure_future(session.ended.wait())
         await asyncio.wait({both_done, ended}, return_when=asyncio.FIRST_COMPLETED)
