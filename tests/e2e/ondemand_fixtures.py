@@ -25,9 +25,11 @@ class OnDemand:
     procs: dict[str, Proc] = field(default_factory=dict)
     ports: tuple[int, int] = (0, 0)
     inner_args: tuple[str, ...] = ()
+    #: the manager's --db (default: a SQLite file of the test; or a redis:// URL)
+    db: str = ""
 
     def __post_init__(self) -> None:
-        self.db = str(self.env.root / "od.db")
+        self.db = self.db or str(self.env.root / "od.db")
         self.audit = self.env.root / "od-audit.jsonl"
         # the admin token through the CLI; the others straight on the store (a CLI
         # start costs a second on a busy machine, and they are made the same way)

@@ -141,12 +141,13 @@ def manager(listen: str, db: str, tls_mode: str, cert: str | None, key: str | No
     options.check_cert_key(cert, key)
 
     async def main() -> None:
+        import logging
         from pathlib import Path
 
         from kakehashi.core import tls, web
         from kakehashi.core.audit import AuditLog
         from kakehashi.core.paths import state_dir
-        from kakehashi.core.store import is_url, open_store
+        from kakehashi.core.store import describe, is_url, open_store
         from kakehashi.ondemand.manager import Manager, ManagerSettings, build_app
 
         certfile, keyfile = tls.listener_cert(host, cert, key) if tls_mode == "on" \
@@ -154,8 +155,16 @@ def manager(listen: str, db: str, tls_mode: str, cert: str | None, key: str | No
         # the relay CA lives beside a SQLite file; with a server URL, in the state dir
         ca_home = state_dir() / "ondemand.relay-ca" if is_url(db) \
             else Path(db).resolve().parent / (Path(db).name + ".relay-ca")
+        replicas = None
+        if is_url(db):  # replicas of this manager may share the Redis: hear them
+            from kakehashi.ondemand.replicas import Replicas
+
+            replicas = Replicas(db)
+            logging.getLogger("kakehashi.ondemand.manager").info(
+                "manager replica %s on %s", replicas.name, describe(db))
         mgr = Manager(open_store(db), audit=AuditLog(audit_log, system="ondemand"),
-                      settings=ManagerSettings(**settings_kw), ca_home=ca_home)
+                      settings=ManagerSettings(**settings_kw), ca_home=ca_home,
+                      replicas=replicas)
         sock = web.bind(host, port)
         await web.serve(build_app(mgr), sock, certfile=certfile, keyfile=keyfile,
                         name="ondemand manager")

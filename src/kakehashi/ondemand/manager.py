@@ -8,7 +8,9 @@ client only after its edge has the port open (S15), and revocation, extension an
 expiry reach the edge over the same channel at once.
 
 The decisions themselves are :mod:`.grants` (sans-IO); this module stores, sends and
-waits.
+waits. With a Redis store several replicas serve one set of grants: what crosses
+between them is :mod:`.replicas` (edges of other replicas, broadcasts of grant
+changes, shared one-time tickets).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -35,11 +38,15 @@ from kakehashi.core.store import Store
 from kakehashi.core.web import ApiError, bearer, create_app, require
 from kakehashi.ondemand import grants as g
 from kakehashi.ondemand import messages as m
+from kakehashi.ondemand.replicas import ReplicaError, Replicas
 
 log = logging.getLogger("kakehashi.ondemand.manager")
 
 GRANT, EVENT, AUTH, DEVICE, RELAY = "od-grant", "od-event", "od-auth-info", "od-device", \
     "od-relay"
+#: with replicas: the relay CA every replica issues from, and one record per ended
+#: grant (whoever inserts it ended the grant: the others only follow)
+RELAY_CA, GRANT_END = "od-relay-ca", "od-grant-end"
 #: events kept per grant at most (a flood of refused connections cannot fill the store)
 MAX_EVENTS = 10_000
 
@@ -98,12 +105,37 @@ class RelaySession:
                 fut.set_exception(ConnectionError(f"edge {self.name} disconnected"))
 
 
+class RemoteEdge:
+    """An edge attached to another replica, driven like a :class:`RelaySession`."""
+
+    def __init__(self, replicas: Replicas, replica: str, name: str) -> None:
+        self.replicas, self.replica, self.name = replicas, replica, name
+
+    async def open(self, grant: dict[str, Any], timeout: float) -> m.Ack:
+        try:
+            reply = await self.replicas.call(
+                self.replica, {"op": "open", "edge": self.name, "grant": grant}, timeout + 1)
+        except ReplicaError as exc:
+            raise ConnectionError(str(exc)) from None
+        return m.Ack(req=0, ok=bool(reply.get("ok")), code=str(reply.get("code", "")),
+                     error=str(reply.get("error", "")))
+
+    async def send(self, msg: msgspec.Struct) -> None:
+        if isinstance(msg, m.Close):
+            await self.replicas.call(self.replica, {"op": "close", "edge": self.name,
+                                                    "grant": msg.grant,
+                                                    "reason": msg.reason}, 5.0)
+
+
 class Manager:
     """The manager's state and operations; the routes (:func:`build_app`) call these."""
 
     def __init__(self, store: Store, *, audit: AuditLog | None = None,
-                 settings: ManagerSettings | None = None, ca_home: Path | None = None) -> None:
+                 settings: ManagerSettings | None = None, ca_home: Path | None = None,
+                 replicas: Replicas | None = None) -> None:
         self.store = store
+        #: the other replicas on the same Redis (None: this manager is alone)
+        self.replicas = replicas
         self.audit = audit or AuditLog(None, system="ondemand")
         self.s = settings or ManagerSettings()
         self.tokens = ApiTokens(store, roles=g.ROLES)
@@ -144,18 +176,53 @@ class Manager:
         """The relay CA: it issues the certificates edges and inner relays prove
         themselves with on the relay link (created on first use)."""
         if self._ca is None:
+            if self.replicas is not None:
+                self._shared_ca()
             self._ca = tls.DevCA(self.ca_home)
         return self._ca
 
+    def _shared_ca(self) -> None:
+        """Replicas issue relay certificates from one CA (an edge of one replica and
+        an inner relay of another must trust each other): the first replica's CA goes
+        into the store, the others write it where :class:`tls.DevCA` looks for it.
+
+        The store then holds the CA's key: Redis must be as private as the key file."""
+        assert self.ca_home is not None
+        doc = self.store.get(RELAY_CA, "ca")
+        if doc is None:
+            ca = tls.DevCA(self.ca_home)
+            mine = {"cert": ca.ca_path.read_text(), "key": ca.key_path.read_text()}
+            if self.store.insert(RELAY_CA, "ca", mine):
+                return
+            doc = self.store.get(RELAY_CA, "ca")
+            assert doc is not None
+        ca_dir = self.ca_home / "ca"
+        ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, text, mode in (("ca.key", doc["key"], 0o600), ("ca.pem", doc["cert"], 0o644)):
+            path = ca_dir / name
+            if path.exists() and path.read_text() == text:
+                continue
+            tmp = path.with_suffix(f".{secrets.token_hex(4)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+
     def start(self) -> None:
         self.ca  # noqa: B018 - create it now, not inside the first hello
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
+        if self.replicas is not None:
+            self._replicas_start = loop.create_task(
+                self.replicas.start(self._on_replica, self.resync))
 
     async def close(self) -> None:
         if self._sweeper:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.replicas is not None:
+            await self.replicas.close()
 
     # -- events ------------------------------------------------------------------------
     async def record(self, kind: str, gid: str, **fields: Any) -> dict[str, Any]:
@@ -164,13 +231,29 @@ class Manager:
         seq = self._seqs[gid] = self._seqs.get(gid, trail[-1]["seq"] if trail else 0) + 1
         ev["seq"] = seq
         if len(trail) < MAX_EVENTS:  # the audit log still gets the rest
-            trail.append(ev)
-            self.store.put(EVENT, f"{gid}/{seq:08d}", ev)
+            if self.replicas is None:
+                self.store.put(EVENT, f"{gid}/{seq:08d}", ev)
+            else:  # another replica may number an event of this grant at the same time
+                while not self.store.insert(EVENT, f"{gid}/{seq:08d}", ev):
+                    seq = ev["seq"] = seq + 1
+                self._seqs[gid] = seq
+                await self.replicas.broadcast({"op": "event", "grant": gid, "event": ev})
+            self._add_event(gid, ev)
         self.audit.record(kind, kind not in ("denied", "refused"),
                           **{k: v for k, v in ev.items() if k not in ("event", "ts")})
         async with self.changed:
             self.changed.notify_all()
         return ev
+
+    def _add_event(self, gid: str, ev: dict[str, Any]) -> None:
+        """Into the grant's trail in order (events of other replicas may come late)."""
+        trail = self._trails.setdefault(gid, [])
+        if not trail or trail[-1]["seq"] < ev["seq"]:
+            trail.append(ev)
+        elif all(e["seq"] != ev["seq"] for e in trail):
+            trail.append(ev)
+            trail.sort(key=lambda e: e["seq"])
+        self._seqs[gid] = max(self._seqs.get(gid, 0), ev["seq"])
 
     def events(self, gid: str, after: int = 0) -> list[dict[str, Any]]:
         return [doc for doc in self._trails.get(gid, ()) if doc.get("seq", 0) > after]
@@ -178,6 +261,11 @@ class Manager:
     # -- reads -------------------------------------------------------------------------
     def grant(self, gid: str, who: TokenInfo | None = None) -> dict[str, Any]:
         doc = self.grants.get(gid)
+        if doc is None and self.replicas is not None:  # made by a replica a moment ago
+            stored = self.store.get(GRANT, gid)
+            if stored is not None:
+                self._take(stored)
+                doc = self.grants.get(gid)
         if doc is None or doc.get("status") == "opening" or (
                 who is not None and who.role == "client" and doc.get("owner") != who.id):
             raise ApiError(404, "unknown-grant", f"no grant {gid!r}")
@@ -195,7 +283,9 @@ class Manager:
         if when < self._deadline:
             self._wake.set()
 
-    def edge_views(self) -> list[g.EdgeView]:
+    def edge_views(self, remote: dict[str, dict[str, Any]] | None = None) -> list[g.EdgeView]:
+        """The edges a grant may go to: this replica's, and ``remote`` (announced by
+        other replicas, see :meth:`Replicas.edges`)."""
         views = []
         for name, sess in self.edges.items():
             h = sess.hello
@@ -205,20 +295,47 @@ class Manager:
                                     region=h.region or None, carrier=h.carrier or None,
                                     sessions=sess.sessions,
                                     bytes_per_second=sess.bytes_per_second, used=used))
+        for name, info in (remote or {}).items():
+            if name in self.edges or self.replicas is None \
+                    or info.get("replica") == self.replicas.name:
+                continue
+            views.append(g.EdgeView(name=name, public_host=info["public_host"],
+                                    ports=(info["ports"][0], info["ports"][1]),
+                                    region=info.get("region") or None,
+                                    carrier=info.get("carrier") or None,
+                                    sessions=info.get("sessions", 0),
+                                    bytes_per_second=info.get("bytes_per_second", 0.0),
+                                    used=set(self._used.get(name, ()))))
         return views
+
+    async def remote_edges(self) -> dict[str, dict[str, Any]]:
+        if self.replicas is None:
+            return {}
+        try:
+            return await self.replicas.edges()
+        except Exception as exc:
+            log.warning("edges of other replicas unknown: %s", exc)
+            return {}
 
     # -- grants (S11-S15) --------------------------------------------------------------
     async def create_grants(self, req: g.GrantRequest, who: TokenInfo) -> list[dict[str, Any]]:
         req = g.validate_request(req, devices=self.devices(), auth_infos=self.auth_infos(),
                                  limits=self.s.limits)
-        if not self.edges and self.s.edge_wait > 0:  # an edge that is still starting
+        remote = await self.remote_edges()
+        if not self.edges and not remote and self.s.edge_wait > 0:  # an edge still starting
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.edge_joined.wait(), self.s.edge_wait)
-        choice = g.choose_edge(req.policy, self.edge_views(),
+        choice = g.choose_edge(req.policy, self.edge_views(remote),
                                client_address=req.client_address, carrier=req.carrier,
                                region_table=self.s.region_table,
                                carrier_table=self.s.carrier_table)
-        sess = self.edges[choice.edge.name]
+        sess: RelaySession | RemoteEdge
+        if choice.edge.name in self.edges:
+            sess = self.edges[choice.edge.name]
+        else:  # attached to another replica: it opens the port for us
+            assert self.replicas is not None
+            sess = RemoteEdge(self.replicas, remote[choice.edge.name]["replica"],
+                              choice.edge.name)
         auth = self.auth_infos().get(req.auth_info) if req.auth_info else None
         devices = self.devices()
         now = time.time()
@@ -251,6 +368,7 @@ class Manager:
         for doc in made:
             doc["status"] = "active"
             self.store.put(GRANT, doc["id"], doc)
+            await self._tell_replicas(doc)
             await self.record("created", doc["id"], imsi=doc["imsi"],
                               target_port=doc["target_port"], edge=doc["edge"],
                               port=doc["port"], expires_at=doc["expires_at"],
@@ -259,7 +377,7 @@ class Manager:
             self._at(doc["expires_at_ts"], doc["id"])
         return made
 
-    async def _open(self, sess: RelaySession, doc: dict[str, Any], edge: g.EdgeView,
+    async def _open(self, sess: RelaySession | RemoteEdge, doc: dict[str, Any], edge: g.EdgeView,
                     auth: dict[str, Any] | None) -> None:
         """Draw a port and have the edge open it; a port the edge cannot bind is
         excluded and another drawn. Raises GrantError when the edge cannot be reached."""
@@ -310,9 +428,8 @@ class Manager:
 
     async def revoke(self, gid: str, who: TokenInfo) -> dict[str, Any]:
         doc = self.grant(gid, who)
-        if doc["status"] != "active":
+        if doc["status"] != "active" or not await self._end(doc, "revoked"):
             raise ApiError(409, "not-active", f"grant {gid} is already {doc['status']}")
-        await self._end(doc, "revoked")
         await self.record("deleted", gid, reason="revoked", by=who.name or who.id)
         return doc
 
@@ -327,6 +444,7 @@ class Manager:
         doc["expires_at_ts"] = now + ttl
         doc["expires_at"] = g.iso(now + ttl)
         self.store.put(GRANT, gid, doc)
+        await self._tell_replicas(doc)
         sess = self.edges.get(doc["edge"])
         if sess is not None:
             with contextlib.suppress(Exception):
@@ -336,10 +454,19 @@ class Manager:
         self._at(doc["expires_at_ts"], gid)
         return doc
 
-    async def _end(self, doc: dict[str, Any], status: str) -> None:
+    async def _end(self, doc: dict[str, Any], status: str) -> bool:
+        """End an active grant; False when another replica ended it first (then this
+        one only follows what that one stored)."""
+        if self.replicas is not None and not self.store.insert(
+                GRANT_END, doc["id"], {"status": status, "by": self.replicas.name}):
+            stored = self.store.get(GRANT, doc["id"])
+            if stored is not None:
+                await self._apply(stored, push=True)
+            return False
         doc["status"] = status
         doc["ended_at_ts"] = time.time()
         self.store.put(GRANT, doc["id"], doc)
+        await self._tell_replicas(doc)
         self._used.get(doc["edge"], set()).discard(doc["port"])
         if self._by_port.get((doc["edge"], doc["port"])) == doc["id"]:
             del self._by_port[(doc["edge"], doc["port"])]
@@ -348,6 +475,78 @@ class Manager:
         if sess is not None:
             with contextlib.suppress(Exception):
                 await sess.send(m.Close(grant=doc["id"], reason=status))
+        return True
+
+    # -- replicas ----------------------------------------------------------------------
+    async def _tell_replicas(self, doc: dict[str, Any]) -> None:
+        if self.replicas is not None:
+            await self.replicas.broadcast({"op": "grant", "doc": doc})
+
+    def _take(self, doc: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+        """Take a grant as another replica stored it into this one's view; returns
+        whether it was taken and the copy it replaced."""
+        gid, edge, port = doc["id"], doc["edge"], doc["port"]
+        old = self.grants.get(gid)
+        if old is not None and old.get("status") in ("revoked", "expired") \
+                and doc["status"] == "active":
+            return False, old  # a late copy of a grant that has ended since
+        self.grants[gid] = doc
+        if doc["status"] == "active":
+            self._used.setdefault(edge, set()).add(port)
+            self._by_port[(edge, port)] = gid
+            self._at(doc["expires_at_ts"], gid)
+        elif doc["status"] in ("revoked", "expired"):
+            self._used.get(edge, set()).discard(port)
+            if self._by_port.get((edge, port)) == gid:
+                del self._by_port[(edge, port)]
+            self._at(doc.get("ended_at_ts", 0) + self.s.retention, gid)
+        return True, old
+
+    async def _apply(self, doc: dict[str, Any], *, push: bool = False) -> None:
+        """:meth:`_take`; with ``push``, also tell an edge of this replica what changed
+        (a revocation cuts its live connections now)."""
+        taken, old = self._take(doc)
+        gid = doc["id"]
+        sess = self.edges.get(doc["edge"])
+        if not taken or not push or sess is None:
+            return
+        with contextlib.suppress(Exception):
+            if doc["status"] in ("revoked", "expired"):
+                if old is None or old.get("status") not in ("revoked", "expired"):
+                    await sess.send(m.Close(grant=gid, reason=doc["status"]))
+            elif doc["status"] == "active" and old is not None \
+                    and old.get("expires_at_ts") != doc["expires_at_ts"]:
+                await sess.send(m.Update(grant=self.edge_grant(doc)))
+
+    async def _on_replica(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """A message of another replica (see :mod:`.replicas`)."""
+        op = msg.get("op")
+        if op == "grant":
+            await self._apply(msg["doc"], push=True)
+        elif op == "event":
+            self._add_event(str(msg["grant"]), msg["event"])
+            async with self.changed:
+                self.changed.notify_all()
+        elif op == "open":
+            sess = self.edges.get(str(msg.get("edge")))
+            if sess is None:
+                return {"ok": False, "code": "edge-gone", "error": "edge not attached here"}
+            try:
+                ack = await sess.open(msg["grant"], self.s.open_timeout)
+            except (TimeoutError, ConnectionError, OSError, RuntimeError) as exc:
+                return {"ok": False, "code": "edge-unreachable", "error": str(exc)}
+            return {"ok": ack.ok, "code": ack.code, "error": ack.error}
+        elif op == "close":
+            sess = self.edges.get(str(msg.get("edge")))
+            if sess is not None:
+                await sess.send(m.Close(grant=str(msg["grant"]), reason=str(msg["reason"])))
+            return {"ok": True}
+        return None
+
+    async def resync(self) -> None:
+        """After an absence from Redis: what other replicas changed is in the store."""
+        for _, doc in self.store.list(GRANT):
+            await self._apply(doc, push=True)
 
     async def _sweep(self) -> None:
         """Expire grants at their time (the edge cuts on its own clock too) and delete
@@ -360,8 +559,7 @@ class Manager:
                 if doc is None:
                     continue
                 if doc["status"] == "active":
-                    if doc["expires_at_ts"] <= now:  # else extended: a later entry is due
-                        await self._end(doc, "expired")
+                    if doc["expires_at_ts"] <= now and await self._end(doc, "expired"):
                         await self.record("expired", gid)
                 elif doc["status"] in ("revoked", "expired") and \
                         doc.get("ended_at_ts", 0) + self.s.retention <= now:
@@ -375,6 +573,8 @@ class Manager:
     def _purge(self, gid: str) -> None:
         self.grants.pop(gid, None)
         self.store.delete(GRANT, gid)
+        if self.replicas is not None:
+            self.store.delete(GRANT_END, gid)
         for ev in self._trails.pop(gid, ()):
             self.store.delete(EVENT, f"{gid}/{ev['seq']:08d}")
         self._seqs.pop(gid, None)
@@ -411,6 +611,10 @@ class Manager:
             live = [self.edge_grant(d) for d in self.grants.values()
                     if d["edge"] == hello.name and d["status"] == "active"]
             self.edge_joined.set()
+            if self.replicas is not None:
+                asyncio.get_running_loop().create_task(self.replicas.edge_here(hello.name, {
+                    "public_host": hello.public_host, "ports": list(hello.ports),
+                    "region": hello.region, "carrier": hello.carrier}))
         else:
             for dev in hello.devices:
                 self.store.put(DEVICE, dev.imsi, {"imsi": dev.imsi, "address": dev.address,
@@ -426,6 +630,8 @@ class Manager:
         if table.get(sess.name) is sess:
             del table[sess.name]
             log.info("%s %s disconnected", sess.kind, sess.name)
+            if self.replicas is not None and sess.kind == "edge":
+                asyncio.get_running_loop().create_task(self.replicas.edge_gone(sess.name))
         if not self.edges:
             self.edge_joined.clear()
 
@@ -435,7 +641,7 @@ class Manager:
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         elif isinstance(msg, m.Request):
-            await sess.send(self.answer(sess, msg))
+            await sess.send(await self.answer(sess, msg))
         elif isinstance(msg, m.Event):
             if msg.event not in g.EVENTS or msg.event in ("created", "deleted", "expired",
                                                           "extended"):
@@ -447,10 +653,16 @@ class Manager:
                 await self.record(msg.event, msg.grant, **{sess.kind: sess.name, **fields})
         elif isinstance(msg, m.Load):
             sess.sessions, sess.bytes_per_second = msg.sessions, msg.bytes_per_second
+            if self.replicas is not None and sess.name in self.replicas._edges:
+                self.replicas._edges[sess.name].update(
+                    sessions=msg.sessions, bytes_per_second=msg.bytes_per_second)
 
-    def _ticket(self, gid: str) -> str:
+    async def _ticket(self, gid: str) -> str:
         """A one-time ticket that binds the edge's next dial to this relay information;
-        the inner relay redeems it with its check (10 s, once)."""
+        the inner relay redeems it with its check (10 s, once). With replicas it is in
+        Redis: the inner relay may be attached to another replica than the edge."""
+        if self.replicas is not None:
+            return await self.replicas.ticket(gid)
         now = time.time()
         if len(self._tickets) > 10_000:  # unredeemed ones (clients that went away)
             self._tickets = {t: v for t, v in self._tickets.items() if v[1] > now}
@@ -458,25 +670,31 @@ class Manager:
         self._tickets[ticket] = (gid, now + 10.0)
         return ticket
 
-    def _redeem(self, ticket: str, gid: str) -> bool:
+    async def _redeem(self, ticket: str, gid: str) -> bool:
+        if self.replicas is not None:
+            return await self.replicas.redeem(ticket, gid)
         found = self._tickets.pop(ticket, None) if ticket else None
         return found is not None and found[0] == gid and found[1] > time.time()
 
-    def answer(self, sess: RelaySession, req: m.Request) -> m.Reply:
+    async def answer(self, sess: RelaySession, req: m.Request) -> m.Reply:
         """Relay information for an edge (S22-S25), or an inner relay's dial check."""
         if req.op == "relay-info":
             if sess.kind != "edge":
                 return m.Reply(req=req.req, ok=False, code="forbidden", error="edges only")
+            if (sess.name, req.port) not in self._by_port and self.replicas is not None:
+                await self.resync()  # a grant of another replica not heard of yet
             doc = self.grants.get(self._by_port.get((sess.name, req.port), ""))
             if doc is None or doc["status"] == "opening":
                 return m.Reply(req=req.req, ok=False, code="no-grant",
                                error=f"no grant on port {req.port}")
             data = self.edge_grant(doc)
-            data["ticket"] = self._ticket(doc["id"])
+            data["ticket"] = await self._ticket(doc["id"])
             return m.Reply(req=req.req, ok=True, data=data)
         if sess.kind != "inner":
             return m.Reply(req=req.req, ok=False, code="forbidden", error="inner relays only")
         doc = self.grants.get(req.grant)
+        if self.replicas is not None:  # the store has the latest word of every replica
+            doc = self.store.get(GRANT, req.grant)
         dev = self.store.get(DEVICE, req.imsi) or {}
         why = None
         if doc is None:
@@ -487,7 +705,7 @@ class Manager:
             why = f"grant is for {doc['imsi']}:{doc['target_port']}"
         elif dev.get("inner") != sess.name or dev.get("address") != req.address:
             why = f"{req.address} is not the registered address of {req.imsi} here"
-        elif not self._redeem(req.ticket, req.grant):
+        elif not await self._redeem(req.ticket, req.grant):
             why = "no valid ticket: the dial does not follow relay information for it"
         if why:
             return m.Reply(req=req.req, ok=False, code="not-granted", error=why)
@@ -664,7 +882,7 @@ def build_app(mgr: Manager) -> Any:
 
     @app.get("/v1/edges")
     async def edges(who: TokenInfo = client) -> list[dict[str, Any]]:
-        views = {v.name: v for v in mgr.edge_views()}
+        views = {v.name: v for v in mgr.edge_views(await mgr.remote_edges())}
         out = []
         for key, d in mgr.store.list(RELAY):
             if not key.startswith("edge/"):
