@@ -20,6 +20,13 @@ Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
   cannot speak CONNECT, so the tunnel is ``kakehashi gateway tunnel --listen``
   (a second process) in front of the gateway; haproxy ``mode tcp`` once and twice
   chained (the same number of forwarding processes) are the references.
+* connect-tls - the same Python sender over TLS (one TLS client context for every
+  row; the cipher negotiated is shown): the gateway with a TLS listener (``--tls on``,
+  CONNECT inside TLS) against haproxy ``mode tcp`` with ``bind ... ssl crt`` (TLS
+  termination, plaintext to the sink); the on-demand edge with a ``tls`` grant
+  (client TLS ends at the edge; edge -> inner relay link with TLS, the default, and
+  ``--link-tls off``) against haproxy ``ssl crt`` -> haproxy ``mode tcp`` (the same
+  two forwarding processes). Rows interleaved run by run; CPU s/GB of the forwarders.
 * connect-py - the gateway alone: a Python sender in this process connects, sends
   ``CONNECT``, reads the 200 and streams --bytes (1 GiB) to a counting sink, which
   answers the byte count after the half-close; the same sender through haproxy
@@ -39,6 +46,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -71,11 +79,15 @@ SERVERS = str(HERE / "servers.py")
 HTTP_ROWS = ["direct", "haproxy", "gateway", "gateway-quiet", "gateway-nolane", "tinyproxy"]
 CONNECT_ROWS = ["direct", "haproxy", "haproxy2", "gateway"]
 CONNECT_PY_ROWS = ["direct", "haproxy", "gateway", "gateway-nosplice"]
+#: TLS terminated by the forwarder, plaintext on to the sink; interleaved run by run
+CONNECT_TLS_ROWS = ["haproxy-ssl", "gateway-tls", "haproxy-ssl2", "ondemand-tls",
+                    "ondemand-tls-plainlink"]
 GROUPS = {"http": HTTP_ROWS, "http-close": HTTP_ROWS, "connect": CONNECT_ROWS,
-          "connect-py": CONNECT_PY_ROWS}
+          "connect-py": CONNECT_PY_ROWS, "connect-tls": CONNECT_TLS_ROWS}
 BASELINES = {"http": ["haproxy", "tinyproxy"], "http-close": ["haproxy", "tinyproxy"],
              "connect": ["direct", "haproxy"],
-             "connect-py": ["direct", "haproxy"]}
+             "connect-py": ["direct", "haproxy"],
+             "connect-tls": ["haproxy-ssl", "haproxy-ssl2"]}
 
 HTTP_TARGET = 0.5      # gateway req/s >= 0.5x haproxy mode http
 CONNECT_TARGET = 1.0   # gateway CONNECT MB/s >= 1.0x haproxy mode tcp
@@ -485,14 +497,21 @@ def iperf_once(procs: Procs, port: int, sink: int, seconds: float) -> Transfer:
 
 
 def blast_once(procs: Procs, port: int, sink: int, nbytes: int,
-               connect_to: str | None) -> Transfer:
-    """Send ``nbytes`` (after a CONNECT if ``connect_to``) to the counting sink."""
+               connect_to: str | None, *, ctx: ssl.SSLContext | None = None,
+               cipher: list[str] | None = None) -> Transfer:
+    """Send ``nbytes`` (after a CONNECT if ``connect_to``) to the counting sink; over
+    TLS with ``ctx`` (the negotiated cipher is appended to ``cipher``)."""
     server = procs.spawn("sink", [sys.executable, SERVERS, "sink", str(sink),
                                   "--max-seconds", "600"])
     try:
         wait_listening(sink, proc=server)
         block = os.urandom(1 << 20)
-        with socket.create_connection((LOOPBACK, port), timeout=120) as sock:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((LOOPBACK, port), timeout=120))
+            if ctx is not None:
+                sock = stack.enter_context(ctx.wrap_socket(sock, server_hostname="localhost"))
+                if cipher is not None:
+                    cipher.append(f"{sock.version()} {sock.cipher()[0]}")
             if connect_to:
                 sock.sendall(f"CONNECT {connect_to} HTTP/1.1\r\nHost: {connect_to}\r\n\r\n"
                              .encode())
@@ -513,7 +532,9 @@ def blast_once(procs: Procs, port: int, sink: int, nbytes: int,
                 n = min(left, len(block))
                 sock.sendall(view[:n])
                 left -= n
-            sock.shutdown(socket.SHUT_WR)
+            # (the TCP half-close itself: SSLSocket.shutdown would drop the TLS state
+            # needed to read the reply)
+            socket.socket.shutdown(sock, socket.SHUT_WR)
             reply = b""
             while len(reply) < 8 and (chunk := sock.recv(8 - len(reply))):
                 reply += chunk
@@ -526,6 +547,122 @@ def blast_once(procs: Procs, port: int, sink: int, nbytes: int,
         return Transfer(got, elapsed)
     finally:
         procs.stop(server)
+
+
+HAPROXY_SSL_CFG = """\
+global
+    maxconn 4096
+    nbthread 1
+    tune.ssl.default-dh-param 2048
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend bench
+    bind {loopback}:{port} ssl crt {pem}
+    default_backend target
+backend target
+    server t1 {loopback}:{target}
+"""
+
+
+def tls_client() -> ssl.SSLContext:
+    """The one client context of the connect-tls rows (certificates not checked: the
+    rows compare forwarders, every one with the same development certificate)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def start_tls_route(key: str, procs: Procs, gw: Gateway, target: int,
+                    workdir: Path) -> tuple[Route, str | None]:
+    """A connect-tls row's forwarder(s) to ``target``; for the gateway, the CONNECT
+    target to send inside TLS."""
+    from kakehashi.core import tls
+
+    cert, key_path = tls.DevCA(workdir / "ca").issue([LOOPBACK, "localhost"])
+    if key in ("haproxy-ssl", "haproxy-ssl2"):
+        pids = []
+        if key == "haproxy-ssl2":
+            plain = fw.start_haproxy(procs, target)
+            target, pids = plain.port, plain.pids
+        pem = workdir / "haproxy.pem"
+        pem.write_bytes(cert.read_bytes() + key_path.read_bytes())
+        port, pid = start_configured(procs, key, HAPROXY_SSL_CFG, HAPROXY_ARGV, None,
+                                     pem=pem, target=target)
+        name = "haproxy mode tcp, ssl crt" + (" -> haproxy mode tcp" if pids else "")
+        return Route(name, port, [pid, *pids]), None
+    if key == "gateway-tls":
+        route = gw.serve(procs, extra=("--tls", "on", "--cert", str(cert),
+                                       "--key", str(key_path)))
+        return Route("kakehashi gateway CONNECT, --tls on listener", route.port,
+                     route.pids), f"{LOOPBACK}:{target}"
+    from ondemand_bench import IMSI, System  # the manager, inner relay and edge
+
+    plain_link = key == "ondemand-tls-plainlink"
+    sub = workdir / key
+    sub.mkdir(exist_ok=True)
+    base = 46000 if plain_link else 46100
+    system = System(procs, sub, (base, base + 99), link_tls=not plain_link)
+    grant = system.api().request("POST", "/v1/grants", {
+        "targets": [{"imsi": IMSI, "port": target}], "ttl": 3600,
+        "tls": True})["grants"][0]
+    wait_listening(int(grant["port"]))
+    name = "on-demand edge, tls grant -> inner" + (" (--link-tls off)" if plain_link
+                                                   else " (link TLS)")
+    return Route(name, int(grant["port"]), [system.edge.pid, system.inner.pid]), None
+
+
+def measure_connect_tls(keys: list[str], args: argparse.Namespace, gw: Gateway,
+                        workdir: Path) -> dict:
+    """Every row started once, then --repeat rounds of one transfer per row."""
+    sink = free_port()
+    ctx = tls_client()
+    with Procs(workdir) as procs:
+        routes = {k: start_tls_route(k, procs, gw, sink, workdir) for k in keys}
+        runs: dict[str, list[Transfer]] = {k: [] for k in keys}
+        cpu = dict.fromkeys(keys, 0.0)
+        cipher: dict[str, list[str]] = {}
+        for i in range(args.repeat):
+            for k in keys:
+                route, connect_to = routes[k]
+                before = tree_cpu_seconds(route.pids)
+                run = blast_once(procs, route.port, sink, args.bytes, connect_to, ctx=ctx,
+                                 cipher=cipher.setdefault(k, []))
+                time.sleep(0.2)
+                cpu[k] += tree_cpu_seconds(route.pids) - before
+                runs[k].append(run)
+                say(f"  {route.name} round {i + 1}/{args.repeat}: {run.mbps:,.0f} MB/s "
+                    f"(load {os.getloadavg()[0]:.1f})")
+    out = {}
+    for k in keys:
+        moved = sum(r.bytes for r in runs[k])
+        route = routes[k][0]
+        out[k] = {"name": route.name, "mbps": median([r.mbps for r in runs[k]]),
+                  "runs": [r.mbps for r in runs[k]],
+                  "cpu_per_gb": cpu[k] / (moved / 1e9) if moved else None,
+                  "procs": len(route.pids), "cipher": (cipher[k] or ["?"])[0]}
+    return out
+
+
+def connect_tls_rows(results: dict[str, dict]) -> list[Row]:
+    rows = []
+    for key, r in results.items():
+        peer_key = "haproxy-ssl2" if key.startswith("ondemand") else "haproxy-ssl"
+        peer = results.get(peer_key, {}).get("mbps")
+        target = ""
+        if key in ("gateway-tls", "ondemand-tls"):
+            ok = peer and r["mbps"] >= CONNECT_TARGET * peer
+            target = f">= {peer_key}: {'PASS' if ok else 'FAIL'}"
+        cpu = (f"{r['cpu_per_gb']:.2f} s/GB ({r['procs']} proc)"
+               if r["cpu_per_gb"] is not None else "-")
+        rows.append(Row("connect (TLS)", r["name"], f"{r['mbps']:,.0f} MB/s", "-",
+                        ratio(r["mbps"], peer), "-", cpu,
+                        f"{r['cipher']}; runs " + "/".join(f"{v:,.0f}" for v in r["runs"]),
+                        target))
+    return rows
 
 
 def start_connect_route(group: str, key: str, procs: Procs, gw: Gateway,
@@ -693,6 +830,13 @@ def main() -> int:
             res = {k: measure_connect(group, k, args, gw, workdir) for k in rows[group]}
             out += connect_rows(group, res)
             print(table(HEADERS, [r.cells() for r in connect_rows(group, res)]), flush=True)
+        if rows.get("connect-tls"):
+            say(f"== connect-tls: one TLS stream, python sender, {args.bytes / 2**20:,.0f} "
+                f"MiB x {args.repeat} interleaved rounds")
+            res = measure_connect_tls(rows["connect-tls"], args, gw, workdir)
+            tls_rows = connect_tls_rows(res)
+            out += tls_rows
+            print(table(HEADERS, [r.cells() for r in tls_rows]), flush=True)
     except KeyboardInterrupt:
         say("interrupted; processes stopped")
         return 130
