@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from types import SimpleNamespace
 
+from kakehashi.core.stream import Conn
 from kakehashi.gateway import http
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.exchange import Upstream
-from kakehashi.gateway.pool import binds_request, binds_response, pool_key
+from kakehashi.gateway.pool import UpstreamPool, binds_request, binds_response, pool_key
 from kakehashi.gateway.server import GatewayServer
 
 
@@ -67,3 +70,50 @@ def test_a_loop_is_the_whole_address_pair_not_a_shared_source_port():
     assert server._from_itself(itself)  # the upstream's own other end: a loop
     upstream.closed = True
     assert not server._from_itself(itself)
+
+
+async def _until(check, seconds: float = 5.0) -> None:
+    """Wait (bounded) for an observable condition the event loop brings about."""
+    async with asyncio.timeout(seconds):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+async def test_a_pooled_upstream_its_origin_closes_is_closed_and_forgotten_at_once():
+    """The pool watches its idle connections: an origin's keep-alive timeout (EOF)
+    takes the connection out of the pool when it happens, not at the next sweep."""
+    ours, origin = socket.socketpair()
+    conn = Conn(ours)
+    pool = UpstreamPool(idle=60)  # no sweep during the test
+    key = ("10.0.0.5", 80, "-")
+    try:
+        pool.give(key, conn)
+        assert len(pool) == 1 and pool.has(key)
+        origin.close()
+        await _until(lambda: len(pool) == 0)
+        assert conn.closed and not pool.has(key) and pool.take(key) is None
+    finally:
+        pool.close()
+        origin.close()
+
+
+async def test_a_taken_upstream_is_the_takers_to_watch():
+    """Whoever takes a pooled connection takes over its registration: bytes that
+    arrive later are the taker's response, never a reason for the pool to close it."""
+    ours, origin = socket.socketpair()
+    conn = Conn(ours)
+    pool = UpstreamPool(idle=60)
+    key = ("10.0.0.5", 80, "-")
+    got: list[bytes] = []
+    try:
+        pool.give(key, conn)
+        taken = pool.take(key)
+        assert taken is conn and len(pool) == 0
+        taken.watch_readable(lambda: got.append(conn.sock.recv(100)))
+        origin.sendall(b"HTTP/1.1 200 OK\r\n")
+        await _until(lambda: bool(got))
+        assert got == [b"HTTP/1.1 200 OK\r\n"] and not conn.closed
+    finally:
+        conn.close()
+        pool.close()
+        origin.close()

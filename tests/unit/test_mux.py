@@ -190,3 +190,39 @@ async def test_a_dribbled_request_line_costs_few_peeks():
         assert 3 <= peeks <= 20, peeks  # a fixed 5 ms pause would have made ~200
     finally:
         await listener.close()
+
+
+async def test_a_burst_of_connections_is_accepted_and_the_limit_still_holds():
+    """The listener takes many connections per wake-up; --max-connections still
+    bounds how many are served at once (the rest wait in the backlog) and every
+    one is served in the end."""
+    active = peak = 0
+    release = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await release.wait()
+            await conn.send_all(b"ok")
+        finally:
+            active -= 1
+
+    listener = Listener("127.0.0.1", 0, handle, max_connections=20)
+    listener.start()
+    port = listener.address[1]
+    try:
+        clients = [await open_tcp("127.0.0.1", port) for _ in range(150)]
+        async with asyncio.timeout(10):
+            while active < 20:
+                await asyncio.sleep(0.005)
+        assert len(listener.tasks) == 20  # the limit, not the burst
+        release.set()
+        async with asyncio.timeout(20):
+            replies = [await c.recv(10) for c in clients]
+        assert replies == [b"ok"] * 150 and peak == 20
+        for c in clients:
+            c.close()
+    finally:
+        await listener.close()
