@@ -216,3 +216,29 @@ def test_switch_counts_tunnels_by_state_streams_and_refusals(env, echo):
     text = scrape(sw.port)
     assert sample(text, "kakehashi_switch_tunnels", state="established") == 0
     assert get(f"http://127.0.0.1:{sw.port}/healthz")[0] == 200
+
+
+def test_relay_cluster_membership_gauge_follows_the_nodes(env, redis_url):
+    from tests.support.ports import free_port
+
+    def node(name: str):
+        port = free_port()
+        proc = env.spawn(f"node-{name}", "relay", "serve", "--listen", f"127.0.0.1:{port}",
+                         "--db", redis_url, "--tls", "off", "--cluster", redis_url,
+                         "--node", name, "--advertise", f"127.0.0.1:{port}",
+                         "--cluster-ttl", "2", "--metrics-listen", "127.0.0.1:0")
+        proc.wait_for(f"node {name} joined the cluster", 20)
+        return proc, metrics_port(proc)
+
+    _, aport = node("a")
+    b, bport = node("b")
+
+    def members(port: int, n: int) -> bool:
+        text = scrape(port)
+        return sample(text, "kakehashi_cluster_nodes", system="relay") == n
+
+    wait_until(lambda: members(aport, 2) and members(bport, 2), 20, what="both see two")
+    assert sample(scrape(aport), "kakehashi_cluster_node_up", system="relay", node="b") == 1
+    b.kill9()
+    wait_until(lambda: members(aport, 1), 20, what="a sees b gone")
+    assert sample(scrape(aport), "kakehashi_cluster_node_up", system="relay", node="b") == 0

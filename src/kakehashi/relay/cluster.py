@@ -241,6 +241,7 @@ class ClusterNode:
             log.warning("node %s lost the cluster state (%s): refusing logins and "
                         "cross-node requests", self.node, exc)
             self.up = False
+            self.server.metrics.cluster_members([])  # no cluster state: none known
             while not self._writes.empty():
                 self._writes.get_nowait()
             self._apply(self.core.cluster_state(False))
@@ -280,6 +281,7 @@ class ClusterNode:
         if gone:
             await self.redis.srem(self._k("nodes"), *gone)
         self._apply(self.core.set_directory(snapshot))
+        self.server.metrics.cluster_members([self.node, *snapshot])
 
     async def _event_loop(self) -> None:
         delay = 0.2
