@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from kakehashi.chain import messages as m
 from kakehashi.core import wire
+from kakehashi.core.crypto import ControlChannel, ControlError
 
 
 @settings(max_examples=200, deadline=None)
@@ -29,12 +30,12 @@ values = st.recursive(
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(["challenge", "answer", "proof", "request", "reply", "extend",
-                        "refused", "relay", "bogus"]),
+                        "refused", "relay", "sealed", "bogus"]),
        st.dictionaries(st.sampled_from(["hop", "nonce", "id", "mac", "rid", "server",
                                         "requester", "user", "mode", "encrypt", "via",
                                         "origin", "near", "far", "complete", "path",
                                         "challenge", "max_payload", "reason", "text",
-                                        "body"]), values, max_size=10))
+                                        "body", "data"]), values, max_size=10))
 def test_decode_of_near_miss_messages(tag, fields):
     try:
         payload = msgspec.msgpack.encode({"type": tag, **fields})
@@ -61,3 +62,26 @@ def test_frame_decoder_with_chain_limits(data):
                 pass
     except wire.WireError:
         pass
+
+
+KEY = bytes(range(32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=m.MAX_MESSAGE + 40), st.booleans())
+def test_unseal_of_hostile_sealed_messages(data, genuine):
+    """What a relaying proxy or a man in the middle puts in a Sealed: a refusal
+    (ControlError: altered or forged; WireError: not one message, or nested), nothing else.
+    ``genuine``: random bytes sealed with the right key (only the decoding can fail)."""
+    send, recv = ControlChannel(KEY, KEY[::-1]), ControlChannel(KEY[::-1], KEY)
+    blob = send.seal(data) if genuine else data
+    try:
+        sealed = m.codec.decode(m.codec.encode(m.Sealed(blob))[wire.HEADER_SIZE:])
+    except (wire.WireError, msgspec.ValidationError):
+        return  # too short or too long for a Sealed: refused by the schema
+    assert isinstance(sealed, m.Sealed)
+    try:
+        msg = m.unseal(recv, sealed)
+    except (ControlError, wire.WireError):
+        return
+    assert genuine and not isinstance(msg, m.Sealed)
