@@ -367,6 +367,55 @@ async def test_a_flood_of_setups_is_bounded_per_user_and_address(tmp_path, key, 
         c.close()
 
 
+def test_a_flood_of_silent_connections_from_one_address_leaves_room_for_others(tmp_path):
+    """Connections that never authenticate, from one address: past its share of setups
+    in progress each gets a limit refusal at once, so they cannot take every connection
+    slot and others go on being served (before, they waited for the auth timeouts)."""
+    env = Env(tmp_path)
+    c = Chain(env, extra={"max_per_client": "3", "max_connections": "5",
+                          "auth_timeout": "30"})
+    silent: list[socket.socket] = []
+    try:
+        def connect() -> tuple[socket.socket, m.Message]:
+            s = socket.socket()
+            s.bind(("127.0.0.66", 0))  # the flooder's address
+            s.settimeout(10)
+            s.connect(("127.0.0.1", c.ports["fw1"]))
+            s.sendall(wire.PREAMBLE)
+            dec = wire.FrameDecoder(m.LIMITS)
+            while not (frames := list(dec.frames())):
+                chunk = s.recv(4096)
+                assert chunk, "closed without a word"
+                dec.feed(chunk)
+            return s, m.codec.decode(frames[0].payload)
+
+        for _ in range(3):
+            s, first = connect()
+            assert isinstance(first, m.Challenge)  # held silent from now on
+            silent.append(s)
+        for _ in range(4):
+            s, first = connect()
+            s.close()
+            assert isinstance(first, m.Refused) and first.reason == "limit", first
+            assert first.hop == "fw1" and "127.0.0.66" in first.text
+        fwd = c.forward(mode="iterative")  # from 127.0.0.1, through the remaining slots
+        assert exchange(fwd.bound_port(), 20, 64) == 20
+        fwd.stop()
+        silent.pop().close()  # a setup slot of the flooder's frees when fw1 sees it go
+
+        def challenged_again() -> bool:
+            s, first = connect()
+            silent.append(s)
+            return isinstance(first, m.Challenge)
+
+        wait_until(challenged_again, 10, what="a setup slot for 127.0.0.66 again")
+    finally:
+        for s in silent:
+            s.close()
+        env.close()
+        c.close()
+
+
 def ended(c: Chain, hop: str) -> int:
     """Sessions ``hop`` has ended (it logs the end when it releases the session's slot)."""
     return c.procs[hop].output().count(f"{hop}: session of alice ended")

@@ -87,3 +87,16 @@ def test_session_limits_per_user_and_address():
     for u, a in [("a", "1.1.1.1"), ("a", "1.1.1.9"), ("b", "1.1.1.1"), ("c", "2.2.2.2")]:
         lim.release(u, a)
     assert lim.count == 0 and lim.users == {} and lim.addresses == {}
+
+
+def test_setups_in_progress_are_bounded_per_address():
+    lim = t.SessionLimits(per_user=2, per_address=2, total=0)
+    assert lim.begin_setup("6.6.6.6") is None and lim.begin_setup("6.6.6.6") is None
+    assert "6.6.6.6 already has 2 setups in progress" in lim.begin_setup("6.6.6.6")
+    assert lim.begin_setup("10.1.0.2") is None  # another address goes on being served
+    lim.end_setup("6.6.6.6")
+    assert lim.begin_setup("6.6.6.6") is None
+    for a in ("6.6.6.6", "6.6.6.6", "10.1.0.2"):
+        lim.end_setup(a)
+    assert lim.setups == {}
+    assert t.SessionLimits(per_user=2, per_address=0, total=0).begin_setup("x") is None

@@ -100,7 +100,8 @@ def keygen() -> None:
 @click.option("--max-per-user", type=click.IntRange(min=0), default=16, show_default=True,
               help="Sessions one user may hold at once (0: no limit).")
 @click.option("--max-per-client", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Sessions one requester address may hold at once (0: no limit).")
+              help="Sessions one client address may hold at once, and setups in progress "
+                   "from one connection address (0: no limit).")
 @click.option("--max-connections", type=click.IntRange(min=0), default=4096, show_default=True,
               help="Control connections served at once, setups included (0: no limit); "
                    "beyond it new ones wait in the listen backlog.")

@@ -236,8 +236,18 @@ class _Session:
         cfg = self.cfg
         started = time.monotonic()
         try:
-            await asyncio.wait_for(self.up.fc.read_preamble(), cfg.auth_timeout)
-            await self.setup()
+            # floods: setups in progress are bounded per address too, so connections from
+            # one address that never authenticate cannot hold every slot (others would
+            # wait in the backlog for their auth timeouts)
+            why = self.proxy.limits.begin_setup(self.peer_ip)
+            if why:
+                self.audit("limit", False, why=why)
+                raise self.refusal("limit", f"{cfg.name}: {why}")
+            try:
+                await asyncio.wait_for(self.up.fc.read_preamble(), cfg.auth_timeout)
+                await self.setup()
+            finally:
+                self.proxy.limits.end_setup(self.peer_ip)
         except Refuse as exc:
             self.proxy.stats["refused"] += 1
             self.proxy.refused(exc.msg.hop, exc.msg.reason)

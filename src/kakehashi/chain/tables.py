@@ -191,13 +191,33 @@ def parse_acl_flag(item: str) -> dict[str, str]:
 
 class SessionLimits:
     """Concurrent sessions per user and per source address: a flood of setups from one
-    user or one address is refused once it holds its share, others go on being served."""
+    user or one address is refused once it holds its share, others go on being served.
+
+    Setups still in progress (before and during authentication, when the user is not
+    known yet) are bounded per address of the connection as well (``per_address``):
+    the connection's address is the client's, or a neighbour proxy's for its setups in
+    flight."""
 
     def __init__(self, per_user: int, per_address: int, total: int) -> None:
         self.per_user, self.per_address, self.total = per_user, per_address, total
         self.users: dict[str, int] = {}
         self.addresses: dict[str, int] = {}
+        self.setups: dict[str, int] = {}
         self.count = 0
+
+    def begin_setup(self, address: str) -> str | None:
+        """Take a setup slot for a new control connection, or return why not."""
+        if self.per_address and self.setups.get(address, 0) >= self.per_address:
+            return f"address {address} already has {self.per_address} setups in progress here"
+        self.setups[address] = self.setups.get(address, 0) + 1
+        return None
+
+    def end_setup(self, address: str) -> None:
+        left = self.setups.get(address, 1) - 1
+        if left > 0:
+            self.setups[address] = left
+        else:
+            self.setups.pop(address, None)
 
     def admit(self, user: str, address: str) -> str | None:
         """Take a slot, or return why not."""
