@@ -19,8 +19,9 @@ through Redis:
   ``<p>od-ticket:T`` with a 10 s expiry, redeemed with ``GETDEL``, since the edge
   and the inner relay may be attached to different replicas.
 
-Pub/sub delivers to replicas that are connected; a replica that was away reloads
-the grants from the store when it reconnects (see ``Manager.resync``).
+Pub/sub delivers to replicas that are connected; a replica reloads the grants from
+the store each time it (re)subscribes (see ``Manager.resync``), so nothing said
+while it was starting or away is missed.
 """
 
 from __future__ import annotations
@@ -126,15 +127,13 @@ class Replicas:
 
     async def _listen(self) -> None:
         delay = 0.2
-        first = True
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._broadcast_ch, self._direct_prefix + self.name)
                 self.subscribed.set()
-                if not first and self._on_reconnect is not None:
-                    await self._on_reconnect()  # what we missed is in the store
-                first = False
+                if self._on_reconnect is not None:  # what was said before we listened
+                    await self._on_reconnect()      # (or while we were away) is stored
                 delay = 0.2
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
