@@ -32,13 +32,13 @@ class Cluster:
         env.db = redis_url  # users and attributes in the store every node reads
         self.ports: dict[str, int] = {}
         self.procs: dict[str, Proc] = {}
+        self.tls = "off"
 
-    def node(self, name: str, *, cluster_url: str | None = None, tls: bool = False,
-             wait: bool = True) -> int:
+    def node(self, name: str, *, cluster_url: str | None = None, wait: bool = True) -> int:
         port = self.ports.get(name) or free_port()
         proc = self.env.spawn(
             f"node-{name}", "relay", "serve", "--listen", f"127.0.0.1:{port}",
-            "--db", self.url, "--tls", "on" if tls else "off", "--keepalive", "1",
+            "--db", self.url, "--tls", self.tls, "--keepalive", "1",
             "--cluster", cluster_url or self.url, "--node", name,
             "--advertise", f"127.0.0.1:{port}", "--cluster-ttl", str(TTL),
             "--audit-log", str(self.env.root / f"audit-{name}.jsonl"))
@@ -48,7 +48,7 @@ class Cluster:
         return port
 
     def agent(self, user: str, *nodes: str, expose: str, wait: bool = True) -> Proc:
-        args = ["relay", "agent", "--user", user, "--tls", "off", "--expose", expose]
+        args = ["relay", "agent", "--user", user, "--tls", self.tls, "--expose", expose]
         for n in nodes:
             args += ["--server", f"127.0.0.1:{self.ports[n]}"]
         proc = self.env.spawn(f"agent-{user}", *args, env=self.env.user_env(user))
@@ -56,16 +56,16 @@ class Cluster:
             proc.wait_for(f"agent {user} online", 20)
         return proc
 
-    def pipe(self, user: str, node: str, target: str, data: bytes, *, check: bool = True,
-             timeout: float = 60.0):
+    def pipe(self, user: str, node: str, target: str, data: bytes, *extra: str,
+             check: bool = True, timeout: float = 60.0):
         return self.env.run("relay", "pipe", "--server", f"127.0.0.1:{self.ports[node]}",
-                            "--user", user, "--tls", "off", target, input=data,
+                            "--user", user, "--tls", self.tls, target, *extra, input=data,
                             env=self.env.user_env(user), timeout=timeout, check=check)
 
     def forward(self, user: str, node: str, target: str) -> int:
         proc = self.env.spawn(f"connect-{user}", "relay", "connect",
                               "--server", f"127.0.0.1:{self.ports[node]}", "--user", user,
-                              "--tls", "off", target, "--listen", "127.0.0.1:0",
+                              "--tls", self.tls, target, "--listen", "127.0.0.1:0",
                               env=self.env.user_env(user))
         return proc.bound_port()
 
@@ -100,6 +100,30 @@ def test_sessions_between_every_pair_of_nodes(cluster, echo):
     # the target's node (its audit log has the pairing)
     audit = cluster.env.root / "audit-n0.jsonl"
     assert '"via": "n1"' in audit.read_text() and '"via": "n2"' in audit.read_text()
+
+
+def test_tls_nodes_carry_sessions_that_require_encryption(cluster, echo):
+    """Figs. 3/4 across nodes: every hop is TLS, the one between the nodes too."""
+    cluster.tls = "on"
+    cluster.env.run("relay", "user", "set", "pi", "--db", cluster.url,
+                    "--encryption", "required")
+    cluster.node("n0")
+    cluster.node("n1")
+    cluster.agent("pi", "n0", expose=f"echo={echo.addr}")
+    data = os.urandom(256 << 10)
+    res = cluster.pipe("laptop", "n1", "pi/echo", data, "--encrypt")
+    assert _sha(res.stdout) == _sha(data)
+    audit = (cluster.env.root / "audit-n1.jsonl").read_text()
+    assert '"via": "n0"' in audit and '"hops_tls": [true, true]' in audit
+
+
+def test_plaintext_node_link_refuses_a_session_that_requires_encryption(cluster, echo):
+    cluster.node("n0")
+    cluster.node("n1")
+    cluster.agent("pi", "n0", expose=f"echo={echo.addr}")
+    res = cluster.pipe("laptop", "n1", "pi/echo", b"x", "--encrypt", check=False)
+    assert res.returncode != 0
+    assert b"link between relay nodes is not encrypted" in res.stderr
 
 
 def test_who_watch_and_broadcast_are_cluster_wide(cluster, echo):
