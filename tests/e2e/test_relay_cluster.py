@@ -12,6 +12,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -124,6 +125,22 @@ def test_plaintext_node_link_refuses_a_session_that_requires_encryption(cluster,
     res = cluster.pipe("laptop", "n1", "pi/echo", b"x", "--encrypt", check=False)
     assert res.returncode != 0
     assert b"link between relay nodes is not encrypted" in res.stderr
+
+
+def test_quiet_cross_node_session_outlives_the_keepalive_watchdogs(cluster, echo):
+    """Nothing crosses the inter-node link for several dead-after periods (keepalive
+    1 s): the calling node's holds keep the called node's watchdog from cutting it."""
+    cluster.node("n0")
+    cluster.node("n1")
+    cluster.agent("pi", "n0", expose=f"echo={echo.addr}")
+    port = cluster.forward("laptop", "n1", "pi/echo")
+    with socket.create_connection(("127.0.0.1", port), 15) as sock:
+        sock.settimeout(15)
+        sock.sendall(b"one\n")
+        assert sock.recv(16) == b"one\n"
+        time.sleep(5 * 1.0)  # the quiet period under test: 5 keepalives, dead after 3
+        sock.sendall(b"two\n")
+        assert sock.recv(16) == b"two\n"
 
 
 def test_who_watch_and_broadcast_are_cluster_wide(cluster, echo):

@@ -483,6 +483,25 @@ class RelayServer:
         while link.flusher is not None and not link.flusher.done():
             await asyncio.shield(link.flusher)
 
+    def _hold(self, link: Link) -> None:
+        """A connection-hold command on an inter-node link this node opened, also
+        during a session: written whole under the link's write lock, between two
+        frames the pump forwards (never the partial write of :meth:`_enqueue`)."""
+        if link.framed.write_lock.locked():
+            return  # a frame is going out: the called node hears from this link anyway
+
+        async def send() -> None:
+            try:
+                await asyncio.wait_for(link.framed.send(m.RELAY_CODEC.encode(m.Hold())),
+                                       SEND_TIMEOUT)
+            except (OSError, ConnClosed, TimeoutError, ssl.SSLError):
+                if link.task:
+                    link.task.cancel()
+
+        task = asyncio.create_task(send())
+        self._auth_tasks.add(task)
+        task.add_done_callback(self._auth_tasks.discard)
+
     # -- keepalive watchdog -------------------------------------------------------
     async def _watch(self) -> None:
         period = max(0.05, min(self.settings.keepalive / 3, 5.0))
@@ -497,7 +516,7 @@ class RelayServer:
                     continue
                 if link.outbound and loop_now - link.last_hold >= self.settings.keepalive:
                     link.last_hold = loop_now  # the called node's watchdog sees it alive
-                    self._enqueue(link.cid, m.Hold(), 0.0)
+                    self._hold(link)
                 if conn.state is State.CLOSED:
                     continue  # already being closed (a slowed-down login refusal)
                 if conn.state in (State.NEW, State.AUTH):
