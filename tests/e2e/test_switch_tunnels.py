@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
-import statistics
 import threading
-import time
 
 import pytest
 
@@ -66,33 +64,33 @@ def test_cli_lifecycle(sw: Switch, echo_mod: EchoServer) -> None:
 
 
 def test_parallel_streams_with_an_interactive_one(sw: Switch) -> None:
-    """4 x 8 MiB echoed at once, intact, while an interactive echo stays responsive."""
+    """8 x 64 MiB echoed at once through one tunnel, each intact (SHA-256), while an
+    interactive echo on the same tunnel keeps answering. Its latency is measured by
+    bench/switch_bench.py (the parallel row), not asserted here."""
     t = sw.open("echo")
     port = port_of(t)
     results: list[tuple[str, str, int]] = []
+    size = 64 << 20
 
     def bulk() -> None:
-        results.append(stream_through(port, 8 << 20))
+        results.append(stream_through(port, size, timeout=600))
 
-    threads = [threading.Thread(target=bulk) for _ in range(4)]
-    latencies: list[float] = []
+    threads = [threading.Thread(target=bulk) for _ in range(8)]
+    pings = 0
     with socket.create_connection(("127.0.0.1", port), 10) as ping:
+        ping.settimeout(120)
         ping.sendall(b"x")
         assert ping.recv(1) == b"x"  # the interactive stream is open before the bulk
         for th in threads:
             th.start()
         while any(th.is_alive() for th in threads):
-            t0 = time.perf_counter()
-            ping.sendall(b"p")
-            assert ping.recv(1) == b"p"
-            latencies.append(time.perf_counter() - t0)
+            ping.sendall(bytes([pings % 256]))
+            assert ping.recv(1) == bytes([pings % 256])
+            pings += 1
     for th in threads:
         th.join()
-    assert len(results) == 4 and all(s == g and n == 8 << 20 for s, g, n in results)
-    assert latencies, "the bulk streams ended before a single ping"
-    # generous for a loaded 2-core CI machine; without per-stream flow control and a
-    # fair outbox a ping waits behind megabytes of bulk data
-    assert statistics.median(latencies) < 0.5, latencies
+    assert len(results) == 8 and all(s == g and n == size for s, g, n in results)
+    assert pings, "the bulk streams ended before a single ping"
     sw.close(t["tunnel"])
 
 

@@ -66,3 +66,30 @@ def test_throttled_logins_are_retried_wrong_passwords_are_not() -> None:
                                                                 error="later"))), Fatal)
     assert isinstance(_http_refusal(403, m.encode(m.Refused(code="gateway-not-yours",
                                                             error="no"))), Fatal)
+
+
+async def test_the_gateways_link_window_holds_data_not_control() -> None:
+    from kakehashi.switch.mux import LinkPacer
+
+    gw = gateway()
+    gw.pacer = LinkPacer(floor=128 * 1024)
+    for i in range(20):
+        gw.send(m.Data(tunnel="t1", stream=1 + i % 2, data=b"x" * m.MAX_CHUNK))
+    first = b""
+    while body := gw.take_link():
+        first += body
+    assert 128 * 1024 <= len(first) < 128 * 1024 + 3 * m.MAX_CHUNK
+    assert not gw.out_ready.is_set() and gw.outbox
+    gw.send(m.Reset(tunnel="t1", stream=3))
+    assert m.decode_to_server(gw.take_link()) == [m.Reset(tunnel="t1", stream=3)]
+    await gw._handle([m.Ack(n=len(first))])  # the server took it: room again
+    assert gw.out_ready.is_set() and gw.take_link()
+    # each body from the server is acknowledged with the running total
+    body = m.encode(m.Credit(tunnel="tnope", stream=1, n=1))
+    gw.received = 10
+    await gw.receive(body)
+    assert m.Ack(n=10 + len(body)) in m.decode_to_server(gw.take(1 << 30))
+    import pytest
+
+    with pytest.raises(m.ProtocolError):
+        await gw._handle([m.Ack(n=gw.pacer.sent_total + 1)])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kakehashi.switch import messages as m
-from kakehashi.switch.mux import Outbox, RecvWindow, SendWindow
+from kakehashi.switch.mux import LINK_BODY, LinkPacer, Outbox, RecvWindow, SendWindow
 
 
 def test_send_window_takes_only_what_is_granted() -> None:
@@ -27,27 +27,71 @@ def frames_of(body: bytes) -> list:
     return m.decode_to_gateway(body)
 
 
-def test_outbox_control_first_then_data_round_robin() -> None:
-    box = Outbox()
+def test_outbox_control_first_then_data_by_quantum() -> None:
+    """Each turn a stream may send a quantum of bytes: 10 KiB chunks of a busy stream
+    leave one, then two per turn; the other stream's byte goes in between."""
+    box = Outbox(quantum=16 * 1024)
     for i in range(3):
-        box.put(m.Data(tunnel="t", stream=1, data=b"a" * 10 + bytes([i])))
+        box.put(m.Data(tunnel="t", stream=1, data=bytes([i]) * 10240))
     box.put(m.Data(tunnel="t", stream=2, data=b"b"))
     box.put(m.Credit(tunnel="t", stream=1, n=5))
     got = frames_of(box.take(1 << 20))
     assert isinstance(got[0], m.Credit)
-    assert [(x.stream, len(x.data)) for x in got[1:]] == [(1, 11), (2, 1), (1, 11), (1, 11)]
-    assert not box and box.bytes == 0
+    assert [(x.stream, x.data[:1]) for x in got[1:]] == [
+        (1, b"\x00"), (2, b"b"), (1, b"\x01"), (1, b"\x02")]
+    assert not box and box.bytes == 0 and len(box) == 0
 
 
 def test_a_bulk_stream_cannot_hold_the_link() -> None:
-    """An interactive chunk queued behind 100 bulk chunks leaves in the first batch."""
+    """An interactive chunk queued behind 100 bulk chunks leaves first."""
     box = Outbox()
     big = b"x" * m.MAX_CHUNK
     for _ in range(100):
         box.put(m.Data(tunnel="t", stream=1, data=big))
     box.put(m.Data(tunnel="t", stream=3, data=b"ping"))
     first = frames_of(box.take(m.MAX_CHUNK + 200))
-    assert [x.stream for x in first] == [1, 3]
+    assert [x.stream for x in first] == [3, 1]
+
+
+def test_a_small_frame_does_not_wait_behind_busy_streams_chunks() -> None:
+    """8 busy streams with their windows queued: a ping that comes while they are
+    served leaves at the head of the next body, not after a chunk of each (which
+    would be more than one body)."""
+    box = Outbox()
+    big = b"x" * m.MAX_CHUNK
+    for sid in range(1, 9):
+        for _ in range(8):
+            box.put(m.Data(tunnel="t", stream=sid, data=big))
+    for _ in range(3):
+        box.take(LINK_BODY)
+    box.put(m.Data(tunnel="t", stream=99, data=b"ping"))
+    body = frames_of(box.take(LINK_BODY))
+    assert body[0].stream == 99
+
+
+def test_a_bulk_stream_back_from_idle_does_not_jump_the_queue() -> None:
+    """A bulk stream whose queue ran dry (waiting for credit) comes back with a whole
+    chunk: as a new stream it is served first only if that chunk fits its quantum."""
+    box = Outbox()
+    big = b"x" * m.MAX_CHUNK
+    box.put(m.Data(tunnel="t", stream=1, data=big))
+    box.put(m.Data(tunnel="t", stream=2, data=b"ping"))
+    assert [x.stream for x in frames_of(box.take(1 << 20))] == [2, 1]
+
+
+def test_busy_streams_share_the_link_by_bytes() -> None:
+    """Two busy streams, one with 64 KiB chunks, one with 1 KiB ones: over a run of
+    bodies each gets about half the bytes (not half the chunks)."""
+    box = Outbox()
+    for _ in range(40):
+        box.put(m.Data(tunnel="t", stream=1, data=b"x" * m.MAX_CHUNK))
+    for _ in range(3000):
+        box.put(m.Data(tunnel="t", stream=2, data=b"y" * 1024))
+    sent = {1: 0, 2: 0}
+    for _ in range(10):
+        for x in frames_of(box.take(LINK_BODY)):
+            sent[x.stream] += len(x.data)
+    assert 0.8 < sent[1] / sent[2] < 1.25, sent
 
 
 def test_eof_waits_behind_its_streams_data() -> None:
@@ -66,3 +110,67 @@ def test_dropping_a_stream_forgets_its_data() -> None:
     box.drop(("t", 1))
     assert [x.stream for x in frames_of(box.take(1 << 20))] == [2]
     assert box.bytes == 0
+
+
+# -- the link window -------------------------------------------------------------------------
+def test_link_window_grows_while_bodies_do_not_queue() -> None:
+    p = LinkPacer(floor=256 * 1024, cap=4 << 20, target=0.005)
+    now = 0.0
+    for _ in range(40):  # acknowledged after 1 ms each: the path is empty
+        p.sent(128 * 1024, now)
+        now += 0.001
+        assert p.acked(p.sent_total, now)
+    assert p.window == 4 << 20 and p.inflight == 0 and p.room == 4 << 20
+
+
+def test_link_window_shrinks_when_bodies_queue_but_not_below_the_floor() -> None:
+    p = LinkPacer(floor=1 << 20, cap=16 << 20, target=0.005)
+    p.window = 4 << 20
+    p.sent(1000, 0.0)
+    p.acked(1000, 0.001)  # the fastest round trip: 1 ms
+    p.sent(1000, 1.0)
+    p.sent(1000, 1.0)
+    w = p.window
+    p.acked(2000, 1.050)  # 50 ms: 49 ms of queue
+    assert p.window == w * 3 // 4
+    p.acked(3000, 1.051)  # within the same round trip: one cut per round trip
+    assert p.window == w * 3 // 4
+    for i in range(8):  # still queueing, a round trip apart (within the epoch)
+        p.sent(1000, 2.0 + i)
+        p.acked(p.sent_total, 2.05 + i)
+    assert p.window == p.floor
+
+
+def test_a_slower_path_is_learnt_not_punished_for_ever() -> None:
+    """The fastest round trip is remembered for an epoch only: after the path gets
+    slower for good, the window grows again."""
+    p = LinkPacer(floor=64 * 1024, cap=16 << 20, target=0.005)
+    p.sent(1000, 0.0)
+    p.acked(1000, 0.001)
+    t = 1.0
+    while t < 40:  # 80 ms from now on
+        p.sent(64 * 1024, t)
+        p.acked(p.sent_total, t + 0.08)
+        t += 0.1
+    low = p.window
+    for _ in range(20):
+        p.sent(64 * 1024, t)
+        p.acked(p.sent_total, t + 0.08)
+        t += 0.1
+    assert p.base_rtt > 0.07 and p.window > low
+
+
+def test_an_ack_of_bytes_never_sent_is_refused() -> None:
+    p = LinkPacer()
+    p.sent(100, 0.0)
+    assert not p.acked(101, 0.1)
+    assert p.acked(100, 0.1) and p.acked(50, 0.2) and p.inflight == 0  # old: ignored
+
+
+def test_a_full_window_holds_data_but_not_control() -> None:
+    box = Outbox()
+    box.put(m.Data(tunnel="t", stream=1, data=b"x" * 100))
+    box.put(m.Credit(tunnel="t", stream=2, n=7))
+    got = frames_of(box.take(LINK_BODY, data=False))
+    assert got == [m.Credit(tunnel="t", stream=2, n=7)] and box and not box.control
+    assert [x.stream for x in frames_of(box.take(LINK_BODY))] == [1]

@@ -108,3 +108,47 @@ async def test_tunnel_records_follow_the_state_and_survive_a_restart(tmp_path):
     assert store.get(TUNNEL, t.id)["state"] == "deleting"
     await srv2.close()
     await srv.close()
+
+
+async def test_a_websocket_link_is_paced_by_the_gateways_acks(tmp_path):
+    """With acks asked for: data beyond the link window waits in the outbox (where a
+    small frame can still go first), control does not, an ack frees room, every body
+    taken off the link is acknowledged, and an ack of bytes never sent cuts the link."""
+    from kakehashi.switch.mux import LINK_BODY
+
+    srv = SwitchServer(open_store(tmp_path / "s.db"))
+    link, _ = await srv.attach(m.Hello(name="gw-srv", acks=True), ASP, "websocket")
+    assert link.pacer is not None
+    window = link.pacer.window
+    for i in range(40):
+        link.put(m.Data(tunnel="t1", stream=1 + i % 4, data=b"x" * m.MAX_CHUNK))
+    sent = 0
+    while body := link.take_link():
+        assert len(body) <= LINK_BODY + 1024
+        sent += len(body)
+    assert window <= sent < window + LINK_BODY + 1024 and link.outbox
+    assert not link.ready.is_set()  # the writer sleeps until an ack (or control) comes
+    link.put(m.Credit(tunnel="t1", stream=9, n=5))
+    assert link.ready.is_set()
+    assert m.decode_to_gateway(link.take_link()) == [m.Credit(tunnel="t1", stream=9, n=5)]
+    body = m.encode(m.Ack(n=sent))
+    await srv.receive(link, body)
+    assert link.ready.is_set()
+    got = m.decode_to_gateway(link.take_link())
+    # what the gateway sent is acknowledged (body by body, in bytes), and data flows
+    assert link.received == len(body) and got[0] == m.Ack(n=len(body))
+    assert isinstance(got[1], m.Data)
+    with pytest.raises(m.ProtocolError):
+        await srv.receive(link, m.encode(m.Ack(n=link.pacer.sent_total + 1)))
+    await srv.close()
+
+
+async def test_a_link_without_acks_is_not_paced(tmp_path):
+    """An old gateway (no acks in its hello) and the long-poll transport: no window."""
+    srv = SwitchServer(open_store(tmp_path / "s.db"))
+    link, _ = await srv.attach(m.Hello(name="gw-srv"), ASP, "websocket")
+    poll, _ = await srv.attach(m.Hello(name="gw-alice", acks=True), ALICE, "poll")
+    assert link.pacer is None and poll.pacer is None
+    await srv.receive(link, m.encode(m.Credit(tunnel="tx", stream=1, n=1)))
+    assert not any(isinstance(x, m.Ack) for x in m.decode_to_gateway(link.take(1 << 30)))
+    await srv.close()

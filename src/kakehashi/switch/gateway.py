@@ -38,7 +38,14 @@ from kakehashi.core import pump
 from kakehashi.core.httpdial import DialError, HttpConnection, Proxy, dial
 from kakehashi.core.stream import Conn, ConnClosed, Listener, open_tcp, parse_hostport
 from kakehashi.switch import messages as m
-from kakehashi.switch.mux import Outbox, RecvWindow, SendWindow
+from kakehashi.switch.mux import (
+    LINK_BODY,
+    LinkPacer,
+    Outbox,
+    RecvWindow,
+    SendWindow,
+    keep_backlog_here,
+)
 
 log = logging.getLogger("kakehashi.switch.gateway")
 
@@ -97,6 +104,7 @@ class WebSocketTransport(_Transport):
         from websockets.asyncio.client import connect
 
         sock = await dial(self.host, self.port, proxy=self.cfg.proxy)
+        keep_backlog_here(sock)
         scheme = "wss" if self.secure else "ws"
         self.ws = await connect(
             f"{scheme}://{self.host}:{self.port}/v1/gateway/link", sock=sock,
@@ -111,7 +119,7 @@ class WebSocketTransport(_Transport):
         async def writer() -> None:
             while True:
                 await gw.out_ready.wait()
-                body = gw.take()
+                body = gw.take_link()
                 if body:
                     await self.ws.send(body)
 
@@ -367,16 +375,32 @@ class Gateway:
         self.connected = asyncio.Event()
         self.links = 0
         self.kind = ""
+        #: link flow control of the current WebSocket link (None: a long-poll link)
+        self.pacer: LinkPacer | None = None
+        self.received = 0  # link body bytes received on the current link
 
     # -- the link -------------------------------------------------------------------------
     def send(self, msg: Any) -> None:
         self.outbox.put(msg)
         self.out_ready.set()
 
-    def take(self) -> bytes:
-        body = self.outbox.take(BATCH)
+    def take(self, limit: int = BATCH) -> bytes:
+        body = self.outbox.take(limit)
         if not self.outbox:
             self.out_ready.clear()
+        return body
+
+    def take_link(self) -> bytes:
+        """A body for the WebSocket link: at most :data:`LINK_BODY`, data only while
+        the link window has room (control always); b"" (and not ready) when what
+        waits must wait for an acknowledgement."""
+        p = self.pacer
+        room = LINK_BODY if p is None else min(LINK_BODY, p.room)
+        body = self.outbox.take(room) if room > 0 else self.outbox.take(LINK_BODY, data=False)
+        if not self.outbox or (room <= 0 and not self.outbox.control):
+            self.out_ready.clear()
+        if body and p is not None:
+            p.sent(len(body), time.monotonic())
         return body
 
     def _transport(self, fallback: bool) -> _Transport:
@@ -394,8 +418,11 @@ class Gateway:
             transport = self._transport(fallback)
             started = time.monotonic()
             try:
-                hello = m.encode(m.Hello(name=self.cfg.name, tunnels=list(self.tunnels)))
-                first = m.decode_to_gateway(await transport.open(hello))
+                acks = transport.kind == "websocket"
+                hello = m.encode(m.Hello(name=self.cfg.name, tunnels=list(self.tunnels),
+                                         acks=acks))
+                raw = await transport.open(hello)
+                first = m.decode_to_gateway(raw)
                 if not first or isinstance(first[0], m.Refused):
                     why = first[0] if first else None
                     text = (f"the server refused gateway {self.cfg.name}: "
@@ -407,6 +434,10 @@ class Gateway:
                 if not isinstance(welcome, m.Welcome):
                     raise m.ProtocolError("bad-welcome", "the server did not welcome us")
                 await self._welcome(welcome, transport.kind)
+                if acks:  # the server counts the body with the welcome as sent
+                    self.pacer = LinkPacer()
+                    self.received = len(raw)
+                    self.send(m.Ack(n=self.received))
                 await self._handle(first[1:])
                 await transport.run(self)
                 log.warning("link to %s ended", self.cfg.server)
@@ -450,12 +481,16 @@ class Gateway:
         """Streams in flight cannot survive the link; the pseudo sockets stay."""
         self.outbox = Outbox()
         self.out_ready.clear()
+        self.pacer = None
         for t in self.tunnels.values():
             for s in list(t.streams.values()):
                 self._abort(s, notify=False)
 
     async def receive(self, body: bytes) -> None:
         await self._handle(m.decode_to_gateway(body))
+        if self.pacer is not None:  # taken off the link: the server may send more
+            self.received += len(body)
+            self.send(m.Ack(n=self.received))
 
     async def _handle(self, msgs: list[Any]) -> None:
         for msg in msgs:
@@ -467,6 +502,11 @@ class Gateway:
                     await self._delete(t)
                 log.info("tunnel %s deleted (%s)", msg.tunnel, msg.reason or "asked")
                 self.send(m.Done(req=msg.req, tunnel=msg.tunnel, ok=True))
+            elif isinstance(msg, m.Ack):
+                if self.pacer is None or not self.pacer.acked(msg.n, time.monotonic()):
+                    raise m.ProtocolError("bad-ack", "the server acknowledged bytes never "
+                                                     "sent on this link")
+                self.out_ready.set()
             elif isinstance(msg, m.Error):
                 log.warning("the server refused a message: %s (%s)", msg.error, msg.code)
             elif isinstance(msg, m.Refused):

@@ -19,7 +19,10 @@ One link carries every tunnel of its gateway.
   peer), :class:`Data`, :class:`Eof` (half-close), :class:`Reset` (abort, with a
   reason) and :class:`Credit` (flow control: the receiver took ``n`` more bytes);
 * :class:`Error`: the server refused one message (forged tunnel, unknown stream,
-  window overrun); nothing else changes.
+  window overrun); nothing else changes;
+* :class:`Ack` (WebSocket links whose hello asked for them, both ways): the receiver
+  has taken ``n`` bytes of link bodies off the link in all, so the sender can keep
+  what is in flight on the link small (:class:`~.mux.LinkPacer`).
 
 Every field is bounded and every message is decoded against this schema.
 """
@@ -64,6 +67,14 @@ class ProtocolError(Exception):
 class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
     name: Name
     tunnels: Annotated[list[TunnelId], msgspec.Meta(max_length=100_000)] = []
+    #: link-level acknowledgements both ways (the gateway sends and wants :class:`Ack`)
+    acks: bool = False
+
+
+class Ack(msgspec.Struct, tag="ack", forbid_unknown_fields=True):
+    """Link flow control: ``n`` bytes of link bodies received on this link so far."""
+
+    n: Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
 
 class Welcome(msgspec.Struct, tag="welcome", forbid_unknown_fields=True):
@@ -151,8 +162,8 @@ class Credit(msgspec.Struct, tag="credit", forbid_unknown_fields=True):
 
 
 StreamMsg = Open | Data | Eof | Reset | Credit
-ToServer = Hello | Done | Open | Data | Eof | Reset | Credit
-ToGateway = Welcome | Refused | Setup | Delete | Error | Open | Data | Eof | Reset | Credit
+ToServer = Hello | Done | Ack | Open | Data | Eof | Reset | Credit
+ToGateway = Welcome | Refused | Setup | Delete | Error | Ack | Open | Data | Eof | Reset | Credit
 STREAM_TYPES = (Open, Data, Eof, Reset, Credit)
 
 _to_server = wire.ControlCodec(ToServer, LIMITS)

@@ -9,10 +9,27 @@ whether an interactive stream stays responsive beside a bulk one:
   Memory per stream is bounded on both gateways and on the server, and a slow
   reader slows only its own stream;
 * **the outbox** (:class:`Outbox`): control messages (instructions, reports, opens,
-  resets, credit) go first; data chunks (and a stream's Eof, behind its data) wait
-  per stream and leave round-robin, one chunk per stream per turn, so a stream with
-  much to send cannot hold the link for longer than one chunk while another has
-  something.
+  resets, credit) go first; data chunks (and a stream's Eof, behind its data) wait per
+  stream and leave by deficit round robin with a small byte quantum
+  (:data:`QUANTUM`), a stream that had nothing waiting being served before the busy
+  ones (the sparse-flow rule of fq_codel, RFC 8290). A bulk stream's 64 KiB chunks
+  need several turns' quanta to leave, while an interactive stream's few bytes leave
+  on their first turn: a small frame waits for at most one quantum per busy stream on
+  average (never more than one chunk each), not for the bulk streams' windows.
+
+The outbox is the only place where a link's traffic can be reordered: whatever has
+left it (a body being written, the kernel's buffers at both ends, a body being
+decoded at the far end) is first in, first out, and a frame behind it waits for every
+byte of it. So on a WebSocket link the sender keeps that small: bodies of at most
+:data:`LINK_BODY`, and at most a **link window** of bytes not yet acknowledged by the
+receiver (:class:`LinkPacer`: :class:`~.messages.Ack` says how much it took off the
+link). The window adapts to the path by delay (as TCP Vegas and LEDBAT do): it grows
+while a body's acknowledgement comes back within :data:`QUEUE_TARGET` of the fastest
+one lately, and shrinks by a quarter (at most once a round trip) when bodies start to
+queue - so a long fat path gets a large window and a loaded loopback a small one,
+instead of the megabytes that the kernel's buffers would otherwise hold in front of
+an interactive frame. Control messages (credit, acknowledgements, instructions) are
+never held back by the window, so neither side can wait for the other forever.
 """
 
 from __future__ import annotations
@@ -64,24 +81,127 @@ class RecvWindow:
         return 0
 
 
+#: bytes a busy stream may send per round-robin turn (a chunk of MAX_CHUNK needs several
+#: turns; a frame of an interactive stream fits in one)
+QUANTUM = 16 * 1024
+#: the largest body a WebSocket link writer takes at once: small, so that a frame the
+#: outbox would put first does not queue behind much that already left it (a long-poll
+#: link takes larger bodies: each costs an HTTP request)
+LINK_BODY = 2 * (m.MAX_CHUNK + 512)  # two whole chunks
+
+
+#: what a link's sender lets the kernel hold unsent (TCP_NOTSENT_LOWAT): the rest waits in
+#: the outbox, where a small frame can still go first; bytes already sent are not
+#: limited, so a long fat path still fills (the kernel sizes that by its window)
+NOTSENT_LOWAT = 128 * 1024
+
+
+def keep_backlog_here(sock: Any) -> None:
+    """Make ``sock`` (a link's socket) report writable only while little is unsent."""
+    import socket
+
+    opt = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if sock is None or opt is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, opt, NOTSENT_LOWAT)
+    except OSError:
+        pass  # not TCP (a test's socket pair) or not supported: the default then
+
+
+#: the link window's bounds and the queueing delay it aims for
+LINK_WINDOW_FLOOR = 256 * 1024
+LINK_WINDOW_CAP = 16 * 1024 * 1024
+QUEUE_TARGET = 0.005
+#: how long the fastest round trip seen is remembered (a path can get slower)
+BASE_RTT_EPOCH = 10.0
+
+
+class LinkPacer:
+    """The sender's side of link flow control (see the module docstring).
+
+    ``sent(n, now)`` for each body written, ``acked(total, now)`` for each
+    :class:`~.messages.Ack`; :attr:`room` is how many bytes may be written now.
+    """
+
+    def __init__(self, *, floor: int = LINK_WINDOW_FLOOR, cap: int = LINK_WINDOW_CAP,
+                 target: float = QUEUE_TARGET) -> None:
+        self.floor, self.cap, self.target = floor, cap, target
+        self.window = floor
+        self.sent_total = 0
+        self.acked_total = 0
+        self._marks: collections.deque[tuple[int, float]] = collections.deque()
+        self.base_rtt = float("inf")
+        self._epoch_min = float("inf")
+        self._epoch_end = 0.0
+        self._hold_until = 0.0
+
+    @property
+    def inflight(self) -> int:
+        return self.sent_total - self.acked_total
+
+    @property
+    def room(self) -> int:
+        return self.window - self.inflight
+
+    def sent(self, n: int, now: float) -> None:
+        self.sent_total += n
+        self._marks.append((self.sent_total, now))
+
+    def acked(self, total: int, now: float) -> bool:
+        """The receiver took ``total`` bytes in all; False if that is more than was
+        sent (the peer is broken or lying: the caller ends the link)."""
+        if total > self.sent_total:
+            return False
+        if total <= self.acked_total:
+            return True
+        n = total - self.acked_total
+        self.acked_total = total
+        sent_at = None
+        while self._marks and self._marks[0][0] <= total:
+            sent_at = self._marks.popleft()[1]
+        if sent_at is None:
+            return True
+        rtt = max(0.0, now - sent_at)
+        if now >= self._epoch_end:  # forget the fastest of long ago, keep the recent one
+            self.base_rtt = min(self._epoch_min, rtt)
+            self._epoch_min = rtt
+            self._epoch_end = now + BASE_RTT_EPOCH
+        else:
+            self._epoch_min = min(self._epoch_min, rtt)
+            self.base_rtt = min(self.base_rtt, rtt)
+        if rtt - self.base_rtt <= self.target:
+            self.window = min(self.cap, self.window + n)  # about doubles per round trip
+        elif now >= self._hold_until:
+            self.window = max(self.floor, self.window * 3 // 4)
+            self._hold_until = now + rtt
+        return True
+
+
 class Outbox:
-    """Messages waiting for the link: control first, then data round-robin by stream.
+    """Messages waiting for the link: control first, then data by deficit round robin
+    over streams, streams that were idle first (see the module docstring).
 
     ``take(limit)`` returns encoded frames of at most about ``limit`` bytes (at least
     one message when any waits).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quantum: int = QUANTUM) -> None:
+        self.quantum = quantum
         self._ctrl: collections.deque[bytes] = collections.deque()
         self._data: dict[Hashable, collections.deque[bytes]] = {}
-        self._ready: collections.deque[Hashable] = collections.deque()
+        self._deficit: dict[Hashable, int] = {}
+        #: streams that had nothing waiting when their data came (served first), and
+        #: the busy ones, each in round-robin order
+        self._new: collections.deque[Hashable] = collections.deque()
+        self._old: collections.deque[Hashable] = collections.deque()
         self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._ctrl) + sum(len(q) for q in self._data.values())
 
     def __bool__(self) -> bool:
-        return bool(self._ctrl or self._ready)
+        return bool(self._ctrl or self._data)
 
     def put(self, msg: Any) -> None:
         # a stream's end waits behind its data; everything else may go ahead
@@ -96,8 +216,8 @@ class Outbox:
         q = self._data.get(key)
         if q is None:
             q = self._data[key] = collections.deque()
-        if not q:
-            self._ready.append(key)
+            self._deficit[key] = self.quantum
+            self._new.append(key)
         q.append(frame)
         self.bytes += len(frame)
 
@@ -108,32 +228,50 @@ class Outbox:
     def drop(self, key: Hashable) -> None:
         """Forget a stream's waiting data (it was reset)."""
         q = self._data.pop(key, None)
-        if q:
-            self.bytes -= sum(len(f) for f in q)
+        if q is None:
+            return
+        self.bytes -= sum(len(f) for f in q)
+        del self._deficit[key]
+        for turn in (self._new, self._old):
             try:
-                self._ready.remove(key)
+                turn.remove(key)
             except ValueError:
-                pass
+                continue
+            break
 
-    def take(self, limit: int) -> bytes:
+    @property
+    def control(self) -> bool:
+        """Whether a control message waits."""
+        return bool(self._ctrl)
+
+    def take(self, limit: int, *, data: bool = True) -> bytes:
+        """Up to about ``limit`` bytes of frames (control first); only control
+        messages when ``data`` is False (the link window is full)."""
         out: list[bytes] = []
         size = 0
         while self._ctrl and (not out or size + len(self._ctrl[0]) <= limit):
             frame = self._ctrl.popleft()
             out.append(frame)
             size += len(frame)
-        while self._ready:
-            key = self._ready[0]
-            q = self._data[key]
-            if out and size + len(q[0]) > limit:
+        data_q, deficit = self._data, self._deficit
+        while data and (self._new or self._old):
+            turn = self._new if self._new else self._old
+            key = turn[0]
+            q = data_q[key]
+            frame = q[0]
+            if deficit[key] < len(frame):  # its turn is over: a quantum more next time
+                turn.popleft()
+                deficit[key] += self.quantum
+                self._old.append(key)
+                continue
+            if out and size + len(frame) > limit:
                 break
-            self._ready.popleft()
-            frame = q.popleft()
+            q.popleft()
+            deficit[key] -= len(frame)
             out.append(frame)
             size += len(frame)
-            if q:
-                self._ready.append(key)  # its next chunk waits for the others' turn
-            else:
-                del self._data[key]
+            if not q:  # idle again: its next data counts as new
+                turn.popleft()
+                del data_q[key], deficit[key]
         self.bytes -= size
         return b"".join(out)

@@ -34,7 +34,7 @@ from kakehashi.core.store import Store
 from kakehashi.core.web import ApiError, create_app
 from kakehashi.switch import messages as m
 from kakehashi.switch import tunnels as tn
-from kakehashi.switch.mux import Outbox
+from kakehashi.switch.mux import LINK_BODY, LinkPacer, Outbox, keep_backlog_here
 
 log = logging.getLogger("kakehashi.switch.server")
 
@@ -43,7 +43,7 @@ USER, SERVICE, GATEWAY, TUNNEL = "sw-user", "sw-service", "sw-gateway", "sw-tunn
 AUTH_CACHE_TTL = 60.0
 #: a link whose peer does not take this much is cut (flow control bounds it far lower)
 MAX_OUTBOX = 64 * 1024 * 1024
-#: the largest batch sent to a gateway at once
+#: the largest body sent to a gateway at once on a long-poll link (WebSocket: LINK_BODY)
 BATCH = 1024 * 1024
 #: datagrams for a gateway with this much waiting are dropped
 DATAGRAM_DROP_AT = 4 * 1024 * 1024
@@ -82,6 +82,9 @@ class Link:
     last_seen: float = 0.0
     poll_waiter: asyncio.Future[None] | None = None
     why: str = ""
+    #: link flow control, when the gateway asked for acknowledgements (WebSocket)
+    pacer: LinkPacer | None = None
+    received: int = 0
 
     def put(self, msg: Any) -> None:
         self.outbox.put(msg)
@@ -94,6 +97,24 @@ class Link:
         if not self.outbox:
             self.ready.clear()
         return body
+
+    def take_link(self) -> bytes:
+        """A body for a WebSocket link: at most LINK_BODY, data only while the link
+        window has room (control always); b"" (and not ready) when what waits must
+        wait for an acknowledgement."""
+        p = self.pacer
+        room = LINK_BODY if p is None else min(LINK_BODY, p.room)
+        body = self.outbox.take(room) if room > 0 else self.outbox.take(LINK_BODY, data=False)
+        if not self.outbox or (room <= 0 and not self.outbox.control):
+            self.ready.clear()
+        if body and p is not None:
+            p.sent(len(body), time.monotonic())
+        return body
+
+    def acked(self, total: int) -> None:
+        if self.pacer is None or not self.pacer.acked(total, time.monotonic()):
+            raise m.ProtocolError("bad-ack", "acknowledged bytes never sent on this link")
+        self.ready.set()
 
     def kill(self, why: str) -> None:
         self.why = self.why or why
@@ -325,7 +346,8 @@ class SwitchServer:
             self.audit.record("gateway-online", False, gateway=hello.name, user=who.user,
                               reason=exc.message)
             raise
-        link = Link(name=hello.name, user=who.user, kind=kind, last_seen=time.time())
+        link = Link(name=hello.name, user=who.user, kind=kind, last_seen=time.time(),
+                    pacer=LinkPacer() if hello.acks and kind == "websocket" else None)
         self.links[hello.name] = link
         if self.store.get(GATEWAY, hello.name) is None:
             self.store.put(GATEWAY, hello.name, {"owner": who.user})
@@ -354,9 +376,14 @@ class SwitchServer:
                 actions += self.switch.on_done(link.name, msg, now)
             elif isinstance(msg, m.Hello):
                 raise m.ProtocolError("hello-again", "hello is said once per link")
+            elif isinstance(msg, m.Ack):
+                link.acked(msg.n)
             else:
                 actions += self.switch.on_stream(link.name, msg)
         await self.apply(actions)
+        if link.pacer is not None:  # taken off the link: the gateway may send more
+            link.received += len(body)
+            link.put(m.Ack(n=link.received))
 
     # -- tunnels ---------------------------------------------------------------------------
     async def open_tunnel(self, who: Who, service: str, gateway: str, listen: str
@@ -418,6 +445,17 @@ class SwitchServer:
 
 def _addr(conn: Request | WebSocket) -> str:
     return conn.client.host if conn.client else ""
+
+
+def _socket_of(ws: WebSocket) -> Any:
+    """The link's socket, if the ASGI server lets us see it (uvicorn: through its
+    protocol object); None otherwise, and the link works as before."""
+    protocol = getattr(getattr(ws, "_receive", None), "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    try:
+        return transport.get_extra_info("socket") if transport is not None else None
+    except Exception:  # an ASGI server's internals: best effort
+        return None
 
 
 def build_app(srv: SwitchServer) -> Any:
@@ -503,6 +541,7 @@ def build_app(srv: SwitchServer) -> Any:
     async def ws_link(ws: WebSocket) -> None:
         # accepted before the login check, so a refusal reaches the gateway as words
         await ws.accept()
+        keep_backlog_here(_socket_of(ws))
         try:
             w = await srv.basic(ws.headers.get("authorization"), _addr(ws))
         except ApiError as exc:
@@ -532,7 +571,7 @@ def build_app(srv: SwitchServer) -> Any:
                 await link.ready.wait()
                 if link.dead.is_set():
                     break
-                body = link.take()
+                body = link.take_link()
                 if body:
                     await ws.send_bytes(body)
 
