@@ -192,6 +192,32 @@ def test_datagrams_cross_three_proxies_intact(chain, mode, encrypt):
                what="fw1's end-of-session line counting the spoofed datagram")
 
 
+@pytest.mark.parametrize(("mode", "encrypt"), [("recursive", True), ("iterative", False)])
+def test_the_usable_payload_is_reported_and_a_datagram_of_that_size_crosses(chain, mode,
+                                                                            encrypt):
+    fwd = chain.forward(mode=mode, encrypt=encrypt)
+    size = int(fwd.wait_for(re.compile(r"usable payload: (\d+)")).rsplit(" ", 1)[1])
+    assert size == 65507 - (24 if encrypt else 0)
+    port = fwd.bound_port()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.settimeout(2)
+    try:
+        payload = os.urandom(size)
+        got = b""
+        for _ in range(5):  # a datagram may be lost; the path must carry the size
+            s.sendto(payload, ("127.0.0.1", port))
+            try:
+                got = s.recv(65535)
+                break
+            except TimeoutError:
+                continue
+        assert got == payload
+    finally:
+        s.close()
+        fwd.stop()
+
+
 def test_wrong_key_is_refused_by_the_first_hop_named(chain):
     fwd = chain.forward(keys=chain.alice_keys(fw1=crypto.new_shared_key()))
     assert fwd.popen.wait(15) == 1
