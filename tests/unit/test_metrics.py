@@ -128,3 +128,20 @@ def test_live_counter_sums_its_sources_when_scraped() -> None:
     live.remove_source(source)
     text = metrics.exposition(None)[0].decode()
     assert scrape_value(text, "kakehashi_test_live_total", outcome="relayed") == 10
+
+
+def test_histogram_buckets_are_cumulative_and_readers_that_fail_are_skipped() -> None:
+    h = metrics.histogram("kakehashi_test_hist", "doc", ["x"], buckets=(0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 2.0):
+        h.labels("a").observe(v)
+    g = metrics.gauge("kakehashi_test_broken", "doc")
+    g.set_function(lambda: 1 / 0)
+    text = metrics.exposition(None)[0].decode()
+    assert scrape_value(text, "kakehashi_test_hist_bucket", x="a", le="0.1") == 2
+    assert scrape_value(text, "kakehashi_test_hist_bucket", x="a", le="1.0") == 3
+    assert scrape_value(text, "kakehashi_test_hist_bucket", x="a", le="+Inf") == 4
+    assert scrape_value(text, "kakehashi_test_hist_count", x="a") == 4
+    assert scrape_value(text, "kakehashi_test_hist_sum", x="a") == pytest.approx(2.65)
+    assert scrape_value(text, "kakehashi_test_broken") is None
+    with pytest.raises(ValueError):
+        h.labels("a", "b")
