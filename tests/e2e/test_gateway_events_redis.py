@@ -16,12 +16,13 @@ log = logging.getLogger(__name__)
 EVENTS = "/.well-known/kakehashi/events/"
 
 
-def _publish(port: int, topic: str, data: bytes) -> int:
+def _publish(port: int, topic: str, data: bytes, key: str | None = None) -> int:
     """One publish on its own connection; the event's number from the 202."""
+    extra = b"Idempotency-Key: %s\r\n" % key.encode() if key else b""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(b"POST %s%s HTTP/1.1\r\nHost: g\r\nConnection: close\r\n"
-                  b"Content-Length: %d\r\n\r\n" % (EVENTS.encode(), topic.encode(), len(data))
-                  + data)
+        s.sendall(b"POST %s%s HTTP/1.1\r\nHost: g\r\nConnection: close\r\n%s"
+                  b"Content-Length: %d\r\n\r\n" % (EVENTS.encode(), topic.encode(), extra,
+                                                    len(data)) + data)
         reply = b""
         while chunk := s.recv(4096):
             reply += chunk
@@ -55,6 +56,15 @@ def test_cursor_valid_on_both_gateways(env, redis_url):
     rest = [json.loads(line) for line in res.stdout.decode().splitlines()]
     assert [(e["seq"], e["data"]) for e in rest] == [(4, "build 3"), (5, "build 4"),
                                                     (6, "build 5")]
+    # a publisher that lost A's answer sends again, to B, with its Idempotency-Key
+    assert _publish(a, "builds", b"deploy", key="d-1") == 7
+    assert _publish(b, "builds", b"deploy", key="d-1") == 7
+    assert _publish(b, "builds", b"next") == 8
+    with socket.create_connection(("127.0.0.1", a), timeout=30) as s:
+        s.sendall(b"POST %sbuilds HTTP/1.1\r\nHost: g\r\nConnection: close\r\n"
+                  b"Idempotency-Key: %s\r\nContent-Length: 1\r\n\r\nx"
+                  % (EVENTS.encode(), b"k" * 129))
+        assert b" 400 " in s.recv(200).split(b"\r\n")[0]
 
 
 def test_a_gateway_killed_mid_stream_loses_and_repeats_nothing(env, redis_url):

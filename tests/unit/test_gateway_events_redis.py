@@ -129,7 +129,26 @@ async def test_binary_payloads_come_back_unchanged(make_hub):
     assert [e.data for e in (await hub.wait("bin", 0, 0)).events] == payloads
 
 
+async def test_a_publish_repeated_with_its_idempotency_key_is_not_repeated(make_hub):
+    hub = make_hub()
+    first = await hub.publish_stored("t", b"once", "pub-1")
+    again = await hub.publish_stored("t", b"once", "pub-1")
+    assert (again.seq, again.data) == (first.seq, b"once")
+    other = await hub.publish_stored("u", b"same key, other topic", "pub-1")
+    assert other.seq == 1
+    assert (await hub.publish_stored("t", b"new key", "pub-2")).seq == 2
+    assert _seqs(await hub.wait("t", 0, 0)) == [1, 2]
+
+
 # -- Redis only: several gateways ----------------------------------------------------
+async def test_an_idempotency_key_holds_across_gateways(two_gateways):
+    """A publisher that lost gateway A's answer sends again to B: one event."""
+    a, b = two_gateways
+    first = await a.publish_stored("t", b"x", "k-77")
+    assert (await b.publish_stored("t", b"x", "k-77")).seq == first.seq
+    assert _seqs(await b.wait("t", 0, 0)) == [1]
+
+
 async def test_a_cursor_from_one_gateway_is_valid_on_the_other(two_gateways):
     a, b = two_gateways
     seen: list[int] = []

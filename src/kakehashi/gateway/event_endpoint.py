@@ -246,8 +246,13 @@ class LocalEndpoints:
             if not piece:
                 raise ConnClosed("publisher closed in the middle of the body")
             data += piece
+        key = head.headers.get(b"idempotency-key")
+        if key is not None and not (0 < len(key) <= 128 and key.isascii()
+                                    and key.decode().isprintable()):
+            raise http.HTTPError(400, "events: an Idempotency-Key is 1-128 printable ASCII")
         try:  # stored before the publisher hears "accepted"
-            event = await self.hub.publish_stored(topic, bytes(data))
+            event = await self.hub.publish_stored(topic, bytes(data),
+                                                  key.decode() if key is not None else None)
         except ValueError as exc:
             raise http.HTTPError(400, f"events: {exc}") from None
         except EventsUnavailable as exc:

@@ -16,7 +16,9 @@ Layout (``<p>`` is the key prefix, ``kakehashi:`` by default):
 * ``<p>gateway-topic-bytes``: a hash of each topic's retained payload bytes.
 * ``<p>gateway-publish:ID``: each publish's answer for ``PUBLISH_ID_TTL`` s, so a
   publish that the client library retries after a connection error is answered
-  with the event it already made, never appended twice.
+  with the event it already made, never appended twice; a publisher's own
+  ``Idempotency-Key`` gives the ID (kept ``PUBLISH_KEY_TTL`` s), so its repeat on
+  another gateway after losing an answer is answered the same way.
 * ``<p>gateway-events-notify``: a short stream (``MAXLEN ~``) with one entry per
   publish naming the topic; every gateway follows it with one ``XREAD BLOCK`` and
   wakes its own long polls of that topic. A follower that reconnects resumes from
@@ -38,12 +40,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 from typing import Any
 
 from kakehashi.core.store.redis import async_client, key_prefix, redacted
-from kakehashi.gateway.events import TOPIC_RE, Batch, Event, EventsUnavailable, Retention
+from kakehashi.gateway.events import (
+    PUBLISH_KEY_TTL,
+    TOPIC_RE,
+    Batch,
+    Event,
+    EventsUnavailable,
+    Retention,
+)
 
 log = logging.getLogger("kakehashi.gateway.events")
 
@@ -197,14 +207,21 @@ class RedisEventHub:
                 f"cannot reach Redis at {redacted(self.url)}: {exc}") from None
 
     # -- the TopicHub interface --------------------------------------------------------
-    async def publish_stored(self, topic: str, data: bytes) -> Event:
-        """Append ``data`` to ``topic`` in Redis; returns once Redis has it."""
+    async def publish_stored(self, topic: str, data: bytes,
+                             key: str | None = None) -> Event:
+        """Append ``data`` to ``topic`` in Redis; returns once Redis has it. With
+        ``key`` (the publisher's Idempotency-Key) a repeat on any gateway within
+        ``PUBLISH_KEY_TTL`` s gets the event the first publish made."""
         if len(data) > self.retention.max_event:
             raise ValueError(f"event of {len(data)} bytes exceeds {self.retention.max_event}")
-        keys = [*self._keys(topic), f"{self._publish_prefix}{secrets.token_hex(12)}"]
+        if key is None:
+            pid, ttl = secrets.token_hex(12), PUBLISH_ID_TTL
+        else:
+            digest = hashlib.sha256(f"{topic}\0{key}".encode()).hexdigest()[:32]
+            pid, ttl = f"key:{digest}", int(PUBLISH_KEY_TTL)
+        keys = [*self._keys(topic), f"{self._publish_prefix}{pid}"]
         seq, ts = await self._call(keys, ["pub", topic, *self._limits(), data,
-                                          self.retention.max_topics, NOTIFY_LEN,
-                                          PUBLISH_ID_TTL])
+                                          self.retention.max_topics, NOTIFY_LEN, ttl])
         self.published += 1
         self._wake(topic)  # this gateway's watchers need not wait for the notify stream
         return Event(int(seq), float(ts), data)

@@ -19,13 +19,16 @@ import itertools
 import logging
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 log = logging.getLogger("kakehashi.gateway.events")
 
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: seconds a publisher's Idempotency-Key is remembered, and how many are at most
+PUBLISH_KEY_TTL = 300.0
+MAX_PUBLISH_KEYS = 100_000
 
 
 def b64_size(n: int) -> int:
@@ -153,7 +156,8 @@ class TopicHub(Protocol):
 
     retention: Retention
 
-    async def publish_stored(self, topic: str, data: bytes) -> Event: ...
+    async def publish_stored(self, topic: str, data: bytes,
+                             key: str | None = None) -> Event: ...
     async def wait(self, topic: str, cursor: int, timeout: float) -> Batch: ...
     async def aclose(self) -> None: ...
 
@@ -180,6 +184,8 @@ class EventHub:
         self.topics: dict[str, TopicLog] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self.published = 0
+        #: (topic, Idempotency-Key) -> the event it made and until when it is kept
+        self._keys: OrderedDict[tuple[str, str], tuple[Event, float]] = OrderedDict()
         self.journal = journal
         if journal is not None:
             self._restore(journal)
@@ -230,9 +236,26 @@ class EventHub:
         if self.journal is not None:
             await self.journal.sync()
 
-    async def publish_stored(self, topic: str, data: bytes) -> Event:
-        """Publish, then wait until the journal has it (what a ``202`` promises)."""
+    async def publish_stored(self, topic: str, data: bytes,
+                             key: str | None = None) -> Event:
+        """Publish, then wait until the journal has it (what a ``202`` promises).
+
+        ``key`` (the publisher's ``Idempotency-Key``): a publish repeated with the same
+        key within :data:`PUBLISH_KEY_TTL` s gets the event the first one made, so a
+        publisher that lost an answer may send again without making a duplicate."""
+        if key is not None:
+            now = time.monotonic()
+            while self._keys and next(iter(self._keys.values()))[1] < now:
+                self._keys.popitem(last=False)
+            done = self._keys.get((topic, key))
+            if done is not None:
+                await self.sync()
+                return done[0]
         event = self.publish(topic, data)
+        if key is not None:
+            self._keys[(topic, key)] = (event, time.monotonic() + PUBLISH_KEY_TTL)
+            if len(self._keys) > MAX_PUBLISH_KEYS:
+                self._keys.popitem(last=False)
         await self.sync()
         return event
 
