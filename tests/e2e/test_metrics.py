@@ -218,7 +218,8 @@ def test_switch_counts_tunnels_by_state_streams_and_refusals(env, echo):
     assert get(f"http://127.0.0.1:{sw.port}/healthz")[0] == 200
 
 
-def test_relay_cluster_membership_gauge_follows_the_nodes(env, redis_url):
+def test_relay_cluster_membership_gauge_follows_the_nodes(env, redis_server):
+    redis_url = redis_server.url
     from tests.support.ports import free_port
 
     def node(name: str):
@@ -242,3 +243,12 @@ def test_relay_cluster_membership_gauge_follows_the_nodes(env, redis_url):
     b.kill9()
     wait_until(lambda: members(aport, 1), 20, what="a sees b gone")
     assert sample(scrape(aport), "kakehashi_cluster_node_up", system="relay", node="b") == 0
+    # without the cluster state the node is unhealthy (a load balancer moves agents away)
+    assert get(f"http://127.0.0.1:{aport}/healthz")[0] == 200
+    redis_server.stop()
+    wait_until(lambda: get(f"http://127.0.0.1:{aport}/healthz")[0] == 503, 20,
+               what="a unhealthy without Redis")
+    assert sample(scrape(aport), "kakehashi_cluster_nodes", system="relay") == 0
+    redis_server.restart()
+    wait_until(lambda: get(f"http://127.0.0.1:{aport}/healthz")[0] == 200, 30,
+               what="a healthy again")

@@ -110,6 +110,11 @@ class ClusterNode:
                         self.url, exc)
         for coro in (self._renew_loop(), self._event_loop(), self._write_loop()):
             self._spawn(coro)
+        from kakehashi.core import metrics
+
+        # /healthz: unhealthy while the node has no cluster state (it refuses logins),
+        # so a load balancer sends agents elsewhere
+        metrics.add_health_check(f"cluster:{self.node}", lambda: self.up)
 
     async def _claim_name(self) -> None:
         key = self._k("node", self.node)
@@ -129,6 +134,9 @@ class ClusterNode:
         await self.redis.delete(self._k("presence", self.node))
 
     async def close(self) -> None:
+        from kakehashi.core import metrics
+
+        metrics.remove_health_check(f"cluster:{self.node}")
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
