@@ -9,6 +9,8 @@ import json
 import signal
 import socket
 
+import pytest
+
 from tests.e2e.framework import EchoServer, Env, stream_through, wait_until
 from tests.e2e.switch_fixtures import Switch, port_of
 
@@ -101,10 +103,16 @@ def restart_server(env: Env, sw: Switch, *extra: str) -> None:
     sw.procs["server"] = proc
 
 
-def test_tunnel_survives_a_server_sigkill(env: Env, echo: EchoServer) -> None:
-    """The tunnel's record is in the store: after the restart both gateways re-report
-    their halves and the same tunnel carries a new connection without a new `open`."""
-    sw = Switch(env).start()
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_tunnel_survives_a_server_sigkill(env: Env, echo: EchoServer, store: str,
+                                          request: pytest.FixtureRequest) -> None:
+    """The tunnel's record is in the store (a SQLite file, or a real redis-server
+    through --db redis://): after the restart both gateways re-report their halves and
+    the same tunnel carries a new connection without a new `open`."""
+    sw = Switch(env)
+    if store == "redis":
+        sw.db = request.getfixturevalue("redis_url")
+    sw.start()
     gws = [sw.gateway("asp1", "gw-srv"), sw.gateway("alice", "gw-alice")]
     sw.register("echo", echo.addr)
     opened = json.loads(sw.cli("alice", "open", "echo", "--gateway", "gw-alice",
