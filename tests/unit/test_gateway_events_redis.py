@@ -208,6 +208,20 @@ async def test_a_retried_publish_is_answered_not_repeated(redis_url, monkeypatch
         await hub.aclose()
 
 
+async def test_retention_drops_many_events_at_once(redis_url):
+    """A gateway keeping fewer events than another published: its first poll trims
+    hundreds in one script (the head is read in growing batches)."""
+    many, few = RedisEventHub(redis_url), RedisEventHub(redis_url, Retention(max_events=5))
+    try:
+        await asyncio.gather(*[many.publish_stored("t", b"%d" % i) for i in range(700)])
+        batch = await few.wait("t", 0, 0)
+        assert _seqs(batch) == [696, 697, 698, 699, 700] and batch.gap
+        assert _seqs(await many.wait("t", 690, 0)) == [696, 697, 698, 699, 700]
+    finally:
+        await many.aclose()
+        await few.aclose()
+
+
 async def test_a_poll_reads_at_most_the_reply_limit(redis_url):
     hub = RedisEventHub(redis_url, reply_bytes=2500)
     try:

@@ -84,8 +84,10 @@ local function trim()
   local size = tonumber(redis.call('HGET', sizes, topic) or '0')
   local last_dropped = nil
   local start = '-'
+  local count = 1  -- usually the oldest entry stays: look at it alone first
   while n > 0 do
-    local batch = redis.call('XRANGE', stream, start, '+', 'COUNT', 100)
+    local batch = redis.call('XRANGE', stream, start, '+', 'COUNT', count)
+    count = math.min(count * 4, 256)
     if #batch == 0 then break end
     local keep = false
     for _, e in ipairs(batch) do

@@ -33,6 +33,8 @@ SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_PREFIX = "kakehashi:"
 CONNECT_TIMEOUT = 5.0   # seconds to reach the server
 COMMAND_TIMEOUT = 10.0  # seconds for one command's answer
+MAX_CONNECTIONS = 64    # per client: a burst of commands shares them
+POOL_WAIT = 10.0        # seconds a command waits for a free connection
 
 
 class StoreUnavailable(RuntimeError):
@@ -82,24 +84,29 @@ def sync_client(url: str) -> redis.Redis:
     """A redis-py client for ``url`` with kakehashi's timeouts (bytes in, bytes out)."""
     import redis
 
-    return redis.Redis.from_url(_client_url(url), socket_connect_timeout=CONNECT_TIMEOUT,
-                                socket_timeout=COMMAND_TIMEOUT, health_check_interval=30,
-                                retry=_retry())
+    pool = redis.BlockingConnectionPool.from_url(
+        _client_url(url), max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT,
+        socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT,
+        health_check_interval=30, retry=_retry())
+    return redis.Redis.from_pool(pool)
 
 
 def async_client(url: str) -> Any:
     """A ``redis.asyncio`` client for ``url`` with kakehashi's connect timeout.
 
-    No command timeout: blocking reads (``XREAD BLOCK``, pub/sub) wait as long as they ask.
+    No command timeout: blocking reads (``XREAD BLOCK``, pub/sub) wait as long as they
+    ask. At most ``MAX_CONNECTIONS`` connections: a burst of commands beyond that waits
+    for one (up to ``POOL_WAIT`` s) instead of failing.
     """
     import redis.asyncio
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
 
-    return redis.asyncio.Redis.from_url(_client_url(url),
-                                        socket_connect_timeout=CONNECT_TIMEOUT,
-                                        health_check_interval=30,
-                                        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        _client_url(url), max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT,
+        socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 @contextmanager
