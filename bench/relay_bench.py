@@ -19,7 +19,10 @@ Four benchmarks, everything on loopback (127.0.0.1), one table at the end:
   after the rounds (it must stay flat);
 * burst - --burst-size wrong passwords for one user sent at once from one address:
   how many the relay checked (ran the password hash for) against its lockout limit,
-  and how long until every one was answered.
+  and how long until every one was answered;
+* cluster - two relay nodes on one redis-server: throughput and setup time with the
+  client at the agent's node and at the other node (interleaved, same run), then the
+  agent's node killed and the time until the agent is reachable through the other.
 
 See bench/README.md for what each row means and the targets. Users are registered
 with --kdf-n 1024 (cheap scrypt), so logins cost ~3 ms instead of ~50 ms.
@@ -568,11 +571,126 @@ def burst_rows(r: dict) -> list[Row]:
         target=f"<= {BURST_LIMIT} (the lockout): {ok}")]
 
 
+# == cluster (relay federation) ========================================================
+def _cluster_node(procs: Procs, kk: fw.Kakehashi, url: str, name: str, ttl: float):
+    port = free_port()
+    proc = procs.spawn(f"node-{name}", kk.argv(
+        "relay", "serve", "--listen", f"{LOOPBACK}:{port}", "--db", url, "--tls", "off",
+        "--cluster", url, "--node", name, "--advertise", f"{LOOPBACK}:{port}",
+        "--cluster-ttl", str(ttl)), env=kk.env)
+    proc.wait_for(f"node {name} joined the cluster")
+    return port, proc
+
+
+def _cluster_connect(procs: Procs, kk: fw.Kakehashi, node_port: int, service: str) -> int:
+    port = free_port()
+    proc = procs.spawn("connect", kk.argv(
+        "relay", "connect", *kk.terminal_args("laptop", node_port, False),
+        f"pi/{service}", "--listen", f"{LOOPBACK}:{port}"),
+        env={**kk.env, "KAKEHASHI_PASSWORD": fw.PASSWORDS["laptop"]})
+    proc.wait_for("forwarding")
+    return port
+
+
+def _echo_once(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
+            sock.sendall(b"x")
+            return sock.recv(1) == b"x"
+    except OSError:
+        return False
+
+
+def measure_cluster(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path) -> dict:
+    """Two nodes on one redis-server, the agent at n1: a client at n1 (same node) and one
+    at n2 (cross node, over an inter-node link), measured interleaved; then n1 is
+    killed and the time until the agent is reachable again through n2 is taken."""
+    ttl = 3.0
+    with Procs(workdir) as procs:
+        rport = free_port()
+        redis = procs.spawn("redis", ["redis-server", "--port", str(rport), "--bind", LOOPBACK,
+                                      "--save", "", "--appendonly", "no"])
+        wait_listening(rport, proc=redis)
+        url = f"redis://{LOOPBACK}:{rport}"
+        for user, password in fw.PASSWORDS.items():
+            kk.cli("relay", "user", "add", user, "--db", url, "--password-stdin",
+                   "--kdf-n", str(fw.KDF_N), input=password + "\n")
+        (p1, n1), (p2, _) = (_cluster_node(procs, kk, url, n, ttl) for n in ("n1", "n2"))
+        sink, echo = free_port(), free_port()
+        server = procs.spawn("echo", [sys.executable, SERVERS, "echo", str(echo),
+                                      "--max-seconds", "3600"])
+        wait_listening(echo, proc=server)
+        agent = procs.spawn("agent", kk.argv(
+            "relay", "agent", "--user", "pi", "--tls", "off", "--server", f"{LOOPBACK}:{p1}",
+            "--server", f"{LOOPBACK}:{p2}", "--expose", f"target={LOOPBACK}:{sink}",
+            "--expose", f"echo={LOOPBACK}:{echo}"),
+            env={**kk.env, "KAKEHASHI_PASSWORD": fw.PASSWORDS["pi"]})
+        agent.wait_for("agent pi online")
+        routes = {"same-node": (_cluster_connect(procs, kk, p1, "target"),
+                                _cluster_connect(procs, kk, p1, "echo")),
+                  "cross-node": (_cluster_connect(procs, kk, p2, "target"),
+                                 _cluster_connect(procs, kk, p2, "echo"))}
+        mbps: dict[str, list[float]] = {k: [] for k in routes}
+        setup: dict[str, list[float]] = {k: [] for k in routes}
+        for i in range(args.repeat):  # interleaved: the machine's load hits both alike
+            for key, (tport, eport) in routes.items():
+                run = None
+                if args.tool == "iperf3":
+                    with contextlib.suppress(RuntimeError, ValueError, KeyError,
+                                             subprocess.TimeoutExpired):
+                        run = iperf_once(procs, tport, sink, args.seconds)
+                run = run or python_once(procs, tport, sink, args.seconds)
+                mbps[key].append(run.mbps)
+                say(f"  {key} run {i + 1}/{args.repeat}: {run.mbps:,.0f} MB/s ({run.tool})")
+                setup[key] += time_sessions(eport, max(args.sessions // args.repeat, 10),
+                                            args.gap)
+        killed = time.monotonic()
+        os.kill(n1.pid, 9)
+        back = None
+        deadline = killed + 60
+        while time.monotonic() < deadline:
+            if _echo_once(routes["cross-node"][1]):
+                back = time.monotonic() - killed
+                break
+            time.sleep(0.1)
+    out = {k: {"mbps": median(v), "runs": v,
+               "p50": percentile([s * 1000 for s in setup[k]], 50),
+               "p99": percentile([s * 1000 for s in setup[k]], 99), "n": len(setup[k])}
+           for k, v in mbps.items()}
+    out["failover"] = back
+    out["ttl"] = ttl
+    return out
+
+
+def cluster_rows(r: dict) -> list[Row]:
+    same, cross = r["same-node"], r["cross-node"]
+    rows = []
+    for key, label in (("same-node", "client and agent at one node"),
+                       ("cross-node", "client at n2, agent at n1 (inter-node link)")):
+        x = r[key]
+        spread = "/".join(f"{v:,.0f}" for v in x["runs"])
+        rows.append(Row("cluster", f"throughput, {label}", f"{x['mbps']:,.0f} MB/s",
+                        notes=f"runs {spread}; {ratio(x['mbps'], same['mbps'])} of same-node",
+                        target=">= 0.8x same-node" if key == "cross-node" else ""))
+    rows.append(Row("cluster", "setup p50 (first byte echoed), same-node / cross-node",
+                    f"{same['p50']:.2f} / {cross['p50']:.2f} ms",
+                    notes=f"the extra hop adds {cross['p50'] - same['p50']:.2f} ms at p50; "
+                          f"p99 {same['p99']:.2f} / {cross['p99']:.2f} ms; "
+                          f"{cross['n']} sessions each"))
+    back = r["failover"]
+    rows.append(Row("cluster", "agent's node killed (SIGKILL): reachable again via n2",
+                    f"{back:.2f} s" if back is not None else "not within 60 s",
+                    notes=f"--cluster-ttl {r['ttl']:g} s: the other nodes drop the dead "
+                          f"node's users within ttl + {r['ttl']:g} s (next full read)",
+                    target="<= 30 s"))
+    return rows
+
+
 # == main =============================================================================
 def selected(only: list[str] | None) -> dict[str, list[str]]:
     """Rows to run per benchmark; a group's baselines (direct, haproxy) come along."""
     groups = {"throughput": THROUGHPUT_ROWS, "setup": SETUP_ROWS, "idle": ["agents"],
-              "churn": ["prehandshake"], "burst": ["login"]}
+              "churn": ["prehandshake"], "burst": ["login"], "cluster": ["nodes"]}
     return select_rows(groups, only, {g: BASELINES for g in ("throughput", "setup")})
 
 
@@ -633,6 +751,7 @@ def main() -> int:
         print("idle:       agents")
         print("churn:      prehandshake")
         print("burst:      login")
+        print("cluster:    nodes")
         return 0
     rows = selected(args.only.split(",") if args.only else None)
     check_tools(rows)
@@ -673,6 +792,12 @@ def main() -> int:
             res_burst = measure_burst(args, kk, workdir)
             out += burst_rows(res_burst)
             print(table(HEADERS, [r.cells() for r in burst_rows(res_burst)]), flush=True)
+        if rows.get("cluster"):
+            say(f"== cluster: two nodes, same-node vs cross-node, {args.repeat} x "
+                f"{args.seconds:g} s interleaved; then the agent's node killed")
+            res_cluster = measure_cluster(args, kk, workdir)
+            out += cluster_rows(res_cluster)
+            print(table(HEADERS, [r.cells() for r in cluster_rows(res_cluster)]), flush=True)
     except KeyboardInterrupt:
         say("interrupted; processes stopped")
         return 130
