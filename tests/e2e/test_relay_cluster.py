@@ -197,6 +197,29 @@ def test_node_killed_mid_transfer_loses_only_its_sessions(cluster, echo):
                what="pi reachable again after its node was killed", interval=0.5)
 
 
+def test_node_restarted_under_its_name_rejoins_and_serves(cluster, echo):
+    cluster.node("n0")
+    cluster.node("n1")
+    agent = cluster.agent("pi", "n0", "n1", expose=f"echo={echo.addr}")
+    cluster.procs["n0"].kill9()
+    agent.wait_for(f"trying 127.0.0.1:{cluster.ports['n1']}", 30)
+    # same name and port: it waits out its dead predecessor's entry, then starts empty
+    cluster.node("n0")
+    wait_until(lambda: cluster.reachable("laptop", "n0", "pi/echo"), 30,
+               what="a request at the restarted node reaching pi at n1", interval=0.5)
+
+
+def test_node_name_held_by_a_live_node_is_refused(cluster):
+    cluster.node("n0")
+    port = free_port()
+    dup = cluster.env.spawn(
+        "dup", "relay", "serve", "--listen", f"127.0.0.1:{port}", "--db", cluster.url,
+        "--tls", "off", "--cluster", cluster.url, "--node", "n0",
+        "--advertise", f"127.0.0.1:{port}", "--cluster-ttl", str(TTL))
+    dup.wait_for("is in use by another live node", 30)
+    wait_until(lambda: not dup.alive, 10, what="the second n0 to exit")
+
+
 def test_redis_restart_the_cluster_recovers(cluster, echo, redis_server):
     cluster.node("n0")
     cluster.node("n1")
