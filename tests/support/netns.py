@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Self
 __all__ = [
     "NS_PREFIX",
     "ChainLab",
+    "ClusterLab",
     "FirewallLab",
     "LabCommandError",
     "LabError",
@@ -579,6 +580,49 @@ table ip kklab_nat {{
     }}
 }}
 """
+
+
+class ClusterLab(NatLab):
+    """The :class:`NatLab` plus a second public relay host and a Redis host::
+
+        hosta, hostb behind their NAT routers (as in NatLab)
+        pub  198.18.0.10  (relay node n1)
+        pub2 198.18.0.11  (relay node n2)
+        redis 198.18.0.5  (redis-server)
+
+    all on the public switch. :meth:`cut_from_redis` silently drops one host's
+    traffic to Redis with nftables (no reset, no ICMP: a partition as a broken link
+    or firewall makes it), :meth:`heal` removes the rule.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pub2 = self._namespace("pub2")
+        self.redis = self._namespace("redis")
+
+    def _build(self) -> None:
+        super()._build()
+        for host, addr in ((self.pub2, "198.18.0.11"), (self.redis, "198.18.0.5")):
+            self._veth(host, "eth0", self.sw, f"p-{host.role}")
+            self._address(host, "eth0", f"{addr}/24")
+            self.sw.ip("link", "set", f"p-{host.role}", "master", "br0")
+
+    def cut_from_redis(self, host: Namespace) -> None:
+        host.nft(f"""\
+table inet kklab_cut {{
+    chain output {{
+        type filter hook output priority filter; policy accept;
+        ip daddr {self.redis.addr} drop
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ip saddr {self.redis.addr} drop
+    }}
+}}
+""")
+
+    def heal(self, host: Namespace) -> None:
+        host.run(["nft", "delete", "table", "inet", "kklab_cut"])
 
 
 class FirewallLab(_Lab):
