@@ -90,6 +90,10 @@ def exchange(port: int, n: int, size: int, *, window: int = 32) -> int:
 class Chain:
     """Three proxies started through the CLI with ``--config`` files."""
 
+    #: ``fast_path`` of every proxy (config key) and forward (flag) this module starts:
+    #: set by the :func:`fast_path` fixture, so every test runs both ways
+    fast_path = "on"
+
     def __init__(self, env: Env, *, extra: dict[str, str] | None = None) -> None:
         self.env = env
         self.keys = {p: crypto.new_shared_key() for p in
@@ -114,6 +118,7 @@ class Chain:
                 f'udp_ports = "{lo}-{lo + 49}"',
                 "keys = { " + ", ".join(f'{k} = "{v}"' for k, v in keys.items()) + " }",
                 f'routes = {{ "{SERVER_HOST}/32" = "{nxt}" }}', ACL,
+                f'fast_path = "{self.fast_path}"',
                 *(f"{k} = {v}" for k, v in (extra or {}).items())]) + "\n"
             path = env.root / f"{name}.toml"
             path.write_text(text)
@@ -143,7 +148,7 @@ class Chain:
 
     def forward(self, **kw):
         return self.env.spawn("forward", "--config", str(self.forward_config(**kw)),
-                              "chain", "forward")
+                              "chain", "forward", "--fast-path", self.fast_path)
 
     def config(self, mode="recursive", encrypt=False, **keys: str) -> ForwardConfig:
         return ForwardConfig(
@@ -157,8 +162,19 @@ class Chain:
         self.echo.close()
 
 
+@pytest.fixture(scope="module", params=["on", "off"], ids=["fast-path", "protocol-path"],
+                autouse=True)
+def fast_path(request):
+    """Every proxy and forward of a test runs with ``--fast-path on``, and the test runs
+    again with it off: the asyncio transports alone must behave the same (both drive the
+    one port record)."""
+    Chain.fast_path = request.param
+    yield request.param
+    Chain.fast_path = "on"
+
+
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, fast_path):
     env = Env(tmp_path_factory.mktemp("chain"))
     c = Chain(env)
     try:

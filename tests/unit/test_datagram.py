@@ -8,8 +8,19 @@ import socket
 
 import pytest
 
-from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_in_range, bind_udp
+from kakehashi.core.crypto import DatagramChannel
+from kakehashi.core.datagram import (
+    BATCH,
+    DatagramForwarder,
+    PortRecord,
+    bind_in_range,
+    bind_udp,
+)
 from tests.support.wait import async_wait_until
+
+#: every forwarder test runs on the fast path (readiness callbacks) and on the protocol
+#: path (asyncio transports): both must make the same decisions
+paths = pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "protocol-path"])
 
 C = ("10.0.0.5", 4000)
 S = ("10.9.9.9", 5300)
@@ -65,13 +76,14 @@ def test_bind_in_range_exhausts_cleanly():
             s.close()
 
 
-async def test_forwarder_relays_both_ways_and_drops_spoofed():
+@paths
+async def test_forwarder_relays_both_ways_and_drops_spoofed(fast):
     server = bind_udp("127.0.0.1")
     client = bind_udp("127.0.0.1")
     spoof = bind_udp("127.0.0.1")
     near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
     rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
-    fwd = DatagramForwarder(near, far, rec, near_to_far=lambda d: d.upper())
+    fwd = DatagramForwarder(near, far, rec, near_to_far=lambda d: d.upper(), fast_path=fast)
     await fwd.start()
     loop = asyncio.get_running_loop()
     try:
@@ -92,9 +104,10 @@ async def test_forwarder_relays_both_ways_and_drops_spoofed():
                            what="forwarder sockets closed")
 
 
-async def test_close_before_start_closes_the_sockets():
+@paths
+async def test_close_before_start_closes_the_sockets(fast):
     near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
-    DatagramForwarder(near, far, PortRecord()).close()
+    DatagramForwarder(near, far, PortRecord(), fast_path=fast).close()
     assert near.fileno() < 0 and far.fileno() < 0
     assert isinstance(near, socket.socket)
 
@@ -111,3 +124,117 @@ def test_tentative_near_confirmed_by_its_own_datagram():
     r = PortRecord(expect_host="10.0.0.5", near=C, far=S, tentative=True)
     assert r.from_near(C) == S and not r.tentative
     assert r.from_near(("10.0.0.5", 61000)) is None
+
+
+async def _recv_all(sock: socket.socket, n: int) -> list[bytes]:
+    loop = asyncio.get_running_loop()
+    return [await asyncio.wait_for(loop.sock_recv(sock, 65535), 5) for _ in range(n)]
+
+
+@paths
+async def test_a_burst_beyond_one_batch_is_relayed_whole_and_in_order(fast):
+    """More datagrams than one readiness callback takes: the rest wait in the kernel's
+    buffer for the next turn, none is lost or reordered."""
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, fast_path=fast)
+    await fwd.start()
+    try:
+        n = BATCH * 5 + 3
+        for i in range(n):
+            client.sendto(i.to_bytes(4, "big") * 100, near.getsockname())
+        got = await _recv_all(server, n)
+        assert [int.from_bytes(d[:4], "big") for d in got] == list(range(n))
+        assert all(d == d[:4] * 100 for d in got) and rec.from_near_count == n
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+@paths
+async def test_a_flooded_session_does_not_starve_another(fast):
+    """A thousand datagrams queued on one session's port and one on another's: the
+    other's is relayed within the first turn, while most of the flood still waits (at
+    most a batch per socket per turn)."""
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    fwds = []
+    for _ in range(2):
+        near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+        fwds.append(DatagramForwarder(near, far, PortRecord(far=server.getsockname()),
+                                      fast_path=fast))
+    flooded, other = fwds
+    try:
+        for f in fwds:
+            await f.start()
+        for _ in range(1000):
+            client.sendto(b"flood", flooded.near_sock.getsockname())
+        client.sendto(b"other", other.near_sock.getsockname())
+        got = await _recv_all(server, 1001)  # in the order they were relayed
+        assert got.count(b"flood") == 1000
+        assert got.index(b"other") <= BATCH
+    finally:
+        for f in fwds:
+            f.close()
+        for s in (server, client):
+            s.close()
+
+
+@paths
+async def test_sealed_datagrams_are_opened_and_replays_dropped_and_counted(fast):
+    """The forwarder as the last hop of an encrypted chain: it opens what the client
+    sealed; a replayed datagram and a forged one are dropped and counted, never relayed."""
+    k1, k2 = os.urandom(32), os.urandom(32)
+    client_ch, hop_ch = DatagramChannel(k1, k2), DatagramChannel(k2, k1)
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, near_to_far=hop_ch.open, far_to_near=hop_ch.seal,
+                            fast_path=fast)
+    await fwd.start()
+    loop = asyncio.get_running_loop()
+    try:
+        sealed = client_ch.seal(b"question")
+        client.sendto(sealed, near.getsockname())
+        assert await _recv_all(server, 1) == [b"question"]
+        client.sendto(sealed, near.getsockname())  # replayed
+        client.sendto(sealed[:-1] + bytes([sealed[-1] ^ 1]), near.getsockname())  # forged
+        await async_wait_until(lambda: rec.dropped == 2, what="replay and forgery dropped")
+        assert hop_ch.refused == 2
+        client.sendto(client_ch.seal(b"next"), near.getsockname())
+        assert await _recv_all(server, 1) == [b"next"]
+        server.sendto(b"answer", far.getsockname())
+        back = await asyncio.wait_for(loop.sock_recv(client, 65535), 5)
+        assert client_ch.open(back) == b"answer"
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+@paths
+async def test_a_datagram_handed_in_by_the_owner_is_relayed(fast):
+    """``chain forward`` hands the datagram that woke it up to the new forwarder."""
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    rec = PortRecord(lock="latest", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, fast_path=fast)
+    await fwd.start()
+    try:
+        fwd.near_received(b"first", client.getsockname())
+        assert await _recv_all(server, 1) == [b"first"]
+        assert rec.near == client.getsockname()
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+async def test_the_fast_path_closes_its_sockets_at_once():
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    fwd = DatagramForwarder(near, far, PortRecord(), fast_path=True)
+    await fwd.start()
+    fwd.close()
+    assert near.fileno() < 0 and far.fileno() < 0
+    fwd.close()  # twice: nothing more happens

@@ -65,6 +65,16 @@ def _parse(fn: Any, value: Any, hint: str) -> Any:
         raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
+def fast_path_option(f: Any) -> Any:
+    """``--fast-path on|off`` (config: fast_path): how the datagram forwarder is driven.
+    Both ways make the same port-record decisions; off is for comparison and fallback."""
+    return click.option(
+        "--fast-path", type=click.Choice(["on", "off"]), default="on", show_default=True,
+        help="on: relay datagrams straight from socket readiness callbacks (a batch per "
+             "wakeup, no per-datagram objects); off: asyncio datagram transports. Both "
+             "follow the same port records.")(f)
+
+
 @click.group()
 def chain() -> None:
     """UDP through several firewalls: proxies with hop-by-hop port exchange (spec 004)."""
@@ -106,11 +116,12 @@ def keygen() -> None:
               help="Control connections served at once, setups included (0: no limit); "
                    "beyond it new ones wait in the listen backlog.")
 @opt.metrics_listen_option
+@fast_path_option
 def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tuple[str, ...],
           routes: tuple[str, ...], acl: tuple[str, ...], audit_log: str | None,
           auth_timeout: float, connect_timeout: float, idle_timeout: float,
           max_sessions: int, max_per_user: int, max_per_client: int,
-          max_connections: int, metrics_listen: str | None) -> None:
+          max_connections: int, metrics_listen: str | None, fast_path: str) -> None:
     """One firewall's proxy: authenticates, checks access, exchanges ports, relays UDP."""
     host, port = opt.hostport(listen, "--listen")
     cfg = ProxyConfig(
@@ -122,7 +133,7 @@ def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tu
         acl=_parse(tables.parse_acl, [tables.parse_acl_flag(a) for a in acl], "--acl"),
         auth_timeout=auth_timeout, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
         max_sessions=max_sessions, max_per_user=max_per_user, max_per_client=max_per_client,
-        max_connections=max_connections,
+        max_connections=max_connections, fast_path=fast_path == "on",
         audit=AuditLog(audit_log, system="chain"))
     if cfg.udp_ports == tables.ANY_PORT:
         raise click.BadParameter("give a range, e.g. 40000-40999", param_hint="--udp-ports")
@@ -178,10 +189,12 @@ def _client_config(user: str, keys: tuple[str, ...], first_hop: str, to: str,
 @click.option("--to", required=True, metavar="HOST:PORT", help="The server's UDP endpoint (P6).")
 @click.option("--udp-listen", default="127.0.0.1:5353", show_default=True, metavar="HOST:PORT",
               help="Local UDP port applications send to.")
+@fast_path_option
 def forward(user: str, keys: tuple[str, ...], first_hop: str, to: str, udp_listen: str,
-            mode: str, encrypt: bool, setup_timeout: float) -> None:
+            mode: str, encrypt: bool, setup_timeout: float, fast_path: str) -> None:
     """Carry a local UDP port through the chain to the server."""
     cfg = _client_config(user, keys, first_hop, to, udp_listen, mode, encrypt, setup_timeout)
+    cfg.fast_path = fast_path == "on"
     sys.exit(runner.run(run_forward(cfg)))
 
 

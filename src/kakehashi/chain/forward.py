@@ -43,6 +43,8 @@ class ForwardConfig:
     mode: Literal["recursive", "iterative"] = "recursive"
     encrypt: bool = False
     setup_timeout: float = 10.0
+    #: relay datagrams from readiness callbacks (False: asyncio datagram transports)
+    fast_path: bool = True
 
 
 @dataclass
@@ -140,7 +142,8 @@ class ChainForward:
             near_to_far, far_to_near = channel.seal, channel.open
         self.forwarder = DatagramForwarder(self.listen_sock, chain.data_sock,  # type: ignore[arg-type]
                                            record, near_to_far=near_to_far,
-                                           far_to_near=far_to_near)
+                                           far_to_near=far_to_near,
+                                           fast_path=self.cfg.fast_path)
         await self.forwarder.start()
         return chain
 

@@ -73,6 +73,9 @@ class ProxyConfig:
     max_per_user: int = 16
     max_per_client: int = 64
     max_connections: int = 4096
+    #: relay datagrams from readiness callbacks (False: asyncio datagram transports);
+    #: both drive the same port records
+    fast_path: bool = True
     audit: AuditLog = field(default_factory=lambda: AuditLog(system="chain"))
 
 
@@ -314,7 +317,8 @@ class _Session:
                             tentative=declared.host == self.peer_ip)
         if not record.tentative:
             record.near = None
-        self.forwarder = DatagramForwarder(near_sock, far_sock, record, near_to_far=_drop)
+        self.forwarder = DatagramForwarder(near_sock, far_sock, record, near_to_far=_drop,
+                                           fast_path=cfg.fast_path)
         await self.forwarder.start()
         local_ip = self.up.fc.conn.sock.getsockname()[0]
         near_ep = m.Endpoint(local_ip, near_sock.getsockname()[1])
