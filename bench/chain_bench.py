@@ -3,19 +3,25 @@ chained socat UDP relays and direct.
 
     python bench/chain_bench.py            # full run
     python bench/chain_bench.py --quick    # short run
+    python bench/chain_bench.py --rounds 9 --only socat,chain,chain-off
 
 Rows: ``direct`` (client -> echo), ``socat x3`` (three chained ``socat UDP4-LISTEN ...
 UDP4:`` relays, the same number of forwarding processes and UDP hops), ``chain`` (three
-``kakehashi chain proxy`` processes and ``chain forward``, recursive setup),
-``chain iterative``, ``chain encrypted`` (AES-256-GCM between the client and the last
-proxy), ``chain (client library)`` (the sender's own socket is the chain's P1, as with
-kakehashi.chain.api: three forwarding processes, like socat x3), then ``socat x3`` again
-(the socat relays stay up; the base of the ratios is the mean of both). For each: datagrams/s
-with 64 datagrams of 512 B in flight (echoed, so every
-datagram crosses the path twice and each round counts 2), and the round-trip latency of
-one datagram at a time (p50/p99). Then the setup time of a three-proxy chain in each
-mode (median of --setups setups, in this process through ``build_chain``).
-The issue's targets: chain >= socat x3; encrypted >= 0.5x plaintext.
+``kakehashi chain proxy`` processes and ``chain forward``, recursive setup, the datagram
+fast path), ``chain iterative``, ``chain encrypted`` (AES-256-GCM between the client and
+the last proxy), ``chain, fast path off`` (three other proxies and a forward, all with
+``--fast-path off``: asyncio datagram transports), ``chain (client library)`` (the
+sender's own socket is the chain's P1, as with kakehashi.chain.api: three forwarding
+processes, like socat x3). Everything stays up for the whole run and the rows are
+measured in **rounds**, interleaved (each round every row once, starting one row later
+than the round before), so the shared machine's drift hits every row alike; each figure
+is the median over the rounds, and the ratio to socat x3 is the median of the per-round
+ratios (paired within a round). For each row: datagrams/s with 64 datagrams of 512 B in
+flight (echoed, so every datagram crosses the path twice and each round trip counts 2),
+and the round-trip latency of one datagram at a time (p50/p99). Then the setup time of
+a three-proxy chain in each mode (median of --setups setups, in this process through
+``build_chain``). The issue's targets: chain >= socat x3 (datagrams/s and latency);
+encrypted >= 0.5x plaintext.
 """
 
 from __future__ import annotations
@@ -37,10 +43,10 @@ from benchlib import (
     machine,
     median,
     percentile,
-    ratio,
     say,
     source_version,
     table,
+    wait_listening,
 )
 
 from kakehashi.chain.forward import ForwardConfig, build_chain
@@ -101,34 +107,38 @@ def latency(port: int | tuple[str, int], count: int,
     return percentile(times, 50), percentile(times, 99)
 
 
+ROWS = ["direct", "socat", "chain", "chain-iterative", "chain-encrypted", "chain-off",
+        "library"]
+TITLES = {"direct": "direct", "socat": "socat x3", "chain": "chain",
+          "chain-iterative": "chain iterative", "chain-encrypted": "chain encrypted",
+          "chain-off": "chain, fast path off", "library": "chain (client library)"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--pings", type=int, default=3000)
+    ap.add_argument("--seconds", type=float, default=3.0, help="throughput per row and round")
+    ap.add_argument("--pings", type=int, default=2000, help="latency samples per row and round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--setups", type=int, default=100)
+    ap.add_argument("--only", default="", help=f"comma-separated rows of {ROWS} "
+                                               "(socat always comes along)")
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.pings, args.setups = 2.0, 500, 30
+        args.seconds, args.pings, args.rounds, args.setups = 1.0, 500, 3, 30
+    only = [r for r in args.only.split(",") if r]
+    if unknown := set(only) - set(ROWS):
+        ap.error(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+    chosen = [r for r in ROWS if not only or r in only or r == "socat"]
     install_signal_exit()
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     work = Path(tempfile.mkdtemp(prefix="kakehashi-chain-bench-"))
-    rows: list[list[str]] = []
-    results: dict[str, float] = {}
     kh = [sys.executable, "-m", "kakehashi", "--log-level", "warning"]
+    targets: dict[str, tuple[tuple[str, int], socket.socket | None]] = {}
     with Procs(work) as procs:
         echo_port = free_port()
         procs.spawn("echo", [sys.executable, "-c", ECHO, str(echo_port)]).wait_for("ready")
-
-        def measure(name: str, port: int | tuple[str, int],
-                    sock: socket.socket | None = None) -> None:
-            say(f"{name}: throughput ...")
-            rate = throughput(port, args.seconds, sock=sock)
-            p50, p99 = latency(port, args.pings, sock=sock)
-            results[name] = rate
-            rows.append([name, f"{rate:,.0f}", f"{p50:.0f}", f"{p99:.0f}"])
-
-        measure("direct", echo_port)
+        targets["direct"] = (("127.0.0.1", echo_port), None)
 
         ports = [free_port() for _ in range(3)]
         nxt = echo_port
@@ -137,59 +147,75 @@ def main() -> int:
                                   f"UDP4:127.0.0.1:{nxt}"])
             nxt = p
         time.sleep(0.3)  # socat prints nothing when ready; its bind is immediate
-        # socat stays up: it is measured again after the chain rows, so drift of the
-        # shared machine's load shows (and the base is the mean of both)
-        measure("socat x3", ports[0])
+        targets["socat"] = (("127.0.0.1", ports[0]), None)
 
-        keys = {k: crypto.new_shared_key() for k in
-                ("a1", "a2", "a3", "12", "23")}
-        cports = [free_port() for _ in range(3)]
-        for i in (3, 2, 1):
-            route = "direct" if i == 3 else f"fw{i + 1}@127.0.0.1:{cports[i]}"
-            args_ = [*kh, "chain", "proxy", "--name", f"fw{i}", "--listen",
-                     f"127.0.0.1:{cports[i - 1]}", "--udp-ports",
-                     f"{46000 + 200 * i}-{46000 + 200 * i + 199}",
-                     "--key", f"alice={keys[f'a{i}']}", "--route", f"127.0.0.1/32={route}",
-                     "--acl", "user=alice,from=127.0.0.0/8,ports=any"]
-            if i > 1:
-                args_ += ["--key", f"fw{i - 1}={keys[f'{i - 1}{i}']}"]
-            if i < 3:
-                args_ += ["--key", f"fw{i + 1}={keys[f'{i}{i + 1}']}"]
-            procs.spawn(f"fw{i}", args_)
-        for p in cports:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    socket.create_connection(("127.0.0.1", p), 0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        keys = {k: crypto.new_shared_key() for k in ("a1", "a2", "a3", "12", "23")}
         alice = [f"fw{i}={keys[f'a{i}']}" for i in (1, 2, 3)]
-        for name, extra in (("chain", []), ("chain iterative", ["--mode", "iterative"]),
-                            ("chain encrypted", ["--encrypt"])):
+
+        def proxies(fast_path: str, udp_base: int) -> list[int]:
+            """Three chained proxies (fw1 -> fw2 -> fw3 -> direct); their control ports."""
+            cports = [free_port() for _ in range(3)]
+            for i in (3, 2, 1):
+                route = "direct" if i == 3 else f"fw{i + 1}@127.0.0.1:{cports[i]}"
+                low = udp_base + 200 * i
+                args_ = [*kh, "chain", "proxy", "--name", f"fw{i}", "--listen",
+                         f"127.0.0.1:{cports[i - 1]}", "--udp-ports", f"{low}-{low + 199}",
+                         "--key", f"alice={keys[f'a{i}']}", "--route",
+                         f"127.0.0.1/32={route}", "--acl",
+                         "user=alice,from=127.0.0.0/8,ports=any", "--fast-path", fast_path]
+                if i > 1:
+                    args_ += ["--key", f"fw{i - 1}={keys[f'{i - 1}{i}']}"]
+                if i < 3:
+                    args_ += ["--key", f"fw{i + 1}={keys[f'{i}{i + 1}']}"]
+                procs.spawn(f"fw{i}-{fast_path}", args_)
+            for p in cports:
+                wait_listening(p)
+            return cports
+
+        cports = proxies("on", 46000)
+        off_ports = proxies("off", 47000) if "chain-off" in chosen else []
+        forwards = {"chain": (cports, []), "chain-iterative": (cports, ["--mode", "iterative"]),
+                    "chain-encrypted": (cports, ["--encrypt"]),
+                    "chain-off": (off_ports, ["--fast-path", "off"])}
+        for name, (cp, extra) in forwards.items():
+            if name not in chosen:
+                continue
             lp = free_port()
-            fwd = procs.spawn("forward", [
-                sys.executable, "-m", "kakehashi", "chain", "forward", "--id", "alice",
+            fwd = procs.spawn(name, [
+                *kh[:3], "chain", "forward", "--id", "alice",
                 *(x for k in alice for x in ("--key", k)),
-                "--first-hop", f"fw1@127.0.0.1:{cports[0]}", "--to", f"127.0.0.1:{echo_port}",
+                "--first-hop", f"fw1@127.0.0.1:{cp[0]}", "--to", f"127.0.0.1:{echo_port}",
                 "--udp-listen", f"127.0.0.1:{lp}", *extra])
             fwd.wait_for("forwarding")
-            measure(name, lp)
-            procs.stop(fwd)
+            targets[name] = (("127.0.0.1", lp), None)
 
         # the client as a library (kakehashi.chain.api's path): the application's own
         # socket is P1, so three forwarding processes are between it and the server, as
         # with socat x3
         loop = asyncio.new_event_loop()
-        lib = loop.run_until_complete(build_chain(ForwardConfig(
-            "alice", {f"fw{i}": crypto.parse_shared_key(keys[f"a{i}"]) for i in (1, 2, 3)},
-            Hop("fw1", "127.0.0.1", cports[0]), ("127.0.0.1", echo_port), ("127.0.0.1", 0))))
-        data_sock: socket.socket = lib.data_sock  # type: ignore[assignment]
-        data_sock.setblocking(True)
-        measure("chain (client library)", lib.setup.first.addr, data_sock)  # type: ignore[union-attr]
-        measure("socat x3 (again)", ports[0])
-        lib.close()
-        data_sock.close()
+        lib = None
+        if "library" in chosen:
+            lib = loop.run_until_complete(build_chain(ForwardConfig(
+                "alice", {f"fw{i}": crypto.parse_shared_key(keys[f"a{i}"]) for i in (1, 2, 3)},
+                Hop("fw1", "127.0.0.1", cports[0]), ("127.0.0.1", echo_port),
+                ("127.0.0.1", 0))))
+            data_sock: socket.socket = lib.data_sock  # type: ignore[assignment]
+            data_sock.setblocking(True)
+            targets["library"] = (lib.setup.first.addr, data_sock)  # type: ignore[union-attr]
+
+        rounds: dict[str, list[tuple[float, float, float]]] = {r: [] for r in chosen}
+        for rnd in range(args.rounds):
+            order = chosen[rnd % len(chosen):] + chosen[:rnd % len(chosen)]
+            say(f"round {rnd + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f}): "
+                + ", ".join(order))
+            for name in order:
+                dst, sock = targets[name]
+                rate = throughput(dst, args.seconds, sock=sock)
+                p50, p99 = latency(dst, args.pings, sock=sock)
+                rounds[name].append((rate, p50, p99))
+        if lib is not None:
+            lib.close()
+            lib.data_sock.close()  # type: ignore[attr-defined]
         loop.close()
 
         async def setups(mode: str, encrypt: bool) -> float:
@@ -207,21 +233,35 @@ def main() -> int:
 
         setup_rows = []
         for mode, enc in (("recursive", False), ("iterative", False), ("recursive", True)):
-            ms = asyncio.run(setups(mode, enc))
-            setup_rows.append([f"{mode}{' encrypted' if enc else ''}", f"{ms:.2f}"])
+            if args.setups:
+                ms = asyncio.run(setups(mode, enc))
+                setup_rows.append([f"{mode}{' encrypted' if enc else ''}", f"{ms:.2f}"])
 
-    base = (results["socat x3"] + results["socat x3 (again)"]) / 2
-    for r in rows:
-        r.append(ratio(results[r[0]], base))
+    def med(name: str, i: int) -> float:
+        return median([r[i] for r in rounds[name]])
+
+    def paired(name: str, i: int) -> str:
+        """The median over the rounds of this row's figure / socat's in the same round."""
+        pairs = zip(rounds[name], rounds["socat"], strict=True)
+        return f"{median([a[i] / b[i] for a, b in pairs]):.2f}x"
+
+    rows = [[TITLES[n], f"{med(n, 0):,.0f}", f"{med(n, 1):.0f}", f"{med(n, 2):.0f}",
+             paired(n, 0), paired(n, 1), paired(n, 2)] for n in chosen]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n{machine()}; kakehashi {source_version()}; load average {load0} at the "
-          f"start, {load} at the end\n")
-    print(table(["path (3 hops)", "datagrams/s", "p50 µs", "p99 µs", "vs socat x3 (mean)"],
-                rows))
-    print()
-    print(table(["three-proxy chain setup", "median ms"], setup_rows))
-    enc = results.get("chain encrypted", 0) / max(results.get("chain", 1), 1)
-    print(f"\nencrypted/plaintext: {enc:.2f}x (target >= 0.5)")
+          f"start, {load} at the end; {args.rounds} interleaved rounds of {args.seconds:g} s "
+          f"and {args.pings} pings per row; medians\n")
+    # the target is met where rate / socat >= 1 and p50, p99 / socat <= 1
+    print(table(["path (3 hops)", "datagrams/s", "p50 µs", "p99 µs", "rate / socat x3",
+                 "p50 / socat x3", "p99 / socat x3"], rows))
+    if setup_rows:
+        print()
+        print(table(["three-proxy chain setup", "median ms"], setup_rows))
+    if "chain" in rounds and "chain-encrypted" in rounds:
+        enc = median([e[0] / c[0] for e, c in zip(rounds["chain-encrypted"], rounds["chain"],
+                                                    strict=True)])
+        print(f"\nencrypted/plaintext (median of per-round ratios): {enc:.2f}x "
+              "(target >= 0.5)")
     return 0
 
 
