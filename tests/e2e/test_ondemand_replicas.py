@@ -90,7 +90,7 @@ def test_extend_and_revoke_on_one_replica_reach_the_edge_of_the_other(two, echo)
     """The grant is made on A for edge-a (attached to A), the device's inner relay is on
     B (the dial ticket crosses replicas); B extends it past its first expiry, then B
     revokes it and the live connection through edge-a is cut."""
-    g = two.grant("A", f"{IMSI}:{echo.port}", "a", "--ttl", "3s")
+    g = two.grant("A", f"{IMSI}:{echo.port}", "a", "--ttl", "6s")
     assert g["edge"] == "edge-a"
     c = socket.create_connection(("127.0.0.1", g["port"]), timeout=10)
     try:

@@ -106,3 +106,25 @@ async def test_edges_of_the_other_replica_are_offered(pair):
     assert b.edge_views(await b.remote_edges()) == []  # its own are in b.edges
     await b.replicas.edge_gone("edge-b")
     assert await a.remote_edges() == {}
+
+
+async def test_a_grant_revoked_on_one_replica_is_refused_a_second_revocation_on_the_other(pair):
+    from kakehashi.core.identity import TokenInfo
+    from kakehashi.core.web import ApiError
+
+    a, b = pair
+    admin = TokenInfo(id="t", role="admin")
+    doc = _grant("g1")
+    a.store.put(GRANT, "g1", doc)
+    a._take(doc)
+    await a._tell_replicas(doc)
+    await async_wait_until(lambda: "g1" in b.grants, what="b heard of the grant")
+    stale = dict(b.grants["g1"])  # b has not heard of the revocation yet
+    assert (await a.revoke("g1", admin))["status"] == "revoked"
+    b.grants["g1"] = stale
+    with pytest.raises(ApiError) as info:
+        await b.revoke("g1", admin)
+    assert info.value.status == 409
+    assert [e["event"] for e in a.events("g1")] == ["deleted"]  # recorded once
+    await async_wait_until(lambda: [e["event"] for e in b.events("g1")] == ["deleted"],
+                           what="b has the one 'deleted' too")

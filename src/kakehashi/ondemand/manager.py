@@ -429,7 +429,9 @@ class Manager:
     async def revoke(self, gid: str, who: TokenInfo) -> dict[str, Any]:
         doc = self.grant(gid, who)
         if doc["status"] != "active" or not await self._end(doc, "revoked"):
-            raise ApiError(409, "not-active", f"grant {gid} is already {doc['status']}")
+            status = self.grants.get(gid, doc)["status"]  # ended by another replica
+            raise ApiError(409, "not-active", f"grant {gid} is already "
+                                              f"{'ending' if status == 'active' else status}")
         await self.record("deleted", gid, reason="revoked", by=who.name or who.id)
         return doc
 
