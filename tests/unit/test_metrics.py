@@ -111,23 +111,25 @@ def test_exporter_serves_on_its_own_port_and_closes() -> None:
     asyncio.run(go())
 
 
-def test_live_counter_sums_its_sources_when_scraped() -> None:
-    live = metrics.live_counter("kakehashi_test_live", "doc", ["outcome"])
-    assert metrics.live_counter("kakehashi_test_live", "doc", ["outcome"]) is live
-    tally = {"n": 1}
+def test_sources_are_read_when_scraped_while_their_owner_lives() -> None:
+    import gc
 
-    def source() -> dict[tuple[str, ...], float]:
-        return {("relayed",): tally["n"], ("dropped",): 2}
+    class Owner:
+        def __init__(self, n: int) -> None:
+            self.n = n
 
-    live.add_source(source)
-    live.add_source(lambda: {("relayed",): 10})
-    tally["n"] = 5
+    family = metrics.counter("kakehashi_test_sources", "doc", ["outcome"])
+    a, b = Owner(1), Owner(10)
+    family.labels("relayed").add_source(a, lambda o: o.n)
+    family.labels("relayed").add_source(b, lambda o: o.n)
+    family.labels("relayed").inc(100)  # the tally of what has left the sources
+    a.n = 5
     text = metrics.exposition(None)[0].decode()
-    assert scrape_value(text, "kakehashi_test_live_total", outcome="relayed") == 15
-    assert scrape_value(text, "kakehashi_test_live_total", outcome="dropped") == 2
-    live.remove_source(source)
+    assert scrape_value(text, "kakehashi_test_sources_total", outcome="relayed") == 115
+    del b
+    gc.collect()
     text = metrics.exposition(None)[0].decode()
-    assert scrape_value(text, "kakehashi_test_live_total", outcome="relayed") == 10
+    assert scrape_value(text, "kakehashi_test_sources_total", outcome="relayed") == 105
 
 
 def test_histogram_buckets_are_cumulative_and_readers_that_fail_are_skipped() -> None:
@@ -135,7 +137,7 @@ def test_histogram_buckets_are_cumulative_and_readers_that_fail_are_skipped() ->
     for v in (0.05, 0.1, 0.5, 2.0):
         h.labels("a").observe(v)
     g = metrics.gauge("kakehashi_test_broken", "doc")
-    g.set_function(lambda: 1 / 0)
+    g.add_source(h, lambda _: 1 / 0)
     text = metrics.exposition(None)[0].decode()
     assert scrape_value(text, "kakehashi_test_hist_bucket", x="a", le="0.1") == 2
     assert scrape_value(text, "kakehashi_test_hist_bucket", x="a", le="1.0") == 3

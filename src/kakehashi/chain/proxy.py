@@ -142,10 +142,9 @@ class ChainProxy:
             "refused", "Requests refused, by the hop that refused and its reason.",
             ["hop", "reason"])
         #: datagrams, read from the sessions' port records when scraped (no cost per
-        #: datagram)
-        self._datagrams = metrics.live_counter(
-            "kakehashi_chain_datagrams", "Datagrams relayed or dropped by the sessions.",
-            ["outcome"])
+        #: datagram; a session's figures move to self.stats when it closes)
+        self._datagrams = self.metrics.counter(
+            "datagrams", "Datagrams relayed or dropped by the sessions.", ["outcome"])
 
     async def start(self) -> None:
         # connections still authenticating count too: a flood of silent ones waits in the
@@ -153,18 +152,15 @@ class ChainProxy:
         self.listener = Listener(self.cfg.host, self.cfg.port, self._serve,
                                  max_connections=self.cfg.max_connections)
         self.listener.start()
-        self._datagrams.add_source(self._datagram_totals)
-        self.metrics.connections_active.set_function(lambda: len(self.sessions))
-        self.metrics.sessions_active.set_function(
-            lambda: sum(1 for s in self.sessions if s.established))
-
-    def _datagram_totals(self) -> dict[tuple[str, ...], float]:
-        relayed, dropped = self.stats["relayed"], self.stats["dropped"]
-        for session in list(self.sessions):
-            if session.forwarder is not None:
-                relayed += session.forwarder.record.packets
-                dropped += session.forwarder.record.dropped
-        return {("relayed",): relayed, ("dropped",): dropped}
+        self._datagrams.labels("relayed").add_source(
+            self, lambda p: p.stats["relayed"] + sum(
+                s.forwarder.record.packets for s in p.sessions if s.forwarder is not None))
+        self._datagrams.labels("dropped").add_source(
+            self, lambda p: p.stats["dropped"] + sum(
+                s.forwarder.record.dropped for s in p.sessions if s.forwarder is not None))
+        self.metrics.connections_active.add_source(self, lambda p: len(p.sessions))
+        self.metrics.sessions_active.add_source(
+            self, lambda p: sum(1 for s in p.sessions if s.established))
 
     @property
     def address(self) -> tuple[str, int]:

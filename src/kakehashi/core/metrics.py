@@ -45,6 +45,7 @@ import contextlib
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
@@ -78,19 +79,25 @@ _FAMILIES: dict[str, Any] = {}
 
 # -- the families: plain tallies, turned into Prometheus samples when scraped ---------
 class Value:
-    """One counter or gauge series: a plain number, or a function read when scraped.
+    """One counter or gauge series: a tally, plus sources read when scraped.
 
     Counting is an attribute addition (about a tenth of a microsecond): the library's
     own metric classes take a lock on every increment, which is a few per cent of a
     gateway request. Every server counts on its one event loop thread, so no lock is
     needed; the registry reads the numbers when scraped.
+
+    A source is ``(owner, fn)``: ``fn(owner)`` is added to the tally when scraped, for
+    figures a server already keeps (its open links, the datagrams its port records
+    counted) so that nothing is counted twice on a hot path. The owner is held weakly:
+    a server that is gone stops counting. For a counter, a source must never go down
+    (move a closed session's figures to the tally in the same step it leaves the source).
     """
 
-    __slots__ = ("fn", "value")
+    __slots__ = ("sources", "value")
 
     def __init__(self) -> None:
         self.value = 0.0
-        self.fn: Callable[[], float] | None = None
+        self.sources: list[tuple[weakref.ref[Any], Callable[[Any], float]]] = []
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
@@ -101,12 +108,21 @@ class Value:
     def set(self, value: float) -> None:
         self.value = value
 
-    def set_function(self, fn: Callable[[], float]) -> None:
-        """Read ``fn()`` when scraped instead of the tallied value."""
-        self.fn = fn
+    def add_source(self, owner: Any, fn: Callable[[Any], float]) -> None:
+        """Add ``fn(owner)`` when scraped, while ``owner`` lives (``fn`` must not hold
+        the owner itself, or it never goes)."""
+        self.sources.append((weakref.ref(owner), fn))
 
     def get(self) -> float:
-        return float(self.fn()) if self.fn is not None else self.value
+        total = self.value
+        live = []
+        for ref, fn in self.sources:
+            owner = ref()
+            if owner is not None:
+                total += fn(owner)
+                live.append((ref, fn))
+        self.sources = live
+        return float(total)
 
 
 class Buckets:
@@ -128,7 +144,7 @@ class Buckets:
 
 class Family:
     """A metric family in :data:`REGISTRY`: series by label values (``labels()``), or
-    the one series of an unlabelled family used directly (``inc``, ``set_function``)."""
+    the one series of an unlabelled family used directly (``inc``, ``add_source``)."""
 
     def __init__(self, kind: str, name: str, doc: str, labelnames: tuple[str, ...],
                  buckets: tuple[float, ...] = SETUP_BUCKETS) -> None:
@@ -160,8 +176,8 @@ class Family:
     def set(self, value: float) -> None:
         self.labels().set(value)
 
-    def set_function(self, fn: Callable[[], float]) -> None:
-        self.labels().set_function(fn)
+    def add_source(self, owner: Any, fn: Callable[[Any], float]) -> None:
+        self.labels().add_source(owner, fn)
 
     def observe(self, value: float) -> None:
         self.labels().observe(value)
@@ -308,54 +324,6 @@ class SystemMetrics:
             CLUSTER_NODE_UP.labels(self.system, node).set(1)
         self._nodes = now
         CLUSTER_NODES.labels(self.system).set(len(now))
-
-
-class LiveCounter:
-    """A counter family read from the servers' own tallies when scraped.
-
-    For figures a server already counts on its hot path (datagrams a forwarder
-    relayed, say): adding a Prometheus increment there would cost every datagram,
-    while reading the tallies at scrape time costs nothing between scrapes. Each
-    source returns ``{label values: total}``; the family is their sum. Sources must
-    never go down (add a closed session's figures to a running total first).
-    """
-
-    def __init__(self, name: str, doc: str, labels: Iterable[str]) -> None:
-        self.name, self.doc, self.labels = name, doc, tuple(labels)
-        self.sources: list[Callable[[], dict[tuple[str, ...], float]]] = []
-
-    def add_source(self, source: Callable[[], dict[tuple[str, ...], float]]) -> None:
-        self.sources.append(source)
-
-    def remove_source(self, source: Callable[[], dict[tuple[str, ...], float]]) -> None:
-        with contextlib.suppress(ValueError):
-            self.sources.remove(source)
-
-    def describe(self) -> list[Any]:
-        return [CounterMetricFamily(self.name, self.doc, labels=self.labels)]
-
-    def collect(self) -> list[Any]:
-        totals: dict[tuple[str, ...], float] = {}
-        for source in list(self.sources):
-            for key, value in source().items():
-                totals[key] = totals.get(key, 0.0) + value
-        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
-        for key, value in sorted(totals.items()):
-            family.add_metric(list(key), value)
-        return [family]
-
-
-def live_counter(name: str, doc: str, labels: Iterable[str] = ()) -> LiveCounter:
-    """The (one per process) :class:`LiveCounter` ``name`` (without ``_total``)."""
-    known = _FAMILIES.get(name)
-    if known is not None:
-        if not isinstance(known, LiveCounter) or known.labels != tuple(labels):
-            raise ValueError(f"metric {name} declared twice with different shapes")
-        return known
-    family = LiveCounter(name, doc, labels)
-    REGISTRY.register(family)
-    _FAMILIES[name] = family
-    return family
 
 
 _SYSTEMS: dict[str, SystemMetrics] = {}

@@ -108,10 +108,10 @@ class Edge:
         self._opened = self.metrics.counter("grants_opened", "Grants whose port was opened.")
         self._cuts = self.metrics.counter("cuts", "Live connections cut, by why (expired, "
                                           "revoked, ...).", ["reason"])
-        self.metrics.gauge("grants_open", "Grants with an open port now.").set_function(
-            lambda: len(self.grants))
-        self.metrics.sessions_active.set_function(
-            lambda: sum(len(eg.sessions) for eg in self.grants.values()))
+        self.metrics.gauge("grants_open", "Grants with an open port now.").add_source(
+            self, lambda e: len(e.grants))
+        self.metrics.sessions_active.add_source(
+            self, lambda e: sum(len(eg.sessions) for eg in e.grants.values()))
 
     def _hello(self) -> m.Hello:
         return m.Hello(kind="edge", name=self.cfg.name, csr=self._csr.decode(),

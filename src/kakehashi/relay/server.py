@@ -169,10 +169,16 @@ class RelayServer:
 
     def _watch_start(self) -> None:
         self._watchdog = asyncio.create_task(self._watch())
-        # read when scraped: nothing on the data path
-        self.metrics.connections_active.set_function(lambda: len(self.links))
-        self.metrics.sessions_active.set_function(lambda: sum(
-            1 for c in self.core.conns.values() if c.state is State.PAIRED) // 2)
+        # read when scraped: nothing on the data path; a link's bytes move to the tally
+        # when it closes (handle_connection), in the same step it leaves self.links
+        m = self.metrics
+        m.connections_active.add_source(self, lambda s: len(s.links))
+        m.sessions_active.add_source(self, lambda s: sum(
+            1 for c in s.core.conns.values() if c.state is State.PAIRED) // 2)
+        m.bytes_in.add_source(self, lambda s: sum(
+            link.framed.bytes_in for link in s.links.values()))
+        m.bytes_out.add_source(self, lambda s: sum(
+            link.framed.bytes_out for link in s.links.values()))
 
     async def handle_connection(self, conn: Conn) -> None:
         """Serve one terminal connection (already TLS if the mux did TLS)."""

@@ -184,17 +184,16 @@ class SwitchServer:
         m = self.metrics = metrics.for_system("switch")
         by_state = m.gauge("tunnels", "Tunnels by state.", ["state"])
         for state in tn.State:
-            by_state.labels(state.value).set_function(
-                lambda state=state: sum(1 for t in self.switch.tunnels.values()
-                                        if t.state is state))
+            by_state.labels(state.value).add_source(
+                self, lambda s, state=state: sum(1 for t in s.switch.tunnels.values()
+                                                 if t.state is state))
         # a stream between two gateways is the switch's session
-        m.sessions_active.set_function(
-            lambda: sum(len(t.streams) for t in self.switch.tunnels.values()))
-        m.gauge("gateways", "Gateways with a live link.").set_function(
-            lambda: len(self.links) + len(self.poll_links))
-        metrics.live_counter("kakehashi_switch_datagrams_dropped",
-                             "Datagrams dropped because their gateway was behind.",
-                             ()).add_source(lambda: {(): self.dropped})
+        m.sessions_active.add_source(
+            self, lambda s: sum(len(t.streams) for t in s.switch.tunnels.values()))
+        m.gauge("gateways", "Gateways with a live link.").add_source(
+            self, lambda s: len(s.links) + len(s.poll_links))
+        m.counter("datagrams_dropped", "Datagrams dropped because their gateway was "
+                  "behind.").add_source(self, lambda s: s.dropped)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
