@@ -75,9 +75,11 @@ class ProtocolMux:
 
     async def __call__(self, conn: Conn) -> None:
         try:
-            # (asyncio.timeout, not wait_for: no second task per connection)
-            async with asyncio.timeout(self.timeout):
-                head = await self._peek(conn)
+            head = self._peek_now(conn)  # usually there already: no timer, no wait
+            if head is None:
+                # (asyncio.timeout, not wait_for: no second task per connection)
+                async with asyncio.timeout(self.timeout):
+                    head = await self._peek(conn)
             if self.tls is not None and head[:1] == bytes([TLS_RECORD_HANDSHAKE]):
                 conn = await start_tls(conn, self.tls, server_side=True, timeout=self.timeout)
                 async with asyncio.timeout(self.timeout):
@@ -116,6 +118,16 @@ class ProtocolMux:
         if len(head) >= self.sniff_bytes:
             return True
         return all(route.match(head) is not None for route in self.routes)
+
+    def _peek_now(self, conn: Conn) -> bytes | None:
+        """The first bytes if enough of them are there already to choose a route."""
+        try:
+            head = conn.sock.recv(self.sniff_bytes, socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+        if not head:
+            raise ConnClosed("closed before saying anything")
+        return head if self._decided(head) else None
 
     async def _peek(self, conn: Conn) -> bytes:
         """Look at the first bytes of a plain socket without consuming them."""
