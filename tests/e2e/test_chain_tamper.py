@@ -135,3 +135,68 @@ def test_iterative_an_altered_message_between_the_proxies_is_refused(direction, 
     refused_by, reason, text = out.split("|", 2)
     assert (refused_by, reason) == (hop, "integrity"), out
     assert names in text and "integrity check" in text, out
+
+
+class DeadHop:
+    """A next hop that accepts the control connection, then closes it at once
+    (``close``) or says nothing (``silent``)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.how == "close":
+            w.close()
+        else:
+            self.writers.append(w)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        assert self.server is not None
+        self.server.close()
+
+
+@pytest.mark.parametrize(("how", "says"), [("close", "fw2 closed the connection"),
+                                           ("silent", "fw2 did not authenticate within")])
+@pytest.mark.parametrize("mode", ["recursive", "iterative"])
+def test_a_next_hop_that_dies_or_stays_silent_is_named(how, says, mode):
+    """Iterative mode used to cut the client off without a word (it saw "closed the
+    control connection", or its own timeout); both modes now say which hop and why."""
+    async def go() -> str:
+        k = crypto.new_shared_key()
+        acl = tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}])
+        dead = DeadHop(how)
+        port = await dead.start()
+        fw1 = ChainProxy(ProxyConfig(
+            name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+            keys={"alice": crypto.parse_shared_key(k), "fw2": crypto.parse_shared_key(k)},
+            routes=tables.parse_routes({f"{SERVER[0]}/32": f"fw2@127.0.0.1:{port}"}),
+            acl=acl, auth_timeout=0.5))
+        await fw1.start()
+        try:
+            chain = await build_chain(ForwardConfig(
+                user="alice", keys={"fw1": crypto.parse_shared_key(k)},
+                first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
+                udp_listen=("127.0.0.1", 0), mode=mode, setup_timeout=20))  # type: ignore[arg-type]
+            chain.close()
+            chain.data_sock.close()  # type: ignore[attr-defined]
+            return "built"
+        except SetupFailed as exc:
+            return f"{exc.hop}|{exc.reason}|{exc.text}"
+        finally:
+            await fw1.close()
+            dead.close()
+
+    refused_by, reason, text = asyncio.run(go()).split("|", 2)
+    assert (refused_by, reason) == ("fw1", "next-hop"), text
+    if mode == "iterative":
+        assert says in text, text
+    else:
+        assert "fw2" in text, text

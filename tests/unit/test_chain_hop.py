@@ -637,3 +637,19 @@ def test_iterative_refusal_at_fw2_reaches_the_client_naming_it():
     with pytest.raises(SetupFailed) as failed:
         c.receive(passed.value.msg)
     assert (failed.value.hop, failed.value.reason) == ("fw2", "authentication")
+
+
+def test_relay_filter_names_a_next_hop_lost_during_setup_only():
+    f = RelayFilter("fw1", keys_of("fw1"), t.Hop("fw2", "192.0.2.2", 1092), admitted(),
+                    m.Endpoint("192.0.2.1", 41001))
+    assert f.authenticating  # a bounded wait: fw2 must speak up
+    msg = f.lost("closed the connection").msg
+    assert (msg.hop, msg.reason, msg.rid) == ("fw1", "next-hop", 7)
+    assert "fw2 closed the connection during setup" in msg.text
+    fw2 = side("fw2", peer_ip="192.0.2.1")
+    (answer,) = f.from_next(fw2.start()).down
+    (req,) = f.from_next(fw2.receive(answer)[0]).down
+    assert not f.authenticating and f.lost("closed the connection") is not None
+    f.from_next(m.Reply(req.rid, "fw2", m.Endpoint("192.0.2.2", 42000), m.Endpoint("h", 2),
+                        True))
+    assert f.lost("closed the connection") is None  # set up: the session just ends

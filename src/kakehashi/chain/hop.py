@@ -345,6 +345,20 @@ class RelayFilter:
         """Whether the connection to the next proxy is sealed from now on."""
         return self.next.auth.done
 
+    @property
+    def authenticating(self) -> bool:
+        """This proxy and the next are authenticating each other (a bounded wait)."""
+        return self.next.state in ("challenge", "proof")
+
+    def lost(self, why: str) -> Refuse | None:
+        """The next proxy's connection ended, or it stayed silent while authenticating:
+        while the setup through it is incomplete, a refusal naming it (the next hop is
+        down); after, None (the session just ends)."""
+        if self.next.state == "done":
+            return None
+        return refusal(self.name, "next-hop", f"{self.name}: {self.next.hop.name} {why} "
+                                              "during setup", self.next.admitted.request.rid)
+
     def from_next(self, msg: m.Message) -> Step:
         if self.next.state in ("challenge", "proof") or isinstance(msg, m.Refused) \
                 or (isinstance(msg, m.Reply) and self.next.state == "reply"):

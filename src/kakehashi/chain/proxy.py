@@ -482,8 +482,24 @@ class _Session:
         down = self.down
         assert down is not None
         while True:
-            msg = await down.read(None)
+            relay = self.relay
+            bound = relay is not None and relay.authenticating
+            try:
+                msg = await down.read(self.cfg.auth_timeout if bound else None)
+            except TimeoutError:
+                assert relay is not None  # bounded only while authenticating
+                silent = relay.lost(f"did not authenticate within {self.cfg.auth_timeout:g}s")
+                assert silent is not None
+                raise silent from None
+            except (ConnClosed, OSError) as exc:
+                lost = relay.lost("closed the connection") if relay is not None else None
+                if lost is not None:
+                    raise lost from exc
+                raise
             if msg is None:
+                lost = relay.lost("closed the connection") if relay is not None else None
+                if lost is not None:
+                    raise lost
                 return
             if self.relay is not None:
                 step = self.relay.from_next(msg)
