@@ -351,7 +351,7 @@ def setup_rows(results: dict[str, dict]) -> list[Row]:
 AGENT_PASSWORD = "idle-agent-bench-secret"
 
 
-def register_agents(db: str, count: int) -> float:
+def register_agents(db: str, count: int, prefix: str = "a") -> float:
     """Users a0..a{N-1} straight into the registry (threads: scrypt releases the GIL)."""
     from kakehashi.core.store import open_store
     from kakehashi.relay.control import UserRecord
@@ -360,7 +360,7 @@ def register_agents(db: str, count: int) -> float:
     started = time.monotonic()
     registry = RelayUsers(open_store(db), kdf_n=fw.KDF_N)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        list(pool.map(lambda i: registry.add(UserRecord(name=f"a{i}"), AGENT_PASSWORD),
+        list(pool.map(lambda i: registry.add(UserRecord(name=f"{prefix}{i}"), AGENT_PASSWORD),
                       range(count), chunksize=64))
     return time.monotonic() - started
 
@@ -662,6 +662,71 @@ def measure_cluster(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path) -
     return out
 
 
+def measure_cluster_idle(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path) -> dict:
+    """--agents idle agents spread evenly over three nodes (one load generator per
+    node): RSS per node, Redis memory, the nodes' CPU while only keepalives flow."""
+    n = args.agents // 3
+    ttl = 6.0
+    with Procs(workdir) as procs:
+        rport = free_port()
+        redis = procs.spawn("redis", ["redis-server", "--port", str(rport), "--bind", LOOPBACK,
+                                      "--save", "", "--appendonly", "no"])
+        wait_listening(rport, proc=redis)
+        url = f"redis://{LOOPBACK}:{rport}"
+        say(f"  registering 3 x {n} users in Redis ...")
+        for prefix in ("x", "y", "z"):
+            register_agents(url, n, prefix)
+        nodes = [_cluster_node(procs, kk, url, name, ttl) for name in ("n1", "n2", "n3")]
+        time.sleep(1.0)
+        rss_before = [rss_kib(p.pid) for _, p in nodes]
+        gens = []
+        for (port, _), prefix in zip(nodes, ("x", "y", "z"), strict=True):
+            gens.append(procs.spawn("idle-agents", [
+                sys.executable, str(HERE / "idle_agents.py"), "--server", f"{LOOPBACK}:{port}",
+                # logins in flight from one address count against its lockout (100 at
+                # the default): below it, whatever the store's latency
+                "--count", str(n), "--prefix", prefix,
+                "--concurrency", str(min(args.concurrency, 50)),
+                "--max-seconds", str(args.window + n / 10 + 300)],
+                env={"BENCH_AGENT_PASSWORD": AGENT_PASSWORD}, nofile=n + 1024))
+        online = [wait_event(g, "online", timeout=60 + n / 30) for g in gens]
+        say("  online: " + ", ".join(f"{o['online']} in {o['seconds']} s" for o in online))
+        time.sleep(3.0)
+        cpu0 = [cpu_seconds(p.pid, children=False) for _, p in nodes]
+        t0 = time.monotonic()
+        time.sleep(args.window)
+        elapsed = time.monotonic() - t0
+        cpu = [cpu_seconds(p.pid, children=False) - c for (_, p), c in zip(nodes, cpu0,
+                                                                              strict=True)]
+        rss = [rss_kib(p.pid) for _, p in nodes]
+        info = subprocess.run(["redis-cli", "-p", str(rport), "info", "memory"],
+                              capture_output=True, text=True, timeout=10).stdout
+        used = next((int(line.split(":")[1]) for line in info.splitlines()
+                     if line.startswith("used_memory:")), 0)
+    return {"per_node": n, "online": [o["online"] for o in online],
+            "rss_before_mb": [r / 1024 for r in rss_before], "rss_mb": [r / 1024 for r in rss],
+            "cpu_pct": [100 * c / elapsed for c in cpu], "redis_mb": used / 1e6,
+            "window": elapsed, "ttl": ttl}
+
+
+def cluster_idle_rows(r: dict) -> list[Row]:
+    total = sum(r["online"])
+    rss = "/".join(f"{v:.0f}" for v in r["rss_mb"])
+    cpu = "/".join(f"{v:.1f}" for v in r["cpu_pct"])
+    kb = [(a - b) * 1024 / max(1, o) for a, b, o in
+          zip(r["rss_mb"], r["rss_before_mb"], r["online"], strict=True)]
+    return [
+        Row("cluster", f"{total} idle agents over 3 nodes: RSS per node", f"{rss} MB",
+            notes=f"{'/'.join(f'{k:.1f}' for k in kb)} KB per agent; online "
+                  f"{'/'.join(str(o) for o in r['online'])}"),
+        Row("cluster", "idle: nodes' CPU (keepalives, presence renewal, full reads)",
+            f"{cpu} % of a core", notes=f"over {r['window']:.0f} s, --cluster-ttl "
+                                        f"{r['ttl']:g} s"),
+        Row("cluster", f"Redis memory for {total} users' presence", f"{r['redis_mb']:.1f} MB",
+            notes="used_memory, users' records included"),
+    ]
+
+
 def cluster_rows(r: dict) -> list[Row]:
     same, cross = r["same-node"], r["cross-node"]
     rows = []
@@ -681,7 +746,7 @@ def cluster_rows(r: dict) -> list[Row]:
     rows.append(Row("cluster", "agent's node killed (SIGKILL): reachable again via n2",
                     f"{back:.2f} s" if back is not None else "not within 60 s",
                     notes=f"--cluster-ttl {r['ttl']:g} s: the other nodes drop the dead "
-                          f"node's users within ttl + {r['ttl']:g} s (next full read)",
+                          f"node's users within ttl + {r['ttl'] / 3:g} s (one renewal)",
                     target="<= 30 s"))
     return rows
 
@@ -690,7 +755,7 @@ def cluster_rows(r: dict) -> list[Row]:
 def selected(only: list[str] | None) -> dict[str, list[str]]:
     """Rows to run per benchmark; a group's baselines (direct, haproxy) come along."""
     groups = {"throughput": THROUGHPUT_ROWS, "setup": SETUP_ROWS, "idle": ["agents"],
-              "churn": ["prehandshake"], "burst": ["login"], "cluster": ["nodes"]}
+              "churn": ["prehandshake"], "burst": ["login"], "cluster": ["nodes", "idle"]}
     return select_rows(groups, only, {g: BASELINES for g in ("throughput", "setup")})
 
 
@@ -751,7 +816,7 @@ def main() -> int:
         print("idle:       agents")
         print("churn:      prehandshake")
         print("burst:      login")
-        print("cluster:    nodes")
+        print("cluster:    nodes, idle")
         return 0
     rows = selected(args.only.split(",") if args.only else None)
     check_tools(rows)
@@ -795,9 +860,17 @@ def main() -> int:
         if rows.get("cluster"):
             say(f"== cluster: two nodes, same-node vs cross-node, {args.repeat} x "
                 f"{args.seconds:g} s interleaved; then the agent's node killed")
-            res_cluster = measure_cluster(args, kk, workdir)
-            out += cluster_rows(res_cluster)
-            print(table(HEADERS, [r.cells() for r in cluster_rows(res_cluster)]), flush=True)
+            if "nodes" in rows["cluster"]:
+                res_cluster = measure_cluster(args, kk, workdir)
+                out += cluster_rows(res_cluster)
+                print(table(HEADERS, [r.cells() for r in cluster_rows(res_cluster)]),
+                      flush=True)
+            if "idle" in rows["cluster"]:
+                say(f"== cluster idle: {args.agents} agents over three nodes")
+                res_ci = measure_cluster_idle(args, kk, workdir)
+                out += cluster_idle_rows(res_ci)
+                print(table(HEADERS, [r.cells() for r in cluster_idle_rows(res_ci)]),
+                      flush=True)
     except KeyboardInterrupt:
         say("interrupted; processes stopped")
         return 130

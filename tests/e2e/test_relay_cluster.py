@@ -220,6 +220,20 @@ def test_node_name_held_by_a_live_node_is_refused(cluster):
     wait_until(lambda: not dup.alive, 10, what="the second n0 to exit")
 
 
+def test_users_of_a_dead_node_go_offline_cluster_wide_within_the_ttl(cluster, echo):
+    cluster.node("n0")
+    cluster.node("n1")
+    watch = cluster.env.spawn("watch", "relay", "watch", "--server",
+                              f"127.0.0.1:{cluster.ports['n1']}", "--user", "laptop",
+                              "--tls", "off", env=cluster.env.user_env("laptop"))
+    watch.wait_for("watching presence")
+    cluster.agent("bob", "n0", expose=f"echo={echo.addr}")  # n0 only: it stays away
+    watch.wait_for("bob online")
+    cluster.procs["n0"].kill9()
+    # its entries expire after the ttl; n1 notices at its next renewal (ttl / 3)
+    watch.wait_for("bob offline", TTL + TTL / 3 + 5)
+
+
 def test_redis_restart_the_cluster_recovers(cluster, echo, redis_server):
     cluster.node("n0")
     cluster.node("n1")

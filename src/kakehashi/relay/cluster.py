@@ -47,8 +47,9 @@ from kakehashi.relay.control import OpenTrunk, PublishPresence, RemoteDeliver, S
 log = logging.getLogger("kakehashi.relay.cluster")
 
 DEFAULT_TTL = 6.0
-#: a full re-read of the cluster state every this many renewals
-RESYNC_EVERY = 3
+#: a full re-read of the cluster state every this many renewals (events keep it
+#: current in between; a node joining or leaving triggers one at once)
+RESYNC_EVERY = 10
 #: idle inter-node links kept open per node (beyond: closed when a session ends)
 SPARE_TRUNKS = 1
 DIAL_TIMEOUT = 5.0
@@ -88,6 +89,8 @@ class ClusterNode:
         self._dialing: dict[str, int] = {}
         self._addr_cache: dict[str, str] = {}
         self._resync_now = asyncio.Event()
+        #: the other nodes alive at the last full read
+        self._seen_nodes: set[str] = set()
         self.secret_text = ""
 
     # -- keys ---------------------------------------------------------------------------
@@ -187,7 +190,8 @@ class ClusterNode:
                 if not self.up:
                     await self._joined()
                 rounds += 1
-                if rounds % RESYNC_EVERY == 0 or self._resync_now.is_set():
+                if rounds % RESYNC_EVERY == 0 or self._resync_now.is_set() \
+                        or await self._membership_changed():
                     self._resync_now.clear()
                     await self._resync()
                     self._warm_trunks()
@@ -262,6 +266,19 @@ class ClusterNode:
             self._apply(self.core.fence("this relay node lost the cluster state"))
 
     # -- reading the cluster ------------------------------------------------------------
+    async def _membership_changed(self) -> bool:
+        """The cheap check of every renewal: which nodes are alive (their keys only).
+        A node whose entry expired is gone now (its users with it), not at the next
+        full read."""
+        nodes = sorted(n.decode() for n in await self.redis.smembers(self._k("nodes"))
+                       if n.decode() != self.node)
+        if not nodes:
+            return bool(self.core.directory.users)
+        alive = await self.redis.mget([self._k("node", n) for n in nodes])
+        live = {n for n, a in zip(nodes, alive, strict=True) if a is not None}
+        known = {n for per in self.core.directory.users.values() for n in per}
+        return bool(known - live) or bool(live - self._seen_nodes)
+
     async def _resync(self) -> None:
         nodes = sorted(n.decode() for n in await self.redis.smembers(self._k("nodes")))
         others = [n for n in nodes if n != self.node]
@@ -289,6 +306,7 @@ class ClusterNode:
         if gone:
             await self.redis.srem(self._k("nodes"), *gone)
         self._apply(self.core.set_directory(snapshot))
+        self._seen_nodes = set(snapshot)
         self.server.metrics.cluster_members([self.node, *snapshot])
 
     async def _event_loop(self) -> None:
