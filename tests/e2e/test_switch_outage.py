@@ -147,14 +147,16 @@ def test_restored_tunnel_whose_half_stays_away_is_rolled_back(env: Env,
     sw.register("echo", echo.addr)
     t = sw.open("echo")
     gw_srv.kill9()
-    restart_server(env, sw, "--offline-grace", "2")
+    restart_server(env, sw, "--offline-grace", "3")
     wait_until(lambda: "registered as" in gw_alice.output().split("link to")[-1], 30,
                what="alice's gateway back on the restarted server")
     api = sw.api("alice")
     wait_until(lambda: api.request("GET", f"/v1/tunnels/{t['tunnel']}")["state"] == "deleted",
                30, what="the tunnel rolled back")
     reason = api.request("GET", f"/v1/tunnels/{t['tunnel']}")["reason"]
-    assert reason == "gateway gw-srv did not come back after the server restarted"
+    # (on a loaded machine gw-alice may also miss the short grace: then both are named)
+    assert reason.startswith("gateway ") and "gw-srv" in reason
+    assert reason.endswith("did not come back after the server restarted")
     wait_until(lambda: refused(port_of(t)), 15, what="alice's pseudo socket removed")
     assert any(e["event"] == "tunnel-deleted" and e.get("tunnel") == t["tunnel"]
                and "did not come back" in e.get("reason", "") for e in sw.audit())

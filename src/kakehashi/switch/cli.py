@@ -112,13 +112,26 @@ def user_remove(name: str, db: str) -> None:
 @click.option("--offline-grace", type=click.FloatRange(min=0), default=60.0,
               show_default=True,
               help="How long a gateway may be away before its tunnels are deleted.")
+@click.option("--node", default="", metavar="NAME",
+              help="This server's name among several switch nodes sharing one Redis "
+                   "store (--db redis://...): a tunnel's gateways may then be attached "
+                   "to different nodes.")
 def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | None,
            audit_log: str | None, setup_timeout: float, delete_timeout: float,
-           poll_hold: float, offline_grace: float) -> None:
+           poll_hold: float, offline_grace: float, node: str) -> None:
     """The socket management server and switch server: JSON API under /v1 (OpenAPI at
     /openapi.json), the web catalog at /, and the gateways' tunnel endpoint."""
     host, port = hostport(listen, "--listen")
     options.check_cert_key(cert, key)
+    if node:
+        from kakehashi.core.identity import valid_name
+        from kakehashi.core.store import is_url
+
+        if not valid_name(node):
+            raise click.BadParameter("1-64 of A-Z a-z 0-9 _ . @ -", param_hint="--node")
+        if not is_url(db):
+            raise click.BadParameter("several nodes share a Redis store: give --db "
+                                     "redis://HOST:PORT", param_hint="--node")
 
     async def main() -> None:
         from kakehashi.core import tls, web
@@ -132,8 +145,12 @@ def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | Non
                            settings=ServerSettings(setup_timeout=setup_timeout,
                                                    delete_timeout=delete_timeout,
                                                    poll_hold=poll_hold,
-                                                   offline_grace=offline_grace))
+                                                   offline_grace=offline_grace),
+                           node=node, cluster_url=db if node else "")
         import asyncio
+
+        if srv.cluster is not None:
+            await srv.cluster.start()
 
         serving = asyncio.ensure_future(web.serve(build_app(srv), web.bind(host, port),
                                                   certfile=certfile, keyfile=keyfile,
@@ -145,6 +162,8 @@ def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | Non
             srv.stop_links()
             serving.cancel()
             await asyncio.gather(serving, return_exceptions=True)
+            if srv.cluster is not None:
+                await srv.cluster.close()
 
     _run(main())
 

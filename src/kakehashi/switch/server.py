@@ -149,7 +149,8 @@ class TunnelIn(BaseModel):
 
 class SwitchServer:
     def __init__(self, store: Store, *, audit: AuditLog | None = None,
-                 settings: ServerSettings | None = None, kdf_n: int | None = None) -> None:
+                 settings: ServerSettings | None = None, kdf_n: int | None = None,
+                 node: str = "", cluster_url: str = "") -> None:
         self.store = store
         self.audit = audit or AuditLog(None, system="switch")
         self.s = settings or ServerSettings()
@@ -163,9 +164,19 @@ class SwitchServer:
             self.switch.services[name] = tn.Service(**doc)
         for name, doc in store.list(GATEWAY):
             self.switch.gateway_owner[name] = doc.get("owner", "")
+        #: several nodes on one Redis store: this node's name and its cluster part
+        self.node = node
+        self.cluster: Any = None
         # tunnels of the previous process: audited, half-way ones removed, before any
-        # gateway can say hello (restoring sends nothing, so nobody waits on it yet)
-        self.carry(self.switch.restore(store.list(TUNNEL), time.time()))
+        # gateway can say hello (restoring sends nothing, so nobody waits on it yet);
+        # a node takes back only the tunnels it is the home of
+        self.carry(self.switch.restore(
+            [(k, d) for k, d in store.list(TUNNEL) if not node or d.get("home") == node],
+            time.time()))
+        if node:
+            from kakehashi.switch.cluster import SwitchCluster
+
+            self.cluster = SwitchCluster(self, cluster_url, node)
         self.links: dict[str, Link] = {}
         self.poll_links: dict[str, Link] = {}
         self.changed = asyncio.Condition()
@@ -244,10 +255,13 @@ class SwitchServer:
         (the caller wakes whoever waits on one)."""
         changed = False
         persist: set[str] = set()
+        remote: dict[str, list[bytes]] = {}
         for act in actions:
             if isinstance(act, tn.Send):
                 link = self.links.get(act.gateway)
                 if link is None:
+                    if self.cluster is not None and act.gateway in self.cluster.remote:
+                        remote.setdefault(act.gateway, []).append(m.encode(act.msg))
                     continue
                 if act.droppable and link.outbox.bytes > DATAGRAM_DROP_AT:
                     self.dropped += 1
@@ -259,9 +273,20 @@ class SwitchServer:
                 persist.add(act.tunnel)
             else:
                 changed = True
-        if persist:
+        if persist:  # stored before anything is forwarded: another node may look it up
             self.persist(persist)
+        for gateway, frames in remote.items():
+            self.cluster.to_gateway(gateway, b"".join(frames))
         return changed
+
+    def refresh(self) -> None:
+        """Take in what other nodes stored: services and gateway owners."""
+        if self.cluster is None:
+            return
+        self.switch.services = {name: tn.Service(**doc)
+                                for name, doc in self.store.list(SERVICE)}
+        for name, doc in self.store.list(GATEWAY):
+            self.switch.gateway_owner.setdefault(name, doc.get("owner", ""))
 
     async def wait_state(self, t: tn.Tunnel, states: tuple[tn.State, ...],
                          timeout: float) -> bool:
@@ -350,9 +375,25 @@ class SwitchServer:
         self.links[hello.name] = link
         if self.store.get(GATEWAY, hello.name) is None:
             self.store.put(GATEWAY, hello.name, {"owner": who.user})
+        if self.cluster is not None:
+            await self._cluster_hello(hello, who, welcome)
         log.info("gateway %s of %s connected (%s)", hello.name, who.user, kind)
         await self.apply(actions)
         return link, welcome
+
+    async def _cluster_hello(self, hello: m.Hello, who: Who, welcome: m.Welcome) -> None:
+        """The gateway is here now; the homes of its tunnels on other nodes hear its
+        re-report, and it keeps the halves they still have."""
+        from kakehashi.switch.cluster import Envelope
+
+        c = self.cluster
+        c.remote.pop(hello.name, None)
+        await c.gateway_here(hello.name)
+        held = set(hello.tunnels)
+        for home, tids in c.remote_tunnels_of(hello.name).items():
+            welcome.tunnels += [tid for tid in tids if tid in held]
+            c.send(home, Envelope(kind="gw-hello", gw=hello.name, sender=self.node,
+                                  user=who.user, held=sorted(held)))
 
     def detach(self, link: Link, why: str) -> None:
         """The link is gone: the gateway is offline until a new link says hello."""
@@ -364,13 +405,31 @@ class SwitchServer:
             actions = self.switch.gateway_lost(link.name, time.time())
             task = asyncio.get_running_loop().create_task(self.apply(actions))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            if self.cluster is not None:
+                self._cluster_lost(link.name)
+
+    def _cluster_lost(self, name: str) -> None:
+        from kakehashi.switch.cluster import Envelope
+
+        c = self.cluster
+        for home in c.remote_tunnels_of(name):
+            c.send(home, Envelope(kind="gw-lost", gw=name, sender=self.node))
+        task = asyncio.get_running_loop().create_task(c._drop_presence(name))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def receive(self, link: Link, body: bytes) -> None:
         """A body from a gateway: reports and stream messages (ProtocolError: cut)."""
         link.last_seen = time.time()
         actions: list[tn.Action] = []
         now = time.time()
+        elsewhere: dict[str, list[bytes]] = {}
         for msg in m.decode_to_server(body):
+            if self.cluster is not None and isinstance(msg, (m.Done, *m.STREAM_TYPES)) \
+                    and msg.tunnel not in self.switch.tunnels:
+                home = self.cluster.home_of(msg.tunnel)
+                if home is not None:  # another node decides about it
+                    elsewhere.setdefault(home, []).append(m.encode(msg))
+                    continue
             if isinstance(msg, m.Done):
                 actions += self.switch.on_done(link.name, msg, now)
             elif isinstance(msg, m.Hello):
@@ -380,6 +439,12 @@ class SwitchServer:
             else:
                 actions += self.switch.on_stream(link.name, msg)
         await self.apply(actions)
+        if elsewhere:
+            from kakehashi.switch.cluster import Envelope
+
+            for home, frames in elsewhere.items():
+                self.cluster.send(home, Envelope(kind="from-gw", gw=link.name,
+                                                 sender=self.node, body=b"".join(frames)))
         if link.pacer is not None:  # taken off the link: the gateway may send more
             link.received += len(body)
             link.put(m.Ack(n=link.received))
@@ -396,9 +461,19 @@ class SwitchServer:
     async def begin_tunnel(self, who: Who, service: str, gateway: str, listen: str
                            ) -> tn.Tunnel:
         """S2 selection -> S3 without waiting (the catalog page watches it live)."""
+        if self.cluster is not None:  # the service and a gateway may be another node's
+            self.refresh()
+            svc = self.switch.services.get(service)
+            for name in {gateway, svc.gateway if svc else gateway}:
+                if name not in self.links:
+                    node = await self.cluster.where(name)
+                    if node and node != self.node:
+                        self.cluster.remote[name] = node
+                        self.switch.online.add(name)
         try:
             t, actions = self.switch.open_tunnel(who.user, who.role, service, gateway,
                                                  listen, time.time())
+            t.home = self.node
         except tn.Refusal as exc:
             self.audit.record("tunnel-open", False, user=who.user, service=service,
                               gateway=gateway, reason=exc.message)
@@ -492,6 +567,7 @@ def build_app(srv: SwitchServer) -> Any:
 
     @app.get("/v1/services")
     async def services(w: Who = caller) -> list[dict[str, Any]]:
+        srv.refresh()
         return srv.switch.catalog(w.user, w.role)
 
     @app.delete("/v1/services/{name}")

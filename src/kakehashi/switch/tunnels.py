@@ -180,6 +180,8 @@ class Tunnel:
     connections_total: int = 0
     #: reloaded from the store after a server restart, not yet confirmed by both halves
     restored: bool = False
+    #: the server node that decides about it (several nodes on one store; "" alone)
+    home: str = ""
 
     def gw(self, side: str) -> str:
         return self.client_gw if side == "a" else self.server_gw
@@ -191,7 +193,7 @@ class Tunnel:
                 "proto": self.proto, "listen": self.listen, "target": self.target,
                 "window": self.window, "state": self.state.value, "reason": self.reason,
                 "address": self.address, "created": self.created,
-                "built": sorted(self.built)}
+                "built": sorted(self.built), "home": self.home}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Tunnel:
@@ -202,7 +204,8 @@ class Tunnel:
                    state=State(doc["state"]), reason=str(doc.get("reason", "")),
                    address=str(doc.get("address", "")),
                    created=float(doc.get("created", 0.0)),
-                   built={s for s in doc.get("built", []) if s in ("a", "b")})
+                   built={s for s in doc.get("built", []) if s in ("a", "b")},
+                   home=str(doc.get("home", "")))
 
     def view(self) -> dict[str, Any]:
         return {"tunnel": self.id, "service": self.service, "user": self.user,

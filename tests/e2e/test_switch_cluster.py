@@ -1,0 +1,70 @@
+"""Two switch server nodes on one real redis-server (issue 11): the service's gateway
+attached to one node, the user's gateway to the other, and a tunnel between them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+from tests.e2e.framework import EchoServer, Env, stream_through, wait_until
+from tests.e2e.switch_fixtures import Switch, port_of
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 2).close()
+    except OSError:
+        return True
+    return False
+
+
+def node(env: Env, redis_url: str, name: str) -> Switch:
+    sw = Switch(env)
+    sw.db = redis_url
+    sw.audit_path = env.root / f"sw-audit-{name}.jsonl"
+    return sw.start("--node", name)
+
+
+def test_a_tunnel_between_gateways_on_two_nodes(env: Env, echo: EchoServer,
+                                                redis_url: str) -> None:
+    a = node(env, redis_url, "node-a")
+    b = node(env, redis_url, "node-b")
+    b.gateway("asp1", "gw-srv")  # the service's gateway on node b
+    a.gateway("alice", "gw-alice")  # the user's on node a
+    b.register("echo", echo.addr)  # registered through node b, seen by node a
+    assert [s["name"] for s in a.api("alice").request("GET", "/v1/services")] == ["echo"]
+    opened = json.loads(a.cli("alice", "open", "echo", "--gateway", "gw-alice",
+                              "--json").stdout)
+    assert opened["state"] == "established"
+    # several streams at once across the nodes, each intact
+    results: list[tuple[str, str, int]] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        stream_through(port_of(opened), 4 << 20))) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert len(results) == 3 and all(s == g and n == 4 << 20 for s, g, n in results)
+    rows = json.loads(a.cli("alice", "tunnels", "--json").stdout)
+    assert [r["state"] for r in rows if r["tunnel"] == opened["tunnel"]] == ["established"]
+    # the gateway on node b drops its link and comes back: the tunnel's home (node a)
+    # hears it, and the same tunnel carries a new connection
+    b.procs["gw-srv"].kill9()
+    api = a.api("alice")
+    wait_until(lambda: api.request("GET", f"/v1/tunnels/{opened['tunnel']}")["offline"]
+               == ["gw-srv"], 30, what="node a marks the tunnel")
+    b.gateway("asp1", "gw-srv")  # a new process: it lost its half, so the tunnel goes
+    wait_until(lambda: api.request("GET", f"/v1/tunnels/{opened['tunnel']}")["state"]
+               == "deleted", 30, what="the tunnel deleted on node a")
+    wait_until(lambda: refused(port_of(opened)), 15, what="alice's pseudo socket removed")
+    # a new one works, and closing it deletes both halves across the nodes
+    t2 = json.loads(a.cli("alice", "open", "echo", "--gateway", "gw-alice",
+                          "--json").stdout)
+    sent, got, n = stream_through(port_of(t2), 1 << 20)
+    assert sent == got and n == 1 << 20
+    closed = json.loads(a.cli("alice", "close", t2["tunnel"], "--json").stdout)
+    assert closed["state"] == "deleted"
+    assert refused(port_of(t2))
+    events = [e["event"] for e in a.audit() if e.get("tunnel") == t2["tunnel"]]
+    assert "report-S4b" in events and "report-S7b" in events  # gw-srv's reports, via b
