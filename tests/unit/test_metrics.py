@@ -147,3 +147,15 @@ def test_histogram_buckets_are_cumulative_and_readers_that_fail_are_skipped() ->
     assert scrape_value(text, "kakehashi_test_broken") is None
     with pytest.raises(ValueError):
         h.labels("a", "b")
+
+
+def test_a_family_holds_a_bounded_number_of_series() -> None:
+    family = metrics.counter("kakehashi_test_bounded", "doc", ["peer"])
+    for i in range(metrics.MAX_SERIES + 50):
+        family.labels(f"hop{i}").inc()
+    assert len(family.series) == metrics.MAX_SERIES
+    family.labels("hop0").inc()  # an existing series still counts
+    text = metrics.exposition(None)[0].decode()
+    assert scrape_value(text, "kakehashi_test_bounded_total", peer="hop0") == 2
+    assert scrape_value(text, "kakehashi_test_bounded_total", peer=f"hop{metrics.MAX_SERIES}") \
+        is None

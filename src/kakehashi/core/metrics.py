@@ -75,6 +75,9 @@ SETUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
                  1.0, 2.5, 5.0, 10.0, 30.0)
 
 _FAMILIES: dict[str, Any] = {}
+#: series one family may hold; label values from peers (a neighbour proxy's hop name)
+#: must not grow a process's memory or a scrape without bound
+MAX_SERIES = 1000
 
 
 # -- the families: plain tallies, turned into Prometheus samples when scraped ---------
@@ -152,6 +155,7 @@ class Family:
         self.labelnames = labelnames
         self.buckets = tuple(sorted(buckets))
         self.series: dict[tuple[str, ...], Any] = {}
+        self.overflowed = False
 
     def labels(self, *values: str) -> Any:
         if len(values) != len(self.labelnames):
@@ -159,8 +163,14 @@ class Family:
         key = tuple(str(v) for v in values)
         found = self.series.get(key)
         if found is None:
-            found = self.series[key] = Buckets(self.buckets) if self.kind == "histogram" \
-                else Value()
+            found = Buckets(self.buckets) if self.kind == "histogram" else Value()
+            if len(self.series) >= MAX_SERIES:  # counted nowhere: a bound, not a crash
+                if not self.overflowed:
+                    log.warning("metric %s: more than %d series; new ones are not "
+                                "exported", self.name, MAX_SERIES)
+                    self.overflowed = True
+                return found
+            self.series[key] = found
         return found
 
     def remove(self, *values: str) -> None:
