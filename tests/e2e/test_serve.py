@@ -162,3 +162,58 @@ def test_site_file_mistakes_are_usage_errors(env):
     assert res.returncode != 0
     res = env.run("serve", "--config", _site(env, "[serve]\n"), check=False)
     assert res.returncode == 2 and "no roles" in res.stderr.decode()
+
+
+def test_a_whole_on_demand_system_in_one_process(env, echo):
+    import json
+
+    from tests.e2e.framework import stream_through
+
+    db = env.root / "od.db"
+    tokens = {}
+    for role in ("admin", "edge", "inner"):
+        path = env.root / f"{role}.tok"
+        path.write_bytes(env.run("ondemand", "token", "create", "--db", str(db),
+                                 "--role", role).stdout)
+        tokens[role] = path
+    mgr, lo = free_port(), free_port()
+    url = f"http://127.0.0.1:{mgr}"
+    site = _site(env, f"""
+[serve]
+metrics-listen = "127.0.0.1:0"
+
+[ondemand.manager]
+listen = "127.0.0.1:{mgr}"
+db = "{db}"
+tls = "off"
+
+[ondemand.inner]
+server = "{url}"
+token-file = "{tokens['inner']}"
+name = "core-1"
+listen = "127.0.0.1:0"
+device = ["001010000000001=127.0.0.1"]
+
+[ondemand.edge]
+server = "{url}"
+token-file = "{tokens['edge']}"
+name = "edge-1"
+public-host = "127.0.0.1"
+ports = "{lo}-{lo}"
+""")
+    proc = env.spawn("site", "serve", "--config", site)
+    proc.wait_for("edge edge-1 online", 30)
+    proc.wait_for("inner core-1 online", 30)
+    mport = metrics_port(proc)
+    grant = json.loads(env.run("ondemand", "grant", f"001010000000001:{echo.port}", "--ttl",
+                               "60s", "--server", url, "--token-file", str(tokens["admin"]),
+                               "--json").stdout)
+    sent, got, n = stream_through(grant["port"], 1 << 20)
+    assert n == 1 << 20 and sent == got
+    text = wait_until(lambda: (lambda t: t if sample(
+        t, "kakehashi_sessions_total", system="ondemand-edge") >= 1 else None)(scrape(mport)),
+        15, what="the edge's session counted")
+    assert sample(text, "kakehashi_decisions_total", system="ondemand", event="created") == 1
+    assert sample(text, "kakehashi_decisions_total", system="ondemand-inner",
+                  event="dialed") >= 1
+    assert proc.stop(signal.SIGTERM) == 0
