@@ -625,12 +625,18 @@ def measure_connect_tls(keys: list[str], args: argparse.Namespace, gw: Gateway,
         runs: dict[str, list[Transfer]] = {k: [] for k in keys}
         cpu = dict.fromkeys(keys, 0.0)
         cipher: dict[str, list[str]] = {}
+        failed: dict[str, list[str]] = {}
         for i in range(args.repeat):
             for k in keys:
                 route, connect_to = routes[k]
                 before = tree_cpu_seconds(route.pids)
-                run = blast_once(procs, route.port, sink, args.bytes, connect_to, ctx=ctx,
-                                 cipher=cipher.setdefault(k, []))
+                try:
+                    run = blast_once(procs, route.port, sink, args.bytes, connect_to,
+                                     ctx=ctx, cipher=cipher.setdefault(k, []))
+                except (RuntimeError, OSError) as exc:  # a row's failure is its result
+                    failed.setdefault(k, []).append(f"round {i + 1}: {exc}")
+                    say(f"  {route.name} round {i + 1}/{args.repeat}: FAILED: {exc}")
+                    continue
                 time.sleep(0.2)
                 cpu[k] += tree_cpu_seconds(route.pids) - before
                 runs[k].append(run)
@@ -640,10 +646,12 @@ def measure_connect_tls(keys: list[str], args: argparse.Namespace, gw: Gateway,
     for k in keys:
         moved = sum(r.bytes for r in runs[k])
         route = routes[k][0]
-        out[k] = {"name": route.name, "mbps": median([r.mbps for r in runs[k]]),
+        out[k] = {"name": route.name,
+                  "mbps": median([r.mbps for r in runs[k]]) if runs[k] else 0.0,
                   "runs": [r.mbps for r in runs[k]],
                   "cpu_per_gb": cpu[k] / (moved / 1e9) if moved else None,
-                  "procs": len(route.pids), "cipher": (cipher[k] or ["?"])[0]}
+                  "procs": len(route.pids), "cipher": (cipher.get(k) or ["?"])[0],
+                  "failed": failed.get(k, [])}
     return out
 
 
@@ -660,7 +668,8 @@ def connect_tls_rows(results: dict[str, dict]) -> list[Row]:
                if r["cpu_per_gb"] is not None else "-")
         rows.append(Row("connect (TLS)", r["name"], f"{r['mbps']:,.0f} MB/s", "-",
                         ratio(r["mbps"], peer), "-", cpu,
-                        f"{r['cipher']}; runs " + "/".join(f"{v:,.0f}" for v in r["runs"]),
+                        f"{r['cipher']}; runs " + "/".join(f"{v:,.0f}" for v in r["runs"])
+                        + "".join(f"; FAILED {f}" for f in r["failed"]),
                         target))
     return rows
 
