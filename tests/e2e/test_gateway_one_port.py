@@ -4,8 +4,11 @@ port, in TLS (sniffed again inside) and in plaintext, at the same time."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
+import ssl
 import threading
 
 import pytest
@@ -96,3 +99,55 @@ def test_tls_on_refuses_plaintext_and_off_refuses_tls(env):
         assert refused.code != 0 and refused.status == 0
         assert curl("-x", f"http://127.0.0.1:{off}", f"{o.url}/hello").status == 200
         assert [r.target for r in o.requests] == ["/hello", "/hello"]
+
+
+class _CountingSink:
+    """A target that reads until the client's half-close, then answers the byte count
+    (8 bytes) and closes: what a request-then-reply protocol does through a tunnel."""
+
+    def __init__(self) -> None:
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.srv.accept()
+            with conn:
+                total = 0
+                while piece := conn.recv(1 << 16):
+                    total += len(piece)
+                conn.sendall(total.to_bytes(8, "big"))
+
+    def close(self) -> None:
+        self.srv.close()
+
+
+@pytest.mark.xfail(strict=True, reason="regression of 2f820cb (core/stream+pump TLS reads): "
+                   "after the client's half-close inside TLS the target's reply is lost")
+def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env):
+    """CONNECT through a TLS listener: the client sends, ends its side (TCP half-close,
+    as a sender that is done does), and still reads what the target answers."""
+    sink = _CountingSink()
+    try:
+        _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-half")
+        ctx = ssl.create_default_context(cafile=str(ca_path()))
+        raw = socket.create_connection(("127.0.0.1", gw), timeout=20)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(f"CONNECT 127.0.0.1:{sink.port} HTTP/1.1\r\n"
+                      f"Host: 127.0.0.1:{sink.port}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                piece = s.recv(4096)
+                assert piece, head
+                head += piece
+            assert head.startswith(b"HTTP/1.1 200")
+            data = b"x" * (1 << 20)
+            s.sendall(data)
+            socket.socket.shutdown(s, socket.SHUT_WR)  # TCP half-close, TLS state kept
+            reply = b""
+            while len(reply) < 8 and (piece := s.recv(8 - len(reply))):
+                reply += piece
+        assert int.from_bytes(reply, "big") == len(data)
+    finally:
+        sink.close()
