@@ -10,17 +10,18 @@ the same way):
 ``kakehashi_sessions_total``           sessions set up (counter)
 ``kakehashi_connections_active``       client connections open now (gauge)
 ``kakehashi_connections_total``        client connections accepted (counter)
-``kakehashi_bytes_total{direction}``   bytes carried; ``in`` from the side that asked
-                                       for the session, ``out`` towards it
+``kakehashi_bytes_total{direction}``   bytes carried: ``in`` received from clients,
+                                       ``out`` sent to them (docs/operations.md says
+                                       what each system counts)
 ``kakehashi_refusals_total{reason}``   requests refused, by the reason the system
                                        already gives (audit log, error code)
 ``kakehashi_setup_seconds``            session setup latency (histogram)
-``kakehashi_cluster_nodes``            nodes the cluster helper sees alive (gauge)
+``kakehashi_cluster_nodes``            cluster nodes seen alive (gauge)
 ``kakehashi_cluster_node_up{node}``    1 per node seen alive
 =====================================  ===========================================
 
-each with a ``system`` label (``relay``, ``gateway``, ``ondemand``, ``switch``,
-``chain``). A system that needs a figure of its own declares it through
+each with a ``system`` label (``relay``, ``gateway``, ``ondemand`` (the manager),
+``ondemand-edge``, ``ondemand-inner``, ``switch``, ``chain``). A system that needs a figure of its own declares it through
 :meth:`SystemMetrics.counter` (named ``kakehashi_<system>_<name>``). Declaring is
 idempotent: a second declaration of the same name returns the first family.
 
@@ -259,8 +260,8 @@ SESSIONS = counter("kakehashi_sessions", "Sessions set up.", ["system"])
 CONNECTIONS_ACTIVE = gauge("kakehashi_connections_active", "Client connections open now.",
                            ["system"])
 CONNECTIONS = counter("kakehashi_connections", "Client connections accepted.", ["system"])
-BYTES = counter("kakehashi_bytes", "Bytes carried (in: from the requesting side, "
-                "out: towards it).", ["system", "direction"])
+BYTES = counter("kakehashi_bytes", "Bytes carried (in: received from clients, "
+                "out: sent to them).", ["system", "direction"])
 REFUSALS = counter("kakehashi_refusals", "Requests refused, by reason.", ["system", "reason"])
 SETUP = histogram("kakehashi_setup_seconds", "Session setup latency.", ["system"])
 CLUSTER_NODES = gauge("kakehashi_cluster_nodes", "Cluster nodes seen alive.", ["system"])
@@ -325,7 +326,7 @@ class SystemMetrics:
         return gauge(f"kakehashi_{self.system.replace('-', '_')}_{name}", doc, labels)
 
     def cluster_members(self, nodes: Iterable[str]) -> None:
-        """Set the membership the cluster helper sees: ``kakehashi_cluster_nodes`` and
+        """Set the cluster membership this node sees: ``kakehashi_cluster_nodes`` and
         one ``kakehashi_cluster_node_up`` per node (nodes gone are removed)."""
         now = set(nodes)
         for gone in self._nodes - now:
