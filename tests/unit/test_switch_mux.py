@@ -174,3 +174,16 @@ def test_a_full_window_holds_data_but_not_control() -> None:
     got = frames_of(box.take(LINK_BODY, data=False))
     assert got == [m.Credit(tunnel="t", stream=2, n=7)] and box and not box.control
     assert [x.stream for x in frames_of(box.take(LINK_BODY))] == [1]
+
+
+def test_acknowledgements_waiting_are_folded_into_the_newest() -> None:
+    box = Outbox()
+    box.put(m.Ack(n=100))
+    box.put(m.Data(tunnel="t", stream=1, data=b"x"))
+    box.put(m.Ack(n=250))
+    assert len(box) == 2 and box.control
+    assert [type(x) for x in frames_of(box.take(LINK_BODY, data=False))] == [m.Ack]
+    box.put(m.Ack(n=300))
+    got = frames_of(box.take(LINK_BODY))
+    assert got == [m.Ack(n=300), m.Data(tunnel="t", stream=1, data=b"x")]
+    assert not box and box.bytes == 0

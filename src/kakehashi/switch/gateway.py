@@ -44,7 +44,6 @@ from kakehashi.switch.mux import (
     Outbox,
     RecvWindow,
     SendWindow,
-    keep_backlog_here,
 )
 
 log = logging.getLogger("kakehashi.switch.gateway")
@@ -104,7 +103,6 @@ class WebSocketTransport(_Transport):
         from websockets.asyncio.client import connect
 
         sock = await dial(self.host, self.port, proxy=self.cfg.proxy)
-        keep_backlog_here(sock)
         scheme = "wss" if self.secure else "ws"
         self.ws = await connect(
             f"{scheme}://{self.host}:{self.port}/v1/gateway/link", sock=sock,

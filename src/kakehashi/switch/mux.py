@@ -90,25 +90,6 @@ QUANTUM = 16 * 1024
 LINK_BODY = 2 * (m.MAX_CHUNK + 512)  # two whole chunks
 
 
-#: what a link's sender lets the kernel hold unsent (TCP_NOTSENT_LOWAT): the rest waits in
-#: the outbox, where a small frame can still go first; bytes already sent are not
-#: limited, so a long fat path still fills (the kernel sizes that by its window)
-NOTSENT_LOWAT = 128 * 1024
-
-
-def keep_backlog_here(sock: Any) -> None:
-    """Make ``sock`` (a link's socket) report writable only while little is unsent."""
-    import socket
-
-    opt = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-    if sock is None or opt is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, opt, NOTSENT_LOWAT)
-    except OSError:
-        pass  # not TCP (a test's socket pair) or not supported: the default then
-
-
 #: the link window's bounds and the queueing delay it aims for
 LINK_WINDOW_FLOOR = 256 * 1024
 LINK_WINDOW_CAP = 16 * 1024 * 1024
@@ -189,6 +170,8 @@ class Outbox:
     def __init__(self, quantum: int = QUANTUM) -> None:
         self.quantum = quantum
         self._ctrl: collections.deque[bytes] = collections.deque()
+        #: the latest link acknowledgement (cumulative: a newer one replaces it)
+        self._ack = b""
         self._data: dict[Hashable, collections.deque[bytes]] = {}
         self._deficit: dict[Hashable, int] = {}
         #: streams that had nothing waiting when their data came (served first), and
@@ -198,14 +181,18 @@ class Outbox:
         self.bytes = 0
 
     def __len__(self) -> int:
-        return len(self._ctrl) + sum(len(q) for q in self._data.values())
+        return len(self._ctrl) + bool(self._ack) + sum(len(q) for q in self._data.values())
 
     def __bool__(self) -> bool:
-        return bool(self._ctrl or self._data)
+        return bool(self._ctrl or self._ack or self._data)
 
     def put(self, msg: Any) -> None:
         # a stream's end waits behind its data; everything else may go ahead
-        if isinstance(msg, (m.Data, m.Eof)):
+        if isinstance(msg, m.Ack):  # only the newest total matters
+            frame = m.encode(msg)
+            self.bytes += len(frame) - len(self._ack)
+            self._ack = frame
+        elif isinstance(msg, (m.Data, m.Eof)):
             self.put_data((msg.tunnel, msg.stream), m.encode(msg))
         else:
             frame = m.encode(msg)
@@ -242,13 +229,17 @@ class Outbox:
     @property
     def control(self) -> bool:
         """Whether a control message waits."""
-        return bool(self._ctrl)
+        return bool(self._ctrl or self._ack)
 
     def take(self, limit: int, *, data: bool = True) -> bytes:
         """Up to about ``limit`` bytes of frames (control first); only control
         messages when ``data`` is False (the link window is full)."""
         out: list[bytes] = []
         size = 0
+        if self._ack:
+            out.append(self._ack)
+            size += len(self._ack)
+            self._ack = b""
         while self._ctrl and (not out or size + len(self._ctrl[0]) <= limit):
             frame = self._ctrl.popleft()
             out.append(frame)

@@ -34,7 +34,7 @@ from kakehashi.core.store import Store
 from kakehashi.core.web import ApiError, create_app
 from kakehashi.switch import messages as m
 from kakehashi.switch import tunnels as tn
-from kakehashi.switch.mux import LINK_BODY, LinkPacer, Outbox, keep_backlog_here
+from kakehashi.switch.mux import LINK_BODY, LinkPacer, Outbox
 
 log = logging.getLogger("kakehashi.switch.server")
 
@@ -521,17 +521,6 @@ def _addr(conn: Request | WebSocket) -> str:
     return conn.client.host if conn.client else ""
 
 
-def _socket_of(ws: WebSocket) -> Any:
-    """The link's socket, if the ASGI server lets us see it (uvicorn: through its
-    protocol object); None otherwise, and the link works as before."""
-    protocol = getattr(getattr(ws, "_receive", None), "__self__", None)
-    transport = getattr(protocol, "transport", None)
-    try:
-        return transport.get_extra_info("socket") if transport is not None else None
-    except Exception:  # an ASGI server's internals: best effort
-        return None
-
-
 def build_app(srv: SwitchServer) -> Any:
     app = create_app("kakehashi socket switch", __version__,
                      description="The socket management server and switch server of "
@@ -616,7 +605,6 @@ def build_app(srv: SwitchServer) -> Any:
     async def ws_link(ws: WebSocket) -> None:
         # accepted before the login check, so a refusal reaches the gateway as words
         await ws.accept()
-        keep_backlog_here(_socket_of(ws))
         try:
             w = await srv.basic(ws.headers.get("authorization"), _addr(ws))
         except ApiError as exc:
