@@ -21,9 +21,10 @@ the same way):
 =====================================  ===========================================
 
 each with a ``system`` label (``relay``, ``gateway``, ``ondemand`` (the manager),
-``ondemand-edge``, ``ondemand-inner``, ``switch``, ``chain``). A system that needs a figure of its own declares it through
-:meth:`SystemMetrics.counter` (named ``kakehashi_<system>_<name>``). Declaring is
-idempotent: a second declaration of the same name returns the first family.
+``ondemand-edge``, ``ondemand-inner``, ``switch``, ``chain``). A system that needs a
+figure of its own declares it through :meth:`SystemMetrics.counter` (named
+``kakehashi_<system>_<name>``). Declaring is idempotent: a second declaration of the
+same name returns the first family.
 
 The registry, the exposition formats and the process collector are the library's; the
 series themselves are plain tallies (:class:`Value`, :class:`Buckets`) turned into the
