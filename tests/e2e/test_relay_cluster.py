@@ -9,6 +9,7 @@ killed, Redis restarted, a node cut off from Redis) are reached in seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import threading
@@ -118,13 +119,23 @@ def test_tls_nodes_carry_sessions_that_require_encryption(cluster, echo):
     assert '"via": "n0"' in audit and '"hops_tls": [true, true]' in audit
 
 
-def test_plaintext_node_link_refuses_a_session_that_requires_encryption(cluster, echo):
+def test_plaintext_nodes_upgrade_their_link_for_a_session_that_requires_encryption(
+        cluster, echo):
+    """Nodes with --tls off: the terminals' hops upgrade with STARTTLS (steps 12-13), and
+    so does the link between the nodes; a session that needs no encryption keeps a
+    plaintext (spliced) link."""
     cluster.node("n0")
     cluster.node("n1")
     cluster.agent("pi", "n0", expose=f"echo={echo.addr}")
-    res = cluster.pipe("laptop", "n1", "pi/echo", b"x", "--encrypt", check=False)
-    assert res.returncode != 0
-    assert b"link between relay nodes is not encrypted" in res.stderr
+    assert cluster.reachable("laptop", "n1", "pi/echo")
+    data = os.urandom(256 << 10)
+    res = cluster.pipe("laptop", "n1", "pi/echo", data, "--encrypt")
+    assert _sha(res.stdout) == _sha(data)
+    pairs = [json.loads(line) for line in
+             (cluster.env.root / "audit-n1.jsonl").read_text().splitlines()
+             if '"event": "pair"' in line]
+    assert [p["hops_tls"] for p in pairs] == [[False, False], [True, True]]
+    assert '"event": "starttls"' in (cluster.env.root / "audit-n0.jsonl").read_text()
 
 
 def test_quiet_cross_node_session_outlives_the_keepalive_watchdogs(cluster, echo):

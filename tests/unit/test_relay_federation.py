@@ -192,13 +192,44 @@ def test_fig3_target_requiring_encryption_instructs_the_requester_at_its_own_nod
     assert [x.node for x in acts if isinstance(x, OpenTrunk)] == ["b"]
 
 
-def test_encrypted_session_over_a_plaintext_node_link_is_refused():
+def test_encrypted_session_asks_for_an_encrypted_node_link():
+    """Every hop of an encrypted session is encrypted: a plaintext link in the pool does
+    not carry it; the calling node opens one upgraded with STARTTLS instead."""
     a, b, _pi, laptop = setup_pair(tls=True, encryption="required")
-    _ta, tb, nc = request(a, b, laptop, tls=False)
-    assert nc.hop_encrypted
+    plain, _ = link(a, b, tls=False)
+    a.cu.trunk_opened(plain, 0)  # an idle plaintext link (a spare)
+    acts = a.recv(laptop, m.ConnectRequest(req=3, target="pi", service="echo"))
+    (opener,) = [x for x in acts if isinstance(x, OpenTrunk)]
+    assert opener.tls and not sent(acts, plain)
+    ta, _tb = link(a, b, tls=True)
+    assert one(a.cu.trunk_opened(ta, opener.req), ta, m.NodeConnect).hop_encrypted
+    # a request that needs no encryption takes the plaintext link (it splices)
+    other = a.login("laptop", encrypted=False, attrs=m.Attrs(encryption="optional"))
+    b2 = b.login("bob", attrs=m.Attrs(services=["echo"]))
+    publish(b, a)
+    acts = a.recv(other, m.ConnectRequest(req=4, target="bob", service="echo"))
+    assert one(acts, plain, m.NodeConnect).target == "bob" and b2
+
+
+def test_plaintext_node_link_cannot_carry_an_encrypted_session():
+    """The called node checks too: a request that needs encryption on a link that is
+    not TLS is refused, whatever the calling node did."""
+    a, b, _pi, _laptop = setup_pair(tls=True, encryption="required")
+    tb = link(a, b, tls=False)[1]
+    nc = m.NodeConnect(req=1, requester="laptop", target="pi", service="echo",
+                       hop_encrypted=True)
     res = one(b.recv(tb, nc), tb, m.Result)
     assert not res.ok and res.code == "encryption-required"
     assert "between relay nodes" in res.message
+
+
+def test_node_link_upgrades_with_starttls_when_idle_only():
+    a, b, _pi, _laptop = setup_pair()
+    _ta, tb = link(a, b)
+    acts = b.recv(tb, m.StartTLS())
+    one(acts, tb, m.TLSGo)
+    b.cu.tls_established(tb)
+    assert b.cu.conns[tb].link_encrypted
 
 
 def test_encrypted_session_over_a_tls_node_link_is_notified_encrypted():

@@ -223,8 +223,9 @@ def keygen(path) -> None:
               help="Seconds after which a node that stopped renewing its entries (dead, "
                    "or cut off from Redis) is out of the cluster.")
 @click.option("--cluster-ca", type=click.Path(exists=True, dir_okay=False),
-              help="CA that issued the nodes' certificates, for links between nodes with "
-                   "--tls on (default: the development CA of the state directory).")
+              help="CA that issued the nodes' certificates, for TLS links between nodes "
+                   "(--tls on, or STARTTLS for sessions that must be encrypted; default: "
+                   "the development CA of the state directory).")
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
           login_timeout, login_lockout, max_connections, max_per_client, audit_log,
           metrics_listen, cluster, node, advertise, cluster_secret_file, cluster_ttl,
@@ -275,7 +276,8 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
 
             node_layer = ClusterNode(
                 server, cluster, node, advertise, ttl=cluster_ttl, secret=secret,
-                trunk_tls=tls.client_context(cluster_ca) if tls_mode == "on" else None)
+                trunk_tls=tls.client_context(cluster_ca) if tls_mode == "on" else None,
+                trunk_starttls=tls.client_context(cluster_ca))
             server.cluster = node_layer
             try:
                 await node_layer.start()

@@ -65,7 +65,8 @@ class ClusterNode:
     def __init__(self, server: Any, url: str, node: str, advertise: str, *,
                  ttl: float = DEFAULT_TTL, secret: str | None = None,
                  prefix: str = "kakehashi:relay:",
-                 trunk_tls: ssl.SSLContext | None = None) -> None:
+                 trunk_tls: ssl.SSLContext | None = None,
+                 trunk_starttls: ssl.SSLContext | None = None) -> None:
         self.server = server
         self.core = server.core
         self.url = url
@@ -75,6 +76,9 @@ class ClusterNode:
         self.period = max(ttl / 3, 0.2)
         self.prefix = prefix
         self.trunk_tls = trunk_tls
+        #: nodes listening in plaintext upgrade a link with STARTTLS when a session
+        #: that must be encrypted needs one (verified against this context)
+        self.trunk_starttls = trunk_starttls
         self._configured_secret = secret
         self.instance = secrets.token_hex(8)
         self.redis = aioredis.from_url(url, socket_timeout=self.period,
@@ -179,7 +183,7 @@ class ClusterNode:
             if self.up:
                 self._writes.put_nowait(("deliver", action))
         elif isinstance(action, OpenTrunk):
-            self._spawn(self._open_trunk(action.node, action.req))
+            self._spawn(self._open_trunk(action.node, action.req, tls=action.tls))
 
     # -- renewal, health, fencing -------------------------------------------------------
     async def _renew_loop(self) -> None:
@@ -398,10 +402,10 @@ class ClusterNode:
         self._addr_cache[node] = addr
         return parse_hostport(addr)
 
-    async def _open_trunk(self, node: str, req: int) -> None:
+    async def _open_trunk(self, node: str, req: int, *, tls: bool = False) -> None:
         self._dialing[node] = self._dialing.get(node, 0) + 1
         try:
-            framed = await self._dial(node)
+            framed = await self._dial(node, tls=tls)
         except (OSError, ConnClosed, TimeoutError, ssl.SSLError, wire.WireError, RedisError,
                 ClusterError, ValueError) as exc:
             why = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -415,7 +419,7 @@ class ClusterNode:
         cid = self.server.add_trunk(framed, node)
         self._apply(self.core.trunk_opened(cid, req))
 
-    async def _dial(self, node: str) -> FramedConn:
+    async def _dial(self, node: str, *, tls: bool = False) -> FramedConn:
         host, port = await self._address(node)
         conn = await open_tcp(host, port, timeout=DIAL_TIMEOUT)
         try:
@@ -443,6 +447,16 @@ class ClusterNode:
                 welcome = await _read_msg(framed)
                 if not isinstance(welcome, m.NodeWelcome):
                     raise ClusterError(f"node {node} refused the link: {_why(welcome)}")
+                if tls and framed.conn.plain:
+                    if self.trunk_starttls is None:
+                        raise ClusterError("no TLS context for links between nodes")
+                    await framed.send(m.RELAY_CODEC.encode(m.StartTLS()))
+                    go = await _read_msg(framed)
+                    if not isinstance(go, m.TLSGo):
+                        raise ClusterError(f"node {node} refused STARTTLS: {_why(go)}")
+                    framed.conn = await start_tls(framed.conn, self.trunk_starttls,
+                                                  server_side=False, server_hostname=host,
+                                                  timeout=DIAL_TIMEOUT)
         except BaseException:
             conn.close()
             raise

@@ -116,6 +116,8 @@ class OpenTrunk:
 
     node: str
     req: int
+    #: the request needs an encrypted link: TLS (STARTTLS on a plaintext port)
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +335,8 @@ class ControlUnit:
         conn = self.conns.get(cid)
         if conn is not None:
             conn.encrypted = True
+            if conn.trunk:
+                conn.link_encrypted = True  # an inter-node link upgraded (STARTTLS)
         return []
 
     def receive(self, cid: int, msg: m.Msg, now: float) -> list[object]:
@@ -561,6 +565,12 @@ class ControlUnit:
         return self._publish(session.record.name)
 
     def _on_StartTLS(self, conn: Connection, msg: m.StartTLS, now: float) -> list[object]:
+        if conn.trunk:  # an inter-node link that will carry encrypted sessions
+            if conn.state is not State.IDLE:
+                return self._violation(conn, "STARTTLS on a busy inter-node link")
+            if conn.link_encrypted:
+                return [Send(conn.id, m.Error(code="already-encrypted", message="already TLS"))]
+            return [Send(conn.id, m.TLSGo()), UpgradeTLS(conn.id)]
         if conn.state is State.AUTH:
             return self._violation(conn, "STARTTLS while the login is being checked")
         if conn.encrypted:
@@ -1122,12 +1132,18 @@ class ControlUnit:
         if not p.nodes:
             return self._fail_request(p, "not-logged-in", f"{p.target} is not logged in")
         node = p.nodes[0]
-        for conn in self.conns.values():
-            if conn.outbound and conn.trunk == node and conn.state is State.IDLE \
-                    and conn.pending is None:
-                return self._send_node_connect(p, conn)
+        idle = [c for c in self.conns.values()
+                if c.outbound and c.trunk == node and c.state is State.IDLE
+                and c.pending is None and self._fits(c, p)]
+        if idle:  # a plaintext link first when it will do (it splices)
+            return self._send_node_connect(p, min(idle, key=lambda c: c.link_encrypted))
         p.phase = "trunk-wait"
-        return [OpenTrunk(node, p.id)]
+        return [OpenTrunk(node, p.id, tls=p.encrypt)]
+
+    @staticmethod
+    def _fits(trunk: Connection, p: Pending) -> bool:
+        """Every hop of an encrypted session is encrypted, the inter-node one too."""
+        return trunk.link_encrypted or not p.encrypt
 
     def _send_node_connect(self, p: Pending, trunk: Connection) -> list[object]:
         req_conn = self.conns[p.requester_conn]
@@ -1151,7 +1167,8 @@ class ControlUnit:
         if trunk is None:
             return []
         p = self.pending.get(req)
-        if p is not None and p.phase == "trunk-wait" and p.nodes and p.nodes[0] == trunk.trunk:
+        if p is not None and p.phase == "trunk-wait" and p.nodes and p.nodes[0] == trunk.trunk \
+                and self._fits(trunk, p):
             return self._send_node_connect(p, trunk)
         return self._trunk_idle(trunk)
 
@@ -1172,7 +1189,8 @@ class ControlUnit:
     def _trunk_idle(self, trunk: Connection) -> list[object]:
         """A link to a node is free: a request waiting for a link to that node takes it."""
         for p in self.pending.values():
-            if p.phase == "trunk-wait" and p.nodes and p.nodes[0] == trunk.trunk:
+            if p.phase == "trunk-wait" and p.nodes and p.nodes[0] == trunk.trunk \
+                    and self._fits(trunk, p):
                 return self._send_node_connect(p, trunk)
         return []
 
@@ -1504,7 +1522,7 @@ class ControlUnit:
         return {"users": len(self.sessions), "connections": len(self.conns), **states}
 
 
-_TRUNK_MESSAGES = (m.Hold, m.NodeConnect, m.Accept, m.Refuse, m.End, m.Release)
+_TRUNK_MESSAGES = (m.Hold, m.NodeConnect, m.Accept, m.Refuse, m.End, m.Release, m.StartTLS)
 
 
 def send_targets(actions: Iterable[object]) -> list[int]:
