@@ -138,6 +138,35 @@ def test_plaintext_nodes_upgrade_their_link_for_a_session_that_requires_encrypti
     assert '"event": "starttls"' in (cluster.env.root / "audit-n0.jsonl").read_text()
 
 
+def test_parallel_burst_of_cross_node_sessions(cluster, echo):
+    """16 sessions at once through one forwarder: the pool of inter-node links grows
+    for the burst (each request its own link), every stream arrives intact."""
+    cluster.node("n0")
+    cluster.node("n1")
+    cluster.agent("pi", "n0", expose=f"echo={echo.addr}")
+    port = cluster.forward("laptop", "n1", "pi/echo")
+    results: list[object] = []
+
+    def one_stream() -> None:
+        try:
+            results.append(stream_through(port, 1 << 20, timeout=60))
+        except OSError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=one_stream) for _ in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert len(results) == 16
+    for res in results:
+        assert not isinstance(res, Exception), res
+        sent, got, n = res  # type: ignore[misc]
+        assert n == 1 << 20 and sent == got
+    links = (cluster.env.root / "audit-n0.jsonl").read_text().count('"event": "node-link"')
+    assert links >= 2  # more than the one spare
+
+
 def test_quiet_cross_node_session_outlives_the_keepalive_watchdogs(cluster, echo):
     """Nothing crosses the inter-node link for several dead-after periods (keepalive
     1 s): the calling node's holds keep the called node's watchdog from cutting it."""

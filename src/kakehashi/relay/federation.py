@@ -66,7 +66,7 @@ class PresenceInfo:
                        allowed_peers=tuple(str(u) for u in peers) if peers is not None
                        else None,
                        pubkey=str(doc.get("k", "")), seq=int(doc.get("q", 0)))
-        except (AttributeError, TypeError) as exc:
+        except (AttributeError, TypeError, OverflowError) as exc:
             raise ValueError(f"malformed presence entry: {exc}") from None
 
     def visible_to(self, viewer: str, name: str) -> bool:
