@@ -274,6 +274,22 @@ def test_users_of_a_dead_node_go_offline_cluster_wide_within_the_ttl(cluster, ec
     watch.wait_for("bob offline", TTL + TTL / 3 + 5)
 
 
+def test_node_stopped_leaves_the_cluster_at_once(cluster, echo):
+    """A node that is stopped (not killed) removes its entries and says so: the others
+    forget its users without waiting for the ttl, and its agents move on."""
+    cluster.node("n0")
+    cluster.node("n1")
+    watch = cluster.env.spawn("watch", "relay", "watch", "--server",
+                              f"127.0.0.1:{cluster.ports['n1']}", "--user", "laptop",
+                              "--tls", "off", env=cluster.env.user_env("laptop"))
+    watch.wait_for("watching presence")
+    cluster.agent("bob", "n0", expose=f"echo={echo.addr}")
+    watch.wait_for("bob online")
+    code = cluster.procs["n0"].stop()
+    assert code in (0, 130), cluster.procs["n0"].output()[-3000:]
+    watch.wait_for("bob offline", TTL)  # before its entries could have expired
+
+
 def test_redis_restart_the_cluster_recovers(cluster, echo, redis_server):
     cluster.node("n0")
     cluster.node("n1")

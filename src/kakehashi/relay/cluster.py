@@ -146,7 +146,10 @@ class ClusterNode:
         metrics.remove_health_check(f"cluster:{self.node}")
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # bounded: a Redis command cut by the cancel must not hold the shutdown
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):
             async with asyncio.timeout(1.0):
                 # leave at once (the others forget our users without waiting for the ttl)
@@ -158,7 +161,8 @@ class ClusterNode:
                                                             "node": self.node}))
                 await pipe.execute()
         with contextlib.suppress(Exception):
-            await self.redis.aclose()
+            async with asyncio.timeout(1.0):
+                await self.redis.aclose()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
