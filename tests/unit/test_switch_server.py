@@ -152,3 +152,24 @@ async def test_a_link_without_acks_is_not_paced(tmp_path):
     await srv.receive(link, m.encode(m.Credit(tunnel="tx", stream=1, n=1)))
     assert not any(isinstance(x, m.Ack) for x in m.decode_to_gateway(link.take(1 << 30)))
     await srv.close()
+
+
+async def test_an_idle_node_acknowledges_every_few_bodies_a_busy_one_every_body(tmp_path):
+    from kakehashi.switch.mux import ACK_EVERY, LINK_WINDOW_FLOOR
+
+    assert ACK_EVERY < LINK_WINDOW_FLOOR  # a sender with a full window always hears
+    srv = SwitchServer(open_store(tmp_path / "s.db"))
+    link, _ = await srv.attach(m.Hello(name="gw-srv", acks=True), ASP, "websocket")
+    link.take(m.MAX_BODY)  # the welcome
+    body = m.encode_many([m.Ack(n=0)] * 1000)  # bodies that ask for no answer
+    acks = []
+    for _ in range(ACK_EVERY // len(body) + 1):
+        await srv.receive(link, body)
+        acks += [x for x in m.decode_to_gateway(link.take(m.MAX_BODY))
+                 if isinstance(x, m.Ack)]
+    # nothing else to send: one ack once ACK_EVERY bytes came
+    assert acks == [m.Ack(n=(ACK_EVERY // len(body) + 1) * len(body))]
+    link.put(m.Credit(tunnel="t", stream=1, n=1))  # something to send: the ack rides along
+    await srv.receive(link, body)
+    assert m.Ack(n=link.received) in m.decode_to_gateway(link.take(m.MAX_BODY))
+    await srv.close()

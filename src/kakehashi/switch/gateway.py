@@ -39,6 +39,7 @@ from kakehashi.core.httpdial import DialError, HttpConnection, Proxy, dial
 from kakehashi.core.stream import Conn, ConnClosed, Listener, open_tcp, parse_hostport
 from kakehashi.switch import messages as m
 from kakehashi.switch.mux import (
+    ACK_EVERY,
     LINK_BODY,
     LinkPacer,
     Outbox,
@@ -376,6 +377,7 @@ class Gateway:
         #: link flow control of the current WebSocket link (None: a long-poll link)
         self.pacer: LinkPacer | None = None
         self.received = 0  # link body bytes received on the current link
+        self.ack_sent = 0  # ... and acknowledged
 
     # -- the link -------------------------------------------------------------------------
     def send(self, msg: Any) -> None:
@@ -434,7 +436,7 @@ class Gateway:
                 await self._welcome(welcome, transport.kind)
                 if acks:  # the server counts the body with the welcome as sent
                     self.pacer = LinkPacer()
-                    self.received = len(raw)
+                    self.received = self.ack_sent = len(raw)
                     self.send(m.Ack(n=self.received))
                 await self._handle(first[1:])
                 await transport.run(self)
@@ -488,7 +490,9 @@ class Gateway:
         await self._handle(m.decode_to_gateway(body))
         if self.pacer is not None:  # taken off the link: the server may send more
             self.received += len(body)
-            self.send(m.Ack(n=self.received))
+            if self.outbox or self.received - self.ack_sent >= ACK_EVERY:
+                self.ack_sent = self.received
+                self.send(m.Ack(n=self.received))
 
     async def _handle(self, msgs: list[Any]) -> None:
         for msg in msgs:

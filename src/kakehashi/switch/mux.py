@@ -94,6 +94,10 @@ LINK_BODY = 2 * (m.MAX_CHUNK + 512)  # two whole chunks
 LINK_WINDOW_FLOOR = 256 * 1024
 LINK_WINDOW_CAP = 16 * 1024 * 1024
 QUEUE_TARGET = 0.005
+#: an idle receiver acknowledges once this much came since its last ack (one that has
+#: something to send anyway acknowledges every body: the ack rides along). Below the
+#: floor, so a sender whose window is full always gets one
+ACK_EVERY = LINK_WINDOW_FLOOR * 3 // 4
 #: how long the fastest round trip seen is remembered (a path can get slower)
 BASE_RTT_EPOCH = 10.0
 

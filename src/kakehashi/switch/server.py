@@ -34,7 +34,7 @@ from kakehashi.core.store import Store
 from kakehashi.core.web import ApiError, create_app
 from kakehashi.switch import messages as m
 from kakehashi.switch import tunnels as tn
-from kakehashi.switch.mux import LINK_BODY, LinkPacer, Outbox
+from kakehashi.switch.mux import ACK_EVERY, LINK_BODY, LinkPacer, Outbox
 
 log = logging.getLogger("kakehashi.switch.server")
 
@@ -85,6 +85,7 @@ class Link:
     #: link flow control, when the gateway asked for acknowledgements (WebSocket)
     pacer: LinkPacer | None = None
     received: int = 0
+    ack_sent: int = 0
 
     def put(self, msg: Any) -> None:
         self.outbox.put(msg)
@@ -447,7 +448,9 @@ class SwitchServer:
                                                  sender=self.node, body=b"".join(frames)))
         if link.pacer is not None:  # taken off the link: the gateway may send more
             link.received += len(body)
-            link.put(m.Ack(n=link.received))
+            if link.outbox or link.received - link.ack_sent >= ACK_EVERY:
+                link.ack_sent = link.received
+                link.put(m.Ack(n=link.received))
 
     # -- tunnels ---------------------------------------------------------------------------
     async def open_tunnel(self, who: Who, service: str, gateway: str, listen: str
