@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kakehashi.core.stream import Conn, ConnClosed, TLSConn, start_tls
+from kakehashi.core.stream import Conn, ConnClosed, DirectTLSConn, TLSConn, start_tls
 from kakehashi.core.tls import server_context
 
 
@@ -28,8 +28,9 @@ def _live_tls_conns() -> int:
 PARTIAL_HELLO = bytes.fromhex("160301020001") + b"\x00" * 8
 
 
+@pytest.mark.parametrize("framed", [False, True], ids=["bio", "direct"])
 @pytest.mark.parametrize("first", [b"", PARTIAL_HELLO], ids=["silent", "partial-hello"])
-async def test_failed_server_handshake_leaves_no_cycle(ctx, first):
+async def test_failed_server_handshake_leaves_no_cycle(ctx, first, framed):
     """A client that closes before (or during) the handshake: its TLS state is freed by
     reference counting at once, not by a cyclic collection that may come much later
     (each left-over SSL object holds tens of kilobytes of buffers)."""
@@ -44,7 +45,7 @@ async def test_failed_server_handshake_leaves_no_cycle(ctx, first):
             b.close()
             conn = Conn(a)
             with pytest.raises((ConnClosed, ssl.SSLError, OSError)):
-                await start_tls(conn, ctx, server_side=True, timeout=5)
+                await start_tls(conn, ctx, server_side=True, timeout=5, framed=framed)
             conn.close()
             del conn
         assert _live_tls_conns() == before
@@ -92,23 +93,68 @@ def test_frames_are_parsed_only_by_the_wire_codec():
     assert wire.FrameDecoder.next_header and wire.FrameDecoder.take_payload
 
 
-async def _tls_pair(ctx: ssl.SSLContext, home: Path) -> tuple[Conn, Conn]:
+async def _tls_pair(ctx: ssl.SSLContext, home: Path, *, framed: bool = False
+                    ) -> tuple[TLSConn, TLSConn]:
     from kakehashi.core.tls import client_context
 
     a, b = socket.socketpair()
     client_ctx = client_context(ca=home / "ca" / "ca.pem")
     server, client = await asyncio.gather(
-        start_tls(Conn(a), ctx, server_side=True, timeout=10),
+        start_tls(Conn(a), ctx, server_side=True, timeout=10, framed=framed),
         start_tls(Conn(b), client_ctx, server_side=False, server_hostname="localhost",
-                  timeout=10),
+                  timeout=10, framed=framed),
     )
     return server, client
 
 
-async def test_tls_half_close_keeps_the_other_direction(ctx, tmp_path):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "fast-path-off"])
+async def test_framed_tls_streams_both_ways(ctx, tmp_path, monkeypatch, fast):
+    """A relay link's TLS (``framed=True``) takes the socket-driven fast path unless it
+    is switched off; either way bulk data crosses both directions at once intact,
+    reads take many records per call, and an end arrives as EOF."""
+    import hashlib
+
+    from kakehashi.core import stream
+
+    monkeypatch.setattr(stream, "FAST_PATH", fast)
+    server, client = await _tls_pair(ctx, tmp_path / "home", framed=True)
+    assert isinstance(server, DirectTLSConn) is fast
+    assert isinstance(client, DirectTLSConn) is fast
+    assert server.tls_version == client.tls_version == "TLSv1.3"
+    up = bytes(range(256)) * (6 << 12)
+    down = bytes(reversed(range(256))) * (5 << 12)
+    biggest: list[int] = [0]
+
+    async def pump(src: TLSConn, dst: TLSConn, data: bytes) -> bytes:
+        async def send() -> None:
+            await dst.send_all(data)
+            await dst.shutdown_write()
+
+        sender = asyncio.create_task(send())
+        got = bytearray()
+        buf = memoryview(bytearray(256 * 1024))
+        while n := await src.recv_into(buf):
+            biggest[0] = max(biggest[0], n)
+            got += buf[:n]
+        await sender
+        return bytes(got)
+
+    got_up, got_down = await asyncio.gather(pump(server, client, up),
+                                            pump(client, server, down))
+    assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
+    assert biggest[0] > 16 * 1024  # more than one record per read
+    server.close()
+    client.close()
+
+
+@pytest.mark.parametrize("reads", ["large", "small"])
+async def test_tls_half_close_keeps_the_other_direction(ctx, tmp_path, reads):
     """A TLS stream that ends one way while the other way is still sending loses
-    nothing of the other way (the close_notify must not swallow records in flight),
-    and bulk data arrives intact through reads that take many records at once."""
+    nothing of the other way, and bulk data arrives intact through reads that take
+    many records at once. ``small``: the reader takes less than a record at a time,
+    so records it has not read yet are already in the TLS input when it half-closes
+    (the close_notify used to swallow one and break the stream: a hang)."""
     import hashlib
 
     server, client = await _tls_pair(ctx, tmp_path / "home")
@@ -120,7 +166,7 @@ async def test_tls_half_close_keeps_the_other_direction(ctx, tmp_path):
 
     async def receive() -> bytes:
         got = bytearray()
-        buf = memoryview(bytearray(256 * 1024))
+        buf = memoryview(bytearray(256 * 1024 if reads == "large" else 1000))
         while n := await client.recv_into(buf):
             got += buf[:n]
             if len(got) >= 64 * 1024 and not client_closed:
@@ -130,10 +176,32 @@ async def test_tls_half_close_keeps_the_other_direction(ctx, tmp_path):
 
     client_closed: list[bool] = []
     sender = asyncio.create_task(send())
-    got = await receive()
-    await sender
+    got = await asyncio.wait_for(receive(), 30)
+    await asyncio.wait_for(sender, 30)
     assert client_closed
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
     assert await server.recv(100) == b""  # the client's end arrived as EOF
+    server.close()
+    client.close()
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["bio", "direct"])
+async def test_tls_half_close_with_records_already_received(ctx, tmp_path, framed):
+    """Records that arrived (whole) but were not read yet when this side half-closes
+    are still delivered: the close_notify is sent without letting OpenSSL process
+    them (it used to take the next one and fail the stream with
+    APPLICATION_DATA_AFTER_CLOSE_NOTIFY)."""
+    server, client = await _tls_pair(ctx, tmp_path / "home", framed=framed)
+    messages = [b"%04d" % i * 25 for i in range(100)]  # 100 records of 100 bytes
+    for message in messages:
+        await server.send_all(message)
+    await server.shutdown_write()
+    first = await client.recv(50)  # the rest is waiting, records whole
+    await client.shutdown_write()
+    got = bytearray(first)
+    while chunk := await asyncio.wait_for(client.recv(4096), 10):
+        got += chunk
+    assert bytes(got) == b"".join(messages)
+    assert await asyncio.wait_for(server.recv(10), 10) == b""
     server.close()
     client.close()

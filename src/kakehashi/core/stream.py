@@ -19,6 +19,10 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from kakehashi.core import tlsmismatch, wire
 
+#: ``KAKEHASHI_FAST_PATH=off`` turns the fast paths off (TLS on relay links through
+#: memory BIOs like every other stream): for comparison and as a fallback
+FAST_PATH = os.environ.get("KAKEHASHI_FAST_PATH", "on") != "off"
+
 RECV_CHUNK = 256 * 1024
 #: reads for control messages: large enough for any control frame, small enough
 #: to stay below malloc's mmap threshold (a 256 KiB read per keepalive costs an
@@ -382,12 +386,168 @@ class TLSConn(Conn):
                 await self._flush()
         await self._flush()
 
+    def _drain_plaintext(self) -> None:
+        """Move every record OpenSSL can decrypt now into the pushback buffer.
+
+        Python sends a close_notify only through ``SSL_shutdown`` called twice, and
+        the second call processes the next record: application data there is lost
+        (``APPLICATION_DATA_AFTER_CLOSE_NOTIFY``) and the stream is broken. With the
+        input drained first it finds at most part of a record, which it keeps.
+        """
+        parts = []
+        while True:
+            try:
+                data = self._obj.read(RECV_CHUNK)
+            except ssl.SSLError:
+                break
+            if not data:
+                break
+            parts.append(data)
+        if parts:
+            self._pushback += b"".join(parts)
+
     async def shutdown_write(self) -> None:
+        self._drain_plaintext()  # the other direction goes on (half-close)
         with contextlib.suppress(ssl.SSLError, OSError):
             self._obj.unwrap()
         with contextlib.suppress(OSError, ConnectionError):
             await self._flush()
         await super().shutdown_write()
+
+
+class DirectTLSConn(TLSConn):
+    """TLS driven on the socket itself (OpenSSL reads and writes the fd): no memory
+    BIOs, so no copy into and out of them per record and no buffer per read.
+
+    The fast path for connections that carry kakehashi frames (relay links), whose
+    end is an EOF frame or a close, never a TLS half-close: Python can only send a
+    close_notify through ``SSL_shutdown`` called twice, and the second call reads
+    and *drops* whatever application records the peer still has in flight. So
+    :meth:`shutdown_write` here ends TLS both ways; a stream that needs a half-close
+    is a :class:`TLSConn` (``start_tls(..., framed=False)``, the default).
+    ``KAKEHASHI_FAST_PATH=off`` makes every connection a :class:`TLSConn`.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        initial: bytes = b"",
+    ) -> None:
+        if initial:
+            raise ValueError("a direct TLS connection reads its first bytes from the socket")
+        Conn.__init__(self, sock)
+        self._ssl = context.wrap_socket(
+            sock, server_side=server_side, server_hostname=server_hostname,
+            do_handshake_on_connect=False, suppress_ragged_eofs=True)
+        self.sock = self._ssl  # ``sock`` was detached: the fd now belongs to ``_ssl``
+        self._obj = self._ssl._sslobj  # type: ignore[attr-defined]  # the C object
+        self._send_lock = asyncio.Lock()
+        self._eof = False
+
+    @property
+    def ssl_object(self) -> ssl.SSLSocket:  # type: ignore[override]
+        return self._ssl
+
+    async def handshake(self) -> None:
+        while True:
+            closed = False
+            try:
+                self._obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                want_read = True
+            except ssl.SSLWantWriteError:
+                want_read = False
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+                closed = True
+                want_read = True
+            if closed:
+                # raised outside the ``except`` block (see TLSConn.handshake)
+                raise ConnClosed("connection closed during TLS handshake")
+            await self._wait(readable=want_read)
+        self.tls_version = self._obj.version()
+
+    async def recv_into(self, buf: memoryview | bytearray) -> int:
+        """Decrypt into ``buf`` as many records as the socket holds now."""
+        if self._pushback:
+            return self._take_pushback(buf)
+        view = memoryview(buf)
+        size = len(view)
+        got = 0
+        read = self._obj.read
+        while got < size and not self._eof:
+            try:
+                n = read(size - got, view[got:] if got else view)
+            except ssl.SSLWantReadError:
+                if got:
+                    return got
+                await self._wait(readable=True)
+                continue
+            except ssl.SSLWantWriteError:  # a key update waits for room to answer
+                if got:
+                    return got
+                await self._wait(readable=False)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                n = 0
+            if not n:
+                self._eof = True
+                break
+            got += n
+        return got
+
+    async def recv(self, n: int = RECV_CHUNK) -> bytes:
+        if self._pushback:
+            data, self._pushback = self._pushback[:n], self._pushback[n:]
+            return data
+        while not self._eof:
+            try:
+                data = self._obj.read(n)
+            except ssl.SSLWantReadError:
+                await self._wait(readable=True)
+                continue
+            except ssl.SSLWantWriteError:
+                await self._wait(readable=False)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""
+            if not data:
+                self._eof = True
+            return data
+        return b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        write = self._obj.write
+        async with self._send_lock:  # OpenSSL wants a retried write to be the same
+            while view:
+                piece = view[:RECV_CHUNK]
+                while True:
+                    try:
+                        write(piece)  # all of it: no partial writes in this mode
+                        break
+                    except ssl.SSLWantWriteError:
+                        await self._wait(readable=False)
+                    except ssl.SSLWantReadError:  # renegotiation: not in TLS 1.3
+                        await self._wait(readable=False)
+                view = view[len(piece):]
+
+    async def shutdown_write(self) -> None:
+        """End TLS (close_notify) and the TCP stream's sending side; see the class
+        note: records the peer sends after this may be dropped."""
+        self._drain_plaintext()  # narrows, cannot close, the window of the class note
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            self._obj.shutdown()
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._ssl, socket.SHUT_WR)
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._ssl, socket.SHUT_RDWR)
 
 
 async def start_tls(
@@ -398,12 +558,19 @@ async def start_tls(
     server_hostname: str | None = None,
     initial: bytes = b"",
     timeout: float = 15.0,
+    framed: bool = False,
 ) -> TLSConn:
-    """Upgrade a plain connection in place (the socket is reused, not reopened)."""
+    """Upgrade a plain connection in place (the socket is reused, not reopened).
+
+    ``framed``: the stream carries kakehashi frames (a relay link), so it never
+    needs a TLS half-close and may take the fast path, a :class:`DirectTLSConn`
+    (unless bytes were already read ahead, which only memory BIOs can take).
+    """
     if not conn.plain:
         raise ValueError("connection is already encrypted")
     if conn.has_pushback:  # bytes read ahead (say behind a CONNECT reply) are TLS records
         initial = conn.take_pushback(conn.pushback_size) + initial
+    direct = framed and FAST_PATH and not initial
     # ``asyncio.timeout``, not ``wait_for``: wait_for runs the handshake in a task of
     # its own, and a failed handshake's exception then references that task through
     # its traceback while the task references the exception - a cycle that kept the
@@ -415,15 +582,22 @@ async def start_tls(
             # A server allocates no TLS state before the client's first bytes: a
             # flood of connections that open and close silently costs a socket each,
             # not an SSL object with its buffers.
-            initial = await conn.recv(SMALL_CHUNK)
-            if not initial:
+            # (the direct path only peeks: OpenSSL reads them from the socket)
+            first = await (_peek(conn, SMALL_CHUNK) if direct else conn.recv(SMALL_CHUNK))
+            if not first:
                 raise ConnClosed("connection closed before the TLS handshake")
-    if server_side and not tlsmismatch.is_client_hello(initial):
-        # a plaintext client on a TLS port: tell it now rather than let it wait for
-        # a handshake that will never come
+            if not tlsmismatch.is_client_hello(first):
+                # a plaintext client on a TLS port: tell it now rather than let it
+                # wait for a handshake that will never come
+                refuse(conn, tlsmismatch.plaintext_refusal(first))
+                raise ConnClosed("the peer does not speak TLS (told it so)")
+            if not direct:
+                initial = first
+    if server_side and initial and not tlsmismatch.is_client_hello(initial):
         refuse(conn, tlsmismatch.plaintext_refusal(initial))
         raise ConnClosed("the peer does not speak TLS (told it so)")
-    tls = TLSConn(
+    kind = DirectTLSConn if direct else TLSConn
+    tls = kind(
         conn.sock, context, server_side=server_side, server_hostname=server_hostname,
         initial=initial,
     )
@@ -435,6 +609,15 @@ async def start_tls(
         tls.close()
         raise
     return tls
+
+
+async def _peek(conn: Conn, n: int) -> bytes:
+    """The first bytes waiting on a plain socket, left there."""
+    while True:
+        try:
+            return conn.sock.recv(n, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            await conn.wait_readable()
 
 
 def refuse(conn: Conn, reply: bytes) -> None:

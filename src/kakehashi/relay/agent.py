@@ -118,7 +118,7 @@ class RelayLink:
                 try:
                     conn = await start_tls(conn, cfg.tls, server_side=False,
                                            server_hostname=cfg.server_hostname or self.host,
-                                           timeout=cfg.connect_timeout)
+                                           timeout=cfg.connect_timeout, framed=True)
                 except ssl.SSLCertVerificationError as exc:
                     raise RelayError("tls", f"cannot verify the relay's certificate: "
                                      f"{exc.verify_message}; pass --ca with the relay's CA "
@@ -192,7 +192,7 @@ class RelayLink:
             raise RelayError("protocol", "relay did not accept STARTTLS")
         self.framed.conn = await start_tls(
             self.framed.conn, ctx, server_side=False,
-            server_hostname=self.cfg.server_hostname or self.host)
+            server_hostname=self.cfg.server_hostname or self.host, framed=True)
         self.t.tls_established()
 
     async def starttls(self) -> None:
@@ -231,7 +231,7 @@ class RelayLink:
                 self._upgrade = False
                 framed.conn = await start_tls(
                     framed.conn, self.cfg.starttls, server_side=False,  # type: ignore[arg-type]
-                    server_hostname=self.cfg.server_hostname or self.host)
+                    server_hostname=self.cfg.server_hostname or self.host, framed=True)
                 self.t.tls_established()
                 if self._tls_ready:
                     self._tls_ready.set()

@@ -186,7 +186,7 @@ class RelayServer:
         try:
             if self.tls is not None:
                 conn = await start_tls(conn, self.tls, server_side=True,
-                                       timeout=HANDSHAKE_TIMEOUT)
+                                       timeout=HANDSHAKE_TIMEOUT, framed=True)
             framed = FramedConn(conn, self.limits)
             # asyncio.timeout rather than wait_for: no task of its own, so no cycle
             # between a failure's traceback and that task (see start_tls)
@@ -273,7 +273,7 @@ class RelayServer:
             if self.starttls is None:
                 raise wire.WireError("protocol", "STARTTLS is not available on this server")
             framed.conn = await start_tls(framed.conn, self.starttls, server_side=True,
-                                          timeout=HANDSHAKE_TIMEOUT)
+                                          timeout=HANDSHAKE_TIMEOUT, framed=True)
             await self._apply(self.core.tls_established(link.cid))
             conn = self.core.conns.get(link.cid)
             self.audit.record("starttls", True, conn=link.cid,
