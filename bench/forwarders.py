@@ -175,34 +175,59 @@ class Kakehashi:
                 "--tls", "on" if tls else "off"]
 
     def agent(self, procs: Procs, relay_port: int, services: dict[str, int], *, tls: bool,
-              env: dict[str, str] | None = None) -> int:
+              env: dict[str, str] | None = None, identity: Path | None = None) -> int:
         """Start ``relay agent`` as pi exposing NAME=127.0.0.1:PORT; returns its pid."""
         expose = [a for name, port in services.items()
                   for a in ("--expose", f"{name}={LOOPBACK}:{port}")]
+        ident = ["--identity", str(identity)] if identity else []
         proc = procs.spawn("agent", self.argv(
-            "relay", "agent", *self.terminal_args("pi", relay_port, tls), *expose),
+            "relay", "agent", *self.terminal_args("pi", relay_port, tls), *ident, *expose),
             env={**self.env, "KAKEHASHI_PASSWORD": PASSWORDS["pi"], **(env or {})})
         proc.wait_for("agent pi online")
         return proc.pid
 
     def connect(self, procs: Procs, relay_port: int, service: str, *, tls: bool,
-                env: dict[str, str] | None = None) -> tuple[int, int]:
+                env: dict[str, str] | None = None,
+                identity: Path | None = None) -> tuple[int, int]:
         """Start ``relay connect`` as laptop to pi/SERVICE; returns (local port, pid)."""
         port = free_port()
+        ident = ["--identity", str(identity), "--e2e"] if identity else []
         proc = procs.spawn("connect", self.argv(
-            "relay", "connect", *self.terminal_args("laptop", relay_port, tls),
+            "relay", "connect", *self.terminal_args("laptop", relay_port, tls), *ident,
             f"pi/{service}", "--listen", f"{LOOPBACK}:{port}"),
             env={**self.env, "KAKEHASHI_PASSWORD": PASSWORDS["laptop"], **(env or {})})
         proc.wait_for("forwarding")
         return port, proc.pid
 
+    def identities(self) -> dict[str, Path]:
+        """X25519 identity keys for pi and laptop (end-to-end mode), registered once."""
+        if not hasattr(self, "_identities"):
+            self._identities = {}
+            for user in PASSWORDS:
+                path = self.home.parent / f"{user}.identity"
+                out = subprocess.run(self.argv("relay", "keygen", str(path)), text=True,
+                                     capture_output=True, env={**os.environ, **self.env},
+                                     check=True, timeout=60).stdout.split()[-1]
+                self.cli("relay", "user", "set", user, "--db", self.db, "--pubkey", out)
+                self._identities[user] = path
+        return self._identities
+
     def start_route(self, procs: Procs, target: int, *, tls: bool,
-                    splice: bool = True) -> Route:
-        """client -> connect -> relay -> agent -> target, all three processes started here."""
+                    splice: bool = True, e2e: bool = False, fast_path: bool = True) -> Route:
+        """client -> connect -> relay -> agent -> target, all three processes started here.
+
+        ``e2e``: the session is sealed end to end (the relay forwards sealed frames);
+        ``fast_path=False``: KAKEHASHI_FAST_PATH=off (TLS through memory BIOs)."""
         env = {} if splice else {"KAKEHASHI_NO_SPLICE": "1"}
+        if not fast_path:
+            env["KAKEHASHI_FAST_PATH"] = "off"
+        ids = self.identities() if e2e else {}
         relay_port, relay_pid = self.serve(procs, tls=tls, env=env)
-        agent_pid = self.agent(procs, relay_port, {"target": target}, tls=tls, env=env)
-        port, connect_pid = self.connect(procs, relay_port, "target", tls=tls, env=env)
+        agent_pid = self.agent(procs, relay_port, {"target": target}, tls=tls, env=env,
+                               identity=ids.get("pi"))
+        port, connect_pid = self.connect(procs, relay_port, "target", tls=tls, env=env,
+                                         identity=ids.get("laptop"))
         name = "kakehashi relay " + ("TLS" if tls else "plaintext") + \
-            ("" if splice else " (no splice)")
+            (" + e2e" if e2e else "") + ("" if splice else " (no splice)") + \
+            ("" if fast_path else " (fast path off)")
         return Route(name, port, [relay_pid, agent_pid, connect_pid])

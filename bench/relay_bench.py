@@ -71,7 +71,7 @@ HERE = Path(__file__).resolve().parent
 SERVERS = str(HERE / "servers.py")
 
 THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
-                   "relay-tls"]
+                   "relay-tls", "relay-tls-nofast", "relay-e2e", "relay-tls-e2e"]
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "link-spare",
               "link-new", "link-new-tls"]
 BASELINES = ["direct", "haproxy"]
@@ -123,6 +123,9 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int) -> fw.Rou
         "relay": lambda: kk.start_route(procs, target, tls=False),
         "relay-nosplice": lambda: kk.start_route(procs, target, tls=False, splice=False),
         "relay-tls": lambda: kk.start_route(procs, target, tls=True),
+        "relay-tls-nofast": lambda: kk.start_route(procs, target, tls=True, fast_path=False),
+        "relay-e2e": lambda: kk.start_route(procs, target, tls=False, e2e=True),
+        "relay-tls-e2e": lambda: kk.start_route(procs, target, tls=True, e2e=True),
     }
     return starters[key]()
 
@@ -169,41 +172,53 @@ def python_once(procs: Procs, port: int, sink: int, seconds: float) -> Transfer:
         procs.stop(server)
 
 
-def measure_throughput(key: str, args: argparse.Namespace, kk: fw.Kakehashi,
-                       workdir: Path) -> dict:
+def measure_throughput(keys: list[str], args: argparse.Namespace, kk: fw.Kakehashi,
+                       workdir: Path) -> dict[str, dict]:
+    """Every path started once, then --repeat rounds that visit each path in turn, so
+    a change in the machine's load hits all paths alike (medians of the rounds)."""
     sink = free_port()
     with Procs(workdir) as procs:
-        route = start_route(key, procs, kk, sink)
-        runs: list[Transfer] = []
-        cpu = 0.0
+        routes = {key: start_route(key, procs, kk, sink) for key in keys}
+        runs: dict[str, list[Transfer]] = {key: [] for key in keys}
+        cpu = dict.fromkeys(keys, 0.0)
         for i in range(args.repeat):
-            before = tree_cpu_seconds(route.pids)
-            run = None
-            if args.tool == "iperf3":
-                try:
-                    run = iperf_once(procs, route.port, sink, args.seconds)
-                except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
-                    say(f"  {key}: iperf3 failed ({exc}); falling back to the Python sender")
-            if run is None:
-                run = python_once(procs, route.port, sink, args.seconds)
-            time.sleep(0.2)  # let the forwarders finish (and socat reap its child)
-            cpu += tree_cpu_seconds(route.pids) - before
-            runs.append(run)
-            say(f"  {route.name} run {i + 1}/{args.repeat}: {run.mbps:,.0f} MB/s ({run.tool})")
-    moved = sum(r.bytes for r in runs)
-    return {"name": route.name, "mbps": median([r.mbps for r in runs]),
-            "runs": [r.mbps for r in runs], "tools": sorted({r.tool for r in runs}),
-            "cpu_per_gb": cpu / (moved / 1e9) if route.pids and moved else None,
-            "procs": len(route.pids)}
+            for key, route in routes.items():
+                before = tree_cpu_seconds(route.pids)
+                run = None
+                if args.tool == "iperf3":
+                    try:
+                        run = iperf_once(procs, route.port, sink, args.seconds)
+                    except (RuntimeError, ValueError, KeyError,
+                            subprocess.TimeoutExpired) as exc:
+                        say(f"  {key}: iperf3 failed ({exc}); falling back to the Python sender")
+                if run is None:
+                    run = python_once(procs, route.port, sink, args.seconds)
+                time.sleep(0.2)  # let the forwarders finish (and socat reap its child)
+                cpu[key] += tree_cpu_seconds(route.pids) - before
+                runs[key].append(run)
+                say(f"  {route.name} round {i + 1}/{args.repeat}: {run.mbps:,.0f} MB/s "
+                    f"({run.tool})")
+    out = {}
+    for key, route in routes.items():
+        moved = sum(r.bytes for r in runs[key])
+        out[key] = {"name": route.name, "mbps": median([r.mbps for r in runs[key]]),
+                    "runs": [r.mbps for r in runs[key]],
+                    "tools": sorted({r.tool for r in runs[key]}),
+                    "cpu_per_gb": cpu[key] / (moved / 1e9) if route.pids and moved else None,
+                    "procs": len(route.pids)}
+    return out
 
 
 def throughput_rows(results: dict[str, dict]) -> list[Row]:
     direct = results.get("direct", {}).get("mbps")
     haproxy = results.get("haproxy", {}).get("mbps")
+    ssh = results.get("ssh", {}).get("mbps")
     rows = []
-    for r in results.values():
+    for key, r in results.items():
         spread = "/".join(f"{v:,.0f}" for v in r["runs"])
         notes = [f"runs {spread}"]
+        if ssh and key.startswith("relay") and ("tls" in key or "e2e" in key):
+            notes.append(f"{r['mbps'] / ssh:.2f}x ssh -L")
         if r["cpu_per_gb"] is not None:
             notes.append(f"CPU {r['cpu_per_gb']:.2f} s/GB ({r['procs']} proc)")
         if r["tools"] != ["iperf3"]:
@@ -829,7 +844,8 @@ def main() -> int:
         kk = fw.Kakehashi(workdir)
         if rows.get("throughput"):
             say(f"== throughput: one stream, {args.seconds:g} s x {args.repeat}")
-            res = {k: measure_throughput(k, args, kk, workdir) for k in rows["throughput"]}
+            say("   (interleaved: each round visits every path)")
+            res = measure_throughput(rows["throughput"], args, kk, workdir)
             out += throughput_rows(res)
             print(table(HEADERS, [r.cells() for r in throughput_rows(res)]), flush=True)
         if rows.get("setup"):
