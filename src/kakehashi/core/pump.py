@@ -501,7 +501,7 @@ class FramedSink(FrameSink):
         reused buffer, decrypting into it and encrypting from it when either side is
         TLS; each piece goes out as soon as it is read. False if the peer was lost
         (the rest of the payload is then read and dropped)."""
-        view = self._chunks.get(RECV_CHUNK)
+        view = self._chunks.whole(max(len(first), RECV_CHUNK))
         filled = len(first)
         view[:filled] = first
         while True:
