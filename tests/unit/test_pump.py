@@ -215,3 +215,59 @@ def test_closing_a_watched_socket_leaves_its_fd_number_clean(run) -> None:
 
 def test_whole_frames_pass_unchanged(run) -> None:
     run(_whole_frames_pass_unchanged())
+
+
+async def _sealed_payloads_of_any_size_open_whole() -> None:
+    """End-to-end frames go through the sealed path (sealed into and opened from reused
+    buffers): short, bulk and larger-than-the-buffer frames open intact in order and the
+    application sees them in order; a payload too short for its tag is refused."""
+    import os
+
+    from kakehashi.core import crypto
+    from kakehashi.core.pump import RawSink, raw_to_frames
+    from tests.unit.test_crypto import _pair as e2e_pair
+
+    sender, receiver = e2e_pair()
+    app_in, app_in_peer = _pair()
+    link_a, link_b = _pair()
+    app_out, app_out_peer = _pair()
+    data = os.urandom(3 << 20)  # many frames of up to 256 KiB
+    big = os.urandom(600_000)  # one frame larger than the kept buffer
+    framed_b = FramedConn(Conn(link_b))
+    sink = RawSink(Conn(app_out), sealing=receiver)
+
+    async def feed_app() -> None:
+        peer = Conn(app_in_peer)
+        await peer.send_all(data)
+        await peer.shutdown_write()
+
+    async def collect() -> bytes:
+        peer = Conn(app_out_peer)
+        got = bytearray()
+        while chunk := await peer.recv(1 << 20):
+            got += chunk
+        return bytes(got)
+
+    async def send_link() -> None:
+        framed_a = FramedConn(Conn(link_a))
+        await raw_to_frames(Conn(app_in), framed_a, sealing=sender)  # ends with EOF
+        await framed_a.send_frame(wire.FrameType.DATA, sender.seal(big))
+        await framed_a.send_frame(wire.FrameType.DATA, b"abc")  # shorter than a tag
+
+    collected = asyncio.create_task(collect())
+    tasks = [asyncio.create_task(feed_app()), asyncio.create_task(send_link())]
+    with pytest.raises(crypto.E2EError):
+        while True:
+            header = await framed_b.read_header()
+            assert header is not None
+            ftype, length = header
+            if ftype is wire.FrameType.DATA:  # (the EOF after ``data`` is passed on below)
+                await sink.data(framed_b, length)
+    await asyncio.gather(*tasks)
+    await sink.eof()
+    assert await collected == data + big
+    sink.close()
+
+
+def test_sealed_payloads_of_any_size_open_whole(run) -> None:
+    run(_sealed_payloads_of_any_size_open_whole())

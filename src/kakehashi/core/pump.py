@@ -310,8 +310,10 @@ class ChunkBuffer:
     """The buffer a sink moves payloads through when it cannot splice.
 
     A short frame (a keystroke, a control-sized payload) gets a buffer of its own
-    size; the first long one allocates one large buffer that the sink keeps, so a
-    bulk transfer reuses it and a quiet session holds none.
+    size; the first long one allocates one buffer of ``room`` bytes that the sink
+    keeps, so a bulk transfer reuses it and a quiet session holds none. A frame that
+    must be held whole and is larger than ``room`` (a peer may send up to the wire
+    limit) gets a buffer for that frame only, so what a session keeps stays bounded.
     """
 
     def __init__(self, room: int = RECV_CHUNK) -> None:
@@ -319,21 +321,18 @@ class ChunkBuffer:
         self._big: memoryview | None = None
 
     def get(self, length: int) -> memoryview:
-        """A buffer for ``length`` bytes or, for a long frame, at least ``room``
-        (callers that need a frame whole ask for exactly that; the frame limit of
-        the wire codec bounds it)."""
+        """A buffer for ``length`` bytes, or of ``room`` bytes for a long frame."""
         if length <= SMALL_CHUNK:
             return memoryview(bytearray(length))
-        if self._big is None or len(self._big) < min(length, self.room):
-            self._big = memoryview(bytearray(max(self.room, length)))
+        if self._big is None:
+            self._big = memoryview(bytearray(self.room))
         return self._big
 
     def whole(self, length: int) -> memoryview:
         """A buffer that holds ``length`` bytes at once."""
-        view = self.get(length)
-        if len(view) < length:
-            view = self._big = memoryview(bytearray(length))
-        return view
+        if length > self.room:
+            return memoryview(bytearray(length))
+        return self.get(length)
 
 
 class FrameSink:
@@ -360,8 +359,9 @@ class RawSink(FrameSink):
         self.sealing = sealing
         self.splices = sealing is None and can_splice(dst)
         self._pipe: Pipe | None = None
-        self._chunks = ChunkBuffer()
-        self._opened = ChunkBuffer()
+        # room for a whole sealed frame as raw_to_frames makes them
+        self._chunks = ChunkBuffer(RECV_CHUNK + 64)
+        self._opened = ChunkBuffer(RECV_CHUNK + 64)
         self.counter = Transfer()
 
     async def data(self, src: FramedConn, length: int) -> None:
