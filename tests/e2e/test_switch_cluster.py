@@ -68,3 +68,29 @@ def test_a_tunnel_between_gateways_on_two_nodes(env: Env, echo: EchoServer,
     assert refused(port_of(t2))
     events = [e["event"] for e in a.audit() if e.get("tunnel") == t2["tunnel"]]
     assert "report-S4b" in events and "report-S7b" in events  # gw-srv's reports, via b
+
+
+def test_a_home_node_killed_and_restarted_takes_its_cross_node_tunnel_back(
+        env: Env, echo: EchoServer, redis_url: str) -> None:
+    a = node(env, redis_url, "node-a")
+    b = node(env, redis_url, "node-b")
+    gw_srv = b.gateway("asp1", "gw-srv")
+    gw_alice = a.gateway("alice", "gw-alice")
+    b.register("echo", echo.addr)
+    t = a.open("echo")
+    a.procs["server"].kill9()
+    proc = env.spawn("node-a-again", "switch", "server", "--listen", f"127.0.0.1:{a.port}",
+                     "--db", redis_url, "--tls", "off", "--audit-log", str(a.audit_path),
+                     "--node", "node-a")
+    proc.wait_for("listening on")
+    a.procs["server"] = proc
+    # alice's gateway finds node a again; node b renews gw-srv's link on node a's request
+    for gw in (gw_alice, gw_srv):
+        wait_until(lambda gw=gw: gw.output().count("registered as") >= 2, 30,
+                   what=f"{gw.name} said hello again")
+    api = a.api("alice")
+    wait_until(lambda: api.request("GET", f"/v1/tunnels/{t['tunnel']}")["offline"] == [],
+               30, what="both halves re-reported to the restarted home")
+    sent, got, n = stream_through(port_of(t), 2 << 20)
+    assert sent == got and n == 2 << 20
+    assert a.close(t["tunnel"])["state"] == "deleted"

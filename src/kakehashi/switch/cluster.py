@@ -16,7 +16,12 @@ carry messages between the home and the gateways attached to them:
   to keep them (the welcome lists them) and the home hears it (``gw-hello``, with the
   gateway's re-report, the same reconciliation as after an outage); its link ending
   is told to the homes too (``gw-lost``), and a node that vanishes (its presence
-  entries expire) counts as every one of its gateways lost.
+  entries expire) counts as every one of its gateways lost;
+* a home that restarted (and took its tunnels back from the store) asks the node of
+  each remote gateway of those tunnels for a re-report (``gw-resync``): that node
+  renews the gateway's link, and the gateway's new hello re-reports what it holds.
+  Only the gateway knows that; renewing its link costs its streams in flight, which
+  the restart has cut for these tunnels anyway.
 
 Messages between nodes travel on Redis pub/sub, one channel per node, published in
 order by one task per node (a channel keeps one publisher's order). Nodes trust each
@@ -51,7 +56,7 @@ PRESENCE_TTL = 6.0
 class Envelope(msgspec.Struct, forbid_unknown_fields=True):
     """One message between nodes."""
 
-    kind: str  # to-gw | from-gw | gw-hello | gw-lost
+    kind: str  # to-gw | from-gw | gw-hello | gw-lost | gw-resync
     gw: str
     sender: str
     body: bytes = b""  # encoded link frames (to-gw: for the gateway; from-gw: from it)
@@ -97,6 +102,22 @@ class SwitchCluster:
         self._tasks = [loop.create_task(self._listen()), loop.create_task(self._publish()),
                        loop.create_task(self._renew())]
         log.info("switch node %s in the cluster", self.node)
+        await self.resync_restored()
+
+    async def resync_restored(self) -> None:
+        """Ask for re-reports of the remote halves of the tunnels restored here."""
+        asked: set[str] = set()
+        for t in list(self.srv.switch.tunnels.values()):
+            if not t.restored:
+                continue
+            for name in (t.client_gw, t.server_gw):
+                node = await self.where(name)
+                if name in asked or not node or node == self.node:
+                    continue
+                asked.add(name)
+                self.remote[name] = node
+                self.send(node, Envelope(kind="gw-resync", gw=name, sender=self.node))
+                log.info("asked node %s for gateway %s's re-report", node, name)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -226,6 +247,10 @@ class SwitchCluster:
                 log.warning("gateway %s at node %s: %s", env.gw, env.sender, exc)
                 return
             await srv.apply(actions)
+        elif env.kind == "gw-resync":
+            link = srv.links.get(env.gw)
+            if link is not None:  # its new hello re-reports to every home
+                srv.detach(link, f"node {env.sender} restarted and asks for a re-report")
         elif env.kind == "gw-lost" and self.remote.get(env.gw) == env.sender:
             del self.remote[env.gw]
             if env.gw not in srv.links:
