@@ -48,8 +48,6 @@ log = logging.getLogger("kakehashi.gateway")
 access = logging.getLogger("kakehashi.gateway.access")
 
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
-#: seconds between additions of the tallied figures to the metrics families
-METRICS_FLUSH = 0.5
 
 
 @dataclass
@@ -117,41 +115,10 @@ class GatewayServer:
                                               ["status"])
         #: status -> its counter child (a label lookup per request is not free)
         self._by_status: dict[int, object] = {}
-        #: per-request and per-connection figures are tallied in plain numbers and
-        #: added to the Prometheus families at most every METRICS_FLUSH seconds: an
-        #: increment (a lock, checks) per request was several per cent of the CPU
-        self._tally_status: dict[int, int] = {}
-        self._tally = [0, 0, 0, 0]  # connections, active delta, bytes in, bytes out
-        self._flush: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
         """Close the pooled idle upstream connections (at shutdown)."""
         self.pool.close()
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush_metrics()
-
-    def _schedule_flush(self) -> None:
-        self._flush = asyncio.get_running_loop().call_later(METRICS_FLUSH,
-                                                            self._flush_metrics)
-
-    def _flush_metrics(self) -> None:
-        """Add the tallies since the last flush to the Prometheus families."""
-        self._flush = None
-        for status, n in self._tally_status.items():
-            counter = self._by_status.get(status)
-            if counter is None:
-                counter = self._by_status[status] = self._requests.labels(str(status))
-            counter.inc(n)  # type: ignore[attr-defined]
-        self._tally_status.clear()
-        conns, active, sent, size = self._tally
-        self._tally = [0, 0, 0, 0]
-        m = self.metrics
-        if conns:
-            m.connections.inc(conns)
-        if active:
-            m.connections_active.inc(active)
-        m.carried(sent, size)
 
     @property
     def requests(self) -> int:
@@ -181,11 +148,8 @@ class GatewayServer:
         reader = http.HeadReader(self.settings.limits)
         gc = GatewayConnection(self.policy)
         clean = False  # the upstream is between exchanges (it may go to the pool)
-        tally = self._tally
-        tally[0] += 1
-        tally[1] += 1
-        if self._flush is None:
-            self._schedule_flush()
+        self.metrics.connections.inc()
+        self.metrics.connections_active.inc()
         try:
             while True:
                 resume: Handoff | None = None
@@ -238,9 +202,7 @@ class GatewayServer:
         except (OSError, ConnClosed, ssl.SSLError, TimeoutError) as exc:
             log.debug("client %s: %s", conn.peer, exc)
         finally:
-            self._tally[1] -= 1
-            if self._flush is None:
-                self._schedule_flush()
+            self.metrics.connections_active.dec()
             upstream = gc.detach()
             if upstream is not None:
                 if clean:
@@ -573,14 +535,11 @@ class GatewayServer:
                     size: int, start: float, user: str, target: str, *,
                     sent: int | None = None, end: str | None = None) -> None:
         """One access-log line (JSON) for a request that ended (and its metrics)."""
-        by_status = self._tally_status
-        by_status[status] = by_status.get(status, 0) + 1
-        tally = self._tally
-        if sent:
-            tally[2] += sent
-        tally[3] += size
-        if self._flush is None:
-            self._schedule_flush()
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self._requests.labels(str(status))
+        counter.inc()  # type: ignore[attr-defined]
+        self.metrics.carried(sent or 0, size)
         if self.access_file is None and not access.isEnabledFor(logging.DEBUG):
             return
         entry = {"client": conn.peer[0] if conn.peer else "?", "user": user,
