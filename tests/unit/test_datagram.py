@@ -11,6 +11,7 @@ import pytest
 from kakehashi.core.crypto import DatagramChannel
 from kakehashi.core.datagram import (
     BATCH,
+    PROBE,
     DatagramForwarder,
     PortRecord,
     bind_in_range,
@@ -238,3 +239,42 @@ async def test_the_fast_path_closes_its_sockets_at_once():
     fwd.close()
     assert near.fileno() < 0 and far.fileno() < 0
     fwd.close()  # twice: nothing more happens
+
+
+class CountingSocket(socket.socket):
+    """A UDP socket that counts the reads that found it empty."""
+
+    empty = 0
+
+    def recvfrom_into(self, *args):  # type: ignore[override]
+        try:
+            return super().recvfrom_into(*args)
+        except BlockingIOError:
+            self.empty += 1
+            raise
+
+
+async def test_one_at_a_time_the_fast_path_does_not_read_an_empty_socket_after_each_send():
+    """Between bursts a side takes one datagram per wakeup: no read after the send that
+    would only find the socket empty (it delays the next hop), apart from the occasional
+    probe that notices a burst; a burst is still drained whole."""
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near = CountingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    near.bind(("127.0.0.1", 0))
+    near.setblocking(False)
+    far = bind_udp("127.0.0.1")
+    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, fast_path=True)
+    await fwd.start()
+    try:
+        for i in range(3 * PROBE):
+            client.sendto(b"%d" % i, near.getsockname())
+            assert await _recv_all(server, 1) == [b"%d" % i]
+        assert near.empty <= 3  # the probes only, not one per datagram
+        for _ in range(BATCH * 3):
+            client.sendto(b"burst", near.getsockname())
+        assert await _recv_all(server, BATCH * 3) == [b"burst"] * (BATCH * 3)
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()

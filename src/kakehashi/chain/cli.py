@@ -71,7 +71,7 @@ def fast_path_option(f: Any) -> Any:
     return click.option(
         "--fast-path", type=click.Choice(["on", "off"]), default="on", show_default=True,
         help="on: relay datagrams straight from socket readiness callbacks (a batch per "
-             "wakeup, no per-datagram objects); off: asyncio datagram transports. Both "
+             "wakeup in a burst, no per-datagram objects); off: asyncio datagram transports. Both "
              "follow the same port records.")(f)
 
 
