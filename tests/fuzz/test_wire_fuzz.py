@@ -163,7 +163,8 @@ def strategy(t: mi.Type) -> st.SearchStrategy:
     if isinstance(t, mi.LiteralType):
         return st.sampled_from(t.values)
     if isinstance(t, mi.BytesType):
-        return st.binary(max_size=min(t.max_length or 64, 64))
+        lo = t.min_length or 0
+        return st.binary(min_size=lo, max_size=max(min(t.max_length or 64, 64), lo))
     simple = {mi.BoolType: st.booleans(), mi.NoneType: st.none(),
               mi.FloatType: st.floats(allow_nan=False)}
     return simple[type(t)]
