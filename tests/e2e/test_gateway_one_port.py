@@ -123,8 +123,6 @@ class _CountingSink:
         self.srv.close()
 
 
-@pytest.mark.xfail(strict=True, reason="regression of 2f820cb (core/stream+pump TLS reads): "
-                   "after the client's half-close inside TLS the target's reply is lost")
 def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env):
     """CONNECT through a TLS listener: the client sends, ends its side (TCP half-close,
     as a sender that is done does), and still reads what the target answers."""

@@ -331,7 +331,13 @@ class TLSConn(Conn):
     async def recv_into(self, buf: memoryview | bytearray) -> int:
         """Decrypt into ``buf``: as many records as the socket holds now (up to the
         buffer's size), so a bulk transfer costs one call per large chunk, not one
-        per 16 KiB record."""
+        per 16 KiB record.
+
+        Once the socket has ended (a TCP half-close without close_notify) and the
+        TLS input is empty, nothing more is read: a read then raises SSLEOFError,
+        which leaves the SSL object in a fatal state in which every later *write*
+        fails too, and the other direction of a half-closed tunnel (the reply)
+        would be lost."""
         if self._pushback:
             return self._take_pushback(buf)
         view = memoryview(buf)
@@ -339,6 +345,8 @@ class TLSConn(Conn):
         got = 0
         read = self._obj.read
         while got < size:
+            if self._input_ended():
+                return got  # the peer's raw EOF: see the docstring
             try:
                 n = read(size - got, view[got:] if got else view)
             except ssl.SSLWantReadError:
@@ -366,6 +374,8 @@ class TLSConn(Conn):
             data, self._pushback = self._pushback[:n], self._pushback[n:]
             return data
         while True:
+            if self._input_ended():
+                return b""  # no read after the peer's raw EOF (see recv_into)
             try:
                 return self._obj.read(n)
             except ssl.SSLWantReadError:
@@ -386,6 +396,11 @@ class TLSConn(Conn):
                 await self._flush()
         await self._flush()
 
+    def _input_ended(self) -> bool:
+        """The socket has ended and no TLS bytes wait: reading now would only raise
+        SSLEOFError and break the connection for writes too (see recv_into)."""
+        return self._eof and not self._in.pending
+
     def _drain_plaintext(self) -> None:
         """Move every record OpenSSL can decrypt now into the pushback buffer.
 
@@ -395,7 +410,7 @@ class TLSConn(Conn):
         input drained first it finds at most part of a record, which it keeps.
         """
         parts = []
-        while True:
+        while not self._input_ended():
             try:
                 data = self._obj.read(RECV_CHUNK)
             except ssl.SSLError:
@@ -470,6 +485,9 @@ class DirectTLSConn(TLSConn):
                 raise ConnClosed("connection closed during TLS handshake")
             await self._wait(readable=want_read)
         self.tls_version = self._obj.version()
+
+    def _input_ended(self) -> bool:
+        return self._eof  # OpenSSL reads the socket itself: nothing is held back
 
     async def recv_into(self, buf: memoryview | bytearray) -> int:
         """Decrypt into ``buf`` as many records as the socket holds now."""
