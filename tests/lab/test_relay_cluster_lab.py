@@ -77,7 +77,9 @@ def test_node_cut_off_from_redis_by_a_firewall(cluster_lab, env: Env):
         res = pipe(node_addr)
         return res.returncode == 0 and res.stdout.strip() == "127.0.0.1"
 
-    assert answered(lab.pub2.addr)  # NAT -> n2 -> inter-node link -> n1 -> NAT
+    # n2 learns of pi through the cluster (pub/sub, or its next renewal): wait for it
+    wait_until(lambda: answered(lab.pub2.addr), 30,  # NAT -> n2 -> link -> n1 -> NAT
+               what="pi reachable through n2 while at n1")
     lab.cut_from_redis(lab.pub)
     wait_until(lambda: "lost the cluster state" in logs["n1"].read_text(), 30,
                what="n1 noticing the silent partition")
