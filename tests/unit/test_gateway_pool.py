@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from types import SimpleNamespace
 
@@ -12,6 +11,7 @@ from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.exchange import Upstream
 from kakehashi.gateway.pool import UpstreamPool, binds_request, binds_response, pool_key
 from kakehashi.gateway.server import GatewayServer
+from tests.support.wait import async_wait_until
 
 
 def _upstream(*users: str, private: bool = False) -> Upstream:
@@ -72,13 +72,6 @@ def test_a_loop_is_the_whole_address_pair_not_a_shared_source_port():
     assert not server._from_itself(itself)
 
 
-async def _until(check, seconds: float = 5.0) -> None:
-    """Wait (bounded) for an observable condition the event loop brings about."""
-    async with asyncio.timeout(seconds):
-        while not check():
-            await asyncio.sleep(0.005)
-
-
 async def test_a_pooled_upstream_its_origin_closes_is_closed_and_forgotten_at_once():
     """The pool watches its idle connections: an origin's keep-alive timeout (EOF)
     takes the connection out of the pool when it happens, not at the next sweep."""
@@ -90,7 +83,7 @@ async def test_a_pooled_upstream_its_origin_closes_is_closed_and_forgotten_at_on
         pool.give(key, conn)
         assert len(pool) == 1 and pool.has(key)
         origin.close()
-        await _until(lambda: len(pool) == 0)
+        await async_wait_until(lambda: len(pool) == 0, 5, what="the pool empty")
         assert conn.closed and not pool.has(key) and pool.take(key) is None
     finally:
         pool.close()
@@ -111,7 +104,7 @@ async def test_a_taken_upstream_is_the_takers_to_watch():
         assert taken is conn and len(pool) == 0
         taken.watch_readable(lambda: got.append(conn.sock.recv(100)))
         origin.sendall(b"HTTP/1.1 200 OK\r\n")
-        await _until(lambda: bool(got))
+        await async_wait_until(lambda: bool(got), 5, what="the origin's bytes")
         assert got == [b"HTTP/1.1 200 OK\r\n"] and not conn.closed
     finally:
         conn.close()

@@ -9,6 +9,7 @@ import pytest
 from kakehashi.core import tls
 from kakehashi.core.mux import ProtocolMux, prefix_matcher
 from kakehashi.core.stream import Conn, Listener, open_tcp, start_tls
+from tests.support.wait import async_wait_until
 
 
 async def _serve(mux: ProtocolMux) -> tuple[Listener, int]:
@@ -214,9 +215,7 @@ async def test_a_burst_of_connections_is_accepted_and_the_limit_still_holds():
     port = listener.address[1]
     try:
         clients = [await open_tcp("127.0.0.1", port) for _ in range(150)]
-        async with asyncio.timeout(10):
-            while active < 20:
-                await asyncio.sleep(0.005)
+        await async_wait_until(lambda: active >= 20, 10, what="20 handlers active")
         assert len(listener.tasks) == 20  # the limit, not the burst
         release.set()
         async with asyncio.timeout(20):
