@@ -7,6 +7,14 @@ manager's commands and ask it questions (:meth:`ControlChannel.request`). When t
 connection drops it is re-opened with exponential backoff and jitter, and the hello
 is said again, so a restarted manager finds every relay back within seconds. Events
 produced while disconnected wait in a bounded queue.
+
+A relay may name several managers (replicas on one Redis, ``--server`` repeated):
+it holds one channel, to the first that welcomes it, and when that one goes away
+(killed, unreachable) it moves to the next in turn. Each attempt waits a short
+jittered delay; the delay doubles only after a whole round of managers has failed,
+so a dead replica costs a relay one fraction of a second, and a site with every
+manager down is not hammered. The welcome of the new manager carries the grants the
+relay serves (the replicas share the store), so an edge re-syncs on arrival.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from kakehashi.ondemand import messages as m
@@ -44,15 +52,21 @@ def ws_url(server: str) -> str:
 
 
 class ControlChannel:
-    def __init__(self, server: str, token: str, hello: Callable[[], m.Hello],
+    def __init__(self, server: str | Sequence[str], token: str, hello: Callable[[], m.Hello],
                  handler: Handler, *, ssl_context: ssl.SSLContext | None = None,
                  backoff: tuple[float, float] = (0.2, 10.0),
                  request_timeout: float = 5.0) -> None:
-        self.url = ws_url(server)
+        servers = [server] if isinstance(server, str) else list(server)
+        if not servers:
+            raise ValueError("a control channel needs at least one manager")
+        #: the managers' base URLs (as given) and their channel URLs, in turn
+        self.servers = servers
+        self.urls = [ws_url(s) for s in servers]
+        self._at = 0  # the manager tried (or held) now
         self.token = token
         self.hello = hello
         self.handler = handler
-        self.ssl = ssl_context if self.url.startswith("wss://") else None
+        self.ssl_context = ssl_context
         self.backoff = backoff
         self.request_timeout = request_timeout
         self._ws: Any = None
@@ -62,15 +76,29 @@ class ControlChannel:
         self.connected = asyncio.Event()
         self.welcomed = 0  # how many times a Welcome came (reconnects count)
 
+    @property
+    def url(self) -> str:
+        """The channel URL of the manager tried (or held) now."""
+        return self.urls[self._at]
+
+    @property
+    def server(self) -> str:
+        """The base URL of the manager tried (or held) now."""
+        return self.servers[self._at]
+
     async def run(self) -> None:
-        """Connect, register and serve until cancelled (or the manager refuses us)."""
+        """Connect, register and serve until cancelled (or a manager refuses us)."""
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidStatus, WebSocketException
 
         delay = self.backoff[0]
+        failed = 0  # attempts in a row that ended without a welcome
         while True:
+            welcomed = False
+            url = self.url
+            ctx = self.ssl_context if url.startswith("wss://") else None
             try:
-                async with connect(self.url, ssl=self.ssl, open_timeout=10,
+                async with connect(url, ssl=ctx, open_timeout=10,
                                    additional_headers={"Authorization": f"Bearer {self.token}"},
                                    max_size=m.MAX_MESSAGE, ping_interval=5, ping_timeout=10,
                                    close_timeout=2, compression=None) as ws:
@@ -81,10 +109,10 @@ class ControlChannel:
                     if not isinstance(first, m.Welcome):
                         raise m.ProtocolError("the manager did not welcome us")
                     self._ws = ws
+                    welcomed = True
                     await self.handler(first)
                     self.welcomed += 1
                     self.connected.set()
-                    delay = self.backoff[0]
                     while self._outbox:
                         await ws.send(self._outbox[0])
                         self._outbox.popleft()
@@ -103,13 +131,20 @@ class ControlChannel:
                 if code in (401, 403):
                     log.error("the manager refused our token (HTTP %d); retrying", code)
                 else:
-                    log.warning("manager at %s answered HTTP %d", self.url, code)
+                    log.warning("manager at %s answered HTTP %d", url, code)
             except (OSError, TimeoutError, WebSocketException, m.ProtocolError) as exc:
-                log.warning("control channel to %s: %s", self.url, exc or type(exc).__name__)
+                log.warning("control channel to %s: %s", url, exc or type(exc).__name__)
             finally:
                 self._lost()
+            if welcomed:  # it served us, then went away: the next one, at the base delay
+                delay, failed = self.backoff[0], 0
+            else:
+                failed += 1
+            # the next manager in turn (the same one when there is only one)
+            self._at = (self._at + 1) % len(self.urls)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.backoff[1])
+            if failed and failed % len(self.urls) == 0:  # a whole round failed: back off
+                delay = min(delay * 2, self.backoff[1])
 
     def _lost(self) -> None:
         self._ws = None

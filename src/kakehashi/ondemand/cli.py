@@ -188,12 +188,36 @@ def _server_options(f: Any) -> Any:
                              "(HOST:PORT alone means https).")(f)
 
 
+def _relay_server_options(f: Any) -> Any:
+    """``--server`` repeatable: a relay holds one control channel, to the first manager
+    replica that welcomes it, and moves to the next when that one goes away."""
+    f = click.option("--ca", type=click.Path(exists=True, dir_okay=False),
+                     help="Trust anchor for an https manager (default: system + dev CA).")(f)
+    f = options.token_file_option(f)
+    return click.option("--server", required=True, multiple=True, metavar="URL",
+                        callback=_urls,
+                        help="The manager: http://HOST:PORT or https://HOST:PORT "
+                             "(HOST:PORT alone means https). Repeat it for manager "
+                             "replicas on one Redis: the relay fails over between them.")(f)
+
+
 def _url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A manager address: a URL, or HOST:PORT meaning https (TLS is on by default)."""
     if value is None or "://" in value:
         return value
     hostport(value, "--server")
     return "https://" + value
+
+
+def _urls(ctx: click.Context, param: click.Parameter,
+          value: tuple[str, ...]) -> tuple[str, ...]:
+    """Several manager addresses (each as :func:`_url`), duplicates dropped."""
+    out: list[str] = []
+    for item in value:
+        url = _url(ctx, param, item)
+        if url is not None and url not in out:
+            out.append(url)
+    return tuple(out)
 
 
 def _token(path: str) -> str:
@@ -205,8 +229,9 @@ def _token(path: str) -> str:
         raise click.BadParameter(exc.message, param_hint="--token-file") from None
 
 
-def _manager_tls(server: str, ca: str | None) -> Any:
-    if not server.startswith("https://"):
+def _manager_tls(server: str | tuple[str, ...], ca: str | None) -> Any:
+    servers = (server,) if isinstance(server, str) else server
+    if not any(s.startswith("https://") for s in servers):
         return None
     from kakehashi.core import tls
 
@@ -223,7 +248,7 @@ def _name(name: str, hint: str = "--name") -> str:
 
 
 @ondemand.command()
-@_server_options
+@_relay_server_options
 @click.option("--name", required=True, help="This edge's name.")
 @click.option("--public-host", required=True, help="The address clients connect to.")
 @click.option("--ports", required=True, metavar="A-B", help="Entry port range, e.g. 30000-30999.")
@@ -238,7 +263,7 @@ def _name(name: str, hint: str = "--name") -> str:
 @click.option("--burst", type=click.IntRange(min=0), default=100, show_default=True,
               help="Connection attempts one grant takes at once before refusing (0: no limit).")
 @options.metrics_listen_option
-def edge(server: str, token_file: str, ca: str | None, name: str, public_host: str,
+def edge(server: tuple[str, ...], token_file: str, ca: str | None, name: str, public_host: str,
          ports: str, bind: str | None, region: str, carrier: str, cert: str | None,
          key: str | None, audit_log: str | None, burst: int,
          metrics_listen: str | None) -> None:
@@ -277,7 +302,7 @@ def edge(server: str, token_file: str, ca: str | None, name: str, public_host: s
 
 
 @ondemand.command()
-@_server_options
+@_relay_server_options
 @click.option("--name", required=True, help="This inner relay's name.")
 @click.option("--listen", required=True, help="Where edges connect (HOST:PORT, mutual TLS).")
 @click.option("--advertise", default=None, metavar="HOST:PORT",
@@ -289,7 +314,7 @@ def edge(server: str, token_file: str, ca: str | None, name: str, public_host: s
                    "edges and this relay share a trusted network.")
 @options.audit_log_option
 @options.metrics_listen_option
-def inner(server: str, token_file: str, ca: str | None, name: str, listen: str,
+def inner(server: tuple[str, ...], token_file: str, ca: str | None, name: str, listen: str,
           advertise: str | None, devices: tuple[str, ...], link_tls: str,
           audit_log: str | None, metrics_listen: str | None) -> None:
     """A second relay inside the closed network: dials only granted devices."""

@@ -39,7 +39,8 @@ log = logging.getLogger("kakehashi.ondemand.edge")
 
 @dataclass
 class EdgeConfig:
-    server: str
+    #: the manager, or several replicas of it (tried in turn, see .channel)
+    server: str | tuple[str, ...]
     token: str
     name: str
     public_host: str
@@ -145,7 +146,8 @@ class Edge:
                     if err:
                         log.error("grant %s: cannot re-open port %s: %s", doc["id"],
                                   doc["port"], err[1])
-            log.info("edge %s online: %d grants open", self.cfg.name, len(self.grants))
+            log.info("edge %s online: %d grants open (manager %s)", self.cfg.name,
+                     len(self.grants), self.channel.server)
         elif isinstance(msg, m.Open):
             err = self._open(msg.grant)
             ack = m.Ack(req=msg.req, ok=err is None, code=err[0] if err else "",

@@ -31,7 +31,8 @@ log = logging.getLogger("kakehashi.ondemand.inner")
 
 @dataclass
 class InnerConfig:
-    server: str
+    #: the manager, or several replicas of it (tried in turn, see .channel)
+    server: str | tuple[str, ...]
     token: str
     name: str
     listen: tuple[str, int]
@@ -92,7 +93,7 @@ class Inner:
             ctx.load_verify_locations(cadata=msg.ca)
             self.ctx = ctx
             self.ready.set()
-            log.info("inner %s online", self.cfg.name)
+            log.info("inner %s online (manager %s)", self.cfg.name, self.channel.server)
 
     def _refused(self, peer: str, reason: str, **fields: Any) -> None:
         self.audit.record("refused", False, inner=self.cfg.name, peer=peer, reason=reason,

@@ -884,7 +884,9 @@ def build_app(mgr: Manager) -> Any:
 
     @app.get("/v1/edges")
     async def edges(who: TokenInfo = client) -> list[dict[str, Any]]:
-        views = {v.name: v for v in mgr.edge_views(await mgr.remote_edges())}
+        remote = await mgr.remote_edges()
+        views = {v.name: v for v in mgr.edge_views(remote)}
+        here = mgr.replicas.name if mgr.replicas is not None else None
         out = []
         for key, d in mgr.store.list(RELAY):
             if not key.startswith("edge/"):
@@ -895,7 +897,10 @@ def build_app(mgr: Manager) -> Any:
                         "carrier": d["carrier"], "online": v is not None,
                         "sessions": v.sessions if v else 0,
                         "bytes_per_second": v.bytes_per_second if v else 0,
-                        "free_ports": v.free if v else None})
+                        "free_ports": v.free if v else None,
+                        # with replicas: the one holding the edge's control channel
+                        "replica": (here if d["name"] in mgr.edges else
+                                    remote.get(d["name"], {}).get("replica")) if v else None})
         return out
 
     @app.get("/v1/tokens")

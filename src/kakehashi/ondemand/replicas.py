@@ -8,7 +8,13 @@ through Redis:
 * **Edges of other replicas**: each replica announces its edges in keys that expire
   (``<p>od-edge:NAME`` → its replica and the edge's hello, renewed every
   ``EDGE_RENEW`` s, gone ``EDGE_TTL`` s after the replica stops), so a grant created
-  on any replica may be placed on any edge.
+  on any replica may be placed on any edge. The TTL is short because a replica killed
+  outright says nothing: its edges move to a living replica within a second (they
+  name every replica, see :mod:`.channel`), which announces them anew at once (the
+  newest attachment wins the key), and the announcements of edges that did not come
+  back are gone within ``EDGE_TTL`` s. A renewal only refreshes a key that still names
+  this replica, so a replica that has not yet noticed that its edge moved on does not
+  take the edge back; it forgets it instead.
 * **Calls** (open a port on an edge attached elsewhere): a message on the owning
   replica's channel ``<p>od-replica:NAME``, answered on the caller's.
 * **Broadcasts** (a grant created, revoked, extended, expired; an event recorded):
@@ -41,12 +47,21 @@ from kakehashi.core.store.redis import async_client, key_prefix, redacted
 log = logging.getLogger("kakehashi.ondemand.replicas")
 
 #: seconds an edge's announcement lives without renewal, and how often it is renewed
-EDGE_TTL = 10
-EDGE_RENEW = 3.0
+EDGE_TTL = 3
+EDGE_RENEW = 1.0
 #: seconds a one-time dial ticket is valid
 TICKET_TTL = 10
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
+
+#: renew an announcement only while it names this replica (KEYS[1]: the edge's key;
+#: ARGV: the announcement, this replica's name, the TTL); 1 renewed, 0 another holds it
+_RENEW = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v)['replica'] ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+return 1
+"""
 
 
 class ReplicaError(Exception):
@@ -70,6 +85,7 @@ class Replicas:
         self._on_reconnect: Callable[[], Awaitable[None]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._edges: dict[str, dict[str, Any]] = {}  # announced by this replica
+        self._renew_script = self.redis.register_script(_RENEW)
         self.subscribed = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -215,10 +231,26 @@ class Replicas:
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(EDGE_RENEW)
-            for name, info in list(self._edges.items()):
-                with contextlib.suppress(Exception):
-                    await self.redis.set(self._edge_prefix + name, json.dumps(info),
-                                         ex=EDGE_TTL)
+            try:
+                await self.renew_once()
+            except Exception as exc:  # Redis away a moment: the next round tries again
+                log.warning("replicas: renewing edge announcements failed: %s", exc)
+
+    async def renew_once(self) -> None:
+        """Refresh this replica's announcements in one round trip; forget the edges
+        another replica announced since (the edge moved there)."""
+        items = list(self._edges.items())
+        if not items:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for name, info in items:
+            await self._renew_script(keys=[self._edge_prefix + name],
+                                     args=[json.dumps(info), self.name, EDGE_TTL],
+                                     client=pipe)
+        for (name, info), kept in zip(items, await pipe.execute(), strict=True):
+            if not kept and self._edges.get(name) is info:
+                log.info("replicas: edge %s is attached to another replica now", name)
+                self._edges.pop(name, None)
 
     # -- tickets -----------------------------------------------------------------------
     async def ticket(self, gid: str) -> str:
