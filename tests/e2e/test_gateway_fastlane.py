@@ -155,6 +155,24 @@ def test_pipelined_requests_are_answered_in_order(lane):
     assert o.connections == 1
 
 
+def test_repeated_heads_are_answered_by_what_each_request_asks(lane):
+    """The lane remembers the last request and response head it rewrote: a repeated
+    head is served from that, but a HEAD of the same path (whose origin response
+    head is byte for byte the GET's) must still be read as bodiless, and the GET
+    after it as having its body again."""
+    o, c = lane.o, lane.client()
+    want = b"hello from origin /hello\n"
+    for method in ("GET", "GET", "GET", "HEAD", "HEAD", "GET", "HEAD", "GET"):
+        c.send(get(o, "/hello", method=method))
+        status, headers, body = c.response(method)
+        assert (status, headers["content-length"]) == (200, str(len(want))), method
+        assert body == (b"" if method == "HEAD" else want), method
+    c.send(b"".join(get(o, "/hello", method=m) for m in ("GET", "HEAD", "GET", "GET")))
+    assert [c.response(m)[2] for m in ("GET", "HEAD", "GET", "GET")] == \
+        [want, b"", want, want]
+    assert o.connections == 1
+
+
 def test_requests_pipelined_behind_a_handed_over_response_are_answered(lane):
     """A chunked, large or interim response goes to the coroutine path: what the
     client pipelined behind that request must go along, not be dropped."""

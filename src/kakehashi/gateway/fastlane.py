@@ -119,6 +119,15 @@ class FastLane:
         self.quick_raw = b""
         self.quick_user = "-"
         self.quick_start = 0.0
+        #: the last head each quick function rewrote on this connection, and its
+        #: result: a kept-alive client usually repeats its request head byte for byte
+        #: and an origin its response head (Date changes once a second), and both
+        #: functions are pure, so an equal head is not validated and rewritten again
+        self.last_raw = b""
+        self.last_quick: QuickRequest | None = None
+        self.last_rraw = b""
+        self.last_rfor: QuickRequest | None = None
+        self.last_rquick: QuickResponse | None = None
         self.status = 0
         self.client_keep = True
         self.upstream_keep = True
@@ -329,7 +338,7 @@ class FastLane:
                 and not (self.out or self.pending or self.fut.done()):
             # exactly one whole head, the usual keep-alive request: no reader needed
             raw = data[:-4]
-            quick = quick_request(raw, self.via, self.limits)
+            quick = self._quick_request(raw)
             if quick is not None:
                 return self._start_quick(quick, raw)
         self.reader.feed(data)
@@ -353,13 +362,21 @@ class FastLane:
                     return self._finish(Handoff("error", error=self.gc.idle_end(
                         self.reader.buffered, eof=True)))
                 return self._resume()
-            quick = quick_request(raw, self.via, limits)
+            quick = self._quick_request(raw)
             if quick is not None:
                 return self._start_quick(quick, raw)
             head = http.parse_request(raw, limits)
         except http.HTTPError as exc:
             return self._finish(Handoff("error", error=exc))
         self._start(head)
+
+    def _quick_request(self, raw: bytes) -> QuickRequest | None:
+        """:func:`quick_request` of ``raw``, remembered for an equal next head."""
+        if raw == self.last_raw:
+            return self.last_quick
+        quick = quick_request(raw, self.via, self.limits)
+        self.last_raw, self.last_quick = raw, quick
+        return quick
 
     def _start_quick(self, q: QuickRequest, raw: bytes) -> None:
         """The common case: checks from the connection's caches, then one send."""
@@ -641,7 +658,11 @@ class FastLane:
         q = self.quick
         if q is None:
             return None
-        quick = quick_response(raw, self.via, q.method, q.close, self.limits)
+        if raw == self.last_rraw and q is self.last_rfor:
+            quick = self.last_rquick  # the same head to the same request: same answer
+        else:
+            quick = quick_response(raw, self.via, q.method, q.close, self.limits)
+            self.last_rraw, self.last_rfor, self.last_rquick = raw, q, quick
         if quick is None or not self.gc.lane_takes_quick_response(quick.length, arrived):
             return None
         return quick
