@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.framework import EchoServer, Env
-from tests.support.redis import REDIS_SERVER, RedisServer
+from tests.support.redis import REDIS_SERVER, RedisSentinelSet, RedisServer
 
 
 @pytest.fixture
@@ -55,3 +55,17 @@ def redis_server(tmp_path_factory):
 def redis_url(redis_server):
     """``redis://127.0.0.1:PORT`` of a private, empty ``redis-server`` for this test."""
     return redis_server.url
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path_factory):
+    """A master, its replica and a sentinel on loopback (tests/support/redis.py):
+    ``.url`` is ``redis+sentinel://127.0.0.1:PORT/kk``; ``.kill_master()``,
+    ``.wait_failover()`` make a real failover."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    rs = RedisSentinelSet(tmp_path_factory.mktemp("sentinel"))
+    try:
+        yield rs
+    finally:
+        rs.close()

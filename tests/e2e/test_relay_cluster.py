@@ -35,6 +35,7 @@ class Cluster:
         self.ports: dict[str, int] = {}
         self.procs: dict[str, Proc] = {}
         self.tls = "off"
+        self.ttl = TTL
 
     def node(self, name: str, *, cluster_url: str | None = None, wait: bool = True) -> int:
         port = self.ports.get(name) or free_port()
@@ -42,7 +43,7 @@ class Cluster:
             f"node-{name}", "relay", "serve", "--listen", f"127.0.0.1:{port}",
             "--db", self.url, "--tls", self.tls, "--keepalive", "1",
             "--cluster", cluster_url or self.url, "--node", name,
-            "--advertise", f"127.0.0.1:{port}", "--cluster-ttl", str(TTL),
+            "--advertise", f"127.0.0.1:{port}", "--cluster-ttl", str(self.ttl),
             "--audit-log", str(self.env.root / f"audit-{name}.jsonl"))
         self.ports[name], self.procs[name] = port, proc
         if wait:
@@ -355,3 +356,31 @@ def test_unauthenticated_node_is_refused(cluster):
     assert isinstance(got[-1], m.Error) and got[-1].code == "protocol"
     audit = (cluster.env.root / "audit-n0.jsonl").read_text()
     assert "did not prove the cluster secret" in audit
+
+
+def test_cluster_through_redis_sentinel_carries_sessions_and_follows_a_failover(
+        env, echo, redis_sentinel):
+    """``--db`` and ``--cluster`` as ``redis+sentinel://``: two nodes find the master
+    through a real sentinel; a session crosses them; the master is killed, the sentinel
+    promotes the replica, and the cluster serves again on the new master (the nodes
+    reconnect by themselves: nothing is restarted)."""
+    cluster = Cluster(env, redis_sentinel.url)
+    cluster.ttl = 6.0  # longer than the failover: the nodes keep their connections
+    for user in PASSWORD:
+        env.add_user(user)
+    cluster.node("n0")
+    cluster.node("n1")
+    cluster.agent("pi", "n0", "n1", expose=f"echo={echo.addr}")
+    data = os.urandom(1 << 18)
+    for node in ("n0", "n1"):
+        assert _sha(cluster.pipe("laptop", node, "pi/echo", data).stdout) == _sha(data)
+    redis_sentinel.wait_replicated()  # users, the secret and the presence on the replica
+    redis_sentinel.kill_master()
+    redis_sentinel.wait_failover()
+    # defined state: each node serves again once it reaches the new master (a node that
+    # lost it longer than the ttl first lets its agents go, and they log in again)
+    for node in ("n0", "n1"):
+        wait_until(lambda node=node: cluster.reachable("laptop", node, "pi/echo"), 60,
+                   what=f"a session through {node} after the failover", interval=0.5)
+    res = cluster.pipe("laptop", "n1", "pi/echo", data)
+    assert _sha(res.stdout) == _sha(data)

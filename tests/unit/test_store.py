@@ -17,14 +17,23 @@ from kakehashi.core.store import (
     is_url,
     open_store,
 )
-from kakehashi.core.store.redis import key_prefix, redacted
+from kakehashi.core.store.redis import (
+    CLUSTER_REFUSAL,
+    async_client,
+    is_redis_url,
+    key_prefix,
+    parse_url,
+    redacted,
+)
 from tests.support.ports import free_port
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "sentinel"])
 def store_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "state" / "store.db")
+    if request.param == "sentinel":  # the master found through a real Redis Sentinel
+        return request.getfixturevalue("redis_sentinel").url
     return request.getfixturevalue("redis_url")
 
 
@@ -38,8 +47,8 @@ def store(store_url):
 
 
 def test_open_store_picks_the_backend(store, store_url):
-    assert isinstance(store, RedisStore if store_url.startswith("redis://") else SQLiteStore)
-    assert is_url(store_url) == store_url.startswith("redis://")
+    assert isinstance(store, RedisStore if store_url.startswith("redis") else SQLiteStore)
+    assert is_url(store_url) == store_url.startswith("redis")
 
 
 def test_put_get_overwrite(store):
@@ -211,4 +220,107 @@ def test_cli_says_why_when_redis_is_down(tmp_path):
              "PYTHONPATH": ":".join(sys.path)})
     assert proc.returncode == 1, proc.stderr
     assert f"cannot reach Redis at redis://127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- Redis Sentinel URLs -----------------------------------------------------------------
+def test_sentinel_url_parsed():
+    t = parse_url("redis+sentinel://u:p%40ss@10.0.0.1:26380,[::1],h3:1/mymaster/2"
+                  "?prefix=site:&sentinel_password=sp&socket_keepalive=true")
+    assert t.sentinels == (("10.0.0.1", 26380), ("::1", 26379), ("h3", 1))
+    assert t.service == "mymaster" and t.prefix == "site:"
+    assert t.master_kwargs["username"] == "u" and t.master_kwargs["password"] == "p@ss"
+    assert t.master_kwargs["db"] == 2 and t.master_kwargs["socket_keepalive"] is True
+    assert t.sentinel_kwargs == {"password": "sp"}
+    assert "ssl" not in t.master_kwargs and "prefix" not in t.master_kwargs
+
+
+def test_sentinel_url_with_tls_speaks_tls_to_sentinels_and_master():
+    t = parse_url("rediss+sentinel://h:26379/m?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required")
+    assert t.master_kwargs["ssl"] is True and t.sentinel_kwargs["ssl"] is True
+    assert t.master_kwargs["ssl_ca_certs"] == t.sentinel_kwargs["ssl_ca_certs"] == "/ca.pem"
+
+
+def test_direct_urls_parse_as_before():
+    t = parse_url("redis://:pw@127.0.0.1:6379/3?prefix=a:")
+    assert not t.sentinels and t.client_url == "redis://:pw@127.0.0.1:6379/3"
+    assert t.prefix == "a:"
+
+
+@pytest.mark.parametrize("url, why", [
+    ("redis+sentinel:///m", "at least one sentinel"),
+    ("redis+sentinel://h:1", "/MASTER"),
+    ("redis+sentinel://h:1/", "/MASTER"),
+    ("redis+sentinel://h:1/m/x", "a number"),
+    ("redis+sentinel://h:1/m/1/2", "/MASTER"),
+    ("redis+sentinel://h:1/m/1?db=2", "given twice"),
+    ("redis+sentinel://h:99999/m", "bad port"),
+    ("redis+sentinel://h:1,,h:2/m", "empty sentinel"),
+    ("redis+sentinel://[::1/m", "IPv6"),
+    ("redis+sentinel://h:1/m?socket_timeout=soon", "socket_timeout"),
+    ("postgres://h/db", "redis://"),
+])
+def test_bad_redis_urls_are_refused_with_the_reason(url, why):
+    with pytest.raises(ValueError, match=why):
+        parse_url(url)
+
+
+def test_redis_cluster_urls_are_refused_saying_why():
+    assert is_redis_url("redis+cluster://h:7000")  # known, so refused by name
+    with pytest.raises(ValueError, match=r"not supported: .*MULTI/EXEC") as info:
+        parse_url("redis+cluster://h:7000,h:7001")
+    assert str(info.value) == CLUSTER_REFUSAL
+    with pytest.raises(StoreUnavailable, match="Redis Cluster"):
+        open_store("redis+cluster://h:7000")
+
+
+def test_sentinel_password_never_shown():
+    url = "redis+sentinel://admin:s3cret@127.0.0.1:1,127.0.0.1:2/kk"
+    assert "s3cret" not in redacted(url) and "s3cret" not in describe(url)
+    assert is_url(url)
+
+
+def test_store_follows_a_sentinel_failover(redis_sentinel):
+    """The master is killed; the sentinel promotes the replica; the same store (no
+    reopening) reads what it wrote and writes again."""
+    s = open_store(redis_sentinel.url)
+    s.put("relay.user", "pi", {"v": 1})
+    redis_sentinel.wait_replicated()
+    redis_sentinel.kill_master()
+    redis_sentinel.wait_failover()
+    assert s.get("relay.user", "pi") == {"v": 1}
+    s.put("relay.user", "pi", {"v": 2})
+    assert s.get("relay.user", "pi") == {"v": 2}
+    s.close()
+
+
+def test_async_client_through_sentinel_blocks_for_a_free_connection(redis_sentinel):
+    """A burst beyond the pool waits for a connection (as with one server), and the
+    pool asks the sentinel where the master is."""
+    import asyncio
+
+    from kakehashi.core.store import redis as store_redis
+
+    async def main() -> list[bytes]:
+        client = async_client(redis_sentinel.url)
+        client.connection_pool.max_connections = 2
+        try:
+            return await asyncio.gather(*(client.execute_command("PING")
+                                          for _ in range(20)))
+        finally:
+            await client.aclose()
+
+    assert store_redis.MAX_CONNECTIONS > 2
+    assert all(asyncio.run(main()))
+
+
+def test_cli_refuses_a_bad_cluster_url(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kakehashi", "relay", "serve", "--listen", "127.0.0.1:0",
+         "--tls", "off", "--cluster", "redis+cluster://127.0.0.1:7000",
+         "--advertise", "127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+        env={"KAKEHASHI_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+             "PYTHONPATH": ":".join(sys.path)})
+    assert proc.returncode == 2, proc.stderr
+    assert "Redis Cluster (redis+cluster://) is not supported" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -42,7 +42,9 @@ def relay() -> None:
 
 
 # -- user registry ---------------------------------------------------------------
-db_option = opt.db_option(default_db, "relay.db", "The relay's database: a SQLite file or redis://HOST:PORT[/DB].")
+db_option = opt.db_option(default_db, "relay.db",
+                          "The relay's database: a SQLite file, redis://HOST:PORT[/DB] or "
+                          "redis+sentinel://HOST:PORT[,...]/MASTER[/DB].")
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -209,7 +211,9 @@ def keygen(path) -> None:
 @opt.metrics_listen_option
 @click.option("--cluster", metavar="redis://HOST:PORT",
               help="Join a cluster of relay nodes coordinated through this Redis: users "
-                   "of every node reach each other (relay federation).")
+                   "of every node reach each other (relay federation). Also "
+                   "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] (Redis "
+                   "Sentinel: the nodes follow a failover).")
 @click.option("--node", help="This node's name in the cluster (unique; default: HOST-PORT "
                              "of --advertise).")
 @click.option("--advertise", metavar="HOST:PORT",
@@ -235,6 +239,12 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
     opt.check_cert_key(cert, key)
     secret = None
     if cluster:
+        from kakehashi.core.store.redis import parse_url
+
+        try:
+            parse_url(cluster)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--cluster") from None
         advertise = advertise or listen
         ahost, aport = hostport(advertise, "--advertise", DEFAULT_PORT)
         if ahost in ("0.0.0.0", "::", ""):

@@ -35,10 +35,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from kakehashi.core import wire
+from kakehashi.core.store.redis import async_client
 from kakehashi.core.stream import ConnClosed, FramedConn, open_tcp, parse_hostport, start_tls
 from kakehashi.relay import federation as fed
 from kakehashi.relay import messages as m
@@ -81,9 +81,11 @@ class ClusterNode:
         self.trunk_starttls = trunk_starttls
         self._configured_secret = secret
         self.instance = secrets.token_hex(8)
-        self.redis = aioredis.from_url(url, socket_timeout=self.period,
-                                       socket_connect_timeout=self.period,
-                                       health_check_interval=0)
+        try:
+            self.redis = async_client(url, timeout=self.period,
+                                      connect_timeout=self.period, health_check_interval=0)
+        except ValueError as exc:
+            raise ClusterError(f"bad --cluster URL: {exc}") from None
         self.up = False
         self.last_ok = 0.0
         self.fenced = False
