@@ -128,3 +128,20 @@ async def test_a_grant_revoked_on_one_replica_is_refused_a_second_revocation_on_
     assert [e["event"] for e in a.events("g1")] == ["deleted"]  # recorded once
     await async_wait_until(lambda: [e["event"] for e in b.events("g1")] == ["deleted"],
                            what="b has the one 'deleted' too")
+
+
+async def test_an_edge_that_moved_is_not_taken_back_by_its_old_replica(pair):
+    """Replica a has not noticed that its edge left (a SIGKILL'd peer, a dead TCP
+    link): its renewal must not overwrite b's newer announcement; a forgets it."""
+    a, b = pair
+    info = {"public_host": "127.0.0.1", "ports": [30000, 30009], "region": "",
+            "carrier": ""}
+    await a.replicas.edge_here("e9", info)
+    await b.replicas.edge_here("e9", info)  # the edge re-attached to b
+    await a.replicas.renew_once()
+    assert "e9" not in a.replicas._edges
+    assert (await b.replicas.edges())["e9"]["replica"] == "b"
+    await b.replicas.renew_once()
+    assert (await a.replicas.edges())["e9"]["replica"] == "b"
+    ttl = await a.replicas.redis.ttl(a.replicas._edge_prefix + "e9")
+    assert 0 < ttl <= 3  # a dead replica's announcements go within seconds
