@@ -202,6 +202,21 @@ def test_connection_limit_and_live_counts(sw: tn.Switch) -> None:
     assert sends(out, "gw-srv")
 
 
+def test_a_cluster_decides_the_limit_when_it_counts(sw: tn.Switch) -> None:
+    """admitted=True/False (the cluster's count) overrides this switch's own count;
+    None falls back to it (Redis away)."""
+    t = established(sw)
+    out = sw.on_stream("gw-alice", m.Open(tunnel=t.id, stream=1), admitted=False)
+    assert isinstance(sends(out, "gw-alice")[0], m.Reset) and sw.live.get("echo", 0) == 0
+    for sid in (2, 3, 4):  # the cluster counted them in: the local count is not the limit
+        assert sends(sw.on_stream("gw-alice", m.Open(tunnel=t.id, stream=sid),
+                                  admitted=True), "gw-srv")
+    assert sw.live["echo"] == 3
+    out = sw.on_stream("gw-alice", m.Open(tunnel=t.id, stream=5), admitted=None)
+    assert isinstance(sends(out, "gw-alice")[0], m.Reset)  # 3 here, limit 2
+    assert sw.catalog("asp1", "asp", {"echo": 7})[0]["connections"] == 7
+
+
 def test_window_overrun_resets_the_stream(sw: tn.Switch) -> None:
     t = established(sw)
     sw.on_stream("gw-alice", m.Open(tunnel=t.id, stream=1))

@@ -97,7 +97,8 @@ def add_pages(app: Any, srv: Any) -> None:
         gws = sorted(name for name, owner in srv.switch.gateway_owner.items()
                      if owner == who.user)
         return {"user": who.user, "role": who.role, "version": srv.version,
-                "services": srv.switch.catalog(who.user, who.role),
+                "services": srv.switch.catalog(
+                    who.user, who.role, srv.cluster.totals if srv.cluster else None),
                 "gateways": [{"name": g, "online": g in srv.links} for g in gws],
                 "tunnels": srv.tunnels_of(who, everything=True)[-50:]}
 
@@ -186,6 +187,6 @@ def add_pages(app: Any, srv: Any) -> None:
         check_csrf(sess, await _form(request))
         who = Who(user=sess["user"], role=sess["role"])
         with contextlib.suppress(ApiError):
-            await srv.close_tunnel(who, tid, wait=False)
+            await srv.close_anywhere(who, tid, wait=False)
         sess["flash"] = f"tunnel {tid[:32]}: closing"
         return RedirectResponse("/", 303)

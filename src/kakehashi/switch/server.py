@@ -278,6 +278,8 @@ class SwitchServer:
             self.persist(persist)
         for gateway, frames in remote.items():
             self.cluster.to_gateway(gateway, b"".join(frames))
+        if self.cluster is not None:  # connections that ended leave the cluster's count
+            self.cluster.sync_counts(self.switch.live)
         return changed
 
     def refresh(self) -> None:
@@ -438,7 +440,7 @@ class SwitchServer:
             elif isinstance(msg, m.Ack):
                 link.acked(msg.n)
             else:
-                actions += self.switch.on_stream(link.name, msg)
+                actions += await self.on_stream(link.name, msg)
         await self.apply(actions)
         if elsewhere:
             from kakehashi.switch.cluster import Envelope
@@ -451,6 +453,25 @@ class SwitchServer:
             if link.outbox or link.received - link.ack_sent >= ACK_EVERY:
                 link.ack_sent = link.received
                 link.put(m.Ack(n=link.received))
+
+    async def on_stream(self, gateway: str, msg: m.StreamMsg) -> list[tn.Action]:
+        """A stream message for a tunnel of this node. On a cluster, a new stream of a
+        service with a connection limit is first counted in over the cluster (see
+        :mod:`.cluster`), so the limit holds over every node together."""
+        c = self.cluster
+        if c is None or not isinstance(msg, m.Open):
+            return self.switch.on_stream(gateway, msg)
+        t = self.switch.tunnels.get(msg.tunnel)
+        svc = self.switch.services.get(t.service) if t is not None else None
+        if t is None or svc is None or not svc.max_connections or gateway != t.client_gw \
+                or t.state is not tn.State.ESTABLISHED or t.offline or msg.stream in t.streams:
+            return self.switch.on_stream(gateway, msg)  # no limit, or refused anyway
+        admitted = await c.admit(svc.name, svc.max_connections)
+        before = self.switch.live.get(svc.name, 0)
+        actions = self.switch.on_stream(gateway, msg, admitted=admitted)
+        if admitted and self.switch.live.get(svc.name, 0) == before:
+            c.uncount(svc.name)  # refused for another reason while it was counted in
+        return actions
 
     # -- tunnels ---------------------------------------------------------------------------
     async def open_tunnel(self, who: Who, service: str, gateway: str, listen: str
@@ -484,8 +505,32 @@ class SwitchServer:
         await self.apply(actions)
         return t
 
+    async def close_anywhere(self, who: Who, tid: str, wait: bool = True) -> dict[str, Any]:
+        """S6 -> S7 from any node: a tunnel homed on another node is closed by its home
+        (a call through Redis); returns the tunnel's view."""
+        c = self.cluster
+        if c is not None and tid not in self.switch.tunnels:
+            home = c.home_of(tid)
+            if home is not None:
+                from kakehashi.switch.cluster import ClusterError, Envelope
+
+                try:
+                    reply = await c.call(home, Envelope(kind="close", gw="", sender=self.node,
+                                                        user=who.user, role=who.role,
+                                                        tunnel=tid),
+                                         self.s.delete_timeout + 10)
+                except ClusterError as exc:
+                    raise ApiError(503, "home-unreachable",
+                                   f"tunnel {tid[:64]}: its home {exc}") from None
+                if not reply.get("ok"):
+                    raise ApiError(int(reply.get("status", 502)), str(reply.get("code", "")),
+                                   str(reply.get("message", "")))
+                return dict(reply["tunnel"])
+        return (await self.close_tunnel(who, tid, wait)).view()
+
     async def close_tunnel(self, who: Who, tid: str, wait: bool = True) -> tn.Tunnel:
-        """S6 -> S7; returns once deleted (or at once without ``wait``)."""
+        """S6 -> S7 for a tunnel of this node; returns once deleted (or at once without
+        ``wait``)."""
         try:
             actions = self.switch.close_tunnel(who.user, who.role, tid, time.time())
         except tn.Refusal as exc:
@@ -499,9 +544,40 @@ class SwitchServer:
         return t
 
     def tunnels_of(self, who: Who, everything: bool = False) -> list[dict[str, Any]]:
-        return [t.view() for t in sorted(self.switch.tunnels.values(), key=lambda t: t.created)
+        """The caller's tunnels; on a cluster those of every node (a tunnel homed on
+        another node as its home last stored it: deleted ones are not stored)."""
+        tunnels = list(self.switch.tunnels.values())
+        if self.cluster is not None:
+            tunnels += [tn.Tunnel.from_doc(doc) for tid, doc in self.store.list(TUNNEL)
+                        if doc.get("home") != self.node and tid not in self.switch.tunnels]
+        return [{**t.view(), "home": t.home or self.node}
+                for t in sorted(tunnels, key=lambda t: t.created)
                 if (who.role == "admin" or t.user == who.user)
                 and (everything or t.state is not tn.State.DELETED)]
+
+    def tunnel_of(self, who: Who, tid: str) -> dict[str, Any]:
+        """One tunnel of the caller, wherever its home is."""
+        t = self.switch.tunnels.get(tid)
+        if t is None and self.cluster is not None:
+            doc = self.store.get(TUNNEL, tid)
+            t = tn.Tunnel.from_doc(doc) if doc else None
+        if t is None or (who.role != "admin" and t.user != who.user):
+            raise ApiError(404, "unknown-tunnel", f"no tunnel {tid[:64]!r} of yours")
+        return {**t.view(), "home": t.home or self.node}
+
+    async def catalog(self, who: Who) -> list[dict[str, Any]]:
+        """S2: the services for the caller, with live connections over the cluster."""
+        if self.cluster is None:
+            return self.switch.catalog(who.user, who.role)
+        self.refresh()
+        c = self.cluster
+        with contextlib.suppress(Exception):  # Redis away: the last sums read
+            c.totals = await c.live_totals(self.switch.services)
+        gateways = sorted({svc.gateway for svc in self.switch.services.values()})
+        online = set(self.links)
+        with contextlib.suppress(Exception):  # Redis away: this node's links only
+            online |= await c.present(gateways)
+        return self.switch.catalog(who.user, who.role, c.totals, online)
 
     def register(self, who: Who, body: ServiceIn) -> dict[str, Any]:
         svc = tn.Service(name=body.name, owner=who.user, gateway=body.gateway,
@@ -560,7 +636,7 @@ def build_app(srv: SwitchServer) -> Any:
     @app.get("/v1/services")
     async def services(w: Who = caller) -> list[dict[str, Any]]:
         srv.refresh()
-        return srv.switch.catalog(w.user, w.role)
+        return await srv.catalog(w)
 
     @app.delete("/v1/services/{name}")
     async def unregister(name: str, w: Who = caller) -> dict[str, Any]:
@@ -594,14 +670,11 @@ def build_app(srv: SwitchServer) -> Any:
 
     @app.get("/v1/tunnels/{tid}")
     async def tunnel(tid: str, w: Who = caller) -> dict[str, Any]:
-        t = srv.switch.tunnels.get(tid)
-        if t is None or (w.role != "admin" and t.user != w.user):
-            raise ApiError(404, "unknown-tunnel", f"no tunnel {tid[:64]!r} of yours")
-        return t.view()
+        return srv.tunnel_of(w, tid)
 
     @app.delete("/v1/tunnels/{tid}")
     async def close(tid: str, w: Who = caller) -> dict[str, Any]:
-        return (await srv.close_tunnel(w, tid)).view()
+        return await srv.close_anywhere(w, tid)
 
     # -- the gateway links
     @app.websocket("/v1/gateway/link")

@@ -268,14 +268,20 @@ class Switch:
         return actions
 
     # -- S2: presentation ------------------------------------------------------------------
-    def catalog(self, user: str, role: str) -> list[dict[str, Any]]:
+    def catalog(self, user: str, role: str, live: dict[str, int] | None = None,
+                online: set[str] | None = None) -> list[dict[str, Any]]:
+        """The services valid for ``user``; ``live`` (connections per service) and
+        ``online`` (gateways with a link) as a cluster of nodes sees them, else this
+        switch's own view."""
+        live = self.live if live is None else live
+        online = self.online if online is None else online
         out = []
         for svc in sorted(self.services.values(), key=lambda s: s.name):
             if not valid_for(svc, user, role):
                 continue
             row = {"name": svc.name, "proto": svc.proto, "owner": svc.owner,
-                   "online": svc.gateway in self.online,
-                   "connections": self.live.get(svc.name, 0),
+                   "online": svc.gateway in online,
+                   "connections": live.get(svc.name, 0),
                    "max_connections": svc.max_connections}
             if role == "admin" or svc.owner == user:  # the ASP sees its socket information
                 row.update(gateway=svc.gateway, target=svc.target, allow=list(svc.allow),
@@ -542,7 +548,12 @@ class Switch:
                 Audit("refused", False, {"gateway": gateway, "code": code, "error": error,
                                          "tunnel": tunnel or None})]
 
-    def on_stream(self, gateway: str, msg: m.StreamMsg) -> list[Action]:
+    def on_stream(self, gateway: str, msg: m.StreamMsg, *,
+                  admitted: bool | None = None) -> list[Action]:
+        """A stream message of ``gateway``. ``admitted`` is for an Open of a service
+        with a connection limit when the count is kept over a cluster: True the
+        cluster counted it in, False it is at the limit, None decide from this
+        switch's own count."""
         t = self.tunnels.get(msg.tunnel)
         if t is None or gateway not in (t.client_gw, t.server_gw):
             return self._refuse(gateway, "unknown-tunnel",
@@ -568,7 +579,7 @@ class Switch:
             svc = self.services.get(t.service)
             limit = svc.max_connections if svc else 0
             live = self.live.get(t.service, 0)
-            if limit and live >= limit:
+            if limit and (admitted is False or (admitted is None and live >= limit)):
                 why = f"service {t.service} has its {limit} connections"
                 return [Send(gateway, m.Reset(tunnel=t.id, stream=sid, reason=why)),
                         Audit("connection", False, {"tunnel": t.id, "service": t.service,
