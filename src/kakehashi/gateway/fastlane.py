@@ -123,11 +123,17 @@ class FastLane:
         #: result: a kept-alive client usually repeats its request head byte for byte
         #: and an origin its response head (Date changes once a second), and both
         #: functions are pure, so an equal head is not validated and rewritten again
+        #: (with what else depends only on those bytes: whether the request carries
+        #: origin credentials, its target for the access log, whether the response
+        #: starts a connection-based authentication)
         self.last_raw = b""
         self.last_quick: QuickRequest | None = None
+        self.last_binds = False
+        self.last_where = ""
         self.last_rraw = b""
         self.last_rfor: QuickRequest | None = None
         self.last_rquick: QuickResponse | None = None
+        self.last_rbinds = False
         self.status = 0
         self.client_keep = True
         self.upstream_keep = True
@@ -376,6 +382,9 @@ class FastLane:
             return self.last_quick
         quick = quick_request(raw, self.via, self.limits)
         self.last_raw, self.last_quick = raw, quick
+        if quick is not None:
+            self.last_binds = binds_request(quick.out)
+            self.last_where = f"{quick.dest.host}:{quick.dest.port}"
         return quick
 
     def _start_quick(self, q: QuickRequest, raw: bytes) -> None:
@@ -392,7 +401,7 @@ class FastLane:
         self.gc.started()
         up = self.gc.upstream
         assert up is not None and user is not None
-        if binds_request(q.out):
+        if self.last_binds if q is self.last_quick else binds_request(q.out):
             up.private = True
         self.quick, self.quick_raw = q, raw
         self.quick_user, self.quick_start = user, time.monotonic()
@@ -663,6 +672,7 @@ class FastLane:
         else:
             quick = quick_response(raw, self.via, q.method, q.close, self.limits)
             self.last_rraw, self.last_rfor, self.last_rquick = raw, q, quick
+            self.last_rbinds = quick is not None and binds_response(quick.out)
         if quick is None or not self.gc.lane_takes_quick_response(quick.length, arrived):
             return None
         return quick
@@ -671,15 +681,18 @@ class FastLane:
         assert self.quick is not None
         self.client_keep = not self.quick.close
         self.upstream_keep = quick.upstream_keep
-        self._send_response(quick.out, quick.status, quick.length, rest)
+        binds = self.last_rbinds if quick is self.last_rquick else binds_response(quick.out)
+        self._send_response(quick.out, quick.status, quick.length, rest, binds)
 
-    def _send_response(self, head: bytes, status: int, n: int, rest: bytes) -> None:
+    def _send_response(self, head: bytes, status: int, n: int, rest: bytes,
+                       binds: bool | None = None) -> None:
         """The client's head and the ``n`` body bytes that follow (``rest`` came
-        with the upstream's head)."""
+        with the upstream's head); ``binds``: the head starts a connection-based
+        authentication (None: not known yet)."""
         self.status = status
         self.size = n
         up = self.gc.upstream
-        if up is not None and binds_response(head):
+        if up is not None and (binds_response(head) if binds is None else binds):
             up.private = True  # connection-based auth: never pooled
         if len(rest) >= n:
             self.spoiled = len(rest) > n
@@ -717,7 +730,8 @@ class FastLane:
                                   ex.user, ex.where)
         elif q is not None:
             self.host.log_request(self.conn, q, self.status, self.size, self.quick_start,
-                                  self.quick_user, f"{q.dest.host}:{q.dest.port}")
+                                  self.quick_user, self.last_where if q is self.last_quick
+                                  else f"{q.dest.host}:{q.dest.port}")
         keep, drop = self.gc.done(client_keep=self.client_keep,
                                   upstream_keep=self.upstream_keep, spoiled=self.spoiled)
         if drop is not None:
