@@ -145,3 +145,18 @@ async def test_an_edge_that_moved_is_not_taken_back_by_its_old_replica(pair):
     assert (await a.replicas.edges())["e9"]["replica"] == "b"
     ttl = await a.replicas.redis.ttl(a.replicas._edge_prefix + "e9")
     assert 0 < ttl <= 3  # a dead replica's announcements go within seconds
+
+
+async def test_edges_of_a_replica_that_no_longer_listens_are_not_offered(pair):
+    """A replica killed outright leaves its announcements for up to EDGE_TTL s; no
+    grant is placed on them meanwhile (nobody would open the port)."""
+    import json
+
+    a, b = pair
+    info = {"public_host": "127.0.0.1", "ports": [30000, 30009], "region": "",
+            "carrier": ""}
+    await b.replicas.edge_here("e-b", info)
+    await a.replicas.redis.set(a.replicas._edge_prefix + "e-ghost",
+                               json.dumps({**info, "replica": "ghost"}), ex=3)
+    assert sorted(await a.replicas.edges()) == ["e-b"]
+    assert [v.name for v in a.edge_views(await a.remote_edges())] == ["e-b"]

@@ -216,7 +216,9 @@ class Replicas:
                 await self.redis.delete(key)
 
     async def edges(self) -> dict[str, dict[str, Any]]:
-        """Every announced edge (of every replica) by name."""
+        """Every announced edge (of every replica) by name, but those of a replica that
+        no longer listens: a replica killed a moment ago cannot open a port, and its
+        announcements may live on for up to ``EDGE_TTL`` s."""
         keys = [k async for k in self.redis.scan_iter(match=self._edge_prefix + "*",
                                                        count=1000)]
         if not keys:
@@ -226,6 +228,13 @@ class Replicas:
             if raw is not None:
                 with contextlib.suppress(ValueError):
                     out[key.decode()[len(self._edge_prefix):]] = json.loads(raw)
+        others = sorted({str(i.get("replica")) for i in out.values()} - {self.name})
+        if others:
+            heard = {k.decode() if isinstance(k, bytes) else k: n
+                     for k, n in await self.redis.pubsub_numsub(
+                         *[self._direct_prefix + r for r in others])}
+            gone = {r for r in others if not heard.get(self._direct_prefix + r)}
+            out = {n: i for n, i in out.items() if i.get("replica") not in gone}
         return out
 
     async def _renew(self) -> None:
