@@ -71,3 +71,22 @@ def test_parse_server(text, expect):
 def test_parse_server_refuses_unknown_schemes():
     with pytest.raises(click.BadParameter, match="unknown scheme"):
         opt.parse_server("ftp://x:1")
+
+
+def test_ondemand_relays_take_several_managers_by_flag_and_by_config_key():
+    """``--server`` repeated (manager replicas), and ``server = [...]`` in a config
+    file; a single string still works, and HOST:PORT alone means https."""
+    from kakehashi.cli import main
+
+    for cmd in ("edge", "inner"):
+        params = {p.name: p for p in main.commands["ondemand"].commands[cmd].params}
+        assert params["server"].multiple
+        ctx = click.Context(main.commands["ondemand"].commands[cmd])
+        assert params["server"].process_value(ctx, ("h1:8700", "http://h2:8700",
+                                                    "h1:8700")) == \
+            ("https://h1:8700", "http://h2:8700")
+    dm = config.to_default_map(main, {"ondemand": {
+        "edge": {"server": ["http://h1:8700", "http://h2:8700"]},
+        "inner": {"server": "http://h1:8700"}}})
+    assert dm["ondemand"]["edge"]["server"] == ["http://h1:8700", "http://h2:8700"]
+    assert dm["ondemand"]["inner"]["server"] == ["http://h1:8700"]
