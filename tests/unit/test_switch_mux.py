@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from kakehashi.switch import messages as m
-from kakehashi.switch.mux import LINK_BODY, LinkPacer, Outbox, RecvWindow, SendWindow
+from kakehashi.switch.mux import (
+    LINK_BODY,
+    QUANTUM,
+    LinkPacer,
+    Outbox,
+    RecvWindow,
+    SendWindow,
+    link_body,
+)
 
 
 def test_send_window_takes_only_what_is_granted() -> None:
@@ -187,3 +195,71 @@ def test_acknowledgements_waiting_are_folded_into_the_newest() -> None:
     got = frames_of(box.take(LINK_BODY))
     assert got == [m.Ack(n=300), m.Data(tunnel="t", stream=1, data=b"x")]
     assert not box and box.bytes == 0
+
+
+# -- sparse streams and the link window ------------------------------------------------------
+def full_link(streams: int = 8) -> tuple[Outbox, LinkPacer]:
+    """An outbox with busy streams queued and a link window that is full."""
+    box, pacer = Outbox(), LinkPacer(floor=256 * 1024)
+    big = b"x" * m.MAX_CHUNK
+    for sid in range(1, streams + 1):
+        for _ in range(8):
+            box.put(m.Data(tunnel="t", stream=sid, data=big))
+    now = 0.0
+    while pacer.room > 0:
+        body, _ = link_body(box, pacer, now)
+        assert body
+    return box, pacer
+
+
+def test_a_sparse_streams_frame_does_not_wait_for_the_link_window() -> None:
+    """The window is full of bulk data: an interactive byte still leaves at once (it
+    would otherwise wait a round trip for an acknowledgement), the bulk data does not."""
+    box, pacer = full_link()
+    assert link_body(box, pacer, 0.1) == (b"", False)  # bulk waits for an ack
+    box.put(m.Data(tunnel="t", stream=99, data=b"p"))
+    body, more = link_body(box, pacer, 0.1)
+    assert [(x.stream, x.data) for x in frames_of(body)] == [(99, b"p")]
+    assert not more  # and the bulk data waits again
+    pacer.acked(pacer.sent_total, 0.2)
+    assert box.pending(pacer.room)
+    assert {x.stream for x in frames_of(link_body(box, pacer, 0.2)[0])} <= set(range(1, 9))
+
+
+def test_sparse_streams_overdraw_the_window_by_at_most_a_quantum() -> None:
+    """Many streams each with a small frame (or one stream sending small frames, each
+    one leaving before the next comes) cannot bypass the window for good: past a
+    quantum beyond it, they wait for an acknowledgement like the bulk data."""
+    box, pacer = full_link(streams=1)
+    sent = 0
+    for sid in range(100, 200):
+        box.put(m.Data(tunnel="t", stream=sid, data=b"s" * 1000))
+        sent += len(link_body(box, pacer, 0.1)[0])
+    assert 0 < sent < QUANTUM + 1100
+    assert -QUANTUM - 1100 < pacer.room <= -QUANTUM
+    assert len(box) > 50 and not box.pending(pacer.room)
+
+
+def test_a_body_with_a_sparse_frame_carries_no_bulk_data() -> None:
+    """The interactive frame travels in a body of its own (with the control messages
+    waiting): the far end need not read (and pass on) a body of bulk first."""
+    box = Outbox()
+    for _ in range(4):
+        box.put(m.Data(tunnel="t", stream=1, data=b"x" * m.MAX_CHUNK))
+    box.take(LINK_BODY)  # stream 1 is busy now
+    box.put(m.Credit(tunnel="t", stream=5, n=9))
+    box.put(m.Data(tunnel="t", stream=2, data=b"p"))
+    body, more = link_body(box, None, 0.0)
+    assert [type(x) for x in frames_of(body)] == [m.Credit, m.Data]
+    assert more
+    assert [x.stream for x in frames_of(link_body(box, None, 0.0)[0])] == [1, 1]
+
+
+def test_a_long_poll_body_still_carries_everything() -> None:
+    """A long-poll body costs a request: there the sparse frame rides with the bulk."""
+    box = Outbox()
+    for _ in range(4):
+        box.put(m.Data(tunnel="t", stream=1, data=b"x" * m.MAX_CHUNK))
+    box.take(LINK_BODY)
+    box.put(m.Data(tunnel="t", stream=2, data=b"p"))
+    assert [x.stream for x in frames_of(box.take(1 << 20))] == [2, 1, 1]

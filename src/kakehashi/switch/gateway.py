@@ -40,11 +40,11 @@ from kakehashi.core.stream import Conn, ConnClosed, Listener, open_tcp, parse_ho
 from kakehashi.switch import messages as m
 from kakehashi.switch.mux import (
     ACK_EVERY,
-    LINK_BODY,
     LinkPacer,
     Outbox,
     RecvWindow,
     SendWindow,
+    link_body,
 )
 
 log = logging.getLogger("kakehashi.switch.gateway")
@@ -391,16 +391,11 @@ class Gateway:
         return body
 
     def take_link(self) -> bytes:
-        """A body for the WebSocket link: at most :data:`LINK_BODY`, data only while
-        the link window has room (control always); b"" (and not ready) when what
-        waits must wait for an acknowledgement."""
-        p = self.pacer
-        room = LINK_BODY if p is None else min(LINK_BODY, p.room)
-        body = self.outbox.take(room) if room > 0 else self.outbox.take(LINK_BODY, data=False)
-        if not self.outbox or (room <= 0 and not self.outbox.control):
+        """A body for the WebSocket link (:func:`~.mux.link_body`); b"" (and not
+        ready) when what waits must wait for an acknowledgement."""
+        body, more = link_body(self.outbox, self.pacer, time.monotonic())
+        if not more:
             self.out_ready.clear()
-        if body and p is not None:
-            p.sent(len(body), time.monotonic())
         return body
 
     def _transport(self, fallback: bool) -> _Transport:

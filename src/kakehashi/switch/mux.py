@@ -30,6 +30,13 @@ queue - so a long fat path gets a large window and a loaded loopback a small one
 instead of the megabytes that the kernel's buffers would otherwise hold in front of
 an interactive frame. Control messages (credit, acknowledgements, instructions) are
 never held back by the window, so neither side can wait for the other forever.
+
+The sparse-flow rule reaches past the outbox too (:func:`link_body`): a sparse
+stream's frames are not held back by a full window either (they may overdraw it by
+at most a quantum in all, so many small streams cannot bypass it for good), and they
+leave in a body of their own, so the far end reads and passes them on without first
+taking a body of bulk data off the link. What is left in front of them is what
+already left: the window.
 """
 
 from __future__ import annotations
@@ -235,9 +242,28 @@ class Outbox:
         """Whether a control message waits."""
         return bool(self._ctrl or self._ack)
 
-    def take(self, limit: int, *, data: bool = True) -> bytes:
-        """Up to about ``limit`` bytes of frames (control first); only control
-        messages when ``data`` is False (the link window is full)."""
+    def _sparse_waiting(self) -> bool:
+        deficit = self._deficit
+        return any(deficit[k] >= len(self._data[k][0]) for k in self._new)
+
+    def pending(self, room: int) -> bool:
+        """Whether :meth:`take` would return something for a link window with ``room``
+        bytes left (see :func:`link_body`): control always, a sparse stream's data while
+        the window is overdrawn by less than a quantum, the rest while it has room."""
+        if self.control:
+            return True
+        if not self._data:
+            return False
+        return room > 0 or (room + self.quantum > 0 and self._sparse_waiting())
+
+    def take(self, limit: int, *, data: bool = True, sparse: int | None = None,
+             alone: bool = False) -> bytes:
+        """Up to about ``limit`` bytes of frames: control first, then the sparse
+        streams' (those that had nothing waiting: up to a quantum each, at most
+        ``sparse`` bytes in all - even when ``data`` is False, if given), then - only when ``data``
+        (the link window has room) - the busy streams' by deficit round robin. With
+        ``alone``, a body that carries sparse data ends after it: it is small, so the
+        far end has it (and passes it on) without first reading a body of bulk data."""
         out: list[bytes] = []
         size = 0
         if self._ack:
@@ -248,9 +274,30 @@ class Outbox:
             frame = self._ctrl.popleft()
             out.append(frame)
             size += len(frame)
-        data_q, deficit = self._data, self._deficit
-        while data and (self._new or self._old):
-            turn = self._new if self._new else self._old
+        data_q, deficit, new = self._data, self._deficit, self._new
+        budget = (limit if data else 0) if sparse is None else min(limit, sparse)
+        taken = 0  # sparse bytes
+        while new and taken < budget:
+            key = new[0]
+            q = data_q[key]
+            frame = q[0]
+            if deficit[key] < len(frame):  # not sparse: it waits its turn among the busy
+                new.popleft()
+                deficit[key] += self.quantum
+                self._old.append(key)
+                continue
+            if out and size + len(frame) > limit:
+                break
+            q.popleft()
+            deficit[key] -= len(frame)
+            out.append(frame)
+            size += len(frame)
+            taken += len(frame)
+            if not q:  # idle again: its next data counts as new
+                new.popleft()
+                del data_q[key], deficit[key]
+        while data and not (alone and taken) and (new or self._old):
+            turn = new if new else self._old
             key = turn[0]
             q = data_q[key]
             frame = q[0]
@@ -270,3 +317,20 @@ class Outbox:
                 del data_q[key], deficit[key]
         self.bytes -= size
         return b"".join(out)
+
+
+def link_body(box: Outbox, pacer: LinkPacer | None, now: float) -> tuple[bytes, bool]:
+    """The next body for a WebSocket link (both ends use this) and whether more may be
+    sent at once (False: what waits must wait for an acknowledgement, or nothing does).
+
+    At most :data:`LINK_BODY`; control always; the sparse streams' data even when the
+    window is full (overdrawing it by at most a quantum: a few bytes of an interactive
+    stream need not wait for an acknowledgement, and cannot crowd out the window), and
+    alone in its body; the busy streams' data while the window has room."""
+    room = LINK_BODY if pacer is None else min(LINK_BODY, pacer.room)
+    body = box.take(min(LINK_BODY, room) if room > 0 else LINK_BODY, data=room > 0,
+                    sparse=room + box.quantum, alone=True)
+    if body and pacer is not None:
+        pacer.sent(len(body), now)
+        room = pacer.room
+    return body, box.pending(room)

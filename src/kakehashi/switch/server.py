@@ -34,7 +34,7 @@ from kakehashi.core.store import Store
 from kakehashi.core.web import ApiError, create_app
 from kakehashi.switch import messages as m
 from kakehashi.switch import tunnels as tn
-from kakehashi.switch.mux import ACK_EVERY, LINK_BODY, LinkPacer, Outbox
+from kakehashi.switch.mux import ACK_EVERY, LinkPacer, Outbox, link_body
 
 log = logging.getLogger("kakehashi.switch.server")
 
@@ -100,16 +100,11 @@ class Link:
         return body
 
     def take_link(self) -> bytes:
-        """A body for a WebSocket link: at most LINK_BODY, data only while the link
-        window has room (control always); b"" (and not ready) when what waits must
-        wait for an acknowledgement."""
-        p = self.pacer
-        room = LINK_BODY if p is None else min(LINK_BODY, p.room)
-        body = self.outbox.take(room) if room > 0 else self.outbox.take(LINK_BODY, data=False)
-        if not self.outbox or (room <= 0 and not self.outbox.control):
+        """A body for a WebSocket link (:func:`~.mux.link_body`); b"" (and not ready)
+        when what waits must wait for an acknowledgement."""
+        body, more = link_body(self.outbox, self.pacer, time.monotonic())
+        if not more:
             self.ready.clear()
-        if body and p is not None:
-            p.sent(len(body), time.monotonic())
         return body
 
     def acked(self, total: int) -> None:
