@@ -66,13 +66,18 @@ def _parse(fn: Any, value: Any, hint: str) -> Any:
 
 
 def fast_path_option(f: Any) -> Any:
-    """``--fast-path on|off`` (config: fast_path): how the datagram forwarder is driven.
-    Both ways make the same port-record decisions; off is for comparison and fallback."""
+    """``--fast-path on|off|kernel`` (config: fast_path): how the datagram forwarder is
+    driven. Every way makes the same port-record decisions; off is for comparison and
+    fallback; kernel is on plus nftables rules for sessions that only forward."""
     return click.option(
-        "--fast-path", type=click.Choice(["on", "off"]), default="on", show_default=True,
+        "--fast-path", type=click.Choice(["on", "off", "kernel"]), default="on",
+        show_default=True,
         help="on: relay datagrams straight from socket readiness callbacks (a batch per "
-             "wakeup in a burst, no per-datagram objects); off: asyncio datagram transports. Both "
-             "follow the same port records.")(f)
+             "wakeup in a burst, no per-datagram objects); off: asyncio datagram transports; "
+             "kernel: on, and once a session's port record has locked, nftables rewrites its "
+             "datagrams in the kernel (root and nft; sessions that encrypt or decrypt here, "
+             "or whose peers are on other hosts, stay in user space). All follow the same "
+             "port records.")(f)
 
 
 @click.group()
@@ -133,7 +138,8 @@ def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tu
         acl=_parse(tables.parse_acl, [tables.parse_acl_flag(a) for a in acl], "--acl"),
         auth_timeout=auth_timeout, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
         max_sessions=max_sessions, max_per_user=max_per_user, max_per_client=max_per_client,
-        max_connections=max_connections, fast_path=fast_path == "on",
+        max_connections=max_connections, fast_path=fast_path != "off",
+        kernel_path=fast_path == "kernel",
         audit=AuditLog(audit_log, system="chain"))
     if cfg.udp_ports == tables.ANY_PORT:
         raise click.BadParameter("give a range, e.g. 40000-40999", param_hint="--udp-ports")
@@ -194,7 +200,8 @@ def forward(user: str, keys: tuple[str, ...], first_hop: str, to: str, udp_liste
             mode: str, encrypt: bool, setup_timeout: float, fast_path: str) -> None:
     """Carry a local UDP port through the chain to the server."""
     cfg = _client_config(user, keys, first_hop, to, udp_listen, mode, encrypt, setup_timeout)
-    cfg.fast_path = fast_path == "on"
+    cfg.fast_path = fast_path != "off"
+    cfg.kernel_path = fast_path == "kernel"
     sys.exit(runner.run(run_forward(cfg)))
 
 

@@ -22,7 +22,7 @@ from kakehashi.chain import messages as m
 from kakehashi.chain.proxy import Ctrl
 from kakehashi.chain.setup import ClientSetup, SetupFailed
 from kakehashi.chain.tables import Hop
-from kakehashi.core import wire
+from kakehashi.core import kernelpath, wire
 from kakehashi.core.crypto import DATAGRAM_OVERHEAD, DatagramChannel
 from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_udp
 from kakehashi.core.stream import ConnClosed, FramedConn, open_tcp
@@ -45,6 +45,8 @@ class ForwardConfig:
     setup_timeout: float = 10.0
     #: relay datagrams from readiness callbacks (False: asyncio datagram transports)
     fast_path: bool = True
+    #: offload the local port's hop to nftables in plaintext mode (``--fast-path kernel``)
+    kernel_path: bool = False
 
 
 @dataclass
@@ -140,10 +142,17 @@ class ChainForward:
         if setup.session_keys is not None:
             channel = DatagramChannel(*setup.session_keys)
             near_to_far, far_to_near = channel.seal, channel.open
+        kernel = None
+        if self.cfg.kernel_path and self.cfg.fast_path and near_to_far is None:
+            kernel, why = kernelpath.shared()
+            if kernel is None:
+                log.warning("kernel fast path unavailable (%s): datagrams relayed in user "
+                            "space", why)
         self.forwarder = DatagramForwarder(self.listen_sock, chain.data_sock,  # type: ignore[arg-type]
                                            record, near_to_far=near_to_far,
                                            far_to_near=far_to_near,
-                                           fast_path=self.cfg.fast_path)
+                                           fast_path=self.cfg.fast_path, kernel=kernel,
+                                           position=0)
         await self.forwarder.start()
         return chain
 

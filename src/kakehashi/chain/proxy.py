@@ -38,7 +38,7 @@ from kakehashi.chain.hop import (
     refusal,
 )
 from kakehashi.chain.tables import Acl, Hop, PortRange, Routes, SessionLimits
-from kakehashi.core import wire
+from kakehashi.core import kernelpath, wire
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.crypto import (
     DATAGRAM_OVERHEAD,
@@ -48,6 +48,7 @@ from kakehashi.core.crypto import (
     MutualAuth,
 )
 from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_in_range
+from kakehashi.core.kernelpath import KernelPath
 from kakehashi.core.stream import ConnClosed, FramedConn, Listener, open_tcp, refuse
 
 log = logging.getLogger("kakehashi.chain")
@@ -76,6 +77,9 @@ class ProxyConfig:
     #: relay datagrams from readiness callbacks (False: asyncio datagram transports);
     #: both drive the same port records
     fast_path: bool = True
+    #: offload sessions that only forward to nftables once their record locked
+    #: (``--fast-path kernel``; needs root and nft, else a log line and user space)
+    kernel_path: bool = False
     audit: AuditLog = field(default_factory=lambda: AuditLog(system="chain"))
 
 
@@ -138,6 +142,8 @@ class ChainProxy:
         from kakehashi.core import metrics  # servers only: clients start without it
 
         self.metrics = metrics.for_system("chain")
+        #: the kernel fast path's table (``--fast-path kernel`` and available), else None
+        self.kernel: KernelPath | None = None
         self._refused = self.metrics.counter(
             "refused", "Requests refused, by the hop that refused and its reason.",
             ["hop", "reason"])
@@ -147,6 +153,14 @@ class ChainProxy:
             "datagrams", "Datagrams relayed or dropped by the sessions.", ["outcome"])
 
     async def start(self) -> None:
+        if self.cfg.kernel_path and self.cfg.fast_path:
+            self.kernel, why = kernelpath.shared()
+            if self.kernel is None:
+                log.warning("%s: kernel fast path unavailable (%s): datagrams relayed in user "
+                            "space", self.cfg.name, why)
+            else:
+                log.info("%s: kernel fast path on (nftables table %s)", self.cfg.name,
+                         self.kernel.table)
         # connections still authenticating count too: a flood of silent ones waits in the
         # backlog instead of exhausting descriptors (each is cut after auth_timeout)
         self.listener = Listener(self.cfg.host, self.cfg.port, self._serve,
@@ -313,8 +327,11 @@ class _Session:
                             tentative=declared.host == self.peer_ip)
         if not record.tentative:
             record.near = None
+        # the hop's position (the client is 0) orders the kernel path's rewrites when
+        # several hops share a host
         self.forwarder = DatagramForwarder(near_sock, far_sock, record, near_to_far=_drop,
-                                           fast_path=cfg.fast_path)
+                                           fast_path=cfg.fast_path, kernel=self.proxy.kernel,
+                                           position=len(req.via) + 1)
         await self.forwarder.start()
         local_ip = self.up.fc.conn.sock.getsockname()[0]
         near_ep = m.Endpoint(local_ip, near_sock.getsockname()[1])
@@ -522,12 +539,12 @@ class _Session:
     def close(self) -> None:
         if self.forwarder is not None:
             rec = self.forwarder.record
+            self.forwarder.close()  # first: the kernel path's last counts join the record
             self.proxy.stats["dropped"] += rec.dropped
             self.proxy.stats["relayed"] += rec.packets
             log.info("%s: session of %s ended: %d datagrams relayed, %d dropped (no record "
                      "matched, or failed to open)", self.cfg.name, self.user, rec.packets,
                      rec.dropped)
-            self.forwarder.close()
             self.forwarder = None
         if self.slot is not None:
             self.proxy.limits.release(*self.slot)

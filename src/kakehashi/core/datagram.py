@@ -18,6 +18,10 @@ drives it, with no task per datagram, in one of two ways that make the same deci
   datagram per wakeup and skips the read that would only find the socket empty: that
   read sits after the send, while the next hop may be waiting for this CPU, and it
   raised the median latency through a chain.
+- the **kernel path** (``kernel=``, on top of the fast path): once the record has locked
+  both peers and no transform is set, nftables rules (:mod:`kakehashi.core.kernelpath`)
+  rewrite the session's datagrams in the kernel; the first datagram, and any that match
+  no rule, still come here and meet the same record.
 - the **protocol path** (``fast_path=False``): ``DatagramProtocol`` callbacks and
   transports, the plain asyncio way, kept so the fast path can be switched off and
   compared (the e2e tests run both).
@@ -36,11 +40,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import random
 import socket
 import threading
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from kakehashi.core.kernelpath import KernelPath, Offload
+
+log = logging.getLogger("kakehashi.core.datagram")
 
 Addr = tuple[str, int]
 #: a payload transform (seal, open): returns what to send, or None to drop
@@ -186,7 +196,8 @@ class DatagramForwarder:
 
     def __init__(self, near_sock: socket.socket, far_sock: socket.socket, record: PortRecord,
                  *, near_to_far: Transform | None = None,
-                 far_to_near: Transform | None = None, fast_path: bool = True) -> None:
+                 far_to_near: Transform | None = None, fast_path: bool = True,
+                 kernel: KernelPath | None = None, position: int = 0) -> None:
         self.record = record
         self.near_sock = near_sock
         self.far_sock = far_sock
@@ -206,6 +217,14 @@ class DatagramForwarder:
         #: datagrams dropped because the outgoing side could not take them
         self.overflow = 0
         self.closed = False
+        #: the kernel path (fast path only): this process's nftables table, the hop's
+        #: position in the chain (orders the rewrites of several hops on one host), the
+        #: session's rules once installed, and the kernel counts already in the record
+        self.kernel = kernel if fast_path else None
+        self.position = position
+        self.offload: Offload | None = None
+        self._installing: asyncio.Task[None] | None = None
+        self._counted = [0, 0]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -266,6 +285,8 @@ class DatagramForwarder:
             dst = decide(src)
             if dst is None:
                 continue
+            if lane == 0 and self.kernel is not None:
+                self._offer()
             if transform is None:
                 data = view[:n]
             else:  # its own bytes: a transform may keep what it is given
@@ -281,6 +302,67 @@ class DatagramForwarder:
                 self.errors += 1
         if limit == BATCH:
             burst[lane] = True  # a whole batch and not empty yet: more is coming
+
+    # -- the kernel path ---------------------------------------------------------------
+    def _offer(self) -> None:
+        """A datagram from the near peer was relayed here: if the record now says who
+        both peers are and nothing transforms payloads, hand the session to the kernel
+        (again, if the near peer changed: a ``latest`` lock)."""
+        rec = self.record
+        if (rec.near is None or rec.far is None or self.near_to_far is not None
+                or self.far_to_near is not None or rec.tentative):
+            return
+        o = self.offload
+        if o is not None and o.near == rec.near and o.far == rec.far:
+            return  # in flight before the rules: the kernel has the rest
+        if self._installing is not None and not self._installing.done():
+            return
+        self._installing = asyncio.ensure_future(self._install(rec.near, rec.far))
+
+    async def _install(self, near: Addr, far: Addr) -> None:
+        kernel = self.kernel
+        if kernel is None or self.closed:
+            return
+        prev, self.offload = self.offload, None
+        if prev is not None:
+            kernel.remove(prev)
+            self._absorb(prev)
+        o = kernel.new(self.position, near, self.near_sock.getsockname(),
+                       self.far_sock.getsockname(), far)
+        why = kernel.eligible(o.near, o.near_port, o.far_port, o.far)
+        if why is None:
+            try:
+                await kernel.install(o)
+            except Exception as exc:  # nft failed: user space goes on relaying
+                why = f"nftables refused the rules: {exc}"
+        if why is not None:
+            log.info("kernel fast path not used for this session (%s): relayed in user space",
+                     why)
+            self.kernel = None
+            return
+        if self.closed:  # closed while nft ran
+            kernel.remove(o)
+            return
+        self.offload = o
+
+    def _absorb(self, o: Offload) -> None:
+        """Add what the kernel relayed since the last reading to the record's counts."""
+        rec = self.record
+        rec.from_near_count += o.out_packets - self._counted[0]
+        rec.from_far_count += o.back_packets - self._counted[1]
+        self._counted = [o.out_packets, o.back_packets]
+        if o.removed:
+            self._counted = [0, 0]
+
+    async def refresh(self) -> None:
+        """Bring the record's counts up to date with the kernel's (a poll of counters)."""
+        o, kernel = self.offload, self.kernel
+        if o is None or kernel is None:
+            return
+        with contextlib.suppress(Exception):
+            await kernel.refresh()
+        if self.offload is o and not o.removed:
+            self._absorb(o)
 
     # -- the protocol path (and datagrams handed in by the owner) ------------------------
     def near_received(self, data: bytes, addr: Addr) -> None:
@@ -330,6 +412,7 @@ class DatagramForwarder:
         quiet = 0.0
         while quiet < timeout:
             await asyncio.sleep(period)
+            await self.refresh()
             now = self.record.packets
             quiet = quiet + period if now == last else 0.0
             last = now
@@ -341,6 +424,10 @@ class DatagramForwarder:
         if self.closed:
             return
         self.closed = True
+        o, self.offload = self.offload, None
+        if o is not None and self.kernel is not None:
+            self.kernel.remove(o)  # before the ports close: a next session may take them
+            self._absorb(o)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             for s in (self.near_sock, self.far_sock):
