@@ -313,8 +313,15 @@ class DatagramForwarder:
                 or self.far_to_near is not None or rec.tentative):
             return
         o = self.offload
-        if o is not None and o.near == rec.near and o.far == rec.far:
-            return  # in flight before the rules: the kernel has the rest
+        if o is not None:
+            if o.near == rec.near and o.far == rec.far:
+                return  # in flight before the rules: the kernel has the rest
+            # the near peer moved (a ``latest`` lock): the old rules go before this
+            # datagram is sent on, or the answer would be rewritten to the old peer
+            self.offload = None
+            if self.kernel is not None:
+                self.kernel.remove(o)
+                self._absorb(o)
         if self._installing is not None and not self._installing.done():
             return
         self._installing = asyncio.ensure_future(self._install(rec.near, rec.far))

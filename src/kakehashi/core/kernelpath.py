@@ -78,8 +78,8 @@ def _nft_sync(script: str | None = None, *args: str) -> str:
 async def _nft(script: str) -> None:
     nft = shutil.which("nft") or "nft"
     proc = await asyncio.create_subprocess_exec(
-        nft, "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE)
+        nft, "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)  # pipes, not DEVNULL: uvloop keeps a /dev/null open for it
     try:
         _, err = await asyncio.wait_for(proc.communicate(script.encode()), NFT_TIMEOUT)
     except BaseException:
@@ -300,7 +300,7 @@ class KernelPath:
         nft = shutil.which("nft") or "nft"
         proc = await asyncio.create_subprocess_exec(
             nft, "-j", "list", "table", "ip", self.table, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL)
+            stderr=subprocess.PIPE)
         out, _ = await asyncio.wait_for(proc.communicate(), NFT_TIMEOUT)
         if proc.returncode == 0:
             self._apply(out.decode(), sessions)
