@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kakehashi.core.stream import SMALL_CHUNK, Conn
 from kakehashi.gateway import http
@@ -65,6 +65,79 @@ class LaneHost(Protocol):
 
     def send_batcher(self) -> SendBatcher:
         """The shared end-of-pass sender."""
+
+    def head_memo(self) -> HeadMemo:
+        """The shared memory of rewritten heads."""
+
+
+class RequestEntry(NamedTuple):
+    """What :class:`HeadMemo` keeps of a request head."""
+
+    quick: QuickRequest | None  # None: not the common case
+    binds: bool  # it carries credentials for the origin (binds_request)
+    where: str  # host:port, for the access log
+
+
+class ResponseEntry(NamedTuple):
+    """What :class:`HeadMemo` keeps of a response head."""
+
+    quick: QuickResponse | None
+    binds: bool  # it starts a connection-based authentication (binds_response)
+
+
+_NO_REQUEST = RequestEntry(None, False, "")
+_NO_RESPONSE = ResponseEntry(None, False)
+
+
+class HeadMemo:
+    """:func:`quick_request` and :func:`quick_response` results by head, shared by
+    one gateway's lanes.
+
+    Clients repeat their request heads byte for byte (every request of a kept-alive
+    client, and every one-request connection of the same program), and an origin
+    its response heads (whose Date changes once a second); both functions are pure -
+    their result depends on nothing but the head's bytes, this gateway's Via name and
+    limits, and for a response the request's method and ``Connection: close`` - so
+    an equal head is not validated and rewritten again. Bounded: heads longer than
+    :attr:`HEAD_MAX` are not kept, and a full memory starts over (a client sending
+    ever new heads costs an insertion each, nothing more).
+    """
+
+    HEAD_MAX = 2048
+    ENTRIES = 512
+
+    def __init__(self, via: bytes, limits: http.HeadLimits) -> None:
+        self.via = via
+        self.limits = limits
+        self.requests: dict[bytes, RequestEntry] = {}
+        self.responses: dict[tuple[bytes, bytes, bool], ResponseEntry] = {}
+
+    def request(self, raw: bytes) -> RequestEntry:
+        entry = self.requests.get(raw)
+        if entry is not None:
+            return entry
+        quick = quick_request(raw, self.via, self.limits)
+        entry = _NO_REQUEST if quick is None else RequestEntry(
+            quick, binds_request(quick.out), f"{quick.dest.host}:{quick.dest.port}")
+        if len(raw) <= self.HEAD_MAX:
+            if len(self.requests) >= self.ENTRIES:
+                self.requests.clear()
+            self.requests[raw] = entry
+        return entry
+
+    def response(self, raw: bytes, method: bytes, close: bool) -> ResponseEntry:
+        key = (raw, method, close)
+        entry = self.responses.get(key)
+        if entry is not None:
+            return entry
+        quick = quick_response(raw, self.via, method, close, self.limits)
+        entry = _NO_RESPONSE if quick is None else ResponseEntry(
+            quick, binds_response(quick.out))
+        if len(raw) <= self.HEAD_MAX:
+            if len(self.responses) >= self.ENTRIES:
+                self.responses.clear()
+            self.responses[key] = entry
+        return entry
 
 
 class SendBatcher:
@@ -119,21 +192,9 @@ class FastLane:
         self.quick_raw = b""
         self.quick_user = "-"
         self.quick_start = 0.0
-        #: the last head each quick function rewrote on this connection, and its
-        #: result: a kept-alive client usually repeats its request head byte for byte
-        #: and an origin its response head (Date changes once a second), and both
-        #: functions are pure, so an equal head is not validated and rewritten again
-        #: (with what else depends only on those bytes: whether the request carries
-        #: origin credentials, its target for the access log, whether the response
-        #: starts a connection-based authentication)
-        self.last_raw = b""
-        self.last_quick: QuickRequest | None = None
-        self.last_binds = False
-        self.last_where = ""
-        self.last_rraw = b""
-        self.last_rfor: QuickRequest | None = None
-        self.last_rquick: QuickResponse | None = None
-        self.last_rbinds = False
+        self.memo = host.head_memo()
+        #: the memory's entry of the quick request in flight
+        self.quick_entry = _NO_REQUEST
         self.status = 0
         self.client_keep = True
         self.upstream_keep = True
@@ -344,9 +405,9 @@ class FastLane:
                 and not (self.out or self.pending or self.fut.done()):
             # exactly one whole head, the usual keep-alive request: no reader needed
             raw = data[:-4]
-            quick = self._quick_request(raw)
-            if quick is not None:
-                return self._start_quick(quick, raw)
+            entry = self.memo.request(raw)
+            if entry.quick is not None:
+                return self._start_quick(entry, raw)
         self.reader.feed(data)
         if self.state == READ_HEAD:
             self._next_request()
@@ -368,27 +429,18 @@ class FastLane:
                     return self._finish(Handoff("error", error=self.gc.idle_end(
                         self.reader.buffered, eof=True)))
                 return self._resume()
-            quick = self._quick_request(raw)
-            if quick is not None:
-                return self._start_quick(quick, raw)
+            entry = self.memo.request(raw)
+            if entry.quick is not None:
+                return self._start_quick(entry, raw)
             head = http.parse_request(raw, limits)
         except http.HTTPError as exc:
             return self._finish(Handoff("error", error=exc))
         self._start(head)
 
-    def _quick_request(self, raw: bytes) -> QuickRequest | None:
-        """:func:`quick_request` of ``raw``, remembered for an equal next head."""
-        if raw == self.last_raw:
-            return self.last_quick
-        quick = quick_request(raw, self.via, self.limits)
-        self.last_raw, self.last_quick = raw, quick
-        if quick is not None:
-            self.last_binds = binds_request(quick.out)
-            self.last_where = f"{quick.dest.host}:{quick.dest.port}"
-        return quick
-
-    def _start_quick(self, q: QuickRequest, raw: bytes) -> None:
+    def _start_quick(self, entry: RequestEntry, raw: bytes) -> None:
         """The common case: checks from the connection's caches, then one send."""
+        q = entry.quick
+        assert q is not None
         user = self.host.cached_user(q.auth) if self.policy.auth else "-"
         self.last_in_flight = q.close  # (before _route, which may resume reading)
         ready = self._route(q.dest, user)
@@ -401,9 +453,9 @@ class FastLane:
         self.gc.started()
         up = self.gc.upstream
         assert up is not None and user is not None
-        if self.last_binds if q is self.last_quick else binds_request(q.out):
+        if entry.binds:
             up.private = True
-        self.quick, self.quick_raw = q, raw
+        self.quick, self.quick_raw, self.quick_entry = q, raw, entry
         self.quick_user, self.quick_start = user, time.monotonic()
         self.exchange = None
         self.body_sent = False
@@ -661,28 +713,24 @@ class FastLane:
         self.upstream_keep = relayed.upstream_keep
         self._send_response(relayed.head.serialize(), resp.status, n, rest)
 
-    def _quick_response(self, raw: bytes, arrived: int) -> QuickResponse | None:
+    def _quick_response(self, raw: bytes, arrived: int) -> ResponseEntry | None:
         """The common case for the quick request in flight (``arrived``: body bytes
         already here), unless its body is big enough for the coroutine's pump."""
         q = self.quick
         if q is None:
             return None
-        if raw == self.last_rraw and q is self.last_rfor:
-            quick = self.last_rquick  # the same head to the same request: same answer
-        else:
-            quick = quick_response(raw, self.via, q.method, q.close, self.limits)
-            self.last_rraw, self.last_rfor, self.last_rquick = raw, q, quick
-            self.last_rbinds = quick is not None and binds_response(quick.out)
+        entry = self.memo.response(raw, q.method, q.close)
+        quick = entry.quick
         if quick is None or not self.gc.lane_takes_quick_response(quick.length, arrived):
             return None
-        return quick
+        return entry
 
-    def _send_quick(self, quick: QuickResponse, rest: bytes) -> None:
-        assert self.quick is not None
+    def _send_quick(self, entry: ResponseEntry, rest: bytes) -> None:
+        assert self.quick is not None and entry.quick is not None
+        quick = entry.quick
         self.client_keep = not self.quick.close
         self.upstream_keep = quick.upstream_keep
-        binds = self.last_rbinds if quick is self.last_rquick else binds_response(quick.out)
-        self._send_response(quick.out, quick.status, quick.length, rest, binds)
+        self._send_response(quick.out, quick.status, quick.length, rest, entry.binds)
 
     def _send_response(self, head: bytes, status: int, n: int, rest: bytes,
                        binds: bool | None = None) -> None:
@@ -730,8 +778,7 @@ class FastLane:
                                   ex.user, ex.where)
         elif q is not None:
             self.host.log_request(self.conn, q, self.status, self.size, self.quick_start,
-                                  self.quick_user, self.last_where if q is self.last_quick
-                                  else f"{q.dest.host}:{q.dest.port}")
+                                  self.quick_user, self.quick_entry.where)
         keep, drop = self.gc.done(client_keep=self.client_keep,
                                   upstream_keep=self.upstream_keep, spoiled=self.spoiled)
         if drop is not None:

@@ -38,7 +38,7 @@ from kakehashi.gateway.connection import LOCAL, TUNNEL, GatewayConnection, Polic
 from kakehashi.gateway.event_endpoint import LocalEndpoints
 from kakehashi.gateway.events import EventHub, TopicHub
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
-from kakehashi.gateway.fastlane import FastLane, SendBatcher
+from kakehashi.gateway.fastlane import FastLane, HeadMemo, SendBatcher
 from kakehashi.gateway.gzipdec import GzipDecoder, decoded_response_head
 from kakehashi.gateway.pool import UpstreamPool, binds_request, binds_response, still_idle
 from kakehashi.gateway.proxyauth import ProxyAuth
@@ -104,6 +104,7 @@ class GatewayServer:
                              read_timeout=s.read_timeout, gzip_decode=s.gzip_decode,
                              auth=auth is not None, fast_lane=s.fast_lane)
         self._batcher: SendBatcher | None = None
+        self._head_memo = HeadMemo(self.via, s.limits)
         self.pool = UpstreamPool(idle=self.settings.upstream_idle)
         #: one JSON line per request (line-buffered: a write per line, no logging stack)
         self.access_file = open(access_log, "a", buffering=1, encoding="utf-8") \
@@ -135,6 +136,10 @@ class GatewayServer:
         if self._batcher is None:
             self._batcher = SendBatcher(asyncio.get_running_loop())
         return self._batcher
+
+    def head_memo(self) -> HeadMemo:
+        """The fast lanes' shared memory of rewritten heads."""
+        return self._head_memo
 
     # -- one client connection ---------------------------------------------------
     async def handle_connection(self, conn: Conn) -> None:
