@@ -102,7 +102,7 @@ local h = redis.call('HGETALL', KEYS[1])
 local sum = 0
 for i = 1, #h, 2 do
   if h[i] == ARGV[1] or redis.call('EXISTS', ARGV[3] .. h[i]) == 1 then
-    sum = sum + tonumber(h[i + 1])
+    sum = sum + math.max(0, tonumber(h[i + 1]) or 0)
   else
     redis.call('HDEL', KEYS[1], h[i])
   end
@@ -155,6 +155,9 @@ class SwitchCluster:
         #: an admission and a renewal of the counts never overlap (a renewal writes
         #: this node's counts whole: one admitted meanwhile would be written over)
         self._counting = asyncio.Lock()
+        #: service -> count-downs scheduled and not yet written (a renewal adds them
+        #: back, since they are written after it)
+        self._down: dict[str, int] = {}
         #: service -> live connections over the cluster, as last read
         self.totals: dict[str, int] = {}
 
@@ -262,8 +265,16 @@ class SwitchCluster:
     def uncount(self, service: str, n: int = 1) -> None:
         """Count ``n`` of this node's connections of ``service`` off in Redis."""
         self.counted[service] = max(0, self.counted.get(service, 0) - n)
-        task = asyncio.get_running_loop().create_task(
-            self.redis.hincrby(live_key(service), self.node, -n))
+        self._down[service] = self._down.get(service, 0) + n
+
+        async def down() -> None:  # never in the middle of a renewal
+            async with self._counting:
+                try:
+                    await self.redis.hincrby(live_key(service), self.node, -n)
+                finally:  # written, or lost with Redis (the next renewal repairs it)
+                    self._down[service] -= n
+
+        task = asyncio.get_running_loop().create_task(down())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def sync_counts(self, live: dict[str, int]) -> None:
@@ -281,8 +292,9 @@ class SwitchCluster:
             pipe = self.redis.pipeline(transaction=False)
             for service in sorted(set(live) | set(self.counted)):
                 n = live.get(service, 0)
-                if n:
-                    pipe.hset(live_key(service), self.node, n)
+                held = n + self._down.get(service, 0)  # what Redis holds before those
+                if held:
+                    pipe.hset(live_key(service), self.node, held)
                 else:
                     pipe.hdel(live_key(service), self.node)
                 self.counted[service] = n

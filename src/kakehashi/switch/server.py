@@ -543,8 +543,12 @@ class SwitchServer:
         another node as its home last stored it: deleted ones are not stored)."""
         tunnels = list(self.switch.tunnels.values())
         if self.cluster is not None:
-            tunnels += [tn.Tunnel.from_doc(doc) for tid, doc in self.store.list(TUNNEL)
-                        if doc.get("home") != self.node and tid not in self.switch.tunnels]
+            for tid, doc in self.store.list(TUNNEL):
+                if tid in self.switch.tunnels:
+                    continue
+                with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+                    if doc.get("home") != self.node:  # (a bad record is not listed)
+                        tunnels.append(tn.Tunnel.from_doc(doc))
         return [{**t.view(), "home": t.home or self.node}
                 for t in sorted(tunnels, key=lambda t: t.created)
                 if (who.role == "admin" or t.user == who.user)
@@ -555,7 +559,8 @@ class SwitchServer:
         t = self.switch.tunnels.get(tid)
         if t is None and self.cluster is not None:
             doc = self.store.get(TUNNEL, tid)
-            t = tn.Tunnel.from_doc(doc) if doc else None
+            with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+                t = tn.Tunnel.from_doc(doc) if doc else None
         if t is None or (who.role != "admin" and t.user != who.user):
             raise ApiError(404, "unknown-tunnel", f"no tunnel {tid[:64]!r} of yours")
         return {**t.view(), "home": t.home or self.node}
