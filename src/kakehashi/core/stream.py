@@ -844,6 +844,20 @@ class Listener:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+class WriteLock(asyncio.Lock):
+    """The lock that keeps whole frames whole on one connection, which can also be
+    taken without waiting (:meth:`FramedConn.send_now`)."""
+
+    def try_acquire(self) -> bool:
+        """Take the lock now if nobody holds it or waits for it. (A waiter that
+        ``release`` woke but that has not run yet owns the next turn: asyncio.Lock
+        keeps its waiters in ``_waiters``.)"""
+        if self.locked() or self._waiters:
+            return False
+        self._locked = True
+        return True
+
+
 class FramedConn:
     """A connection carrying kakehashi frames, parsed by :class:`wire.FrameDecoder`.
 
@@ -858,7 +872,9 @@ class FramedConn:
     def __init__(self, conn: Conn, limits: wire.Limits = wire.DEFAULT_LIMITS) -> None:
         self.conn = conn
         self.decoder = wire.FrameDecoder(limits)
-        self.write_lock = asyncio.Lock()
+        self.write_lock = WriteLock()
+        #: the task sending the rest of a frame :meth:`send_now` wrote only in part
+        self._rest: asyncio.Task[None] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_rx = asyncio.get_running_loop().time()
@@ -977,23 +993,51 @@ class FramedConn:
             await self.conn.send_all(data)
             self.bytes_out += len(data)
 
-    def send_now(self, data: bytes) -> int:
-        """Write without waiting if nobody else is writing; returns bytes written.
+    def send_now(self, data: bytes, rest_timeout: float) -> bool:
+        """Send ``data`` (whole frames) at once if nobody else is writing: True when
+        it is out or on its way, False when nothing was written (the caller queues it).
 
         A small control message almost always fits in the socket buffer, so the
-        caller saves a task and a loop round trip. Only plain sockets qualify (TLS
-        records must go through the TLS object in order).
+        caller saves a task and a loop round trip. When the socket takes only part of
+        it, the write lock stays taken and a task sends the rest (within
+        ``rest_timeout``, else the connection is cut: a frame cut short leaves the
+        stream unusable). Everything written after a partial write - a data frame
+        the pump forwards, the next message - queues behind it on the lock, so
+        nothing lands inside the frame. Only plain sockets qualify (TLS records must
+        go through the TLS object in order).
         """
-        if self.write_lock.locked() or not self.conn.plain or self.conn.closed:
-            return 0
+        lock = self.write_lock
+        if not self.conn.plain or self.conn.closed or not lock.try_acquire():
+            return False
         try:
             sent = self.conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError:
-            return 0
+        except OSError:  # (BlockingIOError included) the queued send meets it again
+            sent = 0
+        if sent == len(data) or not sent:
+            lock.release()
+            self.bytes_out += sent
+            return bool(sent)
         self.bytes_out += sent
-        return sent
+        self._rest = asyncio.create_task(self._send_rest(memoryview(data)[sent:],
+                                                         rest_timeout))
+        return True
+
+    async def _send_rest(self, rest: memoryview, timeout: float) -> None:
+        """The rest of a partial :meth:`send_now`, with the write lock held."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.conn.send_all(rest)
+            self.bytes_out += len(rest)
+        except (OSError, ConnClosed, TimeoutError):
+            self.conn.cut()  # the reader sees the end, and its cleanup closes the link
+        finally:
+            self.write_lock.release()
+
+    async def flushed(self) -> None:
+        """Wait until what :meth:`send_now` accepted has been written (or failed)."""
+        rest = self._rest
+        if rest is not None and not rest.done():
+            await asyncio.shield(rest)
 
     async def send_frame(self, ftype: wire.FrameType, payload: bytes = b"") -> None:
         await self.send(wire.encode_header(ftype, len(payload)) + payload)

@@ -436,11 +436,8 @@ class RelayServer:
                 self._cut(link)
                 return
             idle = not link.outbox and (link.flusher is None or link.flusher.done())
-            if idle and not delay:
-                sent = link.framed.send_now(data)
-                if sent == len(data):
-                    return
-                data = data[sent:]  # the rest goes first, in order
+            if idle and not delay and link.framed.send_now(data, SEND_TIMEOUT):
+                return  # out, or its rest on the way with the link's write lock held
             if link.outbox_bytes + len(data) > OUTBOX_BYTES:
                 log.warning("conn %d does not read its messages (%d bytes queued); closing it",
                             cid, link.outbox_bytes)
@@ -486,13 +483,16 @@ class RelayServer:
                 return
 
     async def _drain(self, link: Link) -> None:
+        """Until every message queued for ``link`` has been written."""
+        await link.framed.flushed()
         while link.flusher is not None and not link.flusher.done():
             await asyncio.shield(link.flusher)
 
     def _hold(self, link: Link) -> None:
         """A connection-hold command on an inter-node link this node opened, also
         during a session: written whole under the link's write lock, between two
-        frames the pump forwards (never the partial write of :meth:`_enqueue`)."""
+        frames the pump forwards (and never inside a message :meth:`_enqueue` wrote
+        only in part: its rest holds the lock)."""
         if link.framed.write_lock.locked():
             return  # a frame is going out: the called node hears from this link anyway
 

@@ -1,0 +1,145 @@
+"""The relay server's per-link outbox against the other writers of the same link.
+
+A control message goes out directly when the link is idle (``_enqueue``), and when
+the socket takes only part of it, the rest is sent from a task. Until that rest is
+out, nothing else may be written to the link: a data frame the pump forwards from
+the paired connection, or a frame written under the link's write lock, would land
+inside the control message and the terminal would read garbage (its frame decoder
+takes the data frame's bytes as the rest of the message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from kakehashi.core import wire
+from kakehashi.core.pump import FramedSink
+from kakehashi.core.stream import Conn, FramedConn
+from kakehashi.relay import messages as m
+from kakehashi.relay.server import Link, RelayServer
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """Run a case on both loops (the servers use uvloop)."""
+    factory = asyncio.new_event_loop
+    if request.param == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+
+    def run(case: Coroutine[Any, Any, None]) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(case)
+
+    return run
+
+
+def _who_list(size: int) -> m.WhoList:
+    """A user list page of about ``size`` encoded bytes (far more than a small
+    socket buffer takes at once)."""
+    users = [m.UserInfo(user=f"user{i:06d}", encryption="optional", services=["ssh"])
+             for i in range(size // 60)]
+    return m.WhoList(users=users)
+
+
+async def _frames(sock: socket.socket, writers_done: Callable[[], bool]) -> list[wire.Frame]:
+    """Everything the terminal receives until the writers are done, as frames (the
+    decoder refuses garbage: an unknown frame type, an oversized control frame)."""
+    received = bytearray()
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            if writers_done():
+                break
+            await asyncio.sleep(0.001)  # (a busy poll: the writers run meanwhile)
+            continue
+        assert data, "the link was closed"
+        received += data
+    decoder = wire.FrameDecoder()
+    decoder.feed(bytes(received))
+    frames = list(decoder.frames())
+    assert not decoder.buffered, "bytes left that make no whole frame"
+    return frames
+
+
+def _payload(msg: m.Msg) -> bytes:
+    return m.RELAY_CODEC.encode(msg)[wire.HEADER_SIZE:]
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of loopback TCP sockets (what a terminal's link is)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        theirs = socket.create_connection(server.getsockname())
+        mine, _ = server.accept()
+    return mine, theirs
+
+
+def _flushed(link: Link) -> bool:
+    """Nothing of the link's left to send (its outbox, a partly sent message)."""
+    return (link.flusher is None or link.flusher.done()) and not link.framed.write_lock.locked()
+
+
+async def _link(server: RelayServer) -> tuple[Link, socket.socket]:
+    """A link whose terminal (the returned socket) reads nothing yet, with a send
+    buffer far smaller than a big control message."""
+    mine, theirs = _tcp_pair()
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setblocking(False)
+    link = Link(1, FramedConn(Conn(mine)))
+    server.links[link.cid] = link
+    return link, theirs
+
+
+async def _a_data_frame_waits_for_the_rest_of_a_partly_sent_message() -> None:
+    server = RelayServer(None)  # type: ignore[arg-type]  (no logins here)
+    link, terminal = await _link(server)
+    # the paired connection's reader has a data frame for this link (the pump's sink)
+    src_mine, src_theirs = socket.socketpair()
+    src = FramedConn(Conn(src_mine))
+    payload = b"d" * 300
+    src.received(wire.encode_header(wire.FrameType.DATA, len(payload)) + payload)
+    assert src.decoder.next_header() == (wire.FrameType.DATA, len(payload))
+    msg = _who_list(60_000)
+    server._enqueue(link.cid, msg, 0.0)
+    assert link.framed.bytes_out < len(m.RELAY_CODEC.encode(msg))  # only part went out
+    forwarded = asyncio.create_task(FramedSink(link.framed).data(src, len(payload)))
+    frames = await _frames(terminal, lambda: forwarded.done() and _flushed(link))
+    await forwarded
+    assert len(frames) == 2
+    assert frames[0].type is wire.FrameType.CTRL
+    assert m.TERMINAL_CODEC.decode(frames[0].payload) == msg
+    assert (frames[1].type, frames[1].payload) == (wire.FrameType.DATA, payload)
+    for s in (terminal, src_mine, src_theirs):
+        s.close()
+    link.framed.conn.close()
+
+
+async def _a_locked_write_and_later_messages_keep_their_place() -> None:
+    server = RelayServer(None)  # type: ignore[arg-type]
+    link, terminal = await _link(server)
+    first = _who_list(60_000)
+    server._enqueue(link.cid, first, 0.0)
+    # a frame written under the link's write lock (an inter-node hold, an error
+    # report) right after the partial write, then another message
+    hold = asyncio.create_task(link.framed.send(m.RELAY_CODEC.encode(m.Hold())))
+    server._enqueue(link.cid, m.HoldAck(seq=7), 0.0)
+    frames = await _frames(terminal, lambda: hold.done() and _flushed(link))
+    await hold
+    assert [f.type for f in frames] == [wire.FrameType.CTRL] * 3
+    got = [f.payload for f in frames]
+    assert got == [_payload(first), _payload(m.Hold()), _payload(m.HoldAck(seq=7))]
+    terminal.close()
+    link.framed.conn.close()
+
+
+def test_a_data_frame_waits_for_the_rest_of_a_partly_sent_message(run):
+    run(_a_data_frame_waits_for_the_rest_of_a_partly_sent_message())
+
+
+def test_a_locked_write_and_later_messages_keep_their_place(run):
+    run(_a_locked_write_and_later_messages_keep_their_place())
