@@ -1,5 +1,6 @@
 """Issue 9's proof of volume: 100,000 datagrams with payload checks through three real
-proxy processes and ``chain forward``, plaintext and encrypted.
+proxy processes and ``chain forward``, plaintext and encrypted, with the fast path on and
+with the kernel fast path (root and nft; the forwarding hops relay in nftables).
 
 Every datagram carries its number and a payload derived from it; each echo is checked
 byte for byte. A corrupted, foreign or duplicated echo fails the test at once; loss
@@ -13,6 +14,7 @@ import socket
 
 import pytest
 
+from kakehashi.core.kernelpath import KernelPath
 from tests.e2e.framework import Env
 from tests.e2e.test_chain import Chain
 
@@ -51,10 +53,12 @@ def run(port: int) -> tuple[int, int]:
     return len(seen), TOTAL - len(seen)
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+@pytest.fixture(scope="module", params=["on", "kernel"], ids=["fast-path", "kernel-path"])
+def chain(tmp_path_factory, request):
+    if request.param == "kernel" and KernelPath.unavailable() is not None:
+        pytest.skip(f"kernel fast path: {KernelPath.unavailable()}")
     env = Env(tmp_path_factory.mktemp("chain-volume"))
-    c = Chain(env)
+    c = type("VolumeChain", (Chain,), {"fast_path": request.param})(env)
     try:
         yield c
     finally:
