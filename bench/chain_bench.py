@@ -12,7 +12,13 @@ fast path), ``chain iterative``, ``chain encrypted`` (AES-256-GCM between the cl
 the last proxy), ``chain, fast path off`` (three other proxies and a forward, all with
 ``--fast-path off``: asyncio datagram transports), ``chain (client library)`` (the
 sender's own socket is the chain's P1, as with kakehashi.chain.api: three forwarding
-processes, like socat x3). Everything stays up for the whole run and the rows are
+processes, like socat x3). The ``kernel`` rows run three other proxies with ``--fast-path
+kernel`` (root and nft: each session that only forwards is handed to nftables once its
+port record locked): ``chain, kernel path`` (the forward with ``--fast-path kernel`` too:
+plaintext, so every hop, the forward's local port included, rewrites in the kernel),
+``chain encrypted, kernel path`` (fw1 and fw2 forward ciphertext in the kernel; fw3 and
+the forward seal and open in user space), ``chain (client library), kernel path``.
+Everything stays up for the whole run and the rows are
 measured in **rounds**, interleaved (each round every row once, starting one row later
 than the round before), so the shared machine's drift hits every row alike; each figure
 is the median over the rounds, and the ratio to socat x3 is the median of the per-round
@@ -108,10 +114,14 @@ def latency(port: int | tuple[str, int], count: int,
 
 
 ROWS = ["direct", "socat", "chain", "chain-iterative", "chain-encrypted", "chain-off",
-        "library"]
+        "library", "chain-kernel", "chain-kernel-encrypted", "library-kernel"]
 TITLES = {"direct": "direct", "socat": "socat x3", "chain": "chain",
           "chain-iterative": "chain iterative", "chain-encrypted": "chain encrypted",
-          "chain-off": "chain, fast path off", "library": "chain (client library)"}
+          "chain-off": "chain, fast path off", "library": "chain (client library)",
+          "chain-kernel": "chain, kernel path",
+          "chain-kernel-encrypted": "chain encrypted, kernel path",
+          "library-kernel": "chain (client library), kernel path"}
+KERNEL_ROWS = {"chain-kernel", "chain-kernel-encrypted", "library-kernel"}
 
 
 def main() -> int:
@@ -174,9 +184,12 @@ def main() -> int:
 
         cports = proxies("on", 46000)
         off_ports = proxies("off", 47000) if "chain-off" in chosen else []
+        k_ports = proxies("kernel", 48000) if KERNEL_ROWS & set(chosen) else []
         forwards = {"chain": (cports, []), "chain-iterative": (cports, ["--mode", "iterative"]),
                     "chain-encrypted": (cports, ["--encrypt"]),
-                    "chain-off": (off_ports, ["--fast-path", "off"])}
+                    "chain-off": (off_ports, ["--fast-path", "off"]),
+                    "chain-kernel": (k_ports, ["--fast-path", "kernel"]),
+                    "chain-kernel-encrypted": (k_ports, ["--encrypt", "--fast-path", "kernel"])}
         for name, (cp, extra) in forwards.items():
             if name not in chosen:
                 continue
@@ -193,15 +206,18 @@ def main() -> int:
         # socket is P1, so three forwarding processes are between it and the server, as
         # with socat x3
         loop = asyncio.new_event_loop()
-        lib = None
-        if "library" in chosen:
+        libs = []
+        for name, cp in (("library", cports), ("library-kernel", k_ports)):
+            if name not in chosen:
+                continue
             lib = loop.run_until_complete(build_chain(ForwardConfig(
                 "alice", {f"fw{i}": crypto.parse_shared_key(keys[f"a{i}"]) for i in (1, 2, 3)},
-                Hop("fw1", "127.0.0.1", cports[0]), ("127.0.0.1", echo_port),
+                Hop("fw1", "127.0.0.1", cp[0]), ("127.0.0.1", echo_port),
                 ("127.0.0.1", 0))))
+            libs.append(lib)
             data_sock: socket.socket = lib.data_sock  # type: ignore[assignment]
             data_sock.setblocking(True)
-            targets["library"] = (lib.setup.first.addr, data_sock)  # type: ignore[union-attr]
+            targets[name] = (lib.setup.first.addr, data_sock)  # type: ignore[union-attr]
 
         rounds: dict[str, list[tuple[float, float, float]]] = {r: [] for r in chosen}
         for rnd in range(args.rounds):
@@ -213,7 +229,7 @@ def main() -> int:
                 rate = throughput(dst, args.seconds, sock=sock)
                 p50, p99 = latency(dst, args.pings, sock=sock)
                 rounds[name].append((rate, p50, p99))
-        if lib is not None:
+        for lib in libs:
             lib.close()
             lib.data_sock.close()  # type: ignore[attr-defined]
         loop.close()
@@ -257,11 +273,14 @@ def main() -> int:
     if setup_rows:
         print()
         print(table(["three-proxy chain setup", "median ms"], setup_rows))
-    if "chain" in rounds and "chain-encrypted" in rounds:
-        enc = median([e[0] / c[0] for e, c in zip(rounds["chain-encrypted"], rounds["chain"],
-                                                    strict=True)])
-        print(f"\nencrypted/plaintext (median of per-round ratios): {enc:.2f}x "
-              "(target >= 0.5)")
+    for e_row, p_row in (("chain-encrypted", "chain"), ("chain-kernel-encrypted", "chain"),
+                         ("chain-kernel-encrypted", "chain-kernel"),
+                         ("chain-encrypted", "chain-kernel")):
+        if e_row in rounds and p_row in rounds:
+            enc = median([e[0] / c[0] for e, c in zip(rounds[e_row], rounds[p_row],
+                                                        strict=True)])
+            print(f"{TITLES[e_row]} / {TITLES[p_row]} (datagrams/s, median of per-round "
+                  f"ratios): {enc:.2f}x (target >= 0.5)")
     return 0
 
 
