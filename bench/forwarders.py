@@ -213,12 +213,16 @@ class Kakehashi:
         return self._identities
 
     def start_route(self, procs: Procs, target: int, *, tls: bool,
-                    splice: bool = True, e2e: bool = False, fast_path: bool = True) -> Route:
+                    splice: bool = True, e2e: bool = False, fast_path: bool = True,
+                    env: dict[str, str] | None = None) -> Route:
         """client -> connect -> relay -> agent -> target, all three processes started here.
 
         ``e2e``: the session is sealed end to end (the relay forwards sealed frames);
-        ``fast_path=False``: KAKEHASHI_FAST_PATH=off (TLS through memory BIOs)."""
-        env = {} if splice else {"KAKEHASHI_NO_SPLICE": "1"}
+        ``fast_path=False``: KAKEHASHI_FAST_PATH=off (TLS through memory BIOs);
+        ``env``: more environment for the three processes (e.g. PYTHONPATH)."""
+        env = dict(env or {})
+        if not splice:
+            env["KAKEHASHI_NO_SPLICE"] = "1"
         if not fast_path:
             env["KAKEHASHI_FAST_PATH"] = "off"
         ids = self.identities() if e2e else {}

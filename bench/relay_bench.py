@@ -73,7 +73,7 @@ SERVERS = str(HERE / "servers.py")
 THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
                    "relay-tls", "relay-tls-nofast", "relay-e2e", "relay-tls-e2e"]
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "link-spare",
-              "link-new", "link-new-tls"]
+              "link-new", "link-new-tls", "relay-old", "relay-tls-old"]
 BASELINES = ["direct", "haproxy"]
 
 SETUP_TARGET_MS = 1.0
@@ -317,29 +317,64 @@ def run_async(coro):
     return runner(coro)
 
 
-def measure_setup(key: str, args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path,
-                  echo: int) -> dict:
-    with Procs(workdir) as procs:
-        if key.startswith("link-"):
-            tls = key.endswith("-tls")
-            relay_port, _ = kk.serve(procs, tls=tls)
-            kk.agent(procs, relay_port, {"echo": echo}, tls=tls)
-            name = {"link-spare": "in-process terminal, spare link (plaintext)",
-                    "link-new": "in-process terminal, new link per session (plaintext)",
-                    "link-new-tls": "in-process terminal, new link per session (TLS)"}[key]
-            samples = run_async(time_link_sessions(
-                relay_port, kk.ca, tls=tls, new_link=key != "link-spare", count=args.sessions,
-                gap=args.gap))
-        else:
-            route = start_route(key, procs, kk, echo)
-            name = route.name + (" (CLI connect, spares 2)" if key.startswith("relay") else "")
-            samples = time_sessions(route.port, args.sessions, args.gap)
+def _start_setup_route(key: str, procs: Procs, kk: fw.Kakehashi, echo: int,
+                       old_src: str | None) -> fw.Route:
+    """A setup route; ``relay-old``/``relay-tls-old`` run the relay, agent and connect
+    processes from ``old_src`` (a source tree's ``src``) for before/after in one run."""
+    if key.endswith("-old"):
+        if not old_src:
+            raise SystemExit(f"{key} needs --old-src")
+        route = kk.start_route(procs, echo, tls=key.startswith("relay-tls"),
+                               env={"PYTHONPATH": old_src})
+        route.name += " (old source)"
+        return route
+    route = start_route(key, procs, kk, echo)
+    if key.startswith("relay"):
+        route.name += " (CLI connect, spares 2)"
+    return route
+
+
+def _setup_result(name: str, samples: list[float]) -> dict:
     ms = [s * 1000 for s in samples]
     result = {"name": name, "p50": percentile(ms, 50), "p90": percentile(ms, 90),
               "p99": percentile(ms, 99), "n": len(ms)}
     say(f"  {name}: p50 {result['p50']:.3f} ms, p90 {result['p90']:.3f} ms, "
         f"p99 {result['p99']:.3f} ms")
     return result
+
+
+def measure_setup(keys: list[str], args: argparse.Namespace, kk: fw.Kakehashi,
+                  workdir: Path, echo: int) -> dict[str, dict]:
+    """Every process path started once, then rounds that visit each path in turn
+    (--repeat rounds of --sessions/--repeat sessions), so a change in the machine's
+    load hits all of them alike; the in-process ``link-*`` rows run after, each alone."""
+    out: dict[str, dict] = {}
+    routed = [k for k in keys if not k.startswith("link-")]
+    with Procs(workdir) as procs:
+        routes = {k: _start_setup_route(k, procs, kk, echo, args.old_src) for k in routed}
+        samples: dict[str, list[float]] = {k: [] for k in routed}
+        per_round = max(args.sessions // args.repeat, 10)
+        for i in range(args.repeat):
+            for key, route in routes.items():
+                samples[key] += time_sessions(route.port, per_round, args.gap,
+                                              warmup=10 if i == 0 else 2)
+            say(f"  round {i + 1}/{args.repeat} done (load {os.getloadavg()[0]:.1f})")
+        for key, route in routes.items():
+            out[key] = _setup_result(route.name, samples[key])
+    for key in keys:
+        if not key.startswith("link-"):
+            continue
+        with Procs(workdir) as procs:
+            tls = key.endswith("-tls")
+            relay_port, _ = kk.serve(procs, tls=tls)
+            kk.agent(procs, relay_port, {"echo": echo}, tls=tls)
+            name = {"link-spare": "in-process terminal, spare link (plaintext)",
+                    "link-new": "in-process terminal, new link per session (plaintext)",
+                    "link-new-tls": "in-process terminal, new link per session (TLS)"}[key]
+            out[key] = _setup_result(name, run_async(time_link_sessions(
+                relay_port, kk.ca, tls=tls, new_link=key != "link-spare", count=args.sessions,
+                gap=args.gap)))
+    return {k: out[k] for k in keys}
 
 
 def setup_rows(results: dict[str, dict]) -> list[Row]:
@@ -798,6 +833,8 @@ def parse_args() -> argparse.Namespace:
                     help="throughput client/sink (python: own sender and sink)")
     ap.add_argument("--sessions", type=int, help="sessions per setup row (default 300; quick 50)")
     ap.add_argument("--gap", type=float, default=0.01, help="pause between sessions (s)")
+    ap.add_argument("--old-src", help="a source tree's src directory for the setup rows "
+                    "relay-old and relay-tls-old (before/after in one interleaved run)")
     ap.add_argument("--agents", type=int, help="idle agents (default 10000; quick 1000)")
     ap.add_argument("--concurrency", type=int, default=500, help="agent logins in flight")
     ap.add_argument("--window", type=float, help="idle CPU window in s (default 60; quick 20)")
@@ -834,6 +871,8 @@ def main() -> int:
         print("cluster:    nodes, idle")
         return 0
     rows = selected(args.only.split(",") if args.only else None)
+    if not args.old_src and "setup" in rows:
+        rows["setup"] = [r for r in rows["setup"] if not r.endswith("-old")]
     check_tools(rows)
     install_signal_exit()
     workdir = Path(tempfile.mkdtemp(prefix="kakehashi-bench-"))
@@ -855,7 +894,7 @@ def main() -> int:
                 server = procs.spawn("echo", [sys.executable, SERVERS, "echo", str(echo),
                                               "--max-seconds", "3600"])
                 wait_listening(echo, proc=server)
-                res = {k: measure_setup(k, args, kk, workdir, echo) for k in rows["setup"]}
+                res = measure_setup(rows["setup"], args, kk, workdir, echo)
             out += setup_rows(res)
             print(table(HEADERS, [r.cells() for r in setup_rows(res)]), flush=True)
         if rows.get("idle"):
