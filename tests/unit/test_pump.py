@@ -271,3 +271,65 @@ async def _sealed_payloads_of_any_size_open_whole() -> None:
 
 def test_sealed_payloads_of_any_size_open_whole(run) -> None:
     run(_sealed_payloads_of_any_size_open_whole())
+
+
+async def _small_writes_go_as_one_frame_then_bulk_is_spliced() -> None:
+    """A session's first bytes (an interactive write) go out as one frame written
+    whole, header and payload together, with no splice pipe made; once a read fills
+    the copy buffer the stream is bulk and the rest is spliced; everything arrives
+    intact and in order, then the EOF frame."""
+    import os
+
+    from kakehashi.core import pump
+
+    made: list[pump.Pipe] = []
+
+    class CountingPipe(pump.Pipe):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    app, app_peer = _pair()
+    link_a, link_b = _pair()
+    framed_b = FramedConn(Conn(link_b))
+    bulk = os.urandom(4 << 20)
+    original = pump.Pipe
+    pump.Pipe = CountingPipe  # type: ignore[misc]
+    try:
+        sender = asyncio.create_task(pump.raw_to_frames(Conn(app), FramedConn(Conn(link_a))))
+        peer = Conn(app_peer)
+        await peer.send_all(b"x")
+        await async_wait_until(lambda: _readable_bytes(link_b) >= wire.HEADER_SIZE + 1,
+                               what="the first frame on the link")
+        # header and payload were written together: the whole frame is there at once
+        assert _readable_bytes(link_b) == wire.HEADER_SIZE + 1
+        assert await framed_b.read_header() == (wire.FrameType.DATA, 1)
+        assert await framed_b.read_payload(1) == b"x"
+        assert made == []  # no pipe for a small write
+        async def feed() -> None:
+            await peer.send_all(bulk)
+            await peer.shutdown_write()
+
+        feeder = asyncio.create_task(feed())
+        got = bytearray()
+        while True:
+            header = await framed_b.read_header()
+            assert header is not None
+            ftype, length = header
+            if ftype is wire.FrameType.EOF:
+                break
+            assert ftype is wire.FrameType.DATA
+            got += await framed_b.read_payload(length)
+        assert bytes(got) == bulk
+        await feeder
+        assert await sender == 1 + len(bulk)
+        if pump.SPLICE_ENABLED:
+            assert len(made) == 1  # the bulk part went through one pipe
+    finally:
+        pump.Pipe = original  # type: ignore[misc]
+        for s in (app, app_peer, link_a, link_b):
+            s.close()
+
+
+def test_small_writes_go_as_one_frame_then_bulk_is_spliced(run) -> None:
+    run(_small_writes_go_as_one_frame_then_bulk_is_spliced())

@@ -38,6 +38,8 @@ _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOC
 
 #: Set KAKEHASHI_NO_SPLICE=1 to force the buffered path (benchmarks, debugging).
 SPLICE_ENABLED = SPLICE_AVAILABLE and os.environ.get("KAKEHASHI_NO_SPLICE") != "1"
+#: an application stream is copied until one read fills this much, then spliced
+SPLICE_AFTER = SMALL_CHUNK
 
 
 class Pipe:
@@ -240,7 +242,31 @@ async def raw_to_frames(
     first, so the link's next message (the release) is read as a message.
     """
     counter = counter or Transfer()
-    if sealing is None and can_splice(src, dst.conn):
+    # Reads are copied (the header in front of the payload in one buffer, sealed
+    # straight into it: one write per frame, no allocation per frame) until one fills
+    # the buffer; a splice-capable stream then moves the rest through a pipe. Small
+    # interactive writes (a session's first bytes) so cost one recv and one send, not
+    # a pipe's creation, a splice in, a header and a splice out - and the peer gets
+    # header and payload in one segment, so it reads the frame in one go too.
+    splice = sealing is None and can_splice(src, dst.conn)
+    overhead = sealing.overhead if sealing else 0
+    room = min(SPLICE_AFTER if splice else RECV_CHUNK, max_data - overhead)
+    buf = memoryview(bytearray(wire.HEADER_SIZE + room + overhead))
+    body = buf[wire.HEADER_SIZE:]
+    plain = memoryview(bytearray(room)) if sealing else body[:room]
+    while n := await src.recv_into(plain):
+        size = n + overhead
+        if sealing:
+            sealing.seal_into(plain[:n], body[:size])
+        buf[: wire.HEADER_SIZE] = wire.encode_header(wire.FrameType.DATA, size)
+        async with dst.write_lock:
+            await _whole_frame(dst, _send_frame_bytes(dst, buf[: wire.HEADER_SIZE + size]))
+        counter.bytes += n
+        if splice and n == room:
+            break  # a bulk stream: splice from here on
+    else:
+        splice = False  # the stream ended
+    if splice:
         pipe = Pipe()
         chunk = min(pipe.size, max_data)
         try:
@@ -250,22 +276,6 @@ async def raw_to_frames(
                 counter.bytes += n
         finally:
             pipe.close()
-    else:
-        # the header goes in front of the payload in one buffer (sealed straight into
-        # it): one write per frame, no concatenation, no allocation per frame
-        overhead = sealing.overhead if sealing else 0
-        room = min(RECV_CHUNK, max_data - overhead)
-        buf = memoryview(bytearray(wire.HEADER_SIZE + room + overhead))
-        body = buf[wire.HEADER_SIZE:]
-        plain = memoryview(bytearray(room)) if sealing else body[:room]
-        while n := await src.recv_into(plain):
-            size = n + overhead
-            if sealing:
-                sealing.seal_into(plain[:n], body[:size])
-            buf[: wire.HEADER_SIZE] = wire.encode_header(wire.FrameType.DATA, size)
-            async with dst.write_lock:
-                await _whole_frame(dst, _send_frame_bytes(dst, buf[: wire.HEADER_SIZE + size]))
-            counter.bytes += n
     await dst.send_frame(wire.FrameType.EOF)
     return counter.bytes
 
