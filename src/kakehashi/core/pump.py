@@ -259,8 +259,11 @@ async def raw_to_frames(
         if sealing:
             sealing.seal_into(plain[:n], body[:size])
         buf[: wire.HEADER_SIZE] = wire.encode_header(wire.FrameType.DATA, size)
+        frame = buf[: wire.HEADER_SIZE + size]
         async with dst.write_lock:
-            await _whole_frame(dst, _send_frame_bytes(dst, buf[: wire.HEADER_SIZE + size]))
+            sent = _send_at_once(dst, frame)
+            if sent < len(frame):
+                await _whole_frame(dst, _send_frame_bytes(dst, frame[sent:]))
         counter.bytes += n
         if splice and n == room:
             break  # a bulk stream: splice from here on
@@ -288,6 +291,23 @@ async def _splice_frame(dst: FramedConn, pipe: Pipe, n: int) -> None:
     await _send_header(dst.conn, wire.encode_header(wire.FrameType.DATA, n))
     await splice_out(pipe, dst.conn, n)
     dst.bytes_out += n + wire.HEADER_SIZE
+
+
+def _send_at_once(dst: FramedConn, data: memoryview) -> int:
+    """As much of ``data`` as a plain socket takes now (the caller holds the write
+    lock): a frame that fits needs no task to guard its write against cancellation,
+    as nothing is left to finish."""
+    conn = dst.conn
+    if not conn.plain or conn.closed:
+        return 0
+    try:
+        sent = conn.sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError:
+        return 0  # the guarded write below meets the error and reports it
+    dst.bytes_out += sent
+    return sent
 
 
 async def _send_frame_bytes(dst: FramedConn, data: memoryview) -> None:
