@@ -149,6 +149,28 @@ def test_link_window_shrinks_when_bodies_queue_but_not_below_the_floor() -> None
     assert p.window == p.floor
 
 
+def test_after_the_first_queueing_the_window_grows_by_a_body_per_round_trip() -> None:
+    """Slow start ends at the first cut: from then on the window creeps up by about
+    one body per round trip instead of doubling (which overshot by a window's worth
+    of queue before each cut)."""
+    p = LinkPacer(floor=256 * 1024, cap=64 << 20, target=0.005)
+    now = 0.0
+    p.sent(1000, now)
+    p.acked(1000, now + 0.001)  # the fastest round trip: 1 ms
+    while p.slow_start:  # doubling until bodies queue (50 ms here)
+        now += 1.0
+        p.sent(p.window, now)
+        rtt = 0.001 if p.window < 4 << 20 else 0.05
+        p.acked(p.sent_total, now + rtt)
+    cut = p.window
+    assert cut < 4 << 20 and p.window >= (4 << 20) * 3 // 4
+    for _ in range(10):  # ten round trips without queueing: ten bodies more
+        now += 1.0
+        p.sent(p.window, now)
+        p.acked(p.sent_total, now + 0.001)
+    assert 9 * LINK_BODY <= p.window - cut <= 11 * LINK_BODY
+
+
 def test_a_slower_path_is_learnt_not_punished_for_ever() -> None:
     """The fastest round trip is remembered for an epoch only: after the path gets
     slower for good, the window grows again."""

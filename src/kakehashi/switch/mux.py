@@ -25,7 +25,8 @@ byte of it. So on a WebSocket link the sender keeps that small: bodies of at mos
 receiver (:class:`LinkPacer`: :class:`~.messages.Ack` says how much it took off the
 link). The window adapts to the path by delay (as TCP Vegas and LEDBAT do): it grows
 while a body's acknowledgement comes back within :data:`QUEUE_TARGET` of the fastest
-one lately, and shrinks by a quarter (at most once a round trip) when bodies start to
+one lately - doubling per round trip until bodies first queue, then by one body per
+round trip - and shrinks by a quarter (at most once a round trip) when bodies
 queue - so a long fat path gets a large window and a loaded loopback a small one,
 instead of the megabytes that the kernel's buffers would otherwise hold in front of
 an interactive frame. Control messages (credit, acknowledgements, instructions) are
@@ -127,6 +128,7 @@ class LinkPacer:
         self._epoch_min = float("inf")
         self._epoch_end = 0.0
         self._hold_until = 0.0
+        self.slow_start = True
 
     @property
     def inflight(self) -> int:
@@ -163,8 +165,14 @@ class LinkPacer:
             self._epoch_min = min(self._epoch_min, rtt)
             self.base_rtt = min(self.base_rtt, rtt)
         if rtt - self.base_rtt <= self.target:
-            self.window = min(self.cap, self.window + n)  # about doubles per round trip
+            # slow start until bodies first queue (the window about doubles per round
+            # trip), then one body more per round trip: doubling again would overshoot
+            # the aim by a whole window before the next cut (megabytes in the kernel's
+            # buffers on a busy machine, in front of every interactive frame)
+            grow = n if self.slow_start else max(1, n * LINK_BODY // self.window)
+            self.window = min(self.cap, self.window + grow)
         elif now >= self._hold_until:
+            self.slow_start = False
             self.window = max(self.floor, self.window * 3 // 4)
             self._hold_until = now + rtt
         return True
