@@ -282,12 +282,10 @@ class ClusterNode:
         full read."""
         nodes = sorted(n.decode() for n in await self.redis.smembers(self._k("nodes"))
                        if n.decode() != self.node)
-        if not nodes:
-            return bool(self.core.directory.users)
-        alive = await self.redis.mget([self._k("node", n) for n in nodes])
+        alive = await self.redis.mget([self._k("node", n) for n in nodes]) if nodes else []
         live = {n for n, a in zip(nodes, alive, strict=True) if a is not None}
         known = {n for per in self.core.directory.users.values() for n in per}
-        return bool(known - live) or bool(live - self._seen_nodes)
+        return fed.membership_changed(live, known, self._seen_nodes)
 
     async def _resync(self) -> None:
         nodes = sorted(n.decode() for n in await self.redis.smembers(self._k("nodes")))

@@ -138,6 +138,20 @@ class Directory:
 
 
 # -- inter-node link authentication -----------------------------------------------------
+def membership_changed(live: set[str], known: set[str], seen: set[str]) -> bool:
+    """Whether a node's cheap check of every renewal calls for a full read now.
+
+    ``live``: the other nodes whose entries are in Redis now; ``known``: the nodes the
+    directory lists users at; ``seen``: the nodes alive at the last full read. A full
+    read is due when a node holding users is gone, a node joined, or a node seen alive
+    is gone - even one whose users were already dropped (a request that found it
+    unreachable forgets its users at once, and without the last condition the node
+    would still be counted, in ``kakehashi_cluster_nodes`` and the warm links, until
+    the periodic full read).
+    """
+    return bool(known - live) or live != seen
+
+
 def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
