@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -409,7 +410,8 @@ def register_agents(db: str, count: int, prefix: str = "a") -> float:
 
     started = time.monotonic()
     registry = RelayUsers(open_store(db), kdf_n=fw.KDF_N)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+    # threads: scrypt releases the GIL, and each add waits on a Redis round trip
+    with ThreadPoolExecutor(max_workers=4 * (os.cpu_count() or 2)) as pool:
         list(pool.map(lambda i: registry.add(UserRecord(name=f"{prefix}{i}"), AGENT_PASSWORD),
                       range(count), chunksize=64))
     return time.monotonic() - started
@@ -622,14 +624,30 @@ def burst_rows(r: dict) -> list[Row]:
 
 
 # == cluster (relay federation) ========================================================
-def _cluster_node(procs: Procs, kk: fw.Kakehashi, url: str, name: str, ttl: float):
+def _cluster_node(procs: Procs, kk: fw.Kakehashi, url: str, name: str, ttl: float, *,
+                  metrics: int | None = None, nofile: int | None = None):
     port = free_port()
+    extra = ["--metrics-listen", f"{LOOPBACK}:{metrics}"] if metrics else []
     proc = procs.spawn(f"node-{name}", kk.argv(
         "relay", "serve", "--listen", f"{LOOPBACK}:{port}", "--db", url, "--tls", "off",
         "--cluster", url, "--node", name, "--advertise", f"{LOOPBACK}:{port}",
-        "--cluster-ttl", str(ttl)), env=kk.env)
+        "--cluster-ttl", str(ttl), *extra), env=kk.env, nofile=nofile)
     proc.wait_for(f"node {name} joined the cluster")
     return port, proc
+
+
+def _cluster_nodes_seen(metrics_port: int) -> int | None:
+    """``kakehashi_cluster_nodes`` of a node's /metrics (None when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics",
+                                    timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("kakehashi_cluster_nodes{"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
 
 
 def _cluster_connect(procs: Procs, kk: fw.Kakehashi, node_port: int, service: str) -> int:
@@ -714,9 +732,13 @@ def measure_cluster(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path) -
 
 def measure_cluster_idle(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Path) -> dict:
     """--agents idle agents spread evenly over three nodes (one load generator per
-    node): RSS per node, Redis memory, the nodes' CPU while only keepalives flow."""
+    node): RSS per node, Redis memory, the nodes' CPU while only keepalives flow; then
+    n3 is killed (SIGKILL) and the time until n1 and n2 count two nodes is taken (the
+    cluster noticing a dead node: its entries expire after the ttl, the others see it
+    at their next renewal)."""
     n = args.agents // 3
     ttl = 6.0
+    nofile = n + 4096  # the agents' connections, the inter-node links, Redis, spares
     with Procs(workdir) as procs:
         rport = free_port()
         redis = procs.spawn("redis", ["redis-server", "--port", str(rport), "--bind", LOOPBACK,
@@ -726,7 +748,9 @@ def measure_cluster_idle(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Pa
         say(f"  registering 3 x {n} users in Redis ...")
         for prefix in ("x", "y", "z"):
             register_agents(url, n, prefix)
-        nodes = [_cluster_node(procs, kk, url, name, ttl) for name in ("n1", "n2", "n3")]
+        mports = [free_port() for _ in range(3)]
+        nodes = [_cluster_node(procs, kk, url, name, ttl, metrics=mp, nofile=nofile)
+                 for name, mp in zip(("n1", "n2", "n3"), mports, strict=True)]
         time.sleep(1.0)
         rss_before = [rss_kib(p.pid) for _, p in nodes]
         gens = []
@@ -742,21 +766,38 @@ def measure_cluster_idle(args: argparse.Namespace, kk: fw.Kakehashi, workdir: Pa
         online = [wait_event(g, "online", timeout=60 + n / 30) for g in gens]
         say("  online: " + ", ".join(f"{o['online']} in {o['seconds']} s" for o in online))
         time.sleep(3.0)
+        load = os.getloadavg()[0]
         cpu0 = [cpu_seconds(p.pid, children=False) for _, p in nodes]
+        gen0 = [cpu_seconds(g.pid, children=False) for g in gens]
         t0 = time.monotonic()
         time.sleep(args.window)
         elapsed = time.monotonic() - t0
         cpu = [cpu_seconds(p.pid, children=False) - c for (_, p), c in zip(nodes, cpu0,
                                                                               strict=True)]
+        gen_cpu = [cpu_seconds(g.pid, children=False) - c for g, c in zip(gens, gen0,
+                                                                             strict=True)]
         rss = [rss_kib(p.pid) for _, p in nodes]
+        alive = [(last_status(g) or {}).get("alive") for g in gens]
         info = subprocess.run(["redis-cli", "-p", str(rport), "info", "memory"],
                               capture_output=True, text=True, timeout=10).stdout
         used = next((int(line.split(":")[1]) for line in info.splitlines()
                      if line.startswith("used_memory:")), 0)
+        seen = [_cluster_nodes_seen(mp) for mp in mports[:2]]
+        # the cluster noticing a dead node: n3 killed, until n1 and n2 count two nodes
+        killed = time.monotonic()
+        os.kill(nodes[2][1].pid, 9)
+        noticed: list[float | None] = [None, None]
+        while None in noticed and time.monotonic() < killed + 60:
+            for i, mp in enumerate(mports[:2]):
+                if noticed[i] is None and _cluster_nodes_seen(mp) == 2:
+                    noticed[i] = time.monotonic() - killed
+            time.sleep(0.05)
     return {"per_node": n, "online": [o["online"] for o in online],
+            "login_seconds": [o["seconds"] for o in online], "alive": alive,
             "rss_before_mb": [r / 1024 for r in rss_before], "rss_mb": [r / 1024 for r in rss],
-            "cpu_pct": [100 * c / elapsed for c in cpu], "redis_mb": used / 1e6,
-            "window": elapsed, "ttl": ttl}
+            "cpu_pct": [100 * c / elapsed for c in cpu],
+            "gen_cpu_pct": [100 * c / elapsed for c in gen_cpu], "redis_mb": used / 1e6,
+            "window": elapsed, "ttl": ttl, "load": load, "seen": seen, "noticed": noticed}
 
 
 def cluster_idle_rows(r: dict) -> list[Row]:
@@ -770,10 +811,19 @@ def cluster_idle_rows(r: dict) -> list[Row]:
             notes=f"{'/'.join(f'{k:.1f}' for k in kb)} KB per agent; online "
                   f"{'/'.join(str(o) for o in r['online'])}"),
         Row("cluster", "idle: nodes' CPU (keepalives, presence renewal, full reads)",
-            f"{cpu} % of a core", notes=f"over {r['window']:.0f} s, --cluster-ttl "
-                                        f"{r['ttl']:g} s"),
+            f"{cpu} % of a core",
+            notes=f"over {r['window']:.0f} s, --cluster-ttl {r['ttl']:g} s; load average "
+                  f"{r['load']:.1f} at the start; the load generators "
+                  f"{'/'.join(f'{v:.1f}' for v in r['gen_cpu_pct'])} %; logins took "
+                  f"{'/'.join(f'{v:.0f}' for v in r['login_seconds'])} s"),
         Row("cluster", f"Redis memory for {total} users' presence", f"{r['redis_mb']:.1f} MB",
             notes="used_memory, users' records included"),
+        Row("cluster", "a node killed (SIGKILL, 1/3 of the agents): noticed by the others",
+            "/".join(f"{v:.1f}" for v in r["noticed"] if v is not None) + " s"
+            if all(v is not None for v in r["noticed"]) else "not within 60 s",
+            notes=f"until n1/n2 count 2 nodes (kakehashi_cluster_nodes); --cluster-ttl "
+                  f"{r['ttl']:g} s, renewal every {r['ttl'] / 3:g} s: at most "
+                  f"{r['ttl'] * 4 / 3:g} s", target=f"<= {r['ttl'] * 4 / 3:g} s"),
     ]
 
 
