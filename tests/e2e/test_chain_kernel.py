@@ -18,6 +18,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -226,3 +227,43 @@ def test_exit_removes_the_table_and_a_dead_process_table_is_cleaned(tmp_path):
         env.close()
         subprocess.run(["nft", "delete", "table", "ip", stale], capture_output=True,
                        check=False)
+
+
+def test_an_offloaded_session_is_busy_while_the_kernel_relays_and_ends_when_idle(tmp_path):
+    """The idle timeout reads the rules' counters: a session whose datagrams all cross in
+    the kernel is not idle (no datagram reaches its sockets), and ends once they stop."""
+    env = Env(tmp_path)
+    c = KernelChain(env, extra={"idle_timeout": "1.5"})
+    try:
+        pids = _pids(c)
+        fwd = c.forward()
+        port = fwd.bound_port()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        try:
+            s.sendto(b"lock", ("127.0.0.1", port))
+            assert s.recv(100) == b"lock"
+            wait_until(lambda: all(sessions(pid) for pid in pids.values()), 15,
+                       what="every hop's rules installed")
+            # keep it busy for three idle timeouts, all through the kernel (the pause
+            # paces the traffic; nothing waits on it)
+            sent = 0
+            end = time.monotonic() + 4.5
+            while time.monotonic() < end:
+                s.sendto(b"busy", ("127.0.0.1", port))
+                assert s.recv(100) == b"busy"
+                sent += 1
+                time.sleep(0.02)
+            assert kernel_packets(pids["fw2"]) >= sent  # both ways, minus the first
+            assert not any("session of alice ended" in p.output() for p in c.procs.values())
+        finally:
+            s.close()
+        for p in c.procs.values():
+            p.wait_for(f"{p.name}: session of alice ended", 20)
+        assert any("idle for 1.5s, closed" in p.output() for p in c.procs.values())
+        wait_until(lambda: all(sessions(pid) == {} for pid in pids.values()), 15,
+                   what="the idle session's rules removed")
+        fwd.stop()
+    finally:
+        env.close()
+        c.close()
