@@ -205,3 +205,33 @@ async def test_tls_half_close_with_records_already_received(ctx, tmp_path, frame
     assert await asyncio.wait_for(server.recv(10), 10) == b""
     server.close()
     client.close()
+
+
+@pytest.mark.parametrize("at_once", [True, False], ids=["at-once", "after-wait"])
+async def test_open_tcp_connects_whether_or_not_the_handshake_is_done_at_once(
+        monkeypatch, at_once):
+    """open_tcp takes a connection that was established by the time ``connect``
+    returned without a readiness wait, and waits for one that was not; both carry
+    data, and a refused port is a ConnectionError either way."""
+    from kakehashi.core import stream
+
+    if not at_once:
+        def started_only(sock: socket.socket, addr: tuple) -> bool:
+            sock.connect_ex(addr)
+            return False  # as if the handshake were still in flight
+
+        monkeypatch.setattr(stream, "_connect_at_once", started_only)
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        conn = await stream.open_tcp("127.0.0.1", port, timeout=5)
+        peer, _ = await loop.sock_accept(listener)
+        try:
+            await conn.send_all(b"hi")
+            assert await loop.sock_recv(peer, 2) == b"hi"
+        finally:
+            peer.close()
+            conn.close()
+    with pytest.raises(ConnectionError):  # the listener is gone: refused
+        await stream.open_tcp("127.0.0.1", port, timeout=5)

@@ -669,7 +669,8 @@ async def open_tcp(host: str, port: int, *, timeout: float = 10.0) -> Conn:
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(_connect(loop, sock, addr), timeout)
+            if not _connect_at_once(sock, addr):
+                await asyncio.wait_for(_connect(loop, sock), timeout)
             return Conn(sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
@@ -677,16 +678,31 @@ async def open_tcp(host: str, port: int, *, timeout: float = 10.0) -> Conn:
     raise ConnectionError(f"cannot connect to {host}:{port}: {last}") from last
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple) -> None:
-    """Non-blocking connect to a resolved address.
+def _connect_at_once(sock: socket.socket, addr: tuple) -> bool:
+    """Start a non-blocking connect; True if it is already established.
 
     ``loop.sock_connect`` resolves the address again (in uvloop through the thread
-    pool even for a literal IP): a third of a millisecond on every session setup.
+    pool even for a literal IP): a third of a millisecond on every session setup. A
+    loopback or LAN handshake has often finished by the time ``connect`` returns
+    EINPROGRESS; then no readiness wait (a registration and a loop round trip) is
+    needed, which is what an agent pays on every session it accepts.
     """
     err = sock.connect_ex(addr)
     if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-        await _wait_fd(loop, sock.fileno(), readable=False)
+        try:
+            sock.getpeername()
+        except OSError:
+            return False  # still in progress (or failed: SO_ERROR says after the wait)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait for a connect that :func:`_connect_at_once` started to finish."""
+    await _wait_fd(loop, sock.fileno(), readable=False)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
 
