@@ -72,7 +72,8 @@ HERE = Path(__file__).resolve().parent
 SERVERS = str(HERE / "servers.py")
 
 THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
-                   "relay-tls", "relay-tls-nofast", "relay-e2e", "relay-tls-e2e"]
+                   "relay-tls", "relay-tls-nofast", "relay-e2e", "relay-tls-e2e", "relay-old",
+                   "relay-tls-old"]
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "link-spare",
               "link-new", "link-new-tls", "relay-old", "relay-tls-old"]
 BASELINES = ["direct", "haproxy"]
@@ -114,7 +115,17 @@ class Transfer:
         return self.bytes / self.seconds / 1e6
 
 
-def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int) -> fw.Route:
+def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
+                old_src: str | None = None) -> fw.Route:
+    """``relay-old``/``relay-tls-old`` run the relay, agent and connect processes from
+    ``old_src`` (a source tree's ``src``): before and after in one interleaved run."""
+    if key.endswith("-old"):
+        if not old_src:
+            raise SystemExit(f"{key} needs --old-src")
+        route = kk.start_route(procs, target, tls=key.startswith("relay-tls"),
+                               env={"PYTHONPATH": old_src})
+        route.name += " (old source)"
+        return route
     starters: dict[str, Callable[[], fw.Route]] = {
         "direct": lambda: fw.direct(target),
         "socat": lambda: fw.start_socat(procs, target),
@@ -179,7 +190,7 @@ def measure_throughput(keys: list[str], args: argparse.Namespace, kk: fw.Kakehas
     a change in the machine's load hits all paths alike (medians of the rounds)."""
     sink = free_port()
     with Procs(workdir) as procs:
-        routes = {key: start_route(key, procs, kk, sink) for key in keys}
+        routes = {key: start_route(key, procs, kk, sink, args.old_src) for key in keys}
         runs: dict[str, list[Transfer]] = {key: [] for key in keys}
         cpu = dict.fromkeys(keys, 0.0)
         for i in range(args.repeat):
@@ -320,17 +331,8 @@ def run_async(coro):
 
 def _start_setup_route(key: str, procs: Procs, kk: fw.Kakehashi, echo: int,
                        old_src: str | None) -> fw.Route:
-    """A setup route; ``relay-old``/``relay-tls-old`` run the relay, agent and connect
-    processes from ``old_src`` (a source tree's ``src``) for before/after in one run."""
-    if key.endswith("-old"):
-        if not old_src:
-            raise SystemExit(f"{key} needs --old-src")
-        route = kk.start_route(procs, echo, tls=key.startswith("relay-tls"),
-                               env={"PYTHONPATH": old_src})
-        route.name += " (old source)"
-        return route
-    route = start_route(key, procs, kk, echo)
-    if key.startswith("relay"):
+    route = start_route(key, procs, kk, echo, old_src)
+    if key.startswith("relay") and not key.endswith("-old"):
         route.name += " (CLI connect, spares 2)"
     return route
 
@@ -885,8 +887,8 @@ def parse_args() -> argparse.Namespace:
                     help="throughput client/sink (python: own sender and sink)")
     ap.add_argument("--sessions", type=int, help="sessions per setup row (default 300; quick 50)")
     ap.add_argument("--gap", type=float, default=0.01, help="pause between sessions (s)")
-    ap.add_argument("--old-src", help="a source tree's src directory for the setup rows "
-                    "relay-old and relay-tls-old (before/after in one interleaved run)")
+    ap.add_argument("--old-src", help="a source tree's src directory for the rows relay-old and "
+                    "relay-tls-old (before/after in one interleaved run)")
     ap.add_argument("--agents", type=int, help="idle agents (default 10000; quick 1000)")
     ap.add_argument("--concurrency", type=int, default=500, help="agent logins in flight")
     ap.add_argument("--window", type=float, help="idle CPU window in s (default 60; quick 20)")
@@ -923,8 +925,8 @@ def main() -> int:
         print("cluster:    nodes, idle")
         return 0
     rows = selected(args.only.split(",") if args.only else None)
-    if not args.old_src and "setup" in rows:
-        rows["setup"] = [r for r in rows["setup"] if not r.endswith("-old")]
+    if not args.old_src:
+        rows = {g: [r for r in rs if not r.endswith("-old")] for g, rs in rows.items()}
     check_tools(rows)
     install_signal_exit()
     workdir = Path(tempfile.mkdtemp(prefix="kakehashi-bench-"))
