@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import socket
+import threading
 import time
 from types import SimpleNamespace
 
@@ -342,6 +343,83 @@ def test_one_request_per_connection_clients_share_the_upstream(lane):
     # every client connection still made (and audited) its own decision
     decisions = [e for e in lane.env.audit() if e["event"] == "target"]
     assert len(decisions) == 5 and all(e["decision"] == "allow" for e in decisions)
+
+
+SMUGGLING_PROBES = [
+    "Content-Length: 5\r\nContent-Length: 60\r\n",
+    "Content-Length: 60\r\nTransfer-Encoding: chunked\r\n",
+    "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+]
+
+
+def test_probes_and_requests_in_parallel_each_get_their_own_answer(lane):
+    """Client connections that come and go in parallel - smuggling probes refused
+    (alone, behind a kept-alive request, pipelined behind one), one-shot clients
+    sharing pooled upstreams, clients that leave before their answer - while the
+    gateway reuses fd numbers and hands upstreams between owners (lane, pool,
+    coroutine): every normal request gets its own answer, every probe its 400, and
+    nothing smuggled reaches the origin."""
+    o, port = lane.o, lane.port
+    errors: list[str] = []
+
+    def probe(n: int) -> bytes:
+        smuggled = f"GET {o.url}/smuggled HTTP/1.1\r\nHost: {o.addr}\r\n\r\n"
+        return (f"POST {o.url}/upload HTTP/1.1\r\nHost: {o.addr}\r\n"
+                f"{SMUGGLING_PROBES[n % len(SMUGGLING_PROBES)]}\r\n0\r\n\r\n"
+                f"{smuggled}").encode()
+
+    def expect(c: Client, path: str) -> None:
+        status, _, body = c.response()
+        if (status, body) != (200, f"hello from origin {path}\n".encode()):
+            errors.append(f"{path}: {status} {body[:120]!r}")
+
+    def worker(w: int) -> None:
+        for n in range(18):
+            path = f"/fixed/{w}-{n}"
+            c = Client(port)
+            try:
+                kind = (w + n) % 6
+                if kind == 0:  # a probe on a new connection, its sender done sending
+                    c.send(probe(n))
+                    c.sock.shutdown(socket.SHUT_WR)
+                elif kind == 1:  # one request per connection: pooled upstreams
+                    c.send(get(o, path, extra="Connection: close\r\n"))
+                    expect(c, path)
+                    continue
+                elif kind == 2:  # kept alive: requests, then the client closes
+                    for k in range(3):
+                        c.send(get(o, f"{path}-{k}"))
+                        expect(c, f"{path}-{k}")
+                    continue
+                elif kind == 3:  # a probe on a connection with an upstream
+                    c.send(get(o, path))
+                    expect(c, path)
+                    c.send(probe(n))
+                elif kind == 4:  # a probe pipelined behind a request
+                    c.send(get(o, path) + probe(n))
+                    expect(c, path)
+                else:  # gone before the answer (sometimes with a reset)
+                    c.send(get(o, path))
+                    if n % 2:
+                        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                          b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    continue
+                status, _, body = c.response()
+                if status != 400:
+                    errors.append(f"probe {n}: {status} {body[:120]!r}")
+            except (OSError, EOFError) as exc:
+                errors.append(f"{path}: {exc!r}")
+            finally:
+                c.close()
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    assert lane.proc.alive
+    assert "/smuggled" not in o.paths() and "/upload" not in o.paths()
 
 
 def test_pooled_upstreams_expire_and_can_be_turned_off(env):
