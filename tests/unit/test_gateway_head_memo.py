@@ -26,6 +26,19 @@ def test_a_remembered_request_is_what_quick_request_answers():
     assert with_auth.binds and with_auth.quick is not None
 
 
+def test_heads_with_credentials_are_not_kept():
+    """The memory is shared by all clients: a hit must not tell one client by its
+    timing that another sent a secret lately."""
+    memo = HeadMemo(VIA, http.DEFAULT_LIMITS)
+    for field in (b"Proxy-Authorization: Basic eDp5", b"authorization: Bearer t",
+                  b"Cookie: session=s3cret", b"Authorization: x\r\nTransfer-Encoding: gzip"):
+        entry = memo.request(REQ + b"\r\n" + field)
+        assert entry == memo.request(REQ + b"\r\n" + field)  # the same answer, computed
+    assert memo.requests == {}
+    memo.request(REQ + b"\r\nX-Cookie-Note: none")
+    assert len(memo.requests) == 1
+
+
 def test_heads_outside_the_common_case_are_remembered_as_such():
     memo = HeadMemo(VIA, http.DEFAULT_LIMITS)
     smuggle = REQ + b"\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"

@@ -27,6 +27,7 @@ lazily re-armed timer per connection for the idle, head and upstream timeouts.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from typing import NamedTuple, Protocol
@@ -86,6 +87,8 @@ class ResponseEntry(NamedTuple):
 
 
 _NO_REQUEST = RequestEntry(None, False, "")
+#: request fields that carry secrets (see HeadMemo)
+_CREDENTIALS = re.compile(rb"\r\n(?:proxy-authorization|authorization|cookie):", re.IGNORECASE)
 _NO_RESPONSE = ResponseEntry(None, False)
 
 
@@ -101,6 +104,12 @@ class HeadMemo:
     an equal head is not validated and rewritten again. Bounded: heads longer than
     :attr:`HEAD_MAX` are not kept, and a full memory starts over (a client sending
     ever new heads costs an insertion each, nothing more).
+
+    Request heads with credentials (``Proxy-Authorization``, ``Authorization``,
+    ``Cookie``) are not kept: the memory is shared by every client, and a lookup
+    that hits is measurably quicker, so another client could otherwise learn by
+    timing whether someone sent exactly that head lately - an oracle on secrets
+    that no login throttle counts.
     """
 
     HEAD_MAX = 2048
@@ -119,7 +128,7 @@ class HeadMemo:
         quick = quick_request(raw, self.via, self.limits)
         entry = _NO_REQUEST if quick is None else RequestEntry(
             quick, binds_request(quick.out), f"{quick.dest.host}:{quick.dest.port}")
-        if len(raw) <= self.HEAD_MAX:
+        if len(raw) <= self.HEAD_MAX and _CREDENTIALS.search(raw) is None:
             if len(self.requests) >= self.ENTRIES:
                 self.requests.clear()
             self.requests[raw] = entry
