@@ -200,8 +200,12 @@ class ClusterNode:
                 if not self.up:
                     await self._joined()
                 rounds += 1
-                if rounds % RESYNC_EVERY == 0 or self._resync_now.is_set() \
-                        or await self._membership_changed():
+                full = rounds % RESYNC_EVERY == 0 or self._resync_now.is_set()
+                if not full:
+                    gone, full = await self._membership()
+                    if gone and not full:
+                        await self._drop_nodes(gone)
+                if full:
                     self._resync_now.clear()
                     await self._resync()
                     self._warm_trunks()
@@ -276,16 +280,26 @@ class ClusterNode:
             self._apply(self.core.fence("this relay node lost the cluster state"))
 
     # -- reading the cluster ------------------------------------------------------------
-    async def _membership_changed(self) -> bool:
-        """The cheap check of every renewal: which nodes are alive (their keys only).
-        A node whose entry expired is gone now (its users with it), not at the next
-        full read."""
+    async def _membership(self) -> tuple[frozenset[str], bool]:
+        """The cheap check of every renewal: which nodes are alive (their keys only),
+        decided by :func:`federation.membership_change`. A node whose entry expired
+        is gone now (its users with it), not at the next full read."""
         nodes = sorted(n.decode() for n in await self.redis.smembers(self._k("nodes"))
                        if n.decode() != self.node)
         alive = await self.redis.mget([self._k("node", n) for n in nodes]) if nodes else []
         live = {n for n, a in zip(nodes, alive, strict=True) if a is not None}
         known = {n for per in self.core.directory.users.values() for n in per}
-        return fed.membership_changed(live, known, self._seen_nodes)
+        return fed.membership_change(live, known, self._seen_nodes)
+
+    async def _drop_nodes(self, gone: frozenset[str]) -> None:
+        """Nodes seen alive whose entries expired: forget them and their users (no read
+        of the cluster: the survivors' entries have not changed)."""
+        for node in sorted(gone):
+            self._apply(self.core.node_gone(node))
+            self._addr_cache.pop(node, None)
+        self._seen_nodes -= gone
+        self.server.metrics.cluster_members([self.node, *sorted(self._seen_nodes)])
+        await self.redis.srem(self._k("nodes"), *gone)
 
     async def _resync(self) -> None:
         nodes = sorted(n.decode() for n in await self.redis.smembers(self._k("nodes")))

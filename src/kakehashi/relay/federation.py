@@ -138,18 +138,23 @@ class Directory:
 
 
 # -- inter-node link authentication -----------------------------------------------------
-def membership_changed(live: set[str], known: set[str], seen: set[str]) -> bool:
-    """Whether a node's cheap check of every renewal calls for a full read now.
+def membership_change(live: set[str], known: set[str],
+                      seen: set[str]) -> tuple[frozenset[str], bool]:
+    """What a node's cheap check of every renewal calls for: ``(gone, full_read)``.
 
     ``live``: the other nodes whose entries are in Redis now; ``known``: the nodes the
-    directory lists users at; ``seen``: the nodes alive at the last full read. A full
-    read is due when a node holding users is gone, a node joined, or a node seen alive
-    is gone - even one whose users were already dropped (a request that found it
-    unreachable forgets its users at once, and without the last condition the node
-    would still be counted, in ``kakehashi_cluster_nodes`` and the warm links, until
-    the periodic full read).
+    directory lists users at; ``seen``: the nodes alive at the last full read.
+    ``gone`` are the nodes seen alive then and dead now: their users are dropped at
+    once, with no read (their entries have expired: there is nothing to read). A full
+    read is due when a node joined, or when a node holding users is dead without
+    having been seen alive (the directory is stale).
+
+    A gone node counts even when its users were already dropped (a request that found
+    it unreachable forgets them at once): otherwise it would still be counted, in
+    ``kakehashi_cluster_nodes`` and the warm links, until the periodic full read.
     """
-    return bool(known - live) or live != seen
+    gone = seen - live
+    return frozenset(gone), bool(live - seen) or bool(known - live - gone)
 
 
 def new_nonce() -> bytes:
