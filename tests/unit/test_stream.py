@@ -235,3 +235,36 @@ async def test_open_tcp_connects_whether_or_not_the_handshake_is_done_at_once(
             conn.close()
     with pytest.raises(ConnectionError):  # the listener is gone: refused
         await stream.open_tcp("127.0.0.1", port, timeout=5)
+
+
+@pytest.mark.parametrize("at_once", [True, False], ids=["at-once", "after-wait"])
+async def test_a_connect_that_reaches_itself_is_refused(monkeypatch, at_once):
+    """A connect to a port where nothing listens can be given that same port as its
+    source and 'succeed' onto itself (TCP simultaneous open): every byte sent comes
+    back, so a gateway read its own request as the origin's reply (a 502 'unsupported
+    HTTP version' seen in CI). open_tcp must report it as the refusal it is. The
+    socket is bound to the destination port beforehand, which makes the kernel's
+    rare choice certain."""
+    from kakehashi.core import stream
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free again once closed; nothing listens there
+
+    real_socket = socket.socket
+
+    def bound_to_the_target(*args, **kwargs) -> socket.socket:
+        sock = real_socket(*args, **kwargs)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        return sock
+
+    monkeypatch.setattr(stream.socket, "socket", bound_to_the_target)
+    if not at_once:
+        def started_only(sock: socket.socket, addr: tuple) -> bool:
+            sock.connect_ex(addr)
+            return False
+
+        monkeypatch.setattr(stream, "_connect_at_once", started_only)
+    with pytest.raises(ConnectionError, match="reached itself"):
+        await stream.open_tcp("127.0.0.1", port, timeout=5)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import h11
 
 from kakehashi.core import identity
+from kakehashi.core.stream import refuse_self_connect
 
 #: the longest proxy reply head read
 MAX_PROXY_HEAD = 16 * 1024
@@ -78,6 +79,7 @@ async def dial(host: str, port: int, *, proxy: Proxy | None = None,
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            refuse_self_connect(sock)
             break
         except (OSError, TimeoutError) as exc:
             sock.close()

@@ -671,11 +671,27 @@ async def open_tcp(host: str, port: int, *, timeout: float = 10.0) -> Conn:
         try:
             if not _connect_at_once(sock, addr):
                 await asyncio.wait_for(_connect(loop, sock), timeout)
+            refuse_self_connect(sock)
             return Conn(sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
             last = exc
     raise ConnectionError(f"cannot connect to {host}:{port}: {last}") from last
+
+
+def refuse_self_connect(sock: socket.socket) -> None:
+    """Raise ECONNREFUSED if a connect reached its own socket.
+
+    A TCP connect to a port of this host where nothing listens, when that port lies
+    in the ephemeral range, can be given the same port as its source: the kernel's
+    simultaneous open then "connects" the socket to itself and every byte sent comes
+    straight back. A gateway would read its own request as the origin's answer (a
+    502 "unsupported HTTP version"), an agent would echo a session to its requester.
+    Nothing listened there, so the caller is told exactly that.
+    """
+    if sock.getsockname() == sock.getpeername():
+        raise OSError(errno.ECONNREFUSED, "connection refused (the connect reached "
+                      "itself: nothing listens there)")
 
 
 def _connect_at_once(sock: socket.socket, addr: tuple) -> bool:
