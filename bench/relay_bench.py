@@ -825,9 +825,8 @@ def cluster_idle_rows(r: dict) -> list[Row]:
             if all(v is not None for v in r["noticed"]) else "not within 60 s",
             notes=f"SIGKILL until n1/n2 count 2 nodes (kakehashi_cluster_nodes): its "
                   f"entries expire after --cluster-ttl {r['ttl']:g} s, the survivors see "
-                  f"it at their next renewal (every {r['ttl'] / 3:g} s), then read the "
-                  f"cluster once (the survivors' presence)",
-            target=f"~ {r['ttl'] * 4 / 3:g} s + one full read"),
+                  f"it at their next renewal (every {r['ttl'] / 3:g} s) and drop it",
+            target=f"<= {r['ttl'] * 4 / 3:g} s + a renewal's work"),
     ]
 
 
