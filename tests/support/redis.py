@@ -30,7 +30,7 @@ def _ping(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
         s.settimeout(2.0)
         s.sendall(b"PING\r\n")
-        return s.recv(64).startswith(b"+PONG")
+        return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up (maybe with a password)
     return False
 
 
@@ -106,11 +106,15 @@ class RedisServer:
         self.stop()
 
 
-def _info(port: int, section: str) -> dict[str, str]:
+def _info(port: int, section: str, password: str | None = None) -> dict[str, str]:
     """``INFO section`` of the server on ``port`` as a dict (empty when unreachable)."""
     out: dict[str, str] = {}
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
         s.settimeout(2.0)
+        if password is not None:
+            s.sendall(f"AUTH {password}\r\n".encode())
+            if not s.recv(64).startswith(b"+OK"):
+                return out
         s.sendall(f"INFO {section}\r\n".encode())
         data = b""
         while True:
@@ -128,6 +132,11 @@ def _info(port: int, section: str) -> dict[str, str]:
     return out
 
 
+def _skip_ok(data: bytes, password: str | None) -> bytes:
+    """The answer after the ``+OK`` of an ``AUTH`` sent before it (when one was)."""
+    return data.split(b"\r\n", 1)[1] if password and data.startswith(b"+OK") else data
+
+
 class RedisSentinel:
     """One ``redis-server --sentinel`` on loopback monitoring ``master`` as ``name``.
 
@@ -135,7 +144,8 @@ class RedisSentinel:
     """
 
     def __init__(self, workdir: Path, master_port: int, *, name: str = "kk",
-                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000,
+                 auth_pass: str | None = None, password: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -149,7 +159,10 @@ class RedisSentinel:
                 f"sentinel monitor {name} 127.0.0.1 {master_port} 1\n"
                 f"sentinel down-after-milliseconds {name} {down_after_ms}\n"
                 f"sentinel failover-timeout {name} {failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {name} 1\n")
+                f"sentinel parallel-syncs {name} 1\n"
+                + (f"sentinel auth-pass {name} {auth_pass}\n" if auth_pass else "")
+                + (f"requirepass {password}\n" if password else ""))
+            self.password = password
             self.log = self.workdir / f"sentinel-{self.port}.log"
             with open(self.log, "ab") as log:
                 assert REDIS_SERVER is not None
@@ -172,11 +185,16 @@ class RedisSentinel:
         with contextlib.suppress(OSError), \
                 socket.create_connection(("127.0.0.1", self.port), 1) as s:
             s.settimeout(2.0)
-            s.sendall(f"SENTINEL get-master-addr-by-name {self.name}\r\n".encode())
-            data = s.recv(4096).decode(errors="replace").split("\r\n")
+            s.sendall(self._auth() + f"SENTINEL get-master-addr-by-name {self.name}\r\n"
+                      .encode())
+            data = _skip_ok(s.recv(4096), self.password).decode(errors="replace") \
+                .split("\r\n")
             if data[0] == "*2":
                 return int(data[4])
         return None
+
+    def _auth(self) -> bytes:
+        return f"AUTH {self.password}\r\n".encode() if self.password else b""
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -195,18 +213,24 @@ class RedisSentinelSet:
     :meth:`wait_failover` make and observe a real failover.
     """
 
-    def __init__(self, workdir: Path, *, name: str = "kk", down_after_ms: int = 1000) -> None:
+    def __init__(self, workdir: Path, *, name: str = "kk", down_after_ms: int = 1000,
+                 password: str | None = None, sentinel_password: str | None = None) -> None:
         self.workdir = Path(workdir)
+        self.password = password
         # no wait before the full sync (the default waits 5 s for more replicas)
-        fast_sync = ("--repl-diskless-sync-delay", "0")
+        fast_sync: tuple[str, ...] = ("--repl-diskless-sync-delay", "0")
+        if password:
+            fast_sync += ("--requirepass", password, "--masterauth", password)
         self.master = RedisServer(self.workdir / "master", extra_args=fast_sync)
         self.replica = RedisServer(
             self.workdir / "replica",
             extra_args=(*fast_sync, "--replicaof", "127.0.0.1", str(self.master.port)))
-        wait_until(lambda: _info(self.replica.port, "replication").get("master_link_status")
-                   == "up", 15.0, what="the replica in sync with the master")
+        wait_until(lambda: _info(self.replica.port, "replication", password)
+                   .get("master_link_status") == "up", 15.0,
+                   what="the replica in sync with the master")
         self.sentinel = RedisSentinel(self.workdir / "sentinel", self.master.port, name=name,
-                                      down_after_ms=down_after_ms)
+                                      down_after_ms=down_after_ms, auth_pass=password,
+                                      password=sentinel_password)
         # the sentinel learns of the replica from the master's INFO (every 10 s at
         # first, at once after it connects): a failover needs it known
         wait_until(self._replica_known, 30.0, what="the sentinel knowing the replica")
@@ -215,7 +239,8 @@ class RedisSentinelSet:
         with contextlib.suppress(OSError), \
                 socket.create_connection(("127.0.0.1", self.sentinel.port), 1) as s:
             s.settimeout(2.0)
-            s.sendall(f"SENTINEL replicas {self.sentinel.name}\r\n".encode())
+            s.sendall(self.sentinel._auth()
+                      + f"SENTINEL replicas {self.sentinel.name}\r\n".encode())
             return str(self.replica.port).encode() in s.recv(65536)
         return False
 
@@ -227,8 +252,10 @@ class RedisSentinelSet:
         """Until the replica has applied every write the master has taken (its
         replication offset has reached the master's)."""
         def caught_up() -> bool:
-            done = _info(self.master.port, "replication").get("master_repl_offset")
-            got = _info(self.replica.port, "replication").get("slave_repl_offset")
+            done = _info(self.master.port, "replication", self.password) \
+                .get("master_repl_offset")
+            got = _info(self.replica.port, "replication", self.password) \
+                .get("slave_repl_offset")
             return done is not None and got is not None and int(got) >= int(done)
 
         wait_until(caught_up, timeout, what="the replica catching up with the master")
@@ -240,7 +267,8 @@ class RedisSentinelSet:
     def wait_failover(self, timeout: float = 60.0) -> None:
         """Until the sentinel names the replica as master and it answers as one."""
         wait_until(lambda: self.sentinel.master_port() == self.replica.port
-                   and _info(self.replica.port, "replication").get("role") == "master",
+                   and _info(self.replica.port, "replication", self.password)
+                   .get("role") == "master",
                    timeout, what="the sentinel promoting the replica")
 
     def close(self) -> None:

@@ -275,8 +275,10 @@ def test_redis_cluster_urls_are_refused_saying_why():
 
 
 def test_sentinel_password_never_shown():
-    url = "redis+sentinel://admin:s3cret@127.0.0.1:1,127.0.0.1:2/kk"
+    url = "redis+sentinel://admin:s3cret@127.0.0.1:1,127.0.0.1:2/kk?sentinel_password=t0p&x=1"
     assert "s3cret" not in redacted(url) and "s3cret" not in describe(url)
+    assert "t0p" not in redacted(url) and redacted(url).endswith("sentinel_password=***&x=1")
+    assert redacted("redis://h:1/0?prefix=a:") == "redis://h:1/0?prefix=a:"
     assert is_url(url)
 
 
@@ -324,3 +326,30 @@ def test_cli_refuses_a_bad_cluster_url(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Redis Cluster (redis+cluster://) is not supported" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sentinel_url_with_passwords_for_the_master_and_the_sentinel(tmp_path):
+    """``redis+sentinel://:PASSWORD@.../MASTER?sentinel_password=...`` against a real
+    set whose master, replica and sentinel all require a password; a wrong sentinel
+    password is a clear error that shows neither password."""
+    from tests.support.redis import REDIS_SERVER, RedisSentinelSet
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    rs = RedisSentinelSet(tmp_path, password="m4ster", sentinel_password="s3ntinel")
+    try:
+        port = rs.sentinel.port
+        good = f"redis+sentinel://:m4ster@127.0.0.1:{port}/kk/2?sentinel_password=s3ntinel"
+        s = open_store(good)
+        s.put("relay.user", "pi", {"v": 1})
+        assert s.get("relay.user", "pi") == {"v": 1}
+        s.close()
+        bad = f"redis+sentinel://:m4ster@127.0.0.1:{port}/kk?sentinel_password=wrong"
+        with pytest.raises(StoreUnavailable) as info:
+            open_store(bad)
+        assert "m4ster" not in str(info.value) and "wrong" not in str(info.value)
+        with pytest.raises(StoreUnavailable, match=r"refused the login|cannot reach"):
+            open_store(f"redis+sentinel://:nope@127.0.0.1:{port}/kk?sentinel_password="
+                       "s3ntinel")
+    finally:
+        rs.close()

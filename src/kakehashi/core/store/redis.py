@@ -195,10 +195,16 @@ def parse_url(url: str) -> RedisTarget:
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password, for logs and error messages."""
+    """``url`` without its passwords (the login's and ``sentinel_password=``), for logs
+    and error messages."""
     parts = urlsplit(url)
+    if parts.query:
+        query = "&".join(
+            f"{p.split('=', 1)[0]}=***" if p.split("=", 1)[0] == "sentinel_password" else p
+            for p in parts.query.split("&"))
+        parts = parts._replace(query=query)
     if parts.password is None:
-        return url
+        return parts.geturl()
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
