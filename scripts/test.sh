@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install-deps.sh
 
 rc=0
-python3 -m pytest -q -p no:cacheprovider tests "$@" || rc=$?
+python3 -m pytest -q -p no:cacheprovider --durations=15 tests "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "test.sh: pytest collected no tests (exit 5); treating that as a failure" >&2
   exit 1
