@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.listener import stop_listener
 from tests.support.ports import free_port
 from tests.support.wait import wait_port, wait_until
 
@@ -221,7 +222,8 @@ class EchoServer:
         self.port = self.sock.getsockname()[1]
         self.connections = 0
         self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
 
     @property
     def addr(self) -> str:
@@ -248,7 +250,7 @@ class EchoServer:
 
     def close(self) -> None:
         self._stop = True
-        self.sock.close()
+        stop_listener(self.sock, self._thread)
 
 
 def stream_through(port: int, total: int, *, chunk: int = 1 << 20,

@@ -47,6 +47,7 @@ import pytest
 
 from kakehashi.core import tls
 from tests.e2e.framework import Env
+from tests.support.listener import stop_listener
 
 BIG_SIZE = 20 * 1024 * 1024
 GZIP_TEXT = b"".join(b"line %04d of the decoded gzip text\n" % i for i in range(2000))
@@ -143,7 +144,8 @@ class Origin:
         self.port = self.sock.getsockname()[1]
         self._stop = False
         self._stopped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
 
     @property
     def addr(self) -> str:
@@ -170,8 +172,7 @@ class Origin:
     def close(self) -> None:
         self._stop = True
         self._stopped.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        stop_listener(self.sock, self._thread)
         with self._lock:
             socks = list(self._socks)
         for s in socks:

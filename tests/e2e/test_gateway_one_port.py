@@ -20,6 +20,7 @@ from tests.e2e.gateway_fixtures import (
     fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
     origin,
 )
+from tests.support.listener import stop_listener
 
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])
@@ -108,7 +109,8 @@ class _CountingSink:
     def __init__(self) -> None:
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         with contextlib.suppress(OSError):
@@ -120,7 +122,7 @@ class _CountingSink:
                 conn.sendall(total.to_bytes(8, "big"))
 
     def close(self) -> None:
-        self.srv.close()
+        stop_listener(self.srv, self._thread)
 
 
 def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env):

@@ -38,6 +38,7 @@ def device():
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv.server_address[1]
     srv.shutdown()
+    srv.server_close()
 
 
 def client_cert(root, name):

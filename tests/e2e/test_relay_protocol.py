@@ -16,6 +16,7 @@ import pytest
 from kakehashi.core import wire
 from kakehashi.relay import messages as m
 from tests.e2e.framework import PASSWORD, EchoServer, Env
+from tests.support.listener import stop_listener
 from tests.support.wait import wait_until
 
 
@@ -218,7 +219,8 @@ class HostileRelay:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.conns: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         first = True
@@ -250,7 +252,7 @@ class HostileRelay:
                         conn.sendall(m.RELAY_CODEC.encode(m.HoldAck(seq=msg.seq)))
 
     def close(self) -> None:
-        self.sock.close()
+        stop_listener(self.sock, self._thread)
         for conn in self.conns:
             conn.close()
 
