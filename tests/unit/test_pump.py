@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kakehashi.core import wire
+from kakehashi.core import pump, wire
 from kakehashi.core.pump import SPLICE_ENABLED, FramedSink, forward_frames
 from kakehashi.core.stream import Conn, ConnClosed, FramedConn
 from tests.support.wait import async_wait_until
@@ -333,3 +333,30 @@ async def _small_writes_go_as_one_frame_then_bulk_is_spliced() -> None:
 
 def test_small_writes_go_as_one_frame_then_bulk_is_spliced(run) -> None:
     run(_small_writes_go_as_one_frame_then_bulk_is_spliced())
+
+
+@pytest.mark.skipif(not pump.SPLICE_AVAILABLE, reason="no splice(2) here")
+def test_a_closed_pipe_moves_nothing_into_the_pipe_that_reuses_its_numbers():
+    """A sink's leg keeps its pipe across awaits; if the sink is closed meanwhile, the
+    leg's next splice must fail, not write into a new session's pipe that was given
+    the same descriptor numbers."""
+    import os
+
+    a, b = socket.socketpair()
+    try:
+        old = pump.Pipe()
+        numbers = (old.r, old.w)
+        old.close()
+        new = pump.Pipe()  # the lowest free numbers: the old ones
+        try:
+            assert (new.r, new.w) == numbers
+            a.sendall(b"another session's bytes")
+            with pytest.raises(OSError):
+                os.splice(b.fileno(), old.w, 64, flags=pump._SPLICE_FLAGS)
+            with pytest.raises(BlockingIOError):
+                os.read(new.r, 64)  # nothing arrived in the new pipe
+        finally:
+            new.close()
+    finally:
+        a.close()
+        b.close()

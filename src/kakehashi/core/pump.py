@@ -54,9 +54,14 @@ class Pipe:
         self.size = fcntl.fcntl(self.w, F_GETPIPE_SZ)
 
     def close(self) -> None:
-        for fd in (self.r, self.w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Close both ends and forget their numbers: a splice still under way in a leg
+        that held this pipe across an await (a sink closed meanwhile) then fails with
+        EBADF instead of moving bytes into whatever pipe or socket reuses the numbers."""
+        fds, self.r, self.w = (self.r, self.w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def can_splice(*conns: Conn) -> bool:
