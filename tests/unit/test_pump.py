@@ -7,8 +7,6 @@ import fcntl
 import socket
 import struct
 import termios
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
 
@@ -16,21 +14,6 @@ from kakehashi.core import pump, wire
 from kakehashi.core.pump import SPLICE_ENABLED, FramedSink, forward_frames
 from kakehashi.core.stream import Conn, ConnClosed, FramedConn
 from tests.support.wait import async_wait_until
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """Run a case on both loops: the servers use uvloop, whose fd handling differs."""
-    factory = asyncio.new_event_loop
-    if request.param == "uvloop":
-        factory = pytest.importorskip("uvloop").new_event_loop
-
-    def run(case: Coroutine[Any, Any, None]) -> None:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(case)
-
-    return run
-
 
 # Each case is an ``async def _name`` run by ``test_name`` below on both loops.
 

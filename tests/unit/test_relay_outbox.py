@@ -11,31 +11,16 @@ takes the data frame's bytes as the rest of the message).
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
-
-import pytest
+from collections.abc import Callable
 
 from kakehashi.core import wire
 from kakehashi.core.pump import FramedSink
 from kakehashi.core.stream import Conn, FramedConn
 from kakehashi.relay import messages as m
 from kakehashi.relay.server import Link, RelayServer
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """Run a case on both loops (the servers use uvloop)."""
-    factory = asyncio.new_event_loop
-    if request.param == "uvloop":
-        factory = pytest.importorskip("uvloop").new_event_loop
-
-    def run(case: Coroutine[Any, Any, None]) -> None:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(case)
-
-    return run
+from tests.support.wait import async_wait_until
 
 
 def _who_list(size: int) -> m.WhoList:
@@ -56,7 +41,9 @@ async def _frames(sock: socket.socket, writers_done: Callable[[], bool]) -> list
         except BlockingIOError:
             if writers_done():
                 break
-            await asyncio.sleep(0.001)  # (a busy poll: the writers run meanwhile)
+            await async_wait_until(
+                lambda: writers_done() or select.select([sock], [], [], 0)[0], 10,
+                what="more bytes for the terminal, or the writers' end")
             continue
         assert data, "the link was closed"
         received += data
