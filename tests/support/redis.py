@@ -17,13 +17,23 @@ import contextlib
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from tests.support.ports import free_port
 from tests.support.wait import wait_until
 
 REDIS_SERVER = shutil.which("redis-server")
+
+
+def _reusable(port: int) -> bool:
+    """Whether redis-server (which sets SO_REUSEADDR) can bind ``port`` now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _ping(port: int) -> bool:
@@ -78,7 +88,8 @@ class RedisServer:
             if "Address already in use" not in text or attempt == 4:
                 raise RuntimeError(f"redis-server exited:\n{text}")
             if keep_port:
-                time.sleep(0.2)  # the old server's socket is going away
+                wait_until(lambda: _reusable(self.port), 10,  # the old server's socket
+                           what=f"port {self.port} free again")  # is going away
             else:  # someone took the port in the meantime
                 self.port = free_port()
                 self.log = self.workdir / f"redis-{self.port}.log"
