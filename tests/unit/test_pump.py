@@ -343,3 +343,56 @@ def test_a_closed_pipe_moves_nothing_into_the_pipe_that_reuses_its_numbers():
     finally:
         a.close()
         b.close()
+
+
+async def _a_short_frame_is_forwarded_whole_without_a_pipe() -> None:
+    """The relay forwarding a short frame between two spliceable links (a session's
+    first bytes, an echo) reads it with its header in one go and writes it as one
+    segment: no splice pipe, and the receiver never sees the header alone (which
+    costs it a second wake-up for the payload). A long frame after it is still
+    spliced; a short one after that goes whole again."""
+    made: list[pump.Pipe] = []
+
+    class CountingPipe(pump.Pipe):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    src_a, src_b = _pair()  # the sender's link: frames are written into src_a
+    dst_a, dst_b = _pair()  # the paired link: frames come out at dst_b
+    sink = FramedSink(FramedConn(Conn(dst_a)))
+    original = pump.Pipe
+    pump.Pipe = CountingPipe  # type: ignore[misc]
+    src = FramedConn(Conn(src_b))
+    forwarder = asyncio.create_task(forward_frames(src, lambda: sink, _never_ctrl))
+    try:
+        src_a.sendall(wire.encode_header(wire.FrameType.DATA, 1) + b"x")
+        await async_wait_until(lambda: _readable_bytes(dst_b) >= wire.HEADER_SIZE + 1,
+                               what="the forwarded frame")
+        assert dst_b.recv(64) == wire.encode_header(wire.FrameType.DATA, 1) + b"x"
+        assert made == []  # the relay made no pipe for one byte
+        big = bytes(range(256)) * 256  # 64 KiB: a bulk frame
+        src_a.setblocking(True)
+        src_a.sendall(wire.encode_header(wire.FrameType.DATA, len(big)) + big)
+        src_a.sendall(wire.encode_header(wire.FrameType.DATA, 2) + b"yz")
+        src_a.sendall(wire.encode_header(wire.FrameType.EOF, 0))
+        src_a.shutdown(socket.SHUT_WR)
+        out = FramedConn(Conn(dst_b))
+        assert await out.read_header() == (wire.FrameType.DATA, len(big))
+        assert await out.read_payload(len(big)) == big
+        assert await out.read_header() == (wire.FrameType.DATA, 2)
+        assert await out.read_payload(2) == b"yz"
+        assert await out.read_header() == (wire.FrameType.EOF, 0)
+        assert await asyncio.wait_for(forwarder, 5) == "eof"
+        if pump.SPLICE_ENABLED:
+            assert len(made) == 1  # the long frame went through one pipe
+    finally:
+        pump.Pipe = original  # type: ignore[misc]
+        forwarder.cancel()
+        sink.close()
+        for s in (src_a, src_b, dst_a, dst_b):
+            s.close()
+
+
+def test_a_short_frame_is_forwarded_whole_without_a_pipe(run) -> None:
+    run(_a_short_frame_is_forwarded_whole_without_a_pipe())

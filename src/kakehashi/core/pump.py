@@ -608,22 +608,31 @@ async def forward_frames(src: FramedConn, sink: SinkLookup, on_ctrl: ControlHand
     ``sink`` is looked up per frame, so the control logic can pair or release the
     connection between two frames (the relay's data path switches without a copy).
     Returns ``"eof"`` or ``"stop"``.
+
+    A header is read exactly (its payload left in the kernel for the sink to splice)
+    only after a long DATA frame: a bulk stream's frames are long. After a short one,
+    or a control message, the read takes whatever is there, so a short frame (a
+    session's first bytes, an echo) arrives with its header in one ``recv`` and goes
+    on as one ``send`` - no pipe, no second segment for the peer to wake up for.
     """
+    bulk = False
     while True:
         current = sink()
-        exact = current is not None and current.splices and src.conn.plain
+        exact = bulk and current is not None and current.splices and src.conn.plain
         header = await src.read_header(exact=exact)
         if header is None:
             return "eof"
         ftype, length = header
         current = sink()  # the pairing may have changed while we waited
         if ftype is wire.FrameType.CTRL:
+            bulk = False
             payload = await src.read_payload(length)
             if await on_ctrl(payload):
                 return "stop"
         elif current is None:
             raise UnexpectedData()
         elif ftype is wire.FrameType.DATA:
+            bulk = length > SMALL_CHUNK
             await current.data(src, length)
         else:
             await current.eof()
