@@ -222,6 +222,12 @@ def _http_refusal(status: int, body: bytes) -> Exception:
     return ConnectionError(f"the server answered HTTP {status}: {text}")
 
 
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """A task beside the link failed in a way nobody awaits: say so."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("gateway task failed", exc_info=task.exception())
+
+
 async def _race(*coros: Any) -> None:
     """Run until the first ends; its exception (or none) is the result."""
     tasks = [asyncio.ensure_future(c) for c in coros]
@@ -378,6 +384,9 @@ class Gateway:
         self.pacer: LinkPacer | None = None
         self.received = 0  # link body bytes received on the current link
         self.ack_sent = 0  # ... and acknowledged
+        #: setups (S3) still in progress, by tunnel: each runs beside the link, so a real
+        #: server that is slow to answer the S3b check holds up only its own tunnel
+        self.setting: dict[str, tuple[asyncio.Task[None], int]] = {}
 
     # -- the link -------------------------------------------------------------------------
     def send(self, msg: Any) -> None:
@@ -477,6 +486,9 @@ class Gateway:
         self.outbox = Outbox()
         self.out_ready.clear()
         self.pacer = None
+        for task, _ in self.setting.values():  # the server rolled them back meanwhile
+            task.cancel()
+        self.setting.clear()
         for t in self.tunnels.values():
             for s in list(t.streams.values()):
                 self._abort(s, notify=False)
@@ -492,8 +504,9 @@ class Gateway:
     async def _handle(self, msgs: list[Any]) -> None:
         for msg in msgs:
             if isinstance(msg, m.Setup):
-                await self._setup(msg)
+                self._start_setup(msg)
             elif isinstance(msg, m.Delete):
+                await self._cancel_setup(msg.tunnel)
                 t = self.tunnels.get(msg.tunnel)
                 if t is not None:
                     await self._delete(t)
@@ -514,6 +527,39 @@ class Gateway:
                 self._stream_msg(msg)
 
     # -- S3 -> S4, S6 -> S7 ---------------------------------------------------------------
+    def _start_setup(self, msg: m.Setup) -> None:
+        """S3 beside the link: the link reader goes on with the next message (other
+        tunnels' data, their deletions) while this setup waits for its real server."""
+        if msg.tunnel in self.setting:  # the server sends one Setup per tunnel and side
+            self.send(m.Done(req=msg.req, tunnel=msg.tunnel, ok=False, code="setup-failed",
+                             error="this tunnel is being set up already"))
+            return
+
+        async def run() -> None:
+            try:
+                await self._setup(msg)
+            finally:
+                if self.setting.get(msg.tunnel, (None,))[0] is task:
+                    del self.setting[msg.tunnel]
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(_log_failure)
+        self.setting[msg.tunnel] = (task, msg.req)
+
+    async def _cancel_setup(self, tid: str) -> None:
+        """A Delete of a tunnel still being set up: the setup stops here and is
+        reported failed before the deletion is (S6 overtakes S3)."""
+        pending = self.setting.pop(tid, None)
+        if pending is None:
+            return
+        task, req = pending
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if tid not in self.tunnels:
+            self.send(m.Done(req=req, tunnel=tid, ok=False, code="deleted",
+                             error="deleted during setup"))
+
     async def _setup(self, msg: m.Setup) -> None:
         old = self.tunnels.get(msg.tunnel)
         if old is not None:
