@@ -5,6 +5,7 @@ every wait is on something observable."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,12 +16,15 @@ import pytest
 from tests.e2e.framework import Env, roundtrip, wait_until
 from tests.e2e.switch_fixtures import Switch, port_of
 
+#: the server's --client-timeout here: how long a silent client may hold a connection
+CLIENT_TIMEOUT = 3.0
+
 
 @pytest.fixture(scope="module")
 def sw(tmp_path_factory, echo_mod):
     env = Env(tmp_path_factory.mktemp("switch-siege"))
     try:
-        s = Switch(env).start()
+        s = Switch(env).start("--client-timeout", str(CLIENT_TIMEOUT))
         s.gateway("asp1", "gw-srv")
         s.gateway("alice", "gw-alice")
         s.register("echo", echo_mod.addr, allow=("alice",))
@@ -81,3 +85,51 @@ def test_a_silent_real_server_does_not_stall_the_gateway_link(sw: Switch) -> Non
         th.join(60)
     assert "result" not in pending  # the silent service never became established
     sw.close(t["tunnel"])
+
+
+def server_fds(sw: Switch) -> int:
+    return len(os.listdir(f"/proc/{sw.procs['server'].popen.pid}/fd"))
+
+
+def cut(sock: socket.socket) -> bool:
+    """Whether the server has closed or reset ``sock`` (reading what it sent)."""
+    sock.setblocking(False)
+    try:
+        while data := sock.recv(1 << 20):
+            del data
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_silent_and_non_reading_clients_are_cut(sw: Switch) -> None:
+    """Clients that connect and say nothing, trickle a request head, or pipeline
+    requests and never read the replies: each is cut once --client-timeout passes, the
+    server's descriptors come back to where they were, and others are served
+    meanwhile. Old code: uvicorn kept all of them open for ever (a few thousand such
+    sockets and the server cannot accept its gateways)."""
+    before = server_fds(sw)
+    socks = []
+    try:
+        for i in range(60):
+            s = socket.create_connection(("127.0.0.1", sw.port), 10)
+            if i % 3 == 1:  # a head that never ends
+                s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            elif i % 3 == 2:  # replies it never reads
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+            socks.append(s)
+        wait_until(lambda: server_fds(sw) >= before + len(socks), 15,
+                   what="the server holds the connections")
+        assert sw.api("alice").request("GET", "/v1/health")["ok"]
+        # (a non-reader hears of it only once it reads what the kernel still sends)
+        wait_until(lambda: all(cut(s) for i, s in enumerate(socks) if i % 3 != 2),
+                   10 * CLIENT_TIMEOUT + 20, what="every silent client is cut")
+        wait_until(lambda: server_fds(sw) <= before, 10 * CLIENT_TIMEOUT + 20,
+                   what="the server's descriptors come back")
+    finally:
+        for s in socks:
+            s.close()
+    assert sw.api("alice").request("GET", "/v1/health")["ok"]

@@ -37,6 +37,9 @@ log = logging.getLogger("kakehashi.web")
 MAX_BODY = 256 * 1024
 #: seconds a request body may pause between two pieces before the request gets a 408
 BODY_TIMEOUT = 30.0
+#: seconds a client may take to send a request's head, and a response may wait for the
+#: client to take it, before the connection is cut (uvicorn has neither deadline)
+CLIENT_TIMEOUT = 30.0
 
 
 class ApiError(Exception):
@@ -213,6 +216,92 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _protocol_class(timeout: float) -> type:
+    """uvicorn's HTTP protocol (httptools) with the two deadlines it lacks.
+
+    * the request head: from the connection (or the first byte of the next request)
+      to the end of its headers; a client that connects and says nothing, or trickles
+      a header, held its socket and memory for ever (the keep-alive timer only starts
+      after a first response, and any byte stops it);
+    * taking a response: once the transport's buffer is over its high-water mark, the
+      client must take some of it within ``timeout``; a client that stops reading
+      held the request's task, its reply and the socket for ever (uvicorn waits for
+      the buffer to drain without a deadline).
+
+    Either way the connection is aborted (``close`` would wait for the unread buffer).
+    A request's body has its own deadline (:class:`_BodyLimit`); a WebSocket, once
+    upgraded, its pings.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class Protocol(HttpToolsProtocol):  # type: ignore[misc]
+        _head_timer: asyncio.TimerHandle | None = None
+        _send_timer: asyncio.TimerHandle | None = None
+        #: the request whose reply is being sent (``cycle`` is the last one parsed,
+        #: which is another one when requests are pipelined)
+        _running: Any = None
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm_head()
+
+        def on_headers_complete(self) -> None:
+            self._stop_head()
+            super().on_headers_complete()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(timeout, self._cut)
+
+        def resume_writing(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+            super().resume_writing()
+
+        def handle_websocket_upgrade(self) -> None:
+            self._stop_timers()
+            super().handle_websocket_upgrade()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_timers()
+            super().connection_lost(exc)
+
+        def _arm_head(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(timeout, self._cut)
+
+        def _stop_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _stop_timers(self) -> None:
+            self._stop_head()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _cut(self) -> None:
+            self._head_timer = self._send_timer = None
+            self.pipeline.clear()  # requests queued behind it are not started
+            for cycle in (self._running, self.cycle):  # their sends return at once now
+                if cycle is not None:
+                    cycle.disconnected = True
+            self.transport.abort()
+
+    return Protocol
+
+
 def _server_class() -> type:
     import contextlib
 
@@ -231,9 +320,11 @@ def _server_class() -> type:
 
 async def serve(app: Any, sock: socket.socket, *, certfile: str | None = None,
                 keyfile: str | None = None, name: str = "api",
-                ready: Callable[[], None] | None = None) -> None:
+                ready: Callable[[], None] | None = None,
+                client_timeout: float = CLIENT_TIMEOUT) -> None:
     """Serve ``app`` on ``sock`` until cancelled (uvicorn, httptools, uvloop's loop
-    when the caller runs on it). Logs ``listening on HOST:PORT`` once it accepts."""
+    when the caller runs on it). Logs ``listening on HOST:PORT`` once it accepts.
+    ``client_timeout``: see :func:`_protocol_class`."""
     import uvicorn
 
     _Server = _server_class()
@@ -243,7 +334,7 @@ async def serve(app: Any, sock: socket.socket, *, certfile: str | None = None,
                             log_config=None,
                             ssl_certfile=certfile, ssl_keyfile=keyfile,
                             timeout_keep_alive=30, ws="websockets-sansio",
-                            http="httptools", ws_max_size=1 << 20,
+                            http=_protocol_class(client_timeout), ws_max_size=1 << 20,
                             ws_ping_interval=10.0, ws_ping_timeout=20.0,
                             h11_max_incomplete_event_size=64 * 1024)
     server = _Server(config)

@@ -112,13 +112,16 @@ def user_remove(name: str, db: str) -> None:
 @click.option("--offline-grace", type=click.FloatRange(min=0), default=60.0,
               show_default=True,
               help="How long a gateway may be away before its tunnels are deleted.")
+@options.timeout_option("client", 30.0, "How long a client may take to send a request's "
+                        "head, or to take some of a reply that waits for it, before its "
+                        "connection is cut.")
 @click.option("--node", default="", metavar="NAME",
               help="This server's name among several switch nodes sharing one Redis "
                    "store (--db redis://...): a tunnel's gateways may then be attached "
                    "to different nodes.")
 def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | None,
            audit_log: str | None, setup_timeout: float, delete_timeout: float,
-           poll_hold: float, offline_grace: float, node: str) -> None:
+           poll_hold: float, offline_grace: float, client_timeout: float, node: str) -> None:
     """The socket management server and switch server: JSON API under /v1 (OpenAPI at
     /openapi.json), the web catalog at /, and the gateways' tunnel endpoint."""
     host, port = hostport(listen, "--listen")
@@ -154,7 +157,8 @@ def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | Non
 
         serving = asyncio.ensure_future(web.serve(build_app(srv), web.bind(host, port),
                                                   certfile=certfile, keyfile=keyfile,
-                                                  name="switch server"))
+                                                  name="switch server",
+                                                  client_timeout=client_timeout))
         try:
             await asyncio.shield(serving)
         finally:
