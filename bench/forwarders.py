@@ -170,30 +170,35 @@ class Kakehashi:
         proc.wait_for("relay listening on")
         return port, proc.pid
 
-    def terminal_args(self, user: str, relay_port: int, tls: bool) -> list[str]:
+    def terminal_args(self, user: str, relay_port: int, tls: bool,
+                      encryption: str | None = None) -> list[str]:
         return ["--server", f"{LOOPBACK}:{relay_port}", "--user", user,
-                "--tls", "on" if tls else "off"]
+                "--tls", "on" if tls else "off",
+                *(["--encryption", encryption] if encryption else [])]
 
     def agent(self, procs: Procs, relay_port: int, services: dict[str, int], *, tls: bool,
-              env: dict[str, str] | None = None, identity: Path | None = None) -> int:
+              env: dict[str, str] | None = None, identity: Path | None = None,
+              encryption: str | None = None) -> int:
         """Start ``relay agent`` as pi exposing NAME=127.0.0.1:PORT; returns its pid."""
         expose = [a for name, port in services.items()
                   for a in ("--expose", f"{name}={LOOPBACK}:{port}")]
         ident = ["--identity", str(identity)] if identity else []
         proc = procs.spawn("agent", self.argv(
-            "relay", "agent", *self.terminal_args("pi", relay_port, tls), *ident, *expose),
+            "relay", "agent", *self.terminal_args("pi", relay_port, tls, encryption), *ident,
+            *expose),
             env={**self.env, "KAKEHASHI_PASSWORD": PASSWORDS["pi"], **(env or {})})
         proc.wait_for("agent pi online")
         return proc.pid
 
     def connect(self, procs: Procs, relay_port: int, service: str, *, tls: bool,
-                env: dict[str, str] | None = None,
-                identity: Path | None = None) -> tuple[int, int]:
+                env: dict[str, str] | None = None, identity: Path | None = None,
+                encryption: str | None = None) -> tuple[int, int]:
         """Start ``relay connect`` as laptop to pi/SERVICE; returns (local port, pid)."""
         port = free_port()
         ident = ["--identity", str(identity), "--e2e"] if identity else []
         proc = procs.spawn("connect", self.argv(
-            "relay", "connect", *self.terminal_args("laptop", relay_port, tls), *ident,
+            "relay", "connect", *self.terminal_args("laptop", relay_port, tls, encryption),
+            *ident,
             f"pi/{service}", "--listen", f"{LOOPBACK}:{port}"),
             env={**self.env, "KAKEHASHI_PASSWORD": PASSWORDS["laptop"], **(env or {})})
         proc.wait_for("forwarding")
@@ -214,24 +219,31 @@ class Kakehashi:
 
     def start_route(self, procs: Procs, target: int, *, tls: bool,
                     splice: bool = True, e2e: bool = False, fast_path: bool = True,
+                    early: bool = True, encryption: str | None = None,
                     env: dict[str, str] | None = None) -> Route:
         """client -> connect -> relay -> agent -> target, all three processes started here.
 
         ``e2e``: the session is sealed end to end (the relay forwards sealed frames);
         ``fast_path=False``: KAKEHASHI_FAST_PATH=off (TLS through memory BIOs);
+        ``early=False``: KAKEHASHI_EARLY_DATA=0 (no first bytes with the request);
+        ``encryption``: both terminals' ``--encryption``;
         ``env``: more environment for the three processes (e.g. PYTHONPATH)."""
         env = dict(env or {})
         if not splice:
             env["KAKEHASHI_NO_SPLICE"] = "1"
         if not fast_path:
             env["KAKEHASHI_FAST_PATH"] = "off"
+        if not early:
+            env["KAKEHASHI_EARLY_DATA"] = "0"
         ids = self.identities() if e2e else {}
         relay_port, relay_pid = self.serve(procs, tls=tls, env=env)
         agent_pid = self.agent(procs, relay_port, {"target": target}, tls=tls, env=env,
-                               identity=ids.get("pi"))
+                               identity=ids.get("pi"), encryption=encryption)
         port, connect_pid = self.connect(procs, relay_port, "target", tls=tls, env=env,
-                                         identity=ids.get("laptop"))
+                                         identity=ids.get("laptop"), encryption=encryption)
         name = "kakehashi relay " + ("TLS" if tls else "plaintext") + \
             (" + e2e" if e2e else "") + ("" if splice else " (no splice)") + \
-            ("" if fast_path else " (fast path off)")
+            ("" if fast_path else " (fast path off)") + \
+            (f", --encryption {encryption}" if encryption else "") + \
+            ("" if early else " (early data off)")
         return Route(name, port, [relay_pid, agent_pid, connect_pid])

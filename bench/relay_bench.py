@@ -74,7 +74,8 @@ SERVERS = str(HERE / "servers.py")
 THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
                    "relay-tls", "relay-tls-nofast", "relay-e2e", "relay-tls-e2e", "relay-old",
                    "relay-tls-old"]
-SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "link-spare",
+SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "relay-encoff",
+              "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly", "link-spare",
               "link-new", "link-new-tls", "relay-old", "relay-tls-old"]
 BASELINES = ["direct", "haproxy"]
 
@@ -138,6 +139,13 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
         "relay-tls-nofast": lambda: kk.start_route(procs, target, tls=True, fast_path=False),
         "relay-e2e": lambda: kk.start_route(procs, target, tls=False, e2e=True),
         "relay-tls-e2e": lambda: kk.start_route(procs, target, tls=True, e2e=True),
+        # early data (the first bytes with the request) on and off; a plaintext link
+        # carries them only when the terminals' encryption is off
+        "relay-encoff": lambda: kk.start_route(procs, target, tls=False, encryption="off"),
+        "relay-noearly": lambda: kk.start_route(procs, target, tls=False, early=False),
+        "relay-tls-noearly": lambda: kk.start_route(procs, target, tls=True, early=False),
+        "relay-encoff-noearly": lambda: kk.start_route(procs, target, tls=False,
+                                                       encryption="off", early=False),
     }
     return starters[key]()
 

@@ -13,6 +13,7 @@ from kakehashi.relay.control import (
     Authenticate,
     Close,
     ControlUnit,
+    Forward,
     Pair,
     Send,
     Settings,
@@ -810,3 +811,70 @@ def test_pair_audit_records_the_tls_state_of_both_hops(r):
     note = one(r.recv(a, m.ConnectRequest(req=1, target="t21")), b, m.Notify)
     audit = [x for x in r.recv(b, m.Accept(req=note.req)) if getattr(x, "event", "") == "pair"]
     assert audit[0].fields["hops_tls"] == [True, False]
+
+
+# -- early data: the requester's first bytes with its request --------------------------
+def _forwards(actions) -> list[Forward]:
+    return [a for a in actions if isinstance(a, Forward)]
+
+
+def test_early_data_reaches_the_target_with_the_pairing(r):
+    """A session on a spare link takes two messages to the relay from the requester
+    (none after the request) and the target's first data frame leaves in the same
+    step as the result: the requester's first bytes no longer wait for the result's
+    round trip. Nothing goes to the target before its acceptance."""
+    a = r.login("alice", encrypted=True)
+    b = r.login("bob", encrypted=True)
+    acts = r.recv(a, m.ConnectRequest(req=1, target="bob", data=b"SSH-2.0-x\r\n"))
+    note = one(acts, b, m.Notify)
+    assert not _forwards(acts)  # held: the target has not accepted
+    acts = r.recv(b, m.Accept(req=note.req))
+    res = one(acts, a, m.Result)
+    assert res.ok and res.early == len(b"SSH-2.0-x\r\n")
+    assert _forwards(acts) == [Forward(b, b"SSH-2.0-x\r\n")]
+    # pairing first (the target's sink), then the result, then the bytes
+    assert acts.index(Pair(a, b)) < acts.index(_forwards(acts)[0])
+    assert acts.index(next(x for x in acts if isinstance(x, Send))) \
+        < acts.index(_forwards(acts)[0])
+
+
+def test_early_data_is_dropped_with_a_refusal(r):
+    a = r.login("alice", encrypted=True)
+    b = r.login("bob", encrypted=True)
+    note = one(r.recv(a, m.ConnectRequest(req=1, target="bob", data=b"x")), b, m.Notify)
+    acts = r.recv(b, m.Refuse(req=note.req, reason="no"))
+    assert not one(acts, a, m.Result).ok
+    assert not _forwards(acts)
+
+
+def test_early_data_never_follows_an_encryption_instruction(fig3):
+    """Bytes that came over a plaintext hop of a session that must be encrypted are
+    not forwarded: the result says none were taken, so the requester sends them
+    again once its connection is encrypted."""
+    r, c1, c2 = fig3
+    acts = r.recv(c1, m.ConnectRequest(req=1, target="t21", data=b"secret"))
+    one(acts, c1, m.EncryptInstruct)
+    r.recv(c1, m.StartTLS())
+    r.cu.tls_established(c1)
+    note = one(r.recv(c1, m.EncryptAccept(req=1)), c2, m.Notify)
+    acts = r.recv(c2, m.Accept(req=note.req))
+    assert one(acts, c1, m.Result).early == 0
+    assert not _forwards(acts)
+
+
+@pytest.mark.parametrize("why", ["e2e", "off"])
+def test_early_data_not_taken_in_e2e_mode_or_when_switched_off(why):
+    r = Relay(early_data=why != "off")
+    a = r.login("alice", encrypted=True, pubkey="A")
+    b = r.login("bob", encrypted=True, pubkey="B")
+    note = one(r.recv(a, m.ConnectRequest(req=1, target="bob", e2e=why == "e2e",
+                                          data=b"x")), b, m.Notify)
+    acts = r.recv(b, m.Accept(req=note.req))
+    assert one(acts, a, m.Result).early == 0
+    assert not _forwards(acts)
+
+
+def test_early_data_over_the_limit_is_a_decoding_error():
+    with pytest.raises(wire.WireError):
+        m.RELAY_CODEC.decode(m.TERMINAL_CODEC.encode(m.ConnectRequest(
+            req=1, target="bob", data=b"x" * (m.EARLY_DATA_MAX + 1))))

@@ -15,6 +15,7 @@ from kakehashi.relay.control import (
     Authenticate,
     Close,
     ControlUnit,
+    Forward,
     Pair,
     Send,
     Unpair,
@@ -302,6 +303,10 @@ class Term:
     events: list = field(default_factory=list)
     closed: bool = False
     token: str = ""
+    #: DATA frames the relay wrote to this terminal (early data forwarded)
+    data: list = field(default_factory=list)
+    #: control messages this terminal sent
+    sent: int = 0
 
     def take(self) -> list:
         """Events for the application, without keepalive/TLS chatter."""
@@ -336,6 +341,7 @@ class Net:
 
     def send(self, term: Term, msgs: list[m.Msg]) -> None:
         for msg in msgs:
+            term.sent += 1
             self.run(self.cu.receive(term.cid, over_the_wire(m.RELAY_CODEC, msg), self.now))
 
     def run(self, actions) -> None:
@@ -350,6 +356,9 @@ class Net:
                 self.run(self.cu.tls_established(a.conn))
             elif isinstance(a, Pair):
                 self.pairs.add((a.a, a.b))
+            elif isinstance(a, Forward):
+                assert any(a.conn in p for p in self.pairs), "data before the pairing"
+                self.terms[a.conn].data.append(a.data)
             elif isinstance(a, Unpair):
                 self.pairs = {p for p in self.pairs if a.conn not in p}
             elif isinstance(a, Close):
@@ -482,3 +491,54 @@ def test_requester_vanishes_before_target_accepts(net):
     net.send(t31, t31.t.end())
     assert t31.take() == [ReleasedEvent()]
     assert t31.t.state is TState.IDLE
+
+
+# -- early data: the requester's first bytes with its request --------------------------
+@pytest.mark.parametrize(("encrypted", "encryption", "encrypt", "e2e", "allowed"), [
+    (True, "optional", False, False, True),    # an encrypted hop
+    (True, "optional", True, False, True),
+    (False, "off", False, False, True),        # no encrypted session is made from here
+    (False, "optional", False, False, False),  # step 12 may still come: wait
+    (False, "off", True, False, False),
+    (True, "optional", False, True, False),    # e2e: sealed after the pairing
+])
+def test_early_data_only_where_it_cannot_cross_a_plaintext_hop(
+        encrypted, encryption, encrypt, e2e, allowed):
+    t = TerminalConn()
+    t.login("alice", "pw")
+    t.receive(m.LoginOk(conn_id=3, token="tok", encryption=encryption, keepalive=15.0,
+                        dead_after=45.0))
+    if encrypted:
+        t.tls_established()
+    assert t.early_data_allowed(encrypt=encrypt, e2e=e2e) is allowed
+    [req] = t.connect("bob", encrypt=encrypt, e2e=e2e, early=b"hello")
+    assert req.data == (b"hello" if allowed else b"")
+
+
+def test_a_relay_claiming_more_early_data_than_sent_is_a_protocol_error():
+    t = logged_in()
+    t.tls_established()
+    t.connect("bob", early=b"hi")
+    with pytest.raises(RemoteProtocolError):
+        t.receive(m.Result(req=1, ok=True, peer="bob", early=3))
+
+
+def test_session_setup_round_trips_with_early_data():
+    """The round trips of a session on spare connections, counted on the sans-IO
+    pair: the requester sends one message (its request) and the target has the
+    requester's first bytes as soon as its acceptance is in - the result's trip to
+    the requester and the data's trip back are off the path. Without early data
+    (a plaintext hop that may yet be told to encrypt) the bytes wait for the result."""
+    for encrypted, expect in ((True, [b"GET /"]), (False, [])):
+        net = Net(UserRecord("alice"), UserRecord("bob"))
+        a = net.login("alice", password="pw", encrypted=encrypted)
+        b = net.login("bob", password="pw", encrypted=encrypted)
+        a.sent = 0
+        net.send(a, a.t.connect("bob", early=b"GET /"))
+        [note] = b.take()
+        assert isinstance(note, IncomingRequest) and b.data == []
+        net.send(b, b.t.accept())
+        assert a.sent == 1  # the request, nothing else from the requester
+        assert b.data == expect
+        [res] = a.take()
+        assert isinstance(res, Connected) and res.early == len(b"".join(expect))

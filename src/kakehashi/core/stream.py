@@ -94,6 +94,25 @@ class Conn:
         self._pushback = self._pushback[n:]
         return n
 
+    def peek_now(self, n: int) -> bytes:
+        """Up to ``n`` bytes that have arrived, left in place (``MSG_PEEK``); b"" when
+        none have, at EOF, or when this is not a plain socket of its own."""
+        if not self.plain or self._pushback or self._closed:
+            return b""
+        try:
+            return self.sock.recv(n, socket.MSG_PEEK)
+        except OSError:  # BlockingIOError included: nothing yet
+            return b""
+
+    def skip_now(self, n: int) -> None:
+        """Drop ``n`` bytes that :meth:`peek_now` showed (they are in the socket's
+        buffer, so this never waits)."""
+        while n > 0:
+            got = len(self.sock.recv(n))
+            if not got:
+                raise ConnClosed("the stream ended inside bytes it had shown")
+            n -= got
+
     @property
     def has_pushback(self) -> bool:
         return bool(self._pushback)

@@ -73,6 +73,8 @@ class TerminalConfig:
     agent_name: str = "kakehashi"
     #: every server to use, in order (the nodes of a cluster); empty: ``server:port``
     servers: list[tuple[str, int]] = field(default_factory=list)
+    #: send the application's first bytes with a connection request (early data)
+    early_data: bool = m.EARLY_DATA
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -346,15 +348,24 @@ class RelayLink:
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         await self._send(msgs)
         try:
-            return await asyncio.wait_for(waiter, timeout)
+            # a deadline on this task, not wait_for's extra future and callbacks: the
+            # answer wakes the caller in the same loop iteration (it is on the setup
+            # path of every session)
+            async with asyncio.timeout(timeout):
+                return await waiter
         except TimeoutError:
             raise RelayError("timeout", "the relay did not answer in time") from None
 
     async def connect(self, target: str, service: str = "", *, encrypt: bool = False,
-                      e2e: bool = False, timeout: float = 30.0) -> t.Connected:
-        """Connection request by user ID (step 11); returns once paired (16)."""
-        ev = await self.request(self.t.connect(target, service, encrypt=encrypt, e2e=e2e),
-                                timeout)
+                      e2e: bool = False, timeout: float = 30.0,
+                      early: bytes = b"") -> t.Connected:
+        """Connection request by user ID (step 11); returns once paired (16).
+
+        ``early``: the application's first bytes, sent with the request where the
+        terminal protocol allows it; ``Connected.early`` is how many of them the
+        relay forwarded to the target (the caller must not send those again)."""
+        ev = await self.request(self.t.connect(target, service, encrypt=encrypt, e2e=e2e,
+                                               early=early), timeout)
         if isinstance(ev, t.AskInsecure):
             if not self.cfg.insecure_ok:
                 ev = await self.request(self.t.refuse("encryption required"), timeout)
@@ -730,11 +741,22 @@ class Terminal:
         return link
 
     async def connect(self, target: str, service: str = "", *, encrypt: bool = False,
-                      e2e: bool = False) -> tuple[RelayLink, t.Connected]:
+                      e2e: bool = False,
+                      app: Conn | None = None) -> tuple[RelayLink, t.Connected]:
+        """A session to ``target`` on a spare link. ``app``: the application stream
+        the session will carry; whatever it has already sent goes with the request
+        (early data, when allowed), and is taken off ``app`` once the relay has
+        forwarded it - so the target gets it one round trip sooner."""
         for attempt in range(3):
             link = await self.acquire()
+            # looked at, not taken: a request that fails leaves the bytes in place
+            early = app.peek_now(m.EARLY_DATA_MAX) \
+                if app is not None and self.cfg.early_data else b""
             try:
-                info = await link.connect(target, service, encrypt=encrypt, e2e=e2e)
+                info = await link.connect(target, service, encrypt=encrypt, e2e=e2e,
+                                          early=early)
+                if info.early:
+                    app.skip_now(info.early)  # type: ignore[union-attr]
             except RelayError as exc:
                 link.reserved = False
                 self._changed.set()

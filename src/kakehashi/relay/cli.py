@@ -436,7 +436,8 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
 
         async def handle(conn) -> None:
             try:
-                link, info = await term.connect(name, service, encrypt=encrypt, e2e=e2e)
+                link, info = await term.connect(name, service, encrypt=encrypt, e2e=e2e,
+                                                app=conn)
             except (RelayError, OSError) as exc:
                 log.error("cannot connect to %s: %s", target, exc)
                 return

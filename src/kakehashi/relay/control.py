@@ -37,8 +37,8 @@ from kakehashi.relay import messages as m
 
 _ENCODE = msgspec.msgpack.Encoder().encode
 
-Action = ("Send | Close | Authenticate | UpgradeTLS | Pair | Unpair | Audit | OpenTrunk"
-          " | PublishPresence | RemoteDeliver")
+Action = ("Send | Close | Authenticate | UpgradeTLS | Pair | Forward | Unpair | Audit"
+          " | OpenTrunk | PublishPresence | RemoteDeliver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +92,15 @@ class Pair:
     b: int
     #: when the request that led here arrived (for the setup-latency histogram)
     since: float | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Write ``data`` to ``conn`` as one DATA frame: a request's early data, sent to
+    the target right behind the pairing, before anything the requester sends next."""
+
+    conn: int
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +186,8 @@ class Pending:
     #: the requester refused the encryption instruction (it is asked as one that
     #: cannot encrypt at the target's node)
     requester_refused: bool = False
+    #: the requester's first bytes, sent with the request (forwarded once paired)
+    early: bytes = b""
 
     @property
     def remote(self) -> bool:
@@ -249,6 +260,9 @@ class Settings:
     cluster_secret: bytes = b""
     #: idle inter-node links kept per node once a burst of sessions is over
     trunk_spares: int = 4
+    #: take early data with connection requests (``ConnectRequest.data``); off, the
+    #: relay ignores it and the requester sends those bytes after the result
+    early_data: bool = m.EARLY_DATA
 
     @property
     def dead_after(self) -> float:
@@ -750,6 +764,12 @@ class ControlUnit:
         self.pending[p.id] = p
         conn.pending = p
         conn.state = State.REQUESTING
+        if msg.data and self.settings.early_data and not msg.e2e and not conn.trunk \
+                and not (p.encrypt and not conn.encrypted):
+            # held until the target accepts; never taken where the session must be
+            # encrypted and this hop is not (the requester sends them again after its
+            # upgrade), nor in end-to-end mode (the bytes must be sealed first)
+            p.early = msg.data
         if p.encrypt and not conn.encrypted and conn.trunk \
                 and conn.attrs.encryption != "off":
             # every hop must be encrypted (para 0017), the one between the nodes too;
@@ -930,12 +950,14 @@ class ControlUnit:
         conn.released = req_conn.released = False
         conn.sent_end = req_conn.sent_end = False
         target = self.sessions[p.target]
+        early = [Forward(conn.id, p.early)] if p.early else []
         return [
             Pair(req_conn.id, conn.id, since=p.created),
             Send(req_conn.id, m.Result(
                 req=p.client_req, ok=True, peer=p.target, encrypt=p.encrypt, e2e=p.e2e,
-                peer_key=target.record.pubkey if p.e2e else "",
+                peer_key=target.record.pubkey if p.e2e else "", early=len(p.early),
             )),
+            *early,  # the requester's first bytes: the target's first data frame
             Audit("pair", True, {
                 "from": p.requester, "to": p.target, "service": p.service,
                 "encrypted": p.encrypt, "e2e": p.e2e,
@@ -1266,6 +1288,8 @@ class ControlUnit:
         trunk.peer, req_conn.peer = req_conn.id, trunk.id
         trunk.released = req_conn.released = False
         trunk.sent_end = req_conn.sent_end = False
+        if msg.early:  # a request across nodes carries no early data
+            msg = msgspec.structs.replace(msg, early=0)
         return [
             Pair(req_conn.id, trunk.id, since=p.created),
             Send(req_conn.id, msg),

@@ -10,6 +10,7 @@ without limit; the frame limit bounds the rest.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 import msgspec
@@ -79,12 +80,25 @@ class Hold(Msg, tag="hold"):
     seq: ReqId = 0
 
 
+#: the most a connection request carries of the requester's first bytes (``data``)
+EARLY_DATA_MAX = 16384
+#: early data on (the default); ``KAKEHASHI_EARLY_DATA=0`` turns it off in terminals
+#: (they send no first bytes with a request) and relays (they take none)
+EARLY_DATA = os.environ.get("KAKEHASHI_EARLY_DATA", "1") != "0"
+
+
 class ConnectRequest(Msg, tag="connect"):
     req: ReqId
     target: Name
     service: Service = ""
     encrypt: bool = False
     e2e: bool = False
+    #: early data: the requester's first bytes, which the relay holds and forwards to
+    #: the target right behind the pairing (step 16), saving the round trip of the
+    #: result to the requester before the first bytes leave it. Sent only where it
+    #: cannot cross a plaintext hop of a session that must be encrypted; the result
+    #: says how much of it the relay took (``Result.early``; the rest is sent as data).
+    data: Annotated[bytes, msgspec.Meta(max_length=EARLY_DATA_MAX)] = b""
 
 
 class EncryptAccept(Msg, tag="enc-ok"):
@@ -193,6 +207,9 @@ class Result(Msg, tag="result"):
     peer_key: Secret = ""
     code: Text = ""
     message: Text = ""
+    #: bytes of the request's early data the relay forwarded to the target (0: none;
+    #: the requester sends them as ordinary data)
+    early: Annotated[int, msgspec.Meta(ge=0, le=EARLY_DATA_MAX)] = 0
 
 
 class Released(Msg, tag="released"):

@@ -38,6 +38,7 @@ from kakehashi.relay.control import (
     Authenticate,
     Close,
     ControlUnit,
+    Forward,
     OpenTrunk,
     Pair,
     PublishPresence,
@@ -73,7 +74,7 @@ class _Closing:
 
 @dataclass(frozen=True)
 class _Raw:
-    """Outbox item: the unsent rest of an encoded message."""
+    """Outbox item: an encoded frame (a message, or a request's early data)."""
 
     data: bytes
 
@@ -369,6 +370,11 @@ class RelayServer:
                 self._enqueue(action.conn, action.msg, action.delay)
             elif isinstance(action, Close):
                 self._enqueue(action.conn, _Closing(action.reason, action.delay), 0.0)
+            elif isinstance(action, Forward):
+                # in the target's outbox, so it goes out before any frame the
+                # requester sends once it has the result
+                self._enqueue(action.conn, _Raw(wire.encode_frame(
+                    wire.FrameType.DATA, action.data)), 0.0)
             elif isinstance(action, Audit):
                 self.audit.record(action.event, action.allow, **action.fields)
             elif isinstance(action, Unpair):
@@ -430,7 +436,8 @@ class RelayServer:
             return
         if not isinstance(item, _Closing):
             try:
-                data = m.RELAY_CODEC.encode(item)  # type: ignore[arg-type]
+                data = item.data if isinstance(item, _Raw) \
+                    else m.RELAY_CODEC.encode(item)  # type: ignore[arg-type]
             except wire.WireError as exc:  # a message that cannot go out: a relay bug
                 log.error("conn %d: cannot send %s: %s", cid, type(item).__name__, exc)
                 self._cut(link)

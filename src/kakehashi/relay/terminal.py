@@ -91,6 +91,8 @@ class Connected:
     e2e: bool
     peer_key: str
     initiator: bool
+    #: bytes of this side's early data the relay forwarded (the requester skips them)
+    early: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,10 @@ class TerminalConn:
         self.user = ""
         #: our request withdrawn by a crossing: the relay's "crossed" answer to it
         self._withdrawn: int | None = None
+        #: this connection's encryption attribute as the relay applies it (login)
+        self.encryption: m.Encryption = "optional"
+        #: bytes of early data sent with the pending request
+        self._early = 0
 
     # -- local calls --------------------------------------------------------------
     def _expect(self, *states: TState) -> None:
@@ -169,15 +175,36 @@ class TerminalConn:
         self._hold_seq += 1
         return [m.Hold(seq=self._hold_seq)]
 
+    def early_data_allowed(self, *, encrypt: bool = False, e2e: bool = False) -> bool:
+        """Whether a request may carry the requester's first bytes (early data).
+
+        Only where they cannot cross a plaintext hop of a session that has to be
+        encrypted: on an encrypted connection, or on one whose encryption is off (no
+        encrypted session is made from it: a target that requires encryption refuses
+        it). A plaintext connection that could still be told to encrypt (step 12)
+        waits for the result, as does end-to-end mode (its bytes are sealed with
+        keys agreed after the pairing).
+        """
+        if e2e:
+            return False
+        return self.encrypted or (self.encryption == "off" and not encrypt)
+
     def connect(self, target: str, service: str = "", *, encrypt: bool = False,
-                e2e: bool = False) -> list[m.Msg]:
+                e2e: bool = False, early: bytes = b"") -> list[m.Msg]:
+        """The connection request (step 11); ``early``: the requester's first bytes,
+        sent with it when :meth:`early_data_allowed` (``Connected.early`` says how
+        many the relay forwarded)."""
         self._expect(TState.IDLE)
         self.state = TState.REQUESTING
         self.req = self._next_req
         self._next_req += 1
         self.peer = target
+        if not self.early_data_allowed(encrypt=encrypt, e2e=e2e):
+            early = b""
+        early = early[: m.EARLY_DATA_MAX]
+        self._early = len(early)
         return [m.ConnectRequest(req=self.req, target=target, service=service,
-                                 encrypt=encrypt, e2e=e2e)]
+                                 encrypt=encrypt, e2e=e2e, data=early)]
 
     def accept_encryption(self) -> list[m.Msg]:
         self._expect(TState.REQUESTING)
@@ -240,6 +267,7 @@ class TerminalConn:
         if isinstance(msg, m.LoginOk) and st is TState.LOGIN_SENT:
             self.state = TState.IDLE
             self.conn_id = msg.conn_id
+            self.encryption = msg.encryption
             return LoggedIn(msg.conn_id, msg.token, msg.encryption, msg.keepalive,
                             msg.dead_after)
         if isinstance(msg, m.LoginFail) and st is TState.LOGIN_SENT:
@@ -259,10 +287,15 @@ class TerminalConn:
                 return self._notified(msg)
         if isinstance(msg, m.Result) and st is TState.REQUESTING and msg.req == self.req:
             if msg.ok:
+                if msg.early > self._early:
+                    raise RemoteProtocolError(
+                        f"the relay forwarded {msg.early} bytes of early data; "
+                        f"{self._early} were sent")
                 self.state = TState.PAIRED
                 self.encrypt_session = msg.encrypt
                 self._sent_end = self._sent_release = False
-                return Connected(msg.peer, msg.encrypt, msg.e2e, msg.peer_key, True)
+                return Connected(msg.peer, msg.encrypt, msg.e2e, msg.peer_key, True,
+                                 msg.early)
             self.state = TState.IDLE
             self.peer = None
             return ConnectFailed(msg.code, msg.message)
