@@ -285,3 +285,32 @@ def test_a_long_poll_body_still_carries_everything() -> None:
     box.take(LINK_BODY)
     box.put(m.Data(tunnel="t", stream=2, data=b"p"))
     assert [x.stream for x in frames_of(box.take(1 << 20))] == [2, 1, 1]
+
+
+def test_a_few_ms_of_queue_on_a_short_path_shrink_the_window() -> None:
+    """Each link hop's queue is CPU time its far end spends on bulk data before an
+    echo's frame gets through, and an echo crosses four hops: on a loopback path 3 ms
+    of queue per hop is too much (the old aim of 5 ms let the window grow on)."""
+    p = LinkPacer()
+    p.window = 4 << 20
+    p.slow_start = False
+    p.sent(1000, 0.0)
+    p.acked(1000, 0.0005)  # the fastest round trip: 0.5 ms
+    w = p.window
+    p.sent(128 * 1024, 1.0)
+    assert p.acked(p.sent_total, 1.0035)  # 3 ms of queue
+    assert p.window == w * 3 // 4
+
+
+def test_a_long_paths_jitter_is_not_taken_for_a_queue() -> None:
+    """On a 40 ms path a few ms either way are the path's own jitter: the aim there is
+    a share of the round trip, so the window still grows."""
+    p = LinkPacer()
+    p.sent(1000, 0.0)
+    p.acked(1000, 0.040)
+    t = 1.0
+    for i in range(30):
+        p.sent(p.window, t)
+        p.acked(p.sent_total, t + 0.040 + 0.008 * (i % 2))  # 0 or 8 ms late
+        t += 0.1
+    assert p.window >= 8 << 20 and p.slow_start
