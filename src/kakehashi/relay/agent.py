@@ -214,9 +214,11 @@ class RelayLink:
         return self.t.state is t.TState.IDLE and not self.reserved and not self.closed.is_set()
 
     async def _send(self, msgs: list[m.Msg]) -> None:
+        """Send ``msgs`` in one write (an end and a release reach the relay in one
+        segment: one wake-up and one read there, not two)."""
         assert self.framed is not None
-        for msg in msgs:
-            await self.framed.send(m.TERMINAL_CODEC.encode(msg))
+        if msgs:
+            await self.framed.send(b"".join(m.TERMINAL_CODEC.encode(msg) for msg in msgs))
 
     async def send(self, msgs: list[m.Msg]) -> None:
         await self._send(msgs)
