@@ -47,6 +47,11 @@ MAX_OUTBOX = 64 * 1024 * 1024
 BATCH = 1024 * 1024
 #: datagrams for a gateway with this much waiting are dropped
 DATAGRAM_DROP_AT = 4 * 1024 * 1024
+#: refused (and audited) messages a user's gateways may draw at once, and per second
+#: after that (forged tunnel IDs, unknown instructions, window overruns: a real
+#: gateway draws a few, late for a tunnel that just ended); past it the link is cut
+REFUSAL_BURST = 200
+REFUSAL_RATE = 10.0
 
 
 @dataclass
@@ -180,6 +185,8 @@ class SwitchServer:
         #: datagrams dropped because their gateway was behind
         self.dropped = 0
         self._auth_cache: dict[str, tuple[str, str, float]] = {}
+        #: per user: refusals left and when it was counted (see REFUSAL_BURST)
+        self._refusals: dict[str, tuple[float, float]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.sessions: dict[str, dict[str, Any]] = {}
         self._metrics()
@@ -429,13 +436,20 @@ class SwitchServer:
                     elsewhere.setdefault(home, []).append(m.encode(msg))
                     continue
             if isinstance(msg, m.Done):
-                actions += self.switch.on_done(link.name, msg, now)
+                got = self.switch.on_done(link.name, msg, now)
             elif isinstance(msg, m.Hello):
                 raise m.ProtocolError("hello-again", "hello is said once per link")
             elif isinstance(msg, m.Ack):
                 link.acked(msg.n)
+                continue
             else:
-                actions += await self.on_stream(link.name, msg)
+                got = await self.on_stream(link.name, msg)
+            actions += got
+            if len(got) > 1 and not self._may_refuse(link.user, got, now):
+                await self.apply(actions)
+                raise m.ProtocolError("too-many-refusals",
+                                      f"more than {REFUSAL_BURST} messages refused; "
+                                      "this link is cut")
         await self.apply(actions)
         if elsewhere:
             from kakehashi.switch.cluster import Envelope
@@ -448,6 +462,20 @@ class SwitchServer:
             if link.outbox or link.received - link.ack_sent >= ACK_EVERY:
                 link.ack_sent = link.received
                 link.put(m.Ack(n=link.received))
+
+    def _may_refuse(self, user: str, actions: list[tn.Action], now: float) -> bool:
+        """Count the refusals among ``actions`` against the user's budget (a token
+        bucket over all of the user's links, so reconnecting does not refill it);
+        False once it is spent. Each refusal writes an audit line and an answer: a
+        link of forged messages must not turn a megabyte in into tens of megabytes of
+        audit log."""
+        n = sum(1 for a in actions if isinstance(a, tn.Audit) and a.event == "refused")
+        if not n:
+            return True
+        left, at = self._refusals.get(user, (float(REFUSAL_BURST), now))
+        left = min(float(REFUSAL_BURST), left + max(0.0, now - at) * REFUSAL_RATE) - n
+        self._refusals[user] = (max(left, 0.0), now)
+        return left >= 0
 
     async def on_stream(self, gateway: str, msg: m.StreamMsg) -> list[tn.Action]:
         """A stream message for a tunnel of this node. On a cluster, a new stream of a
