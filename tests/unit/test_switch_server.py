@@ -173,3 +173,27 @@ async def test_an_idle_node_acknowledges_every_few_bodies_a_busy_one_every_body(
     await srv.receive(link, body)
     assert m.Ack(n=link.received) in m.decode_to_gateway(link.take(m.MAX_BODY))
     await srv.close()
+
+
+async def test_data_is_passed_on_as_it_came_and_a_small_share_is_copied(tmp_path):
+    """A Data message goes to the other gateway in the very frame it came in (a view of
+    the body: no encoding again); Data that is a small share of its body is copied, so
+    a body is not kept alive by a few bytes counted in an outbox."""
+    srv = SwitchServer(open_store(tmp_path / "s.db"))
+    t, srv_link, alice_link = await established(srv)
+    await srv.receive(alice_link, m.encode(m.Open(tunnel=t.id, stream=1)))
+    srv_link.outbox = type(srv_link.outbox)()
+    chunk = m.encode(m.Data(tunnel=t.id, stream=1, data=b"x" * 60_000))
+    body = chunk + m.encode(m.Credit(tunnel=t.id, stream=1, n=100))
+    await srv.receive(alice_link, body)
+    frame = srv_link.outbox._data[(t.id, 1)][0]
+    assert isinstance(frame, memoryview) and frame.obj is body and bytes(frame) == chunk
+    small = m.encode(m.Data(tunnel=t.id, stream=1, data=b"y"))
+    await srv.receive(alice_link, small + m.encode(m.Credit(tunnel=t.id, stream=1,
+                                                            n=1)) * 40)
+    assert srv_link.outbox._data[(t.id, 1)][1] == small
+    assert not isinstance(srv_link.outbox._data[(t.id, 1)][1], memoryview)
+    sent = m.decode_to_gateway(srv_link.take())
+    assert [x for x in sent if isinstance(x, m.Data)] == [
+        m.Data(tunnel=t.id, stream=1, data=b"x" * 60_000),
+        m.Data(tunnel=t.id, stream=1, data=b"y")]

@@ -182,20 +182,34 @@ def encode_many(msgs: Iterable[msgspec.Struct]) -> bytes:
 
 
 def _decode(codec: wire.ControlCodec, body: bytes) -> list:
+    return [msg for msg, _ in _decode_frames(codec, body)]
+
+
+def _decode_frames(codec: wire.ControlCodec, body: bytes | memoryview
+                   ) -> list[tuple[msgspec.Struct, memoryview]]:
+    """Each message of a body with its frame (a view into ``body``, so a message that
+    is only passed on need not be encoded again). A body is whole, so its frames are
+    read in place: no buffer to feed, and no copy of a payload but msgspec's own."""
     if len(body) > MAX_BODY:
         raise ProtocolError("too-large", f"link body of {len(body)} bytes exceeds {MAX_BODY}")
-    dec = wire.FrameDecoder(LIMITS)
-    dec.feed(body)
+    view = memoryview(body)
     out = []
+    at, end = 0, len(view)
     try:
-        for frame in dec.frames():
-            if frame.type is not wire.FrameType.CTRL:
+        while at < end:
+            if end - at < wire.HEADER_SIZE:
+                raise ProtocolError("truncated", "link body ends in the middle of a frame")
+            ftype, length = wire.decode_header(view[at:at + wire.HEADER_SIZE])
+            LIMITS.check(ftype, length)
+            if ftype != wire.FrameType.CTRL:
                 raise ProtocolError("bad-frame", "only control frames are used on a link")
-            out.append(codec.decode(frame.payload))
+            stop = at + wire.HEADER_SIZE + length
+            if stop > end:
+                raise ProtocolError("truncated", "link body ends in the middle of a frame")
+            out.append((codec.decode(view[at + wire.HEADER_SIZE:stop]), view[at:stop]))
+            at = stop
     except wire.WireError as exc:
         raise ProtocolError(exc.code, exc.message) from None
-    if dec.buffered:
-        raise ProtocolError("truncated", "link body ends in the middle of a frame")
     return out
 
 
@@ -206,3 +220,8 @@ def decode_to_server(body: bytes) -> list[ToServer]:
 
 def decode_to_gateway(body: bytes) -> list[ToGateway]:
     return _decode(_to_gateway, body)
+
+
+def decode_frames_to_server(body: bytes) -> list[tuple[ToServer, memoryview]]:
+    """:func:`decode_to_server` with each message's frame (see :func:`_decode_frames`)."""
+    return _decode_frames(_to_server, body)  # type: ignore[return-value]

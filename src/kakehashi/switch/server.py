@@ -92,8 +92,12 @@ class Link:
     received: int = 0
     ack_sent: int = 0
 
-    def put(self, msg: Any) -> None:
-        self.outbox.put(msg)
+    def put(self, msg: Any, frame: memoryview | bytes | None = None) -> None:
+        """Queue ``msg``; ``frame`` is its encoding when it came so (passed on as is)."""
+        if frame is not None and isinstance(msg, m.Data):
+            self.outbox.put_data((msg.tunnel, msg.stream), frame)
+        else:
+            self.outbox.put(msg)
         self.ready.set()
         if self.outbox.bytes > MAX_OUTBOX:
             self.kill("the gateway does not take what is sent to it")
@@ -247,15 +251,18 @@ class SwitchServer:
             ops.append((TUNNEL, tid, None if gone else t.doc()))  # type: ignore[union-attr]
         self.store.write_many(ops)
 
-    async def apply(self, actions: list[tn.Action]) -> None:
-        if self.carry(actions):
+    async def apply(self, actions: list[tn.Action],
+                    frames: dict[int, memoryview | bytes] | None = None) -> None:
+        if self.carry(actions, frames):
             self.version += 1
             async with self.changed:
                 self.changed.notify_all()
 
-    def carry(self, actions: list[tn.Action]) -> bool:
+    def carry(self, actions: list[tn.Action],
+              frames: dict[int, memoryview | bytes] | None = None) -> bool:
         """Send, audit and store what the decisions say; True if a tunnel changed
-        (the caller wakes whoever waits on one)."""
+        (the caller wakes whoever waits on one). ``frames``: the encoding a message
+        came in, by ``id`` of the message (alive meanwhile), to pass it on unchanged."""
         changed = False
         persist: set[str] = set()
         remote: dict[str, list[bytes]] = {}
@@ -269,7 +276,7 @@ class SwitchServer:
                 if act.droppable and link.outbox.bytes > DATAGRAM_DROP_AT:
                     self.dropped += 1
                     continue
-                link.put(act.msg)
+                link.put(act.msg, frames.get(id(act.msg)) if frames else None)
             elif isinstance(act, tn.Audit):
                 self.audit.record(act.event, act.allow, **act.fields)
             elif isinstance(act, tn.Persist):
@@ -428,7 +435,9 @@ class SwitchServer:
         actions: list[tn.Action] = []
         now = time.time()
         elsewhere: dict[str, list[bytes]] = {}
-        for msg in m.decode_to_server(body):
+        decoded = m.decode_frames_to_server(body)
+        passed = _data_frames(decoded, len(body))
+        for msg, _ in decoded:
             if self.cluster is not None and isinstance(msg, (m.Done, *m.STREAM_TYPES)) \
                     and msg.tunnel not in self.switch.tunnels:
                 home = self.cluster.home_of(msg.tunnel)
@@ -446,11 +455,11 @@ class SwitchServer:
                 got = await self.on_stream(link.name, msg)
             actions += got
             if len(got) > 1 and not self._may_refuse(link.user, got, now):
-                await self.apply(actions)
+                await self.apply(actions, passed)
                 raise m.ProtocolError("too-many-refusals",
                                       f"more than {REFUSAL_BURST} messages refused; "
                                       "this link is cut")
-        await self.apply(actions)
+        await self.apply(actions, passed)
         if elsewhere:
             from kakehashi.switch.cluster import Envelope
 
@@ -622,6 +631,19 @@ class SwitchServer:
             if isinstance(act, tn.Audit):
                 self.audit.record(act.event, act.allow, **act.fields)
         return svc.doc()
+
+
+def _data_frames(decoded: list[tuple[Any, memoryview]], size: int
+                 ) -> dict[int, memoryview | bytes]:
+    """The Data messages' frames of a body, to be passed on as they came: a Data message
+    goes to the other gateway exactly as it was encoded, so decoding checked it and
+    the server need not encode it again (one copy of each chunk and msgspec's work
+    less on the busiest process of the path). The frames are views of the body, which
+    they keep alive, so when they are less than half of it they are copied instead:
+    what a link's outbox counts stays within twice what it holds."""
+    data = [(msg, frame) for msg, frame in decoded if isinstance(msg, m.Data)]
+    keep = 2 * sum(len(frame) for _, frame in data) >= size
+    return {id(msg): frame if keep else bytes(frame) for msg, frame in data}
 
 
 def _addr(conn: Request | WebSocket) -> str:
