@@ -314,3 +314,15 @@ def test_a_long_paths_jitter_is_not_taken_for_a_queue() -> None:
         p.acked(p.sent_total, t + 0.040 + 0.008 * (i % 2))  # 0 or 8 ms late
         t += 0.1
     assert p.window >= 8 << 20 and p.slow_start
+
+
+def test_the_data_fast_encoding_is_the_codecs_own() -> None:
+    import os
+
+    for tunnel in ("a", "t" * 32):
+        for sid in (1, 127, 128, 65535, 65536, 2**31):
+            prefix = m.data_prefix(tunnel, sid)
+            for n in (0, 1, 255, 256, 65535, m.MAX_CHUNK):
+                payload = os.urandom(n)
+                assert m.encode_data(prefix, memoryview(payload)) == m.encode(
+                    m.Data(tunnel=tunnel, stream=sid, data=payload))

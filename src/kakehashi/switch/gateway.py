@@ -329,6 +329,7 @@ class StreamEnd:
         self.key = (s.tunnel.id, s.id)
         self._head: memoryview | None = None  # the rest of a partly read chunk
         self._handed = 0  # bytes given to the pump, credited at its next read
+        self._prefix: bytes | None = None  # this stream's Data encoding (m.data_prefix)
 
     def _check(self) -> None:
         if self.s.reset:
@@ -371,8 +372,9 @@ class StreamEnd:
                 await s.credit_wake.wait()
             self._check()
             n = s.send.take(min(len(view), m.MAX_CHUNK))
-            self.gw.outbox.put_data(self.key, m.encode(m.Data(
-                tunnel=s.tunnel.id, stream=s.id, data=bytes(view[:n]))))
+            if self._prefix is None:
+                self._prefix = m.data_prefix(s.tunnel.id, s.id)
+            self.gw.outbox.put_data(self.key, m.encode_data(self._prefix, view[:n]))
             self.gw.out_ready.set()
             view = view[n:]
 
