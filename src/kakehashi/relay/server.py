@@ -73,6 +73,14 @@ class _Closing:
 
 
 @dataclass(frozen=True)
+class _Drain:
+    """Action for the connection's coroutine: wait until ``link``'s queued messages
+    are out (a pairing applied in a readable callback)."""
+
+    link: Link
+
+
+@dataclass(frozen=True)
 class _Raw:
     """Outbox item: an encoded frame (a message, or a request's early data)."""
 
@@ -331,8 +339,13 @@ class RelayServer:
                     self._enqueue(link.cid, m.HoldAck(seq=msg.seq), 0.0)
                     continue
                 actions = self.core.receive(link.cid, msg, self.now())
-                if any(isinstance(a, Pair | UpgradeTLS) for a in actions):
+                if any(isinstance(a, UpgradeTLS) for a in actions):
                     return finish("switch", actions)
+                if any(isinstance(a, Pair) for a in actions):
+                    # applied in this step (the result and the requester's early data
+                    # leave now, not after the coroutine resumes); the coroutine waits
+                    # for the result to be out before it forwards this link's frames
+                    return finish("switch", [_Drain(x) for x in self._apply_sync(actions)])
                 self._apply_now(actions)
             return None
 
@@ -397,9 +410,20 @@ class RelayServer:
 
     async def _apply(self, actions: list[object]) -> None:
         """All actions; a pairing also waits until the requester's result is out."""
+        # The requester must see the positive result (step 16) before the target's
+        # first bytes, which this very reader forwards next: let the result go out.
+        for link in self._apply_sync(actions):
+            await self._drain(link)
+
+    def _apply_sync(self, actions: list[object]) -> list[Link]:
+        """All actions but the wait of a pairing: sinks set, messages out or queued.
+        Returns the requesters' links whose result must be out (:meth:`_drain`) before
+        the reader of a paired connection forwards its first frame."""
         paired: list[Link] = []
         for action in actions:
-            if isinstance(action, Pair):
+            if isinstance(action, _Drain):
+                paired.append(action.link)
+            elif isinstance(action, Pair):
                 a, b = self.links.get(action.a), self.links.get(action.b)
                 if a and b:
                     a.sink = FramedSink(b.framed)
@@ -414,10 +438,7 @@ class RelayServer:
                     link.upgrade = True
             else:
                 self._apply_now([action])
-        # The requester must see the positive result (step 16) before the target's
-        # first bytes, which this very reader forwards next: let the result go out.
-        for link in paired:
-            await self._drain(link)
+        return paired
 
     async def _authenticate(self, action: Authenticate) -> None:
         conn = self.core.conns.get(action.conn)
