@@ -17,7 +17,9 @@ Three benchmarks, one table at the end:
 * parallel - --streams parallel streams of --mib MiB each through one WebSocket
   tunnel, each checked by SHA-256 at the far end, while an interactive 1-byte echo
   on another tunnel of the same two gateways measures its round trips (p50/p99,
-  against the same echo while idle): one bulk stream must not starve the others;
+  against the same echo while idle, and against one straight to the echo server
+  after each: the machine's own cost of waking a process that is not busy): one bulk
+  stream must not starve the others;
 * scale - --gateways gateways (in one load-generator process) on one server and
   --tunnels tunnels among them: tunnel setup time p50/p99 (S2 -> S5, both gateways
   report) and the server's RSS with all of them established.
@@ -198,14 +200,18 @@ def measure_parallel(args: argparse.Namespace, workdir: Path) -> dict:
         bulk = sw.route(sha, "gw-alice", "switch WebSocket")
         ping = sw.route(echo, "gw-alice", "switch WebSocket")
 
-        def pings(c: socket.socket, n: int) -> list[float]:
+        def pings(c: socket.socket, n: int, floor: list[float]) -> list[float]:
+            """``n`` round trips through the tunnel, each followed by one straight to
+            the echo server (into ``floor``): what the machine's scheduling costs an
+            echo whose processes are not the busy ones."""
             out = []
             for _ in range(n):
-                t0 = time.perf_counter()
-                c.sendall(b"p")
-                if c.recv(1) != b"p":
-                    raise RuntimeError("echo broken")
-                out.append((time.perf_counter() - t0) * 1000)
+                for sock, into in ((c, out), (d, floor)):
+                    t0 = time.perf_counter()
+                    sock.sendall(b"p")
+                    if sock.recv(1) != b"p":
+                        raise RuntimeError("echo broken")
+                    into.append((time.perf_counter() - t0) * 1000)
             return out
 
         ok: list[bool] = []
@@ -223,9 +229,12 @@ def measure_parallel(args: argparse.Namespace, workdir: Path) -> dict:
                     got += chunk
             ok.append(got == local.digest())
 
-        with socket.create_connection((LOOPBACK, ping.port), 10) as c:
-            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            idle = pings(c, args.pings)
+        with socket.create_connection((LOOPBACK, ping.port), 10) as c, \
+                socket.create_connection((LOOPBACK, echo), 10) as d:
+            for sock in (c, d):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            idle = pings(c, args.pings, [])
+            direct: list[float] = []
             threads = [threading.Thread(target=stream, args=(i,)) for i in range(args.streams)]
             t0 = time.perf_counter()
             for t in threads:
@@ -233,7 +242,7 @@ def measure_parallel(args: argparse.Namespace, workdir: Path) -> dict:
             busy: list[float] = []
             sched0 = _schedstat(bulk.pids)
             while any(t.is_alive() for t in threads):
-                busy += pings(c, 10)
+                busy += pings(c, 10, direct)
                 time.sleep(0.01)
             for t in threads:
                 t.join()
@@ -242,8 +251,11 @@ def measure_parallel(args: argparse.Namespace, workdir: Path) -> dict:
     return {"intact": sum(ok), "mbps": args.streams * args.mib * 1.048576 / secs,
             "idle_p50": percentile(idle, 50), "idle_p99": percentile(idle, 99),
             "p50": percentile(busy, 50), "p99": percentile(busy, 99), "pings": len(busy),
+            "direct_p50": percentile(direct, 50), "direct_p99": percentile(direct, 99),
             "cpu_wait": {pid: (sched1[pid][1] - sched0[pid][1]) / 1e9 / secs
-                         for pid in sched0 if pid in sched1}}
+                         for pid in sched0 if pid in sched1},
+            "cpu_run": {pid: (sched1[pid][0] - sched0[pid][0]) / 1e9 / secs
+                        for pid in sched0 if pid in sched1}}
 
 
 def _schedstat(pids: list[int]) -> dict[int, tuple[int, int]]:
@@ -365,8 +377,11 @@ def main() -> None:
                      f"{r['mbps']:,.0f} MB/s total", "", "",
                      f"SHA-256 intact {r['intact']}/{args.streams}; echo meanwhile p50 "
                      f"{r['p50']:.2f} ms p99 {r['p99']:.2f} ms ({r['pings']} pings; idle "
-                     f"p50 {r['idle_p50']:.2f} ms p99 {r['idle_p99']:.2f} ms); server/gateways "
-                     f"waited for a CPU {_shares(r['cpu_wait'])} of the time"])
+                     f"p50 {r['idle_p50']:.2f} ms p99 {r['idle_p99']:.2f} ms; straight to the "
+                     f"echo server meanwhile p50 {r['direct_p50']:.2f} ms p99 "
+                     f"{r['direct_p99']:.2f} ms); server/gateways ran "
+                     f"{_shares(r['cpu_run'])} and waited for a CPU "
+                     f"{_shares(r['cpu_wait'])} of the time; load {os.getloadavg()[0]:.1f}"])
     if "scale" in only:
         r = measure_scale(args, workdir)
         rows.append(["scale", f"{args.gateways} gateways, {args.tunnels} tunnels",
