@@ -125,12 +125,18 @@ class _CountingSink:
         stop_listener(self.srv, self._thread)
 
 
-def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env):
+#: both TLS drivers of the listener: socket-driven (the default) and memory BIOs
+TLS_DRIVERS = pytest.mark.parametrize("fast_path", ["on", "off"], ids=["direct", "bio"])
+
+
+@TLS_DRIVERS
+def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env, fast_path):
     """CONNECT through a TLS listener: the client sends, ends its side (TCP half-close,
     as a sender that is done does), and still reads what the target answers."""
     sink = _CountingSink()
     try:
-        _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-half")
+        _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-half",
+                            env={"KAKEHASHI_FAST_PATH": fast_path})
         ctx = ssl.create_default_context(cafile=str(ca_path()))
         raw = socket.create_connection(("127.0.0.1", gw), timeout=20)
         with ctx.wrap_socket(raw, server_hostname="localhost") as s:
@@ -151,3 +157,71 @@ def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env)
         assert int.from_bytes(reply, "big") == len(data)
     finally:
         sink.close()
+
+
+class _EarlyEnder:
+    """A target that greets, ends its side at once (TCP half-close) and then counts
+    what the client still sends until the client's end."""
+
+    GREETING = b"bye before you are done\n"
+
+    def __init__(self) -> None:
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.counted = threading.Event()
+        self.total = -1
+        self.digest = ""
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.srv.accept()
+            with conn:
+                conn.sendall(self.GREETING)
+                conn.shutdown(socket.SHUT_WR)
+                total, h = 0, hashlib.sha256()
+                while piece := conn.recv(1 << 16):
+                    total += len(piece)
+                    h.update(piece)
+                self.total, self.digest = total, h.hexdigest()
+                self.counted.set()
+
+    def close(self) -> None:
+        stop_listener(self.srv, self._thread)
+
+
+@TLS_DRIVERS
+def test_a_tunnel_inside_tls_carries_the_clients_bytes_after_the_targets_half_close(
+        env, fast_path):
+    """The other order: the target ends its side first while the client is still
+    sending. The client reads the target's end (close_notify) and everything it sends
+    afterwards still reaches the target, intact, until its own end."""
+    target = _EarlyEnder()
+    try:
+        _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-half-rev",
+                            env={"KAKEHASHI_FAST_PATH": fast_path})
+        ctx = ssl.create_default_context(cafile=str(ca_path()))
+        raw = socket.create_connection(("127.0.0.1", gw), timeout=20)
+        data = bytes(range(256)) * (32 << 10)  # 8 MiB, most of it after the target's end
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\n"
+                      f"Host: 127.0.0.1:{target.port}\r\n\r\n".encode())
+            got = b""
+            while b"\r\n\r\n" not in got:
+                piece = s.recv(4096)
+                assert piece, got
+                got += piece
+            assert got.startswith(b"HTTP/1.1 200")
+            got = got[got.index(b"\r\n\r\n") + 4:]
+            s.sendall(data[:1 << 16])
+            while piece := s.recv(4096):  # the greeting, then the target's end
+                got += piece
+            assert got == _EarlyEnder.GREETING
+            s.sendall(data[1 << 16:])  # after the target's end
+            socket.socket.shutdown(s, socket.SHUT_WR)
+            assert target.counted.wait(30)
+        assert target.total == len(data)
+        assert target.digest == hashlib.sha256(data).hexdigest()
+    finally:
+        target.close()

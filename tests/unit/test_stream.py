@@ -268,3 +268,102 @@ async def test_a_connect_that_reaches_itself_is_refused(monkeypatch, at_once):
         monkeypatch.setattr(stream, "_connect_at_once", started_only)
     with pytest.raises(ConnectionError, match="reached itself"):
         await stream.open_tcp("127.0.0.1", port, timeout=5)
+
+
+# -- half-close on both TLS drivers: the socket-driven one (fast path) and memory BIOs.
+# ``framed=True`` asks for the fast path even where a half-close was not offered on it,
+# so these tests exercise DirectTLSConn whenever FAST_PATH is on.
+ROUNDS = 100  # the old failure was a race: about 1 in 30 connections
+DRIVERS = pytest.mark.parametrize("fast", [True, False], ids=["direct", "bio"])
+
+
+@DRIVERS
+async def test_tls_writes_go_on_after_the_peers_bare_tcp_fin(ctx, tmp_path, monkeypatch, fast):
+    """The peer sends, then ends its side with a bare TCP FIN (no close_notify, as a
+    client that half-closes the socket under its TLS does): the end reads as EOF and
+    the reply still goes out. (OpenSSL 3 took the FIN for a truncation attack and
+    failed every later write of the socket-driven connection: the reply was lost.)"""
+    from kakehashi.core import stream
+
+    monkeypatch.setattr(stream, "FAST_PATH", fast)
+    server, client = await _tls_pair(ctx, tmp_path / "home", framed=True)
+    assert isinstance(server, DirectTLSConn) is fast
+    data = bytes(range(256)) * 4096  # 1 MiB
+    sender = asyncio.create_task(client.send_all(data))
+    got = bytearray()
+    buf = memoryview(bytearray(64 * 1024))
+    while len(got) < len(data):
+        n = await asyncio.wait_for(server.recv_into(buf), 10)
+        assert n, "the stream ended early"
+        got += buf[:n]
+    await sender
+    socket.socket.shutdown(client.sock, socket.SHUT_WR)  # TCP only, TLS state kept
+    assert await asyncio.wait_for(server.recv(100), 10) == b""
+    await server.send_all(b"reply after the client's end")
+    await server.shutdown_write()
+    reply = bytearray()
+    while chunk := await asyncio.wait_for(client.recv(100), 10):
+        reply += chunk
+    assert bytes(reply) == b"reply after the client's end"
+    assert bytes(got) == data
+    server.close()
+    client.close()
+
+
+@DRIVERS
+async def test_tls_half_close_while_the_peer_is_still_sending(ctx, tmp_path, monkeypatch, fast):
+    """This side half-closes while a peer (a blocking ssl socket in a thread, as a
+    client program) keeps streaming: every byte the peer sends after the close_notify
+    still arrives, on every one of several connections. (Python's shutdown calls
+    SSL_shutdown twice; the second call read the socket for the peer's close_notify
+    and a record arriving in that instant failed the stream with
+    APPLICATION_DATA_AFTER_CLOSE_NOTIFY.)"""
+    import hashlib
+    import threading
+
+    from kakehashi.core import stream
+    from kakehashi.core.tls import client_context
+
+    monkeypatch.setattr(stream, "FAST_PATH", fast)
+    client_ctx = client_context(ca=tmp_path / "home" / "ca" / "ca.pem")
+    data = bytes(range(256)) * (4 << 10)  # 1 MiB a connection
+
+    def peer(sock: socket.socket, result: dict[str, object]) -> None:
+        try:
+            with client_ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+                tls.sendall(data)
+                socket.socket.shutdown(tls, socket.SHUT_WR)
+                reply = b""
+                while chunk := tls.recv(1 << 16):
+                    reply += chunk
+                result["reply"] = reply
+        except (OSError, ssl.SSLError) as exc:
+            result["error"] = exc
+
+    for _ in range(ROUNDS):
+        a, b = socket.socketpair()
+        result: dict[str, object] = {}
+        thread = threading.Thread(target=peer, args=(b, result), daemon=True)
+        thread.start()
+        server = await start_tls(Conn(a), ctx, server_side=True, timeout=10, framed=True)
+        assert isinstance(server, DirectTLSConn) is fast
+        got = bytearray()
+        buf = memoryview(bytearray(64 * 1024))
+        while n := await asyncio.wait_for(server.recv_into(buf), 10):
+            got += buf[:n]
+            if len(got) >= 32 * 1024 and not server._closed and len(got) - n < 32 * 1024:
+                await server.send_all(b"done early")
+                await server.shutdown_write()  # the peer is in the middle of its stream
+        server.close()
+        await asyncio.to_thread(thread.join, 20)
+        assert "error" not in result, result
+        assert result["reply"] == b"done early"
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+def test_the_socket_driven_tls_can_half_close_here():
+    """On this platform (OpenSSL 3, CPython's _ssl layout) the fast path offers the
+    half-close, so every TLS stream may take it, not only relay links."""
+    from kakehashi.core import stream
+
+    assert stream.half_close_ready()

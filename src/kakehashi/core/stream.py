@@ -2,8 +2,10 @@
 
 kakehashi owns its sockets instead of using asyncio transports, because the byte
 pump must be able to ``os.splice`` between two plain sockets (kernel to kernel).
-TLS is done with ``ssl.SSLObject`` over memory BIOs on the same socket, which also
-makes a STARTTLS-style upgrade of a live connection straightforward.
+TLS is driven on the same socket: by OpenSSL on the fd itself (:class:`DirectTLSConn`,
+the fast path, with a true half-close both ways), or by ``ssl.SSLObject`` over memory
+BIOs (:class:`TLSConn`: bytes already read ahead, ``KAKEHASHI_FAST_PATH=off``); either
+way a STARTTLS-style upgrade of a live connection reuses the TCP connection.
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from kakehashi.core import tlsmismatch, wire
 
-#: ``KAKEHASHI_FAST_PATH=off`` turns the fast paths off (TLS on relay links through
-#: memory BIOs like every other stream): for comparison and as a fallback
+#: ``KAKEHASHI_FAST_PATH=off`` turns the fast paths off (TLS through memory BIOs
+#: instead of on the socket): for comparison and as a fallback
 FAST_PATH = os.environ.get("KAKEHASHI_FAST_PATH", "on") != "off"
+
+#: OpenSSL's ``SSL_OP_IGNORE_UNEXPECTED_EOF`` (OpenSSL 3; Python names it only from
+#: 3.12): a TCP FIN without close_notify reads as the end of the stream. Without it
+#: OpenSSL 3 fails the read with UNEXPECTED_EOF_WHILE_READING, a fatal state in which
+#: every later write fails too - the reply of a half-closed tunnel would be lost.
+OP_IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 1 << 7)
 
 RECV_CHUNK = 256 * 1024
 #: reads for control messages: large enough for any control frame, small enough
@@ -449,16 +457,111 @@ class TLSConn(Conn):
         await super().shutdown_write()
 
 
+class _CloseNotify:
+    """Sends a TLS close_notify on a socket-driven SSL object *without* reading.
+
+    Python 3.11 offers only ``SSLSocket.unwrap``/``_sslobj.shutdown``, which call
+    ``SSL_shutdown`` twice: the first call sends close_notify, the second reads the
+    socket for the peer's close_notify, and an application record found there is
+    fatal (APPLICATION_DATA_AFTER_CLOSE_NOTIFY: OpenSSL expects such records through
+    ``SSL_read``). On a half-closed stream the peer is still sending, so a record
+    arriving in that instant was lost and the stream broken. ``SSL_shutdown`` called
+    once (through ctypes, from the libssl that ``_ssl`` is linked against) sends the
+    alert and reads nothing; later ``SSL_read`` calls take the peer's records.
+
+    Reaching the ``SSL *`` needs CPython's layout of ``_ssl._SSLSocket``
+    (``PyObject_HEAD``, the weak reference to its socket, then ``SSL *``), so the
+    pointer is taken only when both neighbours check out: the word before it is a weak
+    reference to this very socket, and ``SSL_get_fd`` of it is this socket's fd.
+    Otherwise :func:`half_close_ready` is False and streams that need a half-close
+    keep the memory-BIO driver.
+    """
+
+    SSL_ERROR_WANT_WRITE = 3
+
+    def __init__(self) -> None:
+        import _ssl
+        import ctypes
+
+        lib = ctypes.CDLL(_ssl.__file__)  # dlsym finds libssl's symbols through it
+        self.shutdown = lib.SSL_shutdown
+        self.shutdown.argtypes, self.shutdown.restype = [ctypes.c_void_p], ctypes.c_int
+        self.get_error = lib.SSL_get_error
+        self.get_error.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.get_error.restype = ctypes.c_int
+        self.get_fd = lib.SSL_get_fd
+        self.get_fd.argtypes, self.get_fd.restype = [ctypes.c_void_p], ctypes.c_int
+        self.clear = lib.ERR_clear_error
+        self.clear.argtypes, self.clear.restype = [], None
+        self._words = ctypes.c_void_p * 4
+
+    def pointer(self, sslsock: ssl.SSLSocket) -> int | None:
+        """The ``SSL *`` of ``sslsock`` if the layout checks out, else None."""
+        import weakref
+
+        obj = getattr(sslsock, "_sslobj", None)
+        if obj is None:  # not connected, or closed (the SSL object is gone)
+            return None
+        words = self._words.from_address(id(obj))
+        if words[2] not in {id(ref) for ref in weakref.getweakrefs(sslsock)}:
+            return None
+        ptr = words[3]
+        if not ptr or self.get_fd(ptr) != sslsock.fileno():
+            return None
+        return int(ptr)
+
+    def send(self, ptr: int) -> bool | None:
+        """One ``SSL_shutdown``: True when the alert is out, None when it waits for
+        room in the socket buffer (call again when writable), False on failure."""
+        ret = self.shutdown(ptr)
+        if ret >= 0:
+            return True
+        err = self.get_error(ptr, ret)
+        self.clear()  # leave no error behind for the next call through ``_ssl``
+        return None if err == self.SSL_ERROR_WANT_WRITE else False
+
+
+_close_notify: _CloseNotify | None = None
+_half_close_ready: bool | None = None
+
+
+def half_close_ready() -> bool:
+    """Whether a :class:`DirectTLSConn` can half-close here (probed once): OpenSSL 3
+    (a bare TCP FIN must read as EOF, see ``OP_IGNORE_UNEXPECTED_EOF``) and the
+    one-call close_notify of :class:`_CloseNotify`."""
+    global _close_notify, _half_close_ready
+    if _half_close_ready is None:
+        _half_close_ready = False
+        if ssl.OPENSSL_VERSION_INFO >= (3, 0):
+            try:
+                helper = _CloseNotify()
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                a, b = socket.socketpair()
+                with a, b, ctx.wrap_socket(a, server_hostname="probe",
+                                           do_handshake_on_connect=False) as probe:
+                    _half_close_ready = helper.pointer(probe) is not None
+                _close_notify = helper if _half_close_ready else None
+            except (OSError, AttributeError, ValueError, ssl.SSLError):
+                _half_close_ready = False
+    return _half_close_ready
+
+
 class DirectTLSConn(TLSConn):
     """TLS driven on the socket itself (OpenSSL reads and writes the fd): no memory
     BIOs, so no copy into and out of them per record and no buffer per read.
 
-    The fast path for connections that carry kakehashi frames (relay links), whose
-    end is an EOF frame or a close, never a TLS half-close: Python can only send a
-    close_notify through ``SSL_shutdown`` called twice, and the second call reads
-    and *drops* whatever application records the peer still has in flight. So
-    :meth:`shutdown_write` here ends TLS both ways; a stream that needs a half-close
-    is a :class:`TLSConn` (``start_tls(..., framed=False)``, the default).
+    It half-closes like a TCP stream in both directions (a CONNECT tunnel inside TLS
+    carries the target's reply after the client has ended its side):
+
+    * the peer's end, close_notify or a bare TCP FIN, reads as EOF and leaves the
+      connection able to write (``OP_IGNORE_UNEXPECTED_EOF`` on the context);
+    * :meth:`shutdown_write` sends close_notify with one ``SSL_shutdown`` (see
+      :class:`_CloseNotify`) and a TCP FIN, and reads go on until the peer's end.
+
+    Where the one-call close_notify is not available (:func:`half_close_ready`), only
+    framed streams (relay links, whose end is an EOF frame or a close) take this
+    driver, and :meth:`shutdown_write` falls back to Python's double ``SSL_shutdown``,
+    which may drop records the peer still has in flight.
     ``KAKEHASHI_FAST_PATH=off`` makes every connection a :class:`TLSConn`.
     """
 
@@ -473,6 +576,8 @@ class DirectTLSConn(TLSConn):
     ) -> None:
         if initial:
             raise ValueError("a direct TLS connection reads its first bytes from the socket")
+        if not context.options & OP_IGNORE_UNEXPECTED_EOF and ssl.OPENSSL_VERSION_INFO >= (3, 0):
+            context.options |= OP_IGNORE_UNEXPECTED_EOF  # (idempotent on shared contexts)
         Conn.__init__(self, sock)
         self._ssl = context.wrap_socket(
             sock, server_side=server_side, server_hostname=server_hostname,
@@ -481,6 +586,7 @@ class DirectTLSConn(TLSConn):
         self._obj = self._ssl._sslobj  # type: ignore[attr-defined]  # the C object
         self._send_lock = asyncio.Lock()
         self._eof = False
+        self._write_ended = False
 
     @property
     def ssl_object(self) -> ssl.SSLSocket:  # type: ignore[override]
@@ -574,13 +680,31 @@ class DirectTLSConn(TLSConn):
                 view = view[len(piece):]
 
     async def shutdown_write(self) -> None:
-        """End TLS (close_notify) and the TCP stream's sending side; see the class
-        note: records the peer sends after this may be dropped."""
-        self._drain_plaintext()  # narrows, cannot close, the window of the class note
-        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
-            self._obj.shutdown()
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(self._ssl, socket.SHUT_WR)
+        """End this side: close_notify, then a TCP FIN; reading goes on (see the
+        class note for where the one-call close_notify is not available)."""
+        async with self._send_lock:  # after any write in progress, never inside one
+            if self._write_ended or self._closed:
+                return
+            self._write_ended = True
+            await self._send_close_notify()
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self._ssl, socket.SHUT_WR)
+
+    async def _send_close_notify(self) -> None:
+        helper = _close_notify if half_close_ready() else None
+        ptr = helper.pointer(self._ssl) if helper is not None and not self._closed else None
+        if helper is None or ptr is None:
+            self._drain_plaintext()  # narrows, cannot close, the window of the class note
+            with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+                self._obj.shutdown()
+            return
+        while helper.send(ptr) is None:  # the socket buffer is full: wait for room
+            try:
+                await self._wait(readable=False)
+            except ConnClosed:
+                return
+            if self._closed:
+                return
 
     def cut(self) -> None:
         with contextlib.suppress(OSError):
@@ -599,15 +723,16 @@ async def start_tls(
 ) -> TLSConn:
     """Upgrade a plain connection in place (the socket is reused, not reopened).
 
-    ``framed``: the stream carries kakehashi frames (a relay link), so it never
-    needs a TLS half-close and may take the fast path, a :class:`DirectTLSConn`
-    (unless bytes were already read ahead, which only memory BIOs can take).
+    The fast path, a :class:`DirectTLSConn`, is taken unless bytes were already read
+    ahead (only memory BIOs can take those) or ``KAKEHASHI_FAST_PATH=off``. Where it
+    cannot half-close (:func:`half_close_ready`), it is taken only for ``framed``
+    streams (kakehashi frames: a relay link, which never needs a TLS half-close).
     """
     if not conn.plain:
         raise ValueError("connection is already encrypted")
     if conn.has_pushback:  # bytes read ahead (say behind a CONNECT reply) are TLS records
         initial = conn.take_pushback(conn.pushback_size) + initial
-    direct = framed and FAST_PATH and not initial
+    direct = FAST_PATH and not initial and (framed or half_close_ready())
     # ``asyncio.timeout``, not ``wait_for``: wait_for runs the handshake in a task of
     # its own, and a failed handshake's exception then references that task through
     # its traceback while the task references the exception - a cycle that kept the
