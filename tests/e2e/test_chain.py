@@ -538,12 +538,12 @@ def test_trace_shows_each_hop_and_where_it_was_refused(chain):
     assert text.count("answered after") == 2
 
 
-def _socks(chain: Chain, **kw):
+def _socks(chain: Chain, extra: str = "", **kw):
     text = chain.forward_config(**kw).read_text()
     lines = [ln for ln in text.splitlines() if not ln.startswith(("udp_listen", "to ="))]
     path = chain.env.root / f"socks-{os.urandom(3).hex()}.toml"
     path.write_text("\n".join(lines).replace("[chain.forward]", "[chain.socks]")
-                    + '\nlisten = "127.0.0.1:0"\n')
+                    + '\nlisten = "127.0.0.1:0"\n' + extra)
     proc = chain.env.spawn("socks", "--config", str(path), "chain", "socks")
     return proc, proc.bound_port()
 
@@ -594,6 +594,52 @@ def test_socks_connect_is_refused_and_fragments_dropped(chain):
     assert data == b"\0\0\0\x01" + dst + b"whole" and chain.echo.count == before + 1
     u.close()
     c.close()
+    proc.stop()
+
+
+async def _associate(port: int, src: str = "127.0.0.1"):
+    """A raw SOCKS5 UDP ASSOCIATE from ``src``: (the reply's REP code, the connection)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
+    w.write(b"\x05\x01\x00")
+    assert await asyncio.wait_for(r.readexactly(2), 30) == b"\x05\x00"
+    w.write(b"\x05\x03\x00\x01" + bytes(6))
+    reply = await asyncio.wait_for(r.readexactly(10), 30)
+    assert reply[0] == 5
+    return reply[1], (r, w)
+
+
+async def _closed(conn) -> None:
+    r, w = conn
+    assert await asyncio.wait_for(r.read(), 30) == b""  # refused: closed after the reply
+    w.close()
+
+
+async def test_socks_bounds_connections_per_client_and_in_total(chain):
+    """A burst of 100 UDP ASSOCIATEs at once from one address: exactly max_per_client
+    get an association, every other one a clear refusal (reply 2, connection not allowed
+    by ruleset); another address fills the total, beyond which it is refused too; and
+    slots come back when associations close."""
+    proc, port = _socks(chain, "max_per_client = 10\nmax_connections = 15\n")
+    got = await asyncio.gather(*(_associate(port) for _ in range(100)))
+    held = [x for x in got if x[0] == 0]
+    assert sorted(rep for rep, _ in got) == [0] * 10 + [2] * 90
+    await asyncio.gather(*(_closed(c) for rep, c in got if rep != 0))
+    assert "address 127.0.0.1 already holds 10 connections here" in proc.output()
+    # a second address takes the rest of the total, and no more
+    other = [await _associate(port, "127.0.0.2") for _ in range(6)]
+    assert [rep for rep, _ in other] == [0] * 5 + [2]
+    await _closed(other[-1][1])
+    assert "this SOCKS server holds its maximum of 15 connections" in proc.output()
+    # the slots come back as associations close
+    for _, (_, w) in held[:3]:
+        w.close()
+        await w.wait_closed()
+    await async_wait_until(lambda: proc.output().count("association for 127.0.0.1 ended") == 3,
+                           15, what="the socks server ending three associations")
+    back = await asyncio.gather(*(_associate(port) for _ in range(5)))
+    assert sorted(rep for rep, _ in back) == [0] * 3 + [2] * 2
+    for _, (_, w) in back + held[3:] + other[:5]:
+        w.close()
     proc.stop()
 
 

@@ -223,15 +223,22 @@ def trace(user: str, keys: tuple[str, ...], first_hop: str, to: str, mode: str, 
 @opt.listen_option("127.0.0.1:1080", "HOST:PORT of the SOCKS5 server.")
 @click.option("--max-destinations", type=click.IntRange(min=1), default=16, show_default=True,
               help="Destinations (chains) one UDP association may hold at once.")
+@opt.connection_limit_options(
+    1024, "Each control connection holds at most one UDP association.", max_per_client=64,
+    refusal="answered with SOCKS5 reply 2 (connection not allowed by ruleset) and closed")
+@opt.timeout_option("handshake", 10.0, "Seconds a client has to finish its SOCKS5 request.")
 def socks(user: str, keys: tuple[str, ...], first_hop: str, mode: str, encrypt: bool,
-          setup_timeout: float, listen: str, max_destinations: int) -> None:
+          setup_timeout: float, listen: str, max_destinations: int, max_connections: int,
+          max_per_client: int, handshake_timeout: float) -> None:
     """A SOCKS5 server whose UDP ASSOCIATE rides the chain (CONNECT is refused)."""
     from kakehashi.chain.socks import SocksConfig, run_socks
 
     host, port = opt.hostport(listen, "--listen")
     base = _client_config(user, keys, first_hop, "0.0.0.0:0", "127.0.0.1:0", mode, encrypt,
                           setup_timeout)
-    sys.exit(runner.run(run_socks(SocksConfig(host, port, base, max_destinations))))
+    sys.exit(runner.run(run_socks(SocksConfig(
+        host, port, base, max_destinations, handshake_timeout=handshake_timeout,
+        max_connections=max_connections, max_per_client=max_per_client))))
 
 
 async def _trace(cfg: ForwardConfig, as_json: bool) -> int:

@@ -14,6 +14,14 @@ TCP connection comes from and a port, only that endpoint is accepted; otherwise 
 association locks to the first datagram from the TCP client's address. Anything else is
 dropped and counted, like fragments and destinations given by name (routes are by
 address). Each association holds at most ``max_destinations`` chains.
+
+Limits: a UDP association lives as long as its control connection, so one bound covers
+both. ``max_connections`` control connections at once in total and ``max_per_client``
+from one client address, handshakes included; a connection beyond either is answered,
+once its request arrives, with reply 2 (connection not allowed by ruleset) and closed,
+without a UDP port being bound for it. The answering is bounded too: the listener
+serves at most twice ``max_connections`` connections at once (the rest wait in its
+backlog), and a handshake that does not finish within ``handshake_timeout`` is cut.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 
 from kakehashi.chain.forward import Chain, ForwardConfig, build_chain
 from kakehashi.chain.setup import SetupFailed
+from kakehashi.chain.tables import SessionLimits
 from kakehashi.core import socks5, wire
 from kakehashi.core.crypto import DatagramChannel
 from kakehashi.core.datagram import bind_udp
@@ -45,6 +54,10 @@ class SocksConfig:
     chain: ForwardConfig  #: who, keys, first hop, mode, encryption; ``to`` is per datagram
     max_destinations: int = 16
     handshake_timeout: float = 10.0
+    #: control connections (each holds at most one UDP association) at once, in total
+    #: and from one client address (0: no limit)
+    max_connections: int = 1024
+    max_per_client: int = 64
 
 
 class _Side(asyncio.DatagramProtocol):
@@ -193,9 +206,16 @@ class SocksServer:
         self.cfg = cfg
         self.listener: Listener | None = None
         self.associations: set[Association] = set()
+        self.limits = SessionLimits(0, cfg.max_per_client, cfg.max_connections,
+                                    what="connections", holder="this SOCKS server")
+        #: connections answered with reply 2 because of a limit
+        self.refused = 0
 
     async def start(self) -> None:
-        self.listener = Listener(self.cfg.host, self.cfg.port, self.handle)
+        # twice the limit: room to answer the connections beyond it with a refusal,
+        # while a flood beyond that waits in the backlog
+        self.listener = Listener(self.cfg.host, self.cfg.port, self.handle,
+                                 max_connections=2 * self.cfg.max_connections)
         self.listener.start()
 
     @property
@@ -221,6 +241,17 @@ class SocksServer:
             buf += data
 
     async def handle(self, conn: Conn) -> None:
+        peer_ip = str(conn.peer[0]) if isinstance(conn.peer, tuple) else ""
+        over = self.limits.admit("", peer_ip)
+        try:
+            await self.serve(conn, peer_ip, over)
+        finally:
+            if over is None:
+                self.limits.release("", peer_ip)
+
+    async def serve(self, conn: Conn, peer_ip: str, over: str | None) -> None:
+        """One control connection: the handshake, then its UDP association until it
+        closes; ``over`` (a limit it is beyond) gets it refused at its request."""
         t = self.cfg.handshake_timeout
         buf = bytearray()
         try:
@@ -236,11 +267,16 @@ class SocksServer:
             return
         except (ConnClosed, TimeoutError, OSError):
             return
+        if over is not None:
+            self.refused += 1
+            log.info("socks: refused %s: %s", peer_ip, over)
+            with contextlib.suppress(OSError):
+                await conn.send_all(socks5.encode_reply(socks5.NOT_ALLOWED))
+            return
         if req.command != socks5.UDP_ASSOCIATE:
             # the chain carries datagrams only: CONNECT and BIND are not supported
             await conn.send_all(socks5.encode_reply(socks5.COMMAND_NOT_SUPPORTED))
             return
-        peer_ip = str(conn.peer[0]) if isinstance(conn.peer, tuple) else ""
         expect = (req.host, req.port) if req.host == peer_ip and req.port else None
         assoc = Association(self, peer_ip, expect)
         self.associations.add(assoc)
@@ -256,6 +292,8 @@ class SocksServer:
         finally:
             assoc.close()
             self.associations.discard(assoc)
+            log.info("socks: UDP association for %s ended: %d datagrams relayed, %d dropped",
+                     peer_ip, assoc.relayed, assoc.dropped)
 
 
 async def run_socks(cfg: SocksConfig) -> int:

@@ -198,8 +198,12 @@ class SessionLimits:
     the connection's address is the client's, or a neighbour proxy's for its setups in
     flight."""
 
-    def __init__(self, per_user: int, per_address: int, total: int) -> None:
+    def __init__(self, per_user: int, per_address: int, total: int, *,
+                 what: str = "sessions", holder: str = "this proxy") -> None:
         self.per_user, self.per_address, self.total = per_user, per_address, total
+        #: how refusals name what is counted and who holds it (the SOCKS server counts
+        #: UDP associations)
+        self.what, self.holder = what, holder
         self.users: dict[str, int] = {}
         self.addresses: dict[str, int] = {}
         self.setups: dict[str, int] = {}
@@ -222,11 +226,11 @@ class SessionLimits:
     def admit(self, user: str, address: str) -> str | None:
         """Take a slot, or return why not."""
         if self.total and self.count >= self.total:
-            return f"this proxy holds its maximum of {self.total} sessions"
+            return f"{self.holder} holds its maximum of {self.total} {self.what}"
         if self.per_user and self.users.get(user, 0) >= self.per_user:
-            return f"user {user!r} already holds {self.per_user} sessions here"
+            return f"user {user!r} already holds {self.per_user} {self.what} here"
         if self.per_address and self.addresses.get(address, 0) >= self.per_address:
-            return f"address {address} already holds {self.per_address} sessions here"
+            return f"address {address} already holds {self.per_address} {self.what} here"
         self.users[user] = self.users.get(user, 0) + 1
         self.addresses[address] = self.addresses.get(address, 0) + 1
         self.count += 1

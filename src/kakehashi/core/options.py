@@ -243,20 +243,26 @@ def audit_log_option(f: F) -> F:
                              "(default: to the log, logger kakehashi.audit).")(f)
 
 
-def connection_limit_options(max_connections: int, hint: str = "") -> Callable[[F], F]:
+def connection_limit_options(max_connections: int, hint: str = "", *,
+                             max_per_client: int = 0,
+                             refusal: str | None = None) -> Callable[[F], F]:
     """``--max-connections`` and ``--max-per-client`` for a serving command (the core
-    Listener's limits), with this command's default for the first."""
+    Listener's limits), with this command's defaults. ``refusal`` says what a connection
+    beyond either limit gets, for a command that answers it in its protocol instead of
+    holding it in the backlog (total) or closing it unanswered (per client)."""
 
     def decorate(f: F) -> F:
         f = click.option(
-            "--max-per-client", type=click.IntRange(min=0), default=0, show_default=True,
+            "--max-per-client", type=click.IntRange(min=0), default=max_per_client,
+            show_default=True,
             help="Connections one client address may hold (0: no limit); more are "
-                 "closed at once. Mind clients behind one NAT address.")(f)
+                 + (refusal or "closed at once") + ". Mind clients behind one NAT address.")(f)
         return click.option(
             "--max-connections", type=click.IntRange(min=0), default=max_connections,
             show_default=True,
-            help="Connections served at once (0: no limit); beyond it new ones wait in "
-                 "the listen backlog." + (f" {hint}" if hint else ""))(f)
+            help="Connections served at once (0: no limit); beyond it new ones "
+                 + (refusal or "wait in the listen backlog") + "."
+                 + (f" {hint}" if hint else ""))(f)
 
     return decorate
 
