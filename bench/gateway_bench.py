@@ -27,6 +27,8 @@ Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
   (client TLS ends at the edge; edge -> inner relay link with TLS, the default, and
   ``--link-tls off``) against haproxy ``ssl crt`` -> haproxy ``mode tcp`` (the same
   two forwarding processes). Rows interleaved run by run; CPU s/GB of the forwarders.
+  The ``-bio`` rows run kakehashi with ``KAKEHASHI_FAST_PATH=off`` (TLS through memory
+  BIOs, the driver these streams had before TLS on the socket could half-close).
 * connect-py - the gateway alone: a Python sender in this process connects, sends
   ``CONNECT``, reads the 200 and streams --bytes (1 GiB) to a counting sink, which
   answers the byte count after the half-close; the same sender through haproxy
@@ -80,8 +82,11 @@ HTTP_ROWS = ["direct", "haproxy", "gateway", "gateway-quiet", "gateway-nolane", 
 CONNECT_ROWS = ["direct", "haproxy", "haproxy2", "gateway"]
 CONNECT_PY_ROWS = ["direct", "haproxy", "gateway", "gateway-nosplice"]
 #: TLS terminated by the forwarder, plaintext on to the sink; interleaved run by run
-CONNECT_TLS_ROWS = ["haproxy-ssl", "gateway-tls", "haproxy-ssl2", "ondemand-tls",
-                    "ondemand-tls-plainlink"]
+CONNECT_TLS_ROWS = ["haproxy-ssl", "gateway-tls", "gateway-tls-bio", "haproxy-ssl2",
+                    "ondemand-tls", "ondemand-tls-bio", "ondemand-tls-plainlink"]
+#: rows of kakehashi with ``KAKEHASHI_FAST_PATH=off`` (TLS through memory BIOs): the
+#: driver before TLS on the socket could half-close, for a before/after in one run
+SLOW_TLS_ROWS = {"gateway-tls-bio", "ondemand-tls-bio"}
 GROUPS = {"http": HTTP_ROWS, "http-close": HTTP_ROWS, "connect": CONNECT_ROWS,
           "connect-py": CONNECT_PY_ROWS, "connect-tls": CONNECT_TLS_ROWS}
 BASELINES = {"http": ["haproxy", "tinyproxy"], "http-close": ["haproxy", "tinyproxy"],
@@ -594,24 +599,26 @@ def start_tls_route(key: str, procs: Procs, gw: Gateway, target: int,
                                      pem=pem, target=target)
         name = "haproxy mode tcp, ssl crt" + (" -> haproxy mode tcp" if pids else "")
         return Route(name, port, [pid, *pids]), None
-    if key == "gateway-tls":
-        route = gw.serve(procs, extra=("--tls", "on", "--cert", str(cert),
-                                       "--key", str(key_path)))
-        return Route("kakehashi gateway CONNECT, --tls on listener", route.port,
+    slow = {"KAKEHASHI_FAST_PATH": "off"} if key in SLOW_TLS_ROWS else None
+    bio = " (FAST_PATH=off: memory BIOs)" if slow else ""
+    if key.startswith("gateway-tls"):
+        route = gw.serve(procs, env=slow, extra=("--tls", "on", "--cert", str(cert),
+                                                 "--key", str(key_path)))
+        return Route("kakehashi gateway CONNECT, --tls on listener" + bio, route.port,
                      route.pids), f"{LOOPBACK}:{target}"
     from ondemand_bench import IMSI, System  # the manager, inner relay and edge
 
     plain_link = key == "ondemand-tls-plainlink"
     sub = workdir / key
     sub.mkdir(exist_ok=True)
-    base = 46000 if plain_link else 46100
-    system = System(procs, sub, (base, base + 99), link_tls=not plain_link)
+    base = {"ondemand-tls-plainlink": 46000, "ondemand-tls": 46100}.get(key, 46200)
+    system = System(procs, sub, (base, base + 99), link_tls=not plain_link, env=slow)
     grant = system.api().request("POST", "/v1/grants", {
         "targets": [{"imsi": IMSI, "port": target}], "ttl": 3600,
         "tls": True})["grants"][0]
     wait_listening(int(grant["port"]))
     name = "on-demand edge, tls grant -> inner" + (" (--link-tls off)" if plain_link
-                                                   else " (link TLS)")
+                                                   else " (link TLS)") + bio
     return Route(name, int(grant["port"]), [system.edge.pid, system.inner.pid]), None
 
 

@@ -59,13 +59,15 @@ class System:
     """A manager, an inner relay (device: 127.0.0.1) and an edge, as processes."""
 
     def __init__(self, procs: Procs, workdir: Path, ports: tuple[int, int], *,
-                 link_tls: bool = True) -> None:
+                 link_tls: bool = True, env: dict[str, str] | None = None) -> None:
+        """``env``: more environment for every process (say ``KAKEHASHI_FAST_PATH``)."""
         from kakehashi.core.apiclient import ApiClient
         from kakehashi.core.identity import ApiTokens
         from kakehashi.core.store import open_store
 
         self.procs = procs
-        env = {"KAKEHASHI_HOME": str(workdir / "home"), "KAKEHASHI_LOG": "warning"}
+        env = {"KAKEHASHI_HOME": str(workdir / "home"), "KAKEHASHI_LOG": "warning",
+               **(env or {})}
         db = str(workdir / "od.db")
         store = open_store(db)
         tokens = {r: ApiTokens(store).create(r)[1] for r in ("client", "edge", "inner")}
