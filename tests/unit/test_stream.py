@@ -361,9 +361,17 @@ async def test_tls_half_close_while_the_peer_is_still_sending(ctx, tmp_path, mon
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
 
 
-def test_the_socket_driven_tls_can_half_close_here():
+@DRIVERS
+async def test_every_tls_stream_takes_the_socket_driven_path(ctx, tmp_path, monkeypatch, fast):
     """On this platform (OpenSSL 3, CPython's _ssl layout) the fast path offers the
-    half-close, so every TLS stream may take it, not only relay links."""
+    half-close, so every TLS stream takes it (the gateway's TLS listener, the on-demand
+    edge), not only relay links; bytes read ahead still need memory BIOs."""
     from kakehashi.core import stream
 
+    monkeypatch.setattr(stream, "FAST_PATH", fast)
     assert stream.half_close_ready()
+    server, client = await _tls_pair(ctx, tmp_path / "home")  # framed=False
+    assert isinstance(server, DirectTLSConn) is fast
+    assert isinstance(client, DirectTLSConn) is fast
+    server.close()
+    client.close()
