@@ -43,3 +43,47 @@ async def _messages_sent_together_go_in_one_write() -> None:
 
 def test_messages_sent_together_go_in_one_write(run) -> None:
     run(_messages_sent_together_go_in_one_write())
+
+
+async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
+    """A relay that predates early data rejects a request carrying it (an unknown
+    field) and closes the link: the terminal retries on another link without early
+    data and keeps it off, so a new `relay connect` still works with an old relay."""
+    from kakehashi.relay import terminal as t
+    from kakehashi.relay.agent import RelayError, Terminal
+
+    app_sock, client = socket.socketpair()
+    client.sendall(b"hello")
+    sent: list[bytes] = []
+
+    class OldRelayLink:
+        reserved = False
+
+        async def connect(self, target, service="", *, encrypt=False, e2e=False,
+                          early=b""):
+            sent.append(early)
+            if early:
+                raise RelayError("closed", "connection to the relay was lost")
+            return t.Connected(target, False, False, "", True, 0)
+
+    term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+
+    async def acquire():
+        return OldRelayLink()
+
+    term.acquire = acquire  # type: ignore[method-assign]
+    try:
+        app = Conn(app_sock)
+        _, info = await term.connect("bob", app=app)
+        assert info.early == 0 and sent == [b"hello", b""]
+        assert not term.early_ok
+        assert app_sock.recv(16) == b"hello"  # still there for the session to send
+        await term.connect("bob", app=app)
+        assert sent[-1] == b""  # stays off
+    finally:
+        app_sock.close()
+        client.close()
+
+
+def test_a_relay_that_rejects_early_data_gets_requests_without_it(run) -> None:
+    run(_a_relay_that_rejects_early_data_gets_requests_without_it())

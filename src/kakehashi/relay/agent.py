@@ -606,6 +606,9 @@ class Terminal:
         self._subscribed = False
         self._sub_link: RelayLink | None = None
         self._current = 0
+        #: early data with requests; off once a relay closed a link on such a request
+        #: (a relay that predates early data rejects the unknown field)
+        self.early_ok = cfg.early_data
 
     # -- pool ---------------------------------------------------------------------
     def spawn(self, coro: Awaitable[object]) -> None:
@@ -753,7 +756,7 @@ class Terminal:
             link = await self.acquire()
             # looked at, not taken: a request that fails leaves the bytes in place
             early = app.peek_now(m.EARLY_DATA_MAX) \
-                if app is not None and self.cfg.early_data else b""
+                if app is not None and self.early_ok else b""
             try:
                 info = await link.connect(target, service, encrypt=encrypt, e2e=e2e,
                                           early=early)
@@ -762,6 +765,12 @@ class Terminal:
             except RelayError as exc:
                 link.reserved = False
                 self._changed.set()
+                if exc.code == "closed" and early:
+                    # the relay dropped the link on a request with early data: one
+                    # that does not know the field does; go on without it
+                    log.info("the relay closed the link on a request with early data; "
+                             "sending first bytes after the result from now on")
+                    self.early_ok = False
                 # the target's chosen connection vanished (it was closing), or the
                 # target's own request to us crossed ours and went first: try again
                 if exc.code in ("target-lost", "closed", "crossed") and attempt < 2:
