@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -175,3 +176,35 @@ def test_a_flood_of_forged_messages_cuts_the_link(sw: Switch) -> None:
     assert REFUSAL_BURST <= len(refused) <= REFUSAL_BURST + 100, len(refused)
     assert roundtrip(port_of(t), b"still here") == b"still here"
     sw.close(t["tunnel"])
+
+
+def server_rss_kib(sw: Switch) -> int:
+    status = Path(f"/proc/{sw.procs['server'].popen.pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-h: v\r\n" * 8192,  # ever more headers
+    b"GET /" + b"a" * 65536,  # a request line that never ends
+])
+def test_an_endless_request_head_is_refused_early(sw: Switch, head: bytes) -> None:
+    """Before any login: a request head that goes on and on. Old code: uvicorn kept
+    every header (300 MiB of small headers took the server to 4.6 GB of memory in a
+    few seconds); now the head is refused (431) once it passes 64 KiB, the memory
+    stays where it was and the server goes on serving."""
+    before = server_rss_kib(sw)
+    sent = 0
+    answer = b""
+    with socket.create_connection(("127.0.0.1", sw.port), 10) as s:
+        with contextlib.suppress(OSError):  # (a reset once refused)
+            s.sendall(head)
+            chunk = head[head.index(b"\r\n") + 2:] if b"\r\n" in head else b"a" * 65536
+            while sent < 64 << 20:
+                s.sendall(chunk)
+                sent += len(chunk)
+        with contextlib.suppress(OSError):
+            answer = s.recv(200)
+    assert sent < 64 << 20, "the server took 64 MiB of request head"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer
+    assert server_rss_kib(sw) < before + 32 * 1024
+    assert sw.api("alice").request("GET", "/v1/health")["ok"]
