@@ -200,3 +200,45 @@ def test_a_next_hop_that_dies_or_stays_silent_is_named(how, says, mode):
         assert says in text, text
     else:
         assert "fw2" in text, text
+
+
+@pytest.mark.parametrize(("mode", "reported_by"), [("iterative", "fw2"), ("recursive", "fw1")])
+def test_a_later_hops_refusal_says_whose_word_it_is(mode, reported_by):
+    """fw2's access control refuses alice, whom fw1 admitted. Iterative mode: the client
+    authenticated with fw2 through fw1, and fw2 seals its refusal end to end, so fw1
+    passes it on unread and the client has it on fw2's own word. Recursive mode: fw2
+    refuses fw1's request and fw1 passes the refusal up on its sealed connection; the
+    client shares no key with fw2 there, so it has the refusal on fw1's word, and says
+    so."""
+    async def go() -> SetupFailed:
+        k = {p: crypto.parse_shared_key(crypto.new_shared_key())
+             for p in ("alice-fw1", "fw1-fw2", "alice-fw2")}
+        fw2 = ChainProxy(ProxyConfig(
+            name="fw2", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+            keys={"fw1": k["fw1-fw2"], "alice": k["alice-fw2"]},
+            routes=tables.parse_routes({f"{SERVER[0]}/32": "direct"}),
+            acl=tables.parse_acl([{"user": "alice", "from": "10.9.0.0/16",
+                                   "ports": "any"}])))
+        await fw2.start()
+        fw1 = ChainProxy(ProxyConfig(
+            name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+            keys={"alice": k["alice-fw1"], "fw2": k["fw1-fw2"]},
+            routes=tables.parse_routes({f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.address[1]}"}),
+            acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}])))
+        await fw1.start()
+        try:
+            with pytest.raises(SetupFailed) as err:
+                await build_chain(ForwardConfig(
+                    user="alice", keys={"fw1": k["alice-fw1"], "fw2": k["alice-fw2"]},
+                    first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
+                    udp_listen=("127.0.0.1", 0), mode=mode))  # type: ignore[arg-type]
+            return err.value
+        finally:
+            await fw1.close()
+            await fw2.close()
+
+    e = asyncio.run(go())
+    assert (e.hop, e.reason, e.reported_by) == ("fw2", "access", reported_by), str(e)
+    assert "access control does not admit user 'alice'" in e.text
+    assert e.verified == (reported_by == "fw2")
+    assert ("not authenticated by fw2" in str(e)) != e.verified

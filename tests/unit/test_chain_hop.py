@@ -501,8 +501,9 @@ class Iterative:
     RequesterSide on its requester connection, and, once extended, its RelayFilter on
     the connection to the next proxy. ``tamper`` may alter what crosses a proxy leg."""
 
-    def __init__(self, c: ClientSetup, tamper=None) -> None:
+    def __init__(self, c: ClientSetup, tamper=None, acls: dict | None = None) -> None:
         self.c = c
+        self.acls = acls or {}
         self.names = ["fw1", "fw2", "fw3"]
         self.sides: list[RequesterSide] = []
         self.filters: list[RelayFilter] = []
@@ -514,7 +515,7 @@ class Iterative:
         self.open(0, "10.1.0.2")
 
     def open(self, k: int, peer_ip: str) -> None:
-        s = side(self.names[k], peer_ip=peer_ip)
+        s = side(self.names[k], peer_ip=peer_ip, acl=self.acls.get(self.names[k], ACL))
         self.sides.append(s)
         self.up(k, s.start())
 
@@ -653,3 +654,39 @@ def test_relay_filter_names_a_next_hop_lost_during_setup_only():
     f.from_next(m.Reply(req.rid, "fw2", m.Endpoint("192.0.2.2", 42000), m.Endpoint("h", 2),
                         True))
     assert f.lost("closed the connection") is None  # set up: the session just ends
+
+
+def test_iterative_a_later_hops_refusal_is_sealed_and_a_plain_one_in_its_name_refused():
+    """fw3 refuses the client's sealed request (its ACL): proxy.py sends that refusal
+    sealed end to end (``to_requester``), so the proxies between pass it on unread and
+    the client takes it on fw3's own word. A plain refusal in fw3's name (fw2 or fw1
+    making one up, or changing the reason) is an integrity failure at the client; on
+    the old code the client believed it."""
+    deny = t.parse_acl([{"user": "alice", "from": "10.9.0.0/16", "ports": "any"}])
+    c = client("iterative")
+    net = Iterative(c, acls={"fw3": deny})
+    with pytest.raises(Refuse) as err:
+        net.run()
+    refusal = err.value.msg
+    assert (refusal.hop, refusal.reason) == ("fw3", "access")
+    (sealed,) = net.sides[2].to_requester(refusal)
+    assert isinstance(sealed, m.Sealed)
+    with pytest.raises(SetupFailed) as genuine:
+        net.up(2, sealed)  # through fw2's and fw1's relay filters, unread
+    g = genuine.value
+    assert (g.hop, g.reason, g.reported_by, g.verified) == ("fw3", "access", "fw3", True)
+    assert "not authenticated" not in str(g)
+    for forged in (refusal, m.Refused(0, "fw3", "route", "made up by fw2")):
+        c2 = client("iterative")
+        net2 = Iterative(c2, acls={"fw3": deny})
+        with pytest.raises(Refuse):
+            net2.run()
+        with pytest.raises(Refuse) as passed:  # fw2, then fw1, pass a plain one up as is
+            net2.up(2, forged)
+        with pytest.raises(SetupFailed) as failed:
+            c2.receive(passed.value.msg)
+        f = failed.value
+        assert (f.hop, f.reason, f.reported_by, f.verified) == ("fw3", "integrity", "fw1",
+                                                                 False)
+        assert "did not seal end to end" in f.text
+

@@ -146,6 +146,28 @@ def test_refusal_names_the_hop_that_refused():
     assert "refused by fw2" in str(err.value)
 
 
+def test_recursive_a_later_hops_refusal_rests_on_the_first_hops_word():
+    """Recursive mode: the client shares no key with fw2 and fw3, so their refusals reach
+    it on fw1's word (each link authenticated and sealed: no one outside the chain can
+    forge or alter them, a proxy between could); the client says so. fw1's own refusal,
+    and one before any challenge, are the first hop's own word."""
+    c = client()
+    authenticate(c, "fw1")
+    with pytest.raises(SetupFailed) as err:
+        c.receive(m.Refused(0, "fw3", "access", "no"))
+    e = err.value
+    assert (e.hop, e.reason, e.reported_by, e.verified) == ("fw3", "access", "fw1", False)
+    assert "(reported by fw1, not authenticated by fw3)" in str(e)
+    c = client()
+    authenticate(c, "fw1")
+    with pytest.raises(SetupFailed) as own:
+        c.receive(m.Refused(0, "fw1", "limit", "too many"))
+    assert (own.value.reported_by, own.value.verified) == ("fw1", True)
+    with pytest.raises(SetupFailed) as early:  # before the challenge: a flood refusal
+        client().receive(m.Refused(0, "fw1", "limit", "too many setups"))
+    assert (early.value.hop, early.value.verified) == ("fw1", True)
+
+
 def test_wrong_proof_fails_naming_the_hop():
     c = client()
     r = MutualAuth("responder", "fw1", {"alice": os.urandom(32)}, HOP_PURPOSE)
@@ -288,3 +310,27 @@ def test_iterative_extend_to_a_later_hop_is_sealed_for_it_alone():
     (sealed,) = c.receive(fw2.wrap(_reply(req, complete=False)))
     assert isinstance(sealed, m.Sealed)  # fw1 cannot read nor forge it
     assert m.unseal(fw2.channel, sealed) == m.Extend(req.rid)
+
+
+def test_iterative_an_extended_hops_refusal_is_its_own_until_the_next_hop_speaks():
+    """fw2, extended towards fw3, refuses (fw3 is down): while the client still talks to
+    fw2 the refusal comes sealed by fw2 (its own word); once fw3's challenge has gone up
+    the client talks to fw3, and fw2's refusal comes plainly, on fw1's word, not as an
+    integrity failure."""
+    c, fw2, req = at_fw2()
+    (ext,) = fw2.send(_reply(req, complete=False, path=["fw2"]))
+    assert isinstance(ext, m.Extend)
+    down = m.Refused(0, "fw2", "next-hop", "fw2: fw3 closed the connection during setup")
+    with pytest.raises(SetupFailed) as sealed:
+        c.receive(fw2.wrap(down))
+    assert (sealed.value.hop, sealed.value.reason, sealed.value.verified) == (
+        "fw2", "next-hop", True)
+    c, fw2, req = at_fw2()
+    fw2.send(_reply(req, complete=False, path=["fw2"]))
+    fw3 = MutualAuth("responder", "fw3", {"alice": KEYS["fw3"]}, HOP_PURPOSE)
+    (answer,) = c.receive(m.Relay(m.Challenge(*fw3.challenge())))
+    assert isinstance(answer, m.Relay) and c.hop == "fw3"
+    with pytest.raises(SetupFailed) as plain:
+        c.receive(down)
+    p = plain.value
+    assert (p.hop, p.reason, p.reported_by, p.verified) == ("fw2", "next-hop", "fw1", False)

@@ -261,7 +261,7 @@ async def _trace(cfg: ForwardConfig, as_json: bool) -> int:
     result: dict[str, Any] = {"to": f"{cfg.to[0]}:{cfg.to[1]}", "mode": cfg.mode, "hops": hops}
     if refused is not None:
         result["refused"] = {"hop": refused.hop, "reason": refused.reason,
-                             "text": refused.text}
+                             "text": refused.text, "reported_by": refused.reported_by}
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -270,7 +270,9 @@ async def _trace(cfg: ForwardConfig, as_json: bool) -> int:
             click.echo(f"{via:<24} answered after {h['ms']:>8.2f} ms   "
                        f"requester side {h['near']:<22} server side {h['far']}")
         if refused is not None:
-            click.echo(f"{refused.hop:<24} refused: {refused.reason}: {refused.text}")
+            note = "" if refused.verified else (f" (reported by {refused.reported_by}, not "
+                                                f"authenticated by {refused.hop})")
+            click.echo(f"{refused.hop:<24} refused: {refused.reason}: {refused.text}{note}")
         else:
             click.echo(f"{result['to']:<24} reached; the server sees the chain at "
                        f"{hops[-1]['far']}")

@@ -223,7 +223,7 @@ async def run_forward(cfg: ForwardConfig) -> int:
     try:
         chain = await fwd.start()
     except SetupFailed as exc:
-        log.error("chain setup failed: refused by %s: %s: %s", exc.hop, exc.reason, exc.text)
+        log.error("chain setup failed: %s", exc)
         return 1
     except ConnClosed as exc:
         log.error("chain setup failed at %s: %s", cfg.first_hop.name, exc)

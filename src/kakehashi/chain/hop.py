@@ -339,6 +339,9 @@ class RelayFilter:
                  far: m.Endpoint) -> None:
         self.name = name
         self.next = NextHop(name, keys, hop, admitted, far, mode="iterative")
+        #: the next proxy's challenge for the client went up: from then on the client
+        #: talks to that proxy (this one's refusals can no longer be sealed for it)
+        self.client_moved_on = False
 
     @property
     def sealing(self) -> bool:
@@ -367,6 +370,8 @@ class RelayFilter:
             return Step(down=down, p4=p4)
         if isinstance(msg, m.Sealed) or (isinstance(msg, m.Relay) and
                                          isinstance(msg.body, m.Challenge | m.Proof)):
+            if isinstance(msg, m.Relay) and isinstance(msg.body, m.Challenge):
+                self.client_moved_on = True
             return Step(up=[msg])
         raise refusal(self.name, "protocol", f"unexpected {type(msg).__name__.lower()} from "
                                              f"{self.next.hop.name}",

@@ -208,8 +208,9 @@ class ChainProxy:
             # reset that can destroy the refusal before the peer reads it
             reason = "integrity" if exc.code == "integrity" else "protocol"
             self.refused(self.cfg.name, reason)
-            refuse(session.up.fc.conn, session.up.encode(
-                m.Refused(session.rid, self.cfg.name, reason, exc.message[:300])))
+            outs = session.to_client(m.Refused(session.rid, self.cfg.name, reason,
+                                               exc.message[:300]))
+            refuse(session.up.fc.conn, b"".join(session.up.encode(o) for o in outs))
         finally:
             session.close()
             self.sessions.discard(session)
@@ -269,8 +270,9 @@ class _Session:
                          exc.msg.reason, exc.msg.text)
             # the refusal, then a clean close: unread input would turn the close into a
             # reset that can destroy the refusal before the peer reads it
-            refuse(self.up.fc.conn, self.up.encode(
-                m.Refused(self.rid, exc.msg.hop, exc.msg.reason, exc.msg.text)))
+            outs = self.to_client(m.Refused(self.rid, exc.msg.hop, exc.msg.reason,
+                                            exc.msg.text))
+            refuse(self.up.fc.conn, b"".join(self.up.encode(o) for o in outs))
             return
         self.proxy.stats["accepted"] += 1
         self.proxy.metrics.sessions.inc()
@@ -383,6 +385,17 @@ class _Session:
                                        path=[cfg.name], max_payload=max_payload))
             self.pending_hop = hop
 
+    def to_client(self, refused: m.Refused) -> list[m.Message]:
+        """A refusal as it goes up: this proxy's own is sealed end to end when the client
+        authenticated with it through the proxies before (iterative mode) and still talks
+        to it (no later proxy's challenge has gone up), so they can neither forge nor
+        alter it; one from further down, or after that, passes plainly (the client then
+        has it on the first proxy's word)."""
+        if refused.hop != self.cfg.name or self.side is None or (
+                self.relay is not None and self.relay.client_moved_on):
+            return [refused]
+        return self.side.to_requester(refused)
+
     async def send_up(self, msg: m.Message) -> None:
         """To the client: directly, or through the proxies before, sealed end to end."""
         assert self.side is not None
@@ -436,15 +449,17 @@ class _Session:
         if isinstance(exc, Refuse):
             self.proxy.refused(exc.msg.hop, exc.msg.reason)
             with contextlib.suppress(Exception):
-                await self.up.send(exc.msg)
+                for out in self.to_client(exc.msg):
+                    await self.up.send(out)
         elif isinstance(exc, wire.WireError):
             log.info("%s: protocol error in the session of %s: %s", self.cfg.name,
                      self.user, exc)
             reason = "integrity" if exc.code == "integrity" else "protocol"
             self.proxy.refused(self.cfg.name, reason)
             with contextlib.suppress(Exception):
-                await self.up.send(m.Refused(self.rid, self.cfg.name, reason,
-                                             f"{self.cfg.name}: {exc}"[:400]))
+                for out in self.to_client(m.Refused(self.rid, self.cfg.name, reason,
+                                                    f"{self.cfg.name}: {exc}"[:400])):
+                    await self.up.send(out)
 
     async def relay_down(self) -> None:
         """Iterative mode, once extended: the next proxy's side until it ends, which ends

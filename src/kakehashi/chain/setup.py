@@ -39,11 +39,29 @@ E2E_PURPOSE = b"kakehashi-chain-e2e"
 
 
 class SetupFailed(Exception):
-    """The chain could not be built; ``hop`` names the proxy that refused (or failed)."""
+    """The chain could not be built; ``hop`` names the proxy that refused (or failed).
 
-    def __init__(self, hop: str, reason: str, text: str) -> None:
-        super().__init__(f"refused by {hop}: {reason}: {text}")
+    ``reported_by`` is whose word that is: the refusing hop's own (``verified``: it came
+    on that hop's connection, or sealed end to end by it) or the first proxy's, which
+    passed on a refusal made further down. In recursive mode every refusal by a later
+    hop is of the second kind: each link it crossed is authenticated and sealed, so no
+    one outside the chain can forge or alter it, but the client shares no key with the
+    later hops and cannot tell a hop's refusal from one a proxy between made up in its
+    name. In iterative mode the hop being extended seals its refusals end to end, and a
+    plain one in its name is refused as an integrity failure."""
+
+    def __init__(self, hop: str, reason: str, text: str, *,
+                 reported_by: str | None = None) -> None:
         self.hop, self.reason, self.text = hop, reason, text
+        self.reported_by = reported_by or hop
+        note = "" if self.verified else f" (reported by {self.reported_by}, not " \
+                                        f"authenticated by {hop})"
+        super().__init__(f"refused by {hop}: {reason}: {text}{note}")
+
+    @property
+    def verified(self) -> bool:
+        """Whether the refusing hop itself vouches for this refusal."""
+        return self.reported_by == self.hop
 
 
 State = Literal["challenge", "proof", "reply", "e2e-proof", "done"]
@@ -68,6 +86,8 @@ class ClientSetup:
         self.max_payload = 0
         self.rid = 0
         self.hop = "?"  # the proxy currently being talked to
+        #: the first proxy's name (its challenge): whose connection this is
+        self.first_hop: str | None = None
         self.session_keys: tuple[bytes, bytes] | None = None
         self._auth: MutualAuth | None = None
         self._e2e: MutualAuth | None = None
@@ -84,8 +104,9 @@ class ClientSetup:
     def done(self) -> bool:
         return self.state == "done"
 
-    def _fail(self, reason: str, text: str, hop: str | None = None) -> SetupFailed:
-        return SetupFailed(hop or self.hop, reason, text)
+    def _fail(self, reason: str, text: str, hop: str | None = None, *,
+              reported_by: str | None = None) -> SetupFailed:
+        return SetupFailed(hop or self.hop, reason, text, reported_by=reported_by)
 
     def receive(self, msg: m.Message) -> list[m.Message]:
         """Take one message from the first proxy; return the messages to send.
@@ -94,16 +115,31 @@ class ClientSetup:
         anything out of order; the caller closes the control connection then.
         """
         if isinstance(msg, m.Refused):
-            raise SetupFailed(msg.hop, msg.reason, msg.text)
+            raise self._refused(msg)
         if isinstance(msg, m.Relay) and isinstance(msg.body, m.Refused):
-            raise SetupFailed(msg.body.hop, msg.body.reason, msg.body.text)
+            raise self._refused(msg.body)
         if isinstance(msg, m.Sealed):
             msg = self._open(msg)
+            if isinstance(msg, m.Refused):  # the hop's own word, sealed end to end
+                raise SetupFailed(msg.hop, msg.reason, msg.text, reported_by=self.hop)
         elif self._channel is not None and self.state == "reply":
             raise self._fail("integrity", f"a {type(msg).__name__.lower()} in {self.hop}'s "
                                           "name that was not sealed end to end")
         handler = getattr(self, "_on_" + self.state.replace("-", "_"))
         return handler(msg)
+
+    def _refused(self, r: m.Refused) -> SetupFailed:
+        """A refusal that came plainly on the first proxy's connection: the first proxy's
+        own, or one it passed on in a later hop's name (on its word only). The hop being
+        extended in iterative mode seals its refusals end to end once the client and it
+        have authenticated: a plain one in its name was made up or altered on the way."""
+        first = self.first_hop or r.hop  # before any challenge: only the first can speak
+        if self._channel is not None and r.hop == self.hop:
+            return self._fail("integrity", f"a refusal in {self.hop}'s name that it did not "
+                                           f"seal end to end ({r.reason}: {r.text[:200]}), "
+                                           f"passed on by the proxies between",
+                              reported_by=first)
+        return SetupFailed(r.hop, r.reason, r.text, reported_by=first)
 
     @property
     def _relayed(self) -> bool:
@@ -139,6 +175,8 @@ class ClientSetup:
         elif relayed or not isinstance(msg, m.Challenge):
             raise self._unexpected(msg)
         self.hop = msg.hop
+        if self.first_hop is None:
+            self.first_hop = msg.hop
         if msg.hop in self.path:
             raise self._fail("protocol", f"{msg.hop} appears twice on the path (a loop)")
         self._auth = MutualAuth("initiator", self.user, self.keys, HOP_PURPOSE)
