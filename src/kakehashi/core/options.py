@@ -261,7 +261,7 @@ def connection_limit_options(max_connections: int, hint: str = "", *,
             "--max-connections", type=click.IntRange(min=0), default=max_connections,
             show_default=True,
             help="Connections served at once (0: no limit); beyond it new ones "
-                 + (refusal or "wait in the listen backlog") + "."
+                 + (f"are {refusal}" if refusal else "wait in the listen backlog") + "."
                  + (f" {hint}" if hint else ""))(f)
 
     return decorate
