@@ -71,7 +71,12 @@ class UdpEcho:
                 return
             self.count += 1
             self.sources.add(addr)
-            self.sock.sendto(data, addr)
+            try:
+                self.sock.sendto(data, addr)
+            except OSError:
+                if self.stopping:  # shut down while it echoed its last one
+                    return
+                raise
 
     def close(self) -> None:
         self.stopping = True
