@@ -197,6 +197,16 @@ class Tunnel:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Tunnel:
+        """The tunnel of a stored record; KeyError, TypeError, ValueError or
+        AttributeError when the record is not one (a number out of range too: an
+        infinite window or a created time of 10**400 must not stop the server)."""
+        try:
+            return cls._from_doc(doc)
+        except OverflowError as exc:
+            raise ValueError(f"a number out of range: {exc}") from None
+
+    @classmethod
+    def _from_doc(cls, doc: dict[str, Any]) -> Tunnel:
         return cls(id=str(doc["id"]), service=str(doc["service"]), user=str(doc["user"]),
                    client_gw=str(doc["client_gw"]), server_gw=str(doc["server_gw"]),
                    proto=str(doc["proto"]), listen=str(doc["listen"]),
