@@ -361,6 +361,7 @@ async def test_tls_half_close_while_the_peer_is_still_sending(ctx, tmp_path, mon
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
 
 
+@pytest.mark.skipif(ssl.OPENSSL_VERSION_INFO < (3, 0), reason="needs OpenSSL 3")
 @DRIVERS
 async def test_every_tls_stream_takes_the_socket_driven_path(ctx, tmp_path, monkeypatch, fast):
     """On this platform (OpenSSL 3, CPython's _ssl layout) the fast path offers the
