@@ -310,6 +310,11 @@ def _protocol_class(timeout: float) -> type:
         def handle_websocket_upgrade(self) -> None:
             self._stop_timers()
             super().handle_websocket_upgrade()
+            # this protocol is done (the WebSocket one has the transport) and never
+            # hears connection_lost, which is where uvicorn drops its parser: the
+            # parser and this protocol hold each other, so every WebSocket left a
+            # cycle (with the connection's transport) for the collector to find
+            self.parser = None
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_timers()

@@ -739,7 +739,11 @@ def build_app(srv: SwitchServer) -> Any:
                 await ws.close(code=4401 if exc.status == 401 else 4429)
             return
         try:
-            first = await asyncio.wait_for(ws.receive_bytes(), srv.s.hello_timeout)
+            # (asyncio.timeout, not wait_for: a disconnect raised through wait_for's
+            # future holds that frame, so the whole connection becomes a cycle that
+            # waits for the collector; early leavers would pile up in memory)
+            async with asyncio.timeout(srv.s.hello_timeout):
+                first = await ws.receive_bytes()
             msgs = m.decode_to_server(first)
             if len(msgs) != 1 or not isinstance(msgs[0], m.Hello):
                 raise m.ProtocolError("bad-hello", "the first message must be a hello")
