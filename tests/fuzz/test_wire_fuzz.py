@@ -23,6 +23,7 @@ from kakehashi.core.wire import (
     WireError,
     encode_frame,
     encode_header,
+    split_frames,
 )
 from kakehashi.relay import messages as m
 
@@ -75,6 +76,31 @@ def test_garbage_raises_only_wire_error_and_buffer_stays_bounded(prefix, chunks,
             assert dec.buffered < MOST
     except WireError as exc:
         assert exc.code in {"too-large", "bad-frame", "not-kakehashi", "version"}
+
+
+@FAST
+@given(st.lists(frames, max_size=8))
+def test_split_frames_reads_whole_bodies_in_place(sent):
+    """The in-place splitter (whole bodies: switch link messages) agrees with the
+    incremental decoder, and its payloads are views, not copies."""
+    body = b"".join(encode_frame(t, p) for t, p in sent)
+    got = split_frames(body, SMALL)
+    assert [(t, bytes(p)) for t, p, _ in got] == sent
+    assert b"".join(bytes(f) for _, _, f in got) == body
+    assert all(isinstance(p, memoryview) for _, p, _ in got)
+
+
+@FAST
+@given(st.binary(max_size=400))
+def test_split_frames_of_garbage_raises_only_wire_error(body):
+    """Anything that is not whole frames within the limits is a WireError, and what
+    comes back is within the limits."""
+    try:
+        for ftype, payload, _ in split_frames(body, SMALL):
+            assert len(payload) <= (SMALL.max_ctrl if ftype == FrameType.CTRL
+                                    else SMALL.max_data)
+    except WireError as exc:
+        assert exc.code in {"too-large", "bad-frame", "truncated"}
 
 
 @FAST
@@ -157,7 +183,10 @@ def strategy(t: mi.Type) -> st.SearchStrategy:
         return st.text(min_size=lo, max_size=hi)
     if isinstance(t, mi.IntType):
         lo = -(2**63) if t.ge is None else t.ge
-        return st.integers(lo, 2**64 - 1 if t.lt is None else t.lt - 1)
+        lo = lo if t.gt is None else max(lo, t.gt + 1)
+        hi = 2**64 - 1 if t.lt is None else t.lt - 1
+        hi = hi if t.le is None else min(hi, t.le)
+        return st.integers(lo, hi)
     if isinstance(t, mi.ListType):
         return st.lists(strategy(t.item_type), max_size=min(t.max_length or 4, 4))
     if isinstance(t, mi.LiteralType):

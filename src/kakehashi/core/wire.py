@@ -117,6 +117,32 @@ def check_preamble(data: bytes) -> None:
         )
 
 
+def split_frames(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+                 ) -> list[tuple[int, memoryview, memoryview]]:
+    """Every frame of a body that holds whole frames, read in place: ``(type,
+    payload, frame)`` with views into ``body`` (no buffer to feed, no copy).
+
+    For bodies that arrive whole (a switch link's WebSocket message or poll body),
+    where :class:`FrameDecoder`'s incremental buffering would copy each payload.
+    Each header is checked against ``limits`` before its payload is looked at; a
+    body that ends inside a frame raises WireError ``truncated``."""
+    view = memoryview(body)
+    out = []
+    at, end = 0, len(view)
+    while at < end:
+        if end - at < HEADER_SIZE:
+            raise WireError("truncated", "body ends in the middle of a frame header")
+        (word,) = HEADER.unpack_from(view, at)
+        ftype, length = word >> 24, word & MAX_FRAME
+        limits.check(ftype, length)
+        stop = at + HEADER_SIZE + length
+        if stop > end:
+            raise WireError("truncated", "body ends in the middle of a frame")
+        out.append((ftype, view[at + HEADER_SIZE:stop], view[at:stop]))
+        at = stop
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     type: FrameType

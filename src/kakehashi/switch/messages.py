@@ -217,23 +217,17 @@ def _decode_frames(codec: wire.ControlCodec, body: bytes | memoryview
     read in place: no buffer to feed, and no copy of a payload but msgspec's own."""
     if len(body) > MAX_BODY:
         raise ProtocolError("too-large", f"link body of {len(body)} bytes exceeds {MAX_BODY}")
-    view = memoryview(body)
-    out = []
-    at, end = 0, len(view)
     try:
-        while at < end:
-            if end - at < wire.HEADER_SIZE:
-                raise ProtocolError("truncated", "link body ends in the middle of a frame")
-            ftype, length = wire.decode_header(view[at:at + wire.HEADER_SIZE])
-            LIMITS.check(ftype, length)
+        frames = wire.split_frames(body, LIMITS)
+        out = []
+        for ftype, payload, frame in frames:
             if ftype != wire.FrameType.CTRL:
                 raise ProtocolError("bad-frame", "only control frames are used on a link")
-            stop = at + wire.HEADER_SIZE + length
-            if stop > end:
-                raise ProtocolError("truncated", "link body ends in the middle of a frame")
-            out.append((codec.decode(view[at + wire.HEADER_SIZE:stop]), view[at:stop]))
-            at = stop
+            out.append((codec.decode(payload), frame))
     except wire.WireError as exc:
+        if exc.code == "truncated":
+            raise ProtocolError("truncated",
+                                "link body ends in the middle of a frame") from None
         raise ProtocolError(exc.code, exc.message) from None
     return out
 
