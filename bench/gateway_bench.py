@@ -26,7 +26,10 @@ Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
   termination, plaintext to the sink); the on-demand edge with a ``tls`` grant
   (client TLS ends at the edge; edge -> inner relay link with TLS, the default, and
   ``--link-tls off``) against haproxy ``ssl crt`` -> haproxy ``mode tcp`` (the same
-  two forwarding processes). Rows interleaved run by run; CPU s/GB of the forwarders.
+  two forwarding processes), and the edge with link TLS against haproxy ``ssl crt``
+  -> ``server ... ssl`` -> haproxy ``ssl crt`` (``haproxy-ssl2tls``: TLS on the link
+  between them too, the same crypto per byte). Rows interleaved run by run; CPU s/GB
+  of the forwarders.
   The ``-bio`` rows run kakehashi with ``KAKEHASHI_FAST_PATH=off`` (TLS through memory
   BIOs, the driver these streams had before TLS on the socket could half-close).
 * connect-py - the gateway alone: a Python sender in this process connects, sends
@@ -83,7 +86,8 @@ CONNECT_ROWS = ["direct", "haproxy", "haproxy2", "gateway"]
 CONNECT_PY_ROWS = ["direct", "haproxy", "gateway", "gateway-nosplice"]
 #: TLS terminated by the forwarder, plaintext on to the sink; interleaved run by run
 CONNECT_TLS_ROWS = ["haproxy-ssl", "gateway-tls", "gateway-tls-bio", "haproxy-ssl2",
-                    "ondemand-tls", "ondemand-tls-bio", "ondemand-tls-plainlink"]
+                    "ondemand-tls", "ondemand-tls-bio", "ondemand-tls-plainlink",
+                    "haproxy-ssl2tls"]
 #: rows of kakehashi with ``KAKEHASHI_FAST_PATH=off`` (TLS through memory BIOs): the
 #: driver before TLS on the socket could half-close, for a before/after in one run
 SLOW_TLS_ROWS = {"gateway-tls-bio", "ondemand-tls-bio"}
@@ -92,7 +96,7 @@ GROUPS = {"http": HTTP_ROWS, "http-close": HTTP_ROWS, "connect": CONNECT_ROWS,
 BASELINES = {"http": ["haproxy", "tinyproxy"], "http-close": ["haproxy", "tinyproxy"],
              "connect": ["direct", "haproxy"],
              "connect-py": ["direct", "haproxy"],
-             "connect-tls": ["haproxy-ssl", "haproxy-ssl2"]}
+             "connect-tls": ["haproxy-ssl", "haproxy-ssl2", "haproxy-ssl2tls"]}
 
 HTTP_TARGET = 0.5      # gateway req/s >= 0.5x haproxy mode http
 CONNECT_TARGET = 1.0   # gateway CONNECT MB/s >= 1.0x haproxy mode tcp
@@ -568,7 +572,7 @@ frontend bench
     bind {loopback}:{port} ssl crt {pem}
     default_backend target
 backend target
-    server t1 {loopback}:{target}
+    server t1 {loopback}:{target}{server_opts}
 """
 
 
@@ -588,16 +592,28 @@ def start_tls_route(key: str, procs: Procs, gw: Gateway, target: int,
     from kakehashi.core import tls
 
     cert, key_path = tls.DevCA(workdir / "ca").issue([LOOPBACK, "localhost"])
-    if key in ("haproxy-ssl", "haproxy-ssl2"):
+    if key in ("haproxy-ssl", "haproxy-ssl2", "haproxy-ssl2tls"):
         pids = []
+        pem = workdir / "haproxy.pem"
+        pem.write_bytes(cert.read_bytes() + key_path.read_bytes())
+        opts = ""
         if key == "haproxy-ssl2":
             plain = fw.start_haproxy(procs, target)
             target, pids = plain.port, plain.pids
-        pem = workdir / "haproxy.pem"
-        pem.write_bytes(cert.read_bytes() + key_path.read_bytes())
+        elif key == "haproxy-ssl2tls":
+            # what the on-demand edge does with link TLS: the first terminates the
+            # client's TLS and encrypts again to the second, which terminates that
+            # link's TLS and forwards plaintext (two TLS operations in the first)
+            target, inner = start_configured(procs, key + "-inner", HAPROXY_SSL_CFG,
+                                             HAPROXY_ARGV, None, pem=pem, target=target,
+                                             server_opts="")
+            pids, opts = [inner], " ssl verify none"
         port, pid = start_configured(procs, key, HAPROXY_SSL_CFG, HAPROXY_ARGV, None,
-                                     pem=pem, target=target)
-        name = "haproxy mode tcp, ssl crt" + (" -> haproxy mode tcp" if pids else "")
+                                     pem=pem, target=target, server_opts=opts)
+        name = "haproxy mode tcp, ssl crt" + {
+            "haproxy-ssl2": " -> haproxy mode tcp",
+            "haproxy-ssl2tls": " -> ssl -> haproxy ssl crt (TLS on the link too)",
+        }.get(key, "")
         return Route(name, port, [pid, *pids]), None
     slow = {"KAKEHASHI_FAST_PATH": "off"} if key in SLOW_TLS_ROWS else None
     bio = " (FAST_PATH=off: memory BIOs)" if slow else ""
@@ -665,7 +681,11 @@ def measure_connect_tls(keys: list[str], args: argparse.Namespace, gw: Gateway,
 def connect_tls_rows(results: dict[str, dict]) -> list[Row]:
     rows = []
     for key, r in results.items():
-        peer_key = "haproxy-ssl2" if key.startswith("ondemand") else "haproxy-ssl"
+        # the peer doing the same: the edge with link TLS against haproxy encrypting
+        # its link too, the others against TLS terminated once
+        peer_key = ("haproxy-ssl2tls" if key in ("ondemand-tls", "ondemand-tls-bio")
+                    and "haproxy-ssl2tls" in results
+                    else "haproxy-ssl2" if key.startswith("ondemand") else "haproxy-ssl")
         peer = results.get(peer_key, {}).get("mbps")
         target = ""
         if key in ("gateway-tls", "ondemand-tls"):

@@ -12,6 +12,7 @@ import threading
 import time
 
 from tests.e2e.framework import roundtrip, wait_until
+from tests.support.listener import stop_listener
 
 
 def test_agents_reconnect_after_relay_restart(env, echo):
@@ -111,8 +112,7 @@ def one_shot_service(behave):
     try:
         yield f"127.0.0.1:{server.getsockname()[1]}"
     finally:
-        server.close()
-        thread.join(15)
+        stop_listener(server, thread, 15)  # wake and join before the number is freed
 
 
 def _reset_after(seconds: float):

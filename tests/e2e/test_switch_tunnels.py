@@ -13,6 +13,7 @@ import pytest
 from kakehashi.core.apiclient import ApiClientError
 from tests.e2e.framework import EchoServer, Env, stream_through, wait_until
 from tests.e2e.switch_fixtures import Switch, port_of
+from tests.support.listener import stop_listener
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,8 @@ def test_udp_service(sw: Switch) -> None:
                 return
             server.sendto(data.upper(), addr)
 
-    threading.Thread(target=answer, daemon=True).start()
+    answerer = threading.Thread(target=answer, daemon=True)
+    answerer.start()
     try:
         sw.register("dns-like", f"127.0.0.1:{server.getsockname()[1]}", proto="udp")
         t = sw.open("dns-like")
@@ -147,7 +149,7 @@ def test_udp_service(sw: Switch) -> None:
         client.close()
         sw.close(t["tunnel"])
     finally:
-        server.close()
+        stop_listener(server, answerer)  # wake and join before the number is freed
 
 
 def test_connection_limit_and_live_count(sw: Switch, echo_mod: EchoServer) -> None:
@@ -262,4 +264,4 @@ def test_a_reset_travels_end_to_end(sw: Switch) -> None:
         assert seen and seen[0] in (b"y", b"ConnectionResetError"), seen
         sw.close(t["tunnel"])
     finally:
-        srv.close()
+        stop_listener(srv, th)

@@ -18,7 +18,8 @@ import threading
 
 def stop_listener(sock: socket.socket, thread: threading.Thread | None,
                   timeout: float = 5.0) -> None:
-    """Wake and join ``thread`` (blocked in ``sock.accept()``), then close ``sock``."""
+    """Wake and join ``thread`` (blocked in ``sock.accept()``, or in ``recvfrom`` on a
+    UDP socket: shutdown wakes both), then close ``sock``."""
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     if thread is not None and thread is not threading.current_thread():
