@@ -7,7 +7,10 @@ ready when it logs that it registered; nothing sleeps.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,3 +94,18 @@ class Switch:
 
 def port_of(tunnel: dict[str, Any]) -> int:
     return int(tunnel["listen"].rpartition(":")[2])
+
+
+@contextlib.contextmanager
+def raw_link(sw: Switch, user: str, name: str) -> Iterator[Any]:
+    """A gateway link said hello on by hand, to send what a real gateway never would."""
+    from websockets.sync.client import connect
+
+    from kakehashi.switch import messages as m
+
+    auth = base64.b64encode(f"{user}:{password(user)}".encode()).decode()
+    with connect(f"ws://127.0.0.1:{sw.port}/v1/gateway/link",
+                 additional_headers={"Authorization": f"Basic {auth}"}, max_size=None) as ws:
+        ws.send(m.encode(m.Hello(name=name)))
+        assert isinstance(m.decode_to_gateway(ws.recv(timeout=10))[0], m.Welcome)
+        yield ws

@@ -5,20 +5,15 @@ requires authentication."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import socket
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from websockets.sync.client import connect
 
 from kakehashi.core import wire
 from kakehashi.core.apiclient import ApiClientError
 from kakehashi.switch import messages as m
 from tests.e2e.framework import EchoServer, Env, stream_through
-from tests.e2e.switch_fixtures import Switch, password, port_of
+from tests.e2e.switch_fixtures import Switch, password, port_of, raw_link
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +28,6 @@ def sw(tmp_path_factory, echo_mod):
         yield s
     finally:
         env.close()
-
-
-@contextlib.contextmanager
-def link(sw: Switch, user: str, name: str) -> Iterator[Any]:
-    """A raw gateway link, said hello on (to send what a real gateway never would)."""
-    auth = base64.b64encode(f"{user}:{password(user)}".encode()).decode()
-    with connect(f"ws://127.0.0.1:{sw.port}/v1/gateway/link",
-                 additional_headers={"Authorization": f"Basic {auth}"}, max_size=None) as ws:
-        ws.send(m.encode(m.Hello(name=name)))
-        assert isinstance(m.decode_to_gateway(ws.recv(timeout=10))[0], m.Welcome)
-        yield ws
 
 
 def still_works(sw: Switch, t: dict) -> None:
@@ -88,7 +72,7 @@ def test_a_gateway_acting_for_another_user_is_refused(sw: Switch) -> None:
 
 def test_forged_tunnel_and_stream_ids(sw: Switch) -> None:
     t = sw.open("echo")
-    with link(sw, "mallory", "gw-mal-raw") as ws:
+    with raw_link(sw, "mallory", "gw-mal-raw") as ws:
         ws.send(m.encode_many([m.Open(tunnel=t["tunnel"], stream=1),
                                m.Data(tunnel=t["tunnel"], stream=1, data=b"x"),
                                m.Data(tunnel="tforged", stream=7, data=b"x"),
@@ -115,7 +99,7 @@ def test_forged_tunnel_and_stream_ids(sw: Switch) -> None:
 def test_malformed_link_bodies_close_only_that_link(sw: Switch, body: bytes,
                                                     code: str) -> None:
     t = sw.open("echo")
-    with link(sw, "mallory", "gw-mal-raw") as ws:
+    with raw_link(sw, "mallory", "gw-mal-raw") as ws:
         ws.send(body)
         answer = m.decode_to_gateway(ws.recv(timeout=10))[0]
         assert isinstance(answer, m.Refused) and answer.code == code, answer
@@ -124,7 +108,7 @@ def test_malformed_link_bodies_close_only_that_link(sw: Switch, body: bytes,
 
 
 def test_oversized_websocket_message_is_refused(sw: Switch) -> None:
-    with link(sw, "mallory", "gw-mal-raw") as ws, pytest.raises(Exception):  # noqa: B017
+    with raw_link(sw, "mallory", "gw-mal-raw") as ws, pytest.raises(Exception):  # noqa: B017
         ws.send(b"\0" * (m.MAX_BODY + 4096))  # closed by the server: 1009 or a reset
         ws.recv(timeout=10)
     assert sw.api("alice").request("GET", "/v1/health")["ok"]

@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 from tests.e2e.framework import Env, roundtrip, wait_until
-from tests.e2e.switch_fixtures import Switch, password, port_of
+from tests.e2e.switch_fixtures import Switch, password, port_of, raw_link
 
 #: the server's --client-timeout here: how long a silent client may hold a connection
 CLIENT_TIMEOUT = 3.0
@@ -34,21 +33,6 @@ def sw(tmp_path_factory, echo_mod):
         yield s
     finally:
         env.close()
-
-
-@contextlib.contextmanager
-def raw_link(sw: Switch, user: str, name: str) -> Iterator[Any]:
-    """A gateway link said hello on by hand, to send what a real gateway never would."""
-    import base64
-
-    from kakehashi.switch import messages as m
-
-    auth = base64.b64encode(f"{user}:{password(user)}".encode()).decode()
-    with connect(f"ws://127.0.0.1:{sw.port}/v1/gateway/link",
-                 additional_headers={"Authorization": f"Basic {auth}"}, max_size=None) as ws:
-        ws.send(m.encode(m.Hello(name=name)))
-        assert isinstance(m.decode_to_gateway(ws.recv(timeout=10))[0], m.Welcome)
-        yield ws
 
 
 @contextlib.contextmanager
