@@ -121,6 +121,8 @@ def test_udp_service(sw: Switch) -> None:
                 data, addr = server.recvfrom(65535)
             except OSError:
                 return
+            if addr is None:  # woken by the shutdown at the end of the test
+                return
             server.sendto(data.upper(), addr)
 
     answerer = threading.Thread(target=answer, daemon=True)
