@@ -129,6 +129,23 @@ class _CountingSink:
 TLS_DRIVERS = pytest.mark.parametrize("fast_path", ["on", "off"], ids=["direct", "bio"])
 
 
+def _tls_connect(gw: int, target_port: int) -> tuple[ssl.SSLSocket, bytes]:
+    """A CONNECT to ``target_port`` inside TLS to the gateway's listener: the socket
+    once the 200 has come, and whatever followed the head."""
+    ctx = ssl.create_default_context(cafile=str(ca_path()))
+    raw = socket.create_connection(("127.0.0.1", gw), timeout=20)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    s.sendall(f"CONNECT 127.0.0.1:{target_port} HTTP/1.1\r\n"
+              f"Host: 127.0.0.1:{target_port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = s.recv(4096)
+        assert piece, head
+        head += piece
+    assert head.startswith(b"HTTP/1.1 200")
+    return s, head[head.index(b"\r\n\r\n") + 4:]
+
+
 @TLS_DRIVERS
 def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env, fast_path):
     """CONNECT through a TLS listener: the client sends, ends its side (TCP half-close,
@@ -137,17 +154,8 @@ def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env,
     try:
         _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-half",
                             env={"KAKEHASHI_FAST_PATH": fast_path})
-        ctx = ssl.create_default_context(cafile=str(ca_path()))
-        raw = socket.create_connection(("127.0.0.1", gw), timeout=20)
-        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-            s.sendall(f"CONNECT 127.0.0.1:{sink.port} HTTP/1.1\r\n"
-                      f"Host: 127.0.0.1:{sink.port}\r\n\r\n".encode())
-            head = b""
-            while b"\r\n\r\n" not in head:
-                piece = s.recv(4096)
-                assert piece, head
-                head += piece
-            assert head.startswith(b"HTTP/1.1 200")
+        s, _ = _tls_connect(gw, sink.port)
+        with s:
             data = b"x" * (1 << 20)
             s.sendall(data)
             socket.socket.shutdown(s, socket.SHUT_WR)  # TCP half-close, TLS state kept
@@ -201,19 +209,9 @@ def test_a_tunnel_inside_tls_carries_the_clients_bytes_after_the_targets_half_cl
     try:
         _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-half-rev",
                             env={"KAKEHASHI_FAST_PATH": fast_path})
-        ctx = ssl.create_default_context(cafile=str(ca_path()))
-        raw = socket.create_connection(("127.0.0.1", gw), timeout=20)
         data = bytes(range(256)) * (32 << 10)  # 8 MiB, most of it after the target's end
-        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-            s.sendall(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\n"
-                      f"Host: 127.0.0.1:{target.port}\r\n\r\n".encode())
-            got = b""
-            while b"\r\n\r\n" not in got:
-                piece = s.recv(4096)
-                assert piece, got
-                got += piece
-            assert got.startswith(b"HTTP/1.1 200")
-            got = got[got.index(b"\r\n\r\n") + 4:]
+        s, got = _tls_connect(gw, target.port)
+        with s:
             s.sendall(data[:1 << 16])
             while piece := s.recv(4096):  # the greeting, then the target's end
                 got += piece
