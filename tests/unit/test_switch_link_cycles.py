@@ -11,11 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import os
 
 from kakehashi.core import web
 from kakehashi.core.store import open_store
 from kakehashi.switch import messages as m
 from kakehashi.switch.server import SwitchServer, build_app
+from tests.support.wait import async_wait_until
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
 
 #: server-side objects of one WebSocket connection
 SERVER_TYPES = ("WebSocketsSansIOProtocol", "Protocol", "HttpRequestParser", "WebSocket")
@@ -44,21 +51,20 @@ async def test_links_that_end_are_freed_without_the_collector(tmp_path):
     async def churn() -> None:
         await asyncio.gather(*(leave_before_hello() for _ in range(20)),
                              *(hello_and_leave(i) for i in range(20)))
-        # every link's handler has finished on the server
-        for _ in range(500):
-            if not srv.links and not srv.checker.running:
-                break
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: not srv.links and not srv.checker.running, 10,
+                               what="every link's handler finished on the server")
 
     try:
         await asyncio.wait_for(hello_and_leave(99), 60)  # one login, then remembered
         await asyncio.wait_for(churn(), 60)  # warm up: first imports and allocations
         gc.collect()
         gc.disable()
+        before = open_fds()
         try:
             await asyncio.wait_for(churn(), 60)
-            for _ in range(20):  # let the transports' last callbacks run
-                await asyncio.sleep(0)
+            # the transports' last callbacks have run once their sockets are closed
+            await async_wait_until(lambda: open_fds() <= before, 10,
+                                   what="the churn's sockets closed on both sides")
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
             left = [type(o).__name__ for o in gc.garbage
