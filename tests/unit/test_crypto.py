@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -439,6 +439,103 @@ def test_property_roundtrip_and_any_flip_detected(data: bytes, flip: st.DataObje
     with pytest.raises(E2EError):
         b.open(bytes(bad))
     assert b.open(ct) == data
+
+
+# ------------------------------------------------- sessions keyed from outside, either suite
+
+_SUITES = [crypto.SUITE_CHACHA20_POLY1305, crypto.SUITE_AES_128_GCM]
+
+
+def _keyed_pair(suite: str, key_len: int = 32) -> tuple[E2ESession, E2ESession]:
+    """Two ends of a session built from keys someone else issued (as a relay would)."""
+    k1, k2 = os.urandom(key_len), os.urandom(key_len)
+    ta, tb, hh = os.urandom(32), os.urandom(32), os.urandom(32)
+    a = E2ESession(k1, k2, ta, tb, hh, suite=suite)  # type: ignore[arg-type]
+    b = E2ESession(k2, k1, tb, ta, hh, suite=suite)  # type: ignore[arg-type]
+    b.check_confirm(a.confirm_tag())
+    a.check_confirm(b.confirm_tag())
+    return a, b
+
+
+@pytest.mark.parametrize("suite", _SUITES)
+def test_keyed_session_roundtrip_both_ways(suite: str) -> None:
+    a, b = _keyed_pair(suite)
+    assert a.suite == b.suite == suite and a.overhead == OVERHEAD
+    for i in range(50):
+        msg = os.urandom(i * 37)
+        ct = a.seal(msg)
+        assert len(ct) == len(msg) + OVERHEAD
+        assert b.open(ct) == msg
+        assert a.open(b.seal(msg)) == msg
+
+
+@pytest.mark.parametrize("suite", _SUITES)
+def test_keyed_session_into_buffers(suite: str) -> None:
+    a, b = _keyed_pair(suite)
+    for size in (0, 1, 1000, 65536):
+        msg = os.urandom(size)
+        sealed = bytearray(size + a.overhead)
+        a.seal_into(msg, memoryview(sealed))
+        opened = bytearray(size)
+        b.open_into(memoryview(sealed), memoryview(opened))
+        assert opened == msg
+
+
+@pytest.mark.parametrize("suite", _SUITES)
+def test_keyed_session_refuses_tamper_replay_reorder(suite: str) -> None:
+    a, b = _keyed_pair(suite)
+    ct = bytearray(a.seal(b"pay 10 to bob"))
+    ct[3] ^= 0x01
+    with pytest.raises(E2EError):
+        b.open(bytes(ct))
+    ct[3] ^= 0x01
+    assert b.open(bytes(ct)) == b"pay 10 to bob"
+    with pytest.raises(E2EError):
+        b.open(bytes(ct))  # replay
+    first, second = a.seal(b"1"), a.seal(b"2")
+    out = memoryview(bytearray(1))
+    with pytest.raises(E2EError):
+        b.open_into(second, out)  # reorder
+    b.open_into(first, out)
+    assert bytes(out) == b"1"
+    with pytest.raises(E2EError):
+        a.open(first)  # reflected: the other direction's key
+    assert b.open(second) == b"2"
+
+
+def test_suites_do_not_open_each_other() -> None:
+    k1, k2, t = os.urandom(32), os.urandom(32), os.urandom(32)
+    aes = E2ESession(k1, k2, t, t, t, suite="aes-128-gcm")
+    chacha = E2ESession(k2, k1, t, t, t, suite="chacha20-poly1305")
+    with pytest.raises(E2EError):
+        chacha.open(aes.seal(b"x"))
+
+
+@pytest.mark.parametrize("key_len", [16, 32])
+def test_aes_nonce_layout_and_key_use_are_pinned(key_len: int) -> None:
+    """AES-128-GCM under the key's first 16 bytes, nonce = 4 zero bytes || u64le counter."""
+    key = os.urandom(key_len)
+    t = os.urandom(32)
+    s = E2ESession(key, os.urandom(32), t, t, t, suite="aes-128-gcm")
+    aead = AESGCM(key[:16])
+    for counter in range(3):
+        nonce = bytes(4) + counter.to_bytes(8, "little")
+        assert aead.decrypt(nonce, s.seal(b"x%d" % counter), b"") == b"x%d" % counter
+
+
+def test_default_suite_is_chacha_for_existing_callers() -> None:
+    key, t = os.urandom(32), os.urandom(32)
+    s = E2ESession(key, os.urandom(32), t, t, t)
+    assert s.suite == "chacha20-poly1305"
+    assert ChaCha20Poly1305(key).decrypt(bytes(12), s.seal(b"x"), b"") == b"x"
+
+
+@pytest.mark.parametrize("suite,key_len", [("aes-256-gcm", 32), ("aes-128-gcm", 24),
+                                           ("chacha20-poly1305", 16)])
+def test_unknown_suite_or_wrong_key_length_refused(suite: str, key_len: int) -> None:
+    t = os.urandom(32)
+    with pytest.raises(ValueError):
+        E2ESession(os.urandom(key_len), os.urandom(key_len), t, t, t, suite=suite)  # type: ignore[arg-type]
 
 
 def test_module_exports() -> None:

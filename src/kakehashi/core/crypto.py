@@ -31,11 +31,15 @@ from kakehashi.core.paths import write_atomic
 __all__ = [
     "DATAGRAM_OVERHEAD",
     "OVERHEAD",
+    "SUITES",
+    "SUITE_AES_128_GCM",
+    "SUITE_CHACHA20_POLY1305",
     "AuthFailed",
     "DatagramChannel",
     "E2EError",
     "E2EHandshake",
     "E2ESession",
+    "E2ESuite",
     "MutualAuth",
     "generate_identity",
     "hash_password",
@@ -218,21 +222,57 @@ HELLO_LEN = 1 + KEY_LEN + _NONCE_LEN
 _MAX_COUNTER = 2**64 - 1  # reserved, never used as a nonce
 
 
-class E2ESession:
-    """Two directional ChaCha20-Poly1305 channels from one handshake.
+#: the AEAD suites an :class:`E2ESession` can seal with, by the names peers announce
+SUITE_CHACHA20_POLY1305 = "chacha20-poly1305"
+SUITE_AES_128_GCM = "aes-128-gcm"
+SUITES = (SUITE_AES_128_GCM, SUITE_CHACHA20_POLY1305)
+E2ESuite = Literal["chacha20-poly1305", "aes-128-gcm"]
 
-    Nonces are per-direction 64-bit counters that are never sent, so each
-    message costs exactly :data:`OVERHEAD` bytes and the receiver only
-    accepts the next message in order: a replayed, dropped-and-later-injected
-    or reordered message fails authentication. A failed :meth:`open` does
-    not advance the counter. Not thread-safe; use one session per connection.
+
+def _aead(suite: str, key: bytes) -> AESGCM | ChaCha20Poly1305:
+    """The AEAD for ``suite`` under ``key``.
+
+    AES-128-GCM takes a 16-byte key; a 32-byte key (what the handshake and the
+    relay hand out for either suite) is cut to its first 16 bytes, which is exactly
+    the HKDF output of length 16 for the same inputs, so nothing is weakened.
+    """
+    if suite == SUITE_CHACHA20_POLY1305:
+        return ChaCha20Poly1305(key)
+    if suite == SUITE_AES_128_GCM:
+        if len(key) not in (16, 32):
+            raise ValueError(f"aes-128-gcm needs a 16- or 32-byte key, got {len(key)}")
+        return AESGCM(bytes(key[:16]))
+    raise ValueError(f"unknown e2e suite {suite!r} (known: {', '.join(SUITES)})")
+
+
+class E2ESession:
+    """Two directional AEAD channels (ChaCha20-Poly1305 or AES-128-GCM) from one handshake.
+
+    Nonces are 96 bits: four zero bytes and a per-direction 64-bit counter that is
+    never sent, so each message costs exactly :data:`OVERHEAD` bytes (both suites
+    have a 16-byte tag) and the receiver only accepts the next message in order: a
+    replayed, dropped-and-later-injected or reordered message fails authentication.
+    The two directions have different keys, so a counter value never meets the same
+    key twice. A failed :meth:`open` does not advance the counter. AES-128-GCM is
+    there because it runs about twice as fast as ChaCha20-Poly1305 on CPUs with AES
+    instructions; which one a session uses is negotiated by :class:`E2EHandshake`
+    (or chosen by whoever issued the keys). Not thread-safe; use one session per
+    connection.
     """
 
     def __init__(
-        self, send_key: bytes, recv_key: bytes, my_tag: bytes, peer_tag: bytes, hh: bytes
+        self,
+        send_key: bytes,
+        recv_key: bytes,
+        my_tag: bytes,
+        peer_tag: bytes,
+        hh: bytes,
+        *,
+        suite: E2ESuite = SUITE_CHACHA20_POLY1305,
     ) -> None:
-        self._send = ChaCha20Poly1305(send_key)
-        self._recv = ChaCha20Poly1305(recv_key)
+        self._send = _aead(suite, send_key)
+        self._recv = _aead(suite, recv_key)
+        self.suite: E2ESuite = suite
         self._send_n = 0
         self._recv_n = 0
         self._my_tag = my_tag
