@@ -179,11 +179,13 @@ class Env:
         return {"KAKEHASHI_PASSWORD": PASSWORD[user]}
 
     def agent(self, user: str, port: int, *expose: str, tls: bool = True,
-              extra: tuple[str, ...] = (), wait: bool = True) -> Proc:
+              extra: tuple[str, ...] = (), wait: bool = True,
+              env: dict[str, str] | None = None) -> Proc:
         args = ["relay", "agent", *self.client_args(user, port, tls)]
         for item in expose:
             args += ["--expose", item]
-        proc = self.spawn(f"agent-{user}", *args, *extra, env=self.user_env(user))
+        proc = self.spawn(f"agent-{user}", *args, *extra, env={**self.user_env(user),
+                                                                **(env or {})})
         if wait:
             proc.wait_for(f"agent {user} online")
         return proc
@@ -196,10 +198,11 @@ class Env:
         return proc, proc.bound_port()
 
     def pipe(self, user: str, port: int, target: str, data: bytes, *extra: str,
-             tls: bool = True, timeout: float = 60.0,
-             check: bool = True) -> subprocess.CompletedProcess[bytes]:
+             tls: bool = True, timeout: float = 60.0, check: bool = True,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         return self.run("relay", "pipe", *self.client_args(user, port, tls), target, *extra,
-                        input=data, env=self.user_env(user), timeout=timeout, check=check)
+                        input=data, env={**self.user_env(user), **(env or {})},
+                        timeout=timeout, check=check)
 
     def audit(self) -> list[dict]:
         import json

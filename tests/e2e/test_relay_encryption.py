@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def _setup(env, *pi_attrs: str):
     env.add_user("pi", *pi_attrs)
@@ -83,20 +85,34 @@ def test_requiring_side_is_asked_and_agrees(env, echo):
     assert pair["encrypted"] is False and pair["insecure_ok"] is True
 
 
-def test_end_to_end_encryption_with_registered_keys(env, echo):
+#: KAKEHASHI_E2E_SUITES for (agent, requester) -> the suite both seal with; a side
+#: offering ChaCha20-Poly1305 alone sends the hello of a peer from before negotiation
+_E2E_OFFERS = {
+    "both-offer-aes": ({}, {}, "aes-128-gcm"),
+    "agent-as-old-peer": ({"KAKEHASHI_E2E_SUITES": "chacha20-poly1305"}, {},
+                          "chacha20-poly1305"),
+    "requester-as-old-peer": ({}, {"KAKEHASHI_E2E_SUITES": "chacha20-poly1305"},
+                              "chacha20-poly1305"),
+}
+
+
+@pytest.mark.parametrize("offers", list(_E2E_OFFERS))
+def test_end_to_end_encryption_with_registered_keys(env, echo, offers):
+    agent_env, pipe_env, suite = _E2E_OFFERS[offers]
     port = _setup(env)
     keys = {}
     for user in ("pi", "laptop"):
         path = env.root / f"{user}.key"
         keys[user] = env.run("relay", "keygen", str(path)).stdout.decode().strip()
         env.run("relay", "user", "set", user, "--db", env.db, "--pubkey", keys[user])
-    env.agent("pi", port, f"echo={echo.addr}", tls=False,
-              extra=("--identity", str(env.root / "pi.key")))
+    agent = env.agent("pi", port, f"echo={echo.addr}", tls=False,
+                      extra=("--identity", str(env.root / "pi.key")), env=agent_env)
     data = bytes(range(256)) * 4096
     res = env.pipe("laptop", port, "pi/echo", data, "--e2e",
-                   "--identity", str(env.root / "laptop.key"), tls=False)
+                   "--identity", str(env.root / "laptop.key"), tls=False, env=pipe_env)
     assert res.stdout == data
     assert _pairs(env)[-1]["e2e"] is True
+    agent.wait_for(f"end-to-end session with laptop sealed with {suite}")
     # a pinned key that differs from what the relay presents: refused, nothing delivered
     other = env.run("relay", "keygen", str(env.root / "other.key")).stdout.decode().strip()
     res = env.pipe("laptop", port, "pi/echo", b"never", "--e2e",

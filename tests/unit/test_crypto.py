@@ -141,10 +141,17 @@ def test_parse_public_b64_bad(bad: str) -> None:
 # -------------------------------------------------------------- E2E handshake
 
 
-def _pair(prologue: bytes = b"") -> tuple[E2ESession, E2ESession]:
+_CHACHA_ONLY = (crypto.SUITE_CHACHA20_POLY1305,)
+#: what each side offers -> the suite both pick
+_OFFERS = {"both-new": (None, None), "initiator-chacha-only": (_CHACHA_ONLY, None),
+           "responder-chacha-only": (None, _CHACHA_ONLY)}
+
+
+def _pair(prologue: bytes = b"", suites: tuple[str, ...] | None = None,
+          ) -> tuple[E2ESession, E2ESession]:
     si, sr = generate_identity(), generate_identity()
-    ini = E2EHandshake("initiator", si, sr.public_key(), prologue)
-    res = E2EHandshake("responder", sr, si.public_key(), prologue)
+    ini = E2EHandshake("initiator", si, sr.public_key(), prologue, suites=suites)
+    res = E2EHandshake("responder", sr, si.public_key(), prologue, suites=suites)
     ini.receive(res.hello())
     res.receive(ini.hello())
     a, b = ini.finish(), res.finish()
@@ -178,7 +185,118 @@ def test_hello_format() -> None:
     hs = E2EHandshake("initiator", generate_identity(), generate_identity().public_key())
     hello = hs.hello()
     assert len(hello) == 49 and hello[0] == 1
+    assert hello[-8:] == b"kkh-ste\x01"  # the offer: AES-128-GCM besides ChaCha20-Poly1305
     assert hs.hello() == hello
+    old_style = E2EHandshake("initiator", generate_identity(),
+                             generate_identity().public_key(), suites=_CHACHA_ONLY)
+    assert len(old_style.hello()) == 49 and b"kkh-ste" not in old_style.hello()
+
+
+@pytest.mark.parametrize("offers", list(_OFFERS))
+def test_suite_negotiation_both_ways(offers: str) -> None:
+    ini_suites, res_suites = _OFFERS[offers]
+    si, sr = generate_identity(), generate_identity()
+    ini = E2EHandshake("initiator", si, sr.public_key(), suites=ini_suites)
+    res = E2EHandshake("responder", sr, si.public_key(), suites=res_suites)
+    ini.receive(res.hello())
+    res.receive(ini.hello())
+    expected = "aes-128-gcm" if offers == "both-new" else "chacha20-poly1305"
+    assert ini.suite == res.suite == expected
+    a, b = ini.finish(), res.finish()
+    assert a.suite == b.suite == expected
+    b.check_confirm(a.confirm_tag())
+    a.check_confirm(b.confirm_tag())
+    assert b.open(a.seal(b"ping")) == b"ping" and a.open(b.seal(b"pong")) == b"pong"
+
+
+def _assert_no_common_keys(a: E2ESession, b: E2ESession) -> None:
+    """Neither side's confirmation holds for the other, and nothing sealed opens."""
+    with pytest.raises(E2EError):
+        a.check_confirm(b.confirm_tag())
+    with pytest.raises(E2EError):
+        b.check_confirm(a.confirm_tag())
+    with pytest.raises(E2EError):
+        b.open(a.seal(b"x"))
+
+
+def _strip_offer(hello: bytes) -> bytes:
+    """What a relay forcing the slower suite would do: the offer made random again."""
+    return hello[:-8] + os.urandom(8)
+
+
+@pytest.mark.parametrize("stripped", ["initiator", "responder", "both"])
+def test_downgrade_by_stripping_an_offer_fails_key_confirmation(stripped: str) -> None:
+    si, sr = generate_identity(), generate_identity()
+    ini = E2EHandshake("initiator", si, sr.public_key())
+    res = E2EHandshake("responder", sr, si.public_key())
+    to_res = _strip_offer(ini.hello()) if stripped in ("initiator", "both") else ini.hello()
+    to_ini = _strip_offer(res.hello()) if stripped in ("responder", "both") else res.hello()
+    ini.receive(to_ini)
+    res.receive(to_res)
+    if stripped == "both":  # each side sees an old peer: the slower suite, but...
+        assert ini.suite == res.suite == "chacha20-poly1305"
+    else:
+        assert ini.suite != res.suite
+    _assert_no_common_keys(ini.finish(), res.finish())
+
+
+def test_suite_offer_is_validated() -> None:
+    si, pub = generate_identity(), generate_identity().public_key()
+    with pytest.raises(ValueError, match="unknown"):
+        E2EHandshake("initiator", si, pub, suites=("aes-256-gcm", "chacha20-poly1305"))
+    with pytest.raises(ValueError, match="chacha20-poly1305 must be offered"):
+        E2EHandshake("initiator", si, pub, suites=("aes-128-gcm",))
+    with pytest.raises(RuntimeError):
+        E2EHandshake("initiator", si, pub).suite  # noqa: B018 - before the peer's hello
+
+
+def _documented_keys(si: X25519PrivateKey, sr: X25519PrivateKey, ei: X25519PrivateKey,
+                     er: X25519PrivateKey, hello_i: bytes, hello_r: bytes, prologue: bytes,
+                     info: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """h, k_ir, k_ri, k_c as the E2EHandshake docstring writes them, computed by hand."""
+    ikm = (
+        ei.exchange(er.public_key())
+        + si.exchange(er.public_key())
+        + ei.exchange(sr.public_key())
+        + si.exchange(sr.public_key())
+    )
+    h = hashlib.sha256(
+        b"kakehashi-e2e-v1"
+        + struct.pack(">I", len(prologue))
+        + prologue
+        + si.public_key().public_bytes_raw()
+        + sr.public_key().public_bytes_raw()
+        + hello_i
+        + hello_r
+    ).digest()
+    okm = HKDF(hashes.SHA256(), 96, salt=h, info=info).derive(ikm)
+    return h, okm[:32], okm[32:64], okm[64:]
+
+
+@pytest.mark.parametrize("new_role", ["initiator", "responder"])
+def test_peer_from_before_negotiation_interoperates_on_chacha(new_role: str) -> None:
+    """An old peer: 16 random nonce bytes, the ChaCha20-Poly1305 schedule, by hand."""
+    si, sr, old_eph = generate_identity(), generate_identity(), generate_identity()
+    old_hello = b"\x01" + old_eph.public_key().public_bytes_raw() + os.urandom(16)
+    if new_role == "initiator":
+        new = E2EHandshake("initiator", si, sr.public_key(), b"ctx")
+        new.receive(old_hello)
+        h, k_ir, k_ri, k_c = _documented_keys(si, sr, new._ephemeral, old_eph, new.hello(),
+                                              old_hello, b"ctx", b"kakehashi-e2e-v1 keys")
+        k_old_sends, k_old_receives, old_tag = k_ri, k_ir, b"responder"
+    else:
+        new = E2EHandshake("responder", sr, si.public_key(), b"ctx")
+        new.receive(old_hello)
+        h, k_ir, k_ri, k_c = _documented_keys(si, sr, old_eph, new._ephemeral, old_hello,
+                                              new.hello(), b"ctx", b"kakehashi-e2e-v1 keys")
+        k_old_sends, k_old_receives, old_tag = k_ir, k_ri, b"initiator"
+    session = new.finish()
+    assert session.suite == "chacha20-poly1305" and session.handshake_hash == h
+    session.check_confirm(hmac.new(k_c, old_tag, hashlib.sha256).digest())
+    for counter in range(3):
+        nonce = bytes(4) + counter.to_bytes(8, "little")
+        assert ChaCha20Poly1305(k_old_receives).decrypt(nonce, session.seal(b"n"), b"") == b"n"
+        assert session.open(ChaCha20Poly1305(k_old_sends).encrypt(nonce, b"o", b"")) == b"o"
 
 
 def test_wrong_peer_static_fails_confirm() -> None:
@@ -187,13 +305,7 @@ def test_wrong_peer_static_fails_confirm() -> None:
     res = E2EHandshake("responder", sr, si.public_key())
     ini.receive(res.hello())
     res.receive(ini.hello())
-    a, b = ini.finish(), res.finish()
-    with pytest.raises(E2EError):
-        a.check_confirm(b.confirm_tag())
-    with pytest.raises(E2EError):
-        b.check_confirm(a.confirm_tag())
-    with pytest.raises(E2EError):
-        b.open(a.seal(b"x"))
+    _assert_no_common_keys(ini.finish(), res.finish())
 
 
 def test_relay_substituting_ephemerals_fails() -> None:
@@ -287,37 +399,23 @@ def test_key_compromise_impersonation_fails(victim_role: str) -> None:
         victim.finish().check_confirm(fake.finish().confirm_tag())
 
 
-def test_derivation_matches_documented_formula() -> None:
-    """Pin the key schedule in the E2EHandshake docstring (all four DH terms)."""
+@pytest.mark.parametrize("suites", [None, _CHACHA_ONLY])
+def test_derivation_matches_documented_formula(suites: tuple[str, ...] | None) -> None:
+    """Pin the key schedule in the E2EHandshake docstring (all four DH terms), per suite."""
     si, sr = generate_identity(), generate_identity()
-    ini = E2EHandshake("initiator", si, sr.public_key(), b"ctx")
-    res = E2EHandshake("responder", sr, si.public_key(), b"ctx")
+    ini = E2EHandshake("initiator", si, sr.public_key(), b"ctx", suites=suites)
+    res = E2EHandshake("responder", sr, si.public_key(), b"ctx", suites=suites)
     ini.receive(res.hello())
     res.receive(ini.hello())
     a, b = ini.finish(), res.finish()
-
-    ei, er = ini._ephemeral, res._ephemeral
-    ikm = (
-        ei.exchange(er.public_key())
-        + si.exchange(er.public_key())
-        + ei.exchange(sr.public_key())
-        + si.exchange(sr.public_key())
-    )
-    h = hashlib.sha256(
-        b"kakehashi-e2e-v1"
-        + struct.pack(">I", 3)
-        + b"ctx"
-        + si.public_key().public_bytes_raw()
-        + sr.public_key().public_bytes_raw()
-        + ini.hello()
-        + res.hello()
-    ).digest()
-    okm = HKDF(hashes.SHA256(), 96, salt=h, info=b"kakehashi-e2e-v1 keys").derive(ikm)
-    k_ir, k_c = okm[:32], okm[64:]
+    aes = suites is None
+    info = b"kakehashi-e2e-v1 keys" + (b" aes-128-gcm" if aes else b"")
+    h, k_ir, _, k_c = _documented_keys(si, sr, ini._ephemeral, res._ephemeral, ini.hello(),
+                                       res.hello(), b"ctx", info)
     assert a.handshake_hash == b.handshake_hash == h
     assert a.confirm_tag() == hmac.new(k_c, b"initiator", hashlib.sha256).digest()
     assert b.confirm_tag() == hmac.new(k_c, b"responder", hashlib.sha256).digest()
-    aead = ChaCha20Poly1305(k_ir)
+    aead = AESGCM(k_ir[:16]) if aes else ChaCha20Poly1305(k_ir)
     for counter in range(3):  # nonce = 4 zero bytes || 64-bit little-endian counter
         nonce = bytes(4) + counter.to_bytes(8, "little")
         assert aead.decrypt(nonce, a.seal(b"x"), b"") == b"x"
@@ -381,8 +479,9 @@ def test_finish_before_receive() -> None:
 # ---------------------------------------------------------------- sessions
 
 
-def test_tampered_ciphertext_raises() -> None:
-    a, b = _pair()
+@pytest.mark.parametrize("suites", [None, _CHACHA_ONLY])
+def test_tampered_ciphertext_raises(suites: tuple[str, ...] | None) -> None:
+    a, b = _pair(suites=suites)
     ct = bytearray(a.seal(b"pay 10 to bob"))
     ct[3] ^= 0x01
     with pytest.raises(E2EError):
@@ -391,8 +490,9 @@ def test_tampered_ciphertext_raises() -> None:
         b.open(b"short")
 
 
-def test_replay_raises() -> None:
-    a, b = _pair()
+@pytest.mark.parametrize("suites", [None, _CHACHA_ONLY])
+def test_replay_raises(suites: tuple[str, ...] | None) -> None:
+    a, b = _pair(suites=suites)
     ct = a.seal(b"once")
     assert b.open(ct) == b"once"
     with pytest.raises(E2EError):
@@ -400,8 +500,9 @@ def test_replay_raises() -> None:
     assert b.open(a.seal(b"next")) == b"next"  # failed open does not desync
 
 
-def test_reorder_raises() -> None:
-    a, b = _pair()
+@pytest.mark.parametrize("suites", [None, _CHACHA_ONLY])
+def test_reorder_raises(suites: tuple[str, ...] | None) -> None:
+    a, b = _pair(suites=suites)
     first, second = a.seal(b"1"), a.seal(b"2")
     with pytest.raises(E2EError):
         b.open(second)
@@ -409,8 +510,9 @@ def test_reorder_raises() -> None:
     assert b.open(second) == b"2"
 
 
-def test_aad_bound() -> None:
-    a, b = _pair()
+@pytest.mark.parametrize("suites", [None, _CHACHA_ONLY])
+def test_aad_bound(suites: tuple[str, ...] | None) -> None:
+    a, b = _pair(suites=suites)
     with pytest.raises(E2EError):
         b.open(a.seal(b"x", aad=b"hdr1"), aad=b"hdr2")
 

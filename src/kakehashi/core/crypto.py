@@ -17,6 +17,7 @@ import hmac
 import os
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -214,19 +215,33 @@ def parse_public_b64(text: str) -> X25519PublicKey:
 # End-to-end handshake and sessions
 # --------------------------------------------------------------------------
 
-OVERHEAD = 16
-E2E_VERSION = 1
-_PROTOCOL = b"kakehashi-e2e-v1"
-_NONCE_LEN = 16
-HELLO_LEN = 1 + KEY_LEN + _NONCE_LEN
-_MAX_COUNTER = 2**64 - 1  # reserved, never used as a nonce
-
-
 #: the AEAD suites an :class:`E2ESession` can seal with, by the names peers announce
 SUITE_CHACHA20_POLY1305 = "chacha20-poly1305"
 SUITE_AES_128_GCM = "aes-128-gcm"
 SUITES = (SUITE_AES_128_GCM, SUITE_CHACHA20_POLY1305)
 E2ESuite = Literal["chacha20-poly1305", "aes-128-gcm"]
+#: what an :class:`E2EHandshake` offers unless told otherwise: every suite, unless
+#: KAKEHASHI_E2E_SUITES names fewer (a comma list; "chacha20-poly1305" alone makes
+#: this side speak exactly as peers from before suites were negotiated)
+E2E_SUITES: tuple[str, ...] = tuple(
+    name.strip() for name in os.environ.get("KAKEHASHI_E2E_SUITES", ",".join(SUITES)).split(",")
+    if name.strip()
+)
+
+OVERHEAD = 16
+E2E_VERSION = 1
+_PROTOCOL = b"kakehashi-e2e-v1"
+_NONCE_LEN = 16
+HELLO_LEN = 1 + KEY_LEN + _NONCE_LEN
+#: the hello's nonce ends with an offer: this magic, then one byte of suite bits. A
+#: peer that predates suite negotiation sends 16 random bytes there and reads none of
+#: it, so the hello keeps its length and version and old peers still take it; a
+#: random tail looks like an offer once in 2**56 sessions (which then fail their key
+#: confirmation, never seal with a suite one side lacks: the suite is in the keys).
+_OFFER_MAGIC = b"kkh-ste"
+_OFFER_LEN = len(_OFFER_MAGIC) + 1
+_SUITE_BITS = {SUITE_AES_128_GCM: 0x01}
+_MAX_COUNTER = 2**64 - 1  # reserved, never used as a nonce
 
 
 def _aead(suite: str, key: bytes) -> AESGCM | ChaCha20Poly1305:
@@ -353,14 +368,27 @@ class E2ESession:
 class E2EHandshake:
     """Mutually authenticated key agreement between two known static keys.
 
-    Each side sends one hello ``version(1) || ephemeral_pub(32) || nonce(16)``.
-    With ``i``/``r`` the initiator/responder, ``s``/``e`` static/ephemeral keys::
+    Each side sends one hello ``version(1) || ephemeral_pub(32) || nonce(16)``, where
+    the nonce is ``random(8) || "kkh-ste" || suite_bits(1)`` (bit 0: AES-128-GCM) from
+    a side that offers more than ChaCha20-Poly1305, and 16 random bytes otherwise (as
+    every peer did before suites were negotiated). Both sides then pick the same
+    suite: AES-128-GCM when both hellos offer it, else ChaCha20-Poly1305. With
+    ``i``/``r`` the initiator/responder, ``s``/``e`` static/ephemeral keys::
 
         h   = SHA256("kakehashi-e2e-v1" || u32be(len(prologue)) || prologue
                      || s_i.pub || s_r.pub || hello_i || hello_r)
         ikm = DH(e_i, e_r) || DH(s_i, e_r) || DH(e_i, s_r) || DH(s_i, s_r)
-        k_ir || k_ri || k_c = HKDF-SHA256(ikm, salt=h, info="kakehashi-e2e-v1 keys", 96)
+        info = "kakehashi-e2e-v1 keys"                        (ChaCha20-Poly1305)
+               "kakehashi-e2e-v1 keys aes-128-gcm"            (AES-128-GCM)
+        k_ir || k_ri || k_c = HKDF-SHA256(ikm, salt=h, info=info, 96)
         tag_i = HMAC(k_c, "initiator"),  tag_r = HMAC(k_c, "responder")
+
+    (AES-128-GCM uses the first 16 bytes of ``k_ir``/``k_ri``.) The offers are inside
+    the hellos, so inside ``h``: a relay that strips or alters one to force the slower
+    suite makes the two sides hash different transcripts and key confirmation fails;
+    the suite is in ``info`` too, so two sides can never agree on keys but not on the
+    suite. With a peer that predates negotiation, the ChaCha20-Poly1305 schedule above
+    is exactly the one it runs.
 
     ``DH(e,e)`` gives forward secrecy; the mixed terms bind each static key to
     the other side's fresh ephemeral, so only the real owners of ``s_i`` and
@@ -376,22 +404,44 @@ class E2EHandshake:
         static: X25519PrivateKey,
         peer_static: X25519PublicKey,
         prologue: bytes = b"",
+        *,
+        suites: Sequence[str] | None = None,
     ) -> None:
         if role not in ("initiator", "responder"):
             raise ValueError(f"role must be 'initiator' or 'responder', not {role!r}")
         if not isinstance(static, X25519PrivateKey) or not isinstance(peer_static, X25519PublicKey):
             raise TypeError("static must be an X25519PrivateKey, peer_static an X25519PublicKey")
+        offered = frozenset(suites if suites is not None else E2E_SUITES)
+        if unknown := offered - set(SUITES):
+            raise ValueError(f"unknown e2e suites {sorted(unknown)} (known: {', '.join(SUITES)})")
+        if SUITE_CHACHA20_POLY1305 not in offered:
+            raise ValueError("chacha20-poly1305 must be offered: peers that predate suite "
+                             "negotiation know only it")
         self.role = role
         self._static = static
         self._peer_static = peer_static
         self._prologue = bytes(prologue)
         self._ephemeral = X25519PrivateKey.generate()
-        self._hello = (
-            bytes([E2E_VERSION])
-            + self._ephemeral.public_key().public_bytes_raw()
-            + os.urandom(_NONCE_LEN)
-        )
+        bits = sum(_SUITE_BITS[name] for name in offered if name in _SUITE_BITS)
+        nonce = (os.urandom(_NONCE_LEN - _OFFER_LEN) + _OFFER_MAGIC + bytes([bits]) if bits
+                 else os.urandom(_NONCE_LEN))
+        self._hello = bytes([E2E_VERSION]) + self._ephemeral.public_key().public_bytes_raw() + nonce
         self._peer_hello: bytes | None = None
+
+    @staticmethod
+    def _offer(hello: bytes) -> int:
+        """The suite bits a hello offers (0: ChaCha20-Poly1305 only, as old peers)."""
+        tail = hello[-_OFFER_LEN:]
+        return tail[-1] if tail[:-1] == _OFFER_MAGIC else 0
+
+    @property
+    def suite(self) -> E2ESuite:
+        """The suite both sides pick once the peer's hello is in (the one both offer)."""
+        if self._peer_hello is None:
+            raise RuntimeError("suite before receive()")
+        both = self._offer(self._hello) & self._offer(self._peer_hello)
+        return SUITE_AES_128_GCM if both & _SUITE_BITS[SUITE_AES_128_GCM] else \
+            SUITE_CHACHA20_POLY1305
 
     def hello(self) -> bytes:
         """This side's handshake message (the same bytes on every call)."""
@@ -440,15 +490,19 @@ class E2EHandshake:
             + h_i
             + h_r
         ).digest()
-        okm = HKDF(algorithm=hashes.SHA256(), length=96, salt=th, info=_PROTOCOL + b" keys").derive(
+        suite = self.suite
+        info = _PROTOCOL + b" keys"
+        if suite != SUITE_CHACHA20_POLY1305:  # the old schedule stays as it was
+            info += b" " + suite.encode("ascii")
+        okm = HKDF(algorithm=hashes.SHA256(), length=96, salt=th, info=info).derive(
             ee + se + es + ss
         )
         k_ir, k_ri, k_c = okm[:32], okm[32:64], okm[64:]
         tag_i = hmac.new(k_c, b"initiator", hashlib.sha256).digest()
         tag_r = hmac.new(k_c, b"responder", hashlib.sha256).digest()
         if initiator:
-            return E2ESession(k_ir, k_ri, tag_i, tag_r, th)
-        return E2ESession(k_ri, k_ir, tag_r, tag_i, th)
+            return E2ESession(k_ir, k_ri, tag_i, tag_r, th, suite=suite)
+        return E2ESession(k_ri, k_ir, tag_r, tag_i, th, suite=suite)
 
 
 # --------------------------------------------------------------------------

@@ -494,6 +494,7 @@ async def _e2e_handshake(link: RelayLink, info: t.Connected | t.IncomingRequest,
     session = hs.finish()
     await link.framed.send_frame(wire.FrameType.DATA, session.confirm_tag())
     session.check_confirm(_handshake_item(await early.get(cfg.connect_timeout)))
+    log.info("end-to-end session with %s sealed with %s", peer, session.suite)
     return session
 
 
