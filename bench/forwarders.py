@@ -117,22 +117,34 @@ def ssh_available() -> str | None:
 
 
 def start_ssh(procs: Procs, target: int) -> Route:
+    return start_ssh_forwards(procs, [target])[0]
+
+
+def start_ssh_forwards(procs: Procs, targets: list[int]) -> list[Route]:
+    """One ``ssh -L`` per target, all over ONE ssh connection (one TCP connection whose
+    channels ssh multiplexes, like a switch gateway's link): a Route per target, in
+    order, each naming both processes (sshd forks the connection's own process; its CPU
+    is accounted as sshd's descendants)."""
     keydir = _ssh_keys(procs.workdir)
-    sshd_port, port = free_port(), free_port()
+    sshd_port = free_port()
+    ports = [free_port() for _ in targets]
     cfg = keydir / f"sshd-{sshd_port}.conf"
     cfg.write_text(SSHD_CFG.format(port=sshd_port, loopback=LOOPBACK, dir=keydir))
     sshd = procs.spawn("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)])
     wait_listening(sshd_port, proc=sshd)
     user = os.environ.get("USER") or subprocess.run(
         ["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    forwards = [a for port, target in zip(ports, targets, strict=True)
+                for a in ("-L", f"{LOOPBACK}:{port}:{LOOPBACK}:{target}")]
     ssh = procs.spawn("ssh", [
         "ssh", "-F", "/dev/null", "-i", str(keydir / "user_ed25519"), "-p", str(sshd_port),
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
         "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
         "-o", "ExitOnForwardFailure=yes", "-c", "aes128-gcm@openssh.com",
-        "-N", "-L", f"{LOOPBACK}:{port}:{LOOPBACK}:{target}", f"{user}@{LOOPBACK}"])
-    wait_listening(port, proc=ssh)
-    return Route("ssh -L (aes128-gcm)", port, [sshd.pid, ssh.pid])
+        "-N", *forwards, f"{user}@{LOOPBACK}"])
+    for port in ports:
+        wait_listening(port, proc=ssh)
+    return [Route("ssh -L (aes128-gcm)", port, [sshd.pid, ssh.pid]) for port in ports]
 
 
 # -- kakehashi -----------------------------------------------------------------------

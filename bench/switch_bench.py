@@ -19,7 +19,10 @@ Three benchmarks, one table at the end:
   on another tunnel of the same two gateways measures its round trips (p50/p99,
   against the same echo while idle, and against one straight to the echo server
   after each: the machine's own cost of waking a process that is not busy): one bulk
-  stream must not starve the others;
+  stream must not starve the others. Beside it, the same workload (same sink, echo
+  server and rate of pings) through ONE ``ssh -L`` connection carrying both forwards
+  as channels, and through the kakehashi relay (TLS; one agent, two ``relay
+  connect``), --rounds rounds interleaved, medians;
 * scale - --gateways gateways (in one load-generator process) on one server and
   --tunnels tunnels among them: tunnel setup time p50/p99 (S2 -> S5, both gateways
   report) and the server's RSS with all of them established.
@@ -43,6 +46,7 @@ import forwarders as fw
 from benchlib import (
     LOOPBACK,
     Procs,
+    descendants,
     free_port,
     install_signal_exit,
     machine,
@@ -184,7 +188,41 @@ def measure_latency(key: str, args: argparse.Namespace, workdir: Path) -> dict:
     return {"name": route.name, "p50": percentile(times, 50), "p99": percentile(times, 99)}
 
 
-def measure_parallel(args: argparse.Namespace, workdir: Path) -> dict:
+PARALLEL_KEYS = ["switch-ws", "ssh", "relay-tls"]
+
+
+def start_parallel_routes(key: str, procs: Procs, workdir: Path, sha: int,
+                          echo: int) -> tuple[fw.Route, fw.Route, dict[str, int]]:
+    """The bulk route, the echo route and the forwarding processes by name, for one
+    path: the echo shares as much of the bulk's path as the path allows - the same two
+    gateways and server (two tunnels, one link each way), the same ssh connection (two
+    ``-L`` channels), the same relay and agent (two ``relay connect``; the relay gives
+    each session its own TCP connection, so it has no one link to share)."""
+    if key == "ssh":
+        bulk, ping = fw.start_ssh_forwards(procs, [sha, echo])
+        return bulk, ping, {"sshd": bulk.pids[0], "ssh": bulk.pids[1]}
+    if key == "relay-tls":
+        home = workdir / f"relay-{free_port()}"
+        home.mkdir()
+        kk = fw.Kakehashi(home)
+        relay_port, relay_pid = kk.serve(procs, tls=True)
+        agent_pid = kk.agent(procs, relay_port, {"sha": sha, "echo": echo}, tls=True)
+        bulk_port, bulk_pid = kk.connect(procs, relay_port, "sha", tls=True)
+        ping_port, ping_pid = kk.connect(procs, relay_port, "echo", tls=True)
+        pids = {"relay": relay_pid, "agent": agent_pid, "connect": bulk_pid,
+                "connect-echo": ping_pid}
+        return (fw.Route("kakehashi relay TLS", bulk_port, list(pids.values())),
+                fw.Route("kakehashi relay TLS", ping_port, list(pids.values())), pids)
+    sw = Switch(procs, workdir)
+    sw.gateway("asp1", "gw-srv")
+    sw.gateway("alice", "gw-alice", "--transport", "websocket")
+    bulk = sw.route(sha, "gw-alice", "switch WebSocket")
+    ping = sw.route(echo, "gw-alice", "switch WebSocket")
+    return bulk, ping, {"server": sw.server.pid, **sw.gateways}
+
+
+def measure_parallel(key: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """One run of the parallel benchmark through one path (see the module docstring)."""
     import hashlib
     import threading
 
@@ -194,11 +232,7 @@ def measure_parallel(args: argparse.Namespace, workdir: Path) -> dict:
             srv = procs.spawn(kind, [sys.executable, SERVERS, kind, str(port),
                                      "--max-seconds", "900"])
             wait_listening(port, proc=srv)
-        sw = Switch(procs, workdir)
-        sw.gateway("asp1", "gw-srv")
-        sw.gateway("alice", "gw-alice", "--transport", "websocket")
-        bulk = sw.route(sha, "gw-alice", "switch WebSocket")
-        ping = sw.route(echo, "gw-alice", "switch WebSocket")
+        bulk, ping, named = start_parallel_routes(key, procs, workdir, sha, echo)
 
         def pings(c: socket.socket, n: int, floor: list[float]) -> list[float]:
             """``n`` round trips through the tunnel, each followed by one straight to
@@ -240,34 +274,65 @@ def measure_parallel(args: argparse.Namespace, workdir: Path) -> dict:
             for t in threads:
                 t.start()
             busy: list[float] = []
-            sched0 = _schedstat(bulk.pids)
+            sched0 = _schedstat(named)
             while any(t.is_alive() for t in threads):
                 busy += pings(c, 10, direct)
                 time.sleep(0.01)
             for t in threads:
                 t.join()
             secs = time.perf_counter() - t0
-            sched1 = _schedstat(bulk.pids)
-    return {"intact": sum(ok), "mbps": args.streams * args.mib * 1.048576 / secs,
+            sched1 = _schedstat(named)
+    return {"name": bulk.name, "intact": sum(ok),
+            "mbps": args.streams * args.mib * 1.048576 / secs,
             "idle_p50": percentile(idle, 50), "idle_p99": percentile(idle, 99),
             "p50": percentile(busy, 50), "p99": percentile(busy, 99), "pings": len(busy),
             "direct_p50": percentile(direct, 50), "direct_p99": percentile(direct, 99),
-            "cpu_wait": {pid: (sched1[pid][1] - sched0[pid][1]) / 1e9 / secs
-                         for pid in sched0 if pid in sched1},
-            "cpu_run": {pid: (sched1[pid][0] - sched0[pid][0]) / 1e9 / secs
-                        for pid in sched0 if pid in sched1}}
+            "cpu_wait": {n: (sched1[n][1] - sched0[n][1]) / 1e9 / secs
+                         for n in sched0 if n in sched1},
+            "cpu_run": {n: (sched1[n][0] - sched0[n][0]) / 1e9 / secs
+                        for n in sched0 if n in sched1},
+            "load": os.getloadavg()[0]}
 
 
-def _schedstat(pids: list[int]) -> dict[int, tuple[int, int]]:
-    """Nanoseconds each process has run and has waited for a CPU while runnable
-    (Linux ``/proc/PID/schedstat``; the event loop's thread): on a shared machine the
-    echo's latency beside bulk is mostly the forwarders waiting for a CPU."""
+def _schedstat(named: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Nanoseconds each forwarding process (with its descendants: sshd forks the
+    connection's own process) has run and has waited for a CPU while runnable (Linux
+    ``/proc/PID/schedstat``; the main thread): on a shared machine the echo's latency
+    beside bulk is mostly the forwarders waiting for a CPU."""
     out = {}
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError):
-            run, wait, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
-            out[pid] = (int(run), int(wait))
+    for name, top in named.items():
+        run = wait = 0
+        for pid in (top, *descendants(top)):
+            with contextlib.suppress(OSError, ValueError):
+                r, w, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+                run, wait = run + int(r), wait + int(w)
+        out[name] = (run, wait)
     return out
+
+
+def parallel_rows(runs: dict[str, list[dict]], args: argparse.Namespace) -> list[list[str]]:
+    """One row per path: medians over the interleaved rounds, echo p50 against ssh -L's
+    from the same run."""
+    def med(key: str, field: str) -> float:
+        return median([r[field] for r in runs[key]])
+
+    ssh_p50 = med("ssh", "p50") if runs.get("ssh") else None
+    rows = []
+    for key, rs in runs.items():
+        names = list(rs[0]["cpu_wait"])
+        wait = "/".join(f"{median([r['cpu_wait'][n] for r in rs]):.0%}" for n in names)
+        ran = "/".join(f"{median([r['cpu_run'][n] for r in rs]):.0%}" for n in names)
+        rows.append([
+            "parallel + interactive", f"{rs[0]['name']}, {args.streams} x {args.mib} MiB",
+            f"echo p50 {med(key, 'p50'):.2f} ms", "", ratio(med(key, "p50"), ssh_p50),
+            f"p99 {med(key, 'p99'):.2f} ms; bulk {med(key, 'mbps'):,.0f} MB/s total; "
+            f"SHA-256 intact {min(r['intact'] for r in rs)}/{args.streams}; idle echo p50 "
+            f"{med(key, 'idle_p50'):.2f} ms p99 {med(key, 'idle_p99'):.2f} ms; straight to "
+            f"the echo server meanwhile p50 {med(key, 'direct_p50'):.2f} ms; "
+            f"{'/'.join(names)} ran {ran} and waited for a CPU {wait} of the time; "
+            f"medians of {len(rs)} rounds ({sum(r['pings'] for r in rs)} pings), load "
+            f"{min(r['load'] for r in rs):.1f}-{max(r['load'] for r in rs):.1f}"])
+    return rows
 
 
 async def _scale(url: str, gateways: int, tunnels: int, target: int) -> dict:
@@ -328,7 +393,7 @@ def measure_scale(args: argparse.Namespace, workdir: Path) -> dict:
     return res
 
 
-def _shares(wait: dict[int, float]) -> str:
+def _shares(wait: dict[str, float]) -> str:
     return "/".join(f"{w:.0%}" for w in wait.values()) or "?"
 
 
@@ -341,12 +406,16 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=500)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="parallel: interleaved rounds of every path (medians reported)")
+    ap.add_argument("--parallel", default=",".join(PARALLEL_KEYS),
+                    help="parallel: the paths, of " + ",".join(PARALLEL_KEYS))
     ap.add_argument("--gateways", type=int, default=1000)
     ap.add_argument("--tunnels", type=int, default=10000)
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.repeat, args.pings = 2.0, 1, 200
-        args.gateways, args.tunnels, args.mib = 100, 500, 8
+        args.gateways, args.tunnels, args.mib, args.rounds = 100, 500, 8, 1
     install_signal_exit()
     only = set(args.only.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="kakehashi-switch-bench-"))
@@ -371,17 +440,18 @@ def main() -> None:
             rows.append(["latency (1-byte echo)", r["name"], f"p50 {r['p50']:.2f} ms",
                          "", "", f"p99 {r['p99']:.2f} ms"])
     if "parallel" in only:
-        r = measure_parallel(args, workdir)
-        rows.append(["parallel + interactive",
-                     f"switch WebSocket, {args.streams} x {args.mib} MiB",
-                     f"{r['mbps']:,.0f} MB/s total", "", "",
-                     f"SHA-256 intact {r['intact']}/{args.streams}; echo meanwhile p50 "
-                     f"{r['p50']:.2f} ms p99 {r['p99']:.2f} ms ({r['pings']} pings; idle "
-                     f"p50 {r['idle_p50']:.2f} ms p99 {r['idle_p99']:.2f} ms; straight to the "
-                     f"echo server meanwhile p50 {r['direct_p50']:.2f} ms p99 "
-                     f"{r['direct_p99']:.2f} ms); server/gateways ran "
-                     f"{_shares(r['cpu_run'])} and waited for a CPU "
-                     f"{_shares(r['cpu_wait'])} of the time; load {os.getloadavg()[0]:.1f}"])
+        keys = [k for k in args.parallel.split(",") if k != "ssh" or not fw.ssh_available()]
+        runs: dict[str, list[dict]] = {k: [] for k in keys}
+        for i in range(args.rounds):  # interleaved: each path sees the same machine
+            for key in keys:
+                r = measure_parallel(key, args, workdir)
+                runs[key].append(r)
+                say(f"  round {i + 1}/{args.rounds} {r['name']}: bulk {r['mbps']:,.0f} MB/s"
+                    f" (intact {r['intact']}/{args.streams}), echo p50 {r['p50']:.2f} ms"
+                    f" p99 {r['p99']:.2f} ms ({r['pings']} pings), idle p50 "
+                    f"{r['idle_p50']:.2f} ms, waited for a CPU {_shares(r['cpu_wait'])},"
+                    f" load {r['load']:.1f}")
+        rows += parallel_rows(runs, args)
     if "scale" in only:
         r = measure_scale(args, workdir)
         rows.append(["scale", f"{args.gateways} gateways, {args.tunnels} tunnels",
