@@ -88,7 +88,10 @@ class Switch:
         self.port = free_port()
         self.server = procs.spawn("switch-server", fw.Kakehashi.argv(
             "switch", "server", "--listen", f"{LOOPBACK}:{self.port}", "--db", self.db,
-            "--tls", "on" if tls else "off"), env=self.env, nofile=65536)
+            "--tls", "on" if tls else "off",
+            # the scale run's load generator is one user with 1,000 gateways
+            "--max-gateways-per-user", "0", "--max-tunnels-per-user", "0"),
+            env=self.env, nofile=65536)
         wait_listening(self.port, proc=self.server)
         self.url = f"{'https' if tls else 'http'}://{LOOPBACK}:{self.port}"
         self.gateways: dict[str, int] = {}

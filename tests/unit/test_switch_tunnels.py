@@ -385,3 +385,44 @@ def test_a_bad_tunnel_record_is_dropped_not_half_loaded(doc: dict) -> None:
     out = sw.restore([("tX", doc)], 5)
     assert sw.tunnels == {} and persisted(out) == {"tX"}
     assert audits(out) == [("tunnel-restored", False)]
+
+
+def test_a_user_owns_at_most_the_cap_of_gateway_names() -> None:
+    sw = tn.Switch(max_gateways_per_user=2)
+    sw.gateway_hello("gw-1", "alice", [], 0, "user")
+    sw.gateway_hello("gw-2", "alice", [], 0, "user")
+    with pytest.raises(tn.Refusal) as exc:
+        sw.gateway_hello("gw-3", "alice", [], 0, "user")
+    assert (exc.value.status, exc.value.code) == (403, "gateway-limit")
+    assert "2 gateways" in exc.value.message and "gw-3" not in sw.gateway_owner
+    sw.gateway_lost("gw-1", 1)
+    sw.gateway_hello("gw-1", "alice", [], 2, "user")  # a name of theirs comes back
+    sw.gateway_hello("gw-b", "bob", [], 0, "user")  # another user's cap is their own
+    sw.gateway_hello("gw-x", "root", [], 0, "admin")
+    sw.gateway_hello("gw-y", "root", [], 0, "admin")
+    sw.gateway_hello("gw-z", "root", [], 0, "admin")  # an admin has none
+
+
+def test_a_user_holds_at_most_the_cap_of_tunnels_until_one_is_deleted(sw: tn.Switch) -> None:
+    sw.max_tunnels_per_user = 2
+    t1, _ = sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 0)
+    t2, _ = sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 0)
+    with pytest.raises(tn.Refusal) as exc:
+        sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 0)
+    assert (exc.value.status, exc.value.code) == (403, "tunnel-limit")
+    assert "2 tunnels" in exc.value.message and set(sw.tunnels) == {t1.id, t2.id}
+    sw.close_tunnel("alice", "user", t1.id, 1)
+    assert t1.state is State.DELETING  # not deleted yet: still holds its place
+    with pytest.raises(tn.Refusal):
+        sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 1)
+    sw.tick(100)  # t1's deletion and t2's setup time out
+    sw.tick(200)
+    assert t1.state is State.DELETED and t2.state is State.DELETED
+    assert tn.tunnels_key("alice") not in sw.live
+    sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 200)
+    with pytest.raises(tn.Refusal):  # a cluster counted the others: at the cap
+        sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 200,
+                       admitted=False)
+    sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 200)
+    assert sw.live[tn.tunnels_key("alice")] == 2
+    sw.open_tunnel("root", "admin", "echo", "gw-alice", "127.0.0.1:0", 200)  # no cap

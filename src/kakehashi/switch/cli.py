@@ -14,6 +14,7 @@ import click
 
 from kakehashi.core import options
 from kakehashi.core.options import hostport
+from kakehashi.switch.tunnels import MAX_GATEWAYS_PER_USER, MAX_TUNNELS_PER_USER
 
 ROLES = ("asp", "user", "admin")
 
@@ -115,13 +116,22 @@ def user_remove(name: str, db: str) -> None:
 @options.timeout_option("client", 30.0, "How long a client may take to send a request's "
                         "head, or to take some of a reply that waits for it, before its "
                         "connection is cut.")
+@click.option("--max-gateways-per-user", type=click.IntRange(min=0),
+              default=MAX_GATEWAYS_PER_USER, show_default=True,
+              help="Gateway names one user may own (0: no limit; admins have none); a "
+                   "gateway with a new name beyond it is refused.")
+@click.option("--max-tunnels-per-user", type=click.IntRange(min=0),
+              default=MAX_TUNNELS_PER_USER, show_default=True,
+              help="Tunnels one user may hold at once, on every node together (0: no "
+                   "limit; admins have none); opening one more is refused.")
 @click.option("--node", default="", metavar="NAME",
               help="This server's name among several switch nodes sharing one Redis "
                    "store (--db redis://...): a tunnel's gateways may then be attached "
                    "to different nodes.")
 def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | None,
            audit_log: str | None, setup_timeout: float, delete_timeout: float,
-           poll_hold: float, offline_grace: float, client_timeout: float, node: str) -> None:
+           poll_hold: float, offline_grace: float, client_timeout: float,
+           max_gateways_per_user: int, max_tunnels_per_user: int, node: str) -> None:
     """The socket management server and switch server: JSON API under /v1 (OpenAPI at
     /openapi.json), the web catalog at /, and the gateways' tunnel endpoint."""
     host, port = hostport(listen, "--listen")
@@ -148,7 +158,9 @@ def server(listen: str, db: str, tls_mode: str, cert: str | None, key: str | Non
                            settings=ServerSettings(setup_timeout=setup_timeout,
                                                    delete_timeout=delete_timeout,
                                                    poll_hold=poll_hold,
-                                                   offline_grace=offline_grace),
+                                                   offline_grace=offline_grace,
+                                                   max_gateways_per_user=max_gateways_per_user,
+                                                   max_tunnels_per_user=max_tunnels_per_user),
                            node=node, cluster_url=db if node else "")
         import asyncio
 

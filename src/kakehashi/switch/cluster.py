@@ -41,6 +41,10 @@ What a user asks may reach any node:
   exceeds the limit. Ends are counted down at once; each renewal rewrites this node's
   counts from its own table, which repairs them after a Redis restart. While Redis
   cannot be reached, a node decides from its own count alone (and says so in its log).
+  A user's tunnels are counted the same way, under ``kakehashi:switch:live:tunnels:USER``
+  (:func:`~.tunnels.tunnels_key`), against ``--max-tunnels-per-user``. A user's
+  gateway names are records of the shared store itself (see
+  :meth:`~.server.SwitchServer._claim_gateway`).
 
 Messages between nodes travel on Redis pub/sub, one channel per node, published in
 order by one task per node (a channel keeps one publisher's order). Nodes trust each
@@ -246,8 +250,9 @@ class SwitchCluster:
 
     # -- live connections over the cluster ------------------------------------------------
     async def admit(self, service: str, limit: int) -> bool | None:
-        """One more live connection of ``service`` over the cluster, if under ``limit``:
-        True (counted here), False (at the limit), None (Redis away: decide locally)."""
+        """One more live connection of ``service`` (or tunnel of a user, under
+        :func:`~.tunnels.tunnels_key`) over the cluster, if under ``limit``: True
+        (counted here), False (at the limit), None (Redis away: decide locally)."""
         async with self._counting:
             try:
                 n = await self._live(keys=[live_key(service)],

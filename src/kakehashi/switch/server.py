@@ -64,6 +64,8 @@ class ServerSettings:
     #: a poll link that makes no request for this long is gone
     poll_dead: float = 45.0
     hello_timeout: float = 10.0
+    max_gateways_per_user: int = tn.MAX_GATEWAYS_PER_USER
+    max_tunnels_per_user: int = tn.MAX_TUNNELS_PER_USER
 
 
 class SwitchUsers(UserRegistry[dict]):
@@ -164,7 +166,9 @@ class SwitchServer:
         self.checker = PasswordChecker()
         self.switch = tn.Switch(setup_timeout=self.s.setup_timeout,
                                 delete_timeout=self.s.delete_timeout,
-                                offline_grace=self.s.offline_grace)
+                                offline_grace=self.s.offline_grace,
+                                max_gateways_per_user=self.s.max_gateways_per_user,
+                                max_tunnels_per_user=self.s.max_tunnels_per_user)
         for name, doc in store.list(SERVICE):
             self.switch.services[name] = tn.Service(**doc)
         for name, doc in store.list(GATEWAY):
@@ -376,8 +380,11 @@ class SwitchServer:
             del self.links[hello.name]
             await self.apply(self.switch.gateway_lost(hello.name, time.time()))
         try:
+            if self.cluster is not None and hello.name not in self.switch.gateway_owner:
+                self._claim_gateway(hello.name, who)
             welcome, actions = self.switch.gateway_hello(hello.name, who.user,
-                                                         list(hello.tunnels), time.time())
+                                                         list(hello.tunnels), time.time(),
+                                                         who.role)
         except tn.Refusal as exc:
             self.audit.record("gateway-online", False, gateway=hello.name, user=who.user,
                               reason=exc.message)
@@ -392,6 +399,25 @@ class SwitchServer:
         log.info("gateway %s of %s connected (%s)", hello.name, who.user, kind)
         await self.apply(actions)
         return link, welcome
+
+    def _claim_gateway(self, name: str, who: Who) -> None:
+        """On a cluster, claim a new gateway name in the shared store within the user's
+        cap (the other nodes' names count too): insert it (atomic, one claim of a
+        name wins), then count the user's names there and take the claim back if
+        that is over the cap. Of claims racing for the last place none is kept over
+        the cap (each counted every claim inserted before it); at worst all of them
+        are taken back. The name already someone's: the hello's check says whose."""
+        if not self.store.insert(GATEWAY, name, {"owner": who.user}):
+            doc = self.store.get(GATEWAY, name) or {}
+            self.switch.gateway_owner.setdefault(name, str(doc.get("owner", "")))
+            return
+        owned = sum(1 for _, doc in self.store.list(GATEWAY) if doc.get("owner") == who.user)
+        try:
+            self.switch.check_gateway_cap(who.user, who.role, owned - 1)
+        except tn.Refusal:
+            self.store.delete(GATEWAY, name)
+            raise
+        self.switch.gateway_owner[name] = who.user
 
     async def _cluster_hello(self, hello: m.Hello, who: Who, welcome: m.Welcome) -> None:
         """The gateway is here now; the homes of its tunnels on other nodes hear its
@@ -526,11 +552,19 @@ class SwitchServer:
                     if node and node != self.node:
                         self.cluster.remote[name] = node
                         self.switch.online.add(name)
+        # the user's tunnels on every node count against the cap: counted in over the
+        # cluster first (atomic), as a connection of a service with a limit is
+        admitted, key = None, tn.tunnels_key(who.user)
+        if self.cluster is not None and self.switch.max_tunnels_per_user \
+                and who.role != "admin":
+            admitted = await self.cluster.admit(key, self.switch.max_tunnels_per_user)
         try:
             t, actions = self.switch.open_tunnel(who.user, who.role, service, gateway,
-                                                 listen, time.time())
+                                                 listen, time.time(), admitted=admitted)
             t.home = self.node
         except tn.Refusal as exc:
+            if admitted:  # counted in, then refused for another reason
+                self.cluster.uncount(key)
             self.audit.record("tunnel-open", False, user=who.user, service=service,
                               gateway=gateway, reason=exc.message)
             raise ApiError(exc.status, exc.code, exc.message) from None

@@ -47,6 +47,18 @@ SETUP_TIMEOUT = 10.0
 DELETE_TIMEOUT = 10.0
 #: how long a gateway may stay away before its tunnels are deleted
 OFFLINE_GRACE = 60.0
+#: per-user caps (0: none; an admin has none): gateway names a user may own, and tunnels
+#: (not yet deleted) a user may hold - every one is state in the server's memory and
+#: store, and a gateway link's work, so one account must not be able to take unbounded
+MAX_GATEWAYS_PER_USER = 100
+MAX_TUNNELS_PER_USER = 1000
+
+
+def tunnels_key(user: str) -> str:
+    """The key of a user's tunnel count in :attr:`Switch.live` (beside the services'
+    connection counts, so a cluster counts both the same way; no service name holds
+    a ``:``)."""
+    return "tunnels:" + user
 
 
 class State(enum.StrEnum):
@@ -231,14 +243,19 @@ class Switch:
 
     def __init__(self, *, setup_timeout: float = SETUP_TIMEOUT,
                  delete_timeout: float = DELETE_TIMEOUT,
-                 offline_grace: float = OFFLINE_GRACE, window: int = m.DEFAULT_WINDOW) -> None:
+                 offline_grace: float = OFFLINE_GRACE, window: int = m.DEFAULT_WINDOW,
+                 max_gateways_per_user: int = MAX_GATEWAYS_PER_USER,
+                 max_tunnels_per_user: int = MAX_TUNNELS_PER_USER) -> None:
         self.services: dict[str, Service] = {}
         #: gateway name -> the user it acts for (first come; persisted by the caller)
         self.gateway_owner: dict[str, str] = {}
         self.online: set[str] = set()
         self.tunnels: dict[str, Tunnel] = {}
-        #: live connections per service
+        #: live connections per service, and tunnels not yet deleted per user (under
+        #: :func:`tunnels_key`): the counts a limit is checked against
         self.live: dict[str, int] = {}
+        self.max_gateways_per_user = max_gateways_per_user
+        self.max_tunnels_per_user = max_tunnels_per_user
         self.setup_timeout = setup_timeout
         self.delete_timeout = delete_timeout
         self.offline_grace = offline_grace
@@ -302,14 +319,18 @@ class Switch:
         return out
 
     # -- gateways --------------------------------------------------------------------------
-    def gateway_hello(self, name: str, user: str, held: list[str], now: float
-                      ) -> tuple[m.Welcome, list[Action]]:
+    def gateway_hello(self, name: str, user: str, held: list[str], now: float,
+                      role: str | None = None) -> tuple[m.Welcome, list[Action]]:
         """A gateway (re)connected: it acts for ``user`` (Refusal if the name is someone
-        else's); tunnels it holds that the server no longer has are dropped by it."""
+        else's, or, given the caller's ``role``, a new name beyond the user's cap;
+        None: the node holding the link checked that); tunnels it holds that the
+        server no longer has are dropped by it."""
         owner = self.gateway_owner.get(name)
         if owner is not None and owner != user:
             raise Refusal(403, "gateway-not-yours",
                           f"gateway {name} acts for another user")
+        if owner is None and role is not None:
+            self.check_gateway_cap(user, role)
         self.gateway_owner[name] = user
         self.online.add(name)
         actions: list[Action] = [Audit("gateway-online", True, {"gateway": name, "user": user})]
@@ -334,6 +355,18 @@ class Switch:
                     actions += self._delete(t, f"gateway {name} lost the tunnel", now,
                                             skip={side})
         return m.Welcome(name=name, user=user, tunnels=keep), actions
+
+    def check_gateway_cap(self, user: str, role: str, owned: int | None = None) -> None:
+        """Refusal if ``user`` may not own one more gateway name; ``owned``: how many
+        they own where the names are kept for several nodes (else this switch's)."""
+        cap = self.max_gateways_per_user
+        if not cap or role == "admin":
+            return
+        if owned is None:
+            owned = sum(1 for o in self.gateway_owner.values() if o == user)
+        if owned >= cap:
+            raise Refusal(403, "gateway-limit", f"user {user} has its {cap} gateways "
+                          "(--max-gateways-per-user); reuse one of their names")
 
     def gateway_lost(self, name: str, now: float) -> list[Action]:
         """The gateway's link is gone: its setups fail, its streams are reset, its
@@ -362,7 +395,10 @@ class Switch:
 
     # -- S2 selection -> S3 ----------------------------------------------------------------
     def open_tunnel(self, user: str, role: str, service: str, gateway: str, listen: str,
-                    now: float, tid: str | None = None) -> tuple[Tunnel, list[Action]]:
+                    now: float, tid: str | None = None, *, admitted: bool | None = None
+                    ) -> tuple[Tunnel, list[Action]]:
+        """S2 selection -> S3. ``admitted`` as for a stream's Open (:meth:`on_stream`),
+        for the user's tunnel cap when a cluster keeps the count."""
         svc = self.services.get(service)
         if svc is None or not valid_for(svc, user, role):
             raise Refusal(404, "unknown-service", f"no service {service!r} for you")
@@ -380,6 +416,12 @@ class Switch:
         for name in (gateway, svc.gateway):
             if name not in self.online:
                 raise Refusal(503, "gateway-offline", f"gateway {name} is not connected")
+        cap = self.max_tunnels_per_user if role != "admin" else 0
+        held = self.live.get(tunnels_key(user), 0)
+        if cap and (admitted is False or (admitted is None and held >= cap)):
+            raise Refusal(403, "tunnel-limit", f"user {user} has its {cap} tunnels "
+                          "(--max-tunnels-per-user); close one first")
+        self.live[tunnels_key(user)] = held + 1
         tid = tid or "t" + secrets.token_hex(6)
         t = Tunnel(id=tid, service=svc.name, user=user, client_gw=gateway,
                    server_gw=svc.gateway, proto=svc.proto, listen=f"{host}:{port}",
@@ -464,8 +506,17 @@ class Switch:
         if t.state is not State.DELETING or t.deleting:
             return []
         t.state = State.DELETED
+        self._uncount(t)
         return [Audit("tunnel-deleted", True, {"tunnel": t.id, "reason": t.reason}),
                 Changed(t.id), Persist(t.id)]
+
+    def _uncount(self, t: Tunnel) -> None:
+        key = tunnels_key(t.user)
+        left = self.live.get(key, 1) - 1
+        if left > 0:
+            self.live[key] = left
+        else:  # (a user without tunnels keeps no entry)
+            self.live.pop(key, None)
 
     # -- S6: deletion on the user's request ------------------------------------------------
     def close_tunnel(self, user: str, role: str, tid: str, now: float) -> list[Action]:
@@ -527,6 +578,7 @@ class Switch:
             t.deadline = now
             self.tunnels[t.id] = t
             if t.state is State.ESTABLISHED:
+                self.live[tunnels_key(t.user)] = self.live.get(tunnels_key(t.user), 0) + 1
                 t.restored = True
                 t.offline = {t.client_gw: now, t.server_gw: now}
                 actions += [Audit("tunnel-restored", True, {
