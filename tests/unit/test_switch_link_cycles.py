@@ -4,7 +4,10 @@ core/runner.tune_gc), so a connection that ended inside a cycle stayed in memory
 long while: ten rounds of link churn grew a switch server's memory by 50 MB and more.
 Two cycles did that: uvicorn's HTTP protocol and its parser kept each other after a
 WebSocket upgrade, and a disconnect raised through ``asyncio.wait_for`` (the wait
-for the hello) held the whole connection through that future."""
+for the hello) held the whole connection through that future. And websockets' sans-IO
+connection and its parser (a generator waiting for the end of the stream, which
+uvicorn never feeds it) kept each other, with the permessage-deflate state, after the
+connection was lost."""
 
 from __future__ import annotations
 
@@ -25,7 +28,14 @@ def open_fds() -> int:
 
 
 #: server-side objects of one WebSocket connection
-SERVER_TYPES = ("WebSocketsSansIOProtocol", "Protocol", "HttpRequestParser", "WebSocket")
+SERVER_TYPES = ("WebSocketsSansIOProtocol", "WSProtocol", "Protocol", "HttpRequestParser",
+                "WebSocket")
+
+
+def server_connections() -> int:
+    """websockets' sans-IO server connections alive (the client's are ClientProtocol)."""
+    return sum(1 for o in gc.get_objects() if type(o).__name__ == "ServerProtocol"
+               and type(o).__module__ == "websockets.server")
 
 
 async def test_links_that_end_are_freed_without_the_collector(tmp_path):
@@ -59,12 +69,13 @@ async def test_links_that_end_are_freed_without_the_collector(tmp_path):
         await asyncio.wait_for(churn(), 60)  # warm up: first imports and allocations
         gc.collect()
         gc.disable()
-        before = open_fds()
+        before, connections = open_fds(), server_connections()
         try:
             await asyncio.wait_for(churn(), 60)
             # the transports' last callbacks have run once their sockets are closed
             await async_wait_until(lambda: open_fds() <= before, 10,
                                    what="the churn's sockets closed on both sides")
+            alive = server_connections()  # before the collector looks
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
             left = [type(o).__name__ for o in gc.garbage
@@ -75,6 +86,7 @@ async def test_links_that_end_are_freed_without_the_collector(tmp_path):
             gc.garbage.clear()
             gc.enable()
         assert left == [], sorted(set(left))
+        assert alive == connections  # (old code: 40 more, one per link upgraded)
     finally:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
