@@ -157,3 +157,29 @@ def test_refused_connections_leave_the_server_serving(sw: Switch) -> None:
         s.sendall(b"GARBAGE / NOT-HTTP\r\n\r\n")
         s.recv(1024)
     assert sw.api("alice").request("GET", "/v1/health")["ok"]
+
+
+def test_per_user_caps_from_the_command_line(tmp_path, echo_mod) -> None:
+    """--max-gateways-per-user and --max-tunnels-per-user of a real server: a gateway
+    with a name beyond the cap stops with the refusal, a tunnel beyond it is refused
+    with its reason, both audited; a name already owned and a tunnel after a close go on."""
+    env = Env(tmp_path)
+    try:
+        sw = Switch(env).start("--max-gateways-per-user", "1", "--max-tunnels-per-user", "1")
+        sw.gateway("asp1", "gw-srv")
+        sw.gateway("alice", "gw-alice")
+        sw.register("echo", echo_mod.addr, allow=("alice",))
+        extra = sw.gateway("alice", "gw-alice-2", wait=False)
+        assert extra.popen.wait(15) != 0  # refused for good: it does not retry
+        assert "has its 1 gateways (--max-gateways-per-user)" in extra.output()
+        t = sw.open("echo")
+        res = sw.cli("alice", "open", "echo", "--gateway", "gw-alice", check=False)
+        assert res.returncode != 0 and b"1 tunnels" in res.stderr
+        still_works(sw, t)
+        sw.close(t["tunnel"])
+        still_works(sw, sw.open("echo"))
+        denied = {(e["event"], e["decision"]) for e in sw.audit()
+                  if "gateways" in str(e.get("reason")) or "tunnels" in str(e.get("reason"))}
+        assert denied == {("gateway-online", "deny"), ("tunnel-open", "deny")}
+    finally:
+        env.close()
