@@ -72,8 +72,8 @@ HERE = Path(__file__).resolve().parent
 SERVERS = str(HERE / "servers.py")
 
 THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
-                   "relay-tls", "relay-tls-nofast", "relay-e2e", "relay-tls-e2e", "relay-old",
-                   "relay-tls-old"]
+                   "relay-tls", "relay-tls-nofast", "relay-e2e", "relay-e2e-chacha",
+                   "relay-tls-e2e", "relay-old", "relay-tls-old", "relay-e2e-old"]
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "relay-encoff",
               "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly", "link-spare",
               "link-new", "link-new-tls", "relay-old", "relay-tls-old"]
@@ -118,13 +118,14 @@ class Transfer:
 
 def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
                 old_src: str | None = None) -> fw.Route:
-    """``relay-old``/``relay-tls-old`` run the relay, agent and connect processes from
-    ``old_src`` (a source tree's ``src``): before and after in one interleaved run."""
+    """``relay-old``/``relay-tls-old``/``relay-e2e-old`` run the relay, agent and connect
+    processes from ``old_src`` (a source tree's ``src``): before and after in one
+    interleaved run."""
     if key.endswith("-old"):
         if not old_src:
             raise SystemExit(f"{key} needs --old-src")
         route = kk.start_route(procs, target, tls=key.startswith("relay-tls"),
-                               env={"PYTHONPATH": old_src})
+                               e2e="-e2e" in key, env={"PYTHONPATH": old_src})
         route.name += " (old source)"
         return route
     starters: dict[str, Callable[[], fw.Route]] = {
@@ -138,6 +139,10 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
         "relay-tls": lambda: kk.start_route(procs, target, tls=True),
         "relay-tls-nofast": lambda: kk.start_route(procs, target, tls=True, fast_path=False),
         "relay-e2e": lambda: kk.start_route(procs, target, tls=False, e2e=True),
+        # both ends offering ChaCha20-Poly1305 only, as peers from before AES-128-GCM
+        "relay-e2e-chacha": lambda: kk.start_route(
+            procs, target, tls=False, e2e=True,
+            env={"KAKEHASHI_E2E_SUITES": "chacha20-poly1305"}),
         "relay-tls-e2e": lambda: kk.start_route(procs, target, tls=True, e2e=True),
         # early data (the first bytes with the request) on and off; a plaintext link
         # carries them only when the terminals' encryption is off
