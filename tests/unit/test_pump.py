@@ -214,8 +214,8 @@ async def _sealed_payloads_of_any_size_open_whole() -> None:
     app_in, app_in_peer = _pair()
     link_a, link_b = _pair()
     app_out, app_out_peer = _pair()
-    data = os.urandom(3 << 20)  # many frames of up to 256 KiB
-    big = os.urandom(600_000)  # one frame larger than the kept buffer
+    data = os.urandom(3 << 20)  # short frames, then long ones
+    big = os.urandom(600_000)  # one frame sealed by hand, of a size the pump does not make
     framed_b = FramedConn(Conn(link_b))
     sink = RawSink(Conn(app_out), sealing=receiver)
 
@@ -254,6 +254,96 @@ async def _sealed_payloads_of_any_size_open_whole() -> None:
 
 def test_sealed_payloads_of_any_size_open_whole(run) -> None:
     run(_sealed_payloads_of_any_size_open_whole())
+
+
+class _FullReads:
+    """An application stream that always has data: every read fills the buffer it is
+    given (as a busy socket with a large receive buffer would), until ``data`` ends."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+
+    async def recv_into(self, view: memoryview) -> int:
+        n = min(len(view), len(self.data))
+        view[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+async def _a_busy_sealed_stream_moves_to_long_frames() -> None:
+    """A sealed stream starts with short frames (an interactive session keeps small
+    buffers) and, once a read fills one, seals frames as long as the wire allows: the
+    sealed path's cost is per frame (issue 12). Every frame opens, in order."""
+    import os
+
+    from tests.unit.test_crypto import _pair as e2e_pair
+
+    sender, receiver = e2e_pair()
+    link_a, link_b = _pair()
+    most = wire.DEFAULT_LIMITS.max_data  # a whole sealed frame, tag included
+    data = os.urandom(pump.SMALL_CHUNK + 3 * (most - sender.overhead) + 5)
+    framed_b = FramedConn(Conn(link_b))
+    sent = asyncio.create_task(pump.raw_to_frames(_FullReads(data), FramedConn(Conn(link_a)),
+                                                  sealing=sender))  # type: ignore[arg-type]
+    lengths, opened = [], bytearray()
+    while (header := await framed_b.read_header()) is not None:
+        ftype, length = header
+        if ftype is wire.FrameType.EOF:
+            break
+        lengths.append(length)
+        opened += receiver.open(await framed_b.read_payload(length))
+    assert await sent == len(data) and bytes(opened) == data
+    assert lengths == [pump.SMALL_CHUNK + sender.overhead, most, most, most,
+                       5 + sender.overhead]
+    link_a.close()
+    link_b.close()
+
+
+def test_a_busy_sealed_stream_moves_to_long_frames(run) -> None:
+    run(_a_busy_sealed_stream_moves_to_long_frames())
+
+
+async def _a_sealed_payload_is_read_straight_into_the_sinks_buffer() -> None:
+    """After a long sealed frame the next header is read alone, so the payload goes
+    from the socket straight into the sink's buffer, not through the link's read
+    buffer first (a copy of up to RECV_CHUNK per frame, issue 12)."""
+    import os
+
+    from kakehashi.core.pump import RawSink
+    from tests.unit.test_crypto import _pair as e2e_pair
+
+    sender, receiver = e2e_pair()
+    link_a, link_b = _pair()
+    app_out, app_out_peer = _pair()
+    payloads = [os.urandom(40_000) for _ in range(3)]
+    link_a.setblocking(True)  # written here, before anything runs
+    for payload in payloads:  # all three frames wait in the socket before any is read
+        sealed = sender.seal(payload)
+        link_a.sendall(wire.encode_header(wire.FrameType.DATA, len(sealed)) + sealed)
+    link_a.sendall(wire.encode_header(wire.FrameType.EOF, 0))
+    link_a.shutdown(socket.SHUT_WR)  # then the link ends
+    buffered_at_data: list[int] = []
+
+    class Watching(RawSink):
+        async def data(self, src: FramedConn, length: int) -> None:
+            buffered_at_data.append(src.buffered)
+            await super().data(src, length)
+
+    sink = Watching(Conn(app_out), sealing=receiver)
+    assert await forward_frames(FramedConn(Conn(link_b)), lambda: sink, _never_ctrl) == "eof"
+    got = bytearray()
+    while len(got) < 120_000:
+        got += app_out_peer.recv(1 << 20)
+    assert bytes(got) == b"".join(payloads)
+    # the first header came with whatever followed it; after a long frame, nothing
+    assert buffered_at_data[1:] == [0, 0]
+    sink.close()
+    for s in (link_a, link_b, app_out, app_out_peer):
+        s.close()
+
+
+def test_a_sealed_payload_is_read_straight_into_the_sinks_buffer(run) -> None:
+    run(_a_sealed_payload_is_read_straight_into_the_sinks_buffer())
 
 
 async def _small_writes_go_as_one_frame_then_bulk_is_spliced() -> None:

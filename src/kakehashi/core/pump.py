@@ -40,6 +40,13 @@ _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOC
 SPLICE_ENABLED = SPLICE_AVAILABLE and os.environ.get("KAKEHASHI_NO_SPLICE") != "1"
 #: an application stream is copied until one read fills this much, then spliced
 SPLICE_AFTER = SMALL_CHUNK
+#: the payload of a sealed frame once the stream proved busy (a read filled the first,
+#: small buffer): as large as the wire allows. What a sealed leg costs per frame
+#: (Python, a wake-up, a seal, a send; the relay's header and splices) outweighs the
+#: cache misses of a large buffer by far: e2e over plaintext hops measured 3.3-4.0
+#: CPU s/GB over three processes with 256 KiB frames, 5.2 with 64 KiB, 2.3-2.6 with
+#: 1 MiB (issue 12).
+SEALED_CHUNK = wire.DEFAULT_LIMITS.max_data
 
 
 class Pipe:
@@ -249,20 +256,20 @@ async def raw_to_frames(
     counter = counter or Transfer()
     # Reads are copied (the header in front of the payload in one buffer, sealed
     # straight into it: one write per frame, no allocation per frame) until one fills
-    # the buffer; a splice-capable stream then moves the rest through a pipe. Small
-    # interactive writes (a session's first bytes) so cost one recv and one send, not
-    # a pipe's creation, a splice in, a header and a splice out - and the peer gets
-    # header and payload in one segment, so it reads the frame in one go too.
+    # the buffer; a splice-capable stream then moves the rest through a pipe, a sealed
+    # one moves to buffers of SEALED_CHUNK. Small interactive writes (a session's first
+    # bytes) so cost one recv and one send, not a pipe's creation, a splice in, a
+    # header and a splice out - and the peer gets header and payload in one segment,
+    # so it reads the frame in one go too; an idle sealed session holds small buffers.
     splice = sealing is None and can_splice(src, dst.conn)
     overhead = sealing.overhead if sealing else 0
-    room = min(SPLICE_AFTER if splice else RECV_CHUNK, max_data - overhead)
-    buf = memoryview(bytearray(wire.HEADER_SIZE + room + overhead))
-    body = buf[wire.HEADER_SIZE:]
-    plain = memoryview(bytearray(room)) if sealing else body[:room]
+    room = min(SPLICE_AFTER if splice or sealing else RECV_CHUNK, max_data - overhead)
+    grow_to = min(SEALED_CHUNK, max_data - overhead) if sealing else room
+    buf, plain = _frame_buffers(room, sealing)
     while n := await src.recv_into(plain):
         size = n + overhead
         if sealing:
-            sealing.seal_into(plain[:n], body[:size])
+            sealing.seal_into(plain[:n], buf[wire.HEADER_SIZE: wire.HEADER_SIZE + size])
         buf[: wire.HEADER_SIZE] = wire.encode_header(wire.FrameType.DATA, size)
         frame = buf[: wire.HEADER_SIZE + size]
         async with dst.write_lock:
@@ -270,8 +277,12 @@ async def raw_to_frames(
             if sent < len(frame):
                 await _whole_frame(dst, _send_frame_bytes(dst, frame[sent:]))
         counter.bytes += n
-        if splice and n == room:
-            break  # a bulk stream: splice from here on
+        if n == room:
+            if splice:
+                break  # a bulk stream: splice from here on
+            if grow_to > room:  # a bulk sealed stream: long frames from here on
+                room = grow_to
+                buf, plain = _frame_buffers(room, sealing)
     else:
         splice = False  # the stream ended
     if splice:
@@ -286,6 +297,15 @@ async def raw_to_frames(
             pipe.close()
     await dst.send_frame(wire.FrameType.EOF)
     return counter.bytes
+
+
+def _frame_buffers(room: int, sealing: Sealing | None) -> tuple[memoryview, memoryview]:
+    """The frame buffer (header, then ``room`` + ``overhead`` bytes of payload) and
+    where a read goes: the payload itself when nothing is sealed, else a buffer of its
+    own that is sealed into the frame."""
+    buf = memoryview(bytearray(wire.HEADER_SIZE + room + (sealing.overhead if sealing else 0)))
+    plain = memoryview(bytearray(room)) if sealing else buf[wire.HEADER_SIZE:][:room]
+    return buf, plain
 
 
 #: how long a cancelled sender may still take to finish the frame it started
@@ -375,6 +395,9 @@ class FrameSink:
 
     #: whether the sink can take a payload by splice from a plain source
     splices: bool = False
+    #: whether a long payload should be left in the kernel behind an exactly read
+    #: header: the sink splices it, or reads it whole into a buffer of its own
+    reads_payload_itself: bool = False
 
     async def data(self, src: FramedConn, length: int) -> None:
         raise NotImplementedError
@@ -393,10 +416,14 @@ class RawSink(FrameSink):
         self.dst = dst
         self.sealing = sealing
         self.splices = sealing is None and can_splice(dst)
+        # a sealed payload is read whole into a buffer of its own: read it straight
+        # there, not through the link's read buffer (a copy of up to RECV_CHUNK each)
+        self.reads_payload_itself = self.splices or sealing is not None
         self._pipe: Pipe | None = None
         # room for a whole sealed frame as raw_to_frames makes them
-        self._chunks = ChunkBuffer(RECV_CHUNK + 64)
-        self._opened = ChunkBuffer(RECV_CHUNK + 64)
+        room = SEALED_CHUNK if sealing is not None else RECV_CHUNK + 64
+        self._chunks = ChunkBuffer(room)
+        self._opened = ChunkBuffer(room)
         self.counter = Transfer()
 
     async def data(self, src: FramedConn, length: int) -> None:
@@ -456,7 +483,7 @@ class FramedSink(FrameSink):
 
     def __init__(self, dst: FramedConn) -> None:
         self.dst = dst
-        self.splices = can_splice(dst.conn)
+        self.splices = self.reads_payload_itself = can_splice(dst.conn)
         self._pipe: Pipe | None = None
         self._chunks = ChunkBuffer(wire.HEADER_SIZE + RECV_CHUNK)
         self.dead = False
@@ -609,8 +636,9 @@ async def forward_frames(src: FramedConn, sink: SinkLookup, on_ctrl: ControlHand
     connection between two frames (the relay's data path switches without a copy).
     Returns ``"eof"`` or ``"stop"``.
 
-    A header is read exactly (its payload left in the kernel for the sink to splice)
-    only after a long DATA frame: a bulk stream's frames are long. After a short one,
+    A header is read exactly (its payload left in the kernel for the sink to splice,
+    or to read whole into its own buffer) only after a long DATA frame: a bulk
+    stream's frames are long. After a short one,
     or a control message, the read takes whatever is there, so a short frame (a
     session's first bytes, an echo) arrives with its header in one ``recv`` and goes
     on as one ``send`` - no pipe, no second segment for the peer to wake up for.
@@ -618,7 +646,7 @@ async def forward_frames(src: FramedConn, sink: SinkLookup, on_ctrl: ControlHand
     bulk = False
     while True:
         current = sink()
-        exact = bulk and current is not None and current.splices and src.conn.plain
+        exact = bulk and current is not None and current.reads_payload_itself and src.conn.plain
         header = await src.read_header(exact=exact)
         if header is None:
             return "eof"
