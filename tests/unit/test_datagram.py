@@ -215,6 +215,29 @@ async def test_sealed_datagrams_are_opened_and_replays_dropped_and_counted(fast)
 
 
 @paths
+async def test_an_empty_datagram_is_relayed_both_ways(fast):
+    """A UDP datagram may carry nothing (a keepalive, a probe); asyncio's transports
+    drop an empty one in sendto(), so the protocol path sent it on by itself. Fails on
+    the protocol path before that."""
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, fast_path=fast)
+    await fwd.start()
+    try:
+        for d in (b"", b"x", b""):
+            client.sendto(d, near.getsockname())
+        assert await _recv_all(server, 3) == [b"", b"x", b""]
+        server.sendto(b"", far.getsockname())
+        assert await _recv_all(client, 1) == [b""]
+        assert rec.from_near_count == 3 and rec.from_far_count == 1
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+@paths
 async def test_a_datagram_handed_in_by_the_owner_is_relayed(fast):
     """``chain forward`` hands the datagram that woke it up to the new forwarder."""
     server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")

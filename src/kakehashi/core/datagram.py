@@ -396,8 +396,10 @@ class DatagramForwarder:
 
     def _send(self, t: asyncio.DatagramTransport | None, sock: socket.socket, data: bytes,
               dst: Addr) -> None:
-        if t is None:
-            if self.fast_path and not self.closed:
+        # an empty datagram is a datagram, but a transport's sendto() ignores it: it goes
+        # out on the socket itself when nothing waits in the transport's buffer before it
+        if t is None or (not data and not t.get_write_buffer_size()):
+            if (self.fast_path or t is not None) and not self.closed:
                 try:
                     sock.sendto(data, dst)
                 except (BlockingIOError, InterruptedError):
