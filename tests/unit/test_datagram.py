@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from kakehashi.core import datagram, udpbatch
 from kakehashi.core.crypto import DatagramChannel
 from kakehashi.core.datagram import (
     BATCH,
@@ -19,9 +20,21 @@ from kakehashi.core.datagram import (
 )
 from tests.support.wait import async_wait_until
 
-#: every forwarder test runs on the fast path (readiness callbacks) and on the protocol
-#: path (asyncio transports): both must make the same decisions
-paths = pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "protocol-path"])
+
+@pytest.fixture(params=["fast-path", "fast-path-batched", "fast-path-loop", "protocol-path"])
+def fast(request, monkeypatch):
+    """Every forwarder test runs on the fast path (readiness callbacks: as configured;
+    with every wakeup taking a batch through the batched system calls; with the loop
+    used where those are missing) and on the protocol path (asyncio transports): all
+    must make the same decisions."""
+    if request.param.startswith("fast-path") and request.param != "fast-path-loop" \
+            and not udpbatch.AVAILABLE:
+        pytest.skip("no recvmmsg/sendmmsg here")
+    monkeypatch.setattr(udpbatch, "AVAILABLE", request.param != "fast-path-loop")
+    if request.param == "fast-path-batched":
+        monkeypatch.setattr(datagram, "PROBE", 1)
+    return request.param != "protocol-path"
+
 
 C = ("10.0.0.5", 4000)
 S = ("10.9.9.9", 5300)
@@ -77,7 +90,6 @@ def test_bind_in_range_exhausts_cleanly():
             s.close()
 
 
-@paths
 async def test_forwarder_relays_both_ways_and_drops_spoofed(fast):
     server = bind_udp("127.0.0.1")
     client = bind_udp("127.0.0.1")
@@ -105,7 +117,6 @@ async def test_forwarder_relays_both_ways_and_drops_spoofed(fast):
                            what="forwarder sockets closed")
 
 
-@paths
 async def test_close_before_start_closes_the_sockets(fast):
     near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
     DatagramForwarder(near, far, PortRecord(), fast_path=fast).close()
@@ -132,7 +143,6 @@ async def _recv_all(sock: socket.socket, n: int) -> list[bytes]:
     return [await asyncio.wait_for(loop.sock_recv(sock, 65535), 5) for _ in range(n)]
 
 
-@paths
 async def test_a_burst_beyond_one_batch_is_relayed_whole_and_in_order(fast):
     """More datagrams than one readiness callback takes: the rest wait in the kernel's
     buffer for the next turn, none is lost or reordered."""
@@ -154,7 +164,6 @@ async def test_a_burst_beyond_one_batch_is_relayed_whole_and_in_order(fast):
             s.close()
 
 
-@paths
 async def test_a_flooded_session_does_not_starve_another(fast):
     """A thousand datagrams queued on one session's port and one on another's: the
     other's is relayed within the first turn, while most of the flood still waits (at
@@ -182,10 +191,11 @@ async def test_a_flooded_session_does_not_starve_another(fast):
             s.close()
 
 
-@paths
-async def test_sealed_datagrams_are_opened_and_replays_dropped_and_counted(fast):
-    """The forwarder as the last hop of an encrypted chain: it opens what the client
-    sealed; a replayed datagram and a forged one are dropped and counted, never relayed."""
+async def _sealing_hop(fast: bool) -> tuple[DatagramChannel, DatagramChannel, socket.socket,
+                                            socket.socket, DatagramForwarder]:
+    """A started forwarder as the last hop of an encrypted chain (it opens towards the
+    server and seals the answers), the client's channel and its own, a server and a
+    client socket."""
     k1, k2 = os.urandom(32), os.urandom(32)
     client_ch, hop_ch = DatagramChannel(k1, k2), DatagramChannel(k2, k1)
     server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
@@ -194,6 +204,14 @@ async def test_sealed_datagrams_are_opened_and_replays_dropped_and_counted(fast)
     fwd = DatagramForwarder(near, far, rec, near_to_far=hop_ch.open, far_to_near=hop_ch.seal,
                             fast_path=fast)
     await fwd.start()
+    return client_ch, hop_ch, server, client, fwd
+
+
+async def test_sealed_datagrams_are_opened_and_replays_dropped_and_counted(fast):
+    """The forwarder as the last hop of an encrypted chain: it opens what the client
+    sealed; a replayed datagram and a forged one are dropped and counted, never relayed."""
+    client_ch, hop_ch, server, client, fwd = await _sealing_hop(fast)
+    rec, near, far = fwd.record, fwd.near_sock, fwd.far_sock
     loop = asyncio.get_running_loop()
     try:
         sealed = client_ch.seal(b"question")
@@ -214,7 +232,6 @@ async def test_sealed_datagrams_are_opened_and_replays_dropped_and_counted(fast)
             s.close()
 
 
-@paths
 async def test_an_empty_datagram_is_relayed_both_ways(fast):
     """A UDP datagram may carry nothing (a keepalive, a probe); asyncio's transports
     drop an empty one in sendto(), so the protocol path sent it on by itself. Fails on
@@ -237,7 +254,6 @@ async def test_an_empty_datagram_is_relayed_both_ways(fast):
             s.close()
 
 
-@paths
 async def test_a_datagram_handed_in_by_the_owner_is_relayed(fast):
     """``chain forward`` hands the datagram that woke it up to the new forwarder."""
     server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
@@ -264,39 +280,153 @@ async def test_the_fast_path_closes_its_sockets_at_once():
     fwd.close()  # twice: nothing more happens
 
 
-class CountingSocket(socket.socket):
-    """A UDP socket that counts the reads that found it empty."""
+class CountingCalls:
+    """Wraps udpbatch's recvmmsg/sendmmsg: how many calls, how many datagrams each."""
 
-    empty = 0
+    def __init__(self, monkeypatch) -> None:
+        self.recv: list[int] = []
+        self.send: list[int] = []
+        real_recv, real_send = udpbatch._MMSG
 
-    def recvfrom_into(self, *args):  # type: ignore[override]
-        try:
-            return super().recvfrom_into(*args)
-        except BlockingIOError:
-            self.empty += 1
-            raise
+        def recv(*args):
+            n = real_recv(*args)
+            self.recv.append(n)
+            return n
+
+        def send(*args):
+            n = real_send(*args)
+            self.send.append(n)
+            return n
+
+        monkeypatch.setattr(udpbatch, "_MMSG", (recv, send))
 
 
-async def test_one_at_a_time_the_fast_path_does_not_read_an_empty_socket_after_each_send():
-    """Between bursts a side takes one datagram per wakeup: no read after the send that
-    would only find the socket empty (it delays the next hop), apart from the occasional
-    probe that notices a burst; a burst is still drained whole."""
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+async def test_a_burst_costs_two_system_calls_per_batch(monkeypatch):
+    """Once a lane has noticed a burst, it takes a batch per system call and sends it on
+    with one (datagrams of one size to one destination as one offloaded send), not a
+    recvfrom and a sendto each; the batch bound still hands the loop back between
+    batches."""
+    calls = CountingCalls(monkeypatch)
     server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
-    near = CountingSocket(socket.AF_INET, socket.SOCK_DGRAM)
-    near.bind(("127.0.0.1", 0))
-    near.setblocking(False)
-    far = bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
     rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
     fwd = DatagramForwarder(near, far, rec, fast_path=True)
+    n = (PROBE - 1) + BATCH * 3 + 3  # one per wakeup until the probe, then batches
+    for i in range(n):  # all queued before the forwarder watches the socket
+        client.sendto(i.to_bytes(4, "big"), near.getsockname())
     await fwd.start()
     try:
-        for i in range(3 * PROBE):
-            client.sendto(b"%d" % i, near.getsockname())
-            assert await _recv_all(server, 1) == [b"%d" % i]
-        assert near.empty <= 3  # the probes only, not one per datagram
-        for _ in range(BATCH * 3):
-            client.sendto(b"burst", near.getsockname())
-        assert await _recv_all(server, BATCH * 3) == [b"burst"] * (BATCH * 3)
+        got = await _recv_all(server, n)
+        assert [int.from_bytes(d, "big") for d in got] == list(range(n))
+        assert calls.recv == [BATCH, BATCH, BATCH, 3]
+        assert calls.send == [1, 1, 1, 1]  # one offloaded send per batch
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+async def test_spoofed_datagrams_inside_a_burst_are_dropped_and_counted(fast):
+    """Spoofed datagrams interleaved with the peers' in the same bursts, on both ports:
+    each one is dropped and counted, the peers' arrive whole and in order."""
+    server, client, spoof = bind_udp("127.0.0.1"), bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, fast_path=fast)
+    await fwd.start()
+    n = BATCH * 2 + 7
+    try:
+        client.sendto(b"lock", near.getsockname())
+        assert await _recv_all(server, 1) == [b"lock"]
+        for i in range(n):
+            client.sendto(b"c%d" % i, near.getsockname())
+            spoof.sendto(b"evil", near.getsockname())
+            spoof.sendto(b"evil", far.getsockname())
+            server.sendto(b"s%d" % i, far.getsockname())
+        assert await _recv_all(server, n) == [b"c%d" % i for i in range(n)]
+        assert await _recv_all(client, n) == [b"s%d" % i for i in range(n)]
+        await async_wait_until(lambda: rec.dropped == 2 * n, what="every spoofed datagram")
+        assert rec.from_near_count == n + 1 and rec.from_far_count == n
+        assert fwd.errors == 0 and fwd.overflow == 0
+    finally:
+        fwd.close()
+        for s in (server, client, spoof):
+            s.close()
+
+
+async def test_every_size_is_relayed_intact_and_an_oversized_output_is_counted(fast):
+    """Empty datagrams, the largest an IPv4 socket takes (nothing truncated) and sizes
+    between, in one burst; a transform whose output no datagram can carry drops that
+    one datagram (counted) and the rest go on."""
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, fast_path=fast,
+                            far_to_near=lambda d: d * 3 if d.startswith(b"big") else d)
+    await fwd.start()
+    try:
+        sizes = [0, 1, 65507, 1472, 9000, 0, 65507, 512, 40000, 3,
+                 *[512] * 5, 100, *[512] * 3, *[1472] * 70]  # offload groups and their ends
+        sent = [os.urandom(n) for n in sizes]
+        for d in sent:
+            client.sendto(d, near.getsockname())
+        assert await _recv_all(server, len(sent)) == sent
+        server.sendto(b"big" + bytes(30000), far.getsockname())  # 90,009 B after: dropped
+        server.sendto(b"after", far.getsockname())
+        assert await _recv_all(client, 1) == [b"after"]
+        assert fwd.errors == 1 and rec.from_far_count == 2
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+async def test_sealed_bursts_both_ways_are_opened_in_order(fast):
+    """The last hop of an encrypted chain under bursts larger than a batch: every sealed
+    datagram opened, every answer sealed, nothing lost or reordered."""
+    client_ch, hop_ch, server, client, fwd = await _sealing_hop(fast)
+    rec, near, far = fwd.record, fwd.near_sock, fwd.far_sock
+    n = BATCH * 3 + 5
+    try:
+        for i in range(n):
+            client.sendto(client_ch.seal(b"q%d" % i * 50), near.getsockname())
+        assert await _recv_all(server, n) == [b"q%d" % i * 50 for i in range(n)]
+        for i in range(n):
+            server.sendto(b"a%d" % i * 50, far.getsockname())
+        back = await _recv_all(client, n)
+        assert [client_ch.open(d) for d in back] == [b"a%d" % i * 50 for i in range(n)]
+        assert hop_ch.refused == 0 and rec.dropped == 0
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+async def test_a_route_that_refuses_segmentation_offload_gets_datagrams_one_by_one(
+        monkeypatch):
+    """The kernel refuses an offloaded send (here: the socket sends without UDP
+    checksums, which offload cannot do); that batch goes again one datagram at a time,
+    later ones to that destination too, and nothing is lost or counted as an error."""
+    calls = CountingCalls(monkeypatch)
+    monkeypatch.setattr(datagram, "PROBE", 1)
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    far.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK
+    io = udpbatch.Batch()  # its own, so the refusal it remembers stays in this test
+    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, fast_path=True)
+    n = BATCH * 2
+    for i in range(n):
+        client.sendto(i.to_bytes(4, "big") * 8, near.getsockname())
+    await fwd.start()
+    fwd._io = io
+    try:
+        got = await _recv_all(server, n)
+        assert [int.from_bytes(d[:4], "big") for d in got] == list(range(n))
+        assert calls.send == [-1, BATCH]  # refused; then one header per datagram
+        assert fwd.errors == 0 and fwd.overflow == 0
     finally:
         fwd.close()
         for s in (server, client):

@@ -10,14 +10,19 @@ given source goes to); :class:`DatagramForwarder` is the thin asyncio layer that
 drives it, with no task per datagram, in one of two ways that make the same decisions:
 
 - the **fast path** (default): each socket is watched with ``loop.add_reader``; a
-  readiness callback drains up to :data:`BATCH` datagrams with ``recvfrom_into`` into a
-  reused buffer and sends each straight on with ``sendto``. No transport, protocol
-  object, ``bytes`` copy or write buffer per datagram: a profile of a proxy on the
-  other path spent more than half its time in that machinery. The batch bound keeps one
-  busy socket from starving the others on the loop. Between bursts a side takes one
-  datagram per wakeup and skips the read that would only find the socket empty: that
-  read sits after the send, while the next hop may be waiting for this CPU, and it
-  raised the median latency through a chain.
+  readiness callback relays what the socket holds, up to :data:`BATCH` datagrams, as
+  the record decides. No transport, protocol object, ``bytes`` copy or write buffer
+  per datagram: a profile of a proxy on the other path spent more than half its time in
+  that machinery. The batch bound keeps one busy socket from starving the others on
+  the loop. In a burst a lane takes the batch with one ``recvmmsg`` into reused
+  buffers and sends it on with one ``sendmmsg``, datagrams of one size to one
+  destination as one segmentation-offloaded send (:mod:`kakehashi.core.udpbatch`):
+  a profile of a chain hop under load spent most of its time in per-datagram system
+  calls and in the kernel's per-datagram send path. Between bursts a lane takes one
+  datagram per wakeup with ``recvfrom_into`` and sends it with ``sendto`` (cheaper
+  than the batched calls through ctypes for one), and skips the read that would only
+  find the socket empty: that read sits after the send, while the next hop may be
+  waiting for this CPU, and it raised the median latency through a chain.
 - the **kernel path** (``kernel=``, on top of the fast path): once the record has locked
   both peers and no transform is set, nftables rules (:mod:`kakehashi.core.kernelpath`)
   rewrite the session's datagrams in the kernel; the first datagram, and any that match
@@ -43,12 +48,16 @@ import errno
 import logging
 import random
 import socket
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
+from kakehashi.core import udpbatch
+from kakehashi.core.udpbatch import BATCH
+
 if TYPE_CHECKING:
     from kakehashi.core.kernelpath import KernelPath, Offload
+
+__all__ = ["BATCH", "PROBE", "DatagramForwarder", "PortRecord", "bind_in_range", "bind_udp"]
 
 log = logging.getLogger("kakehashi.core.datagram")
 
@@ -60,26 +69,11 @@ Transform = Callable[[bytes], "bytes | None"]
 #: datagrams are dropped (UDP has no backpressure; memory must not grow)
 MAX_WRITE_BUFFER = 1 << 20
 SOCKET_BUFFER = 4 << 20
-#: datagrams the fast path takes from one socket per readiness callback; the loop polls
-#: again after it, so other sockets (and the control connections) get their turn
-BATCH = 64
-#: a lane taking one datagram per wakeup drains every PROBE-th wakeup (burst detection)
+#: a lane taking one datagram per wakeup takes a batch every PROBE-th wakeup (burst
+#: detection)
 PROBE = 16
 #: the largest datagram a UDP socket can deliver
 MAX_DATAGRAM = 65535
-
-_scratch = threading.local()
-
-
-def _buffer() -> tuple[bytearray, memoryview]:
-    """This thread's receive buffer: readiness callbacks run one at a time on a loop's
-    thread and are done with it before they return, so all forwarders share it."""
-    try:
-        return _scratch.buf  # type: ignore[no-any-return]
-    except AttributeError:
-        buf = bytearray(MAX_DATAGRAM)
-        _scratch.buf = (buf, memoryview(buf))
-        return _scratch.buf  # type: ignore[no-any-return]
 
 
 class PortRecord:
@@ -207,8 +201,8 @@ class DatagramForwarder:
         self._near_t: asyncio.DatagramTransport | None = None
         self._far_t: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._buf: bytearray
-        self._view: memoryview
+        self._io: udpbatch.Batch
+        self._families: tuple[int, int]
         #: per lane (0: near -> far, 1: far -> near): in a burst? wakeups in single mode
         self._burst = [False, False]
         self._wakes = [0, 0]
@@ -230,7 +224,10 @@ class DatagramForwarder:
         loop = asyncio.get_running_loop()
         try:
             if self.fast_path:
-                self._buf, self._view = _buffer()
+                self._io = udpbatch.scratch()
+                #: per lane, the outgoing socket's address family (an enum lookup each
+                #: time it is read from the socket)
+                self._families = (int(self.far_sock.family), int(self.near_sock.family))
                 loop.add_reader(self.near_sock.fileno(), self._drain_near)
                 self._loop = loop  # from here on close() removes the readers
                 loop.add_reader(self.far_sock.fileno(), self._drain_far)
@@ -252,13 +249,11 @@ class DatagramForwarder:
 
     def _drain(self, lane: int, src_sock: socket.socket, dst_sock: socket.socket,
                decide: Callable[[Addr], Addr | None], transform: Transform | None) -> None:
-        """Relay what ``src_sock`` holds, each datagram as the record decides.
+        """Relay what ``src_sock`` holds, each datagram as the record decides, in order.
 
-        A lane in a burst takes up to :data:`BATCH` (until the socket is empty); one that
-        found a single datagram last time takes just one, with no read after the send
-        that would only find the socket empty (the next hop, woken by the send, may be
-        waiting for this CPU), and every :data:`PROBE`-th wakeup drains to notice a burst.
-        The kernel's receive buffer holds the rest until the next turn.
+        A lane in a burst takes up to :data:`BATCH` (the kernel's receive buffer keeps
+        the rest for the next turn); one that found a single datagram last time takes
+        just one, and every :data:`PROBE`-th wakeup a batch, to notice a burst.
         """
         burst = self._burst
         if burst[lane]:
@@ -267,41 +262,38 @@ class DatagramForwarder:
             wakes = self._wakes
             wakes[lane] += 1
             limit = BATCH if wakes[lane] % PROBE == 0 else 1
-        recv = src_sock.recvfrom_into
-        send = dst_sock.sendto
-        buf = self._buf
-        view = self._view
-        taken = 0
-        for _ in range(limit):
-            try:
-                n, src = recv(buf)
-            except (BlockingIOError, InterruptedError):
-                burst[lane] = taken > 1
-                return
-            except OSError:  # an error queued on the socket (ICMP): not fatal for UDP
-                self.errors += 1
-                continue
-            taken += 1
-            dst = decide(src)
+        io = self._io
+        try:
+            n = io.recv(src_sock, limit)
+        except OSError:  # an error queued on the socket (ICMP): not fatal for UDP
+            self.errors += 1
+            return
+        if limit > 1:
+            burst[lane] = n > 1
+        sources = io.sources
+        family = self._families[lane]
+        offer = lane == 0 and self.kernel is not None
+        for i in range(n):
+            dst = decide(sources[i])
             if dst is None:
                 continue
-            if lane == 0 and self.kernel is not None:
+            if offer:
                 self._offer()
-            if transform is None:
-                data = view[:n]
-            else:  # its own bytes: a transform may keep what it is given
-                data = transform(bytes(view[:n]))  # type: ignore[assignment]
+            try:
+                if transform is None:
+                    io.relay(family, i, dst)
+                    continue
+                # its own bytes: a transform may keep what it is given
+                data = transform(io.payload(i).tobytes())
                 if data is None:
                     self.record.dropped += 1
                     continue
-            try:
-                send(data, dst)
-            except (BlockingIOError, InterruptedError):
-                self.overflow += 1  # the kernel's send buffer is full: UDP drops
-            except OSError:
+                io.put(family, data, dst)
+            except (OSError, ValueError):  # no address for this socket, or too large
                 self.errors += 1
-        if limit == BATCH:
-            burst[lane] = True  # a whole batch and not empty yet: more is coming
+        failed, overflow = io.flush(dst_sock)
+        self.errors += failed
+        self.overflow += overflow
 
     # -- the kernel path ---------------------------------------------------------------
     def _offer(self) -> None:

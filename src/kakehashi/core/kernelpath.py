@@ -26,7 +26,9 @@ user space.
 One table per process, ``ip kakehashi_dgram_<pid>``, removed at exit; a table left by a
 process that died without cleaning up is removed by the next one that starts. Counters
 on each session's rules give the kernel's share of the datagram counts (idle timeout and
-metrics), read by polling.
+metrics), read by polling. They count packets as the kernel sees them: a
+segmentation-offloaded send (a user-space hop's burst, see
+:mod:`kakehashi.core.udpbatch`, or a QUIC stack's) is one packet for several datagrams.
 """
 
 from __future__ import annotations

@@ -1,0 +1,417 @@
+"""Batched UDP I/O: a burst of datagrams in two system calls, in reused buffers.
+
+The datagram forwarder (:mod:`kakehashi.core.datagram`) relays whatever a readable
+socket holds. With a ``recvfrom_into``/``sendto`` pair per datagram, a profile of a
+chain hop under load (the encrypted chain with the kernel path: the forward and the
+last proxy seal and open in user space) spent three quarters of its busy time in
+``sendto``: entering the kernel and running its send path (routing, netfilter, the
+loopback device, the receiver's wakeup) once per datagram. :class:`Batch` takes up to
+:data:`BATCH` datagrams with one ``recvmmsg`` and sends what the port record lets
+through with one ``sendmmsg``:
+
+- consecutive datagrams of one size to one destination leave as **one** send with
+  segmentation offload (``UDP_SEGMENT``): the kernel runs its send path once for the
+  group and cuts it into the same datagrams at the receiving socket (or the device), so
+  receivers see exactly what was sent. A route that refuses it (a smaller MTU, no
+  checksum offload, an old kernel) gets that destination's datagrams one by one;
+- the datagrams land in fixed 64 KiB slots of an anonymous mapping (never truncated:
+  no UDP payload is larger; only the touched pages cost memory), and a plaintext relay
+  sends them from there: no ``bytes`` object per datagram;
+- a transform's output (sealing, opening) is copied into a slot of a second mapping;
+- source addresses are decoded once per distinct ``sockaddr`` (a small cache), so the
+  record still decides on the same ``(host, port)`` tuples as ``recvfrom`` gives;
+- destination ``sockaddr`` structures are encoded once per destination.
+
+For a lone datagram (``limit`` 1, and a queue of one) it is a plain ``recvfrom_into``
+and ``sendto``: through ctypes the batched calls cost a few microseconds more, which
+one-at-a-time traffic would pay in latency at every hop.
+
+This is Linux ``recvmmsg(2)``/``sendmmsg(2)`` through ctypes on an LP64 libc. Where that
+is missing (another OS, a 32-bit build), :class:`Batch` does the same with a loop of
+``recvfrom_into``/``sendto`` into the same slots, so the forwarder has one code path.
+
+Nothing here decides anything: it moves bytes and counts failures. A :class:`Batch`
+belongs to one thread (:func:`scratch`); a caller fills it, queues and flushes within
+one readiness callback, so every forwarder on a loop shares it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import struct
+import sys
+import threading
+
+Addr = tuple
+
+#: datagrams taken from one socket per call (the loop polls again after it, so one busy
+#: socket does not starve the others)
+BATCH = 64
+#: room for one datagram: no UDP payload is larger (65,507 B over IPv4)
+SLOT = 1 << 16
+_NAME = 32  # room for a sockaddr_in6 (28 B)
+_HDR = 64  # sizeof(struct mmsghdr) on LP64 Linux: msghdr (56) + msg_len, padded
+_Q = _HDR // 8  # 8-byte words per header
+MSG_DONTWAIT = 0x40
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+#: segmentation offload (``UDP_SEGMENT``, Linux 4.18): consecutive datagrams of one size
+#: to one destination leave as one send, cut into datagrams by the kernel, so the stack
+#: (routing, netfilter, the loopback device) runs once for them, not once each
+SOL_UDP = 17
+UDP_SEGMENT = 103
+#: at most this many datagrams per offloaded send (the kernel's UDP_MAX_SEGMENTS is 64
+#: or more), this many bytes in all (an IP packet's limit), of at most this size (more
+#: than an Ethernet MTU takes is refused by the kernel with EINVAL)
+GSO_SEGMENTS = 64
+GSO_BYTES = 65000
+GSO_SIZE = 1472
+_CMSG_LEN = 16 + 2  # CMSG_LEN(sizeof(uint16_t)) on LP64
+_CMSG = 24  # CMSG_SPACE(sizeof(uint16_t))
+#: errors that say "not with segmentation offload" (then each datagram alone)
+_NO_GSO = (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE)
+#: distinct source addresses remembered (a spoofing flood from many sources only
+#: refills the cache)
+_CACHE = 4096
+
+
+def _libc() -> tuple[object, object] | None:
+    """recvmmsg and sendmmsg from the C library, or None where the layout is not known."""
+    if not sys.platform.startswith("linux") or struct.calcsize("P") != 8:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        recv, send = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                     ctypes.c_void_p]
+    recv.restype = ctypes.c_int
+    send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    send.restype = ctypes.c_int
+    return recv, send
+
+
+_MMSG = _libc()
+#: whether the system calls are there (tests turn it off to run the loop as well)
+AVAILABLE = _MMSG is not None
+
+
+def _address(buf: object) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))  # type: ignore[arg-type]
+
+
+def encode(family: int, addr: Addr) -> bytes:
+    """The ``sockaddr`` for ``addr`` on a socket of ``family`` (a literal, or resolved
+    once as ``sendto`` would); OSError if it cannot be one."""
+    host, port = addr[0], addr[1]
+    if family == socket.AF_INET:
+        try:
+            packed = socket.inet_pton(socket.AF_INET, host)
+        except OSError:
+            packed = socket.inet_pton(socket.AF_INET, socket.getaddrinfo(
+                host, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0])
+        return struct.pack("=H", family) + port.to_bytes(2, "big") + packed + bytes(8)
+    if family == socket.AF_INET6:
+        flow, scope = (addr[2], addr[3]) if len(addr) >= 4 else (0, 0)
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+            if "%" in host and not scope:
+                scope = socket.if_nametoindex(host.partition("%")[2])
+        except OSError:
+            info = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM)[0][4]
+            packed = socket.inet_pton(socket.AF_INET6, info[0].partition("%")[0])
+            flow, scope = info[2], info[3]
+        return (struct.pack("=H", family) + port.to_bytes(2, "big") + struct.pack("!I", flow)
+                + packed + struct.pack("=I", scope))
+    raise OSError(errno.EAFNOSUPPORT, f"address family {family} not supported")
+
+
+def decode(raw: bytes) -> Addr:
+    """The address tuple ``recvfrom`` would give for a ``sockaddr``."""
+    family = struct.unpack_from("=H", raw)[0]
+    port = int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET:
+        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+    if family == socket.AF_INET6:
+        host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        flow = struct.unpack_from("!I", raw, 4)[0]
+        scope = struct.unpack_from("=I", raw, 24)[0]
+        if scope:
+            try:
+                host += "%" + socket.if_indextoname(scope)
+            except OSError:
+                host += f"%{scope}"
+        return (host, port, flow, scope)
+    raise OSError(errno.EAFNOSUPPORT, f"address family {family} not supported")
+
+
+class Batch:
+    """One thread's buffers for a burst: receive up to :data:`BATCH` datagrams
+    (:meth:`recv`), queue what goes on (:meth:`relay` for a received payload as is,
+    :meth:`put` for a transform's output) and send the queue (:meth:`flush`)."""
+
+    def __init__(self, size: int = BATCH, *, mmsg: bool = True) -> None:
+        self.size = size
+        self.mmsg = mmsg and _MMSG is not None
+        #: received payloads (slot i: datagram i) and transformed ones (slot j: queued j)
+        self._rx_map = mmap.mmap(-1, size * SLOT)
+        self._tx_map = mmap.mmap(-1, size * SLOT)
+        self.rx = memoryview(self._rx_map)
+        self.tx = memoryview(self._tx_map)
+        self.lengths = [0] * size
+        self.sources: list[Addr] = [()] * size
+        #: the queue, per datagram: (slot: >= 0 received, < 0 put, length, the sending
+        #: socket's address family, destination)
+        self._queue: list[tuple[int, int, int, Addr]] = []
+        self._puts = 0
+        self._src_cache: dict[bytes, Addr] = {}
+        self._dst_cache: dict[tuple[int, Addr], tuple[tuple[int, int], object]] = {}
+        self._retired: list[object] = []
+        self._rx_base = _address(self._rx_map)
+        self._tx_base = _address(self._tx_map)
+        if not self.mmsg:
+            return
+        # receive headers, each with its name slot and one iovec on its payload slot
+        self._rx_names = bytearray(size * _NAME)
+        self._rx_iov = bytearray(size * 16)
+        self._rx_hdr = bytearray(size * _HDR)
+        names, iov = _address(self._rx_names), _address(self._rx_iov)
+        q = memoryview(self._rx_iov).cast("Q")
+        h = memoryview(self._rx_hdr).cast("Q")
+        for i in range(size):
+            q[2 * i], q[2 * i + 1] = self._rx_base + i * SLOT, SLOT
+            h[_Q * i] = names + i * _NAME
+            h[_Q * i + 1] = _NAME  # msg_namelen: the kernel writes the real length back
+            h[_Q * i + 2] = iov + i * 16
+            h[_Q * i + 3] = 1
+        self._rx_h = h
+        self._rx_used = 0  # headers whose msg_namelen the last call overwrote
+        self._rx_names_view = memoryview(self._rx_names)
+        # send headers: each points at its own iovec; names and slots set per datagram
+        self._tx_iov = bytearray(size * 16)
+        self._tx_hdr = bytearray(size * _HDR)
+        self._tx_iov_q = memoryview(self._tx_iov).cast("Q")
+        self._tx_h = memoryview(self._tx_hdr).cast("Q")
+        tiov = _address(self._tx_iov)
+        for i in range(size):
+            self._tx_h[_Q * i + 2] = tiov + i * 16
+            self._tx_h[_Q * i + 3] = 1
+        self._tx_hdr_addr = _address(self._tx_hdr)
+        self._tx_iov_addr = tiov
+        self._tx_ctl = bytearray(size * _CMSG)
+        self._tx_ctl_addr = _address(self._tx_ctl)
+        #: segmentation offload: used unless turned off, except to destinations (their
+        #: sockaddr) whose route refused it
+        self.gso = True
+        self._no_gso: set[object] = set()
+        self._rx_hdr_addr = _address(self._rx_hdr)
+
+    # -- receiving ----------------------------------------------------------------------
+    def recv(self, sock: socket.socket, limit: int = BATCH) -> int:
+        """Take what ``sock`` holds, up to ``limit`` datagrams (0: nothing there).
+
+        Fills :attr:`lengths` and :attr:`sources`; OSError for an error queued on the
+        socket (an ICMP error for an earlier send: not fatal for UDP). One datagram
+        (``limit`` 1) is a plain ``recvfrom_into``: for a lone datagram it costs less
+        than ``recvmmsg`` through ctypes."""
+        if limit == 1:
+            try:
+                self.lengths[0], self.sources[0] = sock.recvfrom_into(self.rx[:SLOT])
+            except (BlockingIOError, InterruptedError):
+                return 0
+            return 1
+        if self.mmsg:
+            h = self._rx_h
+            for i in range(self._rx_used):  # the kernel wrote each name's length there
+                h[_Q * i + 1] = _NAME
+            n = _MMSG[0](sock.fileno(), self._rx_hdr_addr, min(limit, self.size),  # type: ignore[index,operator]
+                         MSG_DONTWAIT, None)
+            if n < 0:
+                err = ctypes.get_errno()
+                self._rx_used = 0
+                if err in _AGAIN:
+                    return 0
+                raise OSError(err, os.strerror(err))
+            self._rx_used = n
+            names, cache = self._rx_names_view, self._src_cache
+            lengths, sources = self.lengths, self.sources
+            for i in range(n):
+                b = _Q * i
+                lengths[i] = h[b + 7] & 0xFFFFFFFF
+                raw = names[i * _NAME:i * _NAME + (h[b + 1] & 0xFFFFFFFF)].tobytes()
+                src = cache.get(raw)
+                if src is None:
+                    if len(cache) >= _CACHE:
+                        cache.clear()
+                    src = cache[raw] = decode(raw)
+                sources[i] = src
+            return n
+        n = 0
+        recv = sock.recvfrom_into
+        rx = self.rx
+        try:
+            while n < min(limit, self.size):
+                self.lengths[n], self.sources[n] = recv(rx[n * SLOT:(n + 1) * SLOT])
+                n += 1
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            if n == 0:
+                raise
+            # after some datagrams: those go on, and the error (taken off the socket by
+            # this read) is not counted, as with recvmmsg
+        return n
+
+    def payload(self, i: int) -> memoryview:
+        """Datagram ``i`` of the last :meth:`recv` (valid until the next one)."""
+        return self.rx[i * SLOT:i * SLOT + self.lengths[i]]
+
+    # -- sending -----------------------------------------------------------------------
+    def _name(self, family: int, dst: Addr) -> tuple[int, int]:
+        """The address and length of ``dst``'s sockaddr, encoded once per destination
+        (OSError: not an address for a socket of ``family``)."""
+        key = (family, dst)
+        entry = self._dst_cache.get(key)
+        if entry is None:
+            if len(self._dst_cache) >= _CACHE:  # headers being filled may point at them
+                self._retired.extend(self._dst_cache.values())
+                self._dst_cache.clear()
+            buf = ctypes.create_string_buffer(encode(family, dst))
+            entry = self._dst_cache[key] = ((ctypes.addressof(buf), len(buf) - 1), buf)
+        return entry[0]  # type: ignore[return-value]
+
+    def relay(self, family: int, i: int, dst: Addr) -> None:
+        """Queue received datagram ``i`` as is, to ``dst`` on a socket of ``family``."""
+        self._queue.append((i, self.lengths[i], family, dst))
+
+    def put(self, family: int, data: bytes, dst: Addr) -> None:
+        """Queue a copy of ``data`` to ``dst`` (ValueError if larger than a datagram)."""
+        j = self._puts
+        if len(data) > SLOT:
+            raise ValueError(f"{len(data)} bytes do not fit a datagram")
+        self.tx[j * SLOT:j * SLOT + len(data)] = data
+        self._puts = j + 1
+        self._queue.append((-1 - j, len(data), family, dst))
+
+    def flush(self, sock: socket.socket) -> tuple[int, int]:
+        """Send the queue on ``sock``; returns (failed, overflowed): datagrams refused
+        with an error, and datagrams the full send buffer could not take (UDP drops)."""
+        queue = self._queue
+        if not queue:
+            return 0, 0
+        self._queue = []
+        self._puts = 0
+        if not self.mmsg or len(queue) == 1:  # one datagram: sendto costs the least
+            return self._send_each(sock, queue)
+        try:
+            return self._send_groups(sock, queue)
+        finally:
+            self._retired.clear()
+
+    def _send_each(self, sock: socket.socket, queue: list[tuple[int, int, int, Addr]],
+                   ) -> tuple[int, int]:
+        """``sendto`` each queued datagram: (failed, overflowed)."""
+        failed = overflow = 0
+        send, rx, tx = sock.sendto, self.rx, self.tx
+        for i, n, _, dst in queue:
+            data = rx[i * SLOT:i * SLOT + n] if i >= 0 else tx[(-1 - i) * SLOT:(-1 - i) * SLOT + n]
+            try:
+                send(data, dst)
+            except (BlockingIOError, InterruptedError):
+                overflow += 1
+            except OSError:
+                failed += 1
+        return failed, overflow
+
+    def _send_groups(self, sock: socket.socket, queue: list[tuple[int, int, int, Addr]],
+                     ) -> tuple[int, int]:
+        """sendmmsg the queue, consecutive datagrams of one size to one destination as
+        one segmentation offload send (``UDP_SEGMENT``) where the kernel takes it."""
+        h, iov = self._tx_h, self._tx_iov_q
+        rx_base, tx_base, iov_addr = self._rx_base, self._tx_base, self._tx_iov_addr
+        no_gso = self._no_gso
+        counts: list[int] = []  # datagrams per header
+        starts: list[int] = []
+        sizes: list[int] = []
+        seg = left = failed = 0
+        grow = False
+        gname: object = None
+        names = []
+        for i, n, family, dst in queue:
+            try:
+                names.append(self._name(family, dst))
+            except OSError:  # no address for this socket: this one datagram fails
+                failed += 1
+            else:
+                queue[len(names) - 1] = (i, n, family, dst)
+        del queue[len(names):]
+        for j, (i, n, _, _) in enumerate(queue):
+            name = names[j]
+            iov[2 * j] = rx_base + i * SLOT if i >= 0 else tx_base + (-1 - i) * SLOT
+            iov[2 * j + 1] = n
+            if grow and 0 < n <= seg and name == gname and left >= n:  # (empty: alone)
+                counts[-1] += 1
+                left -= n
+                grow = n == seg and counts[-1] < GSO_SEGMENTS  # a shorter one ends it
+                continue
+            b = _Q * len(counts)
+            h[b], h[b + 1] = name  # type: ignore[misc]
+            h[b + 2] = iov_addr + 16 * j
+            counts.append(1)
+            starts.append(j)
+            sizes.append(n)
+            seg, gname, left = n, name, GSO_BYTES - n
+            grow = self.gso and 0 < n <= GSO_SIZE and name not in no_gso
+        ctl, ctl_addr = self._tx_ctl, self._tx_ctl_addr
+        for g, k in enumerate(counts):
+            b = _Q * g
+            h[b + 3] = k
+            if k > 1:
+                struct.pack_into("=QiiH", ctl, g * _CMSG, _CMSG_LEN, SOL_UDP, UDP_SEGMENT,
+                                 sizes[g])
+                h[b + 4], h[b + 5] = ctl_addr + g * _CMSG, _CMSG
+            else:
+                h[b + 4] = h[b + 5] = 0
+        overflow = 0
+        total, off, fd = len(counts), 0, sock.fileno()
+        send = _MMSG[1]  # type: ignore[index]
+        while off < total:
+            r = send(fd, self._tx_hdr_addr + off * _HDR, total - off, MSG_DONTWAIT)  # type: ignore[operator]
+            if r >= 0:
+                off += r
+                continue
+            err = ctypes.get_errno()
+            if err in _AGAIN:  # the kernel's send buffer is full: UDP drops
+                overflow += sum(counts[off:])
+                break
+            k = counts[off]
+            if k > 1 and err in _NO_GSO:
+                # this route takes no segmentation offload (a smaller MTU, no checksum
+                # offload, an old kernel): that destination's datagrams go one by one
+                no_gso.add(names[starts[off]])
+                f, o = self._send_each(sock, queue[starts[off]:starts[off] + k])
+                failed, overflow = failed + f, overflow + o
+            else:
+                failed += k  # an unreachable network, too large
+            off += 1
+        return failed, overflow
+
+
+_scratch = threading.local()
+
+
+def scratch(mmsg: bool | None = None) -> Batch:
+    """This thread's :class:`Batch` (readiness callbacks run one at a time on a loop's
+    thread and flush before they return, so every forwarder on it shares one)."""
+    mmsg = AVAILABLE if mmsg is None else mmsg
+    batches: dict[bool, Batch] | None = getattr(_scratch, "batches", None)
+    if batches is None:
+        batches = _scratch.batches = {}
+    b = batches.get(mmsg)
+    if b is None:
+        b = batches[mmsg] = Batch(mmsg=mmsg)
+    return b

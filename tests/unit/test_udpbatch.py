@@ -1,0 +1,68 @@
+"""Batched UDP I/O (core/udpbatch): addresses as recvfrom gives them, every family, and
+the same results with the batched system calls and with the loop."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from kakehashi.core import udpbatch
+from kakehashi.core.datagram import bind_udp
+from tests.support.wait import wait_until
+
+modes = pytest.mark.parametrize("mmsg", [
+    pytest.param(True, marks=pytest.mark.skipif(not udpbatch.AVAILABLE,
+                                                reason="no recvmmsg/sendmmsg here")),
+    False], ids=["mmsg", "loop"])
+
+
+def _has_ipv6() -> bool:
+    try:
+        bind_udp("::1").close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("addr", [("127.0.0.1", 5300), ("10.1.2.3", 1),
+                                  ("::1", 5300, 0, 0), ("2001:db8::7", 65535, 5, 0)])
+def test_a_sockaddr_decodes_to_what_it_encodes(addr):
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    assert udpbatch.decode(udpbatch.encode(family, addr)) == addr
+
+
+def test_an_address_of_the_wrong_family_is_refused():
+    with pytest.raises(OSError):
+        udpbatch.encode(socket.AF_INET, ("::1", 53))
+
+
+@modes
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_burst_in_and_out_with_sources_as_recvfrom_gives_them(mmsg, host):
+    if ":" in host and not _has_ipv6():
+        pytest.skip("no IPv6 loopback")
+    io = udpbatch.Batch(8, mmsg=mmsg)
+    a, b, c = bind_udp(host), bind_udp(host), bind_udp(host)
+    c.settimeout(5)
+    try:
+        sent = [b"%d" % i * (i + 1) for i in range(11)]
+        for d in sent:
+            a.sendto(d, b.getsockname())
+        got: list[bytes] = []
+        while len(got) < len(sent):
+            n = wait_until(lambda: io.recv(b), 5, what="datagrams to take")
+            assert io.sources[:n] == [a.getsockname()] * n
+            got += [io.payload(i).tobytes() for i in range(n)]
+        assert got == sent
+        # relayed from the receive slots, and a copy put in, to a destination by name
+        a.sendto(b"again", b.getsockname())
+        n = wait_until(lambda: io.recv(b), 5, what="one more")
+        name = "localhost" if ":" not in host else host
+        io.relay(int(b.family), 0, (name, c.getsockname()[1]))
+        io.put(int(b.family), b"put", c.getsockname())
+        assert io.flush(b) == (0, 0)
+        assert [c.recv(100), c.recv(100)] == [b"again", b"put"]
+    finally:
+        for s in (a, b, c):
+            s.close()
