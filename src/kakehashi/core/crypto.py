@@ -295,6 +295,16 @@ class E2ESession:
         self.handshake_hash = hh
         self.confirmed = False
 
+    @classmethod
+    def issued(cls, send_key: bytes, recv_key: bytes, *, suite: E2ESuite,
+               sent: int = 0) -> E2ESession:
+        """A session from keys somebody issued (the relay's session cipher) instead of
+        a handshake; ``sent``: messages of the send direction the issuer sealed already
+        (the early data the relay forwards sealed), so the counter starts behind them."""
+        session = cls(send_key, recv_key, b"", b"", b"", suite=suite)
+        session._send_n = sent
+        return session
+
     @staticmethod
     def _nonce(counter: int) -> bytes:
         return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")

@@ -238,6 +238,34 @@ class Sealing(Protocol):
 
     def open_into(self, ciphertext: memoryview, out: memoryview) -> None: ...
 
+    def seal(self, plaintext: bytes, *, aad: bytes = b"") -> bytes: ...
+
+    def open(self, ciphertext: bytes, *, aad: bytes = b"") -> bytes: ...
+
+
+#: associated data of a sealed end of stream: an empty message bound to its type, so
+#: a sealed DATA payload cannot pass for the end nor the end for data, and the
+#: per-direction counter binds it to its place (nothing may follow it)
+SEALED_END_AAD = b"kakehashi: end of stream"
+
+
+def seal_end(sealing: Sealing) -> bytes:
+    """The body of an authenticated EOF frame (:data:`wire.SEALED_EOF_SIZE` bytes)."""
+    return sealing.seal(b"", aad=SEALED_END_AAD)
+
+
+class UnsealedEnd(wire.WireError):
+    def __init__(self) -> None:
+        super().__init__("unsealed-end", "the end of a sealed stream was not authenticated "
+                                         "(truncated or forged)")
+
+
+def open_end(sealing: Sealing, body: bytes) -> None:
+    """Check an EOF frame's ``body`` against :func:`seal_end`: UnsealedEnd if it is
+    missing or not empty, ``crypto.E2EError`` if it fails authentication."""
+    if not body or sealing.open(body, aad=SEALED_END_AAD):
+        raise UnsealedEnd()
+
 
 async def raw_to_frames(
     src: Conn,
@@ -246,8 +274,11 @@ async def raw_to_frames(
     sealing: Sealing | None = None,
     max_data: int = wire.DEFAULT_LIMITS.max_data,
     counter: Transfer | None = None,
+    end_sealed: bool = False,
 ) -> int:
-    """Read an application stream and send it as DATA frames, then an EOF frame.
+    """Read an application stream and send it as DATA frames, then an EOF frame
+    (``end_sealed``: one that carries :func:`seal_end`, for streams whose hops have no
+    integrity of their own).
 
     Cancelling this (the session ended while the application was still sending)
     never leaves half a frame on ``dst``: the frame being written is finished
@@ -295,7 +326,8 @@ async def raw_to_frames(
                 counter.bytes += n
         finally:
             pipe.close()
-    await dst.send_frame(wire.FrameType.EOF)
+    body = seal_end(sealing) if end_sealed and sealing is not None else b""
+    await dst.send_frame(wire.FrameType.EOF, body)
     return counter.bytes
 
 
@@ -402,7 +434,8 @@ class FrameSink:
     async def data(self, src: FramedConn, length: int) -> None:
         raise NotImplementedError
 
-    async def eof(self) -> None:
+    async def eof(self, body: bytes = b"") -> None:
+        """The sender's EOF; ``body``: its seal (:func:`seal_end`) or empty."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -412,9 +445,13 @@ class FrameSink:
 class RawSink(FrameSink):
     """Deliver payloads to an application socket (optionally opening sealed payloads)."""
 
-    def __init__(self, dst: Conn, *, sealing: Sealing | None = None) -> None:
+    def __init__(self, dst: Conn, *, sealing: Sealing | None = None,
+                 end_sealed: bool = False) -> None:
         self.dst = dst
         self.sealing = sealing
+        #: the end must be authenticated (:func:`seal_end`): an EOF without a valid
+        #: seal is a truncation, not an end
+        self.end_sealed = end_sealed and sealing is not None
         self.splices = sealing is None and can_splice(dst)
         # a sealed payload is read whole into a buffer of its own: read it straight
         # there, not through the link's read buffer (a copy of up to RECV_CHUNK each)
@@ -464,7 +501,11 @@ class RawSink(FrameSink):
                 await self.dst.send_all(view[:n])
                 length -= n
 
-    async def eof(self) -> None:
+    async def eof(self, body: bytes = b"") -> None:
+        if self.end_sealed:
+            open_end(self.sealing, body)  # type: ignore[arg-type]
+        elif body:
+            raise wire.WireError("bad-frame", "a sealed end on a stream that is not sealed")
         await self.dst.shutdown_write()
 
     def close(self) -> None:
@@ -483,10 +524,20 @@ class FramedSink(FrameSink):
 
     def __init__(self, dst: FramedConn) -> None:
         self.dst = dst
-        self.splices = self.reads_payload_itself = can_splice(dst.conn)
         self._pipe: Pipe | None = None
         self._chunks = ChunkBuffer(wire.HEADER_SIZE + RECV_CHUNK)
         self.dead = False
+        #: the sender's EOF went to the peer (its direction of the session is over)
+        self.ended = False
+
+    @property
+    def splices(self) -> bool:  # type: ignore[override]
+        """Looked up per frame: the peer's connection may leave TLS during a session."""
+        return can_splice(self.dst.conn)
+
+    @property
+    def reads_payload_itself(self) -> bool:  # type: ignore[override]
+        return self.splices
 
     def _lost(self) -> None:
         self.dead = True
@@ -589,11 +640,12 @@ class FramedSink(FrameSink):
         self.dst.conn.cut()
         self._lost()
 
-    async def eof(self) -> None:
+    async def eof(self, body: bytes = b"") -> None:
         if self.dead or self.dst.conn.closed:
             return
         try:
-            await self.dst.send_frame(wire.FrameType.EOF)
+            await self.dst.send_frame(wire.FrameType.EOF, body)
+            self.ended = True
         except (OSError, ConnClosed):
             self._lost()
 
@@ -609,7 +661,7 @@ class DiscardSink(FrameSink):
     async def data(self, src: FramedConn, length: int) -> None:
         await discard_payload(src, length)
 
-    async def eof(self) -> None:
+    async def eof(self, body: bytes = b"") -> None:
         return None
 
 
@@ -663,4 +715,4 @@ async def forward_frames(src: FramedConn, sink: SinkLookup, on_ctrl: ControlHand
             bulk = length > SMALL_CHUNK
             await current.data(src, length)
         else:
-            await current.eof()
+            await current.eof(await src.read_payload(length) if length else b"")

@@ -587,10 +587,77 @@ class DirectTLSConn(TLSConn):
         self._send_lock = asyncio.Lock()
         self._eof = False
         self._write_ended = False
+        #: this side's close_notify is out and it writes plain TCP (leaving TLS)
+        self._plain_out = False
 
     @property
     def ssl_object(self) -> ssl.SSLSocket:  # type: ignore[override]
         return self._ssl
+
+    # -- leaving TLS (the relay's session cipher; STARTTLS in reverse) ---------------
+    # Each side sends close_notify at a point both agree on, writes plain TCP after it,
+    # and reads TLS records until the peer's close_notify; every byte behind that is
+    # plain TCP. OpenSSL reads a record's header and then exactly its body (Python
+    # never turns read-ahead on), so the bytes behind the peer's close_notify stay in
+    # the kernel for the plain connection (tests/unit/test_leave_tls checks it).
+
+    @property
+    def can_leave_tls(self) -> bool:
+        """Whether this connection can leave TLS in place (the one-call close_notify of
+        :class:`_CloseNotify` is available, and nothing has ended yet)."""
+        return half_close_ready() and not self._closed and not self._write_ended
+
+    @property
+    def left_tls_write(self) -> bool:
+        return self._plain_out
+
+    async def leave_tls_write(self) -> None:
+        """Send close_notify, then write plain TCP (reads stay TLS until the peer's
+        close_notify). The caller holds the framing's write lock: nothing is in the
+        middle of a frame."""
+        async with self._send_lock:
+            if self._plain_out:
+                return
+            if self._write_ended or self._closed:
+                raise ConnClosed("connection ended before it could leave TLS")
+            helper = _close_notify if half_close_ready() else None
+            ptr = helper.pointer(self._ssl) if helper is not None else None
+            if helper is None or ptr is None:
+                raise ConnClosed("this connection cannot leave TLS (no one-call close_notify)")
+            while True:
+                sent = helper.send(ptr)
+                if sent:
+                    break
+                if sent is False:
+                    raise ConnClosed("close_notify could not be sent")
+                await self._wait(readable=False)
+            self._plain_out = True
+
+    @property
+    def tls_ended_by_peer(self) -> bool:
+        """The peer's close_notify (or a bare TCP end) was read: nothing more comes
+        through TLS."""
+        return self._eof and not self._pushback
+
+    def left_tls(self) -> Conn:
+        """The plain connection on this socket once both close_notify are through
+        (:meth:`leave_tls_write` done, the peer's read). This object gives the socket
+        up; the returned :class:`Conn` owns it."""
+        if not (self._plain_out and self._eof) or self._closed:
+            raise ValueError("TLS has not ended in both directions")
+        self.unwatch_readable()
+        fd = self._ssl.detach()  # the SSL object goes; the fd stays open
+        self._closed = True  # ownership moved (as in start_tls)
+        conn = Conn(socket.socket(fileno=fd))
+        conn._pushback, self._pushback = self._pushback, b""
+        return conn
+
+    async def _send_plain(self, view: memoryview) -> None:
+        while view:
+            try:
+                view = view[socket.socket.send(self._ssl, view):]
+            except (BlockingIOError, InterruptedError):
+                await self._wait(readable=False)
 
     async def handshake(self) -> None:
         while True:
@@ -667,6 +734,9 @@ class DirectTLSConn(TLSConn):
         view = memoryview(data).cast("B")
         write = self._obj.write
         async with self._send_lock:  # OpenSSL wants a retried write to be the same
+            if self._plain_out:  # past this side's close_notify (leaving TLS)
+                await self._send_plain(view)
+                return
             while view:
                 piece = view[:RECV_CHUNK]
                 while True:
@@ -686,7 +756,8 @@ class DirectTLSConn(TLSConn):
             if self._write_ended or self._closed:
                 return
             self._write_ended = True
-            await self._send_close_notify()
+            if not self._plain_out:  # (past our close_notify a second one would read)
+                await self._send_close_notify()
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(self._ssl, socket.SHUT_WR)
 
@@ -709,6 +780,19 @@ class DirectTLSConn(TLSConn):
     def cut(self) -> None:
         with contextlib.suppress(OSError):
             socket.socket.shutdown(self._ssl, socket.SHUT_RDWR)
+
+
+def keep_alive(conn: Conn, interval: float) -> None:
+    """TCP keepalive on ``conn``'s socket, probing after ``interval`` seconds of silence
+    (three probes): liveness where no message of ours may travel (a relay link under
+    the session cipher carries nothing but the terminals' sealed frames)."""
+    sock = conn.sock
+    secs = max(1, int(interval))
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 async def start_tls(

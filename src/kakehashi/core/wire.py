@@ -19,7 +19,10 @@ Frame types:
     end/release notifications of the relay protocol travel in-band, so a connection
     returns to idle and is reused instead of reopened.
 ``EOF``
-    the sender will send no more DATA in this session (half-close), no payload.
+    the sender will send no more DATA in this session (half-close). Empty, or
+    exactly :data:`SEALED_EOF_SIZE` bytes: the authentication tag that makes the end
+    of a stream sealed end to end (a session under the relay-issued session cipher)
+    as hard to forge as its data.
 
 Nothing here touches a socket: :class:`FrameDecoder` takes bytes and yields
 frames (it is the parser production runs, and the one the fuzzer exercises),
@@ -45,6 +48,9 @@ PREAMBLE = MAGIC + bytes([VERSION])
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 MAX_FRAME = (1 << 24) - 1
+#: the one payload size an EOF frame may have besides 0: a sealed empty message
+#: (the 16-byte AEAD tag) that authenticates the end of a sealed stream
+SEALED_EOF_SIZE = 16
 
 
 class FrameType(enum.IntEnum):
@@ -72,8 +78,9 @@ class Limits:
                     "too-large", f"data frame of {length} bytes exceeds {self.max_data}"
                 )
         elif ftype == FrameType.EOF:
-            if length:
-                raise WireError("bad-frame", "EOF frame must be empty")
+            if length and length != SEALED_EOF_SIZE:
+                raise WireError("bad-frame", "EOF frame must be empty or carry a "
+                                f"{SEALED_EOF_SIZE}-byte seal")
         else:
             raise WireError("bad-frame", f"unknown frame type {ftype}")
 
