@@ -72,8 +72,9 @@ HERE = Path(__file__).resolve().parent
 SERVERS = str(HERE / "servers.py")
 
 THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
-                   "relay-tls", "relay-tls-nofast", "relay-e2e", "relay-e2e-chacha",
-                   "relay-tls-e2e", "relay-old", "relay-tls-old", "relay-e2e-old"]
+                   "relay-tls", "relay-tls-reencrypt", "relay-tls-nofast", "relay-e2e",
+                   "relay-e2e-chacha", "relay-tls-e2e", "relay-old", "relay-tls-old",
+                   "relay-e2e-old"]
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "relay-encoff",
               "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly", "link-spare",
               "link-new", "link-new-tls", "relay-old", "relay-tls-old"]
@@ -116,6 +117,11 @@ class Transfer:
         return self.bytes / self.seconds / 1e6
 
 
+def _renamed(route: fw.Route, suffix: str) -> fw.Route:
+    route.name += suffix
+    return route
+
+
 def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
                 old_src: str | None = None) -> fw.Route:
     """``relay-old``/``relay-tls-old``/``relay-e2e-old`` run the relay, agent and connect
@@ -138,6 +144,11 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
         "relay-nosplice": lambda: kk.start_route(procs, target, tls=False, splice=False),
         "relay-tls": lambda: kk.start_route(procs, target, tls=True),
         "relay-tls-nofast": lambda: kk.start_route(procs, target, tls=True, fast_path=False),
+        # the relay's session cipher off (KAKEHASHI_SESSION_CIPHER=tls): it decrypts and
+        # re-encrypts every byte, as before (the default relays sealed frames unchanged)
+        "relay-tls-reencrypt": lambda: _renamed(kk.start_route(
+            procs, target, tls=True, env={"KAKEHASHI_SESSION_CIPHER": "tls"}),
+            " (session cipher off: re-encrypting)"),
         "relay-e2e": lambda: kk.start_route(procs, target, tls=False, e2e=True),
         # both ends offering ChaCha20-Poly1305 only, as peers from before AES-128-GCM
         "relay-e2e-chacha": lambda: kk.start_route(

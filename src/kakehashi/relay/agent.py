@@ -21,9 +21,27 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from kakehashi.core import crypto, tlsmismatch, wire
-from kakehashi.core.pump import DiscardSink, FrameSink, RawSink, forward_frames, raw_to_frames
-from kakehashi.core.stream import Conn, ConnClosed, FramedConn, open_tcp, start_tls
+from kakehashi.core.pump import (
+    DiscardSink,
+    FrameSink,
+    RawSink,
+    UnsealedEnd,
+    forward_frames,
+    open_end,
+    raw_to_frames,
+)
+from kakehashi.core.stream import (
+    Conn,
+    ConnClosed,
+    DirectTLSConn,
+    FramedConn,
+    keep_alive,
+    open_tcp,
+    start_tls,
+)
 from kakehashi.relay import messages as m
 from kakehashi.relay import terminal as t
 
@@ -75,6 +93,9 @@ class TerminalConfig:
     servers: list[tuple[str, int]] = field(default_factory=list)
     #: send the application's first bytes with a connection request (early data)
     early_data: bool = m.EARLY_DATA
+    #: offer the relay's session cipher (:data:`messages.CIPHER_SESSION`) on links
+    #: that can leave TLS in place
+    session_cipher: bool = m.SESSION_CIPHER
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -109,6 +130,9 @@ class RelayLink:
         self.reserved = False
         self.idle_since = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the link ended on a failed check under the session cipher (forged, tampered,
+        #: replayed or unauthenticated input): the session was aborted, not ended
+        self.aborted = False
 
     # -- setup --------------------------------------------------------------------
     async def open(self, token: str = "") -> t.LoggedIn:
@@ -149,7 +173,11 @@ class RelayLink:
                 raise RelayError("protocol", f"{where}: {exc.message}") from None
             if not conn.encrypted and cfg.attrs.encryption == "required":
                 await self._starttls_inline()
-            await self._send(self.t.login(cfg.user, cfg.password, token, cfg.attrs,
+            attrs = cfg.attrs
+            if cfg.session_cipher and isinstance(conn, DirectTLSConn) and conn.can_leave_tls:
+                attrs = msgspec.structs.replace(attrs, ciphers=[
+                    *(attrs.ciphers or [m.CIPHER_TLS]), m.CIPHER_SESSION])
+            await self._send(self.t.login(cfg.user, cfg.password, token, attrs,
                                           cfg.agent_name))
             while True:
                 frame = await asyncio.wait_for(framed.read_frame(), cfg.connect_timeout)
@@ -230,6 +258,8 @@ class RelayLink:
         try:
             while True:
                 why = await forward_frames(framed, lambda: self.sink, self._on_ctrl)
+                if why == "eof" and await self._leave_tls():
+                    continue
                 if why != "stop":
                     break
                 self._upgrade = False
@@ -239,10 +269,13 @@ class RelayLink:
                 self.t.tls_established()
                 if self._tls_ready:
                     self._tls_ready.set()
-        except crypto.E2EError as exc:
-            log.warning("end-to-end check failed, dropping the session: %s", exc)
+        except (crypto.E2EError, UnsealedEnd) as exc:
+            log.warning("%s check failed, aborting the session: %s",
+                        "session cipher" if self.t.switched else "end-to-end", exc)
+            self.aborted = True
         except t.RemoteProtocolError as exc:
             log.warning("relay protocol error on link %s, closing it: %s", self.t.conn_id, exc)
+            self.aborted = self.t.switched
         except t.LocalProtocolError as exc:  # a bug here, but never an unhandled task error
             log.error("link %s: %s; closing it", self.t.conn_id, exc)
         except (OSError, ConnClosed, wire.WireError, ssl.SSLError) as exc:
@@ -251,6 +284,23 @@ class RelayLink:
             pass
         finally:
             self._shutdown()
+
+    async def _leave_tls(self) -> bool:
+        """The relay's close_notify on a link whose session was issued the session
+        cipher: answer with ours, and go on in plain TCP (frames are sealed from here
+        on). False when the end is just the end (the link is lost)."""
+        assert self.framed is not None
+        conn = self.framed.conn
+        if not (self.t.leaving_tls and isinstance(conn, DirectTLSConn)
+                and conn.tls_ended_by_peer):
+            return False
+        async with self.framed.write_lock:  # between two frames
+            await conn.leave_tls_write()
+            self.framed.conn = conn.left_tls()
+        self.t.tls_left()
+        keep_alive(self.framed.conn, self.keepalive)
+        log.debug("link %s left TLS: session cipher %s", self.t.conn_id, m.CIPHER_SESSION)
+        return True
 
     async def _on_ctrl(self, payload: bytes) -> bool:
         msg = m.TERMINAL_CODEC.decode(payload)
@@ -325,6 +375,10 @@ class RelayLink:
         try:
             while True:
                 await asyncio.sleep(self.keepalive)
+                if self.t.switched or self.t.leaving_tls:
+                    # no control message under the session cipher (the relay would take
+                    # it for an attack): TCP keepalive watches the link (keep_alive)
+                    continue
                 if self.framed.write_lock.locked() and self.framed.stalled:
                     # a frame waits for the relay to take it (a slow consumer at the
                     # far end): the link is busy, not dead, and a hold would only
@@ -411,13 +465,20 @@ class RelayLink:
 
 class _NotifyingRawSink(RawSink):
     def __init__(self, dst: Conn, session: Session,
-                 sealing: crypto.E2ESession | None = None) -> None:
-        super().__init__(dst, sealing=sealing)
+                 sealing: crypto.E2ESession | None = None, *, end_sealed: bool = False) -> None:
+        super().__init__(dst, sealing=sealing, end_sealed=end_sealed)
         self.session = session
 
-    async def eof(self) -> None:
-        await super().eof()
+    async def eof(self, body: bytes = b"") -> None:
+        await super().eof(body)
         self.session.got_eof.set()
+
+
+@dataclass(frozen=True)
+class EndMark:
+    """An EOF frame held by :class:`EarlySink` (``body``: its seal, if any)."""
+
+    body: bytes = b""
 
 
 class EarlySink(FrameSink):
@@ -430,7 +491,7 @@ class EarlySink(FrameSink):
     LIMIT = 4 * 1024 * 1024
 
     def __init__(self) -> None:
-        self.items: list[bytes | None] = []  # None marks EOF
+        self.items: list[bytes | EndMark] = []
         self.size = 0
         self._arrived = asyncio.Event()
 
@@ -441,11 +502,11 @@ class EarlySink(FrameSink):
         self.items.append(await src.read_payload(length))
         self._arrived.set()
 
-    async def eof(self) -> None:
-        self.items.append(None)
+    async def eof(self, body: bytes = b"") -> None:
+        self.items.append(EndMark(body))
         self._arrived.set()
 
-    async def get(self, timeout: float) -> bytes | None:
+    async def get(self, timeout: float) -> bytes | EndMark:
         while not self.items:
             self._arrived.clear()
             await asyncio.wait_for(self._arrived.wait(), timeout)
@@ -504,8 +565,8 @@ def _early(link: RelayLink) -> EarlySink:
     return link.sink
 
 
-def _handshake_item(item: bytes | None) -> bytes:
-    if item is None:
+def _handshake_item(item: bytes | EndMark) -> bytes:
+    if isinstance(item, EndMark):
         raise RelayError("e2e", "peer ended during the end-to-end handshake")
     if len(item) > 1024:
         raise RelayError("e2e", "oversized end-to-end handshake message")
@@ -523,19 +584,37 @@ async def run_session(link: RelayLink, app: Conn,
     link.session = session
     up: asyncio.Task[int] | None = None
     reason = ""
+    # the relay's session cipher: every frame sealed with the keys it issued, the end
+    # of each direction too (the hops leave TLS right after the pairing)
+    issued = bool(info.cipher) and not info.e2e
+    log.info("session %s %s: cipher %s", "to" if initiator else "from", info.peer,
+             m.CIPHER_SESSION if issued else "e2e" if info.e2e else
+             "tls" if link.t.encrypted else "none")
     try:
-        e2e = await _e2e_handshake(link, info, initiator) if info.e2e else None
+        if issued:
+            e2e: crypto.E2ESession | None = crypto.E2ESession.issued(
+                info.keys[:16], info.keys[16:], suite=crypto.SUITE_AES_128_GCM,
+                # the relay sealed our early data as our first message
+                sent=1 if initiator and getattr(info, "early", 0) else 0)
+        else:
+            e2e = await _e2e_handshake(link, info, initiator) if info.e2e else None
         open_ = e2e.open if e2e else None
         early = _early(link)
         while early.items:  # what the peer sent before we were ready, in order
             item = early.items.pop(0)
-            if item is None:
+            if isinstance(item, EndMark):
+                if issued:
+                    open_end(e2e, item.body)  # type: ignore[arg-type]
+                elif item.body:
+                    raise UnsealedEnd()
                 await app.shutdown_write()
                 session.got_eof.set()
             else:
                 await app.send_all(open_(item) if open_ else item)
-        link.sink = _NotifyingRawSink(app, session, e2e)  # no await since the check
-        up = asyncio.create_task(raw_to_frames(app, link.framed, sealing=e2e))
+        # no await since the check
+        link.sink = _NotifyingRawSink(app, session, e2e, end_sealed=issued)
+        up = asyncio.create_task(raw_to_frames(app, link.framed, sealing=e2e,
+                                               end_sealed=issued))
         both_done = asyncio.ensure_future(_both(up, session.got_eof))
         ended = asyncio.ensure_future(session.ended.wait())
         await asyncio.wait({both_done, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -547,6 +626,7 @@ async def run_session(link: RelayLink, app: Conn,
             OSError, ConnClosed) as exc:
         reason = f"end-to-end setup failed: {exc}"
         log.warning("%s", reason)
+        link.aborted = issued
     finally:
         if up is not None and not up.done():
             up.cancel()
@@ -555,7 +635,28 @@ async def run_session(link: RelayLink, app: Conn,
         if link.sink is not None:
             link.sink.close()
         link.sink = DiscardSink()
-        app.close()
+        clean = session.got_eof.is_set() and up is not None and up.done() \
+            and not up.cancelled() and up.exception() is None
+        if issued and (link.aborted or not clean):
+            # the session did not end by both authenticated ends: the application must
+            # not take it for a clean end (a reset, as a TLS MAC failure would give)
+            if not reason:
+                reason = "session aborted: " + (
+                    "input failed authentication" if link.aborted
+                    else "the link ended without the peer's authenticated end")
+            log.warning("session with %s: %s", info.peer, reason)
+            app.abort()
+        else:
+            app.close()
+    if issued:
+        # the hop has no TLS any more: the link is not reused (no release in plain
+        # text); closing it is the end, once the pool has a new spare
+        if link.owner is not None and not link.closed.is_set():
+            await link.owner.spare_ready(link.cfg.connect_timeout)
+        link.close()
+        if link.session is session:
+            link.session = None
+        return reason
     if link.closed.is_set():
         if link.session is session:
             link.session = None
@@ -607,6 +708,10 @@ class Terminal:
         self._subscribed = False
         self._sub_link: RelayLink | None = None
         self._current = 0
+        #: set whenever a new link has logged in (:meth:`spare_ready`)
+        self._spare_opened = asyncio.Event()
+        #: :meth:`maintain` runs: spares are opened as links are used up
+        self._maintained = False
         #: early data with requests; off once a relay closed a link on such a request
         #: (a relay that predates early data rejects the unknown field)
         self.early_ok = cfg.early_data
@@ -684,11 +789,36 @@ class Terminal:
         self.links.add(link)
         self.connected.set()
         self.ever_connected = True
+        self._spare_opened.set()
         return link
+
+    async def spare_ready(self, timeout: float) -> None:
+        """Until the pool has an idle link (at most ``timeout`` seconds): a link that
+        carried a session under the session cipher is closed only then, so that the
+        user never drops off the relay between a session's end and its spare's login
+        (a request meanwhile waits for the spare instead of finding nobody)."""
+        if not self._maintained or self.cfg.spares <= 0:
+            return  # nobody opens spares (``relay pipe``): nothing to wait for
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._changed.set()  # the maintainer opens the spare now
+        while not self.idle_links() and not self._stop:
+            self._spare_opened.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._spare_opened.wait(), left)
+
+    def _links_come_back(self) -> bool:
+        """Whether a busy link will be idle again (a session released in TLS); links
+        under the session cipher never are (they close when their session ends)."""
+        return not any(link.t.session_keys is not None for link in self.links)
 
     async def maintain(self) -> None:
         """Keep ``spares`` idle links open; reconnect with backoff and jitter."""
         delay = 0.5
+        self._maintained = True
         while not self._stop:
             self._changed.clear()
             missing = max(self.cfg.spares, 1) - len(self.idle_links())
@@ -719,7 +849,7 @@ class Terminal:
                 log.warning("cannot subscribe to presence notices: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 5.0)
-            if self.idle_links():
+            if self.idle_links() and self._links_come_back():
                 # a spare is still there: let sessions finish first (a released link is
                 # idle again) instead of opening connections in the middle of a setup
                 await asyncio.sleep(SETTLE)

@@ -230,10 +230,17 @@ def keygen(path) -> None:
               help="CA that issued the nodes' certificates, for TLS links between nodes "
                    "(--tls on, or STARTTLS for sessions that must be encrypted; default: "
                    "the development CA of the state directory).")
+@click.option("--session-cipher", type=click.Choice(["relay", "tls"]), default="relay",
+              show_default=True, envvar="KAKEHASHI_SESSION_CIPHER",
+              help="'relay': where both terminals offer it and both hops are TLS on this "
+                   "node, issue each session fresh AES-128-GCM keys inside TLS, end TLS on "
+                   "both links and forward the sealed frames unchanged (spec 000 step 23, "
+                   "'relayed unchanged'); 'tls': decrypt and re-encrypt every session "
+                   "(step 23 as written). Env: KAKEHASHI_SESSION_CIPHER.")
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
           login_timeout, login_lockout, max_connections, max_per_client, audit_log,
           metrics_listen, cluster, node, advertise, cluster_secret_file, cluster_ttl,
-          cluster_ca) -> None:
+          cluster_ca, session_cipher) -> None:
     """Run the relay server (a node of a cluster with --cluster)."""
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
     opt.check_cert_key(cert, key)
@@ -263,7 +270,8 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
     server_ctx = tls.server_context(cert, key, names=list(names) or None)
     settings = Settings(keepalive=keepalive, dead_missed=dead_after,
                         request_timeout=request_timeout, login_timeout=login_timeout,
-                        fail_lockout=login_lockout, node=node if cluster else "")
+                        fail_lockout=login_lockout, node=node if cluster else "",
+                        session_cipher=session_cipher == "relay")
 
     async def main() -> None:
         server = RelayServer(registry, host=host, port=port,

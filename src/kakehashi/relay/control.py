@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from kakehashi.core import crypto
 from kakehashi.core.identity import Attempt, LoginThrottle, ThrottleSettings
 from kakehashi.relay import federation as fed
 from kakehashi.relay import messages as m
@@ -38,7 +39,7 @@ from kakehashi.relay import messages as m
 _ENCODE = msgspec.msgpack.Encoder().encode
 
 Action = ("Send | Close | Authenticate | UpgradeTLS | Pair | Forward | Unpair | Audit"
-          " | OpenTrunk | PublishPresence | RemoteDeliver")
+          " | LeaveTLS | Shut | OpenTrunk | PublishPresence | RemoteDeliver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,25 @@ class Forward:
 @dataclass(frozen=True, slots=True)
 class Unpair:
     """Stop forwarding data *from* ``conn`` (its release notification arrived)."""
+
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveTLS:
+    """The session on ``conn`` runs under the relay-issued session cipher: once what
+    is queued for it is out, end TLS on it (close_notify; from then on it is plain
+    TCP both ways after the terminal's close_notify) and send it no control message
+    again. Its frames are forwarded unchanged."""
+
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shut:
+    """The peer of ``conn`` (a session under the session cipher) is gone: end the
+    write side of ``conn`` (a TCP FIN after whatever is queued). Its terminal tells
+    an authenticated end from this one; no unauthenticated message is sent."""
 
     conn: int
 
@@ -188,6 +208,9 @@ class Pending:
     requester_refused: bool = False
     #: the requester's first bytes, sent with the request (forwarded once paired)
     early: bytes = b""
+    #: the session cipher's keys (requester to target, target to requester), issued
+    #: when the target is notified; the relay forgets them once both sides have them
+    keys: tuple[bytes, bytes] | None = None
 
     @property
     def remote(self) -> bool:
@@ -226,6 +249,11 @@ class Connection:
     requester_key: str = ""
     #: node authentication in progress: (calling node, its nonce, our nonce)
     node_auth: tuple[str, bytes, bytes] | None = None
+    #: the driver can end TLS on this connection in place (:class:`LeaveTLS`)
+    leaves_tls: bool = False
+    #: its session runs under the session cipher: TLS has ended (or is ending) and
+    #: nothing but the paired terminal's sealed frames may travel on it
+    switched: bool = False
 
 
 @dataclass
@@ -263,6 +291,9 @@ class Settings:
     #: take early data with connection requests (``ConnectRequest.data``); off, the
     #: relay ignores it and the requester sends those bytes after the result
     early_data: bool = m.EARLY_DATA
+    #: issue the session cipher (:data:`messages.CIPHER_SESSION`) where both terminals
+    #: offer it; off (``--session-cipher tls``), every session re-encrypts (step 23)
+    session_cipher: bool = m.SESSION_CIPHER
 
     @property
     def dead_after(self) -> float:
@@ -334,12 +365,14 @@ class ControlUnit:
         self._published: dict[str, fed.PresenceInfo] = {}
 
     # -- events -------------------------------------------------------------------
-    def connection_made(self, addr: str, *, encrypted: bool, trunk: str = "") -> int:
+    def connection_made(self, addr: str, *, encrypted: bool, trunk: str = "",
+                        leaves_tls: bool = False) -> int:
         """A new connection; ``trunk`` names the node of an inter-node link this node
-        opened and authenticated (it is idle at once, see :meth:`trunk_opened`)."""
+        opened and authenticated (it is idle at once, see :meth:`trunk_opened`);
+        ``leaves_tls``: the driver can end TLS on it in place (:class:`LeaveTLS`)."""
         cid = self._next_conn
         self._next_conn += 1
-        conn = self.conns[cid] = Connection(cid, addr, encrypted)
+        conn = self.conns[cid] = Connection(cid, addr, encrypted, leaves_tls=leaves_tls)
         if trunk:
             conn.trunk, conn.outbound, conn.link_encrypted = trunk, True, encrypted
             conn.state = State.IDLE
@@ -359,6 +392,13 @@ class ControlUnit:
             return []
         if conn.outbound:
             return self._trunk_receive(conn, msg, now)
+        if conn.switched and isinstance(msg, m.Hold):
+            return []  # sent inside TLS as the pairing happened: nothing to answer
+        if conn.switched:
+            # after TLS ended nothing on this hop is authenticated but the sealed frames
+            # the terminals exchange: a terminal never sends a control message then
+            return self._violation(conn, f"{type(msg).__name__} after the session cipher "
+                                         "took over")
         handler = getattr(self, "_on_" + type(msg).__name__, None)
         if conn.state in (State.NEW, State.AUTH) and not isinstance(
                 msg, m.Login | m.StartTLS | m.NodeHello | m.NodeProof):
@@ -410,6 +450,11 @@ class ControlUnit:
                     peer.released = True
                 else:
                     out += self._finish_trunk(peer)
+            elif peer is not None and peer.peer == cid and peer.switched:
+                # no end notification on a hop without TLS: its terminal sees the TCP
+                # end, which is a clean end only after the peer's sealed EOF
+                peer.peer = None
+                out.append(Shut(peer.id))
             elif peer is not None and peer.peer == cid:
                 if peer.released:
                     out += self._finish_pair(peer)
@@ -669,7 +714,7 @@ class ControlUnit:
             if c is None:
                 self.subscribers.discard(cid)
                 continue
-            if c.user and c.user != name and visible(c.user):
+            if c.user and c.user != name and visible(c.user) and not c.switched:
                 out.append(Send(c.id, m.Presence(user=name, online=online, encryption=enc)))
         return out
 
@@ -901,14 +946,38 @@ class ControlUnit:
         if not queue:
             del self.waiting[p.target]
 
+    def session_cipher(self, p: Pending, req_conn: Connection, tconn: Connection) -> bool:
+        """The one decision between re-encrypting (spec 000 step 23 as written) and
+        relaying the data unchanged under relay-issued session keys ("with some ciphers
+        this step is not needed").
+
+        Only when the switch is on, both terminals offer :data:`messages.CIPHER_SESSION`
+        on these very connections, both hops are TLS that the driver can end in place
+        (so both are encrypted now and stay encrypted with keys only the relay and the
+        two terminals know), and the session stays on this node (inter-node links and
+        their requesters keep TLS). End-to-end sessions keep TLS too: their end of
+        stream is not authenticated by their own keys, so their hops keep TLS integrity.
+        """
+        return (self.settings.session_cipher and not p.e2e and not p.insecure
+                and not p.remote
+                and all(c.encrypted and c.leaves_tls and not c.trunk and not c.outbound
+                        and m.CIPHER_SESSION in c.attrs.ciphers for c in (req_conn, tconn)))
+
     def _send_notify(self, p: Pending, tconn: Connection) -> list[object]:
         p.target_conn = tconn.id
         p.phase = "target-wait"
         tconn.state = State.NOTIFIED
         tconn.pending = p
+        req_conn = self.conns.get(p.requester_conn)
+        p.keys = None
+        if req_conn is not None and self.session_cipher(p, req_conn, tconn):
+            # fresh keys for each session and direction, never reused (os.urandom)
+            p.keys = (secrets.token_bytes(16), secrets.token_bytes(16))
         return [Send(tconn.id, m.Notify(
             req=p.id, peer=p.requester, service=p.service, encrypt=p.encrypt, e2e=p.e2e,
             peer_key=p.requester_key if p.e2e else "", insecure=p.insecure,
+            cipher=m.CIPHER_SESSION if p.keys else "",
+            keys=p.keys[1] + p.keys[0] if p.keys else None,
         ))]
 
     def _on_Accept(self, conn: Connection, msg: m.Accept, now: float) -> list[object]:
@@ -950,19 +1019,36 @@ class ControlUnit:
         conn.released = req_conn.released = False
         conn.sent_end = req_conn.sent_end = False
         target = self.sessions[p.target]
-        early = [Forward(conn.id, p.early)] if p.early else []
+        keys, p.keys = p.keys, None
+        early_data = p.early
+        if keys and early_data:
+            # sealed as the first message of the requester's direction (counter 0):
+            # every DATA frame of the session is sealed, the target opens all alike
+            early_data = crypto.E2ESession.issued(
+                keys[0], keys[1], suite=crypto.SUITE_AES_128_GCM).seal(early_data)
+        early = [Forward(conn.id, early_data)] if early_data else []
+        leave: list[object] = []
+        if keys:
+            conn.switched = req_conn.switched = True
+            # after the result and the early data, in each connection's queue
+            leave = [LeaveTLS(req_conn.id), LeaveTLS(conn.id)]
         return [
             Pair(req_conn.id, conn.id, since=p.created),
             Send(req_conn.id, m.Result(
                 req=p.client_req, ok=True, peer=p.target, encrypt=p.encrypt, e2e=p.e2e,
                 peer_key=target.record.pubkey if p.e2e else "", early=len(p.early),
+                cipher=m.CIPHER_SESSION if keys else "",
+                keys=keys[0] + keys[1] if keys else None,
             )),
             *early,  # the requester's first bytes: the target's first data frame
+            *leave,
             Audit("pair", True, {
                 "from": p.requester, "to": p.target, "service": p.service,
                 "encrypted": p.encrypt, "e2e": p.e2e,
                 "insecure_ok": p.insecure or p.insecure_ok,
                 "hops_tls": [req_conn.encrypted, conn.encrypted],
+                "cipher": m.CIPHER_SESSION if keys else
+                ("tls" if req_conn.encrypted and conn.encrypted else "mixed"),
                 "conns": [req_conn.id, conn.id],
             }),  # written after the result is on its way (off the setup path)
         ]
@@ -1537,7 +1623,10 @@ class ControlUnit:
 
     def _pick_conn(self, s: UserSession, *, prefer_idle: bool) -> int:
         idle = self._idle_conn(s, exclude=-1)
-        return idle if idle is not None and prefer_idle else min(s.conns)
+        if idle is not None and prefer_idle:
+            return idle
+        # a connection under the session cipher takes no control message
+        return min((c for c in s.conns if not self.conns[c].switched), default=min(s.conns))
 
     def stats(self) -> dict[str, int]:
         states: dict[str, int] = {}

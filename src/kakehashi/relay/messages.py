@@ -41,6 +41,20 @@ InsecurePeer = Literal["refuse", "ask"]
 #: Ciphers an endpoint can run: relay-level TLS and end-to-end X25519 + ChaCha20-Poly1305.
 CIPHER_TLS = "tls"
 CIPHER_E2E = "e2e-x25519-chacha20poly1305"
+#: the relay's session cipher (spec 000 step 23, "with some ciphers this step is not
+#: needed and the data is relayed unchanged"): the relay issues each session fresh
+#: AES-128-GCM keys, one per direction, inside both TLS links; both links then leave
+#: TLS and the terminals seal every DATA frame and the end of each direction with those
+#: keys, and the relay forwards the frames unchanged. A terminal that can do it lists
+#: this name in its login attributes (``Attrs.ciphers``): a relay that predates it
+#: ignores the name, and a terminal that does not list it never sees the new fields.
+CIPHER_SESSION = "session-aes-128-gcm"
+#: ``KAKEHASHI_SESSION_CIPHER=tls`` turns the session cipher off in relays (they keep
+#: re-encrypting, step 23 as written) and terminals (they do not offer it); the relay's
+#: ``--session-cipher`` says the same
+SESSION_CIPHER = os.environ.get("KAKEHASHI_SESSION_CIPHER", "relay") != "tls"
+#: this terminal's send key then its receive key (AES-128: 16 bytes each)
+SessionKeys = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 
 
 class Attrs(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -194,6 +208,11 @@ class Notify(Msg, tag="notify"):
     peer_key: Secret = ""
     #: the requester cannot encrypt and you require it: you are being asked (para 0037)
     insecure: bool = False
+    #: :data:`CIPHER_SESSION` when the session, once you accept, runs under the
+    #: relay-issued keys ``keys`` (your send key, your receive key): the relay ends TLS
+    #: on this connection right after the pairing; "" for TLS re-encryption as before
+    cipher: Text = ""
+    keys: SessionKeys | None = None
 
 
 class Result(Msg, tag="result"):
@@ -210,6 +229,10 @@ class Result(Msg, tag="result"):
     #: bytes of the request's early data the relay forwarded to the target (0: none;
     #: the requester sends them as ordinary data)
     early: Annotated[int, msgspec.Meta(ge=0, le=EARLY_DATA_MAX)] = 0
+    #: as in :class:`Notify`: the session cipher and this side's keys. Early data the
+    #: relay forwarded went sealed as the first message of this side's direction.
+    cipher: Text = ""
+    keys: SessionKeys | None = None
 
 
 class Released(Msg, tag="released"):

@@ -27,8 +27,10 @@ from kakehashi.core.stream import (
     SMALL_CHUNK,
     Conn,
     ConnClosed,
+    DirectTLSConn,
     FramedConn,
     Listener,
+    keep_alive,
     refuse,
     start_tls,
 )
@@ -39,12 +41,14 @@ from kakehashi.relay.control import (
     Close,
     ControlUnit,
     Forward,
+    LeaveTLS,
     OpenTrunk,
     Pair,
     PublishPresence,
     RemoteDeliver,
     Send,
     Settings,
+    Shut,
     State,
     Unpair,
     UpgradeTLS,
@@ -80,6 +84,14 @@ class _Drain:
     link: Link
 
 
+class _LeaveTLS:
+    """Outbox marker: end TLS here (close_notify) once everything before it was sent."""
+
+
+class _Shut:
+    """Outbox marker: end the write side (the peer of a session-cipher session left)."""
+
+
 @dataclass(frozen=True)
 class _Raw:
     """Outbox item: an encoded frame (a message, or a request's early data)."""
@@ -104,6 +116,11 @@ class Link:
     #: an inter-node link this node opened (it reads the called node's answers)
     outbound: bool = False
     last_hold: float = 0.0
+    #: its session runs under the session cipher: TLS is ending or has ended, and no
+    #: control message goes out on it any more
+    switched: bool = False
+    #: the link paired with this one (for the end of a session-cipher session)
+    peer_link: Link | None = None
 
 
 class RelayServer:
@@ -208,7 +225,9 @@ class RelayServer:
                 refuse(conn, tlsmismatch.TLS_REFUSAL)  # a TLS client on a plaintext port
             conn.close()
             return
-        cid = self.core.connection_made(addr, encrypted=not conn.plain)
+        cid = self.core.connection_made(
+            addr, encrypted=not conn.plain,
+            leaves_tls=isinstance(conn, DirectTLSConn) and conn.can_leave_tls)
         await self._serve(cid, framed, addr)
 
     def add_trunk(self, framed: FramedConn, node: str) -> int:
@@ -270,6 +289,8 @@ class RelayServer:
                 await self._apply(actions)
             if not link.upgrade:
                 why = await forward_frames(framed, lambda: link.sink, on_ctrl)
+                if why == "eof" and await self._left_tls(link):
+                    continue  # the terminal's close_notify: plain TCP from here on
                 if why != "stop":
                     return
                 if not link.upgrade:
@@ -288,6 +309,27 @@ class RelayServer:
             self.audit.record("starttls", True, conn=link.cid,
                               user=conn.user if conn else None,
                               version=framed.conn.tls_version)
+
+    @staticmethod
+    def _session_over(link: Link) -> bool:
+        """Both directions of ``link``'s session ended (each side's EOF was forwarded):
+        its terminal closes the link itself, once it has a new spare (so its user stays
+        logged in meanwhile); no FIN is needed to tell it its peer has gone."""
+        peer = link.peer_link
+        return isinstance(link.sink, FramedSink) and link.sink.ended and peer is not None \
+            and isinstance(peer.sink, FramedSink) and peer.sink.ended
+
+    async def _left_tls(self, link: Link) -> bool:
+        """The TLS input ended: if this link is leaving TLS (our close_notify is out)
+        and that was the terminal's close_notify, go on with the plain connection."""
+        conn = link.framed.conn
+        if not (link.switched and isinstance(conn, DirectTLSConn) and conn.left_tls_write
+                and conn.tls_ended_by_peer):
+            return False
+        async with link.framed.write_lock:  # no frame is half written meanwhile
+            link.framed.conn = conn.left_tls()
+        keep_alive(link.framed.conn, self.settings.keepalive)
+        return True
 
     # -- idle connections: a readable callback instead of a coroutine per message ---
     @staticmethod
@@ -390,6 +432,15 @@ class RelayServer:
                     wire.FrameType.DATA, action.data)), 0.0)
             elif isinstance(action, Audit):
                 self.audit.record(action.event, action.allow, **action.fields)
+            elif isinstance(action, LeaveTLS):
+                link = self.links.get(action.conn)
+                if link is not None:
+                    link.switched = True
+                    self._enqueue(action.conn, _LeaveTLS(), 0.0)
+            elif isinstance(action, Shut):
+                link = self.links.get(action.conn)
+                if link is not None and not self._session_over(link):
+                    self._enqueue(action.conn, _Shut(), 0.0)
             elif isinstance(action, Unpair):
                 link = self.links.get(action.conn)
                 if link and link.sink:
@@ -428,6 +479,7 @@ class RelayServer:
                 if a and b:
                     a.sink = FramedSink(b.framed)
                     b.sink = FramedSink(a.framed)
+                    a.peer_link, b.peer_link = b, a
                     paired.append(a)
                     self.metrics.sessions.inc()
                     if action.since is not None:
@@ -455,7 +507,12 @@ class RelayServer:
         link = self.links.get(cid)
         if link is None or link.closed:
             return
-        if not isinstance(item, _Closing):
+        if link.switched and not isinstance(item, _Closing | _LeaveTLS | _Shut | _Raw):
+            # nothing the terminal would act on travels on a hop without TLS (the
+            # control unit sends none; this holds whatever a later change does)
+            log.debug("conn %d: %s not sent (session cipher)", cid, type(item).__name__)
+            return
+        if not isinstance(item, _Closing | _LeaveTLS | _Shut):
             try:
                 data = item.data if isinstance(item, _Raw) \
                     else m.RELAY_CODEC.encode(item)  # type: ignore[arg-type]
@@ -494,6 +551,19 @@ class RelayServer:
             item, delay = link.outbox.popleft()
             if delay:
                 await asyncio.sleep(delay)
+            if isinstance(item, _LeaveTLS | _Shut):
+                try:
+                    async with link.framed.write_lock:  # between two frames
+                        if isinstance(item, _Shut):
+                            await link.framed.conn.shutdown_write()
+                        else:
+                            await link.framed.conn.leave_tls_write()  # type: ignore[attr-defined]
+                except (OSError, ConnClosed, ssl.SSLError, AttributeError) as exc:
+                    log.debug("conn %d: cannot end TLS: %s", link.cid, exc)
+                    if link.task:
+                        link.task.cancel()
+                    return
+                continue
             if isinstance(item, _Closing):
                 if item.delay:
                     await asyncio.sleep(item.delay)
@@ -558,6 +628,8 @@ class RelayServer:
                         log.info("conn %d did not log in in time", link.cid)
                         link.task.cancel()
                     continue
+                if conn.switched and conn.peer is not None:
+                    continue  # no holds under the session cipher: TCP keepalive instead
                 if loop_now - link.framed.last_rx > self.settings.dead_after \
                         and not link.framed.stalled:
                     log.info("conn %d (%s) missed its keepalives; closing", link.cid, conn.user)

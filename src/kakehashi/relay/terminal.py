@@ -72,6 +72,10 @@ class IncomingRequest:
     e2e: bool
     peer_key: str
     insecure: bool
+    #: the relay's session cipher (:data:`messages.CIPHER_SESSION`) and this side's
+    #: send key then receive key, if the session runs under it once accepted
+    cipher: str = ""
+    keys: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,9 @@ class Connected:
     initiator: bool
     #: bytes of this side's early data the relay forwarded (the requester skips them)
     early: int = 0
+    #: as in :class:`IncomingRequest`
+    cipher: str = ""
+    keys: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,14 @@ class TerminalConn:
         self.encryption: m.Encryption = "optional"
         #: bytes of early data sent with the pending request
         self._early = 0
+        #: the current session's relay-issued keys: the relay's close_notify on this
+        #: connection now means "leave TLS" (:attr:`leaving_tls`)
+        self.session_keys: bytes | None = None
+        #: TLS has ended and the session cipher carries the session: every control
+        #: message from here on is unauthenticated, and refused
+        self.switched = False
+        #: this connection offered the session cipher at login
+        self.offers_session_cipher = False
 
     # -- local calls --------------------------------------------------------------
     def _expect(self, *states: TState) -> None:
@@ -164,10 +179,24 @@ class TerminalConn:
         self._expect(TState.NEW)
         self.state = TState.LOGIN_SENT
         self.user = user
+        self.offers_session_cipher = attrs is not None and m.CIPHER_SESSION in attrs.ciphers
         return [m.Login(user=user, password=password, token=token, attrs=attrs, agent=agent)]
 
     def tls_established(self) -> None:
         self.encrypted = True
+
+    @property
+    def leaving_tls(self) -> bool:
+        """A TLS end on this connection now is the relay leaving TLS for the session
+        cipher (answer with our close_notify and go on in plain TCP), not a lost link."""
+        return self.session_keys is not None and self.state is TState.PAIRED \
+            and not self.switched
+
+    def tls_left(self) -> None:
+        """Both close_notify are through: only sealed frames are accepted from now on."""
+        if not self.leaving_tls:
+            raise LocalProtocolError("not leaving TLS")
+        self.switched = True
 
     def hold(self) -> list[m.Msg]:
         if self.state in (TState.NEW, TState.CLOSED):
@@ -230,6 +259,7 @@ class TerminalConn:
         if self.state is TState.REQUESTING:
             return [m.Refuse(req=self.req or 0, reason=reason)]
         self._expect(TState.NOTIFIED)
+        self.session_keys = None
         self.state = TState.IDLE
         self.peer = None
         return [m.Refuse(req=self.req or 0, reason=reason)]
@@ -264,6 +294,11 @@ class TerminalConn:
     # -- from the relay -----------------------------------------------------------
     def receive(self, msg: m.Msg) -> object:
         st = self.state
+        if self.switched:
+            # no TLS on this hop any more: whatever the relay (or anyone on the path)
+            # sends as a control message is unauthenticated; the session is aborted
+            raise RemoteProtocolError(f"{type(msg).__name__} after the session cipher took "
+                                      "over (unauthenticated; session aborted)")
         if isinstance(msg, m.LoginOk) and st is TState.LOGIN_SENT:
             self.state = TState.IDLE
             self.conn_id = msg.conn_id
@@ -294,8 +329,10 @@ class TerminalConn:
                 self.state = TState.PAIRED
                 self.encrypt_session = msg.encrypt
                 self._sent_end = self._sent_release = False
+                self.session_keys = self._issued(msg.cipher, msg.keys, msg.e2e)
                 return Connected(msg.peer, msg.encrypt, msg.e2e, msg.peer_key, True,
-                                 msg.early)
+                                 msg.early, msg.cipher if self.session_keys else "",
+                                 self.session_keys or b"")
             self.state = TState.IDLE
             self.peer = None
             return ConnectFailed(msg.code, msg.message)
@@ -307,6 +344,7 @@ class TerminalConn:
             self.peer = None
             return ConnectFailed(msg.code, msg.message)
         if isinstance(msg, m.End):
+            self.session_keys = None  # ended inside TLS (a request given up): no switch
             if st in (TState.PAIRED, TState.RELEASING):
                 self._sent_end = True  # no need to echo the end notification
                 return PeerEnded(msg.reason)
@@ -317,6 +355,7 @@ class TerminalConn:
                                           "that was not accepted")
             return Other(msg)
         if isinstance(msg, m.Released) and st is TState.RELEASING:
+            self.session_keys = None
             self.state = TState.IDLE
             self.peer = None
             return ReleasedEvent()
@@ -331,8 +370,22 @@ class TerminalConn:
         self.req = msg.req
         self.peer = msg.peer
         self.encrypt_session = msg.encrypt
+        self.session_keys = self._issued(msg.cipher, msg.keys, msg.e2e)
         return IncomingRequest(msg.req, msg.peer, msg.service, msg.encrypt, msg.e2e,
-                               msg.peer_key, msg.insecure)
+                               msg.peer_key, msg.insecure,
+                               msg.cipher if self.session_keys else "",
+                               self.session_keys or b"")
+
+    def _issued(self, cipher: str, keys: bytes | None, e2e: bool) -> bytes | None:
+        """Session keys from the relay, checked: only the cipher this terminal offered,
+        only on a TLS connection (they must never cross a hop in the clear)."""
+        if not cipher and keys is None:
+            return None
+        if cipher != m.CIPHER_SESSION or keys is None or not self.encrypted or e2e \
+                or not self.offers_session_cipher:
+            raise RemoteProtocolError(f"the relay issued session keys ({cipher!r}) this "
+                                      "terminal cannot take here")
+        return bytes(keys)
 
     def _crossed(self, msg: m.Notify) -> RequestCrossed:
         own, target = self.req or 0, self.peer or ""
