@@ -152,6 +152,8 @@ class FrameMITM:
                     frame = self._tamper(frame)
                     if frame is None:
                         dst.shutdown(socket.SHUT_RDWR)  # truncation: a bare end
+                        while src.recv(65536):  # (what the relay still sends is dropped)
+                            pass
                         return
                 dst.sendall(frame)
             dst.shutdown(socket.SHUT_WR)
