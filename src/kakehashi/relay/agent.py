@@ -640,10 +640,10 @@ async def run_session(link: RelayLink, app: Conn,
         if issued and (link.aborted or not clean):
             # the session did not end by both authenticated ends: the application must
             # not take it for a clean end (a reset, as a TLS MAC failure would give)
-            if not reason:
-                reason = "session aborted: " + (
-                    "input failed authentication" if link.aborted
-                    else "the link ended without the peer's authenticated end")
+            reason = "session aborted: " + (
+                "input failed authentication" if link.aborted
+                else "the link ended without the peer's authenticated end") \
+                + (f" ({reason})" if reason else "")
             log.warning("session with %s: %s", info.peer, reason)
             app.abort()
         else:

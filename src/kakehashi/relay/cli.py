@@ -489,7 +489,7 @@ def pipe(target, e2e, encrypt, **opts) -> None:
             why = await run_session(link, FdConn(0, 1), info, initiator=True)
         finally:
             await term.close()
-        if why.startswith("end-to-end"):
+        if why.startswith(("end-to-end", "session aborted")):
             click.echo(f"kakehashi: {why}", err=True)
             return 1
         return 0
