@@ -175,3 +175,41 @@ async def test_the_gateway_name_cap_holds_over_two_nodes(two_nodes):
                for r in results if isinstance(r, BaseException))
     stored = [n for n, doc in two_nodes[0].store.list(GATEWAY) if doc["owner"] == "alice"]
     assert 1 <= len(kept) == len(stored) <= 5
+
+
+async def test_a_removed_gateway_name_frees_its_place(tmp_path):
+    srv = SwitchServer(open_store(tmp_path / "s.db"),
+                       settings=ServerSettings(max_gateways_per_user=1))
+    link, _ = await srv.attach(m.Hello(name="gw-1"), ALICE, "poll")
+    with pytest.raises(tn.Refusal):
+        await srv.attach(m.Hello(name="gw-2"), ALICE, "poll")
+    with pytest.raises(ApiError) as exc:
+        await srv.remove_gateway(ALICE, "gw-1")
+    assert (exc.value.status, exc.value.code) == (409, "gateway-online")
+    srv.detach(link, "stopped")
+    with pytest.raises(ApiError) as exc:
+        await srv.remove_gateway(Who(user="mallory", role="user"), "gw-1")
+    assert exc.value.status == 404
+    assert await srv.remove_gateway(ALICE, "gw-1") == {"name": "gw-1", "removed": True}
+    assert srv.store.get(GATEWAY, "gw-1") is None
+    await srv.attach(m.Hello(name="gw-2"), ALICE, "poll")
+    # a server started on the store later knows it is gone too
+    assert "gw-1" not in SwitchServer(srv.store).switch.gateway_owner
+
+
+async def test_a_name_removed_on_one_node_is_free_on_the_other(two_nodes):
+    n1, n2 = two_nodes
+    link, _ = await n1.attach(m.Hello(name="gw-x"), ALICE, "poll")
+    n1.detach(link, "stopped")
+    await n1.cluster._drop_presence("gw-x")  # (detach drops it in a task of its own)
+    n2.refresh()
+    assert n2.switch.gateway_owner.get("gw-x") == "alice"
+    assert await n2.remove_gateway(ALICE, "gw-x") == {"name": "gw-x", "removed": True}
+    # n1 still remembered alice as its owner: the store decides, for mallory now
+    await n1.attach(m.Hello(name="gw-x"), Who(user="mallory", role="user"), "poll")
+    with pytest.raises(tn.Refusal) as exc:
+        await n2.attach(m.Hello(name="gw-x"), ALICE, "poll")
+    assert exc.value.code == "gateway-not-yours"
+    with pytest.raises(ApiError) as exc:  # connected on n1: n2 will not remove it
+        await n2.remove_gateway(Who(user="mallory", role="user"), "gw-x")
+    assert exc.value.code == "gateway-online"

@@ -426,3 +426,31 @@ def test_a_user_holds_at_most_the_cap_of_tunnels_until_one_is_deleted(sw: tn.Swi
     sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 200)
     assert sw.live[tn.tunnels_key("alice")] == 2
     sw.open_tunnel("root", "admin", "echo", "gw-alice", "127.0.0.1:0", 200)  # no cap
+
+
+def test_a_gateway_name_given_up_frees_its_place(sw: tn.Switch) -> None:
+    sw.max_gateways_per_user = 1
+    with pytest.raises(tn.Refusal) as exc:
+        sw.remove_gateway("gw-alice", "mallory", "user")
+    assert exc.value.code == "unknown-gateway"
+    with pytest.raises(tn.Refusal) as exc:  # connected
+        sw.remove_gateway("gw-alice", "alice", "user")
+    assert (exc.value.status, exc.value.code) == (409, "gateway-online")
+    t, _ = sw.open_tunnel("alice", "user", "echo", "gw-alice", "127.0.0.1:0", 0)
+    sw.gateway_lost("gw-alice", 1)  # the setup rolled back: deleting, not yet deleted
+    with pytest.raises(tn.Refusal) as exc:
+        sw.remove_gateway("gw-alice", "alice", "user")
+    assert exc.value.code == "gateway-in-use"
+    sw.tick(100)
+    assert t.state is State.DELETED
+    sw.gateway_lost("gw-srv", 100)
+    with pytest.raises(tn.Refusal) as exc:  # a service is registered through it
+        sw.remove_gateway("gw-srv", "asp1", "asp")
+    assert exc.value.code == "gateway-in-use" and "echo" in exc.value.message
+    with pytest.raises(tn.Refusal):
+        sw.gateway_hello("gw-alice-2", "alice", [], 100, "user")  # at the cap
+    assert audits(sw.remove_gateway("gw-alice", "alice", "user")) == [
+        ("gateway-removed", True)]
+    assert "gw-alice" not in sw.gateway_owner
+    sw.gateway_hello("gw-alice-2", "alice", [], 100, "user")
+    sw.gateway_hello("gw-alice", "bob", [], 100, "user")  # the name is free again

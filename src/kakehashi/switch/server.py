@@ -301,8 +301,12 @@ class SwitchServer:
             return
         self.switch.services = {name: tn.Service(**doc)
                                 for name, doc in self.store.list(SERVICE)}
-        for name, doc in self.store.list(GATEWAY):
-            self.switch.gateway_owner.setdefault(name, doc.get("owner", ""))
+        stored = {name: str(doc.get("owner", "")) for name, doc in self.store.list(GATEWAY)}
+        for name in [n for n in self.switch.gateway_owner if n not in stored]:
+            if name not in self.links:  # removed on another node
+                del self.switch.gateway_owner[name]
+        for name, owner in stored.items():
+            self.switch.gateway_owner.setdefault(name, owner)
 
     async def wait_state(self, t: tn.Tunnel, states: tuple[tn.State, ...],
                          timeout: float) -> bool:
@@ -380,7 +384,7 @@ class SwitchServer:
             del self.links[hello.name]
             await self.apply(self.switch.gateway_lost(hello.name, time.time()))
         try:
-            if self.cluster is not None and hello.name not in self.switch.gateway_owner:
+            if self.cluster is not None:  # the store says whose a name is now
                 self._claim_gateway(hello.name, who)
             welcome, actions = self.switch.gateway_hello(hello.name, who.user,
                                                          list(hello.tunnels), time.time(),
@@ -406,10 +410,12 @@ class SwitchServer:
         name wins), then count the user's names there and take the claim back if
         that is over the cap. Of claims racing for the last place none is kept over
         the cap (each counted every claim inserted before it); at worst all of them
-        are taken back. The name already someone's: the hello's check says whose."""
-        if not self.store.insert(GATEWAY, name, {"owner": who.user}):
-            doc = self.store.get(GATEWAY, name) or {}
-            self.switch.gateway_owner.setdefault(name, str(doc.get("owner", "")))
+        are taken back. The name already someone's: the hello's check says whose
+        (as the store has it: another node may have removed the name meanwhile)."""
+        doc = self.store.get(GATEWAY, name)
+        if doc is not None or not self.store.insert(GATEWAY, name, {"owner": who.user}):
+            doc = doc or self.store.get(GATEWAY, name) or {}
+            self.switch.gateway_owner[name] = str(doc.get("owner", ""))
             return
         owned = sum(1 for _, doc in self.store.list(GATEWAY) if doc.get("owner") == who.user)
         try:
@@ -418,6 +424,29 @@ class SwitchServer:
             self.store.delete(GATEWAY, name)
             raise
         self.switch.gateway_owner[name] = who.user
+
+    async def remove_gateway(self, who: Who, name: str) -> dict[str, Any]:
+        """Give a gateway name up (see :meth:`~.tunnels.Switch.remove_gateway`); on a
+        cluster, not while any node holds its link."""
+        self.refresh()
+        try:
+            if self.cluster is not None and name not in self.links \
+                    and await self.cluster.where(name):
+                raise tn.Refusal(409, "gateway-online",
+                                 f"gateway {name} is connected; stop it first")
+            if self.cluster is not None and any(  # tunnels homed on other nodes too
+                    name in (doc.get("client_gw"), doc.get("server_gw"))
+                    for _, doc in self.store.list(TUNNEL)):
+                raise tn.Refusal(409, "gateway-in-use",
+                                 f"gateway {name} has tunnels; close them first")
+            actions = self.switch.remove_gateway(name, who.user, who.role)
+        except tn.Refusal as exc:
+            self.audit.record("gateway-removed", False, user=who.user, gateway=name[:64],
+                              reason=exc.message)
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        self.store.delete(GATEWAY, name)
+        await self.apply(actions)
+        return {"name": name, "removed": True}
 
     async def _cluster_hello(self, hello: m.Hello, who: Who, welcome: m.Welcome) -> None:
         """The gateway is here now; the homes of its tunnels on other nodes hear its
@@ -738,6 +767,10 @@ def build_app(srv: SwitchServer) -> Any:
                  "transport": srv.links[name].kind if name in srv.links else None}
                 for name, owner in sorted(srv.switch.gateway_owner.items())
                 if w.role == "admin" or owner == w.user]
+
+    @app.delete("/v1/gateways/{name}")
+    async def remove_gateway(name: str, w: Who = caller) -> dict[str, Any]:
+        return await srv.remove_gateway(w, name)
 
     # -- tunnels (S2 selection -> S3 -> S4 -> S5; S6 -> S7)
     @app.post("/v1/tunnels", status_code=201)

@@ -366,7 +366,27 @@ class Switch:
             owned = sum(1 for o in self.gateway_owner.values() if o == user)
         if owned >= cap:
             raise Refusal(403, "gateway-limit", f"user {user} has its {cap} gateways "
-                          "(--max-gateways-per-user); reuse one of their names")
+                          "(--max-gateways-per-user); reuse one of their names, or remove "
+                          "one (DELETE /v1/gateways/NAME)")
+
+    def remove_gateway(self, name: str, user: str, role: str) -> list[Action]:
+        """Give a gateway name up (its place under the user's cap with it): only its
+        owner (or an admin), only while it has no link, no service registered through
+        it and no tunnel not yet deleted."""
+        owner = self.gateway_owner.get(name)
+        if owner is None or (role != "admin" and owner != user):
+            raise Refusal(404, "unknown-gateway", f"no gateway {name!r} of yours")
+        if name in self.online:
+            raise Refusal(409, "gateway-online", f"gateway {name} is connected; stop it first")
+        used = sorted(svc.name for svc in self.services.values() if svc.gateway == name)
+        if used:
+            raise Refusal(409, "gateway-in-use", f"gateway {name} serves {', '.join(used)}; "
+                                                 "unregister first")
+        if any(name in (t.client_gw, t.server_gw) and t.state is not State.DELETED
+               for t in self.tunnels.values()):
+            raise Refusal(409, "gateway-in-use", f"gateway {name} has tunnels; close them first")
+        del self.gateway_owner[name]
+        return [Audit("gateway-removed", True, {"gateway": name, "user": owner, "by": user})]
 
     def gateway_lost(self, name: str, now: float) -> list[Action]:
         """The gateway's link is gone: its setups fail, its streams are reset, its
