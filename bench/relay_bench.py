@@ -74,7 +74,7 @@ SERVERS = str(HERE / "servers.py")
 THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
                    "relay-tls", "relay-tls-reencrypt", "relay-tls-nofast", "relay-e2e",
                    "relay-e2e-chacha", "relay-tls-e2e", "relay-old", "relay-tls-old",
-                   "relay-e2e-old"]
+                   "relay-e2e-old", "relay-tls-e2e-old"]
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "relay-encoff",
               "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly", "link-spare",
               "link-new", "link-new-tls", "relay-old", "relay-tls-old"]
@@ -132,8 +132,7 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
             raise SystemExit(f"{key} needs --old-src")
         route = kk.start_route(procs, target, tls=key.startswith("relay-tls"),
                                e2e="-e2e" in key, env={"PYTHONPATH": old_src})
-        route.name += " (old source)"
-        return route
+        return _renamed(route, " (old source)")
     starters: dict[str, Callable[[], fw.Route]] = {
         "direct": lambda: fw.direct(target),
         "socat": lambda: fw.start_socat(procs, target),
@@ -151,9 +150,9 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
             " (session cipher off: re-encrypting)"),
         "relay-e2e": lambda: kk.start_route(procs, target, tls=False, e2e=True),
         # both ends offering ChaCha20-Poly1305 only, as peers from before AES-128-GCM
-        "relay-e2e-chacha": lambda: kk.start_route(
+        "relay-e2e-chacha": lambda: _renamed(kk.start_route(
             procs, target, tls=False, e2e=True,
-            env={"KAKEHASHI_E2E_SUITES": "chacha20-poly1305"}),
+            env={"KAKEHASHI_E2E_SUITES": "chacha20-poly1305"}), " (ChaCha20-Poly1305)"),
         "relay-tls-e2e": lambda: kk.start_route(procs, target, tls=True, e2e=True),
         # early data (the first bytes with the request) on and off; a plaintext link
         # carries them only when the terminals' encryption is off
