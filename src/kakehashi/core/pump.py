@@ -11,8 +11,10 @@ Legs (one direction each):
 When both ends are plain sockets on Linux the payload moves with ``os.splice``
 through a pipe (kernel to kernel, Python never sees the bytes). Otherwise (TLS,
 end-to-end sealing, other platforms) a preallocated buffer is used. Memory is
-bounded: at most one pipe (<= 1 MiB, in the kernel) or one buffer per leg, and a
-slow reader stops the writer (backpressure through TCP), never a growing queue.
+bounded: at most one pipe (<= 1 MiB, in the kernel) or one buffer per leg - a sealed
+leg two (plaintext and sealed, each up to :data:`SEALED_CHUNK` once the stream is
+busy, 16 KiB before) - and a slow reader stops the writer (backpressure through TCP),
+never a growing queue.
 Half-close is honoured: EOF one way does not end the other way.
 """
 
