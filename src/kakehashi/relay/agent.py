@@ -587,6 +587,9 @@ async def run_session(link: RelayLink, app: Conn,
     # the relay's session cipher: every frame sealed with the keys it issued, the end
     # of each direction too (the hops leave TLS right after the pairing)
     issued = bool(info.cipher) and not info.e2e
+    if issued and link.owner is not None:
+        link.owner.sessions_close_links = True
+        link.owner.changed()  # this link will not come back: a spare now
     log.info("session %s %s: cipher %s", "to" if initiator else "from", info.peer,
              m.CIPHER_SESSION if issued else "e2e" if info.e2e else
              "tls" if link.t.encrypted else "none")
@@ -712,6 +715,8 @@ class Terminal:
         self._spare_opened = asyncio.Event()
         #: :meth:`maintain` runs: spares are opened as links are used up
         self._maintained = False
+        #: a session ran under the session cipher: links are used up, not released
+        self.sessions_close_links = False
         #: early data with requests; off once a relay closed a link on such a request
         #: (a relay that predates early data rejects the unknown field)
         self.early_ok = cfg.early_data
@@ -811,9 +816,11 @@ class Terminal:
                 await asyncio.wait_for(self._spare_opened.wait(), left)
 
     def _links_come_back(self) -> bool:
-        """Whether a busy link will be idle again (a session released in TLS); links
-        under the session cipher never are (they close when their session ends)."""
-        return not any(link.t.session_keys is not None for link in self.links)
+        """Whether busy links become idle again (sessions released in TLS). Once a
+        session has run under the session cipher here, its links never do (each closes
+        when its session ends), so the pool refills at once instead of settling: a
+        burst of sessions would otherwise wait for spares."""
+        return not self.sessions_close_links
 
     async def maintain(self) -> None:
         """Keep ``spares`` idle links open; reconnect with backoff and jitter."""
