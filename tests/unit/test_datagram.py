@@ -12,6 +12,7 @@ from kakehashi.core import datagram, udpbatch
 from kakehashi.core.crypto import DatagramChannel
 from kakehashi.core.datagram import (
     BATCH,
+    LINGER,
     PROBE,
     DatagramForwarder,
     PortRecord,
@@ -321,6 +322,46 @@ async def test_a_burst_costs_two_system_calls_per_batch(monkeypatch):
         assert [int.from_bytes(d, "big") for d in got] == list(range(n))
         assert calls.recv == [BATCH, BATCH, BATCH, 3]
         assert calls.send == [1, 1, 1, 1]  # one offloaded send per batch
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+async def test_a_burst_that_thins_for_a_moment_is_still_taken_in_batches(monkeypatch):
+    """A hop wakes at the first datagram of its sender's burst, so a batch often finds
+    one: a few such batches do not end the burst (the next burst is taken in batches at
+    once, not one per wakeup until the next probe); LINGER of them in a row do. Fails on
+    the code that left the burst at the first batch of one."""
+    calls = CountingCalls(monkeypatch)
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, fast_path=True)
+
+    async def burst(n: int) -> None:
+        for _ in range(n):
+            client.sendto(b"b", near.getsockname())
+        assert await _recv_all(server, n) == [b"b"] * n
+
+    async def one_by_one(n: int) -> None:
+        for _ in range(n):
+            client.sendto(b"1", near.getsockname())
+            assert await _recv_all(server, 1) == [b"1"]
+
+    for _ in range(PROBE - 1 + BATCH + 2):  # one per wakeup, the probe's batch, a batch
+        client.sendto(b"b", near.getsockname())
+    await fwd.start()
+    try:
+        assert len(await _recv_all(server, PROBE - 1 + BATCH + 2)) == PROBE - 1 + BATCH + 2
+        assert calls.recv == [BATCH, 2]
+        await one_by_one(LINGER - 1)
+        await burst(BATCH + 5)
+        assert calls.recv[2:] == [1] * (LINGER - 1) + [BATCH, 5]
+        del calls.recv[:]
+        await one_by_one(LINGER + 5)  # the burst is over after LINGER
+        assert calls.recv == [1] * LINGER
     finally:
         fwd.close()
         for s in (server, client):

@@ -72,6 +72,10 @@ SOCKET_BUFFER = 4 << 20
 #: a lane taking one datagram per wakeup takes a batch every PROBE-th wakeup (burst
 #: detection)
 PROBE = 16
+#: a lane in a burst goes back to one datagram per wakeup after this many batches in a
+#: row found one datagram or none: a sender's burst reaches the next hop as a trickle at
+#: first (the hop wakes at its first datagram), and one such batch must not end it
+LINGER = 8
 #: the largest datagram a UDP socket can deliver
 MAX_DATAGRAM = 65535
 
@@ -203,9 +207,11 @@ class DatagramForwarder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io: udpbatch.Batch
         self._families: tuple[int, int]
-        #: per lane (0: near -> far, 1: far -> near): in a burst? wakeups in single mode
+        #: per lane (0: near -> far, 1: far -> near): in a burst? wakeups in single mode,
+        #: batches in a row that found at most one datagram
         self._burst = [False, False]
         self._wakes = [0, 0]
+        self._thin = [0, 0]
         #: send failures (ICMP errors, unreachable networks): not fatal for UDP
         self.errors = 0
         #: datagrams dropped because the outgoing side could not take them
@@ -252,8 +258,9 @@ class DatagramForwarder:
         """Relay what ``src_sock`` holds, each datagram as the record decides, in order.
 
         A lane in a burst takes up to :data:`BATCH` (the kernel's receive buffer keeps
-        the rest for the next turn); one that found a single datagram last time takes
-        just one, and every :data:`PROBE`-th wakeup a batch, to notice a burst.
+        the rest for the next turn), until :data:`LINGER` batches in a row found one
+        datagram or none; a lane between bursts takes just one, and every
+        :data:`PROBE`-th wakeup a batch, to notice a burst.
         """
         burst = self._burst
         if burst[lane]:
@@ -268,8 +275,13 @@ class DatagramForwarder:
         except OSError:  # an error queued on the socket (ICMP): not fatal for UDP
             self.errors += 1
             return
-        if limit > 1:
-            burst[lane] = n > 1
+        if n > 1:
+            burst[lane] = True
+            self._thin[lane] = 0
+        elif burst[lane]:
+            self._thin[lane] += 1
+            if self._thin[lane] >= LINGER:
+                burst[lane] = False
         sources = io.sources
         family = self._families[lane]
         offer = lane == 0 and self.kernel is not None
