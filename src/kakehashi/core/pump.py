@@ -645,9 +645,11 @@ class FramedSink(FrameSink):
     async def eof(self, body: bytes = b"") -> None:
         if self.dead or self.dst.conn.closed:
             return
+        # marked before the write: a write that waits for room yields, and the peer may
+        # have the EOF, end its side and close before this task runs again
+        self.ended = True
         try:
             await self.dst.send_frame(wire.FrameType.EOF, body)
-            self.ended = True
         except (OSError, ConnClosed):
             self._lost()
 
