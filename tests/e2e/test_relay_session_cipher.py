@@ -132,6 +132,7 @@ class FrameMITM:
             del buf[:n]
             return out
 
+        held: bytes | None = None  # "reorder": the first DATA frame, sent after the next
         with contextlib.suppress(OSError):
             plain = False
             while need(1):
@@ -147,6 +148,13 @@ class FrameMITM:
                 if not need(4 + length):
                     break
                 frame = take(4 + length)
+                if held is not None:
+                    frame, held = frame + held, None
+                elif ftype == wire.FrameType.DATA and self.attack == "reorder" \
+                        and not self.attacked.is_set():
+                    self.attacked.set()
+                    held = frame
+                    continue
                 if ftype == wire.FrameType.DATA and not self.attacked.is_set():
                     self.attacked.set()
                     frame = self._tamper(frame)
@@ -180,7 +188,7 @@ class FrameMITM:
 
 
 @pytest.mark.parametrize("attack", ["inject-eof", "inject-eof-with-bad-seal", "flip",
-                                    "replay", "inject-control", "truncate"])
+                                    "replay", "reorder", "inject-control", "truncate"])
 def test_a_man_in_the_middle_after_the_switch_aborts_the_session(env, echo, attack):
     env.add_user("pi")
     env.add_user("laptop")
