@@ -136,7 +136,7 @@ def start_route(key: str, procs: Procs, workdir: Path, target: int) -> fw.Route:
         return fw.direct(target)
     if key == "ssh":
         return fw.start_ssh(procs, target)
-    if key == "relay-tls":
+    if key in ("relay-tls", "relay"):
         return fw.Kakehashi(workdir).start_route(procs, target, tls=True)
     sw = Switch(procs, workdir, tls=key == "switch-ws-tls")
     sw.gateway("asp1", "gw-srv")
@@ -191,7 +191,7 @@ def measure_latency(key: str, args: argparse.Namespace, workdir: Path) -> dict:
     return {"name": route.name, "p50": percentile(times, 50), "p99": percentile(times, 99)}
 
 
-PARALLEL_KEYS = ["switch-ws", "ssh", "relay-tls"]
+PARALLEL_KEYS = ["switch-ws", "ssh", "relay-tls", "relay"]
 
 
 def start_parallel_routes(key: str, procs: Procs, workdir: Path, sha: int,
@@ -204,18 +204,20 @@ def start_parallel_routes(key: str, procs: Procs, workdir: Path, sha: int,
     if key == "ssh":
         bulk, ping = fw.start_ssh_forwards(procs, [sha, echo])
         return bulk, ping, {"sshd": bulk.pids[0], "ssh": bulk.pids[1]}
-    if key == "relay-tls":
+    if key in ("relay-tls", "relay"):
         home = workdir / f"relay-{free_port()}"
         home.mkdir()
         kk = fw.Kakehashi(home)
-        relay_port, relay_pid = kk.serve(procs, tls=True)
-        agent_pid = kk.agent(procs, relay_port, {"sha": sha, "echo": echo}, tls=True)
-        bulk_port, bulk_pid = kk.connect(procs, relay_port, "sha", tls=True)
-        ping_port, ping_pid = kk.connect(procs, relay_port, "echo", tls=True)
+        tls = key == "relay-tls"
+        relay_port, relay_pid = kk.serve(procs, tls=tls)
+        agent_pid = kk.agent(procs, relay_port, {"sha": sha, "echo": echo}, tls=tls)
+        bulk_port, bulk_pid = kk.connect(procs, relay_port, "sha", tls=tls)
+        ping_port, ping_pid = kk.connect(procs, relay_port, "echo", tls=tls)
         pids = {"relay": relay_pid, "agent": agent_pid, "connect": bulk_pid,
                 "connect-echo": ping_pid}
-        return (fw.Route("kakehashi relay TLS", bulk_port, list(pids.values())),
-                fw.Route("kakehashi relay TLS", ping_port, list(pids.values())), pids)
+        name = "kakehashi relay " + ("TLS" if tls else "plaintext")
+        return (fw.Route(name, bulk_port, list(pids.values())),
+                fw.Route(name, ping_port, list(pids.values())), pids)
     sw = Switch(procs, workdir)
     sw.gateway("asp1", "gw-srv")
     sw.gateway("alice", "gw-alice", "--transport", "websocket")
@@ -411,7 +413,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3,
                     help="parallel: interleaved rounds of every path (medians reported)")
-    ap.add_argument("--parallel", default=",".join(PARALLEL_KEYS),
+    ap.add_argument("--parallel", default=",".join(PARALLEL_KEYS[:3]),
                     help="parallel: the paths, of " + ",".join(PARALLEL_KEYS))
     ap.add_argument("--gateways", type=int, default=1000)
     ap.add_argument("--tunnels", type=int, default=10000)
