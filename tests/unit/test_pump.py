@@ -486,3 +486,100 @@ async def _a_short_frame_is_forwarded_whole_without_a_pipe() -> None:
 
 def test_a_short_frame_is_forwarded_whole_without_a_pipe(run) -> None:
     run(_a_short_frame_is_forwarded_whole_without_a_pipe())
+
+
+class _Ready:
+    """A stream that never makes its caller wait: ``total`` bytes are always there to
+    read (then EOF), and a write always finds room (it counts what it took). Under load
+    a real socket behaves so for as long as its peer keeps up."""
+
+    plain = False
+    has_pushback = False
+    closed = False
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.loop = asyncio.get_running_loop()
+        self._data = memoryview(data)
+        self.taken = 0
+        self.received = 0
+        self.ended = False
+
+    async def recv_into(self, buf: memoryview | bytearray) -> int:
+        n = min(len(buf), len(self._data) - self.taken)
+        buf[:n] = self._data[self.taken: self.taken + n]
+        self.taken += n
+        return n
+
+    async def recv(self, n: int) -> bytes:
+        data = bytes(self._data[self.taken: self.taken + n])
+        self.taken += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.received += len(data)
+
+    async def shutdown_write(self) -> None:
+        self.ended = True
+
+
+class _ReadySocket:
+    """The ``sock`` of a plain :class:`_Ready`: every send is taken whole."""
+
+    def __init__(self, owner: _Ready) -> None:
+        self.owner = owner
+
+    def send(self, data: memoryview) -> int:
+        self.owner.received += len(data)
+        return len(data)
+
+
+FAIR_TOTAL = 16 * pump.FAIR_SLICE
+
+
+def _frames(total: int, size: int = 64 << 10) -> bytes:
+    payload = b"f" * size
+    frame = wire.encode_header(wire.FrameType.DATA, size) + payload
+    return frame * (total // size) + wire.encode_header(wire.FrameType.EOF, 0)
+
+
+async def _leg_lets_others_run(leg: str, fair: bool) -> None:
+    """A leg whose input always has data and whose output always has room gives the
+    loop a turn before it has moved everything (issue 12: an echo beside 8 bulk
+    sessions in the same relay and agent waited 0.4-1.1 s for such legs)."""
+    pump.FAIR_ENABLED = fair
+    dst = _Ready()
+    if leg == "copy_raw":
+        src = _Ready(b"r" * FAIR_TOTAL)
+        work = pump.copy_raw(src, dst)  # type: ignore[arg-type]
+    elif leg == "raw_to_frames":
+        src = _Ready(b"r" * FAIR_TOTAL)
+        dst.plain = True  # type: ignore[misc]  # sent at once, no guard task
+        dst.sock = _ReadySocket(dst)  # type: ignore[attr-defined]
+        work = pump.raw_to_frames(src, FramedConn(dst))  # type: ignore[arg-type]
+    else:
+        src = _Ready(_frames(FAIR_TOTAL))
+        sink = pump.RawSink(dst)  # type: ignore[arg-type]
+        work = forward_frames(FramedConn(src), lambda: sink,  # type: ignore[arg-type]
+                              _never_ctrl)
+    moved_when_other_ran: list[int] = []
+
+    async def other() -> None:  # an echo's callback, ready while the leg runs
+        moved_when_other_ran.append(dst.received)
+
+    task = asyncio.ensure_future(work)  # scheduled first, so it runs first
+    probe = asyncio.ensure_future(other())
+    await task
+    await probe
+    assert src.taken == len(src._data) and dst.received >= FAIR_TOTAL  # all of it
+    if fair:
+        assert moved_when_other_ran[0] < FAIR_TOTAL // 2, moved_when_other_ran
+    else:  # KAKEHASHI_NO_FAIR_SLICE=1: runs until it waits (here: to the end)
+        assert moved_when_other_ran[0] >= FAIR_TOTAL
+
+
+@pytest.mark.parametrize("fair", [True, False], ids=["fair", "no-fair-slice"])
+@pytest.mark.parametrize("leg", ["copy_raw", "raw_to_frames", "forward_frames"])
+def test_a_leg_that_never_waits_lets_other_tasks_run(run, monkeypatch, leg: str,
+                                                      fair: bool) -> None:
+    monkeypatch.setattr(pump, "FAIR_ENABLED", pump.FAIR_ENABLED)  # restored after
+    run(_leg_lets_others_run(leg, fair))
