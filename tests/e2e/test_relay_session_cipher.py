@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 import pytest
 
@@ -82,6 +83,31 @@ def test_sessions_in_both_modes(env, echo, mode):
         assert pairs and {a.get("cipher") for a in pairs} == {CIPHER[mode]}
     finally:
         greeter.close()
+
+
+def test_an_idle_session_outlives_the_relays_dead_peer_window(env, echo):
+    """After the switch the terminals send no holds (TCP keepalive watches the link), so
+    the relay must not take a quiet session for a dead peer. The quiet time itself is
+    what is tested: the session stays silent for three of the relay's dead-peer windows
+    (keepalive 0.2 s x 2 missed), then still carries bytes both ways."""
+    env.add_user("pi")
+    env.add_user("laptop")
+    _, port = env.relay("--keepalive", "0.2", "--dead-after", "2")
+    env.agent("pi", port, f"echo={echo.addr}")
+    conn, local = env.forward("laptop", port, "pi/echo")
+    with socket.create_connection(("127.0.0.1", local), timeout=10) as sock:
+        sock.sendall(b"before")
+        assert sock.recv(16) == b"before"
+        conn.wait_for(f"cipher {m.CIPHER_SESSION}")
+        time.sleep(3 * 0.2 * 2)  # the condition under test: no byte on the session
+        sock.sendall(b"after the quiet")
+        got = b""
+        while len(got) < len(b"after the quiet"):
+            data = sock.recv(64)
+            assert data, "the relay ended a quiet session"
+            got += data
+        assert got == b"after the quiet"
+    assert not [a for a in env.audit() if a.get("event") == "keepalive"]
 
 
 # -- a man in the middle between the requester and the relay, after the switch --------
