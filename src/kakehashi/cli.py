@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,12 +80,16 @@ class _Main(click.Group):
     Redis down) ends any command with one clear line, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from kakehashi.core.store.redis import StoreUnavailable
-
         try:
             return super().invoke(ctx)
-        except StoreUnavailable as exc:
-            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            # StoreUnavailable can only have been raised once its module was imported;
+            # looking it up here instead of importing it keeps the store (and Redis's
+            # client) out of every command that never opens one, --help above all
+            redis = sys.modules.get("kakehashi.core.store.redis")
+            if redis is not None and isinstance(exc, redis.StoreUnavailable):
+                raise click.ClickException(str(exc)) from None
+            raise
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"],
@@ -144,8 +149,6 @@ async def _relay_attach(mux: Any, db: str, audit_log: str | None) -> None:
 def demo(system: str | None, nbytes: int, tls_mode: str, keep: bool) -> None:
     """Every system on loopback, narrated step by step: the relay, the gateway,
     on-demand access, the socket switch, then the proxy chain (or only SYSTEM)."""
-    import sys
-
     try:  # Ctrl-C at any moment ends the demo quietly (its servers stop with it)
         from kakehashi.demo import run_demo
 

@@ -24,7 +24,6 @@ so the mux could not tell them apart; an on-demand edge opens a port per grant).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
@@ -34,7 +33,6 @@ import click
 
 from kakehashi import config
 from kakehashi.core import options as opt
-from kakehashi.core import runner
 
 log = logging.getLogger("kakehashi.serve")
 
@@ -63,6 +61,8 @@ def build_role(ctx: click.Context, role: str,
                default_map: dict[str, Any]) -> Coroutine[Any, Any, int | None]:
     """Build ``role`` (``SYSTEM.COMMAND``) from its table as its command would, and
     return its main coroutine (not started)."""
+    from kakehashi.core import runner
+
     parts = role.split(".")
     group: click.Command = ctx.find_root().command
     for part in parts:
@@ -99,6 +99,8 @@ def build_role(ctx: click.Context, role: str,
 async def run_roles(mains: dict[str, Coroutine[Any, Any, int | None]],
                     metrics_listen: str | None) -> int:
     """Run the roles' mains together until a signal (0) or until one stops (1)."""
+    import asyncio
+
     from kakehashi.core import metrics
 
     tasks = {name: asyncio.ensure_future(coro) for name, coro in mains.items()}
@@ -168,6 +170,8 @@ def serve_site(ctx: click.Context, config_path: str | None, roles: tuple[str, ..
         for coro in mains.values():
             coro.close()
         raise
+    from kakehashi.core import runner
+
     with contextlib.suppress(KeyboardInterrupt):
         return runner.run(run_roles(mains, metrics_listen))
     return 130

@@ -7,21 +7,22 @@ Tables (keys, routes, ACL) are TOML tables/arrays in ``[chain.proxy]`` and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from kakehashi.chain import tables
-from kakehashi.chain.forward import ForwardConfig, run_forward
-from kakehashi.chain.proxy import ChainProxy, ProxyConfig
-from kakehashi.core import crypto, runner
 from kakehashi.core import options as opt
-from kakehashi.core.audit import AuditLog
+
+if TYPE_CHECKING:
+    from kakehashi.chain.forward import ForwardConfig
+
+# The heavy modules (crypto, the proxy, the forwarder and their tables) are imported by
+# the commands that use them: a command, or its --help, loads only what it needs, and
+# every other system's command starts without them (see kakehashi.cli).
 
 log = logging.getLogger("kakehashi.chain")
 
@@ -48,6 +49,8 @@ def table_option(*decls: str, **kwargs: Any) -> Any:
 
 def _keys(items: tuple[str, ...], hint: str) -> dict[str, bytes]:
     """``NAME=BASE64`` or ``NAME=@FILE`` (a key file keeps the secret off the command line)."""
+    from kakehashi.chain import tables
+
     try:
         table = tables.parse_assignments(items, "key")
         for name, value in table.items():
@@ -88,6 +91,8 @@ def chain() -> None:
 @chain.command()
 def keygen() -> None:
     """Print a new random shared key (base64) for a pair of neighbours: give it to both."""
+    from kakehashi.core import crypto
+
     click.echo("# a new shared key; put it in both sides' keys table", err=True)
     click.echo(crypto.new_shared_key())
 
@@ -128,6 +133,13 @@ def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tu
           max_sessions: int, max_per_user: int, max_per_client: int,
           max_connections: int, metrics_listen: str | None, fast_path: str) -> None:
     """One firewall's proxy: authenticates, checks access, exchanges ports, relays UDP."""
+    import asyncio
+
+    from kakehashi.chain import tables
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+    from kakehashi.core import runner
+    from kakehashi.core.audit import AuditLog
+
     host, port = opt.hostport(listen, "--listen")
     cfg = ProxyConfig(
         name=_parse(tables.parse_name, name, "--name"), host=host, port=port,
@@ -182,6 +194,9 @@ def client_options(f: Any) -> Any:
 def _client_config(user: str, keys: tuple[str, ...], first_hop: str, to: str,
                    udp_listen: str, mode: str, encrypt: bool,
                    setup_timeout: float) -> ForwardConfig:
+    from kakehashi.chain import tables
+    from kakehashi.chain.forward import ForwardConfig
+
     return ForwardConfig(
         user=_parse(tables.parse_name, user, "--id"), keys=_keys(keys, "--key"),
         first_hop=_parse(tables.parse_hop, first_hop, "--first-hop"),
@@ -199,6 +214,9 @@ def _client_config(user: str, keys: tuple[str, ...], first_hop: str, to: str,
 def forward(user: str, keys: tuple[str, ...], first_hop: str, to: str, udp_listen: str,
             mode: str, encrypt: bool, setup_timeout: float, fast_path: str) -> None:
     """Carry a local UDP port through the chain to the server."""
+    from kakehashi.chain.forward import run_forward
+    from kakehashi.core import runner
+
     cfg = _client_config(user, keys, first_hop, to, udp_listen, mode, encrypt, setup_timeout)
     cfg.fast_path = fast_path != "off"
     cfg.kernel_path = fast_path == "kernel"
@@ -213,6 +231,8 @@ def trace(user: str, keys: tuple[str, ...], first_hop: str, to: str, mode: str, 
           setup_timeout: float, as_json: bool) -> None:
     """Build a chain towards --to and show each hop, when it answered and its ports, or
     which hop refused and why (exit status 1). Iterative mode shows every hop's answer."""
+    from kakehashi.core import runner
+
     cfg = _client_config(user, keys, first_hop, to, "127.0.0.1:0", mode, encrypt,
                          setup_timeout)
     sys.exit(runner.run(_trace(cfg, as_json)))
@@ -232,6 +252,7 @@ def socks(user: str, keys: tuple[str, ...], first_hop: str, mode: str, encrypt: 
           max_per_client: int, handshake_timeout: float) -> None:
     """A SOCKS5 server whose UDP ASSOCIATE rides the chain (CONNECT is refused)."""
     from kakehashi.chain.socks import SocksConfig, run_socks
+    from kakehashi.core import runner
 
     host, port = opt.hostport(listen, "--listen")
     base = _client_config(user, keys, first_hop, "0.0.0.0:0", "127.0.0.1:0", mode, encrypt,

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import getpass
@@ -27,13 +26,15 @@ import re
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from kakehashi.core.crypto import hash_password, verify_password
-from kakehashi.core.store import Doc, Store
+if TYPE_CHECKING:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kakehashi.core.store import Doc, Store
 
 __all__ = [
     "DEFAULT_KDF_N",
@@ -122,6 +123,24 @@ def read_password(*, stdin: bool = False, file: str | os.PathLike[str] | None = 
     if not pw:
         raise PasswordError("empty password")
     return pw
+
+
+def hash_password(password: str, *, n: int = DEFAULT_KDF_N) -> str:
+    """:func:`kakehashi.core.crypto.hash_password`, imported when first needed: every
+    command imports this module (the option vocabulary names :data:`PASSWORD_ENV`), and
+    most of them, ``--help`` above all, never hash a password, so they start without
+    loading ``cryptography``."""
+    from kakehashi.core import crypto
+
+    return crypto.hash_password(password, n=n)
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """:func:`kakehashi.core.crypto.verify_password`, imported when first needed (see
+    :func:`hash_password`)."""
+    from kakehashi.core import crypto
+
+    return crypto.verify_password(password, encoded)
 
 
 @functools.cache
@@ -409,6 +428,8 @@ class PasswordChecker:
 
     @contextlib.asynccontextmanager
     async def _slot(self, addr: str) -> Any:
+        import asyncio
+
         if self._global is None:
             self._global = asyncio.Semaphore(self.workers)
         sem, users = self._by_addr.get(addr) or (asyncio.Semaphore(self.per_address), 0)
@@ -430,6 +451,9 @@ class PasswordChecker:
 
     async def run(self, addr: str, fn: Callable[..., R], *args: Any) -> R:
         """``fn(*args)`` on the pool, once this address and the pool have room."""
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kakehashi-pw")
         async with self._slot(addr):

@@ -2,43 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import json
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from kakehashi.core import options as opt
-from kakehashi.core import runner, tls
-from kakehashi.core.audit import AuditLog
-from kakehashi.core.identity import PASSWORD_ENV, LoginThrottle, ThrottleSettings
-from kakehashi.core.mux import ProtocolMux
-from kakehashi.core.paths import state_dir
-from kakehashi.core.pump import pump_raw
-from kakehashi.core.store import describe, is_url, open_store
-from kakehashi.core.stream import Conn, FdConn, Listener
-from kakehashi.core.tlsmismatch import TLSMismatch
-from kakehashi.gateway.allow import AllowList
-from kakehashi.gateway.client import EventClient, Gateway, GatewayError, open_tunnel, serve_forward
-from kakehashi.gateway.event_journal import StoreJournal
-from kakehashi.gateway.events import TOPIC_RE, EventHub, Retention, TopicHub
-from kakehashi.gateway.http import looks_like_request
-from kakehashi.gateway.proxyauth import ProxyAuth, ProxyUsers
-from kakehashi.gateway.server import GatewayServer, GatewaySettings
+
+if TYPE_CHECKING:
+    from kakehashi.core.mux import ProtocolMux
+    from kakehashi.gateway.client import Gateway
+
+# The heavy modules (TLS, the store, the gateway's server, client and event hub) are
+# imported by the commands that use them: a command, or its --help, loads only what it
+# needs, and every other system's command starts without them (see kakehashi.cli).
 
 log = logging.getLogger("kakehashi.gateway")
 DEFAULT_PORT = 8080
 
 #: set by the top-level command line: (mux, db path) -> an awaitable started route.
 #: Lets ``gateway serve --relay`` carry relay sessions without gateway importing relay.
-RelayAttach = Callable[[ProtocolMux, str, str | None], Awaitable[None]]
+RelayAttach = Callable[["ProtocolMux", str, str | None], Awaitable[None]]
 
 
 def default_db() -> str:
+    from kakehashi.core.paths import state_dir
+
     return str(state_dir() / "gateway.db")
 
 
@@ -112,6 +104,22 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
           max_connections, max_per_client, upstream_idle, audit_log, access_log,
           fast_lane, metrics_listen) -> None:
     """Run the gateway: HTTP proxy, CONNECT tunnels and events on one port."""
+    import asyncio
+    import ipaddress
+
+    from kakehashi.core import runner, tls
+    from kakehashi.core.audit import AuditLog
+    from kakehashi.core.identity import LoginThrottle, ThrottleSettings
+    from kakehashi.core.mux import ProtocolMux
+    from kakehashi.core.store import describe, is_url, open_store
+    from kakehashi.core.stream import Listener
+    from kakehashi.gateway.allow import AllowList
+    from kakehashi.gateway.event_journal import StoreJournal
+    from kakehashi.gateway.events import EventHub, Retention, TopicHub
+    from kakehashi.gateway.http import looks_like_request
+    from kakehashi.gateway.proxyauth import ProxyAuth
+    from kakehashi.gateway.server import GatewayServer, GatewaySettings
+
     host, port = opt.hostport(listen, "--listen", DEFAULT_PORT)
     if auth and tls_mode == "off" and not insecure_auth:
         raise click.UsageError(
@@ -189,6 +197,14 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
 
 
 # -- proxy users -------------------------------------------------------------------
+def _proxy_users(db: str, **kwargs):
+    """The gateway's proxy users in ``db``."""
+    from kakehashi.core.store import open_store
+    from kakehashi.gateway.proxyauth import ProxyUsers
+
+    return ProxyUsers(open_store(db), **kwargs)
+
+
 @gateway.group()
 def user() -> None:
     """Manage proxy users (for --auth)."""
@@ -203,7 +219,7 @@ def user_add(name, db, password_stdin, password_file, kdf_n) -> None:
     """Add proxy user NAME (password from the usual sources, or prompted)."""
     opt.check_name(name)
     pw = opt.password(password_stdin, password_file, confirm=True)
-    if not ProxyUsers(open_store(db), kdf_n=kdf_n).add({"name": name}, pw):
+    if not _proxy_users(db, kdf_n=kdf_n).add({"name": name}, pw):
         raise click.ClickException(f"user {name} already exists (use 'passwd')")
     click.echo(f"added proxy user {name}")
 
@@ -215,7 +231,7 @@ def user_add(name, db, password_stdin, password_file, kdf_n) -> None:
 @click.option("--kdf-n", type=int, default=2**14, hidden=True)
 def user_passwd(name, db, password_stdin, password_file, kdf_n) -> None:
     """Set a new password for proxy user NAME (open connections re-check within 1 s)."""
-    users = ProxyUsers(open_store(db), kdf_n=kdf_n)
+    users = _proxy_users(db, kdf_n=kdf_n)
     if users.get(name) is None:
         raise click.ClickException(f"no proxy user {name}")
     users.set_password(name, opt.password(password_stdin, password_file, confirm=True))
@@ -227,8 +243,10 @@ def user_passwd(name, db, password_stdin, password_file, kdf_n) -> None:
 @opt.json_option
 def user_list(db, as_json) -> None:
     """List proxy users."""
-    names = ProxyUsers(open_store(db)).names()
+    names = _proxy_users(db).names()
     if as_json:
+        import json
+
         click.echo(json.dumps([{"user": name} for name in names]))
         return
     for name in names:
@@ -240,7 +258,7 @@ def user_list(db, as_json) -> None:
 @db_option
 def user_remove(name, db) -> None:
     """Remove proxy user NAME."""
-    if not ProxyUsers(open_store(db)).remove(name):
+    if not _proxy_users(db).remove(name):
         raise click.ClickException(f"no proxy user {name}")
     click.echo(f"removed proxy user {name}")
 
@@ -260,6 +278,10 @@ def client_options(f):
 
 def _gateway(server, user, password_stdin, password_file, tls_mode, ca) -> Gateway:
     """Where the gateway is and how to reach it, from the client options."""
+    from kakehashi.core import tls
+    from kakehashi.core.identity import PASSWORD_ENV
+    from kakehashi.gateway.client import Gateway
+
     if not server:
         raise click.UsageError("Missing option '--server'.")
     addr = opt.parse_server(server, "--server", DEFAULT_PORT)
@@ -289,6 +311,11 @@ def _where(gw: Gateway) -> str:
 @click.option("--listen", required=True, help="Local HOST:PORT for the application.")
 def forward(to, listen, **conn) -> None:
     """Let an application speak plain HTTP to a local port; requests go via the gateway."""
+    import asyncio
+
+    from kakehashi.core import runner
+    from kakehashi.gateway.client import serve_forward
+
     gw = _gateway(**conn)
     thost, tport = opt.hostport(to, "--to", 80)
     lhost, lport = opt.hostport(listen, "--listen")
@@ -311,6 +338,13 @@ def forward(to, listen, **conn) -> None:
 @click.option("--listen", help="Local HOST:PORT; without it, stdin/stdout (ProxyCommand).")
 def tunnel(to, listen, **conn) -> None:
     """A CONNECT tunnel through the gateway, as a local port or on stdin/stdout."""
+    import asyncio
+
+    from kakehashi.core import runner
+    from kakehashi.core.pump import pump_raw
+    from kakehashi.core.stream import Conn, FdConn, Listener
+    from kakehashi.gateway.client import GatewayError, open_tunnel
+
     gw = _gateway(**conn)
     thost, tport = opt.hostport(to, "--to")
 
@@ -355,6 +389,8 @@ def tunnel(to, listen, **conn) -> None:
 
 
 def _topic(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from kakehashi.gateway.events import TOPIC_RE
+
     if not TOPIC_RE.match(value):
         raise click.BadParameter("topic names are 1-128 of A-Z a-z 0-9 _ . -")
     return value
@@ -371,6 +407,9 @@ def events() -> None:
 @click.option("--data", help="Event text (default: read stdin).")
 def publish(topic, data, **conn) -> None:
     """Publish one event to TOPIC (from an internal network)."""
+    from kakehashi.core import runner
+    from kakehashi.gateway.client import EventClient, GatewayError
+
     gw = _gateway(**conn)
     payload = data.encode() if data is not None else sys.stdin.buffer.read()
 
@@ -396,6 +435,12 @@ def publish(topic, data, **conn) -> None:
 @click.option("--count", type=int, help="Stop after this many events.")
 def watch(topic, cursor, wait, count, **conn) -> None:
     """Print TOPIC's events as JSON lines, long polling through the gateway."""
+    import json
+
+    from kakehashi.core import runner
+    from kakehashi.core.tlsmismatch import TLSMismatch
+    from kakehashi.gateway.client import EventClient
+
     gw = _gateway(**conn)
 
     async def main() -> int:

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from kakehashi.core import crypto, runner, tls
 from kakehashi.core import options as opt
-from kakehashi.core.audit import AuditLog
 from kakehashi.core.options import hostport
-from kakehashi.core.store import describe, open_store
-from kakehashi.core.stream import FdConn, Listener
-from kakehashi.relay import messages as m
-from kakehashi.relay.agent import (
-    RelayError,
-    Terminal,
-    TerminalConfig,
-    run_session,
-    service_acceptor,
-)
-from kakehashi.relay.control import Settings, UserRecord
-from kakehashi.relay.server import RelayServer
-from kakehashi.relay.users import RelayUsers
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from kakehashi.relay import messages as m
+    from kakehashi.relay.agent import Terminal, TerminalConfig
+    from kakehashi.relay.control import UserRecord
+    from kakehashi.relay.users import RelayUsers
+
+# The heavy modules (TLS, crypto, the store, the relay's protocol and terminals) are
+# imported by the commands that use them: a command, or its --help, loads only what it
+# needs, and every other system's command starts without them (see kakehashi.cli).
 
 log = logging.getLogger("kakehashi.relay")
 DEFAULT_PORT = 7000
@@ -45,6 +42,14 @@ def relay() -> None:
 db_option = opt.db_option(default_db, "relay.db",
                           "The relay's database: a SQLite file, redis://HOST:PORT[/DB] or "
                           "redis+sentinel://HOST:PORT[,...]/MASTER[/DB].")
+
+
+def _registry(db: str, **kwargs) -> RelayUsers:
+    """The relay's user registry in ``db``."""
+    from kakehashi.core.store import open_store
+    from kakehashi.relay.users import RelayUsers
+
+    return RelayUsers(open_store(db), **kwargs)
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -79,8 +84,10 @@ def user() -> None:
 @user_attr_options
 def user_add(name, db, password_stdin, password_file, kdf_n, **attrs) -> None:
     """Register user NAME (password prompted, or --password-stdin)."""
+    from kakehashi.relay.control import UserRecord
+
     opt.check_name(name)
-    registry = RelayUsers(open_store(db), kdf_n=kdf_n)
+    registry = _registry(db, kdf_n=kdf_n)
     pw = opt.password(password_stdin, password_file, confirm=True)
     rec = _apply_attrs(UserRecord(name=name), attrs)
     if not registry.add(rec, pw):
@@ -94,7 +101,7 @@ def user_add(name, db, password_stdin, password_file, kdf_n, **attrs) -> None:
 @user_attr_options
 def user_set(name, db, **attrs) -> None:
     """Change the registered attributes of user NAME."""
-    registry = RelayUsers(open_store(db))
+    registry = _registry(db)
     rec = registry.get(name)
     if rec is None:
         raise click.ClickException(f"no user {name}")
@@ -107,7 +114,7 @@ def user_set(name, db, **attrs) -> None:
 @opt.json_option
 def user_list(db, as_json) -> None:
     """List registered users and their attributes."""
-    users = RelayUsers(open_store(db)).list()
+    users = _registry(db).list()
     if as_json:
         import json
 
@@ -130,7 +137,7 @@ def user_list(db, as_json) -> None:
 @db_option
 def user_remove(name, db) -> None:
     """Remove user NAME."""
-    if not RelayUsers(open_store(db)).remove(name):
+    if not _registry(db).remove(name):
         raise click.ClickException(f"no user {name}")
     click.echo(f"removed user {name}")
 
@@ -141,7 +148,7 @@ def user_remove(name, db) -> None:
 @opt.password_options
 def user_passwd(name, db, password_stdin, password_file) -> None:
     """Set a new password for user NAME."""
-    registry = RelayUsers(open_store(db))
+    registry = _registry(db)
     if registry.get(name) is None:
         raise click.ClickException(f"no user {name}")
     registry.set_password(name, opt.password(password_stdin, password_file, confirm=True))
@@ -149,6 +156,8 @@ def user_passwd(name, db, password_stdin, password_file) -> None:
 
 
 def _load_identity(path: str | None):
+    from kakehashi.core import crypto
+
     if not path:
         return None
     try:
@@ -161,6 +170,8 @@ def _load_identity(path: str | None):
 
 def _apply_attrs(rec: UserRecord, attrs: dict) -> UserRecord:
     from dataclasses import replace
+
+    from kakehashi.core import crypto
 
     changes: dict = {}
     for key in ("encryption", "notify", "insecure_peer"):
@@ -184,6 +195,8 @@ def _apply_attrs(rec: UserRecord, attrs: dict) -> UserRecord:
 @click.argument("path", type=click.Path(dir_okay=False))
 def keygen(path) -> None:
     """Create (or show) an X25519 identity key at PATH; prints the public key."""
+    from kakehashi.core import crypto
+
     key = crypto.load_or_create_identity(path)
     click.echo(crypto.public_b64(key))
 
@@ -242,6 +255,14 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
           metrics_listen, cluster, node, advertise, cluster_secret_file, cluster_ttl,
           cluster_ca, session_cipher) -> None:
     """Run the relay server (a node of a cluster with --cluster)."""
+    import asyncio
+
+    from kakehashi.core import runner, tls
+    from kakehashi.core.audit import AuditLog
+    from kakehashi.core.store import describe
+    from kakehashi.relay.control import Settings
+    from kakehashi.relay.server import RelayServer
+
     host, port = hostport(listen, "--listen", DEFAULT_PORT)
     opt.check_cert_key(cert, key)
     secret = None
@@ -263,7 +284,7 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
             secret = opt.password(password_file=cluster_secret_file)
     elif node or advertise or cluster_secret_file:
         raise click.UsageError("--node, --advertise and --cluster-secret-file need --cluster")
-    registry = RelayUsers(open_store(db))
+    registry = _registry(db)
     if not registry.list():
         log.warning("no users registered in %s: add one with 'kakehashi relay user add'",
                     describe(db))
@@ -335,6 +356,10 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
                      insecure_peer, keepalive, identity, peer_keys, *, spares: int,
                      services: list[str] | None = None,
                      allowed_peers: list[str] | None = None) -> TerminalConfig:
+    from kakehashi.core import crypto, tls
+    from kakehashi.relay import messages as m
+    from kakehashi.relay.agent import TerminalConfig
+
     opt.check_name(user, "--user")
     addrs = opt.parse_servers(server, "--server", DEFAULT_PORT)
     addr = addrs[0]
@@ -379,6 +404,10 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
 @opt.deprecated_alias("--allow", "allowed", "--allowed-peers", multiple=True)
 def agent(exposes, spares, allowed, **opts) -> None:
     """Log in and keep connections open so others can reach the exposed services."""
+    import asyncio
+
+    from kakehashi.relay.agent import Terminal, service_acceptor
+
     services: dict[str, tuple[str, int]] = {}
     for item in exposes:
         name, sep, target = item.partition("=")
@@ -411,6 +440,8 @@ def agent(exposes, spares, allowed, **opts) -> None:
 
 
 def _print_message(msg: m.Msg) -> None:
+    from kakehashi.relay import messages as m
+
     if isinstance(msg, m.Deliver):
         click.echo(f"message from {msg.sender}: {msg.body.decode(errors='replace')}", err=True)
     elif isinstance(msg, m.Presence):
@@ -434,6 +465,11 @@ def _target(spec: str) -> tuple[str, str]:
 @click.option("--encrypt", is_flag=True, help="Require encryption for these sessions.")
 def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
     """Forward a local port to TARGET[/SERVICE] through the relay."""
+    import asyncio
+
+    from kakehashi.core.stream import Listener
+    from kakehashi.relay.agent import RelayError, Terminal, run_session
+
     cfg = _terminal_config(**opts, spares=spares)
     name, service = _target(target)
     host, port = hostport(listen, "--listen")
@@ -475,6 +511,10 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
 @click.option("--encrypt", is_flag=True, help="Require encryption for this session.")
 def pipe(target, e2e, encrypt, **opts) -> None:
     """Connect stdin/stdout to TARGET[/SERVICE] (for ssh -o ProxyCommand)."""
+    from kakehashi.core import runner
+    from kakehashi.core.stream import FdConn
+    from kakehashi.relay.agent import RelayError, Terminal, run_session
+
     cfg = _terminal_config(**opts, spares=0)
     name, service = _target(target)
 
@@ -502,6 +542,8 @@ def pipe(target, e2e, encrypt, **opts) -> None:
 @opt.json_option
 def who(as_json, **opts) -> None:
     """List logged-in users visible to you (their notify policy decides)."""
+    from kakehashi.relay.agent import Terminal
+
     cfg = _terminal_config(**opts, spares=0)
 
     async def main() -> int:
@@ -531,6 +573,8 @@ def who(as_json, **opts) -> None:
 @click.option("--message", "-m", required=True, help="Text to send.")
 def broadcast(targets, message, **opts) -> None:
     """Send one message to several logged-in users at once."""
+    from kakehashi.relay.agent import Terminal
+
     cfg = _terminal_config(**opts, spares=0)
 
     async def main() -> int:
@@ -551,6 +595,10 @@ def broadcast(targets, message, **opts) -> None:
 @terminal_options
 def watch(**opts) -> None:
     """Print presence notices (logins/logouts) and messages as they arrive."""
+    import asyncio
+
+    from kakehashi.relay.agent import Terminal
+
     cfg = _terminal_config(**opts, spares=1)
 
     async def main() -> int:
@@ -569,6 +617,8 @@ def watch(**opts) -> None:
 
 
 def _print_watch(msg: m.Msg) -> None:
+    from kakehashi.relay import messages as m
+
     if isinstance(msg, m.Presence):
         click.echo(f"{msg.user} {'online' if msg.online else 'offline'} "
                    f"encryption={msg.encryption}", nl=True)
@@ -580,6 +630,8 @@ def _print_watch(msg: m.Msg) -> None:
 
 async def _online(term: Terminal, maintainer: asyncio.Task) -> None:
     """Wait until the first link is up; a refused login ends the command."""
+    import asyncio
+
     waiter = asyncio.ensure_future(term.connected.wait())
     done, _ = await asyncio.wait({waiter, maintainer}, return_when=asyncio.FIRST_COMPLETED)
     if maintainer in done:
@@ -588,6 +640,9 @@ async def _online(term: Terminal, maintainer: asyncio.Task) -> None:
 
 
 def _run_client(coro) -> int:
+    from kakehashi.core import runner
+    from kakehashi.relay.agent import RelayError
+
     async def wrapped() -> int:
         try:
             return await coro

@@ -14,7 +14,7 @@ import click
 
 from kakehashi.core import options
 from kakehashi.core.options import hostport
-from kakehashi.switch.tunnels import MAX_GATEWAYS_PER_USER, MAX_TUNNELS_PER_USER
+from kakehashi.switch import MAX_GATEWAYS_PER_USER, MAX_TUNNELS_PER_USER
 
 ROLES = ("asp", "user", "admin")
 

@@ -37,6 +37,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from kakehashi import switch
 from kakehashi.core.identity import valid_name
 from kakehashi.core.stream import parse_hostport
 from kakehashi.switch import messages as m
@@ -47,11 +48,10 @@ SETUP_TIMEOUT = 10.0
 DELETE_TIMEOUT = 10.0
 #: how long a gateway may stay away before its tunnels are deleted
 OFFLINE_GRACE = 60.0
-#: per-user caps (0: none; an admin has none): gateway names a user may own, and tunnels
-#: (not yet deleted) a user may hold - every one is state in the server's memory and
-#: store, and a gateway link's work, so one account must not be able to take unbounded
-MAX_GATEWAYS_PER_USER = 100
-MAX_TUNNELS_PER_USER = 1000
+#: per-user caps: defined in the package (the CLI's --help shows them without importing
+#: this module), see :data:`kakehashi.switch.MAX_GATEWAYS_PER_USER`
+MAX_GATEWAYS_PER_USER = switch.MAX_GATEWAYS_PER_USER
+MAX_TUNNELS_PER_USER = switch.MAX_TUNNELS_PER_USER
 
 
 def tunnels_key(user: str) -> str:
