@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from tests.e2e.framework import EchoServer, Env
 from tests.support.redis import REDIS_SERVER, RedisSentinelSet, RedisServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _cache_child_bytecode()
+
+
+def _cache_child_bytecode() -> None:
+    """Let the ``kakehashi`` processes the tests start cache their bytecode.
+
+    The suite starts thousands of them. Where the environment sets
+    ``PYTHONDONTWRITEBYTECODE`` (to keep ``__pycache__`` out of the checkout), every one
+    of them compiled every kakehashi module from source again: about half of its
+    start-up. The children get a private ``PYTHONPYCACHEPREFIX`` for this session
+    instead (outside the checkout, removed at the end), so each module is compiled
+    once per run. This process keeps its own setting.
+    """
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
+        return
+    prefix = tempfile.mkdtemp(prefix="kakehashi-test-pycache-")
+    atexit.register(shutil.rmtree, prefix, ignore_errors=True)
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
 
 
 @pytest.fixture
