@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,18 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    _read: bytearray = field(default_factory=bytearray, repr=False)
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        """All the process wrote so far. Only what was appended since the last call is
+        read from the file: :meth:`wait_for` asks every 10 ms, and a chatty process's
+        log grows large."""
+        with open(self.log, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < len(self._read):  # rewritten: start over
+                self._read.clear()
+            fh.seek(len(self._read))
+            self._read += fh.read()
+        return self._read.decode(errors="replace")
 
     def wait_for(self, text: str | re.Pattern[str], timeout: float = 15.0) -> str:
         """Wait until the output holds ``text`` (a string or a pattern); return the
@@ -63,7 +73,7 @@ class Proc:
             return found
 
         try:
-            return wait_until(seen, timeout, what=f"{self.name}: {text!r}", interval=0.05)
+            return wait_until(seen, timeout, what=f"{self.name}: {text!r}", interval=0.01)
         except AssertionError as exc:
             if "not seen within" not in str(exc):
                 raise
@@ -152,9 +162,20 @@ class Env:
                     raise
         raise AssertionError(f"{name}: no free port in {attempts} attempts")
 
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop(timeout=5)
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the test's processes: SIGINT to all of them first, then wait for them
+        together (each still gets ``timeout`` s from its signal before SIGKILL), so a
+        teardown lasts as long as the slowest shutdown, not the sum of them all."""
+        alive = [proc for proc in reversed(self.procs) if proc.alive]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        for proc in alive:
+            try:
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill9()
 
     # -- relay building blocks ----------------------------------------------------
     def add_user(self, name: str, *attrs: str) -> None:
