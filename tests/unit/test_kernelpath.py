@@ -157,8 +157,13 @@ def test_unavailable_without_root(monkeypatch):
     monkeypatch.setattr(kernelpath.os, "geteuid", lambda: 1000)
     assert KernelPath.unavailable() == "not running as root"
     monkeypatch.setattr(kernelpath.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(kernelpath.shutil, "which", lambda name: None)
-    assert KernelPath.unavailable() == "nft (nftables) is not installed"
+    monkeypatch.setattr(kernelpath.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(kernelpath.ctypes, "CDLL", _no_library)
+    assert KernelPath.unavailable() == "libnftables (nftables) is not installed"
+
+
+def _no_library(name: str) -> object:
+    raise OSError(f"{name}: cannot open shared object file")
 
 
 def test_only_sessions_between_addresses_of_this_host_are_eligible():
