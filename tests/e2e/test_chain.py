@@ -256,7 +256,8 @@ def test_datagrams_cross_three_proxies_intact(chain, mode, encrypt):
     spoof.close()
     # the server saw the chain's last hop (P5), the port the client was told (708)
     assert (p5.group(1), int(p5.group(2))) in chain.echo.sources
-    ended = re.compile(r"fw1: session of alice ended: \d+ datagrams relayed, [1-9]\d* dropped")
+    ended = re.compile(r"fw1: session of alice ended: \d+ bytes relayed \(\d+ datagrams in user "
+                       r"space, \d+ packets in the kernel\), [1-9]\d* dropped")
     before = len(ended.findall(chain.procs["fw1"].output()))
     fwd.stop()
     # fw1 ends the session with the forward, and says what it relayed and dropped

@@ -124,6 +124,9 @@ def test_chain_proxy_counts_sessions_datagrams_and_refusals_by_hop(env):
         # the session is still open: the datagrams are counted live
         text = scrape(mport)
         assert sample(text, "kakehashi_chain_datagrams_total", outcome="relayed") >= 2 * 190
+        # and their payload bytes, both ways: between what was echoed and what was sent
+        # (exchange's datagrams of 256 carry 8 + 256 bytes)
+        assert 2 * 190 * 264 <= sample(text, "kakehashi_chain_bytes_total") <= 2 * 200 * 264
         assert sample(text, "kakehashi_sessions_total", system="chain") >= 1
         assert sample(text, "kakehashi_sessions_active", system="chain") >= 1
         assert sample(text, "kakehashi_setup_seconds_count", system="chain") >= 1

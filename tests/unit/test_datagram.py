@@ -389,6 +389,10 @@ async def test_spoofed_datagrams_inside_a_burst_are_dropped_and_counted(fast):
         assert await _recv_all(client, n) == [b"s%d" % i for i in range(n)]
         await async_wait_until(lambda: rec.dropped == 2 * n, what="every spoofed datagram")
         assert rec.from_near_count == n + 1 and rec.from_far_count == n
+        # the payload bytes relayed each way: the peers' only, none of the spoofed
+        assert fwd.user_bytes == [4 + sum(len(b"c%d" % i) for i in range(n)),
+                                  sum(len(b"s%d" % i) for i in range(n))]
+        assert fwd.relayed_bytes == sum(fwd.user_bytes)
         assert fwd.errors == 0 and fwd.overflow == 0
     finally:
         fwd.close()

@@ -37,12 +37,17 @@ class FakeKernel(KernelPath):
     def remove(self, o: Offload) -> None:
         o.removed = True
         o.out_packets += 7  # relayed since the last reading, read at removal
+        o.out_bytes += 7 * 1000
         self.removed.append(o)
 
     async def refresh(self) -> None:
         for o in self.installed:
             if not o.removed:
-                o.out_packets += 3
+                # one offloaded send of 3 datagrams, and a single answer
+                o.out_packets += 1
+                o.out_bytes += 3 * 100
+                o.back_packets += 1
+                o.back_bytes += 40
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -77,14 +82,21 @@ async def test_the_session_goes_to_the_kernel_once_the_record_locked():
         client.sendto(b"late", near.getsockname())  # in flight before the rules: relayed
         assert (await recv(server))[0] == b"late"
         assert len(kernel.installed) == 1
-        await fwd.refresh()  # the kernel's counts join the record's
-        assert rec.from_near_count == 2 + 3
+        await fwd.refresh()  # the kernel's share, apart from the record's datagrams
+        assert rec.from_near_count == 2 and rec.from_far_count == 0
+        assert fwd.kernel_packets == [1, 1] and fwd.kernel_bytes == [300, 40]
+        assert fwd.relayed_bytes == len(b"firstlate") + 340
+        assert fwd.activity == 2 + 2
+        await fwd.refresh()  # readings are totals: only what is new is added
+        assert fwd.kernel_packets == [2, 2] and fwd.kernel_bytes == [600, 80]
     finally:
         fwd.close()
         for s in (server, client):
             s.close()
     assert kernel.removed == [o]  # the rules go with the session
-    assert rec.from_near_count == 2 + 3 + 7  # the last reading, taken at removal
+    assert rec.from_near_count == 2  # the last reading, taken at removal, is the kernel's
+    assert fwd.kernel_packets == [2 + 7, 2] and fwd.kernel_bytes == [600 + 7000, 80]
+    assert fwd.relayed_bytes == len(b"firstlate") + 7680
 
 
 @pytest.mark.parametrize("transform", ["near_to_far", "far_to_near"])

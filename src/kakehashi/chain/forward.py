@@ -236,9 +236,10 @@ async def run_forward(cfg: ForwardConfig) -> int:
             why = await fwd.wait_closed()
             fwd.close()
             assert fwd.forwarder is not None
-            rec = fwd.forwarder.record
-            log.warning("%s after %d datagrams (%d dropped); rebuilt when the next datagram "
-                        "arrives", why, rec.packets, rec.dropped)
+            f, rec = fwd.forwarder, fwd.forwarder.record
+            log.warning("%s after %d bytes (%d datagrams in user space, %d packets in the "
+                        "kernel; %d dropped); rebuilt when the next datagram arrives", why,
+                        f.relayed_bytes, rec.packets, sum(f.kernel_packets), rec.dropped)
             for _ in range(100):  # a transport closes its socket on a later loop turn
                 if fwd.listen_sock.fileno() < 0:
                     break

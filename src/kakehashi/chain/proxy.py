@@ -138,7 +138,8 @@ class ChainProxy:
         self.listener: Listener | None = None
         self.sessions: set[_Session] = set()
         #: counters for tests and operators
-        self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "relayed": 0}
+        self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "relayed": 0, "bytes": 0,
+                      "kernel_packets": 0}
         from kakehashi.core import metrics  # servers only: clients start without it
 
         self.metrics = metrics.for_system("chain")
@@ -150,7 +151,16 @@ class ChainProxy:
         #: datagrams, read from the sessions' port records when scraped (no cost per
         #: datagram; a session's figures move to self.stats when it closes)
         self._datagrams = self.metrics.counter(
-            "datagrams", "Datagrams relayed or dropped by the sessions.", ["outcome"])
+            "datagrams", "Datagrams relayed in user space or dropped by the sessions.",
+            ["outcome"])
+        #: what the kernel path relayed is counted apart: in packets (a
+        #: segmentation-offloaded send of several datagrams is one) and, with user
+        #: space's, in payload bytes (exact on both paths)
+        self._bytes = self.metrics.counter(
+            "bytes", "Payload bytes relayed by the sessions, in user space and in the kernel.")
+        self._kernel_packets = self.metrics.counter(
+            "kernel_packets", "Packets relayed in the kernel for offloaded sessions "
+            "(an offloaded send of several datagrams is one).")
 
     async def start(self) -> None:
         if self.cfg.kernel_path and self.cfg.fast_path:
@@ -172,6 +182,10 @@ class ChainProxy:
         self._datagrams.labels("dropped").add_source(
             self, lambda p: p.stats["dropped"] + sum(
                 s.forwarder.record.dropped for s in p.sessions if s.forwarder is not None))
+        self._bytes.add_source(self, lambda p: p.stats["bytes"] + sum(
+            s.forwarder.relayed_bytes for s in p.sessions if s.forwarder is not None))
+        self._kernel_packets.add_source(self, lambda p: p.stats["kernel_packets"] + sum(
+            sum(s.forwarder.kernel_packets) for s in p.sessions if s.forwarder is not None))
         self.metrics.connections_active.add_source(self, lambda p: len(p.sessions))
         self.metrics.sessions_active.add_source(
             self, lambda p: sum(1 for s in p.sessions if s.established))
@@ -554,11 +568,16 @@ class _Session:
     def close(self) -> None:
         if self.forwarder is not None:
             rec = self.forwarder.record
-            self.forwarder.close()  # first: the kernel path's last counts join the record
+            fwd = self.forwarder
+            fwd.close()  # first: the kernel path's last reading
+            kernel = sum(fwd.kernel_packets)
             self.proxy.stats["dropped"] += rec.dropped
             self.proxy.stats["relayed"] += rec.packets
-            log.info("%s: session of %s ended: %d datagrams relayed, %d dropped (no record "
-                     "matched, or failed to open)", self.cfg.name, self.user, rec.packets,
+            self.proxy.stats["bytes"] += fwd.relayed_bytes
+            self.proxy.stats["kernel_packets"] += kernel
+            log.info("%s: session of %s ended: %d bytes relayed (%d datagrams in user space, "
+                     "%d packets in the kernel), %d dropped (no record matched, or failed to "
+                     "open)", self.cfg.name, self.user, fwd.relayed_bytes, rec.packets, kernel,
                      rec.dropped)
             self.forwarder = None
         if self.slot is not None:

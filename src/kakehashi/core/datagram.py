@@ -224,7 +224,16 @@ class DatagramForwarder:
         self.position = position
         self.offload: Offload | None = None
         self._installing: asyncio.Task[None] | None = None
-        self._counted = [0, 0]
+        #: payload bytes relayed in user space per lane (the record counts datagrams);
+        #: the kernel's share apart, in packets and payload bytes: it sees a
+        #: segmentation-offloaded send of several datagrams as one packet, so its
+        #: packets are not datagrams and are never added to the record's counts
+        self.user_bytes = [0, 0]
+        self.kernel_packets = [0, 0]
+        self.kernel_bytes = [0, 0]
+        #: the current offload's counters (out, back packets, out, back bytes) as
+        #: already added above
+        self._counted = [0, 0, 0, 0]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -283,12 +292,15 @@ class DatagramForwarder:
             if self._thin[lane] >= LINGER:
                 burst[lane] = False
         sources = io.sources
+        lengths = io.lengths
         family = self._families[lane]
         offer = lane == 0 and self.kernel is not None
+        size = 0
         for i in range(n):
             dst = decide(sources[i])
             if dst is None:
                 continue
+            size += lengths[i]
             if offer:
                 self._offer()
             try:
@@ -303,6 +315,7 @@ class DatagramForwarder:
                 io.put(family, data, dst)
             except (OSError, ValueError):  # no address for this socket, or too large
                 self.errors += 1
+        self.user_bytes[lane] += size
         failed, overflow = io.flush(dst_sock)
         self.errors += failed
         self.overflow += overflow
@@ -357,13 +370,25 @@ class DatagramForwarder:
         self.offload = o
 
     def _absorb(self, o: Offload) -> None:
-        """Add what the kernel relayed since the last reading to the record's counts."""
-        rec = self.record
-        rec.from_near_count += o.out_packets - self._counted[0]
-        rec.from_far_count += o.back_packets - self._counted[1]
-        self._counted = [o.out_packets, o.back_packets]
-        if o.removed:
-            self._counted = [0, 0]
+        """Add what the kernel relayed since the last reading to its share."""
+        now = (o.out_packets, o.back_packets, o.out_bytes, o.back_bytes)
+        c = self._counted
+        self.kernel_packets[0] += now[0] - c[0]
+        self.kernel_packets[1] += now[1] - c[1]
+        self.kernel_bytes[0] += now[2] - c[2]
+        self.kernel_bytes[1] += now[3] - c[3]
+        self._counted = [0, 0, 0, 0] if o.removed else list(now)
+
+    @property
+    def relayed_bytes(self) -> int:
+        """Payload bytes relayed both ways, in user space and in the kernel (exact on
+        both paths, unlike a count of datagrams: see :attr:`kernel_packets`)."""
+        return sum(self.user_bytes) + sum(self.kernel_bytes)
+
+    @property
+    def activity(self) -> int:
+        """Grows while anything is relayed: datagrams here, packets in the kernel."""
+        return self.record.packets + sum(self.kernel_packets)
 
     async def refresh(self) -> None:
         """Bring the record's counts up to date with the kernel's (a poll of counters)."""
@@ -380,6 +405,7 @@ class DatagramForwarder:
         dst = self.record.from_near(addr)
         if dst is None:
             return
+        self.user_bytes[0] += len(data)
         if self.near_to_far is not None:
             data = self.near_to_far(data)  # type: ignore[assignment]
             if data is None:
@@ -391,6 +417,7 @@ class DatagramForwarder:
         dst = self.record.from_far(addr)
         if dst is None:
             return
+        self.user_bytes[1] += len(data)
         if self.far_to_near is not None:
             data = self.far_to_near(data)  # type: ignore[assignment]
             if data is None:
@@ -426,7 +453,7 @@ class DatagramForwarder:
         while quiet < timeout:
             await asyncio.sleep(period)
             await self.refresh()
-            now = self.record.packets
+            now = self.activity
             quiet = quiet + period if now == last else 0.0
             last = now
 

@@ -27,10 +27,11 @@ Rules are changed through libnftables in this process (:class:`_Nft`), not by ru
 ``nft``: a teardown is synchronous and a process per change held the loop ~10 ms.
 One table per process, ``ip kakehashi_dgram_<pid>``, removed at exit; a table left by a
 process that died without cleaning up is removed by the next one that starts. Named counters
-on each session's rules give the kernel's share of the datagram counts (idle timeout and
-metrics), read by polling. They count packets as the kernel sees them: a
+on each session's rules give the kernel's share (idle timeout, metrics, the session's
+end), read by polling, in packets and payload bytes, never as datagrams: a
 segmentation-offloaded send (a user-space hop's burst, see
-:mod:`kakehashi.core.udpbatch`, or a QUIC stack's) is one packet for several datagrams.
+:mod:`kakehashi.core.udpbatch`, or a QUIC stack's) is one packet for several datagrams,
+while its bytes are exact.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ BACK_BASE = -110
 MAX_POSITION = 39
 _TUPLE = "ipv4_addr . inet_service . ipv4_addr . inet_service"
 _MATCH = "ip saddr . udp sport . ip daddr . udp dport"
+#: an IPv4 header without options and a UDP header: what a counter's bytes hold beyond
+#: the payload, once per packet (the rules take no packet with IP options: see
+#: :meth:`KernelPath._position_script`)
+HEADERS = 20 + 8
 #: seconds within which a second poll of the counters reuses the first one's reading
 REFRESH_MIN = 0.05
 
@@ -183,9 +188,14 @@ class Offload:
     near_port: Addr
     far_port: Addr
     far: Addr
-    #: datagrams the kernel relayed each way, as last read
+    #: packets the kernel relayed each way, as last read: not datagrams, a
+    #: segmentation-offloaded send of several datagrams is one packet here
     out_packets: int = 0
     back_packets: int = 0
+    #: their UDP payload bytes (exact either way: the counter's bytes less one IPv4 and
+    #: UDP header per packet, and an offloaded send has one for all its datagrams)
+    out_bytes: int = 0
+    back_bytes: int = 0
     installed: bool = False
     removed: bool = False
 
@@ -249,15 +259,18 @@ class KernelPath:
         return None
 
     def _position_script(self, k: int) -> str:
+        """A hop position's maps and base chains. Only packets without IP options are
+        rewritten (``ip hdrlength 5``; the rare others go to user space), so a counter's
+        bytes less :data:`HEADERS` per packet are exactly the payload."""
         t = self.table
         return (f"add map ip {t} out{k} {{ type {_TUPLE} : verdict; }}\n"
                 f"add map ip {t} back{k} {{ type {_TUPLE} : verdict; }}\n"
                 f"add chain ip {t} out{k} {{ type filter hook prerouting priority "
                 f"{OUT_BASE + k}; policy accept; }}\n"
-                f"add rule ip {t} out{k} {_MATCH} vmap @out{k}\n"
+                f"add rule ip {t} out{k} ip hdrlength 5 {_MATCH} vmap @out{k}\n"
                 f"add chain ip {t} back{k} {{ type filter hook prerouting priority "
                 f"{BACK_BASE - k}; policy accept; }}\n"
-                f"add rule ip {t} back{k} {_MATCH} vmap @back{k}\n")
+                f"add rule ip {t} back{k} ip hdrlength 5 {_MATCH} vmap @back{k}\n")
 
     def new(self, position: int, near: Addr, near_port: Addr, far_port: Addr,
             far: Addr) -> Offload:
@@ -326,7 +339,7 @@ class KernelPath:
         document per command). Measured with 200 sessions in the table: a ``reset
         counter`` 0.1 ms, ``list counter`` of one 5.7 ms, ``list chain`` 2.1 ms, ``list
         counters table`` 6.9 ms, ``list table`` 16 ms (the listings fetch the table)."""
-        counts: dict[str, int] = {}
+        counts: dict[str, tuple[int, int]] = {}
         decoder, pos = json.JSONDecoder(), 0
         while True:
             while pos < len(out) and out[pos].isspace():
@@ -337,10 +350,13 @@ class KernelPath:
             for item in doc.get("nftables", []):
                 c = item.get("counter") if isinstance(item, dict) else None
                 if isinstance(c, dict):
-                    counts[str(c.get("name", ""))] = int(c.get("packets", 0))
+                    packets = int(c.get("packets", 0))
+                    payload = int(c.get("bytes", 0)) - HEADERS * packets
+                    counts[str(c.get("name", ""))] = (packets, payload)
         for o in sessions:
-            o.out_packets = counts.get(f"s{o.sid}o", o.out_packets)
-            o.back_packets = counts.get(f"s{o.sid}b", o.back_packets)
+            o.out_packets, o.out_bytes = counts.get(f"s{o.sid}o", (o.out_packets, o.out_bytes))
+            o.back_packets, o.back_bytes = counts.get(f"s{o.sid}b",
+                                                      (o.back_packets, o.back_bytes))
 
     async def refresh(self) -> None:
         """Read every offloaded session's counters: one listing of the table's counters,
