@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import struct
@@ -191,9 +192,53 @@ async def test_spoofed_datagrams_reach_user_space_and_are_dropped(chain):
         assert int(dropped[-1]) >= 20, h
 
 
-def _fds(pid: int) -> int:
-    import os
+async def test_rules_change_in_process_and_count_an_offloaded_send_as_one_packet(
+        monkeypatch):
+    """This process's kernel path, without the proxies: installing, polling and removing a
+    session's rules start no process (libnftables in the process: an ``nft`` per change
+    held a proxy's loop ~10 ms per teardown), and a segmentation-offloaded send of ten
+    datagrams is one packet for the counters, its payload bytes exact."""
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args[:1]}")
 
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", no_process)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    near, p2, p3, far = socks
+    kp = KernelPath()
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        kp.prepare()
+        o = kp.new(0, near.getsockname(), p2.getsockname(), p3.getsockname(),
+                   far.getsockname())
+        await kp.install(o)
+        near.setsockopt(socket.IPPROTO_UDP, 103, 100)  # UDP_SEGMENT: 100-byte datagrams
+        near.sendto(bytes(range(100)) * 10, p2.getsockname())  # one send, ten datagrams
+        far.settimeout(5)
+        for _ in range(10):  # rewritten in the kernel: from P3, to the far peer
+            data, src = far.recvfrom(2000)
+            assert (data, src) == (bytes(range(100)), p3.getsockname())
+        far.sendto(b"answer", p3.getsockname())  # and back, from P2 to the near peer
+        near.settimeout(5)
+        assert near.recvfrom(100) == (b"answer", p2.getsockname())
+        await kp.refresh()
+        assert (o.out_packets, o.out_bytes, o.back_packets, o.back_bytes) == (1, 1000, 1, 6)
+        near.sendto(bytes(300), p2.getsockname())  # three more, read at removal
+        for _ in range(3):
+            assert far.recv(2000) == bytes(100)
+        kp.remove(o)
+        assert (o.out_packets, o.out_bytes) == (2, 1300)
+        monkeypatch.undo()  # the check below runs nft
+        assert sessions(os.getpid()) == {}
+    finally:
+        kp.remove_table()
+        for s in socks:
+            s.close()
+
+
+def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 

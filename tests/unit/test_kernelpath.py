@@ -169,7 +169,6 @@ def test_unavailable_without_root(monkeypatch):
     monkeypatch.setattr(kernelpath.os, "geteuid", lambda: 1000)
     assert KernelPath.unavailable() == "not running as root"
     monkeypatch.setattr(kernelpath.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(kernelpath.ctypes.util, "find_library", lambda name: None)
     monkeypatch.setattr(kernelpath.ctypes, "CDLL", _no_library)
     assert KernelPath.unavailable() == "libnftables (nftables) is not installed"
 

@@ -40,7 +40,6 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
-import ctypes.util
 import ipaddress
 import itertools
 import json
@@ -61,6 +60,9 @@ BACK_BASE = -110
 MAX_POSITION = 39
 _TUPLE = "ipv4_addr . inet_service . ipv4_addr . inet_service"
 _MATCH = "ip saddr . udp sport . ip daddr . udp dport"
+#: libnftables by its soname (the one since nftables 0.9; ctypes.util.find_library would
+#: run ldconfig in a process)
+LIBRARY = "libnftables.so.1"
 #: an IPv4 header without options and a UDP header: what a counter's bytes hold beyond
 #: the payload, once per packet (the rules take no packet with IP options: see
 #: :meth:`KernelPath._position_script`)
@@ -93,7 +95,7 @@ class _Nft:
     OUTPUT_JSON = 1 << 4
 
     def __init__(self) -> None:
-        lib = ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so.1")
+        lib = ctypes.CDLL(LIBRARY)
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
         for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
@@ -145,7 +147,7 @@ def _nft(script: str, *, as_json: bool = False) -> str:
 def _libnftables() -> bool:
     """Can libnftables be loaded here?"""
     try:
-        ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so.1")
+        ctypes.CDLL(LIBRARY)
     except OSError:
         return False
     return True
