@@ -26,8 +26,11 @@ ratios (paired within a round). For each row: datagrams/s with 64 datagrams of 5
 flight (echoed, so every datagram crosses the path twice and each round trip counts 2),
 and the round-trip latency of one datagram at a time (p50/p99). Then the setup time of
 a three-proxy chain in each mode (median of --setups setups, in this process through
-``build_chain``). The issue's targets: chain >= socat x3 (datagrams/s and latency);
-encrypted >= 0.5x plaintext.
+``build_chain``), and the whole life of a session (set up, one datagram echoed, closed)
+through the fast-path proxies and, with a kernel row chosen, through the kernel-path
+ones (which install and remove the session's rules), with the three proxies' CPU per
+session (/proc, reaped children included). The issue's targets: chain >= socat x3
+(datagrams/s and latency); encrypted >= 0.5x plaintext.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (
     Procs,
+    cpu_seconds,
     free_port,
     install_signal_exit,
     machine,
@@ -56,6 +60,7 @@ from benchlib import (
 )
 
 from kakehashi.chain.forward import ForwardConfig, build_chain
+from kakehashi.chain.setup import SetupFailed
 from kakehashi.chain.tables import Hop
 from kakehashi.core import crypto
 
@@ -162,6 +167,8 @@ def main() -> int:
         keys = {k: crypto.new_shared_key() for k in ("a1", "a2", "a3", "12", "23")}
         alice = [f"fw{i}={keys[f'a{i}']}" for i in (1, 2, 3)]
 
+        pids: dict[str, list[int]] = {}
+
         def proxies(fast_path: str, udp_base: int) -> list[int]:
             """Three chained proxies (fw1 -> fw2 -> fw3 -> direct); their control ports."""
             cports = [free_port() for _ in range(3)]
@@ -177,7 +184,8 @@ def main() -> int:
                     args_ += ["--key", f"fw{i - 1}={keys[f'{i - 1}{i}']}"]
                 if i < 3:
                     args_ += ["--key", f"fw{i + 1}={keys[f'{i}{i + 1}']}"]
-                procs.spawn(f"fw{i}-{fast_path}", args_)
+                pids.setdefault(fast_path, []).append(
+                    procs.spawn(f"fw{i}-{fast_path}", args_).popen.pid)
             for p in cports:
                 wait_listening(p)
             return cports
@@ -247,11 +255,50 @@ def main() -> int:
                 c.data_sock.close()  # type: ignore[attr-defined]
             return median(times)
 
+        async def cycles(ports: list[int]) -> tuple[float, float]:
+            """Sessions one after another, each set up, locked by one echoed datagram
+            (a kernel-path proxy then installs its rules) and closed (it removes them):
+            the median ms per session and the proxies' CPU ms per session."""
+            cfg = ForwardConfig("alice", {f"fw{i}": crypto.parse_shared_key(keys[f"a{i}"])
+                                          for i in (1, 2, 3)},
+                                Hop("fw1", "127.0.0.1", ports[0]), ("127.0.0.1", echo_port),
+                                ("127.0.0.1", 0))
+            loop = asyncio.get_running_loop()
+            which = pids["kernel" if ports == k_ports else "on"]
+            cpu0 = sum(cpu_seconds(p) for p in which)
+            times = []
+            for _ in range(args.setups):
+                t = time.perf_counter()
+                for _ in range(100):
+                    try:
+                        c = await build_chain(cfg)
+                        break
+                    except SetupFailed as exc:  # the last sessions' slots not yet freed
+                        if exc.reason != "limit":
+                            raise
+                        await asyncio.sleep(0.01)
+                sock = c.data_sock
+                sock.sendto(b"lock", c.setup.first.addr)  # type: ignore[union-attr]
+                await asyncio.wait_for(loop.sock_recv(sock, 100), 5)  # type: ignore[arg-type]
+                c.close()
+                sock.close()  # type: ignore[union-attr]
+                times.append((time.perf_counter() - t) * 1000)
+            await asyncio.sleep(1.0)  # the last teardowns
+            return median(times), (sum(cpu_seconds(p) for p in which) - cpu0) * 1000 / len(
+                times)
+
         setup_rows = []
         for mode, enc in (("recursive", False), ("iterative", False), ("recursive", True)):
             if args.setups:
                 ms = asyncio.run(setups(mode, enc))
-                setup_rows.append([f"{mode}{' encrypted' if enc else ''}", f"{ms:.2f}"])
+                setup_rows.append([f"{mode}{' encrypted' if enc else ''}", f"{ms:.2f}", ""])
+        # the whole life of a session, fast path on and kernel path (rules installed and
+        # removed at each proxy), and what it costs the three proxies
+        for title, ports in (("session (setup, echo, teardown)", cports),
+                             ("session, kernel path", k_ports)):
+            if args.setups and ports:
+                ms, cpu = asyncio.run(cycles(ports))
+                setup_rows.append([title, f"{ms:.2f}", f"{cpu:.2f}"])
 
     def med(name: str, i: int) -> float:
         return median([r[i] for r in rounds[name]])
@@ -272,7 +319,8 @@ def main() -> int:
                  "p50 / socat x3", "p99 / socat x3"], rows))
     if setup_rows:
         print()
-        print(table(["three-proxy chain setup", "median ms"], setup_rows))
+        print(table(["three-proxy chain setup", "median ms", "proxies' CPU ms per session"],
+                    setup_rows))
     for e_row, p_row in (("chain-encrypted", "chain"), ("chain-kernel-encrypted", "chain"),
                          ("chain-kernel-encrypted", "chain-kernel"),
                          ("chain-encrypted", "chain-kernel")):
