@@ -17,7 +17,9 @@ import os
 import socket
 import ssl
 import stat
+import sys
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from kakehashi.core import tlsmismatch, wire
 
@@ -49,21 +51,34 @@ def _tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+#: Linux copies TCP_NODELAY from a listening socket to the connections it accepts
+#: (the accepted socket is a clone of the listener's), so a listener that sets it
+#: once spares a setsockopt per connection; elsewhere each connection sets it
+NODELAY_INHERITED = sys.platform.startswith("linux")
+
+
 class Conn:
     """A plain non-blocking stream socket driven by the running loop."""
 
     plain = True
     _watching = False  # a persistent readable callback is registered (watch_readable)
 
-    def __init__(self, sock: socket.socket) -> None:
-        _tune(sock)
+    def __init__(self, sock: socket.socket, *, accepted: tuple | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``accepted``: the peer address ``accept`` returned, for a socket that a
+        :class:`Listener` made non-blocking and tuned already (the accept path does
+        per connection only what it must); ``loop``: the running loop, if known."""
         self.sock = sock
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self._closed = False
-        try:
-            self.peer = sock.getpeername()
-        except OSError:
-            self.peer = None
+        if accepted is not None:
+            self.peer = accepted
+        else:
+            _tune(sock)
+            try:
+                self.peer = sock.getpeername()
+            except OSError:
+                self.peer = None
         self.tls_version: str | None = None
         self._pushback = b""
         #: futures of tasks waiting for this socket (value: readable?); ``close`` wakes
@@ -192,9 +207,20 @@ class Conn:
         """Call ``callback`` whenever the socket is readable, until
         :meth:`unwatch_readable` or :meth:`close` (which unregisters it before the fd
         goes: a registration left on a closed fd number would swallow the events of
-        the next connection that gets that number)."""
-        self.loop.add_reader(self.sock.fileno(), callback)
-        self._watching = True
+        the next connection that gets that number).
+
+        A watch already in place only changes hands: the loop keeps calling
+        :meth:`_readable`, which calls the current callback. A kept-alive upstream
+        changes watchers several times per client connection (the pool, a fast lane,
+        the pool again); re-registering each time cost a loop handle and its checks
+        per change, measured with one request per connection."""
+        self._on_readable = callback
+        if not self._watching:
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+            self._watching = True
+
+    def _readable(self) -> None:
+        self._on_readable()
 
     def unwatch_readable(self) -> None:
         if self._watching:
@@ -1018,6 +1044,15 @@ class Listener:
         family, type_, proto, _, addr = infos[0]
         sock = socket.socket(family, type_, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        #: what each accepted socket needs (see _accept_one): the options it inherits
+        #: are set here once, the rest per connection
+        self._inet = family in (socket.AF_INET, socket.AF_INET6)
+        self._nodelay_each = self._inet
+        if self._inet and NODELAY_INHERITED:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._nodelay_each = False
+        self._family, self._type, self._proto = int(family), int(type_), int(proto)
         sock.bind(addr)
         sock.listen(backlog)
         sock.setblocking(False)
@@ -1060,7 +1095,7 @@ class Listener:
                 self._pause_accepting()
                 return
             try:
-                client, addr = self.sock.accept()
+                client, addr = self._accept_one()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: back off, keep serving
@@ -1074,9 +1109,26 @@ class Listener:
                 client.close()
                 continue
             self.per_client[peer] = self.per_client.get(peer, 0) + 1
-            task = loop.create_task(self._run(Conn(client), peer))
+            task = loop.create_task(self._run(Conn(client, accepted=addr, loop=loop), peer))
             self.tasks.add(task)
             task.add_done_callback(self._done)
+
+    def _accept_one(self) -> tuple[socket.socket, Any]:
+        """``socket.accept`` without its per-call lookups (the listener's family and
+        type converted to enums each time), made non-blocking and tuned: the
+        options a listener's connections do not inherit, and TCP_NODELAY only where
+        they do not inherit it (see NODELAY_INHERITED)."""
+        fd, addr = self.sock._accept()  # type: ignore[attr-defined]
+        client = socket.socket(self._family, self._type, self._proto, fileno=fd)
+        try:
+            client.setblocking(False)
+            if self._nodelay_each:
+                with contextlib.suppress(OSError):
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            client.close()
+            raise
+        return client, addr
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
