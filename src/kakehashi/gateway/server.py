@@ -150,7 +150,7 @@ class GatewayServer:
                 await asyncio.wait_for(self._reply_error(
                     conn, 508, "the target is this gateway itself (a loop)"), 5)
             return
-        reader = http.HeadReader(self.settings.limits)
+        reader: http.HeadReader | None = None  # the coroutine path's (made when needed)
         gc = GatewayConnection(self.policy)
         clean = False  # the upstream is between exchanges (it may go to the pool)
         self.metrics.connections.inc()
@@ -174,6 +174,8 @@ class GatewayServer:
                         return
                     head = resume.head
                 else:
+                    if reader is None:
+                        reader = http.HeadReader(self.settings.limits)
                     try:
                         head = await self._read_request(conn, reader, gc)
                     except http.HTTPError as exc:
