@@ -71,6 +71,10 @@ def pool_key(upstream: Upstream) -> Key | None:
     return (*upstream.key, users.pop())
 
 
+#: (a plain int: or-ing the socket module's flag enums costs more than the peek)
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
 def still_idle(conn: Conn) -> bool:
     """May a kept-alive upstream connection carry the next request? Origins close
     idle connections whenever they like (keep-alive timeouts): one that has sent
@@ -78,7 +82,7 @@ def still_idle(conn: Conn) -> bool:
     if conn.closed or conn.has_pushback:
         return False
     try:
-        conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        conn.sock.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return True  # nothing to read: still open and quiet
     except OSError:
