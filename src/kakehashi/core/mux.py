@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kakehashi.core import tlsmismatch
-from kakehashi.core.stream import Conn, ConnClosed, refuse, start_tls
+from kakehashi.core.stream import Conn, ConnClosed, Held, StartNow, refuse, start_tls
 
 log = logging.getLogger("kakehashi.mux")
 
@@ -57,6 +57,8 @@ class Route:
     name: str
     match: Matcher
     handler: Handler
+    #: the handler's way to take a connection without a task (see Listener)
+    start_now: StartNow | None = None
 
 
 class ProtocolMux:
@@ -69,9 +71,54 @@ class ProtocolMux:
         self.fallback: Handler | None = None
         #: refuse plaintext: only TLS may open a connection
         self.require_tls = False
+        self._starts_now = False  # a route can take a connection without a task
 
-    def add(self, name: str, match: Matcher, handler: Handler) -> None:
-        self.routes.append(Route(name, match, handler))
+    def add(self, name: str, match: Matcher, handler: Handler, *,
+            start_now: StartNow | None = None) -> None:
+        """A route; ``start_now``: the handler's task-free start (see
+        :class:`~kakehashi.core.stream.Listener`), offered plain connections whose
+        first bytes are already there."""
+        self.routes.append(Route(name, match, handler, start_now))
+        self._starts_now = self._starts_now or start_now is not None
+
+    def start_now(self, conn: Conn, held: Held, *, again: bool = True) -> Awaitable[None] | None:
+        """The listener's offer of a new connection: when its first bytes are there
+        and choose a plaintext route that can start without a task, that route takes
+        it now; anything else (TLS, no bytes yet, no such route) is this mux's
+        coroutine, exactly as without this offer.
+
+        The offer comes straight from accept, often just before the client's first
+        bytes: with none yet (``again``) the mux looks once more at the end of this
+        loop pass, as a task started now would have, before it waits by coroutine."""
+        if self.require_tls or not self._starts_now:
+            return self(conn)
+        try:
+            head = self._peek_now(conn)
+        except (OSError, ConnClosed):
+            return self(conn)  # (the coroutine peeks again and reports it)
+        if head is None and again:
+            held.abort = held.end  # (nothing registered yet)
+            conn.loop.call_soon(self._start_later, conn, held)
+            return None
+        if head is None or (self.tls is not None and head[:1] == bytes([TLS_RECORD_HANDSHAKE])):
+            return self(conn)
+        route = self._choose(head)
+        if route is None or route.start_now is None:
+            return self(conn)
+        return route.start_now(conn, held)
+
+    def _start_later(self, conn: Conn, held: Held) -> None:
+        """:meth:`start_now`'s second look (unless the listener closed meanwhile)."""
+        if not held.active:
+            return
+        try:
+            work = self.start_now(conn, held, again=False)
+        except Exception:  # a bug must cost one connection, not the listener
+            log.exception("connection from %s failed at its start", conn.peer)
+            held.end()
+            return
+        if work is not None:
+            held.to_task(work)
 
     async def __call__(self, conn: Conn) -> None:
         try:

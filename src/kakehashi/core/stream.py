@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import socket
 import ssl
 import stat
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from kakehashi.core import tlsmismatch, wire
@@ -32,6 +33,8 @@ FAST_PATH = os.environ.get("KAKEHASHI_FAST_PATH", "on") != "off"
 #: OpenSSL 3 fails the read with UNEXPECTED_EOF_WHILE_READING, a fatal state in which
 #: every later write fails too - the reply of a half-closed tunnel would be lost.
 OP_IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 1 << 7)
+
+log = logging.getLogger("kakehashi.stream")
 
 RECV_CHUNK = 256 * 1024
 #: reads for control messages: large enough for any control frame, small enough
@@ -1014,6 +1017,42 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
 ACCEPT_BATCH = 64
 
 
+class Held:
+    """A connection that its handler serves from readiness callbacks, without a task
+    (see :meth:`Listener.__init__`'s ``start_now``).
+
+    The handler calls :meth:`end` once it is done with the connection (the listener
+    closes it and counts it out) or :meth:`to_task` to go on by coroutine, and sets
+    :attr:`abort`: what ends it at once when the listener closes.
+    """
+
+    __slots__ = ("abort", "conn", "listener", "peer")
+
+    def __init__(self, listener: Listener, conn: Conn, peer: str) -> None:
+        self.listener = listener
+        self.conn = conn
+        self.peer = peer
+        self.abort: Callable[[], None] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Still served from callbacks (not ended, not moved to a task)."""
+        return self in self.listener.held
+
+    def end(self) -> None:
+        self.listener._end_held(self)
+
+    def to_task(self, work: Awaitable[None]) -> None:
+        """Go on serving the connection by coroutine, in a task of the listener's."""
+        self.listener._to_task(self, work)
+
+
+#: a handler's way to take a new connection without a task: returns the coroutine to
+#: run as the connection's task, or None when it serves the connection from
+#: callbacks (it then ends the :class:`Held` it was given)
+StartNow = Callable[[Conn, Held], "Awaitable[None] | None"]
+
+
 class Listener:
     """A TCP accept loop handing each connection to ``handler`` in its own task.
 
@@ -1022,6 +1061,12 @@ class Listener:
     descriptors and memory; ``max_per_client`` (0: no limit) closes a new
     connection at once when its address already has that many, so one client
     cannot take every slot.
+
+    A handler with a ``start_now`` attribute (a :data:`StartNow`) is offered each
+    connection from a callback, instead of a task: a connection served entirely from
+    readiness callbacks then costs no task (with one request per connection the
+    task, its steps and the coroutine frames it resumes were a measurable part of
+    each connection's cost). It counts against the limits like any other.
     """
 
     def __init__(
@@ -1035,6 +1080,9 @@ class Listener:
         max_per_client: int = 0,
     ) -> None:
         self.handler = handler
+        self.start_now: StartNow | None = getattr(handler, "start_now", None)
+        #: connections served from callbacks (no task), by their Held
+        self.held: set[Held] = set()
         self.max_connections = max_connections
         self.max_per_client = max_per_client
         self.per_client: dict[str, int] = {}
@@ -1078,7 +1126,7 @@ class Listener:
     def _resume_accepting(self) -> None:
         if self._accepting or self._closing:
             return
-        if self.max_connections and len(self.tasks) >= self.max_connections:
+        if self.max_connections and self.active >= self.max_connections:
             return  # _done resumes when a slot frees; the backlog holds the rest
         self._loop.add_reader(self.sock.fileno(), self._on_acceptable)
         self._accepting = True
@@ -1091,7 +1139,7 @@ class Listener:
     def _on_acceptable(self) -> None:
         loop = self._loop
         for _ in range(ACCEPT_BATCH):
-            if self.max_connections and len(self.tasks) >= self.max_connections:
+            if self.max_connections and self.active >= self.max_connections:
                 self._pause_accepting()
                 return
             try:
@@ -1109,9 +1157,58 @@ class Listener:
                 client.close()
                 continue
             self.per_client[peer] = self.per_client.get(peer, 0) + 1
-            task = loop.create_task(self._run(Conn(client, accepted=addr, loop=loop), peer))
-            self.tasks.add(task)
-            task.add_done_callback(self._done)
+            conn = Conn(client, accepted=addr, loop=loop)
+            if self.start_now is None:
+                self._start_task(self._run(conn, peer))
+                continue
+            held = Held(self, conn, peer)
+            self.held.add(held)  # (before the start: it may end or move on at once)
+            # offered at the end of this loop pass, as a task would start: the
+            # client's first bytes, sent right after its connect, are there by then
+            loop.call_soon(self._offer, held)
+
+    def _offer(self, held: Held) -> None:
+        """Offer a new connection to the handler's ``start_now``."""
+        if held not in self.held:  # (the listener closed meanwhile)
+            return
+        assert self.start_now is not None
+        try:
+            work = self.start_now(held.conn, held)
+        except Exception:  # a bug must cost one connection, not the listener
+            log.exception("connection from %s failed at its start", held.peer)
+            self._end_held(held)
+            return
+        if work is not None:
+            held.abort = None
+            self.held.discard(held)
+            self._start_task(self._run_work(held.conn, held.peer, work))
+
+    @property
+    def active(self) -> int:
+        """Connections being served (with a task or from callbacks)."""
+        return len(self.tasks) + len(self.held)
+
+    def _start_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _end_held(self, held: Held) -> None:
+        held.abort = None  # (it refers back to its handler's state: no cycle left)
+        if held in self.held:
+            self.held.discard(held)
+            self._count_out(held.conn, held.peer)
+            if not self._accepting:
+                self._resume_accepting()
+
+    def _to_task(self, held: Held, work: Awaitable[None]) -> None:
+        held.abort = None  # (the task is cancelled instead)
+        if held not in self.held:  # ended meanwhile (the listener closed)
+            if isinstance(work, Coroutine):
+                work.close()
+            return
+        self.held.discard(held)  # (the task holds the slot from here)
+        self._start_task(self._run_work(held.conn, held.peer, work))
 
     def _accept_one(self) -> tuple[socket.socket, Any]:
         """``socket.accept`` without its per-call lookups (the listener's family and
@@ -1139,17 +1236,31 @@ class Listener:
         try:
             await self.handler(conn)
         finally:
-            conn.close()
-            left = self.per_client.get(peer, 1) - 1
-            if left > 0:
-                self.per_client[peer] = left
-            else:
-                self.per_client.pop(peer, None)
+            self._count_out(conn, peer)
+
+    async def _run_work(self, conn: Conn, peer: str, work: Awaitable[None]) -> None:
+        try:
+            await work
+        finally:
+            self._count_out(conn, peer)
+
+    def _count_out(self, conn: Conn, peer: str) -> None:
+        """A connection is over: closed, and its client's count goes down."""
+        conn.close()
+        left = self.per_client.get(peer, 1) - 1
+        if left > 0:
+            self.per_client[peer] = left
+        else:
+            self.per_client.pop(peer, None)
 
     async def close(self) -> None:
         self._closing = True
         self._pause_accepting()
         self.sock.close()
+        for held in list(self.held):
+            if held.abort is not None:
+                held.abort()
+            held.end()  # (if its abort did not)
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:

@@ -171,7 +171,8 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
         mux = ProtocolMux(tls=ctx_tls, timeout=head_timeout)
         if tls_mode == "on":
             mux.require_tls = True
-        mux.add("http", looks_like_request, server.handle_connection)
+        mux.add("http", looks_like_request, server.handle_connection,
+                start_now=server.start_now)
         if relay and attach is not None:
             await attach(mux, db, audit_log)
         listener = Listener(host, port, mux, max_connections=max_connections,

@@ -30,6 +30,7 @@ import asyncio
 import re
 import socket
 import time
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from kakehashi.core.stream import SMALL_CHUNK, Conn
@@ -216,6 +217,10 @@ class FastLane:
     timer: asyncio.TimerHandle | None = None
     timer_at = 0.0
     pending: Handoff | None = None  # decided, waiting for self.out to drain
+    #: called with the handoff as soon as the lane ends (beside :attr:`fut`, whose
+    #: waiters wake a loop pass later): a driver without a task ends the connection
+    #: at once - its upstream is back in the pool before the next accept looks there
+    on_end: Callable[[Handoff], None] | None = None
 
     def __init__(self, host: LaneHost, gc: GatewayConnection, conn: Conn) -> None:
         self.host = host
@@ -246,6 +251,20 @@ class FastLane:
     async def run(self) -> Handoff:
         """Serve until a request needs the coroutine path; the upstream stays the
         connection's (``gc.upstream``)."""
+        self.start()
+        try:
+            return await self.fut
+        finally:
+            self._unregister()
+
+    def stop(self) -> None:
+        """Stop every callback now (the lane's end is then its driver's business)."""
+        self.on_end = None
+        self._unregister()
+
+    def start(self) -> None:
+        """Start serving; the end is :attr:`fut`'s result (a Handoff), set from a
+        callback - or already, when the first request needs the coroutine path."""
         conn = self.conn
         if conn.has_pushback:
             self.reader.feed(conn.take_pushback(conn.pushback_size))
@@ -263,10 +282,6 @@ class FastLane:
         if not self.fut.done():
             self._resume()
             self._next_request()
-        try:
-            return await self.fut
-        finally:
-            self._unregister()
 
     # -- registration ------------------------------------------------------------
     def _resume(self) -> None:
@@ -324,6 +339,9 @@ class FastLane:
                 self.conn.unread(rest)
         self._unregister(idle_upstream=handoff.kind in ("eof", "close") and self.clean)
         self.fut.set_result(handoff)
+        on_end, self.on_end = self.on_end, None  # (a closure over this lane: no cycle)
+        if on_end is not None:
+            on_end(handoff)
 
     def _watch_upstream(self, upstream: Upstream) -> None:
         self.uconn = upstream.conn

@@ -27,11 +27,12 @@ import logging
 import ssl
 import time
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.pump import Transfer, pump_raw
-from kakehashi.core.stream import Conn, ConnClosed, open_tcp
+from kakehashi.core.stream import Conn, ConnClosed, Held, open_tcp
 from kakehashi.gateway import body, http
 from kakehashi.gateway.allow import AllowList, Decision
 from kakehashi.gateway.connection import LOCAL, TUNNEL, GatewayConnection, Policy
@@ -144,25 +145,83 @@ class GatewayServer:
     # -- one client connection ---------------------------------------------------
     async def handle_connection(self, conn: Conn) -> None:
         if self._from_itself(conn):
-            self.audit.record("loop", False, client=conn.peer[0] if conn.peer else "?",
-                              why="a connection from this gateway to itself")
-            with contextlib.suppress(OSError, ConnClosed, TimeoutError):
-                await asyncio.wait_for(self._reply_error(
-                    conn, 508, "the target is this gateway itself (a loop)"), 5)
+            await self._refuse_loop(conn)
             return
-        reader: http.HeadReader | None = None  # the coroutine path's (made when needed)
         gc = GatewayConnection(self.policy)
-        clean = False  # the upstream is between exchanges (it may go to the pool)
+        self._opened()
+        await self._serve(conn, gc)
+
+    def start_now(self, conn: Conn, held: Held) -> Awaitable[None] | None:
+        """Take a new plain connection without a task (the listener's offer, see
+        :class:`~kakehashi.core.stream.Listener`): its fast lane starts from the
+        accept callback, and the connection gets a task only if a request needs the
+        coroutine path (then :meth:`_serve` goes on from the lane's handoff, as it
+        does after any lane). A one-request connection served by the lane - a
+        pooled upstream, ``Connection: close`` - is accepted, served and closed
+        from callbacks. Part of the fast lane: off with it (``--fast-lane off``)."""
+        gc = GatewayConnection(self.policy)
+        if not gc.use_lane(conn.plain) or self._from_itself(conn):
+            return self.handle_connection(conn)
+        self._opened()
+        lane = FastLane(self, gc, conn)
+
+        def abort() -> None:  # the listener is closing
+            lane.fut.cancel()
+            lane.stop()
+            self._closed(gc, clean=False)
+            held.end()
+
+        def ended(handoff: Handoff) -> None:
+            if handoff.kind in ("eof", "close"):
+                self._closed(gc, clean=lane.clean)
+                held.end()
+            else:
+                held.to_task(self._serve(conn, gc, handoff, clean=lane.clean))
+
+        held.abort = abort
+        lane.on_end = ended
+        lane.start()
+        return None
+
+    def _opened(self) -> None:
         self.metrics.connections.inc()
         self.metrics.connections_active.inc()
+
+    def _closed(self, gc: GatewayConnection, *, clean: bool) -> None:
+        """A client connection is over: its upstream goes to the pool when it is
+        between exchanges (``clean``), else it is closed."""
+        self.metrics.connections_active.dec()
+        upstream = gc.detach()
+        if upstream is not None:
+            if clean:
+                self.pool.release(upstream)
+            else:
+                upstream.conn.close()
+
+    async def _refuse_loop(self, conn: Conn) -> None:
+        self.audit.record("loop", False, client=conn.peer[0] if conn.peer else "?",
+                          why="a connection from this gateway to itself")
+        with contextlib.suppress(OSError, ConnClosed, TimeoutError):
+            await asyncio.wait_for(self._reply_error(
+                conn, 508, "the target is this gateway itself (a loop)"), 5)
+
+    async def _serve(self, conn: Conn, gc: GatewayConnection, pending: Handoff | None = None,
+                     *, clean: bool = False) -> None:
+        """A client connection's requests, from the start or from ``pending``: the
+        handoff of a fast lane that ran before (``clean``: its upstream, if any, is
+        between exchanges)."""
+        reader: http.HeadReader | None = None  # the coroutine path's (made when needed)
         try:
             while True:
                 resume: Handoff | None = None
-                if gc.use_lane(conn.plain):
-                    # what it can, the fast lane serves from callbacks (see fastlane.py)
-                    lane = FastLane(self, gc, conn)
-                    resume = await lane.run()
-                    clean = lane.clean
+                if pending is not None or gc.use_lane(conn.plain):
+                    if pending is not None:
+                        resume, pending = pending, None
+                    else:
+                        # what it can, the fast lane serves from callbacks (fastlane.py)
+                        lane = FastLane(self, gc, conn)
+                        resume = await lane.run()
+                        clean = lane.clean
                     if resume.kind in ("eof", "close"):
                         return
                     if resume.kind == "abort":
@@ -209,13 +268,7 @@ class GatewayServer:
         except (OSError, ConnClosed, ssl.SSLError, TimeoutError) as exc:
             log.debug("client %s: %s", conn.peer, exc)
         finally:
-            self.metrics.connections_active.dec()
-            upstream = gc.detach()
-            if upstream is not None:
-                if clean:
-                    self.pool.release(upstream)
-                else:
-                    upstream.conn.close()
+            self._closed(gc, clean=clean)
 
     async def _one_request(self, conn: Conn, gc: GatewayConnection,
                            head: http.RequestHead) -> bool:
