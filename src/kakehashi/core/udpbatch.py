@@ -22,9 +22,9 @@ through with one ``sendmmsg``:
   record still decides on the same ``(host, port)`` tuples as ``recvfrom`` gives;
 - destination ``sockaddr`` structures are encoded once per destination.
 
-For a lone datagram (``limit`` 1, and a queue of one) it is a plain ``recvfrom_into``
-and ``sendto``: through ctypes the batched calls cost a few microseconds more, which
-one-at-a-time traffic would pay in latency at every hop.
+A queue of one is sent with a plain ``sendto``: through ctypes the batched calls cost a
+few microseconds more, which one-at-a-time traffic would pay in latency at every hop (the
+forwarder does not come here at all for a lone datagram between bursts).
 
 This is Linux ``recvmmsg(2)``/``sendmmsg(2)`` through ctypes on an LP64 libc. Where that
 is missing (another OS, a 32-bit build), :class:`Batch` does the same with a loop of
@@ -215,15 +215,7 @@ class Batch:
         """Take what ``sock`` holds, up to ``limit`` datagrams (0: nothing there).
 
         Fills :attr:`lengths` and :attr:`sources`; OSError for an error queued on the
-        socket (an ICMP error for an earlier send: not fatal for UDP). One datagram
-        (``limit`` 1) is a plain ``recvfrom_into``: for a lone datagram it costs less
-        than ``recvmmsg`` through ctypes."""
-        if limit == 1:
-            try:
-                self.lengths[0], self.sources[0] = sock.recvfrom_into(self.rx[:SLOT])
-            except (BlockingIOError, InterruptedError):
-                return 0
-            return 1
+        socket (an ICMP error for an earlier send: not fatal for UDP)."""
         if self.mmsg:
             h = self._rx_h
             for i in range(self._rx_used):  # the kernel wrote each name's length there
