@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import socket
 import struct
@@ -10,6 +12,7 @@ import termios
 from kakehashi.core.stream import Conn, FramedConn
 from kakehashi.relay import messages as m
 from kakehashi.relay.agent import RelayLink, TerminalConfig
+from tests.support.wait import async_wait_until
 
 
 def _readable_bytes(sock: socket.socket) -> int:
@@ -87,3 +90,92 @@ async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
 
 def test_a_relay_that_rejects_early_data_gets_requests_without_it(run) -> None:
     run(_a_relay_that_rejects_early_data_gets_requests_without_it())
+
+
+class _PoolLink:
+    """A logged-in link as the pool sees it: idle until a request takes it."""
+
+    def __init__(self, term) -> None:
+        self.owner = term
+        self.reserved = False
+        self.busy = False
+        self.idle_since = 0.0
+
+    @property
+    def idle(self) -> bool:
+        return not self.reserved and not self.busy
+
+    async def connect(self, target, service="", *, encrypt=False, e2e=False, early=b""):
+        from kakehashi.relay import terminal as t
+
+        self.busy = True  # paired: it never comes back (the session cipher)
+        return t.Connected(target, False, False, "", True, 0)
+
+    def close(self) -> None:
+        self.busy = True
+
+
+async def _no_spare_is_opened_while_a_session_is_set_up() -> None:
+    """Under the session cipher every session uses its link up, and the terminal
+    replaces it. The replacement costs the relay a TLS handshake and a login: opened
+    while the session is being set up, it delays that setup (the relay does it in
+    between). With an idle spare left the pool waits until the session has carried
+    bytes both ways; a burst that leaves no idle spare opens one at once."""
+    from kakehashi.relay import agent
+    from kakehashi.relay.agent import Session, Terminal
+
+    term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p",
+                                   spares=2))
+    term.sessions_close_links = True
+    first, second = _PoolLink(term), _PoolLink(term)
+    term.links = {first, second}
+    opened: list[_PoolLink] = []
+    looked = 0
+
+    async def open_link():
+        link = _PoolLink(term)
+        term.links.add(link)
+        opened.append(link)
+        return link
+
+    idle_links = term.idle_links
+
+    def counted():
+        nonlocal looked
+        looked += 1
+        return idle_links()
+
+    term.open_link = open_link  # type: ignore[method-assign]
+    term.idle_links = counted  # type: ignore[method-assign]
+    saved = agent.SETTLE
+    agent.SETTLE = 60.0  # the cap on the wait is not what is tested
+    maintainer = asyncio.create_task(term.maintain())
+    try:
+        await async_wait_until(lambda: looked >= 2, what="the pool looked at")
+        link, _ = await term.connect("pi")
+        before = looked
+        # the maintainer saw the link taken (it counts the idle links again) ...
+        await async_wait_until(lambda: looked >= before + 2, what="the pool looked again")
+        for _ in range(10):
+            await asyncio.sleep(0)  # (a spare being opened would have started by now)
+        assert opened == [], "a spare was opened in the middle of a setup"
+        # ... and opens the spare once the session carries bytes both ways
+        session = Session(link)  # type: ignore[arg-type]
+        session.carried(sent=True)
+        session.carried(received=True)
+        await async_wait_until(lambda: opened, what="the spare opened after the setup")
+        assert len(opened) == 1
+        # a burst: both spares taken, none idle: a spare is opened at once
+        await term.connect("pi")
+        await term.connect("pi")
+        await async_wait_until(lambda: len(opened) >= 2, what="a spare for the burst")
+    finally:
+        agent.SETTLE = saved
+        term._stop = True
+        maintainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await maintainer
+
+
+def test_no_spare_is_opened_while_a_session_is_set_up(run) -> None:
+    run(_no_spare_is_opened_while_a_session_is_set_up())

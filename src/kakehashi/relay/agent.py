@@ -28,6 +28,7 @@ from kakehashi.core.pump import (
     DiscardSink,
     FrameSink,
     RawSink,
+    Transfer,
     UnsealedEnd,
     forward_frames,
     open_end,
@@ -469,6 +470,11 @@ class _NotifyingRawSink(RawSink):
         super().__init__(dst, sealing=sealing, end_sealed=end_sealed)
         self.session = session
 
+    async def data(self, src: FramedConn, length: int) -> None:
+        if not self.session.received:
+            self.session.carried(received=True)
+        await super().data(src, length)
+
     async def eof(self, body: bytes = b"") -> None:
         await super().eof(body)
         self.session.got_eof.set()
@@ -522,6 +528,8 @@ class Session:
         self.ended = asyncio.Event()
         self.released = asyncio.Event()
         self.peer_reason = ""
+        #: the application's bytes have gone each way (the setup is over once both did)
+        self.sent = self.received = False
 
     def event(self, ev: object) -> None:
         if isinstance(ev, t.PeerEnded):
@@ -530,6 +538,32 @@ class Session:
         elif isinstance(ev, t.ReleasedEvent):
             self.released.set()
             self.ended.set()
+
+    def carried(self, *, sent: bool = False, received: bool = False) -> None:
+        """Bytes went one way; once both ways did, the session is set up and the
+        terminal may open the link that replaces this one (:meth:`Terminal.setup_over`)."""
+        self.sent |= sent
+        self.received |= received
+        if self.sent and self.received and self.link.owner is not None:
+            self.link.owner.setup_over(self.link)
+
+
+class _SentCounter(Transfer):
+    """The bytes a session sent; tells the session when the first ones went."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._bytes = 0
+
+    @property  # type: ignore[override]
+    def bytes(self) -> int:
+        return self._bytes
+
+    @bytes.setter
+    def bytes(self, value: int) -> None:
+        self._bytes = value
+        if not self.session.sent:
+            self.session.carried(sent=True)
 
 
 async def _e2e_handshake(link: RelayLink, info: t.Connected | t.IncomingRequest,
@@ -589,7 +623,11 @@ async def run_session(link: RelayLink, app: Conn,
     issued = bool(info.cipher) and not info.e2e
     if issued and link.owner is not None:
         link.owner.sessions_close_links = True
-        link.owner.changed()  # this link will not come back: a spare now
+        # this link will not come back: a new spare, opened once this session is set
+        # up (Terminal.maintain), not in the middle of it
+        link.owner.changed()
+    if initiator and getattr(info, "early", 0):
+        session.carried(sent=True)  # the first bytes went with the request
     log.info("session %s %s: cipher %s", "to" if initiator else "from", info.peer,
              m.CIPHER_SESSION if issued else "e2e" if info.e2e else
              "tls" if link.t.encrypted else "none")
@@ -614,10 +652,12 @@ async def run_session(link: RelayLink, app: Conn,
                 session.got_eof.set()
             else:
                 await app.send_all(open_(item) if open_ else item)
+                session.carried(received=True)
         # no await since the check
         link.sink = _NotifyingRawSink(app, session, e2e, end_sealed=issued)
         up = asyncio.create_task(raw_to_frames(app, link.framed, sealing=e2e,
-                                               end_sealed=issued))
+                                               end_sealed=issued,
+                                               counter=_SentCounter(session)))
         both_done = asyncio.ensure_future(_both(up, session.got_eof))
         ended = asyncio.ensure_future(session.ended.wait())
         await asyncio.wait({both_done, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -631,6 +671,8 @@ async def run_session(link: RelayLink, app: Conn,
         log.warning("%s", reason)
         link.aborted = issued
     finally:
+        if link.owner is not None:
+            link.owner.setup_over(link)  # (a session that never carried bytes both ways)
         if up is not None and not up.done():
             up.cancel()
             with contextlib.suppress(BaseException):
@@ -717,6 +759,9 @@ class Terminal:
         self._maintained = False
         #: a session ran under the session cipher: links are used up, not released
         self.sessions_close_links = False
+        #: links whose session is being set up: taken for a request or notified, and
+        #: not yet carrying bytes both ways (:meth:`setup_over`)
+        self._setting_up: set[RelayLink] = set()
         #: early data with requests; off once a relay closed a link on such a request
         #: (a relay that predates early data rejects the unknown field)
         self.early_ok = cfg.early_data
@@ -736,7 +781,15 @@ class Terminal:
     def changed(self) -> None:
         self._changed.set()
 
+    def setup_over(self, link: RelayLink) -> None:
+        """``link``'s session carries bytes both ways (or never will): its setup no
+        longer competes with the opening of a spare (:meth:`maintain`)."""
+        if link in self._setting_up:
+            self._setting_up.discard(link)
+            self._changed.set()
+
     def lost(self, link: RelayLink) -> None:
+        self.setup_over(link)
         self.links.discard(link)
         if not self.links:
             self.connected.clear()
@@ -747,11 +800,15 @@ class Terminal:
             self._on_message(msg)
 
     async def on_incoming(self, link: RelayLink, ev: t.IncomingRequest) -> None:
+        self._setting_up.add(link)
         self._changed.set()  # one fewer idle link: refill a spare
-        if self._accept is None:
-            await link.send(link.t.refuse("this terminal does not accept connections"))
-            return
-        await self._accept(link, ev)
+        try:
+            if self._accept is None:
+                await link.send(link.t.refuse("this terminal does not accept connections"))
+                return
+            await self._accept(link, ev)
+        finally:
+            self.setup_over(link)
 
     def idle_links(self) -> list[RelayLink]:
         return [link for link in self.links if link.idle]
@@ -822,12 +879,31 @@ class Terminal:
         burst of sessions would otherwise wait for spares."""
         return not self.sessions_close_links
 
+    async def _setups_over(self) -> None:
+        """Until no session is being set up here, at most :data:`SETTLE` seconds, while
+        an idle link is left. A new link costs the relay a TLS handshake and a login:
+        opened while a session is set up on the same relay, it delays that session
+        (on a relay with the session cipher, both terminals replace their link at
+        every session). With no idle link left (a burst) a spare is needed now."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE
+        while self._setting_up and self.idle_links() and not self._stop:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
     async def maintain(self) -> None:
         """Keep ``spares`` idle links open; reconnect with backoff and jitter."""
         delay = 0.5
         self._maintained = True
         while not self._stop:
             self._changed.clear()
+            if not self._links_come_back() and \
+                    len(self.idle_links()) < max(self.cfg.spares, 1):
+                await self._setups_over()
             missing = max(self.cfg.spares, 1) - len(self.idle_links())
             self._trim()
             if missing > 0:
@@ -892,6 +968,7 @@ class Terminal:
         forwarded it - so the target gets it one round trip sooner."""
         for attempt in range(3):
             link = await self.acquire()
+            self._setting_up.add(link)
             # looked at, not taken: a request that fails leaves the bytes in place
             early = app.peek_now(m.EARLY_DATA_MAX) \
                 if app is not None and self.early_ok else b""
@@ -902,6 +979,7 @@ class Terminal:
                     app.skip_now(info.early)  # type: ignore[union-attr]
             except RelayError as exc:
                 link.reserved = False
+                self.setup_over(link)
                 self._changed.set()
                 if exc.code == "closed" and early:
                     # the relay dropped the link on a request with early data: one
@@ -916,6 +994,7 @@ class Terminal:
                 raise
             except BaseException:
                 link.reserved = False
+                self.setup_over(link)
                 self._changed.set()
                 raise
             link.reserved = False
