@@ -15,6 +15,8 @@ import select
 import socket
 from collections.abc import Callable
 
+import pytest
+
 from kakehashi.core import wire
 from kakehashi.core.pump import FramedSink
 from kakehashi.core.stream import Conn, FramedConn
@@ -130,3 +132,42 @@ def test_a_data_frame_waits_for_the_rest_of_a_partly_sent_message(run):
 
 def test_a_locked_write_and_later_messages_keep_their_place(run):
     run(_a_locked_write_and_later_messages_keep_their_place())
+
+
+async def _the_result_and_close_notify_leave_in_the_pairing_step(home) -> None:
+    from kakehashi.core.stream import DirectTLSConn, start_tls
+    from kakehashi.core.tls import client_context, server_context
+    from kakehashi.relay.control import LeaveTLS, Send
+
+    a, b = socket.socketpair()
+    mine, theirs = await asyncio.gather(
+        start_tls(Conn(a), server_context(names=["localhost"]), server_side=True,
+                  timeout=10, framed=True),
+        start_tls(Conn(b), client_context(ca=home / "ca" / "ca.pem"), server_side=False,
+                  server_hostname="localhost", timeout=10, framed=True))
+    assert isinstance(mine, DirectTLSConn) and isinstance(theirs, DirectTLSConn)
+    server = RelayServer(None)  # type: ignore[arg-type]
+    link = Link(1, FramedConn(mine))
+    server.links[link.cid] = link
+    result = m.Result(req=1, ok=True, peer="pi", cipher=m.CIPHER_SESSION, keys=bytes(32))
+    # what the pairing's actions do on the requester's link, with no await between
+    server._apply_now([Send(link.cid, result), LeaveTLS(link.cid)])
+    # both are on the socket already: no task, no loop round trip (in which the relay
+    # would serve other connections first) before the terminal can switch
+    assert link.flusher is None and not link.outbox
+    assert mine.left_tls_write
+    framed = FramedConn(theirs)
+    frame = await framed.read_frame()
+    assert frame is not None and m.TERMINAL_CODEC.decode(frame.payload) == result
+    assert await framed.read_frame() is None and theirs.tls_ended_by_peer  # close_notify
+    mine.close()
+    theirs.close()
+
+
+def test_the_result_and_close_notify_leave_in_the_pairing_step(run, tmp_path, monkeypatch):
+    from kakehashi.core.stream import half_close_ready
+
+    if not half_close_ready():
+        pytest.skip("no one-call close_notify in this Python/OpenSSL")
+    monkeypatch.setenv("KAKEHASHI_HOME", str(tmp_path / "home"))
+    run(_the_result_and_close_notify_leave_in_the_pairing_step(tmp_path / "home"))

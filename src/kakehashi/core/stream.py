@@ -681,6 +681,36 @@ class DirectTLSConn(TLSConn):
         conn._pushback, self._pushback = self._pushback, b""
         return conn
 
+    def write_now(self, data: bytes) -> bool | None:
+        """One TLS write without waiting, for a small message on the setup path (no
+        task, no loop round trip): True when the record is out; False when nothing was
+        written (a write in progress, past this side's close_notify, too long for one
+        write); None when OpenSSL took part of it and wants *the same write* retried
+        (:meth:`send_all` with the same bytes) before any other write."""
+        if self._send_lock.locked() or self._plain_out or self._write_ended \
+                or self._closed or len(data) > RECV_CHUNK:
+            return False
+        try:
+            self._obj.write(data)  # all of it: no partial writes in this mode
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return None
+        return True
+
+    def leave_tls_now(self) -> bool:
+        """:meth:`leave_tls_write` without waiting: True when the close_notify is out
+        (this side writes plain TCP from here on); False when it could not go out
+        at once (nothing is lost: :meth:`leave_tls_write` goes on with it)."""
+        if self._send_lock.locked() or self._write_ended or self._closed:
+            return False
+        if self._plain_out:
+            return True
+        helper = _close_notify if half_close_ready() else None
+        ptr = helper.pointer(self._ssl) if helper is not None else None
+        if helper is None or ptr is None or not helper.send(ptr):
+            return False
+        self._plain_out = True
+        return True
+
     async def _send_plain(self, view: memoryview) -> None:
         while view:
             try:
@@ -1426,12 +1456,25 @@ class FramedConn:
         ``rest_timeout``, else the connection is cut: a frame cut short leaves the
         stream unusable). Everything written after a partial write - a data frame
         the pump forwards, the next message - queues behind it on the lock, so
-        nothing lands inside the frame. Only plain sockets qualify (TLS records must
-        go through the TLS object in order).
+        nothing lands inside the frame. Plain sockets and TLS driven on the socket
+        (:class:`DirectTLSConn`, whose interrupted write the task retries whole, as
+        OpenSSL wants) qualify; TLS through memory BIOs does not.
         """
         lock = self.write_lock
-        if not self.conn.plain or self.conn.closed or not lock.try_acquire():
+        conn = self.conn
+        if not (conn.plain or isinstance(conn, DirectTLSConn)) or conn.closed \
+                or not lock.try_acquire():
             return False
+        if isinstance(conn, DirectTLSConn):
+            done = conn.write_now(data)
+            if done is None:  # in part: the same write again, the lock held meanwhile
+                self._rest = asyncio.create_task(self._send_rest(memoryview(data),
+                                                                 rest_timeout))
+                return True
+            lock.release()
+            if done:
+                self.bytes_out += len(data)
+            return done
         try:
             sent = self.conn.sock.send(data)
         except OSError:  # (BlockingIOError included) the queued send meets it again
@@ -1461,6 +1504,17 @@ class FramedConn:
         rest = self._rest
         if rest is not None and not rest.done():
             await asyncio.shield(rest)
+
+    def leave_tls_now(self) -> bool:
+        """Send close_notify now if nobody is writing (:meth:`DirectTLSConn.leave_tls_now`):
+        True when it is out; False leaves it to :meth:`DirectTLSConn.leave_tls_write`."""
+        conn = self.conn
+        if not isinstance(conn, DirectTLSConn) or not self.write_lock.try_acquire():
+            return False
+        try:
+            return conn.leave_tls_now()
+        finally:
+            self.write_lock.release()
 
     async def send_frame(self, ftype: wire.FrameType, payload: bytes = b"") -> None:
         await self.send(wire.encode_header(ftype, len(payload)) + payload)

@@ -512,6 +512,11 @@ class RelayServer:
             # control unit sends none; this holds whatever a later change does)
             log.debug("conn %d: %s not sent (session cipher)", cid, type(item).__name__)
             return
+        idle = not link.outbox and (link.flusher is None or link.flusher.done())
+        if isinstance(item, _LeaveTLS) and idle and link.framed.leave_tls_now():
+            # in the same step as the result before it (the terminals switch one loop
+            # round trip sooner, and no other connection's work comes in between)
+            return
         if not isinstance(item, _Closing | _LeaveTLS | _Shut):
             try:
                 data = item.data if isinstance(item, _Raw) \
@@ -520,7 +525,6 @@ class RelayServer:
                 log.error("conn %d: cannot send %s: %s", cid, type(item).__name__, exc)
                 self._cut(link)
                 return
-            idle = not link.outbox and (link.flusher is None or link.flusher.done())
             if idle and not delay and link.framed.send_now(data, SEND_TIMEOUT):
                 return  # out, or its rest on the way with the link's write lock held
             if link.outbox_bytes + len(data) > OUTBOX_BYTES:
