@@ -90,3 +90,17 @@ def test_ondemand_relays_take_several_managers_by_flag_and_by_config_key():
         "inner": {"server": "http://h1:8700"}}})
     assert dm["ondemand"]["edge"]["server"] == ["http://h1:8700", "http://h2:8700"]
     assert dm["ondemand"]["inner"]["server"] == ["http://h1:8700"]
+
+
+@pytest.mark.parametrize("command", [["relay", "who"], ["relay", "pipe", "pi/ssh"]])
+def test_terminals_refuse_an_unknown_session_cipher_setting(command, monkeypatch):
+    """`relay serve` refuses KAKEHASHI_SESSION_CIPHER=bogus (a click choice); the
+    terminals (every one builds its configuration in the same place) read the same
+    variable and must not take a typo for "on"."""
+    from kakehashi.cli import main
+
+    monkeypatch.setenv("KAKEHASHI_SESSION_CIPHER", "Tls")
+    monkeypatch.setenv("KAKEHASHI_PASSWORD", "x")
+    res = CliRunner().invoke(main, [*command, "--server", "127.0.0.1:1", "--user", "laptop"])
+    assert res.exit_code == 2, res.output
+    assert "KAKEHASHI_SESSION_CIPHER" in res.output and "'Tls' is not one of" in res.output

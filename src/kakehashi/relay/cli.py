@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kakehashi.relay")
 DEFAULT_PORT = 7000
+#: the values of ``relay serve --session-cipher`` and of ``KAKEHASHI_SESSION_CIPHER``,
+#: which the terminals read too (messages.SESSION_CIPHER)
+SESSION_CIPHER_MODES = ("relay", "tls")
 
 
 def default_db() -> str:
@@ -243,7 +247,7 @@ def keygen(path) -> None:
               help="CA that issued the nodes' certificates, for TLS links between nodes "
                    "(--tls on, or STARTTLS for sessions that must be encrypted; default: "
                    "the development CA of the state directory).")
-@click.option("--session-cipher", type=click.Choice(["relay", "tls"]), default="relay",
+@click.option("--session-cipher", type=click.Choice(SESSION_CIPHER_MODES), default="relay",
               show_default=True, envvar="KAKEHASHI_SESSION_CIPHER",
               help="'relay': where both terminals offer it and both hops are TLS on this "
                    "node, issue each session fresh AES-128-GCM keys inside TLS, end TLS on "
@@ -361,6 +365,13 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
     from kakehashi.relay.agent import TerminalConfig
 
     opt.check_name(user, "--user")
+    mode = os.environ.get("KAKEHASHI_SESSION_CIPHER")
+    if mode is not None and mode not in SESSION_CIPHER_MODES:
+        # as `relay serve` refuses it: a typo must not silently mean "on"
+        raise click.BadParameter(
+            f"{mode!r} is not one of " + ", ".join(map(repr, SESSION_CIPHER_MODES))
+            + " ('tls': do not offer the relay's session cipher)",
+            param_hint="KAKEHASHI_SESSION_CIPHER")
     addrs = opt.parse_servers(server, "--server", DEFAULT_PORT)
     addr = addrs[0]
     host, port = addr.host, addr.port
