@@ -77,7 +77,8 @@ THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "re
                    "relay-e2e-old", "relay-tls-e2e-old"]
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "relay-encoff",
               "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly", "link-spare",
-              "link-new", "link-new-tls", "relay-old", "relay-tls-old"]
+              "link-new", "link-new-tls", "relay-old", "relay-tls-old",
+              "relay-tls-reencrypt"]
 BASELINES = ["direct", "haproxy"]
 
 SETUP_TARGET_MS = 1.0
