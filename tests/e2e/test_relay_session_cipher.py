@@ -5,8 +5,9 @@ Both modes run the same checks: ``--session-cipher relay`` (the default: the rel
 issues fresh keys inside TLS, both links leave TLS, the terminals seal every frame and
 each direction's end, the relay forwards unchanged) and ``--session-cipher tls`` (the
 relay decrypts and re-encrypts). Then a man in the middle on the hop between a terminal
-and the relay, after the switch: whatever it injects, flips, replays or cuts, the
-terminal aborts the session and nothing forged reaches the application.
+(the requester or the agent) and the relay, after the switch: whatever it injects,
+flips, replays or cuts, the terminal aborts the session and nothing forged reaches the
+application.
 """
 
 from __future__ import annotations
@@ -137,10 +138,15 @@ class FrameMITM:
 
     @staticmethod
     def _up(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
+        try:
             while data := src.recv(65536):
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            # the terminal reset its link (it aborted with bytes unread): the relay
+            # must hear of the end however it came, as it would without this hop
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_RDWR)
 
     def _down(self, src: socket.socket, dst: socket.socket) -> None:
         buf = bytearray()
@@ -215,14 +221,19 @@ class FrameMITM:
 
 @pytest.mark.parametrize("attack", ["inject-eof", "inject-eof-with-bad-seal", "flip",
                                     "replay", "reorder", "inject-control", "truncate"])
-def test_a_man_in_the_middle_after_the_switch_aborts_the_session(env, echo, attack):
+@pytest.mark.parametrize("hop", ["requester", "agent"])
+def test_a_man_in_the_middle_after_the_switch_aborts_the_session(env, echo, attack, hop):
+    """On the requester's hop the attack hits the echo on its way back; on the
+    agent's hop it hits the requester's bytes on their way to the service, and the
+    agent aborts (its service gets a reset, the requester a bare end: a reset too)."""
     env.add_user("pi")
     env.add_user("laptop")
     _, port = env.relay()
-    env.agent("pi", port, f"echo={echo.addr}")
     mitm = FrameMITM(port, attack)
     try:
-        conn, local = env.forward("laptop", mitm.port, "pi/echo")
+        agent = env.agent("pi", mitm.port if hop == "agent" else port, f"echo={echo.addr}")
+        conn, local = env.forward("laptop", mitm.port if hop == "requester" else port,
+                                  "pi/echo")
         payload = bytes(range(256)) * 400
         got = bytearray()
         with socket.create_connection(("127.0.0.1", local), timeout=30) as sock:
@@ -234,6 +245,6 @@ def test_a_man_in_the_middle_after_the_switch_aborts_the_session(env, echo, atta
         assert mitm.attacked.is_set()
         # nothing forged: at most a prefix of the true echo reached the application
         assert len(got) < len(payload) and payload.startswith(bytes(got))
-        conn.wait_for("session aborted")
+        (conn if hop == "requester" else agent).wait_for("session aborted")
     finally:
         mitm.close()
