@@ -13,6 +13,7 @@ from kakehashi.relay import messages as m
 from kakehashi.relay import terminal as t
 from kakehashi.relay.agent import Terminal, TerminalConfig, service_acceptor
 from tests.e2e.framework import PASSWORD, Env
+from tests.support.wait import async_wait_until
 
 
 def _terminal(user: str, port: int, echo_port: int) -> Terminal:
@@ -42,6 +43,11 @@ async def test_crossing_requests_are_both_served(env: Env, echo):
                 link, info = res
                 assert isinstance(info, t.Connected)
                 await link.send(link.t.end("done"))
+        # the relay writes each pairing's record right after its result went out (off
+        # the setup path): the last one may land just after the terminal has the result
+        await async_wait_until(
+            lambda: len([r for r in env.audit() if r["event"] == "pair"]) >= 6,
+            what="six pair records")
         pairs = [r for r in env.audit() if r["event"] == "pair"]
         assert len(pairs) == 6
     finally:
