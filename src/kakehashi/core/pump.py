@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from kakehashi.core import wire
+from kakehashi.core import trace, wire
 from kakehashi.core.stream import RECV_CHUNK, SMALL_CHUNK, Conn, ConnClosed, FramedConn
 
 F_SETPIPE_SZ = 1031
@@ -356,6 +356,7 @@ async def raw_to_frames(
     buf, plain = _frame_buffers(room, sealing)
     fair = Slice()
     while n := await src.recv_into(plain):
+        trace.event("app read")
         size = n + overhead
         if sealing:
             sealing.seal_into(plain[:n], buf[wire.HEADER_SIZE: wire.HEADER_SIZE + size])
@@ -529,6 +530,7 @@ class RawSink(FrameSink):
         self.counter.bytes += length
         with src.stalling():  # a slow application is not a dead relay
             await self._deliver(src, length)
+        trace.event("app written")
 
     async def _deliver(self, src: FramedConn, length: int) -> None:
         if self.sealing is not None:  # a sealed payload opens only whole
@@ -609,6 +611,7 @@ class FramedSink(FrameSink):
         if self.dead or self.dst.conn.closed:
             await discard_payload(src, length)
             return
+        trace.event("frame in")
         header = wire.encode_header(wire.FrameType.DATA, length)
         head = src.take_buffered_payload(length) if src.buffered else b""
         rest = length - len(head)

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
-from kakehashi.core import tlsmismatch, wire
+from kakehashi.core import tlsmismatch, trace, wire
 
 #: ``KAKEHASHI_FAST_PATH=off`` turns the fast paths off (TLS through memory BIOs
 #: instead of on the socket): for comparison and as a fallback
@@ -661,6 +661,7 @@ class DirectTLSConn(TLSConn):
                     raise ConnClosed("close_notify could not be sent")
                 await self._wait(readable=False)
             self._plain_out = True
+            trace.event("close_notify sent")
 
     @property
     def tls_ended_by_peer(self) -> bool:
@@ -709,6 +710,7 @@ class DirectTLSConn(TLSConn):
         if helper is None or ptr is None or not helper.send(ptr):
             return False
         self._plain_out = True
+        trace.event("close_notify sent")
         return True
 
     async def _send_plain(self, view: memoryview) -> None:
@@ -765,6 +767,7 @@ class DirectTLSConn(TLSConn):
                 n = 0
             if not n:
                 self._eof = True
+                trace.event("close_notify read")
                 break
             got += n
         return got
@@ -786,6 +789,7 @@ class DirectTLSConn(TLSConn):
                 data = b""
             if not data:
                 self._eof = True
+                trace.event("close_notify read")
             return data
         return b""
 

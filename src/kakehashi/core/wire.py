@@ -40,7 +40,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from kakehashi.core import tlsmismatch
+from kakehashi.core import tlsmismatch, trace
 
 MAGIC = b"KKH"
 VERSION = 1
@@ -281,6 +281,8 @@ class ControlCodec(Generic[M]):
         self._decoder = msgspec.msgpack.Decoder(schema)
 
     def encode(self, message: M) -> bytes:
+        if trace.enabled():
+            trace.event(f"enc {type(message).__name__}")
         body = self._encoder.encode(message)
         if len(body) > self.limits.max_ctrl:
             raise WireError("too-large", f"control message of {len(body)} bytes is too large")
@@ -288,8 +290,11 @@ class ControlCodec(Generic[M]):
 
     def decode(self, payload: bytes) -> M:
         try:
-            return self._decoder.decode(payload)
+            msg = self._decoder.decode(payload)
         except msgspec.ValidationError as exc:
             raise WireError("schema", f"invalid control message: {exc}") from None
         except msgspec.DecodeError as exc:
             raise WireError("decode", f"undecodable control message: {exc}") from None
+        if trace.enabled():
+            trace.event(f"dec {type(msg).__name__}")
+        return msg

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from kakehashi.core import crypto, tlsmismatch, wire
+from kakehashi.core import crypto, tlsmismatch, trace, wire
 from kakehashi.core.pump import (
     DiscardSink,
     FrameSink,
@@ -618,6 +618,7 @@ async def run_session(link: RelayLink, app: Conn,
     link.session = session
     up: asyncio.Task[int] | None = None
     reason = ""
+    trace.event("session start")
     # the relay's session cipher: every frame sealed with the keys it issued, the end
     # of each direction too (the hops leave TLS right after the pairing)
     issued = bool(info.cipher) and not info.e2e
@@ -652,6 +653,7 @@ async def run_session(link: RelayLink, app: Conn,
                 session.got_eof.set()
             else:
                 await app.send_all(open_(item) if open_ else item)
+                trace.event("early data written")
                 session.carried(received=True)
         # no await since the check
         link.sink = _NotifyingRawSink(app, session, e2e, end_sealed=issued)
@@ -1078,6 +1080,7 @@ def service_acceptor(services: dict[str, tuple[str, int]],
             return
         try:
             app = await open_tcp(*target, timeout=5.0)
+            trace.event("service connected")
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.warning("service %s (%s:%d) unavailable: %s", name, *target, exc)
             await link.send(link.t.refuse(f"service {name} unavailable"))

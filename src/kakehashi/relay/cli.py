@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from kakehashi.core import options as opt
+from kakehashi.core import trace
 from kakehashi.core.options import hostport
 
 if TYPE_CHECKING:
@@ -490,6 +491,7 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
         maintainer = asyncio.create_task(term.maintain())
 
         async def handle(conn) -> None:
+            trace.event("local accepted")
             try:
                 link, info = await term.connect(name, service, encrypt=encrypt, e2e=e2e,
                                                 app=conn)

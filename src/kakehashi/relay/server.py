@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kakehashi.core import tlsmismatch, wire
+from kakehashi.core import tlsmismatch, trace, wire
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.identity import PasswordChecker
 from kakehashi.core.pump import FramedSink, FrameSink, forward_frames
@@ -210,9 +210,11 @@ class RelayServer:
         """Serve one terminal connection (already TLS if the mux did TLS)."""
         addr = conn.peer[0] if conn.peer else "?"
         try:
+            trace.event("new link accepted")
             if self.tls is not None:
                 conn = await start_tls(conn, self.tls, server_side=True,
                                        timeout=HANDSHAKE_TIMEOUT, framed=True)
+                trace.event("new link TLS done")
             framed = FramedConn(conn, self.limits)
             # asyncio.timeout rather than wait_for: no task of its own, so no cycle
             # between a failure's traceback and that task (see start_tls)
@@ -277,6 +279,8 @@ class RelayServer:
 
         async def on_ctrl(payload: bytes) -> bool:
             msg = codec.decode(payload)
+            if trace.enabled():
+                trace.event(f"link {link.cid} {type(msg).__name__}")
             await self._apply(self.core.receive(link.cid, msg, self.now()))
             # back to the idle reader once released (or never paired)
             return link.upgrade or (link.sink is None and self._idle_capable(link))
@@ -328,6 +332,8 @@ class RelayServer:
             return False
         async with link.framed.write_lock:  # no frame is half written meanwhile
             link.framed.conn = conn.left_tls()
+        if trace.enabled():
+            trace.event(f"link plain {link.cid}")
         keep_alive(link.framed.conn, self.settings.keepalive)
         return True
 
