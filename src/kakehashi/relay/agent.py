@@ -52,6 +52,11 @@ log = logging.getLogger("kakehashi.relay.agent")
 TRIM_AFTER = 30.0
 #: how long the pool waits, while a spare is left, before refilling
 SETTLE = 0.25
+#: how long after a session first carried bytes both ways its setup counts as over
+#: (:meth:`Session.carried`): the first reply is then still crossing the relay and the
+#: other terminal (the setup trace, docs/benchmarks.md: a replacement link opened at
+#: once put its TLS handshake on the relay ahead of that reply, ~1-2 ms)
+SETUP_GRACE = 0.02
 
 
 #: failures that retrying cannot cure until the user changes something: a client that
@@ -541,11 +546,20 @@ class Session:
 
     def carried(self, *, sent: bool = False, received: bool = False) -> None:
         """Bytes went one way; once both ways did, the session is set up and the
-        terminal may open the link that replaces this one (:meth:`Terminal.setup_over`)."""
+        terminal may open the link that replaces this one (:meth:`Terminal.setup_over`),
+        :data:`SETUP_GRACE` later: at that moment the first reply is still on its way
+        through the relay, and a new link's TLS handshake there would go before it."""
+        if self.sent and self.received:
+            return  # already over (or about to be)
         self.sent |= sent
         self.received |= received
         if self.sent and self.received and self.link.owner is not None:
-            self.link.owner.setup_over(self.link)
+            asyncio.get_running_loop().call_later(SETUP_GRACE, self._setup_over)
+
+    def _setup_over(self) -> None:
+        owner = self.link.owner
+        if owner is not None and self.link.session is self:  # not the link's next session
+            owner.setup_over(self.link)
 
 
 class _SentCounter(Transfer):
