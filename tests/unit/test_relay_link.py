@@ -100,6 +100,7 @@ class _PoolLink:
         self.reserved = False
         self.busy = False
         self.idle_since = 0.0
+        self.session = None
 
     @property
     def idle(self) -> bool:
@@ -161,6 +162,7 @@ async def _no_spare_is_opened_while_a_session_is_set_up() -> None:
         assert opened == [], "a spare was opened in the middle of a setup"
         # ... and opens the spare once the session carries bytes both ways
         session = Session(link)  # type: ignore[arg-type]
+        link.session = session  # as run_session does
         session.carried(sent=True)
         session.carried(received=True)
         await async_wait_until(lambda: opened, what="the spare opened after the setup")
