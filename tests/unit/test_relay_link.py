@@ -146,8 +146,17 @@ async def _no_spare_is_opened_while_a_session_is_set_up() -> None:
         looked += 1
         return idle_links()
 
+    parked = False
+    setups_over = term._setups_over
+
+    async def watched() -> None:
+        nonlocal parked
+        parked = True  # nothing awaits before its wait: the maintainer is parked there
+        await setups_over()
+
     term.open_link = open_link  # type: ignore[method-assign]
     term.idle_links = counted  # type: ignore[method-assign]
+    term._setups_over = watched  # type: ignore[method-assign]
     saved = agent.SETTLE
     agent.SETTLE = 60.0  # the cap on the wait is not what is tested
     maintainer = asyncio.create_task(term.maintain())
@@ -157,8 +166,8 @@ async def _no_spare_is_opened_while_a_session_is_set_up() -> None:
         before = looked
         # the maintainer saw the link taken (it counts the idle links again) ...
         await async_wait_until(lambda: looked >= before + 2, what="the pool looked again")
-        for _ in range(10):
-            await asyncio.sleep(0)  # (a spare being opened would have started by now)
+        # ... and waits for the setup instead of opening a spare
+        await async_wait_until(lambda: parked, what="the pool waiting for the setup")
         assert opened == [], "a spare was opened in the middle of a setup"
         # ... and opens the spare once the session carries bytes both ways
         session = Session(link)  # type: ignore[arg-type]
