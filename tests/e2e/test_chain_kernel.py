@@ -41,19 +41,20 @@ class KernelChain(Chain):
 
 
 def sessions(pid: int, what: str = "packets") -> dict[str, int] | None:
-    """The session chains of process ``pid``'s table and their packet (or byte)
-    counters (None: no table)."""
+    """The offloaded tuples of process ``pid``'s table (the elements of its positions'
+    sets, out<k> and back<k>) and their packet (or byte) counters (None: no table)."""
     r = subprocess.run(["nft", "-j", "list", "table", "ip", f"{TABLE_PREFIX}{pid}"],
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
         return None
     out: dict[str, int] = {}
     for item in json.loads(r.stdout)["nftables"]:
-        if "chain" in item and re.fullmatch(r"s\d+[ob]", item["chain"]["name"]):
-            out.setdefault(item["chain"]["name"], 0)
-    for item in json.loads(r.stdout)["nftables"]:  # each session chain's named counter
-        if "counter" in item and item["counter"]["name"] in out:
-            out[item["counter"]["name"]] = item["counter"][what]
+        s = item.get("set")
+        if s is None or not re.fullmatch(r"(out|back)\d+", s["name"]):
+            continue
+        for e in s.get("elem", []):
+            e = e["elem"]
+            out[f"{s['name']} {e['val']['concat']}"] = e["counter"][what]
     return out
 
 
