@@ -147,8 +147,9 @@ class Chain:
     """Three proxies started through the CLI with ``--config`` files."""
 
     #: ``fast_path`` of every proxy (config key) and forward (flag) this module starts:
-    #: set by the :func:`fast_path` fixture, so every test runs both ways
-    fast_path = "on"
+    #: set by the :func:`fast_path` fixture, so every test runs both ways; None: neither
+    #: the key nor the flag (the default, auto)
+    fast_path: str | None = "on"
 
     def __init__(self, env: Env, *, extra: dict[str, str] | None = None) -> None:
         self.env = env
@@ -174,7 +175,7 @@ class Chain:
                 f'udp_ports = "{lo}-{lo + 49}"',
                 "keys = { " + ", ".join(f'{k} = "{v}"' for k, v in keys.items()) + " }",
                 f'routes = {{ "{SERVER_HOST}/32" = "{nxt}" }}', ACL,
-                f'fast_path = "{self.fast_path}"',
+                *([f'fast_path = "{self.fast_path}"'] if self.fast_path else []),
                 *(f"{k} = {v}" for k, v in (extra or {}).items())]) + "\n"
             path = env.root / f"{name}.toml"
             path.write_text(text)
@@ -203,8 +204,9 @@ class Chain:
         return path
 
     def forward(self, **kw):
+        flag = ["--fast-path", self.fast_path] if self.fast_path else []
         return self.env.spawn("forward", "--config", str(self.forward_config(**kw)),
-                              "chain", "forward", "--fast-path", self.fast_path)
+                              "chain", "forward", *flag)
 
     def config(self, mode="recursive", encrypt=False, **keys: str) -> ForwardConfig:
         return ForwardConfig(

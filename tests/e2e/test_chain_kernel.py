@@ -58,6 +58,17 @@ def sessions(pid: int, what: str = "packets") -> dict[str, int] | None:
     return out
 
 
+def elements(pid: int) -> int:
+    """Elements in every set and map of process ``pid``'s table (its offloaded sessions
+    are nothing else; 0 without a table)."""
+    r = subprocess.run(["nft", "-j", "list", "table", "ip", f"{TABLE_PREFIX}{pid}"],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return 0
+    return sum(len(item.get("set", item.get("map", {})).get("elem", []))
+               for item in json.loads(r.stdout)["nftables"])
+
+
 def kernel_packets(pid: int) -> int:
     return sum((sessions(pid) or {}).values())
 
@@ -290,6 +301,8 @@ async def test_a_thousand_offloaded_setups_leave_no_descriptors_and_no_rules(cha
                what=f"descriptors back to {base}")
     wait_until(lambda: all(sessions(pid) == {} for pid in pids.values()), 60,
                what="every session's rules removed")
+    # nothing of the 1,000 sessions is left in any set or map
+    assert {h: elements(pid) for h, pid in pids.items()} == dict.fromkeys(pids, 0)
 
 
 def test_exit_removes_the_table_and_a_dead_process_table_is_cleaned(tmp_path):
@@ -357,3 +370,71 @@ def test_an_offloaded_session_is_busy_while_the_kernel_relays_and_ends_when_idle
     finally:
         env.close()
         c.close()
+
+
+class DefaultChain(Chain):
+    fast_path = None  # neither the config key nor the flag: the default
+
+
+def test_the_default_offloads_as_root_and_forced_user_space_still_works(tmp_path):
+    """Without --fast-path (auto, the default) a root process uses the kernel path and
+    says so in one line; ``--fast-path on`` on the forward keeps its hop in user space
+    through the same proxies."""
+    env = Env(tmp_path)
+    c = DefaultChain(env)
+    try:
+        pids = _pids(c)
+        for p in c.procs.values():
+            p.wait_for(f"{p.name}: kernel fast path on (--fast-path auto, nftables table")
+        fwd = c.forward()
+        fwd.wait_for("kernel fast path on (--fast-path auto")
+        assert exchange(fwd.bound_port(), 400, 256) >= 395
+        wait_until(lambda: all(kernel_bytes(pids[h]) > 100 * 256 for h in pids)
+                   and kernel_bytes(fwd.popen.pid) > 100 * 256, 15,
+                   what="every hop's kernel counters, the forward's included")
+        fwd.stop()
+        c.fast_path = "on"  # this forward only: the proxies stay as they are
+        user = c.forward()
+        user.wait_for("user-space fast path (--fast-path on)")
+        assert exchange(user.bound_port(), 400, 256) >= 395
+        assert sessions(user.popen.pid) is None  # no table: nothing tried in the kernel
+        user.stop()
+        for h, pid in pids.items():
+            wait_until(lambda pid=pid: elements(pid) == 0, 15, what=f"{h}'s elements removed")
+    finally:
+        env.close()
+        c.close()
+
+
+def _objects(table: str) -> dict[str, int]:
+    r = subprocess.run(["nft", "-j", "list", "table", "ip", table], capture_output=True,
+                       text=True, check=True)
+    out: dict[str, int] = {}
+    for item in json.loads(r.stdout)["nftables"]:
+        for kind in item:
+            out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+async def test_sessions_are_elements_in_one_table_made_once():
+    """Offloading more sessions adds no chain, rule, set or named counter (each of which
+    libnftables fetches before every change, so their number made each install and
+    removal cost grow with the sessions); removing them leaves the table as it was."""
+    kp = KernelPath()
+    try:
+        kp.prepare()
+        o = kp.new(0, ("127.0.0.1", 10001), ("127.0.0.1", 20001), ("127.0.0.1", 30001),
+                   ("127.0.0.1", 40001))
+        await kp.install(o)  # the position's sets and chains come with its first session
+        before = _objects(kp.table)
+        more = [kp.new(0, ("127.0.0.1", 10002 + i), ("127.0.0.1", 20002 + i),
+                       ("127.0.0.1", 30002 + i), ("127.0.0.1", 40002 + i)) for i in range(20)]
+        for m in more:
+            await kp.install(m)
+        assert _objects(kp.table) == before
+        assert elements(os.getpid()) == 12 * 21
+        for m in [o, *more]:
+            kp.remove(m)
+        assert _objects(kp.table) == before and elements(os.getpid()) == 0
+    finally:
+        kp.remove_table()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 import pytest
 
@@ -186,3 +187,134 @@ def test_only_sessions_between_addresses_of_this_host_are_eligible():
     assert "wildcard" in k.eligible(("127.0.0.1", 1), ("0.0.0.0", 4000), here,
                                     ("127.0.0.3", 2))
     assert "not an IPv4" in k.eligible(("::1", 1), here, here, ("127.0.0.3", 2))
+
+
+# -- the table's scripts and the rewrite they express (sans-IO) -----------------------------
+Addr = tuple[str, int]
+
+
+def _rewrite(o: Offload, way: str, packet: tuple[Addr, Addr]) -> tuple[Addr, Addr] | None:
+    """What a position's rule does to ``packet`` (source, destination), evaluated from the
+    session's elements as the kernel does: membership of the way's set, then each map
+    looked up with the tuple as the previous statement left it (None: no match)."""
+    elements = kernelpath.rewrite_elements(o)
+    out_t, back_t = o.tuples()
+    if kernelpath._tuple(*packet) != (out_t if way == "out" else back_t):
+        return None
+    (sh, sp), (dh, dp) = packet
+    for name, _, _ in kernelpath.REWRITES:
+        value = dict(elements[name])[kernelpath._tuple((sh, sp), (dh, dp))]
+        if name == "saddr":
+            sh = value
+        elif name == "sport":
+            sp = int(value)
+        elif name == "daddr":
+            dh = value
+        else:
+            dp = int(value)
+    return (sh, sp), (dh, dp)
+
+
+
+@pytest.mark.parametrize("hosts", [("127.0.0.1",) * 4, ("10.0.0.1", "10.0.0.2", "10.0.0.3",
+                                                        "10.0.0.4")])
+def test_the_maps_rewrite_near_to_far_and_back(hosts):
+    nh, h1, h2, fh = hosts
+    o = KernelPath().new(1, (nh, 5000), (h1, 40001), (h2, 40002), (fh, 5300))
+    assert _rewrite(o, "out", ((nh, 5000), (h1, 40001))) == ((h2, 40002), (fh, 5300))
+    assert _rewrite(o, "back", ((fh, 5300), (h2, 40002))) == ((h1, 40001), (nh, 5000))
+    # another source (a spoofer, another port): no match, the datagram goes to user space
+    assert _rewrite(o, "out", ((nh, 5001), (h1, 40001))) is None
+    assert _rewrite(o, "back", ((fh, 5300), (h1, 40001))) is None
+
+
+def test_no_two_sessions_share_a_key_on_loopback():
+    """Every peer on 127.0.0.1, peers' ports even equal to data ports: each map's keys
+    stay distinct across sessions and ways (each keeps one of the process's own bound
+    ports whole)."""
+    kp = KernelPath()
+    here = "127.0.0.1"
+    sessions = [kp.new(0, (here, 40000 + 2 * i), (here, 40000 + 2 * i), (here, 40001 + 2 * i),
+                       (here, 5300)) for i in range(50)]
+    sessions += [kp.new(1, (here, 5000), (here, 41000 + 2 * i), (here, 41001 + 2 * i),
+                        (here, 40000 + 2 * i)) for i in range(50)]
+    for name, _, _ in kernelpath.REWRITES:
+        keys = [k for o in sessions for k, _ in kernelpath.rewrite_elements(o)[name]]
+        assert len(keys) == len(set(keys)), name
+
+
+def test_a_session_is_elements_only_and_its_removal_deletes_each_one():
+    """Install adds elements, never a chain, rule, set or named object (what made
+    libnftables' cost grow with the sessions); removal deletes exactly what was added."""
+    o = KernelPath().new(3, ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3),
+                         ("127.0.0.3", 4))
+    added = kernelpath.install_script("t", o).splitlines()
+    removed = kernelpath.remove_script("t", o).splitlines()
+    assert all(line.startswith("add element ip t ") for line in added)
+    assert all(line.startswith("delete element ip t ") for line in removed)
+    # the position's sets come last on install (nothing matches before the rewrite is
+    # whole) and first on removal
+
+    def target(line: str) -> str:
+        return line.split()[4]
+
+    assert [target(x) for x in added][-2:] == ["out3", "back3"]
+    assert [target(x) for x in removed][:2] == ["out3", "back3"]
+
+    def keys(line: str) -> set[str]:
+        body = line[line.index("{") + 1:line.rindex("}")]
+        return {part.split(":")[0].strip() for part in body.split(",")}
+
+    assert sorted((target(x), sorted(keys(x))) for x in added) == \
+        sorted((target(x), sorted(keys(x))) for x in removed)
+    assert "counter;" in kernelpath.position_script("t", 3)  # per-element counters
+
+
+# -- the counters' netlink codec -------------------------------------------------------------
+def _reply(seq: int, elements: list[tuple[bytes, int, int]]) -> bytes:
+    """A kernel's NEWSETELEM answer holding ``elements`` (key, packets, bytes)."""
+    a, ec = kernelpath._attr, kernelpath.ElementCounters
+    elems = b"".join(
+        a(ec.LIST_ELEM | ec.NESTED,
+          a(ec.ELEM_KEY | ec.NESTED, a(ec.DATA_VALUE, key))
+          + a(ec.ELEM_EXPR | ec.NESTED,
+              a(ec.EXPR_NAME, b"counter\0")
+              + a(ec.EXPR_DATA | ec.NESTED,
+                  a(ec.COUNTER_BYTES, struct.pack("!Q", nbytes))
+                  + a(ec.COUNTER_PACKETS, struct.pack("!Q", packets)))))
+        for key, packets, nbytes in elements)
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + a(ec.LIST_TABLE, b"t\0") + \
+        a(ec.LIST_SET, b"out0\0") + a(ec.LIST_ELEMENTS | ec.NESTED, elems)
+    return struct.pack("=IHHII", 16 + len(body), (10 << 8) | 12, 0, seq, 0) + body
+
+
+def _ack(seq: int, err: int = 0) -> bytes:
+    return struct.pack("=IHHIIi", 20, kernelpath.ElementCounters.NLMSG_ERROR, 0, seq, 0, err)
+
+
+def test_the_counters_codec():
+    ec = kernelpath.ElementCounters
+    k1 = kernelpath.element_key(("127.0.0.1", 5000), ("127.0.0.2", 40001))
+    assert k1 == bytes([127, 0, 0, 1, 0x13, 0x88, 0, 0, 127, 0, 0, 2, 0x9C, 0x41, 0, 0])
+    req = ec.request("kakehashi_dgram_1", "out0", [k1], seq=7)
+    n, kind, flags, seq = struct.unpack_from("=IHHI", req)
+    assert (n, kind, flags, seq) == (len(req), (10 << 8) | 13, 1 | 4, 7)
+    assert k1 in req and b"kakehashi_dgram_1\0" in req and b"out0\0" in req
+    dump = ec.request("t", "out0", None)
+    assert struct.unpack_from("=H", dump, 6)[0] == 1 | 0x300
+    k2 = kernelpath.element_key(("127.0.0.1", 5001), ("127.0.0.2", 40003))
+    counts: dict[bytes, tuple[int, int]] = {}
+    # a late answer to an earlier request is skipped; the answer ends with the ack
+    assert not ec.parse(_reply(6, [(k1, 99, 99)]) + _reply(7, [(k1, 3, 1084)]), counts, 7)
+    assert counts == {k1: (3, 1084)}
+    assert ec.parse(_reply(7, [(k2, 1, 40)]) + _ack(7), counts, 7)
+    assert counts == {k1: (3, 1084), k2: (1, 40)}
+    with pytest.raises(FileNotFoundError):
+        ec.parse(_ack(8, -2), {}, 8)  # ENOENT: no such element
+
+
+def test_a_reading_is_payload_bytes():
+    o = KernelPath().new(0, ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3),
+                         ("127.0.0.1", 4))
+    KernelPath._apply(o, (2, 2 * kernelpath.HEADERS + 1300), None)
+    assert (o.out_packets, o.out_bytes, o.back_packets, o.back_bytes) == (2, 1300, 0, 0)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kakehashi.core import options as opt
+from kakehashi.core.fastpath import DEFAULT_MODE, MODES
 
 if TYPE_CHECKING:
     from kakehashi.chain.forward import ForwardConfig
@@ -69,18 +70,31 @@ def _parse(fn: Any, value: Any, hint: str) -> Any:
 
 
 def fast_path_option(f: Any) -> Any:
-    """``--fast-path on|off|kernel`` (config: fast_path): how the datagram forwarder is
-    driven. Every way makes the same port-record decisions; off is for comparison and
-    fallback; kernel is on plus nftables rules for sessions that only forward."""
+    """``--fast-path auto|on|off|kernel`` (config: fast_path): how the datagram forwarder
+    is driven. Every way makes the same port-record decisions; auto (the default) is the
+    kernel path where the process can use it and the user-space fast path elsewhere; off
+    is for comparison and fallback."""
     return click.option(
-        "--fast-path", type=click.Choice(["on", "off", "kernel"]), default="on",
+        "--fast-path", type=click.Choice(list(MODES)), default=DEFAULT_MODE,
         show_default=True,
-        help="on: relay datagrams straight from socket readiness callbacks (a batch per "
-             "wakeup in a burst, no per-datagram objects); off: asyncio datagram transports; "
-             "kernel: on, and once a session's port record has locked, nftables rewrites its "
-             "datagrams in the kernel (root and nft; sessions that encrypt or decrypt here, "
-             "or whose peers are on other hosts, stay in user space). All follow the same "
-             "port records.")(f)
+        help="auto: the kernel path where this process can (root and libnftables), else "
+             "on, with a line at start saying which and why; kernel: once a session's port "
+             "record has locked, nftables rewrites its datagrams in the kernel (sessions "
+             "that encrypt or decrypt here, or whose peers are on other hosts, stay in user "
+             "space); an error at start when unavailable; on: relay datagrams in user space "
+             "straight from socket readiness callbacks (a batch per wakeup in a burst); "
+             "off: asyncio datagram transports. All follow the same port records.")(f)
+
+
+def _check_fast_path(mode: str) -> None:
+    """``--fast-path kernel`` where the kernel path is unavailable: a clear error before
+    anything starts (``auto`` falls back instead); prepares this process's table."""
+    from kakehashi.core import kernelpath
+
+    try:
+        kernelpath.for_mode(mode)
+    except kernelpath.KernelPathError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -150,11 +164,11 @@ def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tu
         acl=_parse(tables.parse_acl, [tables.parse_acl_flag(a) for a in acl], "--acl"),
         auth_timeout=auth_timeout, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
         max_sessions=max_sessions, max_per_user=max_per_user, max_per_client=max_per_client,
-        max_connections=max_connections, fast_path=fast_path != "off",
-        kernel_path=fast_path == "kernel",
+        max_connections=max_connections, fast_path=fast_path,
         audit=AuditLog(audit_log, system="chain"))
     if cfg.udp_ports == tables.ANY_PORT:
         raise click.BadParameter("give a range, e.g. 40000-40999", param_hint="--udp-ports")
+    _check_fast_path(fast_path)
 
     async def main() -> None:
         server = ChainProxy(cfg)
@@ -218,8 +232,8 @@ def forward(user: str, keys: tuple[str, ...], first_hop: str, to: str, udp_liste
     from kakehashi.core import runner
 
     cfg = _client_config(user, keys, first_hop, to, udp_listen, mode, encrypt, setup_timeout)
-    cfg.fast_path = fast_path != "off"
-    cfg.kernel_path = fast_path == "kernel"
+    cfg.fast_path = fast_path
+    _check_fast_path(fast_path)
     sys.exit(runner.run(run_forward(cfg)))
 
 

@@ -16,16 +16,19 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kakehashi.chain import messages as m
 from kakehashi.chain.proxy import Ctrl
 from kakehashi.chain.setup import ClientSetup, SetupFailed
 from kakehashi.chain.tables import Hop
-from kakehashi.core import kernelpath, wire
+from kakehashi.core import fastpath, kernelpath, wire
 from kakehashi.core.crypto import DATAGRAM_OVERHEAD, DatagramChannel
 from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_udp
 from kakehashi.core.stream import ConnClosed, FramedConn, open_tcp
+
+if TYPE_CHECKING:
+    from kakehashi.core.kernelpath import KernelPath
 
 log = logging.getLogger("kakehashi.chain")
 
@@ -43,10 +46,9 @@ class ForwardConfig:
     mode: Literal["recursive", "iterative"] = "recursive"
     encrypt: bool = False
     setup_timeout: float = 10.0
-    #: relay datagrams from readiness callbacks (False: asyncio datagram transports)
-    fast_path: bool = True
-    #: offload the local port's hop to nftables in plaintext mode (``--fast-path kernel``)
-    kernel_path: bool = False
+    #: how the local port and P1 are driven (``--fast-path``, as for the proxy): ``auto``
+    #: and ``kernel`` offload the local port's hop to nftables in plaintext mode
+    fast_path: str = fastpath.DEFAULT_MODE
 
 
 @dataclass
@@ -122,6 +124,8 @@ class ChainForward:
         self.cfg = cfg
         self.chain: Chain | None = None
         self.forwarder: DatagramForwarder | None = None
+        #: the kernel path for cfg.fast_path, or (None, why not): decided at start
+        self._kernel: tuple[KernelPath | None, str | None] = (None, None)
         self.listen_sock = bind_udp(*cfg.udp_listen)  # early: applications may start now
 
     @property
@@ -131,6 +135,8 @@ class ChainForward:
     async def start(self) -> Chain:
         """Build the chain (SetupFailed names the refusing hop) and start forwarding."""
         try:
+            # before the setup: --fast-path kernel without a kernel path is an error
+            self._kernel = kernelpath.for_mode(self.cfg.fast_path)
             self.chain = chain = await build_chain(self.cfg)
         except BaseException:
             self.listen_sock.close()
@@ -142,16 +148,15 @@ class ChainForward:
         if setup.session_keys is not None:
             channel = DatagramChannel(*setup.session_keys)
             near_to_far, far_to_near = channel.seal, channel.open
-        kernel = None
-        if self.cfg.kernel_path and self.cfg.fast_path and near_to_far is None:
-            kernel, why = kernelpath.shared()
-            if kernel is None:
-                log.warning("kernel fast path unavailable (%s): datagrams relayed in user "
-                            "space", why)
+        mode = self.cfg.fast_path
+        kernel, why = self._kernel
+        if kernel is not None and near_to_far is not None:
+            kernel, why = None, "datagrams are sealed and opened here (--encrypt)"
+        log.info("%s", fastpath.start_line("", mode, kernel.table if kernel else None, why))
         self.forwarder = DatagramForwarder(self.listen_sock, chain.data_sock,  # type: ignore[arg-type]
                                            record, near_to_far=near_to_far,
                                            far_to_near=far_to_near,
-                                           fast_path=self.cfg.fast_path, kernel=kernel,
+                                           fast_path=fastpath.callbacks(mode), kernel=kernel,
                                            position=0)
         await self.forwarder.start()
         return chain

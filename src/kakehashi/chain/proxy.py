@@ -38,7 +38,7 @@ from kakehashi.chain.hop import (
     refusal,
 )
 from kakehashi.chain.tables import Acl, Hop, PortRange, Routes, SessionLimits
-from kakehashi.core import kernelpath, wire
+from kakehashi.core import fastpath, kernelpath, wire
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.crypto import (
     DATAGRAM_OVERHEAD,
@@ -74,12 +74,12 @@ class ProxyConfig:
     max_per_user: int = 16
     max_per_client: int = 64
     max_connections: int = 4096
-    #: relay datagrams from readiness callbacks (False: asyncio datagram transports);
-    #: both drive the same port records
-    fast_path: bool = True
-    #: offload sessions that only forward to nftables once their record locked
-    #: (``--fast-path kernel``; needs root and nft, else a log line and user space)
-    kernel_path: bool = False
+    #: how datagrams are relayed (``--fast-path``, :data:`kakehashi.core.fastpath.MODES`):
+    #: ``auto`` offloads sessions that only forward to nftables once their record
+    #: locked where this process can (root, libnftables), else relays them from
+    #: readiness callbacks like ``on``; ``kernel`` insists on nftables; ``off``: asyncio
+    #: datagram transports. All drive the same port records
+    fast_path: str = fastpath.DEFAULT_MODE
     audit: AuditLog = field(default_factory=lambda: AuditLog(system="chain"))
 
 
@@ -163,14 +163,10 @@ class ChainProxy:
             "(an offloaded send of several datagrams is one).")
 
     async def start(self) -> None:
-        if self.cfg.kernel_path and self.cfg.fast_path:
-            self.kernel, why = kernelpath.shared()
-            if self.kernel is None:
-                log.warning("%s: kernel fast path unavailable (%s): datagrams relayed in user "
-                            "space", self.cfg.name, why)
-            else:
-                log.info("%s: kernel fast path on (nftables table %s)", self.cfg.name,
-                         self.kernel.table)
+        mode = self.cfg.fast_path
+        self.kernel, why = kernelpath.for_mode(mode)  # KernelPathError: kernel, unavailable
+        log.info("%s", fastpath.start_line(self.cfg.name, mode,
+                                           self.kernel.table if self.kernel else None, why))
         # connections still authenticating count too: a flood of silent ones waits in the
         # backlog instead of exhausting descriptors (each is cut after auth_timeout)
         self.listener = Listener(self.cfg.host, self.cfg.port, self._serve,
@@ -346,7 +342,8 @@ class _Session:
         # the hop's position (the client is 0) orders the kernel path's rewrites when
         # several hops share a host
         self.forwarder = DatagramForwarder(near_sock, far_sock, record, near_to_far=_drop,
-                                           fast_path=cfg.fast_path, kernel=self.proxy.kernel,
+                                           fast_path=fastpath.callbacks(cfg.fast_path),
+                                           kernel=self.proxy.kernel,
                                            position=len(req.via) + 1)
         await self.forwarder.start()
         local_ip = self.up.fc.conn.sock.getsockname()[0]

@@ -50,6 +50,8 @@ import struct
 import time
 from dataclasses import dataclass
 
+from kakehashi.core import fastpath
+
 log = logging.getLogger("kakehashi.core.kernelpath")
 
 Addr = tuple[str, int]
@@ -618,3 +620,16 @@ def shared() -> tuple[KernelPath | None, str | None]:
         _shared_why = why
     return _shared, _shared_why
 
+
+def for_mode(mode: str) -> tuple[KernelPath | None, str | None]:
+    """This process's kernel path for ``mode`` (:func:`shared`), or (None, why not);
+    ``off`` and ``on`` never try it. Raises :class:`KernelPathError` for ``kernel`` when
+    the kernel path is unavailable: asked for by name, its absence is an error at start
+    (``auto`` is the mode that falls back)."""
+    if not fastpath.wants_kernel(mode):
+        return None, None
+    kernel, why = shared()
+    if kernel is None and mode == "kernel":
+        raise KernelPathError(f"--fast-path kernel: kernel path unavailable: {why} "
+                              f"(--fast-path auto falls back to the user-space fast path)")
+    return kernel, why
