@@ -6,18 +6,20 @@ chained socat UDP relays and direct.
     python bench/chain_bench.py --rounds 9 --only socat,chain,chain-off
 
 Rows: ``direct`` (client -> echo), ``socat x3`` (three chained ``socat UDP4-LISTEN ...
-UDP4:`` relays, the same number of forwarding processes and UDP hops), ``chain`` (three
-``kakehashi chain proxy`` processes and ``chain forward``, recursive setup, the datagram
-fast path), ``chain iterative``, ``chain encrypted`` (AES-256-GCM between the client and
-the last proxy), ``chain, fast path off`` (three other proxies and a forward, all with
-``--fast-path off``: asyncio datagram transports), ``chain (client library)`` (the
-sender's own socket is the chain's P1, as with kakehashi.chain.api: three forwarding
-processes, like socat x3). The ``kernel`` rows run three other proxies with ``--fast-path
-kernel`` (root and nft: each session that only forwards is handed to nftables once its
-port record locked): ``chain, kernel path`` (the forward with ``--fast-path kernel`` too:
-plaintext, so every hop, the forward's local port included, rewrites in the kernel),
-``chain encrypted, kernel path`` (fw1 and fw2 forward ciphertext in the kernel; fw3 and
-the forward seal and open in user space), ``chain (client library), kernel path``.
+UDP4:`` relays, the same number of forwarding processes and UDP hops), ``chain (default:
+auto)`` (three ``kakehashi chain proxy`` processes and ``chain forward``, recursive setup,
+all started **without** ``--fast-path``: the default, ``auto``, which as root with
+libnftables is the kernel path - each session that only forwards is handed to nftables
+once its port record locked, the forward's local port included - and elsewhere the
+user-space fast path; the run prints which the default proxies used), ``chain iterative
+(auto)``, ``chain encrypted (auto)`` (AES-256-GCM between the client and the last proxy:
+fw1 and fw2 forward ciphertext in the kernel, fw3 and the forward seal and open in user
+space), ``chain, user-space fast path (on)`` and ``chain encrypted, ... (on)`` (three
+other proxies and the forward with ``--fast-path on``: readiness callbacks, no kernel
+path), ``chain, fast path off`` (three more with ``--fast-path off``: asyncio datagram
+transports), ``chain (client library, auto)`` and ``chain (client library), user-space
+fast path (on)`` (the sender's own socket is the chain's P1, as with kakehashi.chain.api:
+three forwarding processes, like socat x3).
 Everything stays up for the whole run and the rows are
 measured in **rounds**, interleaved (each round every row once, starting one row later
 than the round before), so the shared machine's drift hits every row alike; each figure
@@ -27,10 +29,10 @@ flight (echoed, so every datagram crosses the path twice and each round trip cou
 and the round-trip latency of one datagram at a time (p50/p99). Then the setup time of
 a three-proxy chain in each mode (median of --setups setups, in this process through
 ``build_chain``), and the whole life of a session (set up, one datagram echoed, closed)
-through the fast-path proxies and, with a kernel row chosen, through the kernel-path
-ones (which install and remove the session's rules), with the three proxies' CPU per
-session (/proc, reaped children included). The issue's targets: chain >= socat x3
-(datagrams/s and latency); encrypted >= 0.5x plaintext.
+through the default proxies (as root: the kernel path, which installs and removes the
+session's elements) and, with an ``on`` row chosen, through the user-space ones, with
+the three proxies' CPU per session (/proc, reaped children included). The issue's
+targets: chain >= socat x3 (datagrams/s and latency); encrypted >= 0.5x plaintext.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +67,7 @@ from kakehashi.chain.forward import ForwardConfig, build_chain
 from kakehashi.chain.setup import SetupFailed
 from kakehashi.chain.tables import Hop
 from kakehashi.core import crypto
+from kakehashi.core.kernelpath import TABLE_PREFIX
 
 ECHO = """
 import socket, sys
@@ -118,15 +123,18 @@ def latency(port: int | tuple[str, int], count: int,
     return percentile(times, 50), percentile(times, 99)
 
 
-ROWS = ["direct", "socat", "chain", "chain-iterative", "chain-encrypted", "chain-off",
-        "library", "chain-kernel", "chain-kernel-encrypted", "library-kernel"]
-TITLES = {"direct": "direct", "socat": "socat x3", "chain": "chain",
-          "chain-iterative": "chain iterative", "chain-encrypted": "chain encrypted",
-          "chain-off": "chain, fast path off", "library": "chain (client library)",
-          "chain-kernel": "chain, kernel path",
-          "chain-kernel-encrypted": "chain encrypted, kernel path",
-          "library-kernel": "chain (client library), kernel path"}
-KERNEL_ROWS = {"chain-kernel", "chain-kernel-encrypted", "library-kernel"}
+ROWS = ["direct", "socat", "chain", "chain-iterative", "chain-encrypted", "chain-on",
+        "chain-on-encrypted", "chain-off", "library", "library-on"]
+TITLES = {"direct": "direct", "socat": "socat x3", "chain": "chain (default: auto)",
+          "chain-iterative": "chain iterative (auto)", "chain-encrypted": "chain encrypted (auto)",
+          "chain-on": "chain, user-space fast path (on)",
+          "chain-on-encrypted": "chain encrypted, user-space fast path (on)",
+          "chain-off": "chain, fast path off",
+          "library": "chain (client library, auto)",
+          "library-on": "chain (client library), user-space fast path (on)"}
+#: rows through the three proxies started with --fast-path on / off (the others go
+#: through three started without the flag: the default)
+ON_ROWS = {"chain-on", "chain-on-encrypted", "library-on"}
 
 
 def main() -> int:
@@ -170,7 +178,8 @@ def main() -> int:
         pids: dict[str, list[int]] = {}
 
         def proxies(fast_path: str, udp_base: int) -> list[int]:
-            """Three chained proxies (fw1 -> fw2 -> fw3 -> direct); their control ports."""
+            """Three chained proxies (fw1 -> fw2 -> fw3 -> direct); their control ports
+            (``auto``: started without --fast-path, the default)."""
             cports = [free_port() for _ in range(3)]
             for i in (3, 2, 1):
                 route = "direct" if i == 3 else f"fw{i + 1}@127.0.0.1:{cports[i]}"
@@ -179,7 +188,9 @@ def main() -> int:
                          f"127.0.0.1:{cports[i - 1]}", "--udp-ports", f"{low}-{low + 199}",
                          "--key", f"alice={keys[f'a{i}']}", "--route",
                          f"127.0.0.1/32={route}", "--acl",
-                         "user=alice,from=127.0.0.0/8,ports=any", "--fast-path", fast_path]
+                         "user=alice,from=127.0.0.0/8,ports=any"]
+                if fast_path != "auto":
+                    args_ += ["--fast-path", fast_path]
                 if i > 1:
                     args_ += ["--key", f"fw{i - 1}={keys[f'{i - 1}{i}']}"]
                 if i < 3:
@@ -190,14 +201,14 @@ def main() -> int:
                 wait_listening(p)
             return cports
 
-        cports = proxies("on", 46000)
+        cports = proxies("auto", 46000)
         off_ports = proxies("off", 47000) if "chain-off" in chosen else []
-        k_ports = proxies("kernel", 48000) if KERNEL_ROWS & set(chosen) else []
+        on_ports = proxies("on", 48000) if ON_ROWS & set(chosen) else []
         forwards = {"chain": (cports, []), "chain-iterative": (cports, ["--mode", "iterative"]),
                     "chain-encrypted": (cports, ["--encrypt"]),
-                    "chain-off": (off_ports, ["--fast-path", "off"]),
-                    "chain-kernel": (k_ports, ["--fast-path", "kernel"]),
-                    "chain-kernel-encrypted": (k_ports, ["--encrypt", "--fast-path", "kernel"])}
+                    "chain-on": (on_ports, ["--fast-path", "on"]),
+                    "chain-on-encrypted": (on_ports, ["--encrypt", "--fast-path", "on"]),
+                    "chain-off": (off_ports, ["--fast-path", "off"])}
         for name, (cp, extra) in forwards.items():
             if name not in chosen:
                 continue
@@ -215,7 +226,7 @@ def main() -> int:
         # with socat x3
         loop = asyncio.new_event_loop()
         libs = []
-        for name, cp in (("library", cports), ("library-kernel", k_ports)):
+        for name, cp in (("library", cports), ("library-on", on_ports)):
             if name not in chosen:
                 continue
             lib = loop.run_until_complete(build_chain(ForwardConfig(
@@ -227,6 +238,13 @@ def main() -> int:
             data_sock.setblocking(True)
             targets[name] = (lib.setup.first.addr, data_sock)  # type: ignore[union-attr]
 
+        # which path the default took (the proxies log it at info; this run logs warnings)
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                                check=False).stdout if shutil.which("nft") else ""
+        kernel = [p for p in pids["auto"] if f"{TABLE_PREFIX}{p}" in tables]
+        default_path = ("the kernel path (an nftables table in each)" if len(kernel) == 3 else
+                        f"the user-space fast path ({len(kernel)} of 3 with a kernel table)")
+        say(f"default proxies (no --fast-path): {default_path}")
         rounds: dict[str, list[tuple[float, float, float]]] = {r: [] for r in chosen}
         for rnd in range(args.rounds):
             order = chosen[rnd % len(chosen):] + chosen[:rnd % len(chosen)]
@@ -264,7 +282,7 @@ def main() -> int:
                                 Hop("fw1", "127.0.0.1", ports[0]), ("127.0.0.1", echo_port),
                                 ("127.0.0.1", 0))
             loop = asyncio.get_running_loop()
-            which = pids["kernel" if ports == k_ports else "on"]
+            which = pids["on" if ports == on_ports else "auto"]
             cpu0 = sum(cpu_seconds(p) for p in which)
             times = []
             for _ in range(args.setups):
@@ -292,10 +310,11 @@ def main() -> int:
             if args.setups:
                 ms = asyncio.run(setups(mode, enc))
                 setup_rows.append([f"{mode}{' encrypted' if enc else ''}", f"{ms:.2f}", ""])
-        # the whole life of a session, fast path on and kernel path (rules installed and
-        # removed at each proxy), and what it costs the three proxies
-        for title, ports in (("session (setup, echo, teardown)", cports),
-                             ("session, kernel path", k_ports)):
+        # the whole life of a session, by default (as root: the kernel path, elements
+        # installed and removed at each proxy) and with the user-space fast path, and what
+        # it costs the three proxies
+        for title, ports in (("session (setup, echo, teardown), default", cports),
+                             ("session, user-space fast path (on)", on_ports)):
             if args.setups and ports:
                 ms, cpu = asyncio.run(cycles(ports))
                 setup_rows.append([title, f"{ms:.2f}", f"{cpu:.2f}"])
@@ -311,6 +330,7 @@ def main() -> int:
     rows = [[TITLES[n], f"{med(n, 0):,.0f}", f"{med(n, 1):.0f}", f"{med(n, 2):.0f}",
              paired(n, 0), paired(n, 1), paired(n, 2)] for n in chosen]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\ndefault proxies (no --fast-path): {default_path}")
     print(f"\n{machine()}; kakehashi {source_version()}; load average {load0} at the "
           f"start, {load} at the end; {args.rounds} interleaved rounds of {args.seconds:g} s "
           f"and {args.pings} pings per row; medians\n")
@@ -321,9 +341,7 @@ def main() -> int:
         print()
         print(table(["three-proxy chain setup", "median ms", "proxies' CPU ms per session"],
                     setup_rows))
-    for e_row, p_row in (("chain-encrypted", "chain"), ("chain-kernel-encrypted", "chain"),
-                         ("chain-kernel-encrypted", "chain-kernel"),
-                         ("chain-encrypted", "chain-kernel")):
+    for e_row, p_row in (("chain-encrypted", "chain"), ("chain-on-encrypted", "chain-on")):
         if e_row in rounds and p_row in rounds:
             enc = median([e[0] / c[0] for e, c in zip(rounds[e_row], rounds[p_row],
                                                         strict=True)])
