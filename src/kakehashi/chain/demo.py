@@ -18,7 +18,7 @@ from kakehashi.chain import tables
 from kakehashi.chain.forward import ChainForward, ForwardConfig
 from kakehashi.chain.proxy import ChainProxy, ProxyConfig
 from kakehashi.chain.setup import SetupFailed
-from kakehashi.core import crypto
+from kakehashi.core import crypto, fastpath, kernelpath
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.datagram import bind_udp
 
@@ -93,6 +93,9 @@ async def run(say: Say) -> bool:
         say("setup", "three firewalls' proxies: " + ", ".join(
             f"{p.cfg.name} control port {p.address[1]} (UDP {p.cfg.udp_ports})" for p in proxies)
             + f"; routes: {SERVER_HOST}/32 -> fw2 at fw1, -> fw3 at fw2, direct at fw3")
+        kernel, why = kernelpath.shared()  # what the proxies' default (auto) found
+        say("data path", fastpath.start_line("the proxies", fastpath.DEFAULT_MODE,
+                                             kernel.table if kernel else None, why))
 
         async def forward(mode: Literal["recursive", "iterative"], encrypt: bool = False,
                           key1: bytes | None = None) -> ChainForward:
