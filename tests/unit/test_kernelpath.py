@@ -197,23 +197,22 @@ def _rewrite(o: Offload, way: str, packet: tuple[Addr, Addr]) -> tuple[Addr, Add
     """What a position's rule does to ``packet`` (source, destination), evaluated from the
     session's elements as the kernel does: membership of the way's set, then each map
     looked up with the tuple as the previous statement left it (None: no match)."""
-    elements = kernelpath.rewrite_elements(o)
-    out_t, back_t = o.tuples()
-    if kernelpath._tuple(*packet) != (out_t if way == "out" else back_t):
+    elements = dict(kernelpath.session_elements(o))
+    if (kernelpath.element_key(*packet), None) not in elements[f"{way}{o.position}"]:
         return None
     (sh, sp), (dh, dp) = packet
     for name, _, _ in kernelpath.REWRITES:
-        value = dict(elements[name])[kernelpath._tuple((sh, sp), (dh, dp))]
+        value = dict(elements[name])[kernelpath.element_key((sh, sp), (dh, dp))]
+        assert value is not None
         if name == "saddr":
-            sh = value
+            sh = socket.inet_ntoa(value)
         elif name == "sport":
-            sp = int(value)
+            sp = struct.unpack("!H", value)[0]
         elif name == "daddr":
-            dh = value
+            dh = socket.inet_ntoa(value)
         else:
-            dp = int(value)
+            dp = struct.unpack("!H", value)[0]
     return (sh, sp), (dh, dp)
-
 
 
 @pytest.mark.parametrize("hosts", [("127.0.0.1",) * 4, ("10.0.0.1", "10.0.0.2", "10.0.0.3",
@@ -243,37 +242,59 @@ def test_no_two_sessions_share_a_key_on_loopback():
         assert len(keys) == len(set(keys)), name
 
 
-def test_a_session_is_elements_only_and_its_removal_deletes_each_one():
-    """Install adds elements, never a chain, rule, set or named object (what made
-    libnftables' cost grow with the sessions); removal deletes exactly what was added."""
+def test_a_session_is_twelve_elements_rewrite_first():
+    """A session is elements only (a chain, set or named object per session is what made
+    libnftables' cost grow with the sessions): the rewrite's first, its tuples in the
+    position's sets last, so the rule cannot match a half-made rewrite; the removal
+    deletes the same keys, the position's sets first."""
     o = KernelPath().new(3, ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3),
                          ("127.0.0.3", 4))
-    added = kernelpath.install_script("t", o).splitlines()
-    removed = kernelpath.remove_script("t", o).splitlines()
-    assert all(line.startswith("add element ip t ") for line in added)
-    assert all(line.startswith("delete element ip t ") for line in removed)
-    # the position's sets come last on install (nothing matches before the rewrite is
-    # whole) and first on removal
-
-    def target(line: str) -> str:
-        return line.split()[4]
-
-    assert [target(x) for x in added][-2:] == ["out3", "back3"]
-    assert [target(x) for x in removed][:2] == ["out3", "back3"]
-
-    def keys(line: str) -> set[str]:
-        body = line[line.index("{") + 1:line.rindex("}")]
-        return {part.split(":")[0].strip() for part in body.split(",")}
-
-    assert sorted((target(x), sorted(keys(x))) for x in added) == \
-        sorted((target(x), sorted(keys(x))) for x in removed)
+    sets = kernelpath.session_elements(o)
+    assert [name for name, _ in sets] == ["saddr", "sport", "daddr", "dport", "tuples",
+                                         "out3", "back3"]
+    assert sum(len(elements) for _, elements in sets) == 12
+    out_k, back_k = o.keys()
+    assert dict(sets)["tuples"] == [(out_k, None), (back_k, None)]
+    # a map's values are the field's bytes: an address's four, a port's two
+    assert {len(v) for name, elements in sets[:4] for _, v in elements if v} == {4, 2}
     assert "counter;" in kernelpath.position_script("t", 3)  # per-element counters
+
+
+def _messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    out, i = [], 0
+    while i < len(data):
+        n, kind, flags, seq = struct.unpack_from("=IHHI", data, i)
+        out.append((kind, flags, seq, data[i + 16:i + n]))
+        i += (n + 3) & ~3
+    return out
+
+
+def test_an_install_and_a_removal_are_one_atomic_batch_each():
+    se = kernelpath.SetElements
+    o = KernelPath().new(1, ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3),
+                         ("127.0.0.3", 4))
+    sets = kernelpath.session_elements(o)
+    msgs = _messages(se.batch("tbl", True, sets, 40))
+    assert [m[0] for m in msgs] == [se.NFNL_MSG_BATCH_BEGIN] + [(10 << 8) | 12] * 7 + [
+        se.NFNL_MSG_BATCH_END]
+    assert [m[2] for m in msgs] == list(range(40, 49))
+    assert all(m[1] == 1 | 4 | 0x400 for m in msgs[1:-1])  # request, ack, create
+    assert b"tbl\0" in msgs[1][3] and b"saddr\0" in msgs[1][3]
+    for (_, elements), m in zip(sets, msgs[1:-1], strict=True):
+        assert all(key in m[3] and (value is None or value in m[3]) for key, value in elements)
+    gone = _messages(se.batch("tbl", False, sets[::-1], 50))
+    assert [m[0] for m in gone[1:-1]] == [(10 << 8) | 14] * 7
+    assert b"back1\0" in gone[1][3] and b"saddr\0" in gone[-2][3]
+    # the answers: one acknowledgement per message, errors by message number
+    errors: dict[int, int] = {}
+    answer = _ack(51) + _ack(52, -2) + _ack(99) + _ack(53)
+    assert se.acks(answer, 51, 57, errors) == 3 and errors == {52: -2}
 
 
 # -- the counters' netlink codec -------------------------------------------------------------
 def _reply(seq: int, elements: list[tuple[bytes, int, int]]) -> bytes:
     """A kernel's NEWSETELEM answer holding ``elements`` (key, packets, bytes)."""
-    a, ec = kernelpath._attr, kernelpath.ElementCounters
+    a, ec = kernelpath._attr, kernelpath.SetElements
     elems = b"".join(
         a(ec.LIST_ELEM | ec.NESTED,
           a(ec.ELEM_KEY | ec.NESTED, a(ec.DATA_VALUE, key))
@@ -289,11 +310,11 @@ def _reply(seq: int, elements: list[tuple[bytes, int, int]]) -> bytes:
 
 
 def _ack(seq: int, err: int = 0) -> bytes:
-    return struct.pack("=IHHIIi", 20, kernelpath.ElementCounters.NLMSG_ERROR, 0, seq, 0, err)
+    return struct.pack("=IHHIIi", 20, kernelpath.SetElements.NLMSG_ERROR, 0, seq, 0, err)
 
 
 def test_the_counters_codec():
-    ec = kernelpath.ElementCounters
+    ec = kernelpath.SetElements
     k1 = kernelpath.element_key(("127.0.0.1", 5000), ("127.0.0.2", 40001))
     assert k1 == bytes([127, 0, 0, 1, 0x13, 0x88, 0, 0, 127, 0, 0, 2, 0x9C, 0x41, 0, 0])
     req = ec.request("kakehashi_dgram_1", "out0", [k1], seq=7)

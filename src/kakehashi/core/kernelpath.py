@@ -205,13 +205,9 @@ class Offload:
     installed: bool = False
     removed: bool = False
 
-    def tuples(self) -> tuple[str, str]:
-        """The tuples its datagrams arrive with: from the near peer to the near port,
-        from the far peer to the far port."""
-        return _tuple(self.near, self.near_port), _tuple(self.far, self.far_port)
-
     def keys(self) -> tuple[bytes, bytes]:
-        """The same tuples as the kernel keys them (:func:`element_key`)."""
+        """The tuples its datagrams arrive with, from the near peer to the near port and
+        from the far peer to the far port, as the kernel keys them (:func:`element_key`)."""
         return element_key(self.near, self.near_port), element_key(self.far, self.far_port)
 
 
@@ -219,10 +215,6 @@ class Offload:
 #: sets: see :func:`rewrite_elements`
 REWRITES = (("saddr", "ip saddr", "ipv4_addr"), ("sport", "udp sport", "inet_service"),
             ("daddr", "ip daddr", "ipv4_addr"), ("dport", "udp dport", "inet_service"))
-
-
-def _tuple(src: Addr, dst: Addr) -> str:
-    return f"{src[0]} . {src[1]} . {dst[0]} . {dst[1]}"
 
 
 def table_script(t: str) -> str:
@@ -256,7 +248,7 @@ def position_script(t: str, k: int) -> str:
     chains, made when the position's first session is offloaded. The chain's one rule
     matches a tuple of the set, which counts it in the element's own counter (the set's
     ``counter`` flag: the session's count, read through netlink by
-    :class:`ElementCounters`), and rewrites the four fields through the shared maps. The
+    :class:`SetElements`), and rewrites the four fields through the shared maps. The
     statements run in order and each lookup reads the packet as the statements before
     it left it, hence the keys of :func:`rewrite_elements`. Only packets without IP
     options are rewritten (``ip hdrlength 5``; the rare others go to user space), so a
@@ -271,8 +263,12 @@ def position_script(t: str, k: int) -> str:
     return script
 
 
-def rewrite_elements(o: Offload) -> dict[str, list[tuple[str, str]]]:
-    """Each rewrite map's elements (key, value) for the session, both ways.
+Tuple = tuple[Addr, Addr]
+
+
+def rewrite_elements(o: Offload) -> dict[str, list[tuple[Tuple, str | int]]]:
+    """Each rewrite map's elements for the session, both ways: the tuple (source,
+    destination) it is looked up with, and the field's new value.
 
     Outbound, (near -> near_port) becomes (far_port -> far): the source address, then
     the source port, then the destination address, then the destination port, each
@@ -281,41 +277,30 @@ def rewrite_elements(o: Offload) -> dict[str, list[tuple[str, str]]]:
     source), and those are bound sockets, distinct across sessions and ways: keys never
     collide, whatever the peers (on loopback, every address is the same)."""
     (nh, np_), (h1, p1), (h2, p2), (fh, fp) = o.near, o.near_port, o.far_port, o.far
-    out = [((nh, np_), (h1, p1), h2), ((h2, np_), (h1, p1), p2),
-           ((h2, p2), (h1, p1), fh), ((h2, p2), (fh, p1), fp)]
-    back = [((fh, fp), (h2, p2), h1), ((h1, fp), (h2, p2), p1),
-            ((h1, p1), (h2, p2), nh), ((h1, p1), (nh, p2), np_)]
-    return {name: [(_tuple(*out[i][:2]), str(out[i][2])),
-                   (_tuple(*back[i][:2]), str(back[i][2]))]
-            for i, (name, _, _) in enumerate(REWRITES)}
+    out: list[tuple[Tuple, str | int]] = [
+        (((nh, np_), (h1, p1)), h2), (((h2, np_), (h1, p1)), p2),
+        (((h2, p2), (h1, p1)), fh), (((h2, p2), (fh, p1)), fp)]
+    back: list[tuple[Tuple, str | int]] = [
+        (((fh, fp), (h2, p2)), h1), (((h1, fp), (h2, p2)), p1),
+        (((h1, p1), (h2, p2)), nh), (((h1, p1), (nh, p2)), np_)]
+    return {name: [out[i], back[i]] for i, (name, _, _) in enumerate(REWRITES)}
 
 
-def install_script(t: str, o: Offload) -> str:
-    """One batch (all of it or nothing): the session's rewrite elements, then its tuples
-    in the position's sets, so no datagram matches before its rewrite is all there."""
-    out_t, back_t = o.tuples()
-    k = o.position
-    script = ""
-    for name, elements in rewrite_elements(o).items():
-        script += (f"add element ip {t} {name} {{ "
-                   + ", ".join(f"{key} : {value}" for key, value in elements) + " }\n")
-    return script + (f"add element ip {t} tuples {{ {out_t}, {back_t} }}\n"
-                     f"add element ip {t} out{k} {{ {out_t} }}\n"
-                     f"add element ip {t} back{k} {{ {back_t} }}\n")
+#: an element as sent to the kernel: its key and, in a map, its value
+Element = tuple[bytes, "bytes | None"]
 
 
-def remove_script(t: str, o: Offload) -> str:
-    """The inverse of :func:`install_script`: the position's sets first (no datagram
-    matches any more), then the rewrite."""
-    out_t, back_t = o.tuples()
-    k = o.position
-    script = (f"delete element ip {t} out{k} {{ {out_t} }}\n"
-              f"delete element ip {t} back{k} {{ {back_t} }}\n"
-              f"delete element ip {t} tuples {{ {out_t}, {back_t} }}\n")
-    for name, elements in rewrite_elements(o).items():
-        script += (f"delete element ip {t} {name} {{ "
-                   + ", ".join(key for key, _ in elements) + " }\n")
-    return script
+def session_elements(o: Offload) -> list[tuple[str, list[Element]]]:
+    """The session's elements set by set, in the order they are added (one atomic
+    batch: :meth:`SetElements.change`): the rewrite first, then the tuples in
+    ``tuples`` and in the position's sets, so the rule can match only once its rewrite
+    is whole. Removal deletes the same keys, the sets in the reverse order."""
+    out_k, back_k = o.keys()
+    return [(name, [(element_key(*key), socket.inet_aton(value) if isinstance(value, str)
+                     else struct.pack("!H", value)) for key, value in elements])
+            for name, elements in rewrite_elements(o).items()] + [
+        ("tuples", [(out_k, None), (back_k, None)]),
+        (f"out{o.position}", [(out_k, None)]), (f"back{o.position}", [(back_k, None)])]
 
 
 def element_key(src: Addr, dst: Addr) -> bytes:
@@ -341,38 +326,91 @@ def _attrs(buf: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-class ElementCounters:
-    """Reads the counters of a set's elements straight from the kernel over netlink.
+class SetElements:
+    """The table's set elements over netlink: a session's added or deleted in one atomic
+    batch, their counters read straight from the kernel.
 
-    Why not libnftables: ``get element`` and ``list set`` in libnftables first fetch
-    every element of the table into its cache (26 ms for one element among 8,000), so a
-    session's last reading at removal would again cost in proportion to the sessions,
-    whereas the kernel answers a request for given keys (NFT_MSG_GETSETELEM) by looking
-    them up. Sans-IO: :meth:`request` makes the message and :meth:`parse` reads the
-    replies; :meth:`read` sends them on one socket kept open (a netlink socket made
-    after a commit that deleted elements took 6-15 ms to make; a kept one answers in
-    0.1 ms).
+    Why not libnftables: before each command it fetches the table's chains, sets and
+    named objects (about ten netlink round trips, half a millisecond of a proxy's loop
+    per session change, and more as the host's ruleset grows), and its ``get element``
+    and ``list set`` fetch every element of the table first (26 ms for one element among
+    8,000). Here an install or a removal is one batch of NEWSETELEM or DELSETELEM
+    messages the kernel applies all or nothing (NFT_MSG_*SETELEM inside
+    NFNL_MSG_BATCH_BEGIN/END, as libnftables itself sends them), and a reading asks the
+    kernel for given keys (GETSETELEM), which it looks up. libnftables still makes the
+    table and each position's sets and chains, once. Sans-IO: :meth:`batch` and
+    :meth:`request` make the messages, :meth:`acks` and :meth:`parse` read the answers;
+    :meth:`change` and :meth:`read` send them on one socket kept open (a netlink socket
+    made after a commit that deleted elements took 6-15 ms to make; a kept one answers
+    in 0.1 ms).
     """
 
     NFNL_SUBSYS_NFTABLES = 10
-    NFT_MSG_GETSETELEM = 13
-    NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 1, 4, 0x300
+    NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+    NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE = 1, 4, 0x300, 0x400
     NLMSG_ERROR, NLMSG_DONE = 2, 3
     NESTED = 0x8000
     # attributes: the element list's table, set and elements; a list's element; an
     # element's key, its expression (one) and expressions (several); a data value; an
     # expression's name and data; a counter's bytes and packets
     LIST_TABLE, LIST_SET, LIST_ELEMENTS, LIST_ELEM = 1, 2, 3, 1
-    ELEM_KEY, ELEM_EXPR, ELEM_EXPRESSIONS, DATA_VALUE = 1, 7, 11, 1
+    ELEM_KEY, ELEM_DATA, ELEM_EXPR, ELEM_EXPRESSIONS, DATA_VALUE = 1, 2, 7, 11, 1
     EXPR_NAME, EXPR_DATA, COUNTER_BYTES, COUNTER_PACKETS = 1, 2, 1, 2
+
+    @classmethod
+    def _list(cls, table: str, set_name: str) -> bytes:
+        return (struct.pack("=BBH", socket.AF_INET, 0, 0)
+                + _attr(cls.LIST_TABLE, table.encode() + b"\0")
+                + _attr(cls.LIST_SET, set_name.encode() + b"\0"))
+
+    @classmethod
+    def batch(cls, table: str, add: bool, sets: list[tuple[str, list[Element]]],
+              seq: int) -> bytes:
+        """One batch adding (``add``) or deleting ``sets``' elements (a deletion sends
+        the keys only): a message per set, numbered from ``seq`` + 1, each acknowledged
+        (:meth:`acks`), between the batch's begin (``seq``) and end."""
+        def message(kind: int, flags: int, n: int, body: bytes) -> bytes:
+            return struct.pack("=IHHII", 16 + len(body), kind, flags, n, 0) + body
+
+        bounds = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(cls.NFNL_SUBSYS_NFTABLES))
+        op = cls.NFT_MSG_NEWSETELEM if add else cls.NFT_MSG_DELSETELEM
+        flags = cls.NLM_F_REQUEST | cls.NLM_F_ACK | (cls.NLM_F_CREATE if add else 0)
+        out = message(cls.NFNL_MSG_BATCH_BEGIN, cls.NLM_F_REQUEST, seq, bounds)
+        for i, (set_name, elements) in enumerate(sets, 1):
+            items = b"".join(
+                _attr(cls.LIST_ELEM | cls.NESTED,
+                      _attr(cls.ELEM_KEY | cls.NESTED, _attr(cls.DATA_VALUE, key))
+                      + (_attr(cls.ELEM_DATA | cls.NESTED, _attr(cls.DATA_VALUE, data))
+                         if add and data is not None else b""))
+                for key, data in elements)
+            out += message((cls.NFNL_SUBSYS_NFTABLES << 8) | op, flags, seq + i,
+                           cls._list(table, set_name)
+                           + _attr(cls.LIST_ELEMENTS | cls.NESTED, items))
+        return out + message(cls.NFNL_MSG_BATCH_END, cls.NLM_F_REQUEST, seq + len(sets) + 1,
+                             bounds)
+
+    @classmethod
+    def acks(cls, data: bytes, first: int, last: int,
+             errors: dict[int, int]) -> int:
+        """Count the acknowledgements of messages ``first``..``last`` in one read and put
+        each non-zero error (a negative errno) in ``errors`` by message number."""
+        i, n = 0, 0
+        while i + 16 <= len(data):
+            size, kind, _, got = struct.unpack_from("=IHHI", data, i)
+            if kind == cls.NLMSG_ERROR and first <= got <= last:
+                n += 1
+                err = struct.unpack_from("=i", data, i + 16)[0]
+                if err:
+                    errors[got] = err
+            i += max(16, (size + 3) & ~3)
+        return n
 
     @classmethod
     def request(cls, table: str, set_name: str, keys: list[bytes] | None,
                 seq: int = 1) -> bytes:
         """The request for ``keys`` of ``ip table set_name``; None: all (a dump)."""
-        body = (struct.pack("=BBH", socket.AF_INET, 0, 0)
-                + _attr(cls.LIST_TABLE, table.encode() + b"\0")
-                + _attr(cls.LIST_SET, set_name.encode() + b"\0"))
+        body = cls._list(table, set_name)
         if keys is not None:
             body += _attr(cls.LIST_ELEMENTS | cls.NESTED, b"".join(
                 _attr(cls.LIST_ELEM | cls.NESTED,
@@ -386,21 +424,53 @@ class ElementCounters:
         self._sock: socket.socket | None = None
         self._seq = itertools.count(1)
 
-    def read(self, table: str, set_name: str,
-             keys: list[bytes] | None = None) -> dict[bytes, tuple[int, int]]:
-        """The (packets, bytes) of ``keys`` in ``ip table set_name`` (None: every
-        element), by key; OSError when the kernel refuses (ENOENT: no such set or
-        element) or does not answer."""
+    def _socket(self) -> socket.socket:
         if self._sock is None:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             sock.bind((0, 0))
             sock.settimeout(5)
             self._sock = sock
-        seq = next(self._seq) & 0xFFFFFFFF
+        return self._sock
+
+    def _numbers(self, n: int) -> int:
+        """``n`` consecutive message numbers; the first."""
+        first = next(self._seq)
+        for _ in range(n - 1):
+            next(self._seq)
+        return first & 0x7FFFFFFF
+
+    def change(self, table: str, add: bool, sets: list[tuple[str, list[Element]]]) -> None:
+        """Add (or delete) ``sets``' elements in ``ip table``, all or nothing.
+        :class:`KernelPathError` with the kernel's reason when it refused (then nothing
+        changed), OSError when it did not answer."""
+        seq = self._numbers(len(sets) + 2)
+        errors: dict[int, int] = {}
+        try:
+            sock = self._socket()
+            sock.send(self.batch(table, add, sets, seq))
+            got = 0
+            while got < len(sets):
+                got += self.acks(sock.recv(1 << 16), seq + 1, seq + len(sets), errors)
+        except OSError as exc:
+            if exc.errno is None:  # no answer: the next change gets a clean socket
+                self.close()
+            raise
+        if errors:
+            n, err = min(errors.items())
+            raise KernelPathError(f"{'add' if add else 'delete'} element in "
+                                  f"{sets[n - seq - 1][0]}: {os.strerror(-err)}")
+
+    def read(self, table: str, set_name: str,
+             keys: list[bytes] | None = None) -> dict[bytes, tuple[int, int]]:
+        """The (packets, bytes) of ``keys`` in ``ip table set_name`` (None: every
+        element), by key; OSError when the kernel refuses (ENOENT: no such set or
+        element) or does not answer."""
+        seq = self._numbers(1)
         counts: dict[bytes, tuple[int, int]] = {}
         try:
-            self._sock.send(self.request(table, set_name, keys, seq))
-            while not self.parse(self._sock.recv(1 << 20), counts, seq):
+            sock = self._socket()
+            sock.send(self.request(table, set_name, keys, seq))
+            while not self.parse(sock.recv(1 << 20), counts, seq):
                 pass
         except OSError as exc:
             if exc.errno is None:  # no answer: a later reading gets a clean socket
@@ -468,7 +538,7 @@ class KernelPath:
         self._created = False
         self._refreshed = float("-inf")
         self._refresh_cost = 0.0
-        self._counters = ElementCounters()
+        self._sets = SetElements()
 
     # -- availability ---------------------------------------------------------------------
     @staticmethod
@@ -493,7 +563,7 @@ class KernelPath:
             self._created = False
             with contextlib.suppress(KernelPathError, OSError):
                 _nft(f"delete table ip {self.table}\n")
-        self._counters.close()
+        self._sets.close()
 
     # -- sessions -------------------------------------------------------------------------
     def eligible(self, near: Addr, near_port: Addr, far_port: Addr, far: Addr) -> str | None:
@@ -515,34 +585,34 @@ class KernelPath:
                        near[:2], near_port[:2], far_port[:2], far[:2])
 
     async def install(self, o: Offload) -> None:
-        """Add the session's elements (:func:`install_script`): from now on the kernel
-        relays its datagrams. (One library call of well under a millisecond, made here
-        on the loop's thread; a coroutine so the forwarder need not know how nftables is
-        reached.)"""
-        script = ""
+        """Add the session's elements (:func:`session_elements`, one netlink batch): from
+        now on the kernel relays its datagrams. The position's sets and chains are made
+        first through libnftables when it is the position's first session. (Well under a
+        millisecond, made here on the loop's thread; a coroutine so the forwarder need
+        not know how nftables is reached.)"""
         if o.position not in self._positions:
-            script += position_script(self.table, o.position)
-        _nft(script + install_script(self.table, o))
-        self._positions.add(o.position)
+            _nft(position_script(self.table, o.position))
+            self._positions.add(o.position)
+        self._sets.change(self.table, True, session_elements(o))
         o.installed = True
         self.sessions[o.sid] = o
 
     def remove(self, o: Offload) -> None:
         """Delete the session's elements now (synchronously: its ports are about to be
-        closed and may be taken by the next session)."""
+        closed and may be taken by the next session), after the last reading of its
+        counters."""
         if o.removed or not o.installed:
             o.removed = True
             return
         o.removed = True
         self.sessions.pop(o.sid, None)
-        t, sid = self.table, o.sid
         with contextlib.suppress(OSError):
             self._read(o)  # the last reading, straight from the kernel
         try:
-            _nft(remove_script(t, o))
+            self._sets.change(self.table, False, session_elements(o)[::-1])
         except (KernelPathError, OSError) as exc:
-            log.warning("kernel fast path: could not remove the rules of session %d: %s",
-                        sid, exc)
+            log.warning("kernel fast path: could not remove the elements of session %d: %s",
+                        o.sid, exc)
 
     # -- counters -------------------------------------------------------------------------
     @staticmethod
@@ -556,8 +626,8 @@ class KernelPath:
     def _read(self, o: Offload) -> None:
         """Read one session's counters (two keys, looked up by the kernel)."""
         k, (out_t, back_t) = o.position, o.keys()
-        self._apply(o, self._counters.read(self.table, f"out{k}", [out_t]).get(out_t),
-                    self._counters.read(self.table, f"back{k}", [back_t]).get(back_t))
+        self._apply(o, self._sets.read(self.table, f"out{k}", [out_t]).get(out_t),
+                    self._sets.read(self.table, f"back{k}", [back_t]).get(back_t))
 
     async def refresh(self) -> None:
         """Read every offloaded session's counters: a dump of each position's two sets.
@@ -575,8 +645,8 @@ class KernelPath:
         counts: dict[bytes, tuple[int, int]] = {}
         with contextlib.suppress(OSError):
             for k in {o.position for o in sessions}:
-                counts.update(self._counters.read(self.table, f"out{k}"))
-                counts.update(self._counters.read(self.table, f"back{k}"))
+                counts.update(self._sets.read(self.table, f"out{k}"))
+                counts.update(self._sets.read(self.table, f"back{k}"))
         for o in sessions:
             out_t, back_t = o.keys()
             self._apply(o, counts.get(out_t), counts.get(back_t))
