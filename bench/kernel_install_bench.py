@@ -49,7 +49,7 @@ async def measure(n: int, cycles: int, positions: int) -> dict[str, list[float]]
         else:  # a tree whose installs are libnftables scripts: collected, run in batches
             real = kernelpath._nft
             scripts: list[str] = []
-            kernelpath._nft = lambda script, as_json=False: scripts.append(script) or ""  # type: ignore[assignment]
+            kernelpath._nft = lambda script, **_: scripts.append(script) or ""  # type: ignore[assignment]
             try:
                 for i in range(n - 1):
                     await kp.install(_session(kp, i, i % positions))

@@ -5,9 +5,10 @@ record has locked both peers, what it does to each datagram is a fixed rewrite: 
 the near peer to this host's near port becomes from this host's far port to the far
 peer, and back. The first datagram still reaches user space, so the record (the one
 sans-IO decision, :class:`kakehashi.core.datagram.PortRecord`) decides who the near peer
-is; then this module installs that rewrite as nftables rules and the kernel relays the
-rest without waking the process. A datagram that matches no rule (a spoofed source,
-another port) still reaches the socket and the record drops and counts it.
+is; then this module adds that rewrite as elements of nftables sets and maps and the
+kernel relays the rest without waking the process. A datagram that matches no element
+(a spoofed source, another port) still reaches the socket and the record drops and
+counts it.
 
 The rewrite is **stateless** (payload mangling in the prerouting hook, conntrack turned
 off for the session's tuples with ``notrack``) rather than conntrack DNAT/SNAT: a NAT
@@ -23,12 +24,16 @@ host would need the datagram forwarded (``ip_forward`` and the forward chain's c
 and its source rewritten after routing; that is not done here, and such sessions stay in
 user space.
 
-Rules are changed through libnftables in this process (:class:`_Nft`), not by running
-``nft``: a teardown is synchronous and a process per change held the loop ~10 ms.
-One table per process, ``ip kakehashi_dgram_<pid>``, removed at exit; a table left by a
-process that died without cleaning up is removed by the next one that starts. Named counters
-on each session's rules give the kernel's share (idle timeout, metrics, the session's
-end), read by polling, in packets and payload bytes, never as datagrams: a
+One table per process, ``ip kakehashi_dgram_<pid>`` (:func:`table_script`), made once
+through libnftables in this process (:class:`_Nft`), never by running ``nft`` (a
+process per change held the loop ~10 ms), with each hop position's sets and chains
+(:func:`position_script`); a session is elements only (:func:`session_elements`), added
+and deleted by one netlink batch each (:class:`SetElements`), so its cost does not grow
+with the sessions. The table is removed at exit; one left by a process that died
+without cleaning up is removed by the next one that starts. The per-element counters
+of each session's two tuples give the kernel's share (idle timeout, metrics, the
+session's end), read over netlink by polling, in packets and payload bytes, never as
+datagrams: a
 segmentation-offloaded send (a user-space hop's burst, see
 :mod:`kakehashi.core.udpbatch`, or a QUIC stack's) is one packet for several datagrams,
 while its bytes are exact.
@@ -90,13 +95,11 @@ class _Nft:
     about to be freed), so each teardown held the event loop for a process's run. The
     binding is the four calls of libnftables' stable API (nft_ctx_new,
     nft_run_cmd_from_buffer and its buffered output and errors) through ctypes, as the
-    upstream Python binding does, so nothing else needs installing. Two contexts: one
-    with JSON output for reading counters, one for changes and text listings. Calls are
-    made from the event loop's thread only (a context is not shared between threads).
+    upstream Python binding does, so nothing else needs installing. It makes the table
+    and the positions' sets and chains, and lists the tables (:func:`clean_stale`);
+    sessions and counters go through :class:`SetElements`. Calls are made from the
+    event loop's thread only (a context is not shared between threads).
     """
-
-    #: NFT_CTX_OUTPUT_JSON in libnftables' output flags
-    OUTPUT_JSON = 1 << 4
 
     def __init__(self) -> None:
         lib = ctypes.CDLL(LIBRARY)
@@ -104,29 +107,22 @@ class _Nft:
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
         for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
-        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
             getattr(lib, name).restype = ctypes.c_char_p
         self.lib = lib
-        self.text = self._context(0)
-        self.json = self._context(self.OUTPUT_JSON)
-
-    def _context(self, flags: int) -> int:
-        ctx = self.lib.nft_ctx_new(0)
+        ctx = lib.nft_ctx_new(0)
         if not ctx:
             raise KernelPathError("libnftables could not make a context")
-        self.lib.nft_ctx_buffer_output(ctx)
-        self.lib.nft_ctx_buffer_error(ctx)
-        if flags:
-            self.lib.nft_ctx_output_set_flags(ctx, flags)
-        return ctx
+        lib.nft_ctx_buffer_output(ctx)
+        lib.nft_ctx_buffer_error(ctx)
+        self.ctx = ctx
 
-    def run(self, script: str, *, as_json: bool = False) -> str:
+    def run(self, script: str) -> str:
         """Run ``script`` (nft syntax, one batch: all of it or nothing) and return what
         it printed; :class:`KernelPathError` with nft's message when it failed."""
-        ctx = self.json if as_json else self.text
+        ctx = self.ctx
         rc = self.lib.nft_run_cmd_from_buffer(ctx, script.encode())
         out = (self.lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
         if rc != 0:
@@ -138,14 +134,14 @@ class _Nft:
 _lib: _Nft | None = None
 
 
-def _nft(script: str, *, as_json: bool = False) -> str:
-    """Run an nft script through this process's libnftables contexts (made on first
+def _nft(script: str) -> str:
+    """Run an nft script through this process's libnftables context (made on first
     use). Raises :class:`KernelPathError`, or OSError when libnftables cannot be
     loaded."""
     global _lib
     if _lib is None:
         _lib = _Nft()
-    return _lib.run(script, as_json=as_json)
+    return _lib.run(script)
 
 
 def _libnftables() -> bool:
