@@ -514,3 +514,92 @@ async def test_a_route_that_refuses_segmentation_offload_gets_datagrams_one_by_o
         fwd.close()
         for s in (server, client):
             s.close()
+
+
+async def test_a_sealed_burst_goes_through_the_channel_once_per_batch(monkeypatch):
+    """In a burst the fast path hands the whole batch to the channel in one call (and
+    each datagram that wakes a lane between bursts in one call of its own), never a
+    ``bytes`` per datagram through the one-datagram form. Fails on the code that called
+    the transform per datagram."""
+    client_ch, hop_ch, server, client, fwd = await _sealing_hop(True)
+    near = fwd.near_sock
+    calls: list[int] = []
+    real = hop_ch.open.batch
+
+    def counted(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    hop_ch.open.batch = counted
+    monkeypatch.setattr(udpbatch, "AVAILABLE", True)
+    n = (PROBE - 1) + BATCH * 2
+    try:
+        for i in range(n):
+            client.sendto(client_ch.seal(b"q%d" % i), near.getsockname())
+        assert await _recv_all(server, n) == [b"q%d" % i for i in range(n)]
+        assert calls[:PROBE - 1] == [1] * (PROBE - 1)  # each waking datagram alone
+        assert sum(calls) == n and max(calls) == BATCH  # then the bursts, a batch a call
+        assert len(calls) < n
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+async def test_replays_and_forgeries_inside_one_sealed_burst_are_dropped_exactly(fast):
+    """A burst that repeats datagrams (next to each other and further apart) and carries
+    a forged one: each original is opened once, in order, every other one is dropped and
+    counted, on every path."""
+    client_ch, hop_ch, server, client, fwd = await _sealing_hop(fast)
+    rec, near = fwd.record, fwd.near_sock
+    sealed = [client_ch.seal(b"q%d" % i * 20) for i in range(6)]
+    forged = sealed[5][:-1] + bytes([sealed[5][-1] ^ 1])
+    wire = [sealed[0], sealed[1], sealed[1], sealed[2], sealed[0], forged, sealed[3],
+            sealed[5], sealed[4], sealed[3], sealed[5]]
+    try:
+        for d in wire:
+            client.sendto(d, near.getsockname())
+        got = await _recv_all(server, 6)
+        assert got == [b"q%d" % i * 20 for i in (0, 1, 2, 3, 5, 4)]
+        await async_wait_until(lambda: rec.dropped == 5, what="the replays and the forgery")
+        assert hop_ch.refused == 5 and rec.from_near_count == len(wire)
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+async def test_sealed_bursts_of_every_size_arrive_intact(fast):
+    """The sealing side (``chain forward``'s lane towards the chain) with outputs of one
+    size in runs longer than one offloaded send takes, sizes too large to offload, an
+    empty datagram and the largest that can still be sealed, in one burst; the opening
+    side back with a refused datagram in the middle of a run."""
+    k1, k2 = os.urandom(32), os.urandom(32)
+    ch, peer = DatagramChannel(k1, k2), DatagramChannel(k2, k1)
+    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    rec = PortRecord(lock="latest", far=server.getsockname())
+    fwd = DatagramForwarder(near, far, rec, near_to_far=ch.seal, far_to_near=ch.open,
+                            fast_path=fast)
+    await fwd.start()
+    try:
+        client.sendto(b"lock", near.getsockname())
+        assert [peer.open(d) for d in await _recv_all(server, 1)] == [b"lock"]
+        sizes = [*[512] * 70, 0, 1448, 1472, *[2000] * 3, 65483, 1, *[1400] * 50, 512]
+        sent = [os.urandom(n) for n in sizes]
+        for d in sent:
+            client.sendto(d, near.getsockname())
+        got = await _recv_all(server, len(sent))
+        assert [len(d) for d in got] == [n + 24 for n in sizes]
+        assert [peer.open(d) for d in got] == sent
+        back = [peer.seal(b"a%d" % i * 30) for i in range(40)]
+        back[17] = back[17][:-1] + bytes([back[17][-1] ^ 1])
+        for d in back:
+            server.sendto(d, far.getsockname())
+        assert await _recv_all(client, 39) == [b"a%d" % i * 30 for i in range(40) if i != 17]
+        await async_wait_until(lambda: rec.dropped == 1, what="the forged answer")
+        assert fwd.errors == 0 and ch.refused == 1
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()

@@ -48,7 +48,7 @@ import errno
 import logging
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Literal
 
 from kakehashi.core import udpbatch
@@ -62,7 +62,9 @@ __all__ = ["BATCH", "PROBE", "DatagramForwarder", "PortRecord", "bind_in_range",
 log = logging.getLogger("kakehashi.core.datagram")
 
 Addr = tuple[str, int]
-#: a payload transform (seal, open): returns what to send, or None to drop
+#: a payload transform (seal, open): returns what to send, or None to drop. One with a
+#: ``batch`` attribute (:class:`kakehashi.core.crypto.DatagramTransform`) is given a
+#: whole burst at once on the fast path (:meth:`kakehashi.core.udpbatch.Batch.transform`)
 Transform = Callable[[bytes], "bytes | None"]
 
 #: bytes a side may hold in user space when the kernel buffer is full; beyond that
@@ -101,30 +103,33 @@ class PortRecord:
         self.from_far_count = 0
         self.dropped = 0
 
-    def from_near(self, src: Addr) -> Addr | None:
-        """A datagram arrived on the near (client-facing) port from ``src``."""
+    def from_near(self, src: Addr, count: int = 1) -> Addr | None:
+        """A datagram arrived on the near (client-facing) port from ``src`` (or ``count``
+        of them in a row: the decision for the first holds for the rest, which meet the
+        state it leaves)."""
         near = self.near
         if src != near:
             if (near is not None and self.lock == "first" and not self.tentative) or (
                     self.expect_host is not None and src[0] != self.expect_host):
-                self.dropped += 1
+                self.dropped += count
                 return None
             self.near = src[:2]
         self.tentative = False
         far = self.far
         if far is None:
-            self.dropped += 1
+            self.dropped += count
             return None
-        self.from_near_count += 1
+        self.from_near_count += count
         return far
 
-    def from_far(self, src: Addr) -> Addr | None:
-        """A datagram arrived on the far (server-facing) port from ``src``."""
+    def from_far(self, src: Addr, count: int = 1) -> Addr | None:
+        """A datagram arrived on the far (server-facing) port from ``src`` (or ``count``
+        of them in a row)."""
         near = self.near
         if src != self.far or near is None:
-            self.dropped += 1
+            self.dropped += count
             return None
-        self.from_far_count += 1
+        self.from_far_count += count
         return near
 
     @property
@@ -274,6 +279,7 @@ class DatagramForwarder:
         record = self.record
         decide = record.from_near if near else record.from_far
         buf = self._io.rx[:MAX_DATAGRAM]  # slot 0: a callback is done with it on return
+        out = self._io.tx  # the same for a transform's output (nothing queued meanwhile)
         burst, wakes, user_bytes = self._burst, self._wakes, self.user_bytes
         drain = self._drain
 
@@ -304,6 +310,13 @@ class DatagramForwarder:
             try:
                 if transform is None:
                     data: bytes | memoryview | None = buf[:n]
+                elif (batch := getattr(transform, "batch", None)) is not None:
+                    # from the receive slot into the send area, no bytes in between
+                    k = batch(buf, (0,), (n,), 1, out, 0)[0]
+                    if k < 0:
+                        record.dropped += 1
+                        return
+                    data = out[:k]
                 else:
                     # its own bytes: a transform may keep what it is given
                     data = transform(buf[:n].tobytes())
@@ -319,7 +332,8 @@ class DatagramForwarder:
         return relay
 
     def _drain(self, lane: int, src_sock: socket.socket, dst_sock: socket.socket,
-               decide: Callable[[Addr], Addr | None], transform: Transform | None) -> None:
+               decide: Callable[[Addr, int], Addr | None], transform: Transform | None,
+               ) -> None:
         """Relay what ``src_sock`` holds, each datagram as the record decides, in order.
 
         A lane in a burst takes up to :data:`BATCH` (the kernel's receive buffer keeps
@@ -342,18 +356,53 @@ class DatagramForwarder:
             self._thin[lane] += 1
             if self._thin[lane] >= LINGER:
                 burst[lane] = False
-        sources = io.sources
-        lengths = io.lengths
         family = self._families[lane]
         offer = lane == 0 and self.kernel is not None
-        size = 0
-        for i in range(n):
-            dst = decide(sources[i])
+        batch = getattr(transform, "batch", None)
+        lengths = io.lengths
+        src = io.source
+        if src is not None and n:
+            # one sender for the whole burst (the usual case): one decision for it
+            dst = decide(src, n)
             if dst is None:
-                continue
-            size += lengths[i]
+                return
+            self.user_bytes[lane] += sum(lengths[:n])
             if offer:
                 self._offer()
+            if batch is not None:
+                try:
+                    self.record.dropped += io.transform(batch, family, dst)
+                except (OSError, ValueError):  # larger than a datagram once sealed
+                    self.errors += n
+            else:
+                self._each(io, family, range(n), dst, transform)
+        else:
+            sources = io.sources
+            size = 0
+            for i in range(n):
+                dst = decide(sources[i])
+                if dst is None:
+                    continue
+                size += lengths[i]
+                if offer:
+                    self._offer()
+                if batch is not None:
+                    try:
+                        self.record.dropped += io.transform(batch, family, dst, i, 1)
+                    except (OSError, ValueError):
+                        self.errors += 1
+                else:
+                    self._each(io, family, (i,), dst, transform)
+            self.user_bytes[lane] += size
+        failed, overflow = io.flush(dst_sock)
+        self.errors += failed
+        self.overflow += overflow
+
+    def _each(self, io: udpbatch.Batch, family: int, which: Iterable[int], dst: Addr,
+              transform: Transform | None) -> None:
+        """Queue received datagrams to ``dst``: as they are, or through a transform that
+        takes one datagram at a time."""
+        for i in which:
             try:
                 if transform is None:
                     io.relay(family, i, dst)
@@ -366,10 +415,6 @@ class DatagramForwarder:
                 io.put(family, data, dst)
             except (OSError, ValueError):  # no address for this socket, or too large
                 self.errors += 1
-        self.user_bytes[lane] += size
-        failed, overflow = io.flush(dst_sock)
-        self.errors += failed
-        self.overflow += overflow
 
     # -- the kernel path ---------------------------------------------------------------
     def _offer(self) -> None:

@@ -37,6 +37,7 @@ one readiness callback, so every forwarder on a loop shares it.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import mmap
@@ -45,8 +46,15 @@ import socket
 import struct
 import sys
 import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 Addr = tuple
+#: a batch transform (sealing, opening): (src, starts, lengths, n, out, at) -> the length
+#: it wrote for each datagram, back to back into ``out`` from ``at``; -1: refused
+BatchFn = Callable[[Any, Sequence[int], Sequence[int], int, memoryview, int], list[int]]
+#: a queued send (see Batch._queue)
+Entry = tuple[int, int, int, Addr, int, int]
 
 #: datagrams taken from one socket per call (the loop polls again after it, so one busy
 #: socket does not starve the others)
@@ -54,6 +62,8 @@ BATCH = 64
 #: room for one datagram: no UDP payload is larger (65,507 B over IPv4)
 SLOT = 1 << 16
 _NAME = 32  # room for a sockaddr_in6 (28 B)
+#: what a transform may add to each datagram, at most (sealing adds 24 B)
+_TX_SPARE = 64
 _HDR = 64  # sizeof(struct mmsghdr) on LP64 Linux: msghdr (56) + msg_len, padded
 _Q = _HDR // 8  # 8-byte words per header
 MSG_DONTWAIT = 0x40
@@ -159,15 +169,26 @@ class Batch:
         self.mmsg = mmsg and _MMSG is not None
         #: received payloads (slot i: datagram i) and transformed ones (slot j: queued j)
         self._rx_map = mmap.mmap(-1, size * SLOT)
-        self._tx_map = mmap.mmap(-1, size * SLOT)
+        # outputs lie one after the other (a transform may add _TX_SPARE bytes to each)
+        self._tx_map = mmap.mmap(-1, size * (SLOT + _TX_SPARE))
         self.rx = memoryview(self._rx_map)
         self.tx = memoryview(self._tx_map)
         self.lengths = [0] * size
         self.sources: list[Addr] = [()] * size
-        #: the queue, per datagram: (slot: >= 0 received, < 0 put, length, the sending
-        #: socket's address family, destination)
-        self._queue: list[tuple[int, int, int, Addr]] = []
-        self._puts = 0
+        #: the one source of every datagram of the last :meth:`recv`, or None (several)
+        self.source: Addr | None = None
+        #: the queue: (where: a byte offset into rx if >= 0, into tx as -1 - offset if
+        #: < 0; bytes; the sending socket's address family; destination; datagram size;
+        #: datagrams): one datagram, or a run of them of one size, back to back in tx
+        self._queue: list[Entry] = []
+        self._tx_off = 0
+        self._last = 0  # datagrams the last recv() took
+        #: segmentation offload: used unless turned off, except to destinations (their
+        #: sockaddr, and as (family, destination) for :meth:`transform`) whose route
+        #: refused it
+        self.gso = True
+        self._no_gso: set[object] = set()
+        self._no_gso_dst: set[tuple[int, Addr]] = set()
         self._src_cache: dict[bytes, Addr] = {}
         self._dst_cache: dict[tuple[int, Addr], tuple[tuple[int, int], object]] = {}
         self._retired: list[object] = []
@@ -190,6 +211,7 @@ class Batch:
             h[_Q * i + 3] = 1
         self._rx_h = h
         self._rx_used = 0  # headers whose msg_namelen the last call overwrote
+        self._namelens = memoryview(array.array("Q", [_NAME] * size))
         self._rx_names_view = memoryview(self._rx_names)
         # send headers: each points at its own iovec; names and slots set per datagram
         self._tx_iov = bytearray(size * 16)
@@ -204,10 +226,6 @@ class Batch:
         self._tx_iov_addr = tiov
         self._tx_ctl = bytearray(size * _CMSG)
         self._tx_ctl_addr = _address(self._tx_ctl)
-        #: segmentation offload: used unless turned off, except to destinations (their
-        #: sockaddr) whose route refused it
-        self.gso = True
-        self._no_gso: set[object] = set()
         self._rx_hdr_addr = _address(self._rx_hdr)
 
     # -- receiving ----------------------------------------------------------------------
@@ -218,23 +236,40 @@ class Batch:
         socket (an ICMP error for an earlier send: not fatal for UDP)."""
         if self.mmsg:
             h = self._rx_h
-            for i in range(self._rx_used):  # the kernel wrote each name's length there
-                h[_Q * i + 1] = _NAME
+            used = self._rx_used  # the kernel wrote each name's length there: reset them
+            if used:
+                h[1:_Q * used:_Q] = self._namelens[:used]
             n = _MMSG[0](sock.fileno(), self._rx_hdr_addr, min(limit, self.size),  # type: ignore[index,operator]
                          MSG_DONTWAIT, None)
             if n < 0:
                 err = ctypes.get_errno()
-                self._rx_used = 0
+                self._rx_used = self._last = 0
                 if err in _AGAIN:
                     return 0
                 raise OSError(err, os.strerror(err))
-            self._rx_used = n
-            names, cache = self._rx_names_view, self._src_cache
-            lengths, sources = self.lengths, self.sources
+            self._rx_used = self._last = n
+            if n == 0:
+                return 0
+            # one C call each for the lengths and the names, not a loop of Python: the
+            # kernel wrote msg_len (word 7) and msg_namelen (word 1) as 32-bit values into
+            # 64-bit words whose upper halves stay zero
+            self.lengths[:n] = h[7:_Q * n:_Q].tolist()
+            names, cache, sources = self._rx_names_view, self._src_cache, self.sources
+            first = names[:_NAME].tobytes()
+            if n == 1 or names[:n * _NAME] == first * n:
+                # a burst from one peer (the usual case): one source for all of it
+                raw = first[:h[1]]
+                src = cache.get(raw)
+                if src is None:
+                    if len(cache) >= _CACHE:
+                        cache.clear()
+                    src = cache[raw] = decode(raw)
+                sources[:n] = [src] * n
+                self.source = src
+                return n
+            self.source = None
             for i in range(n):
-                b = _Q * i
-                lengths[i] = h[b + 7] & 0xFFFFFFFF
-                raw = names[i * _NAME:i * _NAME + (h[b + 1] & 0xFFFFFFFF)].tobytes()
+                raw = names[i * _NAME:i * _NAME + (h[_Q * i + 1] & 0xFFFFFFFF)].tobytes()
                 src = cache.get(raw)
                 if src is None:
                     if len(cache) >= _CACHE:
@@ -256,6 +291,9 @@ class Batch:
                 raise
             # after some datagrams: those go on, and the error (taken off the socket by
             # this read) is not counted, as with recvmmsg
+        self._last = n
+        src = self.sources[0]
+        self.source = src if n and self.sources[:n].count(src) == n else None
         return n
 
     def payload(self, i: int) -> memoryview:
@@ -278,16 +316,55 @@ class Batch:
 
     def relay(self, family: int, i: int, dst: Addr) -> None:
         """Queue received datagram ``i`` as is, to ``dst`` on a socket of ``family``."""
-        self._queue.append((i, self.lengths[i], family, dst))
+        n = self.lengths[i]
+        self._queue.append((i * SLOT, n, family, dst, n, 1))
 
     def put(self, family: int, data: bytes, dst: Addr) -> None:
         """Queue a copy of ``data`` to ``dst`` (ValueError if larger than a datagram)."""
-        j = self._puts
-        if len(data) > SLOT:
-            raise ValueError(f"{len(data)} bytes do not fit a datagram")
-        self.tx[j * SLOT:j * SLOT + len(data)] = data
-        self._puts = j + 1
-        self._queue.append((-1 - j, len(data), family, dst))
+        n = len(data)
+        if n > SLOT:
+            raise ValueError(f"{n} bytes do not fit a datagram")
+        off = self._tx_off
+        self.tx[off:off + n] = data
+        self._tx_off = off + n
+        self._queue.append((-1 - off, n, family, dst, n, 1))
+
+    def transform(self, batch: BatchFn, family: int, dst: Addr, first: int = 0,
+                  count: int | None = None) -> int:
+        """Transform received datagrams ``first`` to ``first + count`` (all of the last
+        :meth:`recv` by default) with ``batch`` into the send area and queue what it
+        returns to ``dst``; returns how many it refused.
+
+        The outputs lie back to back, so consecutive outputs of one size leave as one
+        run: one ``iovec`` and one segmentation-offloaded send for up to
+        :data:`GSO_SEGMENTS` datagrams, and no Python per datagram here or in
+        :meth:`flush` (``batch`` itself loops once over them).
+        """
+        n = self._last if count is None else count
+        off = self._tx_off
+        sizes = batch(self.rx, range(first * SLOT, (first + n) * SLOT, SLOT),
+                      self.lengths[first:first + n], n, self.tx, off)
+        queue = self._queue
+        seg = sizes[0] if n else 0
+        if n and sizes.count(seg) == n and seg > 0:  # all accepted, of one size
+            self._tx_off = off + n * seg
+            if not self.gso or seg > GSO_SIZE or (family, dst) in self._no_gso_dst:
+                queue.extend([(-1 - off - j * seg, seg, family, dst, seg, 1) for j in range(n)])
+                return 0
+            run = min(GSO_SEGMENTS, GSO_BYTES // seg)
+            for j in range(0, n, run):
+                k = min(run, n - j)
+                queue.append((-1 - off - j * seg, k * seg, family, dst, seg, k))
+            return 0
+        refused = 0
+        for k in sizes:  # some refused, or sizes vary (or empty): one entry each
+            if k < 0:
+                refused += 1
+                continue
+            queue.append((-1 - off, k, family, dst, k, 1))
+            off += k
+        self._tx_off = off
+        return refused
 
     def flush(self, sock: socket.socket) -> tuple[int, int]:
         """Send the queue on ``sock``; returns (failed, overflowed): datagrams refused
@@ -296,72 +373,78 @@ class Batch:
         if not queue:
             return 0, 0
         self._queue = []
-        self._puts = 0
-        if not self.mmsg or len(queue) == 1:  # one datagram: sendto costs the least
-            return self._send_each(sock, queue)
+        self._tx_off = 0
+        if not self.mmsg or (len(queue) == 1 and queue[0][5] == 1):
+            return self._send_each(sock, queue)  # one datagram: sendto costs the least
         try:
             return self._send_groups(sock, queue)
         finally:
             self._retired.clear()
 
-    def _send_each(self, sock: socket.socket, queue: list[tuple[int, int, int, Addr]],
-                   ) -> tuple[int, int]:
+    def _send_each(self, sock: socket.socket, queue: list[Entry]) -> tuple[int, int]:
         """``sendto`` each queued datagram: (failed, overflowed)."""
         failed = overflow = 0
         send, rx, tx = sock.sendto, self.rx, self.tx
-        for i, n, _, dst in queue:
-            data = rx[i * SLOT:i * SLOT + n] if i >= 0 else tx[(-1 - i) * SLOT:(-1 - i) * SLOT + n]
-            try:
-                send(data, dst)
-            except (BlockingIOError, InterruptedError):
-                overflow += 1
-            except OSError:
-                failed += 1
+        for where, n, _, dst, seg, count in queue:
+            view = rx[where:where + n] if where >= 0 else tx[-1 - where:-1 - where + n]
+            for j in range(0, n, seg) if count > 1 else (0,):
+                try:
+                    send(view[j:j + seg] if count > 1 else view, dst)
+                except (BlockingIOError, InterruptedError):
+                    overflow += 1
+                except OSError:
+                    failed += 1
         return failed, overflow
 
-    def _send_groups(self, sock: socket.socket, queue: list[tuple[int, int, int, Addr]],
-                     ) -> tuple[int, int]:
+    def _send_groups(self, sock: socket.socket, queue: list[Entry]) -> tuple[int, int]:
         """sendmmsg the queue, consecutive datagrams of one size to one destination as
-        one segmentation offload send (``UDP_SEGMENT``) where the kernel takes it."""
+        one segmentation offload send (``UDP_SEGMENT``) where the kernel takes it: a
+        run from :meth:`transform` as it is, lone datagrams grouped here."""
         h, iov = self._tx_h, self._tx_iov_q
         rx_base, tx_base, iov_addr = self._rx_base, self._tx_base, self._tx_iov_addr
         no_gso = self._no_gso
         counts: list[int] = []  # datagrams per header
+        iovs: list[int] = []  # iovecs (queue entries) per header
         starts: list[int] = []
         sizes: list[int] = []
         seg = left = failed = 0
         grow = False
         gname: object = None
         names = []
-        for i, n, family, dst in queue:
+        kept = 0
+        for entry in queue:
             try:
-                names.append(self._name(family, dst))
-            except OSError:  # no address for this socket: this one datagram fails
-                failed += 1
+                names.append(self._name(entry[2], entry[3]))
+            except OSError:  # no address for this socket: these datagrams fail
+                failed += entry[5]
             else:
-                queue[len(names) - 1] = (i, n, family, dst)
-        del queue[len(names):]
-        for j, (i, n, _, _) in enumerate(queue):
+                queue[kept] = entry
+                kept += 1
+        del queue[kept:]
+        for j, (where, n, _, _, dseg, count) in enumerate(queue):
             name = names[j]
-            iov[2 * j] = rx_base + i * SLOT if i >= 0 else tx_base + (-1 - i) * SLOT
+            iov[2 * j] = rx_base + where if where >= 0 else tx_base - 1 - where
             iov[2 * j + 1] = n
-            if grow and 0 < n <= seg and name == gname and left >= n:  # (empty: alone)
-                counts[-1] += 1
+            if count == 1 and grow and 0 < n <= seg and name == gname and left >= n:
+                counts[-1] += 1  # (an empty datagram goes alone)
+                iovs[-1] += 1
                 left -= n
                 grow = n == seg and counts[-1] < GSO_SEGMENTS  # a shorter one ends it
                 continue
             b = _Q * len(counts)
             h[b], h[b + 1] = name  # type: ignore[misc]
             h[b + 2] = iov_addr + 16 * j
-            counts.append(1)
+            counts.append(count)
+            iovs.append(1)
             starts.append(j)
-            sizes.append(n)
+            sizes.append(dseg)
             seg, gname, left = n, name, GSO_BYTES - n
-            grow = self.gso and 0 < n <= GSO_SIZE and name not in no_gso
+            # a run is a header of its own; a lone datagram may start a group
+            grow = count == 1 and self.gso and 0 < n <= GSO_SIZE and name not in no_gso
         ctl, ctl_addr = self._tx_ctl, self._tx_ctl_addr
         for g, k in enumerate(counts):
             b = _Q * g
-            h[b + 3] = k
+            h[b + 3] = iovs[g]
             if k > 1:
                 struct.pack_into("=QiiH", ctl, g * _CMSG, _CMSG_LEN, SOL_UDP, UDP_SEGMENT,
                                  sizes[g])
@@ -385,7 +468,8 @@ class Batch:
                 # this route takes no segmentation offload (a smaller MTU, no checksum
                 # offload, an old kernel): that destination's datagrams go one by one
                 no_gso.add(names[starts[off]])
-                f, o = self._send_each(sock, queue[starts[off]:starts[off] + k])
+                self._no_gso_dst.add((queue[starts[off]][2], queue[starts[off]][3]))
+                f, o = self._send_each(sock, queue[starts[off]:starts[off] + iovs[off]])
                 failed, overflow = failed + f, overflow + o
             else:
                 failed += k  # an unreachable network, too large
