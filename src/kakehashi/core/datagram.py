@@ -279,7 +279,6 @@ class DatagramForwarder:
         record = self.record
         decide = record.from_near if near else record.from_far
         buf = self._io.rx[:MAX_DATAGRAM]  # slot 0: a callback is done with it on return
-        out = self._io.tx  # the same for a transform's output (nothing queued meanwhile)
         burst, wakes, user_bytes = self._burst, self._wakes, self.user_bytes
         drain = self._drain
 
@@ -310,13 +309,6 @@ class DatagramForwarder:
             try:
                 if transform is None:
                     data: bytes | memoryview | None = buf[:n]
-                elif (batch := getattr(transform, "batch", None)) is not None:
-                    # from the receive slot into the send area, no bytes in between
-                    k = batch(buf, (0,), (n,), 1, out, 0)[0]
-                    if k < 0:
-                        record.dropped += 1
-                        return
-                    data = out[:k]
                 else:
                     # its own bytes: a transform may keep what it is given
                     data = transform(buf[:n].tobytes())
