@@ -4,6 +4,7 @@ chained socat UDP relays and direct.
     python bench/chain_bench.py            # full run
     python bench/chain_bench.py --quick    # short run
     python bench/chain_bench.py --rounds 9 --only socat,chain,chain-off
+    python bench/chain_bench.py --old-src /tmp/old/src   # + the encrypted rows of another tree
 
 Rows: ``direct`` (client -> echo), ``socat x3`` (three chained ``socat UDP4-LISTEN ...
 UDP4:`` relays, the same number of forwarding processes and UDP hops), ``chain (default:
@@ -19,7 +20,10 @@ other proxies and the forward with ``--fast-path on``: readiness callbacks, no k
 path), ``chain, fast path off`` (three more with ``--fast-path off``: asyncio datagram
 transports), ``chain (client library, auto)`` and ``chain (client library), user-space
 fast path (on)`` (the sender's own socket is the chain's P1, as with kakehashi.chain.api:
-three forwarding processes, like socat x3).
+three forwarding processes, like socat x3). ``--old-src DIR`` adds the encrypted rows
+again with every kakehashi process of them (three proxies and the forward) from another
+source tree, in the same rounds: before and after a change to the sealing ends, against
+the same peers and the same load.
 Everything stays up for the whole run and the rows are
 measured in **rounds**, interleaved (each round every row once, starting one row later
 than the round before), so the shared machine's drift hits every row alike; each figure
@@ -135,6 +139,11 @@ TITLES = {"direct": "direct", "socat": "socat x3", "chain": "chain (default: aut
 #: rows through the three proxies started with --fast-path on / off (the others go
 #: through three started without the flag: the default)
 ON_ROWS = {"chain-on", "chain-on-encrypted", "library-on"}
+#: with --old-src: the encrypted rows again, every kakehashi process of them (the forward
+#: and its three proxies) from that source tree, measured in the same rounds
+OLD_ROWS = {"chain-encrypted-old": ("chain-encrypted", "chain encrypted (auto, old src)"),
+            "chain-on-encrypted-old": ("chain-on-encrypted",
+                                       "chain encrypted, user-space fast path (on, old src)")}
 
 
 def main() -> int:
@@ -146,6 +155,9 @@ def main() -> int:
     ap.add_argument("--setups", type=int, default=100)
     ap.add_argument("--only", default="", help=f"comma-separated rows of {ROWS} "
                                                "(socat always comes along)")
+    ap.add_argument("--old-src", default="",
+                    help="another tree's src/ directory: its encrypted rows (of those chosen) "
+                         "run beside this tree's, in the same rounds")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.pings, args.rounds, args.setups = 1.0, 500, 3, 30
@@ -153,6 +165,10 @@ def main() -> int:
     if unknown := set(only) - set(ROWS):
         ap.error(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
     chosen = [r for r in ROWS if not only or r in only or r == "socat"]
+    if args.old_src:
+        chosen += [old for old, (row, _) in OLD_ROWS.items() if row in chosen]
+        TITLES.update({old: title for old, (_, title) in OLD_ROWS.items()})
+    old_env = {"PYTHONPATH": str(Path(args.old_src).resolve())} if args.old_src else None
     install_signal_exit()
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     work = Path(tempfile.mkdtemp(prefix="kakehashi-chain-bench-"))
@@ -177,7 +193,8 @@ def main() -> int:
 
         pids: dict[str, list[int]] = {}
 
-        def proxies(fast_path: str, udp_base: int) -> list[int]:
+        def proxies(fast_path: str, udp_base: int, env: dict[str, str] | None = None,
+                    ) -> list[int]:
             """Three chained proxies (fw1 -> fw2 -> fw3 -> direct); their control ports
             (``auto``: started without --fast-path, the default)."""
             cports = [free_port() for _ in range(3)]
@@ -195,8 +212,8 @@ def main() -> int:
                     args_ += ["--key", f"fw{i - 1}={keys[f'{i - 1}{i}']}"]
                 if i < 3:
                     args_ += ["--key", f"fw{i + 1}={keys[f'{i}{i + 1}']}"]
-                pids.setdefault(fast_path, []).append(
-                    procs.spawn(f"fw{i}-{fast_path}", args_).popen.pid)
+                pids.setdefault(fast_path if env is None else f"{fast_path}-old", []).append(
+                    procs.spawn(f"fw{i}-{fast_path}", args_, env=env).popen.pid)
             for p in cports:
                 wait_listening(p)
             return cports
@@ -209,6 +226,14 @@ def main() -> int:
                     "chain-on": (on_ports, ["--fast-path", "on"]),
                     "chain-on-encrypted": (on_ports, ["--encrypt", "--fast-path", "on"]),
                     "chain-off": (off_ports, ["--fast-path", "off"])}
+        if args.old_src:
+            old_auto = proxies("auto", 49000, old_env) if "chain-encrypted-old" in chosen \
+                else []
+            old_on = proxies("on", 50000, old_env) if "chain-on-encrypted-old" in chosen \
+                else []
+            forwards.update({"chain-encrypted-old": (old_auto, ["--encrypt"]),
+                             "chain-on-encrypted-old": (old_on, ["--encrypt", "--fast-path",
+                                                                 "on"])})
         for name, (cp, extra) in forwards.items():
             if name not in chosen:
                 continue
@@ -217,7 +242,8 @@ def main() -> int:
                 *kh[:3], "chain", "forward", "--id", "alice",
                 *(x for k in alice for x in ("--key", k)),
                 "--first-hop", f"fw1@127.0.0.1:{cp[0]}", "--to", f"127.0.0.1:{echo_port}",
-                "--udp-listen", f"127.0.0.1:{lp}", *extra])
+                "--udp-listen", f"127.0.0.1:{lp}", *extra],
+                env=old_env if name in OLD_ROWS else None)
             fwd.wait_for("forwarding")
             targets[name] = (("127.0.0.1", lp), None)
 
@@ -341,7 +367,9 @@ def main() -> int:
         print()
         print(table(["three-proxy chain setup", "median ms", "proxies' CPU ms per session"],
                     setup_rows))
-    for e_row, p_row in (("chain-encrypted", "chain"), ("chain-on-encrypted", "chain-on")):
+    for e_row, p_row in (("chain-encrypted", "chain"), ("chain-on-encrypted", "chain-on"),
+                         ("chain-encrypted-old", "chain"),
+                         ("chain-on-encrypted-old", "chain-on")):
         if e_row in rounds and p_row in rounds:
             enc = median([e[0] / c[0] for e, c in zip(rounds[e_row], rounds[p_row],
                                                         strict=True)])

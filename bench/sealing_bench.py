@@ -19,6 +19,9 @@ relayed. This measures exactly that, in one process and with nothing else in the
   ``sendmmsg`` with the kernel's loopback delivery into the sink's socket);
 - the sink takes what arrived and checks the count and the first payload, untimed.
 
+With the CPU time, the kernel's share of it (``getrusage``: the system calls, the
+loopback delivery, nftables), which no change in Python can take away.
+
 A batch of 64 is the burst path (``recvmmsg``/``sendmmsg``); a batch of 1 is a lone
 datagram's path (``recvfrom_into``/``sendto``). The figure is the median over
 ``--batches`` callbacks, then the median over rounds; trees given with ``--src`` run in
@@ -32,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -80,6 +84,7 @@ async def _measure(lane: str, batch: int, size: int, batches: int,
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
     buf = bytearray(65536)
     times: list[int] = []
+    user = system = 0.0  # getrusage(RUSAGE_THREAD) around the callbacks, summed
     lost = 0
     deadline = time.monotonic() + spin if spin else None
     i = 0
@@ -93,9 +98,13 @@ async def _measure(lane: str, batch: int, size: int, batches: int,
         else:
             fwd._burst[0] = False
             fwd._wakes[0] = 0  # not the probing wakeup: a lone datagram's path
+        r0 = resource.getrusage(resource.RUSAGE_THREAD)
         t0 = time.thread_time_ns()
         relay()
         t1 = time.thread_time_ns()
+        r1 = resource.getrusage(resource.RUSAGE_THREAD)
+        user += r1.ru_utime - r0.ru_utime
+        system += r1.ru_stime - r0.ru_stime
         got = 0
         while True:
             try:
@@ -114,7 +123,8 @@ async def _measure(lane: str, batch: int, size: int, batches: int,
     sink.close()
     if lost:
         print(f"warning: {lost} datagrams lost", file=sys.stderr)
-    return {"ns": statistics.median(times) / batch, "batches": len(times)}
+    return {"ns": statistics.median(times) / batch, "batches": len(times),
+            "sys": system / (user + system or 1)}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -123,6 +133,7 @@ def child(args: argparse.Namespace) -> None:
         for batch in args.batch:
             r = asyncio.run(_measure(lane, batch, args.size, args.batches, args.spin))
             out[f"{lane}:{batch}"] = r["ns"]
+            out[f"{lane}:{batch}:sys"] = r["sys"]
     print(json.dumps(out))
 
 
@@ -130,7 +141,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", action="append", default=[],
                    help="a source tree to measure (its src/ directory); repeatable; "
-                        "default: the one kakehashi imports from")
+                        "default: this one's")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batches", type=int, default=400, help="callbacks timed per round")
     p.add_argument("--batch", type=int, action="append", default=[],
@@ -146,14 +157,12 @@ def main() -> None:
     if args.child or args.spin:
         child(args)
         return
-    srcs = args.src or [""]
+    srcs = args.src or [str(HERE.parent / "src")]
     results: dict[str, dict[str, list[float]]] = {s: {} for s in srcs}
     for rnd in range(args.rounds):
         for k in range(len(srcs)):
             src = srcs[(rnd + k) % len(srcs)]
-            env = dict(os.environ)
-            if src:
-                env["PYTHONPATH"] = src
+            env = {**os.environ, "PYTHONPATH": src}
             cmd = [sys.executable, str(HERE / "sealing_bench.py"), "--child",
                    "--batches", str(args.batches), "--size", str(args.size)]
             for b in args.batch:
@@ -162,10 +171,11 @@ def main() -> None:
                 cmd += ["--lane", lane]
             r = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True,
                                           text=True).stdout)
-            for key, ns in r.items():
-                results[src].setdefault(key, []).append(ns)
+            for key, v in r.items():
+                results[src].setdefault(key, []).append(v)
     print(f"load {os.getloadavg()[0]:.2f}; {args.rounds} rounds x {args.batches} callbacks; "
-          f"{args.size} B; CPU per datagram (us), median of rounds [min-max]")
+          f"{args.size} B; CPU per datagram (us), median of rounds [min-max]; the kernel's "
+          "share of it (getrusage, summed over the callbacks)")
     keys = [f"{lane}:{b}" for b in args.batch for lane in args.lane]
     print("| tree | " + " | ".join(f"{k.split(':')[0]}, batch {k.split(':')[1]}"
                                     for k in keys) + " |")
@@ -174,9 +184,10 @@ def main() -> None:
         cells = []
         for key in keys:
             v = results[src][key]
+            sys_share = statistics.median(results[src][key + ":sys"])
             cells.append(f"{statistics.median(v) / 1000:.2f} [{min(v) / 1000:.2f}-"
-                         f"{max(v) / 1000:.2f}]")
-        print(f"| {src or 'default'} | " + " | ".join(cells) + " |")
+                         f"{max(v) / 1000:.2f}], kernel {sys_share:.0%}")
+        print(f"| {src} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

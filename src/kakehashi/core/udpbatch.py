@@ -256,7 +256,8 @@ class Batch:
             self.lengths[:n] = h[7:_Q * n:_Q].tolist()
             names, cache, sources = self._rx_names_view, self._src_cache, self.sources
             first = names[:_NAME].tobytes()
-            if n == 1 or names[:n * _NAME] == first * n:
+            # (bytearray against bytes: one memcmp; a memoryview compares byte by byte)
+            if n == 1 or self._rx_names[:n * _NAME] == first * n:
                 # a burst from one peer (the usual case): one source for all of it
                 raw = first[:h[1]]
                 src = cache.get(raw)
