@@ -168,7 +168,11 @@ async def test_when_nft_refuses_the_session_stays_in_user_space():
 
 def test_unavailable_without_root(monkeypatch):
     monkeypatch.setattr(kernelpath.os, "geteuid", lambda: 1000)
-    assert KernelPath.unavailable() == "not running as root"
+    monkeypatch.setattr(kernelpath, "_net_admin", lambda: False)
+    assert KernelPath.unavailable() == "not running as root or with CAP_NET_ADMIN"
+    # a service given CAP_NET_ADMIN without root can use it (libnftables permitting)
+    monkeypatch.setattr(kernelpath, "_net_admin", lambda: True)
+    assert KernelPath.unavailable() in (None, "libnftables (nftables) is not installed")
     monkeypatch.setattr(kernelpath.os, "geteuid", lambda: 0)
     monkeypatch.setattr(kernelpath.ctypes, "CDLL", _no_library)
     assert KernelPath.unavailable() == "libnftables (nftables) is not installed"

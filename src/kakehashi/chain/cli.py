@@ -77,7 +77,8 @@ def fast_path_option(f: Any) -> Any:
     return click.option(
         "--fast-path", type=click.Choice(list(MODES)), default=DEFAULT_MODE,
         show_default=True,
-        help="auto: the kernel path where this process can (root and libnftables), else "
+        help="auto: the kernel path where this process can (root or CAP_NET_ADMIN, and "
+             "libnftables), else "
              "on, with a line at start saying which and why; kernel: once a session's port "
              "record has locked, nftables rewrites its datagrams in the kernel (sessions "
              "that encrypt or decrypt here, or whose peers are on other hosts, stay in user "

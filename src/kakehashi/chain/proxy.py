@@ -76,7 +76,7 @@ class ProxyConfig:
     max_connections: int = 4096
     #: how datagrams are relayed (``--fast-path``, :data:`kakehashi.core.fastpath.MODES`):
     #: ``auto`` offloads sessions that only forward to nftables once their record
-    #: locked where this process can (root, libnftables), else relays them from
+    #: locked where this process can (root or CAP_NET_ADMIN, libnftables), else relays them from
     #: readiness callbacks like ``on``; ``kernel`` insists on nftables; ``off``: asyncio
     #: datagram transports. All drive the same port records
     fast_path: str = fastpath.DEFAULT_MODE

@@ -144,6 +144,23 @@ def _nft(script: str) -> str:
     return _lib.run(script)
 
 
+#: CAP_NET_ADMIN's bit in the capability sets (linux/capability.h)
+CAP_NET_ADMIN = 12
+
+
+def _net_admin() -> bool:
+    """Has this process CAP_NET_ADMIN in its effective set (what nftables asks for: a
+    service without root can be given it, e.g. systemd's AmbientCapabilities=)?"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def _libnftables() -> bool:
     """Can libnftables be loaded here?"""
     try:
@@ -540,8 +557,8 @@ class KernelPath:
     @staticmethod
     def unavailable() -> str | None:
         """Why the kernel path cannot be used here, or None."""
-        if not hasattr(os, "geteuid") or os.geteuid() != 0:
-            return "not running as root"
+        if not (hasattr(os, "geteuid") and os.geteuid() == 0) and not _net_admin():
+            return "not running as root or with CAP_NET_ADMIN"
         if not _libnftables():
             return "libnftables (nftables) is not installed"
         return None
