@@ -317,10 +317,43 @@ class UnsealedEnd(wire.WireError):
                                          "(truncated or forged)")
 
 
+#: associated data of a sealed close with a reason (:func:`seal_close`): distinct from
+#: the end's, so a terminal that predates it fails the check (an abort) rather than
+#: taking the close for a clean end
+SEALED_CLOSE_AAD = b"kakehashi: session closed with a reason"
+
+class PeerClosed(wire.WireError):
+    """The peer closed a sealed stream with a reason (:func:`seal_close`), authenticated
+    like its data: the stream carried nothing it did not mean to, and this is why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("peer-closed", reason)
+        self.reason = reason
+
+
+def seal_close(sealing: Sealing, reason: str) -> bytes:
+    """The body of an authenticated EOF frame that closes the stream for ``reason``
+    instead of ending it (a relay session whose target could not reach its service
+    after it accepted: the reason reaches the requester as a refusal's would)."""
+    text = reason.encode()[:wire.CLOSE_REASON_MAX] or b"closed"
+    return sealing.seal(text, aad=SEALED_CLOSE_AAD)
+
+
 def open_end(sealing: Sealing, body: bytes) -> None:
     """Check an EOF frame's ``body`` against :func:`seal_end`: UnsealedEnd if it is
-    missing or not empty, ``crypto.E2EError`` if it fails authentication."""
-    if not body or sealing.open(body, aad=SEALED_END_AAD):
+    missing or not empty, :class:`PeerClosed` if it is a valid :func:`seal_close`,
+    ``crypto.E2EError`` if it fails authentication."""
+    if not body:
+        raise UnsealedEnd()
+    try:
+        opened = sealing.open(body, aad=SEALED_END_AAD)
+    except Exception as not_an_end:
+        try:  # a failed open does not advance the counter: try the close's binding
+            why = sealing.open(body, aad=SEALED_CLOSE_AAD)
+        except Exception:
+            raise not_an_end from None
+        raise PeerClosed(why.decode(errors="replace") or "closed") from None
+    if opened:
         raise UnsealedEnd()
 
 

@@ -22,7 +22,8 @@ Frame types:
     the sender will send no more DATA in this session (half-close). Empty, or
     exactly :data:`SEALED_EOF_SIZE` bytes: the authentication tag that makes the end
     of a stream sealed end to end (a session under the relay-issued session cipher)
-    as hard to forge as its data.
+    as hard to forge as its data; or that tag behind a sealed reason of at most
+    :data:`CLOSE_REASON_MAX` bytes (the stream was closed rather than ended, and why).
 
 Nothing here touches a socket: :class:`FrameDecoder` takes bytes and yields
 frames (it is the parser production runs, and the one the fuzzer exercises),
@@ -51,6 +52,8 @@ MAX_FRAME = (1 << 24) - 1
 #: the one payload size an EOF frame may have besides 0: a sealed empty message
 #: (the 16-byte AEAD tag) that authenticates the end of a sealed stream
 SEALED_EOF_SIZE = 16
+#: the longest reason a sealed close carries (``kakehashi.core.pump.seal_close``)
+CLOSE_REASON_MAX = 512
 
 
 class FrameType(enum.IntEnum):
@@ -78,9 +81,10 @@ class Limits:
                     "too-large", f"data frame of {length} bytes exceeds {self.max_data}"
                 )
         elif ftype == FrameType.EOF:
-            if length and length != SEALED_EOF_SIZE:
+            if length and not SEALED_EOF_SIZE <= length <= SEALED_EOF_SIZE + CLOSE_REASON_MAX:
                 raise WireError("bad-frame", "EOF frame must be empty or carry a "
-                                f"{SEALED_EOF_SIZE}-byte seal")
+                                f"{SEALED_EOF_SIZE}-byte seal (and at most "
+                                f"{CLOSE_REASON_MAX} bytes of sealed reason)")
         else:
             raise WireError("bad-frame", f"unknown frame type {ftype}")
 

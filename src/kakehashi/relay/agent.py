@@ -27,12 +27,14 @@ from kakehashi.core import crypto, tlsmismatch, trace, wire
 from kakehashi.core.pump import (
     DiscardSink,
     FrameSink,
+    PeerClosed,
     RawSink,
     Transfer,
     UnsealedEnd,
     forward_frames,
     open_end,
     raw_to_frames,
+    seal_close,
 )
 from kakehashi.core.stream import (
     Conn,
@@ -65,6 +67,10 @@ FATAL_CODES = frozenset({"login-failed", "tls-mismatch"})
 #: refusals that say "not this server, maybe another": a terminal given several
 #: servers moves on to the next one at once
 FAILOVER_CODES = frozenset({"cluster-down"})
+
+
+#: why a session ended when its link did (not a reason its peer gave)
+LINK_LOST = "connection to the relay lost"
 
 
 class RelayError(Exception):
@@ -102,6 +108,9 @@ class TerminalConfig:
     #: offer the relay's session cipher (:data:`messages.CIPHER_SESSION`) on links
     #: that can leave TLS in place
     session_cipher: bool = m.SESSION_CIPHER
+    #: offer optimistic pairing (:data:`messages.CAP_OPTIMISTIC`): as a target, accept
+    #: before the local service is connected
+    optimistic: bool = m.OPTIMISTIC
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -139,6 +148,13 @@ class RelayLink:
         #: the link ended on a failed check under the session cipher (forged, tampered,
         #: replayed or unauthenticated input): the session was aborted, not ended
         self.aborted = False
+        #: the peer closed the session with this reason (:class:`PeerClosed`, a sealed
+        #: close under the session cipher): it could not set its side up
+        self.close_reason = ""
+        #: the peer's end notification came before :func:`run_session` took the link
+        #: (its reason), and the relay's release reply (a session that closed at once)
+        self.ended_early: str | None = None
+        self.released_early = False
 
     # -- setup --------------------------------------------------------------------
     async def open(self, token: str = "") -> t.LoggedIn:
@@ -180,9 +196,13 @@ class RelayLink:
             if not conn.encrypted and cfg.attrs.encryption == "required":
                 await self._starttls_inline()
             attrs = cfg.attrs
-            if cfg.session_cipher and isinstance(conn, DirectTLSConn) and conn.can_leave_tls:
+            offers = [m.CIPHER_SESSION] if cfg.session_cipher and isinstance(
+                conn, DirectTLSConn) and conn.can_leave_tls else []
+            if cfg.optimistic:
+                offers.append(m.CAP_OPTIMISTIC)
+            if offers:
                 attrs = msgspec.structs.replace(attrs, ciphers=[
-                    *(attrs.ciphers or [m.CIPHER_TLS]), m.CIPHER_SESSION])
+                    *(attrs.ciphers or [m.CIPHER_TLS]), *offers])
             await self._send(self.t.login(cfg.user, cfg.password, token, attrs,
                                           cfg.agent_name))
             while True:
@@ -275,6 +295,9 @@ class RelayLink:
                 self.t.tls_established()
                 if self._tls_ready:
                     self._tls_ready.set()
+        except PeerClosed as exc:
+            log.debug("link %s: the peer closed the session: %s", self.t.conn_id, exc.reason)
+            self.close_reason = exc.reason
         except (crypto.E2EError, UnsealedEnd) as exc:
             log.warning("%s check failed, aborting the session: %s",
                         "session cipher" if self.t.switched else "end-to-end", exc)
@@ -329,6 +352,7 @@ class RelayLink:
             ev = ev.incoming
         if isinstance(ev, t.Connected):
             self.sink = EarlySink()  # the peer may speak first
+            self.ended_early, self.released_early = None, False
         if isinstance(ev, t.Connected | t.ConnectFailed | t.AskInsecure) or (
             isinstance(ev, t.Other) and isinstance(ev.msg, m.WhoList | m.BroadcastResult)
         ):
@@ -352,9 +376,12 @@ class RelayLink:
             if self.session is not None:
                 self.session.event(ev)
             elif isinstance(ev, t.PeerEnded):
+                self.ended_early = ev.reason  # for the session about to start, if any
                 await self._send(self.t.end())
-            elif self.owner:
-                self.owner.changed()
+            else:
+                self.released_early = True
+                if self.owner:
+                    self.owner.changed()
             if isinstance(ev, t.ReleasedEvent):
                 self.idle_since = asyncio.get_running_loop().time()
             return
@@ -438,6 +465,63 @@ class RelayLink:
         assert isinstance(ev, t.Connected)
         return ev
 
+    async def accept_at_once(self, ev: t.IncomingRequest) -> None:
+        """Optimistic pairing, the target's side: accept now, before the service is
+        connected (the relay pairs on it and sends the requester its result while the
+        service connect runs). The requester's early data waits in the link's sink for
+        the session; under the session cipher this side's close_notify goes right
+        behind the accept (close_notify is one-directional: the relay's comes later,
+        ahead of whatever it forwards), so that exchange is off the first reply's path.
+        """
+        assert self.framed is not None
+        sink = EarlySink()
+        if ev.early_data:
+            sink.items.append(ev.early_data)
+            sink.size = len(ev.early_data)
+        self.sink = sink
+        await self._send(self.t.accept())
+        conn = self.framed.conn
+        if self.t.session_keys is not None and isinstance(conn, DirectTLSConn):
+            async with self.framed.write_lock:  # between two frames
+                await conn.leave_tls_write()
+
+    async def close_accepted(self, ev: t.IncomingRequest, reason: str) -> None:
+        """End a session accepted at once whose service then failed, with ``reason``
+        for the requester (it logs it as it logs a refusal). Nothing the requester sent
+        reached a service: its bytes are dropped. Under the session cipher the reason
+        goes sealed (:func:`kakehashi.core.pump.seal_close`) and the link closes; else
+        as an end notification, and the link is released."""
+        assert self.framed is not None
+        self.sink = DiscardSink()
+        session = Session(self)
+        self.session = session
+        try:
+            if ev.cipher:
+                sealing = crypto.E2ESession.issued(ev.keys[:16], ev.keys[16:],
+                                                   suite=crypto.SUITE_AES_128_GCM)
+                await self.framed.send_frame(wire.FrameType.EOF, seal_close(sealing, reason))
+                if self.owner is not None and not self.closed.is_set():
+                    await self.owner.spare_ready(self.cfg.connect_timeout)
+                # until the relay ends the link (the requester read the close and left):
+                # closed now, with the relay's bytes unread, the socket would reset and
+                # could take the close with it before the relay forwarded it
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.closed.wait(), self.dead_after)
+                self.close()
+                return
+            await self.send(self.t.end(m.fit(reason)))
+            await asyncio.wait_for(session.released.wait(), self.dead_after)
+        except (OSError, ConnClosed, TimeoutError, ssl.SSLError, t.LocalProtocolError):
+            self.close()
+        finally:
+            if self.session is session:
+                self.session = None
+                if not ev.cipher:
+                    self.sink = None
+            if self.owner is not None:
+                self.owner.setup_over(self)
+                self.owner.changed()
+
     # -- teardown -----------------------------------------------------------------
     def _shutdown(self) -> None:
         if self.closed.is_set():
@@ -453,7 +537,7 @@ class RelayLink:
         if self.keeper:
             self.keeper.cancel()
         if self.session is not None:
-            self.session.event(t.PeerEnded("connection to the relay lost"))
+            self.session.event(t.PeerEnded(self.close_reason or LINK_LOST))
         if self.owner:
             self.owner.lost(self)
 
@@ -630,6 +714,13 @@ async def run_session(link: RelayLink, app: Conn,
     assert link.framed is not None
     session = Session(link)
     link.session = session
+    if initiator and link.ended_early is not None:
+        # the peer ended (and the relay released) before this session began: a
+        # target that could not set its side up after an optimistic accept
+        session.event(t.PeerEnded(link.ended_early))
+        if link.released_early:
+            session.event(t.ReleasedEvent())
+    link.ended_early, link.released_early = None, False
     up: asyncio.Task[int] | None = None
     reason = ""
     trace.event("session start")
@@ -681,6 +772,13 @@ async def run_session(link: RelayLink, app: Conn,
         ended.cancel()
         if up.done() and up.exception() is not None:
             reason = f"local stream error: {up.exception()}"
+        if session.peer_reason not in ("", LINK_LOST) and not session.received \
+                and not session.got_eof.is_set():
+            # ended before it carried a byte to us, with a reason: the target could not
+            # set its side up after it accepted (optimistic pairing), as a refusal says
+            reason = f"closed by {info.peer}: {session.peer_reason}"
+    except PeerClosed as exc:  # the same, under the session cipher (sealed close)
+        link.close_reason = exc.reason
     except (crypto.E2EError, RelayError, TimeoutError, ValueError, wire.WireError,
             OSError, ConnClosed) as exc:
         reason = f"end-to-end setup failed: {exc}"
@@ -698,7 +796,11 @@ async def run_session(link: RelayLink, app: Conn,
         link.sink = DiscardSink()
         clean = session.got_eof.is_set() and up is not None and up.done() \
             and not up.cancelled() and up.exception() is None
-        if issued and (link.aborted or not clean):
+        if link.close_reason:
+            reason = f"closed by {info.peer}: {link.close_reason}"
+            log.warning("session with %s: %s", info.peer, reason)
+            app.close()  # authenticated: a close as after a refusal, not a reset
+        elif issued and (link.aborted or not clean):
             # the session did not end by both authenticated ends: the application must
             # not take it for a clean end (a reset, as a TLS MAC failure would give)
             reason = "session aborted: " + (
@@ -1075,8 +1177,12 @@ def service_acceptor(services: dict[str, tuple[str, int]],
                      spawn: Callable[[Awaitable[object]], None]) -> IncomingHandler:
     """The agent's answer to a connection-request notification (step 15).
 
-    Connects to the named local service first, so a dead service is a clear refusal
-    rather than a session that closes at once; upgrades to TLS if instructed.
+    Its policy checks come first (a refusal is still a refusal, and the early data of
+    a refused request is dropped). Under optimistic pairing (``ev.optimistic``) it then
+    accepts at once and connects the service while the result travels to the
+    requester; a service that fails then closes the session with the reason, which the
+    requester reports as it reports a refusal. Otherwise it connects the service first,
+    so a dead service is a refusal; it upgrades to TLS if instructed.
     """
 
     async def accept(link: RelayLink, ev: t.IncomingRequest) -> None:
@@ -1091,6 +1197,27 @@ def service_acceptor(services: dict[str, tuple[str, int]],
         if target is None:
             await link.send(link.t.refuse(
                 f"no service {ev.service!r}" if ev.service else "name a service"))
+            return
+        if ev.optimistic and not (ev.encrypt and not link.t.encrypted):
+            # optimistic pairing: every check above passed, so accept now and connect
+            # the service while the relay sends the requester its result
+            try:
+                await link.accept_at_once(ev)
+            except (OSError, ConnClosed, ssl.SSLError, t.LocalProtocolError) as exc:
+                log.warning("cannot accept request from %s: %s", ev.peer, exc)
+                link.close()
+                return
+            try:
+                app = await open_tcp(*target, timeout=5.0)
+                trace.event("service connected")
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                log.warning("service %s (%s:%d) unavailable: %s", name, *target, exc)
+                await link.close_accepted(ev, f"service {name} unavailable ({exc})")
+                return
+            log.info("session from %s to service %s (encrypted=%s, e2e=%s%s)", ev.peer,
+                     name, link.t.encrypted, ev.e2e,
+                     ", unencrypted by agreement" if ev.insecure else "")
+            await run_session(link, app, ev, initiator=False)
             return
         try:
             app = await open_tcp(*target, timeout=5.0)

@@ -498,7 +498,9 @@ def connect_cmd(target, listen, spares, e2e, encrypt, **opts) -> None:
             except (RelayError, OSError) as exc:
                 log.error("cannot connect to %s: %s", target, exc)
                 return
-            await run_session(link, conn, info, initiator=True)
+            why = await run_session(link, conn, info, initiator=True)
+            if why.startswith("closed by"):  # the target's service failed after it accepted
+                log.error("cannot connect to %s: %s", target, why)
 
         listener = Listener(host, port, handle)
         listener.start()
@@ -542,7 +544,7 @@ def pipe(target, e2e, encrypt, **opts) -> None:
             why = await run_session(link, FdConn(0, 1), info, initiator=True)
         finally:
             await term.close()
-        if why.startswith(("end-to-end", "session aborted")):
+        if why.startswith(("end-to-end", "session aborted", "closed by")):
             click.echo(f"kakehashi: {why}", err=True)
             return 1
         return 0

@@ -211,6 +211,9 @@ class Pending:
     #: the session cipher's keys (requester to target, target to requester), issued
     #: when the target is notified; the relay forgets them once both sides have them
     keys: tuple[bytes, bytes] | None = None
+    #: the early data went to the target with the notification (optimistic pairing),
+    #: so the pairing forwards nothing more
+    early_sent: bool = False
 
     @property
     def remote(self) -> bool:
@@ -294,6 +297,9 @@ class Settings:
     #: issue the session cipher (:data:`messages.CIPHER_SESSION`) where both terminals
     #: offer it; off (``--session-cipher tls``), every session re-encrypts (step 23)
     session_cipher: bool = m.SESSION_CIPHER
+    #: optimistic pairing (:data:`messages.CAP_OPTIMISTIC`) with targets that offer it;
+    #: off, every target gets the notify-connect-accept flow
+    optimistic: bool = m.OPTIMISTIC
 
     @property
     def dead_after(self) -> float:
@@ -963,6 +969,24 @@ class ControlUnit:
                 and all(c.encrypted and c.leaves_tls and not c.trunk and not c.outbound
                         and m.CIPHER_SESSION in c.attrs.ciphers for c in (req_conn, tconn)))
 
+    def optimistic(self, p: Pending, req_conn: Connection, tconn: Connection) -> bool:
+        """The one decision for optimistic pairing: the notification carries the early
+        data and the target may accept before its service is connected.
+
+        Only when the switch is on and the target offers :data:`messages.CAP_OPTIMISTIC`
+        on this connection; under the session cipher (``p.keys`` issued) the requester
+        must offer it too, since only then can it read the target's sealed end with a
+        reason (:func:`kakehashi.core.pump.seal_close`). Never where the target would
+        first have to upgrade to TLS (the early data must not cross its plaintext hop
+        of a session that must be encrypted), nor across nodes (the far node's relay
+        and its links keep the flow they know).
+        """
+        return (self.settings.optimistic and not p.remote
+                and not req_conn.trunk and not tconn.trunk and not tconn.outbound
+                and m.CAP_OPTIMISTIC in tconn.attrs.ciphers
+                and not (p.encrypt and not tconn.encrypted)
+                and (p.keys is None or m.CAP_OPTIMISTIC in req_conn.attrs.ciphers))
+
     def _send_notify(self, p: Pending, tconn: Connection) -> list[object]:
         p.target_conn = tconn.id
         p.phase = "target-wait"
@@ -973,12 +997,29 @@ class ControlUnit:
         if req_conn is not None and self.session_cipher(p, req_conn, tconn):
             # fresh keys for each session and direction, never reused (os.urandom)
             p.keys = (secrets.token_bytes(16), secrets.token_bytes(16))
+        optimistic = req_conn is not None and self.optimistic(p, req_conn, tconn)
+        # the early data, after every check above (this target is the one asked for,
+        # and may take a request from this requester): the target holds it until it
+        # accepts, so it reaches the service one hop sooner than behind the pairing
+        p.early_sent = optimistic and bool(p.early)
         return [Send(tconn.id, m.Notify(
             req=p.id, peer=p.requester, service=p.service, encrypt=p.encrypt, e2e=p.e2e,
             peer_key=p.requester_key if p.e2e else "", insecure=p.insecure,
             cipher=m.CIPHER_SESSION if p.keys else "",
             keys=p.keys[1] + p.keys[0] if p.keys else None,
+            optimistic=optimistic,
+            data=self._sealed_early(p) if p.early_sent else b"",
         ))]
+
+    @staticmethod
+    def _sealed_early(p: Pending) -> bytes:
+        """The early data as the target receives it: under the session cipher sealed
+        as the first message of the requester's direction (counter 0: every DATA frame
+        of the session is sealed, and the target opens all alike)."""
+        if p.keys is None:
+            return p.early
+        return crypto.E2ESession.issued(
+            p.keys[0], p.keys[1], suite=crypto.SUITE_AES_128_GCM).seal(p.early)
 
     def _on_Accept(self, conn: Connection, msg: m.Accept, now: float) -> list[object]:
         p = conn.pending
@@ -1019,14 +1060,11 @@ class ControlUnit:
         conn.released = req_conn.released = False
         conn.sent_end = req_conn.sent_end = False
         target = self.sessions[p.target]
+        # the requester's first bytes, the target's first data frame (unless they went
+        # with the notification)
+        early = [Forward(conn.id, self._sealed_early(p))] \
+            if p.early and not p.early_sent else []
         keys, p.keys = p.keys, None
-        early_data = p.early
-        if keys and early_data:
-            # sealed as the first message of the requester's direction (counter 0):
-            # every DATA frame of the session is sealed, the target opens all alike
-            early_data = crypto.E2ESession.issued(
-                keys[0], keys[1], suite=crypto.SUITE_AES_128_GCM).seal(early_data)
-        early = [Forward(conn.id, early_data)] if early_data else []
         leave: list[object] = []
         if keys:
             conn.switched = req_conn.switched = True

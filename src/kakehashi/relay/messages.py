@@ -53,6 +53,18 @@ CIPHER_SESSION = "session-aes-128-gcm"
 #: re-encrypting, step 23 as written) and terminals (they do not offer it); the relay's
 #: ``--session-cipher`` says the same
 SESSION_CIPHER = os.environ.get("KAKEHASHI_SESSION_CIPHER", "relay") != "tls"
+#: optimistic pairing, a capability a terminal lists with its ciphers (``Attrs.ciphers``,
+#: the list a relay that predates it ignores, as it ignores an unknown cipher): as a
+#: target, it takes the requester's early data with the notification and may accept
+#: before its local service is connected (a service that then fails to connect ends
+#: the session with a reason); as a requester, it understands such an end under the
+#: session cipher (:func:`kakehashi.core.pump.seal_close`). The relay uses it only
+#: where the target offers it (and, under the session cipher, the requester too), so
+#: an old terminal keeps the flow it knows: notify, connect, accept, result.
+CAP_OPTIMISTIC = "optimistic-pairing"
+#: ``KAKEHASHI_OPTIMISTIC_PAIRING=0`` turns it off in terminals (they do not offer it)
+#: and relays (they do not use it)
+OPTIMISTIC = os.environ.get("KAKEHASHI_OPTIMISTIC_PAIRING", "1") != "0"
 #: this terminal's send key then its receive key (AES-128: 16 bytes each)
 SessionKeys = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 
@@ -213,6 +225,15 @@ class Notify(Msg, tag="notify"):
     #: on this connection right after the pairing; "" for TLS re-encryption as before
     cipher: Text = ""
     keys: SessionKeys | None = None
+    #: optimistic pairing (:data:`CAP_OPTIMISTIC`, only to a target that offered it):
+    #: the relay takes this target's accept before its service is connected, and an
+    #: end of the session with a reason if the service then fails
+    optimistic: bool = False
+    #: with ``optimistic``: the requester's early data, forwarded after the relay's own
+    #: checks of the request (sealed as the requester's first message under the
+    #: session cipher). The target writes it to its service only once it has accepted,
+    #: and drops it with a refusal.
+    data: Annotated[bytes, msgspec.Meta(max_length=EARLY_DATA_MAX + 64)] = b""
 
 
 class Result(Msg, tag="result"):

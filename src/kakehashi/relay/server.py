@@ -327,9 +327,15 @@ class RelayServer:
         """The TLS input ended: if this link is leaving TLS (our close_notify is out)
         and that was the terminal's close_notify, go on with the plain connection."""
         conn = link.framed.conn
-        if not (link.switched and isinstance(conn, DirectTLSConn) and conn.left_tls_write
-                and conn.tls_ended_by_peer):
+        if not (link.switched and isinstance(conn, DirectTLSConn) and conn.tls_ended_by_peer):
             return False
+        if not conn.left_tls_write:
+            # close_notify is one-directional: under optimistic pairing the target sends
+            # its own right behind its accept, so it can arrive before ours is out (it
+            # waits in the outbox behind the pairing's messages)
+            await self._drain(link)
+            if not conn.left_tls_write:
+                return False
         async with link.framed.write_lock:  # no frame is half written meanwhile
             link.framed.conn = conn.left_tls()
         if trace.enabled():

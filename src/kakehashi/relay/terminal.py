@@ -76,6 +76,11 @@ class IncomingRequest:
     #: send key then receive key, if the session runs under it once accepted
     cipher: str = ""
     keys: bytes = b""
+    #: optimistic pairing (``Notify.optimistic``): accept at once, then connect the
+    #: service; ``early_data``: the requester's first bytes (sealed under the session
+    #: cipher), for the service once accepted, dropped with a refusal
+    optimistic: bool = False
+    early_data: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,8 @@ class TerminalConn:
         self.switched = False
         #: this connection offered the session cipher at login
         self.offers_session_cipher = False
+        #: this connection offered optimistic pairing at login (:data:`m.CAP_OPTIMISTIC`)
+        self.offers_optimistic = False
 
     # -- local calls --------------------------------------------------------------
     def _expect(self, *states: TState) -> None:
@@ -180,6 +187,7 @@ class TerminalConn:
         self.state = TState.LOGIN_SENT
         self.user = user
         self.offers_session_cipher = attrs is not None and m.CIPHER_SESSION in attrs.ciphers
+        self.offers_optimistic = attrs is not None and m.CAP_OPTIMISTIC in attrs.ciphers
         return [m.Login(user=user, password=password, token=token, attrs=attrs, agent=agent)]
 
     def tls_established(self) -> None:
@@ -371,10 +379,15 @@ class TerminalConn:
         self.peer = msg.peer
         self.encrypt_session = msg.encrypt
         self.session_keys = self._issued(msg.cipher, msg.keys, msg.e2e)
+        if (msg.optimistic or msg.data) and not self.offers_optimistic:
+            raise RemoteProtocolError("the relay sent an optimistic notification to a "
+                                      "terminal that did not offer it")
+        if msg.data and not msg.optimistic:
+            raise RemoteProtocolError("early data with a notification that is not optimistic")
         return IncomingRequest(msg.req, msg.peer, msg.service, msg.encrypt, msg.e2e,
                                msg.peer_key, msg.insecure,
                                msg.cipher if self.session_keys else "",
-                               self.session_keys or b"")
+                               self.session_keys or b"", msg.optimistic, bytes(msg.data))
 
     def _issued(self, cipher: str, keys: bytes | None, e2e: bool) -> bytes | None:
         """Session keys from the relay, checked: only the cipher this terminal offered,
