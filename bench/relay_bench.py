@@ -78,7 +78,7 @@ THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "re
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "relay-encoff",
               "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly", "link-spare",
               "link-new", "link-new-tls", "relay-old", "relay-tls-old",
-              "relay-tls-reencrypt"]
+              "relay-tls-reencrypt", "relay-tls-reencrypt-old"]
 BASELINES = ["direct", "haproxy"]
 
 SETUP_TARGET_MS = 1.0
@@ -131,8 +131,11 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
     if key.endswith("-old"):
         if not old_src:
             raise SystemExit(f"{key} needs --old-src")
+        env = {"PYTHONPATH": old_src}
+        if "-reencrypt" in key:
+            env["KAKEHASHI_SESSION_CIPHER"] = "tls"
         route = kk.start_route(procs, target, tls=key.startswith("relay-tls"),
-                               e2e="-e2e" in key, env={"PYTHONPATH": old_src})
+                               e2e="-e2e" in key, env=env)
         return _renamed(route, " (old source)")
     starters: dict[str, Callable[[], fw.Route]] = {
         "direct": lambda: fw.direct(target),

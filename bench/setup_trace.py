@@ -134,6 +134,14 @@ HOPS = [
     ("relay: request -> notification (Python)", "relay: dec ConnectRequest", "relay: enc Notify"),
     ("notification: relay -> agent (transit + wake-up)", "relay: enc Notify", "agent: dec Notify"),
     ("agent: connect to the service (loopback)", "agent: dec Notify", "agent: service connected"),
+    # optimistic pairing: the accept (and, under the session cipher, the agent's
+    # close_notify) before the service connect, the early data written after it
+    ("agent: notification -> accept written (Python)", "agent: dec Notify",
+     "agent: enc Accept"),
+    ("agent: accept -> its close_notify out", "agent: enc Accept", "agent: close_notify sent"),
+    ("agent: accept -> service connected", "agent: enc Accept", "agent: service connected"),
+    ("agent: service connected -> early data written", "agent: service connected",
+     "agent: early data written"),
     ("agent: connected -> accept written (Python)", "agent: service connected",
      "agent: enc Accept"),
     ("accept: agent -> relay (transit + wake-up)", "agent: enc Accept", "relay: dec Accept"),

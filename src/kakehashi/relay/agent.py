@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import ssl
@@ -850,6 +851,10 @@ async def _both(up: asyncio.Task[int], got_eof: asyncio.Event) -> None:
 
 
 IncomingHandler = Callable[["RelayLink", t.IncomingRequest], Awaitable[None]]
+#: attribute of an :data:`IncomingHandler` that handles optimistic pairing (it takes
+#: ``IncomingRequest.early_data``, see :meth:`RelayLink.accept_at_once`); a terminal
+#: with any other handler does not offer the capability
+OPTIMISTIC_HANDLER = "handles_optimistic_pairing"
 
 
 class Terminal:
@@ -857,6 +862,10 @@ class Terminal:
 
     def __init__(self, cfg: TerminalConfig, *, accept: IncomingHandler | None = None,
                  on_message: Callable[[m.Msg], None] | None = None) -> None:
+        if accept is not None and not getattr(accept, OPTIMISTIC_HANDLER, False):
+            # a handler that does not take the early data from the notification (nor
+            # accept at once) must not be offered the flow: it would lose those bytes
+            cfg = dataclasses.replace(cfg, optimistic=False)
         self.cfg = cfg
         self.links: set[RelayLink] = set()
         self.token = ""
@@ -1243,6 +1252,7 @@ def service_acceptor(services: dict[str, tuple[str, int]],
                  ", unencrypted by agreement" if ev.insecure else "")
         await run_session(link, app, ev, initiator=False)
 
+    setattr(accept, OPTIMISTIC_HANDLER, True)
     return accept
 
 
