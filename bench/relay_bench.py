@@ -136,7 +136,8 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
             env["KAKEHASHI_SESSION_CIPHER"] = "tls"
         route = kk.start_route(procs, target, tls=key.startswith("relay-tls"),
                                e2e="-e2e" in key, env=env)
-        return _renamed(route, " (old source)")
+        return _renamed(route, (" (session cipher off: re-encrypting)" if "-reencrypt" in key
+                                else "") + " (old source)")
     starters: dict[str, Callable[[], fw.Route]] = {
         "direct": lambda: fw.direct(target),
         "socat": lambda: fw.start_socat(procs, target),

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import forwarders as fw  # noqa: E402
-from benchlib import LOOPBACK, Procs, free_port, wait_listening  # noqa: E402
+from benchlib import LOOPBACK, Procs, cpu_seconds, free_port, wait_listening  # noqa: E402
 
 from kakehashi.core import trace  # noqa: E402
 
@@ -213,9 +213,18 @@ def main() -> int:
             names = {relay_pid: "relay", agent_pid: "agent", connect_pid: "connect",
                      server.pid: "echo", os.getpid(): "client"}
             trace.start(str(path))
+            pids = {"relay": relay_pid, "agent": agent_pid, "connect": connect_pid,
+                    "echo": server.pid}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             sessions(route.port, args.sessions, args.gap, warmup=10)
+            cpu = {name: (cpu_seconds(pid) - cpu0[name]) / (args.sessions + 10) * 1e6
+                   for name, pid in pids.items()}
             trace.stop()
         report(mode, setups_of(path, names))
+        # what the four processes spend per setup: on 2 cores, work done "in parallel"
+        # by optimistic pairing still competes with the critical path for a core
+        print("  CPU per setup (us, tracing on): " + ", ".join(
+            f"{name} {us:.0f}" for name, us in cpu.items()) + f", total {sum(cpu.values()):.0f}")
     return 0
 
 

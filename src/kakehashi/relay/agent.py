@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import ssl
@@ -706,6 +707,13 @@ def _handshake_item(item: bytes | EndMark) -> bytes:
     return item
 
 
+def _log_soon(msg: str, *args: object) -> None:
+    """An info line written on the loop's next turn, not now: at the start of a session
+    the first bytes (early data, a reply that came with the result) go out first, and
+    a log write is not on the setup path (the setup trace, docs/benchmarks.md)."""
+    asyncio.get_running_loop().call_soon(functools.partial(log.info, msg, *args))
+
+
 async def run_session(link: RelayLink, app: Conn,
                       info: t.Connected | t.IncomingRequest, *, initiator: bool) -> str:
     """Carry ``app`` over the paired ``link`` until both ends are done, then release.
@@ -735,9 +743,9 @@ async def run_session(link: RelayLink, app: Conn,
         link.owner.changed()
     if initiator and getattr(info, "early", 0):
         session.carried(sent=True)  # the first bytes went with the request
-    log.info("session %s %s: cipher %s", "to" if initiator else "from", info.peer,
-             m.CIPHER_SESSION if issued else "e2e" if info.e2e else
-             "tls" if link.t.encrypted else "none")
+    _log_soon("session %s %s: cipher %s", "to" if initiator else "from", info.peer,
+              m.CIPHER_SESSION if issued else "e2e" if info.e2e else
+              "tls" if link.t.encrypted else "none")
     try:
         if issued:
             e2e: crypto.E2ESession | None = crypto.E2ESession.issued(
@@ -1223,9 +1231,9 @@ def service_acceptor(services: dict[str, tuple[str, int]],
                 log.warning("service %s (%s:%d) unavailable: %s", name, *target, exc)
                 await link.close_accepted(ev, f"service {name} unavailable ({exc})")
                 return
-            log.info("session from %s to service %s (encrypted=%s, e2e=%s%s)", ev.peer,
-                     name, link.t.encrypted, ev.e2e,
-                     ", unencrypted by agreement" if ev.insecure else "")
+            _log_soon("session from %s to service %s (encrypted=%s, e2e=%s%s)", ev.peer,
+                      name, link.t.encrypted, ev.e2e,
+                      ", unencrypted by agreement" if ev.insecure else "")
             await run_session(link, app, ev, initiator=False)
             return
         try:
