@@ -45,6 +45,14 @@ class Greeter:
                 conn, _ = self.sock.accept()
                 with conn:
                     conn.sendall(self.GREETING)
+                    # then its end, and what the client sent is read before the close:
+                    # a close with unread bytes is a reset (RFC 2525), not the clean
+                    # end this service gives (with optimistic pairing the client's
+                    # first bytes reach it before it closes, not after)
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.settimeout(30)
+                    while conn.recv(65536):
+                        pass
 
     def close(self) -> None:
         stop_listener(self.sock, self.thread)

@@ -21,15 +21,8 @@ from kakehashi.core.pump import PeerClosed, UnsealedEnd, open_end, seal_close, s
 from kakehashi.relay import agent as agent_mod
 from kakehashi.relay import messages as m
 from kakehashi.relay import terminal as t
-from kakehashi.relay.control import (
-    ControlUnit,
-    Forward,
-    LeaveTLS,
-    Pair,
-    Send,
-    Settings,
-    UserRecord,
-)
+from kakehashi.relay.control import ControlUnit, Forward, LeaveTLS, Pair, Send, Settings
+from kakehashi.relay.control import UserRecord as Record
 
 OPT = m.Attrs(ciphers=[m.CIPHER_TLS, m.CAP_OPTIMISTIC])
 SESSION = m.Attrs(ciphers=[m.CIPHER_TLS, m.CIPHER_SESSION])
@@ -48,7 +41,7 @@ class Relay:
         cid = self.cu.connection_made(f"10.0.0.{self.n}", encrypted=encrypted,
                                       leaves_tls=True)
         self.cu.receive(cid, m.Login(user=name, password="pw", attrs=attrs), 0.0)
-        self.cu.authenticated(cid, UserRecord(name, **record), 0.0)
+        self.cu.authenticated(cid, Record(name, **record), 0.0)
         return cid
 
     def request(self, a: int, *, early: bytes = EARLY, **kw) -> list[object]:

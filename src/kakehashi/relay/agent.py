@@ -1215,7 +1215,8 @@ def service_acceptor(services: dict[str, tuple[str, int]],
             await link.send(link.t.refuse(
                 f"no service {ev.service!r}" if ev.service else "name a service"))
             return
-        if ev.optimistic and not (ev.encrypt and not link.t.encrypted):
+        optimistic = ev.optimistic and not (ev.encrypt and not link.t.encrypted)
+        if optimistic:
             # optimistic pairing: every check above passed, so accept now and connect
             # the service while the relay sends the requester its result
             try:
@@ -1224,40 +1225,32 @@ def service_acceptor(services: dict[str, tuple[str, int]],
                 log.warning("cannot accept request from %s: %s", ev.peer, exc)
                 link.close()
                 return
-            try:
-                app = await open_tcp(*target, timeout=5.0)
-                trace.event("service connected")
-            except (OSError, ConnectionError, TimeoutError) as exc:
-                log.warning("service %s (%s:%d) unavailable: %s", name, *target, exc)
-                await link.close_accepted(ev, f"service {name} unavailable ({exc})")
-                return
-            _log_soon("session from %s to service %s (encrypted=%s, e2e=%s%s)", ev.peer,
-                      name, link.t.encrypted, ev.e2e,
-                      ", unencrypted by agreement" if ev.insecure else "")
-            await run_session(link, app, ev, initiator=False)
-            return
         try:
             app = await open_tcp(*target, timeout=5.0)
             trace.event("service connected")
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.warning("service %s (%s:%d) unavailable: %s", name, *target, exc)
-            await link.send(link.t.refuse(f"service {name} unavailable"))
+            if optimistic:  # accepted already: the session closes with the reason
+                await link.close_accepted(ev, f"service {name} unavailable ({exc})")
+            else:
+                await link.send(link.t.refuse(f"service {name} unavailable"))
             return
-        try:
-            if ev.encrypt and not link.t.encrypted:
-                await link.starttls()
-            link.sink = EarlySink()  # the requester may speak as soon as it is paired
-            await link.send(link.t.accept())
-        except (RelayError, OSError, TimeoutError, ConnClosed, t.LocalProtocolError) as exc:
-            app.close()
-            link.sink = None
-            log.warning("cannot accept request from %s: %s", ev.peer, exc)
-            with contextlib.suppress(Exception):
-                await link.send(link.t.refuse(str(exc)))
-            return
-        log.info("session from %s to service %s (encrypted=%s, e2e=%s%s)", ev.peer, name,
-                 link.t.encrypted, ev.e2e,
-                 ", unencrypted by agreement" if ev.insecure else "")
+        if not optimistic:
+            try:
+                if ev.encrypt and not link.t.encrypted:
+                    await link.starttls()
+                link.sink = EarlySink()  # the requester may speak as soon as it is paired
+                await link.send(link.t.accept())
+            except (RelayError, OSError, TimeoutError, ConnClosed,
+                    t.LocalProtocolError) as exc:
+                app.close()
+                link.sink = None
+                log.warning("cannot accept request from %s: %s", ev.peer, exc)
+                with contextlib.suppress(Exception):
+                    await link.send(link.t.refuse(str(exc)))
+                return
+        _log_soon("session from %s to service %s (encrypted=%s, e2e=%s%s)", ev.peer, name,
+                  link.t.encrypted, ev.e2e, ", unencrypted by agreement" if ev.insecure else "")
         await run_session(link, app, ev, initiator=False)
 
     setattr(accept, OPTIMISTIC_HANDLER, True)
