@@ -338,6 +338,27 @@ def test_the_counters_codec():
         ec.parse(_ack(8, -2), {}, 8)  # ENOENT: no such element
 
 
+def test_a_counter_among_several_expressions():
+    """An element with several stateful expressions (NFTA_SET_ELEM_EXPRESSIONS, a list):
+    the counter is found among them; an element without one is not counted."""
+    a, ec = kernelpath._attr, kernelpath.SetElements
+    k1 = kernelpath.element_key(("127.0.0.1", 1), ("127.0.0.1", 2))
+    k2 = kernelpath.element_key(("127.0.0.1", 3), ("127.0.0.1", 4))
+    quota = a(ec.LIST_ELEM | ec.NESTED, a(ec.EXPR_NAME, b"quota\0")
+              + a(ec.EXPR_DATA | ec.NESTED, a(1, struct.pack("!Q", 7))))
+    counter = a(ec.LIST_ELEM | ec.NESTED, a(ec.EXPR_NAME, b"counter\0")
+                + a(ec.EXPR_DATA | ec.NESTED, a(ec.COUNTER_BYTES, struct.pack("!Q", 580))
+                    + a(ec.COUNTER_PACKETS, struct.pack("!Q", 4))))
+    elems = (a(ec.LIST_ELEM | ec.NESTED, a(ec.ELEM_KEY | ec.NESTED, a(ec.DATA_VALUE, k1))
+                                         + a(ec.ELEM_EXPRESSIONS | ec.NESTED, quota + counter))
+             + a(ec.LIST_ELEM | ec.NESTED, a(ec.ELEM_KEY | ec.NESTED, a(ec.DATA_VALUE, k2))))
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + a(ec.LIST_ELEMENTS | ec.NESTED, elems)
+    reply = struct.pack("=IHHII", 16 + len(body), (10 << 8) | 12, 0, 3, 0) + body
+    counts: dict[bytes, tuple[int, int]] = {}
+    assert ec.parse(reply + _ack(3), counts, 3)
+    assert counts == {k1: (4, 580)}
+
+
 def test_a_reading_is_payload_bytes():
     o = KernelPath().new(0, ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3),
                          ("127.0.0.1", 4))

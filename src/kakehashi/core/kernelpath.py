@@ -323,6 +323,10 @@ def element_key(src: Addr, dst: Addr) -> bytes:
             + socket.inet_aton(dst[0]) + struct.pack("!H2x", dst[1]))
 
 
+_HEADER = struct.Struct("=HH")  # a netlink attribute's length and type
+_U64 = struct.Struct("!Q")
+
+
 def _attr(kind: int, payload: bytes) -> bytes:
     n = 4 + len(payload)
     return struct.pack("=HH", n, kind) + payload + bytes(-n % 4)
@@ -518,26 +522,71 @@ class SetElements:
             else:
                 for a, value in _attrs(payload[4:]):
                     if a == cls.LIST_ELEMENTS:
-                        for _, elem in _attrs(value):
-                            cls._element(elem, counts)
+                        j, end = 0, len(value)
+                        while j + 4 <= end:
+                            m = _HEADER.unpack_from(value, j)[0]
+                            if m < 4:
+                                break
+                            cls._element(value, j + 4, j + m, counts)
+                            j += (m + 3) & ~3
         return done
 
     @classmethod
-    def _element(cls, elem: bytes, counts: dict[bytes, tuple[int, int]]) -> None:
-        key, exprs = None, []
-        for a, value in _attrs(elem):
-            if a == cls.ELEM_KEY:
-                key = dict(_attrs(value)).get(cls.DATA_VALUE)
+    def _element(cls, elem: bytes, i: int, end: int,
+                 counts: dict[bytes, tuple[int, int]]) -> None:
+        """The key and counter of the element in ``elem[i:end]`` (a dump holds thousands:
+        offsets, no lists)."""
+        key = counter = None
+        while i + 4 <= end:
+            n, a = _HEADER.unpack_from(elem, i)
+            if n < 4:
+                break
+            a &= 0x3FFF
+            if a == cls.ELEM_KEY and n >= 8:  # a nest of one DATA_VALUE
+                key = elem[i + 8:i + 4 + _HEADER.unpack_from(elem, i + 4)[0]]
             elif a == cls.ELEM_EXPR:
-                exprs.append(value)
+                counter = cls._counter(elem, i + 4, i + n) or counter
             elif a == cls.ELEM_EXPRESSIONS:
-                exprs.extend(v for _, v in _attrs(value))
-        for e in exprs:
-            fields = dict(_attrs(e))
-            if fields.get(cls.EXPR_NAME, b"").rstrip(b"\0") == b"counter" and key is not None:
-                c = dict(_attrs(fields.get(cls.EXPR_DATA, b"")))
-                counts[key] = (struct.unpack("!Q", c[cls.COUNTER_PACKETS])[0],
-                               struct.unpack("!Q", c[cls.COUNTER_BYTES])[0])
+                j = i + 4
+                while j + 4 <= i + n:
+                    m = _HEADER.unpack_from(elem, j)[0]
+                    if m < 4:
+                        break
+                    counter = cls._counter(elem, j + 4, j + m) or counter
+                    j += (m + 3) & ~3
+            i += (n + 3) & ~3
+        if key is not None and counter is not None:
+            counts[key] = counter
+
+    @classmethod
+    def _counter(cls, buf: bytes, i: int, end: int) -> tuple[int, int] | None:
+        """(packets, bytes) of the expression in ``buf[i:end]`` if it is a counter."""
+        name = data = None
+        while i + 4 <= end:
+            n, a = _HEADER.unpack_from(buf, i)
+            if n < 4:
+                break
+            a &= 0x3FFF
+            if a == cls.EXPR_NAME:
+                name = buf[i + 4:i + n].rstrip(b"\0")
+            elif a == cls.EXPR_DATA:
+                data = (i + 4, i + n)
+            i += (n + 3) & ~3
+        if name != b"counter" or data is None:
+            return None
+        packets = nbytes = 0
+        i, end = data
+        while i + 4 <= end:
+            n, a = _HEADER.unpack_from(buf, i)
+            if n < 4:
+                break
+            a &= 0x3FFF
+            if a == cls.COUNTER_PACKETS:
+                packets = _U64.unpack_from(buf, i + 4)[0]
+            elif a == cls.COUNTER_BYTES:
+                nbytes = _U64.unpack_from(buf, i + 4)[0]
+            i += (n + 3) & ~3
+        return packets, nbytes
 
 
 class KernelPath:
