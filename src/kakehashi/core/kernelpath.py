@@ -53,6 +53,7 @@ import re
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kakehashi.core import fastpath
@@ -332,15 +333,33 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", n, kind) + payload + bytes(-n % 4)
 
 
-def _attrs(buf: bytes) -> list[tuple[int, bytes]]:
-    out, i = [], 0
-    while i + 4 <= len(buf):
-        n, kind = struct.unpack_from("=HH", buf, i)
+def _spans(buf: bytes, i: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """The attributes in ``buf[i:end]``: (type, payload start, payload end) each, by
+    offsets (a dump holds thousands of elements: no slices or lists on the way)."""
+    while i + 4 <= end:
+        n, kind = _HEADER.unpack_from(buf, i)
+        if n < 4:
+            return
+        yield kind & 0x3FFF, i + 4, i + n
+        i += (n + 3) & ~3
+
+
+def _fields(buf: bytes, i: int, end: int) -> dict[int, tuple[int, int]]:
+    """The attributes in ``buf[i:end]`` by type (the last of a type): payload start and
+    end. The same walk as :func:`_spans`, without a generator: an element's levels are
+    read this way, thousands of times per dump."""
+    out = {}
+    while i + 4 <= end:
+        n, kind = _HEADER.unpack_from(buf, i)
         if n < 4:
             break
-        out.append((kind & 0x3FFF, buf[i + 4:i + n]))
+        out[kind & 0x3FFF] = (i + 4, i + n)
         i += (n + 3) & ~3
     return out
+
+
+def _attrs(buf: bytes) -> list[tuple[int, bytes]]:
+    return [(kind, buf[a:b]) for kind, a, b in _spans(buf, 0, len(buf))]
 
 
 class SetElements:
@@ -522,71 +541,29 @@ class SetElements:
             else:
                 for a, value in _attrs(payload[4:]):
                     if a == cls.LIST_ELEMENTS:
-                        j, end = 0, len(value)
-                        while j + 4 <= end:
-                            m = _HEADER.unpack_from(value, j)[0]
-                            if m < 4:
-                                break
-                            cls._element(value, j + 4, j + m, counts)
-                            j += (m + 3) & ~3
+                        for _, start, stop in _spans(value, 0, len(value)):
+                            cls._element(value, start, stop, counts)
         return done
 
     @classmethod
     def _element(cls, elem: bytes, i: int, end: int,
                  counts: dict[bytes, tuple[int, int]]) -> None:
-        """The key and counter of the element in ``elem[i:end]`` (a dump holds thousands:
-        offsets, no lists)."""
-        key = counter = None
-        while i + 4 <= end:
-            n, a = _HEADER.unpack_from(elem, i)
-            if n < 4:
-                break
-            a &= 0x3FFF
-            if a == cls.ELEM_KEY and n >= 8:  # a nest of one DATA_VALUE
-                key = elem[i + 8:i + 4 + _HEADER.unpack_from(elem, i + 4)[0]]
-            elif a == cls.ELEM_EXPR:
-                counter = cls._counter(elem, i + 4, i + n) or counter
-            elif a == cls.ELEM_EXPRESSIONS:
-                j = i + 4
-                while j + 4 <= i + n:
-                    m = _HEADER.unpack_from(elem, j)[0]
-                    if m < 4:
-                        break
-                    counter = cls._counter(elem, j + 4, j + m) or counter
-                    j += (m + 3) & ~3
-            i += (n + 3) & ~3
-        if key is not None and counter is not None:
-            counts[key] = counter
-
-    @classmethod
-    def _counter(cls, buf: bytes, i: int, end: int) -> tuple[int, int] | None:
-        """(packets, bytes) of the expression in ``buf[i:end]`` if it is a counter."""
-        name = data = None
-        while i + 4 <= end:
-            n, a = _HEADER.unpack_from(buf, i)
-            if n < 4:
-                break
-            a &= 0x3FFF
-            if a == cls.EXPR_NAME:
-                name = buf[i + 4:i + n].rstrip(b"\0")
-            elif a == cls.EXPR_DATA:
-                data = (i + 4, i + n)
-            i += (n + 3) & ~3
-        if name != b"counter" or data is None:
-            return None
-        packets = nbytes = 0
-        i, end = data
-        while i + 4 <= end:
-            n, a = _HEADER.unpack_from(buf, i)
-            if n < 4:
-                break
-            a &= 0x3FFF
-            if a == cls.COUNTER_PACKETS:
-                packets = _U64.unpack_from(buf, i + 4)[0]
-            elif a == cls.COUNTER_BYTES:
-                nbytes = _U64.unpack_from(buf, i + 4)[0]
-            i += (n + 3) & ~3
-        return packets, nbytes
+        """The key and counter of the element in ``elem[i:end]``."""
+        fields = _fields(elem, i, end)
+        key = fields.get(cls.ELEM_KEY)
+        exprs = [fields[cls.ELEM_EXPR]] if cls.ELEM_EXPR in fields else []
+        if cls.ELEM_EXPRESSIONS in fields:
+            exprs += [(s, e) for _, s, e in _spans(elem, *fields[cls.ELEM_EXPRESSIONS])]
+        for start, stop in exprs:
+            expr = _fields(elem, start, stop)
+            name, data = expr.get(cls.EXPR_NAME), expr.get(cls.EXPR_DATA)
+            if key and name and data and elem[name[0]:name[1]].rstrip(b"\0") == b"counter":
+                c = _fields(elem, *data)
+                # the key: a nest of one DATA_VALUE
+                counts[elem[key[0] + 4:key[1]]] = (
+                    _U64.unpack_from(elem, c[cls.COUNTER_PACKETS][0])[0],
+                    _U64.unpack_from(elem, c[cls.COUNTER_BYTES][0])[0])
+                return
 
 
 class KernelPath:
