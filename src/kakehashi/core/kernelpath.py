@@ -324,7 +324,7 @@ def element_key(src: Addr, dst: Addr) -> bytes:
             + socket.inet_aton(dst[0]) + struct.pack("!H2x", dst[1]))
 
 
-_HEADER = struct.Struct("=HH")  # a netlink attribute's length and type
+_NLA = struct.Struct("=HH")  # a netlink attribute's length and type
 _U64 = struct.Struct("!Q")
 
 
@@ -337,7 +337,7 @@ def _spans(buf: bytes, i: int, end: int) -> Iterator[tuple[int, int, int]]:
     """The attributes in ``buf[i:end]``: (type, payload start, payload end) each, by
     offsets (a dump holds thousands of elements: no slices or lists on the way)."""
     while i + 4 <= end:
-        n, kind = _HEADER.unpack_from(buf, i)
+        n, kind = _NLA.unpack_from(buf, i)
         if n < 4:
             return
         yield kind & 0x3FFF, i + 4, i + n
@@ -350,7 +350,7 @@ def _fields(buf: bytes, i: int, end: int) -> dict[int, tuple[int, int]]:
     read this way, thousands of times per dump."""
     out = {}
     while i + 4 <= end:
-        n, kind = _HEADER.unpack_from(buf, i)
+        n, kind = _NLA.unpack_from(buf, i)
         if n < 4:
             break
         out[kind & 0x3FFF] = (i + 4, i + n)
