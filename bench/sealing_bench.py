@@ -12,12 +12,15 @@ datagram is what one readiness callback of such a lane costs, divided by the dat
 relayed. This measures exactly that, in one process and with nothing else in the way:
 
 - a client socket queues ``--batch`` datagrams of ``--size`` bytes on the lane's near
-  socket (plaintext for the ``seal`` lane, as the forward gets them from an application;
-  sealed by a peer channel for the ``open`` lane, as the last proxy gets them), untimed;
+  socket (plaintext for the ``seal`` lane, one send each, as the forward gets them from
+  an application; sealed by a peer channel for the ``open`` lane and sent as the forward
+  sends a burst, in segmentation-offloaded runs), untimed;
 - the lane's readiness callback runs once, timed with ``time.thread_time_ns`` (user and
   kernel CPU of this thread: ``recvmmsg``, the port record, the AEAD, the queue, and
   ``sendmmsg`` with the kernel's loopback delivery into the sink's socket);
-- the sink takes what arrived and checks the count and the first payload, untimed.
+- the sink takes what arrived and checks the count and the first payload, untimed; it
+  stands for the next hop, so it takes runs as one message (receive offload) when the
+  tree under test does.
 
 With the CPU time, the kernel's share of it (``getrusage``: the system calls, the
 loopback delivery, nftables), which no change in Python can take away.
@@ -59,6 +62,7 @@ def _sockets() -> tuple[socket.socket, socket.socket]:
 async def _measure(lane: str, batch: int, size: int, batches: int,
                    spin: float) -> dict[str, float]:
     """One lane's CPU per datagram, in ns (median over ``batches`` callbacks)."""
+    from kakehashi.core import udpbatch
     from kakehashi.core.crypto import DatagramChannel
     from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_udp
 
@@ -76,13 +80,16 @@ async def _measure(lane: str, batch: int, size: int, batches: int,
         fwd = DatagramForwarder(near, far, record, near_to_far=here.open,
                                 far_to_near=here.seal)
     await fwd.start()
+    if getattr(fwd, "_gro", (False,))[0] and hasattr(udpbatch, "UDP_GRO"):
+        # the sink stands for the next kakehashi hop, which takes runs as this tree does
+        sink.setsockopt(udpbatch.SOL_UDP, udpbatch.UDP_GRO, 1)
+    sending, taking = udpbatch.Batch(), udpbatch.Batch()
     loop = asyncio.get_running_loop()
     for s in (near, far):  # the callback runs here, timed, not from the loop
         loop.remove_reader(s.fileno())
     relay = fwd._lane(0)
     to = near.getsockname()
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    buf = bytearray(65536)
     times: list[int] = []
     user = system = 0.0  # getrusage(RUSAGE_THREAD) around the callbacks, summed
     lost = 0
@@ -91,8 +98,13 @@ async def _measure(lane: str, batch: int, size: int, batches: int,
     while (deadline is not None and time.monotonic() < deadline) or (
             deadline is None and i < batches):
         i += 1
-        for _ in range(batch):
-            client.sendto(payload if lane == "seal" else peer.seal(payload), to)
+        if lane == "seal":  # an application: one datagram per send
+            for _ in range(batch):
+                client.sendto(payload, to)
+        else:  # the forward's burst, through the kernel path: offloaded runs
+            for _ in range(batch):
+                sending.put(int(client.family), peer.seal(payload), to)
+            sending.flush(client)
         if batch > 1:
             fwd._burst[0] = True  # a lane in a burst (as after its first full batch)
         else:
@@ -106,16 +118,12 @@ async def _measure(lane: str, batch: int, size: int, batches: int,
         user += r1.ru_utime - r0.ru_utime
         system += r1.ru_stime - r0.ru_stime
         got = 0
-        while True:
-            try:
-                n = sink.recv_into(buf)
-            except BlockingIOError:
-                break
+        while n := taking.recv(sink):
             if got == 0:
-                want = (peer.open(bytes(buf[:n])) if lane == "seal" else bytes(buf[:n]))
-                if want != payload:
+                first = taking.payload(0).tobytes()
+                if (peer.open(first) if lane == "seal" else first) != payload:
                     raise SystemExit(f"{lane}: the sink got another payload")
-            got += 1
+            got += n
         lost += batch - got
         times.append(t1 - t0)
     fwd.close()

@@ -601,3 +601,43 @@ async def test_sealed_bursts_of_every_size_arrive_intact(fast):
         fwd.close()
         for s in (server, client):
             s.close()
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+async def test_runs_from_the_hop_before_are_opened_datagram_by_datagram(monkeypatch):
+    """The last hop of an encrypted chain gets the client's sealed datagrams as offloaded
+    runs (the forward sends a burst that way): its sockets take each run as one message
+    (receive offload), on a lone wakeup as in a burst, and every datagram in it is
+    still opened, decided and counted on its own; a replay inside a run is dropped."""
+    client_ch, hop_ch, server, client, fwd = await _sealing_hop(True)
+    rec, near = fwd.record, fwd.near_sock
+    with bind_udp("127.0.0.1") as probe:
+        try:
+            probe.setsockopt(socket.SOL_UDP, 104, 1)  # UDP_GRO
+        except OSError:
+            pytest.skip("no UDP_GRO here")
+    cuts: list[int] = []
+    real = getattr(udpbatch.Batch, "_cut", None)
+
+    def cut(self, n, segments):
+        cuts.append(len(segments))
+        return real(self, n, segments)
+
+    monkeypatch.setattr(udpbatch.Batch, "_cut", cut, raising=False)
+    sender = udpbatch.Batch()
+    try:
+        for rnd in range(PROBE + 2):  # lone wakeups, the probe, then bursts
+            sealed = [client_ch.seal(b"r%d-%d" % (rnd, i) * 20) for i in range(10)]
+            for d in [*sealed, sealed[3]]:
+                sender.put(int(client.family), d, near.getsockname())
+            assert sender.flush(client) == (0, 0)
+            assert await _recv_all(server, 10) == [b"r%d-%d" % (rnd, i) * 20
+                                                   for i in range(10)]
+        await async_wait_until(lambda: rec.dropped == PROBE + 2, what="the replays")
+        assert hop_ch.refused == PROBE + 2
+        assert rec.from_near_count == 11 * (PROBE + 2)
+        assert len(cuts) >= PROBE + 2  # each run came as one message (or more), and was cut
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()

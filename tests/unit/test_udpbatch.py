@@ -66,3 +66,30 @@ def test_a_burst_in_and_out_with_sources_as_recvfrom_gives_them(mmsg, host):
     finally:
         for s in (a, b, c):
             s.close()
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+def test_an_offloaded_run_taken_as_one_message_is_cut_where_its_datagrams_end():
+    """A socket with receive offload takes another hop's offloaded run (here: a flush of
+    datagrams of one size, the last shorter) as one message; recv gives back each
+    datagram, with its source, beside a plain datagram from another sender."""
+    io, out = udpbatch.Batch(), udpbatch.Batch()
+    a, b, c = bind_udp("127.0.0.1"), bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    try:
+        b.setsockopt(socket.SOL_UDP, 104, 1)  # UDP_GRO
+    except OSError:
+        pytest.skip("no UDP_GRO here")
+    try:
+        sent = [bytes([i]) * 500 for i in range(20)] + [b"last"]
+        for d in sent:
+            out.put(int(a.family), d, b.getsockname())
+        assert out.flush(a) == (0, 0)
+        c.sendto(b"plain", b.getsockname())
+        got: list[tuple[bytes, tuple]] = []
+        while len(got) < len(sent) + 1:
+            n = wait_until(lambda: io.recv(b), 5, what="the run")
+            got += [(io.payload(i).tobytes(), io.sources[i]) for i in range(n)]
+        assert got == [(d, a.getsockname()) for d in sent] + [(b"plain", c.getsockname())]
+    finally:
+        for s in (a, b, c):
+            s.close()

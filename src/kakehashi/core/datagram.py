@@ -48,6 +48,7 @@ import errno
 import logging
 import random
 import socket
+import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Literal
 
@@ -137,6 +138,29 @@ class PortRecord:
         return self.from_near_count + self.from_far_count
 
 
+#: room for the segment size of a coalesced message (CMSG_SPACE(sizeof(int)))
+_GRO_CMSG = socket.CMSG_SPACE(4)
+
+
+def _receive_offload(sock: socket.socket) -> bool:
+    """Turn on ``UDP_GRO`` (:mod:`kakehashi.core.udpbatch`): another hop's offloaded run
+    arrives as one message to cut, not as datagrams the kernel cut one by one at this
+    socket (at the sender's expense); False where the kernel has no such option."""
+    try:
+        sock.setsockopt(udpbatch.SOL_UDP, udpbatch.UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _segment(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The segment size a ``recvmsg`` reported for a coalesced message (0: none)."""
+    for level, kind, data in ancillary:
+        if level == udpbatch.SOL_UDP and kind == udpbatch.UDP_GRO and len(data) >= 4:
+            return int.from_bytes(data[:4], sys.byteorder)
+    return 0
+
+
 def bind_udp(host: str, port: int = 0) -> socket.socket:
     """A non-blocking UDP socket bound to host:port with large buffers."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -215,6 +239,8 @@ class DatagramForwarder:
         #: per lane (0: near -> far, 1: far -> near): in a burst? wakeups in single mode,
         #: batches in a row that found at most one datagram
         self._burst = [False, False]
+        #: per lane: whether its incoming socket takes an offloaded run as one message
+        self._gro = (False, False)
         self._wakes = [0, 0]
         self._thin = [0, 0]
         #: send failures (ICMP errors, unreachable networks): not fatal for UDP
@@ -248,6 +274,9 @@ class DatagramForwarder:
                 #: per lane, the outgoing socket's address family (an enum lookup each
                 #: time it is read from the socket)
                 self._families = (int(self.far_sock.family), int(self.near_sock.family))
+                if self._io.mmsg:  # (where the batch can cut what it coalesces)
+                    self._gro = (_receive_offload(self.near_sock),
+                                 _receive_offload(self.far_sock))
                 loop.add_reader(self.near_sock.fileno(), self._lane(0))
                 self._loop = loop  # from here on close() removes the readers
                 loop.add_reader(self.far_sock.fileno(), self._lane(1))
@@ -276,6 +305,7 @@ class DatagramForwarder:
         src_sock, dst_sock = (self.near_sock, self.far_sock) if near else (
             self.far_sock, self.near_sock)
         recv_into, sendto = src_sock.recvfrom_into, dst_sock.sendto
+        recvmsg_into, gro = src_sock.recvmsg_into, self._gro[lane]
         record = self.record
         decide = record.from_near if near else record.from_far
         buf = self._io.rx[:MAX_DATAGRAM]  # slot 0: a callback is done with it on return
@@ -293,7 +323,17 @@ class DatagramForwarder:
                       self.near_to_far if near else self.far_to_near)
                 return
             try:
-                n, src = recv_into(buf)
+                if gro:  # the datagram may be another hop's run, taken as one message
+                    n, ancillary, _, src = recvmsg_into((buf,), _GRO_CMSG)
+                    if ancillary:
+                        segment = _segment(ancillary)
+                        if 0 < segment < n:
+                            self._relay_taken(lane, self._io.took(n, segment, src), dst_sock,
+                                              decide, self.near_to_far if near
+                                              else self.far_to_near)
+                            return
+                else:
+                    n, src = recv_into(buf)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # an error queued on the socket (ICMP): not fatal for UDP
@@ -348,6 +388,13 @@ class DatagramForwarder:
             self._thin[lane] += 1
             if self._thin[lane] >= LINGER:
                 burst[lane] = False
+        self._relay_taken(lane, n, dst_sock, decide, transform)
+
+    def _relay_taken(self, lane: int, n: int, dst_sock: socket.socket,
+                     decide: Callable[[Addr, int], Addr | None],
+                     transform: Transform | None) -> None:
+        """Relay the ``n`` datagrams the batch holds, as the record decides, in order."""
+        io = self._io
         family = self._families[lane]
         offer = lane == 0 and self.kernel is not None
         batch = getattr(transform, "batch", None)

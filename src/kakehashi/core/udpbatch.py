@@ -64,6 +64,14 @@ SLOT = 1 << 16
 _NAME = 32  # room for a sockaddr_in6 (28 B)
 #: what a transform may add to each datagram, at most (sealing adds 24 B)
 _TX_SPARE = 64
+#: receive offload (``UDP_GRO``, Linux 5.0): a socket with it takes a segmentation-
+#: offloaded send (another hop's run) as one message of up to 64 KiB, with its segment
+#: size in a control message, instead of the kernel cutting it into datagrams at the
+#: receiving socket; :meth:`Batch.recv` cuts it where the sender's datagrams end
+UDP_GRO = 104
+#: datagrams one received message can hold (the kernel's UDP_MAX_SEGMENTS)
+GRO_SEGMENTS = 128
+_RX_CMSG = 24  # CMSG_SPACE(sizeof(int)): the segment size
 _HDR = 64  # sizeof(struct mmsghdr) on LP64 Linux: msghdr (56) + msg_len, padded
 _Q = _HDR // 8  # 8-byte words per header
 MSG_DONTWAIT = 0x40
@@ -170,11 +178,14 @@ class Batch:
         #: received payloads (slot i: datagram i) and transformed ones (slot j: queued j)
         self._rx_map = mmap.mmap(-1, size * SLOT)
         # outputs lie one after the other (a transform may add _TX_SPARE bytes to each)
-        self._tx_map = mmap.mmap(-1, size * (SLOT + _TX_SPARE))
+        self._tx_map = mmap.mmap(-1, size * (SLOT + GRO_SEGMENTS * _TX_SPARE))
         self.rx = memoryview(self._rx_map)
         self.tx = memoryview(self._tx_map)
         self.lengths = [0] * size
         self.sources: list[Addr] = [()] * size
+        #: where datagram i of the last :meth:`recv` starts in :attr:`rx` (slot i, unless
+        #: a received message held several: then they follow each other in its slot)
+        self.starts: Sequence[int] = range(0, 0)
         #: the one source of every datagram of the last :meth:`recv`, or None (several)
         self.source: Addr | None = None
         #: the queue: (where: a byte offset into rx if >= 0, into tx as -1 - offset if
@@ -212,6 +223,13 @@ class Batch:
         self._rx_h = h
         self._rx_used = 0  # headers whose msg_namelen the last call overwrote
         self._namelens = memoryview(array.array("Q", [_NAME] * size))
+        # a control buffer per header, for the segment size of a coalesced message
+        self._rx_ctl = bytearray(size * _RX_CMSG)
+        ctl = _address(self._rx_ctl)
+        for i in range(size):
+            h[_Q * i + 4] = ctl + i * _RX_CMSG
+            h[_Q * i + 5] = _RX_CMSG
+        self._ctllens = memoryview(array.array("Q", [_RX_CMSG] * size))
         self._rx_names_view = memoryview(self._rx_names)
         # send headers: each points at its own iovec; names and slots set per datagram
         self._tx_iov = bytearray(size * 16)
@@ -236,9 +254,10 @@ class Batch:
         socket (an ICMP error for an earlier send: not fatal for UDP)."""
         if self.mmsg:
             h = self._rx_h
-            used = self._rx_used  # the kernel wrote each name's length there: reset them
-            if used:
+            used = self._rx_used  # the kernel wrote each name's and control's length
+            if used:                # there: reset them
                 h[1:_Q * used:_Q] = self._namelens[:used]
+                h[5:_Q * used:_Q] = self._ctllens[:used]
             n = _MMSG[0](sock.fileno(), self._rx_hdr_addr, min(limit, self.size),  # type: ignore[index,operator]
                          MSG_DONTWAIT, None)
             if n < 0:
@@ -248,6 +267,7 @@ class Batch:
                     return 0
                 raise OSError(err, os.strerror(err))
             self._rx_used = self._last = n
+            self.starts = range(0, n * SLOT, SLOT)
             if n == 0:
                 return 0
             # one C call each for the lengths and the names, not a loop of Python: the
@@ -267,17 +287,22 @@ class Batch:
                     src = cache[raw] = decode(raw)
                 sources[:n] = [src] * n
                 self.source = src
+            else:
+                self.source = None
+                each = []
+                for i in range(n):
+                    raw = names[i * _NAME:i * _NAME + (h[_Q * i + 1] & 0xFFFFFFFF)].tobytes()
+                    src = cache.get(raw)
+                    if src is None:
+                        if len(cache) >= _CACHE:
+                            cache.clear()
+                        src = cache[raw] = decode(raw)
+                    each.append(src)
+                sources[:n] = each
+            controls = h[5:_Q * n:_Q].tolist()  # (the kernel's: 0 unless coalesced)
+            if controls.count(0) == n:
                 return n
-            self.source = None
-            for i in range(n):
-                raw = names[i * _NAME:i * _NAME + (h[_Q * i + 1] & 0xFFFFFFFF)].tobytes()
-                src = cache.get(raw)
-                if src is None:
-                    if len(cache) >= _CACHE:
-                        cache.clear()
-                    src = cache[raw] = decode(raw)
-                sources[i] = src
-            return n
+            return self._cut(n, [self._segment(i) if c else 0 for i, c in enumerate(controls)])
         n = 0
         recv = sock.recvfrom_into
         rx = self.rx
@@ -293,13 +318,53 @@ class Batch:
             # after some datagrams: those go on, and the error (taken off the socket by
             # this read) is not counted, as with recvmmsg
         self._last = n
+        self.starts = range(0, n * SLOT, SLOT)
         src = self.sources[0]
         self.source = src if n and self.sources[:n].count(src) == n else None
         return n
 
+    def _segment(self, i: int) -> int:
+        """The segment size in message ``i``'s control buffer (0: none there)."""
+        _, level, kind, segment = struct.unpack_from("=Qiii", self._rx_ctl, i * _RX_CMSG)
+        return segment if level == SOL_UDP and kind == UDP_GRO else 0
+
+    def _cut(self, n: int, segments: list[int]) -> int:
+        """Messages of the last recvmmsg that hold several datagrams (a receive-offload
+        socket took another hop's offloaded run as one): their datagrams, each with its
+        own entry, where the sender's ended (every ``segment`` bytes, the last one
+        shorter or not). Returns how many datagrams there are now."""
+        starts: list[int] = []
+        lengths: list[int] = []
+        sources: list[Addr] = []
+        for i in range(n):
+            size, src, at, segment = self.lengths[i], self.sources[i], i * SLOT, segments[i]
+            if 0 < segment < size:
+                k = -(-size // segment)
+                starts.extend(range(at, at + size, segment))
+                lengths.extend([segment] * (k - 1))
+                lengths.append(size - segment * (k - 1))
+                sources.extend([src] * k)
+            else:
+                starts.append(at)
+                lengths.append(size)
+                sources.append(src)
+        self.starts, self.lengths, self.sources = starts, lengths, sources
+        self._last = len(starts)
+        return self._last
+
+    def took(self, size: int, segment: int, src: Addr) -> int:
+        """Set up as if :meth:`recv` had taken one message of ``size`` bytes in slot 0
+        from ``src``, made of datagrams of ``segment`` bytes (a coalesced message read
+        by someone else: the forwarder's one-datagram path); how many datagrams."""
+        self.lengths[0], self.sources[0] = size, src
+        self.source = src
+        self._last = 1
+        return self._cut(1, [segment])
+
     def payload(self, i: int) -> memoryview:
         """Datagram ``i`` of the last :meth:`recv` (valid until the next one)."""
-        return self.rx[i * SLOT:i * SLOT + self.lengths[i]]
+        at = self.starts[i]
+        return self.rx[at:at + self.lengths[i]]
 
     # -- sending -----------------------------------------------------------------------
     def _name(self, family: int, dst: Addr) -> tuple[int, int]:
@@ -318,7 +383,7 @@ class Batch:
     def relay(self, family: int, i: int, dst: Addr) -> None:
         """Queue received datagram ``i`` as is, to ``dst`` on a socket of ``family``."""
         n = self.lengths[i]
-        self._queue.append((i * SLOT, n, family, dst, n, 1))
+        self._queue.append((self.starts[i], n, family, dst, n, 1))
 
     def put(self, family: int, data: bytes, dst: Addr) -> None:
         """Queue a copy of ``data`` to ``dst`` (ValueError if larger than a datagram)."""
@@ -343,8 +408,8 @@ class Batch:
         """
         n = self._last if count is None else count
         off = self._tx_off
-        sizes = batch(self.rx, range(first * SLOT, (first + n) * SLOT, SLOT),
-                      self.lengths[first:first + n], n, self.tx, off)
+        sizes = batch(self.rx, self.starts[first:first + n], self.lengths[first:first + n], n,
+                      self.tx, off)
         queue = self._queue
         seg = sizes[0] if n else 0
         if n and sizes.count(seg) == n and seg > 0:  # all accepted, of one size
