@@ -192,13 +192,15 @@ def main() -> int:
         alice = [f"fw{i}={keys[f'a{i}']}" for i in (1, 2, 3)]
 
         pids: dict[str, list[int]] = {}
+        #: encrypted rows: the pids of their two sealing ends (the forward, fw3)
+        sealing: dict[str, tuple[int, int]] = {}
 
         def proxies(fast_path: str, udp_base: int, env: dict[str, str] | None = None,
                     ) -> list[int]:
             """Three chained proxies (fw1 -> fw2 -> fw3 -> direct); their control ports
             (``auto``: started without --fast-path, the default)."""
             cports = [free_port() for _ in range(3)]
-            for i in (3, 2, 1):
+            for i in (3, 2, 1):  # (fw3 first: its pid is the first of the three)
                 route = "direct" if i == 3 else f"fw{i + 1}@127.0.0.1:{cports[i]}"
                 low = udp_base + 200 * i
                 args_ = [*kh, "chain", "proxy", "--name", f"fw{i}", "--listen",
@@ -234,6 +236,9 @@ def main() -> int:
             forwards.update({"chain-encrypted-old": (old_auto, ["--encrypt"]),
                              "chain-on-encrypted-old": (old_on, ["--encrypt", "--fast-path",
                                                                  "on"])})
+        groups = {"auto": cports, "on": on_ports, "off": off_ports}
+        if args.old_src:
+            groups.update({"auto-old": old_auto, "on-old": old_on})
         for name, (cp, extra) in forwards.items():
             if name not in chosen:
                 continue
@@ -246,6 +251,9 @@ def main() -> int:
                 env=old_env if name in OLD_ROWS else None)
             fwd.wait_for("forwarding")
             targets[name] = (("127.0.0.1", lp), None)
+            if "--encrypt" in extra:
+                group = next(k for k, v in groups.items() if v == cp)
+                sealing[name] = (fwd.popen.pid, pids[group][-3])
 
         # the client as a library (kakehashi.chain.api's path): the application's own
         # socket is P1, so three forwarding processes are between it and the server, as
@@ -272,13 +280,23 @@ def main() -> int:
                         f"the user-space fast path ({len(kernel)} of 3 with a kernel table)")
         say(f"default proxies (no --fast-path): {default_path}")
         rounds: dict[str, list[tuple[float, float, float]]] = {r: [] for r in chosen}
+        #: per encrypted row and round: CPU per datagram at the forward and at fw3, in µs
+        seal_cpu: dict[str, list[tuple[float, float]]] = {r: [] for r in sealing}
         for rnd in range(args.rounds):
             order = chosen[rnd % len(chosen):] + chosen[:rnd % len(chosen)]
             say(f"round {rnd + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f}): "
                 + ", ".join(order))
             for name in order:
                 dst, sock = targets[name]
+                ends = sealing.get(name, ())
+                cpu0 = [cpu_seconds(p) for p in ends]
+                t0 = time.monotonic()
                 rate = throughput(dst, args.seconds, sock=sock)
+                if ends:
+                    moved = rate * (time.monotonic() - t0)
+                    seal_cpu[name].append(tuple(  # type: ignore[arg-type]
+                        (cpu_seconds(p) - c) * 1e6 / moved for p, c in zip(ends, cpu0,
+                                                                           strict=True)))
                 p50, p99 = latency(dst, args.pings, sock=sock)
                 rounds[name].append((rate, p50, p99))
         for lib in libs:
@@ -367,6 +385,12 @@ def main() -> int:
         print()
         print(table(["three-proxy chain setup", "median ms", "proxies' CPU ms per session"],
                     setup_rows))
+    if seal_cpu:
+        print()
+        print(table(["encrypted row: CPU per datagram during its datagrams/s (/proc)",
+                     "chain forward µs", "fw3 µs"],
+                    [[TITLES[n], f"{median([c[0] for c in v]):.1f}",
+                      f"{median([c[1] for c in v]):.1f}"] for n, v in seal_cpu.items()]))
     for e_row, p_row in (("chain-encrypted", "chain"), ("chain-on-encrypted", "chain-on"),
                          ("chain-encrypted-old", "chain"),
                          ("chain-on-encrypted-old", "chain-on")):
