@@ -385,6 +385,10 @@ def main() -> int:
         print()
         print(table(["three-proxy chain setup", "median ms", "proxies' CPU ms per session"],
                     setup_rows))
+    print()
+    for name in chosen:  # the rounds behind the medians (the machine is shared)
+        print(f"{TITLES[name]}, datagrams/s per round: "
+              + ", ".join(f"{r[0]:,.0f}" for r in rounds[name]))
     if seal_cpu:
         print()
         print(table(["encrypted row: CPU per datagram during its datagrams/s (/proc)",
