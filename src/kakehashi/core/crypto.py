@@ -702,14 +702,13 @@ def _advance(top: int, seen: int, seq: int) -> tuple[int, int] | None:
     return top, seen | (1 << age)
 
 
-def _heads(n: int, gap: int) -> struct.Struct:
-    """``n`` datagram heads ``gap`` bytes apart (zeros between: the ciphertext goes there
-    after), as one ``struct`` (cached: a relay sees few sizes and batch lengths)."""
-    st = _HEADS.get((n, gap))
-    if st is None:
-        if len(_HEADS) >= 512:
-            _HEADS.clear()
-        st = _HEADS[(n, gap)] = struct.Struct(">" + f"Q{gap}x" * n)
+def _heads(n: int, size: int) -> struct.Struct:
+    """The heads of ``n`` sealed datagrams of ``size`` plaintext bytes each, laid out
+    back to back (zeros between: the ciphertext goes there after), as one ``struct``
+    (kept in :data:`_HEADS`: a relay sees few sizes and batch lengths)."""
+    if len(_HEADS) >= 512:
+        _HEADS.clear()
+    st = _HEADS[(n, size)] = struct.Struct(">" + f"Q{size + DATAGRAM_OVERHEAD - 8}x" * n)
     return st
 
 
@@ -809,8 +808,9 @@ class DatagramChannel:
         self._send_seq = seq + n
         encrypt_into = self._send.encrypt_into
         k = lengths[0] if n else 0
-        if n > 1 and lengths.count(k) >= n and len(lengths) == n:
-            _heads(n, k + DATAGRAM_OVERHEAD - 8).pack_into(out, at, *range(seq, seq + n))
+        if n > 1 and len(lengths) == n and lengths.count(k) == n:
+            heads = _HEADS.get((n, k)) or _heads(n, k)
+            heads.pack_into(out, at, *range(seq, seq + n))
             step = k + DATAGRAM_OVERHEAD
             for i in range(n):
                 s = starts[i]

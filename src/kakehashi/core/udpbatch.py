@@ -417,10 +417,14 @@ class Batch:
         seg = sizes[0] if n else 0
         if n and sizes.count(seg) == n and seg > 0:  # all accepted, of one size
             self._tx_off = off + n * seg
-            if not self.gso or seg > GSO_SIZE or (family, dst) in self._no_gso_dst:
+            if not self.gso or seg > GSO_SIZE or (
+                    self._no_gso_dst and (family, dst) in self._no_gso_dst):
                 queue.extend([(-1 - off - j * seg, seg, family, dst, seg, 1) for j in range(n)])
                 return 0
             run = min(GSO_SEGMENTS, GSO_BYTES // seg)
+            if n <= run:  # (the usual burst: one run)
+                queue.append((-1 - off, n * seg, family, dst, seg, n))
+                return 0
             for j in range(0, n, run):
                 k = min(run, n - j)
                 queue.append((-1 - off - j * seg, k * seg, family, dst, seg, k))
