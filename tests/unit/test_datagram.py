@@ -192,17 +192,23 @@ async def test_a_flooded_session_does_not_starve_another(fast):
             s.close()
 
 
-async def _sealing_hop(fast: bool) -> tuple[DatagramChannel, DatagramChannel, socket.socket,
-                                            socket.socket, DatagramForwarder]:
-    """A started forwarder as the last hop of an encrypted chain (it opens towards the
-    server and seals the answers), the client's channel and its own, a server and a
-    client socket."""
+async def _sealing_hop(fast: bool, *, forward_side: bool = False) -> tuple[
+        DatagramChannel, DatagramChannel, socket.socket, socket.socket, DatagramForwarder]:
+    """A started forwarder at one sealing end of an encrypted chain: the last hop (it
+    opens towards the server and seals the answers), or with ``forward_side`` the lane of
+    ``chain forward`` (it seals towards the chain and opens the answers); the other end's
+    channel and the forwarder's own, a server and a client socket."""
     k1, k2 = os.urandom(32), os.urandom(32)
     client_ch, hop_ch = DatagramChannel(k1, k2), DatagramChannel(k2, k1)
     server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
     near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
-    rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
-    fwd = DatagramForwarder(near, far, rec, near_to_far=hop_ch.open, far_to_near=hop_ch.seal,
+    if forward_side:
+        rec = PortRecord(lock="latest", far=server.getsockname())
+        out, back = hop_ch.seal, hop_ch.open
+    else:
+        rec = PortRecord(expect_host="127.0.0.1", far=server.getsockname())
+        out, back = hop_ch.open, hop_ch.seal
+    fwd = DatagramForwarder(near, far, rec, near_to_far=out, far_to_near=back,
                             fast_path=fast)
     await fwd.start()
     return client_ch, hop_ch, server, client, fwd
@@ -572,14 +578,8 @@ async def test_sealed_bursts_of_every_size_arrive_intact(fast):
     size in runs longer than one offloaded send takes, sizes too large to offload, an
     empty datagram and the largest that can still be sealed, in one burst; the opening
     side back with a refused datagram in the middle of a run."""
-    k1, k2 = os.urandom(32), os.urandom(32)
-    ch, peer = DatagramChannel(k1, k2), DatagramChannel(k2, k1)
-    server, client = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
-    near, far = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
-    rec = PortRecord(lock="latest", far=server.getsockname())
-    fwd = DatagramForwarder(near, far, rec, near_to_far=ch.seal, far_to_near=ch.open,
-                            fast_path=fast)
-    await fwd.start()
+    peer, ch, server, client, fwd = await _sealing_hop(fast, forward_side=True)
+    rec, near, far = fwd.record, fwd.near_sock, fwd.far_sock
     try:
         client.sendto(b"lock", near.getsockname())
         assert [peer.open(d) for d in await _recv_all(server, 1)] == [b"lock"]
