@@ -65,6 +65,10 @@ class Conn:
 
     plain = True
     _watching = False  # a persistent readable callback is registered (watch_readable)
+    #: the fd this connection's reader (:meth:`_readable`) is registered on, -1 if none
+    _reader_fd = -1
+    #: readiness reported since the last read wait with nobody waiting (:meth:`_readable`)
+    _idle_wakes = 0
 
     def __init__(self, sock: socket.socket, *, accepted: tuple | None = None,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -100,15 +104,26 @@ class Conn:
         return self.sock.fileno()
 
     async def recv_into(self, buf: memoryview | bytearray) -> int:
+        """Read what has arrived into ``buf``, waiting (:meth:`wait_readable`) only when
+        nothing has: not the loop's ``sock_recv_into``, which registers and removes a
+        reader around each wait (see :meth:`_wait`)."""
         if self._pushback:
             return self._take_pushback(buf)
-        return await self.loop.sock_recv_into(self.sock, buf)
+        while True:
+            try:
+                return self.sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(readable=True)
 
     async def recv(self, n: int = RECV_CHUNK) -> bytes:
         if self._pushback:
             data, self._pushback = self._pushback[:n], self._pushback[n:]
             return data
-        return await self.loop.sock_recv(self.sock, n)
+        while True:
+            try:
+                return self.sock.recv(n)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(readable=True)
 
     def unread(self, data: bytes) -> None:
         """Put bytes back in front of the stream (after sniffing a protocol)."""
@@ -180,6 +195,18 @@ class Conn:
         await self._wait(readable=False)
 
     async def _wait(self, *, readable: bool) -> None:
+        """Wait until the socket is readable (writable); ConnClosed if :meth:`close`
+        comes first.
+
+        A read wait leaves the reader registered when it ends: the next wait, usually
+        right after the read that follows, finds it in place. Registering and removing
+        it around each wait cost six ``epoll_ctl`` under uvloop (three of them failing:
+        its poll handle is made and closed each time), about 40 per process and relay
+        session setup (issue 12). The registration goes when the socket turns readable
+        with nobody waiting (:meth:`_readable`: a level-triggered reader would
+        otherwise wake the loop until someone reads, and a link paused for
+        backpressure must not be read), on :meth:`close` and on a hand-over of the
+        socket (:meth:`drop_reader`)."""
         if self._closed:
             raise ConnClosed("connection closed")
         if readable in self._waits.values():  # the loop keeps one callback per direction
@@ -187,24 +214,29 @@ class Conn:
                                f"{'readable' if readable else 'writable'}")
         fd = self.sock.fileno()
         fut: asyncio.Future[None] = self.loop.create_future()
+        self._waits[fut] = readable
+        if readable:
+            # (again each time, at no system call when in place: another user of the
+            # fd, such as the gateway's fast lane, may have replaced or removed it)
+            self.loop.add_reader(fd, self._readable)
+            self._reader_fd = fd
+            self._idle_wakes = 0
+            try:
+                await fut
+            finally:
+                self._waits.pop(fut, None)
+            return
 
         def ready() -> None:
             if not fut.done():
                 fut.set_result(None)
 
-        if readable:
-            self.loop.add_reader(fd, ready)
-        else:
-            self.loop.add_writer(fd, ready)
-        self._waits[fut] = readable
+        self.loop.add_writer(fd, ready)
         try:
             await fut
         finally:
             if self._waits.pop(fut, None) is not None and not self._closed:
-                if readable:
-                    self.loop.remove_reader(fd)
-                else:
-                    self.loop.remove_writer(fd)
+                self.loop.remove_writer(fd)
 
     def watch_readable(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` whenever the socket is readable, until
@@ -219,16 +251,42 @@ class Conn:
         per change, measured with one request per connection."""
         self._on_readable = callback
         if not self._watching:
-            self.loop.add_reader(self.sock.fileno(), self._readable)
+            fd = self.sock.fileno()
+            self.loop.add_reader(fd, self._readable)
+            self._reader_fd = fd
             self._watching = True
 
     def _readable(self) -> None:
-        self._on_readable()
+        """The one reader this connection registers: the watcher's callback, else the
+        waiting read's wake-up, else nobody reads now, so the registration goes."""
+        if self._watching:
+            self._on_readable()
+            return
+        for fut, readable in self._waits.items():
+            if readable:
+                if not fut.done():
+                    fut.set_result(None)
+                return
+        # The first such call may be stale: the selector loop collects readiness
+        # before it runs the woken reader, which then reads what was there. A socket
+        # that still has bytes nobody waits for is reported again at once.
+        self._idle_wakes += 1
+        if self._idle_wakes > 1:
+            self.drop_reader()
 
     def unwatch_readable(self) -> None:
-        if self._watching:
-            self._watching = False
-            self.loop.remove_reader(self.sock.fileno())
+        """End the watch. The registration stays for a read wait that usually follows
+        (a paired relay link, a pooled upstream taken by a request) and goes at the
+        first readiness nobody waits for (:meth:`_readable`)."""
+        self._watching = False
+
+    def drop_reader(self) -> None:
+        """Remove this connection's reader now: before its fd closes or another object
+        takes the socket over."""
+        self._watching = False
+        fd, self._reader_fd = self._reader_fd, -1
+        if fd >= 0:
+            self.loop.remove_reader(fd)
 
     def _wake_waiters(self) -> None:
         """Unregister and fail every wait on this socket (before its fd is closed)."""
@@ -237,9 +295,7 @@ class Conn:
         fd = self.sock.fileno()
         waits, self._waits = self._waits, {}
         for fut, readable in waits.items():
-            if readable:
-                self.loop.remove_reader(fd)
-            else:
+            if not readable:
                 self.loop.remove_writer(fd)
             if not fut.done():
                 fut.set_exception(ConnClosed("connection closed"))
@@ -260,7 +316,7 @@ class Conn:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.unwatch_readable()
+            self.drop_reader()
             self._wake_waiters()
             with contextlib.suppress(OSError):
                 self.sock.close()
@@ -675,7 +731,7 @@ class DirectTLSConn(TLSConn):
         up; the returned :class:`Conn` owns it."""
         if not (self._plain_out and self._eof) or self._closed:
             raise ValueError("TLS has not ended in both directions")
-        self.unwatch_readable()
+        self.drop_reader()
         fd = self._ssl.detach()  # the SSL object goes; the fd stays open
         self._closed = True  # ownership moved (as in start_tls)
         conn = Conn(socket.socket(fileno=fd))
@@ -906,6 +962,7 @@ async def start_tls(
         refuse(conn, tlsmismatch.plaintext_refusal(initial))
         raise ConnClosed("the peer does not speak TLS (told it so)")
     kind = DirectTLSConn if direct else TLSConn
+    conn.drop_reader()  # the TLS object registers its own
     tls = kind(
         conn.sock, context, server_side=server_side, server_hostname=server_hostname,
         initial=initial,
