@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -190,12 +192,50 @@ def report(mode: str, setups: list[dict[str, int]]) -> None:
             print(f"    {statistics.median(d) / 1000:8.0f}  [{len(d):3d}]  {label}")
 
 
+def attach_strace(pids: dict[str, int], out: Path, mode: str) -> dict[str, tuple]:
+    """``strace -c -f`` attached to each process; the summaries go to ``out``."""
+    tracers = {}
+    for name, pid in pids.items():
+        path = out / f"strace-{mode}-{name}.txt"
+        proc = subprocess.Popen(["strace", "-c", "-f", "-o", str(path), "-p", str(pid)],
+                                stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:  # "Process N attached" once per thread
+            if "attached" in line:
+                break
+        tracers[name] = (proc, path)
+    time.sleep(0.2)  # the other threads' attach lines
+    return tracers
+
+
+def report_strace(tracers: dict[str, tuple], count: int) -> None:
+    """System calls per session of each traced process: all, and the top few by type
+    (calls and errors), from strace's summary table."""
+    for name, (proc, path) in tracers.items():
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        rows = {}
+        for line in path.read_text().splitlines():
+            f = line.split()
+            if len(f) >= 5 and f[0][0].isdigit() and not line.startswith("100.00"):
+                errors = int(f[4]) if len(f) == 6 else 0
+                rows[f[-1]] = (int(f[3]), errors)
+        total = sum(c for c, _ in rows.values())
+        top = sorted(rows.items(), key=lambda kv: -kv[1][0])[:6]
+        print(f"  syscalls per session, {name}: {total / count:.1f} (" + ", ".join(
+            f"{k} {c / count:.1f}" + (f" [{e / count:.1f} failed]" if e else "")
+            for k, (c, e) in top) + ")")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--gap", type=float, default=0.05)
     ap.add_argument("--modes", default="relay-tls,relay-tls-reencrypt,relay")
     ap.add_argument("--keep", help="directory to keep the raw traces in")
+    ap.add_argument("--strace", action="store_true",
+                    help="attach strace -c -f to relay, agent and relay connect and print "
+                         "their system calls per session (CPU figures are then not "
+                         "meaningful)")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="kakehashi-trace-"))
     kk = fw.Kakehashi(workdir)
@@ -215,11 +255,16 @@ def main() -> int:
             trace.start(str(path))
             pids = {"relay": relay_pid, "agent": agent_pid, "connect": connect_pid,
                     "echo": server.pid}
+            tracers = {}
+            if args.strace:
+                tracers = attach_strace({k: pids[k] for k in ("relay", "agent", "connect")},
+                                        path.parent, mode)
             cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             sessions(route.port, args.sessions, args.gap, warmup=10)
             cpu = {name: (cpu_seconds(pid) - cpu0[name]) / (args.sessions + 10) * 1e6
                    for name, pid in pids.items()}
             trace.stop()
+            report_strace(tracers, args.sessions + 10)
         report(mode, setups_of(path, names))
         # what the four processes spend per setup: on 2 cores, work done "in parallel"
         # by optimistic pairing still competes with the critical path for a core
