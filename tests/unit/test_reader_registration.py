@@ -130,6 +130,15 @@ def _peek(sock: socket.socket) -> int:
         return 0
 
 
+async def _one_waited_read(conn: Conn, sel: CountingSelector, theirs: socket.socket,
+                           data: bytes) -> None:
+    """A read that waits for ``data``, which the peer sends once it waits."""
+    reader = asyncio.create_task(conn.recv(16))
+    await async_wait_until(lambda: _read_pending(conn, sel), what="the read waiting")
+    theirs.send(data)
+    assert await asyncio.wait_for(reader, 5) == data
+
+
 def test_a_socket_nobody_reads_is_not_watched() -> None:
     """A leg that stops reading (its peer's output is full) must not keep a reader:
     the loop would wake for it until someone reads, and the bytes must stay in the
@@ -137,10 +146,7 @@ def test_a_socket_nobody_reads_is_not_watched() -> None:
     async def case(sel: CountingSelector) -> None:
         mine, theirs = _pair()
         conn = Conn(mine)
-        reader = asyncio.create_task(conn.recv(16))
-        await async_wait_until(lambda: _read_pending(conn, sel), what="the read waiting")
-        theirs.send(b"a")
-        assert await asyncio.wait_for(reader, 5) == b"a"
+        await _one_waited_read(conn, sel, theirs, b"a")
         theirs.send(b"b")  # nobody waits for it
         await async_wait_until(lambda: not _registered(sel, mine.fileno()),
                                what="the reader dropped")
@@ -155,10 +161,7 @@ def test_closing_or_handing_over_drops_the_reader() -> None:
     async def case(sel: CountingSelector) -> None:
         mine, theirs = _pair()
         conn = Conn(mine)
-        reader = asyncio.create_task(conn.recv(16))
-        await async_wait_until(lambda: _read_pending(conn, sel), what="the read waiting")
-        theirs.send(b"a")
-        await asyncio.wait_for(reader, 5)
+        await _one_waited_read(conn, sel, theirs, b"a")
         fd = mine.fileno()
         assert _registered(sel, fd)
         conn.drop_reader()  # (start_tls and left_tls do this before the hand-over)
