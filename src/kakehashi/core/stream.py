@@ -276,8 +276,8 @@ class Conn:
 
     def unwatch_readable(self) -> None:
         """End the watch. The registration stays for a read wait that usually follows
-        (a paired relay link, a pooled upstream taken by a request) and goes at the
-        first readiness nobody waits for (:meth:`_readable`)."""
+        (a paired relay link, a pooled upstream taken by a request) and goes when
+        the socket is readable with nobody waiting (:meth:`_readable`)."""
         self._watching = False
 
     def drop_reader(self) -> None:
