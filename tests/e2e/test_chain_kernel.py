@@ -20,6 +20,7 @@ import re
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -331,6 +332,28 @@ def test_exit_removes_the_table_and_a_dead_process_table_is_cleaned(tmp_path):
         env.close()
         subprocess.run(["nft", "delete", "table", "ip", stale], capture_output=True,
                        check=False)
+
+
+def test_clean_kernel_removes_only_the_tables_of_dead_processes():
+    """``chain clean-kernel`` (for a service manager after a SIGKILL or a crash): a dead
+    process's table goes, a live process's table stays, a second run finds nothing."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = f"{TABLE_PREFIX}{dead.pid}", f"{TABLE_PREFIX}{os.getpid()}"
+    for name in (stale, live):
+        subprocess.run(["nft", "add", "table", "ip", name], check=True)
+    cmd = [sys.executable, "-m", "kakehashi", "chain", "clean-kernel"]
+    try:
+        out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True,
+                             timeout=30)
+        assert json.loads(out.stdout) == {"removed": [stale]}
+        assert stale not in tables() and live in tables()
+        again = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30)
+        assert again.stdout.startswith("nothing to remove")
+    finally:
+        for name in (stale, live):
+            subprocess.run(["nft", "delete", "table", "ip", name], capture_output=True,
+                           check=False)
 
 
 def test_an_offloaded_session_is_busy_while_the_kernel_relays_and_ends_when_idle(tmp_path):

@@ -77,3 +77,13 @@ def test_auto_is_the_default_in_help(command):
     text = " ".join(res.output.split())
     assert "--fast-path [auto|on|off|kernel]" in text
     assert "[default: auto]" in text
+
+
+def test_clean_kernel_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(kernelpath.KernelPath, "unavailable",
+                        staticmethod(lambda: "not running as root or with CAP_NET_ADMIN"))
+    monkeypatch.setattr(kernelpath, "clean_stale", lambda: pytest.fail("must not run"))
+    res = CliRunner().invoke(main, ["chain", "clean-kernel"])
+    assert res.exit_code == 1, res.output
+    assert "cannot change nftables here: not running as root or with CAP_NET_ADMIN" \
+        in res.output

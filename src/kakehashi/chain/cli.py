@@ -238,6 +238,31 @@ def forward(user: str, keys: tuple[str, ...], first_hop: str, to: str, udp_liste
     sys.exit(runner.run(run_forward(cfg)))
 
 
+@chain.command("clean-kernel")
+@opt.json_option
+def clean_kernel(as_json: bool) -> None:
+    """Remove the nftables tables that kernel-path processes left behind when they died
+    without exiting (SIGKILL, a crash). A running process's table is left alone.
+
+    A process removes its own table when it exits, and the next kernel-path process
+    removes the tables of dead ones when it starts; until then a dead process's rewrites
+    stay in the kernel. Run this from a service manager after the proxy stops (systemd:
+    ExecStopPost=kakehashi chain clean-kernel) to close that window."""
+    from kakehashi.core import kernelpath
+
+    why = kernelpath.KernelPath.unavailable()
+    if why is not None:
+        raise click.ClickException(f"cannot change nftables here: {why}")
+    gone = kernelpath.clean_stale()
+    if as_json:
+        click.echo(json.dumps({"removed": gone}))
+    elif gone:
+        for name in gone:
+            click.echo(f"removed {name}")
+    else:
+        click.echo("nothing to remove: no table of a dead kakehashi process")
+
+
 @chain.command()
 @client_options
 @click.option("--to", required=True, metavar="HOST:PORT", help="The server's UDP endpoint (P6).")
