@@ -102,3 +102,27 @@ def test_a_service_that_fails_after_the_accept_is_reported_to_the_client(env, mo
         assert "closed by pi: service dead unavailable" in out, out
     else:
         assert "service dead unavailable [refused]" in out, out
+
+
+@pytest.mark.parametrize("optimistic", [True, False], ids=["optimistic", "old-flow"])
+@pytest.mark.parametrize("mode", ["session-cipher", "plaintext"])
+def test_relay_pipe_exits_with_the_reason_when_the_service_fails(env, mode, optimistic):
+    """``relay pipe`` (ssh's ProxyCommand) to a service nobody listens on: it exits 1
+    and says why on stderr, whether the agent accepted first (the session's close
+    carries the reason) or refused (the old flow); nothing reaches its stdout."""
+    tls, mode_env = MODES[mode]
+    env.env.update(mode_env)
+    dead = free_port()
+    env.add_user("pi")
+    env.add_user("laptop")
+    _, port = env.relay(tls=tls)
+    env.agent("pi", port, f"dead=127.0.0.1:{dead}", tls=tls,
+              env={"KAKEHASHI_OPTIMISTIC_PAIRING": "1" if optimistic else "0"})
+    res = env.pipe("laptop", port, "pi/dead", b"never reaches a service", tls=tls,
+                   check=False, timeout=30)
+    err = res.stderr.decode()
+    assert res.returncode == 1, err
+    assert res.stdout == b""
+    assert "service dead unavailable" in err, err
+    if optimistic:
+        assert "closed by pi" in err, err
