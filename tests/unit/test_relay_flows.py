@@ -236,6 +236,22 @@ def test_crossing_lower_user_id_wins_when_its_request_came_second(r):
     assert Pair(links["alice"], spare_bob) in r.recv(spare_bob, m.Accept(req=alice_note.req))
 
 
+def test_a_yielded_request_goes_to_a_spare_that_is_already_idle(r):
+    """alice has a spare that logged in before the crossing: bob's request, which
+    yields to alice's, is notified there at once instead of waiting for a connection to
+    become idle (none would: it already is) until it fails as "target-busy"."""
+    links = {"alice": r.login("alice"), "bob": r.login("bob")}
+    one(r.recv(links["bob"], m.ConnectRequest(req=1, target="alice")), links["alice"],
+        m.Notify)
+    spare_alice, acts = _spare(r, "alice")  # idle, and nothing is waiting yet
+    assert not sent(acts, spare_alice, m.Notify)
+    acts = r.recv(links["alice"], m.ConnectRequest(req=1, target="bob"))
+    bob_note = one(acts, spare_alice, m.Notify)
+    assert bob_note.peer == "bob"
+    assert not r.cu.waiting.get("alice")
+    assert Pair(links["bob"], spare_alice) in r.recv(spare_alice, m.Accept(req=bob_note.req))
+
+
 @pytest.mark.parametrize("me, peer, wins", [("alice", "bob", True), ("bob", "alice", False)])
 def test_terminal_applies_the_same_crossing_rule(me, peer, wins):
     tc = t.TerminalConn()

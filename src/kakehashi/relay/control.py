@@ -751,6 +751,23 @@ class ControlUnit:
 
     # -- connection request (Figs. 3 and 4) ---------------------------------------
     def _on_ConnectRequest(self, conn: Connection, msg: m.ConnectRequest, now: float):
+        """A request; when it crosses a notification on the same connection and wins
+        (:meth:`_yield_notification`), the request that yielded goes to another idle
+        connection of its target at once. Queued only, it would wait for a connection
+        to *become* idle, and one already idle (a spare that logged in a moment
+        before) never does: the request failed with "target-busy" after the request
+        timeout (seen as a flaky tests/e2e/test_relay_crossing.py)."""
+        crossed = conn.pending if conn.state is State.NOTIFIED else None
+        out = self._connect_request(conn, msg, now)
+        if crossed is not None and crossed.phase == "idle-wait" \
+                and self.pending.get(crossed.id) is crossed:
+            other = self._idle_conn(self.sessions.get(crossed.target),
+                                    exclude=crossed.requester_conn, service=crossed.service)
+            if other is not None:
+                out += self._became_idle(self.conns[other])
+        return out
+
+    def _connect_request(self, conn: Connection, msg: m.ConnectRequest, now: float):
         def refuse(code: str, text: str) -> list[object]:
             return [
                 Audit("connect", False, {"from": conn.user, "to": msg.target, "why": code}),
