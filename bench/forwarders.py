@@ -76,6 +76,21 @@ def start_haproxy_chain(procs: Procs, target: int, hops: int = 3) -> Route:
     return Route(f"haproxy x{hops} (chained)", target, pids)
 
 
+def start_uvloop_chain(procs: Procs, target: int, hops: int = 3) -> Route:
+    """Three minimal Python forwarders in a row (bench/uvloop_forward.py: uvloop protocols,
+    no parsing, no logging): what three Python processes on the path cost by themselves,
+    the floor under the relay's three (connect -> relay -> agent)."""
+    script = str(Path(__file__).resolve().parent / "uvloop_forward.py")
+    pids = []
+    for _ in range(hops):
+        port = free_port()
+        proc = procs.spawn("uvloop-forward", [sys.executable, script, str(port), str(target)])
+        wait_listening(port, proc=proc)
+        target = port
+        pids.append(proc.pid)
+    return Route(f"uvloop x{hops} (minimal Python forwarders, chained)", target, pids)
+
+
 SSHD_CFG = """\
 Port {port}
 ListenAddress {loopback}

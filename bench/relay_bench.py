@@ -71,13 +71,13 @@ from benchlib import (
 HERE = Path(__file__).resolve().parent
 SERVERS = str(HERE / "servers.py")
 
-THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "ssh", "relay", "relay-nosplice",
-                   "relay-tls", "relay-tls-reencrypt", "relay-tls-nofast", "relay-e2e",
-                   "relay-e2e-chacha", "relay-tls-e2e", "relay-old", "relay-tls-old",
+THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "uvloop3", "ssh", "relay",
+                   "relay-nosplice", "relay-tls", "relay-tls-reencrypt", "relay-tls-nofast",
+                   "relay-e2e", "relay-e2e-chacha", "relay-tls-e2e", "relay-old", "relay-tls-old",
                    "relay-e2e-old", "relay-tls-e2e-old"]
-SETUP_ROWS = ["direct", "haproxy", "haproxy3", "ssh", "relay", "relay-tls", "relay-encoff",
-              "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly", "link-spare",
-              "link-new", "link-new-tls", "relay-old", "relay-tls-old",
+SETUP_ROWS = ["direct", "haproxy", "haproxy3", "uvloop3", "ssh", "relay", "relay-tls",
+              "relay-encoff", "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly",
+              "link-spare", "link-new", "link-new-tls", "relay-old", "relay-tls-old",
               "relay-tls-reencrypt", "relay-tls-reencrypt-old"]
 BASELINES = ["direct", "haproxy"]
 
@@ -143,6 +143,7 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
         "socat": lambda: fw.start_socat(procs, target),
         "haproxy": lambda: fw.start_haproxy(procs, target),
         "haproxy3": lambda: fw.start_haproxy_chain(procs, target),
+        "uvloop3": lambda: fw.start_uvloop_chain(procs, target),
         "ssh": lambda: fw.start_ssh(procs, target),
         "relay": lambda: kk.start_route(procs, target, tls=False),
         "relay-nosplice": lambda: kk.start_route(procs, target, tls=False, splice=False),
