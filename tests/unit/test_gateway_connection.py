@@ -10,6 +10,7 @@ import pytest
 from kakehashi.gateway import http
 from kakehashi.gateway.allow import AllowList
 from kakehashi.gateway.connection import (
+    DECIDED,
     FAST_BODY_MAX,
     HANDOFF,
     IDEMPOTENT,
@@ -217,6 +218,20 @@ def test_lane_route_serves_what_this_connection_decided():
     assert gc.lane_route("intranet.example", 8080, "-", never_pooled).action == HANDOFF
     assert GatewayConnection(policy(auth=True), gc.upstream).lane_route(
         "intranet.example", 80, "bob", never_pooled).action == HANDOFF
+
+
+def test_a_decision_made_before_is_answered_with_decided_itself():
+    """The fast lane tells the usual answer by identity (``is DECIDED``) and skips the
+    rest of the routing for it: only a decision made on this connection before may be
+    that object - one made now must come with its decision, to be audited."""
+    gc = GatewayConnection(policy(), up("10.0.0.1"))
+    fresh = gc.lane_route("10.0.0.1", 80, "-", never_pooled)
+    assert fresh is not DECIDED and fresh.decision is not None
+    refused = gc.lane_route("192.0.2.1", 80, "-", never_pooled)
+    assert refused is not DECIDED
+    gc.remember("10.0.0.1", 80, "-", "10.0.0.1")
+    assert gc.lane_route("10.0.0.1", 80, "-", never_pooled) is DECIDED
+    assert DECIDED == (SERVE, None)
 
 
 def test_lane_route_hands_over_what_needs_waiting():

@@ -89,7 +89,9 @@ class LaneRoute(NamedTuple):
     decision: Decision | None = None  # made now (to audit), for REFUSE/TAKE_POOLED/SERVE
 
 
-_SERVE = LaneRoute(SERVE)  # the answer to most requests: made once, not per request
+#: the answer to most requests - SERVE on a decision made on this connection before -
+#: made once, not per request (a driver may test for it by identity)
+DECIDED = LaneRoute(SERVE)
 _HANDOFF = LaneRoute(HANDOFF)
 
 
@@ -245,7 +247,7 @@ class GatewayConnection:
         if up is not None:
             address = up.decided.get((host, port, user))
             if address is not None and up.key == (address, port):
-                return _SERVE
+                return DECIDED
         decision = self.policy.allow.decide_literal(host, port)
         if decision is None:
             return _HANDOFF  # a name: resolving it needs the coroutine path

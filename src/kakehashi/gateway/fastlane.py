@@ -36,7 +36,14 @@ from typing import NamedTuple, Protocol
 from kakehashi.core.stream import SMALL_CHUNK, Conn
 from kakehashi.gateway import http
 from kakehashi.gateway.allow import Decision
-from kakehashi.gateway.connection import REFUSE, SERVE, TAKE_POOLED, GatewayConnection
+from kakehashi.gateway.connection import (
+    DECIDED,
+    REFUSE,
+    SERVE,
+    TAKE_POOLED,
+    GatewayConnection,
+    LaneRoute,
+)
 from kakehashi.gateway.exchange import Exchange, Handoff, Upstream
 from kakehashi.gateway.pool import UpstreamPool, binds_request, binds_response, still_idle
 from kakehashi.gateway.quick import (
@@ -162,11 +169,13 @@ class SendBatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.lanes: list[FastLane] = []
+        self._flush_soon = self._flush  # (bound once, not per loop pass)
 
     def add(self, lane: FastLane) -> None:
-        if not self.lanes:
-            self.loop.call_soon(self._flush)
-        self.lanes.append(lane)
+        lanes = self.lanes
+        if not lanes:
+            self.loop.call_soon(self._flush_soon)
+        lanes.append(lane)
 
     def _flush(self) -> None:
         lanes, self.lanes = self.lanes, []
@@ -437,7 +446,9 @@ class FastLane:
                 and not (self.out or self.pending or self.fut.done()):
             # exactly one whole head, the usual keep-alive request: no reader needed
             raw = data[:-4]
-            entry = self.memo.request(raw)
+            entry = self.memo.requests.get(raw)  # (HeadMemo.request, its hit inline)
+            if entry is None:
+                entry = self.memo.request(raw)
             if entry.quick is not None:
                 return self._start_quick(entry, raw)
         self.reader.feed(data)
@@ -473,35 +484,51 @@ class FastLane:
         """The common case: checks from the connection's caches, then one send."""
         q = entry.quick
         assert q is not None
+        gc = self.gc
         user = self.host.cached_user(q.auth) if self.policy.auth else "-"
         self.last_in_flight = q.close  # (before _route, which may resume reading)
-        ready = self._route(q.dest, user)
-        if ready is not True:
-            head = http.parse_request(raw, self.limits)
-            if isinstance(ready, http.HTTPError):  # refused by the allow-list (audited)
-                self.gc.started()
-                return self._finish(Handoff("error", head=head, error=ready))
-            return self._finish(Handoff("head", head=head))
-        self.gc.started()
-        up = self.gc.upstream
-        assert up is not None and user is not None
+        dest = q.dest
+        route = gc.lane_route(dest.host, dest.port, user, self.pooled)
+        if route is not DECIDED:  # (DECIDED: served on a decision made before)
+            ready = self._carry_out(route, dest, user)
+            if ready is not True:
+                head = http.parse_request(raw, self.limits)
+                if isinstance(ready, http.HTTPError):  # refused by the allow-list (audited)
+                    gc.started()
+                    return self._finish(Handoff("error", head=head, error=ready))
+                return self._finish(Handoff("head", head=head))
+        gc.started()
         if entry.binds:
+            up = gc.upstream
+            assert up is not None
             up.private = True
         self.quick, self.quick_raw, self.quick_entry = q, raw, entry
-        self.quick_user, self.quick_start = user, time.monotonic()
+        self.quick_user, self.quick_start = user, time.monotonic()  # type: ignore[assignment]
         self.exchange = None
         self.body_sent = False
         self.state = WAIT_RESPONSE
         self._arm(self.policy.read_timeout)
-        self._to_upstream(q.out)
+        if self.up_out:  # (_to_upstream, inline)
+            self.up_out += q.out
+            return
+        self.uq.append(q.out)
+        if not self.queued:
+            self.queued = True
+            self.batcher.add(self)
 
     def _route(self, dest: http.Target, user: str | None) -> bool | http.HTTPError:
         """Carry out the connection's :meth:`~GatewayConnection.lane_route`: True when
         the upstream is ready for ``dest``, the 403 to answer when refused, False to
         leave the request to the coroutine path."""
+        return self._carry_out(self.gc.lane_route(dest.host, dest.port, user, self.pooled),
+                               dest, user)
+
+    def _carry_out(self, route: LaneRoute, dest: http.Target,
+                   user: str | None) -> bool | http.HTTPError:
+        """:meth:`_route` once the connection has answered."""
         gc = self.gc
         host, port = dest.host, dest.port
-        action, decision = gc.lane_route(host, port, user, self.pooled)
+        action, decision = route
         if action == SERVE and decision is None:
             return True  # the usual case: decided on this connection before
         if decision is None:
@@ -593,13 +620,15 @@ class FastLane:
         self.queued = False
         if self.fut.done():
             return
-        if self.uq:
-            data = b"".join(self.uq) if len(self.uq) > 1 else self.uq[0]
-            self.uq = []
+        uq = self.uq
+        if uq:
+            data = uq[0] if len(uq) == 1 else b"".join(uq)
+            uq.clear()
             self._send_upstream(data)
-        if self.cq and not self.fut.done():
-            data = b"".join(self.cq) if len(self.cq) > 1 else self.cq[0]
-            self.cq = []
+        cq = self.cq
+        if cq and not self.fut.done():
+            data = cq[0] if len(cq) == 1 else b"".join(cq)
+            cq.clear()
             self._send_client(data)
         if self.pending is not None and not self.out and not self.cq:
             handoff, self.pending = self.pending, None
@@ -683,12 +712,19 @@ class FastLane:
         if not data:
             return self._upstream_gone()
         if self.state == WAIT_RESPONSE:
-            if self.quick is not None and not self.rreader.buffered:
+            q = self.quick
+            if q is not None and not self.rreader.buffered:
                 end = data.find(b"\r\n\r\n")  # the usual case: a whole head arrived
                 if end >= 0:
-                    quick = self._quick_response(data[:end], len(data) - end - 4)
-                    if quick is not None:
-                        return self._send_quick(quick, data[end + 4:])
+                    # (_quick_response, with the memory's hit inline)
+                    raw = data[:end]
+                    entry = self.memo.responses.get((raw, q.method, q.close))
+                    if entry is None:
+                        entry = self.memo.response(raw, q.method, q.close)
+                    quick = entry.quick
+                    if quick is not None and self.gc.lane_takes_quick_response(
+                            quick.length, len(data) - end - 4):
+                        return self._send_quick(entry, data[end + 4:])
             self.rreader.feed(data)
             self._response()
         elif self.state == BODY:
@@ -762,7 +798,21 @@ class FastLane:
         quick = entry.quick
         self.client_keep = not self.quick.close
         self.upstream_keep = quick.upstream_keep
-        self._send_response(quick.out, quick.status, quick.length, rest, entry.binds)
+        n = quick.length
+        if len(rest) != n or entry.binds:
+            return self._send_response(quick.out, quick.status, n, rest, entry.binds)
+        # the usual case, _send_response inline: the whole body came with the head
+        self.status = quick.status
+        self.size = n
+        data = quick.out + rest if n else quick.out
+        if self.out:  # (_to_client, inline)
+            self.out += data
+        else:
+            self.cq.append(data)
+            if not self.queued:
+                self.queued = True
+                self.batcher.add(self)
+        self._complete()
 
     def _send_response(self, head: bytes, status: int, n: int, rest: bytes,
                        binds: bool | None = None) -> None:
@@ -825,6 +875,9 @@ class FastLane:
         if not keep:
             return self._finish(Handoff("close"))
         self._arm(self.policy.idle_timeout)
+        if self.c_reading and (self.u_reading or self.uconn is None) \
+                and not self.reader.buffered:
+            return None  # the usual case: both sockets watched, no next request yet
         self._resume()
         self._next_request()
         return None
