@@ -6,6 +6,8 @@
     python bench/gateway_bench.py --only connect:gateway,connect-py:gateway
     python bench/gateway_bench.py --profile  # + py-spy of the gateway under wrk load
     python bench/gateway_bench.py --list     # the benchmark and row names
+    python bench/gateway_bench.py --only http:haproxy,http:gateway-quiet,http:gateway-old \
+        --old-src /tmp/old/src               # keep-alive rows, before/after in one run
 
 Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
 
@@ -81,7 +83,10 @@ HERE = Path(__file__).resolve().parent
 SERVERS = str(HERE / "servers.py")
 
 #: tinyproxy last in each round: it leaves thousands of closed connections behind
-HTTP_ROWS = ["direct", "haproxy", "gateway", "gateway-quiet", "gateway-nolane", "tinyproxy"]
+HTTP_ROWS = ["direct", "haproxy", "gateway", "gateway-quiet", "gateway-old", "gateway-nolane",
+             "tinyproxy"]
+#: rows that run another source tree (--old-src): a before/after in one run
+OLD_ROWS = {"gateway-old"}
 CONNECT_ROWS = ["direct", "haproxy", "haproxy2", "gateway"]
 CONNECT_PY_ROWS = ["direct", "haproxy", "gateway", "gateway-nosplice"]
 #: TLS terminated by the forwarder, plaintext on to the sink; interleaved run by run
@@ -201,6 +206,8 @@ class Gateway:
         self.home = workdir / "kakehashi-home"
         self.db = str(workdir / "gateway.db")
         self.env = {"KAKEHASHI_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        #: another source tree's src (--old-src), for the -old rows
+        self.old_src = ""
 
     @staticmethod
     def argv(*args: str, log_level: str = "info") -> list[str]:
@@ -312,6 +319,10 @@ def start_http_proxy(key: str, procs: Procs, gw: Gateway, origin: int,
     if key == "gateway-quiet":
         route = gw.serve(procs, cpu=cpu, log_level="error")
         route.name = "kakehashi gateway, --log-level error"
+        return route
+    if key == "gateway-old":
+        route = gw.serve(procs, cpu=cpu, log_level="error", env={"PYTHONPATH": gw.old_src})
+        route.name = "kakehashi gateway from --old-src, --log-level error"
         return route
     if key == "gateway-nolane":
         route = gw.serve(procs, cpu=cpu, log_level="error", extra=("--fast-lane", "off"))
@@ -801,6 +812,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="http: py-spy the gateway rows under load and print where time goes")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and configs")
+    ap.add_argument("--old-src", default="",
+                    help="another source tree's src directory (e.g. git archive main | tar -x "
+                         "-C /tmp/old): adds the http row gateway-old, a before/after in one run")
     args = ap.parse_args()
     quick = args.quick
     defaults = {"seconds": 3.0 if quick else 10.0, "iperf_seconds": 2.0 if quick else 5.0,
@@ -818,6 +832,8 @@ def main() -> int:
             print(f"{group + ':':12}", ", ".join(rows))
         return 0
     rows = selected(args.only.split(",") if args.only else None)
+    if not args.old_src:  # the -old rows only when asked for, with a tree to run
+        rows = {g: [r for r in keys if r not in OLD_ROWS] for g, keys in rows.items()}
     check_tools(rows)
     install_signal_exit()
     pin = None if args.no_pin or (os.cpu_count() or 1) < 2 or not shutil.which("taskset") \
@@ -830,6 +846,7 @@ def main() -> int:
     profiles: dict[str, dict] = {}
     try:
         gw = Gateway(workdir)
+        gw.old_src = str(Path(args.old_src).resolve()) if args.old_src else ""
         for group in ("http", "http-close"):
             if not rows.get(group):
                 continue
