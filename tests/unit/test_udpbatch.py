@@ -93,3 +93,82 @@ def test_an_offloaded_run_taken_as_one_message_is_cut_where_its_datagrams_end():
     finally:
         for s in (a, b, c):
             s.close()
+
+
+def _copy_batch(src, starts, lengths, n, out, at):
+    """A transform that copies each datagram (what a sealing end's batch call does, less
+    the AEAD): its outputs back to back in the send area."""
+    for i in range(n):
+        out[at:at + lengths[i]] = src[starts[i]:starts[i] + lengths[i]]
+        at += lengths[i]
+    return [lengths[i] for i in range(n)]
+
+
+def _counting_sends(monkeypatch) -> list[int]:
+    """The batched send calls (sendmmsg through ctypes) made from here on."""
+    calls: list[int] = []
+    real_recv, real_send = udpbatch._MMSG
+
+    def send(*args):
+        n = real_send(*args)
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(udpbatch, "_MMSG", (real_recv, send))
+    return calls
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+def test_a_transformed_burst_leaves_as_one_offloaded_sendmsg(monkeypatch):
+    """A sealing end's wakeup queues one run (the burst through its transform): it leaves
+    with the socket's own sendmsg, not a sendmmsg through ctypes (several microseconds
+    more per wakeup), and the receiver gets every datagram, in order. Fails on the code
+    that sent every run with sendmmsg."""
+    sends = _counting_sends(monkeypatch)
+    io = udpbatch.Batch()
+    a, b, c = bind_udp("127.0.0.1"), bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    c.settimeout(5)
+    try:
+        sent = [bytes([i]) * 300 for i in range(12)]
+        for d in sent:
+            a.sendto(d, b.getsockname())
+        got = 0
+        while got < len(sent):
+            n = wait_until(lambda: io.recv(b), 5, what="the burst")
+            assert io.transform(_copy_batch, int(b.family), c.getsockname()) == 0
+            assert io.flush(b) == (0, 0)
+            got += n
+        assert [c.recv(1000) for _ in sent] == sent
+        assert sends == []
+    finally:
+        for s in (a, b, c):
+            s.close()
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+def test_a_run_the_route_refuses_to_offload_goes_one_by_one_and_later_ones_too():
+    """The kernel refuses the run's offloaded send (the socket sends without UDP
+    checksums, which offload cannot do): the run goes again one datagram at a time,
+    nothing is lost or counted, and the next burst to that destination is not made a
+    run at all."""
+    io = udpbatch.Batch()
+    a, b, c = bind_udp("127.0.0.1"), bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    b.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK
+    c.settimeout(5)
+    try:
+        for rnd in range(2):
+            sent = [b"%d-%d" % (rnd, i) * 50 for i in range(8)]
+            for d in sent:
+                a.sendto(d, b.getsockname())
+            got = 0
+            while got < len(sent):
+                n = wait_until(lambda: io.recv(b), 5, what="the burst")
+                io.transform(_copy_batch, int(b.family), c.getsockname())
+                if rnd:  # what the first refusal taught: one entry per datagram
+                    assert all(entry[5] == 1 for entry in io._queue)
+                assert io.flush(b) == (0, 0)
+                got += n
+            assert [c.recv(1000) for _ in sent] == sent
+    finally:
+        for s in (a, b, c):
+            s.close()

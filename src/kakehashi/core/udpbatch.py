@@ -24,7 +24,9 @@ through with one ``sendmmsg``:
 
 A queue of one is sent with a plain ``sendto``: through ctypes the batched calls cost a
 few microseconds more, which one-at-a-time traffic would pay in latency at every hop (the
-forwarder does not come here at all for a lone datagram between bursts).
+forwarder does not come here at all for a lone datagram between bursts). For the same
+reason a queue of one run (a sealing end's burst, every wakeup) leaves with the socket's
+own ``sendmsg`` and a ``UDP_SEGMENT`` control message.
 
 This is Linux ``recvmmsg(2)``/``sendmmsg(2)`` through ctypes on an LP64 libc. Where that
 is missing (another OS, a 32-bit build), :class:`Batch` does the same with a loop of
@@ -38,6 +40,7 @@ one readiness callback, so every forwarder on a loop shares it.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -202,6 +205,8 @@ class Batch:
         self._no_gso: set[object] = set()
         self._no_gso_dst: set[tuple[int, Addr]] = set()
         self._src_cache: dict[bytes, Addr] = {}
+        #: the UDP_SEGMENT control message of :meth:`_send_run`, per segment size
+        self._seg_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
         self._dst_cache: dict[tuple[int, Addr], tuple[tuple[int, int], object]] = {}
         self._retired: list[object] = []
         self._rx_base = _address(self._rx_map)
@@ -447,12 +452,43 @@ class Batch:
             return 0, 0
         self._queue = []
         self._tx_off = 0
-        if not self.mmsg or (len(queue) == 1 and queue[0][5] == 1):
-            return self._send_each(sock, queue)  # one datagram: sendto costs the least
+        if len(queue) == 1 and self.mmsg:
+            if queue[0][5] == 1:
+                return self._send_each(sock, queue)  # one datagram: sendto costs the least
+            return self._send_run(sock, queue)
+        if not self.mmsg:
+            return self._send_each(sock, queue)
         try:
             return self._send_groups(sock, queue)
         finally:
             self._retired.clear()
+
+    def _send_run(self, sock: socket.socket, queue: list[Entry]) -> tuple[int, int]:
+        """Send a queue of one run (a burst as :meth:`transform` queues it: a sealing
+        end's every wakeup) as one segmentation-offloaded ``sendmsg``: the socket's own
+        method, with the control message made once per segment size. Through ctypes,
+        :meth:`_send_groups` filled a header in Python and converted the call's
+        arguments, several microseconds more per wakeup (``bench/sealing_bench.py``).
+        A route that refuses the offload gets the run one datagram at a time, and
+        later runs to that destination are not made (as in :meth:`_send_groups`)."""
+        where, n, family, dst, seg, count = queue[0]
+        cmsg = self._seg_cmsg.get(seg)
+        if cmsg is None:
+            cmsg = self._seg_cmsg[seg] = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))]
+        view = self.rx[where:where + n] if where >= 0 else self.tx[-1 - where:-1 - where + n]
+        try:
+            sock.sendmsg((view,), cmsg, 0, dst)
+        except (BlockingIOError, InterruptedError):  # the send buffer is full: UDP drops
+            return 0, count
+        except OSError as exc:
+            if exc.errno not in _NO_GSO:
+                return count, 0  # an unreachable network, no address for it
+            self._no_gso_dst.add((family, dst))
+            with contextlib.suppress(OSError):
+                self._no_gso.add(self._name(family, dst))
+            self._retired.clear()
+            return self._send_each(sock, queue)
+        return 0, 0
 
     def _send_each(self, sock: socket.socket, queue: list[Entry]) -> tuple[int, int]:
         """``sendto`` each queued datagram: (failed, overflowed)."""
