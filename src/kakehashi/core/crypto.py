@@ -812,10 +812,11 @@ class DatagramChannel:
             heads = _HEADS.get((n, k)) or _heads(n, k)
             heads.pack_into(out, at, *range(seq, seq + n))
             step = k + DATAGRAM_OVERHEAD
-            for i in range(n):
-                s = starts[i]
-                encrypt_into(_pack_nonce(seq + i), src[s:s + k], None,
-                             out[at + 8:at + step])
+            sealed = step - 8
+            at += 8
+            # (the loop's indexing and nonces in C: zip and map, not bytecode each)
+            for s, nonce in zip(starts[:n], map(_pack_nonce, range(seq, seq + n)), strict=True):
+                encrypt_into(nonce, src[s:s + k], None, out[at:at + sealed])
                 at += step
             return [step] * n
         sizes = []
@@ -840,9 +841,7 @@ class DatagramChannel:
         sizes = []
         refused = 0
         try:  # what was accepted stays accepted, whatever ends the loop
-            for i in range(n):
-                s = starts[i]
-                size = lengths[i]
+            for s, size in zip(starts[:n], lengths[:n], strict=True):
                 k = size - DATAGRAM_OVERHEAD
                 if k < 0:
                     refused += 1
