@@ -771,15 +771,20 @@ async def run_session(link: RelayLink, app: Conn,
                 session.carried(received=True)
         # no await since the check
         link.sink = _NotifyingRawSink(app, session, e2e, end_sealed=issued)
-        up = asyncio.create_task(raw_to_frames(app, link.framed, sealing=e2e,
-                                               end_sealed=issued,
-                                               counter=_SentCounter(session)))
-        both_done = asyncio.ensure_future(_both(up, session.got_eof))
-        ended = asyncio.ensure_future(session.ended.wait())
-        await asyncio.wait({both_done, ended}, return_when=asyncio.FIRST_COMPLETED)
-        both_done.cancel()
-        ended.cancel()
-        if up.done() and up.exception() is not None:
+        if link.t.state is t.TState.PAIRED:
+            up = asyncio.create_task(raw_to_frames(app, link.framed, sealing=e2e,
+                                                   end_sealed=issued,
+                                                   counter=_SentCounter(session)))
+            both_done = asyncio.ensure_future(_both(up, session.got_eof))
+            ended = asyncio.ensure_future(session.ended.wait())
+            await asyncio.wait({both_done, ended}, return_when=asyncio.FIRST_COMPLETED)
+            both_done.cancel()
+            ended.cancel()
+        # else the peer ended before this session began and the link has released
+        # (RelayLink._dispatch): a byte of ours now would reach the relay after our
+        # release, which it takes for a protocol violation and closes the link on,
+        # and the peer's reason would be lost with it
+        if up is not None and up.done() and up.exception() is not None:
             reason = f"local stream error: {up.exception()}"
         if session.peer_reason not in ("", LINK_LOST) and not session.received \
                 and not session.got_eof.is_set():
