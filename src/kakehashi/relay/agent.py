@@ -202,6 +202,8 @@ class RelayLink:
                 conn, DirectTLSConn) and conn.can_leave_tls else []
             if cfg.optimistic:
                 offers.append(m.CAP_OPTIMISTIC)
+            if not conn.encrypted:  # LoginOk.plain_requests: early data on this link
+                offers.append(m.CAP_PLAIN_REQUESTS)
             if offers:
                 attrs = msgspec.structs.replace(attrs, ciphers=[
                     *(attrs.ciphers or [m.CIPHER_TLS]), *offers])

@@ -255,10 +255,19 @@ def keygen(path) -> None:
                    "both links and forward the sealed frames unchanged (spec 000 step 23, "
                    "'relayed unchanged'); 'tls': decrypt and re-encrypt every session "
                    "(step 23 as written). Env: KAKEHASHI_SESSION_CIPHER.")
+@click.option("--plaintext-requesters", type=click.Choice(["upgrade", "refuse"]),
+              default="upgrade", show_default=True,
+              help="A requester on a plaintext connection whose target requires "
+                   "encryption: 'upgrade' - instruct it to STARTTLS (spec 000 step 12); "
+                   "'refuse' - treat it as one that cannot encrypt (refused, or the "
+                   "target asked, para 0037). With 'refuse' no request from a plaintext "
+                   "connection that does not ask for encryption becomes an encrypted "
+                   "session, terminals are told so at login, and they send a session's "
+                   "first bytes with the request (early data, one round trip sooner).")
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
           login_timeout, login_lockout, max_connections, max_per_client, audit_log,
           metrics_listen, cluster, node, advertise, cluster_secret_file, cluster_ttl,
-          cluster_ca, session_cipher) -> None:
+          cluster_ca, session_cipher, plaintext_requesters) -> None:
     """Run the relay server (a node of a cluster with --cluster)."""
     import asyncio
 
@@ -297,7 +306,8 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
     settings = Settings(keepalive=keepalive, dead_missed=dead_after,
                         request_timeout=request_timeout, login_timeout=login_timeout,
                         fail_lockout=login_lockout, node=node if cluster else "",
-                        session_cipher=session_cipher == "relay")
+                        session_cipher=session_cipher == "relay",
+                        instruct_plaintext=plaintext_requesters == "upgrade")
 
     async def main() -> None:
         server = RelayServer(registry, host=host, port=port,

@@ -254,6 +254,8 @@ class Connection:
     node_auth: tuple[str, bytes, bytes] | None = None
     #: the driver can end TLS on this connection in place (:class:`LeaveTLS`)
     leaves_tls: bool = False
+    #: the driver can upgrade this connection to TLS (STARTTLS) if it is plaintext
+    can_upgrade: bool = True
     #: its session runs under the session cipher: TLS has ended (or is ending) and
     #: nothing but the paired terminal's sealed frames may travel on it
     switched: bool = False
@@ -300,6 +302,11 @@ class Settings:
     #: optimistic pairing (:data:`messages.CAP_OPTIMISTIC`) with targets that offer it;
     #: off, every target gets the notify-connect-accept flow
     optimistic: bool = m.OPTIMISTIC
+    #: a requester on a plaintext connection whose target requires encryption is
+    #: instructed to upgrade (step 12, Fig. 3); off (``--plaintext-requesters
+    #: refuse``), it is treated as one that cannot encrypt (refused, or the target
+    #: asked, para 0037), and its terminal may send early data (``LoginOk.plain_requests``)
+    instruct_plaintext: bool = True
 
     @property
     def dead_after(self) -> float:
@@ -372,13 +379,15 @@ class ControlUnit:
 
     # -- events -------------------------------------------------------------------
     def connection_made(self, addr: str, *, encrypted: bool, trunk: str = "",
-                        leaves_tls: bool = False) -> int:
+                        leaves_tls: bool = False, can_upgrade: bool = True) -> int:
         """A new connection; ``trunk`` names the node of an inter-node link this node
         opened and authenticated (it is idle at once, see :meth:`trunk_opened`);
-        ``leaves_tls``: the driver can end TLS on it in place (:class:`LeaveTLS`)."""
+        ``leaves_tls``: the driver can end TLS on it in place (:class:`LeaveTLS`);
+        ``can_upgrade``: it can do STARTTLS (a relay without a TLS context cannot)."""
         cid = self._next_conn
         self._next_conn += 1
-        conn = self.conns[cid] = Connection(cid, addr, encrypted, leaves_tls=leaves_tls)
+        conn = self.conns[cid] = Connection(cid, addr, encrypted, leaves_tls=leaves_tls,
+                                            can_upgrade=can_upgrade)
         if trunk:
             conn.trunk, conn.outbound, conn.link_encrypted = trunk, True, encrypted
             conn.state = State.IDLE
@@ -614,6 +623,7 @@ class ControlUnit:
                     keepalive=self.settings.keepalive,
                     dead_after=self.settings.dead_after,
                     server=self.settings.server_name,
+                    plain_requests=self._plain_requests(conn, login),
                 ),
             ),
         ]
@@ -849,12 +859,16 @@ class ControlUnit:
         if p.encrypt and not conn.encrypted:
             # both hops must be encrypted (para 0017): step 12 for Fig. 3, and for Fig. 4
             # when the requester asked for encryption on a plaintext connection
-            if conn.attrs.encryption != "off":
+            if conn.attrs.encryption != "off" and (requester_requires
+                                                   or self.instructs(conn)):
                 p.phase = "encrypt-wait"  # step 12: instruct the requester, wait for 13
                 why = (f"{msg.target} requires encrypted communication" if target_requires
                        else "you asked for encryption: upgrade this connection")
                 return [Send(conn.id, m.EncryptInstruct(req=msg.req, reason=why))]
-            return self._requester_cannot_encrypt(p, target)
+            return self._requester_cannot_encrypt(
+                p, target, "" if conn.attrs.encryption == "off" else
+                f"{p.target} requires encryption and this relay does not upgrade a "
+                "requester's plaintext connection: connect with TLS")
         return self._notify_target(p)
 
     def _yield_notification(self, conn: Connection, p: Pending) -> None:
@@ -872,15 +886,17 @@ class ControlUnit:
         p.phase = "idle-wait"
         self.waiting.setdefault(p.target, deque()).appendleft(p)
 
-    def _requester_cannot_encrypt(self, p: Pending, target: UserSession) -> list[object]:
-        """Para 0037: refuse, or ask the target whether to connect anyway."""
+    def _requester_cannot_encrypt(self, p: Pending, target: UserSession,
+                                  why: str = "") -> list[object]:
+        """Para 0037: refuse (``why``: the reason, when not "cannot encrypt"), or ask
+        the target whether to connect anyway."""
         if target.record.insecure_peer == "ask" or self._base_policy(target) == "ask":
             p.insecure = True
             p.encrypt = False
             return self._notify_target(p)
         return self._fail_request(
             p, "encryption-required",
-            f"{p.target} requires encryption and this connection cannot encrypt",
+            why or f"{p.target} requires encryption and this connection cannot encrypt",
         )
 
     def _on_EncryptAccept(self, conn: Connection, msg: m.EncryptAccept, now: float):
@@ -925,7 +941,8 @@ class ControlUnit:
             self.waiting.setdefault(p.target, deque()).append(p)
             return []
         tconn = self.conns[tconn_id]
-        if p.encrypt and not tconn.encrypted and tconn.attrs.encryption == "off":
+        if p.encrypt and not tconn.encrypted and (tconn.attrs.encryption == "off"
+                                                  or not tconn.can_upgrade):
             # Fig. 4 with a target that cannot encrypt: refuse or ask the requester.
             if req_conn.attrs.insecure_peer == "ask":
                 p.phase = "ask-wait"
@@ -968,6 +985,30 @@ class ControlUnit:
             queue.remove(p)
         if not queue:
             del self.waiting[p.target]
+
+    def instructs(self, conn: Connection) -> bool:
+        """The one decision whether a requester on plaintext connection ``conn`` whose
+        target requires encryption is instructed to upgrade (step 12, Fig. 3), or
+        treated as one that cannot encrypt (para 0037: refused, or the target asked).
+
+        Instructed unless the relay cannot upgrade the connection (no TLS context) or
+        its policy says not to (:attr:`Settings.instruct_plaintext`). Where it is not,
+        a request that does not itself ask for encryption never becomes an encrypted
+        session, which the relay tells a terminal that understands it at login
+        (``LoginOk.plain_requests``): its first bytes may then cross the plaintext hop
+        with the request (early data), as on a connection whose encryption is off.
+        """
+        return conn.can_upgrade and self.settings.instruct_plaintext
+
+    def _plain_requests(self, conn: Connection, login: m.Login) -> bool:
+        """``LoginOk.plain_requests`` for ``conn``: only to a terminal that listed
+        :data:`messages.CAP_PLAIN_REQUESTS` in this very login (not in attributes it
+        inherited: an older terminal's decoder refuses the field), on a plaintext
+        connection that is not instructed (:meth:`instructs`) and whose attributes do
+        not require encryption (its every request would)."""
+        return (login.attrs is not None and m.CAP_PLAIN_REQUESTS in login.attrs.ciphers
+                and not conn.encrypted and conn.attrs.encryption != "required"
+                and not self.instructs(conn))
 
     def session_cipher(self, p: Pending, req_conn: Connection, tconn: Connection) -> bool:
         """The one decision between re-encrypting (spec 000 step 23 as written) and
@@ -1102,6 +1143,7 @@ class ControlUnit:
                 "encrypted": p.encrypt, "e2e": p.e2e,
                 "insecure_ok": p.insecure or p.insecure_ok,
                 "hops_tls": [req_conn.encrypted, conn.encrypted],
+                "early": len(p.early),  # bytes of the requester's early data forwarded
                 "cipher": m.CIPHER_SESSION if keys else
                 ("tls" if req_conn.encrypted and conn.encrypted else "mixed"),
                 "conns": [req_conn.id, conn.id],
@@ -1283,6 +1325,11 @@ class ControlUnit:
         conn.pending = p
         conn.state = State.REQUESTING
         if p.encrypt and not conn.encrypted and conn.attrs.encryption != "off":
+            if not (requester_requires or self.instructs(conn)):
+                # not instructed (as for a local target): the target's node decides as
+                # for a requester that cannot encrypt
+                p.requester_refused = True
+                return self._forward_remote(p)
             p.phase = "encrypt-wait"  # step 12 on this hop, as for a local target
             why = (f"{msg.target} requires encrypted communication" if target_requires
                    else "you asked for encryption: upgrade this connection")

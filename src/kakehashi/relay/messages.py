@@ -65,6 +65,12 @@ CAP_OPTIMISTIC = "optimistic-pairing"
 #: ``KAKEHASHI_OPTIMISTIC_PAIRING=0`` turns it off in terminals (they do not offer it)
 #: and relays (they do not use it)
 OPTIMISTIC = os.environ.get("KAKEHASHI_OPTIMISTIC_PAIRING", "1") != "0"
+#: a capability a terminal lists with its ciphers (``Attrs.ciphers``): it understands
+#: ``LoginOk.plain_requests``. A relay sends that field only to a terminal that lists
+#: this (an older terminal's decoder refuses unknown fields), and a relay that predates
+#: it ignores the name: the terminal then keeps its first bytes on a plaintext link
+#: until the result, as before.
+CAP_PLAIN_REQUESTS = "plain-requests"
 #: this terminal's send key then its receive key (AES-128: 16 bytes each)
 SessionKeys = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 
@@ -183,6 +189,14 @@ class LoginOk(Msg, tag="login-ok"):
     keepalive: float
     dead_after: float
     server: Text = ""
+    #: (only to a terminal that lists :data:`CAP_PLAIN_REQUESTS`) this link is
+    #: plaintext and the relay never instructs it to encrypt (step 12) for a target
+    #: that requires encryption: it cannot (no TLS to upgrade to), or its policy
+    #: (``relay serve --plaintext-requesters refuse``) treats such a requester as one
+    #: that cannot encrypt (refused, or the target asked, para 0037). A request from
+    #: it that does not ask for encryption never becomes an encrypted session, so its
+    #: first bytes may cross this hop with the request (early data).
+    plain_requests: bool = False
 
 
 class LoginFail(Msg, tag="login-fail"):

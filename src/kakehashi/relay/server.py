@@ -229,7 +229,8 @@ class RelayServer:
             return
         cid = self.core.connection_made(
             addr, encrypted=not conn.plain,
-            leaves_tls=isinstance(conn, DirectTLSConn) and conn.can_leave_tls)
+            leaves_tls=isinstance(conn, DirectTLSConn) and conn.can_leave_tls,
+            can_upgrade=not conn.plain or self.starttls is not None)
         await self._serve(cid, framed, addr)
 
     def add_trunk(self, framed: FramedConn, node: str) -> int:

@@ -44,6 +44,9 @@ class LoggedIn:
     encryption: str
     keepalive: float
     dead_after: float
+    #: ``LoginOk.plain_requests``: no request from this link that does not ask for
+    #: encryption becomes an encrypted session (early data may cross its plaintext hop)
+    plain_requests: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,11 @@ class TerminalConn:
         self.offers_session_cipher = False
         #: this connection offered optimistic pairing at login (:data:`m.CAP_OPTIMISTIC`)
         self.offers_optimistic = False
+        #: this connection listed :data:`m.CAP_PLAIN_REQUESTS` at login
+        self.offers_plain_requests = False
+        #: the relay said at login that it never instructs this plaintext connection
+        #: to encrypt (``LoginOk.plain_requests``)
+        self.plain_requests = False
 
     # -- local calls --------------------------------------------------------------
     def _expect(self, *states: TState) -> None:
@@ -188,6 +196,8 @@ class TerminalConn:
         self.user = user
         self.offers_session_cipher = attrs is not None and m.CIPHER_SESSION in attrs.ciphers
         self.offers_optimistic = attrs is not None and m.CAP_OPTIMISTIC in attrs.ciphers
+        self.offers_plain_requests = attrs is not None \
+            and m.CAP_PLAIN_REQUESTS in attrs.ciphers
         return [m.Login(user=user, password=password, token=token, attrs=attrs, agent=agent)]
 
     def tls_established(self) -> None:
@@ -216,15 +226,20 @@ class TerminalConn:
         """Whether a request may carry the requester's first bytes (early data).
 
         Only where they cannot cross a plaintext hop of a session that has to be
-        encrypted: on an encrypted connection, or on one whose encryption is off (no
-        encrypted session is made from it: a target that requires encryption refuses
-        it). A plaintext connection that could still be told to encrypt (step 12)
-        waits for the result, as does end-to-end mode (its bytes are sealed with
-        keys agreed after the pairing).
+        encrypted: on an encrypted connection, or on one that is never told to
+        encrypt for a request that does not ask for it - its encryption is off, or
+        the relay said so at login (``LoginOk.plain_requests``: it cannot upgrade the
+        connection, or its policy refuses such a requester) - so a target that
+        requires encryption refuses it (para 0037) and the relay drops the bytes. A
+        plaintext connection that could still be told to encrypt (step 12) waits for
+        the result, as does end-to-end mode (its bytes are sealed with keys agreed
+        after the pairing).
         """
         if e2e:
             return False
-        return self.encrypted or (self.encryption == "off" and not encrypt)
+        never_told = self.encryption == "off" or (
+            self.plain_requests and self.encryption != "required")
+        return self.encrypted or (never_told and not encrypt)
 
     def connect(self, target: str, service: str = "", *, encrypt: bool = False,
                 e2e: bool = False, early: bytes = b"") -> list[m.Msg]:
@@ -309,10 +324,14 @@ class TerminalConn:
                                       "over (unauthenticated; session aborted)")
         if isinstance(msg, m.LoginOk) and st is TState.LOGIN_SENT:
             self.state = TState.IDLE
+            if msg.plain_requests and (self.encrypted or not self.offers_plain_requests):
+                raise RemoteProtocolError("the relay said plain_requests on a connection "
+                                          "that is encrypted or did not ask for it")
             self.conn_id = msg.conn_id
             self.encryption = msg.encryption
+            self.plain_requests = msg.plain_requests
             return LoggedIn(msg.conn_id, msg.token, msg.encryption, msg.keepalive,
-                            msg.dead_after)
+                            msg.dead_after, msg.plain_requests)
         if isinstance(msg, m.LoginFail) and st is TState.LOGIN_SENT:
             self.state = TState.CLOSED
             return LoginFailed(msg.reason, msg.code)
@@ -320,6 +339,11 @@ class TerminalConn:
             self.acked_seq = max(self.acked_seq, msg.seq)
             return Other(msg)
         if isinstance(msg, m.EncryptInstruct) and st is TState.REQUESTING:
+            if self._early and not self.encrypted:
+                # early data crossed this plaintext hop on the relay's word that no
+                # request of ours would be told to encrypt (plain_requests)
+                raise RemoteProtocolError("encryption instruction for a request that "
+                                          "carried early data on a plaintext connection")
             return EncryptionInstructed(msg.req, msg.reason)
         if isinstance(msg, m.Notify):
             if st is TState.REQUESTING and msg.insecure and msg.req == self.req:
