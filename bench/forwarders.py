@@ -247,14 +247,16 @@ class Kakehashi:
     def start_route(self, procs: Procs, target: int, *, tls: bool,
                     splice: bool = True, e2e: bool = False, fast_path: bool = True,
                     early: bool = True, encryption: str | None = None,
-                    env: dict[str, str] | None = None) -> Route:
+                    env: dict[str, str] | None = None,
+                    serve_extra: tuple[str, ...] = ()) -> Route:
         """client -> connect -> relay -> agent -> target, all three processes started here.
 
         ``e2e``: the session is sealed end to end (the relay forwards sealed frames);
         ``fast_path=False``: KAKEHASHI_FAST_PATH=off (TLS through memory BIOs);
         ``early=False``: KAKEHASHI_EARLY_DATA=0 (no first bytes with the request);
         ``encryption``: both terminals' ``--encryption``;
-        ``env``: more environment for the three processes (e.g. PYTHONPATH)."""
+        ``env``: more environment for the three processes (e.g. PYTHONPATH);
+        ``serve_extra``: more ``relay serve`` options."""
         env = dict(env or {})
         if not splice:
             env["KAKEHASHI_NO_SPLICE"] = "1"
@@ -263,7 +265,7 @@ class Kakehashi:
         if not early:
             env["KAKEHASHI_EARLY_DATA"] = "0"
         ids = self.identities() if e2e else {}
-        relay_port, relay_pid = self.serve(procs, tls=tls, env=env)
+        relay_port, relay_pid = self.serve(procs, tls=tls, env=env, extra=serve_extra)
         agent_pid = self.agent(procs, relay_port, {"target": target}, tls=tls, env=env,
                                identity=ids.get("pi"), encryption=encryption)
         port, connect_pid = self.connect(procs, relay_port, "target", tls=tls, env=env,
@@ -272,5 +274,6 @@ class Kakehashi:
             (" + e2e" if e2e else "") + ("" if splice else " (no splice)") + \
             ("" if fast_path else " (fast path off)") + \
             (f", --encryption {encryption}" if encryption else "") + \
+            (f", {' '.join(serve_extra)}" if serve_extra else "") + \
             ("" if early else " (early data off)")
         return Route(name, port, [relay_pid, agent_pid, connect_pid])

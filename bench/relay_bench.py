@@ -78,7 +78,8 @@ THROUGHPUT_ROWS = ["direct", "socat", "haproxy", "haproxy3", "uvloop3", "ssh", "
 SETUP_ROWS = ["direct", "haproxy", "haproxy3", "uvloop3", "ssh", "relay", "relay-tls",
               "relay-encoff", "relay-noearly", "relay-tls-noearly", "relay-encoff-noearly",
               "link-spare", "link-new", "link-new-tls", "relay-old", "relay-tls-old",
-              "relay-tls-reencrypt", "relay-tls-reencrypt-old"]
+              "relay-tls-reencrypt", "relay-tls-reencrypt-old", "relay-refuse",
+              "relay-refuse-noearly"]
 BASELINES = ["direct", "haproxy"]
 
 SETUP_TARGET_MS = 1.0
@@ -121,6 +122,10 @@ class Transfer:
 def _renamed(route: fw.Route, suffix: str) -> fw.Route:
     route.name += suffix
     return route
+
+
+#: ``relay serve --plaintext-requesters refuse``
+PLAINTEXT_REFUSE = ("--plaintext-requesters", "refuse")
 
 
 def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
@@ -167,6 +172,12 @@ def start_route(key: str, procs: Procs, kk: fw.Kakehashi, target: int,
         "relay-tls-noearly": lambda: kk.start_route(procs, target, tls=True, early=False),
         "relay-encoff-noearly": lambda: kk.start_route(procs, target, tls=False,
                                                        encryption="off", early=False),
+        # a relay that never instructs a plaintext requester to encrypt (step 12) says
+        # so at login: early data on plaintext links whose encryption is optional
+        "relay-refuse": lambda: kk.start_route(procs, target, tls=False,
+                                               serve_extra=PLAINTEXT_REFUSE),
+        "relay-refuse-noearly": lambda: kk.start_route(
+            procs, target, tls=False, serve_extra=PLAINTEXT_REFUSE, early=False),
     }
     return starters[key]()
 

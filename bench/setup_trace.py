@@ -55,6 +55,8 @@ MODES = {
     "relay-tls": (True, {}),
     "relay-tls-reencrypt": (True, {"KAKEHASHI_SESSION_CIPHER": "tls"}),
     "relay": (False, {}),
+    # relay serve --plaintext-requesters refuse: early data on plaintext links
+    "relay-refuse": (False, {}),
 }
 
 
@@ -248,7 +250,9 @@ def main() -> int:
             server = procs.spawn("echo", [sys.executable, "-c", ECHO, str(echo), str(path)])
             wait_listening(echo, proc=server)
             route = kk.start_route(procs, echo, tls=tls,
-                                   env={**env, "KAKEHASHI_TRACE_SETUP": str(path)})
+                                   env={**env, "KAKEHASHI_TRACE_SETUP": str(path)},
+                                   serve_extra=("--plaintext-requesters", "refuse")
+                                   if mode == "relay-refuse" else ())
             relay_pid, agent_pid, connect_pid = route.pids
             names = {relay_pid: "relay", agent_pid: "agent", connect_pid: "connect",
                      server.pid: "echo", os.getpid(): "client"}
