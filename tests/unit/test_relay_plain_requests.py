@@ -197,3 +197,34 @@ def test_terminals_and_relay_over_the_wire(policy):
     else:
         assert type(spare.take()[0]).__name__ == "EncryptionInstructed"
     assert c.take() == [] and c.data == []
+
+
+# -- across cluster nodes ---------------------------------------------------------------
+@pytest.mark.parametrize("ask", [False, True])
+def test_across_nodes_the_target_node_decides_as_for_a_requester_that_cannot_encrypt(ask):
+    """The requester's node does not instruct it (its policy); the request goes to
+    the target's node marked as from one that cannot encrypt, which refuses it or asks
+    the target (para 0037). A request across nodes carries no early data."""
+    from kakehashi.relay.control import OpenTrunk
+    from tests.unit.test_relay_federation import link, node, publish
+
+    a, b = node("a", instruct_plaintext=False), node("b")
+    pi = b.login("pi", attrs=m.Attrs(services=["echo"]), encrypted=True,
+                 encryption="required", insecure_peer="ask" if ask else "refuse")
+    publish(b, a)
+    laptop = a.login("laptop", attrs=CAPABLE)
+    assert one(a.last, laptop, m.LoginOk).plain_requests
+    acts = a.recv(laptop, m.ConnectRequest(req=3, target="pi", service="echo",
+                                           data=b"secret"))
+    assert not sent(acts, laptop, m.EncryptInstruct)
+    (opener,) = [x for x in acts if isinstance(x, OpenTrunk)]
+    ta, tb = link(a, b, tls=True)
+    nc = one(a.cu.trunk_opened(ta, opener.req), ta, m.NodeConnect)
+    assert nc.encryption == "off" and not nc.hop_encrypted
+    acts = b.recv(tb, nc)
+    if ask:
+        note = one(acts, pi, m.Notify)
+        assert note.insecure and not note.encrypt and note.data == b""
+    else:
+        assert not sent(acts, pi)
+        assert one(acts, tb, m.Result).code == "encryption-required"
