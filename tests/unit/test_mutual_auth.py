@@ -238,3 +238,47 @@ def test_opening_a_batch_decides_as_opening_one_at_a_time(order, chunks):
         at, c = at + k, c + 1
     assert got == expected
     assert many.refused == one.refused
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=8),
+       st.sets(st.integers(0, 119), max_size=6),
+       st.lists(st.integers(0, 119), max_size=4))
+def test_in_order_batches_with_forgeries_decide_as_one_at_a_time(chunks, tampered, again):
+    """Batches whose datagrams are each the next in order (a sender's burst: what the
+    fast form of ``open_batch`` takes), some altered in flight, then some repeated: each
+    authentic one is accepted once, every altered or repeated one refused and counted,
+    and the window ends where opening them one at a time leaves it."""
+    a, b = os.urandom(32), os.urandom(32)
+    sender = DatagramChannel(a, b)
+    wire = [sender.seal(b"d%d" % i * 30) for i in range(120)]
+    for i in tampered:
+        wire[i] = wire[i][:-1] + bytes([wire[i][-1] ^ 1])
+    wire += [wire[i] for i in again]
+    one, many = DatagramChannel(b, a), DatagramChannel(b, a)
+    expected = [one.open(d) for d in wire]
+    got: list[bytes | None] = []
+    at, c = 0, 0
+    while at < len(wire):
+        k = chunks[c % len(chunks)]
+        got += _batch(many.open, wire[at:at + k])
+        at, c = at + k, c + 1
+    assert got == expected
+    assert many.refused == one.refused
+    assert (many._top, many._seen) == (one._top, one._seen)
+    assert many.seal(b"x") == one.seal(b"x")  # (the send side is untouched)
+
+
+def test_an_in_order_batch_takes_the_window_as_one_at_a_time_does():
+    """A burst of datagrams each the next in order, the fifth altered: the others are
+    accepted, the fifth refused, and afterwards a replay of any of them is refused while
+    the authentic fifth (never accepted) still is accepted once."""
+    c, s = channels()
+    sealed = [c.seal(b"%d" % i) for i in range(10)]
+    forged = sealed[4][:-1] + bytes([sealed[4][-1] ^ 1])
+    assert _batch(s.open, [*sealed[:4], forged, *sealed[5:]]) == [
+        b"%d" % i if i != 4 else None for i in range(10)]
+    assert s.refused == 1
+    assert _batch(s.open, [sealed[2], sealed[9], sealed[4], sealed[4]]) == [
+        None, None, b"4", None]
+    assert s.refused == 4
