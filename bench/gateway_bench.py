@@ -833,6 +833,9 @@ def main() -> int:
         return 0
     rows = selected(args.only.split(",") if args.only else None)
     if not args.old_src:  # the -old rows only when asked for, with a tree to run
+        if args.only and any(name.rpartition(":")[2] in OLD_ROWS
+                             for name in args.only.split(",")):
+            raise SystemExit("gateway-old needs --old-src DIR (a source tree's src)")
         rows = {g: [r for r in keys if r not in OLD_ROWS] for g, keys in rows.items()}
     check_tools(rows)
     install_signal_exit()
