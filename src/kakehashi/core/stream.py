@@ -20,9 +20,12 @@ import ssl
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kakehashi.core import tlsmismatch, trace, wire
+
+if TYPE_CHECKING:  # (core.tls imports cryptography: not on every stream's import path)
+    from kakehashi.core.tls import SessionCache, SessionKey
 
 #: ``KAKEHASHI_FAST_PATH=off`` turns the fast paths off (TLS through memory BIOs
 #: instead of on the socket): for comparison and as a fallback
@@ -364,12 +367,14 @@ class TLSConn(Conn):
         server_side: bool,
         server_hostname: str | None = None,
         initial: bytes = b"",
+        session: ssl.SSLSession | None = None,
     ) -> None:
         super().__init__(sock)
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._obj = context.wrap_bio(
-            self._in, self._out, server_side=server_side, server_hostname=server_hostname
+            self._in, self._out, server_side=server_side, server_hostname=server_hostname,
+            session=session,
         )
         if initial:
             self._in.write(initial)
@@ -378,9 +383,23 @@ class TLSConn(Conn):
         #: the receive buffer of a busy connection (see ``_fill_now``)
         self._bulk_buf: bytearray | None = None
 
+    #: the handshake resumed a session (a TLS 1.3 ticket) instead of running in full
+    resumed = False
+    #: where :meth:`keep_session` puts this connection's session (``start_tls``'s
+    #: ``sessions``) and under which server
+    _sessions: tuple[SessionCache, ssl.SSLContext, SessionKey | None] | None = None
+
     @property
     def ssl_object(self) -> ssl.SSLObject:
         return self._obj
+
+    def keep_session(self) -> None:
+        """Keep this connection's session for the next connection to the same server
+        (when it was opened with ``sessions``). Call it once the peer's first bytes
+        were read: a TLS 1.3 server sends its tickets after the handshake."""
+        if self._sessions is not None:
+            cache, context, key = self._sessions
+            cache.keep(context, key, self.ssl_object)
 
     async def handshake(self) -> None:
         while not self._handshake_step():
@@ -658,6 +677,7 @@ class DirectTLSConn(TLSConn):
         server_side: bool,
         server_hostname: str | None = None,
         initial: bytes = b"",
+        session: ssl.SSLSession | None = None,
     ) -> None:
         if initial:
             raise ValueError("a direct TLS connection reads its first bytes from the socket")
@@ -666,7 +686,7 @@ class DirectTLSConn(TLSConn):
         Conn.__init__(self, sock)
         self._ssl = context.wrap_socket(
             sock, server_side=server_side, server_hostname=server_hostname,
-            do_handshake_on_connect=False, suppress_ragged_eofs=True)
+            do_handshake_on_connect=False, suppress_ragged_eofs=True, session=session)
         self.sock = self._ssl  # ``sock`` was detached: the fd now belongs to ``_ssl``
         self._obj = self._ssl._sslobj  # type: ignore[attr-defined]  # the C object
         self._send_lock = asyncio.Lock()
@@ -923,6 +943,7 @@ async def start_tls(
     initial: bytes = b"",
     timeout: float = 15.0,
     framed: bool = False,
+    sessions: SessionCache | None = None,
 ) -> TLSConn:
     """Upgrade a plain connection in place (the socket is reused, not reopened).
 
@@ -930,6 +951,11 @@ async def start_tls(
     ahead (only memory BIOs can take those) or ``KAKEHASHI_FAST_PATH=off``. Where it
     cannot half-close (:func:`half_close_ready`), it is taken only for ``framed``
     streams (kakehashi frames: a relay link, which never needs a TLS half-close).
+
+    ``sessions`` (a client's): offer the session kept for this server (its name and
+    address) and count the handshake there; the caller keeps the new connection's
+    session with :meth:`TLSConn.keep_session` once it has read the server's first
+    bytes. The result's ``resumed`` says whether the handshake resumed, either side.
     """
     if not conn.plain:
         raise ValueError("connection is already encrypted")
@@ -962,10 +988,14 @@ async def start_tls(
         refuse(conn, tlsmismatch.plaintext_refusal(initial))
         raise ConnClosed("the peer does not speak TLS (told it so)")
     kind = DirectTLSConn if direct else TLSConn
+    key = offered = None
+    if sessions is not None and not server_side:
+        key = sessions.key(server_hostname, conn.peer)
+        offered = sessions.offer(context, key)
     conn.drop_reader()  # the TLS object registers its own
     tls = kind(
         conn.sock, context, server_side=server_side, server_hostname=server_hostname,
-        initial=initial,
+        initial=initial, session=offered,
     )
     conn._closed = True  # ownership of the socket moved to ``tls``
     try:
@@ -973,7 +1003,14 @@ async def start_tls(
             await tls.handshake()
     except BaseException:
         tls.close()
+        if offered is not None:
+            sessions.forget(key, offered)  # type: ignore[union-attr]  # next try: full
         raise
+    if sessions is not None and not server_side:
+        tls.resumed = sessions.handshake_done(tls.ssl_object, key, offered)
+        tls._sessions = (sessions, context, key)
+    else:
+        tls.resumed = bool(tls.ssl_object.session_reused)
     return tls
 
 
