@@ -184,6 +184,19 @@ def client_tls_options(f: F) -> F:
                         help="TLS to the server; 'off' is an explicit opt-in to plaintext.")(f)
 
 
+def tls_resume_option(f: F) -> F:
+    """``--tls-resume on|off`` (config key ``tls-resume``, env ``KAKEHASHI_TLS_RESUME``):
+    TLS session resumption, for a client that opens many connections to one server
+    (offer the session of the last one) and for that server (issue session tickets,
+    keys in memory only). On by default; a refused or failed resumption is a full
+    handshake with every certificate check."""
+    return click.option("--tls-resume", type=click.Choice(["on", "off"]), default="on",
+                        show_default=True, envvar="KAKEHASHI_TLS_RESUME",
+                        help="TLS session resumption (tickets) for connections after the "
+                             "first; 'off': a full handshake every time. "
+                             "Env: KAKEHASHI_TLS_RESUME.")(f)
+
+
 def client_options(what: str, default_port: int, *, user_help: str,
                    user_required: bool = True,
                    server_required: bool = True,

@@ -840,6 +840,8 @@ class SessionCache:
         else:
             self.full += 1
             if offered is not None:
+                log.debug("%s at %s:%s did not take the session offered (another server, "
+                          "restarted, or its ticket keys changed): a full handshake", *key)
                 self.forget(key, offered)
         return reused
 

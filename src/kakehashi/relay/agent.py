@@ -43,10 +43,12 @@ from kakehashi.core.stream import (
     ConnClosed,
     DirectTLSConn,
     FramedConn,
+    TLSConn,
     keep_alive,
     open_tcp,
     start_tls,
 )
+from kakehashi.core.tls import SessionCache
 from kakehashi.relay import messages as m
 from kakehashi.relay import terminal as t
 
@@ -113,6 +115,9 @@ class TerminalConfig:
     #: offer optimistic pairing (:data:`messages.CAP_OPTIMISTIC`): as a target, accept
     #: before the local service is connected
     optimistic: bool = m.OPTIMISTIC
+    #: TLS session resumption (``--tls-resume``): a terminal's links after the first
+    #: offer the session of the latest one (:attr:`Terminal.tls_sessions`)
+    tls_resume: bool = True
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -158,6 +163,11 @@ class RelayLink:
         self.ended_early: str | None = None
         self.released_early = False
 
+    @property
+    def tls_sessions(self) -> SessionCache | None:
+        """Where this link's TLS session comes from and goes (its terminal's)."""
+        return self.owner.tls_sessions if self.owner is not None else None
+
     # -- setup --------------------------------------------------------------------
     async def open(self, token: str = "") -> t.LoggedIn:
         cfg = self.cfg
@@ -168,7 +178,8 @@ class RelayLink:
                 try:
                     conn = await start_tls(conn, cfg.tls, server_side=False,
                                            server_hostname=cfg.server_hostname or self.host,
-                                           timeout=cfg.connect_timeout, framed=True)
+                                           timeout=cfg.connect_timeout, framed=True,
+                                           sessions=self.tls_sessions)
                 except ssl.SSLCertVerificationError as exc:
                     raise RelayError("tls", f"cannot verify the relay's certificate: "
                                      f"{exc.verify_message}; pass --ca with the relay's CA "
@@ -225,6 +236,12 @@ class RelayLink:
             if self.framed:
                 self.framed.conn.close()
             raise
+        conn = self.framed.conn  # (after an inline STARTTLS, the TLS one)
+        if isinstance(conn, TLSConn):
+            conn.keep_session()  # the relay's tickets came before its login reply
+            log.debug("link %s to %s: %s, session reused: %s", self.t.conn_id, where,
+                      conn.tls_version, conn.resumed)
+            trace.event("link TLS resumed" if conn.resumed else "link TLS full")
         self.token = ev.token
         self.keepalive = cfg.keepalive or ev.keepalive
         if self.keepalive >= ev.dead_after / 2:
@@ -252,7 +269,8 @@ class RelayLink:
             raise RelayError("protocol", "relay did not accept STARTTLS")
         self.framed.conn = await start_tls(
             self.framed.conn, ctx, server_side=False,
-            server_hostname=self.cfg.server_hostname or self.host, framed=True)
+            server_hostname=self.cfg.server_hostname or self.host, framed=True,
+            sessions=self.tls_sessions)
         self.t.tls_established()
 
     async def starttls(self) -> None:
@@ -907,6 +925,10 @@ class Terminal:
         #: early data with requests; off once a relay closed a link on such a request
         #: (a relay that predates early data rejects the unknown field)
         self.early_ok = cfg.early_data
+        #: the latest TLS session from each relay, offered on the next link there: a
+        #: spare opened after a session costs no certificate signature on the relay and
+        #: no chain verification here (``resumed``/``full`` count the handshakes)
+        self.tls_sessions = SessionCache() if cfg.tls_resume else None
 
     # -- pool ---------------------------------------------------------------------
     def spawn(self, coro: Awaitable[object]) -> None:

@@ -264,10 +264,11 @@ def keygen(path) -> None:
                    "connection that does not ask for encryption becomes an encrypted "
                    "session, terminals are told so at login, and they send a session's "
                    "first bytes with the request (early data, one round trip sooner).")
+@opt.tls_resume_option
 def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request_timeout,
           login_timeout, login_lockout, max_connections, max_per_client, audit_log,
           metrics_listen, cluster, node, advertise, cluster_secret_file, cluster_ttl,
-          cluster_ca, session_cipher, plaintext_requesters) -> None:
+          cluster_ca, session_cipher, plaintext_requesters, tls_resume) -> None:
     """Run the relay server (a node of a cluster with --cluster)."""
     import asyncio
 
@@ -302,7 +303,10 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
     if not registry.list():
         log.warning("no users registered in %s: add one with 'kakehashi relay user add'",
                     describe(db))
-    server_ctx = tls.server_context(cert, key, names=list(names) or None)
+    tickets = tls.TicketKeys(
+        lambda: tls.server_context(cert, key, names=list(names) or None, cache=False),
+        resume=tls_resume == "on")
+    server_ctx = tickets.context()
     settings = Settings(keepalive=keepalive, dead_missed=dead_after,
                         request_timeout=request_timeout, login_timeout=login_timeout,
                         fail_lockout=login_lockout, node=node if cluster else "",
@@ -315,7 +319,7 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
                              starttls=server_ctx, settings=settings,
                              audit=AuditLog(audit_log, system="relay"),
                              max_connections=max_connections,
-                             max_per_client=max_per_client)
+                             max_per_client=max_per_client, tickets=tickets)
         try:
             addr = await server.start()
         except OSError as exc:
@@ -331,7 +335,8 @@ def serve(listen, db, tls_mode, cert, key, names, keepalive, dead_after, request
             node_layer = ClusterNode(
                 server, cluster, node, advertise, ttl=cluster_ttl, secret=secret,
                 trunk_tls=tls.client_context(cluster_ca) if tls_mode == "on" else None,
-                trunk_starttls=tls.client_context(cluster_ca))
+                trunk_starttls=tls.client_context(cluster_ca),
+                tls_resume=tls_resume == "on")
             server.cluster = node_layer
             try:
                 await node_layer.start()
@@ -364,11 +369,12 @@ def terminal_options(f):
                      help="X25519 identity key file for end-to-end mode.")(f)
     f = click.option("--peer-key", "peer_keys", multiple=True,
                      help="Pin a peer's X25519 key: NAME=BASE64 (repeatable).")(f)
-    return f
+    return opt.tls_resume_option(f)
 
 
 def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, encryption,
-                     insecure_peer, keepalive, identity, peer_keys, *, spares: int,
+                     insecure_peer, keepalive, identity, peer_keys, tls_resume, *,
+                     spares: int,
                      services: list[str] | None = None,
                      allowed_peers: list[str] | None = None) -> TerminalConfig:
     from kakehashi.core import crypto, tls
@@ -410,7 +416,7 @@ def _terminal_config(server, user, password_file, password_stdin, tls_mode, ca, 
         tls=ctx if tls_mode == "on" else None, starttls=ctx, attrs=attrs, spares=spares,
         keepalive=keepalive,
         identity=_load_identity(identity),
-        peer_keys=keys, insecure_ok=insecure_peer == "ask",
+        peer_keys=keys, insecure_ok=insecure_peer == "ask", tls_resume=tls_resume == "on",
     )
 
 

@@ -39,7 +39,15 @@ from redis.exceptions import RedisError
 
 from kakehashi.core import wire
 from kakehashi.core.store.redis import async_client
-from kakehashi.core.stream import ConnClosed, FramedConn, open_tcp, parse_hostport, start_tls
+from kakehashi.core.stream import (
+    ConnClosed,
+    FramedConn,
+    TLSConn,
+    open_tcp,
+    parse_hostport,
+    start_tls,
+)
+from kakehashi.core.tls import SessionCache
 from kakehashi.relay import federation as fed
 from kakehashi.relay import messages as m
 from kakehashi.relay.control import OpenTrunk, PublishPresence, RemoteDeliver, State
@@ -66,7 +74,8 @@ class ClusterNode:
                  ttl: float = DEFAULT_TTL, secret: str | None = None,
                  prefix: str = "kakehashi:relay:",
                  trunk_tls: ssl.SSLContext | None = None,
-                 trunk_starttls: ssl.SSLContext | None = None) -> None:
+                 trunk_starttls: ssl.SSLContext | None = None,
+                 tls_resume: bool = True) -> None:
         self.server = server
         self.core = server.core
         self.url = url
@@ -79,6 +88,10 @@ class ClusterNode:
         #: nodes listening in plaintext upgrade a link with STARTTLS when a session
         #: that must be encrypted needs one (verified against this context)
         self.trunk_starttls = trunk_starttls
+        #: the latest TLS session from each node, offered on the next link to it (a
+        #: node dials another for sessions between their users): no certificate
+        #: signature there, no chain verification here
+        self.tls_sessions = SessionCache() if tls_resume else None
         self._configured_secret = secret
         self.instance = secrets.token_hex(8)
         try:
@@ -444,7 +457,8 @@ class ClusterNode:
             async with asyncio.timeout(DIAL_TIMEOUT):
                 if self.trunk_tls is not None:
                     conn = await start_tls(conn, self.trunk_tls, server_side=False,
-                                           server_hostname=host, timeout=DIAL_TIMEOUT)
+                                           server_hostname=host, timeout=DIAL_TIMEOUT,
+                                           sessions=self.tls_sessions)
                 framed = FramedConn(conn, self.server.limits)
                 await framed.send(wire.PREAMBLE)
                 await framed.read_preamble()
@@ -452,6 +466,8 @@ class ClusterNode:
                 await framed.send(m.RELAY_CODEC.encode(m.NodeHello(node=self.node,
                                                                    nonce=nonce)))
                 challenge = await _read_msg(framed)
+                if isinstance(framed.conn, TLSConn):  # its tickets came before this
+                    framed.conn.keep_session()
                 if not isinstance(challenge, m.NodeChallenge):
                     raise ClusterError(f"node {node} refused the link: {_why(challenge)}")
                 secret = self.core.settings.cluster_secret

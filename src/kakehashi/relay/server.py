@@ -30,10 +30,12 @@ from kakehashi.core.stream import (
     DirectTLSConn,
     FramedConn,
     Listener,
+    TLSConn,
     keep_alive,
     refuse,
     start_tls,
 )
+from kakehashi.core.tls import TicketKeys
 from kakehashi.relay import messages as m
 from kakehashi.relay.control import (
     Audit,
@@ -137,12 +139,17 @@ class RelayServer:
         limits: wire.Limits = wire.DEFAULT_LIMITS,
         max_connections: int = 0,
         max_per_client: int = 0,
+        tickets: TicketKeys | None = None,
     ) -> None:
+        """``tickets``: where the contexts for TLS come from instead of ``tls`` and
+        ``starttls`` (session-ticket keys rotated, tickets on or off: ``--tls-resume``);
+        ``tls`` still says whether the listener speaks TLS."""
         self.registry = registry
         self.max_connections, self.max_per_client = max_connections, max_per_client
         self.host, self.port = host, port
         self.tls = tls
         self.starttls = starttls or tls
+        self.tickets = tickets
         self.core = ControlUnit(settings)
         self.settings = self.core.settings
         self.audit = audit or AuditLog(system="relay")
@@ -158,6 +165,11 @@ class RelayServer:
         from kakehashi.core import metrics  # imported by servers only (clients start fast)
 
         self.metrics = metrics.for_system("relay")
+        handshakes = self.metrics.counter(
+            "tls_handshakes", "TLS handshakes on terminal and node links: 'resumed' took "
+            "a session ticket back (no certificate), 'full' did not.", ["kind"])
+        self._handshakes = {True: handshakes.labels("resumed"),
+                            False: handshakes.labels("full")}
         #: the cluster layer (:class:`kakehashi.relay.cluster.ClusterNode`) of a node
         self.cluster: Any = None
 
@@ -187,6 +199,11 @@ class RelayServer:
     def now(self) -> float:
         return time.monotonic()
 
+    def _context(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
+        """The context for a handshake starting now: the rotating one of ``tickets``
+        when there is one."""
+        return self.tickets.context() if self.tickets is not None else ctx
+
     # -- per connection -----------------------------------------------------------
     async def attach(self) -> None:
         """Start the keepalive watchdog without a listener of its own (the gateway's
@@ -212,9 +229,11 @@ class RelayServer:
         try:
             trace.event("new link accepted")
             if self.tls is not None:
-                conn = await start_tls(conn, self.tls, server_side=True,
+                conn = await start_tls(conn, self._context(self.tls), server_side=True,
                                        timeout=HANDSHAKE_TIMEOUT, framed=True)
-                trace.event("new link TLS done")
+                trace.event("new link TLS resumed" if conn.resumed else "new link TLS done")
+            if isinstance(conn, TLSConn):  # (also when the gateway's port did the TLS)
+                self._handshakes[conn.resumed].inc()
             framed = FramedConn(conn, self.limits)
             # asyncio.timeout rather than wait_for: no task of its own, so no cycle
             # between a failure's traceback and that task (see start_tls)
@@ -307,8 +326,10 @@ class RelayServer:
                 raise wire.WireError("protocol", "data after STARTTLS request")
             if self.starttls is None:
                 raise wire.WireError("protocol", "STARTTLS is not available on this server")
-            framed.conn = await start_tls(framed.conn, self.starttls, server_side=True,
-                                          timeout=HANDSHAKE_TIMEOUT, framed=True)
+            framed.conn = tconn = await start_tls(
+                framed.conn, self._context(self.starttls), server_side=True,
+                timeout=HANDSHAKE_TIMEOUT, framed=True)
+            self._handshakes[tconn.resumed].inc()
             await self._apply(self.core.tls_established(link.cid))
             conn = self.core.conns.get(link.cid)
             self.audit.record("starttls", True, conn=link.cid,
