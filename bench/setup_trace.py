@@ -54,6 +54,8 @@ while True:
 MODES = {
     "relay-tls": (True, {}),
     "relay-tls-reencrypt": (True, {"KAKEHASHI_SESSION_CIPHER": "tls"}),
+    # the default without TLS session resumption (every link a full handshake)
+    "relay-tls-noresume": (True, {"KAKEHASHI_TLS_RESUME": "off"}),
     "relay": (False, {}),
     # relay serve --plaintext-requesters refuse: early data on plaintext links
     "relay-refuse": (False, {}),

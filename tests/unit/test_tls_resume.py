@@ -230,6 +230,31 @@ def test_a_refused_offer_is_dropped_and_counted_as_full(home):
     assert (cache.resumed, cache.full) == (0, 2)
 
 
+def test_a_resumed_connection_refreshes_the_session_only_when_it_is_old(home):
+    """Taking the session out of a connection is a DER copy (peer certificate
+    included): after a resumption the kept one stays until it is ``refresh`` old;
+    after a full handshake the new one replaces it at once."""
+    now = [0.0]
+    cache, client, keys = SessionCache(refresh=600.0, clock=lambda: now[0]), \
+        _client(home), _keys()
+    key = cache.key("localhost", ("127.0.0.1", 7000))
+    cache.keep(client, key, Handshake(client, keys.context()).run().c)
+    kept = cache.offer(client, key)
+    resumed = Handshake(client, keys.context(), session=kept).run()
+    assert resumed.c.session_reused
+    now[0] = 599.0
+    cache.keep(client, key, resumed.c)
+    assert cache.offer(client, key) is kept
+    now[0] = 600.0
+    cache.keep(client, key, resumed.c)
+    refreshed = cache.offer(client, key)
+    assert refreshed is not kept and refreshed is not None
+    # the refreshed ticket resumes too; a full handshake's session replaces it at once
+    assert Handshake(client, keys.context(), session=refreshed).run().c.session_reused
+    cache.keep(client, key, Handshake(client, keys.context()).run().c)
+    assert cache.offer(client, key) is not refreshed
+
+
 def test_forget_leaves_a_newer_session(home):
     cache, client = SessionCache(), _client(home)
     keys = _keys()

@@ -740,6 +740,11 @@ TICKET_KEY_LIFETIME = 3600.0
 #: servers one :class:`SessionCache` remembers (a terminal knows a few, a cluster
 #: node the other nodes)
 SESSION_CACHE_LIMIT = 256
+#: seconds a kept session is offered again before a resumed connection's newer one
+#: replaces it (:meth:`SessionCache.keep`): taking a session out of a connection costs
+#: Python 3.11 a copy through DER, peer certificate included (233 us measured, half of
+#: what resuming saves the client), so it is not done for every connection
+SESSION_REFRESH = 600.0
 
 TLSObject = ssl.SSLObject | ssl.SSLSocket
 SessionKey = tuple[str, str, int]
@@ -792,8 +797,13 @@ class TicketKeys:
 
 
 class SessionCache:
-    """The latest TLS session a client got from each server, offered on its next
-    connection to that server (:func:`kakehashi.core.stream.start_tls` ``sessions=``).
+    """A recent TLS session a client got from each server, offered on its next
+    connections to that server (:func:`kakehashi.core.stream.start_tls` ``sessions=``).
+
+    The ticket is offered again until the session is :data:`SESSION_REFRESH` seconds
+    old or refused. (RFC 8446 asks clients not to reuse a ticket so that a passive
+    observer cannot link their connections; a terminal's links to its relay come from
+    one address anyway, and it logs in by name on each.)
 
     A session is offered only to the server it came from: the same server name (the
     name the certificate was checked against), the same address and the same client
@@ -809,8 +819,11 @@ class SessionCache:
     tests; one cache belongs to one event loop (no lock).
     """
 
-    def __init__(self) -> None:
-        self._latest: dict[SessionKey, tuple[ssl.SSLContext, ssl.SSLSession]] = {}
+    def __init__(self, *, refresh: float = SESSION_REFRESH,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.refresh = refresh
+        self._clock = clock
+        self._latest: dict[SessionKey, tuple[ssl.SSLContext, ssl.SSLSession, float]] = {}
         #: handshakes that resumed an offered session, and full ones
         self.resumed = 0
         self.full = 0
@@ -849,15 +862,25 @@ class SessionCache:
              tls_object: TLSObject) -> None:
         """Remember the connection's session for the next one. Call it after the
         peer's first bytes were read: a TLS 1.3 server sends its tickets after the
-        handshake, so before that the session has none."""
+        handshake, so before that the session has none.
+
+        A connection that resumed the session kept for its server leaves it in place
+        until it is :data:`SESSION_REFRESH` seconds old (its ticket is offered again
+        meanwhile: the server's tickets are not single-use, and taking the newer one
+        out costs more than it saves); every full handshake replaces it."""
         if key is None:
+            return
+        now = self._clock()
+        hit = self._latest.get(key)
+        if hit is not None and hit[0] is context and now - hit[2] < self.refresh \
+                and tls_object.session_reused:
             return
         session = tls_object.session
         if session is None or not session.has_ticket:
             return
-        if key not in self._latest and len(self._latest) >= SESSION_CACHE_LIMIT:
+        if hit is None and len(self._latest) >= SESSION_CACHE_LIMIT:
             self._latest.pop(next(iter(self._latest)))
-        self._latest[key] = (context, session)
+        self._latest[key] = (context, session, now)
 
     def forget(self, key: SessionKey | None, session: ssl.SSLSession | None = None) -> None:
         """Drop the session kept for ``key`` (only if it is ``session``, when given: a
