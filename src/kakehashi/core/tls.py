@@ -726,16 +726,16 @@ def client_context(
 # A client that opens many connections to one server (a relay terminal refilling its
 # spare links, a cluster node dialing another) pays a full handshake for each: the
 # server signs with its certificate's key and the client verifies the chain, about
-# 0.4 ms of the client's CPU and 0.06 ms of the server's on this project's machine
-# (tests/unit/test_tls_resume.py has the micro-benchmark's shape). With the session
+# 0.45 ms of the client's CPU and 0.05 ms of the server's more than a resumed one on
+# this project's machine (docs/benchmarks.md, "TLS session resumption"). With the session
 # of an earlier connection offered in the ClientHello, the server takes the ticket
 # back instead: no certificate, no signature, no chain. The key exchange still runs
 # (OpenSSL offers and accepts only psk_dhe_ke unless told otherwise), so resumed
 # connections keep forward secrecy; no early data is sent (Python has no API for
 # it and a server context accepts none by default).
 
-#: seconds a server keeps one set of ticket keys (:class:`TicketKeys`); OpenSSL's
-#: tickets themselves say 7200 s, so a ticket outlives its keys by at most this much
+#: seconds a server keeps one set of ticket keys (:class:`TicketKeys`): no ticket is
+#: taken back later than this after its keys were made (OpenSSL's tickets say 7200 s)
 TICKET_KEY_LIFETIME = 3600.0
 #: servers one :class:`SessionCache` remembers (a terminal knows a few, a cluster
 #: node the other nodes)
