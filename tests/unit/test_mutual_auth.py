@@ -201,6 +201,22 @@ def _batch(way, datagrams: list[bytes]) -> list[bytes | None]:
     return got
 
 
+def _open_both(one: DatagramChannel, many: DatagramChannel, wire: list[bytes],
+               chunks: list[int]) -> tuple[DatagramChannel, DatagramChannel]:
+    """``wire`` opened one at a time by ``one`` and in batches of ``chunks`` sizes (in
+    turn) by ``many``: the same outputs and the same refusals counted."""
+    expected = [one.open(d) for d in wire]
+    got: list[bytes | None] = []
+    at, c = 0, 0
+    while at < len(wire):
+        k = chunks[c % len(chunks)]
+        got += _batch(many.open, wire[at:at + k])
+        at, c = at + k, c + 1
+    assert got == expected
+    assert many.refused == one.refused
+    return one, many
+
+
 def test_a_sealed_batch_is_what_sealing_one_at_a_time_gives():
     a, b = os.urandom(32), os.urandom(32)
     one, many = DatagramChannel(a, b), DatagramChannel(a, b)
@@ -228,16 +244,7 @@ def test_opening_a_batch_decides_as_opening_one_at_a_time(order, chunks):
         elif how == "short":
             d = d[:crypto.DATAGRAM_OVERHEAD - 1]
         wire.append(d)
-    one, many = DatagramChannel(b, a), DatagramChannel(b, a)
-    expected = [one.open(d) for d in wire]
-    got: list[bytes | None] = []
-    at, c = 0, 0
-    while at < len(wire):
-        k = chunks[c % len(chunks)]
-        got += _batch(many.open, wire[at:at + k])
-        at, c = at + k, c + 1
-    assert got == expected
-    assert many.refused == one.refused
+    _open_both(DatagramChannel(b, a), DatagramChannel(b, a), wire, chunks)
 
 
 @settings(max_examples=200, deadline=None)
@@ -255,16 +262,7 @@ def test_in_order_batches_with_forgeries_decide_as_one_at_a_time(chunks, tampere
     for i in tampered:
         wire[i] = wire[i][:-1] + bytes([wire[i][-1] ^ 1])
     wire += [wire[i] for i in again]
-    one, many = DatagramChannel(b, a), DatagramChannel(b, a)
-    expected = [one.open(d) for d in wire]
-    got: list[bytes | None] = []
-    at, c = 0, 0
-    while at < len(wire):
-        k = chunks[c % len(chunks)]
-        got += _batch(many.open, wire[at:at + k])
-        at, c = at + k, c + 1
-    assert got == expected
-    assert many.refused == one.refused
+    one, many = _open_both(DatagramChannel(b, a), DatagramChannel(b, a), wire, chunks)
     assert (many._top, many._seen) == (one._top, one._seen)
     assert many.seal(b"x") == one.seal(b"x")  # (the send side is untouched)
 
