@@ -1622,9 +1622,15 @@ class FdConn(Conn):
     """Standard input/output (or any two fds) as a connection, for ProxyCommand use.
 
     Always takes the buffered path of the pump (stdin may be a tty, a pipe or a file).
+    A pipe or a tty cannot be peeked at (``MSG_PEEK`` is for sockets), so
+    :meth:`peek_now` reads what has arrived into the pushback, which every read takes
+    first; an end of input met there is kept and reported after those bytes.
     """
 
     plain = False
+    #: :meth:`peek_now` read the end of the input: :meth:`recv_into` reports it (once,
+    #: as the fd did) when the pushback is empty
+    _eof_read = False
 
     def __init__(self, rfd: int, wfd: int) -> None:
         self.loop = asyncio.get_running_loop()
@@ -1648,6 +1654,12 @@ class FdConn(Conn):
         return self.rfd
 
     async def recv_into(self, buf: memoryview | bytearray) -> int:
+        """What :meth:`peek_now` read ahead first, then the end it met, then the fd."""
+        if self._pushback:
+            return self._take_pushback(buf)
+        if self._eof_read:
+            self._eof_read = False
+            return 0
         while True:
             try:
                 return os.readv(self.rfd, [buf])
@@ -1655,6 +1667,30 @@ class FdConn(Conn):
                 await _wait_fd(self.loop, self.rfd, readable=True)
 
     recv = Conn._recv_via_buffer
+
+    def peek_now(self, n: int) -> bytes:
+        """Up to ``n`` bytes that have arrived, without waiting: read into the pushback
+        (a pipe or a tty has no ``MSG_PEEK``), so they are still the stream's next bytes
+        whether or not :meth:`skip_now` drops some; a second call shows the same bytes
+        and whatever came since. b"" when nothing has arrived or the input has ended."""
+        if self._closed:
+            return b""
+        while len(self._pushback) < n and not self._eof_read:
+            try:
+                data = os.read(self.rfd, n - len(self._pushback))
+            except OSError:  # BlockingIOError included: nothing more yet; an error
+                break        # recurs on the next read, which reports it
+            if not data:
+                self._eof_read = True
+                break
+            self._pushback += data
+        return self._pushback[:n]
+
+    def skip_now(self, n: int) -> None:
+        """Drop the first ``n`` bytes that :meth:`peek_now` showed (they went early)."""
+        if n > len(self._pushback):
+            raise ConnClosed("asked to skip more bytes than were shown")
+        self._pushback = self._pushback[n:]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)

@@ -551,13 +551,21 @@ def pipe(target, e2e, encrypt, **opts) -> None:
 
     async def main() -> int:
         term = Terminal(cfg)
+        # made before the request: what the client has written by then (an ssh
+        # client's banner) goes with it as early data, one round trip sooner
+        app = FdConn(0, 1)
         try:
-            link, info = await term.connect(name, service, encrypt=encrypt, e2e=e2e)
+            link, info = await term.connect(name, service, encrypt=encrypt, e2e=e2e,
+                                            app=app)
         except (RelayError, OSError) as exc:
+            app.close()
             click.echo(f"kakehashi: cannot connect to {target}: {exc}", err=True)
             return 1
+        except BaseException:
+            app.close()
+            raise
         try:
-            why = await run_session(link, FdConn(0, 1), info, initiator=True)
+            why = await run_session(link, app, info, initiator=True)
         finally:
             await term.close()
         if why.startswith(("end-to-end", "session aborted", "closed by")):
