@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
+import tty
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from kakehashi.core import wire
 from kakehashi.core.pump import raw_to_frames
 from kakehashi.core.stream import Conn, FdConn, FramedConn
+from tests.support.wait import async_wait_until
 from tests.unit.test_pump import _pair
 
 
@@ -153,3 +156,28 @@ def test_a_regular_file_is_peeked_and_read_in_order(run, fds, tmp_path) -> None:
     path = tmp_path / "input"
     path.write_bytes(b"file contents")
     run(_regular_file(str(path), fds.out_w))
+
+
+async def _tty(slave: int, master: int, out_w: int) -> None:
+    conn = FdConn(slave, out_w)
+    assert conn.peek_now(100) == b""
+    os.write(master, b"typed")
+    await async_wait_until(lambda: conn.peek_now(100) == b"typed", what="the typed bytes")
+    conn.skip_now(2)
+    os.write(master, b" more")
+    got = b""
+    while len(got) < len(b"ped more"):
+        got += await conn.recv()
+    assert got == b"ped more"
+    conn.close()
+
+
+def test_a_tty_is_peeked_and_read_in_order(run, fds) -> None:
+    """A terminal (raw mode, as ssh sets it) has no MSG_PEEK either."""
+    master, slave = pty.openpty()
+    try:
+        tty.setraw(slave)
+        run(_tty(slave, master, fds.out_w))
+    finally:
+        os.close(master)
+        os.close(slave)
