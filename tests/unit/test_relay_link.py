@@ -62,6 +62,9 @@ async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
     class OldRelayLink:
         reserved = False
 
+        def takes_early(self, *, encrypt=False, e2e=False) -> bool:
+            return True  # a TLS link
+
         async def connect(self, target, service="", *, encrypt=False, e2e=False,
                           early=b""):
             sent.append(early)
@@ -90,6 +93,51 @@ async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
 
 def test_a_relay_that_rejects_early_data_gets_requests_without_it(run) -> None:
     run(_a_relay_that_rejects_early_data_gets_requests_without_it())
+
+
+async def _nothing_is_peeked_where_the_link_may_not_carry_it() -> None:
+    """Where the link may not carry early data (e2e, or a plaintext link the relay
+    may still instruct to encrypt) the application is not even looked at: peeking
+    ``relay pipe``'s stdin reads it ahead into memory. Where it may, it is."""
+    from kakehashi.relay import terminal as t
+    from kakehashi.relay.agent import Terminal
+
+    peeks: list[int] = []
+
+    class App:
+        def peek_now(self, n: int) -> bytes:
+            peeks.append(n)
+            return b""
+
+    class Link:
+        reserved = False
+        allowed = False
+
+        def takes_early(self, *, encrypt=False, e2e=False) -> bool:
+            return self.allowed and not e2e
+
+        async def connect(self, target, service="", *, encrypt=False, e2e=False,
+                          early=b""):
+            return t.Connected(target, False, False, "", True, 0)
+
+    link = Link()
+    term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+
+    async def acquire():
+        return link
+
+    term.acquire = acquire  # type: ignore[method-assign]
+    await term.connect("bob", app=App())  # type: ignore[arg-type]
+    assert peeks == []
+    link.allowed = True
+    await term.connect("bob", app=App(), e2e=True)  # type: ignore[arg-type]
+    assert peeks == []
+    await term.connect("bob", app=App())  # type: ignore[arg-type]
+    assert peeks == [m.EARLY_DATA_MAX]
+
+
+def test_nothing_is_peeked_where_the_link_may_not_carry_it(run) -> None:
+    run(_nothing_is_peeked_where_the_link_may_not_carry_it())
 
 
 class _PoolLink:

@@ -467,6 +467,11 @@ class RelayLink:
         except TimeoutError:
             raise RelayError("timeout", "the relay did not answer in time") from None
 
+    def takes_early(self, *, encrypt: bool = False, e2e: bool = False) -> bool:
+        """Whether a request on this link may carry the application's first bytes
+        (the terminal protocol's one decision, :meth:`TerminalConn.early_data_allowed`)."""
+        return self.t.early_data_allowed(encrypt=encrypt, e2e=e2e)
+
     async def connect(self, target: str, service: str = "", *, encrypt: bool = False,
                       e2e: bool = False, timeout: float = 30.0,
                       early: bytes = b"") -> t.Connected:
@@ -1133,9 +1138,12 @@ class Terminal:
         for attempt in range(3):
             link = await self.acquire()
             self._setting_up.add(link)
-            # looked at, not taken: a request that fails leaves the bytes in place
+            # looked at, not taken: a request that fails leaves the bytes in place;
+            # not even looked at where this link may not carry them (``relay pipe``'s
+            # stdin cannot be peeked: looking reads it ahead into memory)
             early = app.peek_now(m.EARLY_DATA_MAX) \
-                if app is not None and self.early_ok else b""
+                if app is not None and self.early_ok \
+                and link.takes_early(encrypt=encrypt, e2e=e2e) else b""
             try:
                 info = await link.connect(target, service, encrypt=encrypt, e2e=e2e,
                                           early=early)
