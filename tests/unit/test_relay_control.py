@@ -147,13 +147,20 @@ def test_parallel_burst_checks_at_most_the_lockout_limit():
         if [a for a in acts if isinstance(a, Authenticate)]:
             checks.append(cid)
         else:
-            assert one(acts, cid, m.LoginFail).reason.startswith("too many failed logins")
+            # none has failed yet: the refusal says the limit is full of checks, and
+            # that trying later may work (a terminal does not give up on it)
+            fail = one(acts, cid, m.LoginFail)
+            assert fail.reason.startswith("too many logins from your address are being "
+                                          "checked at once") and fail.code == "busy"
             assert [c.reason for c in closes(acts)] == ["lockout"]
             refused += 1
     assert len(checks) == Settings().fail_lockout and refused == 100
     for cid in checks:  # the checks finish later: each is a failure
         assert one(r.cu.authenticated(cid, None, 0.0), cid, m.LoginFail)
     assert r.cu.throttle.pending == 0
+    cid, acts = _guess(r, "192.0.2.9")  # now the failures themselves lock it out
+    fail = one(acts, cid, m.LoginFail)
+    assert fail.reason == "too many failed logins from your address" and not fail.code
 
 
 def test_correct_password_hidden_in_a_burst_gets_no_login_ok():

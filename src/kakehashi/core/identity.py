@@ -342,6 +342,12 @@ class LoginThrottle:
         return (self._used((addr, user), now) >= self.s.lockout
                 or self._used((addr, None), now) >= self.s.address_limit)
 
+    def failed_out(self, addr: str, user: str, now: float) -> bool:
+        """Whether failures alone, not attempts still being checked, lock ``user`` at
+        ``addr`` out: what a refusal may call "too many failed logins"."""
+        return (self.failures(addr, user, now) >= self.s.lockout
+                or self.failures(addr, None, now) >= self.s.address_limit)
+
     # -- attempts -------------------------------------------------------------------
     def begin(self, addr: str, user: str, now: float) -> Attempt | str:
         """Reserve an attempt, or the reason it is refused: ``"lockout"`` or ``"busy"``."""

@@ -934,6 +934,8 @@ class Terminal:
         #: spare opened after a session costs no certificate signature on the relay and
         #: no chain verification here (``resumed``/``full`` count the handshakes)
         self.tls_sessions = SessionCache() if cfg.tls_resume else None
+        #: while no link is logged in, the login that goes first (:meth:`open_link`)
+        self._first_login: asyncio.Future[None] | None = None
 
     # -- pool ---------------------------------------------------------------------
     def spawn(self, coro: Awaitable[object]) -> None:
@@ -1002,7 +1004,26 @@ class Terminal:
 
     async def open_link(self) -> RelayLink:
         """A new logged-in link to the current server; when it cannot be reached (or
-        says it is cut off from its cluster), each other server is tried once."""
+        says it is cut off from its cluster), each other server is tried once.
+
+        With no link logged in here, the relay may have let the user's session go:
+        the token then needs the password, and the relay counts password checks in
+        flight against its lockout, so a burst of links opened at once (every session
+        of a burst ending, each link closing with its session) would be refused as
+        failed logins although none failed. Then the first login goes alone and the
+        others follow it, each with the token its session made live again."""
+        while not self.links and self._first_login is not None:
+            await asyncio.shield(self._first_login)
+        if self.links:
+            return await self._open_link()
+        first = self._first_login = asyncio.get_running_loop().create_future()
+        try:
+            return await self._open_link()
+        finally:
+            self._first_login = None
+            first.set_result(None)
+
+    async def _open_link(self) -> RelayLink:
         tried = 0
         while True:
             addr = self.server

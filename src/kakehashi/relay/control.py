@@ -529,11 +529,18 @@ class ControlUnit:
         attempt = self.throttle.begin(conn.addr, msg.user, now)
         if isinstance(attempt, str):
             conn.state = State.CLOSED
-            reason = ("too many failed logins from your address" if attempt == "lockout"
-                      else "the server is busy checking other logins; try again later")
+            code = ""  # a terminal gives up (wrong password)
+            if attempt != "lockout":
+                reason, code = "the server is busy checking other logins; try again later", \
+                    "busy"
+            elif self.throttle.failed_out(conn.addr, msg.user, now):
+                reason = "too many failed logins from your address"
+            else:  # the limit is full of checks still running: nothing failed (yet)
+                reason, code = ("too many logins from your address are being checked at "
+                                "once; try again in a moment"), "busy"
             return [
                 Audit("login", False, {"user": msg.user, "addr": conn.addr, "why": attempt}),
-                Send(conn.id, m.LoginFail(reason=reason)),
+                Send(conn.id, m.LoginFail(reason=reason, code=code)),
                 Close(conn.id, attempt),
             ]
         conn.attempt = attempt
