@@ -935,7 +935,8 @@ class Terminal:
         #: no chain verification here (``resumed``/``full`` count the handshakes)
         self.tls_sessions = SessionCache() if cfg.tls_resume else None
         #: while no link is logged in, the login that goes first (:meth:`open_link`)
-        self._first_login: asyncio.Future[None] | None = None
+        #: (its result: the error it failed with, None once it succeeded or was cancelled)
+        self._first_login: asyncio.Future[Exception | None] | None = None
 
     # -- pool ---------------------------------------------------------------------
     def spawn(self, coro: Awaitable[object]) -> None:
@@ -1011,17 +1012,29 @@ class Terminal:
         flight against its lockout, so a burst of links opened at once (every session
         of a burst ending, each link closing with its session) would be refused as
         failed logins although none failed. Then the first login goes alone and the
-        others follow it, each with the token its session made live again."""
+        others follow it, each with the token its session made live again.
+
+        When that first login fails, those that waited for it fail with it: each
+        trying again in turn would make the last of a burst wait as many login
+        timeouts as there were callers (a relay that hangs), where at once it waits
+        one. Only a first login whose caller went away (cancelled) hands over to one
+        of them."""
         while not self.links and self._first_login is not None:
-            await asyncio.shield(self._first_login)
+            failed = await asyncio.shield(self._first_login)
+            if failed is not None:
+                raise failed
         if self.links:
             return await self._open_link()
         first = self._first_login = asyncio.get_running_loop().create_future()
+        outcome: Exception | None = None
         try:
             return await self._open_link()
+        except Exception as exc:  # (not a cancellation: that hands over)
+            outcome = exc
+            raise
         finally:
             self._first_login = None
-            first.set_result(None)
+            first.set_result(outcome)
 
     async def _open_link(self) -> RelayLink:
         tried = 0

@@ -1,0 +1,83 @@
+"""Terminal.open_link's first login while no link is logged in, under a burst.
+
+With no link left, a terminal logs one link in first and the others of a burst wait
+for it (the relay counts password checks in flight against its lockout). A burst must
+not fare worse than that one login: when the first one fails (a relay that hangs until
+the login times out, a refusal), the callers that waited for it fail with it, instead
+of each trying again in turn behind the previous one (a hundred requests at once would
+otherwise wait a hundred login timeouts, holding their clients' sockets meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kakehashi.relay.agent import RelayError, RelayLink, Terminal, TerminalConfig
+from tests.support.wait import async_wait_until
+
+BURST = 8
+
+
+class _Relay:
+    """Stands in for RelayLink.open: each login waits until the test decides it."""
+
+    def __init__(self) -> None:
+        self.logins: list[asyncio.Future[None]] = []
+
+    async def open(self, link: RelayLink, token: str = "") -> None:
+        decided = asyncio.get_running_loop().create_future()
+        self.logins.append(decided)
+        await decided
+        link.token = "tok"
+
+
+def _terminal(monkeypatch: pytest.MonkeyPatch) -> tuple[Terminal, _Relay]:
+    relay = _Relay()
+    monkeypatch.setattr(RelayLink, "open", lambda link, token="": relay.open(link, token))
+    term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+    return term, relay
+
+
+async def _a_burst_behind_a_failed_first_login_fails_with_it(mp: pytest.MonkeyPatch) -> None:
+    term, relay = _terminal(mp)
+    calls = [asyncio.ensure_future(term.open_link()) for _ in range(BURST)]
+    await async_wait_until(lambda: relay.logins, what="the first login")
+    relay.logins[0].set_exception(RelayError("closed", "the relay closed the connection"))
+    # every caller has its answer once the one login they waited for has failed; on
+    # the old code the next caller logs in now (and hangs like the first)
+    await async_wait_until(lambda: all(c.done() for c in calls),
+                           timeout=5, what="every caller answered by the first login's failure")
+    assert len(relay.logins) == 1
+    for call in calls:
+        exc = call.exception()
+        assert isinstance(exc, RelayError) and exc.code == "closed", exc
+
+
+def test_a_burst_behind_a_failed_first_login_fails_with_it(
+        run, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(_a_burst_behind_a_failed_first_login_fails_with_it(monkeypatch))
+
+
+async def _a_cancelled_first_login_hands_over(mp: pytest.MonkeyPatch) -> None:
+    """The first caller going away is no failure: one of the others logs in instead,
+    and once it has, the rest log in beside each other (with its token)."""
+    term, relay = _terminal(mp)
+    calls = [asyncio.ensure_future(term.open_link()) for _ in range(BURST)]
+    await async_wait_until(lambda: relay.logins, what="the first login")
+    calls[0].cancel()
+    await async_wait_until(lambda: len(relay.logins) == 2, what="a second first login")
+    relay.logins[1].set_result(None)
+    await async_wait_until(lambda: len(relay.logins) == BURST,
+                           what="the others logging in beside each other")
+    for login in relay.logins[2:]:
+        login.set_result(None)
+    links = await asyncio.gather(*calls[1:])
+    assert len(set(links)) == BURST - 1 and term.links == set(links)
+    assert calls[0].cancelled()
+    await term.close()
+
+
+def test_a_cancelled_first_login_hands_over(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(_a_cancelled_first_login_hands_over(monkeypatch))
