@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -183,6 +185,20 @@ def test_channel_open_of_garbage_is_refused(data):
 
 
 # -- the batch forms (what the forwarder's fast path calls) -----------------------------
+#: the batch tests run with the strided form of a burst on and off (crypto.STRIDED)
+STRIDED = pytest.mark.parametrize("strided", [True, False], ids=["strided", "loop"])
+
+
+@contextlib.contextmanager
+def _strided(on: bool) -> Iterator[None]:
+    """crypto.STRIDED set for the block (not a fixture: hypothesis tests take it too)."""
+    before, crypto.STRIDED = crypto.STRIDED, on
+    try:
+        yield
+    finally:
+        crypto.STRIDED = before
+
+
 def _batch(way, datagrams: list[bytes]) -> list[bytes | None]:
     """``datagrams`` through ``way.batch`` in one call, laid out as a batched receive
     holds them (fixed slots), the outputs back to back."""
@@ -217,19 +233,23 @@ def _open_both(one: DatagramChannel, many: DatagramChannel, wire: list[bytes],
     return one, many
 
 
-def test_a_sealed_batch_is_what_sealing_one_at_a_time_gives():
+@STRIDED
+def test_a_sealed_batch_is_what_sealing_one_at_a_time_gives(strided):
     a, b = os.urandom(32), os.urandom(32)
     one, many = DatagramChannel(a, b), DatagramChannel(a, b)
-    msgs = [os.urandom(n) for n in (0, 1, 512, 512, 1400, 9000)]
-    assert _batch(many.seal, msgs) == [one.seal(m) for m in msgs]
-    assert many.seal(b"next") == one.seal(b"next")  # the sequence went on alike
+    with _strided(strided):
+        for sizes in ((0, 1, 512, 512, 1400, 9000), (512,) * 20, (0, 0, 0), (1400,) * 64):
+            msgs = [os.urandom(n) for n in sizes]
+            assert _batch(many.seal, msgs) == [one.seal(m) for m in msgs]
+        assert many.seal(b"next") == one.seal(b"next")  # the sequence went on alike
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 1100), st.sampled_from(["ok", "tamper", "short"])),
                 max_size=60),
        st.lists(st.integers(1, 20), min_size=1, max_size=8))
-def test_opening_a_batch_decides_as_opening_one_at_a_time(order, chunks):
+@STRIDED
+def test_opening_a_batch_decides_as_opening_one_at_a_time(strided, order, chunks):
     """Replays (within one batch too), reordering, datagrams older than the window,
     tampered and short ones: opening them in batches of any size refuses and accepts
     exactly what opening them one at a time does, and counts the same refusals."""
@@ -244,14 +264,17 @@ def test_opening_a_batch_decides_as_opening_one_at_a_time(order, chunks):
         elif how == "short":
             d = d[:crypto.DATAGRAM_OVERHEAD - 1]
         wire.append(d)
-    _open_both(DatagramChannel(b, a), DatagramChannel(b, a), wire, chunks)
+    with _strided(strided):
+        _open_both(DatagramChannel(b, a), DatagramChannel(b, a), wire, chunks)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=8),
        st.sets(st.integers(0, 119), max_size=6),
        st.lists(st.integers(0, 119), max_size=4))
-def test_in_order_batches_with_forgeries_decide_as_one_at_a_time(chunks, tampered, again):
+@STRIDED
+def test_in_order_batches_with_forgeries_decide_as_one_at_a_time(strided, chunks, tampered,
+                                                                again):
     """Batches whose datagrams are each the next in order (a sender's burst: what the
     fast form of ``open_batch`` takes), some altered in flight, then some repeated: each
     authentic one is accepted once, every altered or repeated one refused and counted,
@@ -262,15 +285,18 @@ def test_in_order_batches_with_forgeries_decide_as_one_at_a_time(chunks, tampere
     for i in tampered:
         wire[i] = wire[i][:-1] + bytes([wire[i][-1] ^ 1])
     wire += [wire[i] for i in again]
-    one, many = _open_both(DatagramChannel(b, a), DatagramChannel(b, a), wire, chunks)
+    with _strided(strided):
+        one, many = _open_both(DatagramChannel(b, a), DatagramChannel(b, a), wire, chunks)
     assert (many._top, many._seen) == (one._top, one._seen)
     assert many.seal(b"x") == one.seal(b"x")  # (the send side is untouched)
 
 
-def test_an_in_order_batch_takes_the_window_as_one_at_a_time_does():
+@STRIDED
+def test_an_in_order_batch_takes_the_window_as_one_at_a_time_does(strided, monkeypatch):
     """A burst of datagrams each the next in order, the fifth altered: the others are
     accepted, the fifth refused, and afterwards a replay of any of them is refused while
     the authentic fifth (never accepted) still is accepted once."""
+    monkeypatch.setattr(crypto, "STRIDED", strided)
     c, s = channels()
     sealed = [c.seal(b"%d" % i) for i in range(10)]
     forged = sealed[4][:-1] + bytes([sealed[4][-1] ^ 1])
@@ -280,3 +306,129 @@ def test_an_in_order_batch_takes_the_window_as_one_at_a_time_does():
     assert _batch(s.open, [sealed[2], sealed[9], sealed[4], sealed[4]]) == [
         None, None, b"4", None]
     assert s.refused == 4
+
+
+def _run(datagrams: list[bytes]) -> tuple[bytearray, list[int]]:
+    """``datagrams`` back to back in one buffer, with their starts as a list: a
+    coalesced run as a receive-offload socket delivers it and the batch cuts it."""
+    buf = bytearray(b"".join(datagrams))
+    starts, at = [], 0
+    for d in datagrams:
+        starts.append(at)
+        at += len(d)
+    return buf, starts
+
+
+@STRIDED
+def test_a_coalesced_run_opens_and_seals_as_one_at_a_time(strided, monkeypatch):
+    """Runs of sealed datagrams back to back (list starts, the stride of their size):
+    in order, then with a gap, a forgery and a replay inside a run; opened as runs they
+    decide as one at a time, window included; plaintexts sealed from such a run are
+    what sealing them one at a time gives."""
+    monkeypatch.setattr(crypto, "STRIDED", strided)
+    a, b = os.urandom(32), os.urandom(32)
+    sender, one, many = DatagramChannel(a, b), DatagramChannel(b, a), DatagramChannel(b, a)
+    sealed = [sender.seal(b"p%03d" % i * 8) for i in range(100)]
+    forged = sealed[45][:-1] + bytes([sealed[45][-1] ^ 1])
+    runs = [sealed[:20], sealed[20:40], sealed[41:44] + [forged] + sealed[46:50],
+            sealed[50:60] + [sealed[55]], sealed[60:100], sealed[40:41] + sealed[45:46]]
+    for run in runs:
+        buf, starts = _run(run)
+        out = memoryview(bytearray(len(buf)))
+        sizes = many.open.batch(buf, starts, [len(d) for d in run], len(run), out, 0)
+        got, at = [], 0
+        for k in sizes:
+            got.append(None if k < 0 else out[at:at + k].tobytes())
+            at += max(k, 0)
+        assert got == [one.open(d) for d in run]
+    assert (many._top, many._seen, many.refused) == (one._top, one._seen, one.refused)
+    plain = [b"q%02d" % i * 40 for i in range(30)]
+    s1, s2 = DatagramChannel(a, b), DatagramChannel(a, b)
+    buf, starts = _run(plain)
+    out = memoryview(bytearray(len(buf) + 24 * len(plain)))
+    sizes = s2.seal.batch(buf, starts, [len(p) for p in plain], len(plain), out, 0)
+    assert sizes == [len(plain[0]) + 24] * len(plain)
+    assert out.tobytes() == b"".join(s1.seal(p) for p in plain)
+
+
+@STRIDED
+def test_runs_in_several_slots_and_rewritten_heads_decide_as_one_at_a_time(strided,
+                                                                          monkeypatch):
+    """Two coalesced runs taken by one receive (each in its own slot: starts that are
+    not one stride) seal and open as one at a time; so does an in-order run in which one
+    datagram's sequence number (outside the AEAD) was rewritten to a later one: refused,
+    as opening it under the number it carries fails."""
+    monkeypatch.setattr(crypto, "STRIDED", strided)
+    a, b = os.urandom(32), os.urandom(32)
+    slot = 10000
+    starts = [0, 400, 800, slot, slot + 400, slot + 800, slot + 1200]
+    plain = [(b"%d" % i * 400)[:400] for i in range(7)]
+    src = bytearray(2 * slot)
+    for at, p in zip(starts, plain, strict=True):
+        src[at:at + 400] = p
+    s1, s2 = DatagramChannel(a, b), DatagramChannel(a, b)
+    out = memoryview(bytearray(7 * 424))
+    assert s2.seal.batch(src, starts, [400] * 7, 7, out, 0) == [424] * 7
+    wire = [s1.seal(p) for p in plain]
+    assert out.tobytes() == b"".join(wire)
+    one, many = DatagramChannel(b, a), DatagramChannel(b, a)
+    sealed = bytearray(2 * slot)
+    starts = [0, 424, 848, slot, slot + 424, slot + 848, slot + 1272]
+    for at, d in zip(starts, wire, strict=True):
+        sealed[at:at + 424] = d
+    got = many.open.batch(sealed, starts, [424] * 7, 7, memoryview(bytearray(7 * 400)), 0)
+    assert got == [400] * 7 and [one.open(d) for d in wire] == plain
+    more = [s1.seal(b"m%d" % i * 50) for i in range(6)]
+    bad = bytearray(more[2])
+    bad[:8] = (int.from_bytes(bad[:8], "big") + 3).to_bytes(8, "big")
+    run = [*more[:2], bytes(bad), *more[3:]]
+    buf, at = _run(run)
+    got = many.open.batch(buf, at, [len(d) for d in run], len(run),
+                          memoryview(bytearray(len(buf))), 0)
+    assert got == [len(d) - 24 if one.open(d) is not None else -1 for d in run]
+    assert got[2] == -1
+    assert (many._top, many._seen, many.refused) == (one._top, one._seen, one.refused)
+
+
+def test_strided_views_follow_the_buffer_and_its_contents():
+    """The views a burst is sealed and opened through are made once per layout: they
+    must still read the buffer given (another buffer with the same layout, or new
+    contents in the same one), never what an earlier burst held."""
+    a, b = os.urandom(32), os.urandom(32)
+    seal, check = DatagramChannel(a, b), DatagramChannel(a, b)
+    first = [bytes([1]) * 300] * 8
+    second = [bytes([2]) * 300] * 8
+    for msgs in (first, second):  # a new buffer each time (_batch makes one)
+        assert _batch(seal.seal, msgs) == [check.seal(m) for m in msgs]
+    buf = bytearray(b"".join(first))  # one buffer, rewritten between bursts
+    starts = list(range(0, len(buf), 300))
+    for msgs in (first, second):
+        buf[:] = b"".join(msgs)
+        out = memoryview(bytearray(8 * 324))
+        seal.seal.batch(buf, starts, [300] * 8, 8, out, 0)
+        assert out.tobytes() == b"".join(check.seal(m) for m in msgs)
+    buf[:] = b"".join(first)  # a longer burst in a layout used before for a shorter one
+    for n in (3, 8):
+        out = memoryview(bytearray(8 * 324))
+        assert seal.seal.batch(buf, starts, [300] * n, n, out, 0) == [324] * n
+        assert out[:n * 324].tobytes() == b"".join(check.seal(m) for m in first[:n])
+
+
+def test_a_burst_takes_the_strided_form(monkeypatch):
+    """With crypto.STRIDED on, a burst of one size is sealed and opened through views
+    made once (the form the sealing ends' figures depend on), not the loop."""
+    calls = []
+    real = crypto._strided
+
+    def spy(*args):
+        calls.append(args[1:4])
+        return real(*args)
+
+    monkeypatch.setattr(crypto, "_strided", spy)
+    monkeypatch.setattr(crypto, "STRIDED", True)
+    c, s = channels()
+    msgs = [os.urandom(512) for _ in range(16)]
+    sealed = _batch(c.seal, msgs)
+    assert len(calls) == 2
+    assert _batch(s.open, sealed) == msgs
+    assert len(calls) == 4
