@@ -608,6 +608,10 @@ class EarlySink(FrameSink):
 
     The peer may speak first (an SSH banner, the end-to-end hello) before this side
     has set up its session; those bytes are kept here, bounded, not dropped.
+
+    The session takes over only from an empty sink with no frame arriving into it
+    (:meth:`settled`): a frame whose payload is still being read would otherwise land
+    here after the session's own sink replaced this one, and be lost.
     """
 
     LIMIT = 4 * 1024 * 1024
@@ -615,24 +619,52 @@ class EarlySink(FrameSink):
     def __init__(self) -> None:
         self.items: list[bytes | EndMark] = []
         self.size = 0
+        #: a frame's payload is being read into this sink
+        self.receiving = False
+        self._closed = False
         self._arrived = asyncio.Event()
 
     async def data(self, src: FramedConn, length: int) -> None:
         self.size += length
         if self.size > self.LIMIT:
             raise wire.WireError("too-large", "peer sent too much before the session began")
-        self.items.append(await src.read_payload(length))
-        self._arrived.set()
+        self.receiving = True
+        try:
+            payload = await src.read_payload(length)
+        finally:
+            self.receiving = False
+            self._arrived.set()
+        self.items.append(payload)
 
     async def eof(self, body: bytes = b"") -> None:
         self.items.append(EndMark(body))
         self._arrived.set()
 
+    def take(self) -> bytes | EndMark:
+        """The oldest item held (there must be one)."""
+        return self.items.pop(0)
+
     async def get(self, timeout: float) -> bytes | EndMark:
         while not self.items:
             self._arrived.clear()
             await asyncio.wait_for(self._arrived.wait(), timeout)
-        return self.items.pop(0)
+        return self.take()
+
+    def settled(self) -> bool:
+        """Nothing held and no frame arriving (or none will: the sink was given up):
+        another sink may take over now."""
+        return not self.items and (not self.receiving or self._closed)
+
+    async def arrival(self) -> None:
+        """Until the frame arriving into this sink has landed (or the sink closed)."""
+        while self.receiving and not self._closed:
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    def close(self) -> None:
+        """Given up (the link closed): nobody waits for a frame to land any more."""
+        self._closed = True
+        self._arrived.set()
 
 
 class Session:
@@ -781,8 +813,11 @@ async def run_session(link: RelayLink, app: Conn,
             e2e = await _e2e_handshake(link, info, initiator) if info.e2e else None
         open_ = e2e.open if e2e else None
         early = _early(link)
-        while early.items:  # what the peer sent before we were ready, in order
-            item = early.items.pop(0)
+        while not early.settled():  # what the peer sent before we were ready, in order
+            if not early.items:  # a frame is still arriving into it
+                await early.arrival()
+                continue
+            item = early.take()
             if isinstance(item, EndMark):
                 if issued:
                     open_end(e2e, item.body)  # type: ignore[arg-type]
