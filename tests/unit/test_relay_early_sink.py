@@ -1,26 +1,121 @@
 """The terminal's EarlySink (relay/agent.py) holds what a paired peer sends before this
-side's session writes to its application, and hands over to the session's own sink
-without losing a byte."""
+side's session writes to its application: under optimistic pairing while the service
+is still being connected, and while the session writes the first bytes to a service
+that is slow to read them.
+
+It must hold those bytes back as every other path of the product does (backpressure:
+the link's reader waits, so the relay and the peer wait), bounded: it used to read on
+regardless and end the session once 4 MiB had piled up ("peer sent too much before the
+session began") - a requester sending a bulk stream at once to a service that took a
+moment to read lost its session, and every such session held 4 MiB on the agent.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import socket
 import struct
 import termios
 
 from kakehashi.core import wire
+from kakehashi.core.pump import forward_frames
 from kakehashi.core.stream import Conn, FramedConn
 from kakehashi.relay import messages as m
 from kakehashi.relay import terminal as t
-from kakehashi.relay.agent import EarlySink, RelayLink, TerminalConfig, run_session
+from kakehashi.relay.agent import EarlySink, EndMark, RelayLink, TerminalConfig, run_session
 from tests.support.wait import async_wait_until
+
+#: far more than the sink held before it gave up (4 MiB) and than the socket buffers
+TOTAL = 12 * 1024 * 1024
+FRAME = 64 * 1024
 
 
 def _readable_bytes(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+async def _no_ctrl(payload: bytes) -> bool:
+    raise AssertionError("no control message expected")
+
+
+async def _a_peer_faster_than_the_session_is_held_back() -> None:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    framed, sender = FramedConn(Conn(ours)), FramedConn(Conn(peer))
+    sink = EarlySink()
+    sent = hashlib.sha256()
+
+    async def send() -> None:
+        for i in range(TOTAL // FRAME):
+            chunk = bytes([i % 251]) * FRAME
+            sent.update(chunk)
+            await sender.send_frame(wire.FrameType.DATA, chunk)
+        await sender.send_frame(wire.FrameType.EOF)
+        peer.shutdown(socket.SHUT_WR)
+
+    writer = asyncio.ensure_future(send())
+    reader = asyncio.ensure_future(forward_frames(framed, lambda: sink, _no_ctrl))
+    try:
+        # nobody takes anything yet (a service still being connected): the reader
+        # stops reading once the sink holds its window, instead of failing the link
+        await async_wait_until(lambda: reader.done() or getattr(sink, "waiting", False),
+                               timeout=30, what="the sink holding the reader back")
+        assert not reader.done(), reader.exception()
+        assert sink.size <= EarlySink.WINDOW + FRAME
+        got, held_max = hashlib.sha256(), 0
+        while True:  # the session takes the bytes at last, slowly: all come, in order
+            held_max = max(held_max, sink.size)
+            item = await sink.get(30)
+            if isinstance(item, EndMark):
+                break
+            got.update(item)
+        assert got.hexdigest() == sent.hexdigest()
+        assert held_max <= EarlySink.WINDOW + FRAME
+        assert await asyncio.wait_for(reader, 30) == "eof"
+        await asyncio.wait_for(writer, 30)
+    finally:
+        for task in (reader, writer):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        ours.close()
+        peer.close()
+
+
+def test_a_peer_faster_than_the_session_is_held_back(run) -> None:
+    run(_a_peer_faster_than_the_session_is_held_back())
+
+
+async def _closing_the_sink_lets_a_held_reader_go() -> None:
+    """A held reader is let go when the sink is given up (an optimistic accept whose
+    service failed replaces it to read the relay's release reply; a link closing)."""
+    sink = EarlySink()
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    framed, sender = FramedConn(Conn(ours)), FramedConn(Conn(peer))
+    try:
+        send = asyncio.ensure_future(
+            sender.send_frame(wire.FrameType.DATA, b"x" * (EarlySink.WINDOW + 1)))
+        header = await asyncio.wait_for(framed.read_header(exact=True), 30)
+        assert header is not None
+        held = asyncio.ensure_future(sink.data(framed, header[1]))
+        await async_wait_until(lambda: sink.waiting or held.done(), what="the reader held")
+        assert not held.done()
+        sink.close()
+        await asyncio.wait_for(held, 30)
+        await asyncio.wait_for(send, 30)
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_closing_the_sink_lets_a_held_reader_go(run) -> None:
+    run(_closing_the_sink_lets_a_held_reader_go())
 
 
 async def _a_frame_arriving_while_the_session_takes_over_is_not_lost() -> None:

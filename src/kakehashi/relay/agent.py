@@ -519,6 +519,8 @@ class RelayLink:
         goes sealed (:func:`kakehashi.core.pump.seal_close`) and the link closes; else
         as an end notification, and the link is released."""
         assert self.framed is not None
+        if self.sink is not None:
+            self.sink.close()  # (a reader it holds back goes on to read the release)
         self.sink = DiscardSink()
         session = Session(self)
         self.session = session
@@ -606,28 +608,35 @@ class EndMark:
 class EarlySink(FrameSink):
     """Holds the frames that arrive between pairing and the session taking over.
 
-    The peer may speak first (an SSH banner, the end-to-end hello) before this side
-    has set up its session; those bytes are kept here, bounded, not dropped.
+    The peer may speak first (an SSH banner, the end-to-end hello, a requester's bytes
+    behind an optimistic accept while the service is still being connected) before
+    this side has set up its session, or faster than the session's first writes to a
+    slow application; those bytes are kept here, in order, not dropped. Past
+    :attr:`WINDOW` bytes held the link's reader waits for the session to take some
+    (backpressure, as the pump applies: the relay and the peer wait too), so what is
+    held stays bounded and a fast sender never ends the session.
 
     The session takes over only from an empty sink with no frame arriving into it
     (:meth:`settled`): a frame whose payload is still being read would otherwise land
     here after the session's own sink replaced this one, and be lost.
     """
 
-    LIMIT = 4 * 1024 * 1024
+    #: bytes held before the link's reader waits for the session to take some
+    WINDOW = 256 * 1024
 
     def __init__(self) -> None:
         self.items: list[bytes | EndMark] = []
+        #: bytes held (taken ones no longer count)
         self.size = 0
         #: a frame's payload is being read into this sink
         self.receiving = False
+        #: the link's reader waits for the session to take some bytes
+        self.waiting = False
         self._closed = False
         self._arrived = asyncio.Event()
+        self._taken = asyncio.Event()
 
     async def data(self, src: FramedConn, length: int) -> None:
-        self.size += length
-        if self.size > self.LIMIT:
-            raise wire.WireError("too-large", "peer sent too much before the session began")
         self.receiving = True
         try:
             payload = await src.read_payload(length)
@@ -635,14 +644,29 @@ class EarlySink(FrameSink):
             self.receiving = False
             self._arrived.set()
         self.items.append(payload)
+        self.size += length
+        if self.size <= self.WINDOW or self._closed:
+            return
+        self.waiting = True
+        try:
+            with src.stalling():  # a slow application is not a dead relay
+                while self.size > self.WINDOW and not self._closed:
+                    self._taken.clear()
+                    await self._taken.wait()
+        finally:
+            self.waiting = False
 
     async def eof(self, body: bytes = b"") -> None:
         self.items.append(EndMark(body))
         self._arrived.set()
 
     def take(self) -> bytes | EndMark:
-        """The oldest item held (there must be one)."""
-        return self.items.pop(0)
+        """The oldest item held (there must be one); makes room for the reader."""
+        item = self.items.pop(0)
+        if not isinstance(item, EndMark):
+            self.size -= len(item)
+            self._taken.set()
+        return item
 
     async def get(self, timeout: float) -> bytes | EndMark:
         while not self.items:
@@ -662,8 +686,10 @@ class EarlySink(FrameSink):
             await self._arrived.wait()
 
     def close(self) -> None:
-        """Given up (the link closed): nobody waits for a frame to land any more."""
+        """Given up (the link closed, the session replaced it): a reader held back by
+        a full window goes on (into whichever sink the link has now)."""
         self._closed = True
+        self._taken.set()
         self._arrived.set()
 
 
