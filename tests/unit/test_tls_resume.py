@@ -24,6 +24,7 @@ import pytest
 from kakehashi.core import stream
 from kakehashi.core.stream import Conn, ConnClosed, TLSConn, start_tls
 from kakehashi.core.tls import SessionCache, TicketKeys, client_context, server_context
+from kakehashi.core.tls import _dev_ca as tls_dev_ca
 
 #: TLS extension numbers (RFC 8446 section 4.2)
 EXT_PRE_SHARED_KEY = 41
@@ -184,6 +185,48 @@ def test_rotated_keys_refuse_older_tickets(home):
     assert not again.c.session_reused
     # and the fresh keys' own tickets resume
     assert Handshake(client, rotated, session=again.c.session).run().c.session_reused
+
+
+def test_a_certificate_unreadable_at_rotation_keeps_the_relay_serving(home, tmp_path):
+    """The keys rotate by building a fresh context from the certificate files, an hour
+    after the relay started. Files that cannot be read then (being renewed, moved
+    away) used to fail every handshake from that moment on (the relay logged it at
+    debug level), where it had served for an hour: the context in use goes on, issuing
+    no more tickets under its aging keys, and the rotation is tried again later - not
+    on every connection."""
+    now, builds = [0.0], []
+    cert, key = tls_files = _dev_files(home, tmp_path)
+
+    def build() -> ssl.SSLContext:
+        builds.append(now[0])
+        return server_context(cert, key, cache=False)
+
+    keys = TicketKeys(build, lifetime=60.0, clock=lambda: now[0])
+    client = _client(home)
+    first_ctx = keys.context()
+    for f in tls_files:
+        f.rename(f.with_name(f.name + ".renewing"))
+    now[0] = 60.0
+    for _ in range(3):  # several connections at the moment the files are missing
+        assert keys.context() is first_ctx
+    assert len(builds) == 2 and keys.rotations == 0
+    hs = Handshake(client, keys.context()).run()  # still served, in full
+    assert not hs.c.session.has_ticket  # no new ticket under the old keys
+    for f in tls_files:
+        f.with_name(f.name + ".renewing").rename(f)
+    now[0] = 60.0 + TicketKeys.RETRY
+    rotated = keys.context()
+    assert rotated is not first_ctx and keys.rotations == 1 and rotated.num_tickets == 1
+    assert Handshake(client, rotated).run().c.session.has_ticket
+
+
+def _dev_files(home: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the development certificate and key, as a relay's --cert and --key."""
+    cert, key = tls_dev_ca().issue(["localhost"])
+    copies = tmp_path / "relay.pem", tmp_path / "relay.key"
+    for src, dst in zip((cert, key), copies, strict=True):
+        dst.write_bytes(src.read_bytes())
+    return copies
 
 
 def test_one_ticket_per_handshake_and_none_when_off(home):

@@ -765,7 +765,16 @@ class TicketKeys:
     already open keep theirs.
 
     ``resume=False``: the contexts issue no tickets, so every handshake is a full one.
+
+    A rotation reads the certificate and key files again. Where they cannot be read
+    at that moment (being renewed, moved away) the context in use goes on serving -
+    it issues no more tickets under its keys, which are due - and the rotation is
+    tried again :attr:`RETRY` seconds later, not on every connection: a relay that
+    has served for an hour does not start refusing every handshake.
     """
+
+    #: seconds before a rotation that failed is tried again
+    RETRY = 60.0
 
     def __init__(self, build: Callable[[], ssl.SSLContext], *, resume: bool = True,
                  lifetime: float = TICKET_KEY_LIFETIME,
@@ -789,7 +798,16 @@ class TicketKeys:
     def context(self) -> ssl.SSLContext:
         """The context for a connection accepted now (rotated when its keys are due)."""
         if self.resume and self._clock() - self._since >= self.lifetime:
-            self._ctx = self._fresh()
+            try:
+                fresh = self._fresh()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.warning("cannot load the TLS certificate to rotate the session-ticket "
+                            "keys (%s): going on with the current ones, issuing no more "
+                            "tickets; trying again in %.0fs", exc, self.RETRY)
+                self._ctx.num_tickets = 0
+                self._since = self._clock() - self.lifetime + self.RETRY
+                return self._ctx
+            self._ctx = fresh
             self._since = self._clock()
             self.rotations += 1
             log.debug("TLS session-ticket keys rotated (%d)", self.rotations)
