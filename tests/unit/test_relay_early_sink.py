@@ -14,27 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import socket
-import struct
-import termios
 
 from kakehashi.core import wire
 from kakehashi.core.pump import forward_frames
 from kakehashi.core.stream import Conn, FramedConn
-from kakehashi.relay import messages as m
-from kakehashi.relay import terminal as t
-from kakehashi.relay.agent import EarlySink, EndMark, RelayLink, TerminalConfig, run_session
+from kakehashi.relay.agent import EarlySink, EndMark, run_session
+from tests.support.relay_link import paired_link, readable_bytes
 from tests.support.wait import async_wait_until
 
 #: far more than the sink held before it gave up (4 MiB) and than the socket buffers
 TOTAL = 12 * 1024 * 1024
 FRAME = 64 * 1024
-
-
-def _readable_bytes(sock: socket.socket) -> int:
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
 async def _no_ctrl(payload: bytes) -> bool:
@@ -133,19 +125,12 @@ async def _a_frame_arriving_while_the_session_takes_over_is_not_lost() -> None:
     rest = b"and the rest" * 1000
     session = None
     try:
-        link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
-        link.framed = FramedConn(Conn(mine))
-        link.t.login("u", "p")
-        link.t.receive(m.LoginOk(conn_id=1, token="tok", encryption="off", keepalive=15.0,
-                                 dead_after=45.0))
-        link.t.connect("bob")
-        info = link.t.receive(m.Result(req=1, ok=True, peer="bob"))
-        assert isinstance(info, t.Connected)
+        link, info = paired_link(mine)
         await link._dispatch(info)  # what the reader does with the result: an EarlySink
         link.reader = asyncio.ensure_future(link._read_loop())
         frame = wire.encode_frame(wire.FrameType.DATA, first)
         await loop.sock_sendall(relay, frame[:64 * 1024])  # the frame's first part only
-        await async_wait_until(lambda: _readable_bytes(mine) == 0,
+        await async_wait_until(lambda: readable_bytes(mine) == 0,
                                what="the link's reader waiting inside the frame")
         session = asyncio.ensure_future(run_session(link, Conn(app_sock), info,
                                                     initiator=True))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import socket
 
 from kakehashi.core import wire
-from kakehashi.core.stream import Conn, FramedConn
+from kakehashi.core.stream import Conn
 from kakehashi.relay import messages as m
-from kakehashi.relay import terminal as t
-from kakehashi.relay.agent import RelayLink, TerminalConfig, run_session
+from kakehashi.relay.agent import run_session
+from tests.support.relay_link import paired_link
 
 
 def _frames(sock: socket.socket) -> list[wire.Frame]:
@@ -30,14 +30,7 @@ async def _ended_before_the_session_began() -> None:
     client.sendall(b"hello")  # the application has spoken already
     client.shutdown(socket.SHUT_WR)
     try:
-        link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
-        link.framed = FramedConn(Conn(mine))
-        link.t.login("u", "p")
-        link.t.receive(m.LoginOk(conn_id=1, token="tok", encryption="off", keepalive=15.0,
-                                 dead_after=45.0))
-        link.t.connect("bob")
-        info = link.t.receive(m.Result(req=1, ok=True, peer="bob"))
-        assert isinstance(info, t.Connected)
+        link, info = paired_link(mine)
         # what the link's reader does before the caller starts the session: the
         # result, the target's end with its reason (answered with our release), and
         # the relay's release reply

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import socket
-import struct
-import termios
 
 from kakehashi.core.stream import Conn, FramedConn
 from kakehashi.relay import messages as m
 from kakehashi.relay.agent import RelayLink, TerminalConfig
+from tests.support.relay_link import readable_bytes
 from tests.support.wait import async_wait_until
-
-
-def _readable_bytes(sock: socket.socket) -> int:
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
 async def _messages_sent_together_go_in_one_write() -> None:
@@ -37,7 +31,7 @@ async def _messages_sent_together_go_in_one_write() -> None:
         await link.send(msgs)
         expected = b"".join(m.TERMINAL_CODEC.encode(x) for x in msgs)
         assert writes == [len(expected)]
-        assert _readable_bytes(relay) == len(expected)
+        assert readable_bytes(relay) == len(expected)
         assert relay.recv(4096) == expected
     finally:
         mine.close()
