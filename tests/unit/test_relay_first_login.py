@@ -11,6 +11,7 @@ otherwise wait a hundred login timeouts, holding their clients' sockets meanwhil
 from __future__ import annotations
 
 import asyncio
+import traceback
 
 import pytest
 
@@ -53,6 +54,9 @@ async def _a_burst_behind_a_failed_first_login_fails_with_it(mp: pytest.MonkeyPa
     for call in calls:
         exc = call.exception()
         assert isinstance(exc, RelayError) and exc.code == "closed", exc
+        # one failure shared, not re-raised from caller to caller: its traceback (and
+        # the frames it keeps alive) does not grow by a frame per caller
+        assert len(traceback.extract_tb(exc.__traceback__)) < BURST
 
 
 def test_a_burst_behind_a_failed_first_login_fails_with_it(

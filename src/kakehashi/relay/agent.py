@@ -996,8 +996,8 @@ class Terminal:
         #: no chain verification here (``resumed``/``full`` count the handshakes)
         self.tls_sessions = SessionCache() if cfg.tls_resume else None
         #: while no link is logged in, the login that goes first (:meth:`open_link`)
-        #: (its result: the error it failed with, None once it succeeded or was cancelled)
-        self._first_login: asyncio.Future[Exception | None] | None = None
+        #: (done when it is: with the error it failed with, which its waiters share)
+        self._first_login: asyncio.Future[None] | None = None
 
     # -- pool ---------------------------------------------------------------------
     def spawn(self, coro: Awaitable[object]) -> None:
@@ -1081,21 +1081,22 @@ class Terminal:
         one. Only a first login whose caller went away (cancelled) hands over to one
         of them."""
         while not self.links and self._first_login is not None:
-            failed = await asyncio.shield(self._first_login)
-            if failed is not None:
-                raise failed
+            # its failure raised here as a future's: each waiter's traceback starts
+            # from the failure's own, not from those of the waiters before it
+            await asyncio.shield(self._first_login)
         if self.links:
             return await self._open_link()
         first = self._first_login = asyncio.get_running_loop().create_future()
-        outcome: Exception | None = None
         try:
             return await self._open_link()
         except Exception as exc:  # (not a cancellation: that hands over)
-            outcome = exc
+            first.set_exception(exc)
+            first.exception()  # retrieved: nobody may be waiting
             raise
         finally:
             self._first_login = None
-            first.set_result(outcome)
+            if not first.done():
+                first.set_result(None)
 
     async def _open_link(self) -> RelayLink:
         tried = 0
