@@ -1,4 +1,5 @@
-"""Connections that close before the TLS handshake must not cost the relay memory.
+"""Connections that close before the TLS handshake, or right after a resumed one,
+must not cost the relay memory.
 
 A TLS relay used to keep every such connection's SSL object alive in a reference
 cycle (a failed handshake's traceback and the task that ran it), 45 MB per 1,000
@@ -10,7 +11,9 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import ssl
 
+from kakehashi.core import wire
 from tests.e2e.framework import Env
 from tests.support.wait import wait_until
 
@@ -59,4 +62,53 @@ def test_prehandshake_closes_leave_rss_flat(env: Env):
     assert growth < 0.10, (
         f"relay RSS grew {growth:.0%} ({base} kB -> {end} kB) over {ROUNDS} rounds of "
         f"{PER_ROUND} connections closed before the TLS handshake")
+    assert proc.alive
+
+
+def _resumed(port: int, ctx, session) -> ssl.SSLSocket:
+    """A link that resumes ``session`` and goes no further (no preamble, no login)."""
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                           server_hostname="localhost", session=session)
+    assert sock.session_reused
+    return sock
+
+
+def test_resumed_links_closed_before_login_leave_rss_and_fds_flat(env: Env):
+    """Links that resume the relay's TLS session (a ticket from its rotating keys) and
+    close before they log in - a terminal's spares cut off, a scanner replaying a
+    ticket - cost the relay nothing once closed: no state per ticket or per resumed
+    handshake stays behind."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < PER_ROUND + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    env.add_user("pi")
+    proc, port = env.relay(tls=True)
+    pid = proc.popen.pid
+    ctx = ssl.create_default_context(cafile=str(env.home / "ca" / "ca.pem"))
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                         server_hostname="localhost") as first:
+        first.sendall(wire.PREAMBLE)
+        assert first.recv(len(wire.PREAMBLE))  # the relay's first bytes bring its ticket
+        session = first.session
+    assert session is not None and session.has_ticket
+    baseline_fds = _open_fds(pid)
+
+    def round_() -> None:
+        socks = [_resumed(port, ctx, session) for _ in range(PER_ROUND)]
+        wait_until(lambda: _open_fds(pid) >= baseline_fds + PER_ROUND * 9 // 10, 60,
+                   what="the relay holding the round's resumed links")
+        for s in socks:
+            s.close()
+        wait_until(lambda: _open_fds(pid) <= baseline_fds, 60,
+                   what="the relay closing the round's resumed links")
+
+    round_()  # warm-up: the allocator's first growth
+    base = _status(pid, "VmRSS")
+    for _ in range(ROUNDS):
+        round_()
+    end = _status(pid, "VmRSS")
+    growth = (end - base) / base
+    assert growth < 0.10, (
+        f"relay RSS grew {growth:.0%} ({base} kB -> {end} kB) over {ROUNDS} rounds of "
+        f"{PER_ROUND} resumed links closed before login")
     assert proc.alive
