@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import ssl
+from collections.abc import Callable
 
 from kakehashi.core import wire
 from tests.e2e.framework import Env
@@ -33,76 +34,27 @@ def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _churn_round(port: int, pid: int, baseline_fds: int) -> None:
-    socks = [socket.create_connection(("127.0.0.1", port), timeout=10)
-             for _ in range(PER_ROUND)]
-    # the relay accepted (nearly) all of them before they close: it holds their state
-    wait_until(lambda: _open_fds(pid) >= baseline_fds + PER_ROUND * 9 // 10, 60,
-               what="the relay accepting the round's connections")
-    for s in socks:
-        s.close()
-    wait_until(lambda: _open_fds(pid) <= baseline_fds, 60,
-               what="the relay closing the round's connections")
-
-
-def test_prehandshake_closes_leave_rss_flat(env: Env):
+def _churn(proc, open_one: Callable[[], socket.socket], what: str) -> None:
+    """Rounds of ``PER_ROUND`` connections from ``open_one``, all held open at once,
+    then closed: the relay's fds come back after each round, and its RSS stays within
+    10% over ``ROUNDS`` rounds after a warm-up (the allocator's first growth)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < PER_ROUND + 200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    env.add_user("pi")
-    proc, port = env.relay(tls=True)
     pid = proc.popen.pid
-    baseline_fds = _open_fds(pid)
-    _churn_round(port, pid, baseline_fds)  # warm-up: the allocator's first growth
-    base = _status(pid, "VmRSS")
-    for _ in range(ROUNDS):
-        _churn_round(port, pid, baseline_fds)
-    end = _status(pid, "VmRSS")
-    growth = (end - base) / base
-    assert growth < 0.10, (
-        f"relay RSS grew {growth:.0%} ({base} kB -> {end} kB) over {ROUNDS} rounds of "
-        f"{PER_ROUND} connections closed before the TLS handshake")
-    assert proc.alive
-
-
-def _resumed(port: int, ctx, session) -> ssl.SSLSocket:
-    """A link that resumes ``session`` and goes no further (no preamble, no login)."""
-    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
-                           server_hostname="localhost", session=session)
-    assert sock.session_reused
-    return sock
-
-
-def test_resumed_links_closed_before_login_leave_rss_and_fds_flat(env: Env):
-    """Links that resume the relay's TLS session (a ticket from its rotating keys) and
-    close before they log in - a terminal's spares cut off, a scanner replaying a
-    ticket - cost the relay nothing once closed: no state per ticket or per resumed
-    handshake stays behind."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < PER_ROUND + 200:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    env.add_user("pi")
-    proc, port = env.relay(tls=True)
-    pid = proc.popen.pid
-    ctx = ssl.create_default_context(cafile=str(env.home / "ca" / "ca.pem"))
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
-                         server_hostname="localhost") as first:
-        first.sendall(wire.PREAMBLE)
-        assert first.recv(len(wire.PREAMBLE))  # the relay's first bytes bring its ticket
-        session = first.session
-    assert session is not None and session.has_ticket
     baseline_fds = _open_fds(pid)
 
     def round_() -> None:
-        socks = [_resumed(port, ctx, session) for _ in range(PER_ROUND)]
+        socks = [open_one() for _ in range(PER_ROUND)]
+        # the relay accepted (nearly) all of them before they close: it holds their state
         wait_until(lambda: _open_fds(pid) >= baseline_fds + PER_ROUND * 9 // 10, 60,
-                   what="the relay holding the round's resumed links")
+                   what="the relay accepting the round's connections")
         for s in socks:
             s.close()
         wait_until(lambda: _open_fds(pid) <= baseline_fds, 60,
-                   what="the relay closing the round's resumed links")
+                   what="the relay closing the round's connections")
 
-    round_()  # warm-up: the allocator's first growth
+    round_()
     base = _status(pid, "VmRSS")
     for _ in range(ROUNDS):
         round_()
@@ -110,5 +62,37 @@ def test_resumed_links_closed_before_login_leave_rss_and_fds_flat(env: Env):
     growth = (end - base) / base
     assert growth < 0.10, (
         f"relay RSS grew {growth:.0%} ({base} kB -> {end} kB) over {ROUNDS} rounds of "
-        f"{PER_ROUND} resumed links closed before login")
+        f"{PER_ROUND} {what}")
     assert proc.alive
+
+
+def test_prehandshake_closes_leave_rss_flat(env: Env):
+    env.add_user("pi")
+    proc, port = env.relay(tls=True)
+    _churn(proc, lambda: socket.create_connection(("127.0.0.1", port), timeout=10),
+           "connections closed before the TLS handshake")
+
+
+def test_resumed_links_closed_before_login_leave_rss_and_fds_flat(env: Env):
+    """Links that resume the relay's TLS session (a ticket from its rotating keys) and
+    close before they log in - a terminal's spares cut off, a scanner replaying a
+    ticket - cost the relay nothing once closed: no state per ticket or per resumed
+    handshake stays behind."""
+    env.add_user("pi")
+    proc, port = env.relay(tls=True)
+    ctx = ssl.create_default_context(cafile=str(env.home / "ca" / "ca.pem"))
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                         server_hostname="localhost") as first:
+        first.sendall(wire.PREAMBLE)
+        assert first.recv(len(wire.PREAMBLE))  # the relay's first bytes bring its ticket
+        session = first.session
+    assert session is not None and session.has_ticket
+
+    def resumed() -> socket.socket:
+        """A link that resumes the session and goes no further (no preamble, no login)."""
+        sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                               server_hostname="localhost", session=session)
+        assert sock.session_reused
+        return sock
+
+    _churn(proc, resumed, "resumed links closed before login")
