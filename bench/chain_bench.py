@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -84,7 +85,14 @@ while True:
 
 
 def throughput(port: int | tuple[str, int], seconds: float, window: int = 64, size: int = 512,
-               sock: socket.socket | None = None) -> float:
+               sock: socket.socket | None = None, pattern: str = "burst") -> float:
+    """Datagrams per second both ways, ``window`` of them in flight.
+
+    ``burst``: ``window`` sent, then their echoes awaited, in lock step: every burst
+    crosses the path and comes back before the next leaves, so the processes on the
+    way take turns (a latency-bound figure). ``sliding``: each echo received sends the
+    next datagram, so ``window`` stay in flight all the time and the processes on the
+    way work at once, as under a steady stream (a media flow, a QUIC transfer)."""
     s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     s.settimeout(1)
@@ -93,7 +101,26 @@ def throughput(port: int | tuple[str, int], seconds: float, window: int = 64, si
     done = 0
     end = time.perf_counter() + seconds
     t0 = time.perf_counter()
-    while time.perf_counter() < end:
+    if pattern == "sliding":
+        for _ in range(window):
+            s.sendto(pad, dst)
+        recv, sendto, clock = s.recv, s.sendto, time.perf_counter
+        while clock() < end:
+            try:
+                for _ in range(window):
+                    recv(65535)
+                    done += 1
+                    sendto(pad, dst)
+            except TimeoutError:  # a datagram lost: put the window back in flight
+                for _ in range(window):
+                    sendto(pad, dst)
+        with contextlib.suppress(TimeoutError):  # what is still in flight at the end
+            s.settimeout(0.2)
+            for _ in range(window):
+                recv(65535)
+                done += 1
+        s.settimeout(1)
+    while pattern == "burst" and time.perf_counter() < end:
         for _ in range(window):
             s.sendto(pad, dst)
         try:
@@ -152,6 +179,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="throughput per row and round")
     ap.add_argument("--pings", type=int, default=2000, help="latency samples per row and round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pattern", choices=["burst", "sliding"], default="burst",
+                    help="throughput load: bursts of --window in lock step, or --window "
+                         "always in flight (each echo sends the next)")
+    ap.add_argument("--window", type=int, default=64, help="datagrams in flight")
     ap.add_argument("--setups", type=int, default=100)
     ap.add_argument("--only", default="", help=f"comma-separated rows of {ROWS} "
                                                "(socat always comes along)")
@@ -291,7 +322,8 @@ def main() -> int:
                 ends = sealing.get(name, ())
                 cpu0 = [cpu_seconds(p) for p in ends]
                 t0 = time.monotonic()
-                rate = throughput(dst, args.seconds, sock=sock)
+                rate = throughput(dst, args.seconds, sock=sock, window=args.window,
+                                  pattern=args.pattern)
                 if ends:
                     moved = rate * (time.monotonic() - t0)
                     seal_cpu[name].append(tuple(  # type: ignore[arg-type]
@@ -377,7 +409,8 @@ def main() -> int:
     print(f"\ndefault proxies (no --fast-path): {default_path}")
     print(f"\n{machine()}; kakehashi {source_version()}; load average {load0} at the "
           f"start, {load} at the end; {args.rounds} interleaved rounds of {args.seconds:g} s "
-          f"and {args.pings} pings per row; medians\n")
+          f"and {args.pings} pings per row; throughput load: {args.pattern}, window "
+          f"{args.window}; medians\n")
     # the target is met where rate / socat >= 1 and p50, p99 / socat <= 1
     print(table(["path (3 hops)", "datagrams/s", "p50 µs", "p99 µs", "rate / socat x3",
                  "p50 / socat x3", "p99 / socat x3"], rows))
