@@ -233,6 +233,24 @@ class Env:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
+    def pairs(self, at_least: int = 1, timeout: float = 15.0) -> list[dict]:
+        """The relay's pair entries, once at least ``at_least`` are written: a
+        pairing's entry is written just past the session's setup (``AuditLog.record_soon``),
+        so a session that has carried bytes may not be in the file yet. ``at_least=0``
+        reads the file as it is (for "no pairing at all", after what would have paired)."""
+        from tests.support.wait import wait_until
+
+        def found() -> list[dict]:
+            return [a for a in self.audit() if a["event"] == "pair"]
+
+        def enough() -> list[dict] | None:
+            pairs = found()
+            return pairs if len(pairs) >= at_least else None
+
+        if at_least <= 0:
+            return found()
+        return wait_until(enough, timeout, what=f"{at_least} pair entries in the audit log")
+
 
 # -- mock servers -------------------------------------------------------------------
 class EchoServer:

@@ -39,5 +39,4 @@ def test_200_concurrent_sessions(env, echo):
     assert all(results), f"{results.count(False)} of 200 sessions failed"
     assert echo.connections >= 200
     # every session was a separate pairing recorded by the relay
-    pairs = [a for a in env.audit() if a["event"] == "pair"]
-    assert len(pairs) >= 200
+    assert len(env.pairs(200)) >= 200

@@ -47,8 +47,8 @@ def _sent_before_accept(proc, port: int, payload: bytes) -> bytes:
     return got
 
 
-def _pairs(env) -> list[dict]:
-    return [a for a in env.audit() if a["event"] == "pair"]
+def _pairs(env, at_least: int = 1) -> list[dict]:
+    return env.pairs(at_least)
 
 
 @pytest.mark.parametrize("flow", list(FLOWS))
@@ -66,10 +66,10 @@ def test_first_bytes_go_with_the_request_where_the_relay_never_instructs(
     for i in range(3):
         payload = f"first bytes {i}".encode()
         assert _sent_before_accept(conn, local, payload) == payload
-    early = [p["early"] for p in _pairs(env)]
+    early = [p["early"] for p in _pairs(env, 3)]
     # only under the policy, with early data on: the relay said so at login
     assert early == ([len(b"first bytes 0")] * 3 if case == "refuse" else [0] * 3), early
-    assert not any(p["encrypted"] for p in _pairs(env))
+    assert not any(p["encrypted"] for p in _pairs(env, 3))
     big = os.urandom(200_000)  # more than a request carries: the rest follows as data
     assert roundtrip(local, big) == big
     sent, got, n = stream_through(local, 4 << 20)
@@ -92,7 +92,7 @@ def test_a_target_that_requires_encryption_refuses_and_its_service_gets_nothing(
         wait_until(lambda i=i: conn.output().count("does not upgrade") > i, timeout=15)
     assert "pi requires encryption" in conn.output()
     assert echo.connections == 0  # not a byte, not even a connection
-    assert not _pairs(env)
+    assert not _pairs(env, 0)
     refused = [a for a in env.audit() if a["event"] == "connect" and a["decision"] == "deny"]
     assert [a["why"] for a in refused] == ["encryption-required"] * 2, refused
 

@@ -88,7 +88,7 @@ def test_sessions_in_both_modes(env, echo, mode):
         assert _read_to_end(greet) == Greeter.GREETING
         assert _read_to_end(greet, b"ignored") == Greeter.GREETING
         conn.wait_for(f"cipher {CIPHER[mode]}")
-        pairs = [a for a in env.audit() if a.get("event") == "pair"]
+        pairs = env.pairs()
         assert pairs and {a.get("cipher") for a in pairs} == {CIPHER[mode]}
     finally:
         greeter.close()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 
 import pytest
 
+from kakehashi.core import audit as audit_module
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.logs import JSONFormatter
+from tests.support.wait import async_wait_until
 
 
 @pytest.fixture
@@ -51,3 +54,38 @@ def test_with_a_file_decisions_go_to_the_file_only(captured, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [x["decision"] for x in lines] == ["allow", "deny"]
     assert buf.getvalue() == "" and audit.counts == {"allow": 1, "deny": 1}
+
+
+async def test_an_entry_recorded_soon_is_held_past_the_step_and_keeps_its_place(
+        tmp_path, monkeypatch):
+    """The relay records a pairing in the middle of its setup (issue 12): the entry
+    is counted at once but written a moment later, never out of order with the
+    decisions recorded after it, and not lost when the log closes."""
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, system="relay")
+
+    def events() -> list[str]:
+        return [json.loads(x)["event"] for x in path.read_text().splitlines()]
+
+    monkeypatch.setattr(audit_module, "SOON", 60.0)  # (a stalled loop does not matter)
+    audit.record_soon("pair", True, conns=[1, 2])
+    assert audit.counts == {"allow": 1, "deny": 0}
+    for _ in range(3):  # the rest of the step and the loop's next turns
+        await asyncio.sleep(0)
+    assert events() == []
+    audit.record("login", False, why="bad-password")  # a later decision: written after it
+    assert events() == ["pair", "login"]
+    monkeypatch.setattr(audit_module, "SOON", 0.01)
+    audit.record_soon("pair", True, conns=[3, 4])
+    await async_wait_until(lambda: events() == ["pair", "login", "pair"],
+                           what="the held entry written by its timer")
+    audit.record_soon("pair", True, conns=[5, 6])
+    audit.close()
+    assert events() == ["pair", "login", "pair", "pair"]
+    assert json.loads(path.read_text().splitlines()[-1])["conns"] == [5, 6]
+
+
+def test_outside_a_loop_an_entry_recorded_soon_is_written_at_once(tmp_path):
+    audit = AuditLog(tmp_path / "audit.jsonl", system="relay")
+    audit.record_soon("pair", True)
+    assert json.loads((tmp_path / "audit.jsonl").read_text())["event"] == "pair"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 
 from kakehashi.core.stream import Conn, FramedConn
+from kakehashi.relay import agent
 from kakehashi.relay import messages as m
 from kakehashi.relay.agent import RelayLink, TerminalConfig
 from tests.support.relay_link import readable_bytes
@@ -232,3 +234,20 @@ async def _no_spare_is_opened_while_a_session_is_set_up() -> None:
 
 def test_no_spare_is_opened_while_a_session_is_set_up(run) -> None:
     run(_no_spare_is_opened_while_a_session_is_set_up())
+
+
+async def test_session_info_lines_wait_until_the_setup_is_over(monkeypatch, caplog):
+    """The info lines about a session being set up ("session from ...: cipher ...")
+    are written :data:`agent.SETUP_GRACE` later, not in the step that starts the
+    session nor on the loop's next turns, which are still inside the setup: there its
+    first reply waits for this process (issue 12)."""
+    monkeypatch.setattr(agent, "SETUP_GRACE", 60.0)  # (a stalled loop does not matter)
+    caplog.set_level(logging.INFO, logger="kakehashi.relay.agent")
+    agent._log_soon("session %s %s: cipher %s", "to", "pi", m.CIPHER_SESSION)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not [r for r in caplog.records if r.name == "kakehashi.relay.agent"]
+    monkeypatch.setattr(agent, "SETUP_GRACE", 0.01)
+    agent._log_soon("session %s %s: cipher %s", "from", "laptop", m.CIPHER_SESSION)
+    await async_wait_until(lambda: any("session from laptop" in r.getMessage()
+                                       for r in caplog.records), what="the info line")

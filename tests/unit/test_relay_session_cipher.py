@@ -165,3 +165,17 @@ def test_peer_lost_under_the_session_cipher_ends_with_a_fin_not_a_message():
     acts = r.cu.connection_lost(a, 0.0)
     assert Shut(b) in acts
     assert not [x for x in acts if isinstance(x, Send) and x.conn == b]
+
+
+def test_the_pairings_audit_entry_is_written_past_the_setup():
+    """The pair entry is decided with the pairing, but written once the first reply is
+    through (``Audit.soon``: :meth:`AuditLog.record_soon`), not in the step that sends
+    the result (issue 12); a refusal is written at once."""
+    r = Relay()
+    b = r.login("pi")
+    a = r.login("laptop")
+    _, paired = r.session(a, b)
+    audit = next(x for x in paired if type(x).__name__ == "Audit" and x.event == "pair")
+    assert audit.soon
+    refused = r.cu.receive(a, m.ConnectRequest(req=2, target="nobody"), 0.0)
+    assert [x.soon for x in refused if type(x).__name__ == "Audit"] == [False]

@@ -791,10 +791,17 @@ def _handshake_item(item: bytes | EndMark) -> bytes:
 
 
 def _log_soon(msg: str, *args: object) -> None:
-    """An info line written on the loop's next turn, not now: at the start of a session
-    the first bytes (early data, a reply that came with the result) go out first, and
-    a log write is not on the setup path (the setup trace, docs/benchmarks.md)."""
-    asyncio.get_running_loop().call_soon(functools.partial(log.info, msg, *args))
+    """An info line about a session being set up, written :data:`SETUP_GRACE` later,
+    once its first bytes went both ways.
+
+    Not now, and not on the loop's next turn either: that turn is still inside the
+    setup, in which the session's first reply waits for this process (the agent
+    reads it from the service and seals it; ``relay connect`` opens it and writes it
+    to the client), and a log line (a record, its formatting, a write) cost up to
+    0.3 ms of it there (issue 12, a profile of the setup window)."""
+    if log.isEnabledFor(logging.INFO):
+        asyncio.get_running_loop().call_later(SETUP_GRACE,
+                                              functools.partial(log.info, msg, *args))
 
 
 async def run_session(link: RelayLink, app: Conn,

@@ -135,6 +135,9 @@ class Audit:
     event: str
     allow: bool
     fields: dict[str, object]
+    #: a decision in the middle of a session's setup (a pairing): its entry is written
+    #: a moment later, past the first reply (:meth:`AuditLog.record_soon`)
+    soon: bool = False
 
 
 # -- cluster actions (relay federation; see :mod:`kakehashi.relay.federation`) ---------
@@ -1154,7 +1157,7 @@ class ControlUnit:
                 "cipher": m.CIPHER_SESSION if keys else
                 ("tls" if req_conn.encrypted and conn.encrypted else "mixed"),
                 "conns": [req_conn.id, conn.id],
-            }),  # written after the result is on its way (off the setup path)
+            }, soon=True),  # written once the first reply is through (off the setup path)
         ]
 
     def _on_Refuse(self, conn: Connection, msg: m.Refuse, now: float) -> list[object]:
@@ -1493,7 +1496,7 @@ class ControlUnit:
                 "encrypted": msg.encrypt, "e2e": msg.e2e, "via": trunk.trunk,
                 "hops_tls": [req_conn.encrypted, trunk.link_encrypted],
                 "conns": [req_conn.id, trunk.id],
-            }),
+            }, soon=True),
         ]
 
     # -- relay federation: the called side of an inter-node link ---------------------

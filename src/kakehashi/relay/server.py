@@ -195,6 +195,7 @@ class RelayServer:
         for link in list(self.links.values()):
             link.framed.conn.close()
         self.checker.close()
+        self.audit.flush()  # (entries held back past a setup: record_soon)
 
     def now(self) -> float:
         return time.monotonic()
@@ -465,7 +466,8 @@ class RelayServer:
                 self._enqueue(action.conn, _Raw(wire.encode_frame(
                     wire.FrameType.DATA, action.data)), 0.0)
             elif isinstance(action, Audit):
-                self.audit.record(action.event, action.allow, **action.fields)
+                record = self.audit.record_soon if action.soon else self.audit.record
+                record(action.event, action.allow, **action.fields)
             elif isinstance(action, LeaveTLS):
                 link = self.links.get(action.conn)
                 if link is not None:
