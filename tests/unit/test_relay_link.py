@@ -206,13 +206,16 @@ async def _no_spare_is_opened_while_a_session_is_set_up() -> None:
     maintainer = asyncio.create_task(term.maintain())
     try:
         await async_wait_until(lambda: looked >= 2, what="the pool looked at")
+        await async_wait_until(lambda: not term._changed.is_set(),
+                               what="the maintainer waiting")
+        parked = False
         link, _ = await term.connect("pi")
-        before = looked
-        # the maintainer saw the link taken (it counts the idle links again) ...
-        await async_wait_until(lambda: looked >= before + 2, what="the pool looked again")
-        # ... and waits for the setup instead of opening a spare
-        await async_wait_until(lambda: parked, what="the pool waiting for the setup")
-        assert opened == [], "a spare was opened in the middle of a setup"
+        # an idle spare is left: the maintainer is not even woken in the middle of the
+        # setup (it would only wait for it), and opens no spare
+        assert not term._changed.is_set(), "the maintainer was woken by the setup"
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not parked and opened == [], "the pool acted in the middle of a setup"
         # ... and opens the spare once the session carries bytes both ways
         session = Session(link)  # type: ignore[arg-type]
         link.session = session  # as run_session does
@@ -251,3 +254,18 @@ async def test_session_info_lines_wait_until_the_setup_is_over(monkeypatch, capl
     agent._log_soon("session %s %s: cipher %s", "from", "laptop", m.CIPHER_SESSION)
     await async_wait_until(lambda: any("session from laptop" in r.getMessage()
                                        for r in caplog.records), what="the info line")
+
+
+def test_the_pool_hears_once_that_links_are_used_up() -> None:
+    """The first session under the session cipher tells the pool that links no longer
+    come back (it stops settling); later ones do not wake it again in the middle of
+    their setup (issue 12)."""
+    from kakehashi.relay.agent import Terminal
+
+    term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+    assert not term.sessions_close_links
+    term.links_used_up()
+    assert term.sessions_close_links and term._changed.is_set()
+    term._changed.clear()
+    term.links_used_up()
+    assert not term._changed.is_set()

@@ -827,10 +827,7 @@ async def run_session(link: RelayLink, app: Conn,
     # of each direction too (the hops leave TLS right after the pairing)
     issued = bool(info.cipher) and not info.e2e
     if issued and link.owner is not None:
-        link.owner.sessions_close_links = True
-        # this link will not come back: a new spare, opened once this session is set
-        # up (Terminal.maintain), not in the middle of it
-        link.owner.changed()
+        link.owner.links_used_up()
     if initiator and getattr(info, "early", 0):
         session.carried(sent=True)  # the first bytes went with the request
     _log_soon("session %s %s: cipher %s", "to" if initiator else "from", info.peer,
@@ -1041,7 +1038,7 @@ class Terminal:
 
     async def on_incoming(self, link: RelayLink, ev: t.IncomingRequest) -> None:
         self._setting_up.add(link)
-        self._changed.set()  # one fewer idle link: refill a spare
+        self._taken()  # one fewer idle link: refill a spare
         try:
             if self._accept is None:
                 await link.send(link.t.refuse("this terminal does not accept connections"))
@@ -1049,6 +1046,26 @@ class Terminal:
             await self._accept(link, ev)
         finally:
             self.setup_over(link)
+
+    def links_used_up(self) -> None:
+        """A session runs under the session cipher here: its link will not come back
+        (:attr:`sessions_close_links`), so the pool settles no more and opens a new
+        spare once this session is set up (:meth:`maintain`). :meth:`maintain` is told
+        the first time only; at every session it was a wake-up in the middle of the
+        setup for nothing (it waits for the setup, :meth:`_setups_over`)."""
+        if not self.sessions_close_links:
+            self.sessions_close_links = True
+            self._changed.set()
+
+    def _taken(self) -> None:
+        """A link was taken for a session: wake :meth:`maintain` if it has something to
+        do now. Where links are used up (:meth:`_links_come_back` False) it would only
+        wait for this setup while an idle link is left (:meth:`_setups_over`), and
+        :meth:`setup_over` wakes it then: waking it now cost the setup a task step, a
+        ``wait_for`` and its timer in this process, 0.1-0.2 ms (issue 12, a profile of
+        the setup window). With no idle link left (a burst) it opens a spare now."""
+        if self._links_come_back() or not self.idle_links():
+            self._changed.set()
 
     def idle_links(self) -> list[RelayLink]:
         return [link for link in self.links if link.idle]
@@ -1225,7 +1242,7 @@ class Terminal:
     async def acquire(self) -> RelayLink:
         for link in self.idle_links():
             link.reserved = True
-            self._changed.set()
+            self._taken()
             return link
         link = await self.open_link()
         link.reserved = True
