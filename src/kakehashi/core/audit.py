@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from kakehashi.core import logs
+
 log = logging.getLogger("kakehashi.audit")
 
 #: seconds :meth:`AuditLog.record_soon` holds an entry: past a session's setup (its
@@ -138,6 +140,8 @@ class AuditLog:
     def _write(self, entry: dict[str, Any]) -> None:
         if self._fh is not None:
             self._fh.write(json.dumps(entry, default=str) + "\n")
+        elif logs.audit_writer is not None and _direct(log):
+            logs.audit_writer(entry)  # the same line, without the logging machinery
         else:
             # the JSON log formatter takes ``audit`` as fields of its own line; a text
             # log shows the same JSON as the message (encoded only if shown)
@@ -148,6 +152,19 @@ class AuditLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _direct(logger: logging.Logger) -> bool:
+    """Whether the only handler an audit record would reach is the one
+    :func:`logs.setup_logging` installed (so its direct writer writes the same line)."""
+    handlers: list[logging.Handler] = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        handlers += node.handlers
+        if not node.propagate:
+            break
+        node = node.parent  # type: ignore[assignment]
+    return len(handlers) == 1 and getattr(handlers[0], "kakehashi_audit_direct", False)
 
 
 class _Line:
