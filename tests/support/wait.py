@@ -49,6 +49,25 @@ async def async_wait_until(predicate: Callable[[], T], timeout: float = 10.0, *,
         await asyncio.sleep(0.005)
 
 
+async def loop_turns(turns: int = 3) -> None:
+    """Until the running loop has gone round ``turns`` times: a callback handed on
+    with ``call_soon`` that many times has run. For a test that shows something does
+    *not* happen in the current step nor on the loop's next turns (what ``call_soon``
+    or a finished I/O wait would run), without sleeping for a time."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def hop(left: int) -> None:
+        if left <= 0:
+            if not done.done():
+                done.set_result(None)
+            return
+        loop.call_soon(hop, left - 1)
+
+    loop.call_soon(hop, turns - 1)
+    await done
+
+
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
     """Wait until something accepts TCP connections on ``host:port``."""
     def accepts() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -12,7 +11,7 @@ import pytest
 from kakehashi.core import audit as audit_module
 from kakehashi.core.audit import AuditLog
 from kakehashi.core.logs import JSONFormatter
-from tests.support.wait import async_wait_until
+from tests.support.wait import async_wait_until, loop_turns
 
 
 @pytest.fixture
@@ -70,8 +69,7 @@ async def test_an_entry_recorded_soon_is_held_past_the_step_and_keeps_its_place(
     monkeypatch.setattr(audit_module, "SOON", 60.0)  # (a stalled loop does not matter)
     audit.record_soon("pair", True, conns=[1, 2])
     assert audit.counts == {"allow": 1, "deny": 0}
-    for _ in range(3):  # the rest of the step and the loop's next turns
-        await asyncio.sleep(0)
+    await loop_turns(3)  # the rest of the step and the loop's next turns
     assert events() == []
     audit.record("login", False, why="bad-password")  # a later decision: written after it
     assert events() == ["pair", "login"]

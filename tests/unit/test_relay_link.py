@@ -12,7 +12,7 @@ from kakehashi.relay import agent
 from kakehashi.relay import messages as m
 from kakehashi.relay.agent import RelayLink, TerminalConfig
 from tests.support.relay_link import readable_bytes
-from tests.support.wait import async_wait_until
+from tests.support.wait import async_wait_until, loop_turns
 
 
 async def _messages_sent_together_go_in_one_write() -> None:
@@ -213,8 +213,7 @@ async def _no_spare_is_opened_while_a_session_is_set_up() -> None:
         # an idle spare is left: the maintainer is not even woken in the middle of the
         # setup (it would only wait for it), and opens no spare
         assert not term._changed.is_set(), "the maintainer was woken by the setup"
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await loop_turns(3)
         assert not parked and opened == [], "the pool acted in the middle of a setup"
         # ... and opens the spare once the session carries bytes both ways
         session = Session(link)  # type: ignore[arg-type]
@@ -247,8 +246,7 @@ async def test_session_info_lines_wait_until_the_setup_is_over(monkeypatch, capl
     monkeypatch.setattr(agent, "SETUP_GRACE", 60.0)  # (a stalled loop does not matter)
     caplog.set_level(logging.INFO, logger="kakehashi.relay.agent")
     agent._log_soon("session %s %s: cipher %s", "to", "pi", m.CIPHER_SESSION)
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await loop_turns(3)
     assert not [r for r in caplog.records if r.name == "kakehashi.relay.agent"]
     monkeypatch.setattr(agent, "SETUP_GRACE", 0.01)
     agent._log_soon("session %s %s: cipher %s", "from", "laptop", m.CIPHER_SESSION)
