@@ -159,7 +159,8 @@ async def _relay_attach(mux: Any, db: str, audit_log: str | None) -> None:
     from kakehashi.relay.users import RelayUsers
 
     registry = RelayUsers(open_store(db))
-    server = RelayServer(registry, tls=None, starttls=tls.server_context(),
+    tickets = tls.TicketKeys(lambda: tls.server_context(cache=False))  # (keys rotate)
+    server = RelayServer(registry, tls=None, starttls=tickets.context(), tickets=tickets,
                          audit=AuditLog(audit_log, system="relay"))
     await server.attach()
     mux.add("relay", prefix_matcher(wire.MAGIC), server.handle_connection)

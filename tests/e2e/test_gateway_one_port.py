@@ -102,6 +102,33 @@ def test_tls_on_refuses_plaintext_and_off_refuses_tls(env):
         assert [r.target for r in o.requests] == ["/hello", "/hello"]
 
 
+def test_tls_listener_resumes_sessions_under_its_rotating_ticket_keys(env):
+    """``--tls on`` issues session tickets from keys that rotate (core/tls.TicketKeys):
+    a client's next connection resumes its session, and a tampered-with ticket does not
+    (tests/unit/test_mux.py: a rotation refuses older tickets)."""
+    with origin() as o:
+        _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-resume")
+        ctx = ssl.create_default_context(cafile=str(ca_path()))
+
+        def get(session: ssl.SSLSession | None) -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", gw), timeout=20)
+            s = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+            s.sendall(f"GET {o.url}/hello HTTP/1.1\r\nHost: {o.url[7:]}\r\n"
+                      "Connection: close\r\n\r\n".encode())
+            reply = b""
+            while piece := s.recv(4096):
+                reply += piece
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+            return s
+
+        first = get(None)
+        assert not first.session_reused and first.session.has_ticket
+        second = get(first.session)
+        assert second.session_reused
+        for s in (first, second):
+            s.close()
+
+
 class _CountingSink:
     """A target that reads until the client's half-close, then answers the byte count
     (8 bytes) and closes: what a request-then-reply protocol does through a tunnel."""

@@ -84,3 +84,35 @@ def test_client_certificates_at_the_edge(env, device):
     assert BODY not in res.stdout
     d = denial(od, g2["id"])
     assert d["reason"] == "certificate" and "pin" in d["detail"]
+
+
+def test_the_edge_resumes_a_clients_session_and_still_checks_its_pin(env, device):
+    """A grant's TLS leg issues tickets from keys that rotate (core/tls.TicketKeys): a
+    client's next connection resumes, and the pinned certificate is checked on the
+    resumed connection as on the first."""
+    import socket
+    import ssl
+
+    od = OnDemand(env).start()
+    ca_pem, alice_pem, alice_key = client_cert(env.root, "alice")
+    aid = od.cli("auth-info", "add", "--ca", str(ca_pem), "--pin", str(alice_pem))["id"]
+    g = od.grant(f"{IMSI}:{device}", "--ttl", "60s", "--tls", "--auth-info", aid)
+    ctx = ssl.create_default_context(cafile=str(env.home / "ca" / "ca.pem"))
+    ctx.load_cert_chain(alice_pem, alice_key)
+
+    def get(session: ssl.SSLSession | None) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", g["port"]), timeout=20)
+        s = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = b""
+        while piece := s.recv(4096):
+            reply += piece
+        assert reply.endswith(BODY), reply[:200]
+        return s
+
+    first = get(None)
+    second = get(first.session)
+    assert not first.session_reused and second.session_reused
+    for s in (first, second):
+        s.close()
+    assert not [e for e in od.events(g["id"]) if e["event"] == "denied"]

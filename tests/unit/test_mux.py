@@ -225,3 +225,34 @@ async def test_a_burst_of_connections_is_accepted_and_the_limit_still_holds():
             c.close()
     finally:
         await listener.close()
+
+
+async def test_tls_tickets_of_rotated_keys_are_not_taken_back(tmp_path, monkeypatch):
+    """A listener's TLS from a :class:`tls.TicketKeys` (the gateway's ``--tls`` and the
+    relay it carries): a client's second connection resumes its first session; once the
+    keys are due, a new context answers and the old ticket gets a full handshake (a
+    context's own keys would otherwise last as long as the process)."""
+    monkeypatch.setenv("KAKEHASHI_HOME", str(tmp_path))
+    now = [0.0]
+    keys = tls.TicketKeys(lambda: tls.server_context(cache=False), lifetime=60.0,
+                          clock=lambda: now[0])
+    listener, port = await _serve(_mux(keys))
+    client, cache = tls.client_context(tls.DevCA().ca_path, cache=False), tls.SessionCache()
+
+    async def one() -> bool:
+        conn = await open_tcp("127.0.0.1", port)
+        conn = await start_tls(conn, client, server_side=False, server_hostname="localhost",
+                               sessions=cache)
+        await conn.send_all(b"KKH\x01x")
+        assert await asyncio.wait_for(conn.recv(200), 5) == b"relay:KKH\x01x"
+        conn.keep_session()  # (the tickets came before the reply)
+        conn.close()
+        return conn.resumed
+
+    try:
+        assert [await one(), await one()] == [False, True]
+        now[0] = 61.0
+        assert [await one(), await one()] == [False, True]
+        assert keys.rotations == 1 and (cache.full, cache.resumed) == (2, 2)
+    finally:
+        await listener.close()

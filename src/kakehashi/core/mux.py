@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from kakehashi.core import tlsmismatch
 from kakehashi.core.stream import Conn, ConnClosed, Held, StartNow, refuse, start_tls
+from kakehashi.core.tls import ServerTLS, context_now
 
 log = logging.getLogger("kakehashi.mux")
 
@@ -62,7 +63,7 @@ class Route:
 
 
 class ProtocolMux:
-    def __init__(self, *, tls: ssl.SSLContext | None = None, sniff_bytes: int = SNIFF_BYTES,
+    def __init__(self, *, tls: ServerTLS | None = None, sniff_bytes: int = SNIFF_BYTES,
                  timeout: float = 10.0) -> None:
         self.tls = tls
         self.sniff_bytes = sniff_bytes
@@ -128,7 +129,8 @@ class ProtocolMux:
                 async with asyncio.timeout(self.timeout):
                     head = await self._peek(conn)
             if self.tls is not None and head[:1] == bytes([TLS_RECORD_HANDSHAKE]):
-                conn = await start_tls(conn, self.tls, server_side=True, timeout=self.timeout)
+                conn = await start_tls(conn, context_now(self.tls), server_side=True,
+                                     timeout=self.timeout)
                 async with asyncio.timeout(self.timeout):
                     head = await self._read_ahead(conn)
             elif self.require_tls:

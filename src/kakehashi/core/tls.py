@@ -55,8 +55,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
     import msvcrt
 
-__all__ = ["DevCA", "SessionCache", "TicketKeys", "client_context", "default_names",
-           "server_context"]
+__all__ = ["DevCA", "ServerTLS", "SessionCache", "TicketKeys", "client_context",
+           "context_now", "default_names", "server_context"]
 
 log = logging.getLogger("kakehashi.tls")
 
@@ -812,6 +812,17 @@ class TicketKeys:
             self.rotations += 1
             log.debug("TLS session-ticket keys rotated (%d)", self.rotations)
         return self._ctx
+
+
+#: what a TLS server takes its contexts from: a fixed context, or one whose ticket keys
+#: rotate (:class:`TicketKeys`; every long-lived listener that issues tickets uses one)
+ServerTLS = ssl.SSLContext | TicketKeys
+
+
+def context_now(source: ServerTLS) -> ssl.SSLContext:
+    """The context for a server handshake starting now: the current one of a
+    :class:`TicketKeys` (rotated when its keys are due), or ``source`` itself."""
+    return source.context() if isinstance(source, TicketKeys) else source
 
 
 class SessionCache:

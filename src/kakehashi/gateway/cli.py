@@ -166,7 +166,10 @@ def serve(ctx: click.Context, listen, allows, tls_mode, cert, key, names, db, au
                                    ThrottleSettings(lockout=login_lockout))) if auth else None,
                                audit=AuditLog(audit_log, system="gateway"),
                                access_log=access_log)
-        ctx_tls = tls.server_context(cert, key, names=list(names) or None) \
+        # (the session-ticket keys rotate: TicketKeys; without, a context's keys would
+        # last as long as the process)
+        ctx_tls = tls.TicketKeys(
+            lambda: tls.server_context(cert, key, names=list(names) or None, cache=False)) \
             if tls_mode != "off" else None
         mux = ProtocolMux(tls=ctx_tls, timeout=head_timeout)
         if tls_mode == "on":

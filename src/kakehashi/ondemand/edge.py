@@ -79,7 +79,8 @@ class EdgeGrant:
         self.sessions: set[Session] = set()
         self.burst = burst
         self.timer: asyncio.TimerHandle | None = None
-        self.ssl: ssl.SSLContext | None = None
+        #: the client leg's TLS (its session-ticket keys rotate: a grant may last long)
+        self.ssl: tls.TicketKeys | None = None
         self.closed = False
         #: burst refusals not yet reported, their clients, and the timer that reports
         #: them (one event a second at most, see :meth:`Edge._refuse_burst`)
@@ -184,7 +185,7 @@ class Edge:
         if port in self.by_port:
             return "port-in-use", f"port {port} already serves grant {self.by_port[port].id}"
         try:
-            ctx = self._client_tls(doc) if doc.get("tls") else None
+            ctx = tls.TicketKeys(lambda: self._client_tls(doc)) if doc.get("tls") else None
         except (ssl.SSLError, OSError, ValueError) as exc:
             return "bad-auth-info", f"cannot build the TLS context: {exc}"
         eg: EdgeGrant
@@ -389,7 +390,7 @@ class Edge:
     async def _handshake(self, eg: EdgeGrant, conn: Conn, client: str) -> Conn | None:
         assert eg.ssl is not None
         try:
-            tconn = await start_tls(conn, eg.ssl, server_side=True,
+            tconn = await start_tls(conn, eg.ssl.context(), server_side=True,
                                     timeout=self.cfg.handshake_timeout)
         except (ssl.SSLError, OSError, ConnClosed, TimeoutError) as exc:
             self._event(eg, "denied", client=client, reason="certificate",

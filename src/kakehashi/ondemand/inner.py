@@ -91,6 +91,10 @@ class Inner:
             ctx.load_cert_chain(cert, self._key)
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(cadata=msg.ca)
+            # no session tickets: the only client is an edge, which dials every link
+            # with a full handshake, so tickets would be work for nothing under keys
+            # that would last as long as this process
+            ctx.num_tickets = 0
             self.ctx = ctx
             self.ready.set()
             log.info("inner %s online (manager %s)", self.cfg.name, self.channel.server)
