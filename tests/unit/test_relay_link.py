@@ -267,3 +267,43 @@ def test_the_pool_hears_once_that_links_are_used_up() -> None:
     term._changed.clear()
     term.links_used_up()
     assert not term._changed.is_set()
+
+
+async def _a_request_the_relay_does_not_take_times_out() -> None:
+    """A request's deadline covers its send: a relay that stopped reading (its socket
+    buffer full) fails the request with the timeout instead of holding the caller for
+    as long as it does not read. The link is closed: its stream may hold a frame cut
+    short, and a relay that takes nothing is not serving it."""
+    from kakehashi.relay.agent import RelayError
+
+    mine, relay = socket.socketpair()
+    try:
+        link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+        link.framed = FramedConn(Conn(mine))
+        link.t.login("u", "p")
+        link.t.receive(m.LoginOk(conn_id=1, token="tok", encryption="off", keepalive=15.0,
+                                 dead_after=45.0))
+        mine.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # the relay reads nothing: fill what the kernel holds for it
+                mine.send(b"\0" * 65536)
+        failed: list[RelayError] = []
+
+        async def ask() -> None:
+            try:
+                await link.request(link.t.connect("bob", early=b"x" * 4096), 0.05)
+            except RelayError as exc:
+                failed.append(exc)
+
+        task = asyncio.ensure_future(ask())
+        await async_wait_until(lambda: task.done(), 10,
+                               what="the request to fail while the relay reads nothing")
+        assert [exc.code for exc in failed] == ["timeout"]
+        assert link.closed.is_set()
+    finally:
+        mine.close()
+        relay.close()
+
+
+def test_a_request_the_relay_does_not_take_times_out(run) -> None:
+    run(_a_request_the_relay_does_not_take_times_out())

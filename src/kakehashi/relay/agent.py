@@ -280,8 +280,9 @@ class RelayLink:
         if self.cfg.starttls is None:
             raise RelayError("no-tls", "no TLS context for STARTTLS")
         self._tls_ready = asyncio.Event()
-        await self._send(self.t.starttls())
-        await asyncio.wait_for(self._tls_ready.wait(), self.cfg.connect_timeout)
+        async with asyncio.timeout(self.cfg.connect_timeout):  # the send within it too
+            await self._send(self.t.starttls())
+            await self._tls_ready.wait()
         if not self.t.encrypted:
             raise RelayError("tls-failed", "STARTTLS upgrade failed")
 
@@ -457,14 +458,24 @@ class RelayLink:
         if self.closed.is_set():
             raise RelayError("closed", "connection to the relay was lost")
         waiter = self._waiter = asyncio.get_running_loop().create_future()
-        await self._send(msgs)
+        sent = False
         try:
             # a deadline on this task, not wait_for's extra future and callbacks: the
             # answer wakes the caller in the same loop iteration (it is on the setup
-            # path of every session)
+            # path of every session). It covers the send too: a relay that stopped
+            # reading (its buffer full, or a frame ahead on the write lock) would
+            # otherwise hold the caller for as long as it does not read
             async with asyncio.timeout(timeout):
+                await self._send(msgs)
+                sent = True
                 return await waiter
         except TimeoutError:
+            if not sent:
+                # the stream may hold a frame cut short, and a relay that takes nothing
+                # in the whole timeout is not serving this link
+                self.close()
+                raise RelayError("timeout", "the relay did not take the request in time "
+                                 "(it is not reading this connection)") from None
             raise RelayError("timeout", "the relay did not answer in time") from None
 
     def takes_early(self, *, encrypt: bool = False, e2e: bool = False) -> bool:
