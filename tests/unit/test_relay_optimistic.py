@@ -72,6 +72,22 @@ def test_early_data_goes_with_the_notification_and_not_again_at_the_pairing():
     assert one(paired, a, m.Result).early == len(EARLY)  # the requester skips them
 
 
+def test_a_target_lost_after_it_was_sent_early_data_fails_with_a_code_not_retried():
+    """The notified link is lost before its accept arrives: the target may have written
+    the early data to its service already, so the requester is told in a code its
+    terminal does not retry (a retry delivered the bytes a second time, on another
+    session). Without early data in the notification the retryable code stays."""
+    for early, code in ((EARLY, "target-lost-early"), (b"", "target-lost")):
+        r = Relay()
+        b = r.login("pi", OPT)
+        a = r.login("laptop", None)
+        assert one(r.request(a, early=early), b, m.Notify).data == early
+        res = one(r.cu.connection_lost(b, 0.0), a, m.Result)
+        assert (res.ok, res.code) == (False, code)
+    assert "target-lost-early" not in agent_mod.RETRIED_CODES
+    assert "target-lost" in agent_mod.RETRIED_CODES
+
+
 def test_under_the_session_cipher_the_notification_carries_them_sealed():
     r = Relay()
     b = r.login("pi", BOTH)

@@ -71,6 +71,10 @@ FATAL_CODES = frozenset({"login-failed", "tls-mismatch"})
 #: refusals that say "not this server, maybe another": a terminal given several
 #: servers moves on to the next one at once
 FAILOVER_CODES = frozenset({"cluster-down"})
+#: request failures :meth:`Terminal.connect` retries on another link: nothing of the
+#: request reached a service (never ``target-lost-early``: the target may have written
+#: the early data to its service, and a retry would deliver it twice)
+RETRIED_CODES = frozenset({"target-lost", "closed", "crossed"})
 
 
 #: why a session ended when its link did (not a reason its peer gave)
@@ -1292,7 +1296,7 @@ class Terminal:
                     self.early_ok = False
                 # the target's chosen connection vanished (it was closing), or the
                 # target's own request to us crossed ours and went first: try again
-                if exc.code in ("target-lost", "closed", "crossed") and attempt < 2:
+                if exc.code in RETRIED_CODES and attempt < 2:
                     continue
                 raise
             except BaseException:

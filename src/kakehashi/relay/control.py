@@ -1240,6 +1240,15 @@ class ControlUnit:
             return [Audit("connect", False, {"from": p.requester, "to": p.target,
                                              "why": "requester lost"})]
         p.target_conn = None
+        if p.early_sent:
+            # the early data went with the notification (optimistic pairing): the
+            # target may have accepted and written it to its service before its link
+            # went. A retry would deliver those bytes a second time, on another
+            # session, so the request fails with a code a terminal does not retry
+            return self._fail_request(
+                p, "target-lost-early",
+                f"{p.target} disconnected after it was sent your first bytes; they may "
+                "have reached its service, so the request is not repeated: connect again")
         return self._fail_request(p, "target-lost", f"{p.target} disconnected")
 
     # -- end and release (steps 26-28', 44-46') -----------------------------------

@@ -1,0 +1,215 @@
+"""Early data on a request that is retried: the requester's first bytes must reach the
+target's service exactly once, or the session must fail where the requester sees it.
+
+Under optimistic pairing the relay sends the early data to the agent with the
+notification, and the agent accepts and connects its service at once, writing those
+bytes to it. When the agent's link is lost at that moment (its accept never reached
+the relay), the relay can only say the target was lost; a requester that then retries
+the request with the same bytes delivers them to the service a second time, on a new
+connection, and that second session works: the service saw the bytes twice.
+
+The loss is made exact with a proxy between the agent and the relay that holds what
+the agent sends (its accept) and then cuts the one link that was notified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from tests.support.ports import free_port
+from tests.support.wait import wait_until
+
+MODES = {
+    "session-cipher": (True, {}),
+    "re-encrypt": (True, {"KAKEHASHI_SESSION_CIPHER": "tls"}),
+    "plaintext-encryption-off": (False, {}),
+}
+
+
+class _Pair:
+    """One proxied connection: the agent's socket, the relay's, and what the agent
+    sent while held."""
+
+    def __init__(self, agent: socket.socket, relay: socket.socket) -> None:
+        self.agent, self.relay = agent, relay
+        self.lock = threading.Lock()
+        self.held = bytearray()
+        #: relay-to-agent bytes went through while the proxy held (a notification)
+        self.notified = False
+        self.cut = False
+
+
+class HoldProxy:
+    """Agent-to-relay forwarder that can hold the agent's direction (on the links
+    open when :meth:`hold` is called), cut the links the relay wrote to meanwhile,
+    and let the rest go on in order (:meth:`release`)."""
+
+    def __init__(self, relay_port: int) -> None:
+        self.target = ("127.0.0.1", relay_port)
+        self.port = free_port()
+        self.pairs: list[_Pair] = []
+        self._held: set[_Pair] = set()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                agent, _ = self._listener.accept()
+            except OSError:
+                return
+            relay = socket.create_connection(self.target, 5)
+            pair = _Pair(agent, relay)
+            with self._lock:
+                self.pairs.append(pair)
+            threading.Thread(target=self._up, args=(pair,), daemon=True).start()
+            threading.Thread(target=self._down, args=(pair,), daemon=True).start()
+
+    def _up(self, pair: _Pair) -> None:
+        try:
+            while data := pair.agent.recv(65536):
+                with pair.lock:
+                    if pair in self._held:
+                        pair.held += data
+                    else:
+                        pair.relay.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            pair.relay.shutdown(socket.SHUT_WR)
+
+    def _down(self, pair: _Pair) -> None:
+        try:
+            while data := pair.relay.recv(65536):
+                with pair.lock:
+                    if pair in self._held:
+                        pair.notified = True
+                    pair.agent.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            pair.agent.shutdown(socket.SHUT_WR)
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held = set(self.pairs)
+
+    def cut_notified_and_release(self) -> int:
+        """Cut the held links the relay wrote to; the others send what was held and go
+        on. Returns how many were cut."""
+        cut = 0
+        with self._lock:
+            held, self._held = self._held, set()
+            for pair in held:
+                with pair.lock:
+                    if pair.notified:
+                        pair.cut = True
+                        cut += 1
+                        for sock in (pair.agent, pair.relay):
+                            with contextlib.suppress(OSError):
+                                sock.shutdown(socket.SHUT_RDWR)
+                    elif pair.held:
+                        pair.relay.sendall(bytes(pair.held))
+                        pair.held.clear()
+            # (pairs leave _held only after their held bytes are out, under their lock)
+        return cut
+
+    def close(self) -> None:
+        self._listener.close()
+        for pair in self.pairs:
+            for sock in (pair.agent, pair.relay):
+                sock.close()
+
+
+class Recorder:
+    """The agent's service: echoes, and keeps what each connection received."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.conns: list[bytearray] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def received(self) -> list[bytes]:
+        with self._lock:
+            return [bytes(c) for c in self.conns]
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            got = bytearray()
+            with self._lock:
+                self.conns.append(got)
+            threading.Thread(target=self._serve, args=(conn, got), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, got: bytearray) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    with self._lock:
+                        got += data
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_early_data_is_not_delivered_twice_when_the_notified_link_is_lost(env, mode):
+    tls, mode_env = MODES[mode]
+    env.env.update(mode_env)
+    attrs = () if tls else ("--encryption", "off")  # early data on a plaintext link
+    env.add_user("pi")
+    env.add_user("laptop")
+    service = Recorder()
+    # keepalives far apart: the only thing the relay writes to a held link is then the
+    # notification (not the answer to a keepalive)
+    _, port = env.relay(tls=tls, keepalive=30)
+    proxy = HoldProxy(port)
+    try:
+        env.agent("pi", proxy.port, f"svc={service.addr}", tls=tls, extra=attrs)
+        wait_until(lambda: sum(1 for a in env.audit() if a["event"] == "login"
+                               and a.get("user") == "pi" and a["decision"] == "allow") >= 2,
+                   what="both of the agent's links logged in")
+        proxy.hold()
+        first = b"first bytes " + os.urandom(8).hex().encode()
+        pipe = env.spawn("pipe-laptop", "relay", "pipe",
+                         *env.client_args("laptop", port, tls), "pi/svc", *attrs,
+                         env=env.user_env("laptop"), stdin=subprocess.PIPE)
+        assert pipe.popen.stdin is not None
+        pipe.popen.stdin.write(first)  # there before the request: it goes early
+        pipe.popen.stdin.flush()
+        # the agent accepted at once (held here) and wrote the bytes to its service
+        wait_until(lambda: first in service.received(), 30,
+                   what="the early data at the service behind the optimistic accept")
+        assert proxy.cut_notified_and_release() == 1
+        # the requester either gets a working session (and then the bytes reached the
+        # service once only), or fails and says so
+        pipe.popen.stdin.close()
+        code = pipe.popen.wait(60)
+        got = service.received()
+        assert sum(1 for c in got if first in c) == 1, (
+            f"the early bytes reached the service on {len(got)} connections "
+            f"(requester exit {code}):\n{pipe.output()}")
+        if code != 0:
+            assert "cannot connect to pi/svc" in pipe.output()
+            assert "target-lost-early" in pipe.output()
+    finally:
+        proxy.close()
+        service.close()
