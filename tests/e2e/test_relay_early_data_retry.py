@@ -101,25 +101,36 @@ class HoldProxy:
         with self._lock:
             self._held = set(self.pairs)
 
-    def cut_notified_and_release(self) -> int:
-        """Cut the held links the relay wrote to; the others send what was held and go
-        on. Returns how many were cut."""
-        cut = 0
+    def cut_notified_and_release(self, *, cut_notified: bool = True) -> int:
+        """Cut the held links the relay wrote to (unless ``cut_notified`` is False);
+        the others send what was held and go on. Returns how many were notified."""
+        notified = 0
         with self._lock:
             held, self._held = self._held, set()
             for pair in held:
                 with pair.lock:
-                    if pair.notified:
-                        pair.cut = True
-                        cut += 1
-                        for sock in (pair.agent, pair.relay):
-                            with contextlib.suppress(OSError):
-                                sock.shutdown(socket.SHUT_RDWR)
+                    notified += pair.notified
+                    if pair.notified and cut_notified:
+                        self._cut(pair)
                     elif pair.held:
                         pair.relay.sendall(bytes(pair.held))
                         pair.held.clear()
             # (pairs leave _held only after their held bytes are out, under their lock)
-        return cut
+        return notified
+
+    def cut_all(self) -> None:
+        """Cut every link open now (new ones are forwarded as before)."""
+        with self._lock:
+            for pair in self.pairs:
+                with pair.lock:
+                    self._cut(pair)
+
+    @staticmethod
+    def _cut(pair: _Pair) -> None:
+        pair.cut = True
+        for sock in (pair.agent, pair.relay):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._listener.close()
@@ -212,4 +223,52 @@ def test_early_data_is_not_delivered_twice_when_the_notified_link_is_lost(env, m
             assert "target-lost-early" in pipe.output()
     finally:
         proxy.close()
+        service.close()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_early_data_is_not_delivered_twice_when_the_requesters_link_is_lost(env, mode):
+    """The requester's link is lost while its request waits for the target, which was
+    sent the early data and accepted at once: the bytes reached the service, and the
+    requester cannot know. It must not send them again on another link."""
+    tls, mode_env = MODES[mode]
+    env.env.update(mode_env)
+    attrs = () if tls else ("--encryption", "off")
+    env.add_user("pi")
+    env.add_user("laptop")
+    service = Recorder()
+    _, port = env.relay(tls=tls, keepalive=30)
+    agent_proxy, pipe_proxy = HoldProxy(port), HoldProxy(port)
+    try:
+        env.agent("pi", agent_proxy.port, f"svc={service.addr}", tls=tls, extra=attrs)
+        wait_until(lambda: sum(1 for a in env.audit() if a["event"] == "login"
+                               and a.get("user") == "pi" and a["decision"] == "allow") >= 2,
+                   what="both of the agent's links logged in")
+        agent_proxy.hold()
+        first = b"first bytes " + os.urandom(8).hex().encode()
+        pipe = env.spawn("pipe-laptop", "relay", "pipe",
+                         *env.client_args("laptop", pipe_proxy.port, tls), "pi/svc", *attrs,
+                         env=env.user_env("laptop"), stdin=subprocess.PIPE)
+        assert pipe.popen.stdin is not None
+        pipe.popen.stdin.write(first)
+        pipe.popen.stdin.flush()
+        wait_until(lambda: first in service.received(), 30,
+                   what="the early data at the service behind the optimistic accept")
+        pipe_proxy.cut_all()  # the requester's link, its request still unanswered
+        wait_until(lambda: any(a["event"] == "connect" and a.get("why") == "requester lost"
+                               for a in env.audit()),
+                   what="the relay's record of the lost requester")
+        assert agent_proxy.cut_notified_and_release(cut_notified=False) == 1
+        pipe.popen.stdin.close()
+        code = pipe.popen.wait(60)
+        got = service.received()
+        assert sum(1 for c in got if first in c) == 1, (
+            f"the early bytes reached the service on {len(got)} connections "
+            f"(requester exit {code}):\n{pipe.output()}")
+        if code != 0:
+            assert "cannot connect to pi/svc" in pipe.output()
+            assert "closed-with-early-data" in pipe.output()
+    finally:
+        agent_proxy.close()
+        pipe_proxy.close()
         service.close()

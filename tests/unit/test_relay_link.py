@@ -44,34 +44,70 @@ def test_messages_sent_together_go_in_one_write(run) -> None:
     run(_messages_sent_together_go_in_one_write())
 
 
+def _live_link(sock: socket.socket) -> RelayLink:
+    """A link on ``sock`` logged in with its encryption off (its requests may carry
+    early data), its reader running as after a real login."""
+    link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+    link.framed = FramedConn(Conn(sock))
+    link.t.login("u", "p")
+    link.t.receive(m.LoginOk(conn_id=1, token="tok", encryption="off", keepalive=15.0,
+                             dead_after=45.0))
+    link.reader = asyncio.create_task(link._read_loop())
+    return link
+
+
+async def _fake_relay(sock: socket.socket, answer) -> None:
+    """The relay end of a link: reads the frames the link sends and calls
+    ``answer(message)`` for each; the messages it returns are sent, and the link is
+    closed after them when the last is an :class:`m.Error` (as a relay does), or at
+    once when it returns None."""
+    from kakehashi.core import wire
+
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    decoder = wire.FrameDecoder()
+    while True:
+        data = await loop.sock_recv(sock, 65536)
+        if not data:
+            return
+        decoder.feed(data)
+        for frame in decoder.frames():
+            reply = answer(m.RELAY_CODEC.decode(frame.payload))
+            if reply is not None:
+                await loop.sock_sendall(sock, b"".join(m.RELAY_CODEC.encode(x)
+                                                       for x in reply))
+            if reply is None or isinstance(reply[-1], m.Error):
+                sock.shutdown(socket.SHUT_RDWR)
+                return
+
+
 async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
     """A relay that predates early data rejects a request carrying it (an unknown
-    field) and closes the link: the terminal retries on another link without early
-    data and keeps it off, so a new `relay connect` still works with an old relay."""
-    from kakehashi.relay import terminal as t
-    from kakehashi.relay.agent import RelayError, Terminal
+    field: its error, then the close): the terminal retries on another link without
+    early data and keeps it off, so a new `relay connect` still works with an old
+    relay. The bytes stay with the application, for the session to send."""
+    from kakehashi.relay.agent import Terminal
 
     app_sock, client = socket.socketpair()
     client.sendall(b"hello")
     sent: list[bytes] = []
+    relays: list[socket.socket] = []
+    tasks: list[asyncio.Task[None]] = []
 
-    class OldRelayLink:
-        reserved = False
-
-        def takes_early(self, *, encrypt=False, e2e=False) -> bool:
-            return True  # a TLS link
-
-        async def connect(self, target, service="", *, encrypt=False, e2e=False,
-                          early=b""):
-            sent.append(early)
-            if early:
-                raise RelayError("closed", "connection to the relay was lost")
-            return t.Connected(target, False, False, "", True, 0)
+    def old_relay(msg: m.Msg) -> list[m.Msg] | None:
+        assert isinstance(msg, m.ConnectRequest)
+        sent.append(msg.data)
+        if msg.data:  # (e6d1379's relay: a schema error, then the close)
+            return [m.Error(code="schema", message="Object contains unknown field `data`")]
+        return [m.Result(req=msg.req, ok=True, peer=msg.target)]
 
     term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
 
     async def acquire():
-        return OldRelayLink()
+        mine, relay = socket.socketpair()
+        relays.append(relay)
+        tasks.append(asyncio.ensure_future(_fake_relay(relay, old_relay)))
+        return _live_link(mine)
 
     term.acquire = acquire  # type: ignore[method-assign]
     try:
@@ -83,12 +119,76 @@ async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
         await term.connect("bob", app=app)
         assert sent[-1] == b""  # stays off
     finally:
-        app_sock.close()
-        client.close()
+        for task in tasks:
+            task.cancel()
+        for sock in (app_sock, client, *relays):
+            sock.close()
 
 
 def test_a_relay_that_rejects_early_data_gets_requests_without_it(run) -> None:
     run(_a_relay_that_rejects_early_data_gets_requests_without_it())
+
+
+async def _a_link_lost_after_a_request_with_early_data_is_not_retried() -> None:
+    """The link is lost (no error from the relay) after a request carrying early data
+    went out: the relay may have sent the bytes to the target, which may have written
+    them to its service (optimistic pairing). Sent again on another link they would
+    arrive twice: the request fails, saying so, and the bytes stay unsent. Without
+    early data the request is retried on another link, as before."""
+    from kakehashi.relay.agent import RelayError, Terminal
+
+    app_sock, client = socket.socketpair()
+    sent: list[bytes] = []
+    relays: list[socket.socket] = []
+    tasks: list[asyncio.Task[None]] = []
+    lose = [True]
+
+    def relay(msg: m.Msg) -> list[m.Msg] | None:
+        assert isinstance(msg, m.ConnectRequest)
+        sent.append(msg.data)
+        if lose[0]:
+            lose[0] = False
+            return None  # the link is lost with the request unanswered
+        return [m.Result(req=msg.req, ok=True, peer=msg.target)]
+
+    term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+
+    async def acquire():
+        mine, theirs = socket.socketpair()
+        relays.append(theirs)
+        tasks.append(asyncio.ensure_future(_fake_relay(theirs, relay)))
+        return _live_link(mine)
+
+    term.acquire = acquire  # type: ignore[method-assign]
+    try:
+        app = Conn(app_sock)
+        failed: list[RelayError] = []
+        try:
+            await term.connect("bob", app=app)
+        except RelayError as exc:
+            failed.append(exc)
+        assert sent == [b"", b""] and not failed  # nothing went early: retried
+        sent.clear()
+        lose[0] = True
+        client.sendall(b"hello")
+        await async_wait_until(lambda: app.peek_now(16) == b"hello", 10, what="the bytes")
+        try:
+            await term.connect("bob", app=app)
+        except RelayError as exc:
+            failed.append(exc)
+        assert sent == [b"hello"]  # once, and no retry
+        assert [exc.code for exc in failed] == ["closed-with-early-data"]
+        assert term.early_ok
+        assert app_sock.recv(16) == b"hello"  # not taken: nothing pretends they went
+    finally:
+        for task in tasks:
+            task.cancel()
+        for sock in (app_sock, client, *relays):
+            sock.close()
+
+
+def test_a_link_lost_after_a_request_with_early_data_is_not_retried(run) -> None:
+    run(_a_link_lost_after_a_request_with_early_data_is_not_retried())
 
 
 async def _nothing_is_peeked_where_the_link_may_not_carry_it() -> None:

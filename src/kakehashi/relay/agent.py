@@ -72,8 +72,10 @@ FATAL_CODES = frozenset({"login-failed", "tls-mismatch"})
 #: servers moves on to the next one at once
 FAILOVER_CODES = frozenset({"cluster-down"})
 #: request failures :meth:`Terminal.connect` retries on another link: nothing of the
-#: request reached a service (never ``target-lost-early``: the target may have written
-#: the early data to its service, and a retry would deliver it twice)
+#: request reached a service. Never ``target-lost-early`` (the target may have written
+#: the early data to its service) nor ``closed-with-early-data`` (the link was lost
+#: after its request carried early data, which the relay may have forwarded): a retry
+#: would deliver those bytes twice
 RETRIED_CODES = frozenset({"target-lost", "closed", "crossed"})
 
 
@@ -166,6 +168,9 @@ class RelayLink:
         #: (its reason), and the relay's release reply (a session that closed at once)
         self.ended_early: str | None = None
         self.released_early = False
+        #: the relay's error without a request id (it rejected what this link sent and
+        #: closes it): a request then failed for that, not for a lost link
+        self.relay_error: m.Error | None = None
 
     @property
     def tls_sessions(self) -> SessionCache | None:
@@ -412,6 +417,8 @@ class RelayLink:
             if isinstance(ev, t.ReleasedEvent):
                 self.idle_since = asyncio.get_running_loop().time()
             return
+        if isinstance(ev, t.Other) and isinstance(ev.msg, m.Error) and not ev.msg.req:
+            self.relay_error = ev.msg
         if isinstance(ev, t.Other) and self.owner is not None:
             self.owner.on_message(ev.msg)
 
@@ -494,9 +501,24 @@ class RelayLink:
 
         ``early``: the application's first bytes, sent with the request where the
         terminal protocol allows it; ``Connected.early`` is how many of them the
-        relay forwarded to the target (the caller must not send those again)."""
-        ev = await self.request(self.t.connect(target, service, encrypt=encrypt, e2e=e2e,
-                                               early=early), timeout)
+        relay forwarded to the target (the caller must not send those again).
+
+        A link lost after a request with early data went out fails with
+        ``closed-with-early-data``: the relay may have sent those bytes to the target,
+        which may have written them to its service (optimistic pairing), and nobody can
+        tell this side; sent again on another link they would arrive twice."""
+        msgs = self.t.connect(target, service, encrypt=encrypt, e2e=e2e, early=early)
+        carried = len(msgs[0].data) if isinstance(msgs[0], m.ConnectRequest) else 0
+        try:
+            ev = await self.request(msgs, timeout)
+        except RelayError as exc:
+            if exc.code == "closed" and carried:
+                raise RelayError(
+                    "closed-with-early-data",
+                    f"the connection to the relay was lost while the request to {target} "
+                    f"carried the first {carried} bytes; they may have reached its service, "
+                    "so the request is not repeated: connect again") from None
+            raise
         if isinstance(ev, t.AskInsecure):
             if not self.cfg.insecure_ok:
                 ev = await self.request(self.t.refuse("encryption required"), timeout)
@@ -573,7 +595,11 @@ class RelayLink:
         self.t.state = t.TState.CLOSED
         self.closed.set()
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(RelayError("closed", "connection to the relay was lost"))
+            err = self.relay_error
+            self._waiter.set_exception(
+                RelayError("rejected", f"the relay rejected the request and closed the "
+                           f"connection: {err.message} [{err.code}]") if err is not None
+                else RelayError("closed", "connection to the relay was lost"))
         if self.framed:
             self.framed.conn.close()
         if self.sink:
@@ -1288,12 +1314,15 @@ class Terminal:
                 link.reserved = False
                 self.setup_over(link)
                 self._changed.set()
-                if exc.code == "closed" and early:
-                    # the relay dropped the link on a request with early data: one
-                    # that does not know the field does; go on without it
-                    log.info("the relay closed the link on a request with early data; "
-                             "sending first bytes after the result from now on")
+                if exc.code == "rejected" and early:
+                    # the relay rejected a request with early data and closed the link:
+                    # one that does not know the field does (an error, then the close;
+                    # nothing of the request went on); go on without it
+                    log.info("the relay rejected a request with early data (%s); "
+                             "sending first bytes after the result from now on", exc.message)
                     self.early_ok = False
+                    if attempt < 2:
+                        continue
                 # the target's chosen connection vanished (it was closing), or the
                 # target's own request to us crossed ours and went first: try again
                 if exc.code in RETRIED_CODES and attempt < 2:
