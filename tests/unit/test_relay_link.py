@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 
 from kakehashi.core.stream import Conn, FramedConn
 from kakehashi.relay import agent
@@ -81,18 +82,39 @@ async def _fake_relay(sock: socket.socket, answer) -> None:
                 return
 
 
+@contextlib.asynccontextmanager
+async def _terminal_on_fake_relays(answer, *socks: socket.socket
+                                   ) -> AsyncIterator[agent.Terminal]:
+    """A terminal each of whose links (one per request) is a live link to a
+    :func:`_fake_relay` answering with ``answer``; ``socks`` are closed at the end."""
+    relays: list[socket.socket] = []
+    tasks: list[asyncio.Task[None]] = []
+    term = agent.Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+
+    async def acquire():
+        mine, theirs = socket.socketpair()
+        relays.append(theirs)
+        tasks.append(asyncio.ensure_future(_fake_relay(theirs, answer)))
+        return _live_link(mine)
+
+    term.acquire = acquire  # type: ignore[method-assign]
+    try:
+        yield term
+    finally:
+        for task in tasks:
+            task.cancel()
+        for sock in (*relays, *socks):
+            sock.close()
+
+
 async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
     """A relay that predates early data rejects a request carrying it (an unknown
     field: its error, then the close): the terminal retries on another link without
     early data and keeps it off, so a new `relay connect` still works with an old
     relay. The bytes stay with the application, for the session to send."""
-    from kakehashi.relay.agent import Terminal
-
     app_sock, client = socket.socketpair()
     client.sendall(b"hello")
     sent: list[bytes] = []
-    relays: list[socket.socket] = []
-    tasks: list[asyncio.Task[None]] = []
 
     def old_relay(msg: m.Msg) -> list[m.Msg] | None:
         assert isinstance(msg, m.ConnectRequest)
@@ -101,16 +123,7 @@ async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
             return [m.Error(code="schema", message="Object contains unknown field `data`")]
         return [m.Result(req=msg.req, ok=True, peer=msg.target)]
 
-    term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
-
-    async def acquire():
-        mine, relay = socket.socketpair()
-        relays.append(relay)
-        tasks.append(asyncio.ensure_future(_fake_relay(relay, old_relay)))
-        return _live_link(mine)
-
-    term.acquire = acquire  # type: ignore[method-assign]
-    try:
+    async with _terminal_on_fake_relays(old_relay, app_sock, client) as term:
         app = Conn(app_sock)
         _, info = await term.connect("bob", app=app)
         assert info.early == 0 and sent == [b"hello", b""]
@@ -118,11 +131,7 @@ async def _a_relay_that_rejects_early_data_gets_requests_without_it() -> None:
         assert app_sock.recv(16) == b"hello"  # still there for the session to send
         await term.connect("bob", app=app)
         assert sent[-1] == b""  # stays off
-    finally:
-        for task in tasks:
-            task.cancel()
-        for sock in (app_sock, client, *relays):
-            sock.close()
+
 
 
 def test_a_relay_that_rejects_early_data_gets_requests_without_it(run) -> None:
@@ -135,12 +144,10 @@ async def _a_link_lost_after_a_request_with_early_data_is_not_retried() -> None:
     them to its service (optimistic pairing). Sent again on another link they would
     arrive twice: the request fails, saying so, and the bytes stay unsent. Without
     early data the request is retried on another link, as before."""
-    from kakehashi.relay.agent import RelayError, Terminal
+    from kakehashi.relay.agent import RelayError
 
     app_sock, client = socket.socketpair()
     sent: list[bytes] = []
-    relays: list[socket.socket] = []
-    tasks: list[asyncio.Task[None]] = []
     lose = [True]
 
     def relay(msg: m.Msg) -> list[m.Msg] | None:
@@ -151,16 +158,7 @@ async def _a_link_lost_after_a_request_with_early_data_is_not_retried() -> None:
             return None  # the link is lost with the request unanswered
         return [m.Result(req=msg.req, ok=True, peer=msg.target)]
 
-    term = Terminal(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
-
-    async def acquire():
-        mine, theirs = socket.socketpair()
-        relays.append(theirs)
-        tasks.append(asyncio.ensure_future(_fake_relay(theirs, relay)))
-        return _live_link(mine)
-
-    term.acquire = acquire  # type: ignore[method-assign]
-    try:
+    async with _terminal_on_fake_relays(relay, app_sock, client) as term:
         app = Conn(app_sock)
         failed: list[RelayError] = []
         try:
@@ -180,11 +178,7 @@ async def _a_link_lost_after_a_request_with_early_data_is_not_retried() -> None:
         assert [exc.code for exc in failed] == ["closed-with-early-data"]
         assert term.early_ok
         assert app_sock.recv(16) == b"hello"  # not taken: nothing pretends they went
-    finally:
-        for task in tasks:
-            task.cancel()
-        for sock in (app_sock, client, *relays):
-            sock.close()
+
 
 
 def test_a_link_lost_after_a_request_with_early_data_is_not_retried(run) -> None:
