@@ -84,29 +84,15 @@ async def build_chain(cfg: ForwardConfig,
         setup = ClientSetup(cfg.user, cfg.keys, m.Endpoint(*cfg.to),
                             m.Endpoint(local_ip, data_sock.getsockname()[1]),
                             mode=cfg.mode, encrypt=cfg.encrypt)
-        await ctrl.fc.send(wire.PREAMBLE)
-        deadline = asyncio.get_running_loop().time() + cfg.setup_timeout
-        while not setup.done:
-            left = deadline - asyncio.get_running_loop().time()
-            try:
-                msg = await ctrl.read(max(left, 0.001))
-            except TimeoutError:
-                raise SetupFailed(setup.hop, "timeout", f"no answer within "
-                                                        f"{cfg.setup_timeout:g}s") from None
-            except wire.WireError as exc:
-                raise SetupFailed(setup.hop, "integrity" if exc.code == "integrity"
-                                  else "protocol", exc.message) from None
-            if msg is None:
-                raise SetupFailed(setup.hop, "protocol", "closed the control connection "
-                                                         "during setup")
-            seen = len(setup.replies)
-            outs = setup.receive(msg)
-            if setup.seal_with is not None and ctrl.channel is None:
-                ctrl.seal(setup.seal_with, hop.name)
-            if progress is not None:
-                progress += [(r, time.perf_counter() - t0) for r in setup.replies[seen:]]
-            for out in outs:
-                await ctrl.send(out)
+        try:
+            await _run_setup(ctrl, setup, cfg, progress, t0)
+        except (ConnClosed, OSError) as exc:
+            # a reset, or a frame cut short, is the first hop's connection failing: a
+            # refusal like any other for the callers (trace, socks, forward), where a
+            # bare ConnectionResetError escaped as a traceback (or a dead SOCKS route)
+            raise SetupFailed(hop.name, "protocol", f"the control connection failed "
+                                                     f"during setup: {exc or type(exc).__name__}"
+                              ) from None
         if setup.first is not None and setup.first.host in ("0.0.0.0", "::"):
             setup.first = m.Endpoint(hop.host, setup.first.port)
         return Chain(ctrl, data_sock, setup, time.perf_counter() - t0)
@@ -115,6 +101,34 @@ async def build_chain(cfg: ForwardConfig,
         if data_sock is not None:
             data_sock.close()
         raise
+
+
+async def _run_setup(ctrl: Ctrl, setup: ClientSetup, cfg: ForwardConfig,
+                     progress: list[tuple[m.Reply, float]] | None, t0: float) -> None:
+    """Move the setup's messages until it is done, within ``cfg.setup_timeout``."""
+    await ctrl.fc.send(wire.PREAMBLE)
+    deadline = asyncio.get_running_loop().time() + cfg.setup_timeout
+    while not setup.done:
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            msg = await ctrl.read(max(left, 0.001))
+        except TimeoutError:
+            raise SetupFailed(setup.hop, "timeout", f"no answer within "
+                                                    f"{cfg.setup_timeout:g}s") from None
+        except wire.WireError as exc:
+            raise SetupFailed(setup.hop, "integrity" if exc.code == "integrity"
+                              else "protocol", exc.message) from None
+        if msg is None:
+            raise SetupFailed(setup.hop, "protocol", "closed the control connection "
+                                                     "during setup")
+        seen = len(setup.replies)
+        outs = setup.receive(msg)
+        if setup.seal_with is not None and ctrl.channel is None:
+            ctrl.seal(setup.seal_with, cfg.first_hop.name)
+        if progress is not None:
+            progress += [(r, time.perf_counter() - t0) for r in setup.replies[seen:]]
+        for out in outs:
+            await ctrl.send(out)
 
 
 class ChainForward:
