@@ -8,6 +8,7 @@ steer what the proxy does (which UDP port it picks); the commands run as process
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -108,3 +109,93 @@ def test_trace_names_a_hop_that_breaks_the_connection(tmp_path, how):
     finally:
         hop.close()
         env.close()
+
+
+def _free_udp_range(n: int) -> int:
+    """The first of ``n`` consecutive UDP ports free on 127.0.0.1 (probed)."""
+    for base in range(23000, 33000, 97):
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError(f"no {n} consecutive free UDP ports")
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+async def test_a_freshly_freed_port_is_not_handed_to_the_next_session(fast_path):
+    """Session A ends; session B to the same server starts while A's datagrams are still
+    in flight. The proxy's range has room for both, so B must not get A's ports: a
+    late answer from the server to A's server-facing port (P3) would match B's record
+    (the same server endpoint) and reach B's client, and a late datagram from A's
+    client to A's P2 (the same host) would lock B's record to A's client. The old
+    allocator started at a random port each time and took A's ports again about as
+    often as any (here: always, with the random start pinned to the range's start)."""
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+    from kakehashi.core import datagram
+    from tests.support.wait import async_wait_until
+
+    class Pinned:  # the old allocator's random start, pinned: A's ports are its first pick
+        @staticmethod
+        def randrange(n: int) -> int:
+            return 0
+
+        def __getattr__(self, name: str):
+            import random
+            return getattr(random, name)
+
+    loop = asyncio.get_running_loop()
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind((SERVER[0], 0))
+    server.setblocking(False)
+    target = server.getsockname()
+    key = crypto.parse_shared_key(crypto.new_shared_key())
+    low = _free_udp_range(4)
+    saved = datagram.random
+    datagram.random = Pinned()  # type: ignore[assignment]
+    fw1 = ChainProxy(ProxyConfig(
+        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(low, low + 3),
+        keys={"alice": key}, routes=tables.parse_routes({f"{SERVER[0]}/32": "direct"}),
+        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
+        fast_path=fast_path))
+    await fw1.start()
+    cfg = ForwardConfig(user="alice", keys={"fw1": key},
+                        first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=target,
+                        udp_listen=("127.0.0.1", 0), fast_path=fast_path)
+
+    async def through(chain, payload: bytes) -> tuple[str, int]:
+        """Send ``payload`` through ``chain``; where the server saw it come from (P3)."""
+        chain.data_sock.sendto(payload, chain.setup.first.addr)
+        data, src = await asyncio.wait_for(loop.sock_recvfrom(server, 100), 10)
+        assert data == payload
+        return src
+
+    try:
+        a = await build_chain(cfg)
+        a_p3 = await through(a, b"from A")
+        a.close()
+        a.data_sock.close()
+        await async_wait_until(lambda: not fw1.sessions, what="fw1 ending session A")
+        b = await build_chain(cfg)
+        try:
+            b_p3 = await through(b, b"from B")
+            server.sendto(b"late answer for A", a_p3)  # in flight when A ended
+            server.sendto(b"answer for B", b_p3)
+            got = await asyncio.wait_for(loop.sock_recv(b.data_sock, 100), 10)
+            assert got == b"answer for B", (got, a_p3, b_p3)
+            assert b.setup.first.port not in (a.setup.first.port, a_p3[1])
+        finally:
+            b.close()
+            b.data_sock.close()
+    finally:
+        datagram.random = saved  # type: ignore[assignment]
+        await fw1.close()
+        server.close()
+

@@ -15,6 +15,7 @@ from kakehashi.core.datagram import (
     LINGER,
     PROBE,
     DatagramForwarder,
+    PortAllocator,
     PortRecord,
     bind_in_range,
     bind_udp,
@@ -88,6 +89,33 @@ def test_bind_in_range_exhausts_cleanly():
             bind_in_range("127.0.0.1", base, base + 2)
     finally:
         for s in socks:
+            s.close()
+
+
+def test_port_allocator_hands_out_a_freed_port_last():
+    """Ports never handed out first; freed ones only when none is left, the longest
+    freed first (a session's late datagrams must not reach the next one's peers)."""
+    base = 39600 + os.getpid() % 300
+    ports = PortAllocator("127.0.0.1", base, base + 3)
+    held = [ports.bind() for _ in range(2)]
+    first = [s.getsockname()[1] for s in held]
+    for s in held:
+        s.close()
+    ports.release(*first)
+    fresh = [ports.bind() for _ in range(2)]
+    try:
+        assert not {s.getsockname()[1] for s in fresh} & set(first)
+        # the range is full: freed ports come back, the longest freed first
+        again = ports.bind()
+        assert again.getsockname()[1] == first[0]
+        ports.release(first[0])
+        again.close()
+        fresh += [ports.bind(), ports.bind()]
+        assert [s.getsockname()[1] for s in fresh[2:]] == [first[1], first[0]]
+        with pytest.raises(OSError, match="no free UDP port"):
+            ports.bind()
+    finally:
+        for s in fresh:
             s.close()
 
 

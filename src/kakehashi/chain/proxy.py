@@ -47,7 +47,7 @@ from kakehashi.core.crypto import (
     DatagramChannel,
     MutualAuth,
 )
-from kakehashi.core.datagram import DatagramForwarder, PortRecord, bind_in_range
+from kakehashi.core.datagram import DatagramForwarder, PortAllocator, PortRecord
 from kakehashi.core.kernelpath import KernelPath
 from kakehashi.core.stream import ConnClosed, FramedConn, Listener, open_tcp, refuse
 
@@ -137,6 +137,9 @@ class ChainProxy:
         self.limits = SessionLimits(cfg.max_per_user, cfg.max_per_client, cfg.max_sessions)
         self.listener: Listener | None = None
         self.sessions: set[_Session] = set()
+        #: the data ports (603/904), a port a session freed handed out again last
+        self.ports = PortAllocator(cfg.udp_host or cfg.host, cfg.udp_ports.low,
+                                   cfg.udp_ports.high)
         #: counters for tests and operators
         self.stats = {"accepted": 0, "refused": 0, "dropped": 0, "relayed": 0, "bytes": 0,
                       "kernel_packets": 0}
@@ -239,6 +242,8 @@ class _Session:
         self.rid = 0
         self.user = "?"
         self.forwarder: DatagramForwarder | None = None
+        #: the data ports this session holds (near, far), freed when it closes
+        self.ports: tuple[int, int] | None = None
         self.slot: tuple[str, str] | None = None
         self.pending_hop: Hop | None = None  # iterative: the next proxy, once asked to extend
         self.relay: RelayFilter | None = None
@@ -321,15 +326,18 @@ class _Session:
         self.slot = (req.user, adm.origin.host)
         # 603/904: the two data ports
         udp_host = cfg.udp_host or cfg.host
+        ports = self.proxy.ports
         try:
-            near_sock = bind_in_range(udp_host, cfg.udp_ports.low, cfg.udp_ports.high)
+            near_sock = ports.bind()
         except OSError as exc:
             raise self.refusal("ports", f"{cfg.name}: {exc.strerror or exc}") from None
         try:
-            far_sock = bind_in_range(udp_host, cfg.udp_ports.low, cfg.udp_ports.high)
+            far_sock = ports.bind()
         except OSError as exc:
+            ports.release(near_sock.getsockname()[1])
             near_sock.close()
             raise self.refusal("ports", f"{cfg.name}: {exc.strerror or exc}") from None
+        self.ports = (near_sock.getsockname()[1], far_sock.getsockname()[1])
         # the requester's data comes from where its control connection comes from; its
         # port may differ from what it declared (NAT): the record locks to the first seen
         # When it declared an endpoint on that very address (no NAT between), answers may
@@ -577,6 +585,9 @@ class _Session:
                      "open)", self.cfg.name, self.user, fwd.relayed_bytes, rec.packets, kernel,
                      rec.dropped)
             self.forwarder = None
+        if self.ports is not None:  # closed with the forwarder
+            self.proxy.ports.release(*self.ports)
+            self.ports = None
         if self.slot is not None:
             self.proxy.limits.release(*self.slot)
             self.slot = None

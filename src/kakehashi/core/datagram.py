@@ -49,7 +49,7 @@ import logging
 import random
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import TYPE_CHECKING, Literal
 
 from kakehashi.core import udpbatch
@@ -58,7 +58,8 @@ from kakehashi.core.udpbatch import BATCH
 if TYPE_CHECKING:
     from kakehashi.core.kernelpath import KernelPath, Offload
 
-__all__ = ["BATCH", "PROBE", "DatagramForwarder", "PortRecord", "bind_in_range", "bind_udp"]
+__all__ = ["BATCH", "PROBE", "DatagramForwarder", "PortAllocator", "PortRecord", "bind_in_range",
+           "bind_udp"]
 
 log = logging.getLogger("kakehashi.core.datagram")
 
@@ -177,8 +178,10 @@ def bind_udp(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
-def bind_in_range(host: str, low: int, high: int, *, tries: int | None = None) -> socket.socket:
-    """A UDP socket bound to a free port in [low, high] (the range a firewall opens).
+def bind_in_range(host: str, low: int, high: int, *, tries: int | None = None,
+                  avoid: Container[int] = ()) -> socket.socket:
+    """A UDP socket bound to a free port in [low, high] (the range a firewall opens),
+    not one of ``avoid``.
 
     Starts at a random port so concurrent sessions rarely collide; OSError (EADDRINUSE)
     when every port is taken.
@@ -186,12 +189,59 @@ def bind_in_range(host: str, low: int, high: int, *, tries: int | None = None) -
     span = high - low + 1
     start = random.randrange(span)
     for i in range(span if tries is None else min(tries, span)):
+        port = low + (start + i) % span
+        if port in avoid:
+            continue
         try:
-            return bind_udp(host, low + (start + i) % span)
+            return bind_udp(host, port)
         except OSError as exc:
             if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
                 raise
     raise OSError(errno.EADDRINUSE, f"no free UDP port in {low}-{high}")
+
+
+class PortAllocator:
+    """The data ports of a configured range, a port its session freed taken again last.
+
+    When a session ends its ports close, but its peers' datagrams are still in flight
+    (and a peer that has not noticed goes on sending for a while). A new session given
+    such a port would take them for its own: a late answer from the same server to the
+    old server-facing port matches the new record and reaches the new client; a late
+    datagram from the old client (the same host) locks the new record to it. So ports
+    never handed out come first (from a random start, as :func:`bind_in_range`), and
+    only when none is free the ones freed here, the longest freed first: a range with
+    room for twice the sessions it holds never reuses a port while another is free.
+    """
+
+    def __init__(self, host: str, low: int, high: int) -> None:
+        self.host, self.low, self.high = host, low, high
+        #: ports handed out here and freed since, the longest freed first
+        self.freed: dict[int, None] = {}
+
+    def bind(self) -> socket.socket:
+        """A socket on a free port of the range; OSError (EADDRINUSE) when none is."""
+        if len(self.freed) <= self.high - self.low:  # ports never freed may be left
+            try:
+                return bind_in_range(self.host, self.low, self.high, avoid=self.freed)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        for port in self.freed:
+            try:
+                sock = bind_udp(self.host, port)
+            except OSError as exc:
+                if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    raise
+                continue
+            del self.freed[port]
+            return sock
+        raise OSError(errno.EADDRINUSE, f"no free UDP port in {self.low}-{self.high}")
+
+    def release(self, *ports: int) -> None:
+        """``ports`` were closed: they go to the end of the queue of freed ports."""
+        for port in ports:
+            self.freed.pop(port, None)
+            self.freed[port] = None
 
 
 class _Side(asyncio.DatagramProtocol):
