@@ -199,3 +199,59 @@ async def test_a_freshly_freed_port_is_not_handed_to_the_next_session(fast_path)
         await fw1.close()
         server.close()
 
+
+class _Echo(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[override]
+        self.count += 1
+        self.transport.sendto(data, addr)
+
+
+async def _one_proxy(**extra):
+    """fw1 (direct to 127.0.0.3) in this process, a UDP echo behind it, alice's config."""
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+
+    loop = asyncio.get_running_loop()
+    transport, echo = await loop.create_datagram_endpoint(_Echo, local_addr=(SERVER[0], 0))
+    key = crypto.parse_shared_key(crypto.new_shared_key())
+    fw1 = ChainProxy(ProxyConfig(
+        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"alice": key}, routes=tables.parse_routes({f"{SERVER[0]}/32": "direct"}),
+        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
+        **extra))
+    await fw1.start()
+    cfg = ForwardConfig(user="alice", keys={"fw1": key},
+                        first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]),
+                        to=transport.get_extra_info("sockname")[:2],
+                        udp_listen=("127.0.0.1", 0))
+    return fw1, cfg, transport, echo
+
+
+async def test_the_api_socket_learns_that_its_chain_ended():
+    """The proxy ends the session (idle timeout here; a teardown or a restart alike) and
+    closes the control connection: a program blocked in ChainSocket.recv() is told
+    (ConnectionError naming why) instead of waiting forever, and send() refuses."""
+    from kakehashi.chain.api import open_chain
+    from tests.support.wait import async_wait_until
+
+    fw1, cfg, transport, _ = await _one_proxy(idle_timeout=1)
+    try:
+        sock = await open_chain("alice", cfg.keys, cfg.first_hop, cfg.to)
+        try:
+            sock.send(b"one")
+            assert await asyncio.wait_for(sock.recv(), 10) == b"one"
+            with pytest.raises(ConnectionError, match="chain closed by fw1"):
+                await asyncio.wait_for(sock.recv(), 30)  # the session idles out meanwhile
+            await async_wait_until(lambda: not fw1.sessions, what="fw1 ending the session")
+            with pytest.raises(ConnectionError):
+                sock.send(b"two")
+        finally:
+            sock.close()
+    finally:
+        await fw1.close()
+        transport.close()

@@ -6,7 +6,9 @@ its data endpoint P6) opens a chain with :func:`open_chain`, tells the server
 exchanges datagrams (511). Because every hop knows its neighbours once the chain is up,
 the server may send first (a media stream): its datagrams to P5 reach the client
 without the client sending anything (unless NAT sits in front of the client, whose
-mapping only an outbound datagram creates).
+mapping only an outbound datagram creates). When the chain ends (a proxy's idle
+timeout, a teardown, a proxy restarting), :meth:`ChainSocket.recv` and
+:meth:`ChainSocket.send` raise :class:`ChainClosed` saying why.
 
     sock = await open_chain("alice", {"fw1": key1}, "fw1@fw1.example:1091",
                             ("10.3.0.9", 5004))
@@ -27,7 +29,11 @@ from kakehashi.chain.setup import SetupFailed
 from kakehashi.chain.tables import Hop, parse_hop
 from kakehashi.core.crypto import DatagramChannel
 
-__all__ = ["ChainSocket", "SetupFailed", "open_chain"]
+__all__ = ["ChainClosed", "ChainSocket", "SetupFailed", "open_chain"]
+
+
+class ChainClosed(ConnectionError):
+    """The chain ended; the message says why (as the first proxy told it)."""
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -53,11 +59,24 @@ class ChainSocket:
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
         self._transport: asyncio.DatagramTransport | None = None
         self.dropped = 0
+        #: watches the control connection: the chain lives as long as it does
+        self._watch: asyncio.Future[str] | None = None
+        #: why the chain ended, once it has
+        self.ended: str | None = None
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _Protocol(self), sock=self.chain.data_sock)
+        self._watch = asyncio.ensure_future(self.chain.wait_closed())
+        self._watch.add_done_callback(self._chain_ended)
+
+    def _chain_ended(self, watch: asyncio.Future[str]) -> None:
+        self.ended = "the chain socket was closed" if watch.cancelled() else watch.result()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        self.chain.close()
 
     def _received(self, data: bytes, addr: tuple[str, int]) -> None:
         if addr[:2] != self.first.addr:
@@ -75,21 +94,39 @@ class ChainSocket:
             self.dropped += 1
 
     def send(self, data: bytes) -> None:
-        """Send one datagram to the server through the chain."""
+        """Send one datagram to the server through the chain (:class:`ChainClosed` once
+        it ended)."""
         if self._transport is None:
-            raise ConnectionError("the chain is closed")
+            raise ChainClosed(self.ended or "the chain is closed")
         if self._channel is not None:
             data = self._channel.seal(data)
         self._transport.sendto(data, self.first.addr)
 
     async def recv(self) -> bytes:
-        return await self._queue.get()
+        """The next datagram from the server; :class:`ChainClosed` once the chain ended
+        and every datagram that arrived before has been taken."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        watch = self._watch
+        if watch is None or watch.done():
+            raise ChainClosed(self.ended or "the chain is closed")
+        getter = asyncio.ensure_future(self._queue.get())
+        try:
+            await asyncio.wait((getter, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        raise ChainClosed(self.ended or "the chain is closed")
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
             yield await self.recv()
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()  # its callback closes the rest
         if self._transport is not None:
             self._transport.close()
             self._transport = None

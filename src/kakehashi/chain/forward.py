@@ -63,6 +63,21 @@ class Chain:
     def close(self) -> None:
         self.ctrl.close()
 
+    async def wait_closed(self) -> str:
+        """Until the chain's control connection ends (the session with it); returns why.
+
+        The first proxy closes it when the session ends anywhere (idle timeout, a
+        teardown, a proxy restarting), so whoever holds a chain watches it here."""
+        try:
+            while True:
+                msg = await self.ctrl.read(None)
+                if msg is None:
+                    return f"chain closed by {self.setup.path[0]}"
+                if isinstance(msg, m.Refused):
+                    return f"chain ended: {msg.describe()}"
+        except (ConnClosed, OSError, wire.WireError) as exc:
+            return f"chain control connection failed: {exc}"
+
 
 async def build_chain(cfg: ForwardConfig,
                       progress: list[tuple[m.Reply, float]] | None = None) -> Chain:
@@ -178,15 +193,7 @@ class ChainForward:
     async def wait_closed(self) -> str:
         """Until the chain's control connection ends; returns why."""
         assert self.chain is not None
-        try:
-            while True:
-                msg = await self.chain.ctrl.read(None)
-                if msg is None:
-                    return f"chain closed by {self.chain.setup.path[0]}"
-                if isinstance(msg, m.Refused):
-                    return f"chain ended: {msg.describe()}"
-        except (ConnClosed, OSError, wire.WireError) as exc:
-            return f"chain control connection failed: {exc}"
+        return await self.chain.wait_closed()
 
     def close(self) -> None:
         if self.forwarder is not None:

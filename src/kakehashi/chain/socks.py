@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from kakehashi.chain.forward import Chain, ForwardConfig, build_chain
 from kakehashi.chain.setup import SetupFailed
 from kakehashi.chain.tables import SessionLimits
-from kakehashi.core import socks5, wire
+from kakehashi.core import socks5
 from kakehashi.core.crypto import DatagramChannel
 from kakehashi.core.datagram import bind_udp
 from kakehashi.core.stream import Conn, ConnClosed, Listener
@@ -182,11 +182,9 @@ class Association:
         for payload in route.queue:
             self.send(route, payload)
         route.queue.clear()
-        try:  # the chain lives until its control connection closes
-            while await chain.ctrl.read(None) is not None:
-                pass
-        except (ConnClosed, OSError, wire.WireError):
-            pass  # the chain's control connection ended: so does this route
+        try:  # the chain lives until its control connection closes: so does this route
+            why = await chain.wait_closed()
+            log.info("socks: chain to %s:%d ended: %s", dst[0], dst[1], why)
         finally:
             if self.routes.get(dst) is route:
                 del self.routes[dst]
