@@ -101,8 +101,15 @@ class Ctrl:
         self.peer = peer
 
     async def read(self, timeout: float | None) -> m.Message | None:
-        """The next message, or None when the peer closed."""
-        frame = await asyncio.wait_for(self.fc.read_frame(), timeout)
+        """The next message, or None when the peer closed; TimeoutError after
+        ``timeout`` seconds (None: no limit).
+
+        ``asyncio.timeout``, not ``wait_for``: on Python 3.11 ``wait_for`` swallows a
+        cancellation that arrives as its read completes, and a session's relay task,
+        cancelled when its requester left, then went on reading for up to its timeout
+        (or for good, without one) and held the session, its ports and its slots."""
+        async with asyncio.timeout(timeout):
+            frame = await self.fc.read_frame()
         if frame is None:
             return None
         if frame.type != wire.FrameType.CTRL:
@@ -273,7 +280,8 @@ class _Session:
                 self.audit("limit", False, why=why)
                 raise self.refusal("limit", f"{cfg.name}: {why}")
             try:
-                await asyncio.wait_for(self.up.fc.read_preamble(), cfg.auth_timeout)
+                async with asyncio.timeout(cfg.auth_timeout):
+                    await self.up.fc.read_preamble()
                 await self.setup()
             finally:
                 self.proxy.limits.end_setup(self.peer_ip)
