@@ -232,6 +232,108 @@ async def _one_proxy(**extra):
     return fw1, cfg, transport, echo
 
 
+async def test_socks_association_locks_ends_with_its_connection_and_drops_bad_headers():
+    """The association takes datagrams from its first source endpoint only; malformed
+    headers (reserved bytes, truncated, fragments) are dropped; when the TCP connection
+    closes, the association's UDP port and its chains (the proxy's session) end."""
+    from kakehashi.chain.socks import SocksConfig, SocksServer
+    from kakehashi.core import socks5
+    from tests.support.wait import async_wait_until
+
+    loop = asyncio.get_running_loop()
+    fw1, cfg, transport, echo = await _one_proxy()
+    server = SocksServer(SocksConfig("127.0.0.1", 0, cfg))
+    await server.start()
+    r = w = None
+    socks_ = []
+    try:
+        r, w = await asyncio.open_connection(*server.address)
+        w.write(b"\x05\x01\x00")
+        assert await r.readexactly(2) == b"\x05\x00"
+        w.write(b"\x05\x03\x00\x01" + bytes(6))  # DST zeros: the client does not know
+        reply = await r.readexactly(10)
+        assert reply[:2] == b"\x05\x00"
+        bnd = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        dst = cfg.to
+        u, other = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+        socks_ += [u, other]
+        for s in socks_:
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+        u.sendto(socks5.encode_udp(*dst, b"first"), bnd)
+        data = await asyncio.wait_for(loop.sock_recv(u, 200), 10)
+        assert data == socks5.encode_udp(*dst, b"first")
+        assert echo.count == 1
+        (assoc,) = server.associations
+        dropped = assoc.dropped
+        header = socks5.encode_udp(*dst, b"")
+        other.sendto(socks5.encode_udp(*dst, b"from another port"), bnd)
+        for bad in (b"\x00\x01" + header[2:] + b"rsv", header[:6], b"\x00\x00\x01" + header[3:]
+                    + b"fragment", b"\x00\x00\x00\x09" + b"x" * 10):
+            u.sendto(bad, bnd)
+        await async_wait_until(lambda: assoc.dropped == dropped + 5,
+                               what="the association dropping five datagrams")
+        u.sendto(socks5.encode_udp(*dst, b"again"), bnd)
+        data = await asyncio.wait_for(loop.sock_recv(u, 200), 10)
+        assert data == socks5.encode_udp(*dst, b"again") and echo.count == 2
+        assert len(fw1.sessions) == 1
+        w.close()  # the control connection ends: the association and its chain too
+        await async_wait_until(lambda: not server.associations and not fw1.sessions,
+                               what="the association and fw1's session ending")
+        assert assoc.transport is not None and assoc.transport.is_closing()
+    finally:
+        for s in socks_:
+            s.close()
+        if w is not None:
+            w.close()
+        await server.close()
+        await fw1.close()
+        transport.close()
+
+
+@pytest.mark.parametrize("mode", ["recursive", "iterative"])
+async def test_a_burst_of_setups_gets_what_a_sequence_gets(mode):
+    """100 setups at once from one user and address get exactly the sessions 100 in a
+    row would (max_per_user), every other one a limit refusal; the ports are bound for
+    the admitted ones only (the bound is taken before the ports)."""
+    fw1, cfg, transport, _ = await _one_proxy(max_per_user=3, max_per_client=5)
+    cfg.mode = mode  # type: ignore[assignment]
+    from kakehashi.core import datagram
+
+    binds = 0
+    bind = datagram.bind_udp
+
+    def counting(host: str, port: int = 0) -> socket.socket:
+        nonlocal binds
+        sock = bind(host, port)
+        binds += 1
+        return sock
+
+    datagram.bind_udp = counting  # type: ignore[assignment]  # the proxy's data ports
+    got = []
+    try:
+        async def one():
+            try:
+                return await build_chain(cfg)
+            except SetupFailed as exc:
+                return exc
+
+        got = await asyncio.gather(*(one() for _ in range(100)))
+        built = [c for c in got if not isinstance(c, SetupFailed)]
+        refused = [c for c in got if isinstance(c, SetupFailed)]
+        assert len(built) == 3, refused[:3]
+        assert {(e.hop, e.reason) for e in refused} == {("fw1", "limit")}
+        assert binds == 6
+    finally:
+        datagram.bind_udp = bind  # type: ignore[assignment]
+        for c in got:
+            if not isinstance(c, SetupFailed):
+                c.close()
+                c.data_sock.close()
+        await fw1.close()
+        transport.close()
+
+
 async def test_the_api_socket_learns_that_its_chain_ended():
     """The proxy ends the session (idle timeout here; a teardown or a restart alike) and
     closes the control connection: a program blocked in ChainSocket.recv() is told
