@@ -92,6 +92,26 @@ async def test_a_hop_that_breaks_the_connection_during_setup_is_named(how, mode)
         hop.close()
 
 
+async def test_a_first_hop_that_says_nothing_is_named():
+    """A first hop that accepts and never answers: the timeout names it (it was '?')."""
+    held = []
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    cfg = _config(srv.sockets[0].getsockname()[1])
+    cfg.setup_timeout = 0.5
+    try:
+        with pytest.raises(SetupFailed) as err:
+            await build_chain(cfg)
+        assert (err.value.hop, err.value.reason) == ("fw1", "timeout"), err.value
+    finally:
+        for w in held:
+            w.close()
+        srv.close()
+
+
 @pytest.mark.parametrize("how", ["reset", "truncate"])
 def test_trace_names_a_hop_that_breaks_the_connection(tmp_path, how):
     env = Env(tmp_path)

@@ -185,6 +185,13 @@ def test_challenge_from_a_hop_without_a_key():
     assert err.value.hop == "fw7"
 
 
+def test_the_first_hop_is_named_before_it_speaks():
+    """A first hop that says nothing (then the caller's timeout), or closes, is named
+    as configured: before, such failures were reported as refused by '?'."""
+    c = ClientSetup("alice", KEYS, SERVER, P1, expect_first="fw1")
+    assert c.hop == "fw1"
+
+
 def test_a_reply_to_another_request_is_refused():
     """Fig. 14(b): a notice that is not the answer to our request is not taken as one."""
     c = client()

@@ -98,7 +98,7 @@ async def build_chain(cfg: ForwardConfig,
         data_sock = bind_udp(local_ip, 0)
         setup = ClientSetup(cfg.user, cfg.keys, m.Endpoint(*cfg.to),
                             m.Endpoint(local_ip, data_sock.getsockname()[1]),
-                            mode=cfg.mode, encrypt=cfg.encrypt)
+                            mode=cfg.mode, encrypt=cfg.encrypt, expect_first=hop.name)
         try:
             await _run_setup(ctrl, setup, cfg, progress, t0)
         except (ConnClosed, OSError) as exc:

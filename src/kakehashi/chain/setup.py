@@ -70,7 +70,8 @@ State = Literal["challenge", "proof", "reply", "e2e-proof", "done"]
 class ClientSetup:
     def __init__(self, user: str, keys: dict[str, bytes], server: m.Endpoint,
                  requester: m.Endpoint, *, mode: Literal["recursive", "iterative"] = "recursive",
-                 encrypt: bool = False, max_hops: int = m.MAX_HOPS) -> None:
+                 encrypt: bool = False, max_hops: int = m.MAX_HOPS,
+                 expect_first: str | None = None) -> None:
         self.user = user
         self.keys = keys
         self.server = server
@@ -85,7 +86,10 @@ class ClientSetup:
         self.path: list[str] = []
         self.max_payload = 0
         self.rid = 0
-        self.hop = "?"  # the proxy currently being talked to
+        #: the first proxy as configured (``fw1`` of ``fw1@HOST:PORT``): a failure
+        #: before it speaks (silence, a reset) is its own
+        self.expect_first = expect_first
+        self.hop = expect_first or "?"  # the proxy currently being talked to
         #: the first proxy's name (its challenge): whose connection this is
         self.first_hop: str | None = None
         self.session_keys: tuple[bytes, bytes] | None = None
