@@ -499,3 +499,31 @@ async def test_setups_cut_at_every_step_leave_nothing_behind(mode, encrypt):
         for p in proxies:
             await p.close()
         transport.close()
+
+
+async def test_a_first_hop_must_be_the_one_configured():
+    """The client holds keys for fw1 and fw2 (iterative mode); fw2 answers at the
+    address configured for fw1. The client must refuse it (naming fw1, authentication)
+    instead of taking fw2 as its first hop, which skipped fw1 and its firewall."""
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+
+    k1, k2 = (crypto.parse_shared_key(crypto.new_shared_key()) for _ in range(2))
+    fw2 = ChainProxy(ProxyConfig(
+        name="fw2", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"alice": k2}, routes=tables.parse_routes({f"{SERVER[0]}/32": "direct"}),
+        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}])))
+    await fw2.start()
+    cfg = ForwardConfig(user="alice", keys={"fw1": k1, "fw2": k2},
+                        first_hop=tables.Hop("fw1", "127.0.0.1", fw2.address[1]), to=SERVER,
+                        udp_listen=("127.0.0.1", 0), mode="iterative")
+    chain = None
+    try:
+        with pytest.raises(SetupFailed) as err:
+            chain = await build_chain(cfg)
+        assert (err.value.hop, err.value.reason) == ("fw1", "authentication"), err.value
+        assert "'fw2'" in err.value.text
+    finally:
+        if chain is not None:
+            chain.close()
+            chain.data_sock.close()
+        await fw2.close()

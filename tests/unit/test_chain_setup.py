@@ -192,6 +192,18 @@ def test_the_first_hop_is_named_before_it_speaks():
     assert c.hop == "fw1"
 
 
+def test_a_first_hop_proving_another_identity_is_refused():
+    """The client authenticates the proxy it was configured to reach, not whichever one
+    it holds a key for: fw2 answering at fw1's address (a redirected connection, a
+    swapped configuration) would otherwise become the first hop, and the chain skip
+    fw1's firewall. Proxies check their next hop's name the same way."""
+    c = ClientSetup("alice", KEYS, SERVER, P1, expect_first="fw1")
+    r = MutualAuth("responder", "fw2", {"alice": KEYS["fw2"]}, HOP_PURPOSE)
+    with pytest.raises(SetupFailed, match="'fw2'") as err:
+        c.receive(m.Challenge(*r.challenge()))
+    assert err.value.hop == "fw1" and err.value.reason == "authentication"
+
+
 def test_a_reply_to_another_request_is_refused():
     """Fig. 14(b): a notice that is not the answer to our request is not taken as one."""
     c = client()

@@ -86,8 +86,8 @@ class ClientSetup:
         self.path: list[str] = []
         self.max_payload = 0
         self.rid = 0
-        #: the first proxy as configured (``fw1`` of ``fw1@HOST:PORT``): a failure
-        #: before it speaks (silence, a reset) is its own
+        #: the first proxy as configured (``fw1`` of ``fw1@HOST:PORT``): it must prove
+        #: that identity, and a failure before it speaks is its own
         self.expect_first = expect_first
         self.hop = expect_first or "?"  # the proxy currently being talked to
         #: the first proxy's name (its challenge): whose connection this is
@@ -178,6 +178,9 @@ class ClientSetup:
             msg = msg.body
         elif relayed or not isinstance(msg, m.Challenge):
             raise self._unexpected(msg)
+        if self.first_hop is None and self.expect_first not in (None, msg.hop):
+            raise self._fail("authentication", f"the first hop calls itself {msg.hop!r}, "
+                                               f"not {self.expect_first!r} as configured")
         self.hop = msg.hop
         if self.first_hop is None:
             self.first_hop = msg.hop
