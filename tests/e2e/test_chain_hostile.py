@@ -527,3 +527,53 @@ async def test_a_first_hop_must_be_the_one_configured():
             chain.close()
             chain.data_sock.close()
         await fw2.close()
+
+
+@pytest.mark.parametrize("mode", ["recursive", "iterative"])
+async def test_a_hanging_hop_far_down_the_chain_is_named(mode):
+    """fw3 accepts fw2's connection and says nothing. With the defaults (the client
+    waits as long as each proxy waits for the next: 10 s; 4 s here) the client gave up
+    first and blamed the hop it talked to ('fw1: timeout' recursive, 'fw2: timeout'
+    iterative), so neither it nor ``chain trace`` could say which hop hung. Each request
+    (and extension) now says how long its sender waits, and a proxy gives up on the
+    hops after it within that, naming them: fw2 refuses, next-hop, fw3."""
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)
+
+    fw3 = await asyncio.start_server(silent, "127.0.0.1", 0)
+    k = {p: crypto.parse_shared_key(crypto.new_shared_key())
+         for p in ("alice-fw1", "alice-fw2", "alice-fw3", "fw1-fw2", "fw2-fw3")}
+    acl = tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}])
+    wait = 4.0
+    fw2 = ChainProxy(ProxyConfig(
+        name="fw2", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"fw1": k["fw1-fw2"], "fw3": k["fw2-fw3"], "alice": k["alice-fw2"]},
+        routes=tables.parse_routes({
+            f"{SERVER[0]}/32": f"fw3@127.0.0.1:{fw3.sockets[0].getsockname()[1]}"}),
+        acl=acl, auth_timeout=wait))
+    await fw2.start()
+    fw1 = ChainProxy(ProxyConfig(
+        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"fw2": k["fw1-fw2"], "alice": k["alice-fw1"]},
+        routes=tables.parse_routes({f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.address[1]}"}),
+        acl=acl, auth_timeout=wait))
+    await fw1.start()
+    cfg = ForwardConfig(user="alice", keys={f"fw{i}": k[f"alice-fw{i}"] for i in (1, 2, 3)},
+                        first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
+                        udp_listen=("127.0.0.1", 0), mode=mode,  # type: ignore[arg-type]
+                        setup_timeout=wait)
+    try:
+        with pytest.raises(SetupFailed) as err:
+            await build_chain(cfg)
+        assert (err.value.hop, err.value.reason) == ("fw2", "next-hop"), err.value
+        assert "fw3" in err.value.text, err.value
+    finally:
+        await fw1.close()
+        await fw2.close()
+        for w in held:
+            w.close()
+        fw3.close()

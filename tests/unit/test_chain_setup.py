@@ -204,6 +204,25 @@ def test_a_first_hop_proving_another_identity_is_refused():
     assert err.value.hop == "fw1" and err.value.reason == "authentication"
 
 
+def test_requests_and_extensions_say_how_long_the_client_waits():
+    """So each proxy gives up on the hops after it in time to name them; the nearer
+    the client, the later its deadline."""
+    c = client(mode="iterative")
+    c.wait_ms = 9000
+    req, far = authenticate(c, "fw1")
+    assert req.wait_ms == 9000
+    c.wait_ms = 8000
+    (ext,) = far.send(m.Reply(req.rid, "fw1", ep(1), ep(2), complete=False))
+    assert isinstance(ext, m.Extend) and ext.wait_ms == 8000
+    budgets = [10.0]
+    for _ in range(3):
+        nxt = m.within(int(budgets[-1] * 1000))
+        assert nxt is not None
+        budgets.append(nxt)
+    assert budgets == sorted(budgets, reverse=True) and budgets[-1] > 4
+    assert m.within(0) is None
+
+
 def test_a_reply_to_another_request_is_refused():
     """Fig. 14(b): a notice that is not the answer to our request is not taken as one."""
     c = client()

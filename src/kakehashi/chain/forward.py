@@ -137,6 +137,8 @@ async def _run_setup(ctrl: Ctrl, setup: ClientSetup, cfg: ForwardConfig,
             raise SetupFailed(setup.hop, "protocol", "closed the control connection "
                                                      "during setup")
         seen = len(setup.replies)
+        setup.wait_ms = min(int(max(deadline - asyncio.get_running_loop().time(), 0) * 1000),
+                            3_600_000)
         outs = setup.receive(msg)
         if setup.seal_with is not None and ctrl.channel is None:
             ctrl.seal(setup.seal_with, cfg.first_hop.name)

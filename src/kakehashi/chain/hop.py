@@ -178,7 +178,8 @@ class RequesterSide:
             raise self._refuse("protocol", f"the client's request and {v.via[-1]}'s "
                                            "disagree (user, server, encryption or mode)")
         return m.Request(rid=req.rid, server=req.server, requester=v.requester, user=req.user,
-                         mode=req.mode, encrypt=req.encrypt, via=v.via, origin=v.origin)
+                         mode=req.mode, encrypt=req.encrypt, via=v.via, origin=v.origin,
+                         wait_ms=req.wait_ms)
 
     def open(self, msg: m.Message) -> m.Message:
         """A message from the client through the relays: it must be sealed end to end."""
@@ -269,6 +270,9 @@ class NextHop:
         self.state = "challenge"
         self.rid = secrets.randbits(63)
         self.reply: m.Reply | None = None
+        #: how long this proxy will still wait for the next hop's Reply, in ms (0: not
+        #: said), set by the caller before each :meth:`receive`: the request says so
+        self.wait_ms = 0
 
     def _refuse(self, reason: str, text: str) -> Refuse:
         return refusal(self.name, reason, text, self.admitted.request.rid)
@@ -296,7 +300,8 @@ class NextHop:
             self.state = "reply"
             return [m.Request(rid=self.rid, server=req.server, requester=self.requester,
                               user=req.user, mode=self.mode, encrypt=req.encrypt,
-                              via=[*req.via, self.name], origin=self.admitted.origin)]
+                              via=[*req.via, self.name], origin=self.admitted.origin,
+                              wait_ms=self.wait_ms)]
         if self.state == "reply" and isinstance(msg, m.Reply):
             if msg.rid != self.rid:  # response recognition: only the answer to our request
                 raise self._refuse("protocol", f"{self.hop.name} answered another request")

@@ -52,6 +52,8 @@ Rid = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Text = Annotated[str, msgspec.Meta(max_length=400)]
 MAX_HOPS = 16
 Hops = Annotated[list[Name], msgspec.Meta(max_length=MAX_HOPS)]
+#: how long the sender of a request waits for its answer, in ms (0: not said)
+WaitMs = Annotated[int, msgspec.Meta(ge=0, le=3_600_000)]
 
 #: why a hop refused (stable codes; the text says more)
 REASONS = ("authentication", "access", "route", "next-hop", "limit", "ports", "protocol",
@@ -103,6 +105,9 @@ class Request(msgspec.Struct, tag="request", frozen=True):
     via: Hops = []
     #: the client's address and data port as the first hop saw them (ACL input)
     origin: Endpoint | None = None
+    #: how long the sender waits for the answer: a proxy gives up on the hops after it
+    #: within that, so its refusal naming them arrives before the sender gives up
+    wait_ms: WaitMs = 0
 
 
 class Reply(msgspec.Struct, tag="reply", frozen=True):
@@ -124,6 +129,19 @@ class Reply(msgspec.Struct, tag="reply", frozen=True):
 
 class Extend(msgspec.Struct, tag="extend", frozen=True):
     rid: Rid
+    #: how long the client waits for the next hop's Reply (as :attr:`Request.wait_ms`)
+    wait_ms: WaitMs = 0
+
+
+def within(wait_ms: int) -> float | None:
+    """Seconds a proxy may spend on the hops after it when its requester waits
+    ``wait_ms`` (None: it did not say): a fifth (at least 0.1 s) is left for the refusal
+    to travel back, so at every hop the nearer proxy's deadline comes later and the
+    hop that actually failed is the one named."""
+    if not wait_ms:
+        return None
+    wait = wait_ms / 1000
+    return max(wait - max(0.1, wait / 5), 0.001)
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):

@@ -253,6 +253,9 @@ class _Session:
         self.ports: tuple[int, int] | None = None
         self.slot: tuple[str, str] | None = None
         self.pending_hop: Hop | None = None  # iterative: the next proxy, once asked to extend
+        #: when this proxy gives up on the hops after it (loop time; None: only each
+        #: read's own timeout), from how long its requester said it waits
+        self.deadline: float | None = None
         self.relay: RelayFilter | None = None
         self.e2e: EndToEnd | None = None
         self.far_port = 0
@@ -382,21 +385,27 @@ class _Session:
                                        path=[cfg.name], challenge=challenge,
                                        max_payload=max_payload))
         elif req.mode == "recursive":  # 605-611
+            self.deadline = _deadline(req.wait_ms)
             down = await self.connect_next(hop)
             nh = NextHop(cfg.name, cfg.keys, hop, adm,
                          m.Endpoint(down.fc.conn.sock.getsockname()[0], self.far_port))
             while nh.reply is None:
+                timeout = self.left(cfg.auth_timeout)
                 try:
-                    msg = await down.read(cfg.auth_timeout)
+                    msg = await down.read(timeout)
                 except wire.WireError as exc:
                     reason = "integrity" if exc.code == "integrity" else "next-hop"
                     raise self.refusal(reason, f"{cfg.name}: {hop} failed during setup: "
                                                f"{exc}") from None
-                except (ConnClosed, TimeoutError, OSError) as exc:
+                except TimeoutError:
+                    raise self.refusal("next-hop", f"{cfg.name}: {hop} did not answer within "
+                                                   f"{timeout:.3g}s during setup") from None
+                except (ConnClosed, OSError) as exc:
                     raise self.refusal("next-hop", f"{hop} failed during setup: "
                                                    f"{exc or type(exc).__name__}") from None
                 if msg is None:
                     raise self.refusal("next-hop", f"{hop} closed during setup")
+                nh.wait_ms = self.left_ms()  # the Request says how long this proxy waits
                 outs = nh.receive(msg)
                 if nh.auth.done and down.channel is None:  # the Request on is sealed
                     down.seal(nh.auth, hop.name)
@@ -437,9 +446,23 @@ class _Session:
         self.forwarder.far_to_near = ch.seal
         self.forwarder.near_to_far = ch.open
 
+    def left(self, limit: float) -> float:
+        """``limit`` seconds, or less when the deadline for the hops after this proxy
+        comes sooner."""
+        if self.deadline is None:
+            return limit
+        return max(min(limit, self.deadline - asyncio.get_running_loop().time()), 0.001)
+
+    def left_ms(self) -> int:
+        """How long this proxy still waits for the hops after it, in ms (0: not said)."""
+        if self.deadline is None:
+            return 0
+        left = self.deadline - asyncio.get_running_loop().time()
+        return min(max(int(left * 1000), 1), 3_600_000)
+
     async def connect_next(self, hop: Hop) -> Ctrl:
         try:
-            conn = await open_tcp(hop.host, hop.port, timeout=self.cfg.connect_timeout)
+            conn = await open_tcp(hop.host, hop.port, timeout=self.left(self.cfg.connect_timeout))
         except (OSError, TimeoutError) as exc:
             raise self.refusal("next-hop", f"{self.cfg.name} cannot reach the next hop "
                                            f"{hop}: {exc}") from None
@@ -513,6 +536,7 @@ class _Session:
                 if msg.rid != self.rid:
                     raise self.refusal("protocol", "extend for another request")
                 hop = self.pending_hop
+                self.deadline = _deadline(msg.wait_ms)
                 await self.connect_next(hop)
                 assert self.down is not None and self.admitted is not None
                 # this proxy's part of the request: its server-facing endpoint (its P3),
@@ -544,10 +568,11 @@ class _Session:
             relay = self.relay
             bound = relay is not None and relay.authenticating
             try:
-                msg = await down.read(self.cfg.auth_timeout if bound else None)
+                timeout = self.left(self.cfg.auth_timeout) if bound else None
+                msg = await down.read(timeout)
             except TimeoutError:
                 assert relay is not None  # bounded only while authenticating
-                silent = relay.lost(f"did not authenticate within {self.cfg.auth_timeout:g}s")
+                silent = relay.lost(f"did not authenticate within {timeout:.3g}s")
                 assert silent is not None
                 raise silent from None
             except (ConnClosed, OSError) as exc:
@@ -561,6 +586,7 @@ class _Session:
                     raise lost
                 return
             if self.relay is not None:
+                self.relay.next.wait_ms = self.left_ms()  # its Request says so
                 step = self.relay.from_next(msg)
                 if self.relay.sealing and down.channel is None:  # after the next's Proof
                     down.seal(self.relay.next.auth, self.relay.next.hop.name)
@@ -604,6 +630,13 @@ class _Session:
         self.up.close()
         for t in self.tasks:
             t.cancel()
+
+
+def _deadline(wait_ms: int) -> float | None:
+    """When a proxy whose requester waits ``wait_ms`` gives up on the hops after it
+    (:func:`messages.within`), in loop time; None when the requester did not say."""
+    budget = m.within(wait_ms)
+    return None if budget is None else asyncio.get_running_loop().time() + budget
 
 
 def _drop(data: bytes) -> None:

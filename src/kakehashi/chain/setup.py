@@ -103,6 +103,10 @@ class ClientSetup:
         self._channel: ControlChannel | None = None
         #: every Reply received, in order (``chain trace`` times them)
         self.replies: list[m.Reply] = []
+        #: how long the caller will still wait for the setup, in ms (0: not said), set
+        #: by it before each :meth:`receive`: requests and extensions say so, and the
+        #: proxies give up on a hop after them in time to name it
+        self.wait_ms = 0
 
     @property
     def done(self) -> bool:
@@ -215,7 +219,8 @@ class ClientSetup:
         self.state = "reply"
         return [self._to_hop(m.Request(rid=self.rid, server=self.server,
                                        requester=self.requester, user=self.user,
-                                       mode=self.mode, encrypt=self.encrypt))]
+                                       mode=self.mode, encrypt=self.encrypt,
+                                       wait_ms=self.wait_ms))]
 
     def _on_reply(self, msg: m.Message) -> list[m.Message]:
         if not isinstance(msg, m.Reply):
@@ -235,7 +240,7 @@ class ClientSetup:
             if self.counter >= self.max_hops:
                 raise self._fail("protocol", f"more than {self.max_hops} hops")
             self.state = "challenge"
-            return [self._to_hop(m.Extend(self.rid))]
+            return [self._to_hop(m.Extend(self.rid, wait_ms=self.wait_ms))]
         if not self.encrypt:
             self.state = "done"
             return []
