@@ -182,6 +182,7 @@ class RelayLink:
         cfg = self.cfg
         conn = await open_tcp(self.host, self.port, timeout=cfg.connect_timeout)
         where = f"{self.host}:{self.port}"
+        step = "TLS handshake"  # what the relay has to answer next (for a timeout)
         try:
             if cfg.tls is not None:
                 try:
@@ -202,6 +203,7 @@ class RelayLink:
                                      ) from None
             self.framed = framed = FramedConn(conn)
             self.t.encrypted = conn.encrypted
+            step = "greeting"
             await framed.send(wire.PREAMBLE)
             try:
                 await asyncio.wait_for(framed.read_preamble(), cfg.connect_timeout)
@@ -216,7 +218,9 @@ class RelayLink:
                         where, server_tls=True).message) from None
                 raise RelayError("protocol", f"{where}: {exc.message}") from None
             if not conn.encrypted and cfg.attrs.encryption == "required":
+                step = "STARTTLS"
                 await self._starttls_inline()
+            step = "login"
             attrs = cfg.attrs
             offers = [m.CIPHER_SESSION] if cfg.session_cipher and isinstance(
                 conn, DirectTLSConn) and conn.can_leave_tls else []
@@ -240,6 +244,24 @@ class RelayLink:
                     raise RelayError(ev.code or "login-failed", ev.reason)
                 if isinstance(ev, t.LoggedIn):
                     break
+        except TimeoutError:
+            # (a bare TimeoutError said nothing: "cannot connect to pi: ")
+            conn.close()
+            if self.framed:
+                self.framed.conn.close()
+            raise RelayError("timeout", f"{where} took the connection but did not answer "
+                             f"the {step} within {cfg.connect_timeout:g}s: check that it is "
+                             "a kakehashi relay (--server), and that it is running and not "
+                             "overloaded") from None
+        except (ConnClosed, wire.WireError, OSError) as exc:
+            # (raw, a ConnClosed reached `relay pipe` and `relay connect` as a traceback,
+            # and a reset said nothing of which server)
+            conn.close()
+            if self.framed:
+                self.framed.conn.close()
+            why = exc.message if isinstance(exc, wire.WireError) else str(exc)
+            raise RelayError("protocol" if isinstance(exc, wire.WireError) else "closed",
+                             f"{where} during the {step}: {why}") from None
         except BaseException:
             conn.close()
             if self.framed:
