@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -87,3 +88,32 @@ def test_outside_a_loop_an_entry_recorded_soon_is_written_at_once(tmp_path):
     audit = AuditLog(tmp_path / "audit.jsonl", system="relay")
     audit.record_soon("pair", True)
     assert json.loads((tmp_path / "audit.jsonl").read_text())["event"] == "pair"
+
+
+async def test_a_relay_stopped_twice_still_writes_the_entries_it_holds(tmp_path, monkeypatch):
+    """The relay's close writes what :meth:`AuditLog.record_soon` holds before it waits
+    for anything: a second Ctrl-C (or SIGTERM) while its connections are still being
+    shut down cancels the close there, and the entries were lost with it."""
+    from kakehashi.relay.server import RelayServer
+
+    path = tmp_path / "audit.jsonl"
+    monkeypatch.setattr(audit_module, "SOON", 3600.0)
+    server = RelayServer(None, port=0, audit=AuditLog(path, system="relay"))  # type: ignore[arg-type]
+    await server.start()
+    assert server.listener is not None
+    shutting_down = asyncio.Event()
+    real_close = server.listener.close
+
+    async def slow_close() -> None:  # a connection whose shutdown takes its time
+        shutting_down.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(server.listener, "close", slow_close)
+    server.audit.record_soon("pair", True, conns=[1, 2])
+    closing = asyncio.ensure_future(server.close())
+    await async_wait_until(shutting_down.is_set, what="the close waiting for connections")
+    closing.cancel()  # the second signal
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["pair"]
+    await real_close()

@@ -188,6 +188,9 @@ class RelayServer:
         return addr
 
     async def close(self) -> None:
+        # the entries held back past a setup (record_soon) first, before any wait: a
+        # second signal while the connections shut down cancels this close at its wait
+        self.audit.flush()
         if self._watchdog:
             self._watchdog.cancel()
         if self.listener:
@@ -195,7 +198,7 @@ class RelayServer:
         for link in list(self.links.values()):
             link.framed.conn.close()
         self.checker.close()
-        self.audit.flush()  # (entries held back past a setup: record_soon)
+        self.audit.flush()  # (and those recorded as the connections closed)
 
     def now(self) -> float:
         return time.monotonic()
