@@ -133,6 +133,39 @@ def test_an_acl_user_cannot_pose_as_a_forwarding_proxy():
     assert msg.reason == "access"
 
 
+WILDCARD = t.parse_acl([{"user": "*", "from": "10.1.0.0/16", "ports": "any"}])
+
+
+def test_under_a_wildcard_acl_a_user_cannot_pose_as_a_forwarding_proxy():
+    """fw2 admits any authenticated user from the client LAN (``user = "*"``); alice
+    holds a key for fw2 (iterative mode needs one) and connects from outside. Posing as
+    a proxy that forwards (via=["alice"]) she named another user and an origin inside
+    the LAN and was admitted: the LAN restriction, bob's identity and the per-address
+    bounds were hers to choose. Under a wildcard every key holder may be a user, so
+    only the IDs listed in ``forwarders`` may forward."""
+    s = RequesterSide("fw2", keys_of("fw2"), WILDCARD, ROUTES["fw2"], "203.0.113.9")
+    login(s, "alice", KEY["alice-fw2"])
+    msg = refused(s.receive, request(user="bob", via=["alice"],
+                                     origin=m.Endpoint("10.1.0.5", 4000)))
+    assert msg.reason == "access" and "forwarders" in msg.text
+    # fw1 too, until it is listed; then it forwards as before
+    s = RequesterSide("fw2", keys_of("fw2"), WILDCARD, ROUTES["fw2"], "192.0.2.1")
+    login(s, "fw1", KEY["fw1-fw2"])
+    assert refused(s.receive, request(via=["fw1"], origin=m.Endpoint("10.1.0.2", 4000))
+                   ).reason == "access"
+    s = RequesterSide("fw2", keys_of("fw2"), WILDCARD, ROUTES["fw2"], "192.0.2.1",
+                      forwarders=frozenset({"fw1"}))
+    login(s, "fw1", KEY["fw1-fw2"])
+    s.receive(request(via=["fw1"], origin=m.Endpoint("10.1.0.2", 4000)))
+    assert s.admitted is not None and s.admitted.origin == m.Endpoint("10.1.0.2", 4000)
+    # a listed forwarder is the only kind: alice is not one even without a wildcard
+    s = RequesterSide("fw2", keys_of("fw2"), ACL, ROUTES["fw2"], "203.0.113.9",
+                      forwarders=frozenset({"fw1"}))
+    login(s, "alice", KEY["alice-fw2"])
+    assert refused(s.receive, request(user="bob", via=["alice"],
+                                      origin=m.Endpoint("10.1.0.5", 4000))).reason == "access"
+
+
 def test_forwarded_request_must_name_its_origin_and_come_from_its_last_via():
     s = side("fw2", peer_ip="192.0.2.1")
     login(s, "fw1", KEY["fw1-fw2"])

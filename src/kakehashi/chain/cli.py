@@ -126,6 +126,10 @@ def keygen() -> None:
                    "'direct'; repeatable. Config: routes.")
 @table_option("--acl", "acl", metavar="user=ID,from=NET,ports=any|LOW-HIGH",
               help="Access control entry; repeatable. Config: acl (array of tables).")
+@table_option("--forwarder", "forwarders", metavar="ID",
+              help="A proxy that may forward requests for users (one before this proxy); "
+                   "repeatable. Without any, every key holder that is no ACL user may, "
+                   "unless the ACL has a wildcard user. Config: forwarders (array).")
 @opt.audit_log_option
 @opt.timeout_option("auth", 10.0, "Seconds a requester has to authenticate and ask.")
 @opt.timeout_option("connect", 5.0, "Seconds to reach the next proxy.")
@@ -143,7 +147,8 @@ def keygen() -> None:
 @opt.metrics_listen_option
 @fast_path_option
 def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tuple[str, ...],
-          routes: tuple[str, ...], acl: tuple[str, ...], audit_log: str | None,
+          routes: tuple[str, ...], acl: tuple[str, ...], forwarders: tuple[str, ...],
+          audit_log: str | None,
           auth_timeout: float, connect_timeout: float, idle_timeout: float,
           max_sessions: int, max_per_user: int, max_per_client: int,
           max_connections: int, metrics_listen: str | None, fast_path: str) -> None:
@@ -163,6 +168,7 @@ def proxy(name: str, listen: str, udp_ports: str, udp_host: str | None, keys: tu
         routes=_parse(tables.parse_routes, tables.parse_assignments(routes, "route"),
                       "--route"),
         acl=_parse(tables.parse_acl, [tables.parse_acl_flag(a) for a in acl], "--acl"),
+        forwarders=frozenset(_parse(tables.parse_name, f, "--forwarder") for f in forwarders),
         auth_timeout=auth_timeout, connect_timeout=connect_timeout, idle_timeout=idle_timeout,
         max_sessions=max_sessions, max_per_user=max_per_user, max_per_client=max_per_client,
         max_connections=max_connections, fast_path=fast_path,

@@ -81,6 +81,9 @@ class RequesterSide:
     acl: Acl
     routes: Routes
     peer_ip: str  #: the address the requester's control connection comes from
+    #: the IDs that may forward requests for users (the proxies before this one); empty:
+    #: any key holder that is no user of an ACL without a wildcard
+    forwarders: frozenset[str] = frozenset()
     state: str = "answer"
     admitted: Admitted | None = None
     #: decisions to write to the audit log: (event, allow, fields)
@@ -209,8 +212,17 @@ class RequesterSide:
 
     def vouches(self, peer: str, req: m.Request) -> bool:
         """Whether ``peer`` speaks for the request's user as the proxy before: it is the
-        last ``via`` entry and not itself a user of the ACL."""
-        return bool(req.via) and peer == req.via[-1] and peer not in self.acl.users
+        last ``via`` entry and a forwarder - listed in ``forwarders``, or, without that
+        list, no user of the ACL. Under a wildcard ACL every key holder may be a user
+        (iterative clients hold a key for each proxy), and a user posing as a forwarder
+        would choose the user and the origin the ACL and the bounds check: then only
+        listed IDs forward."""
+        if not req.via or peer != req.via[-1]:
+            return False
+        if self.forwarders:
+            return peer in self.forwarders
+        users = self.acl.users
+        return peer not in users and "*" not in users
 
     def who(self, peer: str, req: m.Request) -> m.Endpoint:
         """Whom the request is for, as the address the ACL checks.
@@ -229,7 +241,9 @@ class RequesterSide:
             raise self._refuse("protocol", "a forwarded request without its origin")
         if self.vouches(peer, req):
             return req.origin
-        raise self._refuse("access", f"{peer!r} may not forward requests for {req.user!r}")
+        raise self._refuse("access", f"{peer!r} may not forward requests for {req.user!r} "
+                                     "(only the IDs in forwarders may; without that list, "
+                                     "IDs that are no user of an ACL without a wildcard)")
 
     def admit(self, req: m.Request) -> Admitted:
         peer = self.auth.peer_id or ""

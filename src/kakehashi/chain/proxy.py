@@ -81,6 +81,9 @@ class ProxyConfig:
     #: datagram transports. All drive the same port records
     fast_path: str = fastpath.DEFAULT_MODE
     audit: AuditLog = field(default_factory=lambda: AuditLog(system="chain"))
+    #: the IDs that may forward requests for users (the proxies before this one); empty:
+    #: any key holder that is no user of an ACL without a wildcard
+    forwarders: frozenset[str] = frozenset()
 
 
 class Ctrl:
@@ -309,7 +312,7 @@ class _Session:
     async def setup(self) -> None:
         cfg = self.cfg
         self.side = side = RequesterSide(cfg.name, cfg.keys, cfg.acl, cfg.routes,
-                                         self.peer_ip)
+                                         self.peer_ip, cfg.forwarders)
         await self.up.send(side.start())  # 602/902
         try:
             while side.admitted is None:
