@@ -361,7 +361,7 @@ async def test_the_api_socket_learns_that_its_chain_ended():
     from kakehashi.chain.api import open_chain
     from tests.support.wait import async_wait_until
 
-    fw1, cfg, transport, _ = await _one_proxy(idle_timeout=1)
+    fw1, cfg, transport, _ = await _one_proxy(idle_timeout=2)
     try:
         sock = await open_chain("alice", cfg.keys, cfg.first_hop, cfg.to)
         try:
