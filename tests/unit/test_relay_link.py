@@ -8,6 +8,8 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 
+import pytest
+
 from kakehashi.core.stream import Conn, FramedConn
 from kakehashi.relay import agent
 from kakehashi.relay import messages as m
@@ -183,6 +185,36 @@ async def _a_link_lost_after_a_request_with_early_data_is_not_retried() -> None:
 
 def test_a_link_lost_after_a_request_with_early_data_is_not_retried(run) -> None:
     run(_a_link_lost_after_a_request_with_early_data_is_not_retried())
+
+
+async def _a_link_lost_while_asked_about_an_insecure_peer_is_not_retried() -> None:
+    """The same when the link is lost after the relay asked whether to connect to a
+    peer that cannot encrypt (para 0037) and this side accepted: the request and its
+    early data went on to the target with that answer."""
+    from kakehashi.relay.agent import RelayError
+
+    app_sock, client = socket.socketpair()
+    sent: list[bytes] = []
+
+    def relay(msg: m.Msg) -> list[m.Msg] | None:
+        if isinstance(msg, m.ConnectRequest):
+            sent.append(msg.data)
+            return [m.Notify(req=msg.req, peer=msg.target, insecure=True)]
+        return None  # the answer to the question: the link is lost after it
+
+    async with _terminal_on_fake_relays(relay, app_sock, client) as term:
+        term.cfg.insecure_ok = True
+        client.sendall(b"hello")
+        app = Conn(app_sock)
+        await async_wait_until(lambda: app.peek_now(16) == b"hello", 10, what="the bytes")
+        with pytest.raises(RelayError) as failed:
+            await term.connect("bob", app=app)
+        assert failed.value.code == "closed-with-early-data"
+        assert sent == [b"hello"]
+
+
+def test_a_link_lost_while_asked_about_an_insecure_peer_is_not_retried(run) -> None:
+    run(_a_link_lost_while_asked_about_an_insecure_peer_is_not_retried())
 
 
 async def _nothing_is_peeked_where_the_link_may_not_carry_it() -> None:

@@ -533,6 +533,11 @@ class RelayLink:
         carried = len(msgs[0].data) if isinstance(msgs[0], m.ConnectRequest) else 0
         try:
             ev = await self.request(msgs, timeout)
+            if isinstance(ev, t.AskInsecure):  # (the request, early data and all, waits)
+                if not self.cfg.insecure_ok:
+                    ev = await self.request(self.t.refuse("encryption required"), timeout)
+                else:
+                    ev = await self.request(self.t.accept(), timeout)
         except RelayError as exc:
             if exc.code == "closed" and carried:
                 raise RelayError(
@@ -541,11 +546,6 @@ class RelayLink:
                     f"carried the first {carried} bytes; they may have reached its service, "
                     "so the request is not repeated: connect again") from None
             raise
-        if isinstance(ev, t.AskInsecure):
-            if not self.cfg.insecure_ok:
-                ev = await self.request(self.t.refuse("encryption required"), timeout)
-            else:
-                ev = await self.request(self.t.accept(), timeout)
         if isinstance(ev, t.ConnectFailed):
             raise RelayError(ev.code, ev.message)
         assert isinstance(ev, t.Connected)
