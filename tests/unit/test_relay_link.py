@@ -395,6 +395,21 @@ def test_the_pool_hears_once_that_links_are_used_up() -> None:
     assert not term._changed.is_set()
 
 
+def _link_the_relay_does_not_read(sock: socket.socket) -> RelayLink:
+    """A logged-in link on ``sock`` whose relay end reads nothing: what the kernel
+    holds for it is full, so the next write waits."""
+    link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+    link.framed = FramedConn(Conn(sock))
+    link.t.login("u", "p")
+    link.t.receive(m.LoginOk(conn_id=1, token="tok", encryption="off", keepalive=15.0,
+                             dead_after=45.0))
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sock.send(b"\0" * 65536)
+    return link
+
+
 async def _a_request_the_relay_does_not_take_times_out() -> None:
     """A request's deadline covers its send: a relay that stopped reading (its socket
     buffer full) fails the request with the timeout instead of holding the caller for
@@ -404,15 +419,7 @@ async def _a_request_the_relay_does_not_take_times_out() -> None:
 
     mine, relay = socket.socketpair()
     try:
-        link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
-        link.framed = FramedConn(Conn(mine))
-        link.t.login("u", "p")
-        link.t.receive(m.LoginOk(conn_id=1, token="tok", encryption="off", keepalive=15.0,
-                                 dead_after=45.0))
-        mine.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while True:  # the relay reads nothing: fill what the kernel holds for it
-                mine.send(b"\0" * 65536)
+        link = _link_the_relay_does_not_read(mine)
         failed: list[RelayError] = []
 
         async def ask() -> None:
@@ -433,3 +440,29 @@ async def _a_request_the_relay_does_not_take_times_out() -> None:
 
 def test_a_request_the_relay_does_not_take_times_out(run) -> None:
     run(_a_request_the_relay_does_not_take_times_out())
+
+
+async def _a_link_lost_while_a_request_is_written_is_a_relay_error() -> None:
+    """The link is closed (its reader saw the relay's end, or the keepalive gave up)
+    while a request waits to be written: the caller gets the lost link as a
+    RelayError, as when it goes while the answer is awaited (a raw ConnClosed went
+    past `relay connect`'s and `relay pipe`'s handlers as a traceback)."""
+    from kakehashi.relay.agent import RelayError
+
+    mine, relay = socket.socketpair()
+    try:
+        link = _link_the_relay_does_not_read(mine)
+        ask = asyncio.ensure_future(link.request(link.t.connect("bob"), 30))
+        await loop_turns()
+        assert not ask.done()
+        link.close()
+        await async_wait_until(ask.done, 10, what="the request to fail with the link")
+        exc = ask.exception()
+        assert isinstance(exc, RelayError) and exc.code == "closed", repr(exc)
+    finally:
+        mine.close()
+        relay.close()
+
+
+def test_a_link_lost_while_a_request_is_written_is_a_relay_error(run) -> None:
+    run(_a_link_lost_while_a_request_is_written_is_a_relay_error())

@@ -510,6 +510,15 @@ class RelayLink:
                 raise RelayError("timeout", "the relay did not take the request in time "
                                  "(it is not reading this connection)") from None
             raise RelayError("timeout", "the relay did not answer in time") from None
+        except (ConnClosed, OSError) as exc:
+            # the link went while the request was being written (the reader saw the
+            # relay's end, the keepalive gave up): a lost link, as for the answer
+            if not waiter.done():
+                waiter.cancel()
+            elif not waiter.cancelled():
+                waiter.exception()  # (the same loss, said once)
+            self.close()
+            raise RelayError("closed", f"connection to the relay was lost ({exc})") from None
 
     def takes_early(self, *, encrypt: bool = False, e2e: bool = False) -> bool:
         """Whether a request on this link may carry the application's first bytes
