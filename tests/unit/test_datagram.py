@@ -23,18 +23,21 @@ from kakehashi.core.datagram import (
 from tests.support.wait import async_wait_until
 
 
-@pytest.fixture(params=["fast-path", "fast-path-batched", "fast-path-loop", "protocol-path"])
+@pytest.fixture(params=["fast-path", "fast-path-batched", "fast-path-queued", "fast-path-loop",
+                        "protocol-path"])
 def fast(request, monkeypatch):
     """Every forwarder test runs on the fast path (readiness callbacks: as configured;
-    with every wakeup taking a batch through the batched system calls; with the loop
-    used where those are missing) and on the protocol path (asyncio transports): all
-    must make the same decisions."""
+    with every wakeup taking a batch through the batched system calls; the same with a
+    transformed burst always sent through the queue, ``udpbatch.FUSED`` off; with the
+    loop used where those are missing) and on the protocol path (asyncio transports):
+    all must make the same decisions."""
     if request.param.startswith("fast-path") and request.param != "fast-path-loop" \
             and not udpbatch.AVAILABLE:
         pytest.skip("no recvmmsg/sendmmsg here")
     monkeypatch.setattr(udpbatch, "AVAILABLE", request.param != "fast-path-loop")
-    if request.param == "fast-path-batched":
+    if request.param in ("fast-path-batched", "fast-path-queued"):
         monkeypatch.setattr(datagram, "PROBE", 1)
+    monkeypatch.setattr(udpbatch, "FUSED", request.param != "fast-path-queued")
     return request.param != "protocol-path"
 
 

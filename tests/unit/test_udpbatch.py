@@ -125,7 +125,19 @@ def test_a_transformed_burst_leaves_as_one_offloaded_sendmsg(monkeypatch):
     more per wakeup), and the receiver gets every datagram, in order. Fails on the code
     that sent every run with sendmmsg."""
     sends = _counting_sends(monkeypatch)
-    io = udpbatch.Batch()
+
+    def step(io: udpbatch.Batch, sock: socket.socket, dst: tuple) -> None:
+        assert io.transform(_copy_batch, int(sock.family), dst) == 0
+        assert io.flush(sock) == (0, 0)
+
+    _a_burst_through(udpbatch.Batch(), step)
+    assert sends == []
+
+
+def _a_burst_through(io: udpbatch.Batch, step) -> None:
+    """12 datagrams of 300 B sent to a socket, taken by ``io`` and handed to ``step(io,
+    socket, destination)`` until all were taken: the destination gets them all, in
+    order."""
     a, b, c = bind_udp("127.0.0.1"), bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
     c.settimeout(5)
     try:
@@ -134,12 +146,9 @@ def test_a_transformed_burst_leaves_as_one_offloaded_sendmsg(monkeypatch):
             a.sendto(d, b.getsockname())
         got = 0
         while got < len(sent):
-            n = wait_until(lambda: io.recv(b), 5, what="the burst")
-            assert io.transform(_copy_batch, int(b.family), c.getsockname()) == 0
-            assert io.flush(b) == (0, 0)
-            got += n
+            got += wait_until(lambda: io.recv(b), 5, what="the burst")
+            step(io, b, c.getsockname())
         assert [c.recv(1000) for _ in sent] == sent
-        assert sends == []
     finally:
         for s in (a, b, c):
             s.close()
@@ -172,3 +181,105 @@ def test_a_run_the_route_refuses_to_offload_goes_one_by_one_and_later_ones_too()
     finally:
         for s in (a, b, c):
             s.close()
+
+
+def _refusing(skip: int):
+    """:func:`_copy_batch` that refuses datagram ``skip`` (as opening refuses a replay)."""
+
+    def batch(src, starts, lengths, n, out, at):
+        sizes = []
+        for i in range(n):
+            if i == skip:
+                sizes.append(-1)
+                continue
+            out[at:at + lengths[i]] = src[starts[i]:starts[i] + lengths[i]]
+            at += lengths[i]
+            sizes.append(lengths[i])
+        return sizes
+
+    return batch
+
+
+FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "queued"])
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+@FUSED
+@pytest.mark.parametrize("case", ["one-run", "lone", "refused", "sizes", "no-offload"])
+def test_transform_send_delivers_what_transform_and_flush_deliver(monkeypatch, fused, case):
+    """A burst through a transform and sent in one call (:meth:`Batch.transform_send`,
+    a sealing end's every wakeup) reaches the receiver exactly as through the queue:
+    every accepted datagram once and in order, refusals counted and left out, whether it
+    leaves straight from the send area (one run, or one datagram) or falls back to the
+    queue (a refusal, mixed sizes, a route that refuses offload: twice, so the second
+    burst meets what the first taught)."""
+    monkeypatch.setattr(udpbatch, "FUSED", fused)
+    io = udpbatch.Batch()
+    a, b, c = bind_udp("127.0.0.1"), bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    if case == "no-offload":
+        b.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK: the kernel refuses offload
+    c.settimeout(5)
+    batch = _refusing(3) if case == "refused" else _copy_batch
+    try:
+        for rnd in range(2 if case == "no-offload" else 1):
+            count = 1 if case == "lone" else 12
+            sent = [b"%d-%02d" % (rnd, i) * (7 + i if case == "sizes" else 60)
+                    for i in range(count)]
+            for d in sent:
+                a.sendto(d, b.getsockname())
+            wait_until(lambda: b.recv(1, socket.MSG_PEEK), 5, what="the burst")
+            got = refused = 0
+            while got < count:
+                n = wait_until(lambda: io.recv(b), 5, what="the rest of the burst")
+                r, failed, overflow = io.transform_send(batch, int(b.family), c.getsockname(),
+                                                        b)
+                assert (failed, overflow) == (0, 0)
+                refused += r
+                got += n
+            want = [d for i, d in enumerate(sent) if case != "refused" or i != 3]
+            assert [c.recv(1000) for _ in want] == want
+            assert refused == (1 if case == "refused" else 0)
+            assert not io._queue
+    finally:
+        for s in (a, b, c):
+            s.close()
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+@FUSED
+def test_transform_send_cuts_a_run_longer_than_one_offloaded_send(monkeypatch, fused):
+    """Another hop's coalesced run taken as one message can hold more datagrams than one
+    offloaded send may carry: they leave as several runs, all of them, in order."""
+    monkeypatch.setattr(udpbatch, "FUSED", fused)
+    io = udpbatch.Batch()
+    b, c = bind_udp("127.0.0.1"), bind_udp("127.0.0.1")
+    c.settimeout(5)
+    try:
+        count, seg = udpbatch.GSO_SEGMENTS + 36, 100
+        sent = [b"%03d" % i * (seg // 3) + b"." for i in range(count)]
+        message = b"".join(sent)
+        io.rx[:len(message)] = message
+        assert io.took(len(message), seg, ("127.0.0.1", 1)) == count
+        assert io.transform_send(_copy_batch, int(b.family), c.getsockname(), b) == (0, 0, 0)
+        assert [c.recv(1000) for _ in sent] == sent
+    finally:
+        for s in (b, c):
+            s.close()
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+def test_a_burst_that_comes_out_as_one_run_leaves_without_the_queue(monkeypatch):
+    """The usual wakeup of a sealing end (every output accepted, one size) is sent from
+    the send area with one sendmsg: no queue entry, no flush. Fails on the code before
+    transform_send (no such call: a transform, then a flush)."""
+    monkeypatch.setattr(udpbatch, "FUSED", True)
+    io = udpbatch.Batch()
+    flushes: list[int] = []
+    real_flush = io.flush
+    monkeypatch.setattr(io, "flush", lambda sock: flushes.append(1) or real_flush(sock))
+
+    def step(io: udpbatch.Batch, sock: socket.socket, dst: tuple) -> None:
+        assert io.transform_send(_copy_batch, int(sock.family), dst, sock) == (0, 0, 0)
+
+    _a_burst_through(io, step)
+    assert flushes == []

@@ -459,10 +459,15 @@ class DatagramForwarder:
             if offer:
                 self._offer()
             if batch is not None:
-                try:
-                    self.record.dropped += io.transform(batch, family, dst)
+                try:  # (the burst through the transform, and sent: a sealing end's wakeup)
+                    refused, failed, overflow = io.transform_send(batch, family, dst, dst_sock)
                 except (OSError, ValueError):  # larger than a datagram once sealed
                     self.errors += n
+                else:
+                    self.record.dropped += refused
+                    self.errors += failed
+                    self.overflow += overflow
+                    return
             else:
                 self._each(io, family, range(n), dst, transform)
         else:

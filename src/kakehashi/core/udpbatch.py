@@ -120,6 +120,10 @@ def _libc() -> tuple[object, object] | None:
 _MMSG = _libc()
 #: whether the system calls are there (tests turn it off to run the loop as well)
 AVAILABLE = _MMSG is not None
+#: whether :meth:`Batch.transform_send` sends a burst that came out as one run straight
+#: from the send area (off: through the queue and :meth:`Batch.flush`, as every other
+#: send; tests run both)
+FUSED = True
 
 
 def _address(buf: object) -> int:
@@ -418,6 +422,11 @@ class Batch:
         off = self._tx_off
         sizes = batch(self.rx, self.starts[first:first + n], self.lengths[first:first + n], n,
                       self.tx, off)
+        return self._enqueue(sizes, n, off, family, dst)
+
+    def _enqueue(self, sizes: list[int], n: int, off: int, family: int, dst: Addr) -> int:
+        """Queue the outputs a batch transform wrote from ``off`` (``sizes``: each one's
+        length, -1 for a refusal) to ``dst``; returns how many it refused."""
         queue = self._queue
         seg = sizes[0] if n else 0
         if n and sizes.count(seg) == n and seg > 0:  # all accepted, of one size
@@ -443,6 +452,39 @@ class Batch:
             off += k
         self._tx_off = off
         return refused
+
+    def transform_send(self, batch: BatchFn, family: int, dst: Addr,
+                       sock: socket.socket) -> tuple[int, int, int]:
+        """:meth:`transform` of everything the last :meth:`recv` took, then :meth:`flush`:
+        returns (refused, failed, overflowed).
+
+        Every wakeup of a sealing end is this call, and the usual outcome, every output
+        accepted and of one size, leaves from here as it lies in the send area: one
+        datagram with ``sendto``, a run with one segmentation-offloaded ``sendmsg``
+        (:meth:`_send_run`), with no slices of the receive state, no queue entry and no
+        flush dispatch on the way: that glue cost about as much per wakeup as the AEAD
+        calls of a dozen datagrams (``bench/sealing_bench.py``). Anything else (a
+        refusal, mixed sizes, a run too long for one send, a route without offload, an
+        earlier queue) takes :meth:`transform` and :meth:`flush` as before.
+        :data:`FUSED` off: always that way (tests run both).
+        """
+        n = self._last
+        if not FUSED or not n or self._queue or not self.mmsg:
+            refused = self.transform(batch, family, dst)
+            return (refused, *self.flush(sock))
+        lengths = self.lengths
+        off = self._tx_off
+        sizes = batch(self.rx, self.starts, lengths if len(lengths) == n else lengths[:n], n,
+                      self.tx, off)
+        seg = sizes[0]
+        if seg > 0 and sizes.count(seg) == n:
+            if n == 1:
+                return (0, *self._send_each(sock, [(-1 - off, seg, family, dst, seg, 1)]))
+            if (self.gso and seg <= GSO_SIZE and n <= GSO_SEGMENTS and n * seg <= GSO_BYTES
+                    and (family, dst) not in self._no_gso_dst):
+                return (0, *self._send_run(sock, [(-1 - off, n * seg, family, dst, seg, n)]))
+        refused = self._enqueue(sizes, n, off, family, dst)
+        return (refused, *self.flush(sock))
 
     def flush(self, sock: socket.socket) -> tuple[int, int]:
         """Send the queue on ``sock``; returns (failed, overflowed): datagrams refused
