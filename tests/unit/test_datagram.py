@@ -122,6 +122,15 @@ def test_port_allocator_hands_out_a_freed_port_last():
             s.close()
 
 
+def test_port_allocator_remembers_a_bounded_number_of_freed_ports(monkeypatch):
+    monkeypatch.setattr(datagram, "MAX_FREED", 3)
+    ports = PortAllocator("127.0.0.1", 40000, 40999)
+    ports.release(1, 2, 3, 4, 5)
+    assert list(ports.freed) == [3, 4, 5]
+    ports.release(3)
+    assert list(ports.freed) == [4, 5, 3]
+
+
 async def test_forwarder_relays_both_ways_and_drops_spoofed(fast):
     server = bind_udp("127.0.0.1")
     client = bind_udp("127.0.0.1")

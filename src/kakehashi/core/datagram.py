@@ -200,6 +200,10 @@ def bind_in_range(host: str, low: int, high: int, *, tries: int | None = None,
     raise OSError(errno.EADDRINUSE, f"no free UDP port in {low}-{high}")
 
 
+#: freed ports a :class:`PortAllocator` remembers (the most recently freed)
+MAX_FREED = 4096
+
+
 class PortAllocator:
     """The data ports of a configured range, a port its session freed taken again last.
 
@@ -238,10 +242,14 @@ class PortAllocator:
         raise OSError(errno.EADDRINUSE, f"no free UDP port in {self.low}-{self.high}")
 
     def release(self, *ports: int) -> None:
-        """``ports`` were closed: they go to the end of the queue of freed ports."""
+        """``ports`` were closed: they go to the end of the queue of freed ports (which
+        remembers the last :data:`MAX_FREED`: a port freed before those is as good as
+        one never handed out, and memory stays bounded for a range of any size)."""
         for port in ports:
             self.freed.pop(port, None)
             self.freed[port] = None
+        while len(self.freed) > MAX_FREED:
+            del self.freed[next(iter(self.freed))]
 
 
 class _Side(asyncio.DatagramProtocol):
