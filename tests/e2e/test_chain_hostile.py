@@ -577,3 +577,58 @@ async def test_a_hanging_hop_far_down_the_chain_is_named(mode):
         for w in held:
             w.close()
         fw3.close()
+
+
+async def test_a_next_hop_that_stops_reading_does_not_hold_the_session(tmp_path):
+    """fw2 (a process) hangs once the chain is up (SIGSTOP): it reads nothing more. The
+    client sends control messages until fw1 stops taking them (fw1 forwards them to fw2
+    and its send waits for room), then leaves. fw1's session must end - its send to
+    fw2 has a deadline - instead of waiting for fw2 until the idle timeout (300 s)."""
+    import os
+    import signal
+
+    from kakehashi.chain import messages as m
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+    from kakehashi.core.stream import ConnClosed
+    from tests.support.wait import async_wait_until
+
+    env = Env(tmp_path)
+    k = {p: crypto.new_shared_key() for p in ("alice-fw1", "alice-fw2", "fw1-fw2")}
+    path = tmp_path / "fw2.toml"
+    path.write_text("\n".join([
+        "[chain.proxy]", 'name = "fw2"', 'listen = "127.0.0.1:0"', 'udp_ports = "1024-65535"',
+        f'keys = {{ fw1 = "{k["fw1-fw2"]}", alice = "{k["alice-fw2"]}" }}',
+        f'routes = {{ "{SERVER[0]}/32" = "direct" }}',
+        'acl = [ { user = "alice", from = "127.0.0.0/8", ports = "any" } ]']) + "\n")
+    fw2 = env.spawn("fw2", "--config", str(path), "chain", "proxy")
+    raw = {p: crypto.parse_shared_key(v) for p, v in k.items()}
+    fw1 = ChainProxy(ProxyConfig(
+        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"alice": raw["alice-fw1"], "fw2": raw["fw1-fw2"]},
+        routes=tables.parse_routes({f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.bound_port()}"}),
+        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
+        auth_timeout=3))
+    await fw1.start()
+    stopped = False
+    try:
+        cfg = ForwardConfig(user="alice", keys={"fw1": raw["alice-fw1"], "fw2": raw["alice-fw2"]},
+                            first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]),
+                            to=SERVER, udp_listen=("127.0.0.1", 0))
+        chain = await build_chain(cfg)
+        os.kill(fw2.popen.pid, signal.SIGSTOP)
+        stopped = True
+        relay = m.Relay(m.Answer("alice", bytes(32), bytes(32)))
+        try:
+            while True:  # until fw1 takes no more (its buffers and fw2's are full)
+                await asyncio.wait_for(chain.ctrl.send(relay), 2)
+        except (OSError, ConnClosed):  # a timeout; or fw1 already cut the session
+            pass
+        chain.close()
+        chain.data_sock.close()
+        await async_wait_until(lambda: not fw1.sessions, 30,
+                               what="fw1 ending the session whose next hop stopped reading")
+    finally:
+        if stopped:
+            os.kill(fw2.popen.pid, signal.SIGCONT)
+        await fw1.close()
+        env.close()

@@ -94,10 +94,14 @@ class Ctrl:
     ``WireError("integrity")`` naming ``peer``, and the caller cuts the connection.
     """
 
-    def __init__(self, fc: FramedConn) -> None:
+    def __init__(self, fc: FramedConn, send_timeout: float | None = None) -> None:
         self.fc = fc
         self.channel: ControlChannel | None = None
         self.peer = "?"
+        #: how long one message may wait for room towards the peer (None: no limit);
+        #: then the connection is cut and TimeoutError raised: a peer that stops reading
+        #: (a hung next hop) must not hold whoever forwards to it
+        self.send_timeout = send_timeout
 
     def seal(self, auth: MutualAuth, peer: str) -> None:
         self.channel = ControlChannel.after(auth)
@@ -135,7 +139,12 @@ class Ctrl:
                                  self.channel.seal(frame[wire.HEADER_SIZE:]))
 
     async def send(self, msg: m.Message) -> None:
-        await self.fc.send(self.encode(msg))
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await self.fc.send(self.encode(msg))
+        except TimeoutError:
+            self.close()  # a frame may be half written: the stream is unusable
+            raise
 
     def close(self) -> None:
         self.fc.conn.close()
@@ -215,7 +224,8 @@ class ChainProxy:
         self._refused.labels(code_label(hop, 64), code_label(reason)).inc()
 
     async def _serve(self, conn: object) -> None:
-        session = _Session(self, Ctrl(FramedConn(conn, m.LIMITS)))  # type: ignore[arg-type]
+        session = _Session(self, Ctrl(FramedConn(conn, m.LIMITS),  # type: ignore[arg-type]
+                                      self.cfg.auth_timeout))
         self.sessions.add(session)
         self.metrics.connections.inc()
         try:
@@ -469,7 +479,7 @@ class _Session:
         except (OSError, TimeoutError) as exc:
             raise self.refusal("next-hop", f"{self.cfg.name} cannot reach the next hop "
                                            f"{hop}: {exc}") from None
-        self.down = down = Ctrl(FramedConn(conn, m.LIMITS))
+        self.down = down = Ctrl(FramedConn(conn, m.LIMITS), self.cfg.auth_timeout)
         await down.fc.send(wire.PREAMBLE)
         return down
 
