@@ -632,3 +632,46 @@ async def test_a_next_hop_that_stops_reading_does_not_hold_the_session(tmp_path)
             os.kill(fw2.popen.pid, signal.SIGCONT)
         await fw1.close()
         env.close()
+
+
+async def test_socks_association_named_in_the_request_takes_that_endpoint_only():
+    """DST.ADDR/DST.PORT of the UDP ASSOCIATE name the client's own address and a port:
+    only that endpoint is accepted, even when another port of the same host sends
+    first."""
+    from kakehashi.chain.socks import SocksConfig, SocksServer
+    from kakehashi.core import socks5
+    from tests.support.wait import async_wait_until
+
+    loop = asyncio.get_running_loop()
+    fw1, cfg, transport, echo = await _one_proxy()
+    server = SocksServer(SocksConfig("127.0.0.1", 0, cfg))
+    await server.start()
+    u, other = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    w = None
+    try:
+        for s in (u, other):
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+        r, w = await asyncio.open_connection(*server.address)
+        w.write(b"\x05\x01\x00")
+        assert await r.readexactly(2) == b"\x05\x00"
+        w.write(b"\x05\x03\x00\x01" + socket.inet_aton("127.0.0.1")
+                + u.getsockname()[1].to_bytes(2, "big"))
+        reply = await r.readexactly(10)
+        assert reply[:2] == b"\x05\x00"
+        bnd = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        (assoc,) = server.associations
+        other.sendto(socks5.encode_udp(*cfg.to, b"first, from another port"), bnd)
+        await async_wait_until(lambda: assoc.dropped == 1, what="the other port's datagram "
+                                                                "dropped")
+        u.sendto(socks5.encode_udp(*cfg.to, b"named"), bnd)
+        data = await asyncio.wait_for(loop.sock_recv(u, 200), 10)
+        assert data == socks5.encode_udp(*cfg.to, b"named") and echo.count == 1
+    finally:
+        u.close()
+        other.close()
+        if w is not None:
+            w.close()
+        await server.close()
+        await fw1.close()
+        transport.close()
