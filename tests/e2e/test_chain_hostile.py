@@ -675,3 +675,44 @@ async def test_socks_association_named_in_the_request_takes_that_endpoint_only()
         await server.close()
         await fw1.close()
         transport.close()
+
+
+async def test_socks_datagrams_to_a_refused_destination_do_not_each_build_a_chain():
+    """A SOCKS client (an unmodified application) keeps sending to a destination the
+    chain refuses (no route at fw1). Each datagram after a refusal started a whole new
+    setup with fw1 - a TCP connection, a mutual authentication, a refusal - one setup
+    per datagram, as fast as the application sends. After a refusal the association now
+    drops that destination's datagrams for a while (doubling, like ``chain forward``'s
+    retries), so a burst of them costs fw1 a setup or two."""
+    from kakehashi.chain.socks import SocksConfig, SocksServer
+    from kakehashi.core import socks5
+    from tests.support.wait import async_wait_until
+
+    fw1, cfg, transport, _ = await _one_proxy()
+    server = SocksServer(SocksConfig("127.0.0.1", 0, cfg))
+    await server.start()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    w = None
+    try:
+        u.bind(("127.0.0.1", 0))
+        r, w = await asyncio.open_connection(*server.address)
+        w.write(b"\x05\x01\x00")
+        assert await r.readexactly(2) == b"\x05\x00"
+        w.write(b"\x05\x03\x00\x01" + bytes(6))
+        reply = await r.readexactly(10)
+        bnd = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        (assoc,) = server.associations
+        nowhere = ("127.0.0.9", 53)  # fw1 has no route there
+        for i in range(20):
+            u.sendto(socks5.encode_udp(*nowhere, b"query %d" % i), bnd)
+            await async_wait_until(lambda n=i: assoc.dropped + fw1.stats["refused"] > n
+                                   and not assoc.routes,
+                                   what="the datagram refused or dropped")
+        assert fw1.stats["refused"] <= 5, fw1.stats
+    finally:
+        u.close()
+        if w is not None:
+            w.close()
+        await server.close()
+        await fw1.close()
+        transport.close()

@@ -13,7 +13,10 @@ cannot know them (it often sends zeros). So: if the request names the very addre
 TCP connection comes from and a port, only that endpoint is accepted; otherwise the
 association locks to the first datagram from the TCP client's address. Anything else is
 dropped and counted, like fragments and destinations given by name (routes are by
-address). Each association holds at most ``max_destinations`` chains.
+address). Each association holds at most ``max_destinations`` chains; after a chain to
+a destination is refused, that destination's datagrams are dropped for a second,
+doubling on each refusal up to 30 s (not a whole setup with the first proxy per
+datagram).
 
 Limits: a UDP association lives as long as its control connection, so one bound covers
 both. ``max_connections`` control connections at once in total and ``max_per_client``
@@ -45,6 +48,14 @@ from kakehashi.core.stream import Conn, ConnClosed, Listener
 log = logging.getLogger("kakehashi.chain")
 Addr = tuple[str, int]
 QUEUE = 16  # datagrams held per destination while its chain is being built
+#: after a destination's chain could not be built, its datagrams are dropped for this
+#: long, doubling on each failure up to RETRY_MAX (as ``chain forward`` retries): every
+#: datagram of an application that keeps sending would otherwise cost the first proxy
+#: a whole setup
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+#: destinations whose refusal an association remembers (the oldest forgotten first)
+MAX_REFUSED = 256
 
 
 @dataclass
@@ -101,6 +112,8 @@ class Association:
         self.transport: asyncio.DatagramTransport | None = None
         self.dropped = 0
         self.relayed = 0
+        #: destinations whose chain was refused: (until when, loop time; next wait)
+        self.refused: dict[Addr, tuple[float, float]] = {}
 
     async def start(self, host: str) -> Addr:
         loop = asyncio.get_running_loop()
@@ -128,6 +141,10 @@ class Association:
             if len(self.routes) >= self.cfg.max_destinations:
                 self.dropped += 1
                 return
+            held = self.refused.get(dst)
+            if held is not None and asyncio.get_running_loop().time() < held[0]:
+                self.dropped += 1  # refused a moment ago: not a setup per datagram
+                return
             route = self.routes[dst] = _Route()
             route.queue.append(payload)
             route.watch = asyncio.ensure_future(self.build(dst, route))
@@ -152,9 +169,15 @@ class Association:
         try:
             route.chain = chain = await build_chain(cfg)
         except (SetupFailed, ConnClosed) as exc:
-            log.info("socks: no chain to %s:%d: %s", dst[0], dst[1], exc)
+            wait = min(self.refused.pop(dst, (0.0, RETRY_FIRST / 2))[1] * 2, RETRY_MAX)
+            log.info("socks: no chain to %s:%d: %s; its datagrams dropped for %gs",
+                     dst[0], dst[1], exc, wait)
             self.routes.pop(dst, None)
+            self.refused[dst] = (asyncio.get_running_loop().time() + wait, wait)
+            while len(self.refused) > MAX_REFUSED:
+                del self.refused[next(iter(self.refused))]
             return
+        self.refused.pop(dst, None)
         if chain.setup.session_keys is not None:
             ch = DatagramChannel(*chain.setup.session_keys)
             route.seal, route.open = ch.seal, ch.open
