@@ -252,6 +252,17 @@ async def _one_proxy(**extra):
     return fw1, cfg, transport, echo
 
 
+async def _associate(server: tuple[str, int], dst: tuple[str, int] = ("0.0.0.0", 0)):
+    """A SOCKS5 UDP ASSOCIATE naming ``dst``: (the control connection's writer, BND)."""
+    r, w = await asyncio.open_connection(*server)
+    w.write(b"\x05\x01\x00")
+    assert await r.readexactly(2) == b"\x05\x00"
+    w.write(b"\x05\x03\x00\x01" + socket.inet_aton(dst[0]) + dst[1].to_bytes(2, "big"))
+    reply = await r.readexactly(10)
+    assert reply[:2] == b"\x05\x00"
+    return w, (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+
+
 async def test_socks_association_locks_ends_with_its_connection_and_drops_bad_headers():
     """The association takes datagrams from its first source endpoint only; malformed
     headers (reserved bytes, truncated, fragments) are dropped; when the TCP connection
@@ -264,16 +275,10 @@ async def test_socks_association_locks_ends_with_its_connection_and_drops_bad_he
     fw1, cfg, transport, echo = await _one_proxy()
     server = SocksServer(SocksConfig("127.0.0.1", 0, cfg))
     await server.start()
-    r = w = None
+    w = None
     socks_ = []
     try:
-        r, w = await asyncio.open_connection(*server.address)
-        w.write(b"\x05\x01\x00")
-        assert await r.readexactly(2) == b"\x05\x00"
-        w.write(b"\x05\x03\x00\x01" + bytes(6))  # DST zeros: the client does not know
-        reply = await r.readexactly(10)
-        assert reply[:2] == b"\x05\x00"
-        bnd = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        w, bnd = await _associate(server.address)  # DST zeros: the client does not know
         dst = cfg.to
         u, other = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
         socks_ += [u, other]
@@ -652,14 +657,7 @@ async def test_socks_association_named_in_the_request_takes_that_endpoint_only()
         for s in (u, other):
             s.bind(("127.0.0.1", 0))
             s.setblocking(False)
-        r, w = await asyncio.open_connection(*server.address)
-        w.write(b"\x05\x01\x00")
-        assert await r.readexactly(2) == b"\x05\x00"
-        w.write(b"\x05\x03\x00\x01" + socket.inet_aton("127.0.0.1")
-                + u.getsockname()[1].to_bytes(2, "big"))
-        reply = await r.readexactly(10)
-        assert reply[:2] == b"\x05\x00"
-        bnd = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        w, bnd = await _associate(server.address, ("127.0.0.1", u.getsockname()[1]))
         (assoc,) = server.associations
         other.sendto(socks5.encode_udp(*cfg.to, b"first, from another port"), bnd)
         await async_wait_until(lambda: assoc.dropped == 1, what="the other port's datagram "
@@ -695,12 +693,7 @@ async def test_socks_datagrams_to_a_refused_destination_do_not_each_build_a_chai
     w = None
     try:
         u.bind(("127.0.0.1", 0))
-        r, w = await asyncio.open_connection(*server.address)
-        w.write(b"\x05\x01\x00")
-        assert await r.readexactly(2) == b"\x05\x00"
-        w.write(b"\x05\x03\x00\x01" + bytes(6))
-        reply = await r.readexactly(10)
-        bnd = (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        w, bnd = await _associate(server.address)
         (assoc,) = server.associations
         nowhere = ("127.0.0.9", 53)  # fw1 has no route there
         for i in range(20):
