@@ -21,17 +21,18 @@ from tests.support.wait import async_wait_until, loop_turns
 async def _messages_sent_together_go_in_one_write() -> None:
     """An end and a release (the close of every session) leave in one write: the relay
     reads both in one go instead of waking up for each."""
-    mine, relay = socket.socketpair()
+    pair, relay = socket.socketpair()
     writes: list[int] = []
 
-    class Counting(Conn):
-        async def send_all(self, data) -> None:
+    class Counting(socket.socket):  # every write, however the link makes it
+        def send(self, data, *args) -> int:  # type: ignore[override]
             writes.append(len(data))
-            await super().send_all(data)
+            return super().send(data, *args)
 
+    mine = Counting(fileno=pair.detach())
     try:
         link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
-        link.framed = FramedConn(Counting(mine))
+        link.framed = FramedConn(Conn(mine))
         msgs = [m.End(reason="done"), m.Release()]
         await link.send(msgs)
         expected = b"".join(m.TERMINAL_CODEC.encode(x) for x in msgs)
@@ -395,10 +396,12 @@ def test_the_pool_hears_once_that_links_are_used_up() -> None:
     assert not term._changed.is_set()
 
 
-def _link_the_relay_does_not_read(sock: socket.socket) -> RelayLink:
+def _link_the_relay_does_not_read(sock: socket.socket, *, connect_timeout: float = 10.0,
+                                  owner: agent.Terminal | None = None) -> RelayLink:
     """A logged-in link on ``sock`` whose relay end reads nothing: what the kernel
     holds for it is full, so the next write waits."""
-    link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+    link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p",
+                                    connect_timeout=connect_timeout), owner)
     link.framed = FramedConn(Conn(sock))
     link.t.login("u", "p")
     link.t.receive(m.LoginOk(conn_id=1, token="tok", encryption="off", keepalive=15.0,
@@ -466,3 +469,56 @@ async def _a_link_lost_while_a_request_is_written_is_a_relay_error() -> None:
 
 def test_a_link_lost_while_a_request_is_written_is_a_relay_error(run) -> None:
     run(_a_link_lost_while_a_request_is_written_is_a_relay_error())
+
+
+async def _an_answer_the_relay_does_not_take_closes_the_link() -> None:
+    """The agent's answer to a connection request (here a refusal: this terminal takes
+    no connections) has the terminal's connect timeout as its deadline: a relay that
+    stopped reading gets the link closed (the pool replaces it) and a warning, where
+    the answer waited for as long as the relay did not read (until the keepalive gave
+    up, about 45 s) and then failed its task with a raw ConnClosed traceback."""
+    mine, relay = socket.socketpair()
+    try:
+        cfg = TerminalConfig(server="127.0.0.1", port=1, user="u", password="p")
+        term = agent.Terminal(cfg)
+        link = _link_the_relay_does_not_read(mine, connect_timeout=0.05, owner=term)
+        term.links.add(link)
+        ev = link.t.receive(m.Notify(req=7, peer="bob"))
+        answer = asyncio.ensure_future(term.on_incoming(link, ev))  # type: ignore[arg-type]
+        await async_wait_until(answer.done, 10,
+                               what="the refusal to give up on a relay that reads nothing")
+        assert answer.exception() is None
+        assert link.closed.is_set() and link not in term.links
+    finally:
+        mine.close()
+        relay.close()
+
+
+def test_an_answer_the_relay_does_not_take_closes_the_link(run) -> None:
+    run(_an_answer_the_relay_does_not_take_closes_the_link())
+
+
+async def _an_end_the_relay_does_not_take_ends_the_link_reader() -> None:
+    """The link's reader answers a peer's end that came before a session took the link
+    (end and release, sent from the reader itself): against a relay that stopped
+    reading it gave up on the answer after the connect timeout and closed the link,
+    instead of waiting there, reading nothing more from the relay, for as long as the
+    relay did not read."""
+    mine, relay = socket.socketpair()
+    try:
+        link = _link_the_relay_does_not_read(mine, connect_timeout=0.05)
+        link.t.receive(m.Notify(req=7, peer="bob"))
+        link.t.accept()
+        link.reader = asyncio.ensure_future(link._read_loop())
+        relay.send(m.TERMINAL_CODEC.encode(m.End(reason="bye")))
+        await async_wait_until(link.reader.done, 10,
+                               what="the reader to give up on a relay that reads nothing")
+        assert link.closed.is_set()
+        assert link.ended_early == "bye"
+    finally:
+        mine.close()
+        relay.close()
+
+
+def test_an_end_the_relay_does_not_take_ends_the_link_reader(run) -> None:
+    run(_an_end_the_relay_does_not_take_ends_the_link_reader())

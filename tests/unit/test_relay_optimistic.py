@@ -191,7 +191,7 @@ class FakeLink:
         self.t.state = t.TState.NOTIFIED
         self.cfg = agent_mod.TerminalConfig(server="x", port=1, user="pi", password="")
 
-    async def send(self, msgs_: list[m.Msg]) -> None:
+    async def send(self, msgs_: list[m.Msg], what: str = "") -> None:
         self.log += [f"send {type(x).__name__}" for x in msgs_]
 
     async def accept_at_once(self, ev: t.IncomingRequest) -> None:

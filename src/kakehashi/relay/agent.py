@@ -20,7 +20,7 @@ import functools
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -134,6 +134,12 @@ class TerminalConfig:
         return self.attrs.encryption != "off" and (self.tls or self.starttls) is not None
 
 
+def _frames(msgs: list[m.Msg]) -> bytes:
+    """``msgs`` as the frames of one write (an end and a release reach the relay in
+    one segment: one wake-up and one read there, not two)."""
+    return b"".join(m.TERMINAL_CODEC.encode(msg) for msg in msgs)
+
+
 class RelayLink:
     """One connection to the relay (see module docstring)."""
 
@@ -204,7 +210,10 @@ class RelayLink:
             self.framed = framed = FramedConn(conn)
             self.t.encrypted = conn.encrypted
             step = "greeting"
-            await framed.send(wire.PREAMBLE)
+            # every step within the connect timeout, its sends too (a relay that reads
+            # nothing is named below, as one that does not answer)
+            async with asyncio.timeout(cfg.connect_timeout):
+                await framed.send(wire.PREAMBLE)
             try:
                 await asyncio.wait_for(framed.read_preamble(), cfg.connect_timeout)
             except (ConnClosed, ConnectionError) as exc:
@@ -231,8 +240,9 @@ class RelayLink:
             if offers:
                 attrs = msgspec.structs.replace(attrs, ciphers=[
                     *(attrs.ciphers or [m.CIPHER_TLS]), *offers])
-            await self._send(self.t.login(cfg.user, cfg.password, token, attrs,
-                                          cfg.agent_name))
+            async with asyncio.timeout(cfg.connect_timeout):
+                await framed.send(_frames(self.t.login(cfg.user, cfg.password, token, attrs,
+                                                       cfg.agent_name)))
             while True:
                 frame = await asyncio.wait_for(framed.read_frame(), cfg.connect_timeout)
                 if frame is None:
@@ -292,7 +302,8 @@ class RelayLink:
         ctx = self.cfg.starttls
         if ctx is None:
             raise RelayError("no-tls", "encryption required but no TLS context configured")
-        await self._send(self.t.starttls())
+        async with asyncio.timeout(self.cfg.connect_timeout):  # (open() names the step)
+            await self.framed.send(_frames(self.t.starttls()))
         frame = await asyncio.wait_for(self.framed.read_frame(), self.cfg.connect_timeout)
         if frame is None or not isinstance(
             self.t.receive(m.TERMINAL_CODEC.decode(frame.payload)), t.Other
@@ -311,8 +322,10 @@ class RelayLink:
         if self.cfg.starttls is None:
             raise RelayError("no-tls", "no TLS context for STARTTLS")
         self._tls_ready = asyncio.Event()
-        async with asyncio.timeout(self.cfg.connect_timeout):  # the send within it too
-            await self._send(self.t.starttls())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.connect_timeout  # the send within it too
+        await self._send(self.t.starttls(), "STARTTLS")
+        async with asyncio.timeout_at(deadline):
             await self._tls_ready.wait()
         if not self.t.encrypted:
             raise RelayError("tls-failed", "STARTTLS upgrade failed")
@@ -321,15 +334,54 @@ class RelayLink:
     def idle(self) -> bool:
         return self.t.state is t.TState.IDLE and not self.reserved and not self.closed.is_set()
 
-    async def _send(self, msgs: list[m.Msg]) -> None:
-        """Send ``msgs`` in one write (an end and a release reach the relay in one
-        segment: one wake-up and one read there, not two)."""
+    @contextlib.asynccontextmanager
+    async def sending(self, what: str, timeout: float | None = None) -> AsyncIterator[None]:
+        """Bound a write to the relay (a control message, a handshake frame, the end of
+        TLS): it must be taken within ``timeout`` (the terminal's connect timeout by
+        default) or the link is closed and :class:`RelayError` ``timeout`` says so.
+
+        A relay that stopped reading this link (its socket buffer full, or a frame
+        ahead of ours on the write lock) would otherwise hold the writer until the
+        keepalive gave up on the link (``dead_after``, about 45 s), and the write then
+        failed with a raw ConnClosed (a traceback in the task that answered a
+        request). The stream is cut at once: it may hold a frame cut short, and
+        nothing may be written after it. A link lost during the write is a
+        :class:`RelayError` ``closed``."""
+        assert self.framed is not None
+        limit = self.cfg.connect_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            self.framed.conn.cut()
+            self.close()
+            raise RelayError("timeout", f"the relay did not take {what} within {limit:g}s "
+                             "(it is not reading this connection); link closed") from None
+        except (ConnClosed, OSError) as exc:
+            self.close()
+            raise RelayError("closed", f"connection to the relay was lost while sending "
+                             f"{what} ({exc})") from None
+
+    async def _send(self, msgs: list[m.Msg], what: str = "a control message",
+                    timeout: float | None = None) -> None:
+        """Send ``msgs`` in one write (:func:`_frames`) within :meth:`sending`'s
+        deadline.
+
+        A message the socket takes at once goes without a timer (a deadline costs
+        about 10 us, twice per session setup); one it takes in part has its rest
+        sent within the deadline, else the stream is cut and the reader's end closes
+        the link (:meth:`FramedConn.send_now`)."""
         assert self.framed is not None
         if msgs:
-            await self.framed.send(b"".join(m.TERMINAL_CODEC.encode(msg) for msg in msgs))
+            data = _frames(msgs)
+            limit = self.cfg.connect_timeout if timeout is None else timeout
+            if self.framed.send_now(data, limit):
+                return
+            async with self.sending(what, limit):
+                await self.framed.send(data)
 
-    async def send(self, msgs: list[m.Msg]) -> None:
-        await self._send(msgs)
+    async def send(self, msgs: list[m.Msg], what: str = "a control message") -> None:
+        await self._send(msgs, what)
 
     # -- reading ------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -361,6 +413,8 @@ class RelayLink:
             self.aborted = self.t.switched
         except t.LocalProtocolError as exc:  # a bug here, but never an unhandled task error
             log.error("link %s: %s; closing it", self.t.conn_id, exc)
+        except RelayError as exc:  # an answer the relay did not take (:meth:`sending`)
+            log.warning("link %s: %s", self.t.conn_id, exc.message)
         except (OSError, ConnClosed, wire.WireError, ssl.SSLError) as exc:
             log.debug("link %s lost: %s", self.t.conn_id, exc)
         except asyncio.CancelledError:
@@ -422,7 +476,7 @@ class RelayLink:
             return
         if isinstance(ev, t.IncomingRequest):
             if self.owner is None:
-                await self._send(self.t.refuse("not accepting connections"))
+                await self._send(self.t.refuse("not accepting connections"), "a refusal")
             else:
                 self.owner.spawn(self.owner.on_incoming(self, ev))
             return
@@ -431,7 +485,7 @@ class RelayLink:
                 self.session.event(ev)
             elif isinstance(ev, t.PeerEnded):
                 self.ended_early = ev.reason  # for the session about to start, if any
-                await self._send(self.t.end())
+                await self._send(self.t.end(), "the end notification")
             else:
                 self.released_early = True
                 if self.owner:
@@ -448,14 +502,17 @@ class RelayLink:
         """Step 13: accept (after STARTTLS if this link is plaintext) or refuse."""
         try:
             if not self.cfg.can_encrypt:
-                await self._send(self.t.refuse_encryption("this terminal cannot encrypt"))
+                await self._send(self.t.refuse_encryption("this terminal cannot encrypt"),
+                                 "the encryption answer")
                 return
             await self.starttls()
-            await self._send(self.t.accept_encryption())
+            await self._send(self.t.accept_encryption(), "the encryption answer")
         except (RelayError, OSError, TimeoutError, ConnClosed, t.LocalProtocolError) as exc:
             log.warning("cannot follow the encryption instruction: %s", exc)
-            with contextlib.suppress(Exception):
-                await self._send(self.t.refuse_encryption(str(exc)))
+            if not self.closed.is_set():
+                with contextlib.suppress(Exception):
+                    await self._send(self.t.refuse_encryption(str(exc)),
+                                     "the encryption answer")
 
     async def _keepalive(self) -> None:
         """Connection-hold command every interval; a silent relay is a dead relay."""
@@ -478,8 +535,8 @@ class RelayLink:
                     log.warning("relay missed %d keepalives; dropping link",
                                 int(self.dead_after / self.keepalive))
                     break
-                await asyncio.wait_for(self._send(self.t.hold()), self.dead_after)
-        except (OSError, ConnClosed, TimeoutError, ssl.SSLError):
+                await self._send(self.t.hold(), "a keepalive", self.dead_after)
+        except (OSError, ConnClosed, RelayError, ssl.SSLError):
             pass
         except asyncio.CancelledError:
             return
@@ -490,35 +547,28 @@ class RelayLink:
         """Send and wait for the answer (a lost link fails the wait at once)."""
         if self.closed.is_set():
             raise RelayError("closed", "connection to the relay was lost")
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        sent = False
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        deadline = loop.time() + timeout
         try:
-            # a deadline on this task, not wait_for's extra future and callbacks: the
-            # answer wakes the caller in the same loop iteration (it is on the setup
-            # path of every session). It covers the send too: a relay that stopped
-            # reading (its buffer full, or a frame ahead on the write lock) would
-            # otherwise hold the caller for as long as it does not read
-            async with asyncio.timeout(timeout):
-                await self._send(msgs)
-                sent = True
-                return await waiter
-        except TimeoutError:
-            if not sent:
-                # the stream may hold a frame cut short, and a relay that takes nothing
-                # in the whole timeout is not serving this link
-                self.close()
-                raise RelayError("timeout", "the relay did not take the request in time "
-                                 "(it is not reading this connection)") from None
-            raise RelayError("timeout", "the relay did not answer in time") from None
-        except (ConnClosed, OSError) as exc:
-            # the link went while the request was being written (the reader saw the
-            # relay's end, the keepalive gave up): a lost link, as for the answer
+            # the send within the request's deadline (:meth:`sending`: a relay that
+            # stopped reading closes the link); a link lost meanwhile is a lost link,
+            # as for the answer
+            await self._send(msgs, "the request", timeout)
+        except RelayError:
             if not waiter.done():
                 waiter.cancel()
             elif not waiter.cancelled():
                 waiter.exception()  # (the same loss, said once)
-            self.close()
-            raise RelayError("closed", f"connection to the relay was lost ({exc})") from None
+            raise
+        try:
+            # a deadline on this task, not wait_for's extra future and callbacks: the
+            # answer wakes the caller in the same loop iteration (it is on the setup
+            # path of every session)
+            async with asyncio.timeout_at(deadline):
+                return await waiter
+        except TimeoutError:
+            raise RelayError("timeout", "the relay did not answer in time") from None
 
     def takes_early(self, *, encrypt: bool = False, e2e: bool = False) -> bool:
         """Whether a request on this link may carry the application's first bytes
@@ -574,11 +624,11 @@ class RelayLink:
             sink.items.append(ev.early_data)
             sink.size = len(ev.early_data)
         self.sink = sink
-        await self._send(self.t.accept())
+        await self._send(self.t.accept(), "the accept")
         conn = self.framed.conn
         if self.t.session_keys is not None and isinstance(conn, DirectTLSConn):
-            async with self.framed.write_lock:  # between two frames
-                await conn.leave_tls_write()
+            async with self.sending("the end of TLS"), self.framed.write_lock:
+                await conn.leave_tls_write()  # (between two frames)
 
     async def close_accepted(self, ev: t.IncomingRequest, reason: str) -> None:
         """End a session accepted at once whose service then failed, with ``reason``
@@ -596,7 +646,9 @@ class RelayLink:
             if ev.cipher:
                 sealing = crypto.E2ESession.issued(ev.keys[:16], ev.keys[16:],
                                                    suite=crypto.SUITE_AES_128_GCM)
-                await self.framed.send_frame(wire.FrameType.EOF, seal_close(sealing, reason))
+                async with self.sending("the sealed close"):
+                    await self.framed.send_frame(wire.FrameType.EOF,
+                                                 seal_close(sealing, reason))
                 if self.owner is not None and not self.closed.is_set():
                     await self.owner.spare_ready(self.cfg.connect_timeout)
                 # until the relay ends the link (the requester read the close and left):
@@ -606,9 +658,10 @@ class RelayLink:
                     await asyncio.wait_for(self.closed.wait(), self.dead_after)
                 self.close()
                 return
-            await self.send(self.t.end(m.fit(reason)))
+            await self.send(self.t.end(m.fit(reason)), "the end notification")
             await asyncio.wait_for(session.released.wait(), self.dead_after)
-        except (OSError, ConnClosed, TimeoutError, ssl.SSLError, t.LocalProtocolError):
+        except (OSError, ConnClosed, TimeoutError, ssl.SSLError, t.LocalProtocolError,
+                RelayError):
             self.close()
         finally:
             if self.session is session:
@@ -650,7 +703,7 @@ class RelayLink:
 
     async def logout(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._send(self.t.logout()), 2)
+            await self._send(self.t.logout(), "the logout", min(2, self.cfg.connect_timeout))
         self.close()
 
 
@@ -839,10 +892,12 @@ async def _e2e_handshake(link: RelayLink, info: t.Connected | t.IncomingRequest,
     hs = crypto.E2EHandshake("initiator" if initiator else "responder", cfg.identity,
                              crypto.parse_public_b64(key_text),
                              prologue=b"kakehashi-relay-e2e")
-    await link.framed.send_frame(wire.FrameType.DATA, hs.hello())
+    async with link.sending("the end-to-end hello"):
+        await link.framed.send_frame(wire.FrameType.DATA, hs.hello())
     hs.receive(_handshake_item(await early.get(cfg.connect_timeout)))
     session = hs.finish()
-    await link.framed.send_frame(wire.FrameType.DATA, session.confirm_tag())
+    async with link.sending("the end-to-end confirmation"):
+        await link.framed.send_frame(wire.FrameType.DATA, session.confirm_tag())
     session.check_confirm(_handshake_item(await early.get(cfg.connect_timeout)))
     log.info("end-to-end session with %s sealed with %s", peer, session.suite)
     return session
@@ -1001,9 +1056,9 @@ async def run_session(link: RelayLink, app: Conn,
             link.session = None
         return reason
     try:
-        await link.send(link.t.end(reason))
+        await link.send(link.t.end(reason), "the end notification")
         await asyncio.wait_for(session.released.wait(), link.dead_after)
-    except (OSError, ConnClosed, TimeoutError, t.LocalProtocolError):
+    except (OSError, ConnClosed, TimeoutError, t.LocalProtocolError, RelayError):
         link.close()
     finally:
         if link.session is session:  # a new session may already own the link
@@ -1113,9 +1168,15 @@ class Terminal:
         self._taken()  # one fewer idle link: refill a spare
         try:
             if self._accept is None:
-                await link.send(link.t.refuse("this terminal does not accept connections"))
+                await link.send(link.t.refuse("this terminal does not accept connections"),
+                                "a refusal")
                 return
             await self._accept(link, ev)
+        except RelayError as exc:
+            # an answer the relay did not take in time, or a link lost while it was
+            # written (:meth:`RelayLink.sending`): the link is closed and the pool
+            # replaces it; a warning, not a traceback in a failed task
+            log.warning("cannot answer the request from %s: %s", ev.peer, exc.message)
         finally:
             self.setup_over(link)
 
@@ -1406,7 +1467,7 @@ class Terminal:
         link = await self.acquire()
         link.reserved = False
         self._sub_link = link
-        await link.send([m.Subscribe(on=True)])
+        await link.send([m.Subscribe(on=True)], "the subscription")
 
     async def close(self, *, logout: bool = False) -> None:
         """Close every link; ``logout`` also ends the user's other connections (step 6)."""
@@ -1439,13 +1500,15 @@ def service_acceptor(services: dict[str, tuple[str, int]],
             log.warning("refusing %s: the session would be unencrypted and this agent does "
                         "not accept that (--insecure-peer ask would)", ev.peer)
             await link.send(link.t.refuse("the session would be unencrypted; "
-                                          f"{link.cfg.user} does not accept that"))
+                                          f"{link.cfg.user} does not accept that"),
+                            "a refusal")
             return
         name = ev.service or (next(iter(services)) if len(services) == 1 else "")
         target = services.get(name)
         if target is None:
             await link.send(link.t.refuse(
-                f"no service {ev.service!r}" if ev.service else "name a service"))
+                f"no service {ev.service!r}" if ev.service else "name a service"),
+                "a refusal")
             return
         optimistic = ev.optimistic and not (ev.encrypt and not link.t.encrypted)
         if optimistic:
@@ -1453,7 +1516,8 @@ def service_acceptor(services: dict[str, tuple[str, int]],
             # the service while the relay sends the requester its result
             try:
                 await link.accept_at_once(ev)
-            except (OSError, ConnClosed, ssl.SSLError, t.LocalProtocolError) as exc:
+            except (OSError, ConnClosed, ssl.SSLError, t.LocalProtocolError,
+                    RelayError) as exc:
                 log.warning("cannot accept request from %s: %s", ev.peer, exc)
                 link.close()
                 return
@@ -1465,21 +1529,21 @@ def service_acceptor(services: dict[str, tuple[str, int]],
             if optimistic:  # accepted already: the session closes with the reason
                 await link.close_accepted(ev, f"service {name} unavailable ({exc})")
             else:
-                await link.send(link.t.refuse(f"service {name} unavailable"))
+                await link.send(link.t.refuse(f"service {name} unavailable"), "a refusal")
             return
         if not optimistic:
             try:
                 if ev.encrypt and not link.t.encrypted:
                     await link.starttls()
                 link.sink = EarlySink()  # the requester may speak as soon as it is paired
-                await link.send(link.t.accept())
+                await link.send(link.t.accept(), "the accept")
             except (RelayError, OSError, TimeoutError, ConnClosed,
                     t.LocalProtocolError) as exc:
                 app.close()
                 link.sink = None
                 log.warning("cannot accept request from %s: %s", ev.peer, exc)
                 with contextlib.suppress(Exception):
-                    await link.send(link.t.refuse(str(exc)))
+                    await link.send(link.t.refuse(str(exc)), "a refusal")
                 return
         _log_soon("session from %s to service %s (encrypted=%s, e2e=%s%s)", ev.peer, name,
                   link.t.encrypted, ev.e2e, ", unencrypted by agreement" if ev.insecure else "")
