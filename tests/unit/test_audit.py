@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -109,11 +110,50 @@ async def test_a_relay_stopped_twice_still_writes_the_entries_it_holds(tmp_path,
         await asyncio.Event().wait()
 
     monkeypatch.setattr(server.listener, "close", slow_close)
-    server.audit.record_soon("pair", True, conns=[1, 2])
-    closing = asyncio.ensure_future(server.close())
-    await async_wait_until(shutting_down.is_set, what="the close waiting for connections")
+    await _stop_twice(server.audit, server.close, shutting_down)
+    assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["pair"]
+    await real_close()
+
+
+async def _stop_twice(audit: AuditLog, close: Callable[[], Awaitable[None]],
+                      waiting: asyncio.Event) -> None:
+    """A pair entry held back (record_soon), then ``close`` cancelled where it waits
+    (``waiting`` set): the second signal of a stop."""
+    audit.record_soon("pair", True, conns=[1, 2])
+    closing = asyncio.ensure_future(close())
+    await async_wait_until(waiting.is_set, what="the close waiting")
     closing.cancel()  # the second signal
     with pytest.raises(asyncio.CancelledError):
         await closing
+
+
+async def test_a_cluster_node_stopped_twice_still_writes_the_entries_it_holds(tmp_path,
+                                                                             monkeypatch):
+    """A cluster node's shutdown closes its cluster layer before the relay server: the
+    layer's close writes the entries :meth:`AuditLog.record_soon` holds before it
+    waits for anything (its tasks, Redis), since a second Ctrl-C (or SIGTERM) cancels
+    the shutdown at that wait and the server's close, which writes them too, never
+    runs."""
+    from types import SimpleNamespace
+
+    from kakehashi.relay.cluster import ClusterNode
+
+    path = tmp_path / "audit.jsonl"
+    monkeypatch.setattr(audit_module, "SOON", 3600.0)
+    server = SimpleNamespace(core=SimpleNamespace(), audit=AuditLog(path, system="relay"))
+    node = ClusterNode(server, "redis://127.0.0.1:1", "n1", "127.0.0.1:1", ttl=3.0)
+    stopping = asyncio.Event()
+
+    async def redis_command() -> None:  # one that holds the shutdown (cut by the cancel)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stopping.set()
+            await asyncio.Event().wait()
+
+    held = node._spawn(redis_command())
+    await loop_turns()
+    await _stop_twice(server.audit, node.close, stopping)
     assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["pair"]
-    await real_close()
+    held.cancel()
+    await node.redis.aclose()

@@ -158,6 +158,12 @@ class ClusterNode:
     async def close(self) -> None:
         from kakehashi.core import metrics
 
+        # the audit entries the relay holds back past a setup (record_soon) first: a
+        # node's shutdown closes this layer before the relay server, and a second
+        # SIGINT/SIGTERM cancels it at its first wait below, before the server's close
+        # (which writes them too) has run; the runner then stops the loop, and the
+        # entries' timer never fires
+        self.server.audit.flush()
         metrics.remove_health_check(f"cluster:{self.node}")
         for task in list(self._tasks):
             task.cancel()
