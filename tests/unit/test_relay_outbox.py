@@ -11,6 +11,7 @@ takes the data frame's bytes as the rest of the message).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import pytest
 
 from kakehashi.core import wire
 from kakehashi.core.pump import FramedSink
-from kakehashi.core.stream import Conn, FramedConn
+from kakehashi.core.stream import Conn, DirectTLSConn, FramedConn
 from kakehashi.relay import messages as m
 from kakehashi.relay.server import Link, RelayServer
 from tests.support.wait import async_wait_until
@@ -134,10 +135,10 @@ def test_a_locked_write_and_later_messages_keep_their_place(run):
     run(_a_locked_write_and_later_messages_keep_their_place())
 
 
-async def _the_result_and_close_notify_leave_in_the_pairing_step(home) -> None:
-    from kakehashi.core.stream import DirectTLSConn, start_tls
+async def _tls_pair(home) -> tuple[DirectTLSConn, DirectTLSConn]:
+    """The relay's and the terminal's ends of a TLS link over a socket pair."""
+    from kakehashi.core.stream import start_tls
     from kakehashi.core.tls import client_context, server_context
-    from kakehashi.relay.control import LeaveTLS, Send
 
     a, b = socket.socketpair()
     mine, theirs = await asyncio.gather(
@@ -146,6 +147,13 @@ async def _the_result_and_close_notify_leave_in_the_pairing_step(home) -> None:
         start_tls(Conn(b), client_context(ca=home / "ca" / "ca.pem"), server_side=False,
                   server_hostname="localhost", timeout=10, framed=True))
     assert isinstance(mine, DirectTLSConn) and isinstance(theirs, DirectTLSConn)
+    return mine, theirs
+
+
+async def _the_result_and_close_notify_leave_in_the_pairing_step(home) -> None:
+    from kakehashi.relay.control import LeaveTLS, Send
+
+    mine, theirs = await _tls_pair(home)
     server = RelayServer(None)  # type: ignore[arg-type]
     link = Link(1, FramedConn(mine))
     server.links[link.cid] = link
@@ -171,3 +179,42 @@ def test_the_result_and_close_notify_leave_in_the_pairing_step(run, tmp_path, mo
         pytest.skip("no one-call close_notify in this Python/OpenSSL")
     monkeypatch.setenv("KAKEHASHI_HOME", str(tmp_path / "home"))
     run(_the_result_and_close_notify_leave_in_the_pairing_step(tmp_path / "home"))
+
+
+async def _a_close_notify_the_terminal_does_not_take_closes_the_link(home) -> None:
+    """The end of TLS the relay queues for a terminal (the session cipher's switch,
+    a session's end) is bounded as a queued message is (``SEND_TIMEOUT``): a terminal
+    that reads nothing gets its link closed. It waited for as long as the terminal did
+    not read (the watchdog skips a link whose session runs under the session cipher),
+    holding the link and its outbox."""
+    from kakehashi.relay.control import LeaveTLS
+
+    mine, theirs = await _tls_pair(home)
+    server = RelayServer(None)  # type: ignore[arg-type]
+    link = Link(1, FramedConn(mine))
+    link.task = serving = asyncio.ensure_future(asyncio.Event().wait())  # its reader
+    server.links[link.cid] = link
+    raw = mine.sock  # (the TLS connection took over the socket: written past TLS)
+    raw.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # the terminal reads nothing: fill what the kernel holds for it
+            socket.socket.send(raw, b"\0" * 65536)
+    server._apply_now([LeaveTLS(link.cid)])
+    assert link.flusher is not None  # (it could not go out at once)
+    await async_wait_until(serving.done, 10,
+                           what="the link closed: its terminal takes no close_notify")
+    assert link.flusher.done() and not link.flusher.cancelled()
+    mine.close()
+    theirs.close()
+
+
+def test_a_close_notify_the_terminal_does_not_take_closes_the_link(run, tmp_path,
+                                                                   monkeypatch):
+    from kakehashi.core.stream import half_close_ready
+    from kakehashi.relay import server as server_module
+
+    if not half_close_ready():
+        pytest.skip("no one-call close_notify in this Python/OpenSSL")
+    monkeypatch.setenv("KAKEHASHI_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(server_module, "SEND_TIMEOUT", 0.05)
+    run(_a_close_notify_the_terminal_does_not_take_closes_the_link(tmp_path / "home"))

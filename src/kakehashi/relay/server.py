@@ -243,7 +243,7 @@ class RelayServer:
             # between a failure's traceback and that task (see start_tls)
             async with asyncio.timeout(min(HANDSHAKE_TIMEOUT, self.settings.login_timeout)):
                 await framed.read_preamble()
-            await framed.send(wire.PREAMBLE)
+                await framed.send(wire.PREAMBLE)  # (within it too)
         except (OSError, ConnClosed, TimeoutError, ssl.SSLError, wire.WireError) as exc:
             log.debug("handshake with %s failed: %s", addr, exc)
             if isinstance(exc, wire.WireError) and exc.code == "tls-mismatch":
@@ -596,12 +596,15 @@ class RelayServer:
                 await asyncio.sleep(delay)
             if isinstance(item, _LeaveTLS | _Shut):
                 try:
-                    async with link.framed.write_lock:  # between two frames
-                        if isinstance(item, _Shut):
+                    # bounded as a message is: a terminal that reads nothing would hold
+                    # this write (its close_notify) and its link for as long, since the
+                    # watchdog leaves a link under the session cipher to TCP keepalive
+                    async with asyncio.timeout(SEND_TIMEOUT), link.framed.write_lock:
+                        if isinstance(item, _Shut):  # (between two frames)
                             await link.framed.conn.shutdown_write()
                         else:
                             await link.framed.conn.leave_tls_write()  # type: ignore[attr-defined]
-                except (OSError, ConnClosed, ssl.SSLError, AttributeError) as exc:
+                except (OSError, ConnClosed, ssl.SSLError, AttributeError, TimeoutError) as exc:
                     log.debug("conn %d: cannot end TLS: %s", link.cid, exc)
                     if link.task:
                         link.task.cancel()
