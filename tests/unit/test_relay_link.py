@@ -522,3 +522,44 @@ async def _an_end_the_relay_does_not_take_ends_the_link_reader() -> None:
 
 def test_an_end_the_relay_does_not_take_ends_the_link_reader(run) -> None:
     run(_an_end_the_relay_does_not_take_ends_the_link_reader())
+
+
+async def _a_logout_the_socket_takes_in_part_still_goes_whole() -> None:
+    """`relay logout` (Terminal.close(logout=True)) closes the link right after the
+    logout message. A socket that takes that message only in part (its buffer nearly
+    full) leaves the rest to FramedConn.send_now's background write; the close must
+    wait for it (within the logout's bound), or the relay gets a frame cut short and
+    the user's other connections are not ended (step 6)."""
+    pair, relay = socket.socketpair()
+    first = [True]
+
+    class TakesInPart(socket.socket):  # the kernel takes 3 bytes of the first write
+        def send(self, data, *args) -> int:  # type: ignore[override]
+            if first[0]:
+                first[0] = False
+                return super().send(bytes(data[:3]), *args)
+            return super().send(data, *args)
+
+    mine = TakesInPart(fileno=pair.detach())
+    try:
+        link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p"))
+        link.framed = FramedConn(Conn(mine))
+        link.t.login("u", "p")
+        link.t.receive(m.LoginOk(conn_id=1, token="tok", encryption="off", keepalive=15.0,
+                                 dead_after=45.0))
+        expected = m.TERMINAL_CODEC.encode(m.Logout())
+        await link.logout()
+        assert not first[0]  # the write was taken in part
+        relay.setblocking(False)
+        got = b""
+        loop = asyncio.get_running_loop()
+        while chunk := await loop.sock_recv(relay, 65536):
+            got += chunk
+        assert got == expected
+    finally:
+        mine.close()
+        relay.close()
+
+
+def test_a_logout_the_socket_takes_in_part_still_goes_whole(run) -> None:
+    run(_a_logout_the_socket_takes_in_part_still_goes_whole())

@@ -704,6 +704,11 @@ class RelayLink:
     async def logout(self) -> None:
         with contextlib.suppress(Exception):
             await self._send(self.t.logout(), "the logout", min(2, self.cfg.connect_timeout))
+            # a write the socket took in part has its rest on the way (send_now), within
+            # the same bound: the close below would cut the frame short, and the relay
+            # would not end the user's other connections (step 6)
+            if self.framed is not None:
+                await self.framed.flushed()
         self.close()
 
 
