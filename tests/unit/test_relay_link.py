@@ -563,3 +563,55 @@ async def _a_logout_the_socket_takes_in_part_still_goes_whole() -> None:
 
 def test_a_logout_the_socket_takes_in_part_still_goes_whole(run) -> None:
     run(_a_logout_the_socket_takes_in_part_still_goes_whole())
+
+
+async def _a_close_notify_the_relay_does_not_take_closes_the_link(home) -> None:
+    """The relay leaves TLS for the session cipher (its close_notify) and the link's
+    reader answers with the terminal's own: that write has the connect timeout as its
+    deadline, as every other write to the relay (RelayLink.sending). Against a relay
+    that reads nothing it waited for as long as the relay did not read, holding the
+    link's reader - and no keepalive watches a link under the session cipher (TCP
+    keepalive sees a peer whose kernel still acknowledges)."""
+    from kakehashi.core.stream import DirectTLSConn, start_tls
+    from kakehashi.core.tls import client_context, server_context
+    from kakehashi.relay import terminal
+
+    a, b = socket.socketpair()
+    relay, mine = await asyncio.gather(
+        start_tls(Conn(a), server_context(names=["localhost"]), server_side=True,
+                  timeout=10, framed=True),
+        start_tls(Conn(b), client_context(ca=home / "ca" / "ca.pem"), server_side=False,
+                  server_hostname="localhost", timeout=10, framed=True))
+    assert isinstance(relay, DirectTLSConn) and isinstance(mine, DirectTLSConn)
+    try:
+        link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p",
+                                        connect_timeout=0.05))
+        link.framed = FramedConn(mine)
+        # paired under the session cipher: the relay's close_notify means "leave TLS"
+        link.t.state = terminal.TState.PAIRED
+        link.t.session_keys = bytes(32)
+        assert link.t.leaving_tls
+        raw = mine.sock  # (written past TLS: the relay reads nothing anyway)
+        raw.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # the relay reads nothing: fill what the kernel holds for it
+                socket.socket.send(raw, b"\0" * 65536)
+        await relay.leave_tls_write()
+        link.reader = asyncio.ensure_future(link._read_loop())
+        await async_wait_until(link.reader.done, 10,
+                               what="the reader to give up on a relay that takes no "
+                                    "close_notify")
+        assert link.closed.is_set()
+    finally:
+        relay.close()
+        mine.close()
+
+
+def test_a_close_notify_the_relay_does_not_take_closes_the_link(run, tmp_path,
+                                                                monkeypatch) -> None:
+    from kakehashi.core.stream import half_close_ready
+
+    if not half_close_ready():
+        pytest.skip("no one-call close_notify in this Python/OpenSSL")
+    monkeypatch.setenv("KAKEHASHI_HOME", str(tmp_path / "home"))
+    run(_a_close_notify_the_relay_does_not_take_closes_the_link(tmp_path / "home"))

@@ -431,8 +431,11 @@ class RelayLink:
         if not (self.t.leaving_tls and isinstance(conn, DirectTLSConn)
                 and conn.tls_ended_by_peer):
             return False
-        async with self.framed.write_lock:  # between two frames
-            await conn.leave_tls_write()
+        # within the deadline of every write to the relay (:meth:`sending`): a relay
+        # that reads nothing would hold this reader, and no keepalive watches a link
+        # under the session cipher
+        async with self.sending("the end of TLS"), self.framed.write_lock:
+            await conn.leave_tls_write()  # (between two frames)
             self.framed.conn = conn.left_tls()
         self.t.tls_left()
         keep_alive(self.framed.conn, self.keepalive)
