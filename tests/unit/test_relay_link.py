@@ -14,7 +14,7 @@ from kakehashi.core.stream import Conn, FramedConn
 from kakehashi.relay import agent
 from kakehashi.relay import messages as m
 from kakehashi.relay.agent import RelayLink, TerminalConfig
-from tests.support.relay_link import readable_bytes
+from tests.support.relay_link import readable_bytes, tls_pair
 from tests.support.wait import async_wait_until, loop_turns
 
 
@@ -572,17 +572,9 @@ async def _a_close_notify_the_relay_does_not_take_closes_the_link(home) -> None:
     that reads nothing it waited for as long as the relay did not read, holding the
     link's reader - and no keepalive watches a link under the session cipher (TCP
     keepalive sees a peer whose kernel still acknowledges)."""
-    from kakehashi.core.stream import DirectTLSConn, start_tls
-    from kakehashi.core.tls import client_context, server_context
     from kakehashi.relay import terminal
 
-    a, b = socket.socketpair()
-    relay, mine = await asyncio.gather(
-        start_tls(Conn(a), server_context(names=["localhost"]), server_side=True,
-                  timeout=10, framed=True),
-        start_tls(Conn(b), client_context(ca=home / "ca" / "ca.pem"), server_side=False,
-                  server_hostname="localhost", timeout=10, framed=True))
-    assert isinstance(relay, DirectTLSConn) and isinstance(mine, DirectTLSConn)
+    relay, mine = await tls_pair(home)
     try:
         link = RelayLink(TerminalConfig(server="127.0.0.1", port=1, user="u", password="p",
                                         connect_timeout=0.05))

@@ -20,9 +20,10 @@ import pytest
 
 from kakehashi.core import wire
 from kakehashi.core.pump import FramedSink
-from kakehashi.core.stream import Conn, DirectTLSConn, FramedConn
+from kakehashi.core.stream import Conn, FramedConn
 from kakehashi.relay import messages as m
 from kakehashi.relay.server import Link, RelayServer
+from tests.support.relay_link import tls_pair
 from tests.support.wait import async_wait_until
 
 
@@ -135,25 +136,10 @@ def test_a_locked_write_and_later_messages_keep_their_place(run):
     run(_a_locked_write_and_later_messages_keep_their_place())
 
 
-async def _tls_pair(home) -> tuple[DirectTLSConn, DirectTLSConn]:
-    """The relay's and the terminal's ends of a TLS link over a socket pair."""
-    from kakehashi.core.stream import start_tls
-    from kakehashi.core.tls import client_context, server_context
-
-    a, b = socket.socketpair()
-    mine, theirs = await asyncio.gather(
-        start_tls(Conn(a), server_context(names=["localhost"]), server_side=True,
-                  timeout=10, framed=True),
-        start_tls(Conn(b), client_context(ca=home / "ca" / "ca.pem"), server_side=False,
-                  server_hostname="localhost", timeout=10, framed=True))
-    assert isinstance(mine, DirectTLSConn) and isinstance(theirs, DirectTLSConn)
-    return mine, theirs
-
-
 async def _the_result_and_close_notify_leave_in_the_pairing_step(home) -> None:
     from kakehashi.relay.control import LeaveTLS, Send
 
-    mine, theirs = await _tls_pair(home)
+    mine, theirs = await tls_pair(home)
     server = RelayServer(None)  # type: ignore[arg-type]
     link = Link(1, FramedConn(mine))
     server.links[link.cid] = link
@@ -189,7 +175,7 @@ async def _a_close_notify_the_terminal_does_not_take_closes_the_link(home) -> No
     holding the link and its outbox."""
     from kakehashi.relay.control import LeaveTLS
 
-    mine, theirs = await _tls_pair(home)
+    mine, theirs = await tls_pair(home)
     server = RelayServer(None)  # type: ignore[arg-type]
     link = Link(1, FramedConn(mine))
     link.task = serving = asyncio.ensure_future(asyncio.Event().wait())  # its reader
