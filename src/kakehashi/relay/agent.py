@@ -254,28 +254,21 @@ class RelayLink:
                     raise RelayError(ev.code or "login-failed", ev.reason)
                 if isinstance(ev, t.LoggedIn):
                     break
-        except TimeoutError:
-            # (a bare TimeoutError said nothing: "cannot connect to pi: ")
+        except BaseException as exc:
             conn.close()
             if self.framed:
                 self.framed.conn.close()
-            raise RelayError("timeout", f"{where} took the connection but did not answer "
-                             f"the {step} within {cfg.connect_timeout:g}s: check that it is "
-                             "a kakehashi relay (--server), and that it is running and not "
-                             "overloaded") from None
-        except (ConnClosed, wire.WireError, OSError) as exc:
-            # (raw, a ConnClosed reached `relay pipe` and `relay connect` as a traceback,
-            # and a reset said nothing of which server)
-            conn.close()
-            if self.framed:
-                self.framed.conn.close()
-            why = exc.message if isinstance(exc, wire.WireError) else str(exc)
-            raise RelayError("protocol" if isinstance(exc, wire.WireError) else "closed",
-                             f"{where} during the {step}: {why}") from None
-        except BaseException:
-            conn.close()
-            if self.framed:
-                self.framed.conn.close()
+            if isinstance(exc, TimeoutError):  # (bare, it said nothing: "cannot connect to pi: ")
+                raise RelayError("timeout", f"{where} took the connection but did not answer "
+                                 f"the {step} within {cfg.connect_timeout:g}s: check that it "
+                                 "is a kakehashi relay (--server), and that it is running and "
+                                 "not overloaded") from None
+            if isinstance(exc, ConnClosed | wire.WireError | OSError):
+                # (raw, a ConnClosed reached `relay pipe` and `relay connect` as a
+                # traceback, and a reset said nothing of which server)
+                why = exc.message if isinstance(exc, wire.WireError) else str(exc)
+                raise RelayError("protocol" if isinstance(exc, wire.WireError) else "closed",
+                                 f"{where} during the {step}: {why}") from None
             raise
         conn = self.framed.conn  # (after an inline STARTTLS, the TLS one)
         if isinstance(conn, TLSConn):
