@@ -709,3 +709,31 @@ async def test_socks_datagrams_to_a_refused_destination_do_not_each_build_a_chai
         await server.close()
         await fw1.close()
         transport.close()
+
+
+async def test_a_requester_silent_during_setup_is_told_the_proxy_gave_up():
+    """A requester that authenticates with nothing after fw1's challenge: after
+    auth_timeout fw1 refuses it (timeout, naming fw1) and counts the refusal. Its
+    ``except TimeoutError`` stood after ``except OSError`` (TimeoutError's base class),
+    so it never ran: the connection was just closed, the client told nothing, no
+    refusal counted and nothing logged."""
+    from kakehashi.chain import messages as m
+    from kakehashi.chain.proxy import Ctrl
+    from kakehashi.core.stream import FramedConn, open_tcp
+
+    fw1, _cfg, transport, _ = await _one_proxy(auth_timeout=1)
+    timeouts = fw1._refused.labels("fw1", "timeout")  # (one registry: counted before)
+    before = timeouts.get()
+    conn = await open_tcp(*fw1.address)
+    ctrl = Ctrl(FramedConn(conn, m.LIMITS))
+    try:
+        await ctrl.fc.send(wire.PREAMBLE)
+        assert isinstance(await ctrl.read(20), m.Challenge)
+        refused = await ctrl.read(20)  # the client says nothing
+        assert isinstance(refused, m.Refused), refused
+        assert (refused.hop, refused.reason) == ("fw1", "timeout"), refused
+        assert timeouts.get() == before + 1
+    finally:
+        ctrl.close()
+        await fw1.close()
+        transport.close()

@@ -230,11 +230,22 @@ class ChainProxy:
         self.metrics.connections.inc()
         try:
             await session.run()
-        except (ConnClosed, ConnectionError, OSError, asyncio.IncompleteReadError):
-            pass
         except TimeoutError:
+            # before OSError, its base class: a requester that said nothing (or read
+            # nothing) for auth_timeout during setup. The timeouts of the hops after this
+            # proxy are refusals naming them (next-hop) and never arrive here. The
+            # requester is told (timeout, naming this proxy) if it still listens: a
+            # client should learn which hop gave up on it, as from any other refusal
             log.info("%s: a requester from %s timed out during setup", self.cfg.name,
                      session.peer_ip)
+            self.refused(self.cfg.name, "timeout")
+            outs = session.to_client(m.Refused(
+                session.rid, self.cfg.name, "timeout",
+                f"{self.cfg.name}: the requester did not go on within "
+                f"{self.cfg.auth_timeout:g}s during setup"))
+            refuse(session.up.fc.conn, b"".join(session.up.encode(o) for o in outs))
+        except (ConnClosed, ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
         except wire.WireError as exc:
             log.info("%s: protocol error from %s: %s", self.cfg.name, session.peer_ip, exc)
             # the refusal, then a clean close: unread input would turn the close into a
