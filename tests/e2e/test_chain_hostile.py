@@ -737,3 +737,69 @@ async def test_a_requester_silent_during_setup_is_told_the_proxy_gave_up():
         ctrl.close()
         await fw1.close()
         transport.close()
+
+
+def _stuck(sock: socket.socket) -> bool:
+    """Fill the send buffer of ``sock`` (a connection whose peer reads nothing): True
+    once it takes nothing more for good - the peer's window closed, nothing in flight
+    (what was in flight would free room when acknowledged)."""
+    import fcntl
+    import termios
+
+    siocoutqnsd = 0x894B  # Linux: bytes not yet sent
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sock.send(bytes(65536))
+    queued = struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+    unsent = struct.unpack("i", fcntl.ioctl(sock, siocoutqnsd, b"\0" * 4))[0]
+    return unsent > 0 and queued == unsent
+
+
+@pytest.mark.parametrize("mode", ["recursive", "iterative"])
+async def test_a_next_hop_that_does_not_read_during_setup_is_named(mode):
+    """fw2 takes fw1's connection and the preamble, then reads nothing more (hung, or
+    overloaded: its buffers are full) and sends its challenge. fw1's answer cannot go
+    out; after auth_timeout fw1 must refuse naming fw2 (next-hop), as when fw2 does not
+    answer. Before, the send's TimeoutError left the session as an OSError: the
+    client's connection was closed with no refusal ('fw1: protocol: closed the control
+    connection during setup'), and the log would have blamed the requester."""
+    from kakehashi.chain import messages as m
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+    from tests.support.wait import async_wait_until
+
+    fw1: ChainProxy | None = None
+    held: list[asyncio.StreamWriter] = []
+
+    async def deaf(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)
+        await r.readexactly(len(wire.PREAMBLE))
+        assert fw1 is not None
+        (session,) = [s for s in fw1.sessions if s.down is not None]
+        sock = session.down.fc.conn.sock  # fw1's end: fill what fw2 no longer reads
+        await async_wait_until(lambda: _stuck(sock), what="fw1's connection to fw2 full")
+        w.write(m.codec.encode(m.Challenge("fw2", bytes(32))))
+    fw2 = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    k = {p: crypto.parse_shared_key(crypto.new_shared_key())
+         for p in ("alice-fw1", "alice-fw2", "fw1-fw2")}
+    fw1 = ChainProxy(ProxyConfig(
+        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"fw2": k["fw1-fw2"], "alice": k["alice-fw1"]},
+        routes=tables.parse_routes({
+            f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.sockets[0].getsockname()[1]}"}),
+        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
+        auth_timeout=1))
+    await fw1.start()
+    cfg = ForwardConfig(user="alice", keys={"fw1": k["alice-fw1"], "fw2": k["alice-fw2"]},
+                        first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
+                        udp_listen=("127.0.0.1", 0), mode=mode,  # type: ignore[arg-type]
+                        setup_timeout=20)
+    try:
+        with pytest.raises(SetupFailed) as err:
+            await build_chain(cfg)
+        assert (err.value.hop, err.value.reason) == ("fw1", "next-hop"), err.value
+        assert "fw2 did not read within" in err.value.text, err.value
+    finally:
+        await fw1.close()
+        for w in held:
+            w.close()
+        fw2.close()

@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kakehashi.chain import messages as m
@@ -138,10 +139,16 @@ class Ctrl:
         return wire.encode_frame(wire.FrameType.CTRL,
                                  self.channel.seal(frame[wire.HEADER_SIZE:]))
 
-    async def send(self, msg: m.Message) -> None:
+    async def send(self, msg: m.Message, within: float | None = None) -> None:
+        """Send ``msg`` (see :meth:`write`)."""
+        await self.write(self.encode(msg), within)
+
+    async def write(self, data: bytes, within: float | None = None) -> None:
+        """Send ``data`` within ``within`` seconds (None: ``send_timeout``); past that,
+        cut the connection and raise TimeoutError."""
         try:
-            async with asyncio.timeout(self.send_timeout):
-                await self.fc.send(self.encode(msg))
+            async with asyncio.timeout(self.send_timeout if within is None else within):
+                await self.fc.send(data)
         except TimeoutError:
             self.close()  # a frame may be half written: the stream is unusable
             raise
@@ -434,7 +441,8 @@ class _Session:
                 if nh.auth.done and down.channel is None:  # the Request on is sealed
                     down.seal(nh.auth, hop.name)
                 for out in outs:
-                    await down.send(out)
+                    with self.sending_down(hop, self.left(cfg.auth_timeout)) as within:
+                        await down.send(out, within)
             record.far = nh.reply.near.addr  # 608: area 3142 = the next proxy's P4
             self.forwarder.near_to_far = None
             await self.send_up(nh.answer_up(near_ep))
@@ -491,8 +499,34 @@ class _Session:
             raise self.refusal("next-hop", f"{self.cfg.name} cannot reach the next hop "
                                            f"{hop}: {exc}") from None
         self.down = down = Ctrl(FramedConn(conn, m.LIMITS), self.cfg.auth_timeout)
-        await down.fc.send(wire.PREAMBLE)
+        with self.sending_down(hop, self.left(self.cfg.auth_timeout)) as within:
+            await down.write(wire.PREAMBLE, within)
         return down
+
+    @contextlib.contextmanager
+    def sending_down(self, hop: Hop, within: float | None) -> Iterator[float | None]:
+        """Around a send to the next hop ``hop`` within ``within`` seconds (yielded;
+        None: the connection's own send timeout) while the setup through it is
+        incomplete: a hop that does not take it in time (it stopped reading: hung, or
+        overloaded with its buffers full) or whose connection fails is refused naming
+        it (next-hop), as one that does not answer.
+        The TimeoutError escaped as the requester's own timeout, the OSError as nothing
+        at all (the requester's connection just closed). In iterative mode, once the
+        setup through the next hop is complete, the error passes (the session ends)."""
+        try:
+            yield within
+        except (ConnClosed, OSError) as exc:  # TimeoutError is an OSError
+            limit = self.cfg.auth_timeout if within is None else within
+            why = (f"did not read within {limit:.3g}s" if isinstance(exc, TimeoutError)
+                   else f"failed: {exc or type(exc).__name__}")
+            if self.relay is not None:
+                lost = self.relay.lost(why)
+            else:
+                lost = self.refusal("next-hop", f"{self.cfg.name}: {hop.name} {why} during "
+                                                "setup")
+            if lost is None:
+                raise
+            raise lost from None
 
     # -- the established session ---------------------------------------------------------
     async def serve(self) -> None:
@@ -552,7 +586,12 @@ class _Session:
                 return
             if self.relay is not None:  # iterative: towards the proxies after this one
                 assert self.down is not None
-                await self.down.send(self.relay.from_requester(msg))
+                out = self.relay.from_requester(msg)
+                # within the wait for the next hops while the setup through them lasts
+                within = self.left(self.cfg.auth_timeout) if self.relay.next.state != "done" \
+                    else None
+                with self.sending_down(self.relay.next.hop, within):
+                    await self.down.send(out, within)
                 continue
             if self.side is not None and self.side.channel is not None:
                 msg = self.side.open(msg)  # the client's, through the proxies before
@@ -615,7 +654,9 @@ class _Session:
                 if self.relay.sealing and down.channel is None:  # after the next's Proof
                     down.seal(self.relay.next.auth, self.relay.next.hop.name)
                 for out in step.down:
-                    await down.send(out)
+                    with self.sending_down(self.relay.next.hop,
+                                           self.left(self.cfg.auth_timeout)) as within:
+                        await down.send(out, within)
                 if step.p4 is not None and self.forwarder is not None:
                     self.forwarder.record.far = step.p4.addr  # 912/913: area 3142
                 for out in step.up:
