@@ -15,6 +15,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+import logging
 import os
 import re
 import struct
@@ -31,6 +32,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kakehashi.core.paths import write_atomic
+
+try:  # the optional C extension (setup.py builds it where a compiler and OpenSSL exist)
+    from kakehashi.core import _dgaead
+except ImportError:  # pragma: no cover - depends on the build
+    _dgaead = None  # type: ignore[assignment]
+
+log = logging.getLogger("kakehashi")
 
 __all__ = [
     "DATAGRAM_OVERHEAD",
@@ -768,6 +776,23 @@ def _seqs(n: int, step: int) -> struct.Struct:
     return st
 
 
+#: whether :meth:`DatagramChannel.seal_batch` and :meth:`DatagramChannel.open_batch` run
+#: in C (:mod:`kakehashi.core._dgaead`: one OpenSSL AES-256-GCM context per direction,
+#: keyed once, and the whole batch in one call): at a sealing end the Python loop around
+#: each AEAD call and the context ``cryptography`` builds for every call were most of a
+#: datagram's cost (docs/benchmarks.md). On where the extension imports, unless
+#: ``KAKEHASHI_NATIVE_AEAD=0``; off, the Python code below (the reference) runs, with the
+#: same bytes and decisions (tests run both)
+NATIVE = _dgaead is not None and os.environ.get("KAKEHASHI_NATIVE_AEAD", "1") != "0"
+_told = False
+
+
+def aead_path() -> str:
+    """Which code seals and opens datagram batches: ``native`` or ``python`` (for logs
+    and benchmark output: a figure means little without it)."""
+    return "native" if NATIVE and _dgaead is not None else "python"
+
+
 class DatagramTransform(Protocol):
     """One direction of a :class:`DatagramChannel` (sealing or opening) as a payload
     transform: called on one datagram it returns the result (None: refused); its
@@ -809,11 +834,20 @@ class DatagramChannel:
     cipher, is the cost at datagram sizes), so a faster suite would buy nothing here.
     """
 
-    __slots__ = ("_recv", "_seen", "_send", "_send_seq", "_top", "open", "refused", "seal")
+    __slots__ = ("_opener", "_recv", "_sealer", "_seen", "_send", "_send_seq", "_top", "open",
+                 "refused", "seal")
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        global _told
         self._send = AESGCM(send_key)
         self._recv = AESGCM(recv_key)
+        # the native contexts exist whenever the extension does, so :data:`NATIVE` can be
+        # switched at any time (the tests do): the window stays in _top/_seen either way
+        self._sealer = _dgaead.Sealer(send_key) if _dgaead is not None else None
+        self._opener = _dgaead.Opener(recv_key) if _dgaead is not None else None
+        if not _told:  # once per process: which path the figures come from
+            _told = True
+            log.debug("datagram sealing: %s batch path", aead_path())
         self._send_seq = 0
         self._top = -1
         self._seen = 0  # bit i: sequence (top - i) was accepted
@@ -859,9 +893,13 @@ class DatagramChannel:
         AEAD call and its two buffer views: the heads (sequence numbers) of a batch of
         one size are written with one ``struct`` call before it."""
         seq = self._send_seq
+        if n < 0:  # (it would move the sequence back: a nonce used twice)
+            raise ValueError(f"a batch of {n} datagrams")
         if seq + n > _MAX_COUNTER:
             raise E2EError("datagram sequence exhausted; authenticate again")
         self._send_seq = seq + n
+        if NATIVE and self._sealer is not None:
+            return self._sealer.seal(seq, src, starts, lengths, n, out, at)
         encrypt_into = self._send.encrypt_into
         k = lengths[0] if n else 0
         if n > 1 and len(lengths) == n and lengths.count(k) == n:
@@ -898,6 +936,11 @@ class DatagramChannel:
         the other into ``out`` from ``at``; returns each one's opened length, -1 for a
         refusal (counted in :attr:`refused`). The replay window sees them in order, so a
         datagram repeated within one batch is refused like one repeated later."""
+        if NATIVE and self._opener is not None:
+            sizes, self._top, self._seen, refused = self._opener.open(
+                self._top, self._seen, src, starts, lengths, n, out, at)
+            self.refused += refused
+            return sizes
         decrypt_into = self._recv.decrypt_into
         top, seen = self._top, self._seen
         if STRIDED and n > 1 and self._open_run(src, starts, lengths, n, out, at):
