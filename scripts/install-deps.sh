@@ -43,6 +43,25 @@ for pkg in "${PACKAGES[@]}"; do
   have_package "$pkg" || missing+=("$pkg")
 done
 
+# What the optional C extension (kakehashi.core._dgaead, the datagram AEAD's batch path)
+# needs to build: a C compiler, OpenSSL's headers, and Python.h for the interpreter in
+# use. Debian's python3-dev only helps Debian's python3; another interpreter (pyenv, a
+# venv's base) ships its own headers. Without apt-get they are optional: the extension
+# is then not built and the Python path runs.
+PY_INCLUDE="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+build_missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+  for pkg in gcc libssl-dev; do
+    have_package "$pkg" || build_missing+=("$pkg")
+  done
+  if [ ! -e "$PY_INCLUDE/Python.h" ]; then
+    build_missing+=(python3-dev)
+  fi
+fi
+if [ "${#build_missing[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  missing+=("${build_missing[@]}")
+fi
+
 if [ "${#missing[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "install-deps: missing ${missing[*]} and no apt-get; install them by hand" >&2
@@ -76,6 +95,25 @@ if [ "${#missing[@]}" -gt 0 ]; then
   restore_policy
   trap - EXIT
 fi
+
+# Build the C extension in place, so `PYTHONPATH=src` finds it from a checkout (an
+# editable install would leave it elsewhere); only when the source is newer than the
+# module, and never fatal: where it cannot be built, the Python path runs.
+build_extension() {
+  local src=src/kakehashi/core/_dgaead.c
+  local so
+  so="$(ls src/kakehashi/core/_dgaead.*.so 2>/dev/null | head -n 1 || true)"
+  if [ -n "$so" ] && [ "$so" -nt "$src" ] && [ "$so" -nt setup.py ]; then
+    return 0
+  fi
+  if python3 setup.py -q build_ext --inplace >/dev/null 2>&1; then
+    echo "install-deps: built kakehashi.core._dgaead" >&2
+  else
+    echo "install-deps: kakehashi.core._dgaead not built (no compiler, OpenSSL or" \
+      "Python headers?); the datagram AEAD runs on its Python path" >&2
+  fi
+}
+build_extension
 
 # Skip pip when the editable install is already in place and every
 # requirement in pyproject.toml (runtime + test extra) is satisfied; pip's

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +10,7 @@ from hypothesis import strategies as st
 
 from kakehashi.core import crypto
 from kakehashi.core.crypto import AuthFailed, DatagramChannel, MutualAuth
+from tests.support.aead_paths import PATHS, batch_path, use_path
 
 K = os.urandom(32)
 P = b"test"
@@ -185,20 +184,7 @@ def test_channel_open_of_garbage_is_refused(data):
 
 
 # -- the batch forms (what the forwarder's fast path calls) -----------------------------
-#: the batch tests run with the strided form of a burst on and off (crypto.STRIDED)
-STRIDED = pytest.mark.parametrize("strided", [True, False], ids=["strided", "loop"])
-
-
-@contextlib.contextmanager
-def _strided(on: bool) -> Iterator[None]:
-    """crypto.STRIDED set for the block (not a fixture: hypothesis tests take it too)."""
-    before, crypto.STRIDED = crypto.STRIDED, on
-    try:
-        yield
-    finally:
-        crypto.STRIDED = before
-
-
+#: the batch tests run on every batch path: C, the strided Python form, the Python loop
 def _batch(way, datagrams: list[bytes]) -> list[bytes | None]:
     """``datagrams`` through ``way.batch`` in one call, laid out as a batched receive
     holds them (fixed slots), the outputs back to back."""
@@ -233,11 +219,11 @@ def _open_both(one: DatagramChannel, many: DatagramChannel, wire: list[bytes],
     return one, many
 
 
-@STRIDED
-def test_a_sealed_batch_is_what_sealing_one_at_a_time_gives(strided):
+@PATHS
+def test_a_sealed_batch_is_what_sealing_one_at_a_time_gives(path):
     a, b = os.urandom(32), os.urandom(32)
     one, many = DatagramChannel(a, b), DatagramChannel(a, b)
-    with _strided(strided):
+    with batch_path(path):
         for sizes in ((0, 1, 512, 512, 1400, 9000), (512,) * 20, (0, 0, 0), (1400,) * 64):
             msgs = [os.urandom(n) for n in sizes]
             assert _batch(many.seal, msgs) == [one.seal(m) for m in msgs]
@@ -248,8 +234,8 @@ def test_a_sealed_batch_is_what_sealing_one_at_a_time_gives(strided):
 @given(st.lists(st.tuples(st.integers(0, 1100), st.sampled_from(["ok", "tamper", "short"])),
                 max_size=60),
        st.lists(st.integers(1, 20), min_size=1, max_size=8))
-@STRIDED
-def test_opening_a_batch_decides_as_opening_one_at_a_time(strided, order, chunks):
+@PATHS
+def test_opening_a_batch_decides_as_opening_one_at_a_time(path, order, chunks):
     """Replays (within one batch too), reordering, datagrams older than the window,
     tampered and short ones: opening them in batches of any size refuses and accepts
     exactly what opening them one at a time does, and counts the same refusals."""
@@ -264,7 +250,7 @@ def test_opening_a_batch_decides_as_opening_one_at_a_time(strided, order, chunks
         elif how == "short":
             d = d[:crypto.DATAGRAM_OVERHEAD - 1]
         wire.append(d)
-    with _strided(strided):
+    with batch_path(path):
         _open_both(DatagramChannel(b, a), DatagramChannel(b, a), wire, chunks)
 
 
@@ -272,8 +258,8 @@ def test_opening_a_batch_decides_as_opening_one_at_a_time(strided, order, chunks
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=8),
        st.sets(st.integers(0, 119), max_size=6),
        st.lists(st.integers(0, 119), max_size=4))
-@STRIDED
-def test_in_order_batches_with_forgeries_decide_as_one_at_a_time(strided, chunks, tampered,
+@PATHS
+def test_in_order_batches_with_forgeries_decide_as_one_at_a_time(path, chunks, tampered,
                                                                 again):
     """Batches whose datagrams are each the next in order (a sender's burst: what the
     fast form of ``open_batch`` takes), some altered in flight, then some repeated: each
@@ -285,18 +271,18 @@ def test_in_order_batches_with_forgeries_decide_as_one_at_a_time(strided, chunks
     for i in tampered:
         wire[i] = wire[i][:-1] + bytes([wire[i][-1] ^ 1])
     wire += [wire[i] for i in again]
-    with _strided(strided):
+    with batch_path(path):
         one, many = _open_both(DatagramChannel(b, a), DatagramChannel(b, a), wire, chunks)
     assert (many._top, many._seen) == (one._top, one._seen)
     assert many.seal(b"x") == one.seal(b"x")  # (the send side is untouched)
 
 
-@STRIDED
-def test_an_in_order_batch_takes_the_window_as_one_at_a_time_does(strided, monkeypatch):
+@PATHS
+def test_an_in_order_batch_takes_the_window_as_one_at_a_time_does(path, monkeypatch):
     """A burst of datagrams each the next in order, the fifth altered: the others are
     accepted, the fifth refused, and afterwards a replay of any of them is refused while
     the authentic fifth (never accepted) still is accepted once."""
-    monkeypatch.setattr(crypto, "STRIDED", strided)
+    use_path(monkeypatch, path)
     c, s = channels()
     sealed = [c.seal(b"%d" % i) for i in range(10)]
     forged = sealed[4][:-1] + bytes([sealed[4][-1] ^ 1])
@@ -319,13 +305,13 @@ def _run(datagrams: list[bytes]) -> tuple[bytearray, list[int]]:
     return buf, starts
 
 
-@STRIDED
-def test_a_coalesced_run_opens_and_seals_as_one_at_a_time(strided, monkeypatch):
+@PATHS
+def test_a_coalesced_run_opens_and_seals_as_one_at_a_time(path, monkeypatch):
     """Runs of sealed datagrams back to back (list starts, the stride of their size):
     in order, then with a gap, a forgery and a replay inside a run; opened as runs they
     decide as one at a time, window included; plaintexts sealed from such a run are
     what sealing them one at a time gives."""
-    monkeypatch.setattr(crypto, "STRIDED", strided)
+    use_path(monkeypatch, path)
     a, b = os.urandom(32), os.urandom(32)
     sender, one, many = DatagramChannel(a, b), DatagramChannel(b, a), DatagramChannel(b, a)
     sealed = [sender.seal(b"p%03d" % i * 8) for i in range(100)]
@@ -351,14 +337,14 @@ def test_a_coalesced_run_opens_and_seals_as_one_at_a_time(strided, monkeypatch):
     assert out.tobytes() == b"".join(s1.seal(p) for p in plain)
 
 
-@STRIDED
-def test_runs_in_several_slots_and_rewritten_heads_decide_as_one_at_a_time(strided,
+@PATHS
+def test_runs_in_several_slots_and_rewritten_heads_decide_as_one_at_a_time(path,
                                                                           monkeypatch):
     """Two coalesced runs taken by one receive (each in its own slot: starts that are
     not one stride) seal and open as one at a time; so does an in-order run in which one
     datagram's sequence number (outside the AEAD) was rewritten to a later one: refused,
     as opening it under the number it carries fails."""
-    monkeypatch.setattr(crypto, "STRIDED", strided)
+    use_path(monkeypatch, path)
     a, b = os.urandom(32), os.urandom(32)
     slot = 10000
     starts = [0, 400, 800, slot, slot + 400, slot + 800, slot + 1200]
@@ -426,6 +412,7 @@ def test_a_burst_takes_the_strided_form(monkeypatch):
 
     monkeypatch.setattr(crypto, "_strided", spy)
     monkeypatch.setattr(crypto, "STRIDED", True)
+    monkeypatch.setattr(crypto, "NATIVE", False)
     c, s = channels()
     msgs = [os.urandom(512) for _ in range(16)]
     sealed = _batch(c.seal, msgs)

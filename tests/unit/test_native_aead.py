@@ -1,0 +1,155 @@
+"""The C batch path of the datagram AEAD (``kakehashi.core._dgaead``): that it is the
+path taken where it is built (and built where CI runs), that switching it off works, and
+its edge cases. Its equivalence with the Python path on hostile batches is
+tests/fuzz/test_native_aead_fuzz.py; the batch tests of tests/unit/test_mutual_auth.py
+run on it too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kakehashi.core import crypto
+from kakehashi.core.crypto import DATAGRAM_OVERHEAD, DatagramChannel, E2EError
+from tests.support.aead_paths import use_path
+
+A, B = os.urandom(32), os.urandom(32)
+native_only = pytest.mark.skipif(crypto._dgaead is None, reason="_dgaead is not built")
+
+
+def test_the_extension_is_there_where_ci_requires_it():
+    """scripts/test.sh (CI) sets KAKEHASHI_REQUIRE_NATIVE_AEAD=1 after
+    scripts/install-deps.sh built the extension: there a missing build is a failure,
+    not a silent fall back to the Python path."""
+    if os.environ.get("KAKEHASHI_REQUIRE_NATIVE_AEAD") != "1":
+        pytest.skip("KAKEHASHI_REQUIRE_NATIVE_AEAD is not set (only CI requires the build)")
+    assert crypto._dgaead is not None, (
+        "kakehashi.core._dgaead did not import: run scripts/install-deps.sh "
+        "(gcc, libssl-dev, Python's headers; python3 setup.py build_ext --inplace)")
+
+
+class _Refuse:
+    """Stands in for the ``cryptography`` AEAD objects: any use is a failure."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the Python path ran (AESGCM.{name}) with the extension built")
+
+
+@native_only
+def test_where_the_extension_imports_batches_go_through_it(monkeypatch):
+    """With the module present and nothing switched off, a channel seals and opens its
+    batches in C: its ``cryptography`` objects are never touched."""
+    monkeypatch.delenv("KAKEHASHI_NATIVE_AEAD", raising=False)
+    out = subprocess.run(
+        [sys.executable, "-c", "from kakehashi.core import crypto; print(crypto.aead_path())"],
+        capture_output=True, text=True, check=True, env={**os.environ})
+    assert out.stdout.strip() == "native"
+    assert crypto.NATIVE  # (this process: no test left it off)
+    sender, receiver = DatagramChannel(A, B), DatagramChannel(B, A)
+    sender._send = receiver._recv = _Refuse()  # type: ignore[assignment]
+    src = bytearray(os.urandom(64 * 512))
+    sealed = memoryview(bytearray(64 * 536))
+    assert sender.seal.batch(src, range(0, 64 * 512, 512), [512] * 64, 64, sealed, 0) == \
+        [536] * 64
+    opened = memoryview(bytearray(64 * 512))
+    assert receiver.open.batch(sealed, range(0, 64 * 536, 536), [536] * 64, 64, opened,
+                               0) == [512] * 64
+    assert opened.tobytes() == bytes(src)
+
+
+def test_the_environment_switches_it_off():
+    """KAKEHASHI_NATIVE_AEAD=0 keeps the Python path (and says so)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from kakehashi.core import crypto; print(crypto.aead_path())"],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "KAKEHASHI_NATIVE_AEAD": "0"})
+    assert out.stdout.strip() == "python"
+
+
+def _opened(ch: DatagramChannel, datagrams: list[bytes], at: int = 0) -> list[bytes | None]:
+    buf = bytearray(b"".join(datagrams))
+    starts, pos = [], 0
+    for d in datagrams:
+        starts.append(pos)
+        pos += len(d)
+    out = memoryview(bytearray(at + len(buf)))
+    sizes = ch.open.batch(buf, starts, [len(d) for d in datagrams], len(datagrams), out, at)
+    got: list[bytes | None] = []
+    for k in sizes:
+        got.append(None if k < 0 else out[at:at + k].tobytes())
+        at += max(k, 0)
+    return got
+
+
+@pytest.mark.parametrize("path", ["native", "loop"])
+def test_edge_batches(path, monkeypatch):
+    """n = 0; empty payloads (exactly the overhead: accepted when authentic); a datagram
+    one byte short of the overhead, an empty one; the last sequence numbers before the
+    counter's end; a batch longer than the stack's room in C (heap layout)."""
+    use_path(monkeypatch, path)
+    sender, receiver = DatagramChannel(A, B), DatagramChannel(B, A)
+    out = memoryview(bytearray(16))
+    assert sender.seal.batch(b"", [], [], 0, out, 0) == []
+    assert receiver.open.batch(b"", [], [], 0, out, 0) == []
+    assert (receiver._top, receiver._seen, receiver.refused) == (-1, 0, 0)
+    empty = [sender.seal(b"") for _ in range(3)]
+    assert all(len(d) == DATAGRAM_OVERHEAD for d in empty)
+    assert _opened(receiver, [*empty, empty[1], empty[0][:-1], b""]) == \
+        [b"", b"", b"", None, None, None]
+    assert receiver.refused == 3
+    high = DatagramChannel(A, B)
+    high._send_seq = 2**64 - 4
+    last = [high.seal(b"%d" % i) for i in range(3)]
+    with pytest.raises(E2EError):
+        high.seal(b"no more")
+    assert _opened(receiver, last) == [b"0", b"1", b"2"]
+    assert receiver._top == 2**64 - 2
+    assert _opened(receiver, last[2:]) == [None]
+    many = [sender.seal(b"m%d" % i) for i in range(700)]
+    assert _opened(receiver, many) == [None] * 700  # (all older than the window)
+    fresh = DatagramChannel(B, A)
+    assert _opened(fresh, [*empty, *many]) == [b"", b"", b""] + [b"m%d" % i
+                                                                 for i in range(700)]
+
+
+@native_only
+def test_c_refuses_layouts_outside_its_buffers(monkeypatch):
+    """Every start and length is checked against the buffers before anything is read or
+    written: ValueError, and the window, the refusals (and the output) as they were."""
+    use_path(monkeypatch, "native")
+    sender, receiver = DatagramChannel(A, B), DatagramChannel(B, A)
+    sealed = [sender.seal(b"abc") for _ in range(3)]
+    buf = bytearray(b"".join(sealed))
+    out = memoryview(bytearray(100))
+    state = (receiver._top, receiver._seen, receiver.refused)
+    bad = [
+        ([0, 27, 54], [27, 27, 28], 3, 0),   # the last one runs past the end
+        ([0, 27, -1], [27, 27, 27], 3, 0),   # a negative start
+        ([0, 27, 82], [27, 27, 0], 3, 0),    # a start beyond the end
+        ([0, 27, 54], [27, 27, -1], 3, 0),   # a negative length
+        ([0, 27], [27, 27, 27], 3, 0),       # n beyond the starts
+        ([0, 27, 54], [27, 27, 27], 3, 101),  # an offset beyond the output
+        ([0, 27, 54], [27, 27, 27], 3, 95),  # the output too small for what may open
+        ([0, 27, 54], [27, 27, 27], -1, 0),  # a negative count
+    ]
+    for starts, lengths, n, at in bad:
+        with pytest.raises(ValueError):
+            receiver.open.batch(buf, starts, lengths, n, out, at)
+        assert (receiver._top, receiver._seen, receiver.refused) == state
+        assert out.tobytes() == bytes(100)
+    for starts, lengths, n, at in bad:
+        seq = sender._send_seq
+        with pytest.raises(ValueError):
+            sender.seal.batch(buf, starts, lengths, n, out, at + 20)
+        assert sender._send_seq >= seq  # never back: a nonce is never used twice
+        assert out.tobytes() == bytes(100)
+    with pytest.raises(TypeError):  # a read-only output
+        receiver.open.batch(buf, [0], [27], 1, bytes(10), 0)
+    with pytest.raises(TypeError):
+        receiver.open.batch(buf, ["0"], [27], 1, out, 0)
+    with pytest.raises(ValueError):
+        crypto._dgaead.Sealer(b"short key")
+    assert _opened(receiver, sealed) == [b"abc"] * 3  # and the channel still works
