@@ -146,7 +146,7 @@ def test_c_refuses_layouts_outside_its_buffers(monkeypatch):
             sender.seal.batch(buf, starts, lengths, n, out, at + 20)
         assert sender._send_seq >= seq  # never back: a nonce is never used twice
         assert out.tobytes() == bytes(100)
-    with pytest.raises(TypeError):  # a read-only output
+    with pytest.raises((TypeError, BufferError)):  # a read-only output
         receiver.open.batch(buf, [0], [27], 1, bytes(10), 0)
     with pytest.raises(TypeError):
         receiver.open.batch(buf, ["0"], [27], 1, out, 0)

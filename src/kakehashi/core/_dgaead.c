@@ -81,71 +81,102 @@ item_at(PyObject *seq, Py_ssize_t i)
     return v;
 }
 
-/* The batch's layout (starts[:n], lengths[:n]) as C arrays in `starts`/`lengths`
- * (each room for n), with every datagram inside `src_len`. 0, or -1 with ValueError. */
+/* What both calls take apart from their own arguments: the buffers, the layout of the
+ * batch as C arrays (on the stack for the usual burst, else the heap), checked, and the
+ * list of sizes to return. */
+typedef struct {
+    Py_buffer src, out;
+    int have_src, have_out;
+    Py_ssize_t n, at;
+    Py_ssize_t stack[2 * STACK_N];
+    Py_ssize_t *heap;
+    Py_ssize_t *starts, *lengths;
+    PyObject *sizes;
+} Batch;
+
+/* Fill `b` for datagrams src[starts[i]:starts[i] + lengths[i]], i < n, with outputs from
+ * out[at:]: every datagram inside src, and every output inside out -- sealing adds
+ * OVERHEAD to each datagram, opening takes it off (room for all, as if every one were
+ * accepted) -- before a byte is read or written. 0, or -1 with an exception (ValueError
+ * for a layout that does not fit); batch_end in both cases. */
 static int
-read_layout(PyObject *starts_o, PyObject *lengths_o, Py_ssize_t n, Py_ssize_t src_len,
-            Py_ssize_t *starts, Py_ssize_t *lengths)
+batch_begin(Batch *b, PyObject *src_o, PyObject *starts_o, PyObject *lengths_o,
+            Py_ssize_t n, PyObject *out_o, Py_ssize_t at, int sealing)
 {
-    Py_ssize_t ns = PySequence_Size(starts_o), nl = PySequence_Size(lengths_o);
+    Py_ssize_t ns, nl, need = 0;
+    b->have_src = b->have_out = 0;
+    b->heap = NULL;
+    b->sizes = NULL;
+    b->n = n;
+    b->at = at;
+    if (PyObject_GetBuffer(src_o, &b->src, PyBUF_SIMPLE) < 0)
+        return -1;
+    b->have_src = 1;
+    if (PyObject_GetBuffer(out_o, &b->out, PyBUF_WRITABLE) < 0)
+        return -1;
+    b->have_out = 1;
+    if (n < 0 || at < 0 || at > b->out.len) {
+        PyErr_Format(PyExc_ValueError, "bad n (%zd) or output offset (%zd)", n, at);
+        return -1;
+    }
+    ns = PySequence_Size(starts_o);
+    nl = PySequence_Size(lengths_o);
     if (ns < 0 || nl < 0)
         return -1;
     if (n > ns || n > nl) {
         PyErr_Format(PyExc_ValueError, "n=%zd but %zd starts and %zd lengths", n, ns, nl);
         return -1;
     }
+    if (n <= STACK_N) {
+        b->starts = b->stack;
+        b->lengths = b->stack + STACK_N;
+    } else {
+        b->heap = PyMem_Calloc(2 * (size_t)n, sizeof(Py_ssize_t));  /* (checks overflow) */
+        if (b->heap == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->starts = b->heap;
+        b->lengths = b->heap + n;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t s = item_at(starts_o, i), k = item_at(lengths_o, i);
         if ((s == -1 || k == -1) && PyErr_Occurred())
             return -1;
-        /* written so that nothing can overflow: s <= src_len, then k <= src_len - s */
-        if (s < 0 || k < 0 || k > MAX_LEN || s > src_len || k > src_len - s) {
+        /* written so that nothing can overflow: s <= src.len, then k <= src.len - s */
+        if (s < 0 || k < 0 || k > MAX_LEN || s > b->src.len || k > b->src.len - s) {
             PyErr_Format(PyExc_ValueError,
                          "datagram %zd (start %zd, length %zd) is outside the source "
-                         "buffer (%zd bytes)", i, s, k, src_len);
+                         "buffer (%zd bytes)", i, s, k, b->src.len);
             return -1;
         }
-        starts[i] = s;
-        lengths[i] = k;
+        b->starts[i] = s;
+        b->lengths[i] = k;
+        /* (need <= out.len and k <= MAX_LEN: no overflow) */
+        need += sealing ? k + OVERHEAD : (k >= OVERHEAD ? k - OVERHEAD : 0);
+        if (need > b->out.len - at) {
+            PyErr_Format(PyExc_ValueError, "the output buffer is too small (%zd bytes from "
+                         "%zd) for the %s batch", b->out.len - at, at,
+                         sealing ? "sealed" : "opened");
+            return -1;
+        }
     }
-    return 0;
+    b->sizes = PyList_New(n);
+    return b->sizes == NULL ? -1 : 0;
 }
 
-/* Room for n layout entries: on the stack for the usual burst, else the heap. */
-typedef struct {
-    Py_ssize_t stack[2 * STACK_N];
-    Py_ssize_t *heap;
-    Py_ssize_t *starts, *lengths;
-} Layout;
-
-static int
-layout_alloc(Layout *l, Py_ssize_t n)
-{
-    l->heap = NULL;
-    if (n <= STACK_N) {
-        l->starts = l->stack;
-        l->lengths = l->stack + STACK_N;
-        return 0;
-    }
-    if ((size_t)n > PY_SSIZE_T_MAX / (2 * sizeof(Py_ssize_t))) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    l->heap = PyMem_Malloc(2 * (size_t)n * sizeof(Py_ssize_t));
-    if (l->heap == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    l->starts = l->heap;
-    l->lengths = l->heap + n;
-    return 0;
-}
-
+/* Release what batch_begin took; the sizes list too, unless the caller took it. */
 static void
-layout_free(Layout *l)
+batch_end(Batch *b)
 {
-    PyMem_Free(l->heap);
-    l->heap = NULL;
+    PyMem_Free(b->heap);
+    b->heap = NULL;
+    Py_CLEAR(b->sizes);
+    if (b->have_src)
+        PyBuffer_Release(&b->src);
+    if (b->have_out)
+        PyBuffer_Release(&b->out);
+    b->have_src = b->have_out = 0;
 }
 
 /* A context for AES-256-GCM in one direction, keyed once (IV set per datagram). */
@@ -231,76 +262,53 @@ opener_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static PyObject *
 sealer_seal(Cipher *self, PyObject *args)
 {
+    PyObject *seq_o, *src_o, *starts_o, *lengths_o, *out_o, *sizes = NULL;
     unsigned long long seq;
-    PyObject *seq_o, *starts_o, *lengths_o, *sizes = NULL;
-    Py_ssize_t n, at, need;
-    Py_buffer src, out;
-    Layout l;
-    if (!PyArg_ParseTuple(args, "Oy*OOnw*n", &seq_o, &src, &starts_o, &lengths_o, &n, &out,
+    Py_ssize_t n, at;
+    Batch b;
+    if (!PyArg_ParseTuple(args, "OOOOnOn", &seq_o, &src_o, &starts_o, &lengths_o, &n, &out_o,
                           &at))
         return NULL;
-    if (layout_alloc(&l, n < 0 ? 0 : n) < 0)
-        goto done;
     seq = PyLong_AsUnsignedLongLong(seq_o);  /* (a negative or too large one: an error) */
     if (seq == (unsigned long long)-1 && PyErr_Occurred())
-        goto done;
-    if (n < 0 || at < 0 || at > out.len) {
-        PyErr_Format(PyExc_ValueError, "bad n (%zd) or output offset (%zd)", n, at);
-        goto done;
-    }
+        return NULL;
     if (n > 0 && (unsigned long long)(n - 1) > ULLONG_MAX - seq) {
         PyErr_SetString(PyExc_OverflowError, "sequence numbers beyond 2**64");
-        goto done;
+        return NULL;
     }
-    if (read_layout(starts_o, lengths_o, n, src.len, l.starts, l.lengths) < 0)
-        goto done;
-    need = 0;  /* every output must fit before the first is written */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        need += l.lengths[i] + OVERHEAD;
-        if (need > out.len - at) {
-            PyErr_Format(PyExc_ValueError, "the output buffer is too small (%zd bytes from "
-                         "%zd) for the sealed batch", out.len - at, at);
-            goto done;
-        }
-    }
-    sizes = PyList_New(n);
-    if (sizes == NULL)
-        goto done;
-    {
-        unsigned char *dst = (unsigned char *)out.buf + at;
-        const unsigned char *base = (const unsigned char *)src.buf;
+    if (batch_begin(&b, src_o, starts_o, lengths_o, n, out_o, at, 1) == 0) {
+        unsigned char *dst = (unsigned char *)b.out.buf + at;
+        const unsigned char *base = (const unsigned char *)b.src.buf;
         unsigned char iv[12];
-        for (Py_ssize_t i = 0; i < n; i++) {
-            int k = (int)l.lengths[i], m = 0, f = 0;
-            uint64_t s = (uint64_t)seq + (uint64_t)i;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) {
+            int k = (int)b.lengths[i], m = 0, f = 0;
             PyObject *size;
-            pack_nonce(iv, s);
+            pack_nonce(iv, (uint64_t)seq + (uint64_t)i);
             memcpy(dst, iv + 4, 8);  /* the head: seq as sent */
             /* per datagram only the IV: the key schedule stays from new_ctx */
             if (EVP_EncryptInit_ex(self->ctx, NULL, NULL, NULL, iv) != 1
                     || (k > 0 && EVP_EncryptUpdate(self->ctx, dst + 8, &m,
-                                                   base + l.starts[i], k) != 1)
+                                                   base + b.starts[i], k) != 1)
                     || EVP_EncryptFinal_ex(self->ctx, dst + 8 + m, &f) != 1
                     || m + f != k
                     || EVP_CIPHER_CTX_ctrl(self->ctx, EVP_CTRL_GCM_GET_TAG, TAG,
                                            dst + 8 + k) != 1) {
                 PyErr_SetString(PyExc_RuntimeError, "EVP AES-256-GCM sealing failed");
-                Py_CLEAR(sizes);
-                goto done;
+                break;
             }
             dst += k + OVERHEAD;
             size = PyLong_FromSsize_t(k + OVERHEAD);
-            if (size == NULL) {
-                Py_CLEAR(sizes);
-                goto done;
-            }
-            PyList_SET_ITEM(sizes, i, size);
+            if (size == NULL)
+                break;
+            PyList_SET_ITEM(b.sizes, i, size);
+        }
+        if (i == n) {  /* all sealed: the list is the caller's */
+            sizes = b.sizes;
+            b.sizes = NULL;
         }
     }
-done:
-    layout_free(&l);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&out);
+    batch_end(&b);
     return sizes;
 }
 
@@ -382,21 +390,14 @@ seen_to_py(const uint64_t seen[WORDS])
 static PyObject *
 opener_open(Cipher *self, PyObject *args)
 {
-    PyObject *top_o, *seen_o, *starts_o, *lengths_o, *sizes = NULL, *result = NULL;
-    Py_ssize_t n, at, need, refused = 0;
-    Py_buffer src, out;
-    Layout l;
+    PyObject *top_o, *seen_o, *src_o, *starts_o, *lengths_o, *out_o, *result = NULL;
+    Py_ssize_t n, at, refused = 0;
+    Batch b;
     top_t top;
     uint64_t seen[WORDS];
-    if (!PyArg_ParseTuple(args, "OOy*OOnw*n", &top_o, &seen_o, &src, &starts_o, &lengths_o,
-                          &n, &out, &at))
+    if (!PyArg_ParseTuple(args, "OOOOOnOn", &top_o, &seen_o, &src_o, &starts_o, &lengths_o,
+                          &n, &out_o, &at))
         return NULL;
-    if (layout_alloc(&l, n < 0 ? 0 : n) < 0)
-        goto done;
-    if (n < 0 || at < 0 || at > out.len) {
-        PyErr_Format(PyExc_ValueError, "bad n (%zd) or output offset (%zd)", n, at);
-        goto done;
-    }
     {   /* top: -1 (nothing accepted yet) or 0 .. 2**64 - 1 */
         long long t = PyLong_AsLongLong(top_o);
         if (t == -1 && PyErr_Occurred()) {
@@ -404,42 +405,29 @@ opener_open(Cipher *self, PyObject *args)
             PyErr_Clear();
             u = PyLong_AsUnsignedLongLong(top_o);
             if (u == (unsigned long long)-1 && PyErr_Occurred())
-                goto done;
+                return NULL;
             top = (top_t)u;
         } else if (t < -1) {
             PyErr_SetString(PyExc_ValueError, "top below -1");
-            goto done;
+            return NULL;
         } else {
             top = (top_t)t;
         }
     }
     if (seen_from_py(seen_o, seen) < 0)
-        goto done;
-    if (read_layout(starts_o, lengths_o, n, src.len, l.starts, l.lengths) < 0)
-        goto done;
-    need = 0;  /* room for every plaintext, were all accepted */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (l.lengths[i] >= OVERHEAD)
-            need += l.lengths[i] - OVERHEAD;
-        if (need > out.len - at) {
-            PyErr_Format(PyExc_ValueError, "the output buffer is too small (%zd bytes from "
-                         "%zd) for the opened batch", out.len - at, at);
-            goto done;
-        }
-    }
-    sizes = PyList_New(n);
-    if (sizes == NULL)
+        return NULL;
+    if (batch_begin(&b, src_o, starts_o, lengths_o, n, out_o, at, 0) < 0)
         goto done;
     {
-        unsigned char *dst = (unsigned char *)out.buf + at;
-        const unsigned char *base = (const unsigned char *)src.buf;
+        unsigned char *dst = (unsigned char *)b.out.buf + at;
+        const unsigned char *base = (const unsigned char *)b.src.buf;
         unsigned char iv[12], tag[TAG];
         for (Py_ssize_t i = 0; i < n; i++) {
             Py_ssize_t got = -1;
             PyObject *size;
-            if (l.lengths[i] >= OVERHEAD) {
-                const unsigned char *d = base + l.starts[i];
-                int k = (int)(l.lengths[i] - OVERHEAD), m = 0, f = 0;
+            if (b.lengths[i] >= OVERHEAD) {
+                const unsigned char *d = base + b.starts[i];
+                int k = (int)(b.lengths[i] - OVERHEAD), m = 0, f = 0;
                 uint64_t seq = read_seq(d);
                 int fresh = (top_t)seq > top;
                 unsigned __int128 age = fresh ? 0 : (unsigned __int128)(top - (top_t)seq);
@@ -472,11 +460,9 @@ opener_open(Cipher *self, PyObject *args)
             if (got < 0)
                 refused++;
             size = PyLong_FromSsize_t(got);
-            if (size == NULL) {  /* (the window's moves so far are lost with the batch) */
-                Py_CLEAR(sizes);
+            if (size == NULL)  /* (the window's moves so far are lost with the batch) */
                 goto done;
-            }
-            PyList_SET_ITEM(sizes, i, size);
+            PyList_SET_ITEM(b.sizes, i, size);
         }
     }
     result = PyTuple_New(4);
@@ -484,8 +470,8 @@ opener_open(Cipher *self, PyObject *args)
         PyObject *top_py = top < 0 ? PyLong_FromLong(-1)
                                    : PyLong_FromUnsignedLongLong((unsigned long long)top);
         PyObject *seen_py = seen_to_py(seen), *refused_py = PyLong_FromSsize_t(refused);
-        PyTuple_SET_ITEM(result, 0, sizes);  /* (each SET_ITEM takes the reference) */
-        sizes = NULL;
+        PyTuple_SET_ITEM(result, 0, b.sizes);  /* (each SET_ITEM takes the reference) */
+        b.sizes = NULL;
         PyTuple_SET_ITEM(result, 1, top_py);
         PyTuple_SET_ITEM(result, 2, seen_py);
         PyTuple_SET_ITEM(result, 3, refused_py);
@@ -493,10 +479,7 @@ opener_open(Cipher *self, PyObject *args)
             Py_CLEAR(result);
     }
 done:
-    Py_XDECREF(sizes);
-    layout_free(&l);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&out);
+    batch_end(&b);
     return result;
 }
 
