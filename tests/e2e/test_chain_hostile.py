@@ -239,8 +239,9 @@ async def _one_proxy(**extra):
     loop = asyncio.get_running_loop()
     transport, echo = await loop.create_datagram_endpoint(_Echo, local_addr=(SERVER[0], 0))
     key = crypto.parse_shared_key(crypto.new_shared_key())
+    extra.setdefault("udp_ports", tables.PortRange(1024, 65535))
     fw1 = ChainProxy(ProxyConfig(
-        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        name="fw1", host="127.0.0.1", port=0,
         keys={"alice": key}, routes=tables.parse_routes({f"{SERVER[0]}/32": "direct"}),
         acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
         **extra))
@@ -803,3 +804,110 @@ async def test_a_next_hop_that_does_not_read_during_setup_is_named(mode):
         for w in held:
             w.close()
         fw2.close()
+
+
+def _no_udp_port(host: str, port: int = 0) -> socket.socket:
+    import errno
+
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def test_socks_association_without_a_udp_port_is_refused_and_leaves_nothing(
+        monkeypatch):
+    """No UDP port for the association (descriptors exhausted, say): the client gets
+    reply 1 (general failure) and nothing stays. Before, the OSError closed the TCP
+    connection without a reply."""
+    from kakehashi.chain import socks
+    from kakehashi.chain.socks import SocksConfig, SocksServer
+    from tests.support.wait import async_wait_until
+
+    fw1, cfg, transport, _ = await _one_proxy()
+    server = SocksServer(SocksConfig("127.0.0.1", 0, cfg))
+    await server.start()
+    base = _fds()
+    monkeypatch.setattr(socks, "bind_udp", _no_udp_port)
+    r, w = await asyncio.open_connection(*server.address)
+    try:
+        w.write(b"\x05\x01\x00")
+        assert await r.readexactly(2) == b"\x05\x00"
+        w.write(b"\x05\x03\x00\x01" + bytes(6))
+        reply = await asyncio.wait_for(r.read(10), 10)
+        assert reply[:2] == b"\x05\x01", reply
+        w.close()
+        await async_wait_until(lambda: not server.associations and not server.limits.count
+                               and _fds() == base, what="nothing left of the association")
+    finally:
+        w.close()
+        await server.close()
+        await fw1.close()
+        transport.close()
+
+
+async def test_socks_chain_without_a_udp_port_leaves_no_route(monkeypatch):
+    """The first datagram to a destination builds its chain; the chain's UDP port P1
+    cannot be had. Before, the OSError escaped Association.build: the route stayed (one
+    of max_destinations for good, every later datagram to it queued and dropped), with
+    the task's exception never retrieved. Now it goes like a refusal - the route, the
+    connection to fw1, the descriptors - and the destination is held off for a while."""
+    from kakehashi.chain import forward
+    from kakehashi.chain.socks import SocksConfig, SocksServer
+    from kakehashi.core import socks5
+    from tests.support.wait import async_wait_until
+
+    loop = asyncio.get_running_loop()
+    fw1, cfg, transport, echo = await _one_proxy()
+    server = SocksServer(SocksConfig("127.0.0.1", 0, cfg))
+    await server.start()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    w = None
+    try:
+        u.bind(("127.0.0.1", 0))
+        u.setblocking(False)
+        w, bnd = await _associate(server.address)
+        (assoc,) = server.associations
+        base = _fds()
+        with monkeypatch.context() as patch:
+            patch.setattr(forward, "bind_udp", _no_udp_port)
+            u.sendto(socks5.encode_udp(*cfg.to, b"no port for this"), bnd)
+            await async_wait_until(lambda: cfg.to in assoc.refused, what="the destination "
+                                   "held off after its chain failed")
+        assert not assoc.routes
+        await async_wait_until(lambda: not fw1.sessions and _fds() == base,
+                               what="fw1's session and the descriptors gone")
+        assoc.refused.clear()  # (not to wait out the hold)
+        u.sendto(socks5.encode_udp(*cfg.to, b"now"), bnd)
+        data = await asyncio.wait_for(loop.sock_recv(u, 200), 10)
+        assert data == socks5.encode_udp(*cfg.to, b"now") and echo.count == 1
+    finally:
+        u.close()
+        if w is not None:
+            w.close()
+        await server.close()
+        await fw1.close()
+        transport.close()
+
+
+async def test_a_proxy_without_data_ports_refuses_and_keeps_nothing():
+    """fw1's udp_ports range has two ports and the test holds one: a session's second
+    port cannot be bound. The client is refused (fw1, ports), and fw1's sessions, slots
+    and descriptors are back where they were (a guard: this held before as well)."""
+    from tests.support.wait import async_wait_until
+
+    low = _free_udp_range(2)
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", low + 1))
+    fw1, cfg, transport, _ = await _one_proxy(udp_ports=tables.PortRange(low, low + 1))
+    base = _fds()
+    try:
+        for _ in range(3):
+            with pytest.raises(SetupFailed) as err:
+                await build_chain(cfg)
+            assert (err.value.hop, err.value.reason) == ("fw1", "ports"), err.value
+        await async_wait_until(
+            lambda: not fw1.sessions and not fw1.limits.setups and not fw1.limits.users
+            and not fw1.limits.addresses and fw1.limits.count == 0 and _fds() == base,
+            what="fw1's sessions, slots and descriptors back")
+    finally:
+        taken.close()
+        await fw1.close()
+        transport.close()

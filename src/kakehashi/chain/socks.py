@@ -16,7 +16,9 @@ dropped and counted, like fragments and destinations given by name (routes are b
 address). Each association holds at most ``max_destinations`` chains; after a chain to
 a destination is refused, that destination's datagrams are dropped for a second,
 doubling on each refusal up to 30 s (not a whole setup with the first proxy per
-datagram).
+datagram); a chain that fails here (no UDP port for it) is held off the same way and
+leaves nothing open. A UDP ASSOCIATE whose port cannot be bound is answered with reply
+1 (general failure).
 
 Limits: a UDP association lives as long as its control connection, so one bound covers
 both. ``max_connections`` control connections at once in total and ``max_per_client``
@@ -116,10 +118,16 @@ class Association:
         self.refused: dict[Addr, tuple[float, float]] = {}
 
     async def start(self, host: str) -> Addr:
+        """Bind the association's UDP port (BND); OSError when it cannot be had, with
+        nothing left open."""
         loop = asyncio.get_running_loop()
         sock = bind_udp(host, 0)
-        self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Side(self.from_client), sock=sock)
+        try:
+            self.transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Side(self.from_client), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         return sock.getsockname()[:2]
 
     # client -> chain
@@ -165,19 +173,41 @@ class Association:
         self.relayed += 1
 
     async def build(self, dst: Addr, route: _Route) -> None:
-        cfg = dataclasses.replace(self.cfg.chain, to=dst)
+        """Build the chain to ``dst`` and carry ``route``'s datagrams until it ends.
+
+        A chain that cannot be had - refused, or a local failure such as no UDP port
+        for P1 (descriptors exhausted) or no transport for it - leaves nothing behind:
+        the route goes (it held one of ``max_destinations``, and every later datagram
+        to ``dst`` was queued to it and dropped for the association's life), what it
+        opened is closed, and the destination is held off as after a refusal."""
         try:
-            route.chain = chain = await build_chain(cfg)
-        except (SetupFailed, ConnClosed) as exc:
+            chain = await self._connect(dst, route)
+        except (SetupFailed, ConnClosed, OSError) as exc:
+            route.watch = None  # (this task: not to be cancelled by the close)
+            route.close()
             wait = min(self.refused.pop(dst, (0.0, RETRY_FIRST / 2))[1] * 2, RETRY_MAX)
             log.info("socks: no chain to %s:%d: %s; its datagrams dropped for %gs",
                      dst[0], dst[1], exc, wait)
-            self.routes.pop(dst, None)
+            if self.routes.get(dst) is route:
+                del self.routes[dst]
             self.refused[dst] = (asyncio.get_running_loop().time() + wait, wait)
             while len(self.refused) > MAX_REFUSED:
                 del self.refused[next(iter(self.refused))]
             return
         self.refused.pop(dst, None)
+        try:  # the chain lives until its control connection closes: so does this route
+            why = await chain.wait_closed()
+            log.info("socks: chain to %s:%d ended: %s", dst[0], dst[1], why)
+        finally:
+            if self.routes.get(dst) is route:
+                del self.routes[dst]
+            route.watch = None
+            route.close()
+
+    async def _connect(self, dst: Addr, route: _Route) -> Chain:
+        """The chain to ``dst``, in ``route`` with its transport, its queue sent."""
+        cfg = dataclasses.replace(self.cfg.chain, to=dst)
+        route.chain = chain = await build_chain(cfg)
         if chain.setup.session_keys is not None:
             ch = DatagramChannel(*chain.setup.session_keys)
             route.seal, route.open = ch.seal, ch.open
@@ -205,14 +235,7 @@ class Association:
         for payload in route.queue:
             self.send(route, payload)
         route.queue.clear()
-        try:  # the chain lives until its control connection closes: so does this route
-            why = await chain.wait_closed()
-            log.info("socks: chain to %s:%d ended: %s", dst[0], dst[1], why)
-        finally:
-            if self.routes.get(dst) is route:
-                del self.routes[dst]
-            route.watch = None
-            route.close()
+        return chain
 
     def close(self) -> None:
         for route in list(self.routes.values()):
@@ -303,7 +326,12 @@ class SocksServer:
         self.associations.add(assoc)
         try:
             local = conn.sock.getsockname()[0]
-            bnd = await assoc.start(local)
+            try:
+                bnd = await assoc.start(local)
+            except OSError as exc:  # no UDP port (descriptors exhausted): say so
+                log.warning("socks: no UDP port for %s: %s", peer_ip, exc)
+                await conn.send_all(socks5.encode_reply(socks5.GENERAL_FAILURE))
+                return
             await conn.send_all(socks5.encode_reply(socks5.SUCCEEDED, *bnd))
             log.info("socks: UDP association for %s at %s:%d", peer_ip, *bnd)
             while await conn.recv(1024):  # the association lives as long as this connection
