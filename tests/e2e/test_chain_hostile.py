@@ -911,3 +911,98 @@ async def test_a_proxy_without_data_ports_refuses_and_keeps_nothing():
         taken.close()
         await fw1.close()
         transport.close()
+
+
+async def _forwarded(fw2: tuple[str, int], key: bytes, user: str, origin: str,
+                     refused: bool = False):
+    """Play fw1 forwarding ``user``'s request from ``origin`` to fw2: (the control
+    connection, fw2's refusal or None once the request went out; with ``refused``,
+    the answer to the request is read as well)."""
+    from kakehashi.chain import messages as m
+    from kakehashi.chain.hop import Admitted, NextHop, Refuse
+    from kakehashi.chain.proxy import Ctrl
+    from kakehashi.core.stream import FramedConn, open_tcp
+
+    req = m.Request(rid=1, server=m.Endpoint(*SERVER), requester=m.Endpoint(origin, 4000),
+                    user=user)
+    hop = tables.Hop("fw2", *fw2)
+    nh = NextHop("fw1", {"fw2": key}, hop,
+                 Admitted(req, user, m.Endpoint(origin, 4000), None, hop),
+                 m.Endpoint("127.0.0.1", 40000))
+    ctrl = Ctrl(FramedConn(await open_tcp(*fw2), m.LIMITS))
+    await ctrl.fc.send(wire.PREAMBLE)
+    while nh.state != "reply":
+        msg = await ctrl.read(20)
+        assert msg is not None
+        try:
+            outs = nh.receive(msg)
+        except Refuse as exc:
+            return ctrl, exc.msg
+        if nh.auth.done and ctrl.channel is None:
+            ctrl.seal(nh.auth, "fw2")
+        for out in outs:
+            await ctrl.send(out)
+    if refused:
+        answer = await ctrl.read(20)
+        assert isinstance(answer, m.Refused), answer
+        return ctrl, answer
+    return ctrl, None
+
+
+async def test_setups_forwarded_by_a_proxy_are_bounded_per_user_and_origin():
+    """At fw2 every setup fw1 forwards comes from fw1's address. Its setups in flight
+    (here: waiting for fw3, which says nothing) were bounded per connection address,
+    so max_per_client of them - from different users and clients behind fw1 - took
+    fw1's whole share and the next user was refused ('address 127.0.0.1 already has 2
+    setups in progress'). Now, once authenticated fw1's request is admitted, the setup
+    counts on the user and the origin it vouches for: five users from five origins are
+    all in flight, while one origin (or one user) is still bounded at 2."""
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+    from tests.support.wait import async_wait_until
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)
+
+    fw3 = await asyncio.start_server(silent, "127.0.0.1", 0)
+    key = crypto.parse_shared_key(crypto.new_shared_key())
+    fw2 = ChainProxy(ProxyConfig(
+        name="fw2", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"fw1": key, "fw3": crypto.parse_shared_key(crypto.new_shared_key())},
+        routes=tables.parse_routes({
+            f"{SERVER[0]}/32": f"fw3@127.0.0.1:{fw3.sockets[0].getsockname()[1]}"}),
+        acl=tables.parse_acl([{"user": "*", "from": "10.0.0.0/8", "ports": "any"}]),
+        forwarders=frozenset({"fw1"}), max_per_client=2, max_per_user=2, auth_timeout=60))
+    await fw2.start()
+    conns = []
+    try:
+        for i in range(5):  # five users behind fw1, each from its own address
+            ctrl, refused = await _forwarded(fw2.address, key, f"user{i}", f"10.1.0.{i + 1}")
+            conns.append(ctrl)
+            assert refused is None, refused
+            await async_wait_until(lambda n=i + 1: fw2.limits.count == n,
+                                   what="the setup in flight at fw2")
+        for i in range(2):  # one client behind fw1 (the same origin), several users
+            ctrl, refused = await _forwarded(fw2.address, key, f"other{i}", "10.1.0.99")
+            conns.append(ctrl)
+            assert refused is None, refused
+        ctrl, refused = await _forwarded(fw2.address, key, "other2", "10.1.0.99", True)
+        conns.append(ctrl)
+        assert refused is not None and refused.reason == "limit", refused
+        assert "10.1.0.99" in refused.text, refused
+        # one user from other origins: bounded per user
+        ctrl, refused = await _forwarded(fw2.address, key, "user0", "10.1.0.50")
+        conns.append(ctrl)
+        assert refused is None, refused
+        ctrl, refused = await _forwarded(fw2.address, key, "user0", "10.1.0.51", True)
+        conns.append(ctrl)
+        assert refused is not None and refused.reason == "limit", refused
+        assert "'user0'" in refused.text, refused
+    finally:
+        for c in conns:
+            c.close()
+        await fw2.close()
+        for w in held:
+            w.close()
+        fw3.close()

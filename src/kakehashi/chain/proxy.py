@@ -294,6 +294,8 @@ class _Session:
         self.admitted: Admitted | None = None
         self.tasks: list[asyncio.Future[None]] = []
         self.established = False  # set up: relaying datagrams
+        #: the connection address whose setup slot this session holds (None: none)
+        self.setup_slot: str | None = None
 
     def audit(self, event: str, allow: bool, **fields: object) -> None:
         self.cfg.audit.record(event, allow, proxy=self.cfg.name, peer=self.peer_ip, **fields)
@@ -313,12 +315,13 @@ class _Session:
             if why:
                 self.audit("limit", False, why=why)
                 raise self.refusal("limit", f"{cfg.name}: {why}")
+            self.setup_slot = self.peer_ip
             try:
                 async with asyncio.timeout(cfg.auth_timeout):
                     await self.up.fc.read_preamble()
                 await self.setup()
             finally:
-                self.proxy.limits.end_setup(self.peer_ip)
+                self.end_setup()
         except Refuse as exc:
             self.proxy.stats["refused"] += 1
             self.proxy.refused(exc.msg.hop, exc.msg.reason)
@@ -359,6 +362,12 @@ class _Session:
         self.admitted = adm = side.admitted
         req = adm.request
         self.rid, self.user = req.rid, req.user
+        if req.via:
+            # a forwarding proxy authenticated and vouches for the user and its origin:
+            # its setup slot (counted on its own address, where every user behind it
+            # comes from) goes, and the session slot below bounds the setup from here
+            # on per user and per origin address, as for a client that came directly
+            self.end_setup()
         # floods: the per-address bound counts the client's address, not a neighbour
         # proxy's (which carries every user behind it)
         why = self.proxy.limits.admit(req.user, adm.origin.host)
@@ -452,6 +461,12 @@ class _Session:
             await self.send_up(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=False,
                                        path=[cfg.name], max_payload=max_payload))
             self.pending_hop = hop
+
+    def end_setup(self) -> None:
+        """Give back the setup slot of the connection's address, if still held."""
+        if self.setup_slot is not None:
+            self.proxy.limits.end_setup(self.setup_slot)
+            self.setup_slot = None
 
     def to_client(self, refused: m.Refused) -> list[m.Message]:
         """A refusal as it goes up: this proxy's own is sealed end to end when the client

@@ -195,8 +195,13 @@ class SessionLimits:
 
     Setups still in progress (before and during authentication, when the user is not
     known yet) are bounded per address of the connection as well (``per_address``):
-    the connection's address is the client's, or a neighbour proxy's for its setups in
-    flight."""
+    the connection's address is the client's, or a neighbour proxy's. A neighbour
+    proxy carries every user behind it, so its slot counts only while it authenticates
+    and sends the request (one round trip): once an authenticated forwarder's request
+    is admitted, the setup counts where the session does - on the user and the origin
+    address it vouches for - and a flood from one user or origin behind it is bounded
+    as if it came directly. The forwarder itself stays bounded by the slots of its
+    authentications in progress, by ``max_connections`` and by ``total``."""
 
     def __init__(self, per_user: int, per_address: int, total: int, *,
                  what: str = "sessions", holder: str = "this proxy") -> None:
