@@ -84,7 +84,10 @@ def fast_path_option(f: Any) -> Any:
              "that encrypt or decrypt here, or whose peers are on other hosts, stay in user "
              "space); an error at start when unavailable; on: relay datagrams in user space "
              "straight from socket readiness callbacks (a batch per wakeup in a burst); "
-             "off: asyncio datagram transports. All follow the same port records.")(f)
+             "off: asyncio datagram transports. All follow the same port records. The "
+             "kernel path's nftables table goes at exit; one left by a killed process "
+             "goes when the next kernel-path process starts, or at once with "
+             "'kakehashi chain clean-kernel'.")(f)
 
 
 def _check_fast_path(mode: str) -> None:
@@ -139,8 +142,10 @@ def keygen() -> None:
 @click.option("--max-per-user", type=click.IntRange(min=0), default=16, show_default=True,
               help="Sessions one user may hold at once (0: no limit).")
 @click.option("--max-per-client", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Sessions one client address may hold at once, and setups in progress "
-                   "from one connection address (0: no limit).")
+              help="Sessions one client address may hold at once (for a forwarded "
+                   "request: the origin the forwarding proxy vouches for), and setups in "
+                   "progress from one connection address (a forwarding proxy's only until "
+                   "its request is admitted) (0: no limit).")
 @click.option("--max-connections", type=click.IntRange(min=0), default=4096, show_default=True,
               help="Control connections served at once, setups included (0: no limit); "
                    "beyond it new ones wait in the listen backlog.")
