@@ -461,3 +461,39 @@ async def test_sessions_are_elements_in_one_table_made_once():
         assert _objects(kp.table) == before and elements(os.getpid()) == 0
     finally:
         kp.remove_table()
+
+
+def test_a_proxy_restarted_with_a_killed_ones_pid_starts_with_a_clean_table(tmp_path):
+    """A proxy SIGKILLed in a PID namespace of its own (a container, a service with
+    private PIDs) is restarted with the same PID: the table named for that PID is its
+    dead predecessor's, with its offloaded sessions' rewrites. The new proxy took it
+    for its own (clean_stale spares this process's PID, 'add table' keeps what is
+    there), so the old rewrites stayed for as long as it ran. It must start from an
+    empty table. The PID is kept here by a shell that leaves a table (with one
+    element) for its own PID and then becomes the proxy (exec)."""
+    import shlex
+
+    env = Env(tmp_path)
+    path = tmp_path / "fw.toml"
+    path.write_text("\n".join([
+        "[chain.proxy]", 'name = "fw"', 'listen = "127.0.0.1:0"', 'udp_ports = "1024-65535"',
+        f'keys = {{ alice = "{crypto.new_shared_key()}" }}',
+        'routes = { "127.0.0.3/32" = "direct" }',
+        'acl = [ { user = "alice", from = "127.0.0.0/8", ports = "any" } ]',
+        'fast_path = "kernel"']) + "\n")
+    stale = f"{TABLE_PREFIX}$$"
+    script = (f"nft add table ip {stale} && "
+              f"nft add set ip {stale} left '{{ type ipv4_addr; }}' && "
+              f"nft add element ip {stale} left '{{ 10.9.9.9 }}' && "
+              f"exec {shlex.join(env.cmd('--config', str(path), 'chain', 'proxy'))}")
+    proc = env.spawn("fw", "sh", "-c", script, raw=True)
+    try:
+        proc.wait_for("kernel fast path on")
+        listing = subprocess.run(["nft", "list", "table", "ip",
+                                  f"{TABLE_PREFIX}{proc.popen.pid}"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "left" not in listing and "10.9.9.9" not in listing, listing
+    finally:
+        env.close()
+        subprocess.run(["nft", "delete", "table", "ip", f"{TABLE_PREFIX}{proc.popen.pid}"],
+                       capture_output=True, check=False)

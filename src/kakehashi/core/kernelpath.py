@@ -30,10 +30,11 @@ process per change held the loop ~10 ms), with each hop position's sets and chai
 (:func:`position_script`); a session is elements only (:func:`session_elements`), added
 and deleted by one netlink batch each (:class:`SetElements`), so its cost does not grow
 with the sessions. The table is removed at exit; one left by a process that died
-without cleaning up is removed by the next one that starts. The per-element counters
-of each session's two tuples give the kernel's share (idle timeout, metrics, the
-session's end), read over netlink by polling, in packets and payload bytes, never as
-datagrams: a
+without cleaning up is removed by the next one that starts (one named for its own PID
+as well: a process restarted in a PID namespace of its own gets the dead one's PID).
+The per-element counters of each session's two tuples give the kernel's share (idle
+timeout, metrics, the session's end), read over netlink by polling, in packets and
+payload bytes, never as datagrams: a
 segmentation-offloaded send (a user-space hop's burst, see
 :mod:`kakehashi.core.udpbatch`, or a QUIC stack's) is one packet for several datagrams,
 while its bytes are exact.
@@ -591,9 +592,17 @@ class KernelPath:
 
     def prepare(self) -> None:
         """Remove tables of dead processes, create this one (:func:`table_script`), remove
-        it at exit. Raises :class:`KernelPathError` when nftables refuses."""
+        it at exit. Raises :class:`KernelPathError` when nftables refuses.
+
+        A table already named for this PID is a dead process's: this one has made none
+        yet. A process killed in a PID namespace of its own (a container, a service
+        with private PIDs) is restarted with the same PID, and ``add table`` keeps
+        what is there: the dead one's rewrites would have stayed in this table for as
+        long as it ran. So it goes first (adding then deleting: no error when absent),
+        in the same batch as the new table."""
         clean_stale()
-        _nft(table_script(self.table))
+        _nft(f"add table ip {self.table}\ndelete table ip {self.table}\n"
+             + table_script(self.table))
         self._created = True
         atexit.register(self.remove_table)
 
