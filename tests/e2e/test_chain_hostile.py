@@ -676,33 +676,24 @@ async def test_socks_association_named_in_the_request_takes_that_endpoint_only()
         transport.close()
 
 
-async def test_socks_datagrams_to_a_refused_destination_do_not_each_build_a_chain():
-    """A SOCKS client (an unmodified application) keeps sending to a destination the
-    chain refuses (no route at fw1). Each datagram after a refusal started a whole new
-    setup with fw1 - a TCP connection, a mutual authentication, a refusal - one setup
-    per datagram, as fast as the application sends. After a refusal the association now
-    drops that destination's datagrams for a while (doubling, like ``chain forward``'s
-    retries), so a burst of them costs fw1 a setup or two."""
+@contextlib.asynccontextmanager
+async def _socks_association():
+    """fw1 with a UDP echo behind it, a SOCKS server riding it and one association
+    from a UDP socket of the test: (fw1, alice's config, the association, the socket,
+    BND, the echo)."""
     from kakehashi.chain.socks import SocksConfig, SocksServer
-    from kakehashi.core import socks5
-    from tests.support.wait import async_wait_until
 
-    fw1, cfg, transport, _ = await _one_proxy()
+    fw1, cfg, transport, echo = await _one_proxy()
     server = SocksServer(SocksConfig("127.0.0.1", 0, cfg))
     await server.start()
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     w = None
     try:
         u.bind(("127.0.0.1", 0))
+        u.setblocking(False)
         w, bnd = await _associate(server.address)
         (assoc,) = server.associations
-        nowhere = ("127.0.0.9", 53)  # fw1 has no route there
-        for i in range(20):
-            u.sendto(socks5.encode_udp(*nowhere, b"query %d" % i), bnd)
-            await async_wait_until(lambda n=i: assoc.dropped + fw1.stats["refused"] > n
-                                   and not assoc.routes,
-                                   what="the datagram refused or dropped")
-        assert fw1.stats["refused"] <= 5, fw1.stats
+        yield fw1, cfg, assoc, u, bnd, echo
     finally:
         u.close()
         if w is not None:
@@ -710,6 +701,26 @@ async def test_socks_datagrams_to_a_refused_destination_do_not_each_build_a_chai
         await server.close()
         await fw1.close()
         transport.close()
+
+
+async def test_socks_datagrams_to_a_refused_destination_do_not_each_build_a_chain():
+    """A SOCKS client (an unmodified application) keeps sending to a destination the
+    chain refuses (no route at fw1). Each datagram after a refusal started a whole new
+    setup with fw1 - a TCP connection, a mutual authentication, a refusal - one setup
+    per datagram, as fast as the application sends. After a refusal the association now
+    drops that destination's datagrams for a while (doubling, like ``chain forward``'s
+    retries), so a burst of them costs fw1 a setup or two."""
+    from kakehashi.core import socks5
+    from tests.support.wait import async_wait_until
+
+    async with _socks_association() as (fw1, _cfg, assoc, u, bnd, _):
+        nowhere = ("127.0.0.9", 53)  # fw1 has no route there
+        for i in range(20):
+            u.sendto(socks5.encode_udp(*nowhere, b"query %d" % i), bnd)
+            await async_wait_until(lambda n=i: assoc.dropped + fw1.stats["refused"] > n
+                                   and not assoc.routes,
+                                   what="the datagram refused or dropped")
+        assert fw1.stats["refused"] <= 5, fw1.stats
 
 
 async def test_a_requester_silent_during_setup_is_told_the_proxy_gave_up():
@@ -850,21 +861,11 @@ async def test_socks_chain_without_a_udp_port_leaves_no_route(monkeypatch):
     the task's exception never retrieved. Now it goes like a refusal - the route, the
     connection to fw1, the descriptors - and the destination is held off for a while."""
     from kakehashi.chain import forward
-    from kakehashi.chain.socks import SocksConfig, SocksServer
     from kakehashi.core import socks5
     from tests.support.wait import async_wait_until
 
     loop = asyncio.get_running_loop()
-    fw1, cfg, transport, echo = await _one_proxy()
-    server = SocksServer(SocksConfig("127.0.0.1", 0, cfg))
-    await server.start()
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    w = None
-    try:
-        u.bind(("127.0.0.1", 0))
-        u.setblocking(False)
-        w, bnd = await _associate(server.address)
-        (assoc,) = server.associations
+    async with _socks_association() as (fw1, cfg, assoc, u, bnd, echo):
         base = _fds()
         with monkeypatch.context() as patch:
             patch.setattr(forward, "bind_udp", _no_udp_port)
@@ -878,13 +879,6 @@ async def test_socks_chain_without_a_udp_port_leaves_no_route(monkeypatch):
         u.sendto(socks5.encode_udp(*cfg.to, b"now"), bnd)
         data = await asyncio.wait_for(loop.sock_recv(u, 200), 10)
         assert data == socks5.encode_udp(*cfg.to, b"now") and echo.count == 1
-    finally:
-        u.close()
-        if w is not None:
-            w.close()
-        await server.close()
-        await fw1.close()
-        transport.close()
 
 
 async def test_a_proxy_without_data_ports_refuses_and_keeps_nothing():
@@ -977,28 +971,24 @@ async def test_setups_forwarded_by_a_proxy_are_bounded_per_user_and_origin():
     await fw2.start()
     conns = []
     try:
-        for i in range(5):  # five users behind fw1, each from its own address
-            ctrl, refused = await _forwarded(fw2.address, key, f"user{i}", f"10.1.0.{i + 1}")
+        # five users behind fw1, each from its own address; then one client (one
+        # origin) with several users, and one user from several origins: bounded at 2
+        cases = [*((f"user{i}", f"10.1.0.{i + 1}", None) for i in range(5)),
+                 ("other0", "10.1.0.99", None), ("other1", "10.1.0.99", None),
+                 ("other2", "10.1.0.99", "address 10.1.0.99"),
+                 ("user0", "10.1.0.50", None), ("user0", "10.1.0.51", "user 'user0'")]
+        admitted = 0
+        for user, origin, bound in cases:
+            ctrl, refused = await _forwarded(fw2.address, key, user, origin, bound is not None)
             conns.append(ctrl)
-            assert refused is None, refused
-            await async_wait_until(lambda n=i + 1: fw2.limits.count == n,
-                                   what="the setup in flight at fw2")
-        for i in range(2):  # one client behind fw1 (the same origin), several users
-            ctrl, refused = await _forwarded(fw2.address, key, f"other{i}", "10.1.0.99")
-            conns.append(ctrl)
-            assert refused is None, refused
-        ctrl, refused = await _forwarded(fw2.address, key, "other2", "10.1.0.99", True)
-        conns.append(ctrl)
-        assert refused is not None and refused.reason == "limit", refused
-        assert "10.1.0.99" in refused.text, refused
-        # one user from other origins: bounded per user
-        ctrl, refused = await _forwarded(fw2.address, key, "user0", "10.1.0.50")
-        conns.append(ctrl)
-        assert refused is None, refused
-        ctrl, refused = await _forwarded(fw2.address, key, "user0", "10.1.0.51", True)
-        conns.append(ctrl)
-        assert refused is not None and refused.reason == "limit", refused
-        assert "'user0'" in refused.text, refused
+            if bound is None:
+                assert refused is None, (user, origin, refused)
+                admitted += 1
+                await async_wait_until(lambda n=admitted: fw2.limits.count == n,
+                                       what="the setup in flight at fw2")
+            else:
+                assert refused is not None and refused.reason == "limit", refused
+                assert bound in refused.text, refused
     finally:
         for c in conns:
             c.close()
