@@ -996,3 +996,48 @@ async def test_setups_forwarded_by_a_proxy_are_bounded_per_user_and_origin():
         for w in held:
             w.close()
         fw3.close()
+
+
+@pytest.mark.parametrize("mode", ["recursive", "iterative"])
+async def test_a_first_hop_that_does_not_read_fails_the_setup_in_time(monkeypatch, mode):
+    """The first hop takes the client's connection and preamble, then reads nothing
+    more (its window closed, the client's send buffer full) and sends its challenge.
+    The client's answer cannot go out: build_chain must fail within its setup timeout
+    naming fw1 (timeout). Its sends had no deadline (only its reads had), so it waited
+    for good - chain forward, chain trace and the SOCKS server with it."""
+    from kakehashi.chain import forward
+    from kakehashi.chain import messages as m
+
+    conns: list = []
+    real_open = forward.open_tcp
+
+    async def open_tcp(*args, **kw):
+        conn = await real_open(*args, **kw)
+        conns.append(conn)
+        return conn
+
+    monkeypatch.setattr(forward, "open_tcp", open_tcp)
+    held: list[asyncio.StreamWriter] = []
+
+    async def deaf(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        from tests.support.wait import async_wait_until
+
+        held.append(w)
+        await r.readexactly(len(wire.PREAMBLE))
+        (conn,) = conns
+        await async_wait_until(lambda: _stuck(conn.sock), what="the client's connection "
+                                                                "to fw1 full")
+        w.write(m.codec.encode(m.Challenge("fw1", bytes(32))))
+
+    fw1 = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    cfg = _config(fw1.sockets[0].getsockname()[1], mode)
+    cfg.setup_timeout = 2
+    try:
+        with pytest.raises(SetupFailed) as err:
+            await asyncio.wait_for(build_chain(cfg), 30)
+        assert (err.value.hop, err.value.reason) == ("fw1", "timeout"), err.value
+        assert "did not read" in err.value.text, err.value
+    finally:
+        for w in held:
+            w.close()
+        fw1.close()

@@ -120,9 +120,25 @@ async def build_chain(cfg: ForwardConfig,
 
 async def _run_setup(ctrl: Ctrl, setup: ClientSetup, cfg: ForwardConfig,
                      progress: list[tuple[m.Reply, float]] | None, t0: float) -> None:
-    """Move the setup's messages until it is done, within ``cfg.setup_timeout``."""
-    await ctrl.fc.send(wire.PREAMBLE)
+    """Move the setup's messages until it is done, within ``cfg.setup_timeout``.
+
+    Sends are within it too: a first hop that stops reading (hung, its buffers full)
+    fails the setup naming it (timeout), where the send waited for good."""
     deadline = asyncio.get_running_loop().time() + cfg.setup_timeout
+
+    async def send(data: m.Message | bytes) -> None:
+        left = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        try:
+            if isinstance(data, bytes):
+                await ctrl.write(data, left)
+            else:
+                await ctrl.send(data, left)
+        except TimeoutError:
+            raise SetupFailed(cfg.first_hop.name, "timeout", f"did not read what the client "
+                                                             f"sent within "
+                                                             f"{cfg.setup_timeout:g}s") from None
+
+    await send(wire.PREAMBLE)
     while not setup.done:
         left = deadline - asyncio.get_running_loop().time()
         try:
@@ -145,7 +161,7 @@ async def _run_setup(ctrl: Ctrl, setup: ClientSetup, cfg: ForwardConfig,
         if progress is not None:
             progress += [(r, time.perf_counter() - t0) for r in setup.replies[seen:]]
         for out in outs:
-            await ctrl.send(out)
+            await send(out)
 
 
 class ChainForward:
