@@ -310,6 +310,8 @@ def main() -> int:
         default_path = ("the kernel path (an nftables table in each)" if len(kernel) == 3 else
                         f"the user-space fast path ({len(kernel)} of 3 with a kernel table)")
         say(f"default proxies (no --fast-path): {default_path}")
+        # (the sealing ends' figures depend on it: kakehashi.core._dgaead built or not)
+        say(f"datagram sealing of this tree's processes: {crypto.aead_path()} batch path")
         rounds: dict[str, list[tuple[float, float, float]]] = {r: [] for r in chosen}
         #: per encrypted row and round: CPU per datagram at the forward and at fw3, in µs
         seal_cpu: dict[str, list[tuple[float, float]]] = {r: [] for r in sealing}

@@ -152,4 +152,10 @@ def test_c_refuses_layouts_outside_its_buffers(monkeypatch):
         receiver.open.batch(buf, ["0"], [27], 1, out, 0)
     with pytest.raises(ValueError):
         crypto._dgaead.Sealer(b"short key")
+    opener = crypto._dgaead.Opener(B)
+    for top, seen in ((-2, 0), (2**64, 0), (5, -1), (5, 1 << 1024)):  # not a window
+        with pytest.raises((ValueError, OverflowError)):
+            opener.open(top, seen, buf, [0], [27], 1, out, 0)
+    assert opener.open(5, (1 << 1024) - 1, buf, [], [], 0, out, 0) == \
+        ([], 5, (1 << 1024) - 1, 0)
     assert _opened(receiver, sealed) == [b"abc"] * 3  # and the channel still works
