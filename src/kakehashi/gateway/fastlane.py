@@ -186,50 +186,18 @@ class SendBatcher:
 class FastLane:
     """Serves one client connection's requests until one needs the coroutine path."""
 
-    # The state a lane starts in, as class attributes: a lane is made per client
-    # connection, and with one request per connection setting each of these per
-    # instance was a measurable part of the connection's cost. Only the mutable and
-    # per-connection ones are set in __init__.
-    uconn: Conn | None = None
-    usock: socket.socket | None = None
-    ufd = -1
-    state = READ_HEAD
-    exchange: Exchange | None = None
-    #: the request in flight when it took the quick common case (gateway.quick):
-    #: its raw head, user and start; an Exchange is built only if needed
-    quick: QuickRequest | None = None
-    quick_raw = b""
-    quick_user = "-"
-    quick_start = 0.0
-    #: the memory's entry of the quick request in flight
-    quick_entry = _NO_REQUEST
-    status = 0
-    client_keep = True
-    upstream_keep = True
-    size = 0
-    remaining = 0
-    spoiled = False  # the upstream sent bytes beyond its response
-    body_sent = False  # the request in flight had a body (not repeatable)
-    queued = False
-    out = b""  # bytes the client has not taken yet (reading pauses meanwhile)
-    up_out = b""  # bytes the upstream has not taken yet
-    client_eof = False
-    #: the request in flight asked to close the connection: nothing the client
-    #: sends until its response matters, so the client is not read meanwhile
-    #: (an EOF or a reset then shows on the response's send)
-    last_in_flight = False
-    c_reading = False
-    u_reading = False
-    writing = False
-    up_writing = False
-    deadline = 0.0
-    timer: asyncio.TimerHandle | None = None
-    timer_at = 0.0
-    pending: Handoff | None = None  # decided, waiting for self.out to drain
-    #: called with the handoff as soon as the lane ends (beside :attr:`fut`, whose
-    #: waiters wake a loop pass later): a driver without a task ends the connection
-    #: at once - its upstream is back in the pool before the next accept looks there
-    on_end: Callable[[Handoff], None] | None = None
+    # Slots, not an instance dict: the lane's ~40 attributes are more than a shared
+    # dict's keys hold (30 in CPython 3.11), so an instance dict was a plain one and
+    # every read of an attribute left at a class default missed it first and took
+    # the generic lookup; a slot is read at a fixed offset (LOAD_ATTR_SLOT).
+    __slots__ = (
+        "__weakref__", "batcher", "body_sent", "c_reading", "cfd", "client_eof",
+        "client_keep", "conn", "cq", "csock", "deadline", "exchange", "fut", "gc", "host",
+        "last_in_flight", "limits", "loop", "memo", "on_end", "out", "pending", "policy",
+        "pooled", "queued", "quick", "quick_entry", "quick_raw", "quick_start",
+        "quick_user", "reader", "remaining", "rreader", "size", "spoiled", "state",
+        "status", "timer", "timer_at", "u_reading", "uconn", "ufd", "up_out", "up_writing",
+        "upstream_keep", "uq", "usock", "via", "writing")
 
     def __init__(self, host: LaneHost, gc: GatewayConnection, conn: Conn) -> None:
         self.host = host
@@ -241,6 +209,46 @@ class FastLane:
         self.conn = conn
         self.csock: socket.socket = conn.sock
         self.cfd = conn.sock.fileno()
+        self.uconn: Conn | None = None
+        self.usock: socket.socket | None = None
+        self.ufd = -1
+        self.state = READ_HEAD
+        self.exchange: Exchange | None = None
+        #: the request in flight when it took the quick common case (gateway.quick):
+        #: its raw head, user and start; an Exchange is built only if needed
+        self.quick: QuickRequest | None = None
+        self.quick_raw = b""
+        self.quick_user = "-"
+        self.quick_start = 0.0
+        #: the memory's entry of the quick request in flight
+        self.quick_entry = _NO_REQUEST
+        self.status = 0
+        self.client_keep = True
+        self.upstream_keep = True
+        self.size = 0
+        self.remaining = 0
+        self.spoiled = False  # the upstream sent bytes beyond its response
+        self.body_sent = False  # the request in flight had a body (not repeatable)
+        self.queued = False
+        self.out = b""  # bytes the client has not taken yet (reading pauses meanwhile)
+        self.up_out = b""  # bytes the upstream has not taken yet
+        self.client_eof = False
+        #: the request in flight asked to close the connection: nothing the client
+        #: sends until its response matters, so the client is not read meanwhile
+        #: (an EOF or a reset then shows on the response's send)
+        self.last_in_flight = False
+        self.c_reading = False
+        self.u_reading = False
+        self.writing = False
+        self.up_writing = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.pending: Handoff | None = None  # decided, waiting for self.out to drain
+        #: called with the handoff as soon as the lane ends (beside :attr:`fut`, whose
+        #: waiters wake a loop pass later): a driver without a task ends the connection
+        #: at once - its upstream is back in the pool before the next accept looks there
+        self.on_end: Callable[[Handoff], None] | None = None
         if gc.upstream is not None:
             self._watch_upstream(gc.upstream)
         self.reader = http.HeadReader(self.limits)  # the client's requests
