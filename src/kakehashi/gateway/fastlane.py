@@ -31,7 +31,8 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from kakehashi.core.stream import SMALL_CHUNK, Conn
 from kakehashi.gateway import http
@@ -79,19 +80,53 @@ class LaneHost(Protocol):
         """The shared memory of rewritten heads."""
 
 
-class RequestEntry(NamedTuple):
-    """What :class:`HeadMemo` keeps of a request head."""
+@dataclass(slots=True)
+class RequestEntry:
+    """What :class:`HeadMemo` keeps of a request head.
+
+    The quick request's fields that the lane reads per request are copied out: a
+    slot is read at a fixed offset, where a NamedTuple's field is a generic
+    attribute lookup in CPython 3.11 (its descriptor is not specialised)."""
 
     quick: QuickRequest | None  # None: not the common case
     binds: bool  # it carries credentials for the origin (binds_request)
     where: str  # host:port, for the access log
+    out: bytes = field(init=False, compare=False, repr=False)
+    close: bool = field(init=False, compare=False, repr=False)
+    auth: bytes | None = field(init=False, compare=False, repr=False)
+    host: str = field(init=False, compare=False, repr=False)
+    port: int = field(init=False, compare=False, repr=False)
+    method: bytes = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        q = self.quick
+        if q is None:
+            self.out, self.close, self.auth, self.host, self.port, self.method = \
+                b"", False, None, "", 0, b""
+        else:
+            self.out, self.close, self.auth, self.method = q.out, q.close, q.auth, q.method
+            self.host, self.port = q.dest.host, q.dest.port
 
 
-class ResponseEntry(NamedTuple):
-    """What :class:`HeadMemo` keeps of a response head."""
+@dataclass(slots=True)
+class ResponseEntry:
+    """What :class:`HeadMemo` keeps of a response head (the quick response's fields
+    copied out, as in :class:`RequestEntry`)."""
 
     quick: QuickResponse | None
     binds: bool  # it starts a connection-based authentication (binds_response)
+    status: int = field(init=False, compare=False, repr=False)
+    length: int = field(init=False, compare=False, repr=False)
+    out: bytes = field(init=False, compare=False, repr=False)
+    upstream_keep: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        q = self.quick
+        if q is None:
+            self.status, self.length, self.out, self.upstream_keep = 0, 0, b"", False
+        else:
+            self.status, self.length, self.out, self.upstream_keep = \
+                q.status, q.length, q.out, q.upstream_keep
 
 
 _NO_REQUEST = RequestEntry(None, False, "")
@@ -493,12 +528,11 @@ class FastLane:
         q = entry.quick
         assert q is not None
         gc = self.gc
-        user = self.host.cached_user(q.auth) if self.policy.auth else "-"
-        self.last_in_flight = q.close  # (before _route, which may resume reading)
-        dest = q.dest
-        route = gc.lane_route(dest.host, dest.port, user, self.pooled)
+        user = self.host.cached_user(entry.auth) if self.policy.auth else "-"
+        self.last_in_flight = entry.close  # (before _route, which may resume reading)
+        route = gc.lane_route(entry.host, entry.port, user, self.pooled)
         if route is not DECIDED:  # (DECIDED: served on a decision made before)
-            ready = self._carry_out(route, dest, user)
+            ready = self._carry_out(route, q.dest, user)
             if ready is not True:
                 head = http.parse_request(raw, self.limits)
                 if isinstance(ready, http.HTTPError):  # refused by the allow-list (audited)
@@ -517,9 +551,9 @@ class FastLane:
         self.state = WAIT_RESPONSE
         self._arm(self.policy.read_timeout)
         if self.up_out:  # (_to_upstream, inline)
-            self.up_out += q.out
+            self.up_out += entry.out
             return
-        self.uq.append(q.out)
+        self.uq.append(entry.out)
         if not self.queued:
             self.queued = True
             self.batcher.add(self)
@@ -720,18 +754,17 @@ class FastLane:
         if not data:
             return self._upstream_gone()
         if self.state == WAIT_RESPONSE:
-            q = self.quick
-            if q is not None and not self.rreader.buffered:
+            if self.quick is not None and not self.rreader.buffered:
                 end = data.find(b"\r\n\r\n")  # the usual case: a whole head arrived
                 if end >= 0:
                     # (_quick_response, with the memory's hit inline)
                     raw = data[:end]
+                    q = self.quick_entry
                     entry = self.memo.responses.get((raw, q.method, q.close))
                     if entry is None:
                         entry = self.memo.response(raw, q.method, q.close)
-                    quick = entry.quick
-                    if quick is not None and self.gc.lane_takes_quick_response(
-                            quick.length, len(data) - end - 4):
+                    if entry.quick is not None and self.gc.lane_takes_quick_response(
+                            entry.length, len(data) - end - 4):
                         return self._send_quick(entry, data[end + 4:])
             self.rreader.feed(data)
             self._response()
@@ -792,27 +825,26 @@ class FastLane:
     def _quick_response(self, raw: bytes, arrived: int) -> ResponseEntry | None:
         """The common case for the quick request in flight (``arrived``: body bytes
         already here), unless its body is big enough for the coroutine's pump."""
-        q = self.quick
-        if q is None:
+        if self.quick is None:
             return None
+        q = self.quick_entry
         entry = self.memo.response(raw, q.method, q.close)
-        quick = entry.quick
-        if quick is None or not self.gc.lane_takes_quick_response(quick.length, arrived):
+        if entry.quick is None or not self.gc.lane_takes_quick_response(entry.length,
+                                                                          arrived):
             return None
         return entry
 
     def _send_quick(self, entry: ResponseEntry, rest: bytes) -> None:
         assert self.quick is not None and entry.quick is not None
-        quick = entry.quick
-        self.client_keep = not self.quick.close
-        self.upstream_keep = quick.upstream_keep
-        n = quick.length
+        self.client_keep = not self.quick_entry.close
+        self.upstream_keep = entry.upstream_keep
+        n = entry.length
         if len(rest) != n or entry.binds:
-            return self._send_response(quick.out, quick.status, n, rest, entry.binds)
+            return self._send_response(entry.out, entry.status, n, rest, entry.binds)
         # the usual case, _send_response inline: the whole body came with the head
-        self.status = quick.status
+        self.status = entry.status
         self.size = n
-        data = quick.out + rest if n else quick.out
+        data = entry.out + rest if n else entry.out
         if self.out:  # (_to_client, inline)
             self.out += data
         else:
