@@ -442,17 +442,16 @@ class HeadReader:
     misbehaved.
     """
 
-    __slots__ = ("_buf", "_line_done", "_scan", "limits")
+    __slots__ = ("_buf", "_line_done", "_scan", "buffered", "limits")
 
     def __init__(self, limits: HeadLimits = DEFAULT_LIMITS) -> None:
         self.limits = limits
         self._buf: bytes | bytearray = b""
+        #: bytes held (``len(self._buf)``, kept beside it: the fast lane asks once or
+        #: twice per request, and a property is a Python call each time)
+        self.buffered = 0
         self._scan = 0  # where to resume looking for CRLF CRLF
         self._line_done = False  # the first line's CRLF has been seen
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes. A whole head in one segment is never copied here."""
@@ -462,11 +461,13 @@ class HeadReader:
             if isinstance(self._buf, bytes):
                 self._buf = bytearray(self._buf)
             self._buf += data
+        self.buffered = len(self._buf)
 
     def take_rest(self) -> bytes:
         """Bytes received beyond the last head (start of a body, pipelined requests)."""
         rest = bytes(self._buf)
         self._buf = b""
+        self.buffered = 0
         self._scan = 0
         self._line_done = False
         return rest
@@ -507,6 +508,7 @@ class HeadReader:
                 k += 2
             buf = buf[k:]
             self._buf = buf
+            self.buffered = len(buf)
             self._scan = 0
         end = buf.find(b"\r\n\r\n", self._scan)
         if end < 0:
@@ -516,7 +518,8 @@ class HeadReader:
         if end + 4 > limits.max_head:
             raise HTTPError(431, "request header section too large")
         head = bytes(buf[:end])
-        self._buf = buf[end + 4 :]
+        self._buf = buf = buf[end + 4 :]
+        self.buffered = len(buf)
         self._scan = 0
         self._line_done = False
         return head
