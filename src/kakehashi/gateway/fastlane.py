@@ -230,9 +230,10 @@ class FastLane:
         "client_keep", "conn", "cq", "csock", "deadline", "exchange", "fut", "gc", "host",
         "last_in_flight", "limits", "loop", "memo", "on_end", "out", "pending", "policy",
         "pooled", "queued", "quick", "quick_entry", "quick_raw", "quick_start",
-        "quick_user", "reader", "remaining", "rreader", "size", "spoiled", "state",
-        "status", "timer", "timer_at", "u_reading", "uconn", "ufd", "up_out", "up_writing",
-        "upstream_keep", "uq", "usock", "via", "writing")
+        "quick_user", "reader", "remaining", "resp_entry", "resp_for", "resp_raw",
+        "rreader", "size", "spoiled", "state", "status", "timer", "timer_at", "u_reading",
+        "uconn", "ufd", "up_out", "up_writing", "upstream_keep", "uq", "usock", "via",
+        "writing")
 
     def __init__(self, host: LaneHost, gc: GatewayConnection, conn: Conn) -> None:
         self.host = host
@@ -255,8 +256,17 @@ class FastLane:
         self.quick_raw = b""
         self.quick_user = "-"
         self.quick_start = 0.0
-        #: the memory's entry of the quick request in flight
+        #: the memory's entry of the quick request in flight. With quick_raw, it stays
+        #: after the exchange: a kept-alive client repeats its head byte for byte, and
+        #: comparing with the connection's last one (a memcmp) spares hashing the head
+        #: for the shared memory. (Only this connection's own bytes are compared, so
+        #: it tells a client nothing about other clients' heads.)
         self.quick_entry = _NO_REQUEST
+        #: likewise the upstream's last response head, for which request entry, and
+        #: the memory's answer
+        self.resp_raw = b""
+        self.resp_for = _NO_REQUEST
+        self.resp_entry = _NO_RESPONSE
         self.status = 0
         self.client_keep = True
         self.upstream_keep = True
@@ -425,13 +435,17 @@ class FastLane:
 
     # -- timeouts: one timer, re-armed only when a deadline comes closer ----------
     def _arm(self, seconds: float) -> None:
-        deadline = self.loop.time() + seconds
-        self.deadline = deadline
+        """The deadline is ``seconds`` from now. (Inline in the per-request steps:
+        set :attr:`deadline`, and :meth:`_set_timer` only when it comes closer.)"""
+        self.deadline = deadline = self.loop.time() + seconds
         if self.timer is None or self.timer_at > deadline:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._on_timer)
-            self.timer_at = deadline
+            self._set_timer(deadline)
+
+    def _set_timer(self, deadline: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(deadline, self._on_timer)
+        self.timer_at = deadline
 
     def _on_timer(self) -> None:
         if self.loop.time() < self.deadline:
@@ -489,9 +503,12 @@ class FastLane:
                 and not (self.out or self.pending or self.fut.done()):
             # exactly one whole head, the usual keep-alive request: no reader needed
             raw = data[:-4]
-            entry = self.memo.requests.get(raw)  # (HeadMemo.request, its hit inline)
-            if entry is None:
-                entry = self.memo.request(raw)
+            if raw == self.quick_raw:  # this connection's last quick request again
+                entry = self.quick_entry
+            else:
+                entry = self.memo.requests.get(raw)  # (HeadMemo.request, its hit inline)
+                if entry is None:
+                    entry = self.memo.request(raw)
             if entry.quick is not None:
                 return self._start_quick(entry, raw)
         self.reader.feed(data)
@@ -549,7 +566,9 @@ class FastLane:
         self.exchange = None
         self.body_sent = False
         self.state = WAIT_RESPONSE
-        self._arm(self.policy.read_timeout)
+        self.deadline = deadline = self.loop.time() + self.policy.read_timeout  # (_arm)
+        if self.timer_at > deadline or self.timer is None:
+            self._set_timer(deadline)
         if self.up_out:  # (_to_upstream, inline)
             self.up_out += entry.out
             return
@@ -658,7 +677,10 @@ class FastLane:
             self.batcher.add(self)
 
     def _flush(self) -> None:
-        """The end of the loop pass: send what was queued (see :class:`SendBatcher`)."""
+        """The end of the loop pass: send what was queued (see :class:`SendBatcher`).
+        Each send is made here, not in a method of its own (a Python call per send);
+        what a socket does not take whole goes to :meth:`_upstream_unsent` or
+        :meth:`_client_unsent`."""
         self.queued = False
         if self.fut.done():
             return
@@ -666,30 +688,40 @@ class FastLane:
         if uq:
             data = uq[0] if len(uq) == 1 else b"".join(uq)
             uq.clear()
-            self._send_upstream(data)
+            assert self.usock is not None
+            try:
+                n = self.usock.send(data)
+            except OSError as exc:
+                self._upstream_unsent(data, exc)
+            else:
+                if n < len(data):
+                    self._upstream_unsent(data[n:], None)
         cq = self.cq
         if cq and not self.fut.done():
             data = cq[0] if len(cq) == 1 else b"".join(cq)
             cq.clear()
-            self._send_client(data)
+            try:
+                n = self.csock.send(data)
+            except OSError as exc:
+                self._client_unsent(data, exc)
+            else:
+                if n < len(data):
+                    self._client_unsent(data[n:], None)
         if self.pending is not None and not self.out and not self.cq:
             handoff, self.pending = self.pending, None
             self._finish(handoff)
 
-    def _send_client(self, data: bytes) -> None:
-        try:
-            n = self.csock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as exc:
+    def _client_unsent(self, rest: bytes, exc: OSError | None) -> None:
+        """The client did not take ``rest`` (``exc``: the send failed, nothing went):
+        keep it and wait until the socket is writable, or end on an error."""
+        if exc is not None and not isinstance(exc, BlockingIOError | InterruptedError):
             self.pending = None
             return self._finish(Handoff("abort", reason=f"client: {exc}"))
-        if n < len(data):
-            self.out = data[n:]
-            self._pause()
-            self.loop.add_writer(self.cfd, self._on_client_writable)
-            self.writing = True
-            self._arm(self.policy.idle_timeout)
+        self.out = rest
+        self._pause()
+        self.loop.add_writer(self.cfd, self._on_client_writable)
+        self.writing = True
+        self._arm(self.policy.idle_timeout)
 
     def _on_client_writable(self) -> None:
         try:
@@ -715,19 +747,15 @@ class FastLane:
         self._next_request()
 
     # -- the upstream's side -------------------------------------------------------
-    def _send_upstream(self, data: bytes) -> None:
-        assert self.usock is not None
-        try:
-            n = self.usock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
+    def _upstream_unsent(self, rest: bytes, exc: OSError | None) -> None:
+        """The upstream did not take ``rest`` (``exc``: the send failed, nothing went):
+        keep it and wait until the socket is writable, or treat it as gone."""
+        if exc is not None and not isinstance(exc, BlockingIOError | InterruptedError):
             return self._upstream_gone()
-        if n < len(data):
-            self.up_out = data[n:]
-            self._pause()
-            self.loop.add_writer(self.ufd, self._on_upstream_writable)
-            self.up_writing = True
+        self.up_out = rest
+        self._pause()
+        self.loop.add_writer(self.ufd, self._on_upstream_writable)
+        self.up_writing = True
 
     def _on_upstream_writable(self) -> None:
         assert self.usock is not None
@@ -760,9 +788,13 @@ class FastLane:
                     # (_quick_response, with the memory's hit inline)
                     raw = data[:end]
                     q = self.quick_entry
-                    entry = self.memo.responses.get((raw, q.method, q.close))
-                    if entry is None:
-                        entry = self.memo.response(raw, q.method, q.close)
+                    if raw == self.resp_raw and q is self.resp_for:  # as last time
+                        entry = self.resp_entry
+                    else:
+                        entry = self.memo.responses.get((raw, q.method, q.close))
+                        if entry is None:
+                            entry = self.memo.response(raw, q.method, q.close)
+                        self.resp_raw, self.resp_for, self.resp_entry = raw, q, entry
                     if entry.quick is not None and self.gc.lane_takes_quick_response(
                             entry.length, len(data) - end - 4):
                         return self._send_quick(entry, data[end + 4:])
@@ -914,7 +946,9 @@ class FastLane:
             return None
         if not keep:
             return self._finish(Handoff("close"))
-        self._arm(self.policy.idle_timeout)
+        self.deadline = deadline = self.loop.time() + self.policy.idle_timeout  # (_arm)
+        if self.timer_at > deadline or self.timer is None:
+            self._set_timer(deadline)
         if self.c_reading and (self.u_reading or self.uconn is None) \
                 and not self.reader.buffered:
             return None  # the usual case: both sockets watched, no next request yet
