@@ -86,6 +86,8 @@ def drain_heads(reader: HeadReader, chunks: list[bytes], kind: str) -> list:
             heads.append(head)
         # waiting for the rest of a head never holds more than the limit
         assert reader.buffered <= SMALL.max_head
+    # the count kept beside the buffer is the bytes held (the reader is done with)
+    assert reader.buffered == len(reader.take_rest()) and not reader.buffered
     return heads
 
 

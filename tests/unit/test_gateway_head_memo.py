@@ -26,6 +26,27 @@ def test_a_remembered_request_is_what_quick_request_answers():
     assert with_auth.binds and with_auth.quick is not None
 
 
+def test_an_entry_carries_the_fields_the_lane_reads_as_the_quick_result_has_them():
+    """The lane reads the quick request's and response's fields from the entries
+    (slots, copied at insertion): they must be those of the quick result, and the
+    empty ones of an entry for a head outside the common case."""
+    memo = HeadMemo(VIA, http.DEFAULT_LIMITS)
+    for raw in (REQ, REQ + b"\r\nProxy-Authorization: Basic eDp5\r\nConnection: close"):
+        entry, q = memo.request(raw), quick_request(raw, VIA)
+        assert q is not None
+        assert (entry.out, entry.close, entry.auth, entry.host, entry.port, entry.method) \
+            == (q.out, q.close, q.auth, q.dest.host, q.dest.port, q.method)
+    assert memo.request(b"GET / HTTP/1.1\r\nHost: a").quick is None
+    assert memo.request(b"GET / HTTP/1.1\r\nHost: a").out == b""
+    for method, close in ((b"GET", False), (b"HEAD", True)):
+        r, qr = memo.response(RESP, method, close), quick_response(RESP, VIA, method, close)
+        assert qr is not None
+        assert (r.status, r.length, r.out, r.upstream_keep) \
+            == (qr.status, qr.length, qr.out, qr.upstream_keep)
+    assert memo.response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", b"GET",
+                         False).quick is None
+
+
 def test_heads_with_credentials_are_not_kept():
     """The memory is shared by all clients: a hit must not tell one client by its
     timing that another sent a secret lately."""
