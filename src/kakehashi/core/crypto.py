@@ -38,7 +38,7 @@ try:  # the optional C extension (setup.py builds it where a compiler and OpenSS
 except ImportError:  # pragma: no cover - depends on the build
     _dgaead = None  # type: ignore[assignment]
 
-log = logging.getLogger("kakehashi")
+log = logging.getLogger("kakehashi.core.crypto")
 
 __all__ = [
     "DATAGRAM_OVERHEAD",
