@@ -87,3 +87,14 @@ def test_another_handler_gets_the_audit_records_through_logging(restored, monkey
         logging.getLogger("kakehashi").removeHandler(keep)
     assert [r.audit["user"] for r in seen] == ["alice"]  # type: ignore[attr-defined]
     assert json.loads(stream.getvalue())["user"] == "alice"  # and its line as before
+
+
+@pytest.mark.parametrize("entry", [
+    {"ts": 1.5, "user": "alice", "peer": ("127.0.0.1", 5), "n": None, "ok": True},
+    {"name": "東京\u2028\"quoted\"", "nan": float("nan"), "nested": {"a": [1, 2.0]}},
+    {"obj": object.__new__(ValueError), "path": __import__("pathlib").Path("/x")},
+])
+def test_the_cached_encoder_writes_what_json_dumps_writes(entry: dict) -> None:
+    """Audit lines keep their exact text (tests and log readers match it): the encoder
+    made once is json.dumps(default=str) byte for byte."""
+    assert logs.dumps_default_str(entry) == json.dumps(entry, default=str)

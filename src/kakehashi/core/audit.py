@@ -17,7 +17,6 @@ label, so its values stay a small fixed set.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -139,7 +138,7 @@ class AuditLog:
 
     def _write(self, entry: dict[str, Any]) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(entry, default=str) + "\n")
+            self._fh.write(logs.dumps_default_str(entry) + "\n")
         elif logs.audit_writer is not None and _direct(log):
             logs.audit_writer(entry)  # the same line, without the logging machinery
         else:
@@ -176,4 +175,4 @@ class _Line:
         self.entry = entry
 
     def __str__(self) -> str:
-        return json.dumps(self.entry, default=str)
+        return logs.dumps_default_str(self.entry)

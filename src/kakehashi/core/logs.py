@@ -10,13 +10,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+#: ``json.dumps(obj, default=str)`` without building a :class:`json.JSONEncoder` per call
+#: (``dumps`` does, for any argument it is given): the same text, about 3 us less per
+#: audit line, which a busy gateway writes once per client connection
+dumps_default_str: Callable[[object], str] = json.JSONEncoder(default=str).encode
+
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         audit = getattr(record, "audit", None)
         if audit is not None:  # an audit decision: its fields, not a JSON string in "msg"
-            return json.dumps({"level": record.levelname.lower(), "logger": record.name,
-                               **audit}, default=str)
+            return dumps_default_str({"level": record.levelname.lower(),
+                                      "logger": record.name, **audit})
         entry = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
@@ -53,18 +58,18 @@ def _audit_writer(handler: logging.StreamHandler, use_json: bool,  # type: ignor
     """
     stream = handler.stream
     lock = handler.lock
-    dumps = json.dumps
+    dumps = dumps_default_str
     if use_json:
         head = {"level": "info", "logger": "kakehashi.audit"}
 
         def line(entry: dict[str, Any]) -> str:
-            return dumps({**head, **entry}, default=str)
+            return dumps({**head, **entry})
     else:
         prefix = " INFO    kakehashi.audit: "
 
         def line(entry: dict[str, Any]) -> str:
             return time.strftime(TEXT_DATEFMT, time.localtime()) + prefix + \
-                dumps(entry, default=str)
+                dumps(entry)
 
     def write(entry: dict[str, Any]) -> None:
         text = line(entry) + "\n"
