@@ -751,33 +751,27 @@ async def test_a_requester_silent_during_setup_is_told_the_proxy_gave_up():
         transport.close()
 
 
-def _stuck(sock: socket.socket) -> bool:
-    """Fill the send buffer of ``sock`` (a connection whose peer reads nothing): True
-    once it takes nothing more for good - the peer's window closed, nothing in flight
-    (what was in flight would free room when acknowledged)."""
-    import fcntl
-    import termios
+def _stall_writes(conn) -> None:
+    """From now on every write to ``conn`` waits for room that never comes: its peer
+    reads nothing more and the buffers between are full. (Filling real buffers is not
+    stable: the receiving kernel may collapse its queue and open the window again.)"""
+    async def never(data) -> None:
+        await asyncio.Event().wait()
 
-    siocoutqnsd = 0x894B  # Linux: bytes not yet sent
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            sock.send(bytes(65536))
-    queued = struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
-    unsent = struct.unpack("i", fcntl.ioctl(sock, siocoutqnsd, b"\0" * 4))[0]
-    return unsent > 0 and queued == unsent
+    conn.send_all = never
 
 
 @pytest.mark.parametrize("mode", ["recursive", "iterative"])
 async def test_a_next_hop_that_does_not_read_during_setup_is_named(mode):
     """fw2 takes fw1's connection and the preamble, then reads nothing more (hung, or
-    overloaded: its buffers are full) and sends its challenge. fw1's answer cannot go
-    out; after auth_timeout fw1 must refuse naming fw2 (next-hop), as when fw2 does not
-    answer. Before, the send's TimeoutError left the session as an OSError: the
-    client's connection was closed with no refusal ('fw1: protocol: closed the control
-    connection during setup'), and the log would have blamed the requester."""
+    overloaded: its buffers are full; fw1's writes to it wait) and sends its
+    challenge. fw1's answer cannot go out; after auth_timeout fw1 must refuse naming
+    fw2 (next-hop), as when fw2 does not answer. Before, the send's TimeoutError left
+    the session as an OSError: the client's connection was closed with no refusal
+    ('fw1: protocol: closed the control connection during setup'), and the log would
+    have blamed the requester."""
     from kakehashi.chain import messages as m
     from kakehashi.chain.proxy import ChainProxy, ProxyConfig
-    from tests.support.wait import async_wait_until
 
     fw1: ChainProxy | None = None
     held: list[asyncio.StreamWriter] = []
@@ -787,9 +781,9 @@ async def test_a_next_hop_that_does_not_read_during_setup_is_named(mode):
         await r.readexactly(len(wire.PREAMBLE))
         assert fw1 is not None
         (session,) = [s for s in fw1.sessions if s.down is not None]
-        sock = session.down.fc.conn.sock  # fw1's end: fill what fw2 no longer reads
-        await async_wait_until(lambda: _stuck(sock), what="fw1's connection to fw2 full")
+        _stall_writes(session.down.fc.conn)  # fw1's end: fw2 no longer reads
         w.write(m.codec.encode(m.Challenge("fw2", bytes(32))))
+
     fw2 = await asyncio.start_server(deaf, "127.0.0.1", 0)
     k = {p: crypto.parse_shared_key(crypto.new_shared_key())
          for p in ("alice-fw1", "alice-fw2", "fw1-fw2")}
@@ -799,7 +793,7 @@ async def test_a_next_hop_that_does_not_read_during_setup_is_named(mode):
         routes=tables.parse_routes({
             f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.sockets[0].getsockname()[1]}"}),
         acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
-        auth_timeout=1))
+        auth_timeout=3))
     await fw1.start()
     cfg = ForwardConfig(user="alice", keys={"fw1": k["alice-fw1"], "fw2": k["alice-fw2"]},
                         first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
@@ -1001,7 +995,7 @@ async def test_setups_forwarded_by_a_proxy_are_bounded_per_user_and_origin():
 @pytest.mark.parametrize("mode", ["recursive", "iterative"])
 async def test_a_first_hop_that_does_not_read_fails_the_setup_in_time(monkeypatch, mode):
     """The first hop takes the client's connection and preamble, then reads nothing
-    more (its window closed, the client's send buffer full) and sends its challenge.
+    more (the client's writes to it wait) and sends its challenge.
     The client's answer cannot go out: build_chain must fail within its setup timeout
     naming fw1 (timeout). Its sends had no deadline (only its reads had), so it waited
     for good - chain forward, chain trace and the SOCKS server with it."""
@@ -1020,18 +1014,15 @@ async def test_a_first_hop_that_does_not_read_fails_the_setup_in_time(monkeypatc
     held: list[asyncio.StreamWriter] = []
 
     async def deaf(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        from tests.support.wait import async_wait_until
-
         held.append(w)
         await r.readexactly(len(wire.PREAMBLE))
         (conn,) = conns
-        await async_wait_until(lambda: _stuck(conn.sock), what="the client's connection "
-                                                                "to fw1 full")
+        _stall_writes(conn)  # the client's end: fw1 no longer reads
         w.write(m.codec.encode(m.Challenge("fw1", bytes(32))))
 
     fw1 = await asyncio.start_server(deaf, "127.0.0.1", 0)
     cfg = _config(fw1.sockets[0].getsockname()[1], mode)
-    cfg.setup_timeout = 2
+    cfg.setup_timeout = 5
     try:
         with pytest.raises(SetupFailed) as err:
             await asyncio.wait_for(build_chain(cfg), 30)
