@@ -159,3 +159,41 @@ def test_c_refuses_layouts_outside_its_buffers(monkeypatch):
     assert opener.open(5, (1 << 1024) - 1, buf, [], [], 0, out, 0) == \
         ([], 5, (1 << 1024) - 1, 0)
     assert _opened(receiver, sealed) == [b"abc"] * 3  # and the channel still works
+
+
+_SHRINKING = '''
+import os
+from kakehashi.core import _dgaead
+
+lengths = []
+
+class Starts(list):
+    """A caller's own sequence whose __getitem__ empties the lengths list (a plain
+    list, read in C without a bounds check before the fix)."""
+    def __getitem__(self, i):
+        lengths.clear()
+        return super().__getitem__(i)
+
+for make, call in (
+        (_dgaead.Sealer, lambda c, s: c.seal(0, bytes(64), s, lengths, 4, bytearray(200), 0)),
+        (_dgaead.Opener, lambda c, s: c.open(-1, 0, bytes(200), s, lengths, 4,
+                                             bytearray(200), 0))):
+    lengths[:] = [30] * 4
+    try:
+        call(make(os.urandom(32)), Starts([0, 30, 60, 90]))
+    except ValueError as exc:
+        print("ValueError", exc)
+'''
+
+
+@native_only
+def test_c_rereads_a_lists_size_when_the_other_sequence_runs_python_code():
+    """starts or lengths may be any sequence: one whose __getitem__ runs Python code can
+    shrink the other, a plain list, in the middle of the call. C read that list's item
+    i without checking it was still there (a read past its end or through a NULL item
+    array: a segmentation fault); now it is a ValueError. In a child process, so that
+    the crash fails this test instead of ending the run."""
+    out = subprocess.run([sys.executable, "-c", _SHRINKING], capture_output=True, text=True,
+                         env={**os.environ}, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.count("ValueError") == 2, out.stdout

@@ -63,14 +63,21 @@ read_seq(const unsigned char *p)
 
 /* Item i of a list, a tuple, or any sequence (a range: what udpbatch passes for fixed
  * slots) as a Py_ssize_t; -1 with an exception set on failure (the caller checks
- * PyErr_Occurred, -1 being a value too). */
+ * PyErr_Occurred, -1 being a value too). A list's size is checked on every read, not
+ * only once before the loop: the other argument may be a sequence of the caller's
+ * whose __getitem__ runs Python code, and that code may shrink this list. */
 static Py_ssize_t
 item_at(PyObject *seq, Py_ssize_t i)
 {
     PyObject *o;
     Py_ssize_t v;
-    if (PyList_CheckExact(seq))
+    if (PyList_CheckExact(seq)) {
+        if (i >= PyList_GET_SIZE(seq)) {
+            PyErr_SetString(PyExc_ValueError, "starts or lengths changed during the call");
+            return -1;
+        }
         return PyLong_AsSsize_t(PyList_GET_ITEM(seq, i));
+    }
     if (PyTuple_CheckExact(seq))
         return PyLong_AsSsize_t(PyTuple_GET_ITEM(seq, i));
     o = PySequence_GetItem(seq, i);
