@@ -1032,3 +1032,49 @@ async def test_a_first_hop_that_does_not_read_fails_the_setup_in_time(monkeypatc
         for w in held:
             w.close()
         fw1.close()
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_requester_that_leaves_while_the_next_hops_are_asked_ends_the_setup(how):
+    """Recursive mode: the client authenticates with fw1, sends its request (saying
+    nothing of how long it waits) and leaves while fw1 asks fw2, which says nothing.
+    fw1 read nothing from the client meanwhile, so the session - its ports, its slots,
+    its connection to fw2 - stayed until fw2 answered or fw1's wait for it ran out
+    (auth_timeout, 300 s here). Now it ends when the client leaves."""
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+    from tests.support.wait import async_wait_until
+
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append((r, w))
+
+    fw2 = await asyncio.start_server(silent, "127.0.0.1", 0)
+    k = {p: crypto.parse_shared_key(crypto.new_shared_key()) for p in ("alice", "fw2")}
+    fw1 = ChainProxy(ProxyConfig(
+        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"fw2": k["fw2"], "alice": k["alice"]},
+        routes=tables.parse_routes({
+            f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.sockets[0].getsockname()[1]}"}),
+        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
+        auth_timeout=300))
+    await fw1.start()
+    cfg = ForwardConfig(user="alice", keys={"fw1": k["alice"]},
+                        first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
+                        udp_listen=("127.0.0.1", 0))
+    base = _fds()
+    try:
+        assert await _setup_cut_after(cfg, 2, how) == 2  # the answer and the request
+        await async_wait_until(lambda: held, what="fw1 asking fw2")
+        await async_wait_until(
+            lambda: not fw1.sessions and not fw1.limits.setups and fw1.limits.count == 0,
+            what="fw1's session and slots gone")
+        r, w = held[0]
+        assert await asyncio.wait_for(r.read(), 10) == wire.PREAMBLE  # then fw1 closed
+        w.close()
+        await async_wait_until(lambda: _fds() == base, what="the descriptors back")
+    finally:
+        await fw1.close()
+        for _, w in held:
+            w.close()
+        fw2.close()

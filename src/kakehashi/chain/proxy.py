@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -296,6 +297,8 @@ class _Session:
         self.established = False  # set up: relaying datagrams
         #: the connection address whose setup slot this session holds (None: none)
         self.setup_slot: str | None = None
+        #: the requester closed its connection while this proxy asked the hops after it
+        self.requester_gone = False
 
     def audit(self, event: str, allow: bool, **fields: object) -> None:
         self.cfg.audit.record(event, allow, proxy=self.cfg.name, peer=self.peer_ip, **fields)
@@ -426,32 +429,8 @@ class _Session:
                                        max_payload=max_payload))
         elif req.mode == "recursive":  # 605-611
             self.deadline = _deadline(req.wait_ms)
-            down = await self.connect_next(hop)
-            nh = NextHop(cfg.name, cfg.keys, hop, adm,
-                         m.Endpoint(down.fc.conn.sock.getsockname()[0], self.far_port))
-            while nh.reply is None:
-                timeout = self.left(cfg.auth_timeout)
-                try:
-                    msg = await down.read(timeout)
-                except wire.WireError as exc:
-                    reason = "integrity" if exc.code == "integrity" else "next-hop"
-                    raise self.refusal(reason, f"{cfg.name}: {hop} failed during setup: "
-                                               f"{exc}") from None
-                except TimeoutError:
-                    raise self.refusal("next-hop", f"{cfg.name}: {hop} did not answer within "
-                                                   f"{timeout:.3g}s during setup") from None
-                except (ConnClosed, OSError) as exc:
-                    raise self.refusal("next-hop", f"{hop} failed during setup: "
-                                                   f"{exc or type(exc).__name__}") from None
-                if msg is None:
-                    raise self.refusal("next-hop", f"{hop} closed during setup")
-                nh.wait_ms = self.left_ms()  # the Request says how long this proxy waits
-                outs = nh.receive(msg)
-                if nh.auth.done and down.channel is None:  # the Request on is sealed
-                    down.seal(nh.auth, hop.name)
-                for out in outs:
-                    with self.sending_down(hop, self.left(cfg.auth_timeout)) as within:
-                        await down.send(out, within)
+            with self.watching_requester():
+                nh = await self.ask_next(hop, adm)
             record.far = nh.reply.near.addr  # 608: area 3142 = the next proxy's P4
             self.forwarder.near_to_far = None
             await self.send_up(nh.answer_up(near_ep))
@@ -461,6 +440,75 @@ class _Session:
             await self.send_up(m.Reply(req.rid, cfg.name, near_ep, far_ep, complete=False,
                                        path=[cfg.name], max_payload=max_payload))
             self.pending_hop = hop
+
+    async def ask_next(self, hop: Hop, adm: Admitted) -> NextHop:
+        """605-609: authenticate with the next hop and have its Reply (recursive)."""
+        cfg = self.cfg
+        down = await self.connect_next(hop)
+        if self.requester_gone:  # (while connecting): ends the read below at once
+            down.close()
+        nh = NextHop(cfg.name, cfg.keys, hop, adm,
+                     m.Endpoint(down.fc.conn.sock.getsockname()[0], self.far_port))
+        while nh.reply is None:
+            timeout = self.left(cfg.auth_timeout)
+            try:
+                msg = await down.read(timeout)
+            except wire.WireError as exc:
+                reason = "integrity" if exc.code == "integrity" else "next-hop"
+                raise self.refusal(reason, f"{cfg.name}: {hop} failed during setup: "
+                                           f"{exc}") from None
+            except TimeoutError:
+                raise self.refusal("next-hop", f"{cfg.name}: {hop} did not answer within "
+                                               f"{timeout:.3g}s during setup") from None
+            except (ConnClosed, OSError) as exc:
+                raise self.refusal("next-hop", f"{hop} failed during setup: "
+                                               f"{exc or type(exc).__name__}") from None
+            if msg is None:
+                raise self.refusal("next-hop", f"{hop} closed during setup")
+            nh.wait_ms = self.left_ms()  # the Request says how long this proxy waits
+            outs = nh.receive(msg)
+            if nh.auth.done and down.channel is None:  # the Request on is sealed
+                down.seal(nh.auth, hop.name)
+            for out in outs:
+                with self.sending_down(hop, self.left(cfg.auth_timeout)) as within:
+                    await down.send(out, within)
+        return nh
+
+    @contextlib.contextmanager
+    def watching_requester(self) -> Iterator[None]:
+        """While this proxy asks the hops after it (recursive mode), its requester has
+        nothing to say: it waits for the Reply, and nobody reads its connection. If it
+        closes (or resets) it meanwhile, the setup ends at once: the connection to the
+        next hop is cut, which ends the wait for it, and ConnClosed ends the session.
+        Before, the session went on for a requester that was gone until the next hop
+        answered or the wait ran out (up to auth_timeout per message: the requester
+        chooses wait_ms), holding its ports and slots and building the rest of the
+        chain for nobody. Bytes from it instead are left for the reads after."""
+        conn = self.up.fc.conn
+
+        def readable() -> None:
+            try:
+                if conn.sock.recv(1, socket.MSG_PEEK):
+                    conn.unwatch_readable()  # data: read (and judged) after the setup
+                    return
+            except (BlockingIOError, InterruptedError):
+                return  # a stale readiness
+            except OSError:
+                pass  # a reset
+            conn.unwatch_readable()
+            self.requester_gone = True
+            if self.down is not None:
+                self.down.close()
+
+        conn.watch_readable(readable)
+        try:
+            yield
+        except (Refuse, ConnClosed, OSError, wire.WireError):
+            if self.requester_gone:
+                raise ConnClosed("the requester left during setup") from None
+            raise
+        finally:
+            conn.unwatch_readable()
 
     def end_setup(self) -> None:
         """Give back the setup slot of the connection's address, if still held."""
