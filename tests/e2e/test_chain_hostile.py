@@ -751,6 +751,28 @@ async def test_a_requester_silent_during_setup_is_told_the_proxy_gave_up():
         transport.close()
 
 
+async def _fw1_towards(fw2: asyncio.Server, mode: str = "recursive", **extra):
+    """fw1 in this process, its route to SERVER through ``fw2`` (a server the test
+    plays the next hop with), and alice's config for it: (fw1, config)."""
+    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+
+    k = {p: crypto.parse_shared_key(crypto.new_shared_key())
+         for p in ("alice-fw1", "alice-fw2", "fw1-fw2")}
+    fw1 = ChainProxy(ProxyConfig(
+        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
+        keys={"fw2": k["fw1-fw2"], "alice": k["alice-fw1"]},
+        routes=tables.parse_routes({
+            f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.sockets[0].getsockname()[1]}"}),
+        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
+        **extra))
+    await fw1.start()
+    cfg = ForwardConfig(user="alice", keys={"fw1": k["alice-fw1"], "fw2": k["alice-fw2"]},
+                        first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
+                        udp_listen=("127.0.0.1", 0), mode=mode,  # type: ignore[arg-type]
+                        setup_timeout=20)
+    return fw1, cfg
+
+
 def _stall_writes(conn) -> None:
     """From now on every write to ``conn`` waits for room that never comes: its peer
     reads nothing more and the buffers between are full. (Filling real buffers is not
@@ -771,7 +793,7 @@ async def test_a_next_hop_that_does_not_read_during_setup_is_named(mode):
     ('fw1: protocol: closed the control connection during setup'), and the log would
     have blamed the requester."""
     from kakehashi.chain import messages as m
-    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
+    from kakehashi.chain.proxy import ChainProxy
 
     fw1: ChainProxy | None = None
     held: list[asyncio.StreamWriter] = []
@@ -785,20 +807,7 @@ async def test_a_next_hop_that_does_not_read_during_setup_is_named(mode):
         w.write(m.codec.encode(m.Challenge("fw2", bytes(32))))
 
     fw2 = await asyncio.start_server(deaf, "127.0.0.1", 0)
-    k = {p: crypto.parse_shared_key(crypto.new_shared_key())
-         for p in ("alice-fw1", "alice-fw2", "fw1-fw2")}
-    fw1 = ChainProxy(ProxyConfig(
-        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
-        keys={"fw2": k["fw1-fw2"], "alice": k["alice-fw1"]},
-        routes=tables.parse_routes({
-            f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.sockets[0].getsockname()[1]}"}),
-        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
-        auth_timeout=3))
-    await fw1.start()
-    cfg = ForwardConfig(user="alice", keys={"fw1": k["alice-fw1"], "fw2": k["alice-fw2"]},
-                        first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
-                        udp_listen=("127.0.0.1", 0), mode=mode,  # type: ignore[arg-type]
-                        setup_timeout=20)
+    fw1, cfg = await _fw1_towards(fw2, mode, auth_timeout=3)
     try:
         with pytest.raises(SetupFailed) as err:
             await build_chain(cfg)
@@ -1041,7 +1050,6 @@ async def test_a_requester_that_leaves_while_the_next_hops_are_asked_ends_the_se
     fw1 read nothing from the client meanwhile, so the session - its ports, its slots,
     its connection to fw2 - stayed until fw2 answered or fw1's wait for it ran out
     (auth_timeout, 300 s here). Now it ends when the client leaves."""
-    from kakehashi.chain.proxy import ChainProxy, ProxyConfig
     from tests.support.wait import async_wait_until
 
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -1050,18 +1058,7 @@ async def test_a_requester_that_leaves_while_the_next_hops_are_asked_ends_the_se
         held.append((r, w))
 
     fw2 = await asyncio.start_server(silent, "127.0.0.1", 0)
-    k = {p: crypto.parse_shared_key(crypto.new_shared_key()) for p in ("alice", "fw2")}
-    fw1 = ChainProxy(ProxyConfig(
-        name="fw1", host="127.0.0.1", port=0, udp_ports=tables.PortRange(1024, 65535),
-        keys={"fw2": k["fw2"], "alice": k["alice"]},
-        routes=tables.parse_routes({
-            f"{SERVER[0]}/32": f"fw2@127.0.0.1:{fw2.sockets[0].getsockname()[1]}"}),
-        acl=tables.parse_acl([{"user": "alice", "from": "127.0.0.0/8", "ports": "any"}]),
-        auth_timeout=300))
-    await fw1.start()
-    cfg = ForwardConfig(user="alice", keys={"fw1": k["alice"]},
-                        first_hop=tables.Hop("fw1", "127.0.0.1", fw1.address[1]), to=SERVER,
-                        udp_listen=("127.0.0.1", 0))
+    fw1, cfg = await _fw1_towards(fw2, auth_timeout=300)
     base = _fds()
     try:
         assert await _setup_cut_after(cfg, 2, how) == 2  # the answer and the request
