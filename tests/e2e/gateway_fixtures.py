@@ -289,6 +289,8 @@ class Origin:
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
             self._stopped.wait()  # the rest never comes
             return False
+        elif path.startswith("/sized/"):  # a body of the size asked for
+            self._send(sock, 200, b"s" * int(path[7:]), close=close)
         elif path == "/early-hints":  # an interim response before the final one
             sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
             self._send(sock, 200, b"hinted\n", close=close)

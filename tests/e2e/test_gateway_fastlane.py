@@ -552,3 +552,39 @@ def test_interim_responses_go_to_http_1_1_clients_only(lane):
     expect = raw_exchange(lane.port, f"POST {o.url}/upload HTTP/1.0\r\nContent-Length: 2\r\n"
                           f"Expect: 100-continue\r\n\r\nhi".encode())
     assert expect.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in expect
+
+
+def test_a_pipelining_client_that_never_reads_is_cut(env):
+    """Every send to a client has a deadline: a client that pipelines more than the
+    socket buffers hold and then reads nothing is let go after the idle timeout (the
+    lane parks what the socket does not take and arms its timer; the coroutine path
+    sent response heads and small bodies with no deadline and waited for good,
+    holding the connection, its task and its upstream), and others are served."""
+    with origin() as o:
+        proc, port = env.gateway("127.0.0.1", extra=["--idle-timeout", "2"],
+                                 env={"KAKEHASHI_LOG": "debug"})
+        slow = Client(port)
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        slow.send(get(o, "/hello"))
+        slow.response()
+        # (a receive buffer of a fixed, ample size: a tiny one makes the kernel collapse
+        # its queue and take a few more bytes now and then, which is progress that
+        # moves the lane's deadline on, and the test takes minutes)
+        n, size = 1500, 8000  # 12 MB of responses: more than the buffers hold
+        slow.send(b"".join(get(o, f"/sized/{size}") for _ in range(n)))
+        me = f"client ('127.0.0.1', {slow.sock.getsockname()[1]}):"
+        wait_until(lambda: me in proc.output(), 60,
+                   what="the gateway letting go of a client that never reads")
+        fast = Client(port)
+        fast.send(get(o, "/fixed/fast"))
+        assert fast.response()[2] == b"hello from origin /fixed/fast\n"
+        fast.close()
+        slow.sock.settimeout(10)
+        got = 0
+        try:
+            while data := slow.sock.recv(1 << 20):
+                got += len(data)
+        except ConnectionResetError:
+            pass
+        assert got < n * size  # what the buffers held, then the end
+        slow.close()

@@ -444,7 +444,7 @@ class GatewayServer:
         if expect is not None and expect.lower() == b"100-continue":
             out_head.headers.remove(b"expect")  # checks passed: the gateway answers itself
             if head.version == b"HTTP/1.1":  # never a 1xx to an HTTP/1.0 client
-                await conn.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await self._to_client(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
         current = gc.upstream
         step = gc.choose_upstream(address, target.port, idle=current is not None
                                   and current.key == (address, target.port)
@@ -513,7 +513,8 @@ class GatewayServer:
             # interim responses are forwarded (except 101; none to an HTTP/1.0 client,
             # RFC 9110 15.2) and the real one awaited
             if head.version == b"HTTP/1.1":
-                await conn.send_all(http.response_for_client(resp, self.via).serialize())
+                await self._to_client(conn,
+                                      http.response_for_client(resp, self.via).serialize())
             resp = await self._read_head(up, reader, "response", self.settings.read_timeout)
         if resp is None:
             raise http.HTTPError(502, "upstream closed without a response")
@@ -537,10 +538,11 @@ class GatewayServer:
         if decoder is None and resp_framing[0] == "length" \
                 and resp_framing[1] <= up.pushback_size:
             # the whole (small) body arrived with the head: one send, not two
-            await conn.send_all(client_head.serialize() + up.take_pushback(resp_framing[1]))
+            await self._to_client(conn, client_head.serialize()
+                                  + up.take_pushback(resp_framing[1]))
             return self._done(conn, gc, ex, resp, relayed.upstream_keep, resp_framing[1],
                               client_keep)
-        await conn.send_all(client_head.serialize())
+        await self._to_client(conn, client_head.serialize())
         try:
             size = await body.send(up, conn, resp_framing, timeout=self.settings.read_timeout,
                                    transform=decoder, chunk_out=client_framing[0] == "chunked",
@@ -583,11 +585,25 @@ class GatewayServer:
         return await self.local.handle(conn, head, target)
 
     # -- replies and logs ----------------------------------------------------------
+    async def _to_client(self, conn: Conn, data: bytes) -> None:
+        """Send ``data`` to the client, which must take it within the idle timeout.
+        A client that pipelines requests and never reads fills the socket buffers;
+        without a deadline the send waited for good, holding the connection, this
+        coroutine and the upstream. (The fast lane cuts such a client after the same
+        timeout - "client stopped reading" - and body.send bounds the body's sends.)
+        ConnClosed then ends the connection, as the lane's own cut does."""
+        try:
+            async with asyncio.timeout(self.settings.idle_timeout):
+                await conn.send_all(data)
+        except TimeoutError:
+            raise ConnClosed("client stopped reading") from None
+
     async def _reply_error(self, conn: Conn, status: int, reason: str, *,
                            head: http.RequestHead | None = None) -> None:
         extra = [(b"Proxy-Authenticate", b'Basic realm="kakehashi"')] if status == 407 else []
         with contextlib.suppress(OSError, ConnClosed, ssl.SSLError):
-            await conn.send_all(http.error_response(status, reason, extra_headers=extra))
+            await self._to_client(conn, http.error_response(status, reason,
+                                                            extra_headers=extra))
         if head is not None:
             self.log_request(conn, head, status, 0, time.monotonic(), "-", "-")
 
