@@ -289,6 +289,9 @@ class Origin:
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
             self._stopped.wait()  # the rest never comes
             return False
+        elif path == "/closing":  # an origin that ends every connection after one answer
+            self._send(sock, 200, b"closing\n", close=True)
+            return False
         elif path.startswith("/sized/"):  # a body of the size asked for
             self._send(sock, 200, b"s" * int(path[7:]), close=close)
         elif path == "/early-hints":  # an interim response before the final one

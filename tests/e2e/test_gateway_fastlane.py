@@ -554,6 +554,22 @@ def test_interim_responses_go_to_http_1_1_clients_only(lane):
     assert expect.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in expect
 
 
+def test_a_repeated_head_on_a_new_upstream_each_time_is_answered_each_time(lane):
+    """The lane reuses its last request entry and its last response entry when the
+    heads repeat byte for byte. Here the origin closes its side after every answer
+    (its response head, byte for byte the same each time, says so): each repeated
+    request needs an upstream of its own, and gets its own answer."""
+    o, c = lane.o, lane.client()
+    for _ in range(4):
+        c.send(get(o, "/closing"))
+        status, headers, body = c.response()
+        assert (status, body) == (200, b"closing\n")
+        assert headers.get("connection") != "close"  # the client's connection stays
+    c.send(get(o, "/closing") * 3)  # and pipelined
+    assert [c.response()[2] for _ in range(3)] == [b"closing\n"] * 3
+    assert o.connections == 7
+
+
 def test_a_pipelining_client_that_never_reads_is_cut(env):
     """Every send to a client has a deadline: a client that pipelines more than the
     socket buffers hold and then reads nothing is let go after the idle timeout (the
