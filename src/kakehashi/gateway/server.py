@@ -416,7 +416,7 @@ class GatewayServer:
         self.metrics.sessions.inc()  # a tunnel is the gateway's session
         self.metrics.sessions_active.inc()
         try:
-            await conn.send_all(reply)
+            await self._to_client(conn, reply)  # (after pipelined answers: a deadline)
             self.metrics.setup_done(start)
             if conn.has_pushback:  # bytes the client sent right behind its request
                 data = await conn.recv()
