@@ -53,12 +53,19 @@ def run(port: int) -> tuple[int, int]:
     return len(seen), TOTAL - len(seen)
 
 
-@pytest.fixture(scope="module", params=["on", "kernel"], ids=["fast-path", "kernel-path"])
+@pytest.fixture(scope="module", params=["on", "python-lanes", "kernel"],
+                ids=["fast-path", "fast-path-python-lanes", "kernel-path"])
 def chain(tmp_path_factory, request):
+    """The fast path as configured (the sealing ends' lanes in C where the extension has
+    them), the same with those lanes in Python (``KAKEHASHI_NATIVE_LANES=0``), and the
+    kernel path."""
     if request.param == "kernel" and KernelPath.unavailable() is not None:
         pytest.skip(f"kernel fast path: {KernelPath.unavailable()}")
     env = Env(tmp_path_factory.mktemp("chain-volume"))
-    c = type("VolumeChain", (Chain,), {"fast_path": request.param})(env)
+    if request.param == "python-lanes":
+        env.env["KAKEHASHI_NATIVE_LANES"] = "0"
+    fast_path = "on" if request.param == "python-lanes" else request.param
+    c = type("VolumeChain", (Chain,), {"fast_path": fast_path})(env)
     try:
         yield c
     finally:

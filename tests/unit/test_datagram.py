@@ -23,17 +23,21 @@ from kakehashi.core.datagram import (
 from tests.support.wait import async_wait_until
 
 
-@pytest.fixture(params=["fast-path", "fast-path-batched", "fast-path-queued", "fast-path-loop",
-                        "protocol-path"])
+@pytest.fixture(params=["fast-path", "fast-path-python-lanes", "fast-path-batched",
+                        "fast-path-queued", "fast-path-loop", "protocol-path"])
 def fast(request, monkeypatch):
-    """Every forwarder test runs on the fast path (readiness callbacks: as configured;
-    with every wakeup taking a batch through the batched system calls; the same with a
-    transformed burst always sent through the queue, ``udpbatch.FUSED`` off; with the
-    loop used where those are missing) and on the protocol path (asyncio transports):
-    all must make the same decisions."""
+    """Every forwarder test runs on the fast path (readiness callbacks: as configured,
+    a sealing end's lanes in C where the extension has them; the same with those lanes
+    in Python, ``datagram.NATIVE_LANES`` off, as in the variants after it; with every
+    wakeup taking a batch through the batched system calls; the same with a transformed
+    burst always sent through the queue, ``udpbatch.FUSED`` off; with the loop used
+    where those are missing) and on the protocol path (asyncio transports): all must
+    make the same decisions."""
     if request.param.startswith("fast-path") and request.param != "fast-path-loop" \
             and not udpbatch.AVAILABLE:
         pytest.skip("no recvmmsg/sendmmsg here")
+    if request.param != "fast-path":
+        monkeypatch.setattr(datagram, "NATIVE_LANES", False)
     monkeypatch.setattr(udpbatch, "AVAILABLE", request.param != "fast-path-loop")
     if request.param in ("fast-path-batched", "fast-path-queued"):
         monkeypatch.setattr(datagram, "PROBE", 1)
@@ -562,11 +566,13 @@ async def test_a_route_that_refuses_segmentation_offload_gets_datagrams_one_by_o
             s.close()
 
 
-async def test_a_sealed_burst_goes_through_the_channel_once_per_batch():
+async def test_a_sealed_burst_goes_through_the_channel_once_per_batch(monkeypatch):
     """In a burst the fast path hands the whole batch to the channel in one call, never
     a ``bytes`` per datagram through the one-datagram form (which a datagram that wakes
     a lane between bursts still takes: for one, it costs less). Fails on the code that
     called the transform per datagram."""
+    # (the Python lane: the native turn calls no batch form)
+    monkeypatch.setattr(datagram, "NATIVE_LANES", False)
     client_ch, hop_ch, server, client, fwd = await _sealing_hop(True)
     near = fwd.near_sock
     calls: list[int] = []
@@ -644,11 +650,14 @@ async def test_sealed_bursts_of_every_size_arrive_intact(fast):
 
 
 @pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
-async def test_runs_from_the_hop_before_are_opened_datagram_by_datagram(monkeypatch):
+@pytest.mark.parametrize("lanes", ["native", "python"])
+async def test_runs_from_the_hop_before_are_opened_datagram_by_datagram(monkeypatch, lanes):
     """The last hop of an encrypted chain gets the client's sealed datagrams as offloaded
     runs (the forward sends a burst that way): its sockets take each run as one message
     (receive offload), on a lone wakeup as in a burst, and every datagram in it is
-    still opened, decided and counted on its own; a replay inside a run is dropped."""
+    still opened, decided and counted on its own; a replay inside a run is dropped. On
+    the Python lane and on the native one (which cuts the runs in C)."""
+    monkeypatch.setattr(datagram, "NATIVE_LANES", lanes == "native")
     client_ch, hop_ch, server, client, fwd = await _sealing_hop(True)
     rec, near = fwd.record, fwd.near_sock
     with bind_udp("127.0.0.1") as probe:
@@ -676,7 +685,71 @@ async def test_runs_from_the_hop_before_are_opened_datagram_by_datagram(monkeypa
         await async_wait_until(lambda: rec.dropped == PROBE + 2, what="the replays")
         assert hop_ch.refused == PROBE + 2
         assert rec.from_near_count == 11 * (PROBE + 2)
-        assert len(cuts) >= PROBE + 2  # each run came as one message (or more), and was cut
+        if lanes == "python" or hop_ch.open.turn is None:
+            assert len(cuts) >= PROBE + 2  # each run came as one message (or more), cut
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+@pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
+@pytest.mark.parametrize("forward_side", [False, True])
+async def test_a_sealing_ends_lanes_run_in_c_once_the_record_has_decided(forward_side):
+    """With the extension's lane turn there, each lane of a sealing end hands a wakeup
+    to C once its record says where the lane's datagrams go: the Python batch forms are
+    not called at all, a spoofed datagram in the middle of a burst comes back to the
+    record (dropped and counted), and the counts are exact. Fails on the code before the
+    turn (no ``turn`` on the channel's transforms)."""
+    client_ch, hop_ch, server, client, fwd = await _sealing_hop(True, forward_side=forward_side)
+    if hop_ch.seal.turn is None:
+        pytest.skip("the extension has no lane turn here")
+    rec, near, far = fwd.record, fwd.near_sock, fwd.far_sock
+    turns: list[int] = []
+
+    def counted(real):
+        def turn(*args):
+            r = real(*args)
+            turns.append(r[0])
+            return r
+        return turn
+
+    def refuse(*args):
+        raise AssertionError("the Python batch form ran")
+
+    for t in (hop_ch.seal, hop_ch.open):
+        t.turn = counted(t.turn)
+        t.batch = refuse
+    # what the client sends: plaintexts to a forward, sealed ones to the last hop; and
+    # what the server answers: sealed ones to a forward, plaintexts to the last hop
+    wrap = (lambda d: d) if forward_side else client_ch.seal
+    unwrap = client_ch.open if forward_side else (lambda d: d)
+    answer = client_ch.seal if forward_side else (lambda d: d)
+    answered = (lambda d: d) if forward_side else client_ch.open
+    # a forward's record follows the latest sender (lock "latest"): the spoofed datagram
+    # moves the session and is relayed; the last hop's is locked: it is dropped
+    sent = [b"q%d" % i for i in range(20)] + [b"spoofed"] * forward_side + [
+        b"q%d" % i for i in range(20, 40)]
+    try:
+        client.sendto(wrap(b"first"), near.getsockname())  # locks the record
+        assert [unwrap(d) for d in await _recv_all(server, 1)] == [b"first"]
+        with bind_udp("127.0.0.1") as spoof:
+            for i in range(40):
+                if i == 20:
+                    spoof.sendto(wrap(b"spoofed"), near.getsockname())
+                client.sendto(wrap(b"q%d" % i), near.getsockname())
+            assert [unwrap(d) for d in await _recv_all(server, len(sent))] == sent
+            await async_wait_until(lambda: rec.dropped == (not forward_side),
+                                   what="the spoofed datagram's fate")
+        for i in range(30):
+            server.sendto(answer(b"a%d" % i), far.getsockname())
+        answers = await _recv_all(client, 30)
+        assert [answered(d) for d in answers] == [b"a%d" % i for i in range(30)]
+        assert rec.from_near_count == 1 + len(sent) and rec.from_far_count == 30
+        assert turns and sum(turns) <= 40 + 30  # (the spoofed one and after: the record's)
+        assert fwd.errors == 0 and fwd.overflow == 0 and hop_ch.refused == 0
+        assert fwd.user_bytes == [sum(len(wrap(d)) for d in [b"first", *sent]),
+                                  sum(len(answer(b"a%d" % i)) for i in range(30))]
     finally:
         fwd.close()
         for s in (server, client):

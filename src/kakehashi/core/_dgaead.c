@@ -3,6 +3,10 @@
  * DatagramChannel.open_batch (src/kakehashi/core/crypto.py) in C, on OpenSSL's EVP
  * AES-256-GCM.
  *
+ * Sealer.turn / Opener.turn go one step further: a relay lane's whole readiness
+ * callback (receive, seal or open, send) for a session whose port record has decided;
+ * see "the lane turn" below.
+ *
  * Why this exists: at a sealing end of the proxy chain a datagram cost ~8.8 us of CPU,
  * of which the interpreter's loop and objects around each AEAD call were ~40% and
  * `cryptography` ~19% -- and of that only ~3.5 points were the AES rounds, the rest the
@@ -26,9 +30,16 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+
+#ifdef __linux__
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#endif
 
 #include <openssl/evp.h>
 
@@ -261,6 +272,26 @@ opener_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return cipher_new(type, args, kwds, 0);
 }
 
+/* Seal datagram p[0:k] under sequence `seq` into dst (k + OVERHEAD bytes: seq as sent,
+ * the ciphertext, the tag); 0, or -1 if EVP failed. Per datagram only the IV is set: the
+ * key schedule stays from new_ctx. */
+static int
+seal_one(EVP_CIPHER_CTX *ctx, uint64_t seq, const unsigned char *p, int k,
+         unsigned char *dst)
+{
+    unsigned char iv[12];
+    int m = 0, f = 0;
+    pack_nonce(iv, seq);
+    memcpy(dst, iv + 4, 8);  /* the head: seq as sent */
+    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, iv) != 1
+            || (k > 0 && EVP_EncryptUpdate(ctx, dst + 8, &m, p, k) != 1)
+            || EVP_EncryptFinal_ex(ctx, dst + 8 + m, &f) != 1
+            || m + f != k
+            || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG, dst + 8 + k) != 1)
+        return -1;
+    return 0;
+}
+
 /* Sealer.seal(seq, src, starts, lengths, n, out, at) -> list of sealed lengths.
  *
  * Datagram i (plaintext src[starts[i]:starts[i] + lengths[i]]) is sealed under sequence
@@ -286,21 +317,12 @@ sealer_seal(Cipher *self, PyObject *args)
     if (batch_begin(&b, src_o, starts_o, lengths_o, n, out_o, at, 1) == 0) {
         unsigned char *dst = (unsigned char *)b.out.buf + at;
         const unsigned char *base = (const unsigned char *)b.src.buf;
-        unsigned char iv[12];
         Py_ssize_t i;
         for (i = 0; i < n; i++) {
-            int k = (int)b.lengths[i], m = 0, f = 0;
+            int k = (int)b.lengths[i];
             PyObject *size;
-            pack_nonce(iv, (uint64_t)seq + (uint64_t)i);
-            memcpy(dst, iv + 4, 8);  /* the head: seq as sent */
-            /* per datagram only the IV: the key schedule stays from new_ctx */
-            if (EVP_EncryptInit_ex(self->ctx, NULL, NULL, NULL, iv) != 1
-                    || (k > 0 && EVP_EncryptUpdate(self->ctx, dst + 8, &m,
-                                                   base + b.starts[i], k) != 1)
-                    || EVP_EncryptFinal_ex(self->ctx, dst + 8 + m, &f) != 1
-                    || m + f != k
-                    || EVP_CIPHER_CTX_ctrl(self->ctx, EVP_CTRL_GCM_GET_TAG, TAG,
-                                           dst + 8 + k) != 1) {
+            if (seal_one(self->ctx, (uint64_t)seq + (uint64_t)i, base + b.starts[i], k,
+                         dst) < 0) {
                 PyErr_SetString(PyExc_RuntimeError, "EVP AES-256-GCM sealing failed");
                 break;
             }
@@ -405,88 +427,112 @@ seen_to_py(const uint64_t seen[WORDS])
 #endif
 }
 
+/* The receiving window: the highest sequence accepted and the bitmap before it. */
+typedef struct {
+    top_t top;
+    uint64_t seen[WORDS];
+} Window;
+
+/* top: -1 (nothing accepted yet) or 0 .. 2**64 - 1; 0, or -1 with an exception */
+static int
+top_from_py(PyObject *o, top_t *top)
+{
+    long long t = PyLong_AsLongLong(o);
+    if (t == -1 && PyErr_Occurred()) {
+        unsigned long long u;
+        PyErr_Clear();
+        u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        *top = (top_t)u;
+    } else if (t < -1) {
+        PyErr_SetString(PyExc_ValueError, "top below -1");
+        return -1;
+    } else {
+        *top = (top_t)t;
+    }
+    return 0;
+}
+
+static PyObject *
+top_to_py(top_t top)
+{
+    return top < 0 ? PyLong_FromLong(-1) : PyLong_FromUnsignedLongLong((unsigned long long)top);
+}
+
+/* Open datagram d[0:len] as sealed into dst; the plaintext's length, or -1 for a refusal
+ * (shorter than the overhead, outside or already in the window, or not authentic).
+ * Order of the checks, as in crypto.DatagramChannel.open_batch: the size, the window (on
+ * the sequence as carried), then authentication; the window moves only for an authentic
+ * datagram, so a repeat later in the same batch is refused. */
+static Py_ssize_t
+open_one(EVP_CIPHER_CTX *ctx, Window *w, const unsigned char *d, Py_ssize_t len,
+         unsigned char *dst)
+{
+    unsigned char iv[12], tag[TAG];
+    int k, m = 0, f = 0, fresh, admissible;
+    uint64_t seq;
+    unsigned __int128 age;
+    if (len < OVERHEAD)
+        return -1;
+    k = (int)(len - OVERHEAD);
+    seq = read_seq(d);
+    fresh = (top_t)seq > w->top;
+    age = fresh ? 0 : (unsigned __int128)(w->top - (top_t)seq);
+    admissible = fresh || (age < WINDOW && !((w->seen[(unsigned)age / 64]
+                                              >> ((unsigned)age % 64)) & 1));
+    if (!admissible)
+        return -1;
+    pack_nonce(iv, seq);
+    memcpy(tag, d + 8 + k, TAG);
+    /* a failing Update (never expected after the checks above) is a refusal like a
+     * failing tag: the datagram is not accepted */
+    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, iv) != 1
+            || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG, tag) != 1
+            || (k > 0 && EVP_DecryptUpdate(ctx, dst, &m, d + 8, k) != 1)
+            || EVP_DecryptFinal_ex(ctx, dst + m, &f) != 1
+            || m + f != k)
+        return -1;
+    if (fresh) {
+        window_shift_in(w->seen, (unsigned __int128)((top_t)seq - w->top));
+        w->top = (top_t)seq;
+    } else {
+        w->seen[(unsigned)age / 64] |= (uint64_t)1 << ((unsigned)age % 64);
+    }
+    return k;
+}
+
 /* Opener.open(top, seen, src, starts, lengths, n, out, at)
  *     -> (sizes, top, seen, refused)
  *
  * Datagram i is src[starts[i]:starts[i] + lengths[i]] as sealed; the accepted plaintexts
  * go back to back into out from `at`; sizes[i] is the plaintext's length, -1 for a
- * refusal (shorter than the overhead, outside or already in the window, or not
- * authentic). `top`/`seen` are the channel's window before the batch and after it.
- * Order of the checks per datagram, as in crypto.DatagramChannel.open_batch: the size,
- * the window (on the sequence as carried), then authentication; the window moves only
- * for an authentic datagram, so a repeat later in the same batch is refused. */
+ * refusal (open_one). `top`/`seen` are the channel's window before the batch and after
+ * it. */
 static PyObject *
 opener_open(Cipher *self, PyObject *args)
 {
     PyObject *top_o, *seen_o, *src_o, *starts_o, *lengths_o, *out_o, *result = NULL;
     Py_ssize_t n, at, refused = 0;
     Batch b;
-    top_t top;
-    uint64_t seen[WORDS];
+    Window w;
     if (!PyArg_ParseTuple(args, "OOOOOnOn", &top_o, &seen_o, &src_o, &starts_o, &lengths_o,
                           &n, &out_o, &at))
         return NULL;
-    {   /* top: -1 (nothing accepted yet) or 0 .. 2**64 - 1 */
-        long long t = PyLong_AsLongLong(top_o);
-        if (t == -1 && PyErr_Occurred()) {
-            unsigned long long u;
-            PyErr_Clear();
-            u = PyLong_AsUnsignedLongLong(top_o);
-            if (u == (unsigned long long)-1 && PyErr_Occurred())
-                return NULL;
-            top = (top_t)u;
-        } else if (t < -1) {
-            PyErr_SetString(PyExc_ValueError, "top below -1");
-            return NULL;
-        } else {
-            top = (top_t)t;
-        }
-    }
-    if (seen_from_py(seen_o, seen) < 0)
+    if (top_from_py(top_o, &w.top) < 0 || seen_from_py(seen_o, w.seen) < 0)
         return NULL;
     if (batch_begin(&b, src_o, starts_o, lengths_o, n, out_o, at, 0) < 0)
         goto done;
     {
         unsigned char *dst = (unsigned char *)b.out.buf + at;
         const unsigned char *base = (const unsigned char *)b.src.buf;
-        unsigned char iv[12], tag[TAG];
         for (Py_ssize_t i = 0; i < n; i++) {
-            Py_ssize_t got = -1;
+            Py_ssize_t got = open_one(self->ctx, &w, base + b.starts[i], b.lengths[i], dst);
             PyObject *size;
-            if (b.lengths[i] >= OVERHEAD) {
-                const unsigned char *d = base + b.starts[i];
-                int k = (int)(b.lengths[i] - OVERHEAD), m = 0, f = 0;
-                uint64_t seq = read_seq(d);
-                int fresh = (top_t)seq > top;
-                unsigned __int128 age = fresh ? 0 : (unsigned __int128)(top - (top_t)seq);
-                int admissible = fresh || (age < WINDOW
-                                           && !((seen[(unsigned)age / 64]
-                                                 >> ((unsigned)age % 64)) & 1));
-                if (admissible) {
-                    pack_nonce(iv, seq);
-                    memcpy(tag, d + 8 + k, TAG);
-                    /* a failing Update (never expected after the checks above) is a
-                     * refusal like a failing tag: the datagram is not accepted */
-                    if (EVP_DecryptInit_ex(self->ctx, NULL, NULL, NULL, iv) == 1
-                            && EVP_CIPHER_CTX_ctrl(self->ctx, EVP_CTRL_GCM_SET_TAG, TAG,
-                                                   tag) == 1
-                            && (k == 0 || EVP_DecryptUpdate(self->ctx, dst, &m, d + 8,
-                                                            k) == 1)
-                            && EVP_DecryptFinal_ex(self->ctx, dst + m, &f) == 1
-                            && m + f == k) {
-                        if (fresh) {
-                            window_shift_in(seen, (unsigned __int128)((top_t)seq - top));
-                            top = (top_t)seq;
-                        } else {
-                            seen[(unsigned)age / 64] |= (uint64_t)1 << ((unsigned)age % 64);
-                        }
-                        got = k;
-                        dst += k;
-                    }
-                }
-            }
             if (got < 0)
                 refused++;
+            else
+                dst += got;
             size = PyLong_FromSsize_t(got);
             if (size == NULL)  /* (the window's moves so far are lost with the batch) */
                 goto done;
@@ -495,9 +541,8 @@ opener_open(Cipher *self, PyObject *args)
     }
     result = PyTuple_New(4);
     if (result != NULL) {
-        PyObject *top_py = top < 0 ? PyLong_FromLong(-1)
-                                   : PyLong_FromUnsignedLongLong((unsigned long long)top);
-        PyObject *seen_py = seen_to_py(seen), *refused_py = PyLong_FromSsize_t(refused);
+        PyObject *top_py = top_to_py(w.top);
+        PyObject *seen_py = seen_to_py(w.seen), *refused_py = PyLong_FromSsize_t(refused);
         PyTuple_SET_ITEM(result, 0, b.sizes);  /* (each SET_ITEM takes the reference) */
         b.sizes = NULL;
         PyTuple_SET_ITEM(result, 1, top_py);
@@ -511,18 +556,470 @@ done:
     return result;
 }
 
+#ifdef __linux__  /* (recvmmsg, sendmmsg, UDP_SEGMENT: elsewhere no turn, the Python lane) */
+/* ------------------------------------------------------------------------------------ */
+/* the lane turn: one readiness callback of a sealing end's lane, receive to send        */
+/*
+ * Why: at a sealing end of the chain a datagram cost 7-9 us of CPU in the benchmark's
+ * bursts, where one lane alone in a hot loop costs ~2 us: most readiness callbacks take a
+ * few datagrams, and each paid ~20-30 us of Python around its system calls and its AEAD
+ * call (the receive through ctypes and its bookkeeping, the record's decision, the send
+ * area, the send), about 40% of the process's CPU in a profile (docs/benchmarks.md).
+ *
+ * Sealer.turn / Opener.turn do that callback's work for a session whose port record has
+ * already decided where the lane's datagrams go: every datagram from `peer` (the source
+ * the record accepts) is sealed or opened and sent to `dst` (where the record sends
+ * it). It applies that decision and nothing else: the first message from any other
+ * source ends the turn, and it and everything received after it is handed back
+ * (`rest`: (payload, sockaddr) per datagram, in order) for the Python path to decide;
+ * the caller counts what was taken in the record. Same wire format, nonces and replay
+ * window as Sealer.seal / Opener.open (seal_one, open_one); the sends are those of
+ * kakehashi.core.udpbatch (consecutive outputs of one size as one segmentation-offloaded
+ * send, a route that refuses the offload gets them one by one; a full send buffer drops).
+ *
+ * The buffers are one area for the process (allocated on first use; only touched pages
+ * cost memory): the GIL is held for the whole turn, and a turn is done with them when it
+ * returns. The sockets are non-blocking; no call here waits.
+ */
+
+#define RX_MSGS 64                          /* messages per recvmmsg (udpbatch.BATCH) */
+#define SLOT 65536                          /* room for one message (udpbatch.SLOT) */
+#define CUT_MAX 128                         /* datagrams one message holds (GRO_SEGMENTS) */
+#define PIECES (RX_MSGS * CUT_MAX)          /* datagrams of one receive, after cutting */
+#define TX_BYTES ((size_t)RX_MSGS * SLOT + (size_t)PIECES * OVERHEAD)
+#define GSO_SEGMENTS 64                     /* udpbatch.GSO_SEGMENTS, _BYTES, _SIZE */
+#define GSO_BYTES 65000
+#define GSO_SIZE 1472
+#define SEND_CHUNK 1024                     /* headers per sendmmsg (UIO_MAXIOV) */
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+typedef union {
+    char buf[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+} RxCtl;
+
+typedef union {
+    char buf[CMSG_SPACE(sizeof(uint16_t))];
+    struct cmsghdr align;
+} TxCtl;
+
+typedef struct {
+    unsigned char *rx, *tx;
+    struct mmsghdr rh[RX_MSGS];
+    struct iovec riov[RX_MSGS];
+    struct sockaddr_storage names[RX_MSGS];
+    RxCtl rctl[RX_MSGS];
+    /* datagram i of a receive: where it lies in rx, its length; then its output's size
+     * (-1: refused), then (compacted) the accepted outputs' sizes */
+    Py_ssize_t start[PIECES], len[PIECES], size[PIECES];
+    int count[PIECES];                      /* datagrams per send header */
+    struct mmsghdr sh[PIECES];
+    struct iovec siov[PIECES];
+    TxCtl sctl[PIECES];
+} Area;
+
+static Area *area;
+/* a turn is using the area: another (a finalizer run by an allocation in rest_of, on this
+ * thread or, through it, another) gets None and its caller takes the Python path */
+static int area_busy;
+
+static Area *
+get_area(void)
+{
+    Area *a;
+    if (area != NULL)
+        return area;
+    a = PyMem_RawCalloc(1, sizeof(Area));
+    if (a == NULL)
+        return (Area *)PyErr_NoMemory();
+    a->rx = PyMem_RawMalloc((size_t)RX_MSGS * SLOT);
+    a->tx = PyMem_RawMalloc(TX_BYTES);
+    if (a->rx == NULL || a->tx == NULL) {
+        PyMem_RawFree(a->rx);
+        PyMem_RawFree(a->tx);
+        PyMem_RawFree(a);
+        return (Area *)PyErr_NoMemory();
+    }
+    for (int i = 0; i < RX_MSGS; i++) {
+        a->riov[i].iov_base = a->rx + (size_t)i * SLOT;
+        a->riov[i].iov_len = SLOT;
+        a->rh[i].msg_hdr.msg_iov = &a->riov[i];
+        a->rh[i].msg_hdr.msg_iovlen = 1;
+    }
+    area = a;
+    return a;
+}
+
+typedef struct {
+    EVP_CIPHER_CTX *ctx;
+    int sealing;
+    uint64_t seq, left;       /* sealing: the next sequence; how many may still be used */
+    Window w;                 /* opening */
+    int fd_out;
+    const struct sockaddr *dst;
+    socklen_t dstlen;
+    int gso;                  /* in: segmentation offload allowed; out: still allowed */
+    Py_ssize_t taken, bytes, refused, failed, overflow;
+    int rx_error;
+} Turn;
+
+static int
+again(int err)
+{
+    return err == EAGAIN || err == EWOULDBLOCK || err == EINTR;
+}
+
+/* errors that say "not with segmentation offload" (udpbatch._NO_GSO) */
+static int
+no_gso(int err)
+{
+    return err == EINVAL || err == EIO || err == ENOPROTOOPT || err == EOPNOTSUPP
+        || err == EMSGSIZE;
+}
+
+/* The segment size of a coalesced message (UDP_GRO), 0 for none. */
+static Py_ssize_t
+gro_segment(struct msghdr *h)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO
+                && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int seg;
+            memcpy(&seg, CMSG_DATA(c), sizeof(int));
+            return seg > 0 ? seg : 0;
+        }
+    }
+    return 0;
+}
+
+/* Send the accepted outputs (sizes in a->size[0:m], back to back in tx) to t->dst. */
+static void
+send_outputs(Turn *t, Area *a, Py_ssize_t m)
+{
+    Py_ssize_t g = 0, off = 0, h;
+    for (Py_ssize_t i = 0; i < m; ) {
+        Py_ssize_t s = a->size[i];
+        int c = 1;
+        struct msghdr *hd = &a->sh[g].msg_hdr;
+        if (t->gso && s > 0 && s <= GSO_SIZE)
+            while (i + c < m && c < GSO_SEGMENTS && a->size[i + c] == s
+                   && (c + 1) * s <= GSO_BYTES)
+                c++;
+        a->siov[g].iov_base = a->tx + off;
+        a->siov[g].iov_len = (size_t)(c * s);
+        memset(hd, 0, sizeof(*hd));
+        hd->msg_name = (void *)t->dst;
+        hd->msg_namelen = t->dstlen;
+        hd->msg_iov = &a->siov[g];
+        hd->msg_iovlen = 1;
+        if (c > 1) {
+            struct cmsghdr *cm;
+            uint16_t seg = (uint16_t)s;
+            hd->msg_control = a->sctl[g].buf;
+            hd->msg_controllen = sizeof(a->sctl[g].buf);
+            cm = CMSG_FIRSTHDR(hd);
+            cm->cmsg_level = SOL_UDP;
+            cm->cmsg_type = UDP_SEGMENT;
+            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            memcpy(CMSG_DATA(cm), &seg, sizeof(seg));
+        }
+        a->count[g] = c;
+        off += c * s;
+        i += c;
+        g++;
+    }
+    for (h = 0; h < g; ) {
+        unsigned int n = (unsigned int)(g - h < SEND_CHUNK ? g - h : SEND_CHUNK);
+        int r = sendmmsg(t->fd_out, &a->sh[h], n, MSG_DONTWAIT), err;
+        if (r > 0) {
+            h += r;
+            continue;
+        }
+        err = r < 0 ? errno : EIO;
+        if (again(err)) {  /* the send buffer is full: UDP drops */
+            for (; h < g; h++)
+                t->overflow += a->count[h];
+            break;
+        }
+        if (a->count[h] > 1 && no_gso(err)) {
+            /* this route takes no segmentation offload: these go one by one, and the
+             * caller makes no more runs to it */
+            const unsigned char *p = a->sh[h].msg_hdr.msg_iov->iov_base;
+            size_t s = a->sh[h].msg_hdr.msg_iov->iov_len / (size_t)a->count[h];
+            t->gso = 0;
+            for (int j = 0; j < a->count[h]; j++, p += s) {
+                if (sendto(t->fd_out, p, s, MSG_DONTWAIT, t->dst, t->dstlen) < 0) {
+                    if (again(errno))
+                        t->overflow++;
+                    else
+                        t->failed++;
+                }
+            }
+        } else {
+            t->failed += a->count[h];  /* an unreachable network, too large */
+        }
+        h++;
+    }
+}
+
+/* Seal or open datagrams 0..np-1 of the receive into tx, then send what was accepted. */
+static void
+transform_send(Turn *t, Area *a, Py_ssize_t np)
+{
+    unsigned char *o = a->tx;
+    Py_ssize_t m = 0;
+    for (Py_ssize_t i = 0; i < np; i++) {
+        const unsigned char *p = a->rx + a->start[i];
+        Py_ssize_t s;
+        if (t->sealing) {
+            /* (the sequence is used whatever happens: a nonce is never used twice) */
+            s = seal_one(t->ctx, t->seq++, p, (int)a->len[i], o) < 0 ? -2
+                : a->len[i] + OVERHEAD;
+        } else {
+            s = open_one(t->ctx, &t->w, p, a->len[i], o);
+        }
+        if (s == -2)
+            t->failed++;  /* EVP failed (never expected): not sent */
+        else if (s < 0)
+            t->refused++;
+        else {
+            a->size[m++] = s;
+            o += s;
+        }
+    }
+    send_outputs(t, a, m);
+}
+
+/* Messages first..r-1 of the last receive as [(payload, sockaddr), ...], each cut into
+ * its datagrams; NULL with an exception. */
+static PyObject *
+rest_of(Area *a, int first, int r)
+{
+    PyObject *rest = PyList_New(0);
+    if (rest == NULL)
+        return NULL;
+    for (int i = first; i < r; i++) {
+        struct msghdr *h = &a->rh[i].msg_hdr;
+        Py_ssize_t size = a->rh[i].msg_len, seg = gro_segment(h), at = 0;
+        const char *base = (const char *)a->rx + (size_t)i * SLOT;
+        socklen_t namelen = h->msg_namelen;
+        if (namelen > sizeof(struct sockaddr_storage))
+            namelen = sizeof(struct sockaddr_storage);
+        if (!(seg > 0 && seg < size))
+            seg = size;
+        do {
+            Py_ssize_t k = size - at < seg ? size - at : seg;
+            PyObject *item = Py_BuildValue("(y#y#)", base + at, k, (const char *)h->msg_name,
+                                           (Py_ssize_t)namelen);
+            if (item == NULL || PyList_Append(rest, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(rest);
+                return NULL;
+            }
+            Py_DECREF(item);
+            at += k;
+        } while (at < size);
+    }
+    return rest;
+}
+
+/* The turn: receive, take what came from `peer`, seal or open it, send it, again while a
+ * receive filled every header and fewer than `bound` messages were taken. Returns the
+ * rest (a list) when a message came from another source (or, sealing, the sequence
+ * would run out), Py_None otherwise (a new reference either way); NULL with an
+ * exception. */
+static PyObject *
+lane_turn(Turn *t, int fd_in, const char *peer, Py_ssize_t peerlen, Py_ssize_t bound)
+{
+    Area *a = get_area();
+    Py_ssize_t total = 0;
+    if (a == NULL)
+        return NULL;
+    for (;;) {
+        int r, i;
+        Py_ssize_t np = 0;
+        for (i = 0; i < RX_MSGS; i++) {
+            struct msghdr *h = &a->rh[i].msg_hdr;
+            h->msg_name = &a->names[i];
+            h->msg_namelen = sizeof(a->names[i]);
+            h->msg_control = a->rctl[i].buf;
+            h->msg_controllen = sizeof(a->rctl[i].buf);
+            h->msg_flags = 0;
+        }
+        r = recvmmsg(fd_in, a->rh, RX_MSGS, MSG_DONTWAIT, NULL);
+        if (r < 0) {
+            if (!again(errno))
+                t->rx_error = 1;  /* an error queued on the socket (ICMP): not fatal */
+            Py_RETURN_NONE;
+        }
+        for (i = 0; i < r; i++) {
+            struct msghdr *h = &a->rh[i].msg_hdr;
+            Py_ssize_t size = a->rh[i].msg_len, seg = gro_segment(h), pieces, at;
+            if ((Py_ssize_t)h->msg_namelen != peerlen
+                    || memcmp(h->msg_name, peer, (size_t)peerlen) != 0)
+                break;  /* another source: the record decides */
+            pieces = seg > 0 && seg < size ? (size + seg - 1) / seg : 1;
+            if (!(seg > 0 && seg < size))
+                seg = size;
+            if (pieces > CUT_MAX || (t->sealing && (uint64_t)pieces > t->left))
+                break;  /* more than a message holds, or the sequence's end: Python's */
+            if (np + pieces > PIECES) {
+                transform_send(t, a, np);
+                np = 0;
+            }
+            if (t->sealing)
+                t->left -= (uint64_t)pieces;
+            at = 0;
+            for (Py_ssize_t j = 0; j < pieces; j++, np++, at += seg) {
+                a->start[np] = (Py_ssize_t)i * SLOT + at;
+                a->len[np] = size - at < seg ? size - at : seg;
+            }
+            t->taken += pieces;
+            t->bytes += size;
+        }
+        if (np)
+            transform_send(t, a, np);
+        if (i < r)
+            return rest_of(a, i, r);
+        total += r;
+        if (r < RX_MSGS || total >= bound)
+            Py_RETURN_NONE;
+    }
+}
+
+/* The arguments both turns share; 0, or -1 with an exception. */
+static int
+turn_args(Turn *t, int fd_out, const char *dst, Py_ssize_t dstlen, Py_ssize_t peerlen,
+          int gso, Py_ssize_t bound)
+{
+    if (peerlen < (Py_ssize_t)sizeof(sa_family_t)
+            || peerlen > (Py_ssize_t)sizeof(struct sockaddr_storage)
+            || dstlen < (Py_ssize_t)sizeof(sa_family_t)
+            || dstlen > (Py_ssize_t)sizeof(struct sockaddr_storage)) {
+        PyErr_SetString(PyExc_ValueError, "peer and dst must be sockaddr structures");
+        return -1;
+    }
+    if (bound < 1) {
+        PyErr_SetString(PyExc_ValueError, "bound must be at least 1");
+        return -1;
+    }
+    t->fd_out = fd_out;
+    t->dst = (const struct sockaddr *)dst;
+    t->dstlen = (socklen_t)dstlen;
+    t->gso = gso;
+    t->taken = t->bytes = t->refused = t->failed = t->overflow = 0;
+    t->rx_error = 0;
+    return 0;
+}
+
+/* Sealer.turn(seq, end, fd_in, fd_out, peer, dst, gso, bound)
+ *     -> (seq, taken, bytes, refused, failed, overflow, rx_error, gso, rest)
+ *
+ * `seq` is the channel's next sequence and `end` the first it may not use; the new next
+ * sequence comes back (every one used, sent or not). */
+static PyObject *
+sealer_turn(Cipher *self, PyObject *args)
+{
+    PyObject *seq_o, *end_o, *rest;
+    const char *peer, *dst;
+    Py_ssize_t peerlen, dstlen, bound;
+    int fd_in, fd_out, gso;
+    unsigned long long end;
+    Turn t;
+    if (!PyArg_ParseTuple(args, "OOiiy#y#pn", &seq_o, &end_o, &fd_in, &fd_out, &peer,
+                          &peerlen, &dst, &dstlen, &gso, &bound))
+        return NULL;
+    t.seq = PyLong_AsUnsignedLongLong(seq_o);
+    if (t.seq == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    end = PyLong_AsUnsignedLongLong(end_o);
+    if (end == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (turn_args(&t, fd_out, dst, dstlen, peerlen, gso, bound) < 0)
+        return NULL;
+    if (area_busy)
+        Py_RETURN_NONE;
+    t.ctx = self->ctx;
+    t.sealing = 1;
+    t.left = end > t.seq ? end - t.seq : 0;
+    area_busy = 1;
+    rest = lane_turn(&t, fd_in, peer, peerlen, bound);
+    area_busy = 0;
+    if (rest == NULL)  /* (no memory for the rest: what was sealed is sent, and the
+                        * sequence numbers it used must not come back) */
+        PyErr_Clear(), rest = Py_None, Py_INCREF(rest);
+    return Py_BuildValue("KnnnnniiN", (unsigned long long)t.seq, t.taken, t.bytes,
+                         t.refused, t.failed, t.overflow, t.rx_error, t.gso, rest);
+}
+
+/* Opener.turn(top, seen, fd_in, fd_out, peer, dst, gso, bound)
+ *     -> (top, seen, taken, bytes, refused, failed, overflow, rx_error, gso, rest) */
+static PyObject *
+opener_turn(Cipher *self, PyObject *args)
+{
+    PyObject *top_o, *seen_o, *rest, *top_py, *seen_py;
+    const char *peer, *dst;
+    Py_ssize_t peerlen, dstlen, bound;
+    int fd_in, fd_out, gso;
+    Turn t;
+    if (!PyArg_ParseTuple(args, "OOiiy#y#pn", &top_o, &seen_o, &fd_in, &fd_out, &peer,
+                          &peerlen, &dst, &dstlen, &gso, &bound))
+        return NULL;
+    if (top_from_py(top_o, &t.w.top) < 0 || seen_from_py(seen_o, t.w.seen) < 0
+            || turn_args(&t, fd_out, dst, dstlen, peerlen, gso, bound) < 0)
+        return NULL;
+    if (area_busy)
+        Py_RETURN_NONE;
+    t.ctx = self->ctx;
+    t.sealing = 0;
+    area_busy = 1;
+    rest = lane_turn(&t, fd_in, peer, peerlen, bound);
+    area_busy = 0;
+    if (rest == NULL)  /* (the window moved for what was opened: it must come back) */
+        PyErr_Clear(), rest = Py_None, Py_INCREF(rest);
+    top_py = top_to_py(t.w.top);
+    seen_py = seen_to_py(t.w.seen);
+    if (top_py == NULL || seen_py == NULL) {
+        Py_XDECREF(top_py);
+        Py_XDECREF(seen_py);
+        Py_DECREF(rest);
+        return NULL;
+    }
+    return Py_BuildValue("NNnnnnniiN", top_py, seen_py, t.taken, t.bytes, t.refused,
+                         t.failed, t.overflow, t.rx_error, t.gso, rest);
+}
+#endif  /* __linux__ */
+
 /* ------------------------------------------------------------------------------------ */
 /* module                                                                                */
 
 static PyMethodDef sealer_methods[] = {
     {"seal", (PyCFunction)sealer_seal, METH_VARARGS,
      "seal(seq, src, starts, lengths, n, out, at) -> sealed lengths"},
+#ifdef __linux__
+    {"turn", (PyCFunction)sealer_turn, METH_VARARGS,
+     "turn(seq, end, fd_in, fd_out, peer, dst, gso, bound) -> (seq, taken, bytes, "
+     "refused, failed, overflow, rx_error, gso, rest)"},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
 static PyMethodDef opener_methods[] = {
     {"open", (PyCFunction)opener_open, METH_VARARGS,
      "open(top, seen, src, starts, lengths, n, out, at) -> (sizes, top, seen, refused)"},
+#ifdef __linux__
+    {"turn", (PyCFunction)opener_turn, METH_VARARGS,
+     "turn(top, seen, fd_in, fd_out, peer, dst, gso, bound) -> (top, seen, taken, bytes, "
+     "refused, failed, overflow, rx_error, gso, rest)"},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

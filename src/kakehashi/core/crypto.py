@@ -793,6 +793,13 @@ def aead_path() -> str:
     return "native" if NATIVE and _dgaead is not None else "python"
 
 
+#: what a lane turn did (:meth:`DatagramChannel.seal_turn`): datagrams taken from the
+#: peer, their bytes, refused (not authentic, replays), sends failed, sends dropped for
+#: a full buffer, a receive error (0/1), whether offloaded sends may still be made, and
+#: the datagrams received but not taken (None, or [(payload, sockaddr), ...])
+TurnResult = tuple[int, int, int, int, int, int, int, list[tuple[bytes, bytes]] | None]
+
+
 class DatagramTransform(Protocol):
     """One direction of a :class:`DatagramChannel` (sealing or opening) as a payload
     transform: called on one datagram it returns the result (None: refused); its
@@ -802,16 +809,21 @@ class DatagramTransform(Protocol):
     call per burst instead of one per datagram, no ``bytes`` in between."""
 
     batch: Callable[..., list[int]]
+    #: a whole readiness callback of a relay's lane in C, where the extension has it
+    #: (:meth:`DatagramChannel.seal_turn`, :meth:`DatagramChannel.open_turn`), else None
+    turn: Callable[..., TurnResult | None] | None
 
     def __call__(self, data: bytes) -> bytes | None: ...
 
 
-def _transform(one: Callable[[bytes], bytes | None],
-               batch: Callable[..., list[int]]) -> DatagramTransform:
-    """``one`` with ``batch`` beside it: a ``functools.partial`` carries the attribute
-    and is called as fast as the method itself (no Python wrapper per datagram)."""
+def _transform(one: Callable[[bytes], bytes | None], batch: Callable[..., list[int]],
+               turn: Callable[..., TurnResult | None] | None = None) -> DatagramTransform:
+    """``one`` with ``batch`` (and ``turn``) beside it: a ``functools.partial`` carries
+    the attributes and is called as fast as the method itself (no Python wrapper per
+    datagram)."""
     fn = functools.partial(one)
     fn.batch = batch  # type: ignore[attr-defined]
+    fn.turn = turn  # type: ignore[attr-defined]
     return cast(DatagramTransform, fn)
 
 
@@ -854,8 +866,11 @@ class DatagramChannel:
         self._top = -1
         self._seen = 0  # bit i: sequence (top - i) was accepted
         self.refused = 0
-        self.seal = _transform(self._seal_one, self.seal_batch)
-        self.open = _transform(self._open_one, self.open_batch)
+        lanes = self._sealer is not None and hasattr(self._sealer, "turn")
+        self.seal = _transform(self._seal_one, self.seal_batch,
+                               self.seal_turn if lanes else None)
+        self.open = _transform(self._open_one, self.open_batch,
+                               self.open_turn if lanes else None)
 
     def _seal_one(self, payload: bytes) -> bytes:
         """:meth:`seal_batch` for one datagram, as ``bytes`` (what the one-datagram paths
@@ -982,6 +997,37 @@ class DatagramChannel:
             self._top, self._seen = top, seen & _WINDOW_MASK
             self.refused += refused
         return sizes
+
+    def seal_turn(self, fd_in: int, fd_out: int, peer: bytes, dst: bytes, gso: bool,
+                  bound: int) -> TurnResult | None:
+        """A relay lane's readiness callback in C (:mod:`kakehashi.core._dgaead`): take
+        what socket ``fd_in`` holds from ``peer`` (a ``sockaddr``), seal it and send it
+        on ``fd_out`` to ``dst``, until the socket is empty or ``bound`` datagrams were
+        taken. The caller has made the port record's decision (datagrams from ``peer``
+        go to ``dst``) and counts what was taken in the record; anything from another
+        source comes back unsent, in order, for the record to decide. None when the C
+        batch path is off (:data:`NATIVE`): the caller's Python path then runs."""
+        if not NATIVE or self._sealer is None:
+            return None
+        r = self._sealer.turn(self._send_seq, _MAX_COUNTER, fd_in, fd_out, peer, dst, gso,
+                              bound)
+        if r is None:  # (another turn is under way: re-entered from a finalizer)
+            return None
+        self._send_seq = r[0]
+        return r[1:]  # type: ignore[no-any-return]
+
+    def open_turn(self, fd_in: int, fd_out: int, peer: bytes, dst: bytes, gso: bool,
+                  bound: int) -> TurnResult | None:
+        """:meth:`seal_turn` for opening: the same checks and window as
+        :meth:`open_batch`; refusals are counted in :attr:`refused` and returned."""
+        if not NATIVE or self._opener is None:
+            return None
+        r = self._opener.turn(self._top, self._seen, fd_in, fd_out, peer, dst, gso, bound)
+        if r is None:
+            return None
+        self._top, self._seen = r[0], r[1]
+        self.refused += r[4]
+        return r[2:]  # type: ignore[no-any-return]
 
     def _open_run(self, src: memoryview, starts: Sequence[int], lengths: Sequence[int],
                   n: int, out: memoryview, at: int) -> bool:

@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import random
 import socket
 import sys
@@ -82,6 +83,12 @@ PROBE = 16
 LINGER = 8
 #: the largest datagram a UDP socket can deliver
 MAX_DATAGRAM = 65535
+#: whether a sealing end's lane runs its readiness callbacks in C once the record has
+#: decided where its datagrams go (:meth:`DatagramForwarder._turn`): the Python around
+#: each callback's system calls and AEAD call was ~40% of a sealing end's CPU in the
+#: chain's bursts. ``KAKEHASHI_NATIVE_LANES=0`` turns it off (the Python lane, the
+#: reference, then runs; tests run both)
+NATIVE_LANES = os.environ.get("KAKEHASHI_NATIVE_LANES", "1") != "0"
 
 
 class PortRecord:
@@ -301,6 +308,11 @@ class DatagramForwarder:
         self._gro = (False, False)
         self._wakes = [0, 0]
         self._thin = [0, 0]
+        #: whether a lane whose transform has a native turn takes it (:meth:`_turn`;
+        #: :data:`NATIVE_LANES`, where the batched system calls are there), and per lane
+        #: whether its turn may still make offloaded sends (off once its route refused)
+        self._lanes = False
+        self._gso = [True, True]
         #: send failures (ICMP errors, unreachable networks): not fatal for UDP
         self.errors = 0
         #: datagrams dropped because the outgoing side could not take them
@@ -328,13 +340,7 @@ class DatagramForwarder:
         loop = asyncio.get_running_loop()
         try:
             if self.fast_path:
-                self._io = udpbatch.scratch()
-                #: per lane, the outgoing socket's address family (an enum lookup each
-                #: time it is read from the socket)
-                self._families = (int(self.far_sock.family), int(self.near_sock.family))
-                if self._io.mmsg:  # (where the batch can cut what it coalesces)
-                    self._gro = (_receive_offload(self.near_sock),
-                                 _receive_offload(self.far_sock))
+                self._prepare()
                 loop.add_reader(self.near_sock.fileno(), self._lane(0))
                 self._loop = loop  # from here on close() removes the readers
                 loop.add_reader(self.far_sock.fileno(), self._lane(1))
@@ -348,6 +354,17 @@ class DatagramForwarder:
             raise
 
     # -- the fast path: readiness callbacks ---------------------------------------------
+    def _prepare(self) -> None:
+        """What the lanes' callbacks need before the first (:meth:`start`; tests that
+        drive the callbacks themselves call it)."""
+        self._io = udpbatch.scratch()
+        #: per lane, the outgoing socket's address family (an enum lookup each time it is
+        #: read from the socket)
+        self._families = (int(self.far_sock.family), int(self.near_sock.family))
+        if self._io.mmsg:  # (where the batch can cut what it coalesces)
+            self._gro = (_receive_offload(self.near_sock), _receive_offload(self.far_sock))
+            self._lanes = NATIVE_LANES
+
     def _lane(self, lane: int) -> Callable[[], None]:
         """The readiness callback of one lane (0: near -> far, 1: far -> near).
 
@@ -367,10 +384,16 @@ class DatagramForwarder:
         record = self.record
         decide = record.from_near if near else record.from_far
         buf = self._io.rx[:MAX_DATAGRAM]  # slot 0: a callback is done with it on return
-        burst, wakes, user_bytes = self._burst, self._wakes, self.user_bytes
+        burst, wakes = self._burst, self._wakes
         drain = self._drain
+        turn = self._turn
+        #: what the lane's native turn sends to, as last encoded (the record's peer and
+        #: destination, their sockaddrs): once per session, not per wakeup
+        names: list[object] = [None, None, None, None]
 
         def relay() -> None:
+            if self._lanes and turn(lane, names):
+                return
             if burst[lane]:
                 drain(lane, src_sock, dst_sock, decide,
                       self.near_to_far if near else self.far_to_near)
@@ -397,29 +420,93 @@ class DatagramForwarder:
             except OSError:  # an error queued on the socket (ICMP): not fatal for UDP
                 self.errors += 1
                 return
-            dst = decide(src)
-            if dst is None:
-                return
-            user_bytes[lane] += n
-            if near and self.kernel is not None:
-                self._offer()
-            transform = self.near_to_far if near else self.far_to_near
-            try:
-                if transform is None:
-                    data: bytes | memoryview | None = buf[:n]
-                else:
-                    # its own bytes: a transform may keep what it is given
-                    data = transform(buf[:n].tobytes())
-                    if data is None:
-                        record.dropped += 1
-                        return
-                sendto(data, dst)
-            except (BlockingIOError, InterruptedError):  # the send buffer is full: UDP drops
-                self.overflow += 1
-            except (OSError, ValueError):  # no route, too large, no address for it
-                self.errors += 1
+            self._relay_one(lane, buf[:n], src, sendto, decide,
+                            self.near_to_far if near else self.far_to_near)
 
         return relay
+
+    def _relay_one(self, lane: int, data: bytes | memoryview, src: Addr,
+                   sendto: Callable[[bytes | memoryview, Addr], int],
+                   decide: Callable[[Addr], Addr | None], transform: Transform | None,
+                   ) -> None:
+        """Relay one received datagram from ``src`` as the record decides: the lone
+        datagram of a wakeup between bursts, and those a native turn handed back."""
+        dst = decide(src)
+        if dst is None:
+            return
+        self.user_bytes[lane] += len(data)
+        if lane == 0 and self.kernel is not None:
+            self._offer()
+        try:
+            if transform is not None:
+                # its own bytes: a transform may keep what it is given
+                data = transform(bytes(data))  # type: ignore[assignment]
+                if data is None:
+                    self.record.dropped += 1
+                    return
+            sendto(data, dst)
+        except (BlockingIOError, InterruptedError):  # the send buffer is full: UDP drops
+            self.overflow += 1
+        except (OSError, ValueError):  # no route, too large, no address for it
+            self.errors += 1
+
+    def _turn(self, lane: int, names: list[object]) -> bool:
+        """The lane's readiness callback in C, when its transform has one (a sealing
+        end: :meth:`kakehashi.core.crypto.DatagramChannel.seal_turn`) and the record
+        already says where this lane's datagrams go: from its peer (``near`` for lane
+        0, ``far`` for lane 1) to the other. That is the decision the record makes for
+        every datagram from the peer; C applies it to them and hands the first from any
+        other source back, with all after it, and those meet the record here
+        (:meth:`_relay_one`), in order. The record's counts, ``user_bytes``,
+        ``errors`` and ``overflow`` come out as on the Python path. False: not here
+        (no turn, no decision yet, the native path off), the Python path runs."""
+        near = lane == 0
+        transform = self.near_to_far if near else self.far_to_near
+        turn = getattr(transform, "turn", None)
+        if turn is None:
+            return False
+        rec = self.record
+        peer, dst = (rec.near, rec.far) if near else (rec.far, rec.near)
+        if peer is None or dst is None:
+            return False
+        src_sock, dst_sock = (self.near_sock, self.far_sock) if near else (
+            self.far_sock, self.near_sock)
+        if names[0] is not peer or names[1] is not dst:
+            try:
+                raw = udpbatch.encode(int(src_sock.family), peer)
+                # only a peer as the kernel reports it (a literal address): the record
+                # compares tuples, and ("localhost", p) is never a datagram's source
+                names[2] = raw if udpbatch.decode(raw) == peer else None
+                names[3] = udpbatch.encode(int(dst_sock.family), dst)
+            except OSError:
+                names[2] = None
+            names[0], names[1] = peer, dst
+        if names[2] is None:
+            return False
+        r = turn(src_sock.fileno(), dst_sock.fileno(), names[2], names[3], self._gso[lane],
+                 BATCH)
+        if r is None:
+            return False
+        taken, size, refused, failed, overflow, rx_error, gso, rest = r
+        if taken:
+            (rec.from_near if near else rec.from_far)(peer, taken)
+            self.user_bytes[lane] += size
+        rec.dropped += refused
+        self.errors += failed + rx_error
+        self.overflow += overflow
+        if not gso:
+            self._gso[lane] = False
+        if rest:
+            decide = rec.from_near if near else rec.from_far
+            sendto = dst_sock.sendto
+            for payload, raw in rest:
+                try:
+                    src = udpbatch.decode(raw)
+                except OSError:  # (a family the record cannot hold)
+                    self.errors += 1
+                    continue
+                self._relay_one(lane, payload, src, sendto, decide, transform)
+        return True
 
     def _drain(self, lane: int, src_sock: socket.socket, dst_sock: socket.socket,
                decide: Callable[[Addr, int], Addr | None], transform: Transform | None,
