@@ -695,12 +695,14 @@ async def test_runs_from_the_hop_before_are_opened_datagram_by_datagram(monkeypa
 
 @pytest.mark.skipif(not udpbatch.AVAILABLE, reason="no recvmmsg/sendmmsg here")
 @pytest.mark.parametrize("forward_side", [False, True])
-async def test_a_sealing_ends_lanes_run_in_c_once_the_record_has_decided(forward_side):
+async def test_a_sealing_ends_lanes_run_in_c_once_the_record_has_decided(forward_side,
+                                                                         monkeypatch):
     """With the extension's lane turn there, each lane of a sealing end hands a wakeup
     to C once its record says where the lane's datagrams go: the Python batch forms are
     not called at all, a spoofed datagram in the middle of a burst comes back to the
     record (dropped and counted), and the counts are exact. Fails on the code before the
     turn (no ``turn`` on the channel's transforms)."""
+    monkeypatch.setattr(datagram, "NATIVE_LANES", True)  # (whatever the environment says)
     client_ch, hop_ch, server, client, fwd = await _sealing_hop(True, forward_side=forward_side)
     if hop_ch.seal.turn is None:
         pytest.skip("the extension has no lane turn here")
