@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from kakehashi.core import datagram, udpbatch
+from kakehashi.core import crypto, datagram, udpbatch
 from kakehashi.core.crypto import DatagramChannel
 from kakehashi.core.datagram import (
     BATCH,
@@ -703,6 +703,7 @@ async def test_a_sealing_ends_lanes_run_in_c_once_the_record_has_decided(forward
     record (dropped and counted), and the counts are exact. Fails on the code before the
     turn (no ``turn`` on the channel's transforms)."""
     monkeypatch.setattr(datagram, "NATIVE_LANES", True)  # (whatever the environment says)
+    monkeypatch.setattr(crypto, "NATIVE", crypto._dgaead is not None)
     client_ch, hop_ch, server, client, fwd = await _sealing_hop(True, forward_side=forward_side)
     if hop_ch.seal.turn is None:
         pytest.skip("the extension has no lane turn here")
