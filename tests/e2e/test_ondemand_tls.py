@@ -116,3 +116,65 @@ def test_the_edge_resumes_a_clients_session_and_still_checks_its_pin(env, device
     for s in (first, second):
         s.close()
     assert not [e for e in od.events(g["id"]) if e["event"] == "denied"]
+
+
+class _HashingDevice:
+    """A device that reads until the client's end, then answers with its digest of what
+    it read followed by ``REPLY`` bytes, and closes."""
+
+    REPLY = bytes(reversed(range(256))) * (16 << 10)  # 4 MiB
+
+    def __init__(self) -> None:
+        import socket
+
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import contextlib
+        import hashlib
+
+        with contextlib.suppress(OSError):
+            conn, _ = self.srv.accept()
+            with conn:
+                h = hashlib.sha256()
+                while piece := conn.recv(1 << 16):
+                    h.update(piece)
+                conn.sendall(h.digest() + self.REPLY)
+
+    def close(self) -> None:
+        from tests.support.listener import stop_listener
+
+        stop_listener(self.srv, self._thread)
+
+
+@pytest.mark.parametrize("cork", ["on", "off"])
+def test_bulk_both_ways_through_a_tls_grant(env, cork):
+    """Bulk bytes through a --tls grant: the client's TLS ends at the edge, which
+    encrypts again for its link to the inner relay (long TLS writes corked or not,
+    KAKEHASHI_TLS_CORK). 16 MiB up, the client's end (a TCP half-close under its TLS),
+    then the device's digest and 4 MiB down: every byte intact both ways."""
+    import hashlib
+    import socket
+    import ssl
+
+    env.env["KAKEHASHI_TLS_CORK"] = cork
+    device = _HashingDevice()
+    try:
+        od = OnDemand(env).start()
+        g = od.grant(f"{IMSI}:{device.port}", "--ttl", "60s", "--tls")
+        ctx = ssl.create_default_context(cafile=str(env.home / "ca" / "ca.pem"))
+        data = bytes(range(256)) * (64 << 10)  # 16 MiB
+        raw = socket.create_connection(("127.0.0.1", g["port"]), timeout=30)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(data)
+            socket.socket.shutdown(s, socket.SHUT_WR)  # TCP half-close, TLS state kept
+            reply = bytearray()
+            while piece := s.recv(1 << 16):
+                reply += piece
+        assert bytes(reply[:32]) == hashlib.sha256(data).digest()
+        assert bytes(reply[32:]) == _HashingDevice.REPLY
+    finally:
+        device.close()

@@ -12,6 +12,7 @@ import pytest
 
 from kakehashi.core.stream import Conn, ConnClosed, DirectTLSConn, TLSConn, start_tls
 from kakehashi.core.tls import server_context
+from tests.support.wait import async_wait_until
 
 
 @pytest.fixture
@@ -374,5 +375,90 @@ async def test_every_tls_stream_takes_the_socket_driven_path(ctx, tmp_path, monk
     server, client = await _tls_pair(ctx, tmp_path / "home")  # framed=False
     assert isinstance(server, DirectTLSConn) is fast
     assert isinstance(client, DirectTLSConn) is fast
+    server.close()
+    client.close()
+
+
+# -- long TLS writes corked (stream.TLS_CORK): on TCP only, and never left corked ------
+async def _tcp_tls_pair(ctx: ssl.SSLContext, home: Path) -> tuple[TLSConn, TLSConn]:
+    """A TLS pair over loopback TCP (TCP_CORK means nothing on the socketpairs above)."""
+    from kakehashi.core.stream import open_tcp
+    from kakehashi.core.tls import client_context
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        accepted, raw = await asyncio.gather(
+            loop.sock_accept(srv), open_tcp("127.0.0.1", srv.getsockname()[1], timeout=10))
+    finally:
+        srv.close()
+    client_ctx = client_context(ca=home / "ca" / "ca.pem")
+    return await asyncio.gather(
+        start_tls(Conn(accepted[0]), ctx, server_side=True, timeout=10, framed=True),
+        start_tls(raw, client_ctx, server_side=False, server_hostname="localhost",
+                  timeout=10, framed=True))
+
+
+def _corked(conn: TLSConn) -> bool:
+    return bool(socket.socket.getsockopt(conn.sock, socket.IPPROTO_TCP, socket.TCP_CORK))
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux's")
+@pytest.mark.parametrize("cork", [True, False], ids=["cork", "no-cork"])
+async def test_long_tls_writes_leave_the_socket_uncorked(ctx, tmp_path, monkeypatch, cork):
+    """A TLS write of many records may cork the TCP socket while OpenSSL writes them
+    (KAKEHASHI_TLS_CORK), but never leaves it corked: not when the write is done, not
+    when it is cancelled while waiting for room (a leftover cork would hold the next
+    short message, an interactive echo, up to the kernel's 200 ms). The bytes arrive
+    intact either way, and a short write is not corked at all."""
+    import hashlib
+
+    from kakehashi.core import stream
+
+    monkeypatch.setattr(stream, "TLS_CORK", cork)
+    server, client = await _tcp_tls_pair(ctx, tmp_path / "home")
+    assert isinstance(client, DirectTLSConn)
+    seen: list[tuple[bool, bool]] = []  # (set on?, corked after) of each cork change
+    real = DirectTLSConn._cork
+
+    def spy(self: DirectTLSConn, on: bool) -> bool:
+        done = real(self, on)
+        if done:
+            seen.append((on, _corked(self)))
+        return done
+
+    monkeypatch.setattr(DirectTLSConn, "_cork", spy)
+    data = bytes(range(256)) * (4 << 10)  # 1 MiB: 64 records
+
+    async def read(n: int) -> bytes:
+        got = bytearray()
+        buf = memoryview(bytearray(256 * 1024))
+        while len(got) < n:
+            k = await asyncio.wait_for(server.recv_into(buf), 10)
+            assert k, "the stream ended early"
+            got += buf[:k]
+        return bytes(got)
+
+    reader = asyncio.create_task(read(len(data)))
+    await client.send_all(data)
+    assert hashlib.sha256(await reader).digest() == hashlib.sha256(data).digest()
+    assert not _corked(client)
+    corked_then_not = [(True, True), (False, False)] if cork else []
+    assert seen == corked_then_not  # corked during the write, then not
+
+    seen.clear()
+    await client.send_all(b"one short record")
+    assert await read(16) == b"one short record"
+    assert seen == []
+
+    # the peer reads nothing: the write waits for room with the socket corked; cancel
+    writer = asyncio.create_task(client.send_all(data * 32))
+    await async_wait_until(lambda: client._waits, 10, what="the write waiting for room")
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    assert not _corked(client)
+    assert seen == corked_then_not
     server.close()
     client.close()

@@ -31,6 +31,19 @@ if TYPE_CHECKING:  # (core.tls imports cryptography: not on every stream's impor
 #: instead of on the socket): for comparison and as a fallback
 FAST_PATH = os.environ.get("KAKEHASHI_FAST_PATH", "on") != "off"
 
+#: the plaintext of one TLS record at most: a write longer than this is several records
+TLS_RECORD = 16 * 1024
+#: Cork a TCP socket (``TCP_CORK``) around a TLS write of several records
+#: (:meth:`DirectTLSConn.send_all`). OpenSSL writes each 16 KiB record with a system
+#: call of its own, and under ``TCP_NODELAY`` the kernel pushes what it has after each
+#: (autocorking merges some): a 256 KiB write crossed loopback as 8.2-8.9 segments, ACKs
+#: included, each taken, acknowledged and woken for by the peer. Corked, the records
+#: of one write leave in full-sized segments (64 KiB on loopback) and the tail at the
+#: uncork: 6.3-6.5. Measured on an edge in miniature (decrypt, re-encrypt for the next
+#: hop, issue 12): 1-6 % less CPU per GB and 8-14 % more MB/s in three alternated
+#: pairs. ``KAKEHASHI_TLS_CORK=off`` turns it off (tests run both).
+TLS_CORK = os.environ.get("KAKEHASHI_TLS_CORK", "on") != "off" and hasattr(socket, "TCP_CORK")
+
 #: OpenSSL's ``SSL_OP_IGNORE_UNEXPECTED_EOF`` (OpenSSL 3; Python names it only from
 #: 3.12): a TCP FIN without close_notify reads as the end of the stream. Without it
 #: OpenSSL 3 fails the read with UNEXPECTED_EOF_WHILE_READING, a fatal state in which
@@ -694,6 +707,8 @@ class DirectTLSConn(TLSConn):
         self._write_ended = False
         #: this side's close_notify is out and it writes plain TCP (leaving TLS)
         self._plain_out = False
+        #: long writes are corked (:data:`TLS_CORK`): a TCP socket, and not turned off
+        self._corkable = TLS_CORK and self._ssl.family in (socket.AF_INET, socket.AF_INET6)
 
     @property
     def ssl_object(self) -> ssl.SSLSocket:  # type: ignore[override]
@@ -876,17 +891,35 @@ class DirectTLSConn(TLSConn):
             if self._plain_out:  # past this side's close_notify (leaving TLS)
                 await self._send_plain(view)
                 return
-            while view:
-                piece = view[:RECV_CHUNK]
-                while True:
-                    try:
-                        write(piece)  # all of it: no partial writes in this mode
-                        break
-                    except ssl.SSLWantWriteError:
-                        await self._wait(readable=False)
-                    except ssl.SSLWantReadError:  # renegotiation: not in TLS 1.3
-                        await self._wait(readable=False)
-                view = view[len(piece):]
+            # several records: corked, so they leave in full segments (see TLS_CORK)
+            corked = len(view) > TLS_RECORD and self._cork(True)
+            try:
+                while view:
+                    piece = view[:RECV_CHUNK]
+                    while True:
+                        try:
+                            write(piece)  # all of it: no partial writes in this mode
+                            break
+                        except ssl.SSLWantWriteError:
+                            await self._wait(readable=False)
+                        except ssl.SSLWantReadError:  # renegotiation: not in TLS 1.3
+                            await self._wait(readable=False)
+                    view = view[len(piece):]
+            finally:
+                if corked:  # the tail goes out now, not after the kernel's 200 ms
+                    self._cork(False)
+
+    def _cork(self, on: bool) -> bool:
+        """Set or clear ``TCP_CORK`` (:data:`TLS_CORK`); False where it is off, the
+        socket is not TCP or already closed."""
+        if not self._corkable or self._closed:
+            return False
+        try:
+            socket.socket.setsockopt(self._ssl, socket.IPPROTO_TCP, socket.TCP_CORK, on)
+        except OSError:  # (closed under us, or a socket that cannot cork)
+            self._corkable = False
+            return False
+        return True
 
     async def shutdown_write(self) -> None:
         """End this side: close_notify, then a TCP FIN; reading goes on (see the
