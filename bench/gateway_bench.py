@@ -33,7 +33,8 @@ Three benchmarks, everything on loopback (127.0.0.1), one table at the end:
   between them too, the same crypto per byte). Rows interleaved run by run; CPU s/GB
   of the forwarders.
   The ``-bio`` rows run kakehashi with ``KAKEHASHI_FAST_PATH=off`` (TLS through memory
-  BIOs, the driver these streams had before TLS on the socket could half-close).
+  BIOs, the driver these streams had before TLS on the socket could half-close);
+  ``ondemand-tls-old`` runs the edge row's processes from ``--old-src``.
 * connect-py - the gateway alone: a Python sender in this process connects, sends
   ``CONNECT``, reads the 200 and streams --bytes (1 GiB) to a counting sink, which
   answers the byte count after the half-close; the same sender through haproxy
@@ -86,13 +87,13 @@ SERVERS = str(HERE / "servers.py")
 HTTP_ROWS = ["direct", "haproxy", "gateway", "gateway-quiet", "gateway-old", "gateway-nolane",
              "tinyproxy"]
 #: rows that run another source tree (--old-src): a before/after in one run
-OLD_ROWS = {"gateway-old"}
+OLD_ROWS = {"gateway-old", "ondemand-tls-old"}
 CONNECT_ROWS = ["direct", "haproxy", "haproxy2", "gateway"]
 CONNECT_PY_ROWS = ["direct", "haproxy", "gateway", "gateway-nosplice"]
 #: TLS terminated by the forwarder, plaintext on to the sink; interleaved run by run
 CONNECT_TLS_ROWS = ["haproxy-ssl", "gateway-tls", "gateway-tls-bio", "haproxy-ssl2",
-                    "ondemand-tls", "ondemand-tls-bio", "ondemand-tls-plainlink",
-                    "haproxy-ssl2tls"]
+                    "ondemand-tls", "ondemand-tls-old", "ondemand-tls-bio",
+                    "ondemand-tls-plainlink", "haproxy-ssl2tls"]
 #: rows of kakehashi with ``KAKEHASHI_FAST_PATH=off`` (TLS through memory BIOs): the
 #: driver before TLS on the socket could half-close, for a before/after in one run
 SLOW_TLS_ROWS = {"gateway-tls-bio", "ondemand-tls-bio"}
@@ -628,6 +629,8 @@ def start_tls_route(key: str, procs: Procs, gw: Gateway, target: int,
         return Route(name, port, [pid, *pids]), None
     slow = {"KAKEHASHI_FAST_PATH": "off"} if key in SLOW_TLS_ROWS else None
     bio = " (FAST_PATH=off: memory BIOs)" if slow else ""
+    if key in OLD_ROWS:  # every process of the row (manager, inner, edge) from that tree
+        slow, bio = {"PYTHONPATH": gw.old_src}, " from --old-src"
     if key.startswith("gateway-tls"):
         route = gw.serve(procs, env=slow, extra=("--tls", "on", "--cert", str(cert),
                                                  "--key", str(key_path)))
@@ -638,7 +641,8 @@ def start_tls_route(key: str, procs: Procs, gw: Gateway, target: int,
     plain_link = key == "ondemand-tls-plainlink"
     sub = workdir / key
     sub.mkdir(exist_ok=True)
-    base = {"ondemand-tls-plainlink": 46000, "ondemand-tls": 46100}.get(key, 46200)
+    base = {"ondemand-tls-plainlink": 46000, "ondemand-tls": 46100,
+            "ondemand-tls-old": 46300}.get(key, 46200)
     system = System(procs, sub, (base, base + 99), link_tls=not plain_link, env=slow)
     grant = system.api().request("POST", "/v1/grants", {
         "targets": [{"imsi": IMSI, "port": target}], "ttl": 3600,
@@ -694,7 +698,8 @@ def connect_tls_rows(results: dict[str, dict]) -> list[Row]:
     for key, r in results.items():
         # the peer doing the same: the edge with link TLS against haproxy encrypting
         # its link too, the others against TLS terminated once
-        peer_key = ("haproxy-ssl2tls" if key in ("ondemand-tls", "ondemand-tls-bio")
+        peer_key = ("haproxy-ssl2tls" if key in ("ondemand-tls", "ondemand-tls-old",
+                                                 "ondemand-tls-bio")
                     and "haproxy-ssl2tls" in results
                     else "haproxy-ssl2" if key.startswith("ondemand") else "haproxy-ssl")
         peer = results.get(peer_key, {}).get("mbps")
@@ -814,7 +819,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and configs")
     ap.add_argument("--old-src", default="",
                     help="another source tree's src directory (e.g. git archive main | tar -x "
-                         "-C /tmp/old): adds the http row gateway-old, a before/after in one run")
+                         "-C /tmp/old): adds the rows gateway-old (http) and ondemand-tls-old "
+                         "(connect-tls), a before/after in one run")
     args = ap.parse_args()
     quick = args.quick
     defaults = {"seconds": 3.0 if quick else 10.0, "iperf_seconds": 2.0 if quick else 5.0,
@@ -835,7 +841,7 @@ def main() -> int:
     if not args.old_src:  # the -old rows only when asked for, with a tree to run
         if args.only and any(name.rpartition(":")[2] in OLD_ROWS
                              for name in args.only.split(",")):
-            raise SystemExit("gateway-old needs --old-src DIR (a source tree's src)")
+            raise SystemExit("the -old rows need --old-src DIR (a source tree's src)")
         rows = {g: [r for r in keys if r not in OLD_ROWS] for g, keys in rows.items()}
     check_tools(rows)
     install_signal_exit()
