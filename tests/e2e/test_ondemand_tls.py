@@ -150,17 +150,18 @@ class _HashingDevice:
         stop_listener(self.srv, self._thread)
 
 
-@pytest.mark.parametrize("cork", ["on", "off"])
-def test_bulk_both_ways_through_a_tls_grant(env, cork):
+@pytest.mark.parametrize("tuning", ["on", "off"])
+def test_bulk_both_ways_through_a_tls_grant(env, tuning):
     """Bulk bytes through a --tls grant: the client's TLS ends at the edge, which
-    encrypts again for its link to the inner relay (long TLS writes corked or not,
-    KAKEHASHI_TLS_CORK). 16 MiB up, the client's end (a TCP half-close under its TLS),
-    then the device's digest and 4 MiB down: every byte intact both ways."""
+    encrypts again for its link to the inner relay, with the bulk TLS tuning on or off
+    (long writes corked, KAKEHASHI_TLS_CORK; the pump's sources read ahead,
+    KAKEHASHI_TLS_READ_AHEAD). 16 MiB up, the client's end (a TCP half-close under its
+    TLS), then the device's digest and 4 MiB down: every byte intact both ways."""
     import hashlib
     import socket
     import ssl
 
-    env.env["KAKEHASHI_TLS_CORK"] = cork
+    env.env["KAKEHASHI_TLS_CORK"] = env.env["KAKEHASHI_TLS_READ_AHEAD"] = tuning
     device = _HashingDevice()
     try:
         od = OnDemand(env).start()

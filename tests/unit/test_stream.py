@@ -462,3 +462,48 @@ async def test_long_tls_writes_leave_the_socket_uncorked(ctx, tmp_path, monkeypa
     assert seen == corked_then_not
     server.close()
     client.close()
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["read-ahead", "no-read-ahead"])
+async def test_the_pump_reads_a_bulk_tls_stream_ahead(ctx, tmp_path, monkeypatch, ahead):
+    """copy_raw turns OpenSSL's read-ahead on for a TLS source once the stream proves
+    bulk (KAKEHASHI_TLS_READ_AHEAD): records read ahead wait in OpenSSL's buffer, and
+    every one of them still reaches the sink - the last ones too, which arrive with
+    the end and wake no reader of their own - and such a stream says it can no longer
+    leave TLS. A short stream (an interactive session) is never read ahead."""
+    import hashlib
+
+    from kakehashi.core import stream
+    from kakehashi.core.pump import copy_raw
+
+    monkeypatch.setattr(stream, "TLS_READ_AHEAD", ahead)
+    for size in (1 << 20, 1000):  # bulk, then a short one
+        server, client = await _tcp_tls_pair(ctx, tmp_path / "home")
+        assert isinstance(server, DirectTLSConn)
+        sink_r, sink_w = socket.socketpair()
+        data = bytes(range(256)) * (size // 256) + b"!" * (size % 256)
+
+        async def send(client: TLSConn, data: bytes) -> None:
+            for i in range(0, len(data), 48 * 1024):  # several records a write
+                await client.send_all(data[i:i + 48 * 1024])
+            await client.shutdown_write()
+
+        sink, drain = Conn(sink_w), Conn(sink_r)
+
+        async def read_sink(drain: Conn) -> bytes:
+            got = bytearray()
+            while piece := await drain.recv(1 << 20):
+                got += piece
+            return bytes(got)
+
+        sender = asyncio.create_task(send(client, data))
+        reader = asyncio.create_task(read_sink(drain))
+        copied = await asyncio.wait_for(copy_raw(server, sink), 20)  # half-closes the sink
+        await sender
+        got = await asyncio.wait_for(reader, 10)
+        assert copied == len(data)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        assert server._read_ahead is (ahead and size > stream.SMALL_CHUNK)
+        assert not server.can_leave_tls or not server._read_ahead
+        for c in (server, client, sink, drain):
+            c.close()

@@ -35,7 +35,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kakehashi.core import trace, wire
-from kakehashi.core.stream import RECV_CHUNK, SMALL_CHUNK, Conn, ConnClosed, FramedConn
+from kakehashi.core.stream import (
+    RECV_CHUNK,
+    SMALL_CHUNK,
+    Conn,
+    ConnClosed,
+    DirectTLSConn,
+    FramedConn,
+)
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
@@ -196,6 +203,8 @@ async def copy_raw(src: Conn, dst: Conn, counter: Transfer | None = None) -> int
             if n == size < RECV_CHUNK:  # the buffer was filled: a bulk transfer
                 size = RECV_CHUNK
                 view = memoryview(bytearray(size))
+                if isinstance(src, DirectTLSConn):  # read to its end here, by recv_into
+                    src.read_ahead()
     await dst.shutdown_write()
     return counter.bytes
 
