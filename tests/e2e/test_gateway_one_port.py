@@ -4,7 +4,6 @@ port, in TLS (sniffed again inside) and in plaintext, at the same time."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import socket
@@ -20,7 +19,7 @@ from tests.e2e.gateway_fixtures import (
     fast_lane,  # noqa: F401 (an autouse fixture: each test with the lane on, off)
     origin,
 )
-from tests.support.listener import stop_listener
+from tests.support.listener import ReplyAtEnd
 
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])
@@ -129,27 +128,9 @@ def test_tls_listener_resumes_sessions_under_its_rotating_ticket_keys(env):
             s.close()
 
 
-class _CountingSink:
-    """A target that reads until the client's half-close, then answers the byte count
-    (8 bytes) and closes: what a request-then-reply protocol does through a tunnel."""
-
-    def __init__(self) -> None:
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self.srv.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = self.srv.accept()
-            with conn:
-                total = 0
-                while piece := conn.recv(1 << 16):
-                    total += len(piece)
-                conn.sendall(total.to_bytes(8, "big"))
-
-    def close(self) -> None:
-        stop_listener(self.srv, self._thread)
+def _counting_sink() -> ReplyAtEnd:
+    """A target that answers the byte count (8 bytes) after the client's half-close."""
+    return ReplyAtEnd(lambda count, _digest: count.to_bytes(8, "big"))
 
 
 #: both TLS drivers of the listener: socket-driven (the default) and memory BIOs
@@ -177,7 +158,7 @@ def _tls_connect(gw: int, target_port: int) -> tuple[ssl.SSLSocket, bytes]:
 def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env, fast_path):
     """CONNECT through a TLS listener: the client sends, ends its side (TCP half-close,
     as a sender that is done does), and still reads what the target answers."""
-    sink = _CountingSink()
+    sink = _counting_sink()
     try:
         _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-half",
                             env={"KAKEHASHI_FAST_PATH": fast_path})
@@ -194,36 +175,8 @@ def test_a_tunnel_inside_tls_carries_the_reply_after_the_clients_half_close(env,
         sink.close()
 
 
-class _EarlyEnder:
-    """A target that greets, ends its side at once (TCP half-close) and then counts
-    what the client still sends until the client's end."""
-
-    GREETING = b"bye before you are done\n"
-
-    def __init__(self) -> None:
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self.srv.getsockname()[1]
-        self.counted = threading.Event()
-        self.total = -1
-        self.digest = ""
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = self.srv.accept()
-            with conn:
-                conn.sendall(self.GREETING)
-                conn.shutdown(socket.SHUT_WR)
-                total, h = 0, hashlib.sha256()
-                while piece := conn.recv(1 << 16):
-                    total += len(piece)
-                    h.update(piece)
-                self.total, self.digest = total, h.hexdigest()
-                self.counted.set()
-
-    def close(self) -> None:
-        stop_listener(self.srv, self._thread)
+#: what the early-ending target says before it ends its side
+GREETING = b"bye before you are done\n"
 
 
 @TLS_DRIVERS
@@ -232,7 +185,7 @@ def test_a_tunnel_inside_tls_carries_the_clients_bytes_after_the_targets_half_cl
     """The other order: the target ends its side first while the client is still
     sending. The client reads the target's end (close_notify) and everything it sends
     afterwards still reaches the target, intact, until its own end."""
-    target = _EarlyEnder()
+    target = ReplyAtEnd(greeting=GREETING)  # ends its side first, then counts
     try:
         _, gw = env.gateway("127.0.0.1", extra=["--tls", "on"], name="gw-tls-half-rev",
                             env={"KAKEHASHI_FAST_PATH": fast_path})
@@ -242,7 +195,7 @@ def test_a_tunnel_inside_tls_carries_the_clients_bytes_after_the_targets_half_cl
             s.sendall(data[:1 << 16])
             while piece := s.recv(4096):  # the greeting, then the target's end
                 got += piece
-            assert got == _EarlyEnder.GREETING
+            assert got == GREETING
             s.sendall(data[1 << 16:])  # after the target's end
             socket.socket.shutdown(s, socket.SHUT_WR)
             assert target.counted.wait(30)

@@ -14,6 +14,7 @@ import pytest
 from kakehashi.core import tls
 from tests.e2e.framework import Env, wait_until
 from tests.e2e.ondemand_fixtures import IMSI, OnDemand
+from tests.support.listener import ReplyAtEnd
 
 pytestmark = pytest.mark.skipif(not (shutil.which("curl") and shutil.which("openssl")),
                                 reason="curl and openssl are needed (scripts/install-deps.sh)")
@@ -118,36 +119,8 @@ def test_the_edge_resumes_a_clients_session_and_still_checks_its_pin(env, device
     assert not [e for e in od.events(g["id"]) if e["event"] == "denied"]
 
 
-class _HashingDevice:
-    """A device that reads until the client's end, then answers with its digest of what
-    it read followed by ``REPLY`` bytes, and closes."""
-
-    REPLY = bytes(reversed(range(256))) * (16 << 10)  # 4 MiB
-
-    def __init__(self) -> None:
-        import socket
-
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self.srv.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        import contextlib
-        import hashlib
-
-        with contextlib.suppress(OSError):
-            conn, _ = self.srv.accept()
-            with conn:
-                h = hashlib.sha256()
-                while piece := conn.recv(1 << 16):
-                    h.update(piece)
-                conn.sendall(h.digest() + self.REPLY)
-
-    def close(self) -> None:
-        from tests.support.listener import stop_listener
-
-        stop_listener(self.srv, self._thread)
+#: what the device answers after the digest of what it read
+REPLY = bytes(reversed(range(256))) * (16 << 10)  # 4 MiB
 
 
 @pytest.mark.parametrize("tuning", ["on", "off"])
@@ -162,7 +135,7 @@ def test_bulk_both_ways_through_a_tls_grant(env, tuning):
     import ssl
 
     env.env["KAKEHASHI_TLS_CORK"] = env.env["KAKEHASHI_TLS_READ_AHEAD"] = tuning
-    device = _HashingDevice()
+    device = ReplyAtEnd(lambda _count, digest: digest + REPLY)
     try:
         od = OnDemand(env).start()
         g = od.grant(f"{IMSI}:{device.port}", "--ttl", "60s", "--tls")
@@ -176,6 +149,6 @@ def test_bulk_both_ways_through_a_tls_grant(env, tuning):
             while piece := s.recv(1 << 16):
                 reply += piece
         assert bytes(reply[:32]) == hashlib.sha256(data).digest()
-        assert bytes(reply[32:]) == _HashingDevice.REPLY
+        assert bytes(reply[32:]) == REPLY
     finally:
         device.close()
