@@ -39,16 +39,18 @@ TLS_RECORD = 16 * 1024
 #: (autocorking merges some): a 256 KiB write crossed loopback as 8.2-8.9 segments, ACKs
 #: included, each taken, acknowledged and woken for by the peer. Corked, the records
 #: of one write leave in full-sized segments (64 KiB on loopback) and the tail at the
-#: uncork: 6.3-6.5. Measured on an edge in miniature (decrypt, re-encrypt for the next
-#: hop, issue 12): 1-6 % less CPU per GB and 8-14 % more MB/s in three alternated
-#: pairs. ``KAKEHASHI_TLS_CORK=off`` turns it off (tests run both).
+#: uncork: 6.3-6.5. A TLS-in, TLS-out loop (the on-demand edge's work, issue 12) took
+#: 1-6 % less CPU per GB and moved 8-14 % more MB/s in three alternated pairs; the
+#: on-demand row with read-ahead too: docs/benchmarks.md. ``KAKEHASHI_TLS_CORK=off``
+#: turns it off (tests run both).
 TLS_CORK = os.environ.get("KAKEHASHI_TLS_CORK", "on") != "off" and hasattr(socket, "TCP_CORK")
 #: OpenSSL's read-ahead on a bulk stream's TLS (:meth:`DirectTLSConn.read_ahead`): one
 #: ``read`` per record instead of two (header, then body), measured on the on-demand
 #: edge (186,094 -> 105,878 reads in 5 s for about 105,000 records) and its inner relay
-#: (189,267 -> 113,137). With the cork, 15 interleaved rounds: the edge and inner relay
-#: 4.17 CPU s/GB against 4.29 without (median per-round MB/s ratio 1.026, ahead in 9
-#: of 15). ``KAKEHASHI_TLS_READ_AHEAD=off`` turns it off (tests run both).
+#: (189,267 -> 113,137). With the cork, in three runs of 15 interleaved rounds: the
+#: edge and inner relay 3-10 % less CPU per GB and 3-10 % more MB/s per round than
+#: before (docs/benchmarks.md). ``KAKEHASHI_TLS_READ_AHEAD=off`` turns it off (tests
+#: run both).
 TLS_READ_AHEAD = os.environ.get("KAKEHASHI_TLS_READ_AHEAD", "on") != "off"
 
 #: OpenSSL's ``SSL_OP_IGNORE_UNEXPECTED_EOF`` (OpenSSL 3; Python names it only from
