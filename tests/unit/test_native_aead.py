@@ -6,14 +6,18 @@ run on it too."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from kakehashi.core import crypto
+from kakehashi.core import crypto, udpbatch
 from kakehashi.core.crypto import DATAGRAM_OVERHEAD, DatagramChannel, E2EError
+from kakehashi.core.datagram import bind_udp
 from tests.support.aead_paths import use_path
 
 A, B = os.urandom(32), os.urandom(32)
@@ -197,3 +201,167 @@ def test_c_rereads_a_lists_size_when_the_other_sequence_runs_python_code():
                          env={**os.environ}, timeout=60)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.count("ValueError") == 2, out.stdout
+
+
+lane_turn = pytest.mark.skipif(
+    crypto._dgaead is None or not hasattr(crypto._dgaead.Sealer, "turn"),
+    reason="the extension has no lane turn here")
+
+
+def _turn_sockets() -> tuple[list[socket.socket], bytes, bytes]:
+    """A peer, another source, the lane's socket, its sending socket and a sink; the
+    peer's and the sink's sockaddrs."""
+    socks = [bind_udp("127.0.0.1") for _ in range(5)]
+    socks[4].setblocking(False)
+    return (socks, udpbatch.encode(socket.AF_INET, socks[0].getsockname()),
+            udpbatch.encode(socket.AF_INET, socks[4].getsockname()))
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(sock.recv(65535))
+    return got
+
+
+@lane_turn
+@pytest.mark.parametrize("sealing", [True, False])
+def test_what_runs_inside_a_lane_turn_never_reuses_its_nonces_or_replays(sealing,
+                                                                          monkeypatch):
+    """A lane turn (Sealer.turn / Opener.turn) allocates the datagrams it hands back,
+    and in CPython an allocation can start a garbage collection, which runs Python code
+    (finalizers, gc callbacks; other threads then): the C code expects that (a second
+    turn gets None, its caller the Python path). But the channel's sequence number and
+    window were updated only once the turn returned: a seal inside it used the number
+    the turn had just used for the peer's first datagram (AES-GCM's nonce twice under
+    one key), an open accepted what the turn also accepted. Now, during the turn, the
+    channel refuses both. Fails on the code before (a sequence number sent twice; the
+    peer's datagram opened twice)."""
+    monkeypatch.setattr(crypto, "NATIVE", True)
+    socks, peer, dst = _turn_sockets()
+    sender = DatagramChannel(B, A)
+    ch = DatagramChannel(A, B)
+    try:
+        if sealing:
+            grams = [b"p%d" % i for i in range(3)]
+        else:
+            grams = [sender.seal(b"p%d" % i) for i in range(3)]
+        for g in grams:
+            socks[0].sendto(g, socks[2].getsockname())
+        socks[1].sendto(b"another source", socks[2].getsockname())  # (handed back)
+        inside: list[object] = []
+
+        def collecting(phase: str, info: object) -> None:
+            if phase == "start" and not inside:
+                try:
+                    inside.append(ch.seal(b"inside") if sealing else ch.open(grams[0]))
+                except E2EError as exc:
+                    inside.append(exc)
+
+        gc.collect()
+        threshold = gc.get_threshold()
+        gc.callbacks.append(collecting)
+        gc.set_threshold(1)
+        try:
+            turn = ch.seal.turn if sealing else ch.open.turn
+            r = turn(socks[2].fileno(), socks[3].fileno(), peer, dst, True, 64)
+        finally:
+            gc.set_threshold(*threshold)
+            gc.callbacks.remove(collecting)
+        assert r is not None and r[0] == 3 and r[-1] is not None and len(r[-1]) == 1
+        got = _drain(socks[4])
+        assert len(got) == 3 and inside, (got, inside)
+        if sealing:
+            seqs = [int.from_bytes(g[:8], "big") for g in got]
+            if isinstance(inside[0], bytes):
+                seqs.append(int.from_bytes(inside[0][:8], "big"))
+            assert len(set(seqs)) == len(seqs), f"a sequence number sealed twice: {seqs}"
+            assert ch._send_seq > max(seqs)
+        else:
+            assert got == [b"p0", b"p1", b"p2"]
+            assert inside[0] is None, "the peer's datagram was opened twice"
+            assert ch.open(grams[0]) is None and ch.open(sender.seal(b"next")) == b"next"
+    finally:
+        for s in socks:
+            s.close()
+
+
+_OOM = '''
+import contextlib, os, socket
+import _testcapi
+from kakehashi.core import crypto, udpbatch
+from kakehashi.core.crypto import DatagramChannel, E2EError
+from kakehashi.core.datagram import bind_udp
+
+crypto.NATIVE = True
+socks = [bind_udp("127.0.0.1") for _ in range(5)]
+socks[4].setblocking(False)
+peer = udpbatch.encode(socket.AF_INET, socks[0].getsockname())
+dst = udpbatch.encode(socket.AF_INET, socks[4].getsockname())
+
+def drain(sock):
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(sock.recv(65535))
+    return got
+
+failed = 0
+for sealing in (True, False):
+    for start in range(60):
+        k1, k2 = os.urandom(32), os.urandom(32)
+        sender, ch = DatagramChannel(k2, k1), DatagramChannel(k1, k2)
+        # (numbers no small-int cache holds: the result takes allocations)
+        sender._send_seq = ch._send_seq = 10**6
+        grams = [b"p%d" % i for i in range(3)]
+        if not sealing:
+            grams = [sender.seal(g) for g in grams]
+        for g in grams:
+            socks[0].sendto(g, socks[2].getsockname())
+        socks[1].sendto(b"another source", socks[2].getsockname())
+        turn = ch.seal_turn if sealing else ch.open_turn
+        args = (socks[2].fileno(), socks[3].fileno(), peer, dst, True, 64)
+        _testcapi.set_nomemory(start, 0)
+        try:
+            turn(*args)
+        except MemoryError:
+            pass
+        finally:
+            _testcapi.remove_mem_hooks()
+        drain(socks[2])
+        got = drain(socks[4])
+        if sealing:
+            seqs = [int.from_bytes(g[:8], "big") for g in got]
+            try:
+                again = int.from_bytes(ch.seal(b"after")[:8], "big")
+            except E2EError:
+                again = None
+            if again is not None and again in seqs:
+                failed += 1
+                print("sequence sealed twice", start, seqs, again)
+        else:
+            for g in grams:
+                if g[8:] and ch.open(g) is not None and grams.index(g) < len(got):
+                    failed += 1
+                    print("replay accepted", start)
+print("failed", failed)
+'''
+
+
+@lane_turn
+def test_a_lane_turn_that_fails_for_memory_leaves_no_nonce_or_replay_behind():
+    """A turn that sealed and sent datagrams and then could not build its result
+    (MemoryError: the tuple, the next sequence number as an int) returned nothing, so
+    the channel kept the sequence number it had before, and the next turn sealed under
+    the numbers just used again; an opening turn's window moves were lost the same way,
+    and the datagrams it had just opened were accepted again. Now such a channel is
+    exhausted (it refuses to seal, and to open, until it is made again): safe, not
+    fresh. Allocation failures injected with _testcapi at every point of the call, in a
+    child process. Fails on the code before (sequence numbers sealed twice, replays
+    accepted)."""
+    pytest.importorskip("_testcapi")
+    out = subprocess.run([sys.executable, "-c", _OOM], capture_output=True, text=True,
+                         env={**os.environ}, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip().endswith("failed 0"), out.stdout[-2000:]

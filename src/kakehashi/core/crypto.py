@@ -1009,9 +1009,17 @@ class DatagramChannel:
         batch path is off (:data:`NATIVE`): the caller's Python path then runs."""
         if not NATIVE or self._sealer is None:
             return None
-        r = self._sealer.turn(self._send_seq, _MAX_COUNTER, fd_in, fd_out, peer, dst, gso,
-                              bound)
-        if r is None:  # (another turn is under way: re-entered from a finalizer)
+        # Until the turn returns, the sequence numbers from ``seq`` on are C's, and how
+        # many it used is known only from its result: meanwhile the channel counts as
+        # exhausted. A seal that runs during the turn (Python code a garbage collection
+        # starts inside it: a finalizer, a gc callback, another thread) is refused
+        # instead of sealing under a number the turn also uses, and a turn that raises
+        # after sealing (no memory for its result) leaves the channel exhausted, not
+        # where the next turn would use the same numbers again.
+        seq, self._send_seq = self._send_seq, _MAX_COUNTER
+        r = self._sealer.turn(seq, _MAX_COUNTER, fd_in, fd_out, peer, dst, gso, bound)
+        if r is None:  # (another turn is under way: re-entered; nothing was sealed)
+            self._send_seq = seq
             return None
         self._send_seq = r[0]
         return r[1:]  # type: ignore[no-any-return]
@@ -1022,8 +1030,16 @@ class DatagramChannel:
         :meth:`open_batch`; refusals are counted in :attr:`refused` and returned."""
         if not NATIVE or self._opener is None:
             return None
-        r = self._opener.turn(self._top, self._seen, fd_in, fd_out, peer, dst, gso, bound)
+        # (as in seal_turn: until the turn returns the window is C's, and meanwhile the
+        # channel's refuses every sequence number (the highest, and all before it, seen):
+        # an open that runs during the turn accepts nothing the turn accepts too, and a
+        # turn that raises after it opened datagrams (no memory for its result) does not
+        # let them be accepted again)
+        top, seen = self._top, self._seen
+        self._top, self._seen = _MAX_COUNTER, _WINDOW_MASK
+        r = self._opener.turn(top, seen, fd_in, fd_out, peer, dst, gso, bound)
         if r is None:
+            self._top, self._seen = top, seen
             return None
         self._top, self._seen = r[0], r[1]
         self.refused += r[4]
