@@ -85,6 +85,22 @@ def test_latest_lock_follows_the_application():
     assert r.from_far(S) == ("127.0.0.1", 1001)
 
 
+def test_an_ipv6_source_matches_the_records_host_and_port():
+    """An IPv6 socket reports a source as (host, port, flowinfo, scope_id); the record
+    holds (host, port): the port exchange's addresses, and ``src[:2]`` once it locked.
+    Comparing whole tuples, the record took the first datagram from an IPv6 client and
+    refused every one after it, and every answer from an IPv6 server. Fails on the code
+    before (None from the second datagram on)."""
+    r = PortRecord(expect_host="2001:db8::5", far=("2001:db8::9", 5300))
+    client = ("2001:db8::5", 4000, 0, 0)
+    assert r.from_near(client) == ("2001:db8::9", 5300)
+    assert r.from_near(client) == ("2001:db8::9", 5300)
+    assert r.from_far(("2001:db8::9", 5300, 0, 0)) == ("2001:db8::5", 4000)
+    assert r.from_near(("2001:db8::5", 4001, 0, 0)) is None  # locked: another port
+    assert r.from_far(("2001:db8::9", 5301, 0, 0)) is None
+    assert r.from_near_count == 2 and r.from_far_count == 1 and r.dropped == 2
+
+
 def test_bind_in_range_exhausts_cleanly():
     base = 39000 + os.getpid() % 500
     socks = []
@@ -753,6 +769,53 @@ async def test_a_sealing_ends_lanes_run_in_c_once_the_record_has_decided(forward
         assert fwd.errors == 0 and fwd.overflow == 0 and hop_ch.refused == 0
         assert fwd.user_bytes == [sum(len(wrap(d)) for d in [b"first", *sent]),
                                   sum(len(answer(b"a%d" % i)) for i in range(30))]
+    finally:
+        fwd.close()
+        for s in (server, client):
+            s.close()
+
+
+async def test_an_encrypted_hop_relays_an_ipv6_session_both_ways(fast, monkeypatch):
+    """The last hop of an encrypted chain on IPv6 (the record's server as the port
+    exchange gives it, (host, port)): every datagram and every answer goes through,
+    and on the fast path with the extension's lane turn, C takes the session's
+    datagrams (its sockaddr compare holds the record's decision for an IPv6 peer too).
+    Fails on the code before (the record refused all but the first datagram; the turn
+    never ran for an IPv6 peer)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    monkeypatch.setattr(crypto, "NATIVE", crypto._dgaead is not None)
+    try:
+        server, client = bind_udp("::1"), bind_udp("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    k1, k2 = os.urandom(32), os.urandom(32)
+    client_ch, hop_ch = DatagramChannel(k1, k2), DatagramChannel(k2, k1)
+    near, far = bind_udp("::1"), bind_udp("::1")
+    rec = PortRecord(expect_host="::1", far=server.getsockname()[:2])
+    turns: list[int] = []
+    for t in (hop_ch.seal, hop_ch.open):
+        if t.turn is not None:
+            def counted(*args, real=t.turn):
+                r = real(*args)
+                if r is not None:
+                    turns.append(r[0])
+                return r
+            t.turn = counted
+    fwd = DatagramForwarder(near, far, rec, near_to_far=hop_ch.open, far_to_near=hop_ch.seal,
+                            fast_path=fast)
+    await fwd.start()
+    try:
+        for i in range(20):
+            client.sendto(client_ch.seal(b"q%d" % i), near.getsockname())
+        assert await _recv_all(server, 20) == [b"q%d" % i for i in range(20)]
+        for i in range(20):
+            server.sendto(b"a%d" % i, far.getsockname())
+        assert [client_ch.open(d) for d in await _recv_all(client, 20)] == [
+            b"a%d" % i for i in range(20)]
+        assert rec.from_near_count == 20 and rec.from_far_count == 20 and rec.dropped == 0
+        if fwd._lanes and hop_ch.seal.turn is not None:
+            assert sum(turns) > 0, "C never took the IPv6 session's datagrams"
     finally:
         fwd.close()
         for s in (server, client):

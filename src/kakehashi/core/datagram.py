@@ -115,9 +115,14 @@ class PortRecord:
     def from_near(self, src: Addr, count: int = 1) -> Addr | None:
         """A datagram arrived on the near (client-facing) port from ``src`` (or ``count``
         of them in a row: the decision for the first holds for the rest, which meet the
-        state it leaves)."""
+        state it leaves).
+
+        Endpoints are compared as (host, port): an IPv6 socket reports a source as
+        (host, port, flowinfo, scope_id), and the record holds (host, port) (what it
+        locked to, ``src[:2]``, and what the port exchange declared), so comparing
+        whole tuples refused every IPv6 datagram after the first."""
         near = self.near
-        if src != near:
+        if src != near and (near is None or src[:2] != near[:2]):
             if (near is not None and self.lock == "first" and not self.tentative) or (
                     self.expect_host is not None and src[0] != self.expect_host):
                 self.dropped += count
@@ -133,9 +138,9 @@ class PortRecord:
 
     def from_far(self, src: Addr, count: int = 1) -> Addr | None:
         """A datagram arrived on the far (server-facing) port from ``src`` (or ``count``
-        of them in a row)."""
-        near = self.near
-        if src != self.far or near is None:
+        of them in a row); compared as (host, port), as in :meth:`from_near`."""
+        near, far = self.near, self.far
+        if near is None or (src != far and (far is None or src[:2] != far[:2])):
             self.dropped += count
             return None
         self.from_far_count += count
@@ -475,8 +480,12 @@ class DatagramForwarder:
             try:
                 raw = udpbatch.encode(int(src_sock.family), peer)
                 # only a peer as the kernel reports it (a literal address): the record
-                # compares tuples, and ("localhost", p) is never a datagram's source
-                names[2] = raw if udpbatch.decode(raw) == peer else None
+                # compares (host, port), and ("localhost", p) is never a datagram's
+                # source. C compares whole sockaddrs: an IPv6 one with the flowinfo and
+                # scope_id encoded here (those of a 4-tuple, else 0), so it takes only
+                # datagrams the record takes, and hands back the rest (a link-local
+                # peer's, whose scope_id the kernel fills in) for the record to decide
+                names[2] = raw if udpbatch.decode(raw)[:2] == peer[:2] else None
                 names[3] = udpbatch.encode(int(dst_sock.family), dst)
             except OSError:
                 names[2] = None
