@@ -30,8 +30,10 @@ PASSWORD = {"pi": "pi-secret", "laptop": "laptop-secret", "alice": "alice-secret
 
 __all__ = ["free_port", "wait_port", "wait_until"]  # re-exported for the test modules
 
-_LISTENING = re.compile(r"(?:listening on|forwarding|tunnel) (?:http://)?[^\s:]+:(\d+)")
-"""The line a server or forwarder logs once it has bound: the port it got."""
+_LISTENING = re.compile(r"(?:listening on|forwarding|tunnel) (?:http://)?"
+                        r"(?:\[[^\]\s]*\]|[0-9a-fA-F]*:[0-9a-fA-F:]*|[^\s:]+):(\d+)")
+"""The line a server or forwarder logs once it has bound: the port it got (after an IPv4
+address, a name, ``[v6]`` or a bare IPv6 address such as ``::1``)."""
 
 _IN_USE = re.compile(r"[Aa]ddress already in use|Cannot bind any address")
 

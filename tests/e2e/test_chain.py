@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,10 +51,10 @@ class UdpEcho:
     module's "again" after the spoofed ones.
     """
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, host: str = SERVER_HOST) -> None:
+        self.sock = socket.socket(_family(host), socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind((SERVER_HOST, 0))
+        self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
         self.sources: set[tuple[str, int]] = set()
         self.count = 0
@@ -70,7 +71,7 @@ class UdpEcho:
             if self.stopping:  # woken by close()
                 return
             self.count += 1
-            self.sources.add(addr)
+            self.sources.add(addr[:2])
             try:
                 self.sock.sendto(data, addr)
             except OSError:
@@ -83,9 +84,14 @@ class UdpEcho:
         stop_listener(self.sock, self.thread)  # wakes the reader, joins it, then closes
 
 
-def exchange(port: int, n: int, size: int, *, window: int = 32) -> int:
-    """Send ``n`` numbered datagrams with a keyed payload; count intact distinct echoes."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def exchange(port: int, n: int, size: int, *, window: int = 32, host: str = "127.0.0.1") -> int:
+    """Send ``n`` numbered datagrams with a keyed payload to ``host``:``port``; count intact
+    distinct echoes."""
+    s = socket.socket(_family(host), socket.SOCK_DGRAM)
     s.settimeout(2)
     ok, seen = 0, set()
     try:
@@ -93,7 +99,7 @@ def exchange(port: int, n: int, size: int, *, window: int = 32) -> int:
             w = min(window, n - base)
             for k in range(base, base + w):
                 head = k.to_bytes(8, "big")
-                s.sendto(head + hashlib.sha256(head).digest() * (size // 32), ("127.0.0.1", port))
+                s.sendto(head + hashlib.sha256(head).digest() * (size // 32), (host, port))
             try:
                 for _ in range(w):
                     b = s.recv(65535)
@@ -150,12 +156,18 @@ class Chain:
     #: set by the :func:`fast_path` fixture, so every test runs both ways; None: neither
     #: the key nor the flag (the default, auto)
     fast_path: str | None = "on"
+    #: where every process listens and the echo server's address (an IPv6 subclass: ::1),
+    #: the network that routes to the server and the one the ACL admits
+    loopback = "127.0.0.1"
+    server_host = SERVER_HOST
+    server_net = f"{SERVER_HOST}/32"
+    acl = ACL
 
     def __init__(self, env: Env, *, extra: dict[str, str] | None = None) -> None:
         self.env = env
         self.keys = {p: crypto.new_shared_key() for p in
                      ("alice-fw1", "alice-fw2", "alice-fw3", "fw1-fw2", "fw2-fw3", "bob-fw1")}
-        self.echo = UdpEcho()
+        self.echo = UdpEcho(self.server_host)
         self.ports: dict[str, int] = {}
         self.procs = {}
         nxt = "direct"
@@ -171,10 +183,10 @@ class Chain:
                 keys[f"fw{i + 1}"] = self.keys[f"{name}-fw{i + 1}"]
             lo = base + 50 * (i - 1)
             text = "\n".join([
-                "[chain.proxy]", f'name = "{name}"', 'listen = "127.0.0.1:0"',
+                "[chain.proxy]", f'name = "{name}"', f'listen = "{self.hostport(0)}"',
                 f'udp_ports = "{lo}-{lo + 49}"',
                 "keys = { " + ", ".join(f'{k} = "{v}"' for k, v in keys.items()) + " }",
-                f'routes = {{ "{SERVER_HOST}/32" = "{nxt}" }}', ACL,
+                f'routes = {{ "{self.server_net}" = "{nxt}" }}', self.acl,
                 *([f'fast_path = "{self.fast_path}"'] if self.fast_path else []),
                 *(f"{k} = {v}" for k, v in (extra or {}).items())]) + "\n"
             path = env.root / f"{name}.toml"
@@ -182,7 +194,11 @@ class Chain:
             proc = env.spawn(name, "--config", str(path), "chain", "proxy")
             self.procs[name] = proc
             self.ports[name] = proc.bound_port()
-            nxt = f"{name}@127.0.0.1:{self.ports[name]}"
+            nxt = f"{name}@{self.hostport(self.ports[name])}"
+
+    def hostport(self, port: int, host: str | None = None) -> str:
+        host = host or self.loopback
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def alice_keys(self, **override: str) -> dict[str, str]:
         keys = {f"fw{i}": self.keys[f"alice-fw{i}"] for i in (1, 2, 3)}
@@ -195,9 +211,9 @@ class Chain:
         text = "\n".join([
             "[chain.forward]", f'id = "{user}"',
             "keys = { " + ", ".join(f'{k} = "{v}"' for k, v in keys.items()) + " }",
-            f'first_hop = "fw1@127.0.0.1:{self.ports["fw1"]}"',
-            f'to = "{to or f"{SERVER_HOST}:{self.echo.port}"}"',
-            'udp_listen = "127.0.0.1:0"', f'mode = "{mode}"',
+            f'first_hop = "fw1@{self.hostport(self.ports["fw1"])}"',
+            f'to = "{to or self.hostport(self.echo.port, self.server_host)}"',
+            f'udp_listen = "{self.hostport(0)}"', f'mode = "{mode}"',
             f"encrypt = {'true' if encrypt else 'false'}"]) + "\n"
         path = self.env.root / f"fwd-{len(self.env.procs)}.toml"
         path.write_text(text)
@@ -233,8 +249,14 @@ def fast_path(request):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, fast_path):
-    env = Env(tmp_path_factory.mktemp("chain"))
-    c = Chain(env)
+    yield from running(Chain, tmp_path_factory.mktemp("chain"))
+
+
+def running(cls: type[Chain], root: Path) -> Iterator[Chain]:
+    """A module fixture's body: ``cls``'s proxies started in an :class:`Env` at ``root``,
+    the processes and the echo server closed after."""
+    env = Env(root)
+    c = cls(env)
     try:
         yield c
     finally:
@@ -242,8 +264,11 @@ def chain(tmp_path_factory, fast_path):
         c.close()
 
 
-@pytest.mark.parametrize(("mode", "encrypt"), [("recursive", False), ("iterative", False),
-                                               ("recursive", True), ("iterative", True)])
+#: the setup modes a datagram test runs through: (mode, encrypt)
+MODES = [("recursive", False), ("iterative", False), ("recursive", True), ("iterative", True)]
+
+
+@pytest.mark.parametrize(("mode", "encrypt"), MODES)
 def test_datagrams_cross_three_proxies_intact(chain, mode, encrypt):
     fwd = chain.forward(mode=mode, encrypt=encrypt)
     port = fwd.bound_port()
